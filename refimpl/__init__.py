@@ -1,0 +1,40 @@
+"""refformer.refimpl: the Transformer in plain NumPy, forward and backward, verified.
+
+Public API (stable; other tools rely on these names):
+
+    Config                         architecture of a model (config.json)
+    init_params(cfg, rng)          random parameters, a nested dict named like the checkpoint
+    save(model_dir, cfg, params, tokenizer=None) / load(model_dir) -> (cfg, params)
+    from_torch(module) -> (cfg, params)   from a live nn.Transformer-based torch module
+    model_forward(cfg, params, src_ids, tgt_ids, ...) -> (logits, cache)
+    model_backward(cfg, params, cache, dlogits) -> grads
+    encode / decoder_step          incremental decoding with a KV cache
+    cross_entropy_forward / cross_entropy_backward
+    the layer pairs X_forward / X_backward below, and RefformerError for bad input.
+"""
+
+from .attention import (attention_backward, attention_forward, causal_mask, mha_backward, mha_forward, padding_mask,
+                        project_kv)
+from .config import Config
+from .errors import RefformerError
+from .gradcheck import numerical_gradient, rel_error
+from .io import load, load_config, load_tokenizer, save
+from .layers import (decoder_layer_backward, decoder_layer_forward, encoder_layer_backward, encoder_layer_forward,
+                     feed_forward_backward, feed_forward_forward)
+from .loss import cross_entropy_backward, cross_entropy_forward
+from .model import (decoder_step, empty_cache, encode, init_params, model_backward, model_forward, param_shapes)
+from .ops import (activation_backward, activation_forward, dropout_backward, dropout_forward, embedding_backward,
+                  embedding_forward, layer_norm_backward, layer_norm_forward, linear_backward, linear_forward,
+                  log_softmax_backward, log_softmax_forward, rms_norm_backward, rms_norm_forward, sinusoidal_table,
+                  softmax_backward, softmax_forward)
+from .tree import flatten, unflatten
+
+
+def from_torch(module, **overrides):
+    """(cfg, params) from a live torch module built on nn.Transformer (see refformer.refimpl.torch_convert)."""
+    from .torch_convert import from_torch as convert
+
+    return convert(module, **overrides)
+
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,37 @@
+"""The error metric of the correctness chain and a centred finite-difference gradient check."""
+
+import numpy as np
+
+
+def rel_error(a, b):
+    """max|a - b| / max(max|b|, 1e-30): the max-norm relative error of a against reference b."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+
+
+def numerical_gradient(f, x, eps=1e-6, max_entries=None, rng=None):
+    """Centred differences (f(x + eps e_i) - f(x - eps e_i)) / 2 eps of the scalar f() wrt array x.
+
+    x is perturbed in place and restored. With max_entries, only that many randomly chosen
+    entries are checked; returns (indices, gradient at those indices) in x.ravel() order.
+    """
+    flat = x.reshape(-1)
+    if max_entries is None or flat.size <= max_entries:
+        indices = np.arange(flat.size)
+    else:
+        indices = np.sort((rng or np.random.default_rng(0)).choice(flat.size, max_entries, replace=False))
+    grad = np.empty(len(indices))
+    for n, i in enumerate(indices):
+        old = flat[i]
+        flat[i] = old + eps
+        plus = f()
+        flat[i] = old - eps
+        minus = f()
+        flat[i] = old
+        grad[n] = (plus - minus) / (2 * eps)
+    return indices, grad

@@ -1,0 +1,146 @@
+"""Feed-forward, encoder layer and decoder layer (post-LN or pre-LN), and the layer stacks.
+
+A layer's sublayers each sit in a residual block:
+    post-LN (norm_first=False):  x = norm(x + dropout(f(x)))
+    pre-LN  (norm_first=True):   x = x + dropout(f(norm(x)))
+The layer functions take the model's Config for these choices and rng (a
+numpy.random.Generator, or None for eval mode) for dropout.
+"""
+
+import numpy as np
+
+from .attention import mha_backward, mha_forward
+from .errors import check_array
+from .ops import (activation_backward, activation_forward, dropout_backward, dropout_forward, linear_backward,
+                  linear_forward, norm_backward, norm_forward)
+
+# ---------------------------------------------------------------------------- feed-forward
+
+
+def feed_forward_forward(p, x, cfg, rng=None):
+    """Position-wise feed-forward: fc2(dropout(act(fc1(x)))). x [B, T, D] -> [B, T, D] via [B, T, F]."""
+    h, fc1_cache = linear_forward(p["fc1"], x)
+    a, act_cache = activation_forward(h, cfg.activation)
+    d, dropout_cache = dropout_forward(a, cfg.dropout, rng)
+    y, fc2_cache = linear_forward(p["fc2"], d)
+    cache = {"fc1": fc1_cache, "hidden": a, "activation": act_cache, "kind": cfg.activation,
+             "dropout": dropout_cache, "fc2": fc2_cache, "output": y}
+    return y, cache
+
+
+def feed_forward_backward(p, cache, dy):
+    """Returns dx, dp."""
+    dd, d_fc2 = linear_backward(p["fc2"], cache["fc2"], dy)
+    da = dropout_backward(cache["dropout"], dd)
+    dh = activation_backward(cache["activation"], da, cache["kind"])
+    dx, d_fc1 = linear_backward(p["fc1"], cache["fc1"], dh)
+    return dx, {"fc1": d_fc1, "fc2": d_fc2}
+
+
+# ---------------------------------------------------------------------------- residual block
+
+
+def residual_forward(p_norm, x, sublayer, cfg, rng=None):
+    """post-LN: y = norm(x + dropout(f(x))); pre-LN: y = x + dropout(f(norm(x))).
+
+    sublayer(h) -> (f, cache) is the attention or feed-forward applied to h.
+    """
+    if cfg.norm_first:
+        h, norm_cache = norm_forward(p_norm, x, cfg.norm, cfg.norm_eps)
+        f, sublayer_cache = sublayer(h)
+        d, dropout_cache = dropout_forward(f, cfg.dropout, rng)
+        y = x + d
+    else:
+        f, sublayer_cache = sublayer(x)
+        d, dropout_cache = dropout_forward(f, cfg.dropout, rng)
+        y, norm_cache = norm_forward(p_norm, x + d, cfg.norm, cfg.norm_eps)
+    return y, {"norm": norm_cache, "sublayer": sublayer_cache, "dropout": dropout_cache, "output": y}
+
+
+def residual_backward(p_norm, cache, dy, sublayer_backward, cfg):
+    """Returns dx, dnorm, extra; sublayer_backward(cache, df) -> (dh, extra) inverts the sublayer."""
+    if cfg.norm_first:
+        df = dropout_backward(cache["dropout"], dy)  # y = x + d
+        dh, extra = sublayer_backward(cache["sublayer"], df)
+        dx_norm, dnorm = norm_backward(p_norm, cache["norm"], dh, cfg.norm)
+        dx = dy + dx_norm
+    else:
+        dsum, dnorm = norm_backward(p_norm, cache["norm"], dy, cfg.norm)  # y = norm(x + d)
+        df = dropout_backward(cache["dropout"], dsum)
+        dh, extra = sublayer_backward(cache["sublayer"], df)
+        dx = dsum + dh
+    return dx, dnorm, extra
+
+
+# ---------------------------------------------------------------------------- encoder layer
+
+
+def encoder_layer_forward(p, x, mask, cfg, rng=None):
+    """Self-attention then feed-forward, each in a residual block. x [B, S, D] -> [B, S, D].
+
+    mask broadcasts to [B, H, S, S] (typically the source key-padding mask [B, 1, 1, S]).
+    """
+    def self_attention(h):
+        return mha_forward(p["self_attn"], h, h, mask, n_heads=cfg.n_heads, dropout=cfg.dropout, rng=rng)
+
+    h, attn_block = residual_forward(p["self_attn_norm"], x, self_attention, cfg, rng)
+    y, ffn_block = residual_forward(p["ffn_norm"], h, lambda h: feed_forward_forward(p["ffn"], h, cfg, rng), cfg, rng)
+    return y, {"self_attn": attn_block, "ffn": ffn_block, "output": y}
+
+
+def encoder_layer_backward(p, cache, dy, cfg):
+    """Returns dx, dp: the forward read bottom-up."""
+    dh, d_ffn_norm, d_ffn = residual_backward(
+        p["ffn_norm"], cache["ffn"], dy, lambda c, df: feed_forward_backward(p["ffn"], c, df), cfg)
+    dx, d_attn_norm, d_attn = residual_backward(
+        p["self_attn_norm"], cache["self_attn"], dh, lambda c, df: _self_attention_backward(p["self_attn"], c, df), cfg)
+    return dx, {"self_attn": d_attn, "self_attn_norm": d_attn_norm, "ffn": d_ffn, "ffn_norm": d_ffn_norm}
+
+
+def _self_attention_backward(p, cache, df):
+    dxq, dxkv, dp = mha_backward(p, cache, df)
+    return dxq + dxkv, dp  # queries, keys and values all came from the same h
+
+
+# ---------------------------------------------------------------------------- decoder layer
+
+
+def decoder_layer_forward(p, x, self_mask, memory, memory_mask, cfg, rng=None):
+    """Causal self-attention, cross-attention to memory, feed-forward. x [B, T, D] -> [B, T, D].
+
+    self_mask broadcasts to [B, H, T, T] (causal and target padding); memory [B, S, D] is the
+    encoder output and memory_mask broadcasts to [B, H, T, S]. A decoder-only layer has no
+    "cross_attn" in p and takes memory=None.
+    """
+    def self_attention(h):
+        return mha_forward(p["self_attn"], h, h, self_mask, n_heads=cfg.n_heads, dropout=cfg.dropout, rng=rng)
+
+    def cross_attention(h):
+        return mha_forward(p["cross_attn"], h, memory, memory_mask, n_heads=cfg.n_heads, dropout=cfg.dropout, rng=rng)
+
+    h, self_block = residual_forward(p["self_attn_norm"], x, self_attention, cfg, rng)
+    cache = {"self_attn": self_block}
+    if "cross_attn" in p:
+        check_array("memory", memory, ndim=3, shape=(x.shape[0], None, x.shape[2]), kind="f", dtype=x.dtype)
+        h, cache["cross_attn"] = residual_forward(p["cross_attn_norm"], h, cross_attention, cfg, rng)
+    y, cache["ffn"] = residual_forward(p["ffn_norm"], h, lambda h: feed_forward_forward(p["ffn"], h, cfg, rng), cfg, rng)
+    cache["output"] = y
+    return y, cache
+
+
+def decoder_layer_backward(p, cache, dy, cfg):
+    """Returns dx, dmemory (None without cross-attention), dp."""
+    dp = {}
+    dh, dp["ffn_norm"], dp["ffn"] = residual_backward(
+        p["ffn_norm"], cache["ffn"], dy, lambda c, df: feed_forward_backward(p["ffn"], c, df), cfg)
+    dmemory = None
+    if "cross_attn" in p:
+        def cross_attention_backward(c, df):
+            dxq, dxkv, dcross = mha_backward(p["cross_attn"], c, df)
+            return dxq, (dxkv, dcross)
+
+        dh, dp["cross_attn_norm"], (dmemory, dp["cross_attn"]) = residual_backward(
+            p["cross_attn_norm"], cache["cross_attn"], dh, cross_attention_backward, cfg)
+    dx, dp["self_attn_norm"], dp["self_attn"] = residual_backward(
+        p["self_attn_norm"], cache["self_attn"], dh, lambda c, df: _self_attention_backward(p["self_attn"], c, df), cfg)
+    return dx, dmemory, dp

@@ -1,0 +1,42 @@
+"""Token-level cross-entropy with an ignored (padding) id and label smoothing, as torch's F.cross_entropy."""
+
+import numpy as np
+
+from .errors import check, check_array
+from .ops import log_softmax_backward, log_softmax_forward
+
+
+def cross_entropy_forward(logits, targets, *, ignore_id=None, label_smoothing=0.0):
+    """Mean over non-ignored tokens of (1 - e) * -log p[target] + e * mean_v(-log p[v]).
+
+    logits [B, T, V] (or [N, V]), targets [B, T] (or [N]) -> scalar loss (0.0 when every
+    target is ignored; torch gives NaN there).
+    """
+    check_array("logits", logits, kind="f")
+    check_array("targets", targets, shape=logits.shape[:-1], kind="i")
+    check(0.0 <= label_smoothing <= 1.0, f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    V = logits.shape[-1]
+    valid = np.ones(targets.shape, bool) if ignore_id is None else targets != ignore_id
+    safe_targets = np.where(valid, targets, 0)
+    check(safe_targets.size == 0 or (safe_targets.min() >= 0 and safe_targets.max() < V),
+          f"targets must hold ids in [0, {V}) (or the ignored id)")
+    logp, logp_cache = log_softmax_forward(logits)
+    nll = -np.take_along_axis(logp, safe_targets[..., None], axis=-1)[..., 0]  # [B, T]
+    smooth = -logp.mean(axis=-1)  # [B, T]
+    per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    n_tokens = int(valid.sum())
+    loss = (per_token * valid).sum() / max(n_tokens, 1)
+    cache = {"log_softmax": logp_cache, "targets": safe_targets, "valid": valid, "n_tokens": n_tokens,
+             "label_smoothing": label_smoothing}
+    return loss, cache
+
+
+def cross_entropy_backward(cache, dloss=1.0):
+    """dlogits [..., V] of the mean loss."""
+    (logp,) = cache["log_softmax"]
+    e = cache["label_smoothing"]
+    V = logp.shape[-1]
+    weight = (cache["valid"] * (dloss / max(cache["n_tokens"], 1))).astype(logp.dtype)[..., None]  # [B, T, 1]
+    dlogp = np.full(logp.shape, -e / V, dtype=logp.dtype)
+    np.put_along_axis(dlogp, cache["targets"][..., None], -e / V - (1.0 - e), axis=-1)
+    return log_softmax_backward(cache["log_softmax"], dlogp * weight)

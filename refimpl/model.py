@@ -1,0 +1,382 @@
+"""The full models: parameters, embeddings, the encoder and decoder stacks, the LM head,
+forward and backward for both families, and incremental decoding with a KV cache.
+
+Parameter tree (dotted names are the checkpoint keys; W is [in, out], so y = x @ W + b):
+
+    encoder.embed_tokens.weight [V, D]        (absent when share_embeddings: the decoder's is used)
+    encoder.embed_positions.weight [N, D]     (positional="learned" only)
+    encoder.layers.i.{self_attn, self_attn_norm, ffn, ffn_norm}
+    encoder.final_norm                        (final_norm only)
+    decoder.embed_tokens.weight [V, D]
+    decoder.embed_positions.weight [N, D]     (positional="learned" only)
+    decoder.layers.i.{self_attn, self_attn_norm, cross_attn, cross_attn_norm, ffn, ffn_norm}
+    decoder.final_norm                        (final_norm only)
+    lm_head.weight [D, V]                     (absent when tie_embeddings: decoder.embed_tokens.weight.T is used)
+    lm_head.bias [V]                          (lm_head_bias only)
+
+A decoder-only model has just decoder.* (layers without cross_attn) and lm_head.
+"""
+
+import math
+
+import numpy as np
+
+from .attention import causal_mask, mha_cached_forward, padding_mask, project_kv
+from .errors import RefformerError, check, check_array
+from .layers import (decoder_layer_backward, decoder_layer_forward, encoder_layer_backward, encoder_layer_forward,
+                     feed_forward_forward, residual_forward)
+from .ops import (dropout_backward, dropout_forward, embedding_backward, embedding_forward, linear_backward,
+                  linear_forward, norm_backward, norm_forward, sinusoidal_table)
+from .tree import tree_map
+
+# ---------------------------------------------------------------------------- parameters
+
+
+def param_shapes(cfg):
+    """The parameter tree of cfg with shape tuples as leaves (the one place that defines it)."""
+    D, F, V, N = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.max_positions
+
+    def linear(d_in, d_out):
+        return {"weight": (d_in, d_out), "bias": (d_out,)}
+
+    def norm():
+        return {"weight": (D,), "bias": (D,)} if cfg.norm == "layernorm" else {"weight": (D,)}
+
+    def attention():
+        return {name: linear(D, D) for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+    def layer(cross):
+        p = {"self_attn": attention(), "self_attn_norm": norm()}
+        if cross:
+            p.update(cross_attn=attention(), cross_attn_norm=norm())
+        p.update(ffn={"fc1": linear(D, F), "fc2": linear(F, D)}, ffn_norm=norm())
+        return p
+
+    def stack(n_layers, cross, own_embedding):
+        s = {"embed_tokens": {"weight": (V, D)}} if own_embedding else {}
+        if cfg.positional == "learned":
+            s["embed_positions"] = {"weight": (N, D)}
+        s["layers"] = [layer(cross) for _ in range(n_layers)]
+        if cfg.final_norm:
+            s["final_norm"] = norm()
+        return s
+
+    shapes = {}
+    if cfg.is_encoder_decoder:
+        shapes["encoder"] = stack(cfg.n_encoder_layers, False, not cfg.share_embeddings)
+    shapes["decoder"] = stack(cfg.n_decoder_layers, cfg.is_encoder_decoder, True)
+    head = {} if cfg.tie_embeddings else {"weight": (D, V)}
+    if cfg.lm_head_bias:
+        head["bias"] = (V,)
+    if head:
+        shapes["lm_head"] = head
+    return shapes
+
+
+def init_params(cfg, rng, dtype=np.float32):
+    """Random parameters: Xavier-uniform matrices (as torch's nn.Transformer), N(0, D^-1/2) token
+    embeddings, N(0, 0.02) learned positions, zero biases, unit norm weights."""
+    def init(path_shape):
+        path, shape = path_shape
+        if path.endswith("embed_tokens.weight"):
+            return rng.normal(0.0, cfg.d_model ** -0.5, shape)
+        if path.endswith("embed_positions.weight"):
+            return rng.normal(0.0, 0.02, shape)
+        if len(shape) == 2:
+            bound = math.sqrt(6.0 / (shape[0] + shape[1]))
+            return rng.uniform(-bound, bound, shape)
+        if "norm" in path.rsplit(".", 2)[-2] and path.endswith("weight"):
+            return np.ones(shape)
+        return np.zeros(shape)
+
+    named = _with_paths(param_shapes(cfg))
+    return tree_map(lambda ps: init(ps).astype(dtype), named)
+
+
+def _with_paths(tree, prefix=""):
+    """Replace each leaf by (dotted path, leaf)."""
+    if isinstance(tree, dict):
+        return {k: _with_paths(v, f"{prefix}{k}.") for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_with_paths(v, f"{prefix}{i}.") for i, v in enumerate(tree)]
+    return (prefix[:-1], tree)
+
+
+def source_embedding(cfg, params):
+    """The token table the encoder reads (the decoder's when share_embeddings)."""
+    return params["decoder" if cfg.share_embeddings else "encoder"]["embed_tokens"]
+
+
+def lm_head_params(cfg, params):
+    """{"weight" [D, V], "bias"?} of the output projection (the transposed decoder table when tied)."""
+    head = dict(params.get("lm_head", {}))
+    if cfg.tie_embeddings:
+        head["weight"] = params["decoder"]["embed_tokens"]["weight"].T
+    return head
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+def embed_forward(cfg, p_tokens, p_stack, ids, positions, rng=None):
+    """x = dropout(E[ids] * sqrt(D)? + pos[positions]). ids, positions [B, T] -> x [B, T, D]."""
+    tokens, token_cache = embedding_forward(p_tokens, ids)
+    scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
+    if cfg.positional == "learned":
+        pos, pos_cache = embedding_forward(p_stack["embed_positions"], positions)
+    else:
+        pos, pos_cache = sinusoidal_table(cfg.max_positions, cfg.d_model, tokens.dtype)[positions], None
+    x, dropout_cache = dropout_forward(tokens * scale + pos, cfg.dropout, rng)
+    cache = {"tokens": token_cache, "positions": pos_cache, "scale": scale, "dropout": dropout_cache, "output": x}
+    return x, cache
+
+
+def embed_backward(cfg, p_tokens, p_stack, cache, dx):
+    """Returns the token-table gradient and, for learned positions, the position-table gradient."""
+    dsum = dropout_backward(cache["dropout"], dx)
+    dtokens = embedding_backward(p_tokens, cache["tokens"], dsum * cache["scale"])
+    dpositions = None
+    if cfg.positional == "learned":
+        dpositions = embedding_backward(p_stack["embed_positions"], cache["positions"], dsum)
+    return dtokens, dpositions
+
+
+# ---------------------------------------------------------------------------- input checks
+
+
+def _check_ids(name, ids, cfg):
+    check_array(name, ids, ndim=2, kind="i")
+    check(ids.size == 0 or (ids.min() >= 0 and ids.max() < cfg.vocab_size),
+          f"{name} must hold token ids in [0, {cfg.vocab_size})")
+
+
+def _keep_mask(name, mask, ids, cfg):
+    """The [B, T] key-padding mask (1 = real token): given, or ids != pad_id."""
+    if mask is None:
+        return ids != cfg.pad_id
+    mask = np.asarray(mask)
+    check(mask.shape == ids.shape, f"{name} must have the shape of its ids {list(ids.shape)}, got {list(mask.shape)}")
+    return mask.astype(bool)
+
+
+def _positions(name, positions, ids, cfg):
+    """[B, T] positions: given, or 0 .. T-1 in every row."""
+    if positions is None:
+        positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    check_array(name, positions, shape=ids.shape, kind="i")
+    check(positions.size == 0 or (positions.min() >= 0 and positions.max() < cfg.max_positions),
+          f"{name} must lie in [0, max_positions={cfg.max_positions}); the input is too long for this model")
+    return positions
+
+
+def _check_dtype(params):
+    dtype = params["decoder"]["embed_tokens"]["weight"].dtype
+    check(dtype in (np.float32, np.float64), f"parameters must be float32 or float64, got {dtype}")
+    return dtype
+
+
+# ---------------------------------------------------------------------------- stacks
+
+
+def encoder_forward(cfg, params, src_ids, src_keep, src_positions, rng=None):
+    """Embed and encode the source. src_ids [B, S] -> memory [B, S, D]."""
+    p = params["encoder"]
+    x, embed_cache = embed_forward(cfg, source_embedding(cfg, params), p, src_ids, src_positions, rng)
+    mask = padding_mask(src_keep)  # [B, 1, 1, S]
+    layer_caches = []
+    for p_layer in p["layers"]:
+        x, layer_cache = encoder_layer_forward(p_layer, x, mask, cfg, rng)
+        layer_caches.append(layer_cache)
+    norm_cache = None
+    if cfg.final_norm:
+        x, norm_cache = norm_forward(p["final_norm"], x, cfg.norm, cfg.norm_eps)
+    return x, {"embed": embed_cache, "layers": layer_caches, "final_norm": norm_cache, "output": x}
+
+
+def encoder_backward(cfg, params, cache, dmemory):
+    """Returns (grads of encoder.*, grad of the source token table)."""
+    p = params["encoder"]
+    grads = {}
+    dx = dmemory
+    if cfg.final_norm:
+        dx, grads["final_norm"] = norm_backward(p["final_norm"], cache["final_norm"], dx, cfg.norm)
+    layer_grads = []
+    for p_layer, layer_cache in zip(reversed(p["layers"]), reversed(cache["layers"])):
+        dx, dp_layer = encoder_layer_backward(p_layer, layer_cache, dx, cfg)
+        layer_grads.append(dp_layer)
+    grads["layers"] = layer_grads[::-1]
+    dtokens, dpositions = embed_backward(cfg, source_embedding(cfg, params), p, cache["embed"], dx)
+    if dpositions is not None:
+        grads["embed_positions"] = dpositions
+    return grads, dtokens
+
+
+def decoder_forward(cfg, params, tgt_ids, tgt_keep, tgt_positions, memory, src_keep, rng=None):
+    """Embed and decode the target (causally), attending to memory when given -> hidden [B, T, D]."""
+    p = params["decoder"]
+    x, embed_cache = embed_forward(cfg, p["embed_tokens"], p, tgt_ids, tgt_positions, rng)
+    T = tgt_ids.shape[1]
+    self_mask = causal_mask(T)[None, None] & padding_mask(tgt_keep)  # [B, 1, T, T]
+    memory_mask = None if memory is None else padding_mask(src_keep)  # [B, 1, 1, S]
+    layer_caches = []
+    for p_layer in p["layers"]:
+        x, layer_cache = decoder_layer_forward(p_layer, x, self_mask, memory, memory_mask, cfg, rng)
+        layer_caches.append(layer_cache)
+    norm_cache = None
+    if cfg.final_norm:
+        x, norm_cache = norm_forward(p["final_norm"], x, cfg.norm, cfg.norm_eps)
+    return x, {"embed": embed_cache, "layers": layer_caches, "final_norm": norm_cache, "output": x}
+
+
+def decoder_backward(cfg, params, cache, dhidden):
+    """Returns (grads of decoder.*, dmemory or None)."""
+    p = params["decoder"]
+    grads = {}
+    dx = dhidden
+    if cfg.final_norm:
+        dx, grads["final_norm"] = norm_backward(p["final_norm"], cache["final_norm"], dx, cfg.norm)
+    layer_grads = []
+    dmemory = None
+    for p_layer, layer_cache in zip(reversed(p["layers"]), reversed(cache["layers"])):
+        dx, dmem_layer, dp_layer = decoder_layer_backward(p_layer, layer_cache, dx, cfg)
+        layer_grads.append(dp_layer)
+        if dmem_layer is not None:
+            dmemory = dmem_layer if dmemory is None else dmemory + dmem_layer
+    grads["layers"] = layer_grads[::-1]
+    grads["embed_tokens"], dpositions = embed_backward(cfg, p["embed_tokens"], p, cache["embed"], dx)
+    if dpositions is not None:
+        grads["embed_positions"] = dpositions
+    return grads, dmemory
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+def model_forward(cfg, params, src_ids, tgt_ids, *, src_mask=None, tgt_mask=None, src_positions=None,
+                  tgt_positions=None, rng=None):
+    """Logits of every target position. src_ids [B, S] (None for decoder-only), tgt_ids [B, T] -> logits [B, T, V].
+
+    Masks are [B, S] / [B, T] with 1 (True) = real token, by default ids != pad_id. Positions
+    default to 0 .. length-1 (pass tgt_positions for left-padded decoder-only prompts).
+    rng (numpy.random.Generator) turns dropout on; None is eval mode.
+    """
+    dtype = _check_dtype(params)
+    _check_ids("tgt_ids", tgt_ids, cfg)
+    tgt_keep = _keep_mask("tgt_mask", tgt_mask, tgt_ids, cfg)
+    tgt_positions = _positions("tgt_positions", tgt_positions, tgt_ids, cfg)
+    memory, src_keep, encoder_cache = None, None, None
+    if cfg.is_encoder_decoder:
+        check(src_ids is not None, "src_ids is required for an encoder-decoder model")
+        _check_ids("src_ids", src_ids, cfg)
+        check(src_ids.shape[0] == tgt_ids.shape[0],
+              f"src_ids and tgt_ids must have the same batch size, got {src_ids.shape[0]} and {tgt_ids.shape[0]}")
+        src_keep = _keep_mask("src_mask", src_mask, src_ids, cfg)
+        src_positions = _positions("src_positions", src_positions, src_ids, cfg)
+        memory, encoder_cache = encoder_forward(cfg, params, src_ids, src_keep, src_positions, rng)
+    else:
+        check(src_ids is None, "a decoder-only model takes src_ids=None")
+    hidden, decoder_cache = decoder_forward(cfg, params, tgt_ids, tgt_keep, tgt_positions, memory, src_keep, rng)
+    logits, head_cache = linear_forward(lm_head_params(cfg, params), hidden)
+    assert logits.dtype == dtype
+    cache = {"encoder": encoder_cache, "decoder": decoder_cache, "lm_head": head_cache, "logits": logits}
+    return logits, cache
+
+
+def model_backward(cfg, params, cache, dlogits):
+    """Gradients of every parameter (a tree with exactly params' keys) given dlogits [B, T, V]."""
+    dhidden, dhead = linear_backward(lm_head_params(cfg, params), cache["lm_head"], dlogits)
+    grads = {}
+    grads["decoder"], dmemory = decoder_backward(cfg, params, cache["decoder"], dhidden)
+    table = grads["decoder"]["embed_tokens"]
+    if cfg.tie_embeddings:
+        table["weight"] = table["weight"] + dhead.pop("weight").T  # logits = h @ E^T
+    if dhead:
+        grads["lm_head"] = dhead
+    if cfg.is_encoder_decoder:
+        grads["encoder"], dsource = encoder_backward(cfg, params, cache["encoder"], dmemory)
+        if cfg.share_embeddings:
+            table["weight"] = table["weight"] + dsource["weight"]
+        else:
+            grads["encoder"]["embed_tokens"] = dsource
+    return _in_order_of(params, grads)
+
+
+def _in_order_of(template, tree):
+    """tree's entries in template's key order (so flatten(grads) lines up with flatten(params))."""
+    if isinstance(template, dict):
+        return {key: _in_order_of(value, tree[key]) for key, value in template.items()}
+    if isinstance(template, list):
+        return [_in_order_of(value, item) for value, item in zip(template, tree)]
+    return tree
+
+
+# ---------------------------------------------------------------------------- incremental decoding
+
+
+def encode(cfg, params, src_ids, src_mask=None):
+    """Run the encoder once: memory [B, S, D] and every decoder layer's cross-attention (k, v) [B, H, S, Dh].
+
+    The NumPy twin of encoder.onnx.
+    """
+    check(cfg.is_encoder_decoder, "encode needs an encoder-decoder model")
+    _check_dtype(params)
+    _check_ids("src_ids", src_ids, cfg)
+    src_keep = _keep_mask("src_mask", src_mask, src_ids, cfg)
+    memory, _ = encoder_forward(cfg, params, src_ids, src_keep, _positions("src_positions", None, src_ids, cfg))
+    cross_kv = [project_kv(p_layer["cross_attn"], memory, cfg.n_heads) for p_layer in params["decoder"]["layers"]]
+    return memory, cross_kv
+
+
+def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=None, encoder_attention_mask=None):
+    """Decode T new tokens given a self-attention cache of P past positions. The NumPy twin of decoder.onnx.
+
+    ids, positions [B, T]; attention_mask [B, P + T] (1 = real token, past and new);
+    past: per layer (k, v) [B, H, P, Dh] (P may be 0); cross_kv: per layer (k, v) [B, H, S, Dh]
+    from encode, with encoder_attention_mask [B, S]. Returns logits [B, T, V] and the
+    present cache: per layer (k, v) [B, H, P + T, Dh].
+    """
+    p = params["decoder"]
+    _check_dtype(params)
+    _check_ids("ids", ids, cfg)
+    positions = _positions("positions", positions, ids, cfg)
+    B, T = ids.shape
+    check(len(past) == len(p["layers"]), f"past must hold one (k, v) per decoder layer ({len(p['layers'])}), got {len(past)}")
+    P = past[0][0].shape[2] if past else 0
+    attention_mask = np.asarray(attention_mask)
+    check(attention_mask.shape == (B, P + T),
+          f"attention_mask must have shape [B, P + T] = {[B, P + T]}, got {list(attention_mask.shape)}")
+    if cfg.is_encoder_decoder:
+        check(cross_kv is not None and len(cross_kv) == len(p["layers"]),
+              "cross_kv must hold one (k, v) per decoder layer for an encoder-decoder model")
+        check(encoder_attention_mask is not None, "encoder_attention_mask is required with cross_kv")
+
+    x, _ = embed_forward(cfg, p["embed_tokens"], p, ids, positions)
+    self_mask = causal_mask(T, P + T, past=P)[None, None] & padding_mask(attention_mask)  # [B, 1, T, P + T]
+    present = []
+    for i, p_layer in enumerate(p["layers"]):
+        def self_attention(h):
+            k_new, v_new = project_kv(p_layer["self_attn"], h, cfg.n_heads)  # [B, H, T, Dh]
+            k = np.concatenate([past[i][0], k_new], axis=2)  # [B, H, P + T, Dh]
+            v = np.concatenate([past[i][1], v_new], axis=2)
+            present.append((k, v))
+            return mha_cached_forward(p_layer["self_attn"], h, k, v, self_mask, n_heads=cfg.n_heads), None
+
+        def cross_attention(h):
+            k, v = cross_kv[i]
+            memory_mask = padding_mask(encoder_attention_mask)  # [B, 1, 1, S]
+            return mha_cached_forward(p_layer["cross_attn"], h, k, v, memory_mask, n_heads=cfg.n_heads), None
+
+        x, _ = residual_forward(p_layer["self_attn_norm"], x, self_attention, cfg)
+        if "cross_attn" in p_layer:
+            x, _ = residual_forward(p_layer["cross_attn_norm"], x, cross_attention, cfg)
+        x, _ = residual_forward(p_layer["ffn_norm"], x, lambda h: feed_forward_forward(p_layer["ffn"], h, cfg), cfg)
+    if cfg.final_norm:
+        x, _ = norm_forward(p["final_norm"], x, cfg.norm, cfg.norm_eps)
+    logits, _ = linear_forward(lm_head_params(cfg, params), x)
+    return logits, present
+
+
+def empty_cache(cfg, batch_size, dtype=np.float32):
+    """A self-attention cache with P = 0: per layer (k, v) [B, H, 0, Dh]."""
+    shape = (batch_size, cfg.n_heads, 0, cfg.head_dim)
+    return [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(cfg.n_decoder_layers)]

@@ -1,0 +1,238 @@
+"""Elementwise and row-wise building blocks, each a forward/backward pair.
+
+Every forward returns (y, cache) where cache is a tuple of the saved arrays (composite
+layers elsewhere keep dicts that name their activations); every backward takes (p, cache, dy) for layers with
+parameters and (cache, dy) for those without, and returns the input gradient(s) and,
+for layers with parameters, dp with exactly p's keys.
+"""
+
+import math
+
+import numpy as np
+
+# ---------------------------------------------------------------------------- linear
+
+
+def linear_forward(p, x):
+    """y = x @ W + b. x [..., Din], W [Din, Dout], b [Dout] (optional) -> y [..., Dout]."""
+    y = x @ p["weight"]
+    if "bias" in p:
+        y = y + p["bias"]
+    return y, (x,)
+
+
+def linear_backward(p, cache, dy):
+    """Inverts y = x @ W + b: returns dx, {"weight": dW, "bias": db}."""
+    (x,) = cache
+    dx = dy @ p["weight"].T
+    x2 = x.reshape(-1, x.shape[-1])  # [N, Din]
+    dy2 = dy.reshape(-1, dy.shape[-1])  # [N, Dout]
+    dp = {"weight": x2.T @ dy2}
+    if "bias" in p:
+        dp["bias"] = dy2.sum(axis=0)
+    return dx, dp
+
+
+# ---------------------------------------------------------------------------- embedding
+
+
+def embedding_forward(p, ids):
+    """Row lookup. ids [...] int -> y [..., D] = weight[ids]."""
+    return p["weight"][ids], (ids,)
+
+
+def embedding_backward(p, cache, dy):
+    """Scatter-add of dy into the rows that were gathered (ids have no gradient)."""
+    (ids,) = cache
+    dweight = np.zeros_like(p["weight"])
+    np.add.at(dweight, ids.reshape(-1), dy.reshape(-1, dy.shape[-1]))
+    return {"weight": dweight}
+
+
+def sinusoidal_table(n_positions, d_model, dtype=np.float64):
+    """The Vaswani et al. table [n_positions, D]: even columns sin(pos / 10000^(2i/D)), odd columns cos."""
+    position = np.arange(n_positions, dtype=np.float64)[:, None]  # [N, 1]
+    frequency = np.exp(-math.log(10000.0) * np.arange(0, d_model, 2, dtype=np.float64) / d_model)  # [ceil(D/2)]
+    angles = position * frequency  # [N, ceil(D/2)]
+    table = np.zeros((n_positions, d_model), dtype=np.float64)
+    table[:, 0::2] = np.sin(angles)
+    table[:, 1::2] = np.cos(angles[:, : d_model // 2])
+    return table.astype(dtype)
+
+
+# ---------------------------------------------------------------------------- norms
+
+
+def layer_norm_forward(p, x, eps):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    rstd = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
+    xhat = centred * rstd
+    y = xhat * p["weight"] + p["bias"]
+    return y, (xhat, rstd)
+
+
+def layer_norm_backward(p, cache, dy):
+    """Returns dx, {"weight", "bias"}; dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight."""
+    xhat, rstd = cache
+    reduce_axes = tuple(range(dy.ndim - 1))
+    dp = {"weight": (dy * xhat).sum(axis=reduce_axes), "bias": dy.sum(axis=reduce_axes)}
+    g = dy * p["weight"]
+    dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    return dx, dp
+
+
+def rms_norm_forward(p, x, eps):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last axis (no centring, no bias)."""
+    rrms = 1.0 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    xhat = x * rrms
+    return xhat * p["weight"], (xhat, rrms)
+
+
+def rms_norm_backward(p, cache, dy):
+    """Returns dx, {"weight"}; dx = rrms * (g - xhat * mean(g * xhat)), g = dy * weight."""
+    xhat, rrms = cache
+    reduce_axes = tuple(range(dy.ndim - 1))
+    dp = {"weight": (dy * xhat).sum(axis=reduce_axes)}
+    g = dy * p["weight"]
+    dx = rrms * (g - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    return dx, dp
+
+
+def norm_forward(p, x, kind, eps):
+    """Dispatch to layer_norm_forward or rms_norm_forward by kind ("layernorm" / "rmsnorm")."""
+    return layer_norm_forward(p, x, eps) if kind == "layernorm" else rms_norm_forward(p, x, eps)
+
+
+def norm_backward(p, cache, dy, kind):
+    return layer_norm_backward(p, cache, dy) if kind == "layernorm" else rms_norm_backward(p, cache, dy)
+
+
+# ---------------------------------------------------------------------------- activations
+
+_erf = np.frompyfunc(math.erf, 1, 1)  # NumPy has no erf; math.erf is exact to the last bit
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def erf(x):
+    """Elementwise error function in x's dtype."""
+    return _erf(x).astype(x.dtype)
+
+
+def relu_forward(x):
+    return np.maximum(x, 0), (x,)
+
+
+def relu_backward(cache, dy):
+    (x,) = cache
+    return dy * (x > 0)
+
+
+def gelu_forward(x):
+    """Exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))."""
+    return 0.5 * x * (1.0 + erf(x * (1.0 / math.sqrt(2.0)))), (x,)
+
+
+def gelu_backward(cache, dy):
+    """d/dx [x Phi(x)] = Phi(x) + x phi(x)."""
+    (x,) = cache
+    cdf = 0.5 * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
+    pdf = np.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return dy * (cdf + x * pdf)
+
+
+def gelu_tanh_forward(x):
+    """Tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    t = np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+    return 0.5 * x * (1.0 + t), (x, t)
+
+
+def gelu_tanh_backward(cache, dy):
+    x, t = cache
+    dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner)
+
+
+def silu_forward(x):
+    """x * sigmoid(x)."""
+    s = 1.0 / (1.0 + np.exp(-x))
+    return x * s, (x, s)
+
+
+def silu_backward(cache, dy):
+    x, s = cache
+    return dy * (s * (1.0 + x * (1.0 - s)))
+
+
+ACTIVATIONS = {
+    "relu": (relu_forward, relu_backward),
+    "gelu": (gelu_forward, gelu_backward),
+    "gelu_tanh": (gelu_tanh_forward, gelu_tanh_backward),
+    "silu": (silu_forward, silu_backward),
+}
+
+
+def activation_forward(x, kind):
+    """Apply the activation named kind (relu, gelu, gelu_tanh, silu)."""
+    return ACTIVATIONS[kind][0](x)
+
+
+def activation_backward(cache, dy, kind):
+    return ACTIVATIONS[kind][1](cache, dy)
+
+
+# ---------------------------------------------------------------------------- dropout
+
+
+def dropout_forward(x, rate, rng):
+    """Inverted dropout: zero each entry with probability rate, scale the rest by 1/(1-rate).
+
+    rng is a numpy.random.Generator; rng=None (eval mode) or rate=0 is the identity.
+    """
+    if rng is None or rate == 0.0:
+        return x, (None,)
+    keep = (rng.random(x.shape) >= rate).astype(x.dtype) * (1.0 / (1.0 - rate))  # [same as x]
+    return x * keep, (keep,)
+
+
+def dropout_backward(cache, dy):
+    (keep,) = cache
+    return dy if keep is None else dy * keep
+
+
+# ---------------------------------------------------------------------------- softmax
+
+
+def softmax_forward(x, axis=-1):
+    """Numerically stable softmax; entries at -inf get 0, and a row that is all -inf gives all zeros.
+
+    torch.softmax returns NaN for an all -inf row; here such a row (a query that may attend
+    to nothing, e.g. a padding query) yields zeros and so contributes nothing downstream.
+    """
+    row_max = np.max(x, axis=axis, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # all -inf row: subtract 0, exp gives zeros
+    e = np.exp(x - row_max)
+    total = e.sum(axis=axis, keepdims=True)
+    y = e / np.where(total == 0.0, 1.0, total)
+    return y, (y,)
+
+
+def softmax_backward(cache, dy, axis=-1):
+    """dx = y * (dy - sum(dy * y)); zero wherever y is zero."""
+    (y,) = cache
+    return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
+
+
+def log_softmax_forward(x, axis=-1):
+    """x - logsumexp(x), stable for large |x|."""
+    row_max = np.max(x, axis=axis, keepdims=True)
+    shifted = x - row_max
+    y = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+    return y, (y,)
+
+
+def log_softmax_backward(cache, dy, axis=-1):
+    """dx = dy - softmax(x) * sum(dy)."""
+    (y,) = cache
+    return dy - np.exp(y) * dy.sum(axis=axis, keepdims=True)

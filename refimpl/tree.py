@@ -1,0 +1,41 @@
+"""Nested parameter trees (dicts and lists of arrays) <-> flat dotted names.
+
+The dotted name is the checkpoint key and the ONNX initializer name:
+params["decoder"]["layers"][0]["cross_attn"]["q_proj"]["weight"] <-> "decoder.layers.0.cross_attn.q_proj.weight".
+"""
+
+import numpy as np
+
+
+def flatten(tree, prefix=""):
+    """{dotted name: array} for every array leaf of nested dicts/lists (other leaves are skipped)."""
+    flat = {}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, np.ndarray):
+            flat[name] = value
+        elif isinstance(value, (dict, list)):
+            flat.update(flatten(value, name + "."))
+    return flat
+
+
+def unflatten(flat, template):
+    """Rebuild the structure of template (a tree whose leaves are anything) from flat dotted names."""
+    def build(node, prefix):
+        if isinstance(node, dict):
+            return {key: build(value, f"{prefix}{key}.") for key, value in node.items()}
+        if isinstance(node, list):
+            return [build(value, f"{prefix}{i}.") for i, value in enumerate(node)]
+        return flat[prefix[:-1]]
+
+    return build(template, "")
+
+
+def tree_map(fn, tree):
+    """Apply fn to every leaf, keeping the structure."""
+    if isinstance(tree, dict):
+        return {key: tree_map(fn, value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [tree_map(fn, value) for value in tree]
+    return fn(tree)
