@@ -1,0 +1,5 @@
+"""The runtime raises the same exception type as refimpl."""
+
+from refformer.refimpl.errors import RefformerError
+
+__all__ = ["RefformerError"]
