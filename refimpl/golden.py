@@ -1,0 +1,80 @@
+"""Golden files for people checking their own kernels: fixed inputs, every intermediate activation
+and every gradient of a model, by dotted name, in float64."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RefformerError
+from .io import atomic_write, load
+from .loss import cross_entropy_backward, cross_entropy_forward
+from .model import model_backward, model_forward
+from .tree import flatten
+
+
+def golden_inputs(cfg, seed, batch_size=2, length=6):
+    """Fixed random inputs: src/tgt ids with the last row padded at the end, and next-token labels."""
+    rng = np.random.default_rng(seed)
+    length = min(length, cfg.max_positions)
+    specials = {cfg.pad_id, cfg.bos_id, cfg.eos_id, cfg.unk_id}
+    ordinary = np.array([i for i in range(cfg.vocab_size) if i not in specials] or [cfg.unk_id])
+    src = rng.choice(ordinary, (batch_size, length))
+    tgt = rng.choice(ordinary, (batch_size, length))
+    tgt[:, 0] = cfg.bos_id
+    if length > 2:
+        src[-1, -2:] = cfg.pad_id
+        tgt[-1, -1] = cfg.pad_id
+    labels = np.concatenate([tgt[:, 1:], np.full((batch_size, 1), cfg.eos_id)], axis=1)
+    labels[tgt == cfg.pad_id] = cfg.pad_id
+    inputs = {"tgt_ids": tgt, "labels": labels}
+    if cfg.is_encoder_decoder:
+        inputs["src_ids"] = src
+    return inputs
+
+
+def golden(cfg, params, seed=0, label_smoothing=0.0):
+    """{name: float64 array}: inputs.*, activations.* (every cached intermediate), logits, loss, grads.*."""
+    params = flatten_to_float64(params)
+    inputs = golden_inputs(cfg, seed)
+    logits, cache = model_forward(cfg, params, inputs.get("src_ids"), inputs["tgt_ids"])
+    loss, loss_cache = cross_entropy_forward(logits, inputs["labels"], ignore_id=cfg.pad_id,
+                                             label_smoothing=label_smoothing)
+    grads = model_backward(cfg, params, cache, cross_entropy_backward(loss_cache))
+    out = {f"inputs.{name}": value for name, value in inputs.items()}
+    for name, value in flatten(cache).items():
+        if value.dtype.kind == "f":
+            out[f"activations.{name}"] = value
+    out["logits"] = logits
+    out["loss"] = np.asarray(loss, dtype=np.float64)
+    out.update({f"grads.{name}": value for name, value in flatten(grads).items()})
+    return out
+
+
+def flatten_to_float64(params):
+    from .tree import tree_map
+
+    return tree_map(lambda a: np.asarray(a, dtype=np.float64), params)
+
+
+def write_golden(model_dir, out_path, seed=0):
+    """Load model_dir in float64 and write golden(...) with the config (as JSON text) to out_path (.npz)."""
+    cfg, params = load(model_dir, dtype=np.float64)
+    arrays = golden(cfg, params, seed)
+    arrays["config_json"] = np.array(cfg.to_json())
+    out_path = Path(out_path)
+    if not out_path.parent.is_dir():
+        raise RefformerError(f"output folder {out_path.parent} does not exist")
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write(out_path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+    return arrays
+
+
+def describe(arrays):
+    """A short summary: how many arrays of each group, for the CLI."""
+    groups = {}
+    for name in arrays:
+        groups[name.split(".")[0]] = groups.get(name.split(".")[0], 0) + 1
+    return json.dumps(groups)
