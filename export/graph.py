@@ -1,0 +1,87 @@
+"""A tiny ONNX graph builder: one small helper per op, each returning its output name.
+
+Node names are paths derived from the parameter being used ("/decoder/layers.0/self_attn/q_proj/MatMul"),
+initializer names are the checkpoint's dotted names, so a weight can be traced from NumPy to graph.
+"""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+FLOAT_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
+NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def node_path(prefix):
+    """"decoder.layers.0.self_attn" -> "/decoder/layers.0/self_attn" (layer indices stay with their list)."""
+    parts = []
+    for part in prefix.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += "." + part
+        elif part:
+            parts.append(part)
+    return "/" + "/".join(parts)
+
+
+class Graph:
+    """Collects nodes, initializers, inputs and outputs of one graph. dtype: "fp32" or "fp16" activations."""
+
+    def __init__(self, name, dtype="fp32"):
+        self.name = name
+        self.dtype = dtype
+        self.float_type = FLOAT_TYPES[dtype]
+        self.nodes, self.inputs, self.outputs = [], [], []
+        self.initializers = {}
+        self._names = set()
+
+    # ------------------------------------------------------------ bookkeeping
+    def op(self, op_type, inputs, at, *, name=None, n_outputs=1, domain=None, **attributes):
+        """Add a node named at/name (name defaults to op_type); returns its output name (or names)."""
+        node_name = f"{at}/{name or op_type}"
+        base, k = node_name, 1
+        while node_name in self._names:  # the same op twice at one path: number it
+            node_name, k = f"{base}_{k}", k + 1
+        self._names.add(node_name)
+        outputs = [f"{node_name}/output_{i}" for i in range(n_outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=node_name, domain=domain, **attributes))
+        return outputs[0] if n_outputs == 1 else outputs
+
+    def weight(self, name, array, dtype=None):
+        """An initializer named by its checkpoint name, stored in the graph's float type (or dtype)."""
+        if name not in self.initializers:
+            target = NUMPY_TYPES[self.dtype] if dtype is None else dtype
+            self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array, dtype=target), name)
+        return name
+
+    def const(self, value, name, dtype=np.int64):
+        """A constant initializer (shapes, axes, scalars)."""
+        return self.weight(f"const.{name}", np.asarray(value, dtype=dtype), dtype=dtype)
+
+    def input(self, name, elem_type, shape):
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, source, name, elem_type, shape):
+        """Expose source under the contract name (an Identity node keeps node names readable)."""
+        self.nodes.append(helper.make_node("Identity", [source], [name], name=f"/outputs/{name}"))
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def model(self, opset, producer_version="0"):
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
+                                  initializer=list(self.initializers.values()))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                                  producer_name="refformer", producer_version=producer_version)
+        model.ir_version = min(model.ir_version, 10)  # readable by older onnxruntime builds too
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+
+    # ------------------------------------------------------------ op helpers
+    def cast(self, x, to, at, name="Cast"):
+        return self.op("Cast", [x], at, name=name, to=to)
+
+    def to_float32(self, x, at, name="CastToFloat"):
+        """Cast to float32 where accuracy needs it (a no-op graph-wise in fp32 graphs)."""
+        return x if self.dtype == "fp32" else self.cast(x, TensorProto.FLOAT, at, name)
+
+    def to_graph_float(self, x, at, name="CastToGraphFloat"):
+        return x if self.dtype == "fp32" else self.cast(x, self.float_type, at, name)

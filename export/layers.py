@@ -1,0 +1,216 @@
+"""ONNX builders that mirror refimpl's functions one to one (same names, same order).
+
+Each builder takes the Graph, the dotted prefix of its parameters (which is also its node
+path), the parameter subtree and its input names, and returns output names. Only inference
+is exported: dropout is the identity.
+"""
+
+import math
+
+import numpy as np
+from onnx import TensorProto
+
+from .graph import node_path
+
+# ---------------------------------------------------------------------------- ops
+
+
+def linear(g, prefix, p, x):
+    """x @ W + b:   x ──MatMul(W)──Add(b)──▶ y"""
+    at = node_path(prefix)
+    y = g.op("MatMul", [x, g.weight(f"{prefix}.weight", p["weight"])], at)
+    if "bias" in p:
+        y = g.op("Add", [y, g.weight(f"{prefix}.bias", p["bias"])], at)
+    return y
+
+
+def layer_norm(g, prefix, p, x, eps):
+    """LayerNormalization over the last axis; statistics in float32 (stash_type=1) even in fp16 graphs."""
+    at = node_path(prefix)
+    return g.op("LayerNormalization", [x, g.weight(f"{prefix}.weight", p["weight"]), g.weight(f"{prefix}.bias", p["bias"])],
+                at, axis=-1, epsilon=float(eps), stash_type=1)
+
+
+def rms_norm(g, prefix, p, x, eps):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32:
+
+    x ─Cast─┬─Mul(x)─ReduceMean─Add(eps)─Sqrt─┐
+            └──────────────────────────────Div─Cast─Mul(weight)─▶ y
+    """
+    at = node_path(prefix)
+    x32 = g.to_float32(x, at)
+    mean_square = g.op("ReduceMean", [g.op("Mul", [x32, x32], at), g.const([-1], "axes_last")], at, keepdims=1)
+    rms = g.op("Sqrt", [g.op("Add", [mean_square, g.const(eps, "rms_eps", np.float32)], at)], at)
+    xhat = g.to_graph_float(g.op("Div", [x32, rms], at), at)
+    return g.op("Mul", [xhat, g.weight(f"{prefix}.weight", p["weight"])], at)
+
+
+def norm(g, cfg, prefix, p, x):
+    """Dispatch like refimpl.ops.norm_forward."""
+    if cfg.norm == "layernorm":
+        return layer_norm(g, prefix, p, x, cfg.norm_eps)
+    return rms_norm(g, prefix, p, x, cfg.norm_eps)
+
+
+def scalar(g, value, name):
+    """A scalar in the graph's float type."""
+    return g.weight(f"scalar.{name}", np.asarray(value))
+
+
+def activation(g, kind, x, at):
+    """relu: Relu; gelu: 0.5 x (1 + Erf(x / sqrt 2)); gelu_tanh: 0.5 x (1 + Tanh(...)); silu: x Sigmoid(x)."""
+    if kind == "relu":
+        return g.op("Relu", [x], at)
+    if kind == "silu":
+        return g.op("Mul", [x, g.op("Sigmoid", [x], at)], at)
+    if kind == "gelu":
+        inner = g.op("Erf", [g.op("Mul", [x, scalar(g, 1.0 / math.sqrt(2.0), "inv_sqrt2")], at)], at)
+    else:
+        cube = g.op("Mul", [g.op("Mul", [x, x], at), x], at)
+        poly = g.op("Add", [x, g.op("Mul", [cube, scalar(g, 0.044715, "gelu_c")], at)], at)
+        inner = g.op("Tanh", [g.op("Mul", [poly, scalar(g, math.sqrt(2.0 / math.pi), "sqrt_2_over_pi")], at)], at)
+    half_x = g.op("Mul", [x, scalar(g, 0.5, "half")], at)
+    return g.op("Mul", [half_x, g.op("Add", [inner, scalar(g, 1.0, "one")], at)], at)
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+def embed(g, cfg, prefix, p_tokens_name, p_tokens, p_stack, ids, positions):
+    """E[ids] * sqrt(D)? + pos[positions]:
+
+    ids ──Gather(E)──Mul(sqrt D)──┐
+    positions ──Gather(pos)──────Add──▶ x
+    """
+    at = node_path(prefix) + "/embed"
+    x = g.op("Gather", [g.weight(f"{p_tokens_name}.weight", p_tokens["weight"]), ids], at, name="GatherTokens")
+    if cfg.embed_scale:
+        x = g.op("Mul", [x, scalar(g, math.sqrt(cfg.d_model), "embed_scale")], at)
+    if cfg.positional == "learned":
+        table = g.weight(f"{prefix}.embed_positions.weight", p_stack["embed_positions"]["weight"])
+    else:
+        from refformer.refimpl.ops import sinusoidal_table
+
+        table = g.weight(f"{prefix}.sinusoidal_positions", sinusoidal_table(cfg.max_positions, cfg.d_model))
+    return g.op("Add", [x, g.op("Gather", [table, positions], at, name="GatherPositions")], at)
+
+
+# ---------------------------------------------------------------------------- masks and attention
+
+
+def padding_mask(g, keep, at):
+    """keep [B, S] int64 (1 = real token) -> bool [B, 1, 1, S]."""
+    as_bool = g.cast(keep, TensorProto.BOOL, at)
+    return g.op("Unsqueeze", [as_bool, g.const([1, 2], "axes_1_2")], at)
+
+
+def causal_padding_mask(g, ids, keep, at):
+    """Self-attention mask of the new queries: key j visible to query i (at index P + i) iff j <= P + i and keep[j].
+
+    keep [B, P + T] ─Cast─Unsqueeze──────────────────────┐
+    Range(P, P + T)[:, None] >= Range(0, P + T)[None, :] ─And──▶ bool [B, 1, T, P + T]
+    """
+    total = g.op("Gather", [g.op("Shape", [keep], at), g.const(1, "one_index")], at, name="TotalLength")  # P + T
+    new = g.op("Gather", [g.op("Shape", [ids], at, name="ShapeIds"), g.const(1, "one_index")], at, name="NewLength")
+    past = g.op("Sub", [total, new], at)
+    query_index = g.op("Range", [past, total, g.const(1, "one")], at, name="QueryIndex")  # [T]
+    key_index = g.op("Range", [g.const(0, "zero"), total, g.const(1, "one")], at, name="KeyIndex")  # [P + T]
+    causal = g.op("GreaterOrEqual", [g.op("Unsqueeze", [query_index, g.const([1], "axes_1")], at),
+                                     key_index], at)  # [T, P + T]
+    return g.op("And", [padding_mask(g, keep, at), causal], at)
+
+
+def attention(g, q, k, v, mask, scale, at):
+    """softmax(q k^T / sqrt(Dh), masked) v, in float32 for the softmax; all-masked rows give zeros (as refimpl):
+
+    q ─MatMul(k^T)─Cast─Mul(scale)─Where(mask, ·, lowest)─Softmax─Mul(mask)─Cast─MatMul(v)─▶ out
+    """
+    scores = g.op("MatMul", [q, g.op("Transpose", [k], at, perm=[0, 1, 3, 2])], at, name="MatMulQK")
+    scores = g.op("Mul", [g.to_float32(scores, at, "CastScores"), g.const(scale, "attention_scale", np.float32)], at)
+    lowest = g.const(np.finfo(np.float32).min, "lowest", np.float32)
+    scores = g.op("Where", [mask, scores, lowest], at)
+    probs = g.op("Softmax", [scores], at, axis=-1)
+    probs = g.op("Mul", [probs, g.cast(mask, TensorProto.FLOAT, at, "CastMask")], at, name="ZeroMaskedRows")
+    return g.op("MatMul", [g.to_graph_float(probs, at, "CastProbs"), v], at, name="MatMulPV")
+
+
+def split_heads(g, x, n_heads, head_dim, at):
+    """[B, T, D] -> [B, H, T, Dh]."""
+    x = g.op("Reshape", [x, g.const([0, 0, n_heads, head_dim], "split_heads_shape")], at, name="SplitHeads")
+    return g.op("Transpose", [x], at, perm=[0, 2, 1, 3], name="TransposeHeads")
+
+
+def merge_heads(g, x, d_model, at):
+    """[B, H, T, Dh] -> [B, T, D]."""
+    x = g.op("Transpose", [x], at, perm=[0, 2, 1, 3], name="TransposeBack")
+    return g.op("Reshape", [x, g.const([0, 0, d_model], "merge_heads_shape")], at, name="MergeHeads")
+
+
+def project_kv(g, cfg, prefix, p, x):
+    """Keys and values [B, H, S, Dh] of x [B, S, D] for every head."""
+    at = node_path(prefix)
+    k = split_heads(g, linear(g, f"{prefix}.k_proj", p["k_proj"], x), cfg.n_heads, cfg.head_dim, at + "/k")
+    v = split_heads(g, linear(g, f"{prefix}.v_proj", p["v_proj"], x), cfg.n_heads, cfg.head_dim, at + "/v")
+    return k, v
+
+
+def mha_cached(g, cfg, prefix, p, xq, k, v, mask):
+    """xq [B, T, D] attends to projected k, v [B, H, S, Dh] -> [B, T, D]:
+
+    xq ─q_proj─SplitHeads─attention(k, v, mask)─MergeHeads─out_proj─▶ y
+    """
+    at = node_path(prefix)
+    q = split_heads(g, linear(g, f"{prefix}.q_proj", p["q_proj"], xq), cfg.n_heads, cfg.head_dim, at + "/q")
+    context = attention(g, q, k, v, mask, 1.0 / math.sqrt(cfg.head_dim), at + "/attention")
+    return linear(g, f"{prefix}.out_proj", p["out_proj"], merge_heads(g, context, cfg.d_model, at))
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+def feed_forward(g, cfg, prefix, p, x):
+    """fc1 ─activation─ fc2."""
+    h = linear(g, f"{prefix}.fc1", p["fc1"], x)
+    return linear(g, f"{prefix}.fc2", p["fc2"], activation(g, cfg.activation, h, node_path(prefix) + "/act"))
+
+
+def residual(g, cfg, norm_prefix, p_norm, x, sublayer):
+    """post-LN: norm(x + f(x)); pre-LN: x + f(norm(x))."""
+    at = node_path(norm_prefix)
+    if cfg.norm_first:
+        return g.op("Add", [x, sublayer(norm(g, cfg, norm_prefix, p_norm, x))], at, name="Residual")
+    return norm(g, cfg, norm_prefix, p_norm, g.op("Add", [x, sublayer(x)], at, name="Residual"))
+
+
+def encoder_layer(g, cfg, prefix, p, x, mask):
+    """residual(self-attention) ─ residual(feed-forward)."""
+    def self_attention(h):
+        k, v = project_kv(g, cfg, f"{prefix}.self_attn", p["self_attn"], h)
+        return mha_cached(g, cfg, f"{prefix}.self_attn", p["self_attn"], h, k, v, mask)
+
+    h = residual(g, cfg, f"{prefix}.self_attn_norm", p["self_attn_norm"], x, self_attention)
+    return residual(g, cfg, f"{prefix}.ffn_norm", p["ffn_norm"], h,
+                    lambda h: feed_forward(g, cfg, f"{prefix}.ffn", p["ffn"], h))
+
+
+def decoder_layer_step(g, cfg, prefix, p, x, self_mask, past_k, past_v, cross_k=None, cross_v=None, memory_mask=None):
+    """residual(cached causal self-attention) ─ residual(cross-attention)? ─ residual(feed-forward).
+
+    Returns y and the present self-attention cache (Concat of past and new keys/values on the length axis).
+    """
+    present = {}
+
+    def self_attention(h):
+        k_new, v_new = project_kv(g, cfg, f"{prefix}.self_attn", p["self_attn"], h)
+        at = node_path(f"{prefix}.self_attn")
+        present["k"] = g.op("Concat", [past_k, k_new], at, name="ConcatPastKey", axis=2)  # [B, H, P + T, Dh]
+        present["v"] = g.op("Concat", [past_v, v_new], at, name="ConcatPastValue", axis=2)
+        return mha_cached(g, cfg, f"{prefix}.self_attn", p["self_attn"], h, present["k"], present["v"], self_mask)
+
+    h = residual(g, cfg, f"{prefix}.self_attn_norm", p["self_attn_norm"], x, self_attention)
+    if "cross_attn" in p:
+        h = residual(g, cfg, f"{prefix}.cross_attn_norm", p["cross_attn_norm"], h,
+                     lambda h: mha_cached(g, cfg, f"{prefix}.cross_attn", p["cross_attn"], h, cross_k, cross_v, memory_mask))
+    y = residual(g, cfg, f"{prefix}.ffn_norm", p["ffn_norm"], h,
+                 lambda h: feed_forward(g, cfg, f"{prefix}.ffn", p["ffn"], h))
+    return y, present["k"], present["v"]

@@ -1,0 +1,110 @@
+"""Whole-model graphs following DESIGN.md's graph contract: encoder.onnx and decoder.onnx (the reference graph)."""
+
+from onnx import TensorProto
+
+from refformer.refimpl.model import lm_head_params
+
+from .graph import Graph
+from .layers import causal_padding_mask, embed, encoder_layer, decoder_layer_step, linear, norm, padding_mask, project_kv
+
+INT64 = TensorProto.INT64
+
+
+def build_encoder(cfg, params, dtype="fp32", opset=17):
+    """encoder.onnx: input_ids, attention_mask [B, S] -> encoder_hidden_states [B, S, D] and, for every
+    decoder layer i, cross_key_{i}, cross_value_{i} [B, H, S, Dh] (computed once per input).
+
+    input_ids ─embed─[encoder_layer × N]─final_norm─▶ encoder_hidden_states ─k_proj/v_proj of each decoder layer─▶ cross_*
+    """
+    g = Graph("refformer_encoder", dtype)
+    ids = g.input("input_ids", INT64, ["batch", "source_length"])
+    keep = g.input("attention_mask", INT64, ["batch", "source_length"])
+    p = params["encoder"]
+    table_name = "decoder.embed_tokens" if cfg.share_embeddings else "encoder.embed_tokens"
+    table = params["decoder" if cfg.share_embeddings else "encoder"]["embed_tokens"]
+    # positions 0 .. S-1 for every row, as refimpl.encode
+    at = "/encoder/positions"
+    length = g.op("Gather", [g.op("Shape", [ids], at), g.const(1, "one_index")], at)
+    positions = g.op("Range", [g.const(0, "zero"), length, g.const(1, "one")], at)
+    positions = g.op("Expand", [positions, g.op("Shape", [ids], at, name="ShapeIds")], at)
+    x = embed(g, cfg, "encoder", table_name, table, p, ids, positions)
+    mask = padding_mask(g, keep, "/encoder/mask")  # [B, 1, 1, S]
+    for i, p_layer in enumerate(p["layers"]):
+        x = encoder_layer(g, cfg, f"encoder.layers.{i}", p_layer, x, mask)
+    if cfg.final_norm:
+        x = norm(g, cfg, "encoder.final_norm", p["final_norm"], x)
+    g.output(x, "encoder_hidden_states", g.float_type, ["batch", "source_length", cfg.d_model])
+    kv_shape = ["batch", cfg.n_heads, "source_length", cfg.head_dim]
+    for i, p_layer in enumerate(params["decoder"]["layers"]):
+        k, v = project_kv(g, cfg, f"decoder.layers.{i}.cross_attn", p_layer["cross_attn"], x)
+        g.output(k, f"cross_key_{i}", g.float_type, kv_shape)
+        g.output(v, f"cross_value_{i}", g.float_type, kv_shape)
+    return g.model(opset)
+
+
+def build_decoder(cfg, params, dtype="fp32", opset=17):
+    """decoder.onnx (reference graph, growing cache): one graph for the prompt pass and each step.
+
+    input_ids, position_ids [B, T], attention_mask [B, P + T], past_key/value_self_{i} [B, H, P, Dh]
+    (+ encoder_attention_mask [B, S], cross_key/value_{i} [B, H, S, Dh] for encoder-decoder)
+    -> logits [B, T, V] (float32), present_key/value_self_{i} [B, H, P + T, Dh].
+
+    input_ids ─embed─[decoder_layer_step × N (Concat past, new)]─final_norm─Cast(fp32)─lm_head─▶ logits
+    """
+    g = Graph("refformer_decoder", dtype)
+    ids = g.input("input_ids", INT64, ["batch", "new_length"])
+    positions = g.input("position_ids", INT64, ["batch", "new_length"])
+    keep = g.input("attention_mask", INT64, ["batch", "total_length"])
+    past_shape = ["batch", cfg.n_heads, "past_length", cfg.head_dim]
+    past = [(g.input(f"past_key_self_{i}", g.float_type, past_shape), g.input(f"past_value_self_{i}", g.float_type, past_shape))
+            for i in range(cfg.n_decoder_layers)]
+    cross, memory_mask = [(None, None)] * cfg.n_decoder_layers, None
+    if cfg.is_encoder_decoder:
+        source_keep = g.input("encoder_attention_mask", INT64, ["batch", "source_length"])
+        cross_shape = ["batch", cfg.n_heads, "source_length", cfg.head_dim]
+        cross = [(g.input(f"cross_key_{i}", g.float_type, cross_shape), g.input(f"cross_value_{i}", g.float_type, cross_shape))
+                 for i in range(cfg.n_decoder_layers)]
+        memory_mask = padding_mask(g, source_keep, "/decoder/memory_mask")  # [B, 1, 1, S]
+    p = params["decoder"]
+    x = embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids, positions)
+    self_mask = causal_padding_mask(g, ids, keep, "/decoder/self_mask")  # [B, 1, T, P + T]
+    presents = []
+    for i, p_layer in enumerate(p["layers"]):
+        x, k, v = decoder_layer_step(g, cfg, f"decoder.layers.{i}", p_layer, x, self_mask, *past[i], *cross[i], memory_mask)
+        presents.append((k, v))
+    if cfg.final_norm:
+        x = norm(g, cfg, "decoder.final_norm", p["final_norm"], x)
+    logits = lm_head(g, cfg, params, x)
+    g.output(logits, "logits", TensorProto.FLOAT, ["batch", "new_length", cfg.vocab_size])
+    present_shape = ["batch", cfg.n_heads, "total_length", cfg.head_dim]
+    for i, (k, v) in enumerate(presents):
+        g.output(k, f"present_key_self_{i}", g.float_type, present_shape)
+        g.output(v, f"present_value_self_{i}", g.float_type, present_shape)
+    return g.model(opset)
+
+
+def lm_head(g, cfg, params, x):
+    """Logits in float32 even in fp16 graphs: the hidden state is cast up and the head kept in float32.
+
+    A tied head reads the decoder's token table (Transpose of the [V, D] initializer).
+    """
+    import numpy as np
+
+    head = lm_head_params(cfg, params)
+    x32 = g.to_float32(x, "/lm_head", "CastHidden")
+    if cfg.tie_embeddings:
+        table = params["decoder"]["embed_tokens"]["weight"]
+        if g.dtype == "fp32":
+            weight = g.op("Transpose", [g.weight("decoder.embed_tokens.weight", table)], "/lm_head", perm=[1, 0])
+        else:  # the fp16 graph holds the table in fp16 for the Gather; the head needs it in fp32
+            weight = g.weight("lm_head.weight_from_embed_tokens", table.T, dtype=np.float32)
+        logits = g.op("MatMul", [x32, weight], "/lm_head")
+        if "bias" in head:
+            logits = g.op("Add", [logits, g.weight("lm_head.bias", head["bias"], dtype=np.float32)], "/lm_head")
+        return logits
+    fp32_head = {name: value.astype(np.float32) for name, value in head.items()}
+    if g.dtype == "fp32":
+        return linear(g, "lm_head", fp32_head, x32)
+    for name, value in fp32_head.items():
+        g.weight(f"lm_head.{name}", value, dtype=np.float32)
+    return linear(g, "lm_head", fp32_head, x32)
