@@ -1,0 +1,183 @@
+"""`refformer export`: write MODEL_DIR/onnx/ (graphs + manifest.json) atomically, checked and measured."""
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.io import CONFIG_FILE, WEIGHTS_FILE, current_umask, load
+
+from .model import build_decoder, build_encoder
+
+MANIFEST_FORMAT = 1
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GB: bigger graphs keep weights beside them
+DTYPES = ("fp32", "fp16")
+ERROR_BOUNDS = {"fp32": 1e-5, "fp16": 1e-2}
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_hashes(model_dir):
+    """sha256 of config.json and model.safetensors: what the manifest records to detect a stale export."""
+    model_dir = Path(model_dir)
+    return {"config_sha256": sha256(model_dir / CONFIG_FILE), "weights_sha256": sha256(model_dir / WEIGHTS_FILE)}
+
+
+def graph_files(cfg):
+    return ["encoder.onnx", "decoder.onnx"] if cfg.is_encoder_decoder else ["decoder.onnx"]
+
+
+def save_graph(model, path, external_data=None):
+    """Save one graph; weights go to PATH.data beside it when external_data is True (or the graph is too big)."""
+    path = Path(path)
+    if external_data is None:
+        external_data = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    if external_data:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def check_external_data(path):
+    """Every external-data location of the graph at path must be a relative path inside its folder."""
+    path = Path(path)
+    folder = path.parent.resolve()
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+        target = (folder / location).resolve()
+        if os.path.isabs(location) or folder not in target.parents:
+            raise RefformerError(f"{path}: external data of {tensor.name} points outside the model folder ({location!r})")
+        if not target.is_file():
+            raise RefformerError(f"{path}: external data file {location!r} of {tensor.name} is missing")
+
+
+def io_spec(model):
+    """Input/output names, shapes (ints or axis names) and element types, for the manifest."""
+    def spec(values):
+        out = []
+        for value in values:
+            tensor_type = value.type.tensor_type
+            shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor_type.shape.dim]
+            out.append({"name": value.name, "shape": shape,
+                        "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name})
+        return out
+
+    return {"inputs": spec(model.graph.input), "outputs": spec(model.graph.output)}
+
+
+def versions():
+    import onnxruntime
+    from importlib.metadata import version
+
+    return {"refformer": version("refformer"), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__}
+
+
+def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=None, measure=True):
+    """Export model_dir to out_dir (default model_dir/onnx) through a temporary folder renamed into place.
+
+    Returns the manifest. measure=True runs refformer verify's random-input check on ONNX Runtime CPU
+    and records the error in the manifest.
+    """
+    if dtype not in DTYPES:
+        raise RefformerError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+    if not isinstance(opset, int) or not 17 <= opset <= onnx.defs.onnx_opset_version():
+        raise RefformerError(f"--opset must be between 17 (LayerNormalization) and {onnx.defs.onnx_opset_version()}, got {opset}")
+    model_dir = Path(model_dir)
+    cfg, params = load(model_dir)
+    out_dir = Path(out_dir) if out_dir is not None else model_dir / "onnx"
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    except OSError as error:
+        raise RefformerError(f"output folder {parent} is not writable ({error.strerror}); pass --out DIR") from None
+    try:
+        graphs = {"decoder.onnx": build_decoder(cfg, params, dtype, opset)}
+        if cfg.is_encoder_decoder:
+            graphs = {"encoder.onnx": build_encoder(cfg, params, dtype, opset), **graphs}
+        manifest = {
+            "format_version": MANIFEST_FORMAT,
+            "family": cfg.family,
+            "variant": "reference",
+            "dtype": dtype,
+            "opset": opset,
+            **model_hashes(model_dir),
+            "graphs": {},
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(),
+        }
+        for name, model in graphs.items():
+            path = tmp / name
+            save_graph(model, path, external_data)
+            onnx.checker.check_model(str(path), full_check=True)
+            check_external_data(path)
+            manifest["graphs"][name.removesuffix(".onnx")] = {"file": name, **io_spec(model)}
+        if measure:
+            from .verify import random_check
+
+            rows = random_check(cfg, params, tmp, dtype, providers=["CPUExecutionProvider"])
+            manifest["error"] = {"provider": "CPUExecutionProvider", "bound": ERROR_BOUNDS[dtype],
+                                 "max": max(row["error"] for row in rows),
+                                 "per_output": {row["output"]: row["error"] for row in rows}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes a 0700 folder
+        replace_folder(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def replace_folder(new, target):
+    """Rename new over target; an existing target is moved aside first and removed only after the swap."""
+    target = Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(onnx_dir):
+    """manifest.json of an export folder, or a RefformerError saying what is wrong."""
+    path = Path(onnx_dir) / "manifest.json"
+    if not path.is_file():
+        raise RefformerError(f"{path} is missing: run `refformer export` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RefformerError(f"{path} is not valid JSON: {error}") from None
+    if manifest.get("format_version") != MANIFEST_FORMAT:
+        raise RefformerError(f"{path}: manifest format {manifest.get('format_version')} is not supported")
+    return manifest
+
+
+def is_stale(model_dir, manifest):
+    """True when the model's config or weights changed since the export."""
+    hashes = model_hashes(model_dir)
+    return any(manifest.get(key) != value for key, value in hashes.items())

@@ -1,0 +1,281 @@
+"""`refformer verify`: run the exported graphs on ONNX Runtime and compare with refimpl in float64.
+
+Checks (each a row of the table: check, provider, output, error, bound):
+  random     one prompt pass and one cached step on random ids, every output (per layer) against
+             refimpl.encode / refimpl.decoder_step;
+  real       the same on tokenized sentences when the model directory has a tokenizer;
+  incremental  a prompt pass over left-padded rows of different lengths, then step-by-step decoding
+             with the present cache fed back, against refimpl.model_forward over the whole sequence.
+"""
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.gradcheck import rel_error
+from refformer.refimpl.model import decoder_step, empty_cache, encode, model_forward
+from refformer.refimpl.tree import tree_map
+
+ERROR_BOUNDS = {"fp32": 1e-5, "fp16": 1e-2}
+REAL_SENTENCES = {
+    "encoder-decoder": ["Ich habe heute keine Zeit.", "Das Wetter ist schön.", "Wo ist der Bahnhof?"],
+    "decoder-only": ["The quick brown fox jumps over the lazy dog.", "Python is a programming language.",
+                     "Errors should never pass silently."],
+}
+
+
+# ---------------------------------------------------------------------------- sessions
+
+
+def session(path, provider="CPUExecutionProvider", threads=None):
+    """An onnxruntime.InferenceSession for one provider; a corrupt or missing graph is a RefformerError."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise RefformerError(f"{path} is missing: run `refformer export`")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    provider_options = [{"use_tf32": 0}] if provider == "CUDAExecutionProvider" else [{}]
+    try:
+        sess = ort.InferenceSession(str(path), options, providers=[provider], provider_options=provider_options)
+    except Exception as error:  # onnxruntime raises its own exception types for bad files
+        raise RefformerError(f"cannot load {path}: {str(error).splitlines()[0]}") from None
+    if provider not in sess.get_providers():
+        raise RefformerError(f"{provider} could not be used for {path.name}")
+    return sess
+
+
+def cuda_usable():
+    """True when onnxruntime's CUDA execution provider can actually be loaded here."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        with silenced_native_output():  # a failed probe prints pages of CUDA loader errors from C++
+            ort.set_default_logger_severity(4)
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()
+            return _cuda_probe(ort)
+    except Exception:
+        return False
+    finally:
+        ort.set_default_logger_severity(2)
+
+
+def _cuda_probe(ort):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    return "CUDAExecutionProvider" in sess.get_providers()
+
+
+@contextlib.contextmanager
+def silenced_native_output():
+    """Point file descriptors 1 and 2 at /dev/null for the duration (Python and C++ output alike)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [devnull]:
+            os.close(fd)
+
+
+def float_type(dtype):
+    return np.float32 if dtype == "fp32" else np.float16
+
+
+def run_encoder(sess, src, keep):
+    outputs = sess.run(None, {"input_ids": src, "attention_mask": keep.astype(np.int64)})
+    return dict(zip([o.name for o in sess.get_outputs()], outputs))
+
+
+def run_decoder(sess, cfg, dtype, ids, positions, keep, past, cross=None, encoder_keep=None):
+    """One decoder.onnx call; past and cross are lists of (k, v). Returns logits and the present cache."""
+    feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": keep.astype(np.int64)}
+    for i, (k, v) in enumerate(past):
+        feeds[f"past_key_self_{i}"] = k.astype(float_type(dtype))
+        feeds[f"past_value_self_{i}"] = v.astype(float_type(dtype))
+    if cfg.is_encoder_decoder:
+        feeds["encoder_attention_mask"] = encoder_keep.astype(np.int64)
+        for i, (k, v) in enumerate(cross):
+            feeds[f"cross_key_{i}"] = k.astype(float_type(dtype))
+            feeds[f"cross_value_{i}"] = v.astype(float_type(dtype))
+    outputs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    present = [(outputs[f"present_key_self_{i}"], outputs[f"present_value_self_{i}"]) for i in range(len(past))]
+    return outputs["logits"], present
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def left_padded(rows, pad_id):
+    """Token lists -> ids [B, L] padded on the left, keep mask, positions 0.. of the real tokens."""
+    length = max(len(row) for row in rows)
+    ids = np.full((len(rows), length), pad_id, dtype=np.int64)
+    keep = np.zeros((len(rows), length), dtype=np.int64)
+    for b, row in enumerate(rows):
+        ids[b, length - len(row):] = row
+        keep[b, length - len(row):] = 1
+    positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)
+    return ids, keep, positions
+
+
+def compare_pass(cfg, params64, sessions, dtype, check, provider, src, src_keep, tgt, tgt_keep, tgt_positions):
+    """Prompt pass (P = 0) then one cached step on every output, against refimpl's twins."""
+    rows = []
+    cross, cross_ref = None, None
+    if cfg.is_encoder_decoder:
+        got = run_encoder(sessions["encoder"], src, src_keep)
+        memory, cross_ref = encode(cfg, params64, src, src_keep)
+        keep3 = src_keep.astype(bool)[:, :, None]
+        rows.append((check, provider, "encoder_hidden_states", rel_error(got["encoder_hidden_states"] * keep3, memory * keep3)))
+        cross = [(got[f"cross_key_{i}"], got[f"cross_value_{i}"]) for i in range(cfg.n_decoder_layers)]
+        for i, ((k, v), (k_ref, v_ref)) in enumerate(zip(cross, cross_ref)):
+            rows.append((check, provider, f"cross_key_{i}", rel_error(k, k_ref)))
+            rows.append((check, provider, f"cross_value_{i}", rel_error(v, v_ref)))
+    B = tgt.shape[0]
+    past = empty_cache(cfg, B, float_type(dtype))
+    past_ref = empty_cache(cfg, B, np.float64)
+    prompt, step = tgt[:, :-1], tgt[:, -1:]
+    for name, ids, positions, keep in (("prompt", prompt, tgt_positions[:, :-1], tgt_keep[:, :-1]),
+                                       ("step", step, tgt_positions[:, -1:], tgt_keep)):
+        logits, past = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, past, cross, src_keep)
+        logits_ref, past_ref = decoder_step(cfg, params64, ids, positions, keep, past_ref, cross_ref, src_keep)
+        real = keep[:, -ids.shape[1]:].astype(bool)[:, :, None]  # padding queries are not compared
+        rows.append((check, provider, f"logits ({name})", rel_error(logits * real, logits_ref * real)))
+        for i, ((k, v), (k_ref, v_ref)) in enumerate(zip(past, past_ref)):
+            rows.append((check, provider, f"present_key_self_{i} ({name})", rel_error(k, k_ref)))
+            rows.append((check, provider, f"present_value_self_{i} ({name})", rel_error(v, v_ref)))
+    return rows
+
+
+def incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, prompts, n_steps, rng):
+    """Left-padded prompts of different lengths, then n_steps single-token steps through decoder.onnx,
+    against refimpl.model_forward over the whole (padded) sequence."""
+    ids, keep, positions = left_padded(prompts, cfg.pad_id)
+    B = ids.shape[0]
+    new = rng.integers(4 if cfg.vocab_size > 8 else 0, cfg.vocab_size, (B, n_steps))
+    cross = None
+    if cfg.is_encoder_decoder:
+        got = run_encoder(sessions["encoder"], src, src_keep)
+        cross = [(got[f"cross_key_{i}"], got[f"cross_value_{i}"]) for i in range(cfg.n_decoder_layers)]
+    past = empty_cache(cfg, B, float_type(dtype))
+    logits, past = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, past, cross, src_keep)
+    collected = [logits]
+    for t in range(n_steps):
+        keep = np.concatenate([keep, np.ones((B, 1), np.int64)], axis=1)
+        step_positions = positions[:, -1:] + 1
+        positions = np.concatenate([positions, step_positions], axis=1)
+        logits, past = run_decoder(sessions["decoder"], cfg, dtype, new[:, t:t + 1], step_positions, keep, past, cross, src_keep)
+        collected.append(logits)
+    full_ids = np.concatenate([ids, new], axis=1)
+    ref, _ = model_forward(cfg, params64, src if cfg.is_encoder_decoder else None, full_ids,
+                           src_mask=src_keep if cfg.is_encoder_decoder else None, tgt_mask=keep, tgt_positions=positions)
+    got = np.concatenate(collected, axis=1)
+    real = keep.astype(bool)[:, :, None]
+    return [("incremental", provider, "logits (prompt + steps)", rel_error(got * real, ref * real))]
+
+
+def random_inputs(cfg, rng, B=3, S=6, T=5):
+    low = 4 if cfg.vocab_size > 8 else 0
+    S, T = min(S, cfg.max_positions), min(T, cfg.max_positions)
+    src = rng.integers(low, cfg.vocab_size, (B, S))
+    src_keep = np.ones((B, S), np.int64)
+    for b in range(1, B):  # rows of different source lengths
+        src_keep[b, S - b:] = 0
+    src = np.where(src_keep == 1, src, cfg.pad_id)
+    tgt = rng.integers(low, cfg.vocab_size, (B, T))
+    tgt_keep = np.ones((B, T), np.int64)
+    tgt_keep[-1, :1] = 0  # one left-padded target row
+    tgt = np.where(tgt_keep == 1, tgt, cfg.pad_id)
+    positions = np.maximum(np.cumsum(tgt_keep, axis=1) - 1, 0)
+    return src, src_keep, tgt, tgt_keep, positions
+
+
+def load_sessions(cfg, onnx_dir, provider):
+    names = ["encoder", "decoder"] if cfg.is_encoder_decoder else ["decoder"]
+    return {name: session(Path(onnx_dir) / f"{name}.onnx", provider) for name in names}
+
+
+def random_check(cfg, params, onnx_dir, dtype, providers=("CPUExecutionProvider",), seed=0):
+    """The random-input rows for each provider, as dicts (what export records in the manifest)."""
+    params64 = tree_map(lambda a: a.astype(np.float64), params)
+    rows = []
+    for provider in providers:
+        sessions = load_sessions(cfg, onnx_dir, provider)
+        inputs = random_inputs(cfg, np.random.default_rng(seed))
+        rows += compare_pass(cfg, params64, sessions, dtype, "random", provider, *inputs)
+    return [{"check": c, "provider": p, "output": o, "error": e} for c, p, o, e in rows]
+
+
+def verify(model_dir, onnx_dir=None, providers=None, seed=0):
+    """All checks on every usable provider -> (rows, dtype). A row: dict(check, provider, output, error, bound, ok)."""
+    from refformer.refimpl.io import TOKENIZER_FILE, load, load_tokenizer
+
+    from .export import check_external_data, graph_files, is_stale, read_manifest
+
+    model_dir = Path(model_dir)
+    onnx_dir = Path(onnx_dir) if onnx_dir is not None else model_dir / "onnx"
+    cfg, params = load(model_dir)
+    manifest = read_manifest(onnx_dir)
+    if is_stale(model_dir, manifest):
+        raise RefformerError(f"{onnx_dir} was exported from a different config or weights: run `refformer export` again")
+    for name in graph_files(cfg):
+        check_external_data(onnx_dir / name)
+    dtype = manifest["dtype"]
+    if providers is None:
+        providers = ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if cuda_usable() else [])
+    params64 = tree_map(lambda a: a.astype(np.float64), params)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for provider in providers:
+        sessions = load_sessions(cfg, onnx_dir, provider)
+        inputs = random_inputs(cfg, np.random.default_rng(seed))
+        rows += compare_pass(cfg, params64, sessions, dtype, "random", provider, *inputs)
+        if (model_dir / TOKENIZER_FILE).is_file():
+            rows += compare_pass(cfg, params64, sessions, dtype, "real", provider, *real_inputs(cfg, load_tokenizer(model_dir)))
+        src, src_keep = inputs[0], inputs[1]
+        low = 4 if cfg.vocab_size > 8 else 0
+        prompts = [list(rng.integers(low, cfg.vocab_size, n)) for n in (1, 3, 2)][: src.shape[0]]
+        rows += incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, prompts, 3, rng)
+    bound = ERROR_BOUNDS[dtype]
+    return [{"check": c, "provider": p, "output": o, "error": e, "bound": bound, "ok": bool(e <= bound)}
+            for c, p, o, e in rows], dtype
+
+
+def real_inputs(cfg, tokenizer):
+    """Tokenized sentences (German sources and their bos-prefixed English-like targets, or English text)."""
+    texts = REAL_SENTENCES[cfg.family]
+    rows = [tokenizer.encode(text, add_special_tokens=False).ids[: cfg.max_positions - 2] for text in texts]
+    src_rows = [row + [cfg.eos_id] for row in rows]
+    tgt_rows = [[cfg.bos_id] + row for row in rows]
+    src, src_keep, _ = left_padded(src_rows, cfg.pad_id)
+    # sources are right-padded like the random ones: move the padding to the end
+    src = np.array([np.concatenate([r[k == 1], r[k == 0]]) for r, k in zip(src, src_keep)])
+    src_keep = np.sort(src_keep, axis=1)[:, ::-1].copy()
+    tgt, tgt_keep, tgt_positions = left_padded(tgt_rows, cfg.pad_id)
+    return src, src_keep, tgt, tgt_keep, tgt_positions
