@@ -47,7 +47,7 @@ def save_graph(model, path, external_data=None):
         external_data = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     if external_data:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=0)
+                        location=path.name + ".data", size_threshold=1024)  # small constants stay inline for shape inference
     else:
         onnx.save_model(model, str(path))
 
@@ -56,7 +56,12 @@ def check_external_data(path):
     """Every external-data location of the graph at path must be a relative path inside its folder."""
     path = Path(path)
     folder = path.parent.resolve()
-    model = onnx.load(str(path), load_external_data=False)
+    if not path.is_file():
+        raise RefformerError(f"{path} is missing: run `refformer export`")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise RefformerError(f"cannot load {path}: not a valid ONNX file ({error})") from None
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue

@@ -26,8 +26,15 @@ def node_path(prefix):
 class Graph:
     """Collects nodes, initializers, inputs and outputs of one graph. dtype: "fp32" or "fp16" activations."""
 
-    def __init__(self, name, dtype="fp32"):
+    def reduce_mean_last(self, x, at):
+        """Mean over the last axis, keeping it (axes moved from attribute to input in opset 18)."""
+        if self.opset < 18:
+            return self.op("ReduceMean", [x], at, axes=[-1], keepdims=1)
+        return self.op("ReduceMean", [x, self.const([-1], "axes_last")], at, keepdims=1)
+
+    def __init__(self, name, dtype="fp32", opset=17):
         self.name = name
+        self.opset = opset
         self.dtype = dtype
         self.float_type = FLOAT_TYPES[dtype]
         self.nodes, self.inputs, self.outputs = [], [], []
@@ -50,7 +57,7 @@ class Graph:
         """An initializer named by its checkpoint name, stored in the graph's float type (or dtype)."""
         if name not in self.initializers:
             target = NUMPY_TYPES[self.dtype] if dtype is None else dtype
-            self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array, dtype=target), name)
+            self.initializers[name] = numpy_helper.from_array(np.asarray(array, dtype=target, order="C"), name)  # ascontiguousarray would make 0-d 1-d
         return name
 
     def const(self, value, name, dtype=np.int64):
@@ -67,10 +74,10 @@ class Graph:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
-    def model(self, opset, producer_version="0"):
+    def model(self, producer_version="0"):
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
                                   initializer=list(self.initializers.values()))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
                                   producer_name="refformer", producer_version=producer_version)
         model.ir_version = min(model.ir_version, 10)  # readable by older onnxruntime builds too
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)

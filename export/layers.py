@@ -39,7 +39,7 @@ def rms_norm(g, prefix, p, x, eps):
     """
     at = node_path(prefix)
     x32 = g.to_float32(x, at)
-    mean_square = g.op("ReduceMean", [g.op("Mul", [x32, x32], at), g.const([-1], "axes_last")], at, keepdims=1)
+    mean_square = g.reduce_mean_last(g.op("Mul", [x32, x32], at), at)
     rms = g.op("Sqrt", [g.op("Add", [mean_square, g.const(eps, "rms_eps", np.float32)], at)], at)
     xhat = g.to_graph_float(g.op("Div", [x32, rms], at), at)
     return g.op("Mul", [xhat, g.weight(f"{prefix}.weight", p["weight"])], at)

@@ -16,7 +16,7 @@ def build_encoder(cfg, params, dtype="fp32", opset=17):
 
     input_ids ─embed─[encoder_layer × N]─final_norm─▶ encoder_hidden_states ─k_proj/v_proj of each decoder layer─▶ cross_*
     """
-    g = Graph("refformer_encoder", dtype)
+    g = Graph("refformer_encoder", dtype, opset)
     ids = g.input("input_ids", INT64, ["batch", "source_length"])
     keep = g.input("attention_mask", INT64, ["batch", "source_length"])
     p = params["encoder"]
@@ -39,7 +39,7 @@ def build_encoder(cfg, params, dtype="fp32", opset=17):
         k, v = project_kv(g, cfg, f"decoder.layers.{i}.cross_attn", p_layer["cross_attn"], x)
         g.output(k, f"cross_key_{i}", g.float_type, kv_shape)
         g.output(v, f"cross_value_{i}", g.float_type, kv_shape)
-    return g.model(opset)
+    return g.model()
 
 
 def build_decoder(cfg, params, dtype="fp32", opset=17):
@@ -51,7 +51,7 @@ def build_decoder(cfg, params, dtype="fp32", opset=17):
 
     input_ids ─embed─[decoder_layer_step × N (Concat past, new)]─final_norm─Cast(fp32)─lm_head─▶ logits
     """
-    g = Graph("refformer_decoder", dtype)
+    g = Graph("refformer_decoder", dtype, opset)
     ids = g.input("input_ids", INT64, ["batch", "new_length"])
     positions = g.input("position_ids", INT64, ["batch", "new_length"])
     keep = g.input("attention_mask", INT64, ["batch", "total_length"])
@@ -80,7 +80,7 @@ def build_decoder(cfg, params, dtype="fp32", opset=17):
     for i, (k, v) in enumerate(presents):
         g.output(k, f"present_key_self_{i}", g.float_type, present_shape)
         g.output(v, f"present_value_self_{i}", g.float_type, present_shape)
-    return g.model(opset)
+    return g.model()
 
 
 def lm_head(g, cfg, params, x):
