@@ -1,0 +1,398 @@
+"""Corpora: German-English sentence pairs from the trans-de-en dictionary and prose paragraphs from the
+Python documentation, split train/valid/test by a stable hash and stored as plain UTF-8 files.
+
+File formats (one item per line, "\\n" line ends, UTF-8, blank lines ignored on reading):
+    *.tsv   source<TAB>target        (translation pairs)
+    *.txt   one paragraph per line   (language-model text)
+
+Install the corpora with scripts/get-data.sh (Debian/Ubuntu packages trans-de-en and python3-doc).
+"""
+
+import glob
+import hashlib
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+from .errors import RefformerError
+from .io import atomic_write
+
+DE_EN_SOURCE = "/usr/share/trans/de-en"
+PYDOC_SOURCE = "/usr/share/doc/python3*/html/_sources"  # a directory or a glob of directories
+GET_DATA = "scripts/get-data.sh"
+SPLITS = ("train", "valid", "test")
+
+# ---------------------------------------------------------------------------------------------------------------
+# trans-de-en: "German :: English", sub-entries separated by " | ", alternatives by "; ".
+# Most sub-entries are words and phrases; the example sentences are what we keep.
+# ---------------------------------------------------------------------------------------------------------------
+
+_DICT_MARKUP = re.compile(r"\{[^{}]*\}|\[[^\[\]]*\]|<[^<>]*>|\([^()]*\)")  # {f} [ugs.] <keyword> (annotation)
+_MAY_END_SENTENCE = re.compile(r"[.!?]")
+_SENTENCE_END = re.compile(r"[.!?][\"'’”“]?$")
+_FIRST_CHAR_OK = re.compile(r"^[\d\"'„“‚‘¡¿]")  # or an upper-case letter
+_SLASH_CHOICE = re.compile(r"[^\W\d_]\s?/\s?[^\W\d_]")  # "halten/bestehen", "nur / lediglich": alternatives, not text
+_PLACEHOLDER = re.compile(r"\b(?:etw|jd|jdm|jdn|jds|sth|sb)\b\.?|\bsb's\b|\.\.\.|…")  # templates, not sentences
+
+
+def clean_dictionary_text(text):
+    """Drop the dictionary's {grammar}, [labels], <keywords> and (annotations); tidy spaces before punctuation."""
+    previous = None
+    while previous != text:  # innermost first, so nested brackets go too
+        previous, text = text, _DICT_MARKUP.sub(" ", text)
+    text = re.sub(r"\s+", " ", text).strip()
+    return re.sub(r" +([.,!?;:])", r"\1", text)
+
+
+def is_sentence(text):
+    """A whole sentence: capital (or digit/quote) first, . ! ? last, at least 3 words, no templates or choices."""
+    return (len(text.split()) >= 3 and bool(_SENTENCE_END.search(text))
+            and (text[0].isupper() or bool(_FIRST_CHAR_OK.match(text)))
+            and not _SLASH_CHOICE.search(text) and not _PLACEHOLDER.search(text)
+            and not any(c in text for c in "()[]{}<>|\t"))
+
+
+def _alternatives(entry):
+    """The "; "-separated alternatives of a sub-entry, markup removed first (an annotation may hold "; ")."""
+    return [clean_dictionary_text(text) for text in clean_dictionary_text(entry).split("; ")]
+
+
+def pair_alternatives(german, english):
+    """Pair the i-th alternative of each side; the longer side's extra ones go with the other's first."""
+    count = max(len(german), len(english))
+    return [(german[i] if i < len(german) else german[0], english[i] if i < len(english) else english[0])
+            for i in range(count)]
+
+
+def extract_de_en(source=None):
+    """Whole-sentence (German, English) pairs from the trans-de-en dictionary file, deduplicated, in file order.
+
+    Rules: skip "#" comments; split "de :: en"; split both sides on " | " into sub-entries and pair them by position
+    (a line whose sides have different counts is skipped); strip dictionary markup (clean_dictionary_text); split
+    each sub-entry on "; " into alternatives and pair them (pair_alternatives); keep a pair when both sides are
+    sentences (is_sentence). Text is NFC-normalised.
+    """
+    path = Path(source or DE_EN_SOURCE)
+    if not path.is_file():
+        raise RefformerError(f"German-English dictionary not found at {path}: install it with {GET_DATA} (as root)")
+    pairs, seen = [], set()
+    for line in read_lines(path):
+        if line.startswith("#") or " :: " not in line:
+            continue
+        german, english = line.split(" :: ", 1)
+        german_entries, english_entries = german.split(" | "), english.split(" | ")
+        if len(german_entries) != len(english_entries):
+            continue
+        for german_entry, english_entry in zip(german_entries, english_entries):
+            if not (_MAY_END_SENTENCE.search(german_entry) and _MAY_END_SENTENCE.search(english_entry)):
+                continue  # a cheap test first: most sub-entries are words and phrases
+            for pair in pair_alternatives(_alternatives(german_entry), _alternatives(english_entry)):
+                pair = tuple(unicodedata.normalize("NFC", side) for side in pair)
+                if is_sentence(pair[0]) and is_sentence(pair[1]) and pair not in seen:
+                    seen.add(pair)
+                    pairs.append(pair)
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Python documentation: the reST sources Sphinx ships as _sources/**/*.rst.txt. A small line-based reader keeps
+# prose paragraphs (also inside function/class/note directives) and drops everything else.
+# ---------------------------------------------------------------------------------------------------------------
+
+# Directives whose body is prose; any other directive's body (code, tables, toctrees, includes...) is skipped.
+PROSE_DIRECTIVES = {
+    "abstractmethod", "admonition", "attention", "attribute", "audit-event", "awaitablefunction", "awaitablemethod",
+    "caution", "class", "classmethod", "cmdoption", "coroutinefunction", "coroutinemethod", "danger", "data",
+    "decorator", "decoratormethod", "deprecated", "deprecated-removed", "describe", "envvar", "error", "exception",
+    "function", "glossary", "hint", "impl-detail", "important", "method", "note", "only", "opcode", "option",
+    "pdbcommand", "seealso", "sidebar", "staticmethod", "tip", "topic", "versionadded", "versionchanged", "warning",
+}
+# Directives whose header (the text after "::" and its continuation lines) is prose, after this many arguments.
+PROSE_HEADERS = {
+    "attention": 0, "caution": 0, "danger": 0, "error": 0, "hint": 0, "impl-detail": 0, "important": 0, "note": 0,
+    "seealso": 0, "tip": 0, "warning": 0,
+    "deprecated": 1, "versionadded": 1, "versionchanged": 1, "deprecated-removed": 2,
+}
+_DIRECTIVE = re.compile(r"^\.\.\s+([\w:.+-]+)::")
+_EXPLICIT_MARKUP = re.compile(r"^\.\.(\s|$)")  # comments, targets, footnotes, substitution definitions
+_ADORNMENT = re.compile(r"^([!-/:-@\[-`{-~])\1{2,}\s*$")  # heading underline/overline, transition
+_TABLE_LINE = re.compile(r"^(\+[-=+]+\+?|=+( +=+)+|[-=]{2,}( +[-=]{2,})+)\s*$|^[|+]")
+_BULLET = re.compile(r"^([-*+•]|#\.|\d+\.|\(?[a-zA-Z0-9]\))\s+")
+_FIELD = re.compile(r"^:[^:`]+:(\s|$)")
+
+
+def _indent(line):
+    return len(line) - len(line.lstrip(" "))
+
+
+_ROLE_PREFIX = {"pep": "PEP ", "rfc": "RFC ", "issue": "bpo-", "gh": "gh-"}  # how Sphinx renders these roles
+
+
+def _simplify_role(match):
+    name, body = match.group(1).split(":")[-1], match.group(2)
+    titled = re.fullmatch(r"(.*?)\s*<[^<>]*>", body, re.S)
+    if titled and titled.group(1):
+        return titled.group(1)
+    body = body.lstrip("!")
+    if body.startswith("~"):
+        body = body[1:].rsplit(".", 1)[-1]
+    if name in ("func", "meth") and not body.endswith(")"):
+        body += "()"
+    return _ROLE_PREFIX.get(name, "") + body
+
+
+def _simplify_outside_literals(text):
+    text = re.sub(r":((?:[\w-]+:)*[\w-]+):`([^`]*)`", _simplify_role, text)
+    text = re.sub(r"`([^`<]*?)\s*<[^`]*>`__?", r"\1", text)   # `text <target>`_
+    text = re.sub(r"`([^`]+)`__?", r"\1", text)                 # `text`_ and `interpreted text`
+    text = re.sub(r"\s*\[(#[\w-]*|\d+|\*)\]_", "", text)        # footnote references
+    text = re.sub(r"(?<![\w*\\])\*\*(\S|\S.*?\S)\*\*(?![\w*])", r"\1", text)
+    text = re.sub(r"(?<![\w*\\])\*(\S|\S.*?\S)\*(?![\w*])", r"\1", text)
+    text = re.sub(r"\\ ", "", text)
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def simplify_inline(text):
+    """reST inline markup to plain text: :role:`x` -> x (func/meth get "()"), ``x`` -> x, `t <url>`_ -> t."""
+    # ``literals`` keep their content verbatim (backslashes and stars included)
+    parts = re.split(r"``(.+?)``", text)
+    text = "".join(part if index % 2 else _simplify_outside_literals(part) for index, part in enumerate(parts))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _paragraph_text(lines):
+    text = " ".join(line.strip() for line in lines)
+    if text.endswith("::"):  # "Example::" introduces a literal block and renders as "Example:"
+        text = text[:-2].rstrip() + (":" if not text[:-2].endswith(" ") else "")
+    return simplify_inline(text)
+
+
+def is_prose(text):
+    """At least 4 words, ends like a sentence, and no reST left that simplify_inline did not understand."""
+    return (len(text.split()) >= 4 and bool(re.search(r"[.!?:][\"')]?$", text))
+            and not re.search(r"``|:\w+:`|\|\w+\||^\.\.|^>>>", text))
+
+
+def rst_paragraphs(text):
+    """Prose paragraphs of one reST document, markup simplified, one string each."""
+    lines = text.expandtabs(8).split("\n")
+    paragraphs = []
+    block, text_indent = [], 0  # the paragraph being read, and the column its text starts at
+
+    def flush():
+        if block and not any(_TABLE_LINE.match(line) for line in block) and not _FIELD.match(block[0]):
+            paragraph = _paragraph_text(block)
+            if is_prose(paragraph):
+                paragraphs.append(paragraph)
+        block.clear()
+
+    def skip_body(start, indent):
+        """Index of the first line after the block indented deeper than indent."""
+        j = start
+        while j < len(lines) and (not lines[j].strip() or _indent(lines[j]) > indent):
+            j += 1
+        return j
+
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.strip()
+        indent = _indent(line)
+        if not stripped:
+            flush()
+            i += 1
+            continue
+        if _EXPLICIT_MARKUP.match(stripped):
+            flush()
+            directive = _DIRECTIVE.match(stripped)
+            name = directive.group(1).split(":")[-1] if directive else None
+            # the header runs to the first blank line (continued signatures, :options:)
+            j = i + 1
+            while j < len(lines) and lines[j].strip() and (_indent(lines[j]) > indent
+                                                           or lines[j].strip().startswith(":")):
+                j += 1
+            if name in PROSE_HEADERS:  # ".. versionchanged:: 3.6 What changed." : the text is a paragraph
+                header = [stripped[directive.end():]] + [line.strip() for line in lines[i + 1:j]]
+                header = [line for line in header if not _FIELD.match(line)]
+                words = " ".join(header).split()[PROSE_HEADERS[name]:]
+                if words:
+                    block.append(" ".join(words))
+                    flush()
+            i = j if name in PROSE_DIRECTIVES else skip_body(j, indent)
+            continue
+        if stripped.startswith(">>>"):  # doctest block: runs to the next blank line
+            flush()
+            while i < len(lines) and lines[i].strip():
+                i += 1
+            continue
+        if _ADORNMENT.match(stripped):  # heading underline (the lines above are its title) or transition
+            block.clear()
+            i += 1
+            continue
+        bullet = _BULLET.match(stripped)
+        if block and (bullet or indent != text_indent):
+            if indent > text_indent and len(block) == 1:
+                block.clear()  # a definition list's term (or a line introducing a quote) is not prose
+            flush()
+        if bullet:
+            stripped = stripped[bullet.end():]
+        if not block:
+            text_indent = indent + (bullet.end() if bullet else 0)
+            paragraph_indent = indent
+        block.append(stripped)
+        i += 1
+        if stripped.endswith("::"):  # a literal block follows: end the paragraph, skip the indented block
+            flush()
+            i = skip_body(i, paragraph_indent)
+    flush()
+    return paragraphs
+
+
+def find_pydoc_sources(source=None):
+    """The .rst.txt files under source (a directory or a glob of directories), each real file once, sorted."""
+    pattern = str(source or PYDOC_SOURCE)
+    files = {}
+    for directory in sorted(glob.glob(pattern)):
+        for path in glob.glob(os.path.join(directory, "**", "*.rst.txt"), recursive=True):
+            real = os.path.realpath(path)
+            files.setdefault(real, os.path.relpath(path, directory))
+    if not files:
+        raise RefformerError(f"no Python documentation sources (*.rst.txt) under {pattern}: "
+                             f"install them with {GET_DATA} (as root)")
+    return [real for real, _ in sorted(files.items(), key=lambda item: item[1])]
+
+
+def extract_pydoc(source=None):
+    """Prose paragraphs of the Python documentation, one string each, deduplicated, in document order."""
+    paragraphs, seen = [], set()
+    for path in find_pydoc_sources(source):
+        for paragraph in rst_paragraphs("\n".join(_decoded_lines(path))):
+            paragraph = unicodedata.normalize("NFC", paragraph)
+            if paragraph not in seen:
+                seen.add(paragraph)
+                paragraphs.append(paragraph)
+    return paragraphs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splits and files
+# ---------------------------------------------------------------------------------------------------------------
+
+def stable_fraction(text):
+    """A number in [0, 1) fixed by the text alone (sha1), the same on every machine and Python version."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def split_by_hash(items, key, valid=0.01, test=0.01, min_held_out=500):
+    """(train, valid, test) lists, each in input order; an item's split depends only on key(item) and the sizes.
+
+    valid and test each get max(fraction, min_held_out / len(items)) of the items (at most a quarter each), so a
+    small corpus still has a few hundred held-out items. Equal keys always land in the same split.
+    """
+    items = list(items)
+    if items:
+        valid = min(max(valid, min_held_out / len(items)), 0.25)
+        test = min(max(test, min_held_out / len(items)), 0.25)
+    splits = ([], [], [])
+    for item in items:
+        u = stable_fraction(key(item))
+        splits[2 if u < test else 1 if u < test + valid else 0].append(item)
+    return splits
+
+
+def write_lines(path, lines):
+    """Write one item per line (UTF-8, "\\n"), atomically. Items must be non-empty and contain no line break."""
+    lines = list(lines)
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or re.search(r"[\n\r]", line):
+            raise RefformerError(f"{path}: item {number} is empty or contains a line break: {line[:60]!r}")
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    atomic_write(path, lambda tmp: write_bytes_readable(tmp, data))
+
+
+def write_bytes_readable(path, data):
+    """Write data with the permissions a plain open() would give (a temporary file starts as 0600)."""
+    Path(path).write_bytes(data)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_tsv(path, pairs):
+    """Write (source, target) pairs as source<TAB>target lines, atomically."""
+    lines = []
+    for number, (source, target) in enumerate(pairs, 1):
+        if any(not side.strip() or re.search(r"[\t\n\r]", side) for side in (source, target)):
+            raise RefformerError(f"{path}: pair {number} has an empty side or a TAB/line break: {(source, target)!r}")
+        lines.append(f"{source}\t{target}")
+    write_lines(path, lines)
+
+
+def _decoded_lines(path):
+    """Every line of a file (line ends removed); RefformerError naming file:line for bytes that are not UTF-8."""
+    lines = []
+    for number, data in enumerate(Path(path).read_bytes().split(b"\n"), 1):
+        try:
+            lines.append(data.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError as error:
+            raise RefformerError(f"{path}:{number}: not valid UTF-8 (byte 0x{data[error.start]:02x} at column "
+                                 f"{error.start + 1}); re-encode the file as UTF-8") from None
+    return lines
+
+
+def _numbered_lines(path):
+    """(line number, text) for each non-blank line."""
+    return [(number, line) for number, line in enumerate(_decoded_lines(path), 1) if line.strip()]
+
+
+def read_lines(path):
+    """The non-blank lines of a UTF-8 text file; RefformerError if the file has none."""
+    numbered = _numbered_lines(path)
+    if not numbered:
+        raise RefformerError(f"{path} is empty: expected one item per line")
+    return [line for _, line in numbered]
+
+
+def read_tsv(path):
+    """(source, target) pairs of a UTF-8 source<TAB>target file; RefformerError naming file:line if malformed."""
+    numbered = _numbered_lines(path)
+    if not numbered:
+        raise RefformerError(f"{path} is empty: expected source<TAB>target lines")
+    pairs = []
+    for number, line in numbered:
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise RefformerError(f"{path}:{number}: expected exactly one TAB (source<TAB>target), "
+                                 f"found {len(fields) - 1}: {line[:60]!r}")
+        if not fields[0].strip() or not fields[1].strip():
+            side = "source" if not fields[0].strip() else "target"
+            raise RefformerError(f"{path}:{number}: empty {side}: {line[:60]!r}")
+        pairs.append((fields[0], fields[1]))
+    return pairs
+
+
+def _write_splits(out_dir, splits, suffix, write):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name, items in zip(SPLITS, splits):
+        write(out_dir / f"{name}{suffix}", items)
+        counts[name] = len(items)
+    return counts
+
+
+def prepare_de_en(out_dir, source=None):
+    """Write out_dir/{train,valid,test}.tsv from trans-de-en (split by the German side); returns counts per split."""
+    pairs = extract_de_en(source)
+    if not pairs:
+        raise RefformerError(f"no sentence pairs found in {source or DE_EN_SOURCE}")
+    return _write_splits(out_dir, split_by_hash(pairs, key=lambda pair: pair[0]), ".tsv", write_tsv)
+
+
+def prepare_pydoc(out_dir, source=None):
+    """Write out_dir/{train,valid,test}.txt from the Python docs' prose; returns counts per split."""
+    paragraphs = extract_pydoc(source)
+    if not paragraphs:
+        raise RefformerError(f"no prose paragraphs found under {source or PYDOC_SOURCE}")
+    return _write_splits(out_dir, split_by_hash(paragraphs, key=lambda text: text), ".txt", write_lines)
