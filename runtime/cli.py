@@ -85,3 +85,7 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, **arch):
     arch = {key: value for key, value in arch.items() if value is not None}
     cfg = convert_state_dict_file(state_dict, tokenizer_path, out_dir, **arch)
     click.echo(f"wrote {out_dir}" + (f" ({cfg.family}, D={cfg.d_model}, V={cfg.vocab_size})" if cfg is not None else ""))
+
+
+from refformer.runtime.data_cli import data, tokenizer  # noqa: E402
+main.add_command(data); main.add_command(tokenizer)

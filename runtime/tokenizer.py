@@ -1,0 +1,126 @@
+"""Tokenizer glue: train one shared byte-level vocabulary (Hugging Face tokenizers) on a corpus's train split.
+
+Choices:
+    special tokens   <pad>=0, <s>=1 (bos), </s>=2 (eos), <unk>=3, always these ids in this order
+    normalizer       NFC
+    pre-tokenizer    ByteLevel (no prefix space), decoder ByteLevel: every string maps to the 256 byte symbols,
+                     which are all in the vocabulary, so nothing is ever unknown and
+                     decode(encode(x)) == unicodedata.normalize("NFC", x) for every string x
+    model            BPE (default) or Unigram
+encode() adds no special tokens (the training code adds bos/eos) and treats "<s>" etc. in text as plain text.
+"""
+
+import unicodedata
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from refformer.refimpl.data import read_lines, read_tsv, write_bytes_readable
+from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.io import atomic_write
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
+SPECIAL_NAMES = ("pad_id", "bos_id", "eos_id", "unk_id")
+MODELS = ("bpe", "unigram")
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # the specials and the byte alphabet
+
+
+def training_texts(data_dir):
+    """The texts of data_dir's train split: both columns of train.tsv, or the lines of train.txt."""
+    data_dir = Path(data_dir)
+    tsv, txt = data_dir / "train.tsv", data_dir / "train.txt"
+    if tsv.is_file():
+        return [text for pair in read_tsv(tsv) for text in pair]
+    if txt.is_file():
+        return read_lines(txt)
+    raise RefformerError(f"{data_dir} has no train.tsv or train.txt: write one with 'refformer data de-en' "
+                         f"or 'refformer data pydoc'")
+
+
+def new_tokenizer(vocab_size, model="bpe"):
+    """An untrained byte-level tokenizer and its trainer."""
+    if model not in MODELS:
+        raise RefformerError(f"tokenizer model must be one of {', '.join(MODELS)}, got {model!r}")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise RefformerError(f"vocab size must be at least {MIN_VOCAB_SIZE} (4 special tokens and 256 byte "
+                             f"symbols), got {vocab_size}")
+    common = dict(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    if model == "bpe":
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        trainer = trainers.BpeTrainer(**common)
+    else:
+        tokenizer = Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(unk_token="<unk>", **common)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer, trainer
+
+
+def train_tokenizer(data_dir, vocab_size, model="bpe"):
+    """A tokenizer trained on data_dir's train split; its vocabulary may come out smaller on a small corpus."""
+    tokenizer, trainer = new_tokenizer(vocab_size, model)
+    tokenizer.train_from_iterator(training_texts(data_dir), trainer)
+    special_ids(tokenizer)  # trained tokenizers must have the special ids fixed above
+    return tokenizer
+
+
+def special_ids(tokenizer):
+    """{"pad_id", "bos_id", "eos_id", "unk_id"} -> id; RefformerError if the tokenizer lacks one."""
+    ids = {}
+    for name, token in zip(SPECIAL_NAMES, SPECIAL_TOKENS):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise RefformerError(f"tokenizer has no {token} token: train it with 'refformer tokenizer train'")
+        ids[name] = token_id
+    return ids
+
+
+def encode(tokenizer, texts):
+    """Token ids of each text, without special tokens; text that looks like a special token stays text."""
+    tokenizer.encode_special_tokens = True  # not stored in tokenizer.json, so set on every call
+    for number, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise RefformerError(f"text {number} must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RefformerError(f"text {number} is not valid Unicode (it has a lone surrogate)") from None
+    return [encoding.ids for encoding in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+
+def decode(tokenizer, ids):
+    """The text of a list of token ids, special tokens skipped."""
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    ids = [int(token_id) for token_id in ids]
+    bad = [token_id for token_id in ids if not 0 <= token_id < size]
+    if bad:
+        raise RefformerError(f"token id {bad[0]} is outside the vocabulary (size {size})")
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def normalize(text):
+    """What decode(encode(text)) gives back: the NFC form of text."""
+    return unicodedata.normalize("NFC", text)
+
+
+def save_tokenizer(tokenizer, path):
+    """Write tokenizer.json atomically."""
+    text = tokenizer.to_str(pretty=True)
+    atomic_write(path, lambda tmp: write_bytes_readable(tmp, text.encode("utf-8")))
+
+
+def load_tokenizer(path):
+    """A tokenizer.json file, checked to have the special tokens at their ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise RefformerError(f"{path} not found: train one with 'refformer tokenizer train'")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises its own exception types
+        raise RefformerError(f"{path} is not a valid tokenizer.json: {error}") from None
+    ids = special_ids(tokenizer)
+    if list(ids.values()) != list(range(len(SPECIAL_TOKENS))):
+        raise RefformerError(f"{path}: special tokens must be {', '.join(SPECIAL_TOKENS)} at ids 0-3, got {ids}")
+    return tokenizer
