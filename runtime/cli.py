@@ -86,6 +86,57 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, **arch):
     cfg = convert_state_dict_file(state_dict, tokenizer_path, out_dir, **arch)
     click.echo(f"wrote {out_dir}" + (f" ({cfg.family}, D={cfg.d_model}, V={cfg.vocab_size})" if cfg is not None else ""))
 
+@main.command("export")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17 for LayerNormalization).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder to write (default MODEL_DIR/onnx).")
+@click.option("--external-data", is_flag=True, default=None,
+              help="Keep weights in .data files beside the graphs (automatic above 2 GB).")
+@one_line_errors
+def export_command(model_dir, dtype, opset, out_dir, external_data):
+    """Export MODEL_DIR to ONNX graphs (encoder.onnx, decoder.onnx, manifest.json)."""
+    from refformer.export.export import export_model
+
+    out = out_dir or f"{model_dir}/onnx"
+    manifest = export_model(model_dir, out_dir, dtype=dtype, opset=opset, external_data=external_data)
+    error = manifest.get("error", {})
+    click.echo(f"wrote {out} ({manifest['family']}, {dtype}, opset {opset}); "
+               f"max error vs refimpl on ONNX Runtime CPU: {error.get('max', float('nan')):.2e}")
+
+
+@main.command("verify")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--onnx-dir", type=click.Path(file_okay=False), default=None, help="Export folder (default MODEL_DIR/onnx).")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CPU, plus CUDA when it can be loaded.")
+@click.option("--seed", default=0, show_default=True)
+@one_line_errors
+def verify_command(model_dir, onnx_dir, provider, seed):
+    """Compare the exported graphs with refimpl (float64) and print the error table; exit 1 when a bound fails."""
+    from refformer.export.verify import cuda_usable, verify
+
+    providers = None
+    if provider == "cpu":
+        providers = ["CPUExecutionProvider"]
+    elif provider == "cuda":
+        if not cuda_usable():
+            raise RefformerError("the CUDA execution provider cannot be loaded here (no GPU, or CUDA libraries missing)")
+        providers = ["CUDAExecutionProvider"]
+    rows, dtype = verify(model_dir, onnx_dir, providers, seed)
+    width = max(len(row["output"]) for row in rows)
+    click.echo(f"{'check':<12} {'provider':<22} {'output':<{width}} {'error':>9}  bound")
+    for row in rows:
+        mark = "ok" if row["ok"] else "FAIL"
+        click.echo(f"{row['check']:<12} {row['provider']:<22} {row['output']:<{width}} {row['error']:9.2e}  "
+                   f"{row['bound']:.0e} {mark}")
+    failed = [row for row in rows if not row["ok"]]
+    if failed:
+        click.echo(f"error: {len(failed)} of {len(rows)} outputs exceed the {dtype} bound", err=True)
+        sys.exit(1)
+    click.echo(f"all {len(rows)} outputs within the {dtype} bound {rows[0]['bound']:.0e}")
+
 
 from refformer.runtime.data_cli import data, tokenizer  # noqa: E402
 main.add_command(data); main.add_command(tokenizer)
