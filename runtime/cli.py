@@ -140,3 +140,6 @@ def verify_command(model_dir, onnx_dir, provider, seed):
 
 from refformer.runtime.data_cli import data, tokenizer  # noqa: E402
 main.add_command(data); main.add_command(tokenizer)
+
+from refformer.runtime.train_cli import train, evaluate  # noqa: E402
+main.add_command(train); main.add_command(evaluate)

@@ -1,0 +1,421 @@
+"""The training loop: label-smoothed cross-entropy, dropout, AdamW, warmup, clipping, evaluation,
+atomic checkpoints that resume exactly, the training log and the final model directory.
+
+One step reads as the math does:
+
+    logits = model(src, tgt_in; dropout rng)        loss = CE_smoothed(logits, labels)
+    g = clip(d loss / d params)                     params = AdamW(params, g, lr(step))
+
+Everything that decides the next step lives in the checkpoint: parameters, AdamW moments
+and step, the dropout Generator's state, the data position (epoch, index), the config and
+the options; so a resumed run repeats the uninterrupted one's losses exactly. Checkpoints
+are safetensors + JSON (never pickle):
+
+    OUT/checkpoints/latest.json            {"dir": "step-00000100", "step": 100}, replaced atomically
+    OUT/checkpoints/step-00000100/         model.safetensors, optimizer.safetensors, trainer_state.json
+
+A new checkpoint is written into a temporary folder, renamed into place, and only then
+does latest.json point to it; a failure at any moment leaves the previous one in use.
+"""
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .batching import batch_stream, collate, fingerprint, make_batches
+from .config import Config
+from .errors import RefformerError, check
+from .generate import greedy, strip
+from .io import atomic_write, save, unflatten_checked
+from .loss import cross_entropy_backward, cross_entropy_forward
+from .model import model_backward, model_forward
+from .optim import adamw_init, adamw_update, clip_by_global_norm, inverse_sqrt_lr
+from .tree import flatten, unflatten
+
+LOG_COLUMNS = ("step", "loss", "lr", "tokens_per_s", "valid_loss", "valid_ppl", "bleu", "chrf", "elapsed")
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """How to train (the architecture, dropout included, is the Config).
+
+    lr is the peak of the inverse-square-root schedule; clip is the global gradient norm
+    (0 = off); eval_every / save_every count steps (0 = only at the end); eval_sentences
+    is how many validation sentences are greedily decoded for BLEU/chrF; time_limit is in
+    seconds of this session (None = none).
+    """
+
+    steps: int = 1000
+    max_tokens: int = 4096
+    lr: float = 5e-4
+    warmup: int = 400
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    label_smoothing: float = 0.1
+    eval_every: int = 0
+    eval_sentences: int = 100
+    save_every: int = 0
+    seed: int = 0
+    time_limit: float | None = None
+
+    # Options a resumed run may change; every other one shapes the trajectory and must match.
+    RESUMABLE_CHANGES = ("steps", "eval_every", "eval_sentences", "save_every", "time_limit")
+
+    def __post_init__(self):
+        check(self.steps >= 0, f"steps must be non-negative, got {self.steps}")
+        check(self.max_tokens >= 1, f"max_tokens must be positive, got {self.max_tokens}")
+        check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        check(self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be non-negative")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+    def to_dict(self):
+        return {**dataclasses.asdict(self), "betas": list(self.betas)}
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What train returns: the final parameters and optimizer state, the log rows, and why it stopped."""
+
+    params: dict
+    opt_state: dict
+    step: int
+    log: list
+    stopped: str  # "steps" or "time limit"
+    notes: list
+
+
+# ---------------------------------------------------------------------------- one step
+
+
+def loss_and_grads(cfg, params, batch, *, label_smoothing=0.0, rng=None):
+    """Mean label-smoothed cross-entropy over the batch's target tokens and its gradient tree."""
+    logits, cache = model_forward(cfg, params, batch.src_ids, batch.tgt_ids, src_mask=batch.src_mask,
+                                  tgt_mask=batch.tgt_mask, rng=rng)  # [B, T, V]
+    loss, loss_cache = cross_entropy_forward(logits, batch.labels, ignore_id=cfg.pad_id,
+                                             label_smoothing=label_smoothing)
+    grads = model_backward(cfg, params, cache, cross_entropy_backward(loss_cache))
+    return float(loss), grads
+
+
+def train_step(cfg, params, opt_state, batch, options, rng):
+    """One optimizer step -> (params, opt_state, loss, lr)."""
+    lr = inverse_sqrt_lr(opt_state["step"] + 1, peak=options.lr, warmup=options.warmup)
+    loss, grads = loss_and_grads(cfg, params, batch, label_smoothing=options.label_smoothing, rng=rng)
+    grads, _ = clip_by_global_norm(grads, options.clip)
+    params, opt_state = adamw_update(params, grads, opt_state, lr=lr, betas=options.betas, eps=options.eps,
+                                     weight_decay=options.weight_decay)
+    return params, opt_state, loss, lr
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def evaluate(cfg, params, examples, *, max_tokens=4096, decode=None, references=None, max_sentences=None,
+             max_translations=None):
+    """Loss and perplexity on examples (triples from refimpl.batching), and for encoder-decoder greedy BLEU/chrF.
+
+    decode(ids) -> text turns ids into text for BLEU/chrF (skipped without it); references are
+    the reference texts aligned with examples (default: decode of each example's labels).
+    max_sentences limits everything to the first N examples, max_translations only the decoded
+    ones. Returns a dict: loss, ppl, tokens, sentences, bleu, chrf (None when skipped), notes.
+    """
+    examples = list(examples)[:max_sentences]
+    result = {"loss": None, "ppl": None, "bleu": None, "chrf": None, "tokens": 0, "sentences": len(examples),
+              "notes": []}
+    if not examples:
+        result["notes"].append("no evaluation examples")
+        return result
+    total, n_tokens = 0.0, 0
+    for batch in make_batches(examples, max_tokens=max_tokens, pad_id=cfg.pad_id, shuffle_ties=False):
+        logits, _ = model_forward(cfg, params, batch.src_ids, batch.tgt_ids, src_mask=batch.src_mask,
+                                  tgt_mask=batch.tgt_mask)
+        loss, _ = cross_entropy_forward(logits, batch.labels, ignore_id=cfg.pad_id)
+        total += float(loss) * batch.n_tokens
+        n_tokens += batch.n_tokens
+    result["loss"] = total / max(n_tokens, 1)
+    result["ppl"] = math.exp(min(result["loss"], 700.0))
+    result["tokens"] = n_tokens
+    if cfg.is_encoder_decoder:
+        n = len(examples) if max_translations is None else min(max_translations, len(examples))
+        refs = None if references is None else list(references)[:n]
+        scores, note = translation_scores(cfg, params, examples[:n], decode, refs, max_tokens)
+        result.update(scores)
+        if note:
+            result["notes"].append(note)
+    return result
+
+
+def translation_scores(cfg, params, examples, decode, references, max_tokens):
+    """Greedy-decode the sources and score them with sacrebleu -> ({"bleu", "chrf"}, note or None)."""
+    if decode is None:
+        return {}, "BLEU/chrF skipped: no tokenizer to turn ids into text"
+    try:
+        import sacrebleu
+    except ImportError:
+        return {}, "BLEU/chrF skipped: sacrebleu is not installed (pip install 'refformer[train]')"
+    hypotheses = translate_examples(cfg, params, examples, decode, max_tokens)
+    if references is None:
+        references = [decode(labels[:-1]) for _, _, labels in examples]
+    references = list(references)[:len(examples)]
+    bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
+    chrf = sacrebleu.corpus_chrf(hypotheses, [references]).score
+    return {"bleu": bleu, "chrf": chrf}, None
+
+
+def translate_examples(cfg, params, examples, decode, max_tokens=4096):
+    """Greedy translations (texts) of the examples' sources, in the examples' order, batched by length."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    hypotheses = [None] * len(examples)
+    start = 0
+    while start < len(order):
+        longest = len(examples[order[min(start + 63, len(order) - 1)]][0])
+        rows = max(1, min(64, max_tokens // (3 * longest)))  # source + roughly twice as many generated
+        chunk = order[start:start + rows]
+        batch = collate([(examples[i][0], [cfg.bos_id], [cfg.eos_id]) for i in chunk], pad_id=cfg.pad_id)
+        for i, ids in zip(chunk, strip(greedy(cfg, params, batch.src_ids, batch.src_mask), cfg)):
+            hypotheses[i] = decode(ids)
+        start += len(chunk)
+    return hypotheses
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(out_dir, cfg, params, opt_state, state):
+    """Write OUT/checkpoints/step-N atomically, point latest.json at it, then delete older ones.
+
+    state: the JSON-able rest (step, rng, position, options, data fingerprint, elapsed, log).
+    """
+    from safetensors.numpy import save_file
+
+    root = Path(out_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{opt_state['step']:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    final = None
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in flatten(params).items()}, tmp / "model.safetensors")
+        moments = {f"{which}.{k}": np.ascontiguousarray(v)
+                   for which in ("m", "v") for k, v in flatten(opt_state[which]).items()}
+        save_file(moments, tmp / "optimizer.safetensors")
+        full_state = {"format": "refformer-checkpoint", "format_version": CHECKPOINT_FORMAT,
+                      "step": opt_state["step"], "config": cfg.to_dict(), **state,
+                      "sha256": {f: _sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")}}
+        (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1) + "\n")
+        final, copy = root / name, 1
+        while final.exists():  # the same step saved again (after a final evaluation): never overwrite
+            copy += 1
+            final = root / f"{name}-{copy}"
+        tmp.rename(final)
+        pointer = json.dumps({"dir": final.name, "step": opt_state["step"]}) + "\n"
+        atomic_write(root / "latest.json", lambda path: Path(path).write_text(pointer))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if final is not None:  # renamed but never pointed to
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    for old in [*root.glob("step-*"), *root.glob(".step-*.tmp")]:  # older ones, and leftovers of a crash
+        if old.name != final.name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(out_dir):
+    """Read the latest checkpoint of OUT -> (cfg, params, opt_state, state); RefformerError if missing or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    root = Path(out_dir) / CHECKPOINT_DIR
+    pointer = root / "latest.json"
+    if not pointer.is_file():
+        raise RefformerError(f"no checkpoint to resume from: {pointer} is missing")
+    try:
+        where = root / json.loads(pointer.read_text())["dir"]
+        state = json.loads((where / STATE_FILE).read_text())
+        check(state.get("format") == "refformer-checkpoint" and state.get("format_version") == CHECKPOINT_FORMAT,
+              f"{where} is not a refformer checkpoint of format {CHECKPOINT_FORMAT}")
+        for file, digest in state["sha256"].items():
+            check(_sha256(where / file) == digest, f"{where / file} is corrupt (its sha256 does not match)")
+        cfg = Config.from_dict(state.pop("config"))
+        params = unflatten_checked(cfg, load_file(where / "model.safetensors"), str(where / "model.safetensors"))
+        moments = load_file(where / "optimizer.safetensors")
+    except RefformerError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise RefformerError(f"the checkpoint in {root} is unreadable or corrupt: {error}") from None
+    try:
+        opt_state = {"step": state["step"],
+                     **{which: unflatten({k: moments[f"{which}.{k}"] for k in flatten(params)}, params)
+                        for which in ("m", "v")}}
+    except KeyError as error:
+        raise RefformerError(f"the checkpoint in {root} lacks optimizer moment {error}") from None
+    return cfg, params, opt_state, state
+
+
+def _check_resumable(cfg, saved_cfg, options, saved_options, data_fingerprint, saved_fingerprint):
+    if cfg != saved_cfg:
+        ours, theirs = cfg.to_dict(), saved_cfg.to_dict()
+        changed = ", ".join(f"{k}: {theirs[k]!r} -> {ours[k]!r}" for k in ours if ours[k] != theirs[k])
+        raise RefformerError(f"cannot resume: the config differs from the checkpoint's ({changed}); "
+                             f"use the same architecture options, or train into a new --out directory")
+    ours, theirs = options.to_dict(), TrainOptions.from_dict(saved_options).to_dict()
+    changed = [f"{k}: {theirs[k]!r} -> {ours[k]!r}" for k in ours
+               if k not in TrainOptions.RESUMABLE_CHANGES and ours[k] != theirs[k]]
+    check(not changed, f"cannot resume: training options differ from the checkpoint's ({', '.join(changed)})")
+    check(data_fingerprint == saved_fingerprint,
+          "cannot resume: the training batches differ from the checkpoint's (other data, tokenizer or max_tokens)")
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, tokenizer=None, decode=None,
+          references=None, resume=False, on_step=None, clock=time.monotonic):
+    """Train params (a tree of cfg) on train_batches (from refimpl.batching.make_batches) -> TrainResult.
+
+    valid_examples: triples evaluated every options.eval_every steps and at the end (may be empty);
+    decode / references as in evaluate. out_dir (None: keep nothing on disk) receives checkpoints
+    every options.save_every steps and at the end, and finally the model directory (config.json,
+    model.safetensors, tokenizer.json when tokenizer is given, train_log.csv, loss.png).
+    resume=True continues from out_dir's checkpoint (the params argument is then not used).
+    on_step(row) is called after every step with the logged row (a dict of LOG_COLUMNS).
+    """
+    check(len(train_batches) > 0, "there are no training batches (is the training data empty?)")
+    data_fingerprint = fingerprint(train_batches)
+    notes = []
+    if resume:
+        check(out_dir is not None, "resume needs out_dir, where the checkpoint is")
+        saved_cfg, params, opt_state, state = load_checkpoint(out_dir)
+        _check_resumable(cfg, saved_cfg, options, state["options"], data_fingerprint, state["data_fingerprint"])
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = state["rng"]
+        position, log, elapsed_before = tuple(state["position"]), state["log"], state["elapsed"]
+    else:
+        opt_state = adamw_init(params)
+        rng = np.random.default_rng([options.seed, 1])  # the dropout stream, apart from the data order's
+        position, log, elapsed_before = (0, 0), [], 0.0
+
+    saved_at = None  # (step, number of evaluated rows) of the last checkpoint written here
+
+    def checkpoint():
+        nonlocal saved_at
+        state = {"options": options.to_dict(), "rng": rng.bit_generator.state, "position": list(position),
+                 "data_fingerprint": data_fingerprint, "elapsed": elapsed(), "log": log}
+        save_checkpoint(out_dir, cfg, params, opt_state, state)
+        write_log(Path(out_dir) / "train_log.csv", log)
+        saved_at = (opt_state["step"], _evaluated(log))
+
+    def run_eval(row):
+        result = evaluate(cfg, params, valid_examples, max_tokens=options.max_tokens, decode=decode,
+                          references=references, max_translations=options.eval_sentences)
+        row.update(valid_loss=result["loss"], valid_ppl=result["ppl"], bleu=result["bleu"], chrf=result["chrf"])
+        notes.extend(n for n in result["notes"] if n not in notes)
+
+    start = clock()
+
+    def elapsed():
+        return elapsed_before + (clock() - start)
+
+    stream = batch_stream(train_batches, options.seed, position)
+    stopped = "steps"
+    while opt_state["step"] < options.steps:
+        if options.time_limit is not None and clock() - start >= options.time_limit:
+            stopped = "time limit"
+            break
+        batch, position = next(stream)
+        step_start = clock()
+        params, opt_state, loss, lr = train_step(cfg, params, opt_state, batch, options, rng)
+        step = opt_state["step"]
+        row = dict.fromkeys(LOG_COLUMNS)
+        row.update(step=step, loss=loss, lr=lr, tokens_per_s=batch.n_tokens / max(clock() - step_start, 1e-9))
+        if valid_examples and (step == options.steps or options.eval_every and step % options.eval_every == 0):
+            run_eval(row)
+        row["elapsed"] = elapsed()
+        log.append(row)
+        if on_step is not None:
+            on_step(row)
+        if out_dir is not None and options.save_every and step % options.save_every == 0:
+            checkpoint()
+
+    if valid_examples and log and log[-1]["valid_loss"] is None:
+        run_eval(log[-1])  # stopped early (time limit): the final model is always evaluated
+    if out_dir is not None:
+        if saved_at != (opt_state["step"], _evaluated(log)):
+            checkpoint()
+        save(out_dir, cfg, params, tokenizer=tokenizer)
+        write_log(Path(out_dir) / "train_log.csv", log)
+        if not plot_log(Path(out_dir) / "loss.png", log):
+            notes.append("loss.png skipped: matplotlib is not installed (pip install 'refformer[train]')")
+    return TrainResult(params, opt_state, opt_state["step"], log, stopped, notes)
+
+
+# ---------------------------------------------------------------------------- the log
+
+
+def _evaluated(log):
+    return sum(row["valid_loss"] is not None for row in log)
+
+
+def write_log(path, log):
+    """train_log.csv: one row per step, empty cells where nothing was measured (written atomically)."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+            writer.writeheader()
+            for row in log:
+                writer.writerow({k: "" if row.get(k) is None else row[k] for k in LOG_COLUMNS})
+
+    atomic_write(path, write)
+
+
+def read_log(path):
+    """The rows of a train_log.csv as dicts of floats (None for empty cells)."""
+    with open(path, newline="") as f:
+        return [{k: (None if v == "" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_log(path, log):
+    """loss.png: training and validation loss against step. Returns False when matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot, no global backend
+    except ImportError:
+        return False
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axes = figure.add_subplot()
+    axes.plot([r["step"] for r in log], [r["loss"] for r in log], lw=0.8, label="train (label-smoothed)")
+    valid = [r for r in log if r["valid_loss"] is not None]
+    if valid:
+        axes.plot([r["step"] for r in valid], [r["valid_loss"] for r in valid], "o-", label="valid")
+    axes.set_xlabel("step")
+    axes.set_ylabel("cross-entropy (nats/token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    return True

@@ -1,0 +1,277 @@
+"""`refformer train` and `refformer eval`: the NumPy training loop (refimpl.train) on a data directory.
+
+A data directory holds train/valid/test splits: *.tsv (source<TAB>target) for an
+encoder-decoder model, *.txt (one text per line) for a decoder-only one.
+runtime/cli.py imports this module at its end and registers both commands.
+"""
+
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+import click
+
+FAMILIES = ("encoder-decoder", "decoder-only")
+SUFFIX = {"encoder-decoder": ".tsv", "decoder-only": ".txt"}
+ARCHITECTURE_OPTIONS = ("family", "d_model", "n_heads", "d_ff", "layers", "encoder_layers", "decoder_layers",
+                        "norm_first", "activation", "positional", "max_positions")
+
+
+def _one_line_errors(command):
+    """cli.one_line_errors, looked up when the command runs (cli.py imports this module, so not at import time)."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from refformer.runtime.cli import one_line_errors
+
+        return one_line_errors(command)(*args, **kwargs)
+    return wrapper
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def detect_family(data_dir):
+    """encoder-decoder when DATA_DIR has train.tsv, decoder-only when it has train.txt."""
+    from refformer.refimpl.errors import RefformerError
+
+    data_dir = Path(data_dir)
+    for family in FAMILIES:
+        if (data_dir / f"train{SUFFIX[family]}").is_file():
+            return family
+    raise RefformerError(f"{data_dir} has no train.tsv or train.txt: write one with 'refformer data de-en' "
+                         f"or 'refformer data pydoc'")
+
+
+def split_path(data_dir, split, family):
+    return Path(data_dir) / f"{split}{SUFFIX[family]}"
+
+
+def load_examples(data_dir, split, family, tokenizer, cfg, max_sentences=None):
+    """Training triples of one split -> (examples, reference texts or None, number dropped as too long)."""
+    from refformer.refimpl.batching import lm_examples, seq2seq_examples
+    from refformer.refimpl.data import read_lines, read_tsv
+    from refformer.runtime.tokenizer import encode, normalize
+
+    path = split_path(data_dir, split, family)
+    if family == "encoder-decoder":
+        pairs = read_tsv(path)[:max_sentences]
+        sources = encode(tokenizer, [source for source, _ in pairs])
+        targets = encode(tokenizer, [target for _, target in pairs])
+        kept = [i for i, (s, t) in enumerate(zip(sources, targets)) if max(len(s), len(t)) + 1 <= cfg.max_positions]
+        examples, _ = seq2seq_examples([(sources[i], targets[i]) for i in kept], bos_id=cfg.bos_id,
+                                       eos_id=cfg.eos_id, max_len=cfg.max_positions)
+        return examples, [normalize(pairs[i][1]) for i in kept], len(pairs) - len(kept)
+    texts = encode(tokenizer, read_lines(path)[:max_sentences])
+    return lm_examples(texts, bos_id=cfg.bos_id, eos_id=cfg.eos_id, max_len=cfg.max_positions), None, 0
+
+
+def _decoder(tokenizer):
+    from refformer.runtime.tokenizer import decode
+
+    return lambda ids: decode(tokenizer, ids)
+
+
+# ---------------------------------------------------------------------------- refformer train
+
+
+@click.command("train")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(dir_okay=False),
+              help="tokenizer.json (from 'refformer tokenizer train'); copied into the model directory.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Model directory to write (checkpoints go to OUT/checkpoints).")
+@click.option("--family", type=click.Choice(FAMILIES), default=None,
+              help="Default: encoder-decoder if DATA_DIR has train.tsv, decoder-only if train.txt.")
+@click.option("--d-model", type=int, default=256, show_default=True)
+@click.option("--n-heads", type=int, default=4, show_default=True)
+@click.option("--d-ff", type=int, default=1024, show_default=True)
+@click.option("--layers", type=int, default=3, show_default=True, help="Layers of each stack.")
+@click.option("--encoder-layers", type=int, default=None, help="Override --layers for the encoder.")
+@click.option("--decoder-layers", type=int, default=None, help="Override --layers for the decoder.")
+@click.option("--norm-first/--post-ln", default=False, show_default=True, help="Pre-LN or post-LN layers.")
+@click.option("--activation", type=click.Choice(["relu", "gelu", "gelu_tanh", "silu"]), default="relu",
+              show_default=True)
+@click.option("--positional", type=click.Choice(["sinusoidal", "learned"]), default="sinusoidal", show_default=True)
+@click.option("--max-positions", type=int, default=256, show_default=True,
+              help="Longest sequence; longer training pairs are skipped, texts are cut into windows this long.")
+@click.option("--steps", type=int, default=1000, show_default=True, help="Optimizer steps in all (resume included).")
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Padded tokens per batch.")
+@click.option("--lr", type=float, default=7e-4, show_default=True, help="Peak learning rate.")
+@click.option("--warmup", type=int, default=400, show_default=True, help="Warmup steps (then lr ~ 1/sqrt(step)).")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW decay of matrices.")
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Global gradient-norm clip (0: off).")
+@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
+@click.option("--dropout", type=float, default=0.1, show_default=True)
+@click.option("--eval-every", type=int, default=500, show_default=True, help="Steps between evaluations (0: end only).")
+@click.option("--eval-sentences", type=int, default=100, show_default=True,
+              help="Validation sentences translated for BLEU/chrF (the loss uses the whole split).")
+@click.option("--save-every", type=int, default=500, show_default=True, help="Steps between checkpoints (0: end only).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint (same data, config and options).")
+@click.option("--init", "init_dir", type=click.Path(file_okay=False), default=None,
+              help="Start from this model directory's weights and config (fine-tuning).")
+@click.option("--time-limit", type=float, default=None,
+              help="Stop cleanly (checkpoint and model) after this many minutes.")
+@click.pass_context
+@_one_line_errors
+def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
+    """Train a model on DATA_DIR with the NumPy reference implementation and write it to OUT."""
+    import numpy as np
+
+    from refformer.refimpl import Config, init_params, load
+    from refformer.refimpl.batching import make_batches
+    from refformer.refimpl.errors import RefformerError
+    from refformer.refimpl.train import TrainOptions, train as train_loop
+    from refformer.runtime.tokenizer import load_tokenizer, special_ids
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    given = {name for name in opts if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    if opts["init_dir"] is not None:
+        fixed = sorted(given & set(ARCHITECTURE_OPTIONS))
+        if fixed:
+            raise RefformerError(f"--init takes the architecture from {opts['init_dir']}; drop "
+                                 f"{', '.join('--' + name.replace('_', '-') for name in fixed)}")
+        cfg, params = load(opts["init_dir"])
+        if "dropout" in given:
+            cfg = cfg.replace(dropout=opts["dropout"])
+        if cfg.vocab_size != vocab_size:
+            raise RefformerError(f"{tokenizer_path} has {vocab_size} tokens but {opts['init_dir']} was trained "
+                                 f"with {cfg.vocab_size}: use that model's tokenizer.json")
+        if opts["family"] is not None and opts["family"] != cfg.family:
+            raise RefformerError(f"{opts['init_dir']} is {cfg.family}, not {opts['family']}")
+    else:
+        family = opts["family"] or detect_family(data_dir)
+        layers = opts["layers"]
+        cfg = Config(vocab_size=vocab_size, d_model=opts["d_model"], n_heads=opts["n_heads"], d_ff=opts["d_ff"],
+                     n_encoder_layers=(opts["encoder_layers"] if opts["encoder_layers"] is not None else layers)
+                     if family == "encoder-decoder" else 0,
+                     n_decoder_layers=opts["decoder_layers"] if opts["decoder_layers"] is not None else layers,
+                     family=family, norm_first=opts["norm_first"], activation=opts["activation"],
+                     positional=opts["positional"], max_positions=opts["max_positions"], dropout=opts["dropout"],
+                     **special_ids(tokenizer))
+        params = None if opts["resume"] else init_params(cfg, np.random.default_rng(opts["seed"]))
+    if not split_path(data_dir, "train", cfg.family).is_file():
+        raise RefformerError(f"{split_path(data_dir, 'train', cfg.family)} is missing: a {cfg.family} model "
+                             f"trains on train{SUFFIX[cfg.family]}")
+
+    options = TrainOptions(steps=opts["steps"], max_tokens=opts["max_tokens"], lr=opts["lr"], warmup=opts["warmup"],
+                           weight_decay=opts["weight_decay"], clip=opts["clip"],
+                           label_smoothing=opts["label_smoothing"], eval_every=opts["eval_every"],
+                           eval_sentences=opts["eval_sentences"], save_every=opts["save_every"], seed=opts["seed"],
+                           time_limit=None if opts["time_limit"] is None else opts["time_limit"] * 60.0)
+    examples, _, dropped = load_examples(data_dir, "train", cfg.family, tokenizer, cfg)
+    batches = make_batches(examples, max_tokens=options.max_tokens, pad_id=cfg.pad_id, seed=options.seed)
+    valid, references = [], None
+    if split_path(data_dir, "valid", cfg.family).is_file():
+        valid, references, _ = load_examples(data_dir, "valid", cfg.family, tokenizer, cfg)
+    n_params = sum(value.size for value in _leaves(params)) if params is not None else None
+    click.echo(f"{cfg.family}: D={cfg.d_model} H={cfg.n_heads} F={cfg.d_ff} layers={cfg.n_encoder_layers}+"
+               f"{cfg.n_decoder_layers} V={cfg.vocab_size}" + (f", {n_params:,} parameters" if n_params else ""))
+    click.echo(f"data: {len(examples)} training examples in {len(batches)} batches"
+               + (f" ({dropped} longer than {cfg.max_positions} tokens skipped)" if dropped else "")
+               + f", {len(valid)} validation examples" + ("" if valid else " (no valid split: no evaluation)"))
+
+    recent = []  # tokens/s of the last steps, for a steady figure on the bar
+
+    def show(row):
+        if row is None:
+            return ""
+        text = f"step {int(row['step'])}  loss {row['loss']:.3f}  {sum(recent) / len(recent):,.0f} tok/s"
+        if row.get("valid_loss") is not None:
+            text += f"  valid {row['valid_loss']:.3f}"
+        return text
+
+    with click.progressbar(length=options.steps, label="training", show_eta=True, show_pos=True,
+                           item_show_func=show) as bar:
+        done = [0]  # steps shown so far (a resumed run jumps to its checkpoint's step at once)
+
+        def on_step(row):
+            recent.append(row["tokens_per_s"])
+            del recent[:-20]
+            bar.update(row["step"] - done[0], current_item=row)
+            done[0] = row["step"]
+
+        result = train_loop(cfg, params, batches, valid, options, out_dir=out_dir, tokenizer=tokenizer,
+                            decode=_decoder(tokenizer), references=references, resume=opts["resume"],
+                            on_step=on_step)
+    _summary(result, out_dir)
+
+
+def _leaves(tree):
+    from refformer.refimpl.tree import flatten
+
+    return flatten(tree).values()
+
+
+def _summary(result, out_dir):
+    log = result.log
+    if not log:
+        click.echo(f"nothing to do: the checkpoint is already at step {result.step}")
+        return
+    steps_here = [row["tokens_per_s"] for row in log if row["tokens_per_s"]]
+    last_eval = next((row for row in reversed(log) if row["valid_loss"] is not None), None)
+    line = f"step {result.step}: train loss {log[-1]['loss']:.4f}"
+    if last_eval is not None:
+        line += f", valid loss {last_eval['valid_loss']:.4f}, perplexity {last_eval['valid_ppl']:.2f}"
+        if last_eval.get("bleu") is not None:
+            line += f", BLEU {last_eval['bleu']:.2f}, chrF {last_eval['chrf']:.2f}"
+    click.echo(line)
+    median = sorted(steps_here)[len(steps_here) // 2] if steps_here else float("nan")
+    click.echo(f"throughput: median {median:,.0f} target tokens/s; {log[-1]['elapsed']:.0f} s in all")
+    if result.stopped != "steps":
+        click.echo(f"stopped on the {result.stopped}; continue with the same command and --resume")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {out_dir}")
+
+
+# ---------------------------------------------------------------------------- refformer eval
+
+
+@click.command("eval")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
+@click.option("--max-sentences", type=int, default=None, help="Evaluate only the first N examples of the split.")
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Padded tokens per batch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@_one_line_errors
+def evaluate(model_dir, data_dir, split, max_sentences, max_tokens, as_json):
+    """Loss, perplexity and (translation) greedy BLEU/chrF of MODEL_DIR on a split of DATA_DIR."""
+    from refformer.refimpl import load, load_tokenizer
+    from refformer.refimpl.errors import RefformerError
+    from refformer.refimpl.train import evaluate as evaluate_model
+
+    cfg, params = load(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    path = split_path(data_dir, split, cfg.family)
+    if not path.is_file():
+        raise RefformerError(f"{path} is missing: a {cfg.family} model is evaluated on {split}{SUFFIX[cfg.family]}")
+    examples, references, dropped = load_examples(data_dir, split, cfg.family, tokenizer, cfg, max_sentences)
+    start = time.perf_counter()
+    result = evaluate_model(cfg, params, examples, max_tokens=max_tokens, decode=_decoder(tokenizer),
+                            references=references)
+    result = {"split": split, "examples": len(examples), "skipped_too_long": dropped, "tokens": result["tokens"],
+              "loss": result["loss"], "perplexity": result["ppl"], "bleu": result["bleu"], "chrf": result["chrf"],
+              "seconds": round(time.perf_counter() - start, 2), "notes": result["notes"]}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    rows = [("split", split), ("examples", f"{len(examples)}" + (f" ({dropped} too long, skipped)" if dropped else "")),
+            ("tokens", f"{result['tokens']}"), ("loss", _number(result["loss"], 4)),
+            ("perplexity", _number(result["perplexity"], 2))]
+    if cfg.is_encoder_decoder:
+        rows += [("BLEU", _number(result["bleu"], 2)), ("chrF", _number(result["chrf"], 2))]
+    rows.append(("seconds", f"{result['seconds']:.1f}"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")
+    for note in result["notes"]:
+        click.echo(f"note: {note}")
+
+
+def _number(value, digits):
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"

@@ -1,0 +1,233 @@
+"""The training loop: it learns (copy task, LM overfit), resumes exactly, and checkpoints atomically."""
+
+import ctypes
+import glob
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refformer.refimpl import Config, init_params, load
+from refformer.refimpl.batching import collate, lm_examples, make_batches, seq2seq_examples
+from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.generate import greedy, greedy_lm, strip
+from refformer.refimpl.train import TrainOptions, load_checkpoint, read_log, train
+
+PAD, BOS, EOS = 0, 1, 2
+SYMBOLS = range(4, 14)  # ten symbols after the four special ids
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """Run these tiny-matrix tests on one OpenBLAS thread: on a busy 2-core machine a second BLAS thread
+    only adds waiting (measured: a [32, 510] @ [510, 64] product 17x slower), and made the copy task
+    take a minute instead of seconds. A no-op where NumPy's bundled OpenBLAS is not found."""
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "libscipy_openblas*"))
+    try:
+        blas = ctypes.CDLL(libs[0])
+        get, set_ = blas.scipy_openblas_get_num_threads64_, blas.scipy_openblas_set_num_threads64_
+    except (IndexError, OSError, AttributeError):
+        yield
+        return
+    before = get()
+    set_(1)
+    yield
+    set_(before)
+
+
+def _copy_pairs(n, seed):
+    rng = np.random.default_rng(seed)
+    return [(s, list(s)) for s in (rng.choice(SYMBOLS, size=rng.integers(2, 6)).tolist() for _ in range(n))]
+
+
+def _spaced(ids):
+    return " ".join(map(str, ids))
+
+
+def test_copy_task_reaches_exact_match():
+    """A 1+1-layer D=32 model learns to copy sequences of 2-5 symbols it has never seen."""
+    cfg = Config(vocab_size=14, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1, n_decoder_layers=1,
+                 max_positions=16, dropout=0.0)
+    train_examples, _ = seq2seq_examples(_copy_pairs(10000, 1), bos_id=BOS, eos_id=EOS, max_len=16)
+    seen = {tuple(src) for src, _, _ in train_examples}
+    held_out = [pair for pair in _copy_pairs(400, 2) if tuple(pair[0]) + (EOS,) not in seen][:200]
+    valid_examples, _ = seq2seq_examples(held_out, bos_id=BOS, eos_id=EOS, max_len=16)
+    options = TrainOptions(steps=600, max_tokens=512, lr=3e-3, warmup=50, betas=(0.9, 0.999), eps=1e-8,
+                           weight_decay=0.0, label_smoothing=0.0, clip=1.0, seed=1, eval_sentences=200)
+    start = time.perf_counter()
+    result = train(cfg, init_params(cfg, np.random.default_rng(1)), make_batches(train_examples, max_tokens=512,
+                   pad_id=PAD, seed=1), valid_examples, options, decode=_spaced)
+    seconds = time.perf_counter() - start
+
+    batch = collate(valid_examples, pad_id=PAD)
+    predictions = strip(greedy(cfg, result.params, batch.src_ids, batch.src_mask), cfg)
+    exact = np.mean([p == tgt for p, (_, tgt) in zip(predictions, held_out)])
+    final = result.log[-1]
+    print(f"copy task: {options.steps} steps in {seconds:.1f} s, train loss {final['loss']:.4f}, "
+          f"valid loss {final['valid_loss']:.4f}, exact match {exact:.3f}, BLEU {final['bleu']:.1f}")
+    assert exact == 1.0
+    assert final["bleu"] == pytest.approx(100.0) and final["chrf"] == pytest.approx(100.0)
+    assert result.stopped == "steps" and result.step == options.steps and not result.notes
+
+
+def test_decoder_only_overfits_a_short_text():
+    cfg = Config(vocab_size=14, d_model=32, n_heads=2, d_ff=64, n_decoder_layers=1, n_encoder_layers=0,
+                 family="decoder-only", max_positions=32, dropout=0.0)
+    text = [4, 5, 6, 7, 8, 9, 5, 6, 10, 11, 12, 13, 4, 4, 9, 8, 7, 11, 6, 5]
+    examples = lm_examples([text], bos_id=BOS, eos_id=EOS, max_len=24)
+    options = TrainOptions(steps=150, max_tokens=512, lr=1e-2, warmup=10, weight_decay=0.0, label_smoothing=0.0)
+    result = train(cfg, init_params(cfg, np.random.default_rng(0)), make_batches(examples, max_tokens=512, pad_id=PAD),
+                   examples, options)
+    print(f"LM overfit: loss {result.log[0]['loss']:.3f} -> {result.log[-1]['loss']:.4f} in {options.steps} steps")
+    assert result.log[-1]["valid_loss"] < 0.02
+    continuation = greedy_lm(cfg, result.params, np.array([[BOS, *text[:3]]]), max_new_tokens=30)
+    assert strip(continuation, cfg)[0] == text[3:]
+
+
+# ---------------------------------------------------------------------------- resume and checkpoints
+
+
+def _small_run():
+    """A tiny seq2seq setup with dropout and label smoothing, so the RNG and every option matter."""
+    cfg = Config(vocab_size=14, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
+                 max_positions=16, dropout=0.1)
+    examples, _ = seq2seq_examples(_copy_pairs(60, 3), bos_id=BOS, eos_id=EOS, max_len=16)
+    batches = make_batches(examples, max_tokens=64, pad_id=PAD, seed=5)
+    options = TrainOptions(steps=9, max_tokens=64, lr=2e-3, warmup=3, label_smoothing=0.1, eval_every=2,
+                           save_every=4, seed=5, eval_sentences=4)
+    return cfg, init_params(cfg, np.random.default_rng(0)), batches, examples[:8], options
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_at(step):
+    def on_step(row):
+        if row["step"] == step:
+            raise Crash
+
+    return on_step
+
+
+def _compare(resumed, uninterrupted):
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]
+    worst = 0.0
+    for a, b in zip(resumed, uninterrupted):
+        for key in ("loss", "lr", "valid_loss", "valid_ppl", "bleu", "chrf"):
+            assert (a[key] is None) == (b[key] is None), key
+            if a[key] is not None:
+                worst = max(worst, abs(a[key] - b[key]) / max(abs(b[key]), 1e-30))
+    return worst
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    cfg, params, batches, valid, options = _small_run()
+    full = train(cfg, params, batches, valid, options, out_dir=tmp_path / "full", decode=_spaced)
+
+    # crash after step 6 (checkpoint at 4 exists), then resume: steps 5 and 6 are redone
+    with pytest.raises(Crash):
+        train(cfg, params, batches, valid, options, out_dir=tmp_path / "crash", decode=_spaced, on_step=_crash_at(6))
+    assert load_checkpoint(tmp_path / "crash")[2]["step"] == 4
+    resumed = train(cfg, None, batches, valid, options, out_dir=tmp_path / "crash", decode=_spaced, resume=True)
+    worst = _compare(resumed.log, full.log)
+
+    # stop on the time limit (a fake clock), then resume
+    ticks = iter(range(10 ** 6))
+    stopped = train(cfg, params, batches, valid, TrainOptions(**{**options.to_dict(), "time_limit": 25}),
+                    out_dir=tmp_path / "timed", decode=_spaced, clock=lambda: next(ticks))
+    assert stopped.stopped == "time limit" and 0 < stopped.step < options.steps
+    resumed_timed = train(cfg, None, batches, valid, options, out_dir=tmp_path / "timed", decode=_spaced, resume=True)
+    worst = max(worst, _compare(resumed_timed.log[:stopped.step], stopped.log[:stopped.step]),
+                _compare(resumed_timed.log[stopped.step:], full.log[stopped.step:]))
+    print(f"resume: worst relative difference of logged values {worst:.1e}")
+    assert worst <= 1e-9
+    assert _compare(read_log(tmp_path / "crash" / "train_log.csv"), full.log) <= 1e-12  # the CSV round-trips
+    assert (tmp_path / "crash" / "model.safetensors").read_bytes() == \
+        (tmp_path / "full" / "model.safetensors").read_bytes()
+
+
+def test_final_model_directory(tmp_path):
+    cfg, params, batches, valid, options = _small_run()
+    train(cfg, params, batches, valid, TrainOptions(**{**options.to_dict(), "steps": 2}), out_dir=tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "train_log.csv", "loss.png", "checkpoints"} <= names
+    loaded_cfg, _ = load(tmp_path)
+    assert loaded_cfg == cfg
+    log = read_log(tmp_path / "train_log.csv")
+    assert [r["step"] for r in log] == [1, 2] and log[-1]["valid_ppl"] > 1
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_refuses_other_config_options_data_and_bad_checkpoints(tmp_path):
+    cfg, params, batches, valid, options = _small_run()
+    short = TrainOptions(**{**options.to_dict(), "steps": 2})
+    with pytest.raises(RefformerError, match="no checkpoint"):
+        train(cfg, params, batches, valid, short, out_dir=tmp_path, resume=True)
+    train(cfg, params, batches, valid, short, out_dir=tmp_path)
+    with pytest.raises(RefformerError, match="config differs.*d_ff"):
+        train(cfg.replace(d_ff=48), None, batches, valid, options, out_dir=tmp_path, resume=True)
+    with pytest.raises(RefformerError, match="options differ.*lr"):
+        train(cfg, None, batches, valid, TrainOptions(**{**options.to_dict(), "lr": 1e-3}), out_dir=tmp_path,
+              resume=True)
+    with pytest.raises(RefformerError, match="batches differ"):
+        train(cfg, None, batches[:-1], valid, options, out_dir=tmp_path, resume=True)
+
+    checkpoint = tmp_path / "checkpoints" / json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["dir"]
+    weights = checkpoint / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:len(good) // 2])  # truncated
+    with pytest.raises(RefformerError, match="corrupt"):
+        load_checkpoint(tmp_path)
+    weights.write_bytes(good)
+    (checkpoint / "trainer_state.json").write_text("{not json")
+    with pytest.raises(RefformerError, match="unreadable or corrupt"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "checkpoints" / "latest.json").write_text('{"dir": "step-99999999"}')
+    with pytest.raises(RefformerError, match="unreadable or corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_checkpoint_is_atomic(tmp_path, monkeypatch):
+    """A save that fails half-way (here: writing the optimizer state) leaves the previous checkpoint in use."""
+    import safetensors.numpy
+
+    cfg, params, batches, valid, options = _small_run()
+    options = TrainOptions(**{**options.to_dict(), "steps": 4, "save_every": 2, "eval_every": 0})
+    real_save_file = safetensors.numpy.save_file
+    calls = []
+
+    def failing_save_file(tensors, path, *args, **kwargs):
+        calls.append(Path(path).name)
+        if len(calls) == 4:  # the second checkpoint (step 4): model written, optimizer fails
+            Path(path).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="No space"):
+        train(cfg, params, batches, valid, options, out_dir=tmp_path)
+    assert calls == ["model.safetensors", "optimizer.safetensors", "model.safetensors", "optimizer.safetensors"]
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000002"]  # no half-written folder
+    _, _, opt_state, state = load_checkpoint(tmp_path)
+    assert opt_state["step"] == 2 and [r["step"] for r in state["log"]] == [1, 2]
+
+    # a failure while switching latest.json (after the new folder is complete) also keeps step 2 in use
+    monkeypatch.setattr(safetensors.numpy, "save_file", real_save_file)
+    import refformer.refimpl.train as train_module
+
+    def failing_atomic_write(path, write):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(train_module, "atomic_write", failing_atomic_write)
+    with pytest.raises(OSError):
+        train(cfg, None, batches, valid, options, out_dir=tmp_path, resume=True)
+    assert load_checkpoint(tmp_path)[2]["step"] == 2
+    monkeypatch.undo()
+    result = train(cfg, None, batches, valid, options, out_dir=tmp_path, resume=True)
+    assert result.step == 4 and load_checkpoint(tmp_path)[2]["step"] == 4
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000004"]  # leftovers cleaned
