@@ -312,16 +312,22 @@ def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, 
     if resume:
         check(out_dir is not None, "resume needs out_dir, where the checkpoint is")
         saved_cfg, params, opt_state, state = load_checkpoint(out_dir)
-        _check_resumable(cfg, saved_cfg, options, state["options"], data_fingerprint, state["data_fingerprint"])
-        rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = state["rng"]
-        position, log, elapsed_before = tuple(state["position"]), state["log"], state["elapsed"]
+        try:
+            _check_resumable(cfg, saved_cfg, options, state["options"], data_fingerprint, state["data_fingerprint"])
+            rng = np.random.Generator(np.random.PCG64())
+            rng.bit_generator.state = state["rng"]
+            position, log, elapsed_before = tuple(state["position"]), state["log"], state["elapsed"]
+        except (KeyError, TypeError, ValueError) as error:
+            if isinstance(error, RefformerError):
+                raise
+            raise RefformerError(f"the checkpoint in {out_dir} has an incomplete trainer state: {error!r}") from None
     else:
         opt_state = adamw_init(params)
         rng = np.random.default_rng([options.seed, 1])  # the dropout stream, apart from the data order's
         position, log, elapsed_before = (0, 0), [], 0.0
 
-    saved_at = None  # (step, number of evaluated rows) of the last checkpoint written here
+    # (step, number of evaluated rows) of the newest checkpoint, so the end does not save it twice
+    saved_at = (opt_state["step"], _evaluated(log)) if resume else None
 
     def checkpoint():
         nonlocal saved_at
