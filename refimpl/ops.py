@@ -15,7 +15,10 @@ import numpy as np
 
 def linear_forward(p, x):
     """y = x @ W + b. x [..., Din], W [Din, Dout], b [Dout] (optional) -> y [..., Dout]."""
-    y = x @ p["weight"]
+    # One [N, Din] @ [Din, Dout] product over all N leading positions: a stacked x @ W would make
+    # NumPy call BLAS once per leading index ([T, Din] each), several times slower.
+    x2 = x.reshape(-1, x.shape[-1])  # [..., Din] -> [N, Din]
+    y = (x2 @ p["weight"]).reshape(x.shape[:-1] + p["weight"].shape[1:])  # [N, Dout] -> [..., Dout]
     if "bias" in p:
         y = y + p["bias"]
     return y, (x,)
@@ -24,9 +27,9 @@ def linear_forward(p, x):
 def linear_backward(p, cache, dy):
     """Inverts y = x @ W + b: returns dx, {"weight": dW, "bias": db}."""
     (x,) = cache
-    dx = dy @ p["weight"].T
     x2 = x.reshape(-1, x.shape[-1])  # [N, Din]
     dy2 = dy.reshape(-1, dy.shape[-1])  # [N, Dout]
+    dx = (dy2 @ p["weight"].T).reshape(x.shape)  # [N, Din] -> [..., Din], one product as in the forward
     dp = {"weight": x2.T @ dy2}
     if "bias" in p:
         dp["bias"] = dy2.sum(axis=0)
