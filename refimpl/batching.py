@@ -102,7 +102,7 @@ def lm_examples(texts, *, bos_id, eos_id, max_len):
 
 
 def make_batches(examples, *, max_tokens, pad_id, seed=0, shuffle_ties=True):
-    """Bucket examples (triples from seq2seq_examples or lm_examples) by length into batches of at most max_tokens padded tokens.
+    """Bucket examples (triples from seq2seq_examples or lm_examples) by length into batches of <= max_tokens.
 
     The cost of a batch is rows x its longest sequence (source or target). A single example
     longer than max_tokens gets a batch of its own.

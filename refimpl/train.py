@@ -58,7 +58,7 @@ class TrainOptions:
 
     steps: int = 1000
     max_tokens: int = 4096
-    lr: float = 5e-4
+    lr: float = 7e-4
     warmup: int = 400
     betas: tuple = (0.9, 0.98)
     eps: float = 1e-9

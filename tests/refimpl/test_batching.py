@@ -14,8 +14,10 @@ PAD, BOS, EOS = 0, 1, 2
 
 def _pairs(n, seed=0):
     rng = np.random.default_rng(seed)
-    return [(rng.integers(4, 20, size=rng.integers(1, 12)).tolist(), rng.integers(4, 20, size=rng.integers(1, 12)).tolist())
-            for _ in range(n)]
+    def sequence():
+        return rng.integers(4, 20, size=rng.integers(1, 12)).tolist()
+
+    return [(sequence(), sequence()) for _ in range(n)]
 
 
 def test_seq2seq_conventions_and_padding():

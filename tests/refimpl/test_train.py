@@ -231,3 +231,18 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     result = train(cfg, None, batches, valid, options, out_dir=tmp_path, resume=True)
     assert result.step == 4 and load_checkpoint(tmp_path)[2]["step"] == 4
     assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000004"]  # leftovers cleaned
+
+
+def test_missing_train_extra_is_a_note_not_a_failure(tmp_path, monkeypatch):
+    """Without sacrebleu and matplotlib (the `train` extra) BLEU/chrF and loss.png are skipped with a note."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    cfg, params, batches, valid, options = _small_run()
+    result = train(cfg, params, batches, valid, TrainOptions(**{**options.to_dict(), "steps": 1}), out_dir=tmp_path,
+                   decode=_spaced)
+    assert result.log[-1]["valid_loss"] is not None and result.log[-1]["bleu"] is None
+    assert any("sacrebleu is not installed" in note for note in result.notes)
+    assert any("matplotlib is not installed" in note for note in result.notes)
+    assert not (tmp_path / "loss.png").exists() and (tmp_path / "train_log.csv").is_file()

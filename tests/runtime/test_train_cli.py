@@ -59,7 +59,8 @@ def test_train_then_eval_translation(data, tmp_path):
     assert load(out)[0] == cfg
     result = _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", out, *TINY,
                   "--d-ff", "48", "--steps", "5", "--max-tokens", "64", "--resume")
-    assert result.exit_code == 1 and "error: cannot resume: the config differs from the checkpoint's (d_ff: 32 -> 48)" in result.output
+    assert result.exit_code == 1
+    assert "error: cannot resume: the config differs from the checkpoint's (d_ff: 32 -> 48)" in result.output
 
     # fine-tune from the trained model
     result = _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", tmp_path / "tuned",
