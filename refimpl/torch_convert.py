@@ -1,0 +1,691 @@
+"""Weights from PyTorch: torch.nn Transformer modules and saved state_dicts -> (Config, params).
+
+    mha_params_from_torch(mha)                  nn.MultiheadAttention -> {q_proj, k_proj, v_proj, out_proj}
+    encoder_layer_params_from_torch(layer)      nn.TransformerEncoderLayer -> an encoder (or decoder-only) layer
+    decoder_layer_params_from_torch(layer)      nn.TransformerDecoderLayer -> a decoder layer
+    config_from_torch_layer(layer)              the Config fields a layer records (D, H, F, norm_first, ...)
+    from_torch(module, **overrides)             a live model built on nn.Transformer or nn.TransformerEncoder
+    from_state_dict(state_dict, **arch)         the saved state_dict of such a model
+    convert_state_dict_file(path, tokenizer_path, out_dir, **arch)   what `refformer convert-torch` runs
+
+Orientation: torch's nn.Linear stores weight [out, in] (y = x W^T + b); ours is [in, out]
+(y = x @ W + b), so every matrix is transposed. nn.MultiheadAttention packs the three input
+projections as in_proj_weight [3D, D] (rows q, then k, then v) and in_proj_bias [3D].
+
+Layer mapping (torch -> refimpl):
+    self_attn      -> self_attn           norm1 -> self_attn_norm
+    multihead_attn -> cross_attn          norm2 -> cross_attn_norm (decoder layer)
+    linear1        -> ffn.fc1             norm2 -> ffn_norm (encoder layer)
+    linear2        -> ffn.fc2             norm3 -> ffn_norm (decoder layer)
+
+A decoder-only refimpl layer (no cross-attention) has exactly nn.TransformerEncoderLayer's
+structure, so a causal LM built as Embedding + nn.TransformerEncoder (run with a causal mask)
++ Linear converts to the decoder-only family. Missing biases (bias=False) and norms without
+elementwise affine become zeros and ones. torch is imported only inside these functions, so
+refimpl imports without it.
+"""
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .errors import RefformerError, check
+from .ops import sinusoidal_table
+
+SRC_WORDS = ("src", "source", "encoder", "enc")  # whole words of a name (split at . and _), or src inside one
+TGT_WORDS = ("tgt", "trg", "target", "decoder", "dec")
+HEAD_WORDS = ("generator", "lm_head", "head", "fc_out", "out", "proj", "classifier", "logit", "linear")
+EMBEDDING_WORDS = ("emb", "wte", "tok")
+
+# Config fields a state_dict cannot record, accepted by from_state_dict / convert_state_dict_file.
+ARCH_FIELDS = ("n_heads", "norm_first", "activation", "norm_eps", "dropout", "pad_id", "bos_id", "eos_id", "unk_id",
+               "embed_scale", "positional", "max_positions")
+# Config fields a live module cannot tell, accepted as from_torch overrides.
+OVERRIDABLE = ("embed_scale", "positional", "max_positions", "dropout", "pad_id", "bos_id", "eos_id", "unk_id")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise RefformerError("converting from PyTorch needs torch: pip install 'refformer[torch]'") from None
+    return torch
+
+
+# ---------------------------------------------------------------------------- tensors -> arrays
+
+
+def _array(value, name):
+    """A torch tensor or numpy array -> a numpy copy: float64 stays float64, other floats become float32."""
+    if isinstance(value, np.ndarray):
+        array = value
+    elif hasattr(value, "detach") and hasattr(value, "is_floating_point"):  # a torch tensor
+        tensor = value.detach().cpu()
+        if tensor.is_floating_point() and tensor.dtype not in (_torch().float32, _torch().float64):
+            tensor = tensor.float()  # float16 / bfloat16 have no (or no exact) numpy twin
+        array = tensor.numpy()
+    else:
+        raise RefformerError(f"{name} is a {type(value).__name__}, expected a tensor")
+    check(array.dtype.kind == "f", f"{name} has dtype {array.dtype}, expected floating point")
+    return np.array(array, dtype=np.float64 if array.dtype == np.float64 else np.float32)
+
+
+def _flat_arrays(module):
+    """{state_dict key: numpy array} of a torch module."""
+    return {key: _array(value, key) for key, value in module.state_dict().items()}
+
+
+def _same_tensor(a, b):
+    """True when a and b are the same storage (a tied weight), torch tensors or numpy arrays."""
+    if a is b:
+        return True
+    if hasattr(a, "data_ptr") and hasattr(b, "data_ptr"):
+        return (a.data_ptr() == b.data_ptr() and tuple(a.shape) == tuple(b.shape)
+                and tuple(a.stride()) == tuple(b.stride()))
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.shape == b.shape and np.shares_memory(a, b)
+    return False
+
+
+def _few(names, limit=4):
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ---------------------------------------------------------------------------- flat dict -> param tree
+
+
+def _take(flat, used, key):
+    """flat[key] (marking it used), or None when absent."""
+    if key in flat:
+        used.add(key)
+        return flat[key]
+    return None
+
+
+def _linear_from_flat(flat, used, prefix):
+    """torch Linear {weight [out, in], bias [out]} -> {"weight" [in, out], "bias" [out]}."""
+    weight = _take(flat, used, prefix + "weight")
+    check(weight is not None and weight.ndim == 2, f"{prefix}weight is missing or is not a matrix")
+    bias = _take(flat, used, prefix + "bias")
+    bias = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
+    return {"weight": np.ascontiguousarray(weight.T), "bias": bias.copy()}
+
+
+def _norm_from_flat(flat, used, prefix, d_model, dtype):
+    """LayerNorm {weight, bias} (ones / zeros where the module has no affine parameters)."""
+    weight = _take(flat, used, prefix + "weight")
+    bias = _take(flat, used, prefix + "bias")
+    return {"weight": np.ones(d_model, dtype) if weight is None else weight.copy(),
+            "bias": np.zeros(d_model, dtype) if bias is None else bias.copy()}
+
+
+def _mha_from_flat(flat, used, prefix):
+    """nn.MultiheadAttention's state_dict entries under prefix -> {q_proj, k_proj, v_proj, out_proj}."""
+    for extra in ("bias_k", "bias_v"):
+        check(prefix + extra not in flat, f"{prefix}{extra}: attention with add_bias_kv=True is not supported")
+    packed = _take(flat, used, prefix + "in_proj_weight")
+    if packed is not None:
+        check(packed.ndim == 2 and packed.shape[0] == 3 * packed.shape[1],
+              f"{prefix}in_proj_weight must be [3D, D], got {list(packed.shape)}")
+        weights = np.split(packed, 3)  # [3D, D] -> q, k, v [D, D] (torch's [out, in])
+    else:
+        weights = [_take(flat, used, f"{prefix}{name}_proj_weight") for name in "qkv"]
+        check(all(w is not None for w in weights), f"{prefix}: neither in_proj_weight nor q/k/v_proj_weight found")
+    d_model = weights[0].shape[0]
+    check(all(w.shape == (d_model, d_model) for w in weights),
+          f"{prefix}: attention with kdim or vdim different from embed_dim={d_model} is not supported")
+    bias = _take(flat, used, prefix + "in_proj_bias")
+    bias = np.zeros(3 * d_model, weights[0].dtype) if bias is None else bias
+    p = {f"{name}_proj": {"weight": np.ascontiguousarray(w.T), "bias": b.copy()}
+         for name, w, b in zip("qkv", weights, np.split(bias, 3))}
+    p["out_proj"] = _linear_from_flat(flat, used, prefix + "out_proj.")
+    return p
+
+
+def _layer_from_flat(flat, used, prefix, cross):
+    """A TransformerEncoderLayer (cross=False) or TransformerDecoderLayer (cross=True) under prefix."""
+    p = {"self_attn": _mha_from_flat(flat, used, prefix + "self_attn.")}
+    d_model, dtype = p["self_attn"]["q_proj"]["weight"].shape[0], p["self_attn"]["q_proj"]["weight"].dtype
+    p["self_attn_norm"] = _norm_from_flat(flat, used, prefix + "norm1.", d_model, dtype)
+    if cross:
+        p["cross_attn"] = _mha_from_flat(flat, used, prefix + "multihead_attn.")
+        p["cross_attn_norm"] = _norm_from_flat(flat, used, prefix + "norm2.", d_model, dtype)
+    p["ffn"] = {"fc1": _linear_from_flat(flat, used, prefix + "linear1."),
+                "fc2": _linear_from_flat(flat, used, prefix + "linear2.")}
+    p["ffn_norm"] = _norm_from_flat(flat, used, prefix + ("norm3." if cross else "norm2."), d_model, dtype)
+    return p
+
+
+# ---------------------------------------------------------------------------- modules -> param tree
+
+
+def _check_type(module, cls, what):
+    check(isinstance(module, cls), f"{what} must be a torch.nn.{cls.__name__}, got {type(module).__name__}")
+
+
+def mha_params_from_torch(mha):
+    """nn.MultiheadAttention (packed in_proj or separate q/k/v_proj_weight) -> our attention params.
+
+    {q_proj, k_proj, v_proj, out_proj} each {"weight" [D, D] (in, out), "bias" [D]}, float64 for a
+    float64 module, float32 otherwise.
+    """
+    _check_type(mha, _torch().nn.MultiheadAttention, "mha")
+    check(mha.bias_k is None, "nn.MultiheadAttention with add_bias_kv=True is not supported")
+    check(not mha.add_zero_attn, "nn.MultiheadAttention with add_zero_attn=True is not supported")
+    check(mha.kdim == mha.embed_dim and mha.vdim == mha.embed_dim,
+          f"nn.MultiheadAttention with kdim={mha.kdim}, vdim={mha.vdim} != embed_dim={mha.embed_dim} is not supported")
+    return _mha_from_flat(_flat_arrays(mha), set(), "")
+
+
+def encoder_layer_params_from_torch(layer):
+    """nn.TransformerEncoderLayer -> {self_attn, self_attn_norm, ffn: {fc1, fc2}, ffn_norm}.
+
+    This is also a decoder-only layer (self-attention without cross-attention).
+    """
+    _check_type(layer, _torch().nn.TransformerEncoderLayer, "layer")
+    config_from_torch_layer(layer)  # rejects what refimpl cannot reproduce
+    mha_params_from_torch(layer.self_attn)
+    return _layer_from_flat(_flat_arrays(layer), set(), "", cross=False)
+
+
+def decoder_layer_params_from_torch(layer):
+    """nn.TransformerDecoderLayer -> {self_attn, self_attn_norm, cross_attn, cross_attn_norm, ffn, ffn_norm}."""
+    _check_type(layer, _torch().nn.TransformerDecoderLayer, "layer")
+    config_from_torch_layer(layer)
+    for name in ("self_attn", "multihead_attn"):
+        mha_params_from_torch(getattr(layer, name))
+    return _layer_from_flat(_flat_arrays(layer), set(), "", cross=True)
+
+
+def _activation_name(activation):
+    """torch's layer.activation (a function or module) -> our activation name."""
+    nn, functional = _torch().nn, _torch().nn.functional
+    if activation is functional.relu or isinstance(activation, nn.ReLU):
+        return "relu"
+    if activation is functional.gelu or (isinstance(activation, nn.GELU) and activation.approximate == "none"):
+        return "gelu"
+    if isinstance(activation, nn.GELU) and activation.approximate == "tanh":
+        return "gelu_tanh"
+    if activation is functional.silu or isinstance(activation, nn.SiLU):
+        return "silu"
+    raise RefformerError(f"activation {activation!r} is not supported: use relu, gelu (exact), "
+                         f"nn.GELU(approximate='tanh') or silu")
+
+
+def config_from_torch_layer(layer):
+    """The Config fields a TransformerEncoderLayer / TransformerDecoderLayer records.
+
+    -> {"d_model", "n_heads", "d_ff", "norm_first", "activation", "norm_eps", "dropout"}.
+    """
+    nn = _torch().nn
+    check(isinstance(layer, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)),
+          f"layer must be a torch.nn.TransformerEncoderLayer or TransformerDecoderLayer, got {type(layer).__name__}")
+    cross = isinstance(layer, nn.TransformerDecoderLayer)
+    d_model = layer.self_attn.embed_dim
+    norms = [layer.norm1, layer.norm2] + ([layer.norm3] if cross else [])
+    for norm in norms:
+        check(isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (d_model,),
+              f"the layer's norms must be nn.LayerNorm({d_model}), got {norm!r}")
+    eps = {norm.eps for norm in norms}
+    check(len(eps) == 1, f"the layer's norms have different eps {sorted(eps)}; refformer uses one norm_eps")
+    heads = {layer.self_attn.num_heads} | ({layer.multihead_attn.num_heads} if cross else set())
+    check(len(heads) == 1, "self- and cross-attention have different numbers of heads; refformer uses one n_heads")
+    return {"d_model": d_model, "n_heads": layer.self_attn.num_heads, "d_ff": layer.linear1.out_features,
+            "norm_first": bool(layer.norm_first), "activation": _activation_name(layer.activation),
+            "norm_eps": float(eps.pop()), "dropout": float(layer.dropout.p)}
+
+
+# ---------------------------------------------------------------------------- naming heuristics
+
+
+def _side(name):
+    """Which side a name says it is: "src" (src_tok_emb, encoder_embedding), "tgt" (tgt_embed, dec_emb) or None."""
+    lower = name.lower()
+    words = re.split(r"[._]", lower)
+    is_src = "src" in lower or any(word in SRC_WORDS for word in words)
+    is_tgt = "tgt" in lower or "trg" in lower or any(word in TGT_WORDS for word in words)
+    return "src" if is_src and not is_tgt else "tgt" if is_tgt and not is_src else None
+
+
+def _is_position_name(name):
+    """pos_embedding, positional_encoding.pe, tgt_pos.weight, position_embeddings ... (not post_norm)."""
+    lower = name.lower()
+    return re.search(r"(^|[._])pos(?!t)", lower) is not None or "pe" in re.split(r"[._]", lower)
+
+
+def _src_tgt(named, what):
+    """[(name, x)] -> (source item, target item): a single item is both; two are told apart by name."""
+    if len(named) == 1:
+        return named[0], named[0]
+    sides = [_side(name) for name, _ in named]
+    if len(named) == 2 and sides in (["src", "tgt"], ["src", None], [None, "tgt"]):
+        return named[0], named[1]
+    if len(named) == 2 and sides in (["tgt", "src"], ["tgt", None], [None, "src"]):
+        return named[1], named[0]
+    raise RefformerError(f"cannot tell the source {what} from the target one among {_few([n for n, _ in named])}: "
+                         f"name them with src/source/encoder and tgt/target/decoder")
+
+
+def _as_position_table(array, d_model):
+    """A positional table [N, D] from [N, D], [N, 1, D] or [1, N, D]; None when it has another shape."""
+    if array.ndim < 2 or array.shape[-1] != d_model or sum(s != 1 for s in array.shape[:-1]) > 1:
+        return None
+    return array.reshape(-1, d_model)
+
+
+def _is_sinusoidal(table):
+    """Does the [N, D] table equal refimpl's sinusoidal table (to float32 rounding of large angles)?"""
+    reference = sinusoidal_table(*table.shape)
+    return bool(np.max(np.abs(table - reference), initial=0.0) <= 1e-3)
+
+
+# ---------------------------------------------------------------------------- config assembly
+
+
+def _make_config(read, given, overridable, source):
+    """Config from what the weights record (read) and what the caller gave (given; None = not given)."""
+    fields = dict(read)
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name in overridable:
+            fields[name] = value
+        elif name in read:
+            check(read[name] == value, f"{name}={value!r} contradicts the {source}, which has {name}={read[name]!r}")
+        else:
+            allowed = sorted(set(overridable))
+            raise RefformerError(f"unknown or unsettable option {name!r} for the {source}: use {', '.join(allowed)}")
+    return Config(**fields)
+
+
+def _assemble(cfg, stacks, embeddings, positions, head):
+    """The parameter tree of cfg from converted pieces, checked against param_shapes(cfg)."""
+    from .io import check_params
+
+    dtype = embeddings["tgt"].dtype
+    params = {}
+    for stack in ("encoder", "decoder") if cfg.is_encoder_decoder else ("decoder",):
+        side = "src" if stack == "encoder" else "tgt"
+        tree = {}
+        if stack == "decoder" or not cfg.share_embeddings:
+            tree["embed_tokens"] = {"weight": embeddings[side].copy()}
+        if cfg.positional == "learned":
+            tree["embed_positions"] = {"weight": positions[side].copy()}
+        tree["layers"] = stacks[stack]["layers"]
+        if cfg.final_norm:
+            tree["final_norm"] = stacks[stack]["final_norm"]
+        params[stack] = tree
+    lm_head = {}
+    if not cfg.tie_embeddings:
+        lm_head["weight"] = np.ascontiguousarray(head["weight"].T)  # [V, D] -> [D, V]
+    if cfg.lm_head_bias:
+        lm_head["bias"] = head["bias"].copy()
+    if lm_head:
+        params["lm_head"] = lm_head
+    params = _cast_tree(params, dtype)
+    check_params(cfg, params)
+    return params
+
+
+def _cast_tree(tree, dtype):
+    if isinstance(tree, dict):
+        return {key: _cast_tree(value, dtype) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_cast_tree(value, dtype) for value in tree]
+    return tree.astype(dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------- live modules
+
+
+def _owned(module):
+    """ids of module and everything under it."""
+    return {id(m) for m in module.modules()} | {id(p) for p in module.parameters()}
+
+
+def _stack_from_torch(stack, cross):
+    """nn.TransformerEncoder / nn.TransformerDecoder -> ({"layers", "final_norm"}, layer config, final norm eps)."""
+    nn = _torch().nn
+    layer_type = nn.TransformerDecoderLayer if cross else nn.TransformerEncoderLayer
+    kind = type(stack).__name__
+    check(len(stack.layers) >= 1, f"the {kind} has no layers")
+    configs = []
+    layers = []
+    for i, layer in enumerate(stack.layers):
+        check(isinstance(layer, layer_type),
+              f"{kind}.layers[{i}] is a {type(layer).__name__}, expected {layer_type.__name__}")
+        configs.append(config_from_torch_layer(layer))
+        layers.append(decoder_layer_params_from_torch(layer) if cross else encoder_layer_params_from_torch(layer))
+    check(all(c == configs[0] for c in configs), f"the layers of the {kind} differ in architecture: {configs}")
+    tree = {"layers": layers}
+    eps = None
+    if stack.norm is not None:
+        d_model = configs[0]["d_model"]
+        check(isinstance(stack.norm, nn.LayerNorm) and tuple(stack.norm.normalized_shape) == (d_model,),
+              f"the {kind}'s final norm must be nn.LayerNorm({d_model}), got {stack.norm!r}")
+        tree["final_norm"] = _norm_from_flat(_flat_arrays(stack.norm), set(), "", d_model,
+                                             layers[0]["self_attn"]["q_proj"]["weight"].dtype)
+        eps = stack.norm.eps
+    return tree, configs[0], eps
+
+
+def from_torch(module, **overrides):
+    """(cfg, params) from a live model: nn.Embedding(s) + nn.Transformer (or nn.TransformerEncoder) + nn.Linear head.
+
+    Found in the module: an nn.Transformer, or one nn.TransformerEncoder plus one nn.TransformerDecoder
+    (encoder-decoder family), or a lone nn.TransformerEncoder, which is taken to be a causal LM run with a
+    causal mask (decoder-only family); the token nn.Embedding(s) (one = shared; two = source and target,
+    told apart by names containing src/source/encoder and tgt/trg/target/decoder); a learned positional
+    nn.Embedding (or nn.Parameter) named like pos/position; an nn.Linear LM head with out_features =
+    vocab size (tied when its weight is the target embedding's tensor). D, H, F, layer counts,
+    norm_first, activation, norm eps, final norms, head bias, vocabulary size and dropout come from
+    the module. overrides (Config field names) supply what the module cannot tell:
+    embed_scale (default True: x = E[ids] * sqrt(D) + pos), positional (default "sinusoidal", checked
+    against a sinusoidal buffer named like pe/pos when there is one), max_positions (default: the
+    positional table's length, else 512), dropout, pad_id (default: the embedding's padding_idx, else 0),
+    bos_id, eos_id, unk_id (defaults 1, 2, 3). batch_first does not matter: only weights are read.
+    """
+    nn = _torch().nn
+    check(isinstance(module, nn.Module), f"from_torch needs a torch.nn.Module, got {type(module).__name__}")
+    family, stacks, layer_cfg, final_norm, used = _find_stacks(module)
+    d_model = layer_cfg["d_model"]
+    tokens, learned_positions = _find_embeddings(module, used, d_model)
+    check(tokens, "no token nn.Embedding found: from_torch needs the whole model (embeddings, transformer, LM head)")
+    check(len(tokens) <= (2 if family == "encoder-decoder" else 1),
+          f"found {len(tokens)} token embeddings ({_few([n for n, _ in tokens])}); expected "
+          f"{'1 or 2' if family == 'encoder-decoder' else 'one for a decoder-only model'}")
+    (src_name, src_embed), (tgt_name, tgt_embed) = _src_tgt(tokens, "embedding")
+    vocab_size = tgt_embed.num_embeddings
+    check(src_embed.weight.shape == tgt_embed.weight.shape,
+          f"{src_name} is {list(src_embed.weight.shape)} but {tgt_name} is {list(tgt_embed.weight.shape)}: "
+          f"refformer uses one vocabulary")
+    check(tgt_embed.embedding_dim == d_model,
+          f"{tgt_name} has width {tgt_embed.embedding_dim}, the transformer's d_model is {d_model}")
+    head_name, head = _find_head(module, used, d_model, vocab_size)
+    unknown = [name for name, p in module.named_parameters() if id(p) not in used]
+    check(not unknown, f"the module has parameters refformer cannot map: {_few(unknown)}")
+    read_positional, position_tables = _find_positions(module, learned_positions, d_model)
+
+    read = {"family": family, "vocab_size": vocab_size, "d_model": d_model, "n_heads": layer_cfg["n_heads"],
+            "d_ff": layer_cfg["d_ff"], "n_encoder_layers": len(stacks.get("encoder", {"layers": []})["layers"]),
+            "n_decoder_layers": len(stacks["decoder"]["layers"]), "norm_first": layer_cfg["norm_first"],
+            "norm": "layernorm", "norm_eps": layer_cfg["norm_eps"], "final_norm": final_norm,
+            "activation": layer_cfg["activation"], "share_embeddings": src_embed is tgt_embed,
+            "tie_embeddings": _same_tensor(head.weight, tgt_embed.weight), "lm_head_bias": head.bias is not None,
+            "dropout": layer_cfg["dropout"], "positional": "sinusoidal", "embed_scale": True}
+    if tgt_embed.padding_idx is not None:
+        read["pad_id"] = int(tgt_embed.padding_idx)
+    read.update(read_positional)
+    overridable = set(OVERRIDABLE) - ({"positional", "max_positions"} if learned_positions else set())
+    cfg = _make_config(read, overrides, overridable, "module")
+    check(cfg.positional == "sinusoidal" or bool(position_tables),
+          "positional='learned' but the module has no positional nn.Embedding (named like pos/position)")
+    embeddings = {"src": _array(src_embed.weight, src_name), "tgt": _array(tgt_embed.weight, tgt_name)}
+    head_arrays = {"weight": _array(head.weight, head_name),
+                   "bias": None if head.bias is None else _array(head.bias, head_name + ".bias")}
+    return cfg, _assemble(cfg, stacks, embeddings, position_tables, head_arrays)
+
+
+def _find_stacks(module):
+    """The transformer stacks of module -> (family, {stack: tree}, layer config, final_norm, ids inside them)."""
+    nn = _torch().nn
+    encoders = [m for m in module.modules() if isinstance(m, nn.TransformerEncoder)]
+    decoders = [m for m in module.modules() if isinstance(m, nn.TransformerDecoder)]
+    if len(encoders) == 1 and len(decoders) == 1:
+        family, found = "encoder-decoder", {"encoder": (encoders[0], False), "decoder": (decoders[0], True)}
+    elif len(encoders) == 1 and not decoders:
+        family, found = "decoder-only", {"decoder": (encoders[0], False)}  # a causal LM: see the module docstring
+    else:
+        raise RefformerError(f"from_torch needs a module with one nn.Transformer (or one nn.TransformerEncoder, "
+                             f"for a causal LM); found {len(encoders)} TransformerEncoder(s) and "
+                             f"{len(decoders)} TransformerDecoder(s)")
+    stacks, configs, final_eps = {}, [], []
+    for name, (stack, cross) in found.items():
+        stacks[name], layer_cfg, eps = _stack_from_torch(stack, cross)
+        configs.append(layer_cfg)
+        final_eps.append(eps)
+    check(all(c == configs[0] for c in configs),
+          f"the encoder and decoder layers differ in architecture: {configs[0]} vs {configs[-1]}")
+    has_final = {eps is not None for eps in final_eps}
+    check(len(has_final) == 1, "the encoder and decoder must both have a final norm or both have none")
+    final_norm = has_final.pop()
+    check(not final_norm or all(eps == configs[0]["norm_eps"] for eps in final_eps),
+          f"the final norms' eps {final_eps} differ from the layers' {configs[0]['norm_eps']}")
+    inside = set().union(*(_owned(stack) for stack, _ in found.values()))
+    return family, stacks, configs[0], final_norm, inside
+
+
+def _find_embeddings(module, used, d_model):
+    """Tables outside the stacks -> (tokens [(name, nn.Embedding)], positions [(name, nn.Embedding or Parameter)]).
+
+    One entry per distinct weight tensor (a table registered twice is shared); positional ones are named like pos.
+    """
+    nn = _torch().nn
+    tokens, positions = [], []
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Embedding) and id(m) not in used:
+            check(m.max_norm is None, f"{name}: nn.Embedding with max_norm is not supported")
+            if not any(_same_tensor(m.weight, other.weight) for _, other in tokens + positions):
+                (positions if _is_position_name(name) else tokens).append((name, m))
+            used |= {id(m), id(m.weight)}
+    for name, p in module.named_parameters():  # a positional table held directly as an nn.Parameter
+        if id(p) not in used and _is_position_name(name) and _as_position_table(_array(p, name), d_model) is not None:
+            positions.append((name, p))
+            used.add(id(p))
+    return tokens, positions
+
+
+def _find_head(module, used, d_model, vocab_size):
+    """The LM head: the nn.Linear(D, V) outside the stacks (by a head-like name when there are several)."""
+    nn = _torch().nn
+    heads = [(name, m) for name, m in module.named_modules()
+             if isinstance(m, nn.Linear) and id(m) not in used
+             and (m.in_features, m.out_features) == (d_model, vocab_size)]
+    if len(heads) > 1:
+        heads = [(name, m) for name, m in heads if any(word in name.lower() for word in HEAD_WORDS)] or heads
+    check(len(heads) == 1, f"expected one nn.Linear({d_model}, {vocab_size}) LM head, found "
+                           f"{_few([n for n, _ in heads]) if heads else 'none'}")
+    head_name, head = heads[0]
+    used |= {id(head), id(head.weight)} | ({id(head.bias)} if head.bias is not None else set())
+    return head_name, head
+
+
+def _find_positions(module, learned, d_model):
+    """-> (Config fields read, {"src", "tgt": [N, D] table} for learned positions).
+
+    Learned tables fix positional="learned" and max_positions; otherwise a floating buffer named like
+    pe/pos of shape [N, D] (or [N, 1, D], [1, N, D]) must be refimpl's sinusoidal table and fixes max_positions.
+    """
+    if learned:
+        check(len(learned) <= 2, f"found {len(learned)} positional tables; expected 1 or 2")
+        named_tables = [(name, _as_position_table(_array(getattr(m, "weight", m), name), d_model))
+                        for name, m in learned]
+        check(all(t is not None for _, t in named_tables), f"positional tables must be [N, {d_model}]")
+        (_, src_table), (_, tgt_table) = _src_tgt(named_tables, "positional table")
+        check(src_table.shape == tgt_table.shape, "the source and target positional tables must have the same length")
+        return {"positional": "learned", "max_positions": tgt_table.shape[0]}, {"src": src_table, "tgt": tgt_table}
+    read = {}
+    for name, buffer in module.named_buffers():
+        table = (_as_position_table(_array(buffer, name), d_model)
+                 if _is_position_name(name) and buffer.is_floating_point() else None)
+        if table is not None:
+            check(_is_sinusoidal(table), f"positional buffer {name} is not the standard sinusoidal table "
+                                         f"(sin in even columns, cos in odd): refformer cannot reproduce it")
+            read = {"positional": "sinusoidal", "max_positions": table.shape[0]}
+    return read, {}
+
+
+# ---------------------------------------------------------------------------- saved state_dicts
+
+_STACK_KEY = re.compile(r"^(.*)layers\.0\.self_attn\.(in_proj_weight|q_proj_weight)$")
+
+
+def _stack_from_flat(flat, used, root, cross):
+    """Layers (root + "layers.i.") and final norm (root + "norm.") of one saved stack."""
+    indices = {int(m.group(1)) for key in flat for m in [re.match(re.escape(root) + r"layers\.(\d+)\.", key)] if m}
+    check(indices == set(range(len(indices))), f"{root}layers: layer indices {sorted(indices)} are not 0 .. n-1")
+    layers = [_layer_from_flat(flat, used, f"{root}layers.{i}.", cross) for i in range(len(indices))]
+    tree = {"layers": layers}
+    if root + "norm.weight" in flat or root + "norm.bias" in flat:
+        weight = layers[0]["self_attn"]["q_proj"]["weight"]
+        tree["final_norm"] = _norm_from_flat(flat, used, root + "norm.", weight.shape[0], weight.dtype)
+    return tree
+
+
+def from_state_dict(state_dict, **arch):
+    """(cfg, params) from the state_dict of an nn.Transformer-based model (or an nn.TransformerEncoder causal LM).
+
+    D, F, V, layer counts, final norms, head bias, shared/tied embeddings and learned positions are
+    read from the tensors (keys like src_embed.weight, transformer.encoder.layers.0.self_attn.in_proj_weight,
+    transformer.decoder.norm.weight, generator.weight); arch supplies what a state_dict cannot record:
+    n_heads (required), norm_first (False), activation ("relu"), norm_eps (1e-5), dropout (0.1),
+    pad_id, bos_id, eos_id, unk_id (0, 1, 2, 3), embed_scale (True), positional ("learned" when there is
+    a learned positional table, else "sinusoidal"), max_positions (the table's length, else 512).
+    None means "the default". Keys that cannot be mapped are an error.
+    """
+    unknown = sorted(set(arch) - set(ARCH_FIELDS))
+    check(not unknown, f"unknown options {unknown}: from_state_dict accepts {', '.join(ARCH_FIELDS)}")
+    check(arch.get("n_heads") is not None, "n_heads is required: a state_dict does not record the number of heads")
+    check(hasattr(state_dict, "items"), f"a state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    raw = dict(state_dict.items())
+    bad = [str(key) for key, value in raw.items() if not isinstance(key, str)
+           or not (isinstance(value, np.ndarray) or hasattr(value, "is_floating_point"))]
+    check(not bad, f"a state_dict must map names to tensors; these entries are not tensors: {_few(bad)}")
+    flat = {key: _array(value, key) for key, value in raw.items()}
+    used = set()
+
+    roots = sorted({m.group(1) for key in flat for m in [_STACK_KEY.match(key)] if m})
+    decoder_roots = [root for root in roots if any(key.startswith(root + "layers.0.multihead_attn.") for key in flat)]
+    encoder_roots = [root for root in roots if root not in decoder_roots]
+    if len(encoder_roots) == 1 and len(decoder_roots) == 1:
+        family = "encoder-decoder"
+        stacks = {"encoder": _stack_from_flat(flat, used, encoder_roots[0], cross=False),
+                  "decoder": _stack_from_flat(flat, used, decoder_roots[0], cross=True)}
+    elif len(encoder_roots) == 1 and not decoder_roots:
+        family = "decoder-only"
+        stacks = {"decoder": _stack_from_flat(flat, used, encoder_roots[0], cross=False)}
+    else:
+        raise RefformerError(f"the state_dict is not an nn.Transformer model: expected keys ending in "
+                             f"encoder.layers.0.self_attn.in_proj_weight (and decoder.layers.0...), found "
+                             f"{len(encoder_roots)} encoder and {len(decoder_roots)} decoder stacks")
+    has_final = {"final_norm" in stack for stack in stacks.values()}
+    check(len(has_final) == 1, "the encoder and decoder must both have a final norm (…norm.weight) or both none")
+    first = stacks["decoder"]["layers"][0]
+    d_model, d_ff = first["self_attn"]["q_proj"]["weight"].shape[0], first["ffn"]["fc1"]["weight"].shape[1]
+
+    # what is left: token embeddings, positional tables, the LM head
+    rest = [key for key in flat if key not in used]
+    positions = [key for key in rest if _is_position_name(key) and _as_position_table(flat[key], d_model) is not None]
+    matrices = [key for key in rest if key not in positions and key.endswith(".weight") and flat[key].ndim == 2
+                and flat[key].shape[1] == d_model]
+    embedding_keys = [key for key in matrices if any(word in key.lower() for word in EMBEDDING_WORDS)]
+    # the head: a Linear (a [V] bias beside it; embeddings have none) or a head-like name (generator, fc_out, ...)
+    head_keys = [key for key in matrices if key not in embedding_keys
+                 and (key[: -len("weight")] + "bias" in flat
+                      or any(word in key[: -len(".weight")].lower() for word in HEAD_WORDS))]
+    embedding_keys += [key for key in matrices if key not in embedding_keys and key not in head_keys]
+    check(head_keys, f"no LM head weight [V, {d_model}] found (a key like generator.weight, lm_head.weight or "
+                     f"fc_out.weight); candidates: {_few(matrices) if matrices else 'none'}")
+    check(len(head_keys) == 1, f"more than one possible LM head: {_few(head_keys)}")
+    head_key = head_keys[0]
+    used.add(head_key)
+    head_bias_key = head_key[: -len("weight")] + "bias"
+    head = {"weight": flat[head_key], "bias": _take(flat, used, head_bias_key)}
+
+    # embeddings: several keys may hold one table (a module registered twice, a tied weight)
+    distinct = []
+    for key in embedding_keys:
+        used.add(key)
+        if not any(_same_tensor(raw[key], raw[other]) for other in distinct):
+            distinct.append(key)
+    check(distinct, "no token embedding [V, D] found (a key like src_embed.weight or embedding.weight)")
+    check(len(distinct) <= (2 if family == "encoder-decoder" else 1),
+          f"found {len(distinct)} token embeddings ({_few(distinct)}); expected "
+          f"{'1 or 2' if family == 'encoder-decoder' else 'one for a decoder-only model'}")
+    src_key, tgt_key = (pair[0] for pair in _src_tgt([(key, None) for key in distinct], "embedding"))
+    vocab_size = flat[tgt_key].shape[0]
+    check(flat[src_key].shape == flat[tgt_key].shape,
+          f"{src_key} is {list(flat[src_key].shape)} but {tgt_key} is {list(flat[tgt_key].shape)}: "
+          f"refformer uses one vocabulary")
+    check(head["weight"].shape == (vocab_size, d_model),
+          f"{head_key} is {list(head['weight'].shape)}, expected [V, D] = {[vocab_size, d_model]}")
+    tied = any(_same_tensor(raw[head_key], raw[key]) for key in embedding_keys
+               if _same_tensor(raw[key], raw[tgt_key]))
+
+    read_positional, position_tables = {}, {}
+    if positions:
+        used.update(positions)
+        check(len(positions) <= 2, f"found {len(positions)} positional tables ({_few(positions)}); expected 1 or 2")
+        (_, position_tables["src"]), (_, position_tables["tgt"]) = _src_tgt(
+            [(key, _as_position_table(flat[key], d_model)) for key in positions], "positional table")
+        check(position_tables["src"].shape == position_tables["tgt"].shape,
+              "the source and target positional tables must have the same length")
+        sinusoidal = all(_is_sinusoidal(table) for table in position_tables.values())
+        wanted = arch.get("positional") or ("sinusoidal" if sinusoidal else "learned")
+        check(wanted == "learned" or sinusoidal,
+              f"positional='sinusoidal' but {_few(positions)} is not the standard sinusoidal table")
+        read_positional = {"positional": wanted, "max_positions": position_tables["tgt"].shape[0]}
+        if wanted == "sinusoidal":
+            position_tables = {}
+    else:
+        check(arch.get("positional") != "learned", "positional='learned' but the state_dict has no positional table")
+
+    leftover = [key for key in flat if key not in used]
+    check(not leftover, f"the state_dict has keys refformer cannot map: {_few(leftover)}")
+
+    read = {"family": family, "vocab_size": vocab_size, "d_model": d_model, "d_ff": d_ff,
+            "n_encoder_layers": len(stacks["encoder"]["layers"]) if "encoder" in stacks else 0,
+            "n_decoder_layers": len(stacks["decoder"]["layers"]), "norm": "layernorm",
+            "final_norm": has_final.pop(), "share_embeddings": src_key == tgt_key, "tie_embeddings": tied,
+            "lm_head_bias": head["bias"] is not None}
+    read.update(read_positional)
+    overridable = set(ARCH_FIELDS) - {"positional"} - ({"max_positions"} if position_tables else set())
+    given = {key: value for key, value in arch.items() if key != "positional"}
+    cfg = _make_config(read, given, overridable, "state_dict")
+    embeddings = {"src": flat[src_key], "tgt": flat[tgt_key]}
+    return cfg, _assemble(cfg, stacks, embeddings, position_tables, head)
+
+
+_WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
+
+
+def convert_state_dict_file(path, tokenizer_path, out_dir, *, n_heads=None, norm_first=None, activation=None,
+                            pad_id=None, bos_id=None, eos_id=None, unk_id=None, embed_scale=None, positional=None,
+                            max_positions=None, norm_eps=None, dropout=None):
+    """Convert a torch.save(model.state_dict()) file into a model directory (what `refformer convert-torch` runs).
+
+    The file is read with torch.load(weights_only=True): a pickled module or other objects are refused.
+    A training checkpoint {"model_state_dict": ..., ...} is unwrapped. The options are from_state_dict's;
+    the tokenizer's vocabulary must match the model's (checked by save). Returns the Config written.
+    """
+    from .io import save
+
+    torch = _torch()
+    path = Path(path)
+    check(path.is_file(), f"{path} does not exist")
+    check(tokenizer_path is None or Path(tokenizer_path).is_file(), f"tokenizer {tokenizer_path} does not exist")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... for what it will not load
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RefformerError(f"{path} is not a state_dict of tensors that torch.load(weights_only=True) accepts "
+                             f"(a pickled module? save model.state_dict() instead): {first_line}") from None
+
+    def is_state_dict(obj):
+        return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+    if not is_state_dict(loaded) and isinstance(loaded, dict):
+        wrapped = [loaded[key] for key in _WRAPPER_KEYS if is_state_dict(loaded.get(key))]
+        loaded = wrapped[0] if len(wrapped) == 1 else loaded
+    check(is_state_dict(loaded), f"{path} holds a {type(loaded).__name__}, not a state_dict (a dict of tensors): "
+                                 f"save model.state_dict()")
+    arch = {"n_heads": n_heads, "norm_first": norm_first, "activation": activation, "pad_id": pad_id,
+            "bos_id": bos_id, "eos_id": eos_id, "unk_id": unk_id, "embed_scale": embed_scale,
+            "positional": positional, "max_positions": max_positions, "norm_eps": norm_eps, "dropout": dropout}
+    cfg, params = from_state_dict(loaded, **arch)
+    save(out_dir, cfg, params, tokenizer=tokenizer_path)
+    return cfg
