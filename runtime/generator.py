@@ -1,0 +1,179 @@
+"""refformer.runtime.Generator: text in, text out, on ONNX Runtime (CUDA when it can, else CPU).
+
+    from refformer.runtime import Generator
+    gen = Generator()                                   # the bundled German->English model
+    gen.generate(["Das Wetter ist schön."])             # -> ["The weather is nice."]
+    for piece in gen.stream("Ich habe Hunger."): print(piece, end="")
+"""
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.generate import GenerationOptions, beam_search, search_iter, trim_after_eos
+from refformer.refimpl.io import load_config
+
+from . import tokenizer as tok
+from .stepper import OrtStepper
+
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def default_model_dir():
+    """The German->English model shipped inside the package."""
+    path = Path(__file__).parent / "models" / "de-en"
+    if not (path / "config.json").is_file():
+        raise RefformerError(f"the bundled model is missing from {path}: reinstall refformer or pass --model DIR")
+    return path
+
+
+def cache_root():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "refformer"
+
+
+def ensure_export(model_dir, dtype="fp32"):
+    """An up-to-date export of model_dir: MODEL_DIR/onnx when fresh, else exported now — into MODEL_DIR/onnx
+    when writable, otherwise into a per-user cache folder keyed by the model's hashes."""
+    from refformer.export.export import export_model, is_stale, model_hashes, read_manifest
+
+    model_dir = Path(model_dir)
+
+    def fresh(onnx_dir):
+        try:
+            manifest = read_manifest(onnx_dir)
+        except RefformerError:
+            return False
+        return manifest.get("dtype") == dtype and not is_stale(model_dir, manifest)
+
+    local = model_dir / "onnx" if dtype == "fp32" else model_dir / f"onnx-{dtype}"
+    if fresh(local):
+        return local
+    hashes = model_hashes(model_dir)
+    key = hashlib.sha256((hashes["config_sha256"] + hashes["weights_sha256"]).encode()).hexdigest()[:20]
+    cached = cache_root() / f"{key}-{dtype}"
+    if fresh(cached):
+        return cached
+    target = local if os.access(model_dir, os.W_OK) else cached
+    print(f"exporting {model_dir} to {target} ({dtype}) ...", file=sys.stderr)
+    export_model(model_dir, target, dtype=dtype)
+    return target
+
+
+def resolve_provider(provider):
+    """'auto' -> CUDA when it can be loaded, else CPU with a one-line notice; 'cuda' fails clearly without it."""
+    from refformer.export.verify import cuda_usable
+
+    if provider not in ("auto", "cuda", "cpu"):
+        raise RefformerError(f"provider must be auto, cuda or cpu, got {provider!r}")
+    if provider == "cpu":
+        return PROVIDERS["cpu"]
+    if cuda_usable():
+        return PROVIDERS["cuda"]
+    if provider == "cuda":
+        raise RefformerError("the CUDA execution provider cannot be loaded here (no GPU, or CUDA 13 / cuDNN 9 "
+                             "libraries missing); use --provider cpu")
+    print("notice: CUDA is not usable here; running on the CPU", file=sys.stderr)
+    return PROVIDERS["cpu"]
+
+
+class Generator:
+    """Generation from a model directory (default: the bundled model) on ONNX Runtime.
+
+    The model is exported first when its onnx/ folder is missing or stale. provider: auto, cuda or cpu.
+    """
+
+    def __init__(self, model_dir=None, provider="auto", dtype="fp32", threads=None, truncate=False):
+        self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        self.cfg = load_config(self.model_dir)
+        self.tokenizer = tok.load_tokenizer(self.model_dir / "tokenizer.json")
+        size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        if size != self.cfg.vocab_size:
+            raise RefformerError(f"{self.model_dir}/tokenizer.json has {size} tokens but the model has {self.cfg.vocab_size}")
+        self.provider = resolve_provider(provider)
+        self.onnx_dir = ensure_export(self.model_dir, dtype)
+        self.stepper = OrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads)
+        self.truncate = truncate
+
+    # ------------------------------------------------------------ text <-> ids
+    def encode_inputs(self, texts):
+        """Texts -> the padded arrays the search takes (sources + eos right-padded, or bos + prompt left-padded)."""
+        cfg = self.cfg
+        if isinstance(texts, str):
+            texts = [texts]
+        for number, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise RefformerError(f"input {number + 1} is empty")
+        rows = tok.encode(self.tokenizer, texts)
+        limit = cfg.max_positions - 1  # room for eos (source) or bos (prompt) and at least one new token
+        for number, row in enumerate(rows):
+            if len(row) > limit:
+                if not self.truncate:
+                    raise RefformerError(f"input {number + 1} has {len(row)} tokens, more than the model's {limit}; "
+                                         "shorten it or pass --truncate")
+                print(f"warning: input {number + 1} truncated from {len(row)} to {limit} tokens", file=sys.stderr)
+                rows[number] = row[:limit]
+        if cfg.is_encoder_decoder:
+            rows = [row + [cfg.eos_id] for row in rows]
+            ids = np.full((len(rows), max(map(len, rows))), cfg.pad_id, dtype=np.int64)
+            keep = np.zeros_like(ids)
+            for b, row in enumerate(rows):
+                ids[b, :len(row)], keep[b, :len(row)] = row, 1
+            return {"src_ids": ids, "src_mask": keep}
+        rows = [[cfg.bos_id] + row for row in rows]
+        ids = np.full((len(rows), max(map(len, rows))), cfg.pad_id, dtype=np.int64)
+        keep = np.zeros_like(ids)
+        for b, row in enumerate(rows):
+            ids[b, ids.shape[1] - len(row):], keep[b, ids.shape[1] - len(row):] = row, 1
+        return {"prompt_ids": ids, "prompt_mask": keep}
+
+    def decode(self, ids):
+        return tok.decode(self.tokenizer, [t for t in ids if t != self.cfg.eos_id])
+
+    # ------------------------------------------------------------ generation
+    def generate_ids(self, texts, options):
+        """Per input, num_return_sequences lists of generated ids (eos kept)."""
+        inputs = self.encode_inputs(texts)
+        if options.num_beams > 1:
+            return beam_search(self.stepper, self.cfg, options, **inputs)[0]
+        copies = options.num_return_sequences
+        if copies > 1:
+            inputs = {k: np.repeat(v, copies, axis=0) for k, v in inputs.items()}
+        steps = list(search_iter(self.stepper, self.cfg, options, **inputs))
+        B = next(iter(inputs.values())).shape[0]
+        rows = np.stack(steps, axis=1).tolist() if steps else [[] for _ in range(B)]
+        sequences = [trim_after_eos(row, self.cfg) for row in rows]
+        return [sequences[i:i + copies] for i in range(0, B, copies)]
+
+    def generate(self, texts, **options):
+        """Texts -> generated texts: a list of str, or of lists of str when num_return_sequences > 1."""
+        options = GenerationOptions(**options)
+        single = isinstance(texts, str)
+        outputs = [[self.decode(ids) for ids in sequences] for sequences in self.generate_ids(texts, options)]
+        if options.num_return_sequences == 1:
+            outputs = [sequences[0] for sequences in outputs]
+        return outputs[0] if single else outputs
+
+    def stream(self, text, **options):
+        """Yield pieces of text as tokens are produced (beam search yields its best result at the end)."""
+        options = GenerationOptions(**options)
+        if options.num_beams > 1 or options.num_return_sequences > 1:
+            yield self.generate(text, **{**vars(options), "num_return_sequences": 1})
+            return
+        shown, tokens = "", []
+        for next_ids in search_iter(self.stepper, self.cfg, options, **self.encode_inputs([text])):
+            token = int(next_ids[0])
+            if token == self.cfg.eos_id:
+                break
+            tokens.append(token)
+            text_so_far = self.decode(tokens)
+            if text_so_far.startswith(shown) and not text_so_far.endswith("\ufffd"):  # whole characters only
+                yield text_so_far[len(shown):]
+                shown = text_so_far
+        final = self.decode(tokens)
+        if final != shown:
+            yield final[len(shown):] if final.startswith(shown) else final
