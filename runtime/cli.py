@@ -143,3 +143,5 @@ main.add_command(data); main.add_command(tokenizer)
 
 from refformer.runtime.train_cli import train, evaluate  # noqa: E402
 main.add_command(train); main.add_command(evaluate)
+from refformer.runtime.generate_cli import generate  # noqa: E402
+main.add_command(generate)
