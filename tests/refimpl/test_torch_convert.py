@@ -13,8 +13,11 @@ import sys
 import numpy as np
 import pytest
 
-from refformer.refimpl import RefformerError, load, model_forward, rel_error
-from refformer.refimpl.torch_convert import convert_state_dict_file, from_state_dict, from_torch
+from refformer.refimpl import (Config, RefformerError, decoder_layer_forward, encoder_layer_forward, load,
+                               model_forward, padding_mask, rel_error)
+from refformer.refimpl.torch_convert import (config_from_torch_layer, convert_state_dict_file,
+                                             decoder_layer_params_from_torch, encoder_layer_params_from_torch,
+                                             from_state_dict, from_torch)
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -175,9 +178,9 @@ def batch(seed, B=3, S=5, T=4):
     return ids(S), ids(T)
 
 
-def assert_logits_equal(ours, theirs, dtype, label):
+def assert_same_as_torch(ours, theirs, dtype, label):
     error = rel_error(ours, theirs.detach().numpy())
-    assert error <= TOLERANCE[dtype], f"{label}: logits differ from torch by {error:.3e} (max-norm relative)"
+    assert error <= TOLERANCE[dtype], f"{label}: differs from torch by {error:.3e} (max-norm relative)"
 
 
 def seq2seq_logits(cfg, params, model, seed):
@@ -214,7 +217,7 @@ def test_from_torch_seq2seq(dtype, share, tie, batch_first, norm_first, activati
     assert (cfg.positional, cfg.max_positions, cfg.embed_scale) == ("sinusoidal", 32, True)
     assert params["decoder"]["embed_tokens"]["weight"].dtype == (np.float64 if dtype == torch.float64 else np.float32)
     ours, theirs = seq2seq_logits(cfg, params, model, seed=2)
-    assert_logits_equal(ours, theirs, dtype, f"share={share} tie={tie} batch_first={batch_first}")
+    assert_same_as_torch(ours, theirs, dtype, f"share={share} tie={tie} batch_first={batch_first}")
 
 
 @pytest.mark.parametrize("tie, final_norm, batch_first", [(False, True, True), (True, False, False)])
@@ -227,7 +230,7 @@ def test_from_torch_decoder_only(tie, final_norm, batch_first):
     assert (cfg.positional, cfg.max_positions, cfg.tie_embeddings, cfg.lm_head_bias) == ("learned", 16, tie, False)
     assert (cfg.pad_id, cfg.activation, cfg.norm_first, cfg.dropout) == (0, "gelu", True, 0.0)  # pad_id: padding_idx
     ours, theirs = lm_logits(cfg, params, model, seed=4)
-    assert_logits_equal(ours, theirs, torch.float64, f"decoder-only tie={tie}")
+    assert_same_as_torch(ours, theirs, torch.float64, f"decoder-only tie={tie}")
 
 
 def test_word_language_model_naming():
@@ -236,11 +239,11 @@ def test_word_language_model_naming():
     cfg, params = from_torch(model)
     assert (cfg.family, cfg.final_norm, cfg.lm_head_bias, cfg.max_positions) == ("decoder-only", False, True, 64)
     ours, theirs = lm_logits(cfg, params, model, seed=12)
-    assert_logits_equal(ours, theirs, torch.float64, "word_language_model via from_torch")
+    assert_same_as_torch(ours, theirs, torch.float64, "word_language_model via from_torch")
     cfg2, params2 = from_state_dict(model.state_dict(), n_heads=H, dropout=0.0)
     assert cfg2 == cfg
     ours, theirs = lm_logits(cfg2, params2, model, seed=12)
-    assert_logits_equal(ours, theirs, torch.float64, "word_language_model via from_state_dict")
+    assert_same_as_torch(ours, theirs, torch.float64, "word_language_model via from_state_dict")
 
 
 def test_from_torch_reads_dropout_and_takes_overrides():
@@ -274,6 +277,34 @@ def test_from_torch_refuses_unmapped_parameters_and_foreign_positions():
         from_torch(model)
 
 
+@pytest.mark.parametrize("activation, expected", [
+    (lambda: nn.GELU(approximate="tanh"), "gelu_tanh"), (lambda: nn.functional.silu, "silu"),
+    (lambda: nn.ReLU(), "relu"), (lambda: "gelu", "gelu")])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_conversion_variants(activation, expected, bias):
+    """Activations given as modules or functions, bias=False (zero biases), layer_norm_eps, read and reproduced."""
+    kwargs = dict(d_model=D, nhead=H, dim_feedforward=F, dropout=0.0, activation=activation(), layer_norm_eps=1e-6,
+                  batch_first=True, norm_first=not bias, bias=bias, dtype=torch.float64)
+    encoder_layer = randomize(nn.TransformerEncoderLayer(**kwargs), seed=13)
+    decoder_layer = randomize(nn.TransformerDecoderLayer(**kwargs), seed=14)
+    fields = config_from_torch_layer(encoder_layer)
+    assert fields == {"d_model": D, "n_heads": H, "d_ff": F, "norm_first": not bias, "activation": expected,
+                      "norm_eps": 1e-6, "dropout": 0.0}
+    cfg = Config(**fields)
+    rng = np.random.default_rng(15)
+    x, memory = rng.normal(size=(2, 5, D)), rng.normal(size=(2, 3, D))
+    keep = padding_mask(np.ones((2, 5), bool))
+    with torch.no_grad():
+        theirs = encoder_layer(torch.from_numpy(x))
+        ours, _ = encoder_layer_forward(encoder_layer_params_from_torch(encoder_layer), x, keep, cfg)
+        assert_same_as_torch(ours, theirs, torch.float64, f"encoder layer, {expected}, bias={bias}")
+        causal = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+        theirs = decoder_layer(torch.from_numpy(x), torch.from_numpy(memory), tgt_mask=causal)
+        ours, _ = decoder_layer_forward(decoder_layer_params_from_torch(decoder_layer), x,
+                                        np.tril(np.ones((5, 5), bool)), memory, None, cfg)
+        assert_same_as_torch(ours, theirs, torch.float64, f"decoder layer, {expected}, bias={bias}")
+
+
 # ---------------------------------------------------------------------------- state_dict files
 
 
@@ -301,7 +332,7 @@ def test_convert_state_dict_file_seq2seq_round_trip(tmp_path, share, tie, norm_f
     assert (cfg.share_embeddings, cfg.tie_embeddings, cfg.max_positions) == (share, tie, 32)  # storage sharing survives
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     ours, theirs = seq2seq_logits(cfg, params, model, seed=6)
-    assert_logits_equal(ours, theirs, torch.float32, "converted seq2seq")
+    assert_same_as_torch(ours, theirs, torch.float32, "converted seq2seq")
 
 
 def test_convert_state_dict_file_decoder_only_round_trip(tmp_path):
@@ -312,7 +343,7 @@ def test_convert_state_dict_file_decoder_only_round_trip(tmp_path):
     assert (cfg.family, cfg.positional, cfg.tie_embeddings) == ("decoder-only", "learned", True)
     loaded_cfg, params = load(tmp_path / "out")
     ours, theirs = lm_logits(loaded_cfg, params, model, seed=8)
-    assert_logits_equal(ours, theirs, torch.float32, "converted decoder-only")
+    assert_same_as_torch(ours, theirs, torch.float32, "converted decoder-only")
 
 
 def test_from_state_dict_separate_qkv_weights():
@@ -330,7 +361,7 @@ def test_from_state_dict_separate_qkv_weights():
     cfg2, params2 = from_state_dict(unpacked, n_heads=H, dropout=0.0)
     assert cfg2 == cfg
     ours, theirs = seq2seq_logits(cfg2, params2, model, seed=10)
-    assert_logits_equal(ours, theirs, torch.float64, "separate q/k/v")
+    assert_same_as_torch(ours, theirs, torch.float64, "separate q/k/v")
 
 
 def test_from_state_dict_errors():
