@@ -33,6 +33,9 @@ def sha256(path):
 def model_hashes(model_dir):
     """sha256 of config.json and model.safetensors: what the manifest records to detect a stale export."""
     model_dir = Path(model_dir)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (model_dir / name).is_file():
+            raise RefformerError(f"{model_dir / name} is missing")
     return {"config_sha256": sha256(model_dir / CONFIG_FILE), "weights_sha256": sha256(model_dir / WEIGHTS_FILE)}
 
 

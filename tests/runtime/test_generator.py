@@ -1,0 +1,168 @@
+"""The runtime on ONNX Runtime CPU (IOBinding, the same code path as CUDA) against refimpl.generate,
+token for token, for every strategy and both families; export on demand, providers, streaming."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from refformer.refimpl import Config, RefformerError, init_params, load, save
+from refformer.refimpl.generate import GenerationOptions, generate
+from refformer.runtime import generator as gen_module
+from refformer.runtime.generator import Generator
+
+TEXTS = {
+    "encoder-decoder": ["Das Wetter ist heute schön.", "Ich habe Hunger.", "Wo ist der Bahnhof, bitte?"],
+    "decoder-only": ["The weather is", "Errors should never pass", "A"],
+}
+STRATEGIES = [
+    dict(max_new_tokens=7),
+    dict(max_new_tokens=7, do_sample=True, temperature=0.9, top_k=40, top_p=0.95, seed=11),
+    dict(max_new_tokens=6, do_sample=True, num_return_sequences=2, seed=3),
+    dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, length_penalty=0.7),
+    dict(max_new_tokens=6, num_beams=2, early_stopping=True),
+    dict(max_new_tokens=8, min_new_tokens=4, repetition_penalty=1.4, no_repeat_ngram_size=2),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    """A small byte-level BPE tokenizer (specials 0..3 as the project's) trained on a few sentences."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([t for texts in TEXTS.values() for t in texts] * 3, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+def make_model(path, tokenizer_file, family, seed=0):
+    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
+    cfg = Config(vocab_size=vocab, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=2, n_decoder_layers=2,
+                 family=family, max_positions=48, dropout=0.0)
+    params = init_params(cfg, np.random.default_rng(seed))
+    params["decoder"]["embed_tokens"]["weight"][cfg.eos_id] *= 3  # let some rows end early
+    save(path, cfg, params, tokenizer=tokenizer_file)
+    return cfg
+
+
+@pytest.fixture(scope="module", params=["encoder-decoder", "decoder-only"])
+def model(request, tmp_path_factory, tokenizer_file):
+    path = tmp_path_factory.mktemp(request.param) / "model"
+    make_model(path, tokenizer_file, request.param)
+    return path, request.param
+
+
+@pytest.fixture(scope="module")
+def runtime(model):
+    path, family = model
+    return Generator(path, provider="cpu"), family
+
+
+@pytest.mark.parametrize("options", STRATEGIES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items() if k != "seed"))
+def test_runtime_matches_refimpl_token_for_token(runtime, options):
+    generator, family = runtime
+    cfg, params = load(generator.model_dir)
+    inputs = generator.encode_inputs(TEXTS[family])
+    options = GenerationOptions(**options)
+    got = generator.generate_ids(TEXTS[family], options)
+    want = generate(cfg, params, options=options, **inputs)
+    assert got == want
+    assert len(got) == len(TEXTS[family]) and all(len(s) == options.num_return_sequences for s in got)
+
+
+def test_rows_of_different_lengths_match_single_rows(runtime):
+    generator, family = runtime
+    together = generator.generate(TEXTS[family], max_new_tokens=6)
+    alone = [generator.generate(text, max_new_tokens=6) for text in TEXTS[family]]
+    assert together == alone
+
+
+def test_stream_yields_pieces_that_add_up_to_generate(runtime):
+    generator, family = runtime
+    pieces = list(generator.stream(TEXTS[family][0], max_new_tokens=8))
+    assert len(pieces) >= 1
+    assert "".join(pieces) == generator.generate(TEXTS[family][0], max_new_tokens=8)
+
+
+def test_export_happens_once_and_is_reused(model):
+    path, _ = model
+    manifest = (path / "onnx" / "manifest.json").stat().st_mtime_ns
+    Generator(path, provider="cpu")
+    assert (path / "onnx" / "manifest.json").stat().st_mtime_ns == manifest
+
+
+def test_stale_export_is_redone(tmp_path, tokenizer_file):
+    make_model(tmp_path / "m", tokenizer_file, "encoder-decoder", seed=0)
+    Generator(tmp_path / "m", provider="cpu")
+    make_model(tmp_path / "m", tokenizer_file, "encoder-decoder", seed=1)  # retrained: new weights
+    generator = Generator(tmp_path / "m", provider="cpu")
+    cfg, params = load(tmp_path / "m")
+    options = GenerationOptions(max_new_tokens=5)
+    inputs = generator.encode_inputs(["Ich habe Hunger."])
+    assert generator.generate_ids(["Ich habe Hunger."], options) == generate(cfg, params, options=options, **inputs)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
+def test_read_only_model_exports_into_the_user_cache(tmp_path, tokenizer_file, monkeypatch):
+    make_model(tmp_path / "m", tokenizer_file, "decoder-only")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    os.chmod(tmp_path / "m", stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        generator = Generator(tmp_path / "m", provider="cpu")
+    finally:
+        os.chmod(tmp_path / "m", stat.S_IRWXU)
+    assert str(generator.onnx_dir).startswith(str(tmp_path / "cache"))
+
+
+def test_unwritable_model_dir_goes_to_cache(tmp_path, tokenizer_file, monkeypatch):
+    """The same as above, for root too: os.access is what ensure_export asks."""
+    make_model(tmp_path / "m", tokenizer_file, "decoder-only")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(gen_module.os, "access", lambda p, mode: False)
+    generator = Generator(tmp_path / "m", provider="cpu")
+    assert str(generator.onnx_dir).startswith(str(tmp_path / "cache"))
+    assert not (tmp_path / "m" / "onnx").exists()
+
+
+def test_auto_falls_back_to_cpu_with_a_notice(model, capsys, monkeypatch):
+    monkeypatch.setattr("refformer.export.verify.cuda_usable", lambda: False)
+    generator = Generator(model[0], provider="auto")
+    assert generator.provider == "CPUExecutionProvider"
+    assert "running on the CPU" in capsys.readouterr().err
+
+
+def test_cuda_fails_clearly_without_a_gpu(model, monkeypatch):
+    monkeypatch.setattr("refformer.export.verify.cuda_usable", lambda: False)
+    with pytest.raises(RefformerError, match="CUDA execution provider cannot be loaded"):
+        Generator(model[0], provider="cuda")
+
+
+def test_bad_inputs(runtime):
+    generator, _ = runtime
+    with pytest.raises(RefformerError, match="empty"):
+        generator.generate(["ok", "  "])
+    with pytest.raises(RefformerError, match="more than the model"):
+        generator.generate("word " * 200)
+    with pytest.raises(RefformerError, match="top_p"):
+        generator.generate("ok", top_p=0)
+    generator.truncate = True
+    try:
+        assert isinstance(generator.generate("word " * 200, max_new_tokens=2), str)
+    finally:
+        generator.truncate = False
+
+
+def test_missing_pieces_are_clear(tmp_path, tokenizer_file):
+    with pytest.raises(RefformerError, match="does not exist"):
+        Generator(tmp_path / "nothing", provider="cpu")
+    make_model(tmp_path / "m", tokenizer_file, "decoder-only")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(RefformerError, match="model.safetensors is missing"):
+        Generator(tmp_path / "m", provider="cpu")
