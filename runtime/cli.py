@@ -34,6 +34,13 @@ def one_line_errors(command):
     return wrapper
 
 
+def default_model():
+    """The bundled German->English model, the default of every command that takes MODEL_DIR."""
+    from refformer.runtime.generator import default_model_dir
+
+    return default_model_dir()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(_version(), "--version", prog_name="refformer")
 def main():
@@ -41,7 +48,7 @@ def main():
 
 
 @main.command("golden")
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path(file_okay=False), required=False)
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The .npz file to write.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fixed random inputs.")
 @one_line_errors
@@ -49,6 +56,7 @@ def golden_command(model_dir, out_path, seed):
     """Write fixed inputs, every intermediate activation and every gradient of MODEL_DIR, in float64, to an .npz."""
     from refformer.refimpl.golden import write_golden
 
+    model_dir = model_dir or default_model()
     arrays = write_golden(model_dir, out_path, seed)
     click.echo(f"wrote {len(arrays)} arrays to {out_path}")
 
@@ -87,7 +95,7 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, **arch):
     click.echo(f"wrote {out_dir}" + (f" ({cfg.family}, D={cfg.d_model}, V={cfg.vocab_size})" if cfg is not None else ""))
 
 @main.command("export")
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path(file_okay=False), required=False)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17 for LayerNormalization).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
@@ -99,6 +107,7 @@ def export_command(model_dir, dtype, opset, out_dir, external_data):
     """Export MODEL_DIR to ONNX graphs (encoder.onnx, decoder.onnx, manifest.json)."""
     from refformer.export.export import export_model
 
+    model_dir = model_dir or default_model()
     out = out_dir or f"{model_dir}/onnx"
     manifest = export_model(model_dir, out_dir, dtype=dtype, opset=opset, external_data=external_data)
     error = manifest.get("error", {})
@@ -107,7 +116,7 @@ def export_command(model_dir, dtype, opset, out_dir, external_data):
 
 
 @main.command("verify")
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path(file_okay=False), required=False)
 @click.option("--onnx-dir", type=click.Path(file_okay=False), default=None, help="Export folder (default MODEL_DIR/onnx).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CPU, plus CUDA when it can be loaded.")
@@ -117,6 +126,7 @@ def verify_command(model_dir, onnx_dir, provider, seed):
     """Compare the exported graphs with refimpl (float64) and print the error table; exit 1 when a bound fails."""
     from refformer.export.verify import cuda_usable, verify
 
+    model_dir = model_dir or default_model()
     providers = None
     if provider == "cpu":
         providers = ["CPUExecutionProvider"]
