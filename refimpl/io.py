@@ -91,13 +91,15 @@ def load(model_dir, dtype=np.float32):
     from safetensors.numpy import load_file
 
     model_dir = Path(model_dir)
-    cfg = load_config(model_dir)
     path = model_dir / WEIGHTS_FILE
-    if not path.is_file():
+    if model_dir.is_dir() and not path.is_file():
         pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        hint = (f"; found {', '.join(pickles)}, which refformer will not unpickle: convert a torch state_dict "
-                f"with `refformer convert-torch`") if pickles else ""
-        raise RefformerError(f"{path} is missing{hint}")
+        if pickles:
+            raise RefformerError(f"{path} is missing; found {', '.join(pickles)}, which refformer will not unpickle: "
+                                 f"convert a torch state_dict with `refformer convert-torch`")
+    cfg = load_config(model_dir)
+    if not path.is_file():
+        raise RefformerError(f"{path} is missing")
     try:
         flat = load_file(path)
     except (SafetensorError, OSError, ValueError) as error:

@@ -75,11 +75,17 @@ def residual_backward(p_norm, cache, dy, sublayer_backward, cfg):
 # ---------------------------------------------------------------------------- encoder layer
 
 
+def check_layer_input(p, x):
+    weight = p["self_attn"]["q_proj"]["weight"]
+    check_array("x", x, ndim=3, shape=(None, None, weight.shape[0]), kind="f", dtype=weight.dtype)
+
+
 def encoder_layer_forward(p, x, mask, cfg, rng=None):
     """Self-attention then feed-forward, each in a residual block. x [B, S, D] -> [B, S, D].
 
     mask broadcasts to [B, H, S, S] (typically the source key-padding mask [B, 1, 1, S]).
     """
+    check_layer_input(p, x)
     def self_attention(h):
         return mha_forward(p["self_attn"], h, h, mask, n_heads=cfg.n_heads, dropout=cfg.dropout, rng=rng)
 
@@ -112,6 +118,7 @@ def decoder_layer_forward(p, x, self_mask, memory, memory_mask, cfg, rng=None):
     encoder output and memory_mask broadcasts to [B, H, T, S]. A decoder-only layer has no
     "cross_attn" in p and takes memory=None.
     """
+    check_layer_input(p, x)
     def self_attention(h):
         return mha_forward(p["self_attn"], h, h, self_mask, n_heads=cfg.n_heads, dropout=cfg.dropout, rng=rng)
 

@@ -293,6 +293,8 @@ def model_backward(cfg, params, cache, dlogits):
     if dhead:
         grads["lm_head"] = dhead
     if cfg.is_encoder_decoder:
+        if dmemory is None:  # no decoder layer reads the memory
+            dmemory = np.zeros_like(cache["encoder"]["output"])
         grads["encoder"], dsource = encoder_backward(cfg, params, cache["encoder"], dmemory)
         if cfg.share_embeddings:
             table["weight"] = table["weight"] + dsource["weight"]
@@ -342,6 +344,10 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
     B, T = ids.shape
     check(len(past) == len(p["layers"]), f"past must hold one (k, v) per decoder layer ({len(p['layers'])}), got {len(past)}")
     P = past[0][0].shape[2] if past else 0
+    dtype = p["embed_tokens"]["weight"].dtype
+    for i, (k, v) in enumerate(past):
+        check_array(f"past[{i}] keys", k, shape=(B, cfg.n_heads, P, cfg.head_dim), kind="f", dtype=dtype)
+        check_array(f"past[{i}] values", v, shape=(B, cfg.n_heads, P, cfg.head_dim), kind="f", dtype=dtype)
     attention_mask = np.asarray(attention_mask)
     check(attention_mask.shape == (B, P + T),
           f"attention_mask must have shape [B, P + T] = {[B, P + T]}, got {list(attention_mask.shape)}")
@@ -349,6 +355,9 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
         check(cross_kv is not None and len(cross_kv) == len(p["layers"]),
               "cross_kv must hold one (k, v) per decoder layer for an encoder-decoder model")
         check(encoder_attention_mask is not None, "encoder_attention_mask is required with cross_kv")
+        S = cross_kv[0][0].shape[2]
+        check(np.shape(encoder_attention_mask) == (B, S),
+              f"encoder_attention_mask must have shape [B, S] = {[B, S]}, got {list(np.shape(encoder_attention_mask))}")
 
     x, _ = embed_forward(cfg, p["embed_tokens"], p, ids, positions)
     self_mask = causal_mask(T, P + T, past=P)[None, None] & padding_mask(attention_mask)  # [B, 1, T, P + T]

@@ -10,11 +10,22 @@ import math
 
 import numpy as np
 
+from .errors import check, check_array
+
+
+def check_features(name, x, weight):
+    """x must be floating, of the weight's dtype, with last axis = weight's rows (the features a layer reads)."""
+    check_array(name, x, kind="f", dtype=weight.dtype)
+    check(x.ndim >= 1 and x.shape[-1] == weight.shape[0],
+          f"{name} must have {weight.shape[0]} features in its last axis, got shape {list(x.shape)}")
+
+
 # ---------------------------------------------------------------------------- linear
 
 
 def linear_forward(p, x):
     """y = x @ W + b. x [..., Din], W [Din, Dout], b [Dout] (optional) -> y [..., Dout]."""
+    check_features("x", x, p["weight"])
     # One [N, Din] @ [Din, Dout] product over all N leading positions: a stacked x @ W would make
     # NumPy call BLAS once per leading index ([T, Din] each), several times slower.
     x2 = x.reshape(-1, x.shape[-1])  # [..., Din] -> [N, Din]
@@ -41,6 +52,9 @@ def linear_backward(p, cache, dy):
 
 def embedding_forward(p, ids):
     """Row lookup. ids [...] int -> y [..., D] = weight[ids]."""
+    check_array("ids", ids, kind="i")
+    V = p["weight"].shape[0]
+    check(ids.size == 0 or (ids.min() >= 0 and ids.max() < V), f"ids must hold token ids in [0, {V})")
     return p["weight"][ids], (ids,)
 
 
@@ -68,6 +82,7 @@ def sinusoidal_table(n_positions, d_model, dtype=np.float64):
 
 def layer_norm_forward(p, x, eps):
     """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance)."""
+    check_features("x", x, p["weight"][:, None])
     mean = x.mean(axis=-1, keepdims=True)
     centred = x - mean
     rstd = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
@@ -88,6 +103,7 @@ def layer_norm_backward(p, cache, dy):
 
 def rms_norm_forward(p, x, eps):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last axis (no centring, no bias)."""
+    check_features("x", x, p["weight"][:, None])
     rrms = 1.0 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
     xhat = x * rrms
     return xhat * p["weight"], (xhat, rrms)
