@@ -14,7 +14,7 @@ import onnx
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.io import CONFIG_FILE, WEIGHTS_FILE, current_umask, load
 
-from .model import build_decoder, build_encoder
+from .model import build_decoder, build_decoder_static, build_encoder
 
 MANIFEST_FORMAT = 1
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GB: bigger graphs keep weights beside them
@@ -98,11 +98,12 @@ def versions():
             "numpy": np.__version__}
 
 
-def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=None, measure=True):
+def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=None, measure=True, static_length=None):
     """Export model_dir to out_dir (default model_dir/onnx) through a temporary folder renamed into place.
 
     Returns the manifest. measure=True runs refformer verify's random-input check on ONNX Runtime CPU
-    and records the error in the manifest.
+    and records the error in the manifest. static_length adds decoder_static.onnx, the fixed-size-cache
+    variant with in-graph argmax (for CUDA-graph replay), with that many cache slots.
     """
     if dtype not in DTYPES:
         raise RefformerError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
@@ -110,6 +111,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
         raise RefformerError(f"--opset must be between 17 (LayerNormalization) and {onnx.defs.onnx_opset_version()}, got {opset}")
     model_dir = Path(model_dir)
     cfg, params = load(model_dir)
+    if static_length is not None and not (isinstance(static_length, int) and 1 <= static_length <= cfg.max_positions):
+        raise RefformerError(f"--static-length must be between 1 and max_positions={cfg.max_positions}, got {static_length}")
     out_dir = Path(out_dir) if out_dir is not None else model_dir / "onnx"
     parent = out_dir.parent
     try:
@@ -121,6 +124,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
         graphs = {"decoder.onnx": build_decoder(cfg, params, dtype, opset)}
         if cfg.is_encoder_decoder:
             graphs = {"encoder.onnx": build_encoder(cfg, params, dtype, opset), **graphs}
+        if static_length is not None:
+            graphs["decoder_static.onnx"] = build_decoder_static(cfg, params, dtype, opset, static_length)
         manifest = {
             "format_version": MANIFEST_FORMAT,
             "family": cfg.family,
@@ -138,10 +143,18 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
             onnx.checker.check_model(str(path), full_check=True)
             check_external_data(path)
             manifest["graphs"][name.removesuffix(".onnx")] = {"file": name, **io_spec(model)}
+        if static_length is not None:
+            manifest["graphs"]["decoder_static"].update(variant="static", max_length=static_length,
+                                                        verified_against="decoder.onnx")
         if measure:
             from .verify import random_check
 
             rows = random_check(cfg, params, tmp, dtype, providers=["CPUExecutionProvider"])
+            if static_length is not None:
+                from .verify import static_check
+
+                rows += [dict(zip(("check", "provider", "output", "error"), row))
+                         for row in static_check(cfg, params, tmp, dtype, "CPUExecutionProvider")]
             manifest["error"] = {"provider": "CPUExecutionProvider", "bound": ERROR_BOUNDS[dtype],
                                  "max": max(row["error"] for row in rows),
                                  "per_output": {row["output"]: row["error"] for row in rows}}

@@ -193,18 +193,32 @@ def encoder_layer(g, cfg, prefix, p, x, mask):
                     lambda h: feed_forward(g, cfg, f"{prefix}.ffn", p["ffn"], h))
 
 
-def decoder_layer_step(g, cfg, prefix, p, x, self_mask, past_k, past_v, cross_k=None, cross_v=None, memory_mask=None):
+def concat_cache(g, at, past, new):
+    """The growing cache: [B, H, P, Dh] + [B, H, T, Dh] -> [B, H, P + T, Dh]."""
+    return g.op("Concat", [past, new], at, name="ConcatPast", axis=2)
+
+
+def write_cache(slot_mask):
+    """The static cache: Where(slot_mask [1, 1, L, 1], new [B, H, 1, Dh], cache [B, H, L, Dh]) writes one slot."""
+    def write(g, at, cache, new):
+        return g.op("Where", [slot_mask, new, cache], at, name="WriteSlot")
+    return write
+
+
+def decoder_layer_step(g, cfg, prefix, p, x, self_mask, past_k, past_v, cross_k=None, cross_v=None, memory_mask=None,
+                       update_cache=concat_cache):
     """residual(cached causal self-attention) ─ residual(cross-attention)? ─ residual(feed-forward).
 
-    Returns y and the present self-attention cache (Concat of past and new keys/values on the length axis).
+    Returns y and the present self-attention cache: update_cache(past, new) for keys and values
+    (Concat on the length axis for the reference graph; a one-slot write for the static graph).
     """
     present = {}
 
     def self_attention(h):
         k_new, v_new = project_kv(g, cfg, f"{prefix}.self_attn", p["self_attn"], h)
         at = node_path(f"{prefix}.self_attn")
-        present["k"] = g.op("Concat", [past_k, k_new], at, name="ConcatPastKey", axis=2)  # [B, H, P + T, Dh]
-        present["v"] = g.op("Concat", [past_v, v_new], at, name="ConcatPastValue", axis=2)
+        present["k"] = update_cache(g, at + "/key_cache", past_k, k_new)  # [B, H, P + T (or L), Dh]
+        present["v"] = update_cache(g, at + "/value_cache", past_v, v_new)
         return mha_cached(g, cfg, f"{prefix}.self_attn", p["self_attn"], h, present["k"], present["v"], self_mask)
 
     h = residual(g, cfg, f"{prefix}.self_attn_norm", p["self_attn_norm"], x, self_attention)

@@ -1,11 +1,13 @@
 """Whole-model graphs following DESIGN.md's graph contract: encoder.onnx and decoder.onnx (the reference graph)."""
 
+import numpy as np
 from onnx import TensorProto
 
 from refformer.refimpl.model import lm_head_params
 
 from .graph import Graph
-from .layers import causal_padding_mask, embed, encoder_layer, decoder_layer_step, linear, norm, padding_mask, project_kv
+from .layers import (causal_padding_mask, decoder_layer_step, embed, encoder_layer, linear, norm, padding_mask, project_kv,
+                     write_cache)
 
 INT64 = TensorProto.INT64
 
@@ -83,13 +85,61 @@ def build_decoder(cfg, params, dtype="fp32", opset=17):
     return g.model()
 
 
+def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
+    """decoder_static.onnx: one token per row per call over a fixed-size cache (for IOBinding with fixed
+    buffers and CUDA-graph replay), with the argmax in the graph.
+
+    input_ids, position_ids [B, 1]; write_index [1] (the cache slot of this token, the same for every
+    row); attention_mask [B, L] (1 = a written slot of a real token, this one included);
+    past_key/value_self_{i} [B, H, L, Dh] (+ encoder_attention_mask, cross_key/value_{i})
+    -> logits [B, 1, V] (float32), next_ids [B] (argmax), present_key/value_self_{i} [B, H, L, Dh].
+
+    write_index ─Equal(0..L-1)─▶ slot_mask;  per layer: Where(slot_mask, new k/v, cache) ─ attention over all L slots
+    """
+    g = Graph("refformer_decoder_static", dtype, opset)
+    L = max_length
+    ids = g.input("input_ids", INT64, ["batch", 1])
+    positions = g.input("position_ids", INT64, ["batch", 1])
+    write_index = g.input("write_index", INT64, [1])
+    keep = g.input("attention_mask", INT64, ["batch", L])
+    cache_shape = ["batch", cfg.n_heads, L, cfg.head_dim]
+    past = [(g.input(f"past_key_self_{i}", g.float_type, cache_shape), g.input(f"past_value_self_{i}", g.float_type, cache_shape))
+            for i in range(cfg.n_decoder_layers)]
+    cross, memory_mask = [(None, None)] * cfg.n_decoder_layers, None
+    if cfg.is_encoder_decoder:
+        source_keep = g.input("encoder_attention_mask", INT64, ["batch", "source_length"])
+        cross_shape = ["batch", cfg.n_heads, "source_length", cfg.head_dim]
+        cross = [(g.input(f"cross_key_{i}", g.float_type, cross_shape), g.input(f"cross_value_{i}", g.float_type, cross_shape))
+                 for i in range(cfg.n_decoder_layers)]
+        memory_mask = padding_mask(g, source_keep, "/decoder/memory_mask")
+    at = "/decoder/slot"
+    slots = g.const(np.arange(L), "slots")
+    slot_mask = g.op("Reshape", [g.op("Equal", [slots, write_index], at), g.const([1, 1, L, 1], "slot_mask_shape")], at)
+    self_mask = padding_mask(g, keep, "/decoder/self_mask")  # [B, 1, 1, L]: unwritten slots are 0 in attention_mask
+    p = params["decoder"]
+    x = embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids, positions)
+    presents = []
+    for i, p_layer in enumerate(p["layers"]):
+        x, k, v = decoder_layer_step(g, cfg, f"decoder.layers.{i}", p_layer, x, self_mask, *past[i], *cross[i],
+                                     memory_mask, update_cache=write_cache(slot_mask))
+        presents.append((k, v))
+    if cfg.final_norm:
+        x = norm(g, cfg, "decoder.final_norm", p["final_norm"], x)
+    logits = lm_head(g, cfg, params, x)
+    g.output(logits, "logits", TensorProto.FLOAT, ["batch", 1, cfg.vocab_size])
+    last = g.op("Squeeze", [logits, g.const([1], "axes_1")], "/argmax")
+    g.output(g.op("ArgMax", [last], "/argmax", axis=-1, keepdims=0), "next_ids", INT64, ["batch"])
+    for i, (k, v) in enumerate(presents):
+        g.output(k, f"present_key_self_{i}", g.float_type, cache_shape)
+        g.output(v, f"present_value_self_{i}", g.float_type, cache_shape)
+    return g.model()
+
+
 def lm_head(g, cfg, params, x):
     """Logits in float32 even in fp16 graphs: the hidden state is cast up and the head kept in float32.
 
     A tied head reads the decoder's token table (Transpose of the [V, D] initializer).
     """
-    import numpy as np
-
     head = lm_head_params(cfg, params)
     x32 = g.to_float32(x, "/lm_head", "CastHidden")
     if cfg.tie_embeddings:

@@ -31,7 +31,7 @@ REAL_SENTENCES = {
 # ---------------------------------------------------------------------------- sessions
 
 
-def session(path, provider="CPUExecutionProvider", threads=None):
+def session(path, provider="CPUExecutionProvider", threads=None, provider_options=None):
     """An onnxruntime.InferenceSession for one provider; a corrupt or missing graph is a RefformerError."""
     import onnxruntime as ort
 
@@ -42,9 +42,10 @@ def session(path, provider="CPUExecutionProvider", threads=None):
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    provider_options = [{"use_tf32": 0}] if provider == "CUDAExecutionProvider" else [{}]
+    options_of_provider = {"use_tf32": "0", **(provider_options or {})} if provider == "CUDAExecutionProvider" else {}
     try:
-        sess = ort.InferenceSession(str(path), options, providers=[provider], provider_options=provider_options)
+        sess = ort.InferenceSession(str(path), options, providers=[provider],
+                                    provider_options=[options_of_provider])
     except Exception as error:  # onnxruntime raises its own exception types for bad files
         raise RefformerError(f"cannot load {path}: {str(error).splitlines()[0]}") from None
     if provider not in sess.get_providers():
@@ -262,6 +263,8 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
         low = 4 if cfg.vocab_size > 8 else 0
         prompts = [list(rng.integers(low, cfg.vocab_size, n)) for n in (1, 3, 2)][: src.shape[0]]
         rows += incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, prompts, 3, rng)
+        if "decoder_static" in manifest["graphs"]:
+            rows += static_check(cfg, params, onnx_dir, dtype, provider, seed)
     bound = ERROR_BOUNDS[dtype]
     return [{"check": c, "provider": p, "output": o, "error": e, "bound": bound, "ok": bool(e <= bound)}
             for c, p, o, e in rows], dtype
@@ -279,3 +282,55 @@ def real_inputs(cfg, tokenizer):
     src_keep = np.sort(src_keep, axis=1)[:, ::-1].copy()
     tgt, tgt_keep, tgt_positions = left_padded(tgt_rows, cfg.pad_id)
     return src, src_keep, tgt, tgt_keep, tgt_positions
+
+
+def static_check(cfg, params, onnx_dir, dtype, provider, seed=0, n_steps=4):
+    """decoder_static.onnx, one token per call over left-padded prompts, against decoder.onnx (the reference
+    graph) fed the same tokens, and against refimpl; next_ids must be the argmax of its logits."""
+    onnx_dir = Path(onnx_dir)
+    static = session(onnx_dir / "decoder_static.onnx", provider)
+    L = next(i.shape[1] for i in static.get_inputs() if i.name == "attention_mask")
+    sessions = load_sessions(cfg, onnx_dir, provider)
+    rng = np.random.default_rng(seed)
+    src, src_keep = random_inputs(cfg, rng)[:2]
+    low = 4 if cfg.vocab_size > 8 else 0
+    prompts = [list(rng.integers(low, cfg.vocab_size, n)) for n in (1, 3, 2)]
+    ids, keep, positions = left_padded(prompts, cfg.pad_id)
+    ids = np.concatenate([ids, rng.integers(low, cfg.vocab_size, (3, n_steps))], axis=1)
+    keep = np.concatenate([keep, np.ones((3, n_steps), np.int64)], axis=1)
+    positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)
+    total = ids.shape[1]
+    if total > L:
+        return []
+    cross = None
+    if cfg.is_encoder_decoder:
+        got = run_encoder(sessions["encoder"], src, src_keep)
+        cross = [(got[f"cross_key_{i}"], got[f"cross_value_{i}"]) for i in range(cfg.n_decoder_layers)]
+    reference, _ = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, empty_cache(cfg, 3, float_type(dtype)),
+                               cross, src_keep)
+    zeros = np.zeros((3, cfg.n_heads, L, cfg.head_dim), float_type(dtype))
+    caches = [(zeros, zeros) for _ in range(cfg.n_decoder_layers)]
+    mask = np.zeros((3, L), np.int64)
+    logits, argmax_ok = [], True
+    for t in range(total):
+        mask[:, t] = keep[:, t]
+        feeds = {"input_ids": ids[:, t:t + 1], "position_ids": positions[:, t:t + 1],
+                 "write_index": np.array([t], np.int64), "attention_mask": mask}
+        for i, (k, v) in enumerate(caches):
+            feeds[f"past_key_self_{i}"], feeds[f"past_value_self_{i}"] = k, v
+        if cfg.is_encoder_decoder:
+            feeds["encoder_attention_mask"] = src_keep.astype(np.int64)
+            for i, (k, v) in enumerate(cross):
+                feeds[f"cross_key_{i}"], feeds[f"cross_value_{i}"] = k, v
+        out = dict(zip([o.name for o in static.get_outputs()], static.run(None, feeds)))
+        caches = [(out[f"present_key_self_{i}"], out[f"present_value_self_{i}"]) for i in range(cfg.n_decoder_layers)]
+        logits.append(out["logits"])
+        argmax_ok &= bool(np.array_equal(out["next_ids"], out["logits"][:, -1].argmax(axis=-1)))
+    got = np.concatenate(logits, axis=1)
+    params64 = tree_map(lambda a: a.astype(np.float64), params)
+    ref, _ = model_forward(cfg, params64, src if cfg.is_encoder_decoder else None, ids,
+                           src_mask=src_keep if cfg.is_encoder_decoder else None, tgt_mask=keep, tgt_positions=positions)
+    real = keep.astype(bool)[:, :, None]
+    return [("static", provider, "logits vs decoder.onnx", rel_error(got * real, reference * real)),
+            ("static", provider, "logits vs refimpl", rel_error(got * real, ref * real)),
+            ("static", provider, "next_ids = argmax(logits)", 0.0 if argmax_ok else float("inf"))]

@@ -210,14 +210,23 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     rng = np.random.default_rng(options.seed)
     steps = step_budget(cfg, options, 0 if src_ids is None else src_ids.shape[1], positions)
     finished = np.zeros(B, dtype=bool)
+    # A stepper with an in-graph argmax (the runtime's static graph) spares the logits' trip to the host
+    # when nothing but min_new_tokens touches the scores; it is the same argmax, ties to the lowest id.
+    in_graph_argmax = (hasattr(stepper, "step_argmax") and not options.do_sample and options.repetition_penalty == 1.0
+                       and options.no_repeat_ngram_size == 0)
     for t in range(steps):
-        logits = stepper.step(ids, positions, attention_mask)[:, -1]  # [B, V]
-        scores = process_logits(logits, sequences, t, options, cfg)
-        if options.do_sample:
-            scores = filter_top_k_top_p(scores / options.temperature, options.top_k, options.top_p)
-            next_ids = sample(scores, rng)
+        if in_graph_argmax:
+            next_ids = stepper.step_argmax(ids, positions, attention_mask)
+            if t < options.min_new_tokens and (next_ids == cfg.eos_id).any():  # eos is banned: look again
+                next_ids = process_logits(stepper.last_logits()[:, -1], sequences, t, options, cfg).argmax(axis=-1)
         else:
-            next_ids = scores.argmax(axis=-1)
+            logits = stepper.step(ids, positions, attention_mask)[:, -1]  # [B, V]
+            scores = process_logits(logits, sequences, t, options, cfg)
+            if options.do_sample:
+                scores = filter_top_k_top_p(scores / options.temperature, options.top_k, options.top_p)
+                next_ids = sample(scores, rng)
+            else:
+                next_ids = scores.argmax(axis=-1)
         next_ids = np.where(finished, cfg.pad_id, next_ids).astype(np.int64)  # [B]
         yield next_ids
         for b in range(B):

@@ -18,7 +18,7 @@ from refformer.refimpl.generate import GenerationOptions, beam_search, search_it
 from refformer.refimpl.io import load_config
 
 from . import tokenizer as tok
-from .stepper import OrtStepper
+from .stepper import OrtStepper, StaticOrtStepper
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
@@ -36,9 +36,10 @@ def cache_root():
     return Path(base) / "refformer"
 
 
-def ensure_export(model_dir, dtype="fp32"):
+def ensure_export(model_dir, dtype="fp32", static_length=None):
     """An up-to-date export of model_dir: MODEL_DIR/onnx when fresh, else exported now — into MODEL_DIR/onnx
-    when writable, otherwise into a per-user cache folder keyed by the model's hashes."""
+    when writable, otherwise into a per-user cache folder keyed by the model's hashes. static_length asks
+    for the static-cache graph (decoder_static.onnx) of that many slots as well."""
     from refformer.export.export import export_model, is_stale, model_hashes, read_manifest
 
     model_dir = Path(model_dir)
@@ -48,19 +49,21 @@ def ensure_export(model_dir, dtype="fp32"):
             manifest = read_manifest(onnx_dir)
         except RefformerError:
             return False
-        return manifest.get("dtype") == dtype and not is_stale(model_dir, manifest)
+        static = manifest.get("graphs", {}).get("decoder_static", {})
+        return (manifest.get("dtype") == dtype and not is_stale(model_dir, manifest)
+                and (static_length is None or static.get("max_length") == static_length))
 
     local = model_dir / "onnx" if dtype == "fp32" else model_dir / f"onnx-{dtype}"
     if fresh(local):
         return local
     hashes = model_hashes(model_dir)
     key = hashlib.sha256((hashes["config_sha256"] + hashes["weights_sha256"]).encode()).hexdigest()[:20]
-    cached = cache_root() / f"{key}-{dtype}"
+    cached = cache_root() / f"{key}-{dtype}" if static_length is None else cache_root() / f"{key}-{dtype}-static{static_length}"
     if fresh(cached):
         return cached
     target = local if os.access(model_dir, os.W_OK) else cached
     print(f"exporting {model_dir} to {target} ({dtype}) ...", file=sys.stderr)
-    export_model(model_dir, target, dtype=dtype)
+    export_model(model_dir, target, dtype=dtype, static_length=static_length)
     return target
 
 
@@ -87,7 +90,11 @@ class Generator:
     The model is exported first when its onnx/ folder is missing or stale. provider: auto, cuda or cpu.
     """
 
-    def __init__(self, model_dir=None, provider="auto", dtype="fp32", threads=None, truncate=False):
+    def __init__(self, model_dir=None, provider="auto", dtype="fp32", threads=None, truncate=False, variant="auto",
+                 static_length=None, cuda_graph=None):
+        """variant: "reference" (decoder.onnx, growing cache), "static" (decoder_static.onnx: fixed buffers,
+        in-graph argmax, CUDA-graph replay on CUDA) or "auto" (static on CUDA, reference on the CPU, where
+        attending over every static slot costs more than it saves). static_length defaults to max_positions."""
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = load_config(self.model_dir)
         self.tokenizer = tok.load_tokenizer(self.model_dir / "tokenizer.json")
@@ -95,8 +102,18 @@ class Generator:
         if size != self.cfg.vocab_size:
             raise RefformerError(f"{self.model_dir}/tokenizer.json has {size} tokens but the model has {self.cfg.vocab_size}")
         self.provider = resolve_provider(provider)
-        self.onnx_dir = ensure_export(self.model_dir, dtype)
-        self.stepper = OrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads)
+        if variant not in ("auto", "reference", "static"):
+            raise RefformerError(f"variant must be auto, reference or static, got {variant!r}")
+        on_cuda = self.provider == PROVIDERS["cuda"]
+        self.variant = ("static" if on_cuda else "reference") if variant == "auto" else variant
+        if self.variant == "static":
+            static_length = static_length or self.cfg.max_positions
+            self.onnx_dir = ensure_export(self.model_dir, dtype, static_length)
+            self.stepper = StaticOrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads,
+                                            cuda_graph=on_cuda if cuda_graph is None else cuda_graph)
+        else:
+            self.onnx_dir = ensure_export(self.model_dir, dtype)
+            self.stepper = OrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads)
         self.truncate = truncate
 
     # ------------------------------------------------------------ text <-> ids

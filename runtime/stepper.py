@@ -106,3 +106,146 @@ class OrtStepper:
         if self.cfg.is_encoder_decoder:
             self.cross = [(self.gather_rows(k, rows_value), self.gather_rows(v, rows_value)) for k, v in self.cross]
             self.src_keep = self.src_keep[rows]
+
+
+class StaticOrtStepper(OrtStepper):
+    """decoder_static.onnx as a stepper: a fixed-size cache in fixed buffers, one token per call.
+
+    Every input and output is a preallocated OrtValue on the device, updated in place; the
+    self-attention cache ping-pongs between two buffer sets (read one, write the other), and a
+    beam reorder gathers into the idle set. So on CUDA each (batch size, parity) pair is captured
+    once as a CUDA graph (enable_cuda_graph) and replayed every token. A prompt of T tokens runs
+    as T one-token calls.
+    """
+
+    def __init__(self, cfg, onnx_dir, dtype, provider="CPUExecutionProvider", threads=None, cuda_graph=False):
+        super().__init__(cfg, onnx_dir, dtype, provider, threads)
+        self.decoder = make_session(f"{onnx_dir}/decoder_static.onnx", provider, threads,
+                                    provider_options={"enable_cuda_graph": "1"} if cuda_graph else None)
+        self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
+        self.max_length = next(i.shape[1] for i in self.decoder.get_inputs() if i.name == "attention_mask")
+        self.cuda_graph = cuda_graph
+        self.graph_ids = {}
+
+    def buffer(self, shape, dtype):
+        """A zero-filled buffer of its own (on the CPU an OrtValue shares its NumPy array's memory, so each
+        buffer needs a fresh array; zeros, because masked cache slots still enter a MatMul)."""
+        return self.on_device(np.zeros(shape, dtype))
+
+    def allocate(self, batch_size, source_length):
+        """Fixed buffers for batch_size rows (cross-attention sets for source_length positions)."""
+        B, L, cfg = batch_size, self.max_length, self.cfg
+        self.buffers = {
+            "input_ids": self.buffer((B, 1), np.int64),
+            "position_ids": self.buffer((B, 1), np.int64),
+            "write_index": self.buffer(1, np.int64),
+            "attention_mask": self.buffer((B, L), np.int64),
+            "logits": self.buffer((B, 1, cfg.vocab_size), np.float32),
+            "next_ids": self.buffer(B, np.int64),
+        }
+        cache_shape = (B, cfg.n_heads, L, cfg.head_dim)
+        self.caches = [[(self.buffer(cache_shape, self.float_type), self.buffer(cache_shape, self.float_type))
+                        for _ in range(cfg.n_decoder_layers)] for _ in range(2)]
+        self.parity = 0
+        self.cross_sets = [[], []]
+        if cfg.is_encoder_decoder:
+            self.buffers["encoder_attention_mask"] = self.on_device(np.array(self.src_keep, dtype=np.int64))
+            cross_shape = (B, cfg.n_heads, source_length, cfg.head_dim)
+            self.cross_sets = [[(self.buffer(cross_shape, self.float_type), self.buffer(cross_shape, self.float_type))
+                                for _ in range(cfg.n_decoder_layers)] for _ in range(2)]
+        self.cross_parity = 0
+
+    def start(self, src_ids, src_keep, batch_size):
+        super().start(src_ids, src_keep, batch_size)
+        self.allocate(batch_size, 0 if src_ids is None else src_ids.shape[1])
+        if self.cfg.is_encoder_decoder:
+            identity = self.on_device(np.arange(batch_size, dtype=np.int64))
+            for (k, v), (k_out, v_out) in zip(self.cross, self.cross_sets[0]):
+                self.gather_into(k, identity, k_out)
+                self.gather_into(v, identity, v_out)
+        self.mask = np.zeros((batch_size, self.max_length), np.int64)
+        self.length = 0  # slots written so far
+
+    def run_one(self, ids, positions):
+        """One token per row at slot self.length (logits and next_ids stay in their device buffers)."""
+        buffers = self.buffers
+        buffers["input_ids"].update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
+        buffers["position_ids"].update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
+        buffers["write_index"].update_inplace(np.array([self.length], dtype=np.int64))
+        buffers["attention_mask"].update_inplace(self.mask)
+        binding = self.decoder.io_binding()
+        for name in ("input_ids", "position_ids", "write_index", "attention_mask"):
+            binding.bind_ortvalue_input(name, buffers[name])
+        read, write = self.caches[self.parity], self.caches[1 - self.parity]
+        for i, ((k, v), (k_out, v_out)) in enumerate(zip(read, write)):
+            binding.bind_ortvalue_input(f"past_key_self_{i}", k)
+            binding.bind_ortvalue_input(f"past_value_self_{i}", v)
+            binding.bind_ortvalue_output(f"present_key_self_{i}", k_out)
+            binding.bind_ortvalue_output(f"present_value_self_{i}", v_out)
+        if self.cfg.is_encoder_decoder:
+            binding.bind_ortvalue_input("encoder_attention_mask", buffers["encoder_attention_mask"])
+            for i, (k, v) in enumerate(self.cross_sets[self.cross_parity]):
+                binding.bind_ortvalue_input(f"cross_key_{i}", k)
+                binding.bind_ortvalue_input(f"cross_value_{i}", v)
+        binding.bind_ortvalue_output("logits", buffers["logits"])
+        binding.bind_ortvalue_output("next_ids", buffers["next_ids"])
+        options = self.ort.RunOptions()
+        if self.cuda_graph:  # one captured graph per set of bound addresses
+            key = (self.mask.shape[0], self.parity, self.cross_parity)
+            options.add_run_config_entry("gpu_graph_id", str(self.graph_ids.setdefault(key, len(self.graph_ids))))
+        self.decoder.run_with_iobinding(binding, options)
+        self.parity = 1 - self.parity
+        self.length += 1
+
+    def step(self, ids, positions, attention_mask, logits_to_host=True):
+        T = ids.shape[1]
+        start = attention_mask.shape[1] - T  # P: the slots already written
+        assert start == self.length, "the static stepper is fed in order"
+        if start + T > self.max_length:
+            from refformer.refimpl.errors import RefformerError
+
+            raise RefformerError(f"the static cache holds {self.max_length} positions; export with a larger "
+                                 "--static-length or use the reference graph")
+        logits = []
+        for j in range(T):
+            self.mask[:, : start + j + 1] = attention_mask[:, : start + j + 1]
+            self.run_one(ids[:, j:j + 1], positions[:, j:j + 1])
+            if logits_to_host:
+                logits.append(self.buffers["logits"].numpy())
+        return np.concatenate(logits, axis=1) if logits_to_host else None
+
+    def step_argmax(self, ids, positions, attention_mask):
+        """Greedy fast path: only the in-graph argmax [B] crosses to the host; last_logits() fetches more."""
+        self.step(ids, positions, attention_mask, logits_to_host=False)
+        return self.buffers["next_ids"].numpy()
+
+    def last_logits(self):
+        return self.buffers["logits"].numpy()
+
+    def reorder(self, rows):
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        rows_value = self.on_device(rows)
+        if len(rows) != self.mask.shape[0]:  # a new batch size (expanding to beams): new fixed buffers
+            old_cache, old_cross = self.caches[self.parity], self.cross_sets[self.cross_parity]
+            self.src_keep = None if self.src_keep is None else self.src_keep[rows]
+            self.allocate(len(rows), 0 if self.src_keep is None else self.src_keep.shape[1])
+            read_set, cross_set = self.caches[self.parity], self.cross_sets[self.cross_parity]
+        else:  # gather into the idle sets, then flip
+            old_cache, old_cross = self.caches[self.parity], self.cross_sets[self.cross_parity]
+            self.parity, self.cross_parity = 1 - self.parity, 1 - self.cross_parity
+            read_set, cross_set = self.caches[self.parity], self.cross_sets[self.cross_parity]
+            if self.src_keep is not None:
+                self.src_keep = self.src_keep[rows]
+                self.buffers["encoder_attention_mask"].update_inplace(self.src_keep)
+        for (k, v), (k_out, v_out) in zip(old_cache + old_cross, read_set + cross_set):
+            self.gather_into(k, rows_value, k_out)
+            self.gather_into(v, rows_value, v_out)
+        self.mask = self.mask[rows]
+
+    def gather_into(self, value, rows_value, out):
+        """out = value[rows] on the device, into a fixed buffer."""
+        binding = self.gather.io_binding()
+        binding.bind_ortvalue_input("x", value)
+        binding.bind_ortvalue_input("rows", rows_value)
+        binding.bind_ortvalue_output("y", out)
+        self.gather.run_with_iobinding(binding)

@@ -1,0 +1,75 @@
+"""The static-cache variant (decoder_static.onnx, fixed buffers, in-graph argmax) on ONNX Runtime CPU:
+verified against decoder.onnx by verify, and token for token equal to refimpl for every strategy."""
+
+import numpy as np
+import pytest
+
+from refformer.export.export import export_model
+from refformer.export.verify import verify
+from refformer.refimpl import Config, RefformerError, init_params, load, save
+from refformer.refimpl.generate import GenerationOptions, generate
+from refformer.runtime.generator import Generator
+from refformer.runtime.stepper import StaticOrtStepper
+
+from .test_generator import STRATEGIES, TEXTS, make_model, tokenizer_file  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module", params=["encoder-decoder", "decoder-only"])
+def static_generator(request, tmp_path_factory, tokenizer_file):  # noqa: F811
+    path = tmp_path_factory.mktemp("static") / "m"
+    make_model(path, tokenizer_file, request.param)
+    return Generator(path, provider="cpu", variant="static", static_length=40), request.param
+
+
+@pytest.mark.parametrize("options", STRATEGIES + [dict(max_new_tokens=8, min_new_tokens=8)],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items() if k != "seed"))
+def test_static_variant_matches_refimpl(static_generator, options):
+    generator, family = static_generator
+    assert isinstance(generator.stepper, StaticOrtStepper)
+    cfg, params = load(generator.model_dir)
+    options = GenerationOptions(**options)
+    inputs = generator.encode_inputs(TEXTS[family])
+    assert generator.generate_ids(TEXTS[family], options) == generate(cfg, params, options=options, **inputs)
+
+
+@pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
+def test_in_graph_argmax_respects_min_new_tokens(tmp_path, family):
+    """eos made the argmax everywhere: the fast path must look at the logits while eos is banned."""
+    cfg = Config(vocab_size=30, d_model=16, n_heads=2, d_ff=32, family=family, max_positions=32, dropout=0.0,
+                 tie_embeddings=False, lm_head_bias=True)
+    params = init_params(cfg, np.random.default_rng(1))
+    params["lm_head"]["bias"][cfg.eos_id] = 50.0
+    save(tmp_path / "m", cfg, params)
+    export_model(tmp_path / "m", static_length=20)
+    stepper = StaticOrtStepper(cfg, tmp_path / "m" / "onnx", "fp32")
+    inputs = {"src_ids": np.array([[5, 6, 2]])} if family == "encoder-decoder" else {"prompt_ids": np.array([[1, 5]])}
+    options = GenerationOptions(max_new_tokens=6, min_new_tokens=4)
+    got = generate(cfg, params, options=options, stepper=stepper, **inputs)
+    assert got == generate(cfg, params, options=options, **inputs)
+    assert len(got[0][0]) == 5 and got[0][0][-1] == cfg.eos_id
+
+
+def test_verify_checks_the_static_graph_against_the_reference_graph(tmp_path):
+    cfg = Config(vocab_size=30, d_model=16, n_heads=4, d_ff=32, max_positions=32, dropout=0.0)
+    save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)))
+    manifest = export_model(tmp_path / "m", static_length=16, dtype="fp16")
+    assert manifest["graphs"]["decoder_static"]["max_length"] == 16
+    assert manifest["graphs"]["decoder_static"]["verified_against"] == "decoder.onnx"
+    rows, _ = verify(tmp_path / "m", providers=["CPUExecutionProvider"])
+    static = {row["output"]: row for row in rows if row["check"] == "static"}
+    assert set(static) == {"logits vs decoder.onnx", "logits vs refimpl", "next_ids = argmax(logits)"}
+    assert all(row["ok"] for row in rows)
+    with pytest.raises(RefformerError, match="static-length"):
+        export_model(tmp_path / "m", static_length=64)
+
+
+def test_static_cache_overflow_is_a_clear_error(tmp_path, tokenizer_file):  # noqa: F811
+    make_model(tmp_path / "m", tokenizer_file, "decoder-only")
+    generator = Generator(tmp_path / "m", provider="cpu", variant="static", static_length=6)
+    with pytest.raises(RefformerError, match="static cache holds 6 positions"):
+        generator.generate("The weather is", max_new_tokens=20, min_new_tokens=20)
+
+
+def test_auto_variant_is_reference_on_the_cpu(tmp_path, tokenizer_file):  # noqa: F811
+    make_model(tmp_path / "m", tokenizer_file, "decoder-only")
+    assert Generator(tmp_path / "m", provider="cpu").variant == "reference"
