@@ -1,0 +1,191 @@
+"""GPU generation benchmark and CUDA checks (issues 5 and 6), one script for the lent H200.
+
+Marian-base shape with random weights (D 512, H 8, 6 + 6 layers, F 2048, V 32000), 32 source tokens,
+128 forced new tokens (min = max = 128), per decode step, for:
+  refformer static    decoder_static.onnx, fixed buffers, in-graph argmax, CUDA-graph replay (the runtime's CUDA path)
+  refformer reference decoder.onnx (growing cache) with IOBinding (the cache stays on the GPU)
+at fp32 B=1, fp16 B=1, fp16 B=64 greedy and fp16 B=1 beam 4; time to first token (encoder + first step).
+Checks: CUDA (fp32, TF32 off) against CPU greedy tokens wherever the CPU's top-2 margin exceeds 1e-3, and the
+fp16 agreement rate and logits error, for the Marian-shaped model and the bundled model.
+Baselines (--baselines DIR with hf_generate.py and torch_graph_step.py): run after, in the same process tree.
+
+    python benchmarks/generate_gpu.py                     # on the device; writes $OUT/generate_gpu.json
+    python benchmarks/generate_gpu.py --device cpu --quick  # a smoke test of the script on the CPU
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from refformer.export.export import export_model
+from refformer.refimpl import Config, init_params, save
+from refformer.refimpl.generate import GenerationOptions, beam_search, search_iter
+from refformer.refimpl.gradcheck import rel_error
+from refformer.runtime.stepper import OrtStepper, StaticOrtStepper
+
+PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def marian_config(quick):
+    if quick:
+        return Config(vocab_size=512, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2,
+                      max_positions=512, activation="gelu", final_norm=False, dropout=0.0)
+    return Config(vocab_size=32000, d_model=512, n_heads=8, d_ff=2048, n_encoder_layers=6, n_decoder_layers=6,
+                  max_positions=512, activation="gelu", final_norm=False, dropout=0.0)
+
+
+def timed_generate(stepper, cfg, src, options):
+    """(seconds for the whole generate call, seconds to the first token, tokens [B, L] or beams)."""
+    start = time.perf_counter()
+    if options.num_beams > 1:
+        out, _ = beam_search(stepper, cfg, options, src_ids=src)
+        return time.perf_counter() - start, None, out
+    steps = search_iter(stepper, cfg, options, src_ids=src)
+    first = next(steps)
+    ttft = time.perf_counter() - start
+    tokens = [first] + list(steps)
+    return time.perf_counter() - start, ttft, np.stack(tokens, axis=1)
+
+
+def bench(stepper, cfg, B, beams, new_tokens, repeats, rng):
+    src = rng.integers(4, cfg.vocab_size, (B, 32))
+    options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams)
+    timed_generate(stepper, cfg, src, options)  # warm-up (and CUDA-graph capture)
+    runs = [timed_generate(stepper, cfg, src, options) for _ in range(repeats)]
+    total = float(np.median([r[0] for r in runs]))
+    ttfts = [r[1] for r in runs if r[1] is not None]
+    return {"ms_per_step": 1e3 * total / new_tokens, "tok_per_s": B * new_tokens / total,
+            "ttft_ms": 1e3 * float(np.median(ttfts)) if ttfts else None}
+
+
+def teacher_forced_logits(cfg, onnx_dir, dtype, src, tokens, provider="CPUExecutionProvider"):
+    """Logits [B, L, V] of decoder.onnx over [bos] + tokens[:-1] (one prompt pass), for margin checks."""
+    stepper = OrtStepper(cfg, onnx_dir, dtype, provider)
+    B, L = tokens.shape
+    stepper.start(src, np.ones_like(src), B)
+    ids = np.concatenate([np.full((B, 1), cfg.bos_id), tokens[:, :-1]], axis=1)
+    positions = np.broadcast_to(np.arange(L), (B, L)).copy()
+    return stepper.step(ids, positions, np.ones((B, L), np.int64)).astype(np.float64)
+
+
+def agreement(cfg, onnx_dir_fp32, onnx_dir, dtype, device, rng, B=4, new_tokens=64):
+    """Greedy on `device` (static variant) against CPU fp32 teacher-forced logits of the same sequence."""
+    src = rng.integers(4, cfg.vocab_size, (B, 32))
+    options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    stepper = StaticOrtStepper(cfg, onnx_dir, dtype, PROVIDER[device], cuda_graph=(device == "cuda"))
+    tokens = np.stack(list(search_iter(stepper, cfg, options, src_ids=src)), axis=1)
+    # the device's own logits along its sequence, through the reference graph on the same provider
+    device_logits = teacher_forced_logits(cfg, onnx_dir, dtype, src, tokens, PROVIDER[device])
+    cpu = teacher_forced_logits(cfg, onnx_dir_fp32, "fp32", src, tokens)
+    cpu[..., cfg.eos_id] = -np.inf  # min_new_tokens banned eos on the device
+    top2 = np.sort(cpu, axis=-1)[..., -2:]
+    margin = top2[..., 1] - top2[..., 0]
+    same = cpu.argmax(axis=-1) == tokens
+    decided = margin > 1e-3
+    finite = np.isfinite(device_logits) & np.isfinite(cpu)
+    return {"positions": int(tokens.size), "decided_positions": int(decided.sum()),
+            "mismatches_where_decided": int((~same & decided).sum()), "agreement_rate": float(same.mean()),
+            "logits_rel_error": rel_error(np.where(finite, device_logits, 0), np.where(finite, cpu, 0))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few tokens: a smoke test")
+    parser.add_argument("--baselines", default=None, help="folder with hf_generate.py and torch_graph_step.py")
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = parser.parse_args()
+    import onnxruntime as ort
+
+    if args.device == "cuda":
+        ort.preload_dlls()
+    new_tokens, repeats = (8, 2) if args.quick else (128, 3)
+    cfg = marian_config(args.quick)
+    rng = np.random.default_rng(0)
+    work = Path(tempfile.mkdtemp(prefix="refformer-gpu-"))
+    save(work / "model", cfg, init_params(cfg, rng))
+    dirs = {}
+    for dtype in ("fp32", "fp16"):
+        start = time.perf_counter()
+        export_model(work / "model", work / f"onnx-{dtype}", dtype=dtype, measure=False, static_length=160)
+        dirs[dtype] = work / f"onnx-{dtype}"
+        print(f"exported {dtype} in {time.perf_counter() - start:.1f} s", flush=True)
+
+    rows = []
+    cases = [("fp32", 1, 1), ("fp16", 1, 1), ("fp16", 64, 1), ("fp16", 1, 4)]
+    for dtype, B, beams in cases:
+        for impl, make in (("refformer static+graph", lambda d: StaticOrtStepper(cfg, dirs[d], d, PROVIDER[args.device],
+                                                                                  cuda_graph=args.device == "cuda")),
+                           ("refformer reference+iobinding", lambda d: OrtStepper(cfg, dirs[d], d, PROVIDER[args.device]))):
+            result = bench(make(dtype), cfg, B, beams, new_tokens, repeats, rng)
+            row = {"impl": "refformer", "variant": impl, "dtype": dtype, "batch": B,
+                   "strategy": "greedy" if beams == 1 else f"beam{beams}", **result}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    checks = {"marian_fp32": agreement(cfg, dirs["fp32"], dirs["fp32"], "fp32", args.device, rng),
+              "marian_fp16": agreement(cfg, dirs["fp32"], dirs["fp16"], "fp16", args.device, rng)}
+    bundled = Path(__file__).resolve().parent.parent / "runtime" / "models" / "de-en"
+    try:
+        from refformer.runtime.generator import default_model_dir
+
+        bundled = default_model_dir()
+    except Exception:
+        pass
+    if (bundled / "config.json").is_file():
+        from refformer.refimpl.io import load_config
+
+        bcfg = load_config(bundled)
+        bdirs = {}
+        for dtype in ("fp32", "fp16"):
+            export_model(bundled, work / f"bundled-{dtype}", dtype=dtype, measure=False, static_length=bcfg.max_positions)
+            bdirs[dtype] = work / f"bundled-{dtype}"
+        checks["bundled_fp32"] = agreement(bcfg, bdirs["fp32"], bdirs["fp32"], "fp32", args.device, rng)
+        checks["bundled_fp16"] = agreement(bcfg, bdirs["fp32"], bdirs["fp16"], "fp16", args.device, rng)
+    for name, check in checks.items():
+        print(name, json.dumps(check), flush=True)
+
+    if args.baselines:
+        for script, impl in (("hf_generate.py", "hf"), ("torch_graph_step.py", "torch-graph")):
+            path = Path(args.baselines) / script
+            if not path.is_file():
+                continue
+            env = {**os.environ, "OUT": str(work)}
+            subprocess.run([sys.executable, str(path)], env=env, check=False, timeout=180)
+            result_file = work / script.replace(".py", ".json")
+            if result_file.is_file():
+                for key, value in json.loads(result_file.read_text()).items():
+                    parts = key.split("_")  # e.g. float16_B64_beams1
+                    rows.append({"impl": impl, "variant": impl, "dtype": "fp16" if "16" in parts[0] else "fp32",
+                                 "batch": int(parts[1][1:]), "strategy": "greedy" if parts[-1] in ("beams1", "") else "beam4",
+                                 "ms_per_step": value.get("ms_per_step"), "tok_per_s": value.get("tok_per_s"),
+                                 "ttft_ms": None, "raw_key": key})
+
+    print()
+    print(f"{'impl':<30} {'dtype':<5} {'B':>3} {'strategy':<8} {'ms/step':>8} {'tok/s':>10} {'TTFT ms':>8}")
+    for row in rows:
+        ttft = "" if row["ttft_ms"] is None else f"{row['ttft_ms']:.2f}"
+        print(f"{row['variant']:<30} {row['dtype']:<5} {row['batch']:>3} {row['strategy']:<8} "
+              f"{row['ms_per_step']:>8.3f} {row['tok_per_s']:>10.0f} {ttft:>8}")
+    info = {"date": datetime.date.today().isoformat(), "device": args.device, "onnxruntime": ort.__version__,
+            "quick": args.quick, "new_tokens": new_tokens, "source_tokens": 32}
+    if args.device == "cuda":
+        try:
+            info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                         capture_output=True, text=True).stdout.strip()
+        except OSError:
+            pass
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "generate_gpu.json").write_text(json.dumps({"info": info, "rows": rows, "checks": checks}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
