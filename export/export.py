@@ -1,7 +1,6 @@
 """`refformer export`: write MODEL_DIR/onnx/ (graphs + manifest.json) atomically, checked and measured."""
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -12,22 +11,13 @@ import numpy as np
 import onnx
 
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.io import CONFIG_FILE, WEIGHTS_FILE, current_umask, load
+from refformer.refimpl.io import CONFIG_FILE, WEIGHTS_FILE, current_umask, load, sha256
 
 from .model import build_decoder, build_decoder_static, build_encoder
 
 MANIFEST_FORMAT = 1
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GB: bigger graphs keep weights beside them
 DTYPES = ("fp32", "fp16")
-ERROR_BOUNDS = {"fp32": 1e-5, "fp16": 1e-2}
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_hashes(model_dir):
@@ -147,7 +137,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
             manifest["graphs"]["decoder_static"].update(variant="static", max_length=static_length,
                                                         verified_against="decoder.onnx")
         if measure:
-            from .verify import random_check
+            from .verify import ERROR_BOUNDS, random_check
 
             rows = random_check(cfg, params, tmp, dtype, providers=["CPUExecutionProvider"])
             if static_length is not None:

@@ -44,6 +44,21 @@ def build_encoder(cfg, params, dtype="fp32", opset=17):
     return g.model()
 
 
+def cache_inputs(g, cfg, past_shape):
+    """The decoder's cache inputs: past_key/value_self_{i} of past_shape, and for encoder-decoder
+    encoder_attention_mask [B, S] (as a [B, 1, 1, S] mask) and cross_key/value_{i} [B, H, S, Dh]."""
+    past = [(g.input(f"past_key_self_{i}", g.float_type, past_shape), g.input(f"past_value_self_{i}", g.float_type, past_shape))
+            for i in range(cfg.n_decoder_layers)]
+    cross, memory_mask = [(None, None)] * cfg.n_decoder_layers, None
+    if cfg.is_encoder_decoder:
+        source_keep = g.input("encoder_attention_mask", INT64, ["batch", "source_length"])
+        cross_shape = ["batch", cfg.n_heads, "source_length", cfg.head_dim]
+        cross = [(g.input(f"cross_key_{i}", g.float_type, cross_shape), g.input(f"cross_value_{i}", g.float_type, cross_shape))
+                 for i in range(cfg.n_decoder_layers)]
+        memory_mask = padding_mask(g, source_keep, "/decoder/memory_mask")  # [B, 1, 1, S]
+    return past, cross, memory_mask
+
+
 def build_decoder(cfg, params, dtype="fp32", opset=17):
     """decoder.onnx (reference graph, growing cache): one graph for the prompt pass and each step.
 
@@ -57,16 +72,7 @@ def build_decoder(cfg, params, dtype="fp32", opset=17):
     ids = g.input("input_ids", INT64, ["batch", "new_length"])
     positions = g.input("position_ids", INT64, ["batch", "new_length"])
     keep = g.input("attention_mask", INT64, ["batch", "total_length"])
-    past_shape = ["batch", cfg.n_heads, "past_length", cfg.head_dim]
-    past = [(g.input(f"past_key_self_{i}", g.float_type, past_shape), g.input(f"past_value_self_{i}", g.float_type, past_shape))
-            for i in range(cfg.n_decoder_layers)]
-    cross, memory_mask = [(None, None)] * cfg.n_decoder_layers, None
-    if cfg.is_encoder_decoder:
-        source_keep = g.input("encoder_attention_mask", INT64, ["batch", "source_length"])
-        cross_shape = ["batch", cfg.n_heads, "source_length", cfg.head_dim]
-        cross = [(g.input(f"cross_key_{i}", g.float_type, cross_shape), g.input(f"cross_value_{i}", g.float_type, cross_shape))
-                 for i in range(cfg.n_decoder_layers)]
-        memory_mask = padding_mask(g, source_keep, "/decoder/memory_mask")  # [B, 1, 1, S]
+    past, cross, memory_mask = cache_inputs(g, cfg, ["batch", cfg.n_heads, "past_length", cfg.head_dim])
     p = params["decoder"]
     x = embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids, positions)
     self_mask = causal_padding_mask(g, ids, keep, "/decoder/self_mask")  # [B, 1, T, P + T]
@@ -103,15 +109,7 @@ def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
     write_index = g.input("write_index", INT64, [1])
     keep = g.input("attention_mask", INT64, ["batch", L])
     cache_shape = ["batch", cfg.n_heads, L, cfg.head_dim]
-    past = [(g.input(f"past_key_self_{i}", g.float_type, cache_shape), g.input(f"past_value_self_{i}", g.float_type, cache_shape))
-            for i in range(cfg.n_decoder_layers)]
-    cross, memory_mask = [(None, None)] * cfg.n_decoder_layers, None
-    if cfg.is_encoder_decoder:
-        source_keep = g.input("encoder_attention_mask", INT64, ["batch", "source_length"])
-        cross_shape = ["batch", cfg.n_heads, "source_length", cfg.head_dim]
-        cross = [(g.input(f"cross_key_{i}", g.float_type, cross_shape), g.input(f"cross_value_{i}", g.float_type, cross_shape))
-                 for i in range(cfg.n_decoder_layers)]
-        memory_mask = padding_mask(g, source_keep, "/decoder/memory_mask")
+    past, cross, memory_mask = cache_inputs(g, cfg, cache_shape)
     at = "/decoder/slot"
     slots = g.const(np.arange(L), "slots")
     slot_mask = g.op("Reshape", [g.op("Equal", [slots, write_index], at), g.const([1, 1, L, 1], "slot_mask_shape")], at)

@@ -1,5 +1,6 @@
 """The model directory: config.json + model.safetensors (+ tokenizer.json). No pickle, ever."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -31,6 +32,15 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def sha256(path):
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def current_umask():

@@ -20,7 +20,6 @@ does latest.json point to it; a failure at any moment leaves the previous one in
 
 import csv
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
@@ -34,7 +33,7 @@ from .batching import batch_stream, collate, fingerprint, make_batches
 from .config import Config
 from .errors import RefformerError, check
 from .generate import greedy, strip
-from .io import atomic_write, save, unflatten_checked
+from .io import atomic_write, save, sha256, unflatten_checked
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .model import model_backward, model_forward
 from .optim import adamw_init, adamw_update, clip_by_global_norm, inverse_sqrt_lr
@@ -199,14 +198,6 @@ def translate_examples(cfg, params, examples, decode, max_tokens=4096):
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(out_dir, cfg, params, opt_state, state):
     """Write OUT/checkpoints/step-N atomically, point latest.json at it, then delete older ones.
 
@@ -226,7 +217,7 @@ def save_checkpoint(out_dir, cfg, params, opt_state, state):
         save_file(moments, tmp / "optimizer.safetensors")
         full_state = {"format": "refformer-checkpoint", "format_version": CHECKPOINT_FORMAT,
                       "step": opt_state["step"], "config": cfg.to_dict(), **state,
-                      "sha256": {f: _sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")}}
+                      "sha256": {f: sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")}}
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1) + "\n")
         final, copy = root / name, 1
         while final.exists():  # the same step saved again (after a final evaluation): never overwrite
@@ -261,7 +252,7 @@ def load_checkpoint(out_dir):
         check(state.get("format") == "refformer-checkpoint" and state.get("format_version") == CHECKPOINT_FORMAT,
               f"{where} is not a refformer checkpoint of format {CHECKPOINT_FORMAT}")
         for file, digest in state["sha256"].items():
-            check(_sha256(where / file) == digest, f"{where / file} is corrupt (its sha256 does not match)")
+            check(sha256(where / file) == digest, f"{where / file} is corrupt (its sha256 does not match)")
         cfg = Config.from_dict(state.pop("config"))
         params = unflatten_checked(cfg, load_file(where / "model.safetensors"), str(where / "model.safetensors"))
         moments = load_file(where / "optimizer.safetensors")
