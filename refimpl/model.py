@@ -343,7 +343,9 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
     positions = _positions("positions", positions, ids, cfg)
     B, T = ids.shape
     check(len(past) == len(p["layers"]), f"past must hold one (k, v) per decoder layer ({len(p['layers'])}), got {len(past)}")
-    P = past[0][0].shape[2] if past else 0
+    attention_mask = np.asarray(attention_mask)
+    P = past[0][0].shape[2] if past else attention_mask.shape[-1] - T  # no layers: the mask says how much came before
+    check(P >= 0, f"attention_mask must cover the past and the {T} new positions, got shape {list(attention_mask.shape)}")
     dtype = p["embed_tokens"]["weight"].dtype
     for i, (k, v) in enumerate(past):
         check_array(f"past[{i}] keys", k, shape=(B, cfg.n_heads, P, cfg.head_dim), kind="f", dtype=dtype)

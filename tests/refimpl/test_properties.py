@@ -132,9 +132,6 @@ def with_decoder_layers(cfg):
     return cfg if cfg.n_decoder_layers else cfg.replace(n_decoder_layers=1)
 
 
-@pytest.mark.xfail(strict=True, raises=RefformerError,
-                   reason="refimpl bug: with n_decoder_layers=0 the cache is an empty list, decoder_step takes P = 0 "
-                          "and rejects the [B, P + T] attention_mask of every step after the first")
 def test_decoder_step_without_decoder_layers():
     cfg = Config(vocab_size=11, d_model=8, n_heads=2, d_ff=12, n_decoder_layers=0, family="decoder-only",
                  max_positions=8)
