@@ -17,6 +17,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+SPECIAL_TOKEN_NAMES = {"pad_id": ("<pad>", "[PAD]"), "bos_id": ("<s>", "<bos>", "[BOS]"),
+                       "eos_id": ("</s>", "<eos>", "[EOS]"), "unk_id": ("<unk>", "[UNK]")}
 
 
 def atomic_write(path, write):
@@ -182,6 +184,11 @@ def check_tokenizer(cfg, tokenizer_json, source):
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size != cfg.vocab_size:
         raise RefformerError(f"{source} has {size} tokens but the model's vocab_size is {cfg.vocab_size}")
+    for field, names in SPECIAL_TOKEN_NAMES.items():
+        for name in names:
+            token_id = tokenizer.token_to_id(name)
+            if token_id is not None and token_id != getattr(cfg, field):
+                raise RefformerError(f"{source} has {name} at id {token_id} but the model's {field} is {getattr(cfg, field)}")
     return tokenizer
 
 

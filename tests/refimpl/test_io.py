@@ -303,3 +303,14 @@ def test_save_checks_params_against_config(tmp_path):
     assert not (tmp_path / "model.safetensors").exists()
     with pytest.raises(RefformerError, match="has shape"):
         save(tmp_path, cfg.replace(d_ff=16), random_params32(cfg))
+
+
+def test_tokenizer_special_ids_must_match_the_config(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3}  # bos and eos swapped against the config's 1 and 2
+    vocab.update({f"w{i}": i for i in range(4, 11)})
+    cfg = Config(vocab_size=11, d_model=8, n_heads=2, d_ff=12)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    with pytest.raises(RefformerError, match="bos_id"):
+        save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)), tokenizer=tokenizer)
