@@ -39,6 +39,7 @@ class Graph:
         self.float_type = FLOAT_TYPES[dtype]
         self.nodes, self.inputs, self.outputs = [], [], []
         self.initializers = {}
+        self.renames = {}  # node output -> graph output name
         self._names = set()
 
     # ------------------------------------------------------------ bookkeeping
@@ -69,12 +70,16 @@ class Graph:
         return name
 
     def output(self, source, name, elem_type, shape):
-        """Expose source under the contract name (an Identity node keeps node names readable)."""
-        self.nodes.append(helper.make_node("Identity", [source], [name], name=f"/outputs/{name}"))
+        """Expose source under the contract name: the producing node's output is renamed (an Identity node
+        instead would make ONNX Runtime copy every cache tensor at every step)."""
+        self.renames[source] = name
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
     def model(self, producer_version="0"):
+        for node in self.nodes:
+            node.input[:] = [self.renames.get(name, name) for name in node.input]
+            node.output[:] = [self.renames.get(name, name) for name in node.output]
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
                                   initializer=list(self.initializers.values()))
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
