@@ -130,6 +130,11 @@ def verify_command(model_dir, onnx_dir, provider, seed):
     from refformer.export.verify import cuda_usable, verify
 
     model_dir = model_dir or default_model()
+    if onnx_dir is None:  # MODEL_DIR/onnx, or where `refformer generate` exported a read-only model
+        from refformer.runtime.generator import export_locations
+
+        local, cached = export_locations(model_dir)
+        onnx_dir = cached if not (local / "manifest.json").is_file() and (cached / "manifest.json").is_file() else local
     providers = None
     if provider == "cpu":
         providers = ["CPUExecutionProvider"]

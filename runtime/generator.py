@@ -36,11 +36,23 @@ def cache_root():
     return Path(base) / "refformer"
 
 
+def export_locations(model_dir, dtype="fp32", static_length=None):
+    """Where an export of model_dir lives: (MODEL_DIR/onnx or onnx-fp16, the per-user cache folder)."""
+    from refformer.export.export import model_hashes
+
+    model_dir = Path(model_dir)
+    local = model_dir / "onnx" if dtype == "fp32" else model_dir / f"onnx-{dtype}"
+    hashes = model_hashes(model_dir)
+    key = hashlib.sha256((hashes["config_sha256"] + hashes["weights_sha256"]).encode()).hexdigest()[:20]
+    suffix = "" if static_length is None else f"-static{static_length}"
+    return local, cache_root() / f"{key}-{dtype}{suffix}"
+
+
 def ensure_export(model_dir, dtype="fp32", static_length=None):
     """An up-to-date export of model_dir: MODEL_DIR/onnx when fresh, else exported now — into MODEL_DIR/onnx
     when writable, otherwise into a per-user cache folder keyed by the model's hashes. static_length asks
     for the static-cache graph (decoder_static.onnx) of that many slots as well."""
-    from refformer.export.export import export_model, is_stale, model_hashes, read_manifest
+    from refformer.export.export import export_model, is_stale, read_manifest
 
     model_dir = Path(model_dir)
 
@@ -53,12 +65,9 @@ def ensure_export(model_dir, dtype="fp32", static_length=None):
         return (manifest.get("dtype") == dtype and not is_stale(model_dir, manifest)
                 and (static_length is None or static.get("max_length") == static_length))
 
-    local = model_dir / "onnx" if dtype == "fp32" else model_dir / f"onnx-{dtype}"
+    local, cached = export_locations(model_dir, dtype, static_length)
     if fresh(local):
         return local
-    hashes = model_hashes(model_dir)
-    key = hashlib.sha256((hashes["config_sha256"] + hashes["weights_sha256"]).encode()).hexdigest()[:20]
-    cached = cache_root() / f"{key}-{dtype}" if static_length is None else cache_root() / f"{key}-{dtype}-static{static_length}"
     if fresh(cached):
         return cached
     target = local if os.access(model_dir, os.W_OK) else cached

@@ -166,3 +166,18 @@ def test_missing_pieces_are_clear(tmp_path, tokenizer_file):
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(RefformerError, match="model.safetensors is missing"):
         Generator(tmp_path / "m", provider="cpu")
+
+
+def test_verify_finds_an_export_made_into_the_user_cache(tmp_path, tokenizer_file, monkeypatch):
+    from click.testing import CliRunner
+
+    from refformer.runtime.cli import main
+
+    make_model(tmp_path / "m", tokenizer_file, "decoder-only")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with monkeypatch.context() as patch:  # a model folder we may not write into
+        patch.setattr(gen_module.os, "access", lambda p, mode: False)
+        Generator(tmp_path / "m", provider="cpu")
+    assert not (tmp_path / "m" / "onnx").exists()
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "m"), "--provider", "cpu"])
+    assert result.exit_code == 0, result.output
