@@ -4,6 +4,7 @@ Marian-base shape with random weights (D 512, H 8, 6 + 6 layers, F 2048, V 32000
 128 forced new tokens (min = max = 128), per decode step, for:
   refformer static    decoder_static.onnx, fixed buffers, in-graph argmax, CUDA-graph replay (the runtime's CUDA path)
   refformer reference decoder.onnx (growing cache) with IOBinding (the cache stays on the GPU)
+  refformer fused     decoder_fused.onnx: the same with com.microsoft MultiHeadAttention nodes
 at fp32 B=1, fp16 B=1, fp16 B=64 greedy and fp16 B=1 beam 4; time to first token (encoder + first step).
 Checks: CUDA (fp32, TF32 off) against CPU greedy tokens wherever the CPU's top-2 margin exceeds 1e-3, and the
 fp16 agreement rate and logits error, for the Marian-shaped model and the bundled model.
@@ -115,7 +116,8 @@ def main():
     dirs = {}
     for dtype in ("fp32", "fp16"):
         start = time.perf_counter()
-        export_model(work / "model", work / f"onnx-{dtype}", dtype=dtype, measure=False, static_length=160)
+        export_model(work / "model", work / f"onnx-{dtype}", dtype=dtype, measure=False, static_length=160,
+                     fused_attention=True)
         dirs[dtype] = work / f"onnx-{dtype}"
         print(f"exported {dtype} in {time.perf_counter() - start:.1f} s", flush=True)
 
@@ -124,7 +126,9 @@ def main():
     for dtype, B, beams in cases:
         for impl, make in (("refformer static+graph", lambda d: StaticOrtStepper(cfg, dirs[d], d, PROVIDER[args.device],
                                                                                   cuda_graph=args.device == "cuda")),
-                           ("refformer reference+iobinding", lambda d: OrtStepper(cfg, dirs[d], d, PROVIDER[args.device]))):
+                           ("refformer reference+iobinding", lambda d: OrtStepper(cfg, dirs[d], d, PROVIDER[args.device])),
+                           ("refformer fused+iobinding", lambda d: OrtStepper(cfg, dirs[d], d, PROVIDER[args.device],
+                                                                             decoder_file="decoder_fused.onnx"))):
             result = bench(make(dtype), cfg, B, beams, new_tokens, repeats, rng)
             row = {"impl": "refformer", "variant": impl, "dtype": dtype, "batch": B,
                    "strategy": "greedy" if beams == 1 else f"beam{beams}", **result}

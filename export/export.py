@@ -88,12 +88,14 @@ def versions():
             "numpy": np.__version__}
 
 
-def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=None, measure=True, static_length=None):
+def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=None, measure=True, static_length=None,
+                 fused_attention=False):
     """Export model_dir to out_dir (default model_dir/onnx) through a temporary folder renamed into place.
 
     Returns the manifest. measure=True runs refformer verify's random-input check on ONNX Runtime CPU
     and records the error in the manifest. static_length adds decoder_static.onnx, the fixed-size-cache
-    variant with in-graph argmax (for CUDA-graph replay), with that many cache slots.
+    variant with in-graph argmax (for CUDA-graph replay), with that many cache slots. fused_attention adds
+    decoder_fused.onnx: decoder.onnx's inputs and outputs, with ONNX Runtime's MultiHeadAttention contrib op.
     """
     if dtype not in DTYPES:
         raise RefformerError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
@@ -116,6 +118,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
             graphs = {"encoder.onnx": build_encoder(cfg, params, dtype, opset), **graphs}
         if static_length is not None:
             graphs["decoder_static.onnx"] = build_decoder_static(cfg, params, dtype, opset, static_length)
+        if fused_attention:
+            graphs["decoder_fused.onnx"] = build_decoder(cfg, params, dtype, opset, fused=True)
         manifest = {
             "format_version": MANIFEST_FORMAT,
             "family": cfg.family,
@@ -136,6 +140,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
         if static_length is not None:
             manifest["graphs"]["decoder_static"].update(variant="static", max_length=static_length,
                                                         verified_against="decoder.onnx")
+        if fused_attention:
+            manifest["graphs"]["decoder_fused"].update(variant="fused", verified_against="decoder.onnx")
         if measure:
             from .verify import ERROR_BOUNDS, random_check
 
@@ -145,6 +151,11 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
 
                 rows += [dict(zip(("check", "provider", "output", "error"), row))
                          for row in static_check(cfg, params, tmp, dtype, "CPUExecutionProvider")]
+            if fused_attention:
+                from .verify import fused_check
+
+                rows += [dict(zip(("check", "provider", "output", "error"), row))
+                         for row in fused_check(cfg, params, tmp, dtype, "CPUExecutionProvider")]
             manifest["error"] = {"provider": "CPUExecutionProvider", "bound": ERROR_BOUNDS[dtype],
                                  "max": max(row["error"] for row in rows),
                                  "per_output": {row["output"]: row["error"] for row in rows}}

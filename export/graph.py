@@ -82,7 +82,8 @@ class Graph:
             node.output[:] = [self.renames.get(name, name) for name in node.output]
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
                                   initializer=list(self.initializers.values()))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
+        domains = [helper.make_opsetid("com.microsoft", 1)] if any(n.domain == "com.microsoft" for n in self.nodes) else []
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)] + domains,
                                   producer_name="refformer", producer_version=producer_version)
         model.ir_version = min(model.ir_version, 10)  # readable by older onnxruntime builds too
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)

@@ -228,3 +228,47 @@ def decoder_layer_step(g, cfg, prefix, p, x, self_mask, past_k, past_v, cross_k=
     y = residual(g, cfg, f"{prefix}.ffn_norm", p["ffn_norm"], h,
                  lambda h: feed_forward(g, cfg, f"{prefix}.ffn", p["ffn"], h))
     return y, present["k"], present["v"]
+
+
+# ---------------------------------------------------------------------------- fused attention (com.microsoft)
+
+
+def fused_attention(g, cfg, prefix, p, h, key, value, keep32, past=None, causal=False):
+    """ONNX Runtime's MultiHeadAttention contrib op in place of split/attention/merge:
+
+    h ─q_proj─┐
+    key, value (projected [B, T, D], or cross-attention's [B, H, S, Dh]) ─MultiHeadAttention(mask, past)─out_proj─▶ y
+
+    keep32 [B, total] int32 (1 = real key); past (k, v) [B, H, P, Dh] for self-attention, whose
+    present (k, v) [B, H, P + T, Dh] is returned too. causal: query i sees keys up to P + i.
+    Fully masked queries get ONNX Runtime's mask filler instead of zeros; they are padding and
+    never compared or used.
+    """
+    at = node_path(prefix)
+    q = linear(g, f"{prefix}.q_proj", p["q_proj"], h)
+    inputs = [q, key, value, "", keep32] + (["", past[0], past[1]] if past else [])
+    outputs = g.op("MultiHeadAttention", inputs, at, n_outputs=3 if past else 1, domain="com.microsoft",
+                   num_heads=cfg.n_heads, unidirectional=int(causal))
+    context, present = (outputs[0], outputs[1:]) if past else (outputs, None)
+    return linear(g, f"{prefix}.out_proj", p["out_proj"], context), present
+
+
+def decoder_layer_step_fused(g, cfg, prefix, p, x, keep32, past_k, past_v, cross_k=None, cross_v=None, memory_keep32=None):
+    """decoder_layer_step with both attentions as MultiHeadAttention nodes; same inputs, same outputs."""
+    present = {}
+
+    def self_attention(h):
+        k_new = linear(g, f"{prefix}.self_attn.k_proj", p["self_attn"]["k_proj"], h)
+        v_new = linear(g, f"{prefix}.self_attn.v_proj", p["self_attn"]["v_proj"], h)
+        y, (present["k"], present["v"]) = fused_attention(g, cfg, f"{prefix}.self_attn", p["self_attn"], h, k_new, v_new,
+                                                          keep32, past=(past_k, past_v), causal=True)
+        return y
+
+    h = residual(g, cfg, f"{prefix}.self_attn_norm", p["self_attn_norm"], x, self_attention)
+    if "cross_attn" in p:
+        h = residual(g, cfg, f"{prefix}.cross_attn_norm", p["cross_attn_norm"], h,
+                     lambda h: fused_attention(g, cfg, f"{prefix}.cross_attn", p["cross_attn"], h, cross_k, cross_v,
+                                               memory_keep32)[0])
+    y = residual(g, cfg, f"{prefix}.ffn_norm", p["ffn_norm"], h,
+                 lambda h: feed_forward(g, cfg, f"{prefix}.ffn", p["ffn"], h))
+    return y, present["k"], present["v"]

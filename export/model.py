@@ -6,8 +6,8 @@ from onnx import TensorProto
 from refformer.refimpl.model import lm_head_params
 
 from .graph import Graph
-from .layers import (causal_padding_mask, decoder_layer_step, embed, encoder_layer, linear, norm, padding_mask, project_kv,
-                     write_cache)
+from .layers import (causal_padding_mask, decoder_layer_step, decoder_layer_step_fused, embed, encoder_layer, linear, norm,
+                     padding_mask, project_kv, write_cache)
 
 INT64 = TensorProto.INT64
 
@@ -59,7 +59,7 @@ def cache_inputs(g, cfg, past_shape):
     return past, cross, memory_mask
 
 
-def build_decoder(cfg, params, dtype="fp32", opset=17):
+def build_decoder(cfg, params, dtype="fp32", opset=17, fused=False):
     """decoder.onnx (reference graph, growing cache): one graph for the prompt pass and each step.
 
     input_ids, position_ids [B, T], attention_mask [B, P + T], past_key/value_self_{i} [B, H, P, Dh]
@@ -68,18 +68,28 @@ def build_decoder(cfg, params, dtype="fp32", opset=17):
 
     input_ids ─embed─[decoder_layer_step × N (Concat past, new)]─final_norm─Cast(fp32)─lm_head─▶ logits
     """
-    g = Graph("refformer_decoder", dtype, opset)
+    g = Graph("refformer_decoder_fused" if fused else "refformer_decoder", dtype, opset)
     ids = g.input("input_ids", INT64, ["batch", "new_length"])
     positions = g.input("position_ids", INT64, ["batch", "new_length"])
     keep = g.input("attention_mask", INT64, ["batch", "total_length"])
     past, cross, memory_mask = cache_inputs(g, cfg, ["batch", cfg.n_heads, "past_length", cfg.head_dim])
     p = params["decoder"]
     x = embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids, positions)
-    self_mask = causal_padding_mask(g, ids, keep, "/decoder/self_mask")  # [B, 1, T, P + T]
     presents = []
-    for i, p_layer in enumerate(p["layers"]):
-        x, k, v = decoder_layer_step(g, cfg, f"decoder.layers.{i}", p_layer, x, self_mask, *past[i], *cross[i], memory_mask)
-        presents.append((k, v))
+    if fused:  # fused=True: ONNX Runtime's MultiHeadAttention nodes (decoder_fused.onnx), int32 key masks
+        keep32 = g.cast(keep, TensorProto.INT32, "/decoder/self_mask")
+        memory_keep32 = g.cast("encoder_attention_mask", TensorProto.INT32, "/decoder/memory_mask") \
+            if cfg.is_encoder_decoder else None
+        for i, p_layer in enumerate(p["layers"]):
+            x, k, v = decoder_layer_step_fused(g, cfg, f"decoder.layers.{i}", p_layer, x, keep32, *past[i], *cross[i],
+                                               memory_keep32)
+            presents.append((k, v))
+    else:
+        self_mask = causal_padding_mask(g, ids, keep, "/decoder/self_mask")  # [B, 1, T, P + T]
+        for i, p_layer in enumerate(p["layers"]):
+            x, k, v = decoder_layer_step(g, cfg, f"decoder.layers.{i}", p_layer, x, self_mask, *past[i], *cross[i],
+                                         memory_mask)
+            presents.append((k, v))
     if cfg.final_norm:
         x = norm(g, cfg, "decoder.final_norm", p["final_norm"], x)
     logits = lm_head(g, cfg, params, x)

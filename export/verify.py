@@ -265,6 +265,8 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
         rows += incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, prompts, 3, rng)
         if "decoder_static" in manifest["graphs"]:
             rows += static_check(cfg, params, onnx_dir, dtype, provider, seed)
+        if "decoder_fused" in manifest["graphs"]:
+            rows += fused_check(cfg, params, onnx_dir, dtype, provider, seed)
     bound = ERROR_BOUNDS[dtype]
     return [{"check": c, "provider": p, "output": o, "error": e, "bound": bound, "ok": bool(e <= bound)}
             for c, p, o, e in rows], dtype
@@ -334,3 +336,28 @@ def static_check(cfg, params, onnx_dir, dtype, provider, seed=0, n_steps=4):
     return [("static", provider, "logits vs decoder.onnx", rel_error(got * real, reference * real)),
             ("static", provider, "logits vs refimpl", rel_error(got * real, ref * real)),
             ("static", provider, "next_ids = argmax(logits)", 0.0 if argmax_ok else float("inf"))]
+
+
+def fused_check(cfg, params, onnx_dir, dtype, provider, seed=0):
+    """decoder_fused.onnx in place of decoder.onnx: the incremental check against refimpl, and its logits
+    against decoder.onnx's on the same left-padded prompts and steps."""
+    sessions = load_sessions(cfg, onnx_dir, provider)
+    fused = dict(sessions, decoder=session(Path(onnx_dir) / "decoder_fused.onnx", provider))
+    params64 = tree_map(lambda a: a.astype(np.float64), params)
+    src, src_keep = random_inputs(cfg, np.random.default_rng(seed))[:2]
+    low = 4 if cfg.vocab_size > 8 else 0
+    prompts = [list(np.random.default_rng(seed).integers(low, cfg.vocab_size, n)) for n in (1, 3, 2)]
+    rows = [("fused", provider, "logits vs refimpl (prompt + steps)",
+             incremental_check(cfg, params64, fused, dtype, provider, src, src_keep, prompts, 3,
+                               np.random.default_rng(seed))[0][3])]
+    ids, keep, positions = left_padded(prompts, cfg.pad_id)
+    cross = None
+    if cfg.is_encoder_decoder:
+        got = run_encoder(sessions["encoder"], src, src_keep)
+        cross = [(got[f"cross_key_{i}"], got[f"cross_value_{i}"]) for i in range(cfg.n_decoder_layers)]
+    empty = empty_cache(cfg, len(prompts), float_type(dtype))
+    reference, _ = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, empty, cross, src_keep)
+    got, _ = run_decoder(fused["decoder"], cfg, dtype, ids, positions, keep, empty, cross, src_keep)
+    real = keep.astype(bool)[:, :, None]
+    rows.append(("fused", provider, "logits vs decoder.onnx (prompt)", rel_error(got * real, reference * real)))
+    return rows

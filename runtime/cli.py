@@ -104,15 +104,17 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, **arch):
               help="Keep weights in .data files beside the graphs (automatic above 2 GB).")
 @click.option("--static-length", type=int, default=None,
               help="Also write decoder_static.onnx (fixed-size cache of this many slots, in-graph argmax).")
+@click.option("--fused-attention", is_flag=True,
+              help="Also write decoder_fused.onnx (ONNX Runtime's com.microsoft MultiHeadAttention).")
 @one_line_errors
-def export_command(model_dir, dtype, opset, out_dir, external_data, static_length):
+def export_command(model_dir, dtype, opset, out_dir, external_data, static_length, fused_attention):
     """Export MODEL_DIR to ONNX graphs (encoder.onnx, decoder.onnx, manifest.json)."""
     from refformer.export.export import export_model
 
     model_dir = model_dir or default_model()
     out = out_dir or f"{model_dir}/onnx"
     manifest = export_model(model_dir, out_dir, dtype=dtype, opset=opset, external_data=external_data,
-                            static_length=static_length)
+                            static_length=static_length, fused_attention=fused_attention)
     error = manifest.get("error", {})
     click.echo(f"wrote {out} ({manifest['family']}, {dtype}, opset {opset}); "
                f"max error vs refimpl on ONNX Runtime CPU: {error.get('max', float('nan')):.2e}")

@@ -76,19 +76,22 @@ def one_record(text, outputs, **extra):
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Graph precision (exported on first use).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--variant", type=click.Choice(["auto", "reference", "fused", "static"]), default="auto", show_default=True,
+              help="Decoder graph: auto = static (CUDA graphs) on CUDA, reference on the CPU.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Inputs per batch with --input.")
 @click.option("--truncate", is_flag=True, help="Cut inputs longer than the model's positions (with a warning).")
 @option_flags
-def generate(texts, model_dir, input_path, output_path, as_json, provider, dtype, threads, batch_size, truncate,
+def generate(texts, model_dir, input_path, output_path, as_json, provider, dtype, threads, variant, batch_size, truncate,
              **options):
     """Generate from TEXT (streamed to the terminal) or from --input FILE (batched, JSONL out)."""
     from refformer.runtime.cli import one_line_errors
 
     one_line_errors(run)(texts, model_dir, input_path, output_path, as_json, provider, dtype, threads, batch_size,
-                         truncate, options)
+                         truncate, options, variant)
 
 
-def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, threads, batch_size, truncate, options):
+def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, threads, batch_size, truncate, options,
+        variant="auto"):
     from refformer.refimpl.generate import GenerationOptions
     from refformer.runtime.generator import Generator
 
@@ -103,7 +106,7 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
         raise RefformerError(f"--threads must be >= 1, got {threads}")
     if input_path is not None and input_path != "-" and not Path(input_path).is_file():
         raise RefformerError(f"input file {input_path} does not exist")
-    generator = Generator(model_dir, provider=provider, dtype=dtype, threads=threads, truncate=truncate)
+    generator = Generator(model_dir, provider=provider, dtype=dtype, threads=threads, truncate=truncate, variant=variant)
 
     if len(texts) == 1 and output_path is None and not as_json and options["num_return_sequences"] == 1:
         for piece in generator.stream(texts[0], **options):

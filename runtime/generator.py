@@ -36,7 +36,7 @@ def cache_root():
     return Path(base) / "refformer"
 
 
-def export_locations(model_dir, dtype="fp32", static_length=None):
+def export_locations(model_dir, dtype="fp32", static_length=None, fused_attention=False):
     """Where an export of model_dir lives: (MODEL_DIR/onnx or onnx-fp16, the per-user cache folder)."""
     from refformer.export.export import model_hashes
 
@@ -44,11 +44,11 @@ def export_locations(model_dir, dtype="fp32", static_length=None):
     local = model_dir / "onnx" if dtype == "fp32" else model_dir / f"onnx-{dtype}"
     hashes = model_hashes(model_dir)
     key = hashlib.sha256((hashes["config_sha256"] + hashes["weights_sha256"]).encode()).hexdigest()[:20]
-    suffix = "" if static_length is None else f"-static{static_length}"
+    suffix = ("" if static_length is None else f"-static{static_length}") + ("-fused" if fused_attention else "")
     return local, cache_root() / f"{key}-{dtype}{suffix}"
 
 
-def ensure_export(model_dir, dtype="fp32", static_length=None):
+def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=False):
     """An up-to-date export of model_dir: MODEL_DIR/onnx when fresh, else exported now — into MODEL_DIR/onnx
     when writable, otherwise into a per-user cache folder keyed by the model's hashes. static_length asks
     for the static-cache graph (decoder_static.onnx) of that many slots as well."""
@@ -63,16 +63,17 @@ def ensure_export(model_dir, dtype="fp32", static_length=None):
             return False
         static = manifest.get("graphs", {}).get("decoder_static", {})
         return (manifest.get("dtype") == dtype and not is_stale(model_dir, manifest)
-                and (static_length is None or static.get("max_length") == static_length))
+                and (static_length is None or static.get("max_length") == static_length)
+                and (not fused_attention or "decoder_fused" in manifest.get("graphs", {})))
 
-    local, cached = export_locations(model_dir, dtype, static_length)
+    local, cached = export_locations(model_dir, dtype, static_length, fused_attention)
     if fresh(local):
         return local
     if fresh(cached):
         return cached
     target = local if os.access(model_dir, os.W_OK) else cached
     print(f"exporting {model_dir} to {target} ({dtype}) ...", file=sys.stderr)
-    export_model(model_dir, target, dtype=dtype, static_length=static_length)
+    export_model(model_dir, target, dtype=dtype, static_length=static_length, fused_attention=fused_attention)
     return target
 
 
@@ -101,9 +102,10 @@ class Generator:
 
     def __init__(self, model_dir=None, provider="auto", dtype="fp32", threads=None, truncate=False, variant="auto",
                  static_length=None, cuda_graph=None):
-        """variant: "reference" (decoder.onnx, growing cache), "static" (decoder_static.onnx: fixed buffers,
-        in-graph argmax, CUDA-graph replay on CUDA) or "auto" (static on CUDA, reference on the CPU, where
-        attending over every static slot costs more than it saves). static_length defaults to max_positions."""
+        """variant: "reference" (decoder.onnx, growing cache), "fused" (decoder_fused.onnx: the same with ONNX
+        Runtime's MultiHeadAttention op), "static" (decoder_static.onnx: fixed buffers, in-graph argmax,
+        CUDA-graph replay on CUDA) or "auto" (static on CUDA, reference on the CPU, where attending over every
+        static slot costs more than it saves). static_length defaults to max_positions."""
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = load_config(self.model_dir)
         self.tokenizer = tok.load_tokenizer(self.model_dir / "tokenizer.json")
@@ -111,8 +113,8 @@ class Generator:
         if size != self.cfg.vocab_size:
             raise RefformerError(f"{self.model_dir}/tokenizer.json has {size} tokens but the model has {self.cfg.vocab_size}")
         self.provider = resolve_provider(provider)
-        if variant not in ("auto", "reference", "static"):
-            raise RefformerError(f"variant must be auto, reference or static, got {variant!r}")
+        if variant not in ("auto", "reference", "fused", "static"):
+            raise RefformerError(f"variant must be auto, reference, fused or static, got {variant!r}")
         on_cuda = self.provider == PROVIDERS["cuda"]
         self.variant = ("static" if on_cuda else "reference") if variant == "auto" else variant
         if self.variant == "static":
@@ -121,8 +123,10 @@ class Generator:
             self.stepper = StaticOrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads,
                                             cuda_graph=on_cuda if cuda_graph is None else cuda_graph)
         else:
-            self.onnx_dir = ensure_export(self.model_dir, dtype)
-            self.stepper = OrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads)
+            fused = self.variant == "fused"
+            self.onnx_dir = ensure_export(self.model_dir, dtype, fused_attention=fused)
+            self.stepper = OrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads,
+                                      decoder_file="decoder_fused.onnx" if fused else "decoder.onnx")
         self.truncate = truncate
 
     # ------------------------------------------------------------ text <-> ids

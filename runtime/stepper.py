@@ -30,14 +30,15 @@ def gather_rows_model(elem_type):
 class OrtStepper:
     """encoder.onnx / decoder.onnx as a stepper (start, step, reorder) for refimpl.generate's search."""
 
-    def __init__(self, cfg, onnx_dir, dtype, provider="CPUExecutionProvider", threads=None):
+    def __init__(self, cfg, onnx_dir, dtype, provider="CPUExecutionProvider", threads=None, decoder_file="decoder.onnx"):
+        """decoder_file: decoder.onnx (the reference graph) or decoder_fused.onnx (same inputs and outputs)."""
         import onnxruntime as ort
 
         self.ort = ort
         self.cfg, self.dtype, self.provider = cfg, dtype, provider
         self.device = DEVICE_OF_PROVIDER[provider]
         self.float_type = NUMPY_OF_DTYPE[dtype]
-        self.decoder = make_session(f"{onnx_dir}/decoder.onnx", provider, threads)
+        self.decoder = make_session(f"{onnx_dir}/{decoder_file}", provider, threads)
         self.encoder = make_session(f"{onnx_dir}/encoder.onnx", provider, threads) if cfg.is_encoder_decoder else None
         elem_type = TensorProto.FLOAT if dtype == "fp32" else TensorProto.FLOAT16
         options = ort.SessionOptions()

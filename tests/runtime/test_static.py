@@ -73,3 +73,27 @@ def test_static_cache_overflow_is_a_clear_error(tmp_path, tokenizer_file):  # no
 def test_auto_variant_is_reference_on_the_cpu(tmp_path, tokenizer_file):  # noqa: F811
     make_model(tmp_path / "m", tokenizer_file, "decoder-only")
     assert Generator(tmp_path / "m", provider="cpu").variant == "reference"
+
+
+@pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
+def test_fused_attention_variant_matches_refimpl(tmp_path, tokenizer_file, family):  # noqa: F811
+    """decoder_fused.onnx (com.microsoft MultiHeadAttention, which has a CPU kernel) behind the same stepper."""
+    make_model(tmp_path / "m", tokenizer_file, family)
+    generator = Generator(tmp_path / "m", provider="cpu", variant="fused")
+    assert generator.stepper.decoder.get_modelmeta().graph_name == "refformer_decoder_fused"
+    cfg, params = load(tmp_path / "m")
+    inputs = generator.encode_inputs(TEXTS[family])
+    for options in STRATEGIES:
+        options = GenerationOptions(**options)
+        assert generator.generate_ids(TEXTS[family], options) == generate(cfg, params, options=options, **inputs)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_verify_checks_the_fused_graph(tmp_path, dtype):
+    cfg = Config(vocab_size=30, d_model=16, n_heads=4, d_ff=32, max_positions=32, dropout=0.0, norm_first=True)
+    save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)))
+    manifest = export_model(tmp_path / "m", dtype=dtype, fused_attention=True)
+    assert manifest["graphs"]["decoder_fused"]["variant"] == "fused"
+    rows, _ = verify(tmp_path / "m", providers=["CPUExecutionProvider"])
+    fused = [row for row in rows if row["check"] == "fused"]
+    assert len(fused) == 2 and all(row["ok"] for row in rows), rows
