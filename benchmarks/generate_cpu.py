@@ -50,6 +50,7 @@ import numpy as np
 
 from refformer.refimpl import Config, init_params, save, sinusoidal_table
 from refformer.refimpl.generate import GenerationOptions, search_iter
+from machine import cpu_model  # benchmarks/machine.py (scripts run from their folder on sys.path)
 
 FULL = dict(cfg=Config(vocab_size=32000, d_model=512, n_heads=8, d_ff=2048, n_encoder_layers=6, n_decoder_layers=6,
                        norm_first=False, final_norm=False, activation="relu", positional="sinusoidal",
@@ -62,17 +63,6 @@ QUICK = dict(cfg=Config(vocab_size=1000, d_model=64, n_heads=4, d_ff=128, n_enco
 
 
 # ---------------------------------------------------------------------------- context
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_flags():

@@ -31,6 +31,7 @@ from torch import nn
 from refformer.refimpl import (Config, cross_entropy_backward, cross_entropy_forward, init_params, model_backward,
                                model_forward, rel_error, sinusoidal_table)
 from refformer.refimpl.tree import tree_map
+from machine import cpu_model  # benchmarks/machine.py (scripts run from their folder on sys.path)
 
 B, S, T = 32, 32, 32
 LABEL_SMOOTHING = 0.1
@@ -75,17 +76,6 @@ def blas_env():
     names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
              "OPENBLAS_VERBOSE")
     return {name: os.environ.get(name) for name in names}
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ---------------------------------------------------------------------------- the batch
