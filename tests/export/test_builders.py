@@ -69,6 +69,8 @@ def test_norm(kind, B, T, D, seed):
 @given(shape=st.tuples(dims, dims, dims), seed=st.integers(0, 2**16))
 def test_activation(kind, shape, seed):
     x = np.random.default_rng(seed).normal(size=shape) * 3
+    x.flat[0] = 1.5  # the max-norm metric needs one output of ordinary size: a lone x = -5 gives gelu ~ -1e-6,
+    # which float32 computes as 0 by cancellation in 1 + tanh (a relative error of 1 on a meaningless scale)
     g = Graph("act")
     X.activation(g, kind, g.input("x", FLOAT, list(shape)), "/act")
     got = run_both(g, {"x": x.astype(np.float32)}, shape)
