@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.generate import GenerationOptions, beam_search, search_iter, trim_after_eos
+from refformer.refimpl.generate import GenerationOptions, generate, search_iter
 from refformer.refimpl.io import load_config
 
 from . import tokenizer as tok
@@ -166,18 +166,8 @@ class Generator:
 
     # ------------------------------------------------------------ generation
     def generate_ids(self, texts, options):
-        """Per input, num_return_sequences lists of generated ids (eos kept)."""
-        inputs = self.encode_inputs(texts)
-        if options.num_beams > 1:
-            return beam_search(self.stepper, self.cfg, options, **inputs)[0]
-        copies = options.num_return_sequences
-        if copies > 1:
-            inputs = {k: np.repeat(v, copies, axis=0) for k, v in inputs.items()}
-        steps = list(search_iter(self.stepper, self.cfg, options, **inputs))
-        B = next(iter(inputs.values())).shape[0]
-        rows = np.stack(steps, axis=1).tolist() if steps else [[] for _ in range(B)]
-        sequences = [trim_after_eos(row, self.cfg) for row in rows]
-        return [sequences[i:i + copies] for i in range(0, B, copies)]
+        """Per input, num_return_sequences lists of generated ids (eos kept): refimpl's search on the ONNX stepper."""
+        return generate(self.cfg, None, options=options, stepper=self.stepper, **self.encode_inputs(texts))
 
     def generate(self, texts, **options):
         """Texts -> generated texts: a list of str, or of lists of str when num_return_sequences > 1."""
