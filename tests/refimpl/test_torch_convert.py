@@ -22,17 +22,10 @@ from refformer.refimpl.torch_convert import (config_from_torch_layer, convert_st
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+pytestmark = [pytest.mark.filterwarnings("ignore:enable_nested_tensor is True"),
+              pytest.mark.usefixtures("torch_slow_path")]  # tests/refimpl/conftest.py
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def torch_slow_path():
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    yield
-    torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 # ---------------------------------------------------------------------------- torch models
