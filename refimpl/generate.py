@@ -124,9 +124,9 @@ def banned_ngram_tokens(sequence, n):
 def process_logits(logits, sequences, n_generated, options, cfg):
     """Float64 scores of the next token: repetition penalty, no-repeat n-grams, min_new_tokens (eos banned)."""
     scores = apply_repetition_penalty(logits.astype(np.float64), sequences, options.repetition_penalty)
-    for b, sequence in enumerate(sequences):
-        banned = banned_ngram_tokens(list(sequence), options.no_repeat_ngram_size)
-        scores[b, banned] = -np.inf
+    if options.no_repeat_ngram_size:
+        for b, sequence in enumerate(sequences):
+            scores[b, banned_ngram_tokens(list(sequence), options.no_repeat_ngram_size)] = -np.inf
     if n_generated < options.min_new_tokens:
         scores[:, cfg.eos_id] = -np.inf
     return scores
