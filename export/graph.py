@@ -43,14 +43,16 @@ class Graph:
         self._names = set()
 
     # ------------------------------------------------------------ bookkeeping
-    def op(self, op_type, inputs, at, *, name=None, n_outputs=1, domain=None, **attributes):
-        """Add a node named at/name (name defaults to op_type); returns its output name (or names)."""
+    def op(self, op_type, inputs, at, *, name=None, n_outputs=1, unused=(), domain=None, **attributes):
+        """Add a node named at/name (name defaults to op_type); returns its output name (or names).
+
+        unused: indices of optional outputs left unnamed (ONNX Runtime then need not compute them)."""
         node_name = f"{at}/{name or op_type}"
         base, k = node_name, 1
         while node_name in self._names:  # the same op twice at one path: number it
             node_name, k = f"{base}_{k}", k + 1
         self._names.add(node_name)
-        outputs = [f"{node_name}/output_{i}" for i in range(n_outputs)]
+        outputs = ["" if i in unused else f"{node_name}/output_{i}" for i in range(n_outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=node_name, domain=domain, **attributes))
         return outputs[0] if n_outputs == 1 else outputs
 

@@ -272,3 +272,141 @@ def decoder_layer_step_fused(g, cfg, prefix, p, x, keep32, past_k, past_v, cross
     y = residual(g, cfg, f"{prefix}.ffn_norm", p["ffn_norm"], h,
                  lambda h: feed_forward(g, cfg, f"{prefix}.ffn", p["ffn"], h))
     return y, present["k"], present["v"]
+
+
+# ---------------------------------------------------------------------------- the fast static step (com.microsoft)
+#
+# decoder_static_fused.onnx: the same layer math with fewer, bigger nodes (what matters once a step is
+# replayed as a CUDA graph and each kernel launch is a fixed cost):
+#   - q, k and v projected by one MatMul over the concatenated weights;
+#   - self-attention as GroupQueryAttention over a max-length cache that is both past and present
+#     (one buffer, written in place at the row's position);
+#   - each residual sum and its bias folded into the next norm (SkipLayerNormalization /
+#     SkipSimplifiedLayerNormalization), whose fourth output is the sum itself.
+
+
+def linear_unbiased(g, prefix, p, x):
+    """x @ W, and the name of b (None without one) for a later op to add."""
+    y = g.op("MatMul", [x, g.weight(f"{prefix}.weight", p["weight"])], node_path(prefix))
+    return y, (g.weight(f"{prefix}.bias", p["bias"]) if "bias" in p else None)
+
+
+def skip_norm(g, cfg, prefix, p, delta, bias, x, keep_sum):
+    """norm(x + delta + bias) in one node; with keep_sum also x + delta + bias (the residual stream).
+
+    delta ─┐
+    x ─────SkipLayerNormalization(gamma, beta, bias)─┬─▶ normed
+                                                     └─▶ x + delta + bias   (output 3)
+    """
+    at = node_path(prefix)
+    unused = (1, 2) if keep_sum else (1, 2, 3)
+    weight = g.weight(f"{prefix}.weight", p["weight"])
+    if cfg.norm == "layernorm":
+        outputs = g.op("SkipLayerNormalization", [delta, x, weight, g.weight(f"{prefix}.bias", p["bias"])] + ([bias] if bias else []),
+                       at, n_outputs=4, unused=unused, domain="com.microsoft", epsilon=float(cfg.norm_eps))
+    else:
+        outputs = g.op("SkipSimplifiedLayerNormalization", [delta, x, weight] + ([bias] if bias else []),
+                       at, n_outputs=4, unused=unused, domain="com.microsoft", epsilon=float(cfg.norm_eps))
+    return outputs[0], (outputs[3] if keep_sum else None)
+
+
+class ResidualStream:
+    """The residual stream x of a layer stack, with each sum done inside the next norm.
+
+    pre-LN  (x + f(norm(x))): the sublayer's output waits as `pending` until the next norm adds it;
+    post-LN (norm(x + f(x))): the sum and the norm are one SkipLayerNormalization at once.
+    A sublayer function returns (y without its bias, bias name or None).
+    """
+
+    def __init__(self, g, cfg, x):
+        self.g, self.cfg, self.x, self.pending = g, cfg, x, None
+
+    def sublayer(self, norm_prefix, p_norm, f):
+        if self.cfg.norm_first:
+            self.pending = f(self.normed(norm_prefix, p_norm))
+        else:
+            delta, bias = f(self.x)
+            self.x = skip_norm(self.g, self.cfg, norm_prefix, p_norm, delta, bias, self.x, keep_sum=False)[0]
+
+    def normed(self, prefix, p):
+        """norm(x + pending); x becomes x + pending."""
+        if self.pending is None:
+            return norm(self.g, self.cfg, prefix, p, self.x)
+        (delta, bias), self.pending = self.pending, None
+        normed, self.x = skip_norm(self.g, self.cfg, prefix, p, delta, bias, self.x, keep_sum=True)
+        return normed
+
+    def value(self, at):
+        """x with any pending sublayer output added (the stack's output without a final norm)."""
+        if self.pending is not None:
+            (delta, bias), self.pending = self.pending, None
+            delta = add_bias(self.g, delta, bias, at)
+            self.x = self.g.op("Add", [self.x, delta], at, name="Residual")
+        return self.x
+
+
+def add_bias(g, y, bias, at):
+    """y + bias (y when there is no bias)."""
+    return y if bias is None else g.op("Add", [y, bias], at, name="AddBias")
+
+
+def packed_qkv(g, prefix, p, h):
+    """[q | k | v] = h @ [Wq | Wk | Wv] + [bq | bk | bv]: one MatMul instead of three."""
+    at = node_path(prefix) + "/qkv_proj"
+    names = ("q_proj", "k_proj", "v_proj")
+    weight = np.concatenate([p[n]["weight"] for n in names], axis=1)
+    y = g.op("MatMul", [h, g.weight(f"{prefix}.qkv_proj.weight", weight)], at)
+    if all("bias" in p[n] for n in names):
+        y = g.op("Add", [y, g.weight(f"{prefix}.qkv_proj.bias", np.concatenate([p[n]["bias"] for n in names]))], at)
+    elif any("bias" in p[n] for n in names):
+        zeros = {n: np.zeros(p[n]["weight"].shape[1], p[n]["weight"].dtype) for n in names}
+        bias = np.concatenate([p[n].get("bias", zeros[n]) for n in names])
+        y = g.op("Add", [y, g.weight(f"{prefix}.qkv_proj.bias", bias)], at)
+    return y
+
+
+def gqa_self_attention(g, cfg, prefix, p, h, past_k, past_v, seqlens32, total32):
+    """Causal self-attention of one new token per row, its k/v written into the cache at slot seqlens32[b]:
+
+    h ─qkv_proj─GroupQueryAttention(past_k, past_v, seqlens, total)─out_proj (bias left to the next norm)─▶ y
+                           └─▶ present_k, present_v  (the same buffers as past_k, past_v when bound so)
+    """
+    at = node_path(prefix)
+    qkv = packed_qkv(g, prefix, p, h)
+    context, present_k, present_v = g.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens32, total32], at,
+                                         n_outputs=3, domain="com.microsoft", num_heads=cfg.n_heads,
+                                         kv_num_heads=cfg.n_heads)
+    return linear_unbiased(g, f"{prefix}.out_proj", p["out_proj"], context), present_k, present_v
+
+
+def cross_attention_fused(g, cfg, prefix, p, h, cross_k, cross_v, memory_keep32):
+    """Cross-attention as MultiHeadAttention over the encoder's projected keys/values [B, H, S, Dh]."""
+    q = linear(g, f"{prefix}.q_proj", p["q_proj"], h)
+    context = g.op("MultiHeadAttention", [q, cross_k, cross_v, "", memory_keep32], node_path(prefix),
+                   domain="com.microsoft", num_heads=cfg.n_heads)
+    return linear_unbiased(g, f"{prefix}.out_proj", p["out_proj"], context)
+
+
+def feed_forward_unbiased(g, cfg, prefix, p, x):
+    """feed_forward with fc2's bias left to the next norm."""
+    h = linear(g, f"{prefix}.fc1", p["fc1"], x)
+    return linear_unbiased(g, f"{prefix}.fc2", p["fc2"], activation(g, cfg.activation, h, node_path(prefix) + "/act"))
+
+
+def decoder_layer_step_static_fused(g, cfg, prefix, p, stream, past_k, past_v, seqlens32, total32, cross_k=None,
+                                    cross_v=None, memory_keep32=None):
+    """decoder_layer_step for one token per row on the residual stream; returns the present cache (k, v)."""
+    present = {}
+
+    def self_attention(h):
+        y, present["k"], present["v"] = gqa_self_attention(g, cfg, f"{prefix}.self_attn", p["self_attn"], h, past_k,
+                                                           past_v, seqlens32, total32)
+        return y
+
+    stream.sublayer(f"{prefix}.self_attn_norm", p["self_attn_norm"], self_attention)
+    if "cross_attn" in p:
+        stream.sublayer(f"{prefix}.cross_attn_norm", p["cross_attn_norm"],
+                        lambda h: cross_attention_fused(g, cfg, f"{prefix}.cross_attn", p["cross_attn"], h, cross_k,
+                                                        cross_v, memory_keep32))
+    stream.sublayer(f"{prefix}.ffn_norm", p["ffn_norm"], lambda h: feed_forward_unbiased(g, cfg, f"{prefix}.ffn", p["ffn"], h))
+    return present["k"], present["v"]

@@ -6,8 +6,8 @@ from onnx import TensorProto
 from refformer.refimpl.model import lm_head_params
 
 from .graph import Graph
-from .layers import (causal_padding_mask, decoder_layer_step, decoder_layer_step_fused, embed, encoder_layer, linear, norm,
-                     padding_mask, project_kv, write_cache)
+from .layers import (ResidualStream, causal_padding_mask, decoder_layer_step, decoder_layer_step_fused,
+                     decoder_layer_step_static_fused, embed, encoder_layer, linear, norm, padding_mask, project_kv, write_cache)
 
 INT64 = TensorProto.INT64
 
@@ -44,9 +44,10 @@ def build_encoder(cfg, params, dtype="fp32", opset=17):
     return g.model()
 
 
-def cache_inputs(g, cfg, past_shape):
+def cache_inputs(g, cfg, past_shape, bool_mask=True):
     """The decoder's cache inputs: past_key/value_self_{i} of past_shape, and for encoder-decoder
-    encoder_attention_mask [B, S] (as a [B, 1, 1, S] mask) and cross_key/value_{i} [B, H, S, Dh]."""
+    encoder_attention_mask [B, S] (as a bool [B, 1, 1, S] mask, or int32 [B, S] for the contrib ops when
+    bool_mask is False) and cross_key/value_{i} [B, H, S, Dh]."""
     past = [(g.input(f"past_key_self_{i}", g.float_type, past_shape), g.input(f"past_value_self_{i}", g.float_type, past_shape))
             for i in range(cfg.n_decoder_layers)]
     cross, memory_mask = [(None, None)] * cfg.n_decoder_layers, None
@@ -55,7 +56,8 @@ def cache_inputs(g, cfg, past_shape):
         cross_shape = ["batch", cfg.n_heads, "source_length", cfg.head_dim]
         cross = [(g.input(f"cross_key_{i}", g.float_type, cross_shape), g.input(f"cross_value_{i}", g.float_type, cross_shape))
                  for i in range(cfg.n_decoder_layers)]
-        memory_mask = padding_mask(g, source_keep, "/decoder/memory_mask")  # [B, 1, 1, S]
+        memory_mask = padding_mask(g, source_keep, "/decoder/memory_mask") if bool_mask \
+            else g.cast(source_keep, TensorProto.INT32, "/decoder/memory_mask")
     return past, cross, memory_mask
 
 
@@ -72,17 +74,15 @@ def build_decoder(cfg, params, dtype="fp32", opset=17, fused=False):
     ids = g.input("input_ids", INT64, ["batch", "new_length"])
     positions = g.input("position_ids", INT64, ["batch", "new_length"])
     keep = g.input("attention_mask", INT64, ["batch", "total_length"])
-    past, cross, memory_mask = cache_inputs(g, cfg, ["batch", cfg.n_heads, "past_length", cfg.head_dim])
+    past, cross, memory_mask = cache_inputs(g, cfg, ["batch", cfg.n_heads, "past_length", cfg.head_dim], bool_mask=not fused)
     p = params["decoder"]
     x = embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids, positions)
     presents = []
     if fused:  # fused=True: ONNX Runtime's MultiHeadAttention nodes (decoder_fused.onnx), int32 key masks
         keep32 = g.cast(keep, TensorProto.INT32, "/decoder/self_mask")
-        memory_keep32 = g.cast("encoder_attention_mask", TensorProto.INT32, "/decoder/memory_mask") \
-            if cfg.is_encoder_decoder else None
         for i, p_layer in enumerate(p["layers"]):
             x, k, v = decoder_layer_step_fused(g, cfg, f"decoder.layers.{i}", p_layer, x, keep32, *past[i], *cross[i],
-                                               memory_keep32)
+                                               memory_mask)
             presents.append((k, v))
     else:
         self_mask = causal_padding_mask(g, ids, keep, "/decoder/self_mask")  # [B, 1, T, P + T]
@@ -133,6 +133,44 @@ def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
         presents.append((k, v))
     if cfg.final_norm:
         x = norm(g, cfg, "decoder.final_norm", p["final_norm"], x)
+    logits = lm_head(g, cfg, params, x)
+    g.output(logits, "logits", TensorProto.FLOAT, ["batch", 1, cfg.vocab_size])
+    last = g.op("Squeeze", [logits, g.const([1], "axes_1")], "/argmax")
+    g.output(g.op("ArgMax", [last], "/argmax", axis=-1, keepdims=0), "next_ids", INT64, ["batch"])
+    for i, (k, v) in enumerate(presents):
+        g.output(k, f"present_key_self_{i}", g.float_type, cache_shape)
+        g.output(v, f"present_value_self_{i}", g.float_type, cache_shape)
+    return g.model()
+
+
+def build_decoder_static_fused(cfg, params, dtype="fp16", opset=17, max_length=256):
+    """decoder_static_fused.onnx: decoder_static.onnx's job with ONNX Runtime's contrib ops, for CUDA-graph replay.
+
+    input_ids, position_ids [B, 1]; past_key/value_self_{i} [B, H, L, Dh] (+ encoder_attention_mask,
+    cross_key/value_{i}) -> logits [B, 1, V] (float32), next_ids [B], present_key/value_self_{i} [B, H, L, Dh].
+
+    A row's token is written at cache slot position_ids[b] and attends to slots 0 .. position_ids[b]: bind
+    present to the same buffer as past and the cache is updated in place. Slots hold a row's real tokens
+    in order, so a left-padded prompt's pad tokens (position 0) are overwritten by its first real token
+    and no self-attention mask is needed.
+
+    input_ids ─embed─[qkv_proj─GroupQueryAttention─SkipLayerNorm─(MultiHeadAttention─SkipLayerNorm)─FFN─SkipLayerNorm]×N─lm_head─ArgMax
+    """
+    g = Graph("refformer_decoder_static_fused", dtype, opset)
+    L = max_length
+    ids = g.input("input_ids", INT64, ["batch", 1])
+    positions = g.input("position_ids", INT64, ["batch", 1])
+    cache_shape = ["batch", cfg.n_heads, L, cfg.head_dim]
+    past, cross, memory_keep32 = cache_inputs(g, cfg, cache_shape, bool_mask=False)
+    at = "/decoder/slots"
+    seqlens32 = g.cast(g.op("Squeeze", [positions, g.const([1], "axes_1")], at), TensorProto.INT32, at)  # [B]: slot = position
+    total32 = g.const(L, "cache_length", np.int32)  # a constant: GroupQueryAttention reads it on the host
+    p = params["decoder"]
+    stream = ResidualStream(g, cfg, embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids, positions))
+    presents = [decoder_layer_step_static_fused(g, cfg, f"decoder.layers.{i}", p_layer, stream, *past[i], seqlens32, total32,
+                                                *cross[i], memory_keep32)
+                for i, p_layer in enumerate(p["layers"])]
+    x = stream.normed("decoder.final_norm", p["final_norm"]) if cfg.final_norm else stream.value("/decoder/residual")
     logits = lm_head(g, cfg, params, x)
     g.output(logits, "logits", TensorProto.FLOAT, ["batch", 1, cfg.vocab_size])
     last = g.op("Squeeze", [logits, g.const([1], "axes_1")], "/argmax")
