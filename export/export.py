@@ -13,7 +13,7 @@ import onnx
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.io import CONFIG_FILE, WEIGHTS_FILE, current_umask, load, sha256
 
-from .model import build_decoder, build_decoder_static, build_encoder
+from .model import build_decoder, build_decoder_static, build_decoder_static_fused, build_encoder
 
 MANIFEST_FORMAT = 1
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GB: bigger graphs keep weights beside them
@@ -95,7 +95,9 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     Returns the manifest. measure=True runs refformer verify's random-input check on ONNX Runtime CPU
     and records the error in the manifest. static_length adds decoder_static.onnx, the fixed-size-cache
     variant with in-graph argmax (for CUDA-graph replay), with that many cache slots. fused_attention adds
-    decoder_fused.onnx: decoder.onnx's inputs and outputs, with ONNX Runtime's MultiHeadAttention contrib op.
+    decoder_fused.onnx: decoder.onnx's inputs and outputs, with ONNX Runtime's MultiHeadAttention contrib op;
+    with static_length too, also decoder_static_fused.onnx (GroupQueryAttention over a cache updated in
+    place, fused norms), which needs a head size that is a multiple of 8.
     """
     if dtype not in DTYPES:
         raise RefformerError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
@@ -105,6 +107,10 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     cfg, params = load(model_dir)
     if static_length is not None and not (isinstance(static_length, int) and 1 <= static_length <= cfg.max_positions):
         raise RefformerError(f"--static-length must be between 1 and max_positions={cfg.max_positions}, got {static_length}")
+    static_fused = static_length is not None and fused_attention
+    if static_fused and cfg.head_dim % 8:
+        raise RefformerError(f"--static-length with --fused-attention needs a head size that is a multiple of 8 "
+                             f"(ONNX Runtime's GroupQueryAttention); this model's is {cfg.head_dim}")
     out_dir = Path(out_dir) if out_dir is not None else model_dir / "onnx"
     parent = out_dir.parent
     try:
@@ -120,6 +126,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
             graphs["decoder_static.onnx"] = build_decoder_static(cfg, params, dtype, opset, static_length)
         if fused_attention:
             graphs["decoder_fused.onnx"] = build_decoder(cfg, params, dtype, opset, fused=True)
+        if static_fused:
+            graphs["decoder_static_fused.onnx"] = build_decoder_static_fused(cfg, params, dtype, opset, static_length)
         manifest = {
             "format_version": MANIFEST_FORMAT,
             "family": cfg.family,
@@ -142,6 +150,9 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
                                                         verified_against="decoder.onnx")
         if fused_attention:
             manifest["graphs"]["decoder_fused"].update(variant="fused", verified_against="decoder.onnx")
+        if static_fused:
+            manifest["graphs"]["decoder_static_fused"].update(variant="static_fused", max_length=static_length,
+                                                              verified_against="decoder.onnx")
         if measure:
             from .verify import ERROR_BOUNDS, random_check
 
@@ -149,8 +160,9 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
             if static_length is not None:
                 from .verify import static_check
 
-                rows += [dict(zip(("check", "provider", "output", "error"), row))
-                         for row in static_check(cfg, params, tmp, dtype, "CPUExecutionProvider")]
+                for graph in ["decoder_static"] + (["decoder_static_fused"] if static_fused else []):
+                    rows += [dict(zip(("check", "provider", "output", "error"), row))
+                             for row in static_check(cfg, params, tmp, dtype, "CPUExecutionProvider", graph=graph)]
             if fused_attention:
                 from .verify import fused_check
 
@@ -158,7 +170,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
                          for row in fused_check(cfg, params, tmp, dtype, "CPUExecutionProvider")]
             manifest["error"] = {"provider": "CPUExecutionProvider", "bound": ERROR_BOUNDS[dtype],
                                  "max": max(row["error"] for row in rows),
-                                 "per_output": {row["output"]: row["error"] for row in rows}}
+                                 "per_output": {(row["output"] if row["check"] == "random" else f"{row['check']}: {row['output']}"):
+                                                row["error"] for row in rows}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes a 0700 folder
         replace_folder(tmp, out_dir)

@@ -5,7 +5,8 @@ Checks (each a row of the table: check, provider, output, error, bound):
              refimpl.encode / refimpl.decoder_step;
   real       the same on tokenized sentences when the model directory has a tokenizer;
   incremental  a prompt pass over left-padded rows of different lengths, then step-by-step decoding
-             with the present cache fed back, against refimpl.model_forward over the whole sequence.
+             with the present cache fed back, against refimpl.model_forward over the whole sequence;
+  static, static_fused, fused   the exported decoder variants against decoder.onnx and refimpl.
 """
 
 import contextlib
@@ -103,6 +104,12 @@ def silenced_native_output():
         os.dup2(saved[1], 2)
         for fd in saved + [devnull]:
             os.close(fd)
+
+
+def runs_on(graph, dtype, provider):
+    """Whether ONNX Runtime has kernels for the graph here: GroupQueryAttention (decoder_static_fused) runs
+    on the CPU in fp32 and fp16, on CUDA only in fp16."""
+    return not (graph == "decoder_static_fused" and provider == "CUDAExecutionProvider" and dtype == "fp32")
 
 
 def float_type(dtype):
@@ -263,8 +270,9 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
         low = 4 if cfg.vocab_size > 8 else 0
         prompts = [list(rng.integers(low, cfg.vocab_size, n)) for n in (1, 3, 2)][: src.shape[0]]
         rows += incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, prompts, 3, rng)
-        if "decoder_static" in manifest["graphs"]:
-            rows += static_check(cfg, params, onnx_dir, dtype, provider, seed)
+        for graph in ("decoder_static", "decoder_static_fused"):
+            if graph in manifest["graphs"] and runs_on(graph, dtype, provider):
+                rows += static_check(cfg, params, onnx_dir, dtype, provider, seed, graph=graph)
         if "decoder_fused" in manifest["graphs"]:
             rows += fused_check(cfg, params, onnx_dir, dtype, provider, seed)
     bound = ERROR_BOUNDS[dtype]
@@ -286,12 +294,15 @@ def real_inputs(cfg, tokenizer):
     return src, src_keep, tgt, tgt_keep, tgt_positions
 
 
-def static_check(cfg, params, onnx_dir, dtype, provider, seed=0, n_steps=4):
-    """decoder_static.onnx, one token per call over left-padded prompts, against decoder.onnx (the reference
-    graph) fed the same tokens, and against refimpl; next_ids must be the argmax of its logits."""
+def static_check(cfg, params, onnx_dir, dtype, provider, seed=0, n_steps=4, graph="decoder_static"):
+    """A static graph (decoder_static.onnx, or decoder_static_fused.onnx with graph="decoder_static_fused"),
+    one token per call over left-padded prompts, against decoder.onnx (the reference graph) fed the same
+    tokens, and against refimpl; next_ids must be the argmax of its logits. The check is named after the
+    graph's variant ("static" or "static_fused")."""
     onnx_dir = Path(onnx_dir)
-    static = session(onnx_dir / "decoder_static.onnx", provider)
-    L = next(i.shape[1] for i in static.get_inputs() if i.name == "attention_mask")
+    static = session(onnx_dir / f"{graph}.onnx", provider)
+    inputs = {i.name: i for i in static.get_inputs()}
+    L = inputs["past_key_self_0"].shape[2]
     sessions = load_sessions(cfg, onnx_dir, provider)
     rng = np.random.default_rng(seed)
     src, src_keep = random_inputs(cfg, rng)[:2]
@@ -324,6 +335,7 @@ def static_check(cfg, params, onnx_dir, dtype, provider, seed=0, n_steps=4):
             feeds["encoder_attention_mask"] = src_keep.astype(np.int64)
             for i, (k, v) in enumerate(cross):
                 feeds[f"cross_key_{i}"], feeds[f"cross_value_{i}"] = k, v
+        feeds = {name: value for name, value in feeds.items() if name in inputs}  # the fused graph has no mask inputs
         out = dict(zip([o.name for o in static.get_outputs()], static.run(None, feeds)))
         caches = [(out[f"present_key_self_{i}"], out[f"present_value_self_{i}"]) for i in range(cfg.n_decoder_layers)]
         logits.append(out["logits"])
@@ -333,9 +345,10 @@ def static_check(cfg, params, onnx_dir, dtype, provider, seed=0, n_steps=4):
     ref, _ = model_forward(cfg, params64, src if cfg.is_encoder_decoder else None, ids,
                            src_mask=src_keep if cfg.is_encoder_decoder else None, tgt_mask=keep, tgt_positions=positions)
     real = keep.astype(bool)[:, :, None]
-    return [("static", provider, "logits vs decoder.onnx", rel_error(got * real, reference * real)),
-            ("static", provider, "logits vs refimpl", rel_error(got * real, ref * real)),
-            ("static", provider, "next_ids = argmax(logits)", 0.0 if argmax_ok else float("inf"))]
+    check = graph.removeprefix("decoder_")
+    return [(check, provider, "logits vs decoder.onnx", rel_error(got * real, reference * real)),
+            (check, provider, "logits vs refimpl", rel_error(got * real, ref * real)),
+            (check, provider, "next_ids = argmax(logits)", 0.0 if argmax_ok else float("inf"))]
 
 
 def fused_check(cfg, params, onnx_dir, dtype, provider, seed=0):

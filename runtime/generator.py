@@ -21,6 +21,7 @@ from . import tokenizer as tok
 from .stepper import OrtStepper, StaticOrtStepper
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+VARIANTS = ("auto", "reference", "fused", "static", "static_fused")
 
 
 def default_model_dir():
@@ -62,9 +63,11 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
         except RefformerError:
             return False
         static = manifest.get("graphs", {}).get("decoder_static", {})
+        graphs = manifest.get("graphs", {})
         return (manifest.get("dtype") == dtype and not is_stale(model_dir, manifest)
                 and (static_length is None or static.get("max_length") == static_length)
-                and (not fused_attention or "decoder_fused" in manifest.get("graphs", {})))
+                and (not fused_attention or "decoder_fused" in graphs)
+                and (static_length is None or not fused_attention or "decoder_static_fused" in graphs))
 
     local, cached = export_locations(model_dir, dtype, static_length, fused_attention)
     if fresh(local):
@@ -94,6 +97,19 @@ def resolve_provider(provider):
     return PROVIDERS["cpu"]
 
 
+def auto_variant(cfg, on_cuda, dtype):
+    """(variant, fallback) for variant="auto": the fastest decoder for the provider and dtype.
+
+    CUDA: decoder_static_fused (GroupQueryAttention has fp16 CUDA kernels only, and needs a head size that
+    is a multiple of 8), falling back to decoder_static; else decoder_static. CPU: the reference graph.
+    """
+    if not on_cuda:
+        return "reference", None
+    if dtype == "fp16" and cfg.head_dim % 8 == 0:
+        return "static_fused", "static"
+    return "static", None
+
+
 class Generator:
     """Generation from a model directory (default: the bundled model) on ONNX Runtime.
 
@@ -104,8 +120,11 @@ class Generator:
                  static_length=None, cuda_graph=None):
         """variant: "reference" (decoder.onnx, growing cache), "fused" (decoder_fused.onnx: the same with ONNX
         Runtime's MultiHeadAttention op), "static" (decoder_static.onnx: fixed buffers, in-graph argmax,
-        CUDA-graph replay on CUDA) or "auto" (static on CUDA, reference on the CPU, where attending over every
-        static slot costs more than it saves). static_length defaults to max_positions."""
+        CUDA-graph replay on CUDA), "static_fused" (decoder_static_fused.onnx: static with GroupQueryAttention
+        writing the cache in place and fused norms) or "auto": on CUDA static_fused in fp16 (GroupQueryAttention
+        has no fp32 CUDA kernel) and static otherwise, falling back to static with a notice if the fused graph
+        cannot run; on the CPU the reference graph, where attending over every static slot costs more than it
+        saves. static_length defaults to max_positions."""
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = load_config(self.model_dir)
         self.tokenizer = tok.load_tokenizer(self.model_dir / "tokenizer.json")
@@ -113,21 +132,45 @@ class Generator:
         if size != self.cfg.vocab_size:
             raise RefformerError(f"{self.model_dir}/tokenizer.json has {size} tokens but the model has {self.cfg.vocab_size}")
         self.provider = resolve_provider(provider)
-        if variant not in ("auto", "reference", "fused", "static"):
-            raise RefformerError(f"variant must be auto, reference, fused or static, got {variant!r}")
+        if variant not in VARIANTS:
+            raise RefformerError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         on_cuda = self.provider == PROVIDERS["cuda"]
-        self.variant = ("static" if on_cuda else "reference") if variant == "auto" else variant
-        if self.variant == "static":
-            static_length = static_length or self.cfg.max_positions
-            self.onnx_dir = ensure_export(self.model_dir, dtype, static_length)
-            self.stepper = StaticOrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads,
-                                            cuda_graph=on_cuda if cuda_graph is None else cuda_graph)
-        else:
-            fused = self.variant == "fused"
-            self.onnx_dir = ensure_export(self.model_dir, dtype, fused_attention=fused)
-            self.stepper = OrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads,
-                                      decoder_file="decoder_fused.onnx" if fused else "decoder.onnx")
+        variant, fallback = auto_variant(self.cfg, on_cuda, dtype) if variant == "auto" else (variant, None)
+        self.variant, self.dtype, self.threads = variant, dtype, threads
+        cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+        try:
+            self.stepper = self.make_stepper(variant, static_length, cuda_graph)
+            if fallback is not None:
+                self.probe()
+        except Exception as error:  # RefformerError from export or loading; onnxruntime's own errors from a run
+            if fallback is None:
+                raise
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"notice: the {variant} decoder cannot run here ({reason}); using {fallback}", file=sys.stderr)
+            self.variant = fallback
+            self.stepper = self.make_stepper(fallback, static_length, cuda_graph)
         self.truncate = truncate
+
+    def probe(self):
+        """Two tokens from a one-token input: a graph that loads but cannot run (a kernel this GPU lacks, a
+        failed CUDA-graph capture) fails here rather than in the user's first call."""
+        cfg = self.cfg
+        inputs = {"src_ids": np.array([[cfg.eos_id]])} if cfg.is_encoder_decoder else {"prompt_ids": np.array([[cfg.bos_id]])}
+        generate(cfg, None, options=GenerationOptions(max_new_tokens=2), stepper=self.stepper, **inputs)
+
+    def make_stepper(self, variant, static_length, cuda_graph):
+        """Export what the variant needs (when missing or stale) and open its stepper."""
+        dtype, threads = self.dtype, self.threads
+        if variant in ("static", "static_fused"):
+            static_length = static_length or self.cfg.max_positions
+            fused = variant == "static_fused"
+            self.onnx_dir = ensure_export(self.model_dir, dtype, static_length, fused_attention=fused)
+            return StaticOrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads, cuda_graph=cuda_graph,
+                                    decoder_file=f"decoder_{variant}.onnx")
+        fused = variant == "fused"
+        self.onnx_dir = ensure_export(self.model_dir, dtype, fused_attention=fused)
+        return OrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads,
+                          decoder_file="decoder_fused.onnx" if fused else "decoder.onnx")
 
     # ------------------------------------------------------------ text <-> ids
     def encode_inputs(self, texts):

@@ -14,6 +14,7 @@ from refformer.export.verify import session as make_session
 
 DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 NUMPY_OF_DTYPE = {"fp32": np.float32, "fp16": np.float16}
+SOURCE_BUCKET = 16  # the static stepper pads sources to a multiple of this many positions
 
 
 def gather_rows_model(elem_type):
@@ -110,23 +111,29 @@ class OrtStepper:
 
 
 class StaticOrtStepper(OrtStepper):
-    """decoder_static.onnx as a stepper: a fixed-size cache in fixed buffers, one token per call.
+    """decoder_static.onnx (or decoder_static_fused.onnx) as a stepper: a fixed-size cache in fixed
+    buffers, one token per call.
 
-    Every input and output is a preallocated OrtValue on the device, updated in place; the
-    self-attention cache ping-pongs between two buffer sets (read one, write the other), and a
-    beam reorder gathers into the idle set. So on CUDA each (batch size, parity) pair is captured
-    once as a CUDA graph (enable_cuda_graph) and replayed every token. A prompt of T tokens runs
-    as T one-token calls.
+    Every input and output is a preallocated OrtValue on the device, updated in place. With
+    decoder_static.onnx the self-attention cache ping-pongs between two buffer sets (read one, write
+    the other); decoder_static_fused.onnx writes each new key/value into the cache it reads, so its
+    past and present are bound to the same buffers. A beam reorder gathers into the idle set. So on
+    CUDA each (batch size, parity) pair is captured once as a CUDA graph (enable_cuda_graph) and
+    replayed every token. A prompt of T tokens runs as T one-token calls.
     """
 
-    def __init__(self, cfg, onnx_dir, dtype, provider="CPUExecutionProvider", threads=None, cuda_graph=False):
+    def __init__(self, cfg, onnx_dir, dtype, provider="CPUExecutionProvider", threads=None, cuda_graph=False,
+                 decoder_file="decoder_static.onnx"):
         super().__init__(cfg, onnx_dir, dtype, provider, threads)
-        self.decoder = make_session(f"{onnx_dir}/decoder_static.onnx", provider, threads,
+        self.decoder = make_session(f"{onnx_dir}/{decoder_file}", provider, threads,
                                     provider_options={"enable_cuda_graph": "1"} if cuda_graph else None)
         self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
-        self.max_length = next(i.shape[1] for i in self.decoder.get_inputs() if i.name == "attention_mask")
+        self.decoder_inputs = {i.name for i in self.decoder.get_inputs()}
+        self.max_length = next(i.shape[2] for i in self.decoder.get_inputs() if i.name == "past_key_self_0")
+        self.in_place = "write_index" not in self.decoder_inputs  # decoder_static_fused: slot = position, no masks
         self.cuda_graph = cuda_graph
-        self.graph_ids = {}
+        self.graph_ids = {}  # (batch size, source length, parity, cross parity) -> gpu_graph_id
+        self.sets = {}  # (batch size, source length) -> (buffers, caches, cross_sets)
 
     def buffer(self, shape, dtype):
         """A zero-filled buffer of its own (on the CPU an OrtValue shares its NumPy array's memory, so each
@@ -134,9 +141,9 @@ class StaticOrtStepper(OrtStepper):
         return self.on_device(np.zeros(shape, dtype))
 
     def allocate(self, batch_size, source_length):
-        """Fixed buffers for batch_size rows (cross-attention sets for source_length positions)."""
+        """A set of fixed buffers for batch_size rows (cross-attention sets for source_length positions)."""
         B, L, cfg = batch_size, self.max_length, self.cfg
-        self.buffers = {
+        buffers = {
             "input_ids": self.buffer((B, 1), np.int64),
             "position_ids": self.buffer((B, 1), np.int64),
             "write_index": self.buffer(1, np.int64),
@@ -145,20 +152,41 @@ class StaticOrtStepper(OrtStepper):
             "next_ids": self.buffer(B, np.int64),
         }
         cache_shape = (B, cfg.n_heads, L, cfg.head_dim)
-        self.caches = [[(self.buffer(cache_shape, self.float_type), self.buffer(cache_shape, self.float_type))
-                        for _ in range(cfg.n_decoder_layers)] for _ in range(2)]
-        self.parity = 0
-        self.cross_sets = [[], []]
+        caches = [[(self.buffer(cache_shape, self.float_type), self.buffer(cache_shape, self.float_type))
+                   for _ in range(cfg.n_decoder_layers)] for _ in range(2)]
+        cross_sets = [[], []]
         if cfg.is_encoder_decoder:
-            self.buffers["encoder_attention_mask"] = self.on_device(np.array(self.src_keep, dtype=np.int64))
+            buffers["encoder_attention_mask"] = self.buffer((B, source_length), np.int64)
             cross_shape = (B, cfg.n_heads, source_length, cfg.head_dim)
-            self.cross_sets = [[(self.buffer(cross_shape, self.float_type), self.buffer(cross_shape, self.float_type))
-                                for _ in range(cfg.n_decoder_layers)] for _ in range(2)]
-        self.cross_parity = 0
+            cross_sets = [[(self.buffer(cross_shape, self.float_type), self.buffer(cross_shape, self.float_type))
+                           for _ in range(cfg.n_decoder_layers)] for _ in range(2)]
+        return buffers, caches, cross_sets
+
+    def use_buffers(self, batch_size, source_length):
+        """Switch to the buffer set of this shape, allocated once and kept: a captured CUDA graph replays
+        the addresses it was captured with, so a set is never freed or replaced while the session lives."""
+        key = (batch_size, source_length)
+        if key not in self.sets:
+            self.sets[key] = self.allocate(batch_size, source_length)
+        self.shape_key = key
+        self.buffers, self.caches, self.cross_sets = self.sets[key]
+        self.parity = self.cross_parity = 0
+        if self.cfg.is_encoder_decoder:
+            self.buffers["encoder_attention_mask"].update_inplace(np.ascontiguousarray(self.src_keep, dtype=np.int64))
+
+    def pad_source(self, src_ids, src_keep):
+        """Right-pad the sources to a multiple of SOURCE_BUCKET positions (masked), so that a few buffer sets
+        and captured graphs serve every source length."""
+        S = src_ids.shape[1]
+        padded = max(S, min(-(-S // SOURCE_BUCKET) * SOURCE_BUCKET, self.cfg.max_positions))
+        widths = ((0, 0), (0, padded - S))
+        return np.pad(src_ids, widths, constant_values=self.cfg.pad_id), np.pad(np.asarray(src_keep, np.int64), widths)
 
     def start(self, src_ids, src_keep, batch_size):
+        if self.cfg.is_encoder_decoder:
+            src_ids, src_keep = self.pad_source(src_ids, src_keep)
         super().start(src_ids, src_keep, batch_size)
-        self.allocate(batch_size, 0 if src_ids is None else src_ids.shape[1])
+        self.use_buffers(batch_size, 0 if src_ids is None else src_ids.shape[1])
         if self.cfg.is_encoder_decoder:
             identity = self.on_device(np.arange(batch_size, dtype=np.int64))
             for (k, v), (k_out, v_out) in zip(self.cross, self.cross_sets[0]):
@@ -170,14 +198,14 @@ class StaticOrtStepper(OrtStepper):
     def run_one(self, ids, positions):
         """One token per row at slot self.length (logits and next_ids stay in their device buffers)."""
         buffers = self.buffers
-        buffers["input_ids"].update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
-        buffers["position_ids"].update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
-        buffers["write_index"].update_inplace(np.array([self.length], dtype=np.int64))
-        buffers["attention_mask"].update_inplace(self.mask)
+        values = {"input_ids": ids, "position_ids": positions, "write_index": [self.length], "attention_mask": self.mask}
         binding = self.decoder.io_binding()
-        for name in ("input_ids", "position_ids", "write_index", "attention_mask"):
-            binding.bind_ortvalue_input(name, buffers[name])
-        read, write = self.caches[self.parity], self.caches[1 - self.parity]
+        for name, value in values.items():
+            if name in self.decoder_inputs:
+                buffers[name].update_inplace(np.ascontiguousarray(value, dtype=np.int64))
+                binding.bind_ortvalue_input(name, buffers[name])
+        read = self.caches[self.parity]
+        write = read if self.in_place else self.caches[1 - self.parity]
         for i, ((k, v), (k_out, v_out)) in enumerate(zip(read, write)):
             binding.bind_ortvalue_input(f"past_key_self_{i}", k)
             binding.bind_ortvalue_input(f"past_value_self_{i}", v)
@@ -192,10 +220,11 @@ class StaticOrtStepper(OrtStepper):
         binding.bind_ortvalue_output("next_ids", buffers["next_ids"])
         options = self.ort.RunOptions()
         if self.cuda_graph:  # one captured graph per set of bound addresses
-            key = (self.mask.shape[0], self.parity, self.cross_parity)
+            key = (*self.shape_key, self.parity, self.cross_parity)
             options.add_run_config_entry("gpu_graph_id", str(self.graph_ids.setdefault(key, len(self.graph_ids))))
         self.decoder.run_with_iobinding(binding, options)
-        self.parity = 1 - self.parity
+        if not self.in_place:
+            self.parity = 1 - self.parity
         self.length += 1
 
     def step(self, ids, positions, attention_mask, logits_to_host=True):
@@ -226,10 +255,10 @@ class StaticOrtStepper(OrtStepper):
     def reorder(self, rows):
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         rows_value = self.on_device(rows)
-        if len(rows) != self.mask.shape[0]:  # a new batch size (expanding to beams): new fixed buffers
+        if len(rows) != self.mask.shape[0]:  # a new batch size (expanding to beams): that size's buffer set
             old_cache, old_cross = self.caches[self.parity], self.cross_sets[self.cross_parity]
             self.src_keep = None if self.src_keep is None else self.src_keep[rows]
-            self.allocate(len(rows), 0 if self.src_keep is None else self.src_keep.shape[1])
+            self.use_buffers(len(rows), self.shape_key[1])
             read_set, cross_set = self.caches[self.parity], self.cross_sets[self.cross_parity]
         else:  # gather into the idle sets, then flip
             old_cache, old_cross = self.caches[self.parity], self.cross_sets[self.cross_parity]
@@ -237,7 +266,7 @@ class StaticOrtStepper(OrtStepper):
             read_set, cross_set = self.caches[self.parity], self.cross_sets[self.cross_parity]
             if self.src_keep is not None:
                 self.src_keep = self.src_keep[rows]
-                self.buffers["encoder_attention_mask"].update_inplace(self.src_keep)
+                self.buffers["encoder_attention_mask"].update_inplace(np.ascontiguousarray(self.src_keep))
         for (k, v), (k_out, v_out) in zip(old_cache + old_cross, read_set + cross_set):
             self.gather_into(k, rows_value, k_out)
             self.gather_into(v, rows_value, v_out)

@@ -8,7 +8,8 @@ from refformer.export.export import export_model
 from refformer.export.verify import verify
 from refformer.refimpl import Config, RefformerError, init_params, load, save
 from refformer.refimpl.generate import GenerationOptions, generate
-from refformer.runtime.generator import Generator
+from refformer.runtime import generator as generator_module
+from refformer.runtime.generator import Generator, auto_variant
 from refformer.runtime.stepper import StaticOrtStepper
 
 from .test_generator import STRATEGIES, TEXTS, make_model, tokenizer_file  # noqa: F401  (fixture)
@@ -97,3 +98,88 @@ def test_verify_checks_the_fused_graph(tmp_path, dtype):
     rows, _ = verify(tmp_path / "m", providers=["CPUExecutionProvider"])
     fused = [row for row in rows if row["check"] == "fused"]
     assert len(fused) == 2 and all(row["ok"] for row in rows), rows
+
+
+# ---------------------------------------------------------------------------- decoder_static_fused.onnx
+
+
+@pytest.fixture(scope="module", params=["encoder-decoder", "decoder-only"])
+def static_fused_generator(request, tmp_path_factory, tokenizer_file):  # noqa: F811
+    path = tmp_path_factory.mktemp("static_fused") / "m"
+    make_model(path, tokenizer_file, request.param)  # head size 8: GroupQueryAttention needs a multiple of 8
+    return Generator(path, provider="cpu", variant="static_fused", static_length=40), request.param
+
+
+@pytest.mark.parametrize("options", STRATEGIES + [dict(max_new_tokens=8, min_new_tokens=8)],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items() if k != "seed"))
+def test_static_fused_variant_matches_refimpl(static_fused_generator, options):
+    """GroupQueryAttention writing the cache in place (past and present bound to one buffer), fused norms."""
+    generator, family = static_fused_generator
+    assert generator.stepper.in_place
+    assert generator.stepper.decoder.get_modelmeta().graph_name == "refformer_decoder_static_fused"
+    cfg, params = load(generator.model_dir)
+    options = GenerationOptions(**options)
+    inputs = generator.encode_inputs(TEXTS[family])
+    assert generator.generate_ids(TEXTS[family], options) == generate(cfg, params, options=options, **inputs)
+
+
+def test_buffer_sets_are_kept_and_reused(static_fused_generator):
+    """A captured CUDA graph replays the addresses it was captured with: one buffer set per (batch size, source
+    length bucket), kept for the session, and reused calls give the same tokens as the first."""
+    generator, family = static_fused_generator
+    texts = TEXTS[family]
+    first = generator.generate(texts, max_new_tokens=6)
+    generator.generate(texts[:1], max_new_tokens=6)
+    generator.generate(texts, max_new_tokens=6, num_beams=2)
+    sets = dict(generator.stepper.sets)
+    assert generator.generate(texts, max_new_tokens=6) == first
+    assert generator.stepper.sets.keys() == sets.keys()
+    assert all(generator.stepper.sets[key] is value for key, value in sets.items())  # the same buffers, not new ones
+    if family == "encoder-decoder":
+        assert {source_length % 16 for _, source_length in sets} == {0}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_verify_checks_the_static_fused_graph(tmp_path, dtype):
+    cfg = Config(vocab_size=30, d_model=16, n_heads=2, d_ff=32, max_positions=32, dropout=0.0, norm_first=True,
+                 norm="rmsnorm")
+    save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)))
+    manifest = export_model(tmp_path / "m", dtype=dtype, static_length=16, fused_attention=True)
+    graph = manifest["graphs"]["decoder_static_fused"]
+    assert (graph["variant"], graph["max_length"], graph["verified_against"]) == ("static_fused", 16, "decoder.onnx")
+    assert "static_fused: logits vs decoder.onnx" in manifest["error"]["per_output"]
+    rows, _ = verify(tmp_path / "m", providers=["CPUExecutionProvider"])
+    fused = {row["output"]: row for row in rows if row["check"] == "static_fused"}
+    assert set(fused) == {"logits vs decoder.onnx", "logits vs refimpl", "next_ids = argmax(logits)"}
+    assert all(row["ok"] for row in rows), rows
+
+
+def test_static_fused_needs_a_head_size_multiple_of_8(tmp_path):
+    cfg = Config(vocab_size=30, d_model=16, n_heads=4, d_ff=32, max_positions=32, dropout=0.0)
+    save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)))
+    with pytest.raises(RefformerError, match="multiple of 8"):
+        export_model(tmp_path / "m", static_length=16, fused_attention=True)
+    assert not (tmp_path / "m" / "onnx").exists()
+
+
+def test_auto_variant_per_provider_and_dtype():
+    cfg = Config(vocab_size=30, d_model=16, n_heads=2, d_ff=32)
+    assert auto_variant(cfg, on_cuda=False, dtype="fp16") == ("reference", None)
+    assert auto_variant(cfg, on_cuda=True, dtype="fp16") == ("static_fused", "static")
+    assert auto_variant(cfg, on_cuda=True, dtype="fp32") == ("static", None)  # no fp32 GroupQueryAttention on CUDA
+    assert auto_variant(Config(vocab_size=30, d_model=16, n_heads=4, d_ff=32), on_cuda=True, dtype="fp16") == ("static", None)
+
+
+def test_auto_falls_back_when_the_fused_graph_cannot_run(tmp_path, tokenizer_file, monkeypatch, capsys):  # noqa: F811
+    """The fallback path of auto on CUDA, driven on the CPU: the fused graph fails at its first run."""
+    make_model(tmp_path / "m", tokenizer_file, "encoder-decoder")
+    monkeypatch.setattr(generator_module, "auto_variant", lambda cfg, on_cuda, dtype: ("static_fused", "static"))
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : no kernel")
+
+    monkeypatch.setattr(StaticOrtStepper, "step_argmax", fail)
+    generator = Generator(tmp_path / "m", provider="cpu")
+    assert generator.variant == "static"
+    assert "the static_fused decoder cannot run here ([ONNXRuntimeError] : 1 : FAIL : no kernel); using static" \
+        in capsys.readouterr().err
