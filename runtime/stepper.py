@@ -132,7 +132,7 @@ class StaticOrtStepper(OrtStepper):
         self.max_length = next(i.shape[2] for i in self.decoder.get_inputs() if i.name == "past_key_self_0")
         self.in_place = "write_index" not in self.decoder_inputs  # decoder_static_fused: slot = position, no masks
         self.cuda_graph = cuda_graph
-        self.graph_ids = {}  # (batch size, source length, parity, cross parity) -> gpu_graph_id
+        self.bindings = {}  # (batch size, source length, parity, cross parity) -> (IOBinding, RunOptions)
         self.sets = {}  # (batch size, source length) -> (buffers, caches, cross_sets)
 
     def buffer(self, shape, dtype):
@@ -195,14 +195,17 @@ class StaticOrtStepper(OrtStepper):
         self.mask = np.zeros((batch_size, self.max_length), np.int64)
         self.length = 0  # slots written so far
 
-    def run_one(self, ids, positions):
-        """One token per row at slot self.length (logits and next_ids stay in their device buffers)."""
+    def binding(self):
+        """(IOBinding, RunOptions) of the current buffer set and parities, built once: a captured CUDA graph
+        replays the addresses bound at its capture, so each gpu_graph_id keeps one binding, and a step only
+        copies its new inputs into the bound buffers."""
+        key = (*self.shape_key, self.parity, self.cross_parity)
+        if key in self.bindings:
+            return self.bindings[key]
         buffers = self.buffers
-        values = {"input_ids": ids, "position_ids": positions, "write_index": [self.length], "attention_mask": self.mask}
         binding = self.decoder.io_binding()
-        for name, value in values.items():
+        for name in ("input_ids", "position_ids", "write_index", "attention_mask"):
             if name in self.decoder_inputs:
-                buffers[name].update_inplace(np.ascontiguousarray(value, dtype=np.int64))
                 binding.bind_ortvalue_input(name, buffers[name])
         read = self.caches[self.parity]
         write = read if self.in_place else self.caches[1 - self.parity]
@@ -218,11 +221,20 @@ class StaticOrtStepper(OrtStepper):
                 binding.bind_ortvalue_input(f"cross_value_{i}", v)
         binding.bind_ortvalue_output("logits", buffers["logits"])
         binding.bind_ortvalue_output("next_ids", buffers["next_ids"])
-        options = self.ort.RunOptions()
-        if self.cuda_graph:  # one captured graph per set of bound addresses
-            key = (*self.shape_key, self.parity, self.cross_parity)
-            options.add_run_config_entry("gpu_graph_id", str(self.graph_ids.setdefault(key, len(self.graph_ids))))
-        self.decoder.run_with_iobinding(binding, options)
+        options = self.ort.RunOptions()  # one captured graph per set of bound addresses (-1: no capture)
+        options.add_run_config_entry("gpu_graph_id", str(len(self.bindings)) if self.cuda_graph else "-1")
+        self.bindings[key] = binding, options
+        return binding, options
+
+    def run_one(self, ids, positions):
+        """One token per row at slot self.length (logits and next_ids stay in their device buffers)."""
+        buffers = self.buffers
+        buffers["input_ids"].update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
+        buffers["position_ids"].update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
+        if not self.in_place:
+            buffers["write_index"].update_inplace(np.array([self.length], dtype=np.int64))
+            buffers["attention_mask"].update_inplace(self.mask)
+        self.decoder.run_with_iobinding(*self.binding())
         if not self.in_place:
             self.parity = 1 - self.parity
         self.length += 1
@@ -238,7 +250,8 @@ class StaticOrtStepper(OrtStepper):
                                  "--static-length or use the reference graph")
         logits = []
         for j in range(T):
-            self.mask[:, : start + j + 1] = attention_mask[:, : start + j + 1]
+            if not self.in_place:  # the in-place graph needs no mask: a row's slots are its real tokens
+                self.mask[:, : start + j + 1] = attention_mask[:, : start + j + 1]
             self.run_one(ids[:, j:j + 1], positions[:, j:j + 1])
             if logits_to_host:
                 logits.append(self.buffers["logits"].numpy())
