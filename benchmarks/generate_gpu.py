@@ -2,10 +2,17 @@
 
 Marian-base shape with random weights (D 512, H 8, 6 + 6 layers, F 2048, V 32000), 32 source tokens,
 128 forced new tokens (min = max = 128), per decode step, for:
-  refformer static    decoder_static.onnx, fixed buffers, in-graph argmax, CUDA-graph replay (the runtime's CUDA path)
+  refformer static_fused  decoder_static_fused.onnx: GroupQueryAttention over a cache updated in place, fused
+                          norms, in-graph argmax, CUDA-graph replay (the runtime's CUDA path in fp16; no fp32
+                          GroupQueryAttention kernel on CUDA, so not run in fp32)
+  refformer static    decoder_static.onnx, fixed buffers, in-graph argmax, CUDA-graph replay (the CUDA path in fp32)
   refformer reference decoder.onnx (growing cache) with IOBinding (the cache stays on the GPU)
   refformer fused     decoder_fused.onnx: the same with com.microsoft MultiHeadAttention nodes
 at fp32 B=1, fp16 B=1, fp16 B=64 greedy and fp16 B=1 beam 4; time to first token (encoder + first step).
+ms_per_step is the whole generate call (encoder, search loop in Python, every decoder call) over the new
+tokens, as the Hugging Face baseline measures it; decoder_ms is the time inside the decoder's
+run_with_iobinding per call (ONNX Runtime synchronises at the end of a run), comparable to the torch
+CUDA-graph step.
 Checks: CUDA (fp32, TF32 off) against CPU greedy tokens wherever the CPU's top-2 margin exceeds 1e-3, and the
 fp16 agreement rate and logits error, for the Marian-shaped model and the bundled model.
 Baselines (--baselines DIR with hf_generate.py and torch_graph_step.py): run after, in the same process tree.
@@ -30,6 +37,8 @@ from refformer.export.export import export_model
 from refformer.refimpl import Config, init_params, save
 from refformer.refimpl.generate import GenerationOptions, beam_search, search_iter
 from refformer.refimpl.gradcheck import rel_error
+from refformer.export.verify import runs_on
+from refformer.runtime.generator import auto_variant
 from refformer.runtime.stepper import OrtStepper, StaticOrtStepper
 
 PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -60,11 +69,21 @@ def bench(stepper, cfg, B, beams, new_tokens, repeats, rng):
     src = rng.integers(4, cfg.vocab_size, (B, 32))
     options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams)
     timed_generate(stepper, cfg, src, options)  # warm-up (and CUDA-graph capture)
+    run = stepper.decoder.run_with_iobinding
+    inside = []
+
+    def timed_run(*args):
+        start = time.perf_counter()
+        run(*args)
+        inside.append(time.perf_counter() - start)
+
+    stepper.decoder.run_with_iobinding = timed_run
     runs = [timed_generate(stepper, cfg, src, options) for _ in range(repeats)]
+    stepper.decoder.run_with_iobinding = run
     total = float(np.median([r[0] for r in runs]))
     ttfts = [r[1] for r in runs if r[1] is not None]
     return {"ms_per_step": 1e3 * total / new_tokens, "tok_per_s": B * new_tokens / total,
-            "ttft_ms": 1e3 * float(np.median(ttfts)) if ttfts else None}
+            "decoder_ms": 1e3 * float(np.median(inside)), "ttft_ms": 1e3 * float(np.median(ttfts)) if ttfts else None}
 
 
 def teacher_forced_logits(cfg, onnx_dir, dtype, src, tokens, provider="CPUExecutionProvider"):
@@ -78,10 +97,14 @@ def teacher_forced_logits(cfg, onnx_dir, dtype, src, tokens, provider="CPUExecut
 
 
 def agreement(cfg, onnx_dir_fp32, onnx_dir, dtype, device, rng, B=4, new_tokens=64):
-    """Greedy on `device` (static variant) against CPU fp32 teacher-forced logits of the same sequence."""
+    """Greedy on `device` (the variant the runtime picks there) against CPU fp32 teacher-forced logits of the
+    same sequence."""
     src = rng.integers(4, cfg.vocab_size, (B, 32))
     options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    stepper = StaticOrtStepper(cfg, onnx_dir, dtype, PROVIDER[device], cuda_graph=(device == "cuda"))
+    variant, _ = auto_variant(cfg, device == "cuda", dtype)
+    variant = "static" if variant == "reference" else variant  # on the CPU smoke test: the static graph anyway
+    stepper = StaticOrtStepper(cfg, onnx_dir, dtype, PROVIDER[device], cuda_graph=(device == "cuda"),
+                               decoder_file=f"decoder_{variant}.onnx")
     tokens = np.stack(list(search_iter(stepper, cfg, options, src_ids=src)), axis=1)
     # the device's own logits along its sequence, through the reference graph on the same provider
     device_logits = teacher_forced_logits(cfg, onnx_dir, dtype, src, tokens, PROVIDER[device])
@@ -92,9 +115,44 @@ def agreement(cfg, onnx_dir_fp32, onnx_dir, dtype, device, rng, B=4, new_tokens=
     same = cpu.argmax(axis=-1) == tokens
     decided = margin > 1e-3
     finite = np.isfinite(device_logits) & np.isfinite(cpu)
-    return {"positions": int(tokens.size), "decided_positions": int(decided.sum()),
+    return {"variant": variant, "positions": int(tokens.size), "decided_positions": int(decided.sum()),
             "mismatches_where_decided": int((~same & decided).sum()), "agreement_rate": float(same.mean()),
             "logits_rel_error": rel_error(np.where(finite, device_logits, 0), np.where(finite, cpu, 0))}
+
+
+def baselines(folder, work):
+    """Run ../shared/gpu/baselines' scripts (each writes JSON under $OUT) and read their figures as rows.
+
+    hf_generate.py -> hf_generate.json {"float16_B64_beams1": {"ms_per_step", "tok_per_s"}} (whole generate
+    calls); torch_graph_step.py -> floor.json {"float16_B64": {"graph_ms", "graph_tok_per_s", "eager_ms"}}
+    (one CUDA-graph step replayed).
+    """
+    rows = []
+    for script, result_name in (("hf_generate.py", "hf_generate.json"), ("torch_graph_step.py", "floor.json")):
+        path = folder / script
+        if not path.is_file():
+            print(f"baseline {path} is missing", flush=True)
+            continue
+        try:
+            subprocess.run([sys.executable, str(path)], env={**os.environ, "OUT": str(work)}, check=True, timeout=240)
+            results = json.loads((work / result_name).read_text())
+        except (subprocess.SubprocessError, OSError, ValueError) as error:
+            print(f"baseline {script} failed: {error}", flush=True)
+            continue
+        for key, value in results.items():
+            parts = key.split("_")  # float16_B64_beams1 or float16_B64
+            dtype, batch = ("fp16" if parts[0] == "float16" else "fp32"), int(parts[1][1:])
+            strategy = "greedy" if len(parts) < 3 or parts[2] == "beams1" else f"beam{parts[2][5:]}"
+            if script == "hf_generate.py":
+                rows.append({"impl": "hf", "variant": "hf generate", "dtype": dtype, "batch": batch, "strategy": strategy,
+                             "ms_per_step": value["ms_per_step"], "tok_per_s": value["tok_per_s"], "decoder_ms": None,
+                             "ttft_ms": None, "raw_key": key})
+            else:
+                rows.append({"impl": "torch-graph", "variant": "torch step, CUDA graph", "dtype": dtype, "batch": batch,
+                             "strategy": strategy, "ms_per_step": value["graph_ms"], "tok_per_s": value["graph_tok_per_s"],
+                             "decoder_ms": value["graph_ms"], "eager_ms": value.get("eager_ms"), "ttft_ms": None,
+                             "raw_key": key})
+    return rows
 
 
 def main():
@@ -121,22 +179,41 @@ def main():
         dirs[dtype] = work / f"onnx-{dtype}"
         print(f"exported {dtype} in {time.perf_counter() - start:.1f} s", flush=True)
 
+    provider, graph = PROVIDER[args.device], args.device == "cuda"
+    variants = {
+        "refformer static_fused+graph": lambda d: StaticOrtStepper(cfg, dirs[d], d, provider, cuda_graph=graph,
+                                                                   decoder_file="decoder_static_fused.onnx"),
+        "refformer static+graph": lambda d: StaticOrtStepper(cfg, dirs[d], d, provider, cuda_graph=graph),
+        "refformer reference+iobinding": lambda d: OrtStepper(cfg, dirs[d], d, provider),
+        "refformer fused+iobinding": lambda d: OrtStepper(cfg, dirs[d], d, provider, decoder_file="decoder_fused.onnx"),
+    }
     rows = []
     cases = [("fp32", 1, 1), ("fp16", 1, 1), ("fp16", 64, 1), ("fp16", 1, 4)]
     for dtype, B, beams in cases:
-        for impl, make in (("refformer static+graph", lambda d: StaticOrtStepper(cfg, dirs[d], d, PROVIDER[args.device],
-                                                                                  cuda_graph=args.device == "cuda")),
-                           ("refformer reference+iobinding", lambda d: OrtStepper(cfg, dirs[d], d, PROVIDER[args.device])),
-                           ("refformer fused+iobinding", lambda d: OrtStepper(cfg, dirs[d], d, PROVIDER[args.device],
-                                                                             decoder_file="decoder_fused.onnx"))):
-            result = bench(make(dtype), cfg, B, beams, new_tokens, repeats, rng)
+        for impl, make in variants.items():
+            if "static_fused" in impl and not runs_on("decoder_static_fused", dtype, provider):
+                continue
+            try:
+                result = bench(make(dtype), cfg, B, beams, new_tokens, repeats, rng)
+            except Exception as error:  # one failing variant must not cost the rest of the device run
+                print(f"FAILED {impl} {dtype} B={B} beams={beams}: {str(error)[:500]}", flush=True)
+                continue
             row = {"impl": "refformer", "variant": impl, "dtype": dtype, "batch": B,
                    "strategy": "greedy" if beams == 1 else f"beam{beams}", **result}
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    checks = {"marian_fp32": agreement(cfg, dirs["fp32"], dirs["fp32"], "fp32", args.device, rng),
-              "marian_fp16": agreement(cfg, dirs["fp32"], dirs["fp16"], "fp16", args.device, rng)}
+    checks = {}
+
+    def check(name, *args):
+        try:
+            checks[name] = agreement(*args)
+        except Exception as error:  # report and go on: the rest of the run still counts
+            checks[name] = {"failed": str(error)[:500]}
+        print(name, json.dumps(checks[name]), flush=True)
+
+    check("marian_fp32", cfg, dirs["fp32"], dirs["fp32"], "fp32", args.device, rng)
+    check("marian_fp16", cfg, dirs["fp32"], dirs["fp16"], "fp16", args.device, rng)
     bundled = Path(__file__).resolve().parent.parent / "runtime" / "models" / "de-en"
     try:
         from refformer.runtime.generator import default_model_dir
@@ -150,35 +227,22 @@ def main():
         bcfg = load_config(bundled)
         bdirs = {}
         for dtype in ("fp32", "fp16"):
-            export_model(bundled, work / f"bundled-{dtype}", dtype=dtype, measure=False, static_length=bcfg.max_positions)
+            export_model(bundled, work / f"bundled-{dtype}", dtype=dtype, measure=False, static_length=bcfg.max_positions,
+                         fused_attention=bcfg.head_dim % 8 == 0)
             bdirs[dtype] = work / f"bundled-{dtype}"
-        checks["bundled_fp32"] = agreement(bcfg, bdirs["fp32"], bdirs["fp32"], "fp32", args.device, rng)
-        checks["bundled_fp16"] = agreement(bcfg, bdirs["fp32"], bdirs["fp16"], "fp16", args.device, rng)
-    for name, check in checks.items():
-        print(name, json.dumps(check), flush=True)
+        check("bundled_fp32", bcfg, bdirs["fp32"], bdirs["fp32"], "fp32", args.device, rng)
+        check("bundled_fp16", bcfg, bdirs["fp32"], bdirs["fp16"], "fp16", args.device, rng)
 
     if args.baselines:
-        for script, impl in (("hf_generate.py", "hf"), ("torch_graph_step.py", "torch-graph")):
-            path = Path(args.baselines) / script
-            if not path.is_file():
-                continue
-            env = {**os.environ, "OUT": str(work)}
-            subprocess.run([sys.executable, str(path)], env=env, check=False, timeout=180)
-            result_file = work / script.replace(".py", ".json")
-            if result_file.is_file():
-                for key, value in json.loads(result_file.read_text()).items():
-                    parts = key.split("_")  # e.g. float16_B64_beams1
-                    rows.append({"impl": impl, "variant": impl, "dtype": "fp16" if "16" in parts[0] else "fp32",
-                                 "batch": int(parts[1][1:]), "strategy": "greedy" if parts[-1] in ("beams1", "") else "beam4",
-                                 "ms_per_step": value.get("ms_per_step"), "tok_per_s": value.get("tok_per_s"),
-                                 "ttft_ms": None, "raw_key": key})
+        rows += baselines(Path(args.baselines), work)
 
     print()
-    print(f"{'impl':<30} {'dtype':<5} {'B':>3} {'strategy':<8} {'ms/step':>8} {'tok/s':>10} {'TTFT ms':>8}")
+    print(f"{'impl':<30} {'dtype':<5} {'B':>3} {'strategy':<8} {'ms/step':>8} {'decoder ms':>10} {'tok/s':>10} {'TTFT ms':>8}")
     for row in rows:
-        ttft = "" if row["ttft_ms"] is None else f"{row['ttft_ms']:.2f}"
-        print(f"{row['variant']:<30} {row['dtype']:<5} {row['batch']:>3} {row['strategy']:<8} "
-              f"{row['ms_per_step']:>8.3f} {row['tok_per_s']:>10.0f} {ttft:>8}")
+        cells = {key: "" if row.get(key) is None else f"{row[key]:.{digits}f}"
+                 for key, digits in (("ms_per_step", 3), ("decoder_ms", 3), ("tok_per_s", 0), ("ttft_ms", 2))}
+        print(f"{row['variant']:<30} {row['dtype']:<5} {row['batch']:>3} {row['strategy']:<8} {cells['ms_per_step']:>8} "
+              f"{cells['decoder_ms']:>10} {cells['tok_per_s']:>10} {cells['ttft_ms']:>8}")
     info = {"date": datetime.date.today().isoformat(), "device": args.device, "onnxruntime": ort.__version__,
             "quick": args.quick, "new_tokens": new_tokens, "source_tokens": 32}
     if args.device == "cuda":
