@@ -387,10 +387,25 @@ def cross_attention_fused(g, cfg, prefix, p, h, cross_k, cross_v, memory_keep32)
     return linear_unbiased(g, f"{prefix}.out_proj", p["out_proj"], context)
 
 
+def activation_with_bias(g, kind, h, bias, at):
+    """activation(h + bias) in one contrib node where ONNX Runtime has one:
+    gelu: BiasGelu (erf form); gelu_tanh: FastGelu (the same tanh formula); silu: QuickGelu(alpha = 1) = x sigmoid(x);
+    relu: Add, Relu."""
+    if kind == "gelu":
+        return g.op("BiasGelu" if bias else "Gelu", [h] + ([bias] if bias else []), at, domain="com.microsoft")
+    if kind == "gelu_tanh":
+        return g.op("FastGelu", [h] + ([bias] if bias else []), at, domain="com.microsoft")
+    h = add_bias(g, h, bias, at)
+    if kind == "silu":
+        return g.op("QuickGelu", [h], at, domain="com.microsoft", alpha=1.0)
+    return g.op("Relu", [h], at)
+
+
 def feed_forward_unbiased(g, cfg, prefix, p, x):
-    """feed_forward with fc2's bias left to the next norm."""
-    h = linear(g, f"{prefix}.fc1", p["fc1"], x)
-    return linear_unbiased(g, f"{prefix}.fc2", p["fc2"], activation(g, cfg.activation, h, node_path(prefix) + "/act"))
+    """feed_forward with fc1's bias inside the activation node and fc2's left to the next norm."""
+    h, bias = linear_unbiased(g, f"{prefix}.fc1", p["fc1"], x)
+    h = activation_with_bias(g, cfg.activation, h, bias, node_path(prefix) + "/act")
+    return linear_unbiased(g, f"{prefix}.fc2", p["fc2"], h)
 
 
 def decoder_layer_step_static_fused(g, cfg, prefix, p, stream, past_k, past_v, seqlens32, total32, cross_k=None,

@@ -183,3 +183,16 @@ def test_auto_falls_back_when_the_fused_graph_cannot_run(tmp_path, tokenizer_fil
     assert generator.variant == "static"
     assert "the static_fused decoder cannot run here ([ONNXRuntimeError] : 1 : FAIL : no kernel); using static" \
         in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("activation,norm_first,norm", [("relu", False, "layernorm"), ("gelu", True, "layernorm"),
+                                                        ("gelu_tanh", False, "rmsnorm"), ("silu", True, "rmsnorm")])
+def test_static_fused_graph_for_each_activation_and_norm(tmp_path, activation, norm_first, norm):
+    """BiasGelu / FastGelu / QuickGelu / Relu and SkipLayerNormalization / SkipSimplifiedLayerNormalization, post- and
+    pre-LN: export measures decoder_static_fused.onnx against decoder.onnx and refimpl on ONNX Runtime CPU."""
+    cfg = Config(vocab_size=30, d_model=16, n_heads=2, d_ff=32, max_positions=32, dropout=0.0, activation=activation,
+                 norm_first=norm_first, norm=norm, family="decoder-only" if activation == "silu" else "encoder-decoder")
+    save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)))
+    error = export_model(tmp_path / "m", static_length=16, fused_attention=True)["error"]
+    fused = {key: value for key, value in error["per_output"].items() if key.startswith("static_fused:")}
+    assert len(fused) == 3 and max(fused.values()) <= error["bound"], error
