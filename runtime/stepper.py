@@ -15,6 +15,7 @@ from refformer.export.verify import session as make_session
 DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 NUMPY_OF_DTYPE = {"fp32": np.float32, "fp16": np.float16}
 SOURCE_BUCKET = 16  # the static stepper pads sources to a multiple of this many positions
+MAX_BUFFER_SETS = 8  # buffer sets (one per batch size and source bucket) a static stepper keeps
 
 
 def gather_rows_model(elem_type):
@@ -133,7 +134,8 @@ class StaticOrtStepper(OrtStepper):
         self.in_place = "write_index" not in self.decoder_inputs  # decoder_static_fused: slot = position, no masks
         self.cuda_graph = cuda_graph
         self.bindings = {}  # (batch size, source length, parity, cross parity) -> (IOBinding, RunOptions)
-        self.sets = {}  # (batch size, source length) -> (buffers, caches, cross_sets)
+        self.sets = {}  # (batch size, source length) -> (buffers, caches, cross_sets), least recently used first
+        self.graph_count = 0  # gpu_graph_ids handed out; an id is never reused
 
     def buffer(self, shape, dtype):
         """A zero-filled buffer of its own (on the CPU an OrtValue shares its NumPy array's memory, so each
@@ -164,10 +166,20 @@ class StaticOrtStepper(OrtStepper):
 
     def use_buffers(self, batch_size, source_length):
         """Switch to the buffer set of this shape, allocated once and kept: a captured CUDA graph replays
-        the addresses it was captured with, so a set is never freed or replaced while the session lives."""
+        the addresses it was captured with, so a set is never replaced while its graphs live. Beyond
+        MAX_BUFFER_SETS the least recently used set goes, with its bindings and captured graphs (their
+        ids are never handed out again)."""
         key = (batch_size, source_length)
         if key not in self.sets:
+            while len(self.sets) >= MAX_BUFFER_SETS:  # drop the least recently used sets, their bindings and graphs
+                old = next(iter(self.sets))
+                del self.sets[old]
+                for binding_key in [k for k in self.bindings if k[:2] == old]:
+                    _, options = self.bindings.pop(binding_key)
+                    if self.cuda_graph and hasattr(self.decoder, "release_captured_graph"):
+                        self.decoder.release_captured_graph(int(options.get_run_config_entry("gpu_graph_id")))
             self.sets[key] = self.allocate(batch_size, source_length)
+        self.sets[key] = self.sets.pop(key)  # most recently used last
         self.shape_key = key
         self.buffers, self.caches, self.cross_sets = self.sets[key]
         self.parity = self.cross_parity = 0
@@ -222,7 +234,8 @@ class StaticOrtStepper(OrtStepper):
         binding.bind_ortvalue_output("logits", buffers["logits"])
         binding.bind_ortvalue_output("next_ids", buffers["next_ids"])
         options = self.ort.RunOptions()  # one captured graph per set of bound addresses (-1: no capture)
-        options.add_run_config_entry("gpu_graph_id", str(len(self.bindings)) if self.cuda_graph else "-1")
+        options.add_run_config_entry("gpu_graph_id", str(self.graph_count) if self.cuda_graph else "-1")
+        self.graph_count += 1
         self.bindings[key] = binding, options
         return binding, options
 

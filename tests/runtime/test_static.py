@@ -9,6 +9,7 @@ from refformer.export.verify import verify
 from refformer.refimpl import Config, RefformerError, init_params, load, save
 from refformer.refimpl.generate import GenerationOptions, generate
 from refformer.runtime import generator as generator_module
+from refformer.runtime import stepper as stepper_module
 from refformer.runtime.generator import Generator, auto_variant
 from refformer.runtime.stepper import StaticOrtStepper
 
@@ -196,3 +197,16 @@ def test_static_fused_graph_for_each_activation_and_norm(tmp_path, activation, n
     error = export_model(tmp_path / "m", static_length=16, fused_attention=True)["error"]
     fused = {key: value for key, value in error["per_output"].items() if key.startswith("static_fused:")}
     assert len(fused) == 3 and max(fused.values()) <= error["bound"], error
+
+
+def test_least_recently_used_buffer_set_goes_beyond_the_limit(static_fused_generator, monkeypatch):
+    generator, family = static_fused_generator
+    monkeypatch.setattr(stepper_module, "MAX_BUFFER_SETS", 2)
+    stepper = generator.stepper
+    texts = TEXTS[family]
+    first = generator.generate(texts, max_new_tokens=5)
+    for n in (1, 2, 1):
+        generator.generate(texts[:n], max_new_tokens=5)
+    assert [key[0] for key in stepper.sets] == [2, 1]  # the batch of len(texts) was dropped, 1 used last
+    assert all(key[:2] in stepper.sets for key in stepper.bindings)
+    assert generator.generate(texts, max_new_tokens=5) == first  # allocated again, same tokens
