@@ -3,8 +3,10 @@
 The self-attention cache and the cross-attention keys/values live as OrtValues on the session's
 device (CUDA memory on the GPU): each step binds the previous step's present_* outputs as its
 past_* inputs, so the cache never crosses to the host. Only token ids, positions and masks go in,
-and only the logits come out to the host, for the sampler. Beam reordering gathers cache rows on
-the device with a one-node Gather graph. On the CPU the same code runs with device "cpu".
+and only the logits come out to the host, for the sampler. Beam reordering gathers the rows of every
+cache tensor on the device in one run of a Gather graph; cross-attention rows are gathered only when a
+row's source changes (expanding to beams), not when beams of one input swap. On the CPU the same code
+runs with device "cpu".
 """
 
 import numpy as np
@@ -18,12 +20,14 @@ SOURCE_BUCKET = 16  # the static stepper pads sources to a multiple of this many
 MAX_BUFFER_SETS = 8  # buffer sets (one per batch size and source bucket) a static stepper keeps
 
 
-def gather_rows_model(elem_type):
-    """y = x[rows]: the device-side reorder of a cache tensor."""
+def gather_rows_model(elem_type, n):
+    """y_i = x_i[rows] for i < n: the device-side reorder of n cache tensors in one run."""
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["x", "rows"], ["y"], axis=0, name="/reorder/Gather")], "reorder_rows",
-        [helper.make_tensor_value_info("x", elem_type, None), helper.make_tensor_value_info("rows", TensorProto.INT64, ["n"])],
-        [helper.make_tensor_value_info("y", elem_type, None)])
+        [helper.make_node("Gather", [f"x_{i}", "rows"], [f"y_{i}"], axis=0, name=f"/reorder/Gather_{i}") for i in range(n)],
+        "reorder_rows",
+        [helper.make_tensor_value_info(f"x_{i}", elem_type, None) for i in range(n)]
+        + [helper.make_tensor_value_info("rows", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info(f"y_{i}", elem_type, None) for i in range(n)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     return model
@@ -42,10 +46,7 @@ class OrtStepper:
         self.float_type = NUMPY_OF_DTYPE[dtype]
         self.decoder = make_session(f"{onnx_dir}/{decoder_file}", provider, threads)
         self.encoder = make_session(f"{onnx_dir}/encoder.onnx", provider, threads) if cfg.is_encoder_decoder else None
-        elem_type = TensorProto.FLOAT if dtype == "fp32" else TensorProto.FLOAT16
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.gather = ort.InferenceSession(gather_rows_model(elem_type).SerializeToString(), options, providers=[provider])
+        self.gathers = {}  # n tensors -> the session that reorders them
         self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
 
     # ------------------------------------------------------------ helpers
@@ -56,13 +57,33 @@ class OrtStepper:
         shape = (batch_size, self.cfg.n_heads, 0, self.cfg.head_dim)
         return self.on_device(np.zeros(shape, self.float_type))
 
-    def gather_rows(self, value, rows_value):
-        binding = self.gather.io_binding()
-        binding.bind_ortvalue_input("x", value)
-        binding.bind_ortvalue_input("rows", rows_value)
-        binding.bind_output("y", self.device)
-        self.gather.run_with_iobinding(binding)
-        return binding.get_outputs()[0]
+    def gather_rows(self, values, rows, outs=None):
+        """[value[rows] for value in values] on the device, in one run; into the fixed buffers outs if given."""
+        n = len(values)
+        if n not in self.gathers:
+            elem_type = TensorProto.FLOAT if self.dtype == "fp32" else TensorProto.FLOAT16
+            options = self.ort.SessionOptions()
+            options.log_severity_level = 3
+            self.gathers[n] = self.ort.InferenceSession(gather_rows_model(elem_type, n).SerializeToString(), options,
+                                                        providers=[self.provider])
+        binding = self.gathers[n].io_binding()
+        binding.bind_ortvalue_input("rows", self.on_device(np.ascontiguousarray(rows, dtype=np.int64)))
+        for i, value in enumerate(values):
+            binding.bind_ortvalue_input(f"x_{i}", value)
+            if outs is None:
+                binding.bind_output(f"y_{i}", self.device)
+            else:
+                binding.bind_ortvalue_output(f"y_{i}", outs[i])
+        self.gathers[n].run_with_iobinding(binding)
+        return binding.get_outputs() if outs is None else outs
+
+    def sources_change(self, rows):
+        """Whether reordering by rows gives some row another input's source (so cross-attention rows must move
+        too); beams of one input swapping places keep every row's source."""
+        new = self.source_of_row[rows]
+        changed = len(rows) != len(self.source_of_row) or not np.array_equal(new, self.source_of_row)
+        self.source_of_row = new
+        return changed
 
     # ------------------------------------------------------------ the stepper interface
     def start(self, src_ids, src_keep, batch_size):
@@ -78,6 +99,7 @@ class OrtStepper:
             values = dict(zip(names, binding.get_outputs()))
             self.cross = [(values[f"cross_key_{i}"], values[f"cross_value_{i}"]) for i in range(self.cfg.n_decoder_layers)]
             self.src_keep = np.asarray(src_keep, dtype=np.int64)
+        self.source_of_row = np.arange(batch_size)
         self.past = [(self.empty(batch_size), self.empty(batch_size)) for _ in range(self.cfg.n_decoder_layers)]
 
     def step(self, ids, positions, attention_mask):
@@ -103,12 +125,15 @@ class OrtStepper:
         return outputs["logits"].numpy()
 
     def reorder(self, rows):
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        rows_value = self.on_device(rows)
-        self.past = [(self.gather_rows(k, rows_value), self.gather_rows(v, rows_value)) for k, v in self.past]
-        if self.cfg.is_encoder_decoder:
-            self.cross = [(self.gather_rows(k, rows_value), self.gather_rows(v, rows_value)) for k, v in self.cross]
+        tensors = [self.past]
+        if self.cfg.is_encoder_decoder and self.sources_change(rows):
+            tensors.append(self.cross)
             self.src_keep = self.src_keep[rows]
+        flat = self.gather_rows([t for pairs in tensors for pair in pairs for t in pair], rows)
+        pairs = [tuple(flat[i:i + 2]) for i in range(0, len(flat), 2)]
+        self.past = pairs[:len(self.past)]
+        if len(tensors) == 2:
+            self.cross = pairs[len(self.past):]
 
 
 class StaticOrtStepper(OrtStepper):
@@ -199,11 +224,9 @@ class StaticOrtStepper(OrtStepper):
             src_ids, src_keep = self.pad_source(src_ids, src_keep)
         super().start(src_ids, src_keep, batch_size)
         self.use_buffers(batch_size, 0 if src_ids is None else src_ids.shape[1])
-        if self.cfg.is_encoder_decoder:
-            identity = self.on_device(np.arange(batch_size, dtype=np.int64))
-            for (k, v), (k_out, v_out) in zip(self.cross, self.cross_sets[0]):
-                self.gather_into(k, identity, k_out)
-                self.gather_into(v, identity, v_out)
+        for (k, v), (k_out, v_out) in zip(self.cross, self.cross_sets[0]):  # device to device copies
+            k_out.update_inplace(k)
+            v_out.update_inplace(v)
         self.mask = np.zeros((batch_size, self.max_length), np.int64)
         self.length = 0  # slots written so far
 
@@ -280,28 +303,18 @@ class StaticOrtStepper(OrtStepper):
 
     def reorder(self, rows):
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        rows_value = self.on_device(rows)
+        cross_moves = self.cfg.is_encoder_decoder and self.sources_change(rows)
+        old_cache, old_cross = self.caches[self.parity], self.cross_sets[self.cross_parity]
+        if cross_moves:
+            self.src_keep = self.src_keep[rows]
         if len(rows) != self.mask.shape[0]:  # a new batch size (expanding to beams): that size's buffer set
-            old_cache, old_cross = self.caches[self.parity], self.cross_sets[self.cross_parity]
-            self.src_keep = None if self.src_keep is None else self.src_keep[rows]
             self.use_buffers(len(rows), self.shape_key[1])
-            read_set, cross_set = self.caches[self.parity], self.cross_sets[self.cross_parity]
         else:  # gather into the idle sets, then flip
-            old_cache, old_cross = self.caches[self.parity], self.cross_sets[self.cross_parity]
-            self.parity, self.cross_parity = 1 - self.parity, 1 - self.cross_parity
-            read_set, cross_set = self.caches[self.parity], self.cross_sets[self.cross_parity]
-            if self.src_keep is not None:
-                self.src_keep = self.src_keep[rows]
+            self.parity = 1 - self.parity
+            if cross_moves:
+                self.cross_parity = 1 - self.cross_parity
                 self.buffers["encoder_attention_mask"].update_inplace(np.ascontiguousarray(self.src_keep))
-        for (k, v), (k_out, v_out) in zip(old_cache + old_cross, read_set + cross_set):
-            self.gather_into(k, rows_value, k_out)
-            self.gather_into(v, rows_value, v_out)
+        pairs_in = old_cache + (old_cross if cross_moves else [])
+        pairs_out = self.caches[self.parity] + (self.cross_sets[self.cross_parity] if cross_moves else [])
+        self.gather_rows([t for pair in pairs_in for t in pair], rows, [t for pair in pairs_out for t in pair])
         self.mask = self.mask[rows]
-
-    def gather_into(self, value, rows_value, out):
-        """out = value[rows] on the device, into a fixed buffer."""
-        binding = self.gather.io_binding()
-        binding.bind_ortvalue_input("x", value)
-        binding.bind_ortvalue_input("rows", rows_value)
-        binding.bind_ortvalue_output("y", out)
-        self.gather.run_with_iobinding(binding)

@@ -5,10 +5,12 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refformer.refimpl import Config, init_params, model_forward
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.generate import (GenerationOptions, banned_ngram_tokens, beam_search, filter_top_k_top_p,
+from refformer.refimpl.generate import (GenerationOptions, banned_ngram_tokens, beam_search, filter_top_k_top_p, top_candidates,
                                         generate, greedy, ReferenceStepper, apply_repetition_penalty, sample)
 from refformer.refimpl.ops import log_softmax_forward
 
@@ -130,3 +132,16 @@ def test_decoder_only_batched_prompts_match_single_prompts():
     together = generate(cfg, params, prompt_ids=prompts, options=options)
     alone = [generate(cfg, params, prompt_ids=prompts[i:i + 1, 2 - 2 * i:], options=options)[0] for i in range(2)]
     assert together == alone
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 5000), n=st.integers(1, 12), levels=st.integers(1, 40), dead=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**31 - 1))
+def test_top_candidates_is_the_stable_argsort_head(size, n, levels, dead, seed):
+    """Few distinct levels make many ties; -inf entries are dead beams."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, levels, size).astype(np.float64)
+    values[rng.random(size) < dead] = -np.inf
+    expected = np.argsort(-values, kind="stable")[:n]
+    np.testing.assert_array_equal(top_candidates(values, n, block=8), expected)
+    np.testing.assert_array_equal(top_candidates(values, n), expected)
