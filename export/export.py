@@ -96,8 +96,9 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     and records the error in the manifest. static_length adds decoder_static.onnx, the fixed-size-cache
     variant with in-graph argmax (for CUDA-graph replay), with that many cache slots. fused_attention adds
     decoder_fused.onnx: decoder.onnx's inputs and outputs, with ONNX Runtime's MultiHeadAttention contrib op;
-    with static_length too, also decoder_static_fused.onnx (GroupQueryAttention over a cache updated in
-    place, fused norms), which needs a head size that is a multiple of 8.
+    with static_length too, also decoder_static_mha.onnx (decoder_static.onnx's contract with contrib ops and
+    fused norms) and, when the head size is a multiple of 8, decoder_static_fused.onnx (GroupQueryAttention
+    over a cache updated in place).
     """
     if dtype not in DTYPES:
         raise RefformerError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
@@ -107,10 +108,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     cfg, params = load(model_dir)
     if static_length is not None and not (isinstance(static_length, int) and 1 <= static_length <= cfg.max_positions):
         raise RefformerError(f"--static-length must be between 1 and max_positions={cfg.max_positions}, got {static_length}")
-    static_fused = static_length is not None and fused_attention
-    if static_fused and cfg.head_dim % 8:
-        raise RefformerError(f"--static-length with --fused-attention needs a head size that is a multiple of 8 "
-                             f"(ONNX Runtime's GroupQueryAttention); this model's is {cfg.head_dim}")
+    static_mha = static_length is not None and fused_attention
+    static_fused = static_mha and cfg.head_dim % 8 == 0  # GroupQueryAttention's kernels need it
     out_dir = Path(out_dir) if out_dir is not None else model_dir / "onnx"
     parent = out_dir.parent
     try:
@@ -126,6 +125,9 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
             graphs["decoder_static.onnx"] = build_decoder_static(cfg, params, dtype, opset, static_length)
         if fused_attention:
             graphs["decoder_fused.onnx"] = build_decoder(cfg, params, dtype, opset, fused=True)
+        if static_mha:
+            graphs["decoder_static_mha.onnx"] = build_decoder_static_fused(cfg, params, dtype, opset, static_length,
+                                                                           in_place=False)
         if static_fused:
             graphs["decoder_static_fused.onnx"] = build_decoder_static_fused(cfg, params, dtype, opset, static_length)
         manifest = {
@@ -150,6 +152,9 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
                                                         verified_against="decoder.onnx")
         if fused_attention:
             manifest["graphs"]["decoder_fused"].update(variant="fused", verified_against="decoder.onnx")
+        if static_mha:
+            manifest["graphs"]["decoder_static_mha"].update(variant="static_mha", max_length=static_length,
+                                                            verified_against="decoder.onnx")
         if static_fused:
             manifest["graphs"]["decoder_static_fused"].update(variant="static_fused", max_length=static_length,
                                                               verified_against="decoder.onnx")
@@ -160,7 +165,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
             if static_length is not None:
                 from .verify import static_check
 
-                for graph in ["decoder_static"] + (["decoder_static_fused"] if static_fused else []):
+                for graph in ["decoder_static"] + ["decoder_static_mha"] * static_mha + ["decoder_static_fused"] * static_fused:
                     rows += [dict(zip(("check", "provider", "output", "error"), row))
                              for row in static_check(cfg, params, tmp, dtype, "CPUExecutionProvider", graph=graph)]
             if fused_attention:

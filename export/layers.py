@@ -408,17 +408,35 @@ def feed_forward_unbiased(g, cfg, prefix, p, x):
     return linear_unbiased(g, f"{prefix}.fc2", p["fc2"], h)
 
 
-def decoder_layer_step_static_fused(g, cfg, prefix, p, stream, past_k, past_v, seqlens32, total32, cross_k=None,
-                                    cross_v=None, memory_keep32=None):
-    """decoder_layer_step for one token per row on the residual stream; returns the present cache (k, v)."""
+def mha_static_self_attention(g, cfg, prefix, p, h, past_k, past_v, slot_mask, keep32):
+    """The same without GroupQueryAttention (which has no fp32 CUDA kernel): the new k/v written into the static
+    cache with Where, then MultiHeadAttention over all L slots with the key mask:
+
+    h ─qkv_proj─Split─┬─ q ────────────────────────────────┐
+                      └─ k, v ─Reshape─Where(slot, ·, cache)─MultiHeadAttention(mask)─out_proj─▶ y
+    """
+    at = node_path(prefix)
+    D = cfg.d_model
+    q, k, v = g.op("Split", [packed_qkv(g, prefix, p, h), g.const([D, D, D], "qkv_split")], at, n_outputs=3, axis=-1)
+    heads = g.const([0, cfg.n_heads, 1, cfg.head_dim], "one_token_heads")  # [B, 1, D] -> [B, H, 1, Dh]: T = 1, no transpose
+    present_k = write_cache(slot_mask)(g, at + "/key_cache", past_k, g.op("Reshape", [k, heads], at + "/k"))
+    present_v = write_cache(slot_mask)(g, at + "/value_cache", past_v, g.op("Reshape", [v, heads], at + "/v"))
+    context = g.op("MultiHeadAttention", [q, present_k, present_v, "", keep32], at, domain="com.microsoft",
+                   num_heads=cfg.n_heads)
+    return linear_unbiased(g, f"{prefix}.out_proj", p["out_proj"], context), present_k, present_v
+
+
+def decoder_layer_step_static_fused(g, cfg, prefix, p, stream, self_attention, cross_k=None, cross_v=None,
+                                    memory_keep32=None):
+    """decoder_layer_step for one token per row on the residual stream; self_attention(prefix, p, h) returns
+    ((y, bias), present_k, present_v). Returns the present cache (k, v)."""
     present = {}
 
-    def self_attention(h):
-        y, present["k"], present["v"] = gqa_self_attention(g, cfg, f"{prefix}.self_attn", p["self_attn"], h, past_k,
-                                                           past_v, seqlens32, total32)
+    def attend(h):
+        y, present["k"], present["v"] = self_attention(f"{prefix}.self_attn", p["self_attn"], h)
         return y
 
-    stream.sublayer(f"{prefix}.self_attn_norm", p["self_attn_norm"], self_attention)
+    stream.sublayer(f"{prefix}.self_attn_norm", p["self_attn_norm"], attend)
     if "cross_attn" in p:
         stream.sublayer(f"{prefix}.cross_attn_norm", p["cross_attn_norm"],
                         lambda h: cross_attention_fused(g, cfg, f"{prefix}.cross_attn", p["cross_attn"], h, cross_k,

@@ -7,7 +7,8 @@ from refformer.refimpl.model import lm_head_params
 
 from .graph import Graph
 from .layers import (ResidualStream, causal_padding_mask, decoder_layer_step, decoder_layer_step_fused,
-                     decoder_layer_step_static_fused, embed, encoder_layer, linear, norm, padding_mask, project_kv, write_cache)
+                     decoder_layer_step_static_fused, embed, encoder_layer, gqa_self_attention, linear,
+                     mha_static_self_attention, norm, padding_mask, project_kv, write_cache)
 
 INT64 = TensorProto.INT64
 
@@ -143,31 +144,51 @@ def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
     return g.model()
 
 
-def build_decoder_static_fused(cfg, params, dtype="fp16", opset=17, max_length=256):
-    """decoder_static_fused.onnx: decoder_static.onnx's job with ONNX Runtime's contrib ops, for CUDA-graph replay.
+def build_decoder_static_fused(cfg, params, dtype="fp16", opset=17, max_length=256, in_place=True):
+    """decoder_static_fused.onnx (in_place=True) or decoder_static_mha.onnx (in_place=False): the static step with
+    ONNX Runtime's contrib ops, for CUDA-graph replay. Both project q/k/v with one MatMul, fold each residual sum
+    and bias into the next norm (SkipLayerNormalization), the first FFN bias into the activation (BiasGelu, ...),
+    and run cross-attention as MultiHeadAttention.
 
-    input_ids, position_ids [B, 1]; past_key/value_self_{i} [B, H, L, Dh] (+ encoder_attention_mask,
-    cross_key/value_{i}) -> logits [B, 1, V] (float32), next_ids [B], present_key/value_self_{i} [B, H, L, Dh].
+    in_place=True, GroupQueryAttention (fp16 on CUDA; a head size that is a multiple of 8):
+      input_ids, position_ids [B, 1]; past_key/value_self_{i} [B, H, L, Dh] (+ encoder_attention_mask,
+      cross_key/value_{i}) -> logits [B, 1, V] (float32), next_ids [B], present_key/value_self_{i} [B, H, L, Dh].
+      A row's token is written at cache slot position_ids[b] and attends to slots 0 .. position_ids[b]: bind
+      present to the same buffer as past and the cache is updated in place. Slots hold a row's real tokens in
+      order, so a left-padded prompt's pad tokens (position 0) are overwritten by its first real token and no
+      self-attention mask is needed.
+    in_place=False, MultiHeadAttention over all L slots (fp32 and fp16): decoder_static.onnx's inputs and outputs
+      (write_index, attention_mask [B, L]); the new key/value is written with Where into a present buffer.
 
-    A row's token is written at cache slot position_ids[b] and attends to slots 0 .. position_ids[b]: bind
-    present to the same buffer as past and the cache is updated in place. Slots hold a row's real tokens
-    in order, so a left-padded prompt's pad tokens (position 0) are overwritten by its first real token
-    and no self-attention mask is needed.
-
-    input_ids ─embed─[qkv_proj─GroupQueryAttention─SkipLayerNorm─(MultiHeadAttention─SkipLayerNorm)─FFN─SkipLayerNorm]×N─lm_head─ArgMax
+    input_ids ─embed─[qkv_proj─self-attention─SkipLayerNorm─(MultiHeadAttention─SkipLayerNorm)─FFN─SkipLayerNorm]×N─lm_head─ArgMax
     """
-    g = Graph("refformer_decoder_static_fused", dtype, opset)
+    g = Graph("refformer_decoder_static_fused" if in_place else "refformer_decoder_static_mha", dtype, opset)
     L = max_length
     ids = g.input("input_ids", INT64, ["batch", 1])
     positions = g.input("position_ids", INT64, ["batch", 1])
+    if not in_place:
+        write_index = g.input("write_index", INT64, [1])
+        keep = g.input("attention_mask", INT64, ["batch", L])
     cache_shape = ["batch", cfg.n_heads, L, cfg.head_dim]
     past, cross, memory_keep32 = cache_inputs(g, cfg, cache_shape, bool_mask=False)
     at = "/decoder/slots"
-    seqlens32 = g.cast(g.op("Squeeze", [positions, g.const([1], "axes_1")], at), TensorProto.INT32, at)  # [B]: slot = position
-    total32 = g.const(L, "cache_length", np.int32)  # a constant: GroupQueryAttention reads it on the host
+    if in_place:
+        seqlens32 = g.cast(g.op("Squeeze", [positions, g.const([1], "axes_1")], at), TensorProto.INT32, at)  # slot = position
+        total32 = g.const(L, "cache_length", np.int32)  # a constant: GroupQueryAttention reads it on the host
+
+        def self_attention(prefix, p, h, past_k, past_v):
+            return gqa_self_attention(g, cfg, prefix, p, h, past_k, past_v, seqlens32, total32)
+    else:
+        slot_mask = g.op("Reshape", [g.op("Equal", [g.const(np.arange(L), "slots"), write_index], at),
+                                     g.const([1, 1, L, 1], "slot_mask_shape")], at)
+        keep32 = g.cast(keep, TensorProto.INT32, "/decoder/self_mask")
+
+        def self_attention(prefix, p, h, past_k, past_v):
+            return mha_static_self_attention(g, cfg, prefix, p, h, past_k, past_v, slot_mask, keep32)
     p = params["decoder"]
     stream = ResidualStream(g, cfg, embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids, positions))
-    presents = [decoder_layer_step_static_fused(g, cfg, f"decoder.layers.{i}", p_layer, stream, *past[i], seqlens32, total32,
+    presents = [decoder_layer_step_static_fused(g, cfg, f"decoder.layers.{i}", p_layer, stream,
+                                                lambda prefix, p, h, i=i: self_attention(prefix, p, h, *past[i]),
                                                 *cross[i], memory_keep32)
                 for i, p_layer in enumerate(p["layers"])]
     x = stream.normed("decoder.final_norm", p["final_norm"]) if cfg.final_norm else stream.value("/decoder/residual")

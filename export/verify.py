@@ -6,7 +6,7 @@ Checks (each a row of the table: check, provider, output, error, bound):
   real       the same on tokenized sentences when the model directory has a tokenizer;
   incremental  a prompt pass over left-padded rows of different lengths, then step-by-step decoding
              with the present cache fed back, against refimpl.model_forward over the whole sequence;
-  static, static_fused, fused   the exported decoder variants against decoder.onnx and refimpl.
+  static, static_mha, static_fused, fused   the exported decoder variants against decoder.onnx and refimpl.
 """
 
 import contextlib
@@ -270,7 +270,7 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
         low = 4 if cfg.vocab_size > 8 else 0
         prompts = [list(rng.integers(low, cfg.vocab_size, n)) for n in (1, 3, 2)][: src.shape[0]]
         rows += incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, prompts, 3, rng)
-        for graph in ("decoder_static", "decoder_static_fused"):
+        for graph in ("decoder_static", "decoder_static_mha", "decoder_static_fused"):
             if graph in manifest["graphs"] and runs_on(graph, dtype, provider):
                 rows += static_check(cfg, params, onnx_dir, dtype, provider, seed, graph=graph)
         if "decoder_fused" in manifest["graphs"]:
@@ -295,10 +295,10 @@ def real_inputs(cfg, tokenizer):
 
 
 def static_check(cfg, params, onnx_dir, dtype, provider, seed=0, n_steps=4, graph="decoder_static"):
-    """A static graph (decoder_static.onnx, or decoder_static_fused.onnx with graph="decoder_static_fused"),
-    one token per call over left-padded prompts, against decoder.onnx (the reference graph) fed the same
-    tokens, and against refimpl; next_ids must be the argmax of its logits. The check is named after the
-    graph's variant ("static" or "static_fused")."""
+    """A static graph (decoder_static.onnx, or graph="decoder_static_mha" / "decoder_static_fused"), one token per
+    call over left-padded prompts, against decoder.onnx (the reference graph) fed the same tokens, and against
+    refimpl; next_ids must be the argmax of its logits. The check is named after the graph's variant ("static",
+    "static_mha" or "static_fused")."""
     onnx_dir = Path(onnx_dir)
     static = session(onnx_dir / f"{graph}.onnx", provider)
     inputs = {i.name: i for i in static.get_inputs()}

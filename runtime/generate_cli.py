@@ -76,9 +76,9 @@ def one_record(text, outputs, **extra):
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Graph precision (exported on first use).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
-@click.option("--variant", type=click.Choice(["auto", "reference", "fused", "static", "static_fused"]), default="auto",
-              show_default=True, help="Decoder graph: auto = static_fused in fp16 and static in fp32 on CUDA (both replayed "
-              "as CUDA graphs), reference on the CPU.")
+@click.option("--variant", type=click.Choice(["auto", "reference", "fused", "static", "static_mha", "static_fused"]),
+              default="auto", show_default=True, help="Decoder graph: auto = static_fused in fp16 and static_mha in fp32 "
+              "on CUDA (replayed as CUDA graphs), reference on the CPU.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Inputs per batch with --input.")
 @click.option("--truncate", is_flag=True, help="Cut inputs longer than the model's positions (with a warning).")
 @option_flags

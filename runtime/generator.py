@@ -21,7 +21,7 @@ from . import tokenizer as tok
 from .stepper import OrtStepper, StaticOrtStepper
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-VARIANTS = ("auto", "reference", "fused", "static", "static_fused")
+VARIANTS = ("auto", "reference", "fused", "static", "static_mha", "static_fused")
 
 
 def default_model_dir():
@@ -64,10 +64,11 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
             return False
         static = manifest.get("graphs", {}).get("decoder_static", {})
         graphs = manifest.get("graphs", {})
+        static_fused = static_length is not None and fused_attention
         return (manifest.get("dtype") == dtype and not is_stale(model_dir, manifest)
                 and (static_length is None or static.get("max_length") == static_length)
                 and (not fused_attention or "decoder_fused" in graphs)
-                and (static_length is None or not fused_attention or "decoder_static_fused" in graphs))
+                and (not static_fused or "decoder_static_mha" in graphs))
 
     local, cached = export_locations(model_dir, dtype, static_length, fused_attention)
     if fresh(local):
@@ -100,14 +101,15 @@ def resolve_provider(provider):
 def auto_variant(cfg, on_cuda, dtype):
     """(variant, fallback) for variant="auto": the fastest decoder for the provider and dtype.
 
-    CUDA: decoder_static_fused (GroupQueryAttention has fp16 CUDA kernels only, and needs a head size that
-    is a multiple of 8), falling back to decoder_static; else decoder_static. CPU: the reference graph.
+    CUDA: decoder_static_fused in fp16 (GroupQueryAttention has fp16 CUDA kernels only, and needs a head size
+    that is a multiple of 8), falling back to decoder_static_mha; else decoder_static_mha, falling back to
+    decoder_static (standard ops only). CPU: the reference graph.
     """
     if not on_cuda:
         return "reference", None
     if dtype == "fp16" and cfg.head_dim % 8 == 0:
-        return "static_fused", "static"
-    return "static", None
+        return "static_fused", "static_mha"
+    return "static_mha", "static"
 
 
 class Generator:
@@ -120,11 +122,10 @@ class Generator:
                  static_length=None, cuda_graph=None):
         """variant: "reference" (decoder.onnx, growing cache), "fused" (decoder_fused.onnx: the same with ONNX
         Runtime's MultiHeadAttention op), "static" (decoder_static.onnx: fixed buffers, in-graph argmax,
-        CUDA-graph replay on CUDA), "static_fused" (decoder_static_fused.onnx: static with GroupQueryAttention
-        writing the cache in place and fused norms) or "auto": on CUDA static_fused in fp16 (GroupQueryAttention
-        has no fp32 CUDA kernel) and static otherwise, falling back to static with a notice if the fused graph
-        cannot run; on the CPU the reference graph, where attending over every static slot costs more than it
-        saves. static_length defaults to max_positions."""
+        CUDA-graph replay on CUDA), "static_mha" (decoder_static_mha.onnx: static with contrib attention and fused
+        norms), "static_fused" (decoder_static_fused.onnx: GroupQueryAttention writing the cache in place) or
+        "auto" (see auto_variant: static_fused in fp16 and static_mha in fp32 on CUDA, with a probed fallback and a
+        notice; the reference graph on the CPU). static_length defaults to max_positions."""
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = load_config(self.model_dir)
         self.tokenizer = tok.load_tokenizer(self.model_dir / "tokenizer.json")
@@ -161,9 +162,12 @@ class Generator:
     def make_stepper(self, variant, static_length, cuda_graph):
         """Export what the variant needs (when missing or stale) and open its stepper."""
         dtype, threads = self.dtype, self.threads
-        if variant in ("static", "static_fused"):
+        if variant == "static_fused" and self.cfg.head_dim % 8:
+            raise RefformerError(f"the static_fused variant needs a head size that is a multiple of 8 (ONNX Runtime's "
+                                 f"GroupQueryAttention); this model's is {self.cfg.head_dim}: use static_mha")
+        if variant in ("static", "static_mha", "static_fused"):
             static_length = static_length or self.cfg.max_positions
-            fused = variant == "static_fused"
+            fused = variant != "static"
             self.onnx_dir = ensure_export(self.model_dir, dtype, static_length, fused_attention=fused)
             return StaticOrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads, cuda_graph=cuda_graph,
                                     decoder_file=f"decoder_{variant}.onnx")

@@ -42,9 +42,9 @@ def tokenizer_file(tmp_path_factory):
     return path
 
 
-def make_model(path, tokenizer_file, family, seed=0):
+def make_model(path, tokenizer_file, family, seed=0, n_heads=2):
     vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
-    cfg = Config(vocab_size=vocab, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=2, n_decoder_layers=2,
+    cfg = Config(vocab_size=vocab, d_model=16, n_heads=n_heads, d_ff=32, n_encoder_layers=2, n_decoder_layers=2,
                  family=family, max_positions=48, dropout=0.0)
     params = init_params(cfg, np.random.default_rng(seed))
     params["decoder"]["embed_tokens"]["weight"][cfg.eos_id] *= 3  # let some rows end early

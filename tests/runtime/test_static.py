@@ -111,13 +111,22 @@ def static_fused_generator(request, tmp_path_factory, tokenizer_file):  # noqa: 
     return Generator(path, provider="cpu", variant="static_fused", static_length=40), request.param
 
 
+@pytest.fixture(scope="module", params=["encoder-decoder", "decoder-only"])
+def static_mha_generator(request, tmp_path_factory, tokenizer_file):  # noqa: F811
+    path = tmp_path_factory.mktemp("static_mha") / "m"
+    make_model(path, tokenizer_file, request.param)
+    return Generator(path, provider="cpu", variant="static_mha", static_length=40), request.param
+
+
 @pytest.mark.parametrize("options", STRATEGIES + [dict(max_new_tokens=8, min_new_tokens=8)],
                          ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items() if k != "seed"))
-def test_static_fused_variant_matches_refimpl(static_fused_generator, options):
-    """GroupQueryAttention writing the cache in place (past and present bound to one buffer), fused norms."""
-    generator, family = static_fused_generator
-    assert generator.stepper.in_place
-    assert generator.stepper.decoder.get_modelmeta().graph_name == "refformer_decoder_static_fused"
+@pytest.mark.parametrize("variant", ["static_fused", "static_mha"])
+def test_contrib_static_variants_match_refimpl(static_fused_generator, static_mha_generator, variant, options):
+    """static_fused: GroupQueryAttention writing the cache in place (past and present bound to one buffer);
+    static_mha: MultiHeadAttention over the static cache; both with fused norms and activations."""
+    generator, family = static_fused_generator if variant == "static_fused" else static_mha_generator
+    assert generator.stepper.in_place == (variant == "static_fused")
+    assert generator.stepper.decoder.get_modelmeta().graph_name == f"refformer_decoder_{variant}"
     cfg, params = load(generator.model_dir)
     options = GenerationOptions(**options)
     inputs = generator.encode_inputs(TEXTS[family])
@@ -149,40 +158,44 @@ def test_verify_checks_the_static_fused_graph(tmp_path, dtype):
     graph = manifest["graphs"]["decoder_static_fused"]
     assert (graph["variant"], graph["max_length"], graph["verified_against"]) == ("static_fused", 16, "decoder.onnx")
     assert "static_fused: logits vs decoder.onnx" in manifest["error"]["per_output"]
+    assert manifest["graphs"]["decoder_static_mha"]["variant"] == "static_mha"
     rows, _ = verify(tmp_path / "m", providers=["CPUExecutionProvider"])
-    fused = {row["output"]: row for row in rows if row["check"] == "static_fused"}
-    assert set(fused) == {"logits vs decoder.onnx", "logits vs refimpl", "next_ids = argmax(logits)"}
+    for check in ("static_fused", "static_mha"):
+        got = {row["output"]: row for row in rows if row["check"] == check}
+        assert set(got) == {"logits vs decoder.onnx", "logits vs refimpl", "next_ids = argmax(logits)"}
     assert all(row["ok"] for row in rows), rows
 
 
-def test_static_fused_needs_a_head_size_multiple_of_8(tmp_path):
-    cfg = Config(vocab_size=30, d_model=16, n_heads=4, d_ff=32, max_positions=32, dropout=0.0)
-    save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)))
-    with pytest.raises(RefformerError, match="multiple of 8"):
-        export_model(tmp_path / "m", static_length=16, fused_attention=True)
-    assert not (tmp_path / "m" / "onnx").exists()
+def test_static_fused_needs_a_head_size_multiple_of_8(tmp_path, tokenizer_file):  # noqa: F811
+    """Head size 4: GroupQueryAttention cannot run it, so the export has decoder_static_mha.onnx only."""
+    make_model(tmp_path / "m", tokenizer_file, "encoder-decoder", n_heads=4)
+    manifest = export_model(tmp_path / "m", static_length=16, fused_attention=True)
+    assert "decoder_static_mha" in manifest["graphs"] and "decoder_static_fused" not in manifest["graphs"]
+    with pytest.raises(RefformerError, match="multiple of 8.*use static_mha"):
+        Generator(tmp_path / "m", provider="cpu", variant="static_fused")
 
 
 def test_auto_variant_per_provider_and_dtype():
     cfg = Config(vocab_size=30, d_model=16, n_heads=2, d_ff=32)
     assert auto_variant(cfg, on_cuda=False, dtype="fp16") == ("reference", None)
-    assert auto_variant(cfg, on_cuda=True, dtype="fp16") == ("static_fused", "static")
-    assert auto_variant(cfg, on_cuda=True, dtype="fp32") == ("static", None)  # no fp32 GroupQueryAttention on CUDA
-    assert auto_variant(Config(vocab_size=30, d_model=16, n_heads=4, d_ff=32), on_cuda=True, dtype="fp16") == ("static", None)
+    assert auto_variant(cfg, on_cuda=True, dtype="fp16") == ("static_fused", "static_mha")
+    assert auto_variant(cfg, on_cuda=True, dtype="fp32") == ("static_mha", "static")  # no fp32 GroupQueryAttention on CUDA
+    head_4 = Config(vocab_size=30, d_model=16, n_heads=4, d_ff=32)
+    assert auto_variant(head_4, on_cuda=True, dtype="fp16") == ("static_mha", "static")
 
 
 def test_auto_falls_back_when_the_fused_graph_cannot_run(tmp_path, tokenizer_file, monkeypatch, capsys):  # noqa: F811
     """The fallback path of auto on CUDA, driven on the CPU: the fused graph fails at its first run."""
     make_model(tmp_path / "m", tokenizer_file, "encoder-decoder")
-    monkeypatch.setattr(generator_module, "auto_variant", lambda cfg, on_cuda, dtype: ("static_fused", "static"))
+    monkeypatch.setattr(generator_module, "auto_variant", lambda cfg, on_cuda, dtype: ("static_fused", "static_mha"))
 
     def fail(self, *args, **kwargs):
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : no kernel")
 
     monkeypatch.setattr(StaticOrtStepper, "step_argmax", fail)
     generator = Generator(tmp_path / "m", provider="cpu")
-    assert generator.variant == "static"
-    assert "the static_fused decoder cannot run here ([ONNXRuntimeError] : 1 : FAIL : no kernel); using static" \
+    assert generator.variant == "static_mha"
+    assert "the static_fused decoder cannot run here ([ONNXRuntimeError] : 1 : FAIL : no kernel); using static_mha" \
         in capsys.readouterr().err
 
 
@@ -190,13 +203,14 @@ def test_auto_falls_back_when_the_fused_graph_cannot_run(tmp_path, tokenizer_fil
                                                         ("gelu_tanh", False, "rmsnorm"), ("silu", True, "rmsnorm")])
 def test_static_fused_graph_for_each_activation_and_norm(tmp_path, activation, norm_first, norm):
     """BiasGelu / FastGelu / QuickGelu / Relu and SkipLayerNormalization / SkipSimplifiedLayerNormalization, post- and
-    pre-LN: export measures decoder_static_fused.onnx against decoder.onnx and refimpl on ONNX Runtime CPU."""
+    pre-LN: export measures decoder_static_fused.onnx and decoder_static_mha.onnx against decoder.onnx and refimpl
+    on ONNX Runtime CPU."""
     cfg = Config(vocab_size=30, d_model=16, n_heads=2, d_ff=32, max_positions=32, dropout=0.0, activation=activation,
                  norm_first=norm_first, norm=norm, family="decoder-only" if activation == "silu" else "encoder-decoder")
     save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)))
     error = export_model(tmp_path / "m", static_length=16, fused_attention=True)["error"]
-    fused = {key: value for key, value in error["per_output"].items() if key.startswith("static_fused:")}
-    assert len(fused) == 3 and max(fused.values()) <= error["bound"], error
+    fused = {key: value for key, value in error["per_output"].items() if key.startswith(("static_fused:", "static_mha:"))}
+    assert len(fused) == 6 and max(fused.values()) <= error["bound"], error
 
 
 def test_least_recently_used_buffer_set_goes_beyond_the_limit(static_fused_generator, monkeypatch):
