@@ -258,7 +258,7 @@ def top_candidates(values, n, block=256):
     each of n blocks), so only those blocks are sorted.
     """
     values = np.asarray(values).reshape(-1)
-    if values.size <= 4 * n * block:
+    if values.size <= 4 * n * block or np.isnan(values).any():  # NaN maxima would hide their blocks
         return np.argsort(-values, kind="stable")[:n]
     pad = -values.size % block
     blocks = np.concatenate([values, np.full(pad, -np.inf)]).reshape(-1, block)

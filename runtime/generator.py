@@ -99,17 +99,17 @@ def resolve_provider(provider):
 
 
 def auto_variant(cfg, on_cuda, dtype):
-    """(variant, fallback) for variant="auto": the fastest decoder for the provider and dtype.
+    """The decoders variant="auto" tries, fastest first, for the provider and dtype.
 
     CUDA: decoder_static_fused in fp16 (GroupQueryAttention has fp16 CUDA kernels only, and needs a head size
-    that is a multiple of 8), falling back to decoder_static_mha; else decoder_static_mha, falling back to
-    decoder_static (standard ops only). CPU: the reference graph.
+    that is a multiple of 8), then decoder_static_mha (contrib ops, fp32 too), then decoder_static (standard
+    ops only). CPU: the reference graph.
     """
     if not on_cuda:
-        return "reference", None
+        return ("reference",)
     if dtype == "fp16" and cfg.head_dim % 8 == 0:
-        return "static_fused", "static_mha"
-    return "static_mha", "static"
+        return ("static_fused", "static_mha", "static")
+    return ("static_mha", "static")
 
 
 class Generator:
@@ -136,28 +136,35 @@ class Generator:
         if variant not in VARIANTS:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         on_cuda = self.provider == PROVIDERS["cuda"]
-        variant, fallback = auto_variant(self.cfg, on_cuda, dtype) if variant == "auto" else (variant, None)
-        self.variant, self.dtype, self.threads = variant, dtype, threads
+        self.dtype, self.threads = dtype, threads
         cuda_graph = on_cuda if cuda_graph is None else cuda_graph
-        try:
-            self.stepper = self.make_stepper(variant, static_length, cuda_graph)
-            if fallback is not None:
-                self.probe()
-        except Exception as error:  # RefformerError from export or loading; onnxruntime's own errors from a run
-            if fallback is None:
-                raise
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"notice: the {variant} decoder cannot run here ({reason}); using {fallback}", file=sys.stderr)
-            self.variant = fallback
-            self.stepper = self.make_stepper(fallback, static_length, cuda_graph)
+        if variant != "auto":
+            self.variant, self.stepper = variant, self.make_stepper(variant, static_length, cuda_graph)
+        else:
+            choices = auto_variant(self.cfg, on_cuda, dtype)
+            for number, choice in enumerate(choices):
+                last = number == len(choices) - 1
+                try:
+                    self.variant, self.stepper = choice, self.make_stepper(choice, static_length, cuda_graph)
+                    if not last:
+                        self.probe()
+                    break
+                except Exception as error:  # RefformerError from export or loading; onnxruntime's own from a run
+                    if last:
+                        raise
+                    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                    print(f"notice: the {choice} decoder cannot run here ({reason}); trying {choices[number + 1]}",
+                          file=sys.stderr)
         self.truncate = truncate
 
     def probe(self):
-        """Two tokens from a one-token input: a graph that loads but cannot run (a kernel this GPU lacks, a
-        failed CUDA-graph capture) fails here rather than in the user's first call."""
+        """Four decoder calls on a one-token input: a graph that loads but cannot run (a kernel this GPU lacks, a
+        failed CUDA-graph capture, which ONNX Runtime makes on a graph id's second run) fails here rather than in
+        the user's first call."""
         cfg = self.cfg
         inputs = {"src_ids": np.array([[cfg.eos_id]])} if cfg.is_encoder_decoder else {"prompt_ids": np.array([[cfg.bos_id]])}
-        generate(cfg, None, options=GenerationOptions(max_new_tokens=2), stepper=self.stepper, **inputs)
+        options = GenerationOptions(max_new_tokens=4, min_new_tokens=4)  # eos banned: every call runs
+        generate(cfg, None, options=options, stepper=self.stepper, **inputs)
 
     def make_stepper(self, variant, static_length, cuda_graph):
         """Export what the variant needs (when missing or stale) and open its stepper."""

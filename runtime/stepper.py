@@ -33,6 +33,20 @@ def gather_rows_model(elem_type, n):
     return model
 
 
+def zeros_model(elem_type, n):
+    """y_i = zeros shaped like x_i for i < n (bound to x_i's own buffer: an in-place clear)."""
+    zero = helper.make_tensor("zero", elem_type, [1], [0.0])
+    nodes = []
+    for i in range(n):
+        nodes.append(helper.make_node("Shape", [f"x_{i}"], [f"shape_{i}"], name=f"/zeros/Shape_{i}"))
+        nodes.append(helper.make_node("ConstantOfShape", [f"shape_{i}"], [f"y_{i}"], value=zero, name=f"/zeros/Fill_{i}"))
+    graph = helper.make_graph(nodes, "zeros", [helper.make_tensor_value_info(f"x_{i}", elem_type, None) for i in range(n)],
+                              [helper.make_tensor_value_info(f"y_{i}", elem_type, None) for i in range(n)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
 class OrtStepper:
     """encoder.onnx / decoder.onnx as a stepper (start, step, reorder) for refimpl.generate's search."""
 
@@ -46,7 +60,7 @@ class OrtStepper:
         self.float_type = NUMPY_OF_DTYPE[dtype]
         self.decoder = make_session(f"{onnx_dir}/{decoder_file}", provider, threads)
         self.encoder = make_session(f"{onnx_dir}/encoder.onnx", provider, threads) if cfg.is_encoder_decoder else None
-        self.gathers = {}  # n tensors -> the session that reorders them
+        self.gathers = {}  # n tensors -> the session that reorders them; ("zeros", n) -> the one that clears them
         self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
 
     # ------------------------------------------------------------ helpers
@@ -76,6 +90,21 @@ class OrtStepper:
                 binding.bind_ortvalue_output(f"y_{i}", outs[i])
         self.gathers[n].run_with_iobinding(binding)
         return binding.get_outputs() if outs is None else outs
+
+    def fill_zeros(self, values):
+        """Set every value (a device buffer) to zeros in place, in one run of a ConstantOfShape graph."""
+        n = len(values)
+        if ("zeros", n) not in self.gathers:
+            elem_type = TensorProto.FLOAT if self.dtype == "fp32" else TensorProto.FLOAT16
+            options = self.ort.SessionOptions()
+            options.log_severity_level = 3
+            self.gathers["zeros", n] = self.ort.InferenceSession(zeros_model(elem_type, n).SerializeToString(), options,
+                                                                 providers=[self.provider])
+        binding = self.gathers["zeros", n].io_binding()
+        for i, value in enumerate(values):
+            binding.bind_ortvalue_input(f"x_{i}", value)  # read for its shape only
+            binding.bind_ortvalue_output(f"y_{i}", value)
+        self.gathers["zeros", n].run_with_iobinding(binding)
 
     def sources_change(self, rows):
         """Whether reordering by rows gives some row another input's source (so cross-attention rows must move
@@ -202,7 +231,10 @@ class StaticOrtStepper(OrtStepper):
                 for binding_key in [k for k in self.bindings if k[:2] == old]:
                     _, options = self.bindings.pop(binding_key)
                     if self.cuda_graph and hasattr(self.decoder, "release_captured_graph"):
-                        self.decoder.release_captured_graph(int(options.get_run_config_entry("gpu_graph_id")))
+                        try:  # a no-op on some builds (the graph then stays until the session goes); never reused
+                            self.decoder.release_captured_graph(int(options.get_run_config_entry("gpu_graph_id")))
+                        except Exception:  # an id whose graph was never captured
+                            pass
             self.sets[key] = self.allocate(batch_size, source_length)
         self.sets[key] = self.sets.pop(key)  # most recently used last
         self.shape_key = key
@@ -224,6 +256,8 @@ class StaticOrtStepper(OrtStepper):
             src_ids, src_keep = self.pad_source(src_ids, src_keep)
         super().start(src_ids, src_keep, batch_size)
         self.use_buffers(batch_size, 0 if src_ids is None else src_ids.shape[1])
+        if not self.in_place:  # masked slots still enter the attention products: clear what an earlier call left
+            self.fill_zeros([t for pair in self.caches[0] for t in pair])
         for (k, v), (k_out, v_out) in zip(self.cross, self.cross_sets[0]):  # device to device copies
             k_out.update_inplace(k)
             v_out.update_inplace(v)
@@ -289,17 +323,17 @@ class StaticOrtStepper(OrtStepper):
             if not self.in_place:  # the in-place graph needs no mask: a row's slots are its real tokens
                 self.mask[:, : start + j + 1] = attention_mask[:, : start + j + 1]
             self.run_one(ids[:, j:j + 1], positions[:, j:j + 1])
-            if logits_to_host:
-                logits.append(self.buffers["logits"].numpy())
+            if logits_to_host:  # a copy: on the CPU .numpy() is a view of the buffer the next call overwrites
+                logits.append(self.buffers["logits"].numpy().copy())
         return np.concatenate(logits, axis=1) if logits_to_host else None
 
     def step_argmax(self, ids, positions, attention_mask):
         """Greedy fast path: only the in-graph argmax [B] crosses to the host; last_logits() fetches more."""
         self.step(ids, positions, attention_mask, logits_to_host=False)
-        return self.buffers["next_ids"].numpy()
+        return self.buffers["next_ids"].numpy().copy()
 
     def last_logits(self):
-        return self.buffers["logits"].numpy()
+        return self.buffers["logits"].numpy().copy()
 
     def reorder(self, rows):
         rows = np.ascontiguousarray(rows, dtype=np.int64)

@@ -138,10 +138,12 @@ def test_decoder_only_batched_prompts_match_single_prompts():
 @given(size=st.integers(1, 5000), n=st.integers(1, 12), levels=st.integers(1, 40), dead=st.floats(0.0, 1.0),
        seed=st.integers(0, 2**31 - 1))
 def test_top_candidates_is_the_stable_argsort_head(size, n, levels, dead, seed):
-    """Few distinct levels make many ties; -inf entries are dead beams."""
+    """Few distinct levels make many ties; -inf entries are dead beams; a NaN now and then."""
     rng = np.random.default_rng(seed)
     values = rng.integers(0, levels, size).astype(np.float64)
     values[rng.random(size) < dead] = -np.inf
+    if seed % 5 == 0:
+        values[rng.integers(0, size, 1 + seed % 3)] = np.nan
     expected = np.argsort(-values, kind="stable")[:n]
     np.testing.assert_array_equal(top_candidates(values, n, block=8), expected)
     np.testing.assert_array_equal(top_candidates(values, n), expected)

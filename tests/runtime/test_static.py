@@ -11,7 +11,7 @@ from refformer.refimpl.generate import GenerationOptions, generate
 from refformer.runtime import generator as generator_module
 from refformer.runtime import stepper as stepper_module
 from refformer.runtime.generator import Generator, auto_variant
-from refformer.runtime.stepper import StaticOrtStepper
+from refformer.runtime.stepper import OrtStepper, StaticOrtStepper
 
 from .test_generator import STRATEGIES, TEXTS, make_model, tokenizer_file  # noqa: F401  (fixture)
 
@@ -177,26 +177,33 @@ def test_static_fused_needs_a_head_size_multiple_of_8(tmp_path, tokenizer_file):
 
 def test_auto_variant_per_provider_and_dtype():
     cfg = Config(vocab_size=30, d_model=16, n_heads=2, d_ff=32)
-    assert auto_variant(cfg, on_cuda=False, dtype="fp16") == ("reference", None)
-    assert auto_variant(cfg, on_cuda=True, dtype="fp16") == ("static_fused", "static_mha")
+    assert auto_variant(cfg, on_cuda=False, dtype="fp16") == ("reference",)
+    assert auto_variant(cfg, on_cuda=True, dtype="fp16") == ("static_fused", "static_mha", "static")
     assert auto_variant(cfg, on_cuda=True, dtype="fp32") == ("static_mha", "static")  # no fp32 GroupQueryAttention on CUDA
     head_4 = Config(vocab_size=30, d_model=16, n_heads=4, d_ff=32)
     assert auto_variant(head_4, on_cuda=True, dtype="fp16") == ("static_mha", "static")
 
 
 def test_auto_falls_back_when_the_fused_graph_cannot_run(tmp_path, tokenizer_file, monkeypatch, capsys):  # noqa: F811
-    """The fallback path of auto on CUDA, driven on the CPU: the fused graph fails at its first run."""
+    """The fallback chain of auto on CUDA, driven on the CPU: the contrib-op graphs fail in the probe's runs
+    (after their first call: where ONNX Runtime would capture the CUDA graph); the standard-op graph is last."""
     make_model(tmp_path / "m", tokenizer_file, "encoder-decoder")
-    monkeypatch.setattr(generator_module, "auto_variant", lambda cfg, on_cuda, dtype: ("static_fused", "static_mha"))
+    monkeypatch.setattr(generator_module, "auto_variant", lambda cfg, on_cuda, dtype: ("static_fused", "static_mha", "static"))
+    calls = []
+    run_one = StaticOrtStepper.run_one
 
-    def fail(self, *args, **kwargs):
-        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : no kernel")
+    def fail_after_one_call(self, *args):
+        calls.append(self.decoder.get_modelmeta().graph_name)
+        if "static_" in calls[-1] and calls.count(calls[-1]) > 1:
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : graph capture failed")
+        return run_one(self, *args)
 
-    monkeypatch.setattr(StaticOrtStepper, "step_argmax", fail)
+    monkeypatch.setattr(StaticOrtStepper, "run_one", fail_after_one_call)
     generator = Generator(tmp_path / "m", provider="cpu")
-    assert generator.variant == "static_mha"
-    assert "the static_fused decoder cannot run here ([ONNXRuntimeError] : 1 : FAIL : no kernel); using static_mha" \
-        in capsys.readouterr().err
+    assert generator.variant == "static"
+    err = capsys.readouterr().err
+    assert "the static_fused decoder cannot run here ([ONNXRuntimeError] : 1 : FAIL : graph capture failed); trying static_mha" in err
+    assert "the static_mha decoder cannot run here" in err and "trying static\n" in err
 
 
 @pytest.mark.parametrize("activation,norm_first,norm", [("relu", False, "layernorm"), ("gelu", True, "layernorm"),
@@ -224,3 +231,32 @@ def test_least_recently_used_buffer_set_goes_beyond_the_limit(static_fused_gener
     assert [key[0] for key in stepper.sets] == [2, 1]  # the batch of len(texts) was dropped, 1 used last
     assert all(key[:2] in stepper.sets for key in stepper.bindings)
     assert generator.generate(texts, max_new_tokens=5) == first  # allocated again, same tokens
+
+
+@pytest.mark.parametrize("graph", ["decoder_static.onnx", "decoder_static_mha.onnx", "decoder_static_fused.onnx"])
+def test_static_steppers_give_every_prompt_position_its_logits_and_survive_stale_caches(tmp_path, tokenizer_file, graph):  # noqa: F811
+    """A T-token prompt runs as T calls into one logits buffer: each position keeps its own logits. Buffer sets are
+    reused across calls: non-finite values an earlier call left in a cache must not reach the next call."""
+    cfg = make_model(tmp_path / "m", tokenizer_file, "decoder-only")
+    export_model(tmp_path / "m", static_length=24, fused_attention=True)
+    onnx_dir = tmp_path / "m" / "onnx"
+    reference, static = OrtStepper(cfg, onnx_dir, "fp32"), StaticOrtStepper(cfg, onnx_dir, "fp32", decoder_file=graph)
+    ids = np.array([[cfg.pad_id, 5, 6, 7], [4, 8, 9, 10]])
+    keep = np.array([[0, 1, 1, 1], [1, 1, 1, 1]])
+    positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)
+    expected = None
+    for attempt in range(2):
+        for stepper in (reference, static):
+            stepper.start(None, None, 2)
+        if attempt == 1:  # poison every cache buffer of the set this batch uses
+            for caches in static.caches:
+                for k, v in caches:
+                    k.update_inplace(np.full(k.shape(), np.nan, np.float32))
+                    v.update_inplace(np.full(v.shape(), np.nan, np.float32))
+            static.start(None, None, 2)
+        want = reference.step(ids, positions, keep)
+        got = static.step(ids, positions, keep)
+        real = keep.astype(bool)
+        np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-5)
+        expected = got if expected is None else expected
+        np.testing.assert_array_equal(got[real], expected[real])
