@@ -105,7 +105,8 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, **arch):
 @click.option("--static-length", type=int, default=None,
               help="Also write decoder_static.onnx (fixed-size cache of this many slots, in-graph argmax).")
 @click.option("--fused-attention", is_flag=True,
-              help="Also write decoder_fused.onnx (ONNX Runtime's com.microsoft MultiHeadAttention).")
+              help="Also write decoder_fused.onnx (ONNX Runtime's com.microsoft MultiHeadAttention); with "
+                   "--static-length also decoder_static_mha.onnx and decoder_static_fused.onnx (contrib ops, fused norms).")
 @one_line_errors
 def export_command(model_dir, dtype, opset, out_dir, external_data, static_length, fused_attention):
     """Export MODEL_DIR to ONNX graphs (encoder.onnx, decoder.onnx, manifest.json)."""
