@@ -8,7 +8,9 @@ so small that the decoder call is short:
   greedy   per static variant: whole generate call over the new tokens, the time inside the decoder's
            run_with_iobinding per step, the encoder's (once per call), and the rest per step: the host overhead;
   beam     ranking the K V candidates of one input for beam search: a full stable argsort against
-           refimpl.generate.top_candidates (the same result), at K = 4 and V = 32,000.
+           refimpl.generate.top_candidates (the same result), at K = 4 and V = 32,000;
+  prompt   a decoder-only model's 96-token prompt on the static steppers: one decoder.onnx call whose cache is
+           moved into the static slots (what the stepper does) against 96 one-token calls (what it did before).
 
     .venv/bin/python benchmarks/host_overhead.py [--tokens 128] [--batch 1 64]
 """
@@ -79,6 +81,35 @@ def ranking(K=4, V=32000, repeats=20):
     return rows
 
 
+def prompt_pass(work, T=96, repeats=5):
+    cfg = Config(vocab_size=1000, d_model=64, n_heads=8, d_ff=128, n_decoder_layers=6, max_positions=256, dropout=0.0,
+                 family="decoder-only")
+    save(work / "lm", cfg, init_params(cfg, np.random.default_rng(0)))
+    export_model(work / "lm", work / "lm-onnx", dtype="fp16", static_length=160, fused_attention=True, measure=False)
+    ids = np.random.default_rng(1).integers(4, cfg.vocab_size, (1, T))
+    keep, positions = np.ones((1, T), np.int64), np.arange(T)[None, :]
+    rows = []
+    for variant in VARIANTS:
+        stepper = StaticOrtStepper(cfg, work / "lm-onnx", "fp16", decoder_file=f"decoder_{variant}.onnx", threads=1)
+        timings = {}
+        for name in ("one call", "token by token"):
+            best = float("inf")
+            for _ in range(repeats + 1):  # the first run loads and warms up
+                stepper.start(None, None, 1)
+                start = time.perf_counter()
+                if name == "one call":
+                    stepper.step(ids, positions, keep)
+                else:
+                    for j in range(T):
+                        stepper.mask[:, : j + 1] = 1
+                        stepper.run_one(ids[:, j:j + 1], positions[:, j:j + 1])
+                best = min(best, time.perf_counter() - start)
+            timings[name] = 1e3 * best
+        rows.append({"variant": variant, "prompt_tokens": T, "one_call_ms": timings["one call"],
+                     "token_by_token_ms": timings["token by token"]})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128)
@@ -101,9 +132,15 @@ def main():
     print(f"{'live beams':>10} {'argsort ms':>11} {'top_candidates ms':>18}")
     for row in beam:
         print(f"{row['live_beams']:>10} {row['argsort_ms']:>11.3f} {row['top_candidates_ms']:>18.3f}")
+    prompt = prompt_pass(work)
+    print("\nprompt pass, decoder-only, 96 tokens, B = 1 (ms)")
+    print(f"{'variant':<14} {'one call':>9} {'token by token':>15}")
+    for row in prompt:
+        print(f"{row['variant']:<14} {row['one_call_ms']:>9.2f} {row['token_by_token_ms']:>15.2f}")
     info = {"date": datetime.date.today().isoformat(), "cpu": cpu_model()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "host_overhead.json").write_text(json.dumps({"info": info, "greedy": greedy, "beam": beam}, indent=1))
+    (Path(args.out) / "host_overhead.json").write_text(json.dumps({"info": info, "greedy": greedy, "beam": beam,
+                                                                   "prompt": prompt}, indent=1))
 
 
 if __name__ == "__main__":

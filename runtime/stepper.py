@@ -33,6 +33,28 @@ def gather_rows_model(elem_type, n):
     return model
 
 
+def prompt_writer_model(elem_type, n):
+    """y_i = GatherElements(Concat(present_i [B, H, T, Dh], cache_i [B, H, L, Dh]) on axis 2, index [B, L] broadcast):
+    a prompt pass's cache moved into static slots (slot s of row b takes column index[b, s])."""
+    nodes = [helper.make_node("Unsqueeze", ["index", "axes"], ["index_4d"], name="/prompt/Unsqueeze")]
+    for i in range(n):
+        nodes += [helper.make_node("Concat", [f"present_{i}", f"cache_{i}"], [f"both_{i}"], axis=2, name=f"/prompt/Concat_{i}"),
+                  helper.make_node("Shape", [f"cache_{i}"], [f"shape_{i}"], name=f"/prompt/Shape_{i}"),
+                  helper.make_node("Expand", ["index_4d", f"shape_{i}"], [f"index_{i}"], name=f"/prompt/Expand_{i}"),
+                  helper.make_node("GatherElements", [f"both_{i}", f"index_{i}"], [f"y_{i}"], axis=2,
+                                   name=f"/prompt/GatherElements_{i}")]
+    tensor = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes, "prompt_writer",
+        [tensor("index", TensorProto.INT64, ["batch", "slots"])]
+        + [tensor(f"{name}_{i}", elem_type, None) for i in range(n) for name in ("present", "cache")],
+        [tensor(f"y_{i}", elem_type, None) for i in range(n)],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [2], [1, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
 def zeros_model(elem_type, n):
     """y_i = zeros shaped like x_i for i < n (bound to x_i's own buffer: an in-place clear)."""
     zero = helper.make_tensor("zero", elem_type, [1], [0.0])
@@ -190,6 +212,8 @@ class StaticOrtStepper(OrtStepper):
         self.bindings = {}  # (batch size, source length, parity, cross parity) -> (IOBinding, RunOptions)
         self.sets = {}  # (batch size, source length) -> (buffers, caches, cross_sets), least recently used first
         self.graph_count = 0  # gpu_graph_ids handed out; an id is never reused
+        self.onnx_dir, self.threads = onnx_dir, threads
+        self.prompt_decoder, self.prompt_logits = None, None  # decoder.onnx for prompts, loaded on first use
 
     def buffer(self, shape, dtype):
         """A zero-filled buffer of its own (on the CPU an OrtValue shares its NumPy array's memory, so each
@@ -299,6 +323,7 @@ class StaticOrtStepper(OrtStepper):
     def run_one(self, ids, positions):
         """One token per row at slot self.length (logits and next_ids stay in their device buffers)."""
         buffers = self.buffers
+        self.prompt_logits = None  # the last logits are this call's
         buffers["input_ids"].update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
         buffers["position_ids"].update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
         if not self.in_place:
@@ -310,6 +335,9 @@ class StaticOrtStepper(OrtStepper):
         self.length += 1
 
     def step(self, ids, positions, attention_mask, logits_to_host=True):
+        """Logits [B, T, V] on the host (None with logits_to_host=False after one-token calls). A prompt (T > 1 at
+        the start) goes through the reference graph in one call and its cache is moved into the static buffers;
+        later tokens run one per call."""
         T = ids.shape[1]
         start = attention_mask.shape[1] - T  # P: the slots already written
         assert start == self.length, "the static stepper is fed in order"
@@ -318,6 +346,8 @@ class StaticOrtStepper(OrtStepper):
 
             raise RefformerError(f"the static cache holds {self.max_length} positions; export with a larger "
                                  "--static-length or use the reference graph")
+        if T > 1 and start == 0:
+            return self.prefill(ids, positions, attention_mask)
         logits = []
         for j in range(T):
             if not self.in_place:  # the in-place graph needs no mask: a row's slots are its real tokens
@@ -327,12 +357,69 @@ class StaticOrtStepper(OrtStepper):
                 logits.append(self.buffers["logits"].numpy().copy())
         return np.concatenate(logits, axis=1) if logits_to_host else None
 
+    def prefill(self, ids, positions, attention_mask):
+        """The prompt pass through decoder.onnx (T tokens in one call), its present cache then gathered into the
+        idle static set: column j to slot j for the masked graphs; for the in-place graph each row's real tokens
+        to slots 0 .. n - 1 (its positions), dropping its left padding."""
+        cfg, (B, T), L = self.cfg, ids.shape, self.max_length
+        if self.prompt_decoder is None:
+            self.prompt_decoder = make_session(f"{self.onnx_dir}/decoder.onnx", self.provider, self.threads)
+        binding = self.prompt_decoder.io_binding()
+        for name, value in (("input_ids", ids), ("position_ids", positions), ("attention_mask", attention_mask)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
+        for i in range(cfg.n_decoder_layers):
+            binding.bind_ortvalue_input(f"past_key_self_{i}", self.empty(B))
+            binding.bind_ortvalue_input(f"past_value_self_{i}", self.empty(B))
+        if cfg.is_encoder_decoder:
+            binding.bind_ortvalue_input("encoder_attention_mask", self.buffers["encoder_attention_mask"])
+            for i, (k, v) in enumerate(self.cross_sets[self.cross_parity]):
+                binding.bind_ortvalue_input(f"cross_key_{i}", k)
+                binding.bind_ortvalue_input(f"cross_value_{i}", v)
+        outputs = [o.name for o in self.prompt_decoder.get_outputs()]
+        binding.bind_output("logits", "cpu")
+        for name in outputs[1:]:
+            binding.bind_output(name, self.device)
+        self.prompt_decoder.run_with_iobinding(binding)
+        values = dict(zip(outputs, binding.get_outputs()))
+        shift = T - attention_mask.sum(axis=1) if self.in_place else np.zeros(B, np.int64)  # left padding per row
+        slot = np.arange(L)[None, :] + shift[:, None]
+        index = np.where(slot < T, slot, T + np.arange(L)[None, :])  # [B, L] into Concat(present, cache) on axis 2
+        presents = [values[f"present_{kind}_self_{i}"] for i in range(cfg.n_decoder_layers) for kind in ("key", "value")]
+        read, write = self.caches[self.parity], self.caches[1 - self.parity]
+        self.run_prompt_writer(presents, [t for pair in read for t in pair], index, [t for pair in write for t in pair])
+        self.parity = 1 - self.parity
+        self.mask[:, :T] = attention_mask
+        self.length = T
+        self.prompt_logits = values["logits"].numpy()
+        return self.prompt_logits
+
+    def run_prompt_writer(self, presents, caches, index, outs):
+        """outs_i = GatherElements(Concat(presents_i, caches_i), index broadcast to [B, H, L, Dh]) on the device."""
+        n = len(presents)
+        if ("prompt", n) not in self.gathers:
+            elem_type = TensorProto.FLOAT if self.dtype == "fp32" else TensorProto.FLOAT16
+            options = self.ort.SessionOptions()
+            options.log_severity_level = 3
+            self.gathers["prompt", n] = self.ort.InferenceSession(prompt_writer_model(elem_type, n).SerializeToString(),
+                                                                  options, providers=[self.provider])
+        binding = self.gathers["prompt", n].io_binding()
+        binding.bind_ortvalue_input("index", self.on_device(np.ascontiguousarray(index, dtype=np.int64)))
+        for i in range(n):
+            binding.bind_ortvalue_input(f"present_{i}", presents[i])
+            binding.bind_ortvalue_input(f"cache_{i}", caches[i])
+            binding.bind_ortvalue_output(f"y_{i}", outs[i])
+        self.gathers["prompt", n].run_with_iobinding(binding)
+
     def step_argmax(self, ids, positions, attention_mask):
         """Greedy fast path: only the in-graph argmax [B] crosses to the host; last_logits() fetches more."""
-        self.step(ids, positions, attention_mask, logits_to_host=False)
+        logits = self.step(ids, positions, attention_mask, logits_to_host=False)
+        if logits is not None:  # a prompt pass: its logits are on the host already
+            return logits[:, -1].argmax(axis=-1)
         return self.buffers["next_ids"].numpy().copy()
 
     def last_logits(self):
+        if self.prompt_logits is not None:
+            return self.prompt_logits[:, -1:].copy()
         return self.buffers["logits"].numpy().copy()
 
     def reorder(self, rows):

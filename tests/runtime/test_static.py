@@ -234,17 +234,17 @@ def test_least_recently_used_buffer_set_goes_beyond_the_limit(static_fused_gener
 
 
 @pytest.mark.parametrize("graph", ["decoder_static.onnx", "decoder_static_mha.onnx", "decoder_static_fused.onnx"])
-def test_static_steppers_give_every_prompt_position_its_logits_and_survive_stale_caches(tmp_path, tokenizer_file, graph):  # noqa: F811
-    """A T-token prompt runs as T calls into one logits buffer: each position keeps its own logits. Buffer sets are
-    reused across calls: non-finite values an earlier call left in a cache must not reach the next call."""
+def test_static_steppers_prompt_pass_steps_and_stale_caches(tmp_path, tokenizer_file, graph):  # noqa: F811
+    """A left-padded prompt goes through decoder.onnx in one call and its cache is moved into the static slots (for
+    the in-place graph, each row's real tokens to slots 0 ..): the steps after it match the reference stepper's.
+    Buffer sets are reused across calls: non-finite values an earlier call left in a cache must not reach the next."""
     cfg = make_model(tmp_path / "m", tokenizer_file, "decoder-only")
     export_model(tmp_path / "m", static_length=24, fused_attention=True)
     onnx_dir = tmp_path / "m" / "onnx"
     reference, static = OrtStepper(cfg, onnx_dir, "fp32"), StaticOrtStepper(cfg, onnx_dir, "fp32", decoder_file=graph)
-    ids = np.array([[cfg.pad_id, 5, 6, 7], [4, 8, 9, 10]])
-    keep = np.array([[0, 1, 1, 1], [1, 1, 1, 1]])
-    positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)
-    expected = None
+    prompt = np.array([[cfg.pad_id, cfg.pad_id, 5, 6], [4, 8, 9, 10]])
+    prompt_keep = np.array([[0, 0, 1, 1], [1, 1, 1, 1]])
+    first = None
     for attempt in range(2):
         for stepper in (reference, static):
             stepper.start(None, None, 2)
@@ -254,9 +254,17 @@ def test_static_steppers_give_every_prompt_position_its_logits_and_survive_stale
                     k.update_inplace(np.full(k.shape(), np.nan, np.float32))
                     v.update_inplace(np.full(v.shape(), np.nan, np.float32))
             static.start(None, None, 2)
-        want = reference.step(ids, positions, keep)
-        got = static.step(ids, positions, keep)
-        real = keep.astype(bool)
-        np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-5)
-        expected = got if expected is None else expected
-        np.testing.assert_array_equal(got[real], expected[real])
+        ids, keep = prompt, prompt_keep
+        positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)
+        got_all = []
+        for t in range(4):  # the prompt pass, then three one-token steps
+            want, got = reference.step(ids, positions, keep), static.step(ids, positions, keep)
+            real = keep[:, -ids.shape[1]:].astype(bool)
+            np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-5)
+            got_all.append(got[real])
+            ids = np.array([[7 + t], [11 + t]])
+            positions = positions[:, -1:] + 1
+            keep = np.concatenate([keep, np.ones((2, 1), np.int64)], axis=1)
+        first = got_all if first is None else first
+        for a, b in zip(got_all, first):
+            np.testing.assert_array_equal(a, b)
