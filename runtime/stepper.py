@@ -202,6 +202,8 @@ class StaticOrtStepper(OrtStepper):
     def __init__(self, cfg, onnx_dir, dtype, provider="CPUExecutionProvider", threads=None, cuda_graph=False,
                  decoder_file="decoder_static.onnx"):
         super().__init__(cfg, onnx_dir, dtype, provider, threads)
+        # decoder.onnx, loaded by OrtStepper, runs a decoder-only prompt in one call (encoder-decoder prompts are bos)
+        self.prompt_decoder = None if cfg.is_encoder_decoder else self.decoder
         self.decoder = make_session(f"{onnx_dir}/{decoder_file}", provider, threads,
                                     provider_options={"enable_cuda_graph": "1"} if cuda_graph else None)
         self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
@@ -213,7 +215,7 @@ class StaticOrtStepper(OrtStepper):
         self.sets = {}  # (batch size, source length) -> (buffers, caches, cross_sets), least recently used first
         self.graph_count = 0  # gpu_graph_ids handed out; an id is never reused
         self.onnx_dir, self.threads = onnx_dir, threads
-        self.prompt_decoder, self.prompt_logits = None, None  # decoder.onnx for prompts, loaded on first use
+        self.prompt_logits = None  # the prompt pass's logits, while they are the last ones
 
     def buffer(self, shape, dtype):
         """A zero-filled buffer of its own (on the CPU an OrtValue shares its NumPy array's memory, so each
