@@ -188,15 +188,16 @@ class OrtStepper:
 
 
 class StaticOrtStepper(OrtStepper):
-    """decoder_static.onnx (or decoder_static_fused.onnx) as a stepper: a fixed-size cache in fixed
-    buffers, one token per call.
+    """decoder_static.onnx, decoder_static_mha.onnx or decoder_static_fused.onnx as a stepper: a fixed-size
+    cache in fixed buffers, one token per call.
 
-    Every input and output is a preallocated OrtValue on the device, updated in place. With
-    decoder_static.onnx the self-attention cache ping-pongs between two buffer sets (read one, write
-    the other); decoder_static_fused.onnx writes each new key/value into the cache it reads, so its
-    past and present are bound to the same buffers. A beam reorder gathers into the idle set. So on
-    CUDA each (batch size, parity) pair is captured once as a CUDA graph (enable_cuda_graph) and
-    replayed every token. A prompt of T tokens runs as T one-token calls.
+    Every input and output is a preallocated OrtValue on the device, updated in place. With the masked
+    graphs (static, static_mha) the self-attention cache ping-pongs between two buffer sets (read one,
+    write the other); decoder_static_fused.onnx writes each new key/value into the cache it reads, so its
+    past and present are bound to the same buffers. A beam reorder gathers into the idle set. Buffer sets
+    are kept per (batch size, source-length bucket), so on CUDA each (set, parity) is captured once as a
+    CUDA graph (enable_cuda_graph) and replayed every token. A decoder-only prompt runs through
+    decoder.onnx in one call and its cache is gathered into the static slots.
     """
 
     def __init__(self, cfg, onnx_dir, dtype, provider="CPUExecutionProvider", threads=None, cuda_graph=False,
