@@ -72,7 +72,8 @@ def zeros_model(elem_type, n):
 class OrtStepper:
     """encoder.onnx / decoder.onnx as a stepper (start, step, reorder) for refimpl.generate's search."""
 
-    def __init__(self, cfg, onnx_dir, dtype, provider="CPUExecutionProvider", threads=None, decoder_file="decoder.onnx"):
+    def __init__(self, cfg, onnx_dir, dtype, provider="CPUExecutionProvider", threads=None, decoder_file="decoder.onnx",
+                 provider_options=None):
         """decoder_file: decoder.onnx (the reference graph) or decoder_fused.onnx (same inputs and outputs)."""
         import onnxruntime as ort
 
@@ -80,9 +81,9 @@ class OrtStepper:
         self.cfg, self.dtype, self.provider = cfg, dtype, provider
         self.device = DEVICE_OF_PROVIDER[provider]
         self.float_type = NUMPY_OF_DTYPE[dtype]
-        self.decoder = make_session(f"{onnx_dir}/{decoder_file}", provider, threads)
+        self.decoder = make_session(f"{onnx_dir}/{decoder_file}", provider, threads, provider_options=provider_options)
         self.encoder = make_session(f"{onnx_dir}/encoder.onnx", provider, threads) if cfg.is_encoder_decoder else None
-        self.gathers = {}  # n tensors -> the session that reorders them; ("zeros", n) -> the one that clears them
+        self.tools = {}  # (graph builder name, n tensors) -> the session of that small device graph
         self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
 
     # ------------------------------------------------------------ helpers
@@ -93,16 +94,22 @@ class OrtStepper:
         shape = (batch_size, self.cfg.n_heads, 0, self.cfg.head_dim)
         return self.on_device(np.zeros(shape, self.float_type))
 
-    def gather_rows(self, values, rows, outs=None):
-        """[value[rows] for value in values] on the device, in one run; into the fixed buffers outs if given."""
-        n = len(values)
-        if n not in self.gathers:
+    def tool(self, build, n):
+        """The session of a small device graph build(elem_type, n) over n cache tensors (reorder, clear, prompt
+        writer), made on first use."""
+        key = (build.__name__, n)
+        if key not in self.tools:
             elem_type = TensorProto.FLOAT if self.dtype == "fp32" else TensorProto.FLOAT16
             options = self.ort.SessionOptions()
             options.log_severity_level = 3
-            self.gathers[n] = self.ort.InferenceSession(gather_rows_model(elem_type, n).SerializeToString(), options,
+            self.tools[key] = self.ort.InferenceSession(build(elem_type, n).SerializeToString(), options,
                                                         providers=[self.provider])
-        binding = self.gathers[n].io_binding()
+        return self.tools[key]
+
+    def gather_rows(self, values, rows, outs=None):
+        """[value[rows] for value in values] on the device, in one run; into the fixed buffers outs if given."""
+        session = self.tool(gather_rows_model, len(values))
+        binding = session.io_binding()
         binding.bind_ortvalue_input("rows", self.on_device(np.ascontiguousarray(rows, dtype=np.int64)))
         for i, value in enumerate(values):
             binding.bind_ortvalue_input(f"x_{i}", value)
@@ -110,23 +117,17 @@ class OrtStepper:
                 binding.bind_output(f"y_{i}", self.device)
             else:
                 binding.bind_ortvalue_output(f"y_{i}", outs[i])
-        self.gathers[n].run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return binding.get_outputs() if outs is None else outs
 
     def fill_zeros(self, values):
         """Set every value (a device buffer) to zeros in place, in one run of a ConstantOfShape graph."""
-        n = len(values)
-        if ("zeros", n) not in self.gathers:
-            elem_type = TensorProto.FLOAT if self.dtype == "fp32" else TensorProto.FLOAT16
-            options = self.ort.SessionOptions()
-            options.log_severity_level = 3
-            self.gathers["zeros", n] = self.ort.InferenceSession(zeros_model(elem_type, n).SerializeToString(), options,
-                                                                 providers=[self.provider])
-        binding = self.gathers["zeros", n].io_binding()
+        session = self.tool(zeros_model, len(values))
+        binding = session.io_binding()
         for i, value in enumerate(values):
             binding.bind_ortvalue_input(f"x_{i}", value)  # read for its shape only
             binding.bind_ortvalue_output(f"y_{i}", value)
-        self.gathers["zeros", n].run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
 
     def sources_change(self, rows):
         """Whether reordering by rows gives some row another input's source (so cross-attention rows must move
@@ -202,12 +203,9 @@ class StaticOrtStepper(OrtStepper):
 
     def __init__(self, cfg, onnx_dir, dtype, provider="CPUExecutionProvider", threads=None, cuda_graph=False,
                  decoder_file="decoder_static.onnx"):
-        super().__init__(cfg, onnx_dir, dtype, provider, threads)
-        # decoder.onnx, loaded by OrtStepper, runs a decoder-only prompt in one call (encoder-decoder prompts are bos)
-        self.prompt_decoder = None if cfg.is_encoder_decoder else self.decoder
-        self.decoder = make_session(f"{onnx_dir}/{decoder_file}", provider, threads,
-                                    provider_options={"enable_cuda_graph": "1"} if cuda_graph else None)
-        self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
+        super().__init__(cfg, onnx_dir, dtype, provider, threads, decoder_file,
+                         provider_options={"enable_cuda_graph": "1"} if cuda_graph else None)
+        self.prompt_decoder = None  # decoder.onnx, loaded for the first prompt of more than one token
         self.decoder_inputs = {i.name for i in self.decoder.get_inputs()}
         self.max_length = next(i.shape[2] for i in self.decoder.get_inputs() if i.name == "past_key_self_0")
         self.in_place = "write_index" not in self.decoder_inputs  # decoder_static_fused: slot = position, no masks
@@ -398,20 +396,14 @@ class StaticOrtStepper(OrtStepper):
 
     def run_prompt_writer(self, presents, caches, index, outs):
         """outs_i = GatherElements(Concat(presents_i, caches_i), index broadcast to [B, H, L, Dh]) on the device."""
-        n = len(presents)
-        if ("prompt", n) not in self.gathers:
-            elem_type = TensorProto.FLOAT if self.dtype == "fp32" else TensorProto.FLOAT16
-            options = self.ort.SessionOptions()
-            options.log_severity_level = 3
-            self.gathers["prompt", n] = self.ort.InferenceSession(prompt_writer_model(elem_type, n).SerializeToString(),
-                                                                  options, providers=[self.provider])
-        binding = self.gathers["prompt", n].io_binding()
+        session = self.tool(prompt_writer_model, len(presents))
+        binding = session.io_binding()
         binding.bind_ortvalue_input("index", self.on_device(np.ascontiguousarray(index, dtype=np.int64)))
-        for i in range(n):
-            binding.bind_ortvalue_input(f"present_{i}", presents[i])
-            binding.bind_ortvalue_input(f"cache_{i}", caches[i])
-            binding.bind_ortvalue_output(f"y_{i}", outs[i])
-        self.gathers["prompt", n].run_with_iobinding(binding)
+        for i, (present, cache, out) in enumerate(zip(presents, caches, outs)):
+            binding.bind_ortvalue_input(f"present_{i}", present)
+            binding.bind_ortvalue_input(f"cache_{i}", cache)
+            binding.bind_ortvalue_output(f"y_{i}", out)
+        session.run_with_iobinding(binding)
 
     def step_argmax(self, ids, positions, attention_mask):
         """Greedy fast path: only the in-graph argmax [B] crosses to the host; last_logits() fetches more."""
