@@ -356,12 +356,8 @@ def packed_qkv(g, prefix, p, h):
     names = ("q_proj", "k_proj", "v_proj")
     weight = np.concatenate([p[n]["weight"] for n in names], axis=1)
     y = g.op("MatMul", [h, g.weight(f"{prefix}.qkv_proj.weight", weight)], at)
-    if all("bias" in p[n] for n in names):
+    if "bias" in p["q_proj"]:  # the parameter tree gives every projection a bias, or (as linear allows) none
         y = g.op("Add", [y, g.weight(f"{prefix}.qkv_proj.bias", np.concatenate([p[n]["bias"] for n in names]))], at)
-    elif any("bias" in p[n] for n in names):
-        zeros = {n: np.zeros(p[n]["weight"].shape[1], p[n]["weight"].dtype) for n in names}
-        bias = np.concatenate([p[n].get("bias", zeros[n]) for n in names])
-        y = g.op("Add", [y, g.weight(f"{prefix}.qkv_proj.bias", bias)], at)
     return y
 
 
@@ -426,14 +422,14 @@ def mha_static_self_attention(g, cfg, prefix, p, h, past_k, past_v, slot_mask, k
     return linear_unbiased(g, f"{prefix}.out_proj", p["out_proj"], context), present_k, present_v
 
 
-def decoder_layer_step_static_fused(g, cfg, prefix, p, stream, self_attention, cross_k=None, cross_v=None,
+def decoder_layer_step_static_fused(g, cfg, prefix, p, stream, self_attention, past_k, past_v, cross_k=None, cross_v=None,
                                     memory_keep32=None):
-    """decoder_layer_step for one token per row on the residual stream; self_attention(prefix, p, h) returns
-    ((y, bias), present_k, present_v). Returns the present cache (k, v)."""
+    """decoder_layer_step for one token per row on the residual stream; self_attention(prefix, p, h, past_k, past_v)
+    returns ((y, bias), present_k, present_v). Returns the present cache (k, v)."""
     present = {}
 
     def attend(h):
-        y, present["k"], present["v"] = self_attention(f"{prefix}.self_attn", p["self_attn"], h)
+        y, present["k"], present["v"] = self_attention(f"{prefix}.self_attn", p["self_attn"], h, past_k, past_v)
         return y
 
     stream.sublayer(f"{prefix}.self_attn_norm", p["self_attn_norm"], attend)

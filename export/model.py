@@ -121,9 +121,7 @@ def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
     keep = g.input("attention_mask", INT64, ["batch", L])
     cache_shape = ["batch", cfg.n_heads, L, cfg.head_dim]
     past, cross, memory_mask = cache_inputs(g, cfg, cache_shape)
-    at = "/decoder/slot"
-    slots = g.const(np.arange(L), "slots")
-    slot_mask = g.op("Reshape", [g.op("Equal", [slots, write_index], at), g.const([1, 1, L, 1], "slot_mask_shape")], at)
+    slot_mask = write_slot_mask(g, write_index, L)
     self_mask = padding_mask(g, keep, "/decoder/self_mask")  # [B, 1, 1, L]: unwritten slots are 0 in attention_mask
     p = params["decoder"]
     x = embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids, positions)
@@ -134,14 +132,7 @@ def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
         presents.append((k, v))
     if cfg.final_norm:
         x = norm(g, cfg, "decoder.final_norm", p["final_norm"], x)
-    logits = lm_head(g, cfg, params, x)
-    g.output(logits, "logits", TensorProto.FLOAT, ["batch", 1, cfg.vocab_size])
-    last = g.op("Squeeze", [logits, g.const([1], "axes_1")], "/argmax")
-    g.output(g.op("ArgMax", [last], "/argmax", axis=-1, keepdims=0), "next_ids", INT64, ["batch"])
-    for i, (k, v) in enumerate(presents):
-        g.output(k, f"present_key_self_{i}", g.float_type, cache_shape)
-        g.output(v, f"present_value_self_{i}", g.float_type, cache_shape)
-    return g.model()
+    return static_step_outputs(g, cfg, params, x, presents, cache_shape)
 
 
 def build_decoder_static_fused(cfg, params, dtype="fp16", opset=17, max_length=256, in_place=True):
@@ -171,27 +162,38 @@ def build_decoder_static_fused(cfg, params, dtype="fp16", opset=17, max_length=2
         keep = g.input("attention_mask", INT64, ["batch", L])
     cache_shape = ["batch", cfg.n_heads, L, cfg.head_dim]
     past, cross, memory_keep32 = cache_inputs(g, cfg, cache_shape, bool_mask=False)
-    at = "/decoder/slots"
     if in_place:
+        at = "/decoder/slots"
         seqlens32 = g.cast(g.op("Squeeze", [positions, g.const([1], "axes_1")], at), TensorProto.INT32, at)  # slot = position
         total32 = g.const(L, "cache_length", np.int32)  # a constant: GroupQueryAttention reads it on the host
 
         def self_attention(prefix, p, h, past_k, past_v):
             return gqa_self_attention(g, cfg, prefix, p, h, past_k, past_v, seqlens32, total32)
     else:
-        slot_mask = g.op("Reshape", [g.op("Equal", [g.const(np.arange(L), "slots"), write_index], at),
-                                     g.const([1, 1, L, 1], "slot_mask_shape")], at)
+        slot_mask = write_slot_mask(g, write_index, L)
         keep32 = g.cast(keep, TensorProto.INT32, "/decoder/self_mask")
 
         def self_attention(prefix, p, h, past_k, past_v):
             return mha_static_self_attention(g, cfg, prefix, p, h, past_k, past_v, slot_mask, keep32)
     p = params["decoder"]
     stream = ResidualStream(g, cfg, embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids, positions))
-    presents = [decoder_layer_step_static_fused(g, cfg, f"decoder.layers.{i}", p_layer, stream,
-                                                lambda prefix, p, h, i=i: self_attention(prefix, p, h, *past[i]),
+    presents = [decoder_layer_step_static_fused(g, cfg, f"decoder.layers.{i}", p_layer, stream, self_attention, *past[i],
                                                 *cross[i], memory_keep32)
                 for i, p_layer in enumerate(p["layers"])]
     x = stream.normed("decoder.final_norm", p["final_norm"]) if cfg.final_norm else stream.value("/decoder/residual")
+    return static_step_outputs(g, cfg, params, x, presents, cache_shape)
+
+
+def write_slot_mask(g, write_index, L):
+    """write_index [1] -> bool [1, 1, L, 1], true at the cache slot this call writes."""
+    at = "/decoder/slot"
+    return g.op("Reshape", [g.op("Equal", [g.const(np.arange(L), "slots"), write_index], at),
+                            g.const([1, 1, L, 1], "slot_mask_shape")], at)
+
+
+def static_step_outputs(g, cfg, params, x, presents, cache_shape):
+    """The static steps' outputs from the last hidden state x: logits [B, 1, V] (float32), next_ids [B] (the
+    in-graph argmax) and present_key/value_self_{i} of cache_shape; returns the model."""
     logits = lm_head(g, cfg, params, x)
     g.output(logits, "logits", TensorProto.FLOAT, ["batch", 1, cfg.vocab_size])
     last = g.op("Squeeze", [logits, g.const([1], "axes_1")], "/argmax")
