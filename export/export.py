@@ -121,15 +121,18 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
         graphs = {"decoder.onnx": build_decoder(cfg, params, dtype, opset)}
         if cfg.is_encoder_decoder:
             graphs = {"encoder.onnx": build_encoder(cfg, params, dtype, opset), **graphs}
+        variants = {}  # the faster decoders, each verified against decoder.onnx: graph name -> (variant, model)
         if static_length is not None:
-            graphs["decoder_static.onnx"] = build_decoder_static(cfg, params, dtype, opset, static_length)
+            variants["decoder_static"] = "static", build_decoder_static(cfg, params, dtype, opset, static_length)
         if fused_attention:
-            graphs["decoder_fused.onnx"] = build_decoder(cfg, params, dtype, opset, fused=True)
+            variants["decoder_fused"] = "fused", build_decoder(cfg, params, dtype, opset, fused=True)
         if static_mha:
-            graphs["decoder_static_mha.onnx"] = build_decoder_static_fused(cfg, params, dtype, opset, static_length,
-                                                                           in_place=False)
+            variants["decoder_static_mha"] = "static_mha", build_decoder_static_fused(cfg, params, dtype, opset,
+                                                                                      static_length, in_place=False)
         if static_fused:
-            graphs["decoder_static_fused.onnx"] = build_decoder_static_fused(cfg, params, dtype, opset, static_length)
+            variants["decoder_static_fused"] = "static_fused", build_decoder_static_fused(cfg, params, dtype, opset,
+                                                                                          static_length)
+        graphs.update({f"{name}.onnx": model for name, (_, model) in variants.items()})
         manifest = {
             "format_version": MANIFEST_FORMAT,
             "family": cfg.family,
@@ -147,17 +150,9 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
             onnx.checker.check_model(str(path), full_check=True)
             check_external_data(path)
             manifest["graphs"][name.removesuffix(".onnx")] = {"file": name, **io_spec(model)}
-        if static_length is not None:
-            manifest["graphs"]["decoder_static"].update(variant="static", max_length=static_length,
-                                                        verified_against="decoder.onnx")
-        if fused_attention:
-            manifest["graphs"]["decoder_fused"].update(variant="fused", verified_against="decoder.onnx")
-        if static_mha:
-            manifest["graphs"]["decoder_static_mha"].update(variant="static_mha", max_length=static_length,
-                                                            verified_against="decoder.onnx")
-        if static_fused:
-            manifest["graphs"]["decoder_static_fused"].update(variant="static_fused", max_length=static_length,
-                                                              verified_against="decoder.onnx")
+        for name, (variant, _) in variants.items():
+            static = {} if variant == "fused" else {"max_length": static_length}
+            manifest["graphs"][name].update(variant=variant, **static, verified_against="decoder.onnx")
         if measure:
             from .verify import ERROR_BOUNDS, random_check
 
@@ -165,7 +160,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
             if static_length is not None:
                 from .verify import static_check
 
-                for graph in ["decoder_static"] + ["decoder_static_mha"] * static_mha + ["decoder_static_fused"] * static_fused:
+                for graph in (name for name in variants if name.startswith("decoder_static")):
                     rows += [dict(zip(("check", "provider", "output", "error"), row))
                              for row in static_check(cfg, params, tmp, dtype, "CPUExecutionProvider", graph=graph)]
             if fused_attention:

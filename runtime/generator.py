@@ -62,13 +62,13 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
             manifest = read_manifest(onnx_dir)
         except RefformerError:
             return False
-        static = manifest.get("graphs", {}).get("decoder_static", {})
         graphs = manifest.get("graphs", {})
-        static_fused = static_length is not None and fused_attention
+        static = graphs.get("decoder_static", {})
+        static_mha = static_length is not None and fused_attention  # (decoder_static_fused too, when it can run)
         return (manifest.get("dtype") == dtype and not is_stale(model_dir, manifest)
                 and (static_length is None or static.get("max_length") == static_length)
                 and (not fused_attention or "decoder_fused" in graphs)
-                and (not static_fused or "decoder_static_mha" in graphs))
+                and (not static_mha or "decoder_static_mha" in graphs))
 
     local, cached = export_locations(model_dir, dtype, static_length, fused_attention)
     if fresh(local):
