@@ -16,11 +16,16 @@ from refformer.runtime.stepper import OrtStepper, StaticOrtStepper
 from .test_generator import STRATEGIES, TEXTS, make_model, tokenizer_file  # noqa: F401  (fixture)
 
 
+def variant_generator(tmp_path_factory, tokenizer_file, variant, family):  # noqa: F811
+    """A Generator on the CPU for a test model (head size 8, so every variant can run) and a static length of 40."""
+    path = tmp_path_factory.mktemp(variant) / "m"
+    make_model(path, tokenizer_file, family)
+    return Generator(path, provider="cpu", variant=variant, static_length=40), family
+
+
 @pytest.fixture(scope="module", params=["encoder-decoder", "decoder-only"])
 def static_generator(request, tmp_path_factory, tokenizer_file):  # noqa: F811
-    path = tmp_path_factory.mktemp("static") / "m"
-    make_model(path, tokenizer_file, request.param)
-    return Generator(path, provider="cpu", variant="static", static_length=40), request.param
+    return variant_generator(tmp_path_factory, tokenizer_file, "static", request.param)
 
 
 @pytest.mark.parametrize("options", STRATEGIES + [dict(max_new_tokens=8, min_new_tokens=8)],
@@ -106,25 +111,22 @@ def test_verify_checks_the_fused_graph(tmp_path, dtype):
 
 @pytest.fixture(scope="module", params=["encoder-decoder", "decoder-only"])
 def static_fused_generator(request, tmp_path_factory, tokenizer_file):  # noqa: F811
-    path = tmp_path_factory.mktemp("static_fused") / "m"
-    make_model(path, tokenizer_file, request.param)  # head size 8: GroupQueryAttention needs a multiple of 8
-    return Generator(path, provider="cpu", variant="static_fused", static_length=40), request.param
+    return variant_generator(tmp_path_factory, tokenizer_file, "static_fused", request.param)
 
 
-@pytest.fixture(scope="module", params=["encoder-decoder", "decoder-only"])
-def static_mha_generator(request, tmp_path_factory, tokenizer_file):  # noqa: F811
-    path = tmp_path_factory.mktemp("static_mha") / "m"
-    make_model(path, tokenizer_file, request.param)
-    return Generator(path, provider="cpu", variant="static_mha", static_length=40), request.param
+@pytest.fixture(scope="module", params=[(variant, family) for variant in ("static_fused", "static_mha")
+                                        for family in ("encoder-decoder", "decoder-only")], ids="-".join)
+def contrib_generator(request, tmp_path_factory, tokenizer_file):  # noqa: F811
+    return variant_generator(tmp_path_factory, tokenizer_file, *request.param)
 
 
 @pytest.mark.parametrize("options", STRATEGIES + [dict(max_new_tokens=8, min_new_tokens=8)],
                          ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items() if k != "seed"))
-@pytest.mark.parametrize("variant", ["static_fused", "static_mha"])
-def test_contrib_static_variants_match_refimpl(static_fused_generator, static_mha_generator, variant, options):
+def test_contrib_static_variants_match_refimpl(contrib_generator, options):
     """static_fused: GroupQueryAttention writing the cache in place (past and present bound to one buffer);
     static_mha: MultiHeadAttention over the static cache; both with fused norms and activations."""
-    generator, family = static_fused_generator if variant == "static_fused" else static_mha_generator
+    generator, family = contrib_generator
+    variant = generator.variant
     assert generator.stepper.in_place == (variant == "static_fused")
     assert generator.stepper.decoder.get_modelmeta().graph_name == f"refformer_decoder_{variant}"
     cfg, params = load(generator.model_dir)
