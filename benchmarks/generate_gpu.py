@@ -43,6 +43,8 @@ from refformer.export.verify import runs_on
 from refformer.runtime.generator import auto_variant
 from refformer.runtime.stepper import OrtStepper, StaticOrtStepper
 
+from machine import timed_calls
+
 PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
 
@@ -71,17 +73,8 @@ def bench(stepper, cfg, B, beams, new_tokens, repeats, rng):
     src = rng.integers(4, cfg.vocab_size, (B, 32))
     options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams)
     timed_generate(stepper, cfg, src, options)  # warm-up (and CUDA-graph capture)
-    run = stepper.decoder.run_with_iobinding
-    inside = []
-
-    def timed_run(*args):
-        start = time.perf_counter()
-        run(*args)
-        inside.append(time.perf_counter() - start)
-
-    stepper.decoder.run_with_iobinding = timed_run
-    runs = [timed_generate(stepper, cfg, src, options) for _ in range(repeats)]
-    stepper.decoder.run_with_iobinding = run
+    with timed_calls(stepper.decoder) as inside:
+        runs = [timed_generate(stepper, cfg, src, options) for _ in range(repeats)]
     total = float(np.median([r[0] for r in runs]))
     ttfts = [r[1] for r in runs if r[1] is not None]
     return {"ms_per_step": 1e3 * total / new_tokens, "tok_per_s": B * new_tokens / total,

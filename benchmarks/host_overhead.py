@@ -29,7 +29,7 @@ from refformer.refimpl import Config, init_params, save
 from refformer.refimpl.generate import GenerationOptions, search_iter, top_candidates
 from refformer.runtime.stepper import StaticOrtStepper
 
-from machine import cpu_model
+from machine import cpu_model, timed_calls
 
 VARIANTS = ("static", "static_mha", "static_fused")
 
@@ -39,23 +39,14 @@ def greedy_overhead(onnx_dir, cfg, variant, batch, tokens, repeats=5):
     src = np.random.default_rng(0).integers(4, cfg.vocab_size, (batch, 32))
     options = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens)
     list(search_iter(stepper, cfg, options, src_ids=src))  # warm-up: buffers, bindings
-    inside = {"decoder": [], "encoder": []}
-    for name in inside:
-        run = getattr(stepper, name).run_with_iobinding
-
-        def timed_run(*args, run=run, times=inside[name]):
-            start = time.perf_counter()
-            run(*args)
-            times.append(time.perf_counter() - start)
-
-        getattr(stepper, name).run_with_iobinding = timed_run
     totals = []
-    for _ in range(repeats):
-        for times in inside.values():
-            times.clear()
-        start = time.perf_counter()
-        list(search_iter(stepper, cfg, options, src_ids=src))
-        totals.append((time.perf_counter() - start, sum(inside["decoder"]), sum(inside["encoder"])))
+    with timed_calls(stepper.decoder) as decoder_times, timed_calls(stepper.encoder) as encoder_times:
+        for _ in range(repeats):
+            decoder_times.clear()
+            encoder_times.clear()
+            start = time.perf_counter()
+            list(search_iter(stepper, cfg, options, src_ids=src))
+            totals.append((time.perf_counter() - start, sum(decoder_times), sum(encoder_times)))
     total, decoder, encoder = min(totals)  # the least disturbed run
     return {"variant": variant, "batch": batch, "ms_per_step": 1e3 * total / tokens, "decoder_ms": 1e3 * decoder / tokens,
             "encoder_ms": 1e3 * encoder, "host_ms": 1e3 * (total - decoder - encoder) / tokens}

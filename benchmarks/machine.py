@@ -1,6 +1,8 @@
-"""What the benchmarks record about the machine they ran on."""
+"""What the benchmarks record about the machine they ran on, and how they time a session's calls."""
 
+import contextlib
 import platform
+import time
 
 
 def cpu_model():
@@ -12,3 +14,20 @@ def cpu_model():
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+@contextlib.contextmanager
+def timed_calls(session):
+    """Record the seconds of each session.run_with_iobinding call made inside the block into the list it yields."""
+    run, times = session.run_with_iobinding, []
+
+    def timed_run(*args, **kwargs):
+        start = time.perf_counter()
+        run(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+
+    session.run_with_iobinding = timed_run
+    try:
+        yield times
+    finally:
+        session.run_with_iobinding = run
