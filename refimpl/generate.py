@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from .errors import RefformerError, check
+from .errors import check
 from .model import _check_ids, _keep_mask, decoder_step, empty_cache, encode
 from .ops import log_softmax_forward, softmax_forward
 
@@ -44,29 +44,25 @@ class GenerationOptions:
     no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
-        def need(ok, message):
-            if not ok:
-                raise RefformerError(message)
-
-        need(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0),
-             f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
-        need(isinstance(self.min_new_tokens, int) and self.min_new_tokens >= 0,
-             f"min_new_tokens must be a non-negative integer, got {self.min_new_tokens!r}")
-        need(self.max_new_tokens is None or self.min_new_tokens <= self.max_new_tokens,
-             f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
-        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        need(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be a non-negative integer, got {self.top_k!r}")
-        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        need(isinstance(self.num_beams, int) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams!r}")
-        need(isinstance(self.num_return_sequences, int) and self.num_return_sequences >= 1,
-             f"num_return_sequences must be >= 1, got {self.num_return_sequences!r}")
-        need(self.num_return_sequences <= self.num_beams or (self.do_sample and self.num_beams == 1),
-             f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams})")
-        need(not (self.do_sample and self.num_beams > 1), "sampling with beams (do_sample with num_beams > 1) is not supported")
-        need(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        need(isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0,
-             f"no_repeat_ngram_size must be a non-negative integer, got {self.no_repeat_ngram_size!r}")
-        need(math.isfinite(self.length_penalty), f"length_penalty must be finite, got {self.length_penalty}")
+        check(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0),
+              f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        check(isinstance(self.min_new_tokens, int) and self.min_new_tokens >= 0,
+              f"min_new_tokens must be a non-negative integer, got {self.min_new_tokens!r}")
+        check(self.max_new_tokens is None or self.min_new_tokens <= self.max_new_tokens,
+              f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
+        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be a non-negative integer, got {self.top_k!r}")
+        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        check(isinstance(self.num_beams, int) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams!r}")
+        check(isinstance(self.num_return_sequences, int) and self.num_return_sequences >= 1,
+              f"num_return_sequences must be >= 1, got {self.num_return_sequences!r}")
+        check(self.num_return_sequences <= self.num_beams or (self.do_sample and self.num_beams == 1),
+              f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams})")
+        check(not (self.do_sample and self.num_beams > 1), "sampling with beams (do_sample with num_beams > 1) is not supported")
+        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check(isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0,
+              f"no_repeat_ngram_size must be a non-negative integer, got {self.no_repeat_ngram_size!r}")
+        check(math.isfinite(self.length_penalty), f"length_penalty must be finite, got {self.length_penalty}")
 
 
 # ---------------------------------------------------------------------------- the reference stepper
