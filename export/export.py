@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.io import CONFIG_FILE, WEIGHTS_FILE, current_umask, load, sha256
+from refformer.refimpl.io import CONFIG_FILE, WEIGHTS_FILE, current_umask, load, read_json, sha256
 
 from .model import build_decoder, build_decoder_static, build_decoder_static_fused, build_encoder
 
@@ -201,12 +201,7 @@ def replace_folder(new, target):
 def read_manifest(onnx_dir):
     """manifest.json of an export folder, or a RefformerError saying what is wrong."""
     path = Path(onnx_dir) / "manifest.json"
-    if not path.is_file():
-        raise RefformerError(f"{path} is missing: run `refformer export` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RefformerError(f"{path} is not valid JSON: {error}") from None
+    manifest = read_json(path, "run `refformer export` first")
     if manifest.get("format_version") != MANIFEST_FORMAT:
         raise RefformerError(f"{path}: manifest format {manifest.get('format_version')} is not supported")
     return manifest

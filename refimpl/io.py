@@ -77,18 +77,24 @@ def save(model_dir, cfg, params, tokenizer=None, dtype=None):
         atomic_write(model_dir / TOKENIZER_FILE, lambda tmp: Path(tmp).write_text(tokenizer_json))
 
 
+def read_json(path, when_missing):
+    """The JSON value in path; RefformerError "{path} is missing: {when_missing}" or "... is not valid JSON"."""
+    path = Path(path)
+    if not path.is_file():
+        raise RefformerError(f"{path} is missing: {when_missing}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RefformerError(f"{path} is not valid JSON: {error}") from None
+
+
 def load_config(model_dir):
     """Read and validate config.json of a model directory."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise RefformerError(f"model directory {model_dir} does not exist")
     path = model_dir / CONFIG_FILE
-    if not path.is_file():
-        raise RefformerError(f"{path} is missing: not a refformer model directory")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RefformerError(f"{path} is not valid JSON: {error}") from None
+    data = read_json(path, "not a refformer model directory")
     if not isinstance(data, dict):
         raise RefformerError(f"{path} must hold a JSON object")
     try:
