@@ -22,6 +22,7 @@ DE_EN_SOURCE = "/usr/share/trans/de-en"
 PYDOC_SOURCE = "/usr/share/doc/python3*/html/_sources"  # a directory or a glob of directories
 GET_DATA = "scripts/get-data.sh"
 SPLITS = ("train", "valid", "test")
+SUFFIX = {"encoder-decoder": ".tsv", "decoder-only": ".txt"}  # a data directory's split files, by model family
 
 # ---------------------------------------------------------------------------------------------------------------
 # trans-de-en: "German :: English", sub-entries separated by " | ", alternatives by "; ".
@@ -372,6 +373,20 @@ def read_tsv(path):
     return pairs
 
 
+def split_path(data_dir, split, family):
+    """DATA_DIR/{split}.tsv for an encoder-decoder model, .txt for a decoder-only one."""
+    return Path(data_dir) / f"{split}{SUFFIX[family]}"
+
+
+def detect_family(data_dir):
+    """encoder-decoder when DATA_DIR has train.tsv, decoder-only when it has train.txt."""
+    for family in SUFFIX:
+        if split_path(data_dir, "train", family).is_file():
+            return family
+    raise RefformerError(f"{data_dir} has no train.tsv or train.txt: write one with 'refformer data de-en' "
+                         f"or 'refformer data pydoc'")
+
+
 def _write_splits(out_dir, splits, suffix, write):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -387,7 +402,7 @@ def prepare_de_en(out_dir, source=None):
     pairs = extract_de_en(source)
     if not pairs:
         raise RefformerError(f"no sentence pairs found in {source or DE_EN_SOURCE}")
-    return _write_splits(out_dir, split_by_hash(pairs, key=lambda pair: pair[0]), ".tsv", write_tsv)
+    return _write_splits(out_dir, split_by_hash(pairs, key=lambda pair: pair[0]), SUFFIX["encoder-decoder"], write_tsv)
 
 
 def prepare_pydoc(out_dir, source=None):
@@ -395,4 +410,5 @@ def prepare_pydoc(out_dir, source=None):
     paragraphs = extract_pydoc(source)
     if not paragraphs:
         raise RefformerError(f"no prose paragraphs found under {source or PYDOC_SOURCE}")
-    return _write_splits(out_dir, split_by_hash(paragraphs, key=lambda text: text), ".txt", write_lines)
+    return _write_splits(out_dir, split_by_hash(paragraphs, key=lambda text: text), SUFFIX["decoder-only"],
+                         write_lines)

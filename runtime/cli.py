@@ -1,12 +1,15 @@
 """The `refformer` command line. Each command's work lives in a module; this file only parses options."""
 
-import functools
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
 import click
 
 from refformer.refimpl.errors import RefformerError
+from refformer.runtime.data_cli import data, tokenizer
+from refformer.runtime.errors import one_line_errors
+from refformer.runtime.generate_cli import generate
+from refformer.runtime.train_cli import evaluate, train
 
 
 def _version():
@@ -14,24 +17,6 @@ def _version():
         return version("refformer")
     except PackageNotFoundError:
         return "unknown"
-
-
-def one_line_errors(command):
-    """Print RefformerError (and unreadable files) as one line 'error: ...' and exit 1, never a traceback."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except RefformerError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(1)
-        except OSError as error:
-            click.echo(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-    return wrapper
 
 
 def default_model():
@@ -159,10 +144,8 @@ def verify_command(model_dir, onnx_dir, provider, seed):
     click.echo(f"all {len(rows)} outputs within the {dtype} bound {rows[0]['bound']:.0e}")
 
 
-from refformer.runtime.data_cli import data, tokenizer  # noqa: E402
-main.add_command(data); main.add_command(tokenizer)
-
-from refformer.runtime.train_cli import train, evaluate  # noqa: E402
-main.add_command(train); main.add_command(evaluate)
-from refformer.runtime.generate_cli import generate  # noqa: E402
+main.add_command(data)
+main.add_command(tokenizer)
+main.add_command(train)
+main.add_command(evaluate)
 main.add_command(generate)

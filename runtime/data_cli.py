@@ -1,22 +1,13 @@
 """`refformer data ...` and `refformer tokenizer ...`: corpus preparation and tokenizer training.
 
-runtime/cli.py imports this module at its end and registers the two groups.
+runtime/cli.py registers the two groups.
 """
 
-import functools
 import time
 
 import click
 
-
-def _one_line_errors(command):
-    """cli.one_line_errors, looked up when the command runs (cli.py imports this module, so not at import time)."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from refformer.runtime.cli import one_line_errors
-
-        return one_line_errors(command)(*args, **kwargs)
-    return wrapper
+from refformer.runtime.errors import one_line_errors
 
 
 def _echo_counts(out_dir, counts, seconds):
@@ -32,7 +23,7 @@ def data():
 @data.command("de-en")
 @click.option("--out", "out_dir", default="data/de-en", show_default=True, type=click.Path(file_okay=False),
               help="Directory for train.tsv, valid.tsv, test.tsv (German<TAB>English).")
-@_one_line_errors
+@one_line_errors
 def de_en_command(out_dir):
     """German-English sentence pairs from the trans-de-en dictionary."""
     from refformer.refimpl.data import prepare_de_en
@@ -45,7 +36,7 @@ def de_en_command(out_dir):
 @data.command("pydoc")
 @click.option("--out", "out_dir", default="data/pydoc", show_default=True, type=click.Path(file_okay=False),
               help="Directory for train.txt, valid.txt, test.txt (one paragraph per line).")
-@_one_line_errors
+@one_line_errors
 def pydoc_command(out_dir):
     """Prose paragraphs of the Python documentation (python3-doc)."""
     from refformer.refimpl.data import prepare_pydoc
@@ -65,7 +56,7 @@ def tokenizer():
 @click.option("--vocab-size", required=True, type=int, help="Vocabulary size, special tokens included.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="tokenizer.json to write.")
 @click.option("--model", type=click.Choice(["bpe", "unigram"]), default="bpe", show_default=True)
-@_one_line_errors
+@one_line_errors
 def train_command(data_dir, vocab_size, out_path, model):
     """Train a byte-level tokenizer on DATA_DIR's train split (train.tsv, both columns, or train.txt)."""
     from refformer.runtime.tokenizer import save_tokenizer, train_tokenizer

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from refformer.refimpl.errors import RefformerError
+from refformer.runtime.errors import one_line_errors
 
 
 def option_flags(function):
@@ -85,8 +86,6 @@ def one_record(text, outputs, **extra):
 def generate(texts, model_dir, input_path, output_path, as_json, provider, dtype, threads, variant, batch_size, truncate,
              **options):
     """Generate from TEXT (streamed to the terminal) or from --input FILE (batched, JSONL out)."""
-    from refformer.runtime.cli import one_line_errors
-
     one_line_errors(run)(texts, model_dir, input_path, output_path, as_json, provider, dtype, threads, batch_size,
                          truncate, options, variant)
 

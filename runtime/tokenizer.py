@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from refformer.refimpl.data import read_lines, read_tsv, write_bytes_readable
+from refformer.refimpl.data import detect_family, read_lines, read_tsv, split_path, write_bytes_readable
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.io import atomic_write
 
@@ -27,14 +27,11 @@ MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # the specials and the byte alphabet
 
 def training_texts(data_dir):
     """The texts of data_dir's train split: both columns of train.tsv, or the lines of train.txt."""
-    data_dir = Path(data_dir)
-    tsv, txt = data_dir / "train.tsv", data_dir / "train.txt"
-    if tsv.is_file():
-        return [text for pair in read_tsv(tsv) for text in pair]
-    if txt.is_file():
-        return read_lines(txt)
-    raise RefformerError(f"{data_dir} has no train.tsv or train.txt: write one with 'refformer data de-en' "
-                         f"or 'refformer data pydoc'")
+    family = detect_family(data_dir)
+    path = split_path(data_dir, "train", family)
+    if family == "encoder-decoder":
+        return [text for pair in read_tsv(path) for text in pair]
+    return read_lines(path)
 
 
 def new_tokenizer(vocab_size, model="bpe"):

@@ -2,10 +2,9 @@
 
 A data directory holds train/valid/test splits: *.tsv (source<TAB>target) for an
 encoder-decoder model, *.txt (one text per line) for a decoder-only one.
-runtime/cli.py imports this module at its end and registers both commands.
+runtime/cli.py registers both commands.
 """
 
-import functools
 import json
 import math
 import time
@@ -13,45 +12,20 @@ from pathlib import Path
 
 import click
 
-FAMILIES = ("encoder-decoder", "decoder-only")
-SUFFIX = {"encoder-decoder": ".tsv", "decoder-only": ".txt"}
+from refformer.refimpl.config import ACTIVATIONS, FAMILIES, POSITIONALS
+from refformer.refimpl.data import SUFFIX, detect_family, read_lines, read_tsv, split_path
+from refformer.runtime.errors import one_line_errors
+
 ARCHITECTURE_OPTIONS = ("family", "d_model", "n_heads", "d_ff", "layers", "encoder_layers", "decoder_layers",
                         "norm_first", "activation", "positional", "max_positions")
-
-
-def _one_line_errors(command):
-    """cli.one_line_errors, looked up when the command runs (cli.py imports this module, so not at import time)."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from refformer.runtime.cli import one_line_errors
-
-        return one_line_errors(command)(*args, **kwargs)
-    return wrapper
 
 
 # ---------------------------------------------------------------------------- data
 
 
-def detect_family(data_dir):
-    """encoder-decoder when DATA_DIR has train.tsv, decoder-only when it has train.txt."""
-    from refformer.refimpl.errors import RefformerError
-
-    data_dir = Path(data_dir)
-    for family in FAMILIES:
-        if (data_dir / f"train{SUFFIX[family]}").is_file():
-            return family
-    raise RefformerError(f"{data_dir} has no train.tsv or train.txt: write one with 'refformer data de-en' "
-                         f"or 'refformer data pydoc'")
-
-
-def split_path(data_dir, split, family):
-    return Path(data_dir) / f"{split}{SUFFIX[family]}"
-
-
 def load_examples(data_dir, split, family, tokenizer, cfg, max_sentences=None):
     """Training triples of one split -> (examples, reference texts or None, number dropped as too long)."""
     from refformer.refimpl.batching import lm_examples, seq2seq_examples
-    from refformer.refimpl.data import read_lines, read_tsv
     from refformer.runtime.tokenizer import encode, normalize
 
     path = split_path(data_dir, split, family)
@@ -91,9 +65,9 @@ def _decoder(tokenizer):
 @click.option("--encoder-layers", type=int, default=None, help="Override --layers for the encoder.")
 @click.option("--decoder-layers", type=int, default=None, help="Override --layers for the decoder.")
 @click.option("--norm-first/--post-ln", default=False, show_default=True, help="Pre-LN or post-LN layers.")
-@click.option("--activation", type=click.Choice(["relu", "gelu", "gelu_tanh", "silu"]), default="relu",
+@click.option("--activation", type=click.Choice(ACTIVATIONS), default="relu",
               show_default=True)
-@click.option("--positional", type=click.Choice(["sinusoidal", "learned"]), default="sinusoidal", show_default=True)
+@click.option("--positional", type=click.Choice(POSITIONALS), default="sinusoidal", show_default=True)
 @click.option("--max-positions", type=int, default=256, show_default=True,
               help="Longest sequence; longer training pairs are skipped, texts are cut into windows this long.")
 @click.option("--steps", type=int, default=1000, show_default=True, help="Optimizer steps in all (resume included).")
@@ -115,7 +89,7 @@ def _decoder(tokenizer):
 @click.option("--time-limit", type=float, default=None,
               help="Stop cleanly (checkpoint and model) after this many minutes.")
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
     """Train a model on DATA_DIR with the NumPy reference implementation and write it to OUT."""
     import numpy as np
@@ -237,7 +211,7 @@ def _summary(result, out_dir):
 @click.option("--max-sentences", type=int, default=None, help="Evaluate only the first N examples of the split.")
 @click.option("--max-tokens", type=int, default=4096, show_default=True, help="Padded tokens per batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@_one_line_errors
+@one_line_errors
 def evaluate(paths, split, max_sentences, max_tokens, as_json):
     """Loss, perplexity and (translation) greedy BLEU/chrF of MODEL_DIR (default: the bundled model) on a split
     of DATA_DIR."""
