@@ -97,6 +97,7 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
     from refformer.refimpl import Config, init_params, load
     from refformer.refimpl.batching import make_batches
     from refformer.refimpl.errors import RefformerError
+    from refformer.refimpl.io import check_tokenizer
     from refformer.refimpl.train import TrainOptions, train as train_loop
     from refformer.runtime.tokenizer import load_tokenizer, special_ids
 
@@ -114,6 +115,7 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
         if cfg.vocab_size != vocab_size:
             raise RefformerError(f"{tokenizer_path} has {vocab_size} tokens but {opts['init_dir']} was trained "
                                  f"with {cfg.vocab_size}: use that model's tokenizer.json")
+        check_tokenizer(cfg, tokenizer.to_str(), tokenizer_path)  # and its special ids, before any training
         if opts["family"] is not None and opts["family"] != cfg.family:
             raise RefformerError(f"{opts['init_dir']} is {cfg.family}, not {opts['family']}")
     else:

@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from refformer.refimpl import load
+from refformer.refimpl import load, save
 from refformer.runtime.cli import main
 from refformer.runtime.tokenizer import MIN_VOCAB_SIZE, save_tokenizer, train_tokenizer
 
@@ -69,6 +69,14 @@ def test_train_then_eval_translation(data, tmp_path):
     result = _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", tmp_path / "x",
                   "--init", out, "--d-model", "32")
     assert result.exit_code == 1 and "--d-model" in result.output
+
+    # a model whose special ids differ from the tokenizer's is refused before training, not at the final save
+    saved_cfg, params = load(out)
+    save(tmp_path / "swapped", saved_cfg.replace(bos_id=saved_cfg.eos_id, eos_id=saved_cfg.bos_id), params)
+    result = _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", tmp_path / "y",
+                  "--init", tmp_path / "swapped", "--steps", "1", "--max-tokens", "64")
+    assert result.exit_code == 1 and "the model's bos_id is 2" in result.output
+    assert not (tmp_path / "y").exists()
 
 
 def test_train_decoder_only_and_errors(data, tmp_path):
