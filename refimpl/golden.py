@@ -11,7 +11,7 @@ from .errors import RefformerError
 from .io import atomic_write, load
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .model import model_backward, model_forward
-from .tree import flatten
+from .tree import flatten, tree_cast
 
 
 def golden_inputs(cfg, seed, batch_size=2, length=6):
@@ -36,7 +36,7 @@ def golden_inputs(cfg, seed, batch_size=2, length=6):
 
 def golden(cfg, params, seed=0, label_smoothing=0.0):
     """{name: float64 array}: inputs.*, activations.* (every cached intermediate), logits, loss, grads.*."""
-    params = flatten_to_float64(params)
+    params = tree_cast(params, np.float64)
     inputs = golden_inputs(cfg, seed)
     logits, cache = model_forward(cfg, params, inputs.get("src_ids"), inputs["tgt_ids"])
     loss, loss_cache = cross_entropy_forward(logits, inputs["labels"], ignore_id=cfg.pad_id,
@@ -50,12 +50,6 @@ def golden(cfg, params, seed=0, label_smoothing=0.0):
     out["loss"] = np.asarray(loss, dtype=np.float64)
     out.update({f"grads.{name}": value for name, value in flatten(grads).items()})
     return out
-
-
-def flatten_to_float64(params):
-    from .tree import tree_map
-
-    return tree_map(lambda a: np.asarray(a, dtype=np.float64), params)
 
 
 def write_golden(model_dir, out_path, seed=0):

@@ -11,7 +11,7 @@ import numpy as np
 from .config import Config
 from .errors import RefformerError
 from .model import param_shapes
-from .tree import flatten, unflatten
+from .tree import flatten, tree_cast, unflatten
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -123,12 +123,7 @@ def load(model_dir, dtype=np.float32):
     except (SafetensorError, OSError, ValueError) as error:
         raise RefformerError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
     params = unflatten_checked(cfg, flat, str(path))
-    return cfg, _cast(params, dtype)
-
-
-def _cast(tree, dtype):
-    from .tree import tree_map
-    return tree_map(lambda a: a.astype(dtype), tree)
+    return cfg, tree_cast(params, dtype)
 
 
 def unflatten_checked(cfg, flat, source):

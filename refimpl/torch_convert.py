@@ -33,6 +33,7 @@ import numpy as np
 from .config import Config
 from .errors import RefformerError, check
 from .ops import sinusoidal_table
+from .tree import tree_cast
 
 SRC_WORDS = ("src", "source", "encoder", "enc")  # whole words of a name (split at . and _), or src inside one
 TGT_WORDS = ("tgt", "trg", "target", "decoder", "dec")
@@ -326,17 +327,9 @@ def _assemble(cfg, stacks, embeddings, positions, head):
         lm_head["bias"] = head["bias"].copy()
     if lm_head:
         params["lm_head"] = lm_head
-    params = _cast_tree(params, dtype)
+    params = tree_cast(params, dtype)
     check_params(cfg, params)
     return params
-
-
-def _cast_tree(tree, dtype):
-    if isinstance(tree, dict):
-        return {key: _cast_tree(value, dtype) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return [_cast_tree(value, dtype) for value in tree]
-    return tree.astype(dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------- live modules

@@ -39,3 +39,8 @@ def tree_map(fn, tree):
     if isinstance(tree, list):
         return [tree_map(fn, value) for value in tree]
     return fn(tree)
+
+
+def tree_cast(tree, dtype):
+    """A copy of the tree with every array leaf cast to dtype."""
+    return tree_map(lambda a: a.astype(dtype), tree)
