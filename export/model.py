@@ -3,7 +3,7 @@
 import numpy as np
 from onnx import TensorProto
 
-from refformer.refimpl.model import lm_head_params
+from refformer.refimpl.model import lm_head_params, source_embedding
 
 from .graph import Graph
 from .layers import (ResidualStream, causal_padding_mask, decoder_layer_step, decoder_layer_step_fused,
@@ -24,7 +24,7 @@ def build_encoder(cfg, params, dtype="fp32", opset=17):
     keep = g.input("attention_mask", INT64, ["batch", "source_length"])
     p = params["encoder"]
     table_name = "decoder.embed_tokens" if cfg.share_embeddings else "encoder.embed_tokens"
-    table = params["decoder" if cfg.share_embeddings else "encoder"]["embed_tokens"]
+    table = source_embedding(cfg, params)
     # positions 0 .. S-1 for every row, as refimpl.encode
     at = "/encoder/positions"
     length = g.op("Gather", [g.op("Shape", [ids], at), g.const(1, "one_index")], at)
@@ -78,19 +78,14 @@ def build_decoder(cfg, params, dtype="fp32", opset=17, fused=False):
     past, cross, memory_mask = cache_inputs(g, cfg, ["batch", cfg.n_heads, "past_length", cfg.head_dim], bool_mask=not fused)
     p = params["decoder"]
     x = embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids, positions)
-    presents = []
     if fused:  # fused=True: ONNX Runtime's MultiHeadAttention nodes (decoder_fused.onnx), int32 key masks
-        keep32 = g.cast(keep, TensorProto.INT32, "/decoder/self_mask")
-        for i, p_layer in enumerate(p["layers"]):
-            x, k, v = decoder_layer_step_fused(g, cfg, f"decoder.layers.{i}", p_layer, x, keep32, *past[i], *cross[i],
-                                               memory_mask)
-            presents.append((k, v))
+        layer_step, self_mask = decoder_layer_step_fused, g.cast(keep, TensorProto.INT32, "/decoder/self_mask")
     else:
-        self_mask = causal_padding_mask(g, ids, keep, "/decoder/self_mask")  # [B, 1, T, P + T]
-        for i, p_layer in enumerate(p["layers"]):
-            x, k, v = decoder_layer_step(g, cfg, f"decoder.layers.{i}", p_layer, x, self_mask, *past[i], *cross[i],
-                                         memory_mask)
-            presents.append((k, v))
+        layer_step, self_mask = decoder_layer_step, causal_padding_mask(g, ids, keep, "/decoder/self_mask")  # [B, 1, T, P + T]
+    presents = []
+    for i, p_layer in enumerate(p["layers"]):
+        x, k, v = layer_step(g, cfg, f"decoder.layers.{i}", p_layer, x, self_mask, *past[i], *cross[i], memory_mask)
+        presents.append((k, v))
     if cfg.final_norm:
         x = norm(g, cfg, "decoder.final_norm", p["final_norm"], x)
     logits = lm_head(g, cfg, params, x)
@@ -222,8 +217,6 @@ def lm_head(g, cfg, params, x):
             logits = g.op("Add", [logits, g.weight("lm_head.bias", head["bias"], dtype=np.float32)], "/lm_head")
         return logits
     fp32_head = {name: value.astype(np.float32) for name, value in head.items()}
-    if g.dtype == "fp32":
-        return linear(g, "lm_head", fp32_head, x32)
-    for name, value in fp32_head.items():
+    for name, value in fp32_head.items():  # registered in float32 first: linear's g.weight then reuses them in fp16 graphs
         g.weight(f"lm_head.{name}", value, dtype=np.float32)
     return linear(g, "lm_head", fp32_head, x32)
