@@ -309,15 +309,7 @@ def write_lines(path, lines):
         if not line.strip() or re.search(r"[\n\r]", line):
             raise RefformerError(f"{path}: item {number} is empty or contains a line break: {line[:60]!r}")
     data = "".join(line + "\n" for line in lines).encode("utf-8")
-    atomic_write(path, lambda tmp: write_bytes_readable(tmp, data))
-
-
-def write_bytes_readable(path, data):
-    """Write data with the permissions a plain open() would give (a temporary file starts as 0600)."""
-    Path(path).write_bytes(data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_tsv(path, pairs):

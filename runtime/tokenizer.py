@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from refformer.refimpl.data import detect_family, read_lines, read_tsv, split_path, write_bytes_readable
+from refformer.refimpl.data import detect_family, read_lines, read_tsv, split_path
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.io import atomic_write
 
@@ -105,7 +105,7 @@ def normalize(text):
 def save_tokenizer(tokenizer, path):
     """Write tokenizer.json atomically."""
     text = tokenizer.to_str(pretty=True)
-    atomic_write(path, lambda tmp: write_bytes_readable(tmp, text.encode("utf-8")))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.encode("utf-8")))
 
 
 def load_tokenizer(path):
