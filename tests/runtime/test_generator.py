@@ -6,11 +6,12 @@ import stat
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from refformer.refimpl import Config, RefformerError, init_params, load, save
 from refformer.refimpl.generate import GenerationOptions, generate
 from refformer.runtime import generator as gen_module
+from refformer.runtime import tokenizer as tok
 from refformer.runtime.generator import Generator
 
 TEXTS = {
@@ -30,15 +31,10 @@ STRATEGIES = [
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
     """A small byte-level BPE tokenizer (specials 0..3 as the project's) trained on a few sentences."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer, trainer = tok.new_tokenizer(300)
     tokenizer.train_from_iterator([t for texts in TEXTS.values() for t in texts] * 3, trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tokenizer.save(str(path))
+    tok.save_tokenizer(tokenizer, path)
     return path
 
 
