@@ -154,24 +154,31 @@ class OrtStepper:
         self.source_of_row = np.arange(batch_size)
         self.past = [(self.empty(batch_size), self.empty(batch_size)) for _ in range(self.cfg.n_decoder_layers)]
 
-    def step(self, ids, positions, attention_mask):
-        binding = self.decoder.io_binding()
+    def run_decoder(self, session, output_names, ids, positions, attention_mask, past, cross, encoder_keep):
+        """One run of a growing-cache decoder graph (decoder.onnx, decoder_fused.onnx): ids, positions and masks
+        from the host, past and cross as device OrtValues -> {output name: OrtValue}, logits on the host and the
+        present cache on the device."""
+        binding = session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        for i, (k, v) in enumerate(self.past):
+        for i, (k, v) in enumerate(past):
             binding.bind_ortvalue_input(f"past_key_self_{i}", k)
             binding.bind_ortvalue_input(f"past_value_self_{i}", v)
         if self.cfg.is_encoder_decoder:
-            binding.bind_cpu_input("encoder_attention_mask", self.src_keep)
-            for i, (k, v) in enumerate(self.cross):
+            binding.bind_cpu_input("encoder_attention_mask", encoder_keep)
+            for i, (k, v) in enumerate(cross):
                 binding.bind_ortvalue_input(f"cross_key_{i}", k)
                 binding.bind_ortvalue_input(f"cross_value_{i}", v)
         binding.bind_output("logits", "cpu")  # the sampler needs them on the host
-        for name in self.decoder_outputs[1:]:
+        for name in output_names[1:]:
             binding.bind_output(name, self.device)  # the cache stays on the device
-        self.decoder.run_with_iobinding(binding)
-        outputs = dict(zip(self.decoder_outputs, binding.get_outputs()))
+        session.run_with_iobinding(binding)
+        return dict(zip(output_names, binding.get_outputs()))
+
+    def step(self, ids, positions, attention_mask):
+        outputs = self.run_decoder(self.decoder, self.decoder_outputs, ids, positions, attention_mask, self.past,
+                                   self.cross, self.src_keep)
         self.past = [(outputs[f"present_key_self_{i}"], outputs[f"present_value_self_{i}"])
                      for i in range(self.cfg.n_decoder_layers)]
         return outputs["logits"].numpy()
@@ -365,23 +372,10 @@ class StaticOrtStepper(OrtStepper):
         cfg, (B, T), L = self.cfg, ids.shape, self.max_length
         if self.prompt_decoder is None:
             self.prompt_decoder = make_session(f"{self.onnx_dir}/decoder.onnx", self.provider, self.threads)
-        binding = self.prompt_decoder.io_binding()
-        for name, value in (("input_ids", ids), ("position_ids", positions), ("attention_mask", attention_mask)):
-            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
-        for i in range(cfg.n_decoder_layers):
-            binding.bind_ortvalue_input(f"past_key_self_{i}", self.empty(B))
-            binding.bind_ortvalue_input(f"past_value_self_{i}", self.empty(B))
-        if cfg.is_encoder_decoder:
-            binding.bind_ortvalue_input("encoder_attention_mask", self.buffers["encoder_attention_mask"])
-            for i, (k, v) in enumerate(self.cross_sets[self.cross_parity]):
-                binding.bind_ortvalue_input(f"cross_key_{i}", k)
-                binding.bind_ortvalue_input(f"cross_value_{i}", v)
-        outputs = [o.name for o in self.prompt_decoder.get_outputs()]
-        binding.bind_output("logits", "cpu")
-        for name in outputs[1:]:
-            binding.bind_output(name, self.device)
-        self.prompt_decoder.run_with_iobinding(binding)
-        values = dict(zip(outputs, binding.get_outputs()))
+        names = [o.name for o in self.prompt_decoder.get_outputs()]
+        empty = [(self.empty(B), self.empty(B)) for _ in range(cfg.n_decoder_layers)]
+        cross = self.cross_sets[self.cross_parity]  # not self.cross: a reorder gathers the rows into cross_sets only
+        values = self.run_decoder(self.prompt_decoder, names, ids, positions, attention_mask, empty, cross, self.src_keep)
         shift = T - attention_mask.sum(axis=1) if self.in_place else np.zeros(B, np.int64)  # left padding per row
         slot = np.arange(L)[None, :] + shift[:, None]
         index = np.where(slot < T, slot, T + np.arange(L)[None, :])  # [B, L] into Concat(present, cache) on axis 2
