@@ -12,10 +12,10 @@ runs with device "cpu".
 import numpy as np
 from onnx import TensorProto, helper
 
+from refformer.export.graph import FLOAT_TYPES, NUMPY_TYPES
 from refformer.export.verify import session as make_session
 
 DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
-NUMPY_OF_DTYPE = {"fp32": np.float32, "fp16": np.float16}
 SOURCE_BUCKET = 16  # the static stepper pads sources to a multiple of this many positions
 MAX_BUFFER_SETS = 8  # buffer sets (one per batch size and source bucket) a static stepper keeps
 
@@ -80,7 +80,7 @@ class OrtStepper:
         self.ort = ort
         self.cfg, self.dtype, self.provider = cfg, dtype, provider
         self.device = DEVICE_OF_PROVIDER[provider]
-        self.float_type = NUMPY_OF_DTYPE[dtype]
+        self.float_type = NUMPY_TYPES[dtype]
         self.decoder = make_session(f"{onnx_dir}/{decoder_file}", provider, threads, provider_options=provider_options)
         self.encoder = make_session(f"{onnx_dir}/encoder.onnx", provider, threads) if cfg.is_encoder_decoder else None
         self.tools = {}  # (graph builder name, n tensors) -> the session of that small device graph
@@ -99,10 +99,9 @@ class OrtStepper:
         writer), made on first use."""
         key = (build.__name__, n)
         if key not in self.tools:
-            elem_type = TensorProto.FLOAT if self.dtype == "fp32" else TensorProto.FLOAT16
             options = self.ort.SessionOptions()
             options.log_severity_level = 3
-            self.tools[key] = self.ort.InferenceSession(build(elem_type, n).SerializeToString(), options,
+            self.tools[key] = self.ort.InferenceSession(build(FLOAT_TYPES[self.dtype], n).SerializeToString(), options,
                                                         providers=[self.provider])
         return self.tools[key]
 
