@@ -350,7 +350,6 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
     for i, (k, v) in enumerate(past):
         check_array(f"past[{i}] keys", k, shape=(B, cfg.n_heads, P, cfg.head_dim), kind="f", dtype=dtype)
         check_array(f"past[{i}] values", v, shape=(B, cfg.n_heads, P, cfg.head_dim), kind="f", dtype=dtype)
-    attention_mask = np.asarray(attention_mask)
     check(attention_mask.shape == (B, P + T),
           f"attention_mask must have shape [B, P + T] = {[B, P + T]}, got {list(attention_mask.shape)}")
     if cfg.is_encoder_decoder:
