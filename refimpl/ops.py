@@ -82,7 +82,7 @@ def sinusoidal_table(n_positions, d_model, dtype=np.float64):
 
 def layer_norm_forward(p, x, eps):
     """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance)."""
-    check_features("x", x, p["weight"][:, None])
+    check_features("x", x, p["weight"])
     mean = x.mean(axis=-1, keepdims=True)
     centred = x - mean
     rstd = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
@@ -103,7 +103,7 @@ def layer_norm_backward(p, cache, dy):
 
 def rms_norm_forward(p, x, eps):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last axis (no centring, no bias)."""
-    check_features("x", x, p["weight"][:, None])
+    check_features("x", x, p["weight"])
     rrms = 1.0 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
     xhat = x * rrms
     return xhat * p["weight"], (xhat, rrms)
