@@ -124,14 +124,14 @@ def step_bytes(cfg, batch_size, src_len, new_tokens):
 # ---------------------------------------------------------------------------- the two models
 
 
-def make_refformer(cfg, params, folder, threads):
+def export_refformer(cfg, params, folder):
+    """params saved as a model directory under folder and exported to ONNX (fp32); returns the ONNX folder."""
     from refformer.export.export import export_model
-    from refformer.runtime.stepper import OrtStepper
 
     model_dir = Path(folder) / "model"
     save(model_dir, cfg, params)
     export_model(model_dir, model_dir / "onnx", dtype="fp32", measure=False)
-    return OrtStepper(cfg, model_dir / "onnx", "fp32", "CPUExecutionProvider", threads)
+    return model_dir / "onnx"
 
 
 def make_marian(cfg, params):
@@ -340,6 +340,7 @@ def main(argv=None):
     import onnxruntime
     import torch
     import transformers
+    from refformer.runtime.stepper import OrtStepper
 
     setup = QUICK if args.quick else FULL
     cfg, src_len, new_tokens = setup["cfg"], setup["src_len"], setup["new_tokens"]
@@ -354,11 +355,8 @@ def main(argv=None):
     print(f"threads {thread_counts} (cores {os.cpu_count()}), load average {load_before}, {cpu_model()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="refformer-bench-") as folder:
         t = time.perf_counter()
-        steppers = {n: make_refformer(cfg, params, folder, n) if i == 0 else None for i, n in enumerate(thread_counts)}
-        for n in thread_counts[1:]:
-            from refformer.runtime.stepper import OrtStepper
-
-            steppers[n] = OrtStepper(cfg, Path(folder) / "model" / "onnx", "fp32", "CPUExecutionProvider", n)
+        onnx_dir = export_refformer(cfg, params, folder)
+        steppers = {n: OrtStepper(cfg, onnx_dir, "fp32", "CPUExecutionProvider", n) for n in thread_counts}
         model = make_marian(cfg, params)
         print(f"built and exported in {time.perf_counter() - t:.1f} s", flush=True)
 
