@@ -420,9 +420,10 @@ def main(argv=None):
         f"{key.removesuffix('_gbs')} {bandwidth_before[key]:.1f} / {bandwidth_after[key]:.1f}"
         for key in ("read_1thread_gbs", "read_blas_gbs", "copy_gbs")))
     for B in batch_sizes:
-        need = step_bytes(cfg, B, src_len, new_tokens)
+        e = results[thread_counts[0]][B]
+        need = e["bytes_per_step"]
         print(f"B={B}: a step reads {need['total'] / 1e6:.1f} MB (weights {need['weights'] / 1e6:.1f} MB) "
-              f"-> >= {1e3 * need['total'] / (read_gbs * 1e9):.2f} ms/step at {read_gbs:.1f} GB/s")
+              f"-> >= {e['read_bound_ms_per_step']:.2f} ms/step at {read_gbs:.1f} GB/s")
     for n in thread_counts:
         for B in batch_sizes:
             e = results[n][B]
