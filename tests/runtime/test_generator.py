@@ -28,6 +28,11 @@ STRATEGIES = [
 ]
 
 
+def strategy_id(options):
+    """A test id for one of STRATEGIES: its options, less the seed."""
+    return "-".join(f"{k}={v}" for k, v in options.items() if k != "seed")
+
+
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
     """A small byte-level BPE tokenizer (specials 0..3 as the project's) trained on a few sentences."""
@@ -61,7 +66,7 @@ def runtime(model):
     return Generator(path, provider="cpu"), family
 
 
-@pytest.mark.parametrize("options", STRATEGIES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items() if k != "seed"))
+@pytest.mark.parametrize("options", STRATEGIES, ids=strategy_id)
 def test_runtime_matches_refimpl_token_for_token(runtime, options):
     generator, family = runtime
     cfg, params = load(generator.model_dir)

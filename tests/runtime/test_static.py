@@ -13,30 +13,27 @@ from refformer.runtime import stepper as stepper_module
 from refformer.runtime.generator import Generator, auto_variant
 from refformer.runtime.stepper import OrtStepper, StaticOrtStepper
 
-from .test_generator import STRATEGIES, TEXTS, make_model, tokenizer_file  # noqa: F401  (fixture)
+from .test_generator import STRATEGIES, TEXTS, make_model, strategy_id, tokenizer_file  # noqa: F401  (fixture)
+
+FAMILIES = ("encoder-decoder", "decoder-only")
+STATIC_LENGTH = 40
 
 
-def variant_generator(tmp_path_factory, tokenizer_file, variant, family):  # noqa: F811
-    """A Generator on the CPU for a test model (head size 8, so every variant can run) and a static length of 40."""
-    path = tmp_path_factory.mktemp(variant) / "m"
-    make_model(path, tokenizer_file, family)
-    return Generator(path, provider="cpu", variant=variant, static_length=40), family
+@pytest.fixture(scope="module")
+def exported_models(tmp_path_factory, tokenizer_file):  # noqa: F811
+    """family -> a test model (head size 8, so every variant can run) exported once with every graph: decoder_fused and
+    the static variants (static, static_mha, static_fused) at a static length of 40."""
+    paths = {}
+    for family in FAMILIES:
+        paths[family] = tmp_path_factory.mktemp(family) / "m"
+        make_model(paths[family], tokenizer_file, family)
+        export_model(paths[family], static_length=STATIC_LENGTH, fused_attention=True)
+    return paths
 
 
-@pytest.fixture(scope="module", params=["encoder-decoder", "decoder-only"])
-def static_generator(request, tmp_path_factory, tokenizer_file):  # noqa: F811
-    return variant_generator(tmp_path_factory, tokenizer_file, "static", request.param)
-
-
-@pytest.mark.parametrize("options", STRATEGIES + [dict(max_new_tokens=8, min_new_tokens=8)],
-                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items() if k != "seed"))
-def test_static_variant_matches_refimpl(static_generator, options):
-    generator, family = static_generator
-    assert isinstance(generator.stepper, StaticOrtStepper)
-    cfg, params = load(generator.model_dir)
-    options = GenerationOptions(**options)
-    inputs = generator.encode_inputs(TEXTS[family])
-    assert generator.generate_ids(TEXTS[family], options) == generate(cfg, params, options=options, **inputs)
+def variant_generator(exported_models, variant, family):
+    """A new Generator on the CPU for the family's exported model (it finds the export fresh: nothing is exported)."""
+    return Generator(exported_models[family], provider="cpu", variant=variant, static_length=STATIC_LENGTH), family
 
 
 @pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
@@ -83,12 +80,11 @@ def test_auto_variant_is_reference_on_the_cpu(tmp_path, tokenizer_file):  # noqa
 
 
 @pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
-def test_fused_attention_variant_matches_refimpl(tmp_path, tokenizer_file, family):  # noqa: F811
+def test_fused_attention_variant_matches_refimpl(exported_models, family):
     """decoder_fused.onnx (com.microsoft MultiHeadAttention, which has a CPU kernel) behind the same stepper."""
-    make_model(tmp_path / "m", tokenizer_file, family)
-    generator = Generator(tmp_path / "m", provider="cpu", variant="fused")
+    generator, _ = variant_generator(exported_models, "fused", family)
     assert generator.stepper.decoder.get_modelmeta().graph_name == "refformer_decoder_fused"
-    cfg, params = load(tmp_path / "m")
+    cfg, params = load(generator.model_dir)
     inputs = generator.encode_inputs(TEXTS[family])
     for options in STRATEGIES:
         options = GenerationOptions(**options)
@@ -109,24 +105,26 @@ def test_verify_checks_the_fused_graph(tmp_path, dtype):
 # ---------------------------------------------------------------------------- decoder_static_fused.onnx
 
 
-@pytest.fixture(scope="module", params=["encoder-decoder", "decoder-only"])
-def static_fused_generator(request, tmp_path_factory, tokenizer_file):  # noqa: F811
-    return variant_generator(tmp_path_factory, tokenizer_file, "static_fused", request.param)
+@pytest.fixture(params=FAMILIES)
+def static_fused_generator(request, exported_models):
+    """A new Generator per test: the buffer-set tests change its stepper's state."""
+    return variant_generator(exported_models, "static_fused", request.param)
 
 
-@pytest.fixture(scope="module", params=[(variant, family) for variant in ("static_fused", "static_mha")
-                                        for family in ("encoder-decoder", "decoder-only")], ids="-".join)
-def contrib_generator(request, tmp_path_factory, tokenizer_file):  # noqa: F811
-    return variant_generator(tmp_path_factory, tokenizer_file, *request.param)
+@pytest.fixture(scope="module", params=[(variant, family) for variant in ("static", "static_fused", "static_mha")
+                                        for family in FAMILIES], ids="-".join)
+def static_generator(request, exported_models):
+    return variant_generator(exported_models, *request.param)
 
 
-@pytest.mark.parametrize("options", STRATEGIES + [dict(max_new_tokens=8, min_new_tokens=8)],
-                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items() if k != "seed"))
-def test_contrib_static_variants_match_refimpl(contrib_generator, options):
-    """static_fused: GroupQueryAttention writing the cache in place (past and present bound to one buffer);
-    static_mha: MultiHeadAttention over the static cache; both with fused norms and activations."""
-    generator, family = contrib_generator
+@pytest.mark.parametrize("options", STRATEGIES + [dict(max_new_tokens=8, min_new_tokens=8)], ids=strategy_id)
+def test_static_variants_match_refimpl(static_generator, options):
+    """static: decoder_static.onnx, standard ops over fixed buffers; static_fused: GroupQueryAttention writing the
+    cache in place (past and present bound to one buffer); static_mha: MultiHeadAttention over the static cache;
+    the last two with fused norms and activations."""
+    generator, family = static_generator
     variant = generator.variant
+    assert isinstance(generator.stepper, StaticOrtStepper)
     assert generator.stepper.in_place == (variant == "static_fused")
     assert generator.stepper.decoder.get_modelmeta().graph_name == f"refformer_decoder_{variant}"
     cfg, params = load(generator.model_dir)
@@ -236,13 +234,12 @@ def test_least_recently_used_buffer_set_goes_beyond_the_limit(static_fused_gener
 
 
 @pytest.mark.parametrize("graph", ["decoder_static.onnx", "decoder_static_mha.onnx", "decoder_static_fused.onnx"])
-def test_static_steppers_prompt_pass_steps_and_stale_caches(tmp_path, tokenizer_file, graph):  # noqa: F811
+def test_static_steppers_prompt_pass_steps_and_stale_caches(exported_models, graph):
     """A left-padded prompt goes through decoder.onnx in one call and its cache is moved into the static slots (for
     the in-place graph, each row's real tokens to slots 0 ..): the steps after it match the reference stepper's.
     Buffer sets are reused across calls: non-finite values an earlier call left in a cache must not reach the next."""
-    cfg = make_model(tmp_path / "m", tokenizer_file, "decoder-only")
-    export_model(tmp_path / "m", static_length=24, fused_attention=True)
-    onnx_dir = tmp_path / "m" / "onnx"
+    cfg, _ = load(exported_models["decoder-only"])
+    onnx_dir = exported_models["decoder-only"] / "onnx"
     reference, static = OrtStepper(cfg, onnx_dir, "fp32"), StaticOrtStepper(cfg, onnx_dir, "fp32", decoder_file=graph)
     prompt = np.array([[cfg.pad_id, cfg.pad_id, 5, 6], [4, 8, 9, 10]])
     prompt_keep = np.array([[0, 0, 1, 1], [1, 1, 1, 1]])
