@@ -355,14 +355,14 @@ class StaticOrtStepper(OrtStepper):
                                  "--static-length or use the reference graph")
         if T > 1 and start == 0:
             return self.prefill(ids, positions, attention_mask)
-        logits = []
+        logits = np.empty((ids.shape[0], T, self.cfg.vocab_size), np.float32) if logits_to_host else None
         for j in range(T):
             if not self.in_place:  # the in-place graph needs no mask: a row's slots are its real tokens
                 self.mask[:, : start + j + 1] = attention_mask[:, : start + j + 1]
             self.run_one(ids[:, j:j + 1], positions[:, j:j + 1])
             if logits_to_host:  # a copy: on the CPU .numpy() is a view of the buffer the next call overwrites
-                logits.append(self.buffers["logits"].numpy().copy())
-        return np.concatenate(logits, axis=1) if logits_to_host else None
+                logits[:, j:j + 1] = self.buffers["logits"].numpy()  # [B, 1, V] -> slot j of [B, T, V]
+        return logits
 
     def prefill(self, ids, positions, attention_mask):
         """The prompt pass through decoder.onnx (T tokens in one call), its present cache then gathered into the
