@@ -20,6 +20,13 @@ SOURCE_BUCKET = 16  # the static stepper pads sources to a multiple of this many
 MAX_BUFFER_SETS = 8  # buffer sets (one per batch size and source bucket) a static stepper keeps
 
 
+def tool_model(graph):
+    """A small device graph as an opset-17 model, IR version 10 (readable by older onnxruntime builds too)."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
 def gather_rows_model(elem_type, n):
     """y_i = x_i[rows] for i < n: the device-side reorder of n cache tensors in one run."""
     graph = helper.make_graph(
@@ -28,9 +35,7 @@ def gather_rows_model(elem_type, n):
         [helper.make_tensor_value_info(f"x_{i}", elem_type, None) for i in range(n)]
         + [helper.make_tensor_value_info("rows", TensorProto.INT64, ["n"])],
         [helper.make_tensor_value_info(f"y_{i}", elem_type, None) for i in range(n)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    return model
+    return tool_model(graph)
 
 
 def prompt_writer_model(elem_type, n):
@@ -50,9 +55,7 @@ def prompt_writer_model(elem_type, n):
         + [tensor(f"{name}_{i}", elem_type, None) for i in range(n) for name in ("present", "cache")],
         [tensor(f"y_{i}", elem_type, None) for i in range(n)],
         initializer=[helper.make_tensor("axes", TensorProto.INT64, [2], [1, 3])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    return model
+    return tool_model(graph)
 
 
 def zeros_model(elem_type, n):
@@ -64,9 +67,7 @@ def zeros_model(elem_type, n):
         nodes.append(helper.make_node("ConstantOfShape", [f"shape_{i}"], [f"y_{i}"], value=zero, name=f"/zeros/Fill_{i}"))
     graph = helper.make_graph(nodes, "zeros", [helper.make_tensor_value_info(f"x_{i}", elem_type, None) for i in range(n)],
                               [helper.make_tensor_value_info(f"y_{i}", elem_type, None) for i in range(n)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    return model
+    return tool_model(graph)
 
 
 class OrtStepper:
