@@ -6,6 +6,7 @@ puts the repository root on sys.path for them).
 
 import numpy as np
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from refformer.refimpl import Config, flatten, init_params, numerical_gradient, rel_error
 from refformer.refimpl.tree import tree_map
@@ -175,6 +176,22 @@ def left_padded(rng, B, L, cfg, *, min_length=1):
     keep = np.stack([np.roll(row, L - n) for row, n in zip(keep, lengths)])
     positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)
     return ids, keep, positions
+
+
+def word_level_tokenizer(vocab_size):
+    """A tiny WordLevel tokenizer (words split on whitespace) of vocab_size tokens: <pad> <s> </s> <unk> at ids
+    0..3 (the Config defaults), then w0, w1, ... at ids 4, 5, ..."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+def write_word_level_tokenizer(path, vocab_size):
+    """word_level_tokenizer(vocab_size) saved to path (a tokenizer.json); returns path."""
+    word_level_tokenizer(vocab_size).save(str(path))
+    return path
 
 
 # ---------------------------------------------------------------------------- strategies

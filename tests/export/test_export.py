@@ -164,17 +164,15 @@ def test_unwritable_output_folder(tmp_path):
 def test_torch_converted_model_exports_and_verifies(tmp_path, dtype):
     """PyTorch's translation-tutorial model: torch.save(state_dict) -> convert-torch -> export -> verify."""
     torch = pytest.importorskip("torch")
-    from tokenizers import Tokenizer, models
-
+    from tests.helpers import write_word_level_tokenizer
     from tests.refimpl.test_torch_convert import Seq2SeqTransformer, randomize
 
     V = 12
     model = randomize(Seq2SeqTransformer(V, 8, 2, 16, 2, 2, norm_first=(dtype == "fp16"), maxlen=32), seed=4)
     torch.save(model.state_dict(), tmp_path / "model.pt")
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(V - 4)])}
-    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
-    result = CliRunner().invoke(main, ["convert-torch", str(tmp_path / "model.pt"), "--tokenizer",
-                                       str(tmp_path / "tokenizer.json"), "--out", str(tmp_path / "m"), "--n-heads", "2"]
+    tokenizer = write_word_level_tokenizer(tmp_path / "tokenizer.json", V)
+    result = CliRunner().invoke(main, ["convert-torch", str(tmp_path / "model.pt"), "--tokenizer", str(tokenizer),
+                                       "--out", str(tmp_path / "m"), "--n-heads", "2"]
                                 + (["--norm-first"] if dtype == "fp16" else []))
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, ["export", str(tmp_path / "m"), "--dtype", dtype])

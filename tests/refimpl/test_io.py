@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from refformer.refimpl import (Config, RefformerError, flatten, init_params, load, load_config, load_tokenizer,
                                model_forward, save)
+from tests.helpers import word_level_tokenizer
 
 CONFIGS = {
     "encoder-decoder": Config(vocab_size=13, d_model=8, n_heads=2, d_ff=12, n_encoder_layers=1, n_decoder_layers=2,
@@ -31,17 +32,6 @@ def random_params32(cfg, seed=0):
     for value in flatten(params).values():
         value += rng.standard_normal(value.shape).astype(np.float32) * np.float32(0.1)
     return params
-
-
-def word_level_tokenizer(vocab_size):
-    """A tiny WordLevel tokenizer whose ids 0..3 are pad, bos, eos, unk (the Config defaults)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return tokenizer
 
 
 def assert_trees_equal(actual, expected, dtype):

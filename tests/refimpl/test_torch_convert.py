@@ -18,6 +18,7 @@ from refformer.refimpl import (Config, RefformerError, decoder_layer_forward, en
 from refformer.refimpl.torch_convert import (config_from_torch_layer, convert_state_dict_file,
                                              decoder_layer_params_from_torch, encoder_layer_params_from_torch,
                                              from_state_dict, from_torch)
+from tests.helpers import write_word_level_tokenizer
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -301,24 +302,11 @@ def test_layer_conversion_variants(activation, expected, bias):
 # ---------------------------------------------------------------------------- state_dict files
 
 
-def write_tokenizer(path, size):
-    """A WordLevel tokenizer.json with `size` tokens (<pad> <s> </s> <unk> w4 ...)."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, size)]
-    tokenizer = Tokenizer(WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = Whitespace()
-    tokenizer.save(str(path))
-    return path
-
-
 @pytest.mark.parametrize("share, tie, norm_first", [(False, False, False), (True, True, True)])
 def test_convert_state_dict_file_seq2seq_round_trip(tmp_path, share, tie, norm_first):
     model = randomize(Seq2SeqTransformer(V, D, H, F, 2, 2, share=share, tie=tie, norm_first=norm_first), seed=5)
     torch.save(model.state_dict(), tmp_path / "model.pt")
-    cfg = convert_state_dict_file(tmp_path / "model.pt", write_tokenizer(tmp_path / "tokenizer.json", V),
+    cfg = convert_state_dict_file(tmp_path / "model.pt", write_word_level_tokenizer(tmp_path / "tokenizer.json", V),
                                   tmp_path / "out", n_heads=H, norm_first=norm_first)
     loaded_cfg, params = load(tmp_path / "out")
     assert loaded_cfg == cfg
@@ -331,7 +319,7 @@ def test_convert_state_dict_file_seq2seq_round_trip(tmp_path, share, tie, norm_f
 def test_convert_state_dict_file_decoder_only_round_trip(tmp_path):
     model = randomize(CausalLM(V, D, H, F, 2, tie=True), seed=7)
     torch.save({"epoch": 3, "model_state_dict": model.state_dict()}, tmp_path / "checkpoint.pt")  # unwrapped
-    cfg = convert_state_dict_file(tmp_path / "checkpoint.pt", write_tokenizer(tmp_path / "tok.json", V),
+    cfg = convert_state_dict_file(tmp_path / "checkpoint.pt", write_word_level_tokenizer(tmp_path / "tok.json", V),
                                   tmp_path / "out", n_heads=H, norm_first=True, activation="gelu", embed_scale=False)
     assert (cfg.family, cfg.positional, cfg.tie_embeddings) == ("decoder-only", "learned", True)
     loaded_cfg, params = load(tmp_path / "out")
@@ -375,7 +363,7 @@ def test_from_state_dict_errors():
 
 def test_convert_refuses_pickled_module_and_missing_files(tmp_path):
     model = Seq2SeqTransformer(V, D, H, F, 1, 1)
-    tokenizer = write_tokenizer(tmp_path / "tokenizer.json", V)
+    tokenizer = write_word_level_tokenizer(tmp_path / "tokenizer.json", V)
     torch.save(model, tmp_path / "whole_model.pt")  # a pickled module: weights_only=True refuses it
     with pytest.raises(RefformerError, match="not a state_dict") as error:
         convert_state_dict_file(tmp_path / "whole_model.pt", tokenizer, tmp_path / "out", n_heads=H)
@@ -389,7 +377,7 @@ def test_convert_refuses_pickled_module_and_missing_files(tmp_path):
     with pytest.raises(RefformerError, match="not a state_dict"):
         convert_state_dict_file(tmp_path / "list.pt", tokenizer, tmp_path / "out", n_heads=H)
     with pytest.raises(RefformerError, match="13 tokens but the model's vocab_size is 12"):
-        convert_state_dict_file(tmp_path / "model.pt", write_tokenizer(tmp_path / "big.json", V + 1), tmp_path / "out",
+        convert_state_dict_file(tmp_path / "model.pt", write_word_level_tokenizer(tmp_path / "big.json", V + 1), tmp_path / "out",
                                 n_heads=H)
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
