@@ -12,7 +12,6 @@ tokens/s is the non-padding target tokens of the timed steps over their summed t
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import sys
@@ -26,12 +25,10 @@ import torch.nn.functional as F
 from refformer.refimpl import cross_entropy_backward, cross_entropy_forward, init_params, model_backward, model_forward
 from refformer.refimpl.io import load_config
 from refformer.refimpl.optim import adamw_init, adamw_update, clip_by_global_norm
+import train_step  # benchmarks/train_step.py (scripts run from their folder on sys.path): TorchModel, blas_info, ...
+from machine import cpu_model
 
 HERE = Path(__file__).resolve().parent
-spec = importlib.util.spec_from_file_location("train_step", HERE / "train_step.py")
-train_step = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_step)  # TorchModel, load_refimpl_params, blas_info, cpu_model
-
 CFG = load_config(HERE.parent / "runtime" / "models" / "de-en")
 LABEL_SMOOTHING, CLIP, LR, WEIGHT_DECAY = 0.1, 1.0, 5e-4, 0.01
 
@@ -141,7 +138,7 @@ def main():
             "refimpl_tok_s": tok_s["refimpl"], "torch_tok_s": tok_s["torch"], "ratio": ratio,
             "steps": args.steps, "data": "de-en" if args.data else "random", "tokens": tokens, "seconds": seconds,
             "threads": {"numpy_blas": threads, "torch": torch.get_num_threads(), "blas": blas},
-            "config": CFG.to_dict(), "cpu": train_step.cpu_model(), "load_average_1min": [load_before[0], load_after[0]],
+            "config": CFG.to_dict(), "cpu": cpu_model(), "load_average_1min": [load_before[0], load_after[0]],
             "versions": {"numpy": np.__version__, "torch": torch.__version__},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
