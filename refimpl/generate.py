@@ -281,10 +281,10 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     B = ids.shape[0]
     steps = step_budget(cfg, options, 0 if src_ids is None else src_ids.shape[1], positions)
     stepper.start(src_ids, src_keep, B)
+    prompts = [row[keep == 1].tolist() for row, keep in zip(ids, attention_mask)]  # row r keeps prompts[r // K]
     expand = np.repeat(np.arange(B), K)  # row b*K + k is beam k of input b
     stepper.reorder(expand)
     ids, attention_mask, positions = ids[expand], attention_mask[expand], positions[expand]
-    prefix = [row[keep == 1].tolist() for row, keep in zip(ids, attention_mask)]
     generated = [[] for _ in range(B * K)]
     beam_scores = np.tile(np.array([0.0] + [-np.inf] * (K - 1)), B)  # only beam 0 is live at first
     hypotheses = [[] for _ in range(B)]  # (score, tokens)
@@ -295,7 +295,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
 
     for t in range(steps):
         logits = stepper.step(ids, positions, attention_mask)[:, -1]  # [B K, V]
-        scores = process_logits(logits, [p + g for p, g in zip(prefix, generated)], t, options, cfg)
+        scores = process_logits(logits, [prompts[r // K] + g for r, g in enumerate(generated)], t, options, cfg)
         logp = log_softmax_forward(scores)[0] if np.isfinite(scores).any() else scores
         candidates = (beam_scores[:, None] + logp).reshape(B, -1)  # [B, K V]
         V = logp.shape[-1]
@@ -345,13 +345,10 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
         rows = np.array(next_rows)
         stepper.reorder(rows)
         generated = [generated[r] + [tok] for r, tok in zip(rows, next_tokens)]
-        prefix = [prefix[r] for r in rows]
         beam_scores = np.array(next_scores)
         ids = np.array(next_tokens, dtype=np.int64)[:, None]
         positions = positions[rows][:, -1:] + 1
         attention_mask = np.concatenate([attention_mask[rows], np.ones((B * K, 1), np.int64)], axis=1)
-    else:
-        t = steps
     for b in range(B):  # inputs still running at the length limit: their live beams are hypotheses too
         if done[b]:
             continue
