@@ -62,8 +62,8 @@ def lm_windows(texts, max_len, *, bos_id, eos_id):
     return [stream[start:start + max_len + 1] for start in range(0, max(len(stream) - 1, 0), max_len)]
 
 
-def _pad(rows, pad_id):
-    """Rows of ids -> ids [B, L] padded with pad_id, and the mask [B, L] (True = real token)."""
+def pad_rows(rows, pad_id):
+    """Rows of ids -> ids [B, L] right-padded with pad_id, and the mask [B, L] (True = real token)."""
     length = max(len(row) for row in rows)
     ids = np.full((len(rows), length), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), length), dtype=bool)
@@ -77,9 +77,9 @@ def collate(examples, *, pad_id):
     """A Batch from examples: (src_ids, tgt_ids, labels) triples, or (None, tgt_ids, labels) for decoder-only."""
     src_ids = src_mask = None
     if examples[0][0] is not None:
-        src_ids, src_mask = _pad([e[0] for e in examples], pad_id)
-    tgt_ids, tgt_mask = _pad([e[1] for e in examples], pad_id)
-    labels, _ = _pad([e[2] for e in examples], pad_id)
+        src_ids, src_mask = pad_rows([e[0] for e in examples], pad_id)
+    tgt_ids, tgt_mask = pad_rows([e[1] for e in examples], pad_id)
+    labels, _ = pad_rows([e[2] for e in examples], pad_id)
     return Batch(src_ids, src_mask, tgt_ids, tgt_mask, labels)
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from refformer.export.verify import left_padded
+from refformer.refimpl.batching import pad_rows
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import GenerationOptions, generate, search_iter
 from refformer.refimpl.io import load_config
@@ -202,17 +204,9 @@ class Generator:
                 print(f"warning: input {number + 1} truncated from {len(row)} to {limit} tokens", file=sys.stderr)
                 rows[number] = row[:limit]
         if cfg.is_encoder_decoder:
-            rows = [row + [cfg.eos_id] for row in rows]
-            ids = np.full((len(rows), max(map(len, rows))), cfg.pad_id, dtype=np.int64)
-            keep = np.zeros_like(ids)
-            for b, row in enumerate(rows):
-                ids[b, :len(row)], keep[b, :len(row)] = row, 1
-            return {"src_ids": ids, "src_mask": keep}
-        rows = [[cfg.bos_id] + row for row in rows]
-        ids = np.full((len(rows), max(map(len, rows))), cfg.pad_id, dtype=np.int64)
-        keep = np.zeros_like(ids)
-        for b, row in enumerate(rows):
-            ids[b, ids.shape[1] - len(row):], keep[b, ids.shape[1] - len(row):] = row, 1
+            ids, keep = pad_rows([row + [cfg.eos_id] for row in rows], cfg.pad_id)
+            return {"src_ids": ids, "src_mask": keep.astype(np.int64)}
+        ids, keep, _ = left_padded([[cfg.bos_id] + row for row in rows], cfg.pad_id)
         return {"prompt_ids": ids, "prompt_mask": keep}
 
     def decode(self, ids):
