@@ -4,6 +4,8 @@ Import as `from tests.helpers import ...` (tests/ and tests/refimpl/ are package
 puts the repository root on sys.path for them).
 """
 
+import math
+
 import numpy as np
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -143,6 +145,23 @@ def random_params(cfg, seed, dtype=np.float64):
         if name.endswith("embed_positions.weight"):
             value[...] = rng.normal(0.0, cfg.d_model ** -0.5, value.shape)
     return params
+
+
+def randomize_torch(module, rng):
+    """A torch module with every parameter random (biases and norm weights too, so that none hides behind a zero or
+    a one), in eval mode. torch is imported here, so that tests without torch can import this file."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                values = rng.normal(0.0, 1.0 / math.sqrt(p.shape[-1]), p.shape)
+            elif "norm" in name and name.endswith("weight"):
+                values = 1.0 + 0.2 * rng.normal(size=p.shape)
+            else:
+                values = 0.2 * rng.normal(size=p.shape)
+            p.copy_(torch.from_numpy(values))
+    return module.eval()
 
 
 def away_from_zero(rng, shape, low=0.1, high=2.0):

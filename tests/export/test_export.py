@@ -164,11 +164,12 @@ def test_unwritable_output_folder(tmp_path):
 def test_torch_converted_model_exports_and_verifies(tmp_path, dtype):
     """PyTorch's translation-tutorial model: torch.save(state_dict) -> convert-torch -> export -> verify."""
     torch = pytest.importorskip("torch")
-    from tests.helpers import write_word_level_tokenizer
-    from tests.refimpl.test_torch_convert import Seq2SeqTransformer, randomize
+    from tests.helpers import randomize_torch, write_word_level_tokenizer
+    from tests.refimpl.test_torch_convert import Seq2SeqTransformer
 
     V = 12
-    model = randomize(Seq2SeqTransformer(V, 8, 2, 16, 2, 2, norm_first=(dtype == "fp16"), maxlen=32), seed=4)
+    model = randomize_torch(Seq2SeqTransformer(V, 8, 2, 16, 2, 2, norm_first=(dtype == "fp16"), maxlen=32),
+                            np.random.default_rng(4))
     torch.save(model.state_dict(), tmp_path / "model.pt")
     tokenizer = write_word_level_tokenizer(tmp_path / "tokenizer.json", V)
     result = CliRunner().invoke(main, ["convert-torch", str(tmp_path / "model.pt"), "--tokenizer", str(tokenizer),

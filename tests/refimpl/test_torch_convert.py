@@ -18,7 +18,7 @@ from refformer.refimpl import (Config, RefformerError, decoder_layer_forward, en
 from refformer.refimpl.torch_convert import (config_from_torch_layer, convert_state_dict_file,
                                              decoder_layer_params_from_torch, encoder_layer_params_from_torch,
                                              from_state_dict, from_torch)
-from tests.helpers import write_word_level_tokenizer
+from tests.helpers import randomize_torch, write_word_level_tokenizer
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -145,18 +145,6 @@ class WordLanguageModel(nn.Module):
         return self.decoder(output).transpose(0, 1)
 
 
-def randomize(module, seed):
-    """Random weights everywhere (biases and norms too), reproducible."""
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            scale = 1.0 / math.sqrt(p.shape[-1]) if p.ndim >= 2 else 0.2
-            values = rng.normal(0.0, scale, p.shape) + (1.0 if p.ndim == 1 and "norm" in name and "weight" in name
-                                                        else 0.0)
-            p.copy_(torch.from_numpy(values))
-    return module.eval()
-
-
 V, D, H, F = 12, 8, 2, 16
 
 
@@ -201,8 +189,9 @@ def lm_logits(cfg, params, model, seed):
     (False, False, False, False, "relu"), (True, True, True, True, "gelu"), (False, True, False, True, "relu"),
     (True, False, True, False, "gelu")])
 def test_from_torch_seq2seq(dtype, share, tie, batch_first, norm_first, activation):
-    model = randomize(Seq2SeqTransformer(V, D, H, F, 2, 1, norm_first=norm_first, activation=activation, share=share,
-                                         tie=tie, batch_first=batch_first, dtype=dtype), seed=1)
+    model = randomize_torch(Seq2SeqTransformer(V, D, H, F, 2, 1, norm_first=norm_first, activation=activation,
+                                               share=share, tie=tie, batch_first=batch_first, dtype=dtype),
+                            np.random.default_rng(1))
     cfg, params = from_torch(model, dropout=0.0)
     assert (cfg.family, cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.d_ff) == ("encoder-decoder", V, D, H, F)
     assert (cfg.n_encoder_layers, cfg.n_decoder_layers) == (2, 1)
@@ -216,8 +205,8 @@ def test_from_torch_seq2seq(dtype, share, tie, batch_first, norm_first, activati
 
 @pytest.mark.parametrize("tie, final_norm, batch_first", [(False, True, True), (True, False, False)])
 def test_from_torch_decoder_only(tie, final_norm, batch_first):
-    model = randomize(CausalLM(V, D, H, F, 2, final_norm=final_norm, tie=tie, batch_first=batch_first,
-                               dtype=torch.float64), seed=3)
+    model = randomize_torch(CausalLM(V, D, H, F, 2, final_norm=final_norm, tie=tie, batch_first=batch_first,
+                                     dtype=torch.float64), np.random.default_rng(3))
     cfg, params = from_torch(model, embed_scale=False)
     assert (cfg.family, cfg.n_encoder_layers, cfg.n_decoder_layers) == ("decoder-only", 0, 2)
     assert cfg.final_norm == final_norm
@@ -229,7 +218,7 @@ def test_from_torch_decoder_only(tie, final_norm, batch_first):
 
 def test_word_language_model_naming():
     """encoder.weight (embedding), decoder.weight/bias (head), pos_encoder.pe: from_torch and from_state_dict agree."""
-    model = randomize(WordLanguageModel(V, D, H, F, 2, dtype=torch.float64), seed=11)
+    model = randomize_torch(WordLanguageModel(V, D, H, F, 2, dtype=torch.float64), np.random.default_rng(11))
     cfg, params = from_torch(model)
     assert (cfg.family, cfg.final_norm, cfg.lm_head_bias, cfg.max_positions) == ("decoder-only", False, True, 64)
     ours, theirs = lm_logits(cfg, params, model, seed=12)
@@ -279,8 +268,8 @@ def test_layer_conversion_variants(activation, expected, bias):
     """Activations given as modules or functions, bias=False (zero biases), layer_norm_eps, read and reproduced."""
     kwargs = dict(d_model=D, nhead=H, dim_feedforward=F, dropout=0.0, activation=activation(), layer_norm_eps=1e-6,
                   batch_first=True, norm_first=not bias, bias=bias, dtype=torch.float64)
-    encoder_layer = randomize(nn.TransformerEncoderLayer(**kwargs), seed=13)
-    decoder_layer = randomize(nn.TransformerDecoderLayer(**kwargs), seed=14)
+    encoder_layer = randomize_torch(nn.TransformerEncoderLayer(**kwargs), np.random.default_rng(13))
+    decoder_layer = randomize_torch(nn.TransformerDecoderLayer(**kwargs), np.random.default_rng(14))
     fields = config_from_torch_layer(encoder_layer)
     assert fields == {"d_model": D, "n_heads": H, "d_ff": F, "norm_first": not bias, "activation": expected,
                       "norm_eps": 1e-6, "dropout": 0.0}
@@ -304,7 +293,8 @@ def test_layer_conversion_variants(activation, expected, bias):
 
 @pytest.mark.parametrize("share, tie, norm_first", [(False, False, False), (True, True, True)])
 def test_convert_state_dict_file_seq2seq_round_trip(tmp_path, share, tie, norm_first):
-    model = randomize(Seq2SeqTransformer(V, D, H, F, 2, 2, share=share, tie=tie, norm_first=norm_first), seed=5)
+    model = randomize_torch(Seq2SeqTransformer(V, D, H, F, 2, 2, share=share, tie=tie, norm_first=norm_first),
+                            np.random.default_rng(5))
     torch.save(model.state_dict(), tmp_path / "model.pt")
     cfg = convert_state_dict_file(tmp_path / "model.pt", write_word_level_tokenizer(tmp_path / "tokenizer.json", V),
                                   tmp_path / "out", n_heads=H, norm_first=norm_first)
@@ -317,7 +307,7 @@ def test_convert_state_dict_file_seq2seq_round_trip(tmp_path, share, tie, norm_f
 
 
 def test_convert_state_dict_file_decoder_only_round_trip(tmp_path):
-    model = randomize(CausalLM(V, D, H, F, 2, tie=True), seed=7)
+    model = randomize_torch(CausalLM(V, D, H, F, 2, tie=True), np.random.default_rng(7))
     torch.save({"epoch": 3, "model_state_dict": model.state_dict()}, tmp_path / "checkpoint.pt")  # unwrapped
     cfg = convert_state_dict_file(tmp_path / "checkpoint.pt", write_word_level_tokenizer(tmp_path / "tok.json", V),
                                   tmp_path / "out", n_heads=H, norm_first=True, activation="gelu", embed_scale=False)
@@ -329,7 +319,7 @@ def test_convert_state_dict_file_decoder_only_round_trip(tmp_path):
 
 def test_from_state_dict_separate_qkv_weights():
     """q/k/v_proj_weight (MultiheadAttention with kdim/vdim given) convert like the packed in_proj_weight."""
-    model = randomize(Seq2SeqTransformer(V, D, H, F, 1, 1, dtype=torch.float64), seed=9)
+    model = randomize_torch(Seq2SeqTransformer(V, D, H, F, 1, 1, dtype=torch.float64), np.random.default_rng(9))
     state = model.state_dict()
     cfg, params = from_state_dict(state, n_heads=H, dropout=0.0)
     unpacked = {}

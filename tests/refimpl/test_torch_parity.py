@@ -23,6 +23,7 @@ from refformer.refimpl import (causal_mask, decoder_layer_backward, decoder_laye
 from refformer.refimpl.config import Config
 from refformer.refimpl.torch_convert import (config_from_torch_layer, decoder_layer_params_from_torch,
                                              encoder_layer_params_from_torch, from_torch, mha_params_from_torch)
+from tests.helpers import randomize_torch
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -116,20 +117,6 @@ def assert_matches_torch(ours, run_torch, module, dtype, label, floors=None):
         pytest.fail(f"{label} ({dtype_name}) differs from torch beyond {tolerance:g}:\n{lines}")
 
 
-def randomize(module, rng):
-    """Every parameter random (biases and norm weights too, so that none hides behind a zero or a one)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                values = rng.normal(0.0, 1.0 / math.sqrt(p.shape[-1]), p.shape)
-            elif "norm" in name and name.endswith("weight"):
-                values = 1.0 + 0.2 * rng.normal(size=p.shape)
-            else:
-                values = 0.2 * rng.normal(size=p.shape)
-            p.copy_(torch.from_numpy(values))
-    return module.eval()
-
-
 def torch_gradient_tree(module, convert):
     """convert(copy of module whose parameters hold their .grad): torch's gradients in our parameter layout.
 
@@ -187,7 +174,7 @@ def check_mha(dtype, B, T, S, D, H, *, cross, mask_kind, padded, seed):
     """nn.MultiheadAttention vs mha_forward/mha_backward; mask_kind: none, causal (bool) or float (additive)."""
     rng = np.random.default_rng(seed)
     S = S if cross else T
-    mha = randomize(nn.MultiheadAttention(D, H, dropout=0.0, batch_first=True, dtype=TORCH_DTYPE[dtype]), rng)
+    mha = randomize_torch(nn.MultiheadAttention(D, H, dropout=0.0, batch_first=True, dtype=TORCH_DTYPE[dtype]), rng)
     p = mha_params_from_torch(mha)
     xq = rng.normal(size=(B, T, D)).astype(dtype)
     xkv = rng.normal(size=(B, S, D)).astype(dtype) if cross else xq
@@ -262,7 +249,8 @@ def test_encoder_layer_matches_torch(dtype, n, norm_first, activation, causal, p
     """TransformerEncoderLayer vs encoder_layer_*; causal, also vs our decoder-only layer (the same structure)."""
     rng = np.random.default_rng(seed)
     B, S, D = n["B"], n["S"], n["D"]
-    layer = randomize(nn.TransformerEncoderLayer(**layer_kwargs(n, dtype, norm_first, activation, batch_first)), rng)
+    kwargs = layer_kwargs(n, dtype, norm_first, activation, batch_first)
+    layer = randomize_torch(nn.TransformerEncoderLayer(**kwargs), rng)
     cfg = Config(**config_from_torch_layer(layer))
     assert (cfg.norm_first, cfg.activation, cfg.dropout) == (norm_first, activation, 0.0)
     p = encoder_layer_params_from_torch(layer)
@@ -304,7 +292,8 @@ def test_decoder_layer_matches_torch(dtype, n, norm_first, activation, padded, b
     """
     rng = np.random.default_rng(seed)
     B, T, S, D = n["B"], n["T"], max(n["S"], 2), n["D"]
-    layer = randomize(nn.TransformerDecoderLayer(**layer_kwargs(n, dtype, norm_first, activation, batch_first)), rng)
+    kwargs = layer_kwargs(n, dtype, norm_first, activation, batch_first)
+    layer = randomize_torch(nn.TransformerDecoderLayer(**kwargs), rng)
     cfg = Config(**config_from_torch_layer(layer))
     p = decoder_layer_params_from_torch(layer)
     x = rng.normal(size=(B, T, D)).astype(dtype)
@@ -429,7 +418,7 @@ def test_seq2seq_model_matches_torch(dtype, case):
     """Embedding + positions + nn.Transformer + Linear vs model_forward / model_backward: logits and every gradient."""
     rng = np.random.default_rng(len(str(case)))
     V, D, H, F, B, S, T = 11, 8, 2, 12, 3, 6, 5
-    model = randomize(TorchSeq2Seq(V, D, H, F, 2, 2, dtype=TORCH_DTYPE[dtype], **case), rng)
+    model = randomize_torch(TorchSeq2Seq(V, D, H, F, 2, 2, dtype=TORCH_DTYPE[dtype], **case), rng)
     cfg, params = from_torch(model)
     assert (cfg.family, cfg.norm_first, cfg.activation, cfg.share_embeddings, cfg.tie_embeddings, cfg.lm_head_bias,
             cfg.dropout) == ("encoder-decoder", case["norm_first"], case["activation"], case["share"], case["tie"],
@@ -451,8 +440,8 @@ def test_decoder_only_model_matches_torch(dtype, norm_first, activation, final_n
     """Embedding + positions + causal nn.TransformerEncoder + Linear vs the decoder-only family."""
     rng = np.random.default_rng(7)
     V, D, H, F, B, T = 13, 8, 4, 12, 3, 6
-    model = randomize(TorchLM(V, D, H, F, 2, norm_first=norm_first, activation=activation, final_norm=final_norm,
-                              tie=tie, head_bias=head_bias, dtype=TORCH_DTYPE[dtype]), rng)
+    model = randomize_torch(TorchLM(V, D, H, F, 2, norm_first=norm_first, activation=activation,
+                                    final_norm=final_norm, tie=tie, head_bias=head_bias, dtype=TORCH_DTYPE[dtype]), rng)
     cfg, params = from_torch(model)
     assert (cfg.family, cfg.final_norm, cfg.n_encoder_layers) == ("decoder-only", final_norm, 0)
     ids, pad = token_batch(rng, V, B, T)
