@@ -98,11 +98,11 @@ def make_batch(rng):
 # ---------------------------------------------------------------------------- refimpl
 
 
-def refimpl_step(params, src, tgt_in, tgt_out, rng):
-    """Forward, loss, backward; returns (loss, grads)."""
-    logits, cache = model_forward(CFG, params, src, tgt_in, rng=rng)
-    loss, loss_cache = cross_entropy_forward(logits, tgt_out, ignore_id=CFG.pad_id, label_smoothing=LABEL_SMOOTHING)
-    grads = model_backward(CFG, params, cache, cross_entropy_backward(loss_cache))
+def refimpl_step(params, src, tgt_in, tgt_out, rng=None, cfg=CFG):
+    """Forward (dropout from rng; None: off), loss, backward; returns (loss, grads)."""
+    logits, cache = model_forward(cfg, params, src, tgt_in, rng=rng)
+    loss, loss_cache = cross_entropy_forward(logits, tgt_out, ignore_id=cfg.pad_id, label_smoothing=LABEL_SMOOTHING)
+    grads = model_backward(cfg, params, cache, cross_entropy_backward(loss_cache))
     return loss, grads
 
 
@@ -171,11 +171,11 @@ def load_refimpl_params(model, params):
         norm(model.transformer.decoder.norm, params["decoder"]["final_norm"])
 
 
-def torch_step(model, src, tgt_in, tgt_out):
+def torch_step(model, src, tgt_in, tgt_out, cfg=CFG):
     """Zero the grads, forward, loss, backward; returns the loss."""
     model.zero_grad(set_to_none=True)
     logits = model(src, tgt_in)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=CFG.pad_id,
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=cfg.pad_id,
                            label_smoothing=LABEL_SMOOTHING)
     loss.backward()
     return loss
@@ -188,11 +188,8 @@ def check_same_model(params, src, tgt_in, tgt_out):
     checks the whole backward. float64 because in float32 a single ReLU that flips sign between
     two roundings moves some weight gradients by ~1e-2 (in either implementation).
     """
-    cfg = CFG.replace(dropout=0.0)
     params64 = tree_map(lambda a: a.astype(np.float64), params)
-    logits, cache = model_forward(cfg, params64, src, tgt_in)
-    loss, loss_cache = cross_entropy_forward(logits, tgt_out, ignore_id=CFG.pad_id, label_smoothing=LABEL_SMOOTHING)
-    grads = model_backward(cfg, params64, cache, cross_entropy_backward(loss_cache))
+    loss, grads = refimpl_step(params64, src, tgt_in, tgt_out, cfg=CFG.replace(dropout=0.0))
     model = TorchModel(CFG).double()
     load_refimpl_params(model, params64)
     model.eval()  # dropout off; with grad enabled torch still takes its standard (training) path

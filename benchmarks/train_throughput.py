@@ -20,17 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from refformer.refimpl import cross_entropy_backward, cross_entropy_forward, init_params, model_backward, model_forward
+from refformer.refimpl import init_params
 from refformer.refimpl.io import load_config
 from refformer.refimpl.optim import adamw_init, adamw_update, clip_by_global_norm
-import train_step  # benchmarks/train_step.py (scripts run from their folder on sys.path): TorchModel, blas_info, ...
+import train_step  # benchmarks/train_step.py (scripts run from their folder on sys.path): the model, the step, ...
 from machine import cpu_model
 
 HERE = Path(__file__).resolve().parent
 CFG = load_config(HERE.parent / "runtime" / "models" / "de-en")
-LABEL_SMOOTHING, CLIP, LR, WEIGHT_DECAY = 0.1, 1.0, 5e-4, 0.01
+CLIP, LR, WEIGHT_DECAY = 1.0, 5e-4, 0.01  # label smoothing: train_step.LABEL_SMOOTHING
 
 
 def batches(data_dir, rng, n):
@@ -86,20 +85,13 @@ def main():
 
     def refimpl(batch):
         nonlocal params, state
-        src, tgt_in, tgt_out = batch
-        logits, cache = model_forward(CFG, params, src, tgt_in, rng=dropout_rng)
-        loss, loss_cache = cross_entropy_forward(logits, tgt_out, ignore_id=CFG.pad_id, label_smoothing=LABEL_SMOOTHING)
-        grads, _ = clip_by_global_norm(model_backward(CFG, params, cache, cross_entropy_backward(loss_cache)), CLIP)
+        loss, grads = train_step.refimpl_step(params, *batch, dropout_rng, CFG)
+        grads, _ = clip_by_global_norm(grads, CLIP)
         params, state = adamw_update(params, grads, state, lr=LR, weight_decay=WEIGHT_DECAY)
         return float(loss)
 
     def torch_(batch):
-        src, tgt_in, tgt_out = (torch.from_numpy(np.ascontiguousarray(a)) for a in batch)
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(src, tgt_in)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=CFG.pad_id,
-                               label_smoothing=LABEL_SMOOTHING)
-        loss.backward()
+        loss = train_step.torch_step(model, *(torch.from_numpy(np.ascontiguousarray(a)) for a in batch), CFG)
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         return loss.item()
