@@ -164,6 +164,12 @@ def randomize_torch(module, rng):
     return module.eval()
 
 
+def random_mha_params(rng, D):
+    """Attention parameters for width D: q/k/v/out projections with N(0, 1/D) weights and N(0, 1) biases."""
+    return {name: {"weight": rng.standard_normal((D, D)) / np.sqrt(D), "bias": rng.standard_normal(D)}
+            for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+
 def away_from_zero(rng, shape, low=0.1, high=2.0):
     """Random values with |x| in [low, high]: for relu, whose derivative jumps at 0."""
     return rng.choice([-1.0, 1.0], size=shape) * rng.uniform(low, high, size=shape)

@@ -24,7 +24,8 @@ from refformer.refimpl import (Config, activation_backward, activation_forward, 
                                softmax_forward)
 from tests.helpers import (RELU_MARGIN, B_sizes, assert_gradients, assert_param_gradients, assert_same_tree,
                            away_from_zero, head_counts, head_widths, keep_mask, layer_configs, left_padded,
-                           lengths, model_configs, random_params, relu_margin, right_padded, seeds, weighted_sum)
+                           lengths, model_configs, random_mha_params, random_params, relu_margin, right_padded, seeds,
+                           weighted_sum)
 
 widths = st.integers(1, 16)  # D, Din, Dout
 
@@ -190,11 +191,6 @@ def test_attention(seed, B, H, T, S, Dh, kind, dropout_seed):
     dq, dk, dv = attention_backward(cache, upstream)
     assert_gradients(weighted_sum(forward, upstream), {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv},
                      label=f"attention mask={kind} dropout={rate}")
-
-
-def random_mha_params(rng, D):
-    return {name: {"weight": rng.standard_normal((D, D)) / np.sqrt(D), "bias": rng.standard_normal(D)}
-            for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
 
 
 @given(seed=seeds, B=B_sizes, H=head_counts, Dh=head_widths, T=lengths, S=lengths, cross=st.booleans(),

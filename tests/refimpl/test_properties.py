@@ -16,7 +16,7 @@ from refformer.refimpl import (Config, RefformerError, attention_backward, atten
                                init_params, log_softmax_forward, mha_backward, mha_forward, model_backward,
                                model_forward, padding_mask, rel_error, softmax_backward, softmax_forward)
 from tests.helpers import (B_sizes, head_counts, head_widths, keep_mask, left_padded, lengths, model_configs,
-                           random_params, right_padded, seeds)
+                           random_mha_params, random_params, right_padded, seeds)
 
 TOL = 1e-12
 
@@ -216,8 +216,7 @@ def test_decoder_step_one_token_at_a_time_from_empty(cfg, seed, B, S, T):
 @given(seed=seeds, B=B_sizes, T=lengths, S=lengths, D=st.integers(1, 16), cross=st.booleans(), masked=st.booleans())
 def test_single_head_mha_is_plain_attention(seed, B, T, S, D, cross, masked):
     rng = np.random.default_rng(seed)
-    p = {name: {"weight": rng.standard_normal((D, D)) / math.sqrt(D), "bias": rng.standard_normal(D)}
-         for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    p = random_mha_params(rng, D)
     xq = rng.standard_normal((B, T, D))
     xkv = rng.standard_normal((B, S, D)) if cross else xq
     S = xkv.shape[1]
