@@ -168,18 +168,33 @@ def _check_type(module, cls, what):
     check(isinstance(module, cls), f"{what} must be a torch.nn.{cls.__name__}, got {type(module).__name__}")
 
 
+def _check_mha(mha):
+    """Reject an nn.MultiheadAttention that refimpl's attention cannot reproduce."""
+    _check_type(mha, _torch().nn.MultiheadAttention, "mha")
+    check(mha.bias_k is None, "nn.MultiheadAttention with add_bias_kv=True is not supported")
+    check(not mha.add_zero_attn, "nn.MultiheadAttention with add_zero_attn=True is not supported")
+    check(mha.kdim == mha.embed_dim and mha.vdim == mha.embed_dim,
+          f"nn.MultiheadAttention with kdim={mha.kdim}, vdim={mha.vdim} != embed_dim={mha.embed_dim} is not supported")
+
+
 def mha_params_from_torch(mha):
     """nn.MultiheadAttention (packed in_proj or separate q/k/v_proj_weight) -> our attention params.
 
     {q_proj, k_proj, v_proj, out_proj} each {"weight" [D, D] (in, out), "bias" [D]}, float64 for a
     float64 module, float32 otherwise.
     """
-    _check_type(mha, _torch().nn.MultiheadAttention, "mha")
-    check(mha.bias_k is None, "nn.MultiheadAttention with add_bias_kv=True is not supported")
-    check(not mha.add_zero_attn, "nn.MultiheadAttention with add_zero_attn=True is not supported")
-    check(mha.kdim == mha.embed_dim and mha.vdim == mha.embed_dim,
-          f"nn.MultiheadAttention with kdim={mha.kdim}, vdim={mha.vdim} != embed_dim={mha.embed_dim} is not supported")
+    _check_mha(mha)
     return _mha_from_flat(_flat_arrays(mha), set(), "")
+
+
+def _layer_from_torch(layer, cross):
+    """nn.TransformerEncoderLayer (cross=False) / nn.TransformerDecoderLayer (cross=True) -> (params, layer config)."""
+    nn = _torch().nn
+    _check_type(layer, nn.TransformerDecoderLayer if cross else nn.TransformerEncoderLayer, "layer")
+    config = config_from_torch_layer(layer)  # rejects what refimpl cannot reproduce
+    for name in ("self_attn", "multihead_attn") if cross else ("self_attn",):
+        _check_mha(getattr(layer, name))
+    return _layer_from_flat(_flat_arrays(layer), set(), "", cross), config
 
 
 def encoder_layer_params_from_torch(layer):
@@ -187,19 +202,12 @@ def encoder_layer_params_from_torch(layer):
 
     This is also a decoder-only layer (self-attention without cross-attention).
     """
-    _check_type(layer, _torch().nn.TransformerEncoderLayer, "layer")
-    config_from_torch_layer(layer)  # rejects what refimpl cannot reproduce
-    mha_params_from_torch(layer.self_attn)
-    return _layer_from_flat(_flat_arrays(layer), set(), "", cross=False)
+    return _layer_from_torch(layer, cross=False)[0]
 
 
 def decoder_layer_params_from_torch(layer):
     """nn.TransformerDecoderLayer -> {self_attn, self_attn_norm, cross_attn, cross_attn_norm, ffn, ffn_norm}."""
-    _check_type(layer, _torch().nn.TransformerDecoderLayer, "layer")
-    config_from_torch_layer(layer)
-    for name in ("self_attn", "multihead_attn"):
-        mha_params_from_torch(getattr(layer, name))
-    return _layer_from_flat(_flat_arrays(layer), set(), "", cross=True)
+    return _layer_from_torch(layer, cross=True)[0]
 
 
 def _activation_name(activation):
@@ -351,8 +359,9 @@ def _stack_from_torch(stack, cross):
     for i, layer in enumerate(stack.layers):
         check(isinstance(layer, layer_type),
               f"{kind}.layers[{i}] is a {type(layer).__name__}, expected {layer_type.__name__}")
-        configs.append(config_from_torch_layer(layer))
-        layers.append(decoder_layer_params_from_torch(layer) if cross else encoder_layer_params_from_torch(layer))
+        params, config = _layer_from_torch(layer, cross)
+        layers.append(params)
+        configs.append(config)
     check(all(c == configs[0] for c in configs), f"the layers of the {kind} differ in architecture: {configs}")
     tree = {"layers": layers}
     eps = None
