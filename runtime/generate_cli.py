@@ -95,7 +95,7 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
     from refformer.refimpl.generate import GenerationOptions
     from refformer.runtime.generator import Generator
 
-    GenerationOptions(**options)  # bad option values fail before any model is loaded
+    generation = GenerationOptions(**options)  # bad option values fail before any model is loaded
     if not texts and input_path is None:
         raise RefformerError("give a TEXT to translate, or --input FILE (- for stdin)")
     if texts and input_path is not None:
@@ -126,17 +126,16 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
             good = []
             for number, text, error in chunk:
                 if error is None:
-                    try:
-                        generator.encode_inputs([text])  # empty or too long: reported for this line only
-                        good.append((number, text))
+                    try:  # empty or too long: reported for this line only; each line is tokenized once
+                        good.append((number, text, generator.encode_rows([text])[0]))
                         continue
                     except RefformerError as problem:
                         error = f"line {number}: {problem}" if input_path else str(problem)
                 records.append({"line": number, "error": error})
                 failures += 1
             if good:
-                outputs = generator.generate([text for _, text in good], **options)
-                for (number, text), output in zip(good, outputs):
+                outputs = generator.generate_rows([row for _, _, row in good], generation)
+                for (number, text, _), output in zip(good, outputs):
                     records.append(one_record(text, output, line=number))
             bar.update(len(chunk))
     records.sort(key=lambda record: record["line"])

@@ -186,8 +186,9 @@ class Generator:
                           decoder_file="decoder_fused.onnx" if fused else "decoder.onnx")
 
     # ------------------------------------------------------------ text <-> ids
-    def encode_inputs(self, texts):
-        """Texts -> the padded arrays the search takes (sources + eos right-padded, or bos + prompt left-padded)."""
+    def encode_rows(self, texts):
+        """Texts -> token rows, each checked: an empty text is an error, and so is one of more than max_positions - 1
+        tokens, unless truncate is set (then it is cut, with a warning)."""
         cfg = self.cfg
         if isinstance(texts, str):
             texts = [texts]
@@ -203,11 +204,21 @@ class Generator:
                                          "shorten it or pass --truncate")
                 print(f"warning: input {number + 1} truncated from {len(row)} to {limit} tokens", file=sys.stderr)
                 rows[number] = row[:limit]
+        return rows
+
+    def pad_inputs(self, rows):
+        """Token rows (from encode_rows) -> the padded arrays the search takes (sources + eos right-padded, or bos +
+        prompt left-padded)."""
+        cfg = self.cfg
         if cfg.is_encoder_decoder:
             ids, keep = pad_rows([row + [cfg.eos_id] for row in rows], cfg.pad_id)
             return {"src_ids": ids, "src_mask": keep.astype(np.int64)}
         ids, keep, _ = left_padded([[cfg.bos_id] + row for row in rows], cfg.pad_id)
         return {"prompt_ids": ids, "prompt_mask": keep}
+
+    def encode_inputs(self, texts):
+        """Texts -> the padded arrays the search takes: pad_inputs(encode_rows(texts))."""
+        return self.pad_inputs(self.encode_rows(texts))
 
     def decode(self, ids):
         return tok.decode(self.tokenizer, [t for t in ids if t != self.cfg.eos_id])
@@ -220,11 +231,14 @@ class Generator:
     def generate(self, texts, **options):
         """Texts -> generated texts: a list of str, or of lists of str when num_return_sequences > 1."""
         options = GenerationOptions(**options)
-        single = isinstance(texts, str)
-        outputs = [[self.decode(ids) for ids in sequences] for sequences in self.generate_ids(texts, options)]
-        if options.num_return_sequences == 1:
-            outputs = [sequences[0] for sequences in outputs]
-        return outputs[0] if single else outputs
+        outputs = self.generate_rows(self.encode_rows(texts), options)
+        return outputs[0] if isinstance(texts, str) else outputs
+
+    def generate_rows(self, rows, options):
+        """Token rows (from encode_rows, which the CLI runs line by line) -> generated texts, as generate."""
+        sequences = generate(self.cfg, None, options=options, stepper=self.stepper, **self.pad_inputs(rows))
+        outputs = [[self.decode(ids) for ids in candidates] for candidates in sequences]
+        return [candidates[0] for candidates in outputs] if options.num_return_sequences == 1 else outputs
 
     def stream(self, text, **options):
         """Yield pieces of text as tokens are produced (beam search yields its best result at the end)."""
