@@ -81,16 +81,18 @@ def blas_env():
 # ---------------------------------------------------------------------------- the batch
 
 
+def padded_ids(rng, cfg, n_rows, length):
+    """Random ids [n_rows, length], each row a random length (length // 2 .. length) padded with pad_id."""
+    ids = rng.integers(4, cfg.vocab_size, size=(n_rows, length))
+    lengths = rng.integers(length // 2, length + 1, size=n_rows)
+    ids[np.arange(length)[None, :] >= lengths[:, None]] = cfg.pad_id
+    return ids
+
+
 def make_batch(rng):
     """src [B, S], decoder input and targets [B, T], each row a random length padded with pad_id."""
-    def padded(length, n_rows):
-        ids = rng.integers(4, CFG.vocab_size, size=(n_rows, length))
-        lengths = rng.integers(length // 2, length + 1, size=n_rows)
-        ids[np.arange(length)[None, :] >= lengths[:, None]] = CFG.pad_id
-        return ids
-
-    src = padded(S, B)
-    tgt = padded(T + 1, B)
+    src = padded_ids(rng, CFG, B, S)
+    tgt = padded_ids(rng, CFG, B, T + 1)
     tgt[:, 0] = CFG.bos_id
     return src, tgt[:, :-1], tgt[:, 1:]
 

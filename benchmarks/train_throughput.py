@@ -46,17 +46,12 @@ def batches(data_dir, rng, n):
         made = make_batches(examples, max_tokens=4096, pad_id=CFG.pad_id, seed=0)
         picked = np.random.default_rng(0).choice(len(made), n, replace=False)  # all lengths, not just the shortest
         return [(made[i].src_ids, made[i].tgt_ids, made[i].labels) for i in picked]
+    B, S, T = 160, 14, 14
     out = []
     for _ in range(n):
-        B, S, T = 160, 14, 14
-        def padded(length):
-            ids = rng.integers(4, CFG.vocab_size, size=(B, length))
-            lengths = rng.integers(length // 2, length + 1, size=B)
-            ids[np.arange(length)[None, :] >= lengths[:, None]] = CFG.pad_id
-            return ids
-        tgt = padded(T + 1)
+        tgt = train_step.padded_ids(rng, CFG, B, T + 1)
         tgt[:, 0] = CFG.bos_id
-        out.append((padded(S), tgt[:, :-1], tgt[:, 1:]))
+        out.append((train_step.padded_ids(rng, CFG, B, S), tgt[:, :-1], tgt[:, 1:]))
     return out
 
 
