@@ -40,7 +40,7 @@ from refformer.refimpl import Config, init_params, save
 from refformer.refimpl.generate import GenerationOptions, beam_search, search_iter
 from refformer.refimpl.gradcheck import rel_error
 from refformer.export.verify import runs_on
-from refformer.runtime.generator import auto_variant
+from refformer.runtime.generator import auto_variant, default_model_dir
 from refformer.runtime.stepper import OrtStepper, StaticOrtStepper
 
 from machine import timed_calls
@@ -213,13 +213,10 @@ def main():
 
     check("marian_fp32", cfg, dirs["fp32"], dirs["fp32"], "fp32", args.device, rng)
     check("marian_fp16", cfg, dirs["fp32"], dirs["fp16"], "fp16", args.device, rng)
-    bundled = Path(__file__).resolve().parent.parent / "runtime" / "models" / "de-en"
     try:
-        from refformer.runtime.generator import default_model_dir
-
         bundled = default_model_dir()
-    except Exception:
-        pass
+    except Exception:  # not in the installed package: the source tree's copy
+        bundled = Path(__file__).resolve().parent.parent / "runtime" / "models" / "de-en"
     if (bundled / "config.json").is_file():
         from refformer.refimpl.io import load_config
 
