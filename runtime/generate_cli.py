@@ -127,10 +127,11 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
             for number, text, error in chunk:
                 if error is None:
                     try:  # empty or too long: reported for this line only; each line is tokenized once
-                        good.append((number, text, generator.encode_rows([text])[0]))
+                        name = f"line {number}" if input_path else f"input {number}"
+                        good.append((number, text, generator.encode_rows([text], [name])[0]))
                         continue
                     except RefformerError as problem:
-                        error = f"line {number}: {problem}" if input_path else str(problem)
+                        error = str(problem)
                 records.append({"line": number, "error": error})
                 failures += 1
             if good:

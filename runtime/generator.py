@@ -186,23 +186,25 @@ class Generator:
                           decoder_file="decoder_fused.onnx" if fused else "decoder.onnx")
 
     # ------------------------------------------------------------ text <-> ids
-    def encode_rows(self, texts):
+    def encode_rows(self, texts, names=None):
         """Texts -> token rows, each checked: an empty text is an error, and so is one of more than max_positions - 1
-        tokens, unless truncate is set (then it is cut, with a warning)."""
+        tokens, unless truncate is set (then it is cut, with a warning). names: how messages call each text
+        (default "input 1", "input 2", ...)."""
         cfg = self.cfg
         if isinstance(texts, str):
             texts = [texts]
-        for number, text in enumerate(texts):
+        names = names or [f"input {number + 1}" for number in range(len(texts))]
+        for name, text in zip(names, texts):
             if not isinstance(text, str) or not text.strip():
-                raise RefformerError(f"input {number + 1} is empty")
+                raise RefformerError(f"{name} is empty")
         rows = tok.encode(self.tokenizer, texts)
         limit = cfg.max_positions - 1  # room for eos (source) or bos (prompt) and at least one new token
-        for number, row in enumerate(rows):
+        for number, (name, row) in enumerate(zip(names, rows)):
             if len(row) > limit:
                 if not self.truncate:
-                    raise RefformerError(f"input {number + 1} has {len(row)} tokens, more than the model's {limit}; "
+                    raise RefformerError(f"{name} has {len(row)} tokens, more than the model's {limit}; "
                                          "shorten it or pass --truncate")
-                print(f"warning: input {number + 1} truncated from {len(row)} to {limit} tokens", file=sys.stderr)
+                print(f"warning: {name} truncated from {len(row)} to {limit} tokens", file=sys.stderr)
                 rows[number] = row[:limit]
         return rows
 

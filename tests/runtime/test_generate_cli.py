@@ -47,8 +47,25 @@ def test_input_file_with_bad_lines_reports_them_and_goes_on(model_dir, tmp_path)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["line"] for r in records] == [1, 3, 4, 5, 6, 7]
     errors = {r["line"]: r["error"] for r in records if "error" in r}
-    assert "not valid JSON" in errors[4] and "not valid UTF-8" in errors[5] and "more than the model" in errors[6]
+    assert "not valid JSON" in errors[4] and "not valid UTF-8" in errors[5]
+    assert errors[6].startswith("line 6 has ") and "more than the model" in errors[6]
     assert records[1]["input"] == "Guten Morgen." and isinstance(records[1]["output"], str)
+
+
+def test_truncate_warns_once_for_a_long_line_by_its_number(model_dir, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("Hallo Welt.\n" + "lang " * 100 + "\n")
+    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(source), "--truncate",
+                    "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("truncated from") == 1, result.stderr
+    assert "warning: line 2 truncated from" in result.stderr
+
+
+def test_texts_are_named_by_their_position(model_dir):
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "   ", "--max-new-tokens", "2")
+    assert result.exit_code == 1
+    assert "input 2 is empty" in result.stdout
 
 
 def test_stdin_input(model_dir):
