@@ -154,20 +154,9 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
             static = {} if variant == "fused" else {"max_length": static_length}
             manifest["graphs"][name].update(variant=variant, **static, verified_against="decoder.onnx")
         if measure:
-            from .verify import ERROR_BOUNDS, random_check
+            from .verify import ERROR_BOUNDS, export_checks
 
-            rows = random_check(cfg, params, tmp, dtype, providers=["CPUExecutionProvider"])
-            if static_length is not None:
-                from .verify import static_check
-
-                for graph in (name for name in variants if name.startswith("decoder_static")):
-                    rows += [dict(zip(("check", "provider", "output", "error"), row))
-                             for row in static_check(cfg, params, tmp, dtype, "CPUExecutionProvider", graph=graph)]
-            if fused_attention:
-                from .verify import fused_check
-
-                rows += [dict(zip(("check", "provider", "output", "error"), row))
-                         for row in fused_check(cfg, params, tmp, dtype, "CPUExecutionProvider")]
+            rows = export_checks(cfg, params, tmp, dtype, variants)
             manifest["error"] = {"provider": "CPUExecutionProvider", "bound": ERROR_BOUNDS[dtype],
                                  "max": max(row["error"] for row in rows),
                                  "per_output": {(row["output"] if row["check"] == "random" else f"{row['check']}: {row['output']}"):

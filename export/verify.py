@@ -19,7 +19,9 @@ import numpy as np
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.gradcheck import rel_error
 from refformer.refimpl.model import decoder_step, empty_cache, encode, model_forward
-from refformer.refimpl.tree import tree_map
+from refformer.refimpl.tree import tree_cast
+
+from .graph import NUMPY_TYPES
 
 ERROR_BOUNDS = {"fp32": 1e-5, "fp16": 1e-2}
 REAL_SENTENCES = {
@@ -112,26 +114,31 @@ def runs_on(graph, dtype, provider):
     return not (graph == "decoder_static_fused" and provider == "CUDAExecutionProvider" and dtype == "fp32")
 
 
-def float_type(dtype):
-    return np.float32 if dtype == "fp32" else np.float16
-
-
 def run_encoder(sess, src, keep):
     outputs = sess.run(None, {"input_ids": src, "attention_mask": keep.astype(np.int64)})
     return dict(zip([o.name for o in sess.get_outputs()], outputs))
+
+
+def encoder_cross(cfg, sessions, src, src_keep):
+    """encoder.onnx on the source -> (its outputs by name, the cross cache [(cross_key_i, cross_value_i)] per
+    decoder layer); (None, None) for a decoder-only model."""
+    if not cfg.is_encoder_decoder:
+        return None, None
+    got = run_encoder(sessions["encoder"], src, src_keep)
+    return got, [(got[f"cross_key_{i}"], got[f"cross_value_{i}"]) for i in range(cfg.n_decoder_layers)]
 
 
 def run_decoder(sess, cfg, dtype, ids, positions, keep, past, cross=None, encoder_keep=None):
     """One decoder.onnx call; past and cross are lists of (k, v). Returns logits and the present cache."""
     feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": keep.astype(np.int64)}
     for i, (k, v) in enumerate(past):
-        feeds[f"past_key_self_{i}"] = k.astype(float_type(dtype))
-        feeds[f"past_value_self_{i}"] = v.astype(float_type(dtype))
+        feeds[f"past_key_self_{i}"] = k.astype(NUMPY_TYPES[dtype])
+        feeds[f"past_value_self_{i}"] = v.astype(NUMPY_TYPES[dtype])
     if cfg.is_encoder_decoder:
         feeds["encoder_attention_mask"] = encoder_keep.astype(np.int64)
         for i, (k, v) in enumerate(cross):
-            feeds[f"cross_key_{i}"] = k.astype(float_type(dtype))
-            feeds[f"cross_value_{i}"] = v.astype(float_type(dtype))
+            feeds[f"cross_key_{i}"] = k.astype(NUMPY_TYPES[dtype])
+            feeds[f"cross_value_{i}"] = v.astype(NUMPY_TYPES[dtype])
     outputs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     present = [(outputs[f"present_key_self_{i}"], outputs[f"present_value_self_{i}"]) for i in range(len(past))]
     return outputs["logits"], present
@@ -157,16 +164,15 @@ def compare_pass(cfg, params64, sessions, dtype, check, provider, src, src_keep,
     rows = []
     cross, cross_ref = None, None
     if cfg.is_encoder_decoder:
-        got = run_encoder(sessions["encoder"], src, src_keep)
+        got, cross = encoder_cross(cfg, sessions, src, src_keep)
         memory, cross_ref = encode(cfg, params64, src, src_keep)
         keep3 = src_keep.astype(bool)[:, :, None]
         rows.append((check, provider, "encoder_hidden_states", rel_error(got["encoder_hidden_states"] * keep3, memory * keep3)))
-        cross = [(got[f"cross_key_{i}"], got[f"cross_value_{i}"]) for i in range(cfg.n_decoder_layers)]
         for i, ((k, v), (k_ref, v_ref)) in enumerate(zip(cross, cross_ref)):
             rows.append((check, provider, f"cross_key_{i}", rel_error(k, k_ref)))
             rows.append((check, provider, f"cross_value_{i}", rel_error(v, v_ref)))
     B = tgt.shape[0]
-    past = empty_cache(cfg, B, float_type(dtype))
+    past = empty_cache(cfg, B, NUMPY_TYPES[dtype])
     past_ref = empty_cache(cfg, B, np.float64)
     prompt, step = tgt[:, :-1], tgt[:, -1:]
     for name, ids, positions, keep in (("prompt", prompt, tgt_positions[:, :-1], tgt_keep[:, :-1]),
@@ -181,17 +187,13 @@ def compare_pass(cfg, params64, sessions, dtype, check, provider, src, src_keep,
     return rows
 
 
-def incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, prompts, n_steps, rng):
+def incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, cross, prompts, n_steps, rng):
     """Left-padded prompts of different lengths, then n_steps single-token steps through decoder.onnx,
-    against refimpl.model_forward over the whole (padded) sequence."""
+    against refimpl.model_forward over the whole (padded) sequence. cross: encoder_cross's cache for src."""
     ids, keep, positions = left_padded(prompts, cfg.pad_id)
     B = ids.shape[0]
-    new = rng.integers(4 if cfg.vocab_size > 8 else 0, cfg.vocab_size, (B, n_steps))
-    cross = None
-    if cfg.is_encoder_decoder:
-        got = run_encoder(sessions["encoder"], src, src_keep)
-        cross = [(got[f"cross_key_{i}"], got[f"cross_value_{i}"]) for i in range(cfg.n_decoder_layers)]
-    past = empty_cache(cfg, B, float_type(dtype))
+    new = random_ids(cfg, rng, (B, n_steps))
+    past = empty_cache(cfg, B, NUMPY_TYPES[dtype])
     logits, past = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, past, cross, src_keep)
     collected = [logits]
     for t in range(n_steps):
@@ -208,15 +210,24 @@ def incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, p
     return [("incremental", provider, "logits (prompt + steps)", rel_error(got * real, ref * real))]
 
 
+def random_ids(cfg, rng, size):
+    """Random token ids of shape size; from 4 up (past the default special ids) when the vocabulary has room."""
+    return rng.integers(4 if cfg.vocab_size > 8 else 0, cfg.vocab_size, size)
+
+
+def random_prompts(cfg, rng):
+    """Three random prompts, of lengths 1, 3 and 2 (left-padded by the checks)."""
+    return [list(random_ids(cfg, rng, n)) for n in (1, 3, 2)]
+
+
 def random_inputs(cfg, rng, B=3, S=6, T=5):
-    low = 4 if cfg.vocab_size > 8 else 0
     S, T = min(S, cfg.max_positions), min(T, cfg.max_positions)
-    src = rng.integers(low, cfg.vocab_size, (B, S))
+    src = random_ids(cfg, rng, (B, S))
     src_keep = np.ones((B, S), np.int64)
     for b in range(1, B):  # rows of different source lengths
         src_keep[b, S - b:] = 0
     src = np.where(src_keep == 1, src, cfg.pad_id)
-    tgt = rng.integers(low, cfg.vocab_size, (B, T))
+    tgt = random_ids(cfg, rng, (B, T))
     tgt_keep = np.ones((B, T), np.int64)
     tgt_keep[-1, :1] = 0  # one left-padded target row
     tgt = np.where(tgt_keep == 1, tgt, cfg.pad_id)
@@ -225,19 +236,25 @@ def random_inputs(cfg, rng, B=3, S=6, T=5):
 
 
 def load_sessions(cfg, onnx_dir, provider):
-    names = ["encoder", "decoder"] if cfg.is_encoder_decoder else ["decoder"]
-    return {name: session(Path(onnx_dir) / f"{name}.onnx", provider) for name in names}
+    """{"encoder"?, "decoder"}: sessions of the reference graphs in onnx_dir."""
+    from .export import graph_files  # export imports this module when it measures
+
+    return {name.removesuffix(".onnx"): session(Path(onnx_dir) / name, provider) for name in graph_files(cfg)}
 
 
-def random_check(cfg, params, onnx_dir, dtype, providers=("CPUExecutionProvider",), seed=0):
-    """The random-input rows for each provider, as dicts (what export records in the manifest)."""
-    params64 = tree_map(lambda a: a.astype(np.float64), params)
-    rows = []
-    for provider in providers:
-        sessions = load_sessions(cfg, onnx_dir, provider)
-        inputs = random_inputs(cfg, np.random.default_rng(seed))
-        rows += compare_pass(cfg, params64, sessions, dtype, "random", provider, *inputs)
+def as_dicts(rows):
+    """(check, provider, output, error) rows -> dicts with those keys."""
     return [{"check": c, "provider": p, "output": o, "error": e} for c, p, o, e in rows]
+
+
+def export_checks(cfg, params, onnx_dir, dtype, graphs, seed=0):
+    """What export records in the manifest: on ONNX Runtime CPU, the random-input rows and variant_checks' rows
+    for the graphs, as dicts."""
+    provider = "CPUExecutionProvider"
+    params64 = tree_cast(params, np.float64)
+    sessions = load_sessions(cfg, onnx_dir, provider)
+    rows = compare_pass(cfg, params64, sessions, dtype, "random", provider, *random_inputs(cfg, np.random.default_rng(seed)))
+    return as_dicts(rows + variant_checks(cfg, params64, sessions, onnx_dir, dtype, provider, graphs, seed))
 
 
 def verify(model_dir, onnx_dir=None, providers=None, seed=0):
@@ -257,7 +274,7 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
     dtype = manifest["dtype"]
     if providers is None:
         providers = ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if cuda_usable() else [])
-    params64 = tree_map(lambda a: a.astype(np.float64), params)
+    params64 = tree_cast(params, np.float64)
     rng = np.random.default_rng(seed)
     rows = []
     for provider in providers:
@@ -267,17 +284,12 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
         if (model_dir / TOKENIZER_FILE).is_file():
             rows += compare_pass(cfg, params64, sessions, dtype, "real", provider, *real_inputs(cfg, load_tokenizer(model_dir)))
         src, src_keep = inputs[0], inputs[1]
-        low = 4 if cfg.vocab_size > 8 else 0
-        prompts = [list(rng.integers(low, cfg.vocab_size, n)) for n in (1, 3, 2)][: src.shape[0]]
-        rows += incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, prompts, 3, rng)
-        for graph in ("decoder_static", "decoder_static_mha", "decoder_static_fused"):
-            if graph in manifest["graphs"] and runs_on(graph, dtype, provider):
-                rows += static_check(cfg, params, onnx_dir, dtype, provider, seed, graph=graph)
-        if "decoder_fused" in manifest["graphs"]:
-            rows += fused_check(cfg, params, onnx_dir, dtype, provider, seed)
+        prompts = random_prompts(cfg, rng)[: src.shape[0]]
+        _, cross = encoder_cross(cfg, sessions, src, src_keep)
+        rows += incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, cross, prompts, 3, rng)
+        rows += variant_checks(cfg, params64, sessions, onnx_dir, dtype, provider, manifest["graphs"], seed)
     bound = ERROR_BOUNDS[dtype]
-    return [{"check": c, "provider": p, "output": o, "error": e, "bound": bound, "ok": bool(e <= bound)}
-            for c, p, o, e in rows], dtype
+    return [{**row, "bound": bound, "ok": bool(row["error"] <= bound)} for row in as_dicts(rows)], dtype
 
 
 def real_inputs(cfg, tokenizer):
@@ -294,34 +306,27 @@ def real_inputs(cfg, tokenizer):
     return src, src_keep, tgt, tgt_keep, tgt_positions
 
 
-def static_check(cfg, params, onnx_dir, dtype, provider, seed=0, n_steps=4, graph="decoder_static"):
+def static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0, n_steps=4, graph="decoder_static"):
     """A static graph (decoder_static.onnx, or graph="decoder_static_mha" / "decoder_static_fused"), one token per
     call over left-padded prompts, against decoder.onnx (the reference graph) fed the same tokens, and against
     refimpl; next_ids must be the argmax of its logits. The check is named after the graph's variant ("static",
     "static_mha" or "static_fused")."""
-    onnx_dir = Path(onnx_dir)
-    static = session(onnx_dir / f"{graph}.onnx", provider)
+    static = session(Path(onnx_dir) / f"{graph}.onnx", provider)
     inputs = {i.name: i for i in static.get_inputs()}
     L = inputs["past_key_self_0"].shape[2]
-    sessions = load_sessions(cfg, onnx_dir, provider)
     rng = np.random.default_rng(seed)
     src, src_keep = random_inputs(cfg, rng)[:2]
-    low = 4 if cfg.vocab_size > 8 else 0
-    prompts = [list(rng.integers(low, cfg.vocab_size, n)) for n in (1, 3, 2)]
-    ids, keep, positions = left_padded(prompts, cfg.pad_id)
-    ids = np.concatenate([ids, rng.integers(low, cfg.vocab_size, (3, n_steps))], axis=1)
+    ids, keep, positions = left_padded(random_prompts(cfg, rng), cfg.pad_id)
+    ids = np.concatenate([ids, random_ids(cfg, rng, (3, n_steps))], axis=1)
     keep = np.concatenate([keep, np.ones((3, n_steps), np.int64)], axis=1)
     positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)
     total = ids.shape[1]
     if total > L:
         return []
-    cross = None
-    if cfg.is_encoder_decoder:
-        got = run_encoder(sessions["encoder"], src, src_keep)
-        cross = [(got[f"cross_key_{i}"], got[f"cross_value_{i}"]) for i in range(cfg.n_decoder_layers)]
-    reference, _ = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, empty_cache(cfg, 3, float_type(dtype)),
+    _, cross = encoder_cross(cfg, sessions, src, src_keep)
+    reference, _ = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, empty_cache(cfg, 3, NUMPY_TYPES[dtype]),
                                cross, src_keep)
-    zeros = np.zeros((3, cfg.n_heads, L, cfg.head_dim), float_type(dtype))
+    zeros = np.zeros((3, cfg.n_heads, L, cfg.head_dim), NUMPY_TYPES[dtype])
     caches = [(zeros, zeros) for _ in range(cfg.n_decoder_layers)]
     mask = np.zeros((3, L), np.int64)
     logits, argmax_ok = [], True
@@ -341,7 +346,6 @@ def static_check(cfg, params, onnx_dir, dtype, provider, seed=0, n_steps=4, grap
         logits.append(out["logits"])
         argmax_ok &= bool(np.array_equal(out["next_ids"], out["logits"][:, -1].argmax(axis=-1)))
     got = np.concatenate(logits, axis=1)
-    params64 = tree_map(lambda a: a.astype(np.float64), params)
     ref, _ = model_forward(cfg, params64, src if cfg.is_encoder_decoder else None, ids,
                            src_mask=src_keep if cfg.is_encoder_decoder else None, tgt_mask=keep, tgt_positions=positions)
     real = keep.astype(bool)[:, :, None]
@@ -351,26 +355,33 @@ def static_check(cfg, params, onnx_dir, dtype, provider, seed=0, n_steps=4, grap
             (check, provider, "next_ids = argmax(logits)", 0.0 if argmax_ok else float("inf"))]
 
 
-def fused_check(cfg, params, onnx_dir, dtype, provider, seed=0):
+def fused_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0):
     """decoder_fused.onnx in place of decoder.onnx: the incremental check against refimpl, and its logits
     against decoder.onnx's on the same left-padded prompts and steps."""
-    sessions = load_sessions(cfg, onnx_dir, provider)
     fused = dict(sessions, decoder=session(Path(onnx_dir) / "decoder_fused.onnx", provider))
-    params64 = tree_map(lambda a: a.astype(np.float64), params)
     src, src_keep = random_inputs(cfg, np.random.default_rng(seed))[:2]
-    low = 4 if cfg.vocab_size > 8 else 0
-    prompts = [list(np.random.default_rng(seed).integers(low, cfg.vocab_size, n)) for n in (1, 3, 2)]
+    _, cross = encoder_cross(cfg, sessions, src, src_keep)
+    # a fresh generator per prompt (not random_prompts): the three prompts are prefixes of one another
+    prompts = [list(random_ids(cfg, np.random.default_rng(seed), n)) for n in (1, 3, 2)]
     rows = [("fused", provider, "logits vs refimpl (prompt + steps)",
-             incremental_check(cfg, params64, fused, dtype, provider, src, src_keep, prompts, 3,
+             incremental_check(cfg, params64, fused, dtype, provider, src, src_keep, cross, prompts, 3,
                                np.random.default_rng(seed))[0][3])]
     ids, keep, positions = left_padded(prompts, cfg.pad_id)
-    cross = None
-    if cfg.is_encoder_decoder:
-        got = run_encoder(sessions["encoder"], src, src_keep)
-        cross = [(got[f"cross_key_{i}"], got[f"cross_value_{i}"]) for i in range(cfg.n_decoder_layers)]
-    empty = empty_cache(cfg, len(prompts), float_type(dtype))
+    empty = empty_cache(cfg, len(prompts), NUMPY_TYPES[dtype])
     reference, _ = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, empty, cross, src_keep)
     got, _ = run_decoder(fused["decoder"], cfg, dtype, ids, positions, keep, empty, cross, src_keep)
     real = keep.astype(bool)[:, :, None]
     rows.append(("fused", provider, "logits vs decoder.onnx (prompt)", rel_error(got * real, reference * real)))
+    return rows
+
+
+def variant_checks(cfg, params64, sessions, onnx_dir, dtype, provider, graphs, seed=0):
+    """The rows of the faster decoders among graphs (names without .onnx) that run on the provider: each
+    decoder_static* by static_check, decoder_fused by fused_check."""
+    rows = []
+    for graph in ("decoder_static", "decoder_static_mha", "decoder_static_fused"):
+        if graph in graphs and runs_on(graph, dtype, provider):
+            rows += static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed, graph=graph)
+    if "decoder_fused" in graphs:
+        rows += fused_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed)
     return rows
