@@ -16,7 +16,7 @@ from refformer.refimpl import (Config, RefformerError, attention_backward, atten
                                init_params, log_softmax_forward, mha_backward, mha_forward, model_backward,
                                model_forward, padding_mask, rel_error, softmax_backward, softmax_forward)
 from tests.helpers import (B_sizes, head_counts, head_widths, keep_mask, left_padded, lengths, model_configs,
-                           random_mha_params, random_params, right_padded, seeds)
+                           random_mha_params, random_params, random_tokens, right_padded, seeds)
 
 TOL = 1e-12
 
@@ -24,12 +24,6 @@ TOL = 1e-12
 def assert_close(actual, expected, tol=TOL, what=""):
     error = rel_error(actual, expected)
     assert error <= tol, f"{what}: rel_error {error:.2e} > {tol:.0e}"
-
-
-def random_tokens(rng, cfg, shape):
-    """Ids that are never pad_id."""
-    ids = rng.integers(0, cfg.vocab_size, size=shape)
-    return np.where(ids == cfg.pad_id, (cfg.pad_id + 1) % cfg.vocab_size, ids)
 
 
 # ---------------------------------------------------------------------------- causality and padding
