@@ -9,7 +9,7 @@
 #   command: bash .gpu/assemble.sh && bash benchmarks/device_run.sh
 #
 # Writes under $OUT: env.txt (GPU, driver, onnxruntime), generate_gpu.json and generate_gpu.txt (the
-# benchmark table and agreement checks), verify.txt (`refformer verify` of the bundled model on CUDA, fp32 and
+# benchmark table and agreement checks), verify.txt (the bundled model exported once, then `refformer verify` on CUDA, fp32 and
 # fp16, every variant), generate.txt (`refformer generate` on CUDA through the auto variant). Each part runs
 # even when an earlier one fails. A smoke test of this script on the CPU, here: DEVICE=cpu QUICK=1 bash benchmarks/device_run.sh
 set -u
@@ -26,13 +26,19 @@ refformer() { python3 -c "from refformer.runtime.cli import main; main()" "$@"; 
   python3 -m pip show safetensors tokenizers click 2>&1 | grep -E "^(Name|Version)"
 } > "$OUT/env.txt" 2>&1
 
-timeout 300 python3 benchmarks/generate_gpu.py --device "$DEVICE" $QUICK --baselines .gpu --out "$OUT" 2>&1 | tee "$OUT/generate_gpu.txt" | tail -40
-
+# the bundled model exported once: generate_gpu.py's bundled checks (--bundled-onnx) and refformer verify use it
 bundled=$(python3 -c "from refformer.runtime.generator import default_model_dir; print(default_model_dir())")
 for dtype in fp32 fp16; do
-  export_dir=/tmp/refformer-bundled-$dtype
-  { refformer export "$bundled" --dtype "$dtype" --out "$export_dir" --static-length 128 --fused-attention \
-      && refformer verify "$bundled" --onnx-dir "$export_dir" --provider "$DEVICE"; echo "exit $?"; } >> "$OUT/verify.txt" 2>&1
+  { refformer export "$bundled" --dtype "$dtype" --out "/tmp/refformer-bundled-$dtype" --static-length 128 \
+      --fused-attention; echo "export exit $?"; } >> "$OUT/verify.txt" 2>&1
+done
+
+timeout 300 python3 benchmarks/generate_gpu.py --device "$DEVICE" $QUICK --baselines .gpu --out "$OUT" \
+  --bundled-onnx /tmp/refformer-bundled- 2>&1 | tee "$OUT/generate_gpu.txt" | tail -40
+
+for dtype in fp32 fp16; do
+  { refformer verify "$bundled" --onnx-dir "/tmp/refformer-bundled-$dtype" --provider "$DEVICE"; echo "exit $?"; } \
+    >> "$OUT/verify.txt" 2>&1
 done
 tail -30 "$OUT/verify.txt"
 

@@ -158,6 +158,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny model, few tokens: a smoke test")
     parser.add_argument("--baselines", default=None, help="folder with hf_generate.py and torch_graph_step.py")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--bundled-onnx", metavar="PREFIX", default=None,
+                        help="the bundled model already exported (static length max_positions, fused attention) to "
+                             "PREFIXfp32 and PREFIXfp16 (device_run.sh's exports); without it, exported here")
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -221,11 +224,12 @@ def main():
         from refformer.refimpl.io import load_config
 
         bcfg = load_config(bundled)
-        bdirs = {}
-        for dtype in ("fp32", "fp16"):
-            export_model(bundled, work / f"bundled-{dtype}", dtype=dtype, measure=False, static_length=bcfg.max_positions,
-                         fused_attention=bcfg.head_dim % 8 == 0)
-            bdirs[dtype] = work / f"bundled-{dtype}"
+        prefix = args.bundled_onnx or str(work / "bundled-")
+        bdirs = {dtype: Path(f"{prefix}{dtype}") for dtype in ("fp32", "fp16")}
+        if not args.bundled_onnx:
+            for dtype, onnx_dir in bdirs.items():
+                export_model(bundled, onnx_dir, dtype=dtype, measure=False, static_length=bcfg.max_positions,
+                             fused_attention=bcfg.head_dim % 8 == 0)
         check("bundled_fp32", bcfg, bdirs["fp32"], bdirs["fp32"], "fp32", args.device, rng)
         check("bundled_fp16", bcfg, bdirs["fp32"], bdirs["fp16"], "fp16", args.device, rng)
 
