@@ -359,10 +359,10 @@ def fused_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0):
     """decoder_fused.onnx in place of decoder.onnx: the incremental check against refimpl, and its logits
     against decoder.onnx's on the same left-padded prompts and steps."""
     fused = dict(sessions, decoder=session(Path(onnx_dir) / "decoder_fused.onnx", provider))
-    src, src_keep = random_inputs(cfg, np.random.default_rng(seed))[:2]
+    rng = np.random.default_rng(seed)
+    src, src_keep = random_inputs(cfg, rng)[:2]
     _, cross = encoder_cross(cfg, sessions, src, src_keep)
-    # a fresh generator per prompt (not random_prompts): the three prompts are prefixes of one another
-    prompts = [list(random_ids(cfg, np.random.default_rng(seed), n)) for n in (1, 3, 2)]
+    prompts = random_prompts(cfg, rng)
     rows = [("fused", provider, "logits vs refimpl (prompt + steps)",
              incremental_check(cfg, params64, fused, dtype, provider, src, src_keep, cross, prompts, 3,
                                np.random.default_rng(seed))[0][3])]
