@@ -170,6 +170,8 @@ def flatten_shapes(cfg):
 
 
 def _few(names, limit=4):
+    """The first few of names, sorted, and how many more there are."""
+    names = sorted(names)
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from .config import Config
 from .errors import RefformerError, check
+from .io import _few, check_params, save
 from .ops import sinusoidal_table
 from .tree import tree_cast
 
@@ -88,12 +89,6 @@ def _same_tensor(a, b):
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
         return a.shape == b.shape and np.shares_memory(a, b)
     return False
-
-
-def _few(names, limit=4):
-    names = sorted(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 # ---------------------------------------------------------------------------- flat dict -> param tree
@@ -313,8 +308,6 @@ def _make_config(read, given, overridable, source):
 
 def _assemble(cfg, stacks, embeddings, positions, head):
     """The parameter tree of cfg from converted pieces, checked against param_shapes(cfg)."""
-    from .io import check_params
-
     dtype = embeddings["tgt"].dtype
     params = {}
     for stack in ("encoder", "decoder") if cfg.is_encoder_decoder else ("decoder",):
@@ -664,8 +657,6 @@ def convert_state_dict_file(path, tokenizer_path, out_dir, *, n_heads=None, norm
     A training checkpoint {"model_state_dict": ..., ...} is unwrapped. The options are from_state_dict's;
     the tokenizer's vocabulary must match the model's (checked by save). Returns the Config written.
     """
-    from .io import save
-
     torch = _torch()
     path = Path(path)
     check(path.is_file(), f"{path} does not exist")
