@@ -54,12 +54,12 @@ def golden(cfg, params, seed=0, label_smoothing=0.0):
 
 def write_golden(model_dir, out_path, seed=0):
     """Load model_dir in float64 and write golden(...) with the config (as JSON text) to out_path (.npz)."""
+    out_path = Path(out_path)
+    if not out_path.parent.is_dir():  # before the forward and backward passes, which take a while
+        raise RefformerError(f"output folder {out_path.parent} does not exist")
     cfg, params = load(model_dir, dtype=np.float64)
     arrays = golden(cfg, params, seed)
     arrays["config_json"] = np.array(cfg.to_json())
-    out_path = Path(out_path)
-    if not out_path.parent.is_dir():
-        raise RefformerError(f"output folder {out_path.parent} does not exist")
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write(out_path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
