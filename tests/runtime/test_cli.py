@@ -1,9 +1,11 @@
 """The `refformer` group itself, and `refformer golden`."""
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from refformer.refimpl import Config, flatten, init_params, load, model_forward, save
+from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.golden import golden_inputs
 from refformer.runtime.cli import main
 
@@ -41,3 +43,11 @@ def test_golden_errors_are_one_line(tmp_path):
     save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)))
     result = CliRunner().invoke(main, ["golden", str(tmp_path / "m"), "--out", str(tmp_path / "no" / "g.npz")])
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_golden_checks_the_output_folder_before_any_work(tmp_path, monkeypatch):
+    import refformer.refimpl.golden as golden_module
+
+    monkeypatch.setattr(golden_module, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    with pytest.raises(RefformerError, match="output folder .* does not exist"):
+        golden_module.write_golden(tmp_path / "m", tmp_path / "no" / "g.npz")
