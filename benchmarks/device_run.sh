@@ -29,7 +29,7 @@ refformer() { python3 -c "from refformer.runtime.cli import main; main()" "$@"; 
 # the bundled model exported once: generate_gpu.py's bundled checks (--bundled-onnx) and refformer verify use it
 bundled=$(python3 -c "from refformer.runtime.generator import default_model_dir; print(default_model_dir())")
 for dtype in fp32 fp16; do
-  { refformer export "$bundled" --dtype "$dtype" --out "/tmp/refformer-bundled-$dtype" --static-length 128 \
+  { refformer export --model "$bundled" --dtype "$dtype" --out "/tmp/refformer-bundled-$dtype" --static-length 128 \
       --fused-attention; echo "export exit $?"; } >> "$OUT/verify.txt" 2>&1
 done
 
@@ -37,7 +37,7 @@ timeout 300 python3 benchmarks/generate_gpu.py --device "$DEVICE" $QUICK --basel
   --bundled-onnx /tmp/refformer-bundled- 2>&1 | tee "$OUT/generate_gpu.txt" | tail -40
 
 for dtype in fp32 fp16; do
-  { refformer verify "$bundled" --onnx-dir "/tmp/refformer-bundled-$dtype" --provider "$DEVICE"; echo "exit $?"; } \
+  { refformer verify --model "$bundled" --onnx-dir "/tmp/refformer-bundled-$dtype" --provider "$DEVICE"; echo "exit $?"; } \
     >> "$OUT/verify.txt" 2>&1
 done
 tail -30 "$OUT/verify.txt"

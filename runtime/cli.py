@@ -1,151 +1,25 @@
-"""The `refformer` command line. Each command's work lives in a module; this file only parses options."""
-
-import sys
-from importlib.metadata import PackageNotFoundError, version
+"""The `refformer` command line. Each command's work lives in a module; this file only assembles the group."""
 
 import click
 
-from refformer.refimpl.errors import RefformerError
+from refformer import __version__
 from refformer.runtime.data_cli import data, tokenizer
-from refformer.runtime.errors import one_line_errors
+from refformer.runtime.export_cli import convert_torch_command, export_command, golden_command, verify_command
 from refformer.runtime.generate_cli import generate
+from refformer.runtime.options import Group
 from refformer.runtime.train_cli import evaluate, train
 
 
-def _version():
-    try:
-        return version("refformer")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def default_model():
-    """The bundled German->English model, the default of every command that takes MODEL_DIR."""
-    from refformer.runtime.generator import default_model_dir
-
-    return default_model_dir()
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(_version(), "--version", prog_name="refformer")
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="refformer")
 def main():
-    """refformer: a verified NumPy Transformer, exported to ONNX for fast generation."""
+    """refformer: a verified NumPy Transformer, exported to ONNX for fast generation.
 
-
-@main.command("golden")
-@click.argument("model_dir", type=click.Path(file_okay=False), required=False)
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The .npz file to write.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the fixed random inputs.")
-@one_line_errors
-def golden_command(model_dir, out_path, seed):
-    """Write fixed inputs, every intermediate activation and every gradient of MODEL_DIR, in float64, to an .npz."""
-    from refformer.refimpl.golden import write_golden
-
-    model_dir = model_dir or default_model()
-    arrays = write_golden(model_dir, out_path, seed)
-    click.echo(f"wrote {len(arrays)} arrays to {out_path}")
-
-
-@main.command("convert-torch")
-@click.argument("state_dict", type=click.Path(dir_okay=False))
-@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(dir_okay=False),
-              help="tokenizer.json whose vocabulary matches the model.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
-@click.option("--n-heads", required=True, type=int, help="Attention heads (not recorded in a state_dict).")
-@click.option("--norm-first/--post-ln", default=False, show_default=True, help="Pre-LN (norm_first) or post-LN layers.")
-@click.option("--activation", type=click.Choice(["relu", "gelu"]), default="relu", show_default=True)
-@click.option("--positional", type=click.Choice(["sinusoidal", "learned"]), default=None,
-              help="Positional encoding (default: learned if the state_dict has a position table, else sinusoidal).")
-@click.option("--max-positions", type=int, default=None, help="Longest sequence the model takes.")
-@click.option("--embed-scale/--no-embed-scale", default=True, show_default=True,
-              help="Whether the model multiplies embeddings by sqrt(D).")
-@click.option("--pad-id", type=int, default=0, show_default=True)
-@click.option("--bos-id", type=int, default=1, show_default=True)
-@click.option("--eos-id", type=int, default=2, show_default=True)
-@click.option("--unk-id", type=int, default=3, show_default=True)
-@one_line_errors
-def convert_torch_command(state_dict, tokenizer_path, out_dir, **arch):
-    """Convert a saved torch state_dict of an Embedding + nn.Transformer + Linear model to a model directory.
-
-    The file is read with torch.load(weights_only=True): a pickled module is refused.
+    Bad input prints one line, 'error: ...', on stderr: exit status 2 for a usage error (an unknown option, a missing
+    or malformed value), 1 for anything else.
     """
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise RefformerError("convert-torch needs torch: pip install 'refformer[torch]'") from None
-    from refformer.refimpl.torch_convert import convert_state_dict_file
-
-    arch = {key: value for key, value in arch.items() if value is not None}
-    cfg = convert_state_dict_file(state_dict, tokenizer_path, out_dir, **arch)
-    click.echo(f"wrote {out_dir}" + (f" ({cfg.family}, D={cfg.d_model}, V={cfg.vocab_size})" if cfg is not None else ""))
-
-@main.command("export")
-@click.argument("model_dir", type=click.Path(file_okay=False), required=False)
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17 for LayerNormalization).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder to write (default MODEL_DIR/onnx).")
-@click.option("--external-data", is_flag=True, default=None,
-              help="Keep weights in .data files beside the graphs (automatic above 2 GB).")
-@click.option("--static-length", type=int, default=None,
-              help="Also write decoder_static.onnx (fixed-size cache of this many slots, in-graph argmax).")
-@click.option("--fused-attention", is_flag=True,
-              help="Also write decoder_fused.onnx (ONNX Runtime's com.microsoft MultiHeadAttention); with "
-                   "--static-length also decoder_static_mha.onnx and decoder_static_fused.onnx (contrib ops, fused norms).")
-@one_line_errors
-def export_command(model_dir, dtype, opset, out_dir, external_data, static_length, fused_attention):
-    """Export MODEL_DIR to ONNX graphs (encoder.onnx, decoder.onnx, manifest.json)."""
-    from refformer.export.export import export_model
-
-    model_dir = model_dir or default_model()
-    out = out_dir or f"{model_dir}/onnx"
-    manifest = export_model(model_dir, out_dir, dtype=dtype, opset=opset, external_data=external_data,
-                            static_length=static_length, fused_attention=fused_attention)
-    error = manifest.get("error", {})
-    click.echo(f"wrote {out} ({manifest['family']}, {dtype}, opset {opset}); "
-               f"max error vs refimpl on ONNX Runtime CPU: {error.get('max', float('nan')):.2e}")
 
 
-@main.command("verify")
-@click.argument("model_dir", type=click.Path(file_okay=False), required=False)
-@click.option("--onnx-dir", type=click.Path(file_okay=False), default=None, help="Export folder (default MODEL_DIR/onnx).")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto: CPU, plus CUDA when it can be loaded.")
-@click.option("--seed", default=0, show_default=True)
-@one_line_errors
-def verify_command(model_dir, onnx_dir, provider, seed):
-    """Compare the exported graphs with refimpl (float64) and print the error table; exit 1 when a bound fails."""
-    from refformer.export.verify import cuda_usable, verify
-
-    model_dir = model_dir or default_model()
-    if onnx_dir is None:  # MODEL_DIR/onnx, or where `refformer generate` exported a read-only model
-        from refformer.runtime.generator import export_locations
-
-        local, cached = export_locations(model_dir)
-        onnx_dir = cached if not (local / "manifest.json").is_file() and (cached / "manifest.json").is_file() else local
-    providers = None
-    if provider == "cpu":
-        providers = ["CPUExecutionProvider"]
-    elif provider == "cuda":
-        if not cuda_usable():
-            raise RefformerError("the CUDA execution provider cannot be loaded here (no GPU, or CUDA libraries missing)")
-        providers = ["CUDAExecutionProvider"]
-    rows, dtype = verify(model_dir, onnx_dir, providers, seed)
-    width = max(len(row["output"]) for row in rows)
-    click.echo(f"{'check':<12} {'provider':<22} {'output':<{width}} {'error':>9}  bound")
-    for row in rows:
-        mark = "ok" if row["ok"] else "FAIL"
-        click.echo(f"{row['check']:<12} {row['provider']:<22} {row['output']:<{width}} {row['error']:9.2e}  "
-                   f"{row['bound']:.0e} {mark}")
-    failed = [row for row in rows if not row["ok"]]
-    if failed:
-        click.echo(f"error: {len(failed)} of {len(rows)} outputs exceed the {dtype} bound", err=True)
-        sys.exit(1)
-    click.echo(f"all {len(rows)} outputs within the {dtype} bound {rows[0]['bound']:.0e}")
-
-
-main.add_command(data)
-main.add_command(tokenizer)
-main.add_command(train)
-main.add_command(evaluate)
-main.add_command(generate)
+for command in (generate, export_command, verify_command, golden_command, convert_torch_command, data, tokenizer,
+                train, evaluate):
+    main.add_command(command)

@@ -8,6 +8,7 @@ import click
 
 from refformer.refimpl.errors import RefformerError
 from refformer.runtime.errors import one_line_errors
+from refformer.runtime.options import model_option
 
 
 def option_flags(function):
@@ -68,8 +69,7 @@ def one_record(text, outputs, **extra):
 
 @click.command("generate")
 @click.argument("texts", nargs=-1)
-@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
-              help="Model directory (default: the bundled German->English model).")
+@model_option
 @click.option("--input", "input_path", type=str, default=None, help="File of inputs, one per line or JSONL; - for stdin.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), default=None, help="Write JSONL here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of plain text.")

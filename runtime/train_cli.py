@@ -15,6 +15,7 @@ import click
 from refformer.refimpl.config import ACTIVATIONS, FAMILIES, POSITIONALS
 from refformer.refimpl.data import SUFFIX, detect_family, read_lines, read_tsv, split_path
 from refformer.runtime.errors import one_line_errors
+from refformer.runtime.options import model_option, resolve_model
 
 ARCHITECTURE_OPTIONS = ("family", "d_model", "n_heads", "d_ff", "layers", "encoder_layers", "decoder_layers",
                         "norm_first", "activation", "positional", "max_positions")
@@ -208,24 +209,21 @@ def _summary(result, out_dir):
 
 
 @click.command("eval")
-@click.argument("paths", nargs=-1, required=True, metavar="[MODEL_DIR] DATA_DIR")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@model_option
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
 @click.option("--max-sentences", type=int, default=None, help="Evaluate only the first N examples of the split.")
 @click.option("--max-tokens", type=int, default=4096, show_default=True, help="Padded tokens per batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @one_line_errors
-def evaluate(paths, split, max_sentences, max_tokens, as_json):
-    """Loss, perplexity and (translation) greedy BLEU/chrF of MODEL_DIR (default: the bundled model) on a split
+def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
+    """Loss, perplexity and (translation) greedy BLEU/chrF of --model (default: the bundled model) on a split
     of DATA_DIR."""
     from refformer.refimpl import load, load_tokenizer
     from refformer.refimpl.errors import RefformerError
     from refformer.refimpl.train import evaluate as evaluate_model
-    from refformer.runtime.generator import default_model_dir
 
-    if len(paths) > 2:
-        raise RefformerError("eval takes [MODEL_DIR] DATA_DIR")
-    model_dir, data_dir = (default_model_dir(), paths[0]) if len(paths) == 1 else paths
-
+    model_dir = resolve_model(model_dir)
     cfg, params = load(model_dir)
     tokenizer = load_tokenizer(model_dir)
     path = split_path(data_dir, split, cfg.family)

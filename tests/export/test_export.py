@@ -121,17 +121,17 @@ def test_manifest_records_hashes_versions_and_error(tmp_path):
 def test_cli_export_and_verify(tmp_path):
     make_model(tmp_path / "m")
     runner = CliRunner()
-    result = runner.invoke(main, ["export", str(tmp_path / "m"), "--out", str(tmp_path / "out")])
+    result = runner.invoke(main, ["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["verify", str(tmp_path / "m"), "--onnx-dir", str(tmp_path / "out"), "--provider", "cpu"])
+    result = runner.invoke(main, ["verify", "--model", str(tmp_path / "m"), "--onnx-dir", str(tmp_path / "out"), "--provider", "cpu"])
     assert result.exit_code == 0, result.output
     assert "logits (prompt + steps)" in result.output and "within the fp32 bound" in result.output
 
 
 @pytest.mark.parametrize("args, message", [
-    (["export", "{tmp}/missing"], "does not exist"),
-    (["export", "{tmp}/m", "--opset", "13"], "--opset must be between 17"),
-    (["verify", "{tmp}/m"], "run `refformer export` first"),
+    (["export", "--model", "{tmp}/missing"], "does not exist"),
+    (["export", "--model", "{tmp}/m", "--opset", "13"], "--opset must be between 17"),
+    (["verify", "--model", "{tmp}/m"], "run `refformer export` first"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
     make_model(tmp_path / "m")
@@ -145,7 +145,7 @@ def test_corrupt_graph_is_a_clear_error(tmp_path):
     make_model(tmp_path / "m")
     export_model(tmp_path / "m")
     (tmp_path / "m" / "onnx" / "decoder.onnx").write_bytes(b"not a graph")
-    result = CliRunner().invoke(main, ["verify", str(tmp_path / "m"), "--provider", "cpu"])
+    result = CliRunner().invoke(main, ["verify", "--model", str(tmp_path / "m"), "--provider", "cpu"])
     assert result.exit_code == 1 and "cannot load" in result.output
 
 
@@ -156,7 +156,7 @@ def test_unwritable_output_folder(tmp_path):
         (tmp_path / "ro").mkdir(mode=0o555)
         target = str(tmp_path / "ro" / "onnx")
     make_model(tmp_path / "m")
-    result = CliRunner().invoke(main, ["export", str(tmp_path / "m"), "--out", target])
+    result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "m"), "--out", target])
     assert result.exit_code == 1 and "not writable" in result.output
 
 
@@ -176,8 +176,8 @@ def test_torch_converted_model_exports_and_verifies(tmp_path, dtype):
                                        "--out", str(tmp_path / "m"), "--n-heads", "2"]
                                 + (["--norm-first"] if dtype == "fp16" else []))
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(main, ["export", str(tmp_path / "m"), "--dtype", dtype])
+    result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "m"), "--dtype", dtype])
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(main, ["verify", str(tmp_path / "m"), "--provider", "cpu"])
+    result = CliRunner().invoke(main, ["verify", "--model", str(tmp_path / "m"), "--provider", "cpu"])
     assert result.exit_code == 0, result.output
     assert "real " in result.output  # the tokenizer came along: real-text rows too

@@ -180,5 +180,5 @@ def test_verify_finds_an_export_made_into_the_user_cache(tmp_path, tokenizer_fil
         patch.setattr(gen_module.os, "access", lambda p, mode: False)
         Generator(tmp_path / "m", provider="cpu")
     assert not (tmp_path / "m" / "onnx").exists()
-    result = CliRunner().invoke(main, ["verify", str(tmp_path / "m"), "--provider", "cpu"])
+    result = CliRunner().invoke(main, ["verify", "--model", str(tmp_path / "m"), "--provider", "cpu"])
     assert result.exit_code == 0, result.output

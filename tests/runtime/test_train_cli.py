@@ -45,11 +45,11 @@ def test_train_then_eval_translation(data, tmp_path):
     cfg, _ = load(out)
     assert cfg.family == "encoder-decoder" and cfg.d_model == 16 and cfg.n_encoder_layers == 1
 
-    result = _run("eval", out, data / "de-en", "--split", "test", "--max-sentences", "3", "--json")
+    result = _run("eval", data / "de-en", "--model", out, "--split", "test", "--max-sentences", "3", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["examples"] == 3 and report["loss"] > 0 and report["bleu"] is not None
-    result = _run("eval", out, data / "de-en")
+    result = _run("eval", data / "de-en", "--model", out)
     assert result.exit_code == 0 and "perplexity" in result.output and "chrF" in result.output
 
     # resume to a later step; a different architecture is refused in one line
@@ -84,10 +84,10 @@ def test_train_decoder_only_and_errors(data, tmp_path):
                   "--steps", "2", "--max-tokens", "128")
     assert result.exit_code == 0, result.output
     assert load(tmp_path / "lm")[0].family == "decoder-only"
-    result = _run("eval", tmp_path / "lm", data / "prose", "--json")
+    result = _run("eval", data / "prose", "--model", tmp_path / "lm", "--json")
     assert result.exit_code == 0 and json.loads(result.output)["bleu"] is None
 
     result = _run("train", tmp_path, "--tokenizer", data / "tokenizer.json", "--out", tmp_path / "m")
     assert result.exit_code == 1 and "no train.tsv or train.txt" in result.output
-    result = _run("eval", tmp_path / "missing", data / "prose")
+    result = _run("eval", data / "prose", "--model", tmp_path / "missing")
     assert result.exit_code == 1 and result.output.startswith("error:")

@@ -1,0 +1,54 @@
+"""Click pieces every `refformer` command shares: the --model option and the one-line usage errors."""
+
+import sys
+
+import click
+
+MODEL_HELP = "Model directory (default: the bundled German->English model)."
+
+
+def model_option(function):
+    """--model DIR, the model folder of every command that reads one; None means the bundled model."""
+    return click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)(function)
+
+
+def resolve_model(model_dir):
+    """model_dir, or the bundled model's folder when it is None."""
+    if model_dir is not None:
+        return model_dir
+    from refformer.runtime.generator import default_model_dir
+
+    return default_model_dir()
+
+
+def usage_message(error):
+    """One line for a click usage error; a stray positional model folder gets a hint to use --model."""
+    message = " ".join(error.format_message().split())
+    ctx = getattr(error, "ctx", None)
+    command = ctx.command if ctx is not None else None
+    takes_model = command is not None and any(param.name == "model_dir" for param in command.params)
+    if takes_model and message.startswith("Got unexpected extra argument"):
+        stray = message.split("(", 1)[-1].rstrip(")").split()[0] if "(" in message else "?"
+        return (f"refformer {command.name} takes the model folder as --model DIR, not as an argument "
+                f"(extra argument {stray!r})")
+    return message
+
+
+class Group(click.Group):
+    """A click group whose usage errors are one 'error: ...' line on stderr (exit 2), as the README says."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            click.echo(f"error: {usage_message(error)}", err=True)
+            sys.exit(error.exit_code)
+        except click.ClickException as error:  # FileError and friends
+            click.echo(f"error: {' '.join(error.format_message().split())}", err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
