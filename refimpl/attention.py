@@ -1,16 +1,25 @@
 """Scaled dot-product attention, masks, and multi-head attention (self and cross), forward and backward.
 
-Masks: a boolean mask is True where a query may attend (as in torch's scaled_dot_product_attention
-and the ONNX graphs' 1 = keep); a floating mask is added to the scores (0 keep, -inf drop).
-Either broadcasts to [B, H, T, S]. torch.nn.MultiheadAttention's boolean masks mean the
-opposite (True = drop): convert with `~mask`.
+Masks at this level (attention_forward, mha_forward, the layers): a boolean mask is True where a query
+may attend (as in torch's scaled_dot_product_attention and the ONNX graphs' 1 = keep); a floating mask
+is added to the scores (0 keep, -inf drop), as torch's float attn_mask. Either broadcasts to [B, H, T, S];
+integer masks are refused. torch.nn.MultiheadAttention's boolean masks mean the opposite (True = drop):
+convert with `~mask`.
+
+Keep masks at the model level (padding_mask, model_forward, encode, decoder_step, generate) are [B, L]
+token masks, boolean or integer 0/1, 1 = real token (attend to it). A floating mask is refused there,
+since an additive 0 / -inf mask would read inverted: pass `mask == 0` for an additive one.
+
+A query whose keys are all masked gets zero weights and a zero attention output, as torch 2.13's
+F.scaled_dot_product_attention (every backend) and nn.MultiheadAttention with need_weights=False do;
+torch.softmax and nn.MultiheadAttention with need_weights=True (its default) give NaN there.
 """
 
 import math
 
 import numpy as np
 
-from .errors import RefformerError, check, check_array
+from .errors import RefformerError, check, check_array, check_number, check_rng, check_tree, check_upstream
 from .ops import dropout_backward, dropout_forward, linear_backward, linear_forward, softmax_backward, softmax_forward
 
 # ---------------------------------------------------------------------------- masks
@@ -18,21 +27,54 @@ from .ops import dropout_backward, dropout_forward, linear_backward, linear_forw
 
 def causal_mask(n_queries, n_keys=None, past=0):
     """Boolean [T, S]: query i (at absolute position past + i) may attend to keys 0 .. past + i."""
-    n_keys = past + n_queries if n_keys is None else n_keys
+    check_number("n_queries", n_queries, 0, integer=True)
+    check_number("past", past, 0, integer=True)
+    n_keys = past + n_queries if n_keys is None else check_number("n_keys", n_keys, 0, integer=True)
     return np.arange(n_keys)[None, :] <= past + np.arange(n_queries)[:, None]
 
 
 def padding_mask(keep):
-    """Key-padding mask: keep [B, S] (1/True = real token) -> boolean [B, 1, 1, S]."""
-    return np.asarray(keep).astype(bool)[:, None, None, :]
+    """Key-padding mask: keep [B, S] (boolean or integer 0/1, 1 = real token) -> boolean [B, 1, 1, S].
+
+    Raises RefformerError for a floating (additive) mask, values other than 0/1, or another rank.
+    """
+    return check_keep_mask("keep", keep, ndim=2)[:, None, None, :]
+
+
+def check_keep_mask(name, mask, shape=None, ndim=None):
+    """A token keep mask as booleans: boolean, or integer 0/1 (1 = real token, attend to it), of shape (or rank).
+
+    A floating mask is refused: an additive mask (0 attend, -inf masked) would read inverted.
+    """
+    if isinstance(mask, (list, tuple)):
+        mask = np.asarray(mask)
+    if not isinstance(mask, np.ndarray):
+        raise RefformerError(f"{name} must be a numpy array of booleans or 0/1 integers, got {type(mask).__name__}")
+    if mask.dtype.kind == "f":
+        raise RefformerError(f"{name} is floating-point ({mask.dtype}); it must be a keep mask of booleans or 0/1 "
+                             f"integers (1 = real token). For an additive mask (0 = attend, -inf = masked) "
+                             f"pass {name} == 0")
+    check(mask.dtype.kind in "biu", f"{name} must hold booleans or 0/1 integers, got dtype {mask.dtype}")
+    if ndim is not None:
+        check(mask.ndim == ndim, f"{name} must have {ndim} dimensions, got shape {list(mask.shape)}")
+    if shape is not None:
+        check(mask.shape == tuple(shape), f"{name} must have shape {list(shape)}, got {list(mask.shape)}")
+    if mask.dtype.kind != "b":
+        check(mask.size == 0 or (mask.min() >= 0 and mask.max() <= 1),
+              f"{name} must hold only 0 and 1 (1 = real token), got values from {mask.min()} to {mask.max()}")
+    return mask.astype(bool)
 
 
 def check_mask(name, mask, scores_shape):
-    """A mask must be boolean or floating and broadcast to the scores' shape [B, H, T, S]."""
+    """A mask must be boolean (True = attend) or floating (added: 0 attend, -inf masked; no NaN or +inf)
+    and broadcast to the scores' shape [B, H, T, S]."""
     if mask is None:
         return
     if not isinstance(mask, np.ndarray) or mask.dtype.kind not in "bf":
-        raise RefformerError(f"{name} must be a boolean or floating numpy array")
+        raise RefformerError(f"{name} must be a boolean (True = attend) or floating (additive: 0 attend, -inf "
+                             f"masked) numpy array, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    check(mask.dtype.kind == "b" or not np.any(np.isnan(mask) | (mask == np.inf)),
+          f"{name} is an additive mask and must not hold NaN or +inf (0 = attend, -inf = masked)")
     ok = mask.ndim <= 4 and all(m in (1, s) for m, s in zip(mask.shape[::-1], scores_shape[::-1]))
     check(ok, f"{name} has shape {list(mask.shape)}, which does not broadcast to the scores' "
               f"[B, H, T, S] = {list(scores_shape)}")
@@ -44,9 +86,14 @@ def check_mask(name, mask, scores_shape):
 def attention_forward(q, k, v, mask=None, *, dropout=0.0, rng=None):
     """softmax(q k^T / sqrt(Dh) + mask) v. q [B, H, T, Dh], k, v [B, H, S, Dh] -> [B, H, T, Dh].
 
-    A query whose keys are all masked gets zero weights (and a zero output), not NaN.
+    mask: boolean (True = attend) or floating additive (0 attend, -inf masked), broadcasting to
+    [B, H, T, S]; the two forms of the same mask give the same result. A query whose keys are all
+    masked gets zero weights and a zero output, as torch's F.scaled_dot_product_attention gives
+    (torch.softmax gives NaN). Raises RefformerError for bad shapes, dtypes, masks, dropout or rng.
     """
     check_array("q", q, ndim=4, kind="f")
+    check_number("dropout", dropout, 0.0, 1.0, high_open=True)
+    check_rng("rng", rng)
     check_array("k", k, shape=q.shape[:2] + (None, q.shape[3]), kind="f", dtype=q.dtype)
     check_array("v", v, shape=k.shape, kind="f", dtype=q.dtype)
     scores_shape = q.shape[:3] + (k.shape[2],)
@@ -67,7 +114,9 @@ def attention_forward(q, k, v, mask=None, *, dropout=0.0, rng=None):
 
 def attention_backward(cache, dout):
     """Returns dq, dk, dv (masks have no gradient)."""
+    check(isinstance(cache, dict) and "weights" in cache, "cache must be the cache attention_forward returned")
     q, k, v, weights, scale = cache["q"], cache["k"], cache["v"], cache["weights"], cache["scale"]
+    check_upstream("dout", dout, q.shape[:3] + v.shape[3:])
     dweights = dout @ v.swapaxes(-1, -2)  # [B, H, T, S]
     dv = weights.swapaxes(-1, -2) @ dout  # [B, H, S, Dh]
     dprobs = dropout_backward(cache["dropout"], dweights)
@@ -92,9 +141,24 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * Dh)
 
 
+def mha_shapes(D):
+    """The parameter shapes of attention at width D: q/k/v/out projections {"weight" [D, D], "bias" [D]}."""
+    return {name: {"weight": (D, D), "bias": (D,)} for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+
+def check_mha_params(p):
+    """p must be mha_shapes(D) for some D (read from q_proj.weight); returns (D, dtype)."""
+    weight = p.get("q_proj", {}).get("weight") if isinstance(p, dict) and isinstance(p.get("q_proj"), dict) else None
+    check(isinstance(weight, np.ndarray) and weight.ndim == 2,
+          "p must hold q_proj, k_proj, v_proj and out_proj, each {'weight' [D, D], 'bias' [D]}")
+    check_tree("p", p, mha_shapes(weight.shape[0]))
+    dtypes = {value.dtype for linear in p.values() for value in linear.values()}
+    check(len(dtypes) == 1, f"p's arrays must share one dtype, got {sorted(map(str, dtypes))}")
+    return weight.shape[0], weight.dtype
+
+
 def check_mha_inputs(p, xq, xkv, n_heads):
-    D = p["q_proj"]["weight"].shape[0]
-    dtype = p["q_proj"]["weight"].dtype
+    D, dtype = check_mha_params(p)
     check(isinstance(n_heads, int) and n_heads >= 1 and D % n_heads == 0,
           f"n_heads={n_heads} must be a positive integer that divides D={D}")
     check_array("xq", xq, ndim=3, shape=(None, None, D), kind="f", dtype=dtype)
@@ -131,6 +195,9 @@ def mha_forward(p, xq, xkv, mask=None, *, n_heads, dropout=0.0, rng=None):
 
 def mha_backward(p, cache, dy):
     """Returns dxq, dxkv, dp (for self-attention the input gradient is dxq + dxkv)."""
+    check_mha_params(p)
+    check(isinstance(cache, dict) and "out_proj" in cache and "attention" in cache,
+          "cache must be the cache mha_forward returned")
     dmerged, d_out_proj = linear_backward(p["out_proj"], cache["out_proj"], dy)
     n_heads = cache["attention"]["q"].shape[1]
     dq, dk, dv = attention_backward(cache["attention"], split_heads(dmerged, n_heads))
@@ -147,6 +214,7 @@ def mha_cached_forward(p, xq, k, v, mask=None, *, n_heads):
     The building block of incremental decoding: k, v come from project_kv (cross-attention,
     computed once) or from a self-attention cache extended by the new positions.
     """
+    check_mha_inputs(p, xq, xq, n_heads)
     q = split_heads(linear_forward(p["q_proj"], xq)[0], n_heads)  # [B, H, T, Dh]
     context, _ = attention_forward(q, k, v, mask)
     return linear_forward(p["out_proj"], merge_heads(context))[0]

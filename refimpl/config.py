@@ -2,6 +2,11 @@
 
 import dataclasses
 import json
+import math
+import numbers
+import os
+
+import numpy as np
 
 from .errors import RefformerError
 
@@ -10,6 +15,14 @@ FAMILIES = ("encoder-decoder", "decoder-only")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONALS = ("sinusoidal", "learned")
+
+# The JSON type and range of every field (Config.__post_init__ checks them all).
+POSITIVE_INTS = ("vocab_size", "d_model", "n_heads", "d_ff", "max_positions")
+NON_NEGATIVE_INTS = ("n_encoder_layers", "n_decoder_layers", "pad_id", "bos_id", "eos_id", "unk_id")
+BOOLS = ("norm_first", "final_norm", "embed_scale", "share_embeddings", "tie_embeddings", "lm_head_bias")
+CHOICES = {"family": FAMILIES, "activation": ACTIVATIONS, "norm": NORMS, "positional": POSITIONALS}
+NORM_EPS_RANGE = (float(np.finfo(np.float32).tiny), 1.0)  # a zero float32 eps divides by zero on a constant row
+FALLBACK_MEMORY_BYTES = 1 << 40  # where the OS does not say how much memory there is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,28 +59,22 @@ class Config:
     unk_id: int = 3
 
     def __post_init__(self):
+        """Check every field's JSON type and range, then that the model fits in memory (check_fits_memory).
+
+        Raises RefformerError naming the field: `norm_first must be true or false, got "false"`.
+        """
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, _checked_field(field.name, getattr(self, field.name)))
+
         def need(ok, what):
             if not ok:
-                raise RefformerError(f"invalid config: {what}")
+                raise RefformerError(what)
 
-        need(self.family in FAMILIES, f"family must be one of {FAMILIES}, got {self.family!r}")
-        need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
-        need(self.positional in POSITIONALS, f"positional must be one of {POSITIONALS}, got {self.positional!r}")
-        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "max_positions"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        for name in ("n_encoder_layers", "n_decoder_layers"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value >= 0, f"{name} must be a non-negative integer, got {value!r}")
-        need(self.d_model % self.n_heads == 0,
-             f"n_heads={self.n_heads} must divide d_model={self.d_model}")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        need(self.d_model % self.n_heads == 0, f"n_heads={self.n_heads} must divide d_model={self.d_model}")
         for name in ("pad_id", "bos_id", "eos_id", "unk_id"):
             value = getattr(self, name)
-            need(isinstance(value, int) and 0 <= value < self.vocab_size,
-                 f"{name} must be a token id in [0, {self.vocab_size}), got {value!r}")
+            need(value < self.vocab_size, f"{name} must be a token id in [0, {self.vocab_size}), got {value}")
+        check_fits_memory(self)
 
     @property
     def head_dim(self):
@@ -88,16 +95,131 @@ class Config:
 
     @classmethod
     def from_dict(cls, data):
-        """Read a config.json dict; unknown keys and a newer format_version are errors."""
+        """Read a config.json dict; raises RefformerError for unknown keys, another format_version, or a bad field."""
+        if not isinstance(data, dict):
+            raise RefformerError(f"a config must be a JSON object, got {_json_type(data)}")
         data = dict(data)
         version = data.pop("format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
-            raise RefformerError(f"config format_version {version} is not supported (expected {FORMAT_VERSION})")
+        if type(version) is not int or version != FORMAT_VERSION:  # type(): true == 1 in Python
+            raise RefformerError(f"config format_version {_show(version)} is not supported "
+                                 f"(expected {FORMAT_VERSION})")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise RefformerError(f"invalid config: unknown keys {unknown}")
+            raise RefformerError(f"unknown config keys {unknown}")
         return cls(**data)
 
     def to_json(self):
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+# ---------------------------------------------------------------------------- field checks
+
+
+def _show(value):
+    """A value as config.json would spell it: "false" (a string), true, null, NaN, 2.0."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _json_type(value):
+    if value is None:
+        return "null"
+    if isinstance(value, (bool, np.bool_)):
+        return "a boolean"
+    if isinstance(value, numbers.Number):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, (list, tuple)) else "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _checked_field(name, value):
+    """value as the plain Python type of field name (int, float, bool, str); RefformerError naming the field."""
+    def fail(what):
+        raise RefformerError(f"{name} must be {what}, got {_show(value)}")
+
+    is_bool = isinstance(value, (bool, np.bool_))
+    if name in BOOLS:
+        if not is_bool:
+            fail("true or false")
+        return bool(value)
+    if name in CHOICES:
+        if not isinstance(value, str) or value not in CHOICES[name]:
+            fail("one of " + ", ".join(f'"{choice}"' for choice in CHOICES[name]))
+        return value
+    if name in POSITIVE_INTS or name in NON_NEGATIVE_INTS:
+        least = 1 if name in POSITIVE_INTS else 0
+        if is_bool or not isinstance(value, numbers.Integral) or int(value) < least:
+            fail("a positive integer" if least else "an integer >= 0")
+        return int(value)
+    if is_bool or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        fail("a finite number")
+    value = float(value)
+    if name == "norm_eps" and not NORM_EPS_RANGE[0] <= value <= NORM_EPS_RANGE[1]:
+        fail(f"a small positive number in [{NORM_EPS_RANGE[0]:.3g}, {NORM_EPS_RANGE[1]:g}]")
+    if name == "dropout" and not 0.0 <= value < 1.0:
+        fail("in [0, 1)")
+    return value
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def parameter_count(cfg):
+    """How many numbers the parameters of cfg hold (the sum over model.param_shapes), counted without building them."""
+    D, F, V, N = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.max_positions
+    norm = 2 * D if cfg.norm == "layernorm" else D
+    attention = 4 * (D * D + D)
+    ffn = D * F + F + F * D + D
+    layer = attention + norm + ffn + norm
+
+    def stack(n_layers, cross, own_embedding):
+        return ((V * D if own_embedding else 0) + (N * D if cfg.positional == "learned" else 0)
+                + n_layers * (layer + (attention + norm if cross else 0)) + (norm if cfg.final_norm else 0))
+
+    count = stack(cfg.n_decoder_layers, cfg.is_encoder_decoder, True)
+    if cfg.is_encoder_decoder:
+        count += stack(cfg.n_encoder_layers, False, not cfg.share_embeddings)
+    return count + (0 if cfg.tie_embeddings else D * V) + (V if cfg.lm_head_bias else 0)
+
+
+def parameter_bytes(cfg, dtype=np.float32):
+    """Bytes of cfg's parameters in dtype."""
+    return parameter_count(cfg) * np.dtype(dtype).itemsize
+
+
+def physical_memory_bytes():
+    """This machine's physical memory (os.sysconf), or FALLBACK_MEMORY_BYTES where the OS does not say."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return FALLBACK_MEMORY_BYTES
+    return total if total > 0 else FALLBACK_MEMORY_BYTES
+
+
+def _size(n_bytes):
+    return f"{n_bytes / (1 << 30):.3g} GiB" if n_bytes >= 1 << 30 else f"{n_bytes / (1 << 20):.3g} MiB"
+
+
+def check_fits_memory(cfg, dtype=np.float32, copies=1):
+    """Refuse, before anything is allocated, a model whose parameters cannot fit in this machine's memory.
+
+    Counts copies x the parameters in dtype (a trainer holds weights, gradients and optimizer moments) plus
+    the sinusoidal table [max_positions, D] in float64 that an export embeds. No array is allocated.
+    Raises RefformerError naming the sizes to lower.
+    """
+    weights = copies * parameter_bytes(cfg, dtype)
+    table = cfg.max_positions * cfg.d_model * 8 if cfg.positional == "sinusoidal" else 0
+    available = physical_memory_bytes()
+    if weights + table > available:
+        parts = [f"{_size(weights)} for {f'{copies} copies of ' if copies != 1 else ''}its {parameter_count(cfg):,} "
+                 f"parameters in {np.dtype(dtype).name}"]
+        if table:
+            parts.append(f"{_size(table)} for its sinusoidal position table [max_positions, d_model]")
+        raise RefformerError(
+            f"this model needs {_size(weights + table)} of memory ({', '.join(parts)}), more than this machine's "
+            f"{_size(available)}: lower d_model ({cfg.d_model}), d_ff ({cfg.d_ff}), vocab_size ({cfg.vocab_size}), "
+            f"max_positions ({cfg.max_positions}) or the number of layers")

@@ -34,3 +34,65 @@ def check_array(name, x, ndim=None, shape=None, kind=None, dtype=None):
             raise RefformerError(f"{name} must be {word}, got dtype {x.dtype}")
     if dtype is not None and x.dtype != dtype:
         raise RefformerError(f"{name} has dtype {x.dtype} but the parameters are {np.dtype(dtype)}")
+
+
+def check_number(name, value, low=None, high=None, *, low_open=False, high_open=False, integer=False):
+    """A real number (not a bool, not NaN/inf) in [low, high] (open ends with low_open / high_open); returns it."""
+    import numbers
+
+    kind = numbers.Integral if integer else numbers.Real
+    word = "an integer" if integer else "a finite number"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind) or not np.isfinite(value):
+        raise RefformerError(f"{name} must be {word}, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lower = "" if low is None else ("(" if low_open else "[") + f"{low}, "
+        upper = "" if high is None else f"{high}" + (")" if high_open else "]")
+        where = f"in {lower}{upper}" if low is not None and high is not None else (
+            f"{'>' if low_open else '>='} {low}" if low is not None else f"{'<' if high_open else '<='} {high}")
+        raise RefformerError(f"{name} must be {where}, got {value!r}")
+    return value
+
+
+def check_rng(name, rng, allow_none=True):
+    """rng must be a numpy.random.Generator (or None where allow_none)."""
+    if rng is None and allow_none:
+        return
+    if not isinstance(rng, np.random.Generator):
+        raise RefformerError(f"{name} must be a numpy.random.Generator (np.random.default_rng(seed))"
+                             f"{' or None' if allow_none else ''}, got {type(rng).__name__}")
+
+
+def check_seed(name, seed):
+    """A seed is an integer >= 0 (numpy refuses negative seeds with its own error); returns it as an int."""
+    return int(check_number(name, seed, 0, integer=True))
+
+
+def check_tree(what, tree, spec):
+    """tree must have exactly spec's structure (nested dicts and lists) with floating arrays of spec's shapes.
+
+    spec's leaves are shape tuples (None entries match any size). Names in messages are dotted: p.q_proj.weight.
+    """
+    if isinstance(spec, dict):
+        if not isinstance(tree, dict):
+            raise RefformerError(f"{what} must be a dict of parameters, got {type(tree).__name__}")
+        missing = [key for key in spec if key not in tree]
+        check(not missing, f"{what} has no {missing[0]!r} (expected {', '.join(map(str, spec))})" if missing else "")
+        extra = [str(key) for key in tree if key not in spec]
+        check(not extra, f"{what} has unexpected entries {extra} (expected {', '.join(map(str, spec))})")
+        for key, value in spec.items():
+            check_tree(f"{what}.{key}", tree[key], value)
+    elif isinstance(spec, list):
+        if not isinstance(tree, list) or len(tree) != len(spec):
+            got = f"{len(tree)} entries" if isinstance(tree, list) else type(tree).__name__
+            raise RefformerError(f"{what} must be a list of {len(spec)} entries, got {got}")
+        for i, (item, item_spec) in enumerate(zip(tree, spec)):
+            check_tree(f"{what}.{i}", item, item_spec)
+    else:
+        check_array(what, tree, shape=spec, kind="f")
+
+
+def check_upstream(name, dy, shape):
+    """An upstream gradient: a floating array of the forward output's shape."""
+    check_array(name, dy, shape=shape, kind="f")

@@ -9,16 +9,53 @@ numpy.random.Generator, or None for eval mode) for dropout.
 
 import numpy as np
 
-from .attention import mha_backward, mha_forward
-from .errors import check_array
+from .attention import mha_backward, mha_forward, mha_shapes
+from .config import Config
+from .errors import RefformerError, check_array, check_rng, check_tree
 from .ops import (activation_backward, activation_forward, dropout_backward, dropout_forward, linear_backward,
                   linear_forward, norm_backward, norm_forward)
+
+# ---------------------------------------------------------------------------- parameter shapes
+
+
+def linear_shapes(d_in, d_out):
+    return {"weight": (d_in, d_out), "bias": (d_out,)}
+
+
+def norm_shapes(cfg):
+    D = cfg.d_model
+    return {"weight": (D,), "bias": (D,)} if cfg.norm == "layernorm" else {"weight": (D,)}
+
+
+def feed_forward_shapes(cfg):
+    return {"fc1": linear_shapes(cfg.d_model, cfg.d_ff), "fc2": linear_shapes(cfg.d_ff, cfg.d_model)}
+
+
+def layer_shapes(cfg, cross):
+    """The shapes of an encoder layer (cross=False; also a decoder-only layer) or a decoder layer (cross=True)."""
+    p = {"self_attn": mha_shapes(cfg.d_model), "self_attn_norm": norm_shapes(cfg)}
+    if cross:
+        p.update(cross_attn=mha_shapes(cfg.d_model), cross_attn_norm=norm_shapes(cfg))
+    p.update(ffn=feed_forward_shapes(cfg), ffn_norm=norm_shapes(cfg))
+    return p
+
+
+def check_config(cfg, rng=None):
+    if not isinstance(cfg, Config):
+        raise RefformerError(f"cfg must be a refformer Config, got {type(cfg).__name__}")
+    check_rng("rng", rng)
+
 
 # ---------------------------------------------------------------------------- feed-forward
 
 
 def feed_forward_forward(p, x, cfg, rng=None):
-    """Position-wise feed-forward: fc2(dropout(act(fc1(x)))). x [B, T, D] -> [B, T, D] via [B, T, F]."""
+    """Position-wise feed-forward: fc2(dropout(act(fc1(x)))). x [B, T, D] -> [B, T, D] via [B, T, F].
+
+    Raises RefformerError unless p has cfg's shapes and x is floating with D features.
+    """
+    check_config(cfg, rng)
+    check_tree("p", p, feed_forward_shapes(cfg))
     h, fc1_cache = linear_forward(p["fc1"], x)
     a, act_cache = activation_forward(h, cfg.activation)
     d, dropout_cache = dropout_forward(a, cfg.dropout, rng)
@@ -30,6 +67,8 @@ def feed_forward_forward(p, x, cfg, rng=None):
 
 def feed_forward_backward(p, cache, dy):
     """Returns dx, dp."""
+    if not (isinstance(cache, dict) and "fc2" in cache):
+        raise RefformerError("cache must be the cache feed_forward_forward returned")
     dd, d_fc2 = linear_backward(p["fc2"], cache["fc2"], dy)
     da = dropout_backward(cache["dropout"], dd)
     dh = activation_backward(cache["activation"], da, cache["kind"])
@@ -75,17 +114,27 @@ def residual_backward(p_norm, cache, dy, sublayer_backward, cfg):
 # ---------------------------------------------------------------------------- encoder layer
 
 
-def check_layer_input(p, x):
+def check_layer_input(p, x, cfg, rng, cross):
+    """cfg a Config, p with cfg's layer shapes, x floating [B, T, D] of p's dtype."""
+    check_config(cfg, rng)
+    check_tree("p", p, layer_shapes(cfg, cross))
     weight = p["self_attn"]["q_proj"]["weight"]
     check_array("x", x, ndim=3, shape=(None, None, weight.shape[0]), kind="f", dtype=weight.dtype)
+
+
+def check_layer_cache(cache, cfg, what):
+    check_config(cfg)
+    if not (isinstance(cache, dict) and "ffn" in cache and "self_attn" in cache):
+        raise RefformerError(f"cache must be the cache {what} returned")
 
 
 def encoder_layer_forward(p, x, mask, cfg, rng=None):
     """Self-attention then feed-forward, each in a residual block. x [B, S, D] -> [B, S, D].
 
-    mask broadcasts to [B, H, S, S] (typically the source key-padding mask [B, 1, 1, S]).
+    mask broadcasts to [B, H, S, S] (typically the source key-padding mask [B, 1, 1, S]): boolean
+    True = attend, or floating additive. Raises RefformerError for bad p, x, mask, cfg or rng.
     """
-    check_layer_input(p, x)
+    check_layer_input(p, x, cfg, rng, cross=False)
     def self_attention(h):
         return mha_forward(p["self_attn"], h, h, mask, n_heads=cfg.n_heads, dropout=cfg.dropout, rng=rng)
 
@@ -96,6 +145,8 @@ def encoder_layer_forward(p, x, mask, cfg, rng=None):
 
 def encoder_layer_backward(p, cache, dy, cfg):
     """Returns dx, dp: the forward read bottom-up."""
+    check_layer_cache(cache, cfg, "encoder_layer_forward")
+    check_tree("p", p, layer_shapes(cfg, cross=False))
     dh, d_ffn_norm, d_ffn = residual_backward(
         p["ffn_norm"], cache["ffn"], dy, lambda c, df: feed_forward_backward(p["ffn"], c, df), cfg)
     dx, d_attn_norm, d_attn = residual_backward(
@@ -116,15 +167,18 @@ def decoder_layer_forward(p, x, self_mask, memory, memory_mask, cfg, rng=None):
 
     self_mask broadcasts to [B, H, T, T] (causal and target padding); memory [B, S, D] is the
     encoder output and memory_mask broadcasts to [B, H, T, S]. A decoder-only layer has no
-    "cross_attn" in p and takes memory=None.
+    "cross_attn" in p and takes memory=None. Masks are boolean (True = attend) or floating additive.
+    Raises RefformerError for bad p, x, memory, masks, cfg or rng.
     """
-    check_layer_input(p, x)
+    check_layer_input(p, x, cfg, rng, cross=isinstance(p, dict) and "cross_attn" in p)
     def self_attention(h):
         return mha_forward(p["self_attn"], h, h, self_mask, n_heads=cfg.n_heads, dropout=cfg.dropout, rng=rng)
 
     def cross_attention(h):
         return mha_forward(p["cross_attn"], h, memory, memory_mask, n_heads=cfg.n_heads, dropout=cfg.dropout, rng=rng)
 
+    if "cross_attn" not in p and memory is not None:
+        raise RefformerError("this decoder layer has no cross-attention (a decoder-only layer): pass memory=None")
     h, self_block = residual_forward(p["self_attn_norm"], x, self_attention, cfg, rng)
     cache = {"self_attn": self_block}
     if "cross_attn" in p:
@@ -137,6 +191,8 @@ def decoder_layer_forward(p, x, self_mask, memory, memory_mask, cfg, rng=None):
 
 def decoder_layer_backward(p, cache, dy, cfg):
     """Returns dx, dmemory (None without cross-attention), dp."""
+    check_layer_cache(cache, cfg, "decoder_layer_forward")
+    check_tree("p", p, layer_shapes(cfg, cross=isinstance(p, dict) and "cross_attn" in p))
     dp = {}
     dh, dp["ffn_norm"], dp["ffn"] = residual_backward(
         p["ffn_norm"], cache["ffn"], dy, lambda c, df: feed_forward_backward(p["ffn"], c, df), cfg)

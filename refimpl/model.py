@@ -21,10 +21,11 @@ import math
 
 import numpy as np
 
-from .attention import causal_mask, mha_cached_forward, padding_mask, project_kv
-from .errors import RefformerError, check, check_array
-from .layers import (decoder_layer_backward, decoder_layer_forward, encoder_layer_backward, encoder_layer_forward,
-                     feed_forward_forward, residual_forward)
+from .attention import causal_mask, check_keep_mask, mha_cached_forward, padding_mask, project_kv
+from .config import check_fits_memory
+from .errors import RefformerError, check, check_array, check_rng, check_tree, check_upstream
+from .layers import (check_config, decoder_layer_backward, decoder_layer_forward, encoder_layer_backward,
+                     encoder_layer_forward, feed_forward_forward, layer_shapes, norm_shapes, residual_forward)
 from .ops import (dropout_backward, dropout_forward, embedding_backward, embedding_forward, linear_backward,
                   linear_forward, norm_backward, norm_forward, sinusoidal_table)
 from .tree import tree_map
@@ -33,24 +34,16 @@ from .tree import tree_map
 
 
 def param_shapes(cfg):
-    """The parameter tree of cfg with shape tuples as leaves (the one place that defines it)."""
-    D, F, V, N = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.max_positions
-
-    def linear(d_in, d_out):
-        return {"weight": (d_in, d_out), "bias": (d_out,)}
+    """The parameter tree of cfg with shape tuples as leaves (the one place that defines it; a layer's own
+    shapes are layers.layer_shapes). config.parameter_count counts the same numbers without building the tree."""
+    check_config(cfg)
+    D, V, N = cfg.d_model, cfg.vocab_size, cfg.max_positions
 
     def norm():
-        return {"weight": (D,), "bias": (D,)} if cfg.norm == "layernorm" else {"weight": (D,)}
-
-    def attention():
-        return {name: linear(D, D) for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+        return norm_shapes(cfg)
 
     def layer(cross):
-        p = {"self_attn": attention(), "self_attn_norm": norm()}
-        if cross:
-            p.update(cross_attn=attention(), cross_attn_norm=norm())
-        p.update(ffn={"fc1": linear(D, F), "fc2": linear(F, D)}, ffn_norm=norm())
-        return p
+        return layer_shapes(cfg, cross)
 
     def stack(n_layers, cross, own_embedding):
         s = {"embed_tokens": {"weight": (V, D)}} if own_embedding else {}
@@ -75,7 +68,16 @@ def param_shapes(cfg):
 
 def init_params(cfg, rng, dtype=np.float32):
     """Random parameters: Xavier-uniform matrices (as torch's nn.Transformer), N(0, D^-1/2) token
-    embeddings, N(0, 0.02) learned positions, zero biases, unit norm weights."""
+    embeddings, N(0, 0.02) learned positions, zero biases, unit norm weights.
+
+    rng is a numpy.random.Generator; dtype float32 or float64. Raises RefformerError for other arguments, and
+    (config.check_fits_memory) for a model that cannot fit in this machine's memory, before allocating anything.
+    """
+    check_config(cfg)
+    check_rng("rng", rng, allow_none=False)
+    check(dtype in (np.float32, np.float64, np.dtype(np.float32), np.dtype(np.float64)),
+          f"dtype must be float32 or float64, got {dtype!r}")
+    check_fits_memory(cfg, dtype)
     def init(path_shape):
         path, shape = path_shape
         if path.endswith("embed_tokens.weight"):
@@ -125,7 +127,8 @@ def embed_forward(cfg, p_tokens, p_stack, ids, positions, rng=None):
     if cfg.positional == "learned":
         pos, pos_cache = embedding_forward(p_stack["embed_positions"], positions)
     else:
-        pos, pos_cache = sinusoidal_table(cfg.max_positions, cfg.d_model, tokens.dtype)[positions], None
+        used = int(positions.max()) + 1 if positions.size else 0  # only the rows used, not all max_positions
+        pos, pos_cache = sinusoidal_table(used, cfg.d_model, tokens.dtype)[positions], None
     x, dropout_cache = dropout_forward(tokens * scale + pos, cfg.dropout, rng)
     cache = {"tokens": token_cache, "positions": pos_cache, "scale": scale, "dropout": dropout_cache, "output": x}
     return x, cache
@@ -151,12 +154,15 @@ def _check_ids(name, ids, cfg):
 
 
 def _keep_mask(name, mask, ids, cfg):
-    """The [B, T] key-padding mask (1 = real token): given, or ids != pad_id."""
+    """The boolean [B, T] key-padding mask (1 = real token): given (boolean or 0/1 integers), or ids != pad_id.
+
+    A floating mask is refused (attention.check_keep_mask): an additive 0 / -inf mask would read inverted.
+    """
     if mask is None:
         return ids != cfg.pad_id
-    mask = np.asarray(mask)
-    check(mask.shape == ids.shape, f"{name} must have the shape of its ids {list(ids.shape)}, got {list(mask.shape)}")
-    return mask.astype(bool)
+    if isinstance(mask, np.ndarray) and mask.shape != ids.shape:
+        raise RefformerError(f"{name} must have the shape of its ids {list(ids.shape)}, got {list(mask.shape)}")
+    return check_keep_mask(name, mask, shape=ids.shape)
 
 
 def _positions(name, positions, ids, cfg):
@@ -170,9 +176,32 @@ def _positions(name, positions, ids, cfg):
 
 
 def _check_dtype(params):
-    dtype = params["decoder"]["embed_tokens"]["weight"].dtype
+    """The parameters' one dtype, float32 or float64."""
+    embed = params.get("decoder", {}).get("embed_tokens", {}) if isinstance(params, dict) else {}
+    weight = embed.get("weight") if isinstance(embed, dict) else None
+    check(isinstance(weight, np.ndarray), "params must be a parameter tree (init_params or load) with "
+                                          "decoder.embed_tokens.weight")
+    dtype = weight.dtype
     check(dtype in (np.float32, np.float64), f"parameters must be float32 or float64, got {dtype}")
     return dtype
+
+
+def _check_model(cfg, params, rng=None):
+    """cfg a Config; params exactly param_shapes(cfg), in one dtype (float32 or float64); returns that dtype."""
+    check_config(cfg, rng)
+    dtype = _check_dtype(params)
+    check_tree("params", params, param_shapes(cfg))
+    other = sorted({str(value.dtype) for value in _leaves(params)} - {str(dtype)})
+    check(not other, f"every parameter must be {dtype}, found {other}")
+    return dtype
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return [leaf for value in tree.values() for leaf in _leaves(value)]
+    if isinstance(tree, list):
+        return [leaf for value in tree for leaf in _leaves(value)]
+    return [tree]
 
 
 # ---------------------------------------------------------------------------- stacks
@@ -256,11 +285,12 @@ def model_forward(cfg, params, src_ids, tgt_ids, *, src_mask=None, tgt_mask=None
                   tgt_positions=None, rng=None):
     """Logits of every target position. src_ids [B, S] (None for decoder-only), tgt_ids [B, T] -> logits [B, T, V].
 
-    Masks are [B, S] / [B, T] with 1 (True) = real token, by default ids != pad_id. Positions
+    Masks are keep masks [B, S] / [B, T], boolean or integer 0/1, with 1 (True) = real token, by default
+    ids != pad_id; a floating mask is refused (for an additive 0 / -inf mask pass mask == 0). Positions
     default to 0 .. length-1 (pass tgt_positions for left-padded decoder-only prompts).
-    rng (numpy.random.Generator) turns dropout on; None is eval mode.
+    rng (numpy.random.Generator) turns dropout on; None is eval mode. Raises RefformerError for bad input.
     """
-    dtype = _check_dtype(params)
+    dtype = _check_model(cfg, params, rng)
     _check_ids("tgt_ids", tgt_ids, cfg)
     tgt_keep = _keep_mask("tgt_mask", tgt_mask, tgt_ids, cfg)
     tgt_positions = _positions("tgt_positions", tgt_positions, tgt_ids, cfg)
@@ -284,6 +314,10 @@ def model_forward(cfg, params, src_ids, tgt_ids, *, src_mask=None, tgt_mask=None
 
 def model_backward(cfg, params, cache, dlogits):
     """Gradients of every parameter (a tree with exactly params' keys) given dlogits [B, T, V]."""
+    _check_model(cfg, params)
+    check(isinstance(cache, dict) and isinstance(cache.get("logits"), np.ndarray) and "decoder" in cache,
+          "cache must be the cache model_forward returned")
+    check_upstream("dlogits", dlogits, cache["logits"].shape)
     dhidden, dhead = linear_backward(lm_head_params(cfg, params), cache["lm_head"], dlogits)
     grads = {}
     grads["decoder"], dmemory = decoder_backward(cfg, params, cache["decoder"], dhidden)
@@ -318,10 +352,11 @@ def _in_order_of(template, tree):
 def encode(cfg, params, src_ids, src_mask=None):
     """Run the encoder once: memory [B, S, D] and every decoder layer's cross-attention (k, v) [B, H, S, Dh].
 
-    The NumPy twin of encoder.onnx.
+    The NumPy twin of encoder.onnx. src_mask is a keep mask as in model_forward (floating masks are refused).
     """
+    check_config(cfg)
     check(cfg.is_encoder_decoder, "encode needs an encoder-decoder model")
-    _check_dtype(params)
+    _check_model(cfg, params)
     _check_ids("src_ids", src_ids, cfg)
     src_keep = _keep_mask("src_mask", src_mask, src_ids, cfg)
     memory, _ = encoder_forward(cfg, params, src_ids, src_keep, _positions("src_positions", None, src_ids, cfg))
@@ -335,15 +370,20 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
     ids, positions [B, T]; attention_mask [B, P + T] (1 = real token, past and new);
     past: per layer (k, v) [B, H, P, Dh] (P may be 0); cross_kv: per layer (k, v) [B, H, S, Dh]
     from encode, with encoder_attention_mask [B, S]. Returns logits [B, T, V] and the
-    present cache: per layer (k, v) [B, H, P + T, Dh].
+    present cache: per layer (k, v) [B, H, P + T, Dh]. Masks are keep masks (boolean or 0/1 integers, 1 = real
+    token); a floating mask is refused. Raises RefformerError for bad input.
     """
+    _check_model(cfg, params)
     p = params["decoder"]
-    _check_dtype(params)
     _check_ids("ids", ids, cfg)
     positions = _positions("positions", positions, ids, cfg)
     B, T = ids.shape
-    check(len(past) == len(p["layers"]), f"past must hold one (k, v) per decoder layer ({len(p['layers'])}), got {len(past)}")
-    attention_mask = np.asarray(attention_mask)
+    check(isinstance(past, (list, tuple)) and len(past) == len(p["layers"])
+          and all(isinstance(kv, (list, tuple)) and len(kv) == 2 for kv in past),
+          f"past must hold one (k, v) per decoder layer ({len(p['layers'])})")
+    attention_mask = check_keep_mask("attention_mask", attention_mask, ndim=2)
+    if past:
+        check_array("past[0] keys", past[0][0], ndim=4, kind="f")
     P = past[0][0].shape[2] if past else attention_mask.shape[-1] - T  # no layers: the mask says how much came before
     check(P >= 0, f"attention_mask must cover the past and the {T} new positions, got shape {list(attention_mask.shape)}")
     dtype = p["embed_tokens"]["weight"].dtype
@@ -353,12 +393,21 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
     check(attention_mask.shape == (B, P + T),
           f"attention_mask must have shape [B, P + T] = {[B, P + T]}, got {list(attention_mask.shape)}")
     if cfg.is_encoder_decoder:
-        check(cross_kv is not None and len(cross_kv) == len(p["layers"]),
+        check(isinstance(cross_kv, (list, tuple)) and len(cross_kv) == len(p["layers"])
+              and all(isinstance(kv, (list, tuple)) and len(kv) == 2 for kv in cross_kv),
               "cross_kv must hold one (k, v) per decoder layer for an encoder-decoder model")
         check(encoder_attention_mask is not None, "encoder_attention_mask is required with cross_kv")
+        encoder_attention_mask = check_keep_mask("encoder_attention_mask", encoder_attention_mask, ndim=2)
+        check_array("cross_kv[0] keys", cross_kv[0][0], ndim=4, kind="f")
         S = cross_kv[0][0].shape[2]
-        check(np.shape(encoder_attention_mask) == (B, S),
-              f"encoder_attention_mask must have shape [B, S] = {[B, S]}, got {list(np.shape(encoder_attention_mask))}")
+        check(encoder_attention_mask.shape == (B, S),
+              f"encoder_attention_mask must have shape [B, S] = {[B, S]}, got {list(encoder_attention_mask.shape)}")
+        for i, (k, v) in enumerate(cross_kv):
+            check_array(f"cross_kv[{i}] keys", k, shape=(B, cfg.n_heads, S, cfg.head_dim), kind="f", dtype=dtype)
+            check_array(f"cross_kv[{i}] values", v, shape=(B, cfg.n_heads, S, cfg.head_dim), kind="f", dtype=dtype)
+    else:
+        check(cross_kv is None and encoder_attention_mask is None,
+              "a decoder-only model takes cross_kv=None and encoder_attention_mask=None")
 
     x, _ = embed_forward(cfg, p["embed_tokens"], p, ids, positions)
     self_mask = causal_mask(T, P + T, past=P)[None, None] & padding_mask(attention_mask)  # [B, 1, T, P + T]
@@ -388,5 +437,10 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
 
 def empty_cache(cfg, batch_size, dtype=np.float32):
     """A self-attention cache with P = 0: per layer (k, v) [B, H, 0, Dh]."""
+    check_config(cfg)
+    check(isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool) and batch_size >= 0,
+          f"batch_size must be an integer >= 0, got {batch_size!r}")
+    check(dtype in (np.float32, np.float64, np.dtype(np.float32), np.dtype(np.float64)),
+          f"dtype must be float32 or float64, got {dtype!r}")
     shape = (batch_size, cfg.n_heads, 0, cfg.head_dim)
     return [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(cfg.n_decoder_layers)]

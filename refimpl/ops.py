@@ -10,7 +10,24 @@ import math
 
 import numpy as np
 
-from .errors import check, check_array
+from .errors import RefformerError, check, check_array, check_number, check_rng, check_upstream
+
+
+def check_weights(p, *, ndim, bias=True, what="p"):
+    """p must be {"weight": floating [ndim dims], "bias": [its last dim] (optional when bias, else refused)}."""
+    if not isinstance(p, dict):
+        raise RefformerError(f"{what} must be a dict with a 'weight' array, got {type(p).__name__}")
+    check("weight" in p, f"{what} has no 'weight'")
+    extra = sorted(str(key) for key in p if key not in (("weight", "bias") if bias else ("weight",)))
+    check(not extra, f"{what} has unexpected entries {extra}")
+    check_array(f"{what}['weight']", p["weight"], ndim=ndim, kind="f")
+    if "bias" in p:
+        check_array(f"{what}['bias']", p["bias"], shape=p["weight"].shape[-1:], kind="f", dtype=p["weight"].dtype)
+
+
+def check_cache(cache, n, what):
+    """A tuple cache of n entries, as the matching forward returned it."""
+    check(isinstance(cache, tuple) and len(cache) == n, f"cache must be the cache {what} returned")
 
 
 def check_features(name, x, weight):
@@ -24,7 +41,11 @@ def check_features(name, x, weight):
 
 
 def linear_forward(p, x):
-    """y = x @ W + b. x [..., Din], W [Din, Dout], b [Dout] (optional) -> y [..., Dout]."""
+    """y = x @ W + b. x [..., Din], W [Din, Dout], b [Dout] (optional) -> y [..., Dout].
+
+    Raises RefformerError for a p without a [Din, Dout] weight or an x of another width or dtype.
+    """
+    check_weights(p, ndim=2)
     check_features("x", x, p["weight"])
     # One [N, Din] @ [Din, Dout] product over all N leading positions: a stacked x @ W would make
     # NumPy call BLAS once per leading index ([T, Din] each), several times slower.
@@ -36,8 +57,11 @@ def linear_forward(p, x):
 
 
 def linear_backward(p, cache, dy):
-    """Inverts y = x @ W + b: returns dx, {"weight": dW, "bias": db}."""
+    """Inverts y = x @ W + b: returns dx, {"weight": dW, "bias": db} ("bias" only when p has one)."""
+    check_weights(p, ndim=2)
+    check_cache(cache, 1, "linear_forward")
     (x,) = cache
+    check_upstream("dy", dy, x.shape[:-1] + p["weight"].shape[1:])
     x2 = x.reshape(-1, x.shape[-1])  # [N, Din]
     dy2 = dy.reshape(-1, dy.shape[-1])  # [N, Dout]
     dx = (dy2 @ p["weight"].T).reshape(x.shape)  # [N, Din] -> [..., Din], one product as in the forward
@@ -51,7 +75,8 @@ def linear_backward(p, cache, dy):
 
 
 def embedding_forward(p, ids):
-    """Row lookup. ids [...] int -> y [..., D] = weight[ids]."""
+    """Row lookup. ids [...] int -> y [..., D] = weight[ids]. Raises RefformerError for ids outside [0, V)."""
+    check_weights(p, ndim=2, bias=False)
     check_array("ids", ids, kind="i")
     V = p["weight"].shape[0]
     check(ids.size == 0 or (ids.min() >= 0 and ids.max() < V), f"ids must hold token ids in [0, {V})")
@@ -60,14 +85,26 @@ def embedding_forward(p, ids):
 
 def embedding_backward(p, cache, dy):
     """Scatter-add of dy into the rows that were gathered (ids have no gradient)."""
+    check_weights(p, ndim=2, bias=False)
+    check_cache(cache, 1, "embedding_forward")
     (ids,) = cache
+    check_upstream("dy", dy, ids.shape + p["weight"].shape[1:])
     dweight = np.zeros_like(p["weight"])
     np.add.at(dweight, ids.reshape(-1), dy.reshape(-1, dy.shape[-1]))
     return {"weight": dweight}
 
 
 def sinusoidal_table(n_positions, d_model, dtype=np.float64):
-    """The Vaswani et al. table [n_positions, D]: even columns sin(pos / 10000^(2i/D)), odd columns cos."""
+    """The Vaswani et al. table [n_positions, D]: even columns sin(pos / 10000^(2i/D)), odd columns cos.
+
+    Raises RefformerError for a negative n_positions, a d_model < 1, or a table larger than this machine's memory.
+    """
+    from .config import physical_memory_bytes
+
+    check_number("n_positions", n_positions, 0, integer=True)
+    check_number("d_model", d_model, 1, integer=True)
+    check(n_positions * d_model * 8 <= physical_memory_bytes(),
+          f"a sinusoidal table of {n_positions} x {d_model} does not fit in this machine's memory")
     position = np.arange(n_positions, dtype=np.float64)[:, None]  # [N, 1]
     frequency = np.exp(-math.log(10000.0) * np.arange(0, d_model, 2, dtype=np.float64) / d_model)  # [ceil(D/2)]
     angles = position * frequency  # [N, ceil(D/2)]
@@ -80,30 +117,53 @@ def sinusoidal_table(n_positions, d_model, dtype=np.float64):
 # ---------------------------------------------------------------------------- norms
 
 
+def check_eps(eps):
+    check_number("eps", eps, 0.0, low_open=True)
+
+
 def layer_norm_forward(p, x, eps):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance)."""
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance).
+
+    p = {"weight" [D], "bias" [D]}; the bias is optional, as in ONNX LayerNormalization (torch's
+    F.layer_norm(x, (D,), weight, None)). Raises RefformerError for a bad p, x or eps.
+    """
+    check_weights(p, ndim=1)
     check_features("x", x, p["weight"])
+    check_eps(eps)
     mean = x.mean(axis=-1, keepdims=True)
     centred = x - mean
     rstd = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
     xhat = centred * rstd
-    y = xhat * p["weight"] + p["bias"]
+    y = xhat * p["weight"]
+    if "bias" in p:
+        y = y + p["bias"]
     return y, (xhat, rstd)
 
 
 def layer_norm_backward(p, cache, dy):
-    """Returns dx, {"weight", "bias"}; dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight."""
+    """Returns dx, {"weight", "bias"} ("bias" only when p has one); dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+    g = dy * weight."""
+    check_weights(p, ndim=1)
+    check_cache(cache, 2, "layer_norm_forward")
     xhat, rstd = cache
+    check_upstream("dy", dy, xhat.shape)
     reduce_axes = tuple(range(dy.ndim - 1))
-    dp = {"weight": (dy * xhat).sum(axis=reduce_axes), "bias": dy.sum(axis=reduce_axes)}
+    dp = {"weight": (dy * xhat).sum(axis=reduce_axes)}
+    if "bias" in p:
+        dp["bias"] = dy.sum(axis=reduce_axes)
     g = dy * p["weight"]
     dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
     return dx, dp
 
 
 def rms_norm_forward(p, x, eps):
-    """y = x / sqrt(mean(x^2) + eps) * weight over the last axis (no centring, no bias)."""
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last axis (no centring, no bias).
+
+    Raises RefformerError for a p other than {"weight" [D]}, a bad x or eps.
+    """
+    check_weights(p, ndim=1, bias=False)
     check_features("x", x, p["weight"])
+    check_eps(eps)
     rrms = 1.0 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
     xhat = x * rrms
     return xhat * p["weight"], (xhat, rrms)
@@ -111,7 +171,10 @@ def rms_norm_forward(p, x, eps):
 
 def rms_norm_backward(p, cache, dy):
     """Returns dx, {"weight"}; dx = rrms * (g - xhat * mean(g * xhat)), g = dy * weight."""
+    check_weights(p, ndim=1, bias=False)
+    check_cache(cache, 2, "rms_norm_forward")
     xhat, rrms = cache
+    check_upstream("dy", dy, xhat.shape)
     reduce_axes = tuple(range(dy.ndim - 1))
     dp = {"weight": (dy * xhat).sum(axis=reduce_axes)}
     g = dy * p["weight"]
@@ -121,10 +184,12 @@ def rms_norm_backward(p, cache, dy):
 
 def norm_forward(p, x, kind, eps):
     """Dispatch to layer_norm_forward or rms_norm_forward by kind ("layernorm" / "rmsnorm")."""
+    check(kind in ("layernorm", "rmsnorm"), f"kind must be 'layernorm' or 'rmsnorm', got {kind!r}")
     return layer_norm_forward(p, x, eps) if kind == "layernorm" else rms_norm_forward(p, x, eps)
 
 
 def norm_backward(p, cache, dy, kind):
+    check(kind in ("layernorm", "rmsnorm"), f"kind must be 'layernorm' or 'rmsnorm', got {kind!r}")
     return layer_norm_backward(p, cache, dy) if kind == "layernorm" else rms_norm_backward(p, cache, dy)
 
 
@@ -193,12 +258,24 @@ ACTIVATIONS = {
 
 
 def activation_forward(x, kind):
-    """Apply the activation named kind (relu, gelu, gelu_tanh, silu)."""
+    """Apply the activation named kind (relu, gelu, gelu_tanh, silu) to a floating x."""
+    check_activation(kind)
+    check_array("x", x, kind="f")
     return ACTIVATIONS[kind][0](x)
 
 
 def activation_backward(cache, dy, kind):
+    """The input gradient of activation_forward(x, kind), given its cache."""
+    check_activation(kind)
+    check(isinstance(cache, tuple) and cache and isinstance(cache[0], np.ndarray),
+          "cache must be the cache activation_forward returned")
+    check_upstream("dy", dy, cache[0].shape)
     return ACTIVATIONS[kind][1](cache, dy)
+
+
+def check_activation(kind):
+    check(isinstance(kind, str) and kind in ACTIVATIONS,
+          f"kind must be one of {', '.join(ACTIVATIONS)}, got {kind!r}")
 
 
 # ---------------------------------------------------------------------------- dropout
@@ -208,7 +285,11 @@ def dropout_forward(x, rate, rng):
     """Inverted dropout: zero each entry with probability rate, scale the rest by 1/(1-rate).
 
     rng is a numpy.random.Generator; rng=None (eval mode) or rate=0 is the identity.
+    Raises RefformerError for a rate outside [0, 1) or an rng that is not a Generator.
     """
+    check_array("x", x, kind="f")
+    check_number("rate", rate, 0.0, 1.0, high_open=True)
+    check_rng("rng", rng)
     if rng is None or rate == 0.0:
         return x, (None,)
     keep = (rng.random(x.shape) >= rate).astype(x.dtype) * (1.0 / (1.0 - rate))  # [same as x]
@@ -216,7 +297,10 @@ def dropout_forward(x, rate, rng):
 
 
 def dropout_backward(cache, dy):
+    check_cache(cache, 1, "dropout_forward")
     (keep,) = cache
+    check_array("dy", dy, kind="f")
+    check(keep is None or dy.shape == keep.shape, f"dy must have shape {list(getattr(keep, 'shape', ()))}")
     return dy if keep is None else dy * keep
 
 
@@ -227,8 +311,10 @@ def softmax_forward(x, axis=-1):
     """Numerically stable softmax; entries at -inf get 0, and a row that is all -inf gives all zeros.
 
     torch.softmax returns NaN for an all -inf row; here such a row (a query that may attend
-    to nothing, e.g. a padding query) yields zeros and so contributes nothing downstream.
+    to nothing, e.g. a padding query) yields zeros and so contributes nothing downstream, as torch's
+    F.scaled_dot_product_attention does (2.13, every backend) for a query whose keys are all masked.
     """
+    check_axis(x, axis)
     row_max = np.max(x, axis=axis, keepdims=True)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # all -inf row: subtract 0, exp gives zeros
     e = np.exp(x - row_max)
@@ -239,12 +325,16 @@ def softmax_forward(x, axis=-1):
 
 def softmax_backward(cache, dy, axis=-1):
     """dx = y * (dy - sum(dy * y)); zero wherever y is zero."""
+    check_cache(cache, 1, "softmax_forward")
     (y,) = cache
+    check_upstream("dy", dy, y.shape)
+    check_axis(y, axis)
     return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
 
 
 def log_softmax_forward(x, axis=-1):
     """x - logsumexp(x), stable for large |x|."""
+    check_axis(x, axis)
     row_max = np.max(x, axis=axis, keepdims=True)
     shifted = x - row_max
     y = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
@@ -253,5 +343,15 @@ def log_softmax_forward(x, axis=-1):
 
 def log_softmax_backward(cache, dy, axis=-1):
     """dx = dy - softmax(x) * sum(dy)."""
+    check_cache(cache, 1, "log_softmax_forward")
     (y,) = cache
+    check_upstream("dy", dy, y.shape)
+    check_axis(y, axis)
     return dy - np.exp(y) * dy.sum(axis=axis, keepdims=True)
+
+
+def check_axis(x, axis):
+    """x floating with at least one axis; axis an integer naming one of them."""
+    check_array("x", x, kind="f")
+    check(x.ndim >= 1, "x must have at least one axis")
+    check_number("axis", axis, -x.ndim, x.ndim - 1, integer=True)

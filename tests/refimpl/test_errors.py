@@ -101,7 +101,7 @@ CASES = {
     # ------------------------------------------------------------------ masks of the wrong shape
     "attention mask": (lambda s: attention_forward(s["q"], s["k"], s["k"], np.ones((2, 1, 3, 4), bool)), ["mask"]),
     "attention mask dtype": (lambda s: attention_forward(s["q"], s["k"], s["k"], np.ones((3, 5), np.int64)),
-                             ["mask", "boolean or floating"]),
+                             ["mask", "boolean", "floating"]),
     "mha mask": (lambda s: mha_forward(s["attn"], s["x"], s["x"], np.ones((4, 3), bool), n_heads=2), ["mask"]),
     "encoder layer mask": (lambda s: encoder_layer_forward(s["enc_layer"], s["x"], padding_mask(np.ones((2, 4))), ED),
                            ["mask"]),
