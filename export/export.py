@@ -1,32 +1,214 @@
-"""`refformer export`: write MODEL_DIR/onnx/ (graphs + manifest.json) atomically, checked and measured."""
+"""`refformer export`: write one export set (graphs + manifest.json) atomically, checked and measured.
+
+Layout: every export set has its own folder, named by export_name: MODEL_DIR/onnx/<dtype>[-static<L>][-fused]
+(e.g. onnx/fp32, onnx/fp16-static128-fused), or <cache>/<model key>/<the same name> in the per-user cache
+(XDG_CACHE_HOME or ~/.cache, then refformer/) for the bundled model and for model folders that are not writable.
+"""
 
 import datetime
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.io import CONFIG_FILE, WEIGHTS_FILE, current_umask, load, read_json, sha256
+from refformer.refimpl.io import CONFIG_FILE, WEIGHTS_FILE, current_umask, load, load_config, read_json, sha256
+from refformer.refimpl.tree import flatten
 
 from .model import build_decoder, build_decoder_static, build_decoder_static_fused, build_encoder
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: one folder per export set, and every file's sha256 under "files"
+MANIFEST_FILE = "manifest.json"
+EXPORTS_FOLDER = "onnx"  # MODEL_DIR/onnx/<export_name>
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GB: bigger graphs keep weights beside them
 DTYPES = ("fp32", "fp16")
+FP16_MAX = 65504.0
+HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40]
+LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>\w*)-")
+
+
+# ---------------------------------------------------------------------------- where export sets live
+
+
+def owner():
+    """PID@HOST: in the names of this process's temporary folders, so that only a dead owner's are cleaned up."""
+    return f"{os.getpid()}@{HOST}"
+
+
+def export_name(dtype="fp32", static_length=None, fused_attention=False):
+    """The folder name of one export set: "fp32", "fp16-static128", "fp32-fused", "fp16-static128-fused"."""
+    return dtype + ("" if static_length is None else f"-static{static_length}") + ("-fused" if fused_attention else "")
+
+
+def cache_root():
+    """The per-user cache of exports: $XDG_CACHE_HOME/refformer, or ~/.cache/refformer."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "refformer"
 
 
 def model_hashes(model_dir):
-    """sha256 of config.json and model.safetensors: what the manifest records to detect a stale export."""
+    """sha256 of config.json and model.safetensors: what the manifest records to detect a stale export.
+
+    Raises RefformerError when either file is missing."""
     model_dir = Path(model_dir)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (model_dir / name).is_file():
             raise RefformerError(f"{model_dir / name} is missing")
     return {"config_sha256": sha256(model_dir / CONFIG_FILE), "weights_sha256": sha256(model_dir / WEIGHTS_FILE)}
+
+
+def model_key(model_dir):
+    """20 hex digits naming a model's config and weights: its folder in the per-user cache."""
+    hashes = model_hashes(model_dir)
+    return sha256_text(hashes["config_sha256"] + hashes["weights_sha256"])[:20]
+
+
+def sha256_text(text):
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def export_locations(model_dir, name):
+    """(MODEL_DIR/onnx/NAME, <cache>/<model key>/NAME): the two places an export set of model_dir may live."""
+    model_dir = Path(model_dir)
+    return model_dir / EXPORTS_FOLDER / name, cache_root() / model_key(model_dir) / name
+
+
+def packaged(model_dir):
+    """True for a model folder inside refformer's own package folders (the bundled model, installed or editable):
+    its exports go to the per-user cache, never into site-packages or the source tree."""
+    import refformer
+    import refformer.runtime
+
+    model = Path(model_dir).resolve()
+    roots = {Path(module.__file__).resolve().parent for module in (refformer, refformer.runtime)}
+    return any(root == model or root in model.parents for root in roots)
+
+
+def writable(model_dir):
+    """Whether an export can go into MODEL_DIR/onnx (it, or the model folder when onnx/ is missing, is writable)."""
+    folder = Path(model_dir) / EXPORTS_FOLDER
+    return os.access(folder if folder.exists() else model_dir, os.W_OK)
+
+
+def default_export_dir(model_dir, dtype="fp32", static_length=None, fused_attention=False):
+    """Where `refformer export` (no --out) and generate write an export set of model_dir: MODEL_DIR/onnx/NAME,
+    or the per-user cache's folder for the bundled model and for a model folder that is not writable."""
+    local, cached = export_locations(model_dir, export_name(dtype, static_length, fused_attention))
+    return cached if packaged(model_dir) or not writable(model_dir) else local
+
+
+def existing_exports(model_dir):
+    """{name: folder} of the export sets of model_dir with a manifest.json: MODEL_DIR/onnx/* first, then the
+    per-user cache's (a name in both: the model folder's)."""
+    found = {}
+    local, cached = export_locations(model_dir, "-")
+    for parent in (local.parent, cached.parent):
+        if parent.is_dir():
+            for folder in sorted(parent.iterdir()):
+                if not folder.name.startswith(".") and (folder / MANIFEST_FILE).is_file():
+                    found.setdefault(folder.name, folder)
+    return found
+
+
+def find_export(model_dir, dtype=None, static_length=None, fused_attention=False):
+    """The export set of model_dir that verify checks when no folder is given: the one named by the options (dtype
+    default fp32), in MODEL_DIR/onnx or the per-user cache. With no options: fp32 if it exists, else the only one
+    there is. Raises RefformerError naming what exists when none or several match."""
+    recover_leftovers(Path(model_dir) / EXPORTS_FOLDER)
+    found = existing_exports(model_dir)
+    options_given = dtype is not None or static_length is not None or fused_attention
+    name = export_name(dtype or "fp32", static_length, fused_attention)
+    if name in found:
+        return found[name]
+    if not options_given and len(found) == 1:
+        return next(iter(found.values()))
+    local, cached = export_locations(model_dir, name)
+    if not found:
+        raise RefformerError(f"no export of {model_dir} in {local.parent} or {cached.parent}: run `refformer export` "
+                             "first (or pass --onnx-dir DIR)")
+    raise RefformerError(f"no {name} export of {model_dir}; found {', '.join(found)}: pass --dtype, --static-length "
+                         "and --fused-attention to name one (or --onnx-dir DIR)")
+
+
+# ---------------------------------------------------------------------------- checks before any work
+
+
+def check_out_dir(model_dir, out_dir):
+    """Refuse an --out that would destroy what the user had: the model folder, a folder holding it, a file, a
+    symbolic link, or a folder that exists and is not a refformer export (an empty folder is fine). Raises
+    RefformerError."""
+    out, model = Path(out_dir), Path(model_dir).resolve()
+    target = out.resolve()
+    if target == model or target in model.parents:
+        raise RefformerError(f"--out {out} is the model folder or holds it; pick a folder outside {model_dir}")
+    if out.is_symlink():
+        raise RefformerError(f"--out {out} is a symbolic link; pass the folder it points to")
+    if out.exists() and not out.is_dir():
+        raise RefformerError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        raise RefformerError(f"--out {out} exists and is not a refformer export (no manifest.json of ours, or files "
+                             "that are not the export's); pick a new folder or remove it")
+
+
+def is_export(folder):
+    """True when folder holds a refformer export and nothing else: a manifest.json of ours and only the files it
+    names (graphs and their .data files)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        if not isinstance(manifest, dict) or manifest.get("format_version") not in (1, MANIFEST_FORMAT):
+            return False
+        files = set(manifest.get("files") or [])
+        for graph in (manifest.get("graphs") or {}).values():
+            files |= {graph["file"], graph["file"] + ".data"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False
+    return all(entry.name == MANIFEST_FILE or entry.name in files for entry in folder.iterdir())
+
+
+def check_weights(params, dtype, source):
+    """Raise RefformerError naming the first tensor with a NaN or inf, or (dtype "fp16") with values beyond
+    float16's range: such a model cannot be exported or verified."""
+    for name, value in flatten(params).items():
+        value = np.asarray(value)
+        finite = np.isfinite(value)
+        if not finite.all():
+            raise RefformerError(f"{source}: {name} has {int(value.size - finite.sum())} non-finite values (NaN or inf); "
+                                 "fix or retrain the model before exporting it")
+        if dtype == "fp16" and value.size and np.abs(value).max() > FP16_MAX:
+            raise RefformerError(f"{source}: {name} has values up to {np.abs(value).max():.3g}, beyond float16's "
+                                 f"range ({FP16_MAX:g}): export with --dtype fp32")
+
+
+def file_hashes(folder, names):
+    """{file name: sha256} of the named files of folder that exist."""
+    return {name: sha256(Path(folder) / name) for name in sorted(names) if (Path(folder) / name).is_file()}
+
+
+def check_files(onnx_dir, manifest):
+    """Every file the manifest records has its recorded sha256: graphs copied in from another export (or changed)
+    are refused. Raises RefformerError saying to export again."""
+    onnx_dir = Path(onnx_dir)
+    for name, digest in manifest.get("files", {}).items():
+        path = onnx_dir / name
+        if not path.is_file():
+            raise RefformerError(f"{path} is missing: run `refformer export` again")
+        if sha256(path) != digest:
+            raise RefformerError(f"{path} is not the file its manifest.json records (changed, or copied from another "
+                                 "export): run `refformer export` again")
+
+
+# ---------------------------------------------------------------------------- graphs
 
 
 def graph_files(cfg):
@@ -90,7 +272,7 @@ def versions():
 
 def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=None, measure=True, static_length=None,
                  fused_attention=False):
-    """Export model_dir to out_dir (default model_dir/onnx) through a temporary folder renamed into place.
+    """Export model_dir to out_dir (default: default_export_dir) through a temporary folder renamed into place.
 
     Returns the manifest. measure=True runs refformer verify's random-input check on ONNX Runtime CPU
     and records the error in the manifest. static_length adds decoder_static.onnx, the fixed-size-cache
@@ -99,22 +281,38 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     with static_length too, also decoder_static_mha.onnx (decoder_static.onnx's contract with contrib ops and
     fused norms) and, when the head size is a multiple of 8, decoder_static_fused.onnx (GroupQueryAttention
     over a cache updated in place).
+
+    Raises RefformerError for a bad option, an out_dir that check_out_dir refuses (an explicit out_dir's parent
+    must exist), weights with NaN or inf (or beyond float16's range for fp16), or a non-finite measured error.
+    Leftovers of killed exports in the target's parent folder are removed first (recover_leftovers).
     """
     if dtype not in DTYPES:
         raise RefformerError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
-    if not isinstance(opset, int) or not 17 <= opset <= onnx.defs.onnx_opset_version():
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 17 <= opset <= onnx.defs.onnx_opset_version():
         raise RefformerError(f"--opset must be between 17 (LayerNormalization) and {onnx.defs.onnx_opset_version()}, got {opset}")
+    if static_length is not None and (isinstance(static_length, bool) or not isinstance(static_length, int)
+                                      or static_length < 1):
+        raise RefformerError(f"--static-length must be a positive integer, got {static_length}")
     model_dir = Path(model_dir)
+    load_config(model_dir)  # a missing or bad model folder is named before anything else
+    if out_dir is None:
+        out_dir = default_export_dir(model_dir, dtype, static_length, fused_attention)
+    else:
+        out_dir = Path(out_dir)
+        if not out_dir.parent.is_dir():
+            raise RefformerError(f"--out {out_dir}: folder {out_dir.parent} does not exist; create it first")
+    check_out_dir(model_dir, out_dir)
     cfg, params = load(model_dir)
-    if static_length is not None and not (isinstance(static_length, int) and 1 <= static_length <= cfg.max_positions):
+    check_weights(params, dtype, model_dir / WEIGHTS_FILE)
+    if static_length is not None and static_length > cfg.max_positions:
         raise RefformerError(f"--static-length must be between 1 and max_positions={cfg.max_positions}, got {static_length}")
     static_mha = static_length is not None and fused_attention
     static_fused = static_mha and cfg.head_dim % 8 == 0  # GroupQueryAttention's kernels need it
-    out_dir = Path(out_dir) if out_dir is not None else model_dir / "onnx"
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+        recover_leftovers(parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{owner()}-", dir=parent))
     except OSError as error:
         raise RefformerError(f"output folder {parent} is not writable ({error.strerror}); pass --out DIR") from None
     try:
@@ -157,11 +355,16 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
             from .verify import ERROR_BOUNDS, export_checks
 
             rows = export_checks(cfg, params, tmp, dtype, variants)
-            manifest["error"] = {"provider": "CPUExecutionProvider", "bound": ERROR_BOUNDS[dtype],
-                                 "max": max(row["error"] for row in rows),
+            worst = max(row["error"] for row in rows)
+            if not np.isfinite(worst):
+                bad = next(row for row in rows if not np.isfinite(row["error"]))
+                raise RefformerError(f"the exported graphs give non-finite outputs ({bad['output']}: {bad['error']}); "
+                                     "nothing was written")
+            manifest["error"] = {"provider": "CPUExecutionProvider", "bound": ERROR_BOUNDS[dtype], "max": worst,
                                  "per_output": {(row["output"] if row["check"] == "random" else f"{row['check']}: {row['output']}"):
                                                 row["error"] for row in rows}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest["files"] = file_hashes(tmp, [entry.name for entry in tmp.iterdir()])
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes a 0700 folder
         replace_folder(tmp, out_dir)
     except BaseException:
@@ -170,29 +373,86 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     return manifest
 
 
+# ---------------------------------------------------------------------------- the switch, and what a kill leaves
+
+
 def replace_folder(new, target):
-    """Rename new over target; an existing target is moved aside first and removed only after the swap."""
+    """Rename the folder new to target. An existing target is first renamed aside to .NAME.old-PID@HOST-*, and
+    removed after the swap; a process killed between the two renames leaves that folder, and the next
+    recover_leftovers renames it back. Safe when several processes export the same target at once (the last
+    one wins; each swap is whole)."""
     target = Path(target)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
+    for _ in range(100):
+        try:
+            os.replace(new, target)  # atomic when target is missing (or an empty folder)
+            return
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        old = target.with_name(f".{target.name}.old-{owner()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(target, old)
+        except FileNotFoundError:  # another process moved it aside first
+            continue
+        try:
+            os.replace(new, target)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                try:
+                    os.replace(old, target)
+                except OSError:
+                    pass  # recover_leftovers puts it back on the next start
+                raise
+            shutil.rmtree(old, ignore_errors=True)  # another process's export took the place in between: again
+            continue
         shutil.rmtree(old, ignore_errors=True)
+        return
+    raise RefformerError(f"could not rename {new} to {target}: other processes keep replacing it")
+
+
+def process_alive(pid):
+    """Whether a process with this id runs here (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def recover_leftovers(parent):
+    """Clean up after exports killed in parent: remove their .NAME.tmp-PID@HOST-* folders, and put a
+    .NAME.old-PID@HOST-* folder back in place of a missing NAME (a kill between replace_folder's two renames),
+    or remove it. Only folders of this host whose process is gone are touched: concurrent exports keep theirs."""
+    parent = Path(parent)
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = LEFTOVER.match(entry.name)
+        if not match or match["host"] != HOST or process_alive(int(match["pid"])) or not entry.is_dir():
+            continue
+        target = parent / match["name"]
+        if match["kind"] == "old" and not target.exists():
+            try:
+                os.replace(entry, target)
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def read_manifest(onnx_dir):
-    """manifest.json of an export folder, or a RefformerError saying what is wrong."""
-    path = Path(onnx_dir) / "manifest.json"
+    """manifest.json of an export folder; RefformerError saying what is wrong (missing, not JSON, an older format)."""
+    path = Path(onnx_dir) / MANIFEST_FILE
     manifest = read_json(path, "run `refformer export` first")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("graphs"), dict):
+        raise RefformerError(f"{path} is not a refformer export manifest: run `refformer export` again")
     if manifest.get("format_version") != MANIFEST_FORMAT:
-        raise RefformerError(f"{path}: manifest format {manifest.get('format_version')} is not supported")
+        raise RefformerError(f"{path}: manifest format {manifest.get('format_version')} is not this refformer's "
+                             f"({MANIFEST_FORMAT}): run `refformer export` again")
     return manifest
 
 

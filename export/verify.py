@@ -172,13 +172,14 @@ def compare_pass(cfg, params64, sessions, dtype, check, provider, src, src_keep,
             rows.append((check, provider, f"cross_key_{i}", rel_error(k, k_ref)))
             rows.append((check, provider, f"cross_value_{i}", rel_error(v, v_ref)))
     B = tgt.shape[0]
-    past = empty_cache(cfg, B, NUMPY_TYPES[dtype])
+    past = empty_cache(cfg, B, np.float32)
     past_ref = empty_cache(cfg, B, np.float64)
     prompt, step = tgt[:, :-1], tgt[:, -1:]
     for name, ids, positions, keep in (("prompt", prompt, tgt_positions[:, :-1], tgt_keep[:, :-1]),
                                        ("step", step, tgt_positions[:, -1:], tgt_keep)):
         logits, past = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, past, cross, src_keep)
-        logits_ref, past_ref = decoder_step(cfg, params64, ids, positions, keep, past_ref, cross_ref, src_keep)
+        logits_ref, past_ref = decoder_step(cfg, params64, ids, positions, keep, past_ref, cross_ref,
+                                           src_keep if cfg.is_encoder_decoder else None)
         real = keep[:, -ids.shape[1]:].astype(bool)[:, :, None]  # padding queries are not compared
         rows.append((check, provider, f"logits ({name})", rel_error(logits * real, logits_ref * real)))
         for i, ((k, v), (k_ref, v_ref)) in enumerate(zip(past, past_ref)):
@@ -193,7 +194,7 @@ def incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, c
     ids, keep, positions = left_padded(prompts, cfg.pad_id)
     B = ids.shape[0]
     new = random_ids(cfg, rng, (B, n_steps))
-    past = empty_cache(cfg, B, NUMPY_TYPES[dtype])
+    past = empty_cache(cfg, B, np.float32)
     logits, past = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, past, cross, src_keep)
     collected = [logits]
     for t in range(n_steps):
@@ -258,38 +259,64 @@ def export_checks(cfg, params, onnx_dir, dtype, graphs, seed=0):
 
 
 def verify(model_dir, onnx_dir=None, providers=None, seed=0):
-    """All checks on every usable provider -> (rows, dtype). A row: dict(check, provider, output, error, bound, ok)."""
-    from refformer.refimpl.io import TOKENIZER_FILE, load, load_tokenizer
+    """All checks on every usable provider -> (rows, dtype). A row: dict(check, provider, output, error, bound, ok).
 
-    from .export import check_external_data, graph_files, is_stale, read_manifest
+    onnx_dir defaults to find_export(model_dir) (fp32, or the only export set there is). Raises RefformerError for a
+    negative seed, a missing, stale or damaged export (a file whose sha256 is not the manifest's: graphs of another
+    model), weights with NaN or inf, or graphs ONNX Runtime cannot load or run."""
+    from refformer.refimpl.io import TOKENIZER_FILE, WEIGHTS_FILE, load, load_tokenizer
 
+    from .export import check_external_data, check_files, check_weights, find_export, graph_files, is_stale, read_manifest
+
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise RefformerError(f"--seed must be an integer >= 0, got {seed!r}")
     model_dir = Path(model_dir)
-    onnx_dir = Path(onnx_dir) if onnx_dir is not None else model_dir / "onnx"
+    onnx_dir = Path(onnx_dir) if onnx_dir is not None else find_export(model_dir)
     cfg, params = load(model_dir)
+    check_weights(params, None, model_dir / WEIGHTS_FILE)
     manifest = read_manifest(onnx_dir)
     if is_stale(model_dir, manifest):
         raise RefformerError(f"{onnx_dir} was exported from a different config or weights: run `refformer export` again")
+    check_files(onnx_dir, manifest)
     for name in graph_files(cfg):
         check_external_data(onnx_dir / name)
-    dtype = manifest["dtype"]
+    dtype = manifest.get("dtype")
+    if dtype not in ERROR_BOUNDS:
+        raise RefformerError(f"{onnx_dir}/manifest.json: dtype {dtype!r} is not fp32 or fp16: run `refformer export` again")
     if providers is None:
         providers = ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if cuda_usable() else [])
     params64 = tree_cast(params, np.float64)
     rng = np.random.default_rng(seed)
     rows = []
     for provider in providers:
-        sessions = load_sessions(cfg, onnx_dir, provider)
-        inputs = random_inputs(cfg, np.random.default_rng(seed))
-        rows += compare_pass(cfg, params64, sessions, dtype, "random", provider, *inputs)
-        if (model_dir / TOKENIZER_FILE).is_file():
-            rows += compare_pass(cfg, params64, sessions, dtype, "real", provider, *real_inputs(cfg, load_tokenizer(model_dir)))
-        src, src_keep = inputs[0], inputs[1]
-        prompts = random_prompts(cfg, rng)[: src.shape[0]]
-        _, cross = encoder_cross(cfg, sessions, src, src_keep)
-        rows += incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, cross, prompts, 3, rng)
-        rows += variant_checks(cfg, params64, sessions, onnx_dir, dtype, provider, manifest["graphs"], seed)
+        with onnx_runtime_errors(onnx_dir):
+            sessions = load_sessions(cfg, onnx_dir, provider)
+            inputs = random_inputs(cfg, np.random.default_rng(seed))
+            rows += compare_pass(cfg, params64, sessions, dtype, "random", provider, *inputs)
+            if (model_dir / TOKENIZER_FILE).is_file():
+                rows += compare_pass(cfg, params64, sessions, dtype, "real", provider,
+                                     *real_inputs(cfg, load_tokenizer(model_dir)))
+            src, src_keep = inputs[0], inputs[1]
+            prompts = random_prompts(cfg, rng)[: src.shape[0]]
+            _, cross = encoder_cross(cfg, sessions, src, src_keep)
+            rows += incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, cross, prompts, 3, rng)
+            rows += variant_checks(cfg, params64, sessions, onnx_dir, dtype, provider, manifest["graphs"], seed)
     bound = ERROR_BOUNDS[dtype]
     return [{**row, "bound": bound, "ok": bool(row["error"] <= bound)} for row in as_dicts(rows)], dtype
+
+
+@contextlib.contextmanager
+def onnx_runtime_errors(onnx_dir):
+    """ONNX Runtime's own exceptions (and a graph whose inputs or outputs are not this model's) while running the
+    graphs of onnx_dir -> one RefformerError saying to export again."""
+    try:
+        yield
+    except RefformerError:
+        raise
+    except Exception as error:  # onnxruntime's Fail, InvalidArgument, ...; KeyError for a missing output name
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RefformerError(f"ONNX Runtime could not run the graphs in {onnx_dir} ({type(error).__name__}: "
+                             f"{reason[:200]}); they may belong to another model: run `refformer export` again") from None
 
 
 def real_inputs(cfg, tokenizer):
@@ -324,7 +351,7 @@ def static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0, n_s
     if total > L:
         return []
     _, cross = encoder_cross(cfg, sessions, src, src_keep)
-    reference, _ = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, empty_cache(cfg, 3, NUMPY_TYPES[dtype]),
+    reference, _ = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, empty_cache(cfg, 3, np.float32),
                                cross, src_keep)
     zeros = np.zeros((3, cfg.n_heads, L, cfg.head_dim), NUMPY_TYPES[dtype])
     caches = [(zeros, zeros) for _ in range(cfg.n_decoder_layers)]
@@ -367,7 +394,7 @@ def fused_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0):
              incremental_check(cfg, params64, fused, dtype, provider, src, src_keep, cross, prompts, 3,
                                np.random.default_rng(seed))[0][3])]
     ids, keep, positions = left_padded(prompts, cfg.pad_id)
-    empty = empty_cache(cfg, len(prompts), NUMPY_TYPES[dtype])
+    empty = empty_cache(cfg, len(prompts), np.float32)
     reference, _ = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, empty, cross, src_keep)
     got, _ = run_decoder(fused["decoder"], cfg, dtype, ids, positions, keep, empty, cross, src_keep)
     real = keep.astype(bool)[:, :, None]

@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 
@@ -17,6 +19,10 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+SAVE_JOURNAL = ".refformer-save.json"  # an interrupted save's renames, rolled forward by the next load or save
+MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
+HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40]
+SAVE_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>\w*)\..*\.tmp$")
 SPECIAL_TOKEN_NAMES = {"pad_id": ("<pad>", "[PAD]"), "bos_id": ("<s>", "<bos>", "[BOS]"),
                        "eos_id": ("</s>", "<eos>", "[EOS]"), "unk_id": ("<unk>", "[UNK]")}
 
@@ -55,44 +61,150 @@ def save(model_dir, cfg, params, tokenizer=None, dtype=None):
     """Write a model directory: config.json, model.safetensors (float32, or dtype e.g. np.float16), tokenizer.json.
 
     tokenizer is a tokenizers.Tokenizer or a path to a tokenizer.json; its vocabulary must match cfg.
-    Every file is written to a temporary name and renamed, so an interrupted save keeps the old files.
+    The files switch together: each is written to a temporary name, then a journal naming the renames is written
+    in one rename (the save is decided there), then the files are renamed and the journal removed. A save killed
+    before the journal keeps the old files; one killed after it is finished by the next load or save
+    (recover_save). Raises RefformerError for parameters that do not match cfg, a config that would not load back,
+    a tokenizer that does not match, or a folder that cannot be written.
     """
     from safetensors.numpy import save_file
 
     model_dir = Path(model_dir)
-    try:
-        model_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise RefformerError(f"cannot create model directory {model_dir}: {error.strerror}") from None
+    check_config_round_trip(cfg)
     check_params(cfg, params)
     dtype = np.float32 if dtype is None else dtype
     flat = {name: np.ascontiguousarray(value, dtype=dtype) for name, value in flatten(params).items()}
     tokenizer_json = None
     if tokenizer is not None:
-        tokenizer_json = Path(tokenizer).read_text() if isinstance(tokenizer, (str, Path)) else tokenizer.to_str()
+        tokenizer_json = read_text(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer.to_str()
         check_tokenizer(cfg, tokenizer_json, "the tokenizer")
-    atomic_write(model_dir / WEIGHTS_FILE, lambda tmp: save_file(flat, tmp, metadata={"format": "refformer"}))
-    atomic_write(model_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(cfg.to_json()))
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RefformerError(f"cannot create model directory {model_dir}: {error.strerror}") from None
+    recover_save(model_dir)
+    remove_dead_save_temps(model_dir)
+    writers = {WEIGHTS_FILE: lambda tmp: save_file(flat, tmp, metadata={"format": "refformer"}),
+               CONFIG_FILE: lambda tmp: Path(tmp).write_text(cfg.to_json())}
     if tokenizer_json is not None:
-        atomic_write(model_dir / TOKENIZER_FILE, lambda tmp: Path(tmp).write_text(tokenizer_json))
+        writers[TOKENIZER_FILE] = lambda tmp: Path(tmp).write_text(tokenizer_json)
+    renames, journal_written = [], False
+    try:
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}@{HOST}.", suffix=".tmp", dir=model_dir)
+            os.close(fd)
+            renames.append([Path(tmp).name, name])
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; keep the usual permissions
+            sync_file(tmp)
+        atomic_write(model_dir / SAVE_JOURNAL, lambda tmp: Path(tmp).write_text(json.dumps({"renames": renames})))
+        journal_written = True
+        roll_forward(model_dir, renames)
+    except BaseException:
+        if not journal_written:  # the old files stand; a written journal is finished by the next load or save
+            for tmp, _ in renames:
+                try:
+                    os.unlink(model_dir / tmp)
+                except OSError:
+                    pass
+        raise
+
+
+def check_config_round_trip(cfg):
+    """cfg must read back from its own JSON as load_config reads it: a saved folder always loads."""
+    try:
+        Config.from_dict(json.loads(cfg.to_json()))
+    except (TypeError, ValueError) as error:
+        raise RefformerError(f"the config would not load back: {error}") from None
+
+
+def read_text(path):
+    """A text file's content, a UTF-8 byte-order mark at its start removed."""
+    return Path(path).read_text(encoding="utf-8").removeprefix("\ufeff")
+
+
+def sync_file(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def roll_forward(model_dir, renames):
+    """Rename each temporary file of a save over its model file (those already renamed are skipped), then remove
+    the journal."""
+    model_dir = Path(model_dir)
+    for tmp, name in renames:
+        try:
+            os.replace(model_dir / tmp, model_dir / name)
+        except FileNotFoundError:  # renamed already (by the save itself, or a concurrent recovery)
+            pass
+    try:
+        os.unlink(model_dir / SAVE_JOURNAL)
+    except FileNotFoundError:
+        pass
+
+
+def recover_save(model_dir):
+    """Finish a save that was killed after writing its journal (see save): the model files then all are the new
+    ones. Raises RefformerError when the journal is not one of ours or the folder cannot be written."""
+    model_dir = Path(model_dir)
+    path = model_dir / SAVE_JOURNAL
+    if not path.is_file():
+        return
+    try:
+        renames = json.loads(path.read_text())["renames"]
+        if not all(isinstance(tmp, str) and SAVE_TEMP.match(tmp) and "/" not in tmp and "\\" not in tmp
+                   and name in MODEL_FILES and tmp.startswith(f".{name}.") for tmp, name in renames):
+            raise ValueError("unexpected entries")
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise RefformerError(f"{path} is not a journal of an interrupted refformer save ({error}); remove it") from None
+    try:
+        roll_forward(model_dir, renames)
+    except OSError as error:
+        raise RefformerError(f"{model_dir}: an interrupted save left its files half-replaced, and finishing it failed "
+                             f"({error.strerror}); run again with write access to the folder") from None
+
+
+def remove_dead_save_temps(model_dir):
+    """Remove the temporary files of saves on this host whose process is gone (killed before their journal)."""
+    for entry in Path(model_dir).iterdir():
+        match = SAVE_TEMP.match(entry.name)
+        if match and match["name"] in MODEL_FILES and match["host"] == HOST and not process_alive(int(match["pid"])):
+            try:
+                entry.unlink()
+            except OSError:
+                pass
+
+
+def process_alive(pid):
+    """Whether a process with this id runs here (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def read_json(path, when_missing):
-    """The JSON value in path; RefformerError "{path} is missing: {when_missing}" or "... is not valid JSON"."""
+    """The JSON value in path (a UTF-8 byte-order mark at its start is skipped); RefformerError "{path} is missing:
+    {when_missing}" or "... is not valid JSON"."""
     path = Path(path)
     if not path.is_file():
         raise RefformerError(f"{path} is missing: {when_missing}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RefformerError(f"{path} is not valid JSON: {error}") from None
 
 
 def load_config(model_dir):
-    """Read and validate config.json of a model directory."""
+    """Read and validate config.json of a model directory (finishing an interrupted save first: recover_save).
+    Raises RefformerError for a missing folder or file, invalid JSON or config values."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise RefformerError(f"model directory {model_dir} does not exist")
+    recover_save(model_dir)
     path = model_dir / CONFIG_FILE
     data = read_json(path, "not a refformer model directory")
     if not isinstance(data, dict):
@@ -202,4 +314,8 @@ def load_tokenizer(model_dir):
     path = model_dir / TOKENIZER_FILE
     if not path.is_file():
         raise RefformerError(f"{path} is missing")
-    return check_tokenizer(cfg, path.read_text(), str(path))
+    try:
+        text = read_text(path)
+    except UnicodeDecodeError as error:
+        raise RefformerError(f"{path} is not UTF-8 text: {error}") from None
+    return check_tokenizer(cfg, text, str(path))

@@ -1,7 +1,9 @@
 """`refformer export`, `verify`, `golden` and `convert-torch`: the commands around the exported graphs and the
 reference's own files. runtime/cli.py registers them."""
 
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -9,17 +11,44 @@ from refformer.refimpl.errors import RefformerError
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import model_option, resolve_model
 
+MAX_SPECIAL_ID = 2**31 - 1  # token ids are int64 in the graphs; a vocabulary is far smaller than this anyway
+
+
+def check_seed(seed):
+    """--seed: any integer >= 0. Raises RefformerError for a negative one."""
+    if seed < 0:
+        raise RefformerError(f"--seed must be >= 0, got {seed}")
+
+
+def check_new_file(path, overwrite, inputs=()):
+    """An output file: its folder must exist; an existing file is refused unless overwrite, and a folder or one of
+    the command's inputs always. Raises RefformerError."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise RefformerError(f"--out {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise RefformerError(f"--out {path} is a folder; give a file name")
+    if path.exists():
+        if any(Path(source).exists() and os.path.samefile(path, source) for source in inputs):
+            raise RefformerError(f"--out {path} is one of the command's inputs; pick another file")
+        if not overwrite:
+            raise RefformerError(f"--out {path} exists; pass --overwrite to replace it")
+
 
 @click.command("golden")
 @model_option
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The .npz file to write.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the fixed random inputs.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the fixed random inputs (an integer >= 0).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @one_line_errors
-def golden_command(model_dir, out_path, seed):
+def golden_command(model_dir, out_path, seed, overwrite):
     """Write fixed inputs, every intermediate activation and every gradient of MODEL_DIR, in float64, to an .npz."""
     from refformer.refimpl.golden import write_golden
+    from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 
+    check_seed(seed)
     model_dir = resolve_model(model_dir)
+    check_new_file(out_path, overwrite, [Path(model_dir) / name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)])
     arrays = write_golden(model_dir, out_path, seed)
     click.echo(f"wrote {len(arrays)} arrays to {out_path}")
 
@@ -29,6 +58,7 @@ def golden_command(model_dir, out_path, seed):
 @click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(dir_okay=False),
               help="tokenizer.json whose vocabulary matches the model.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace the model files in --out if it already holds any.")
 @click.option("--n-heads", required=True, type=int, help="Attention heads (not recorded in a state_dict).")
 @click.option("--norm-first/--post-ln", default=False, show_default=True, help="Pre-LN (norm_first) or post-LN layers.")
 @click.option("--activation", type=click.Choice(["relu", "gelu"]), default="relu", show_default=True)
@@ -42,11 +72,29 @@ def golden_command(model_dir, out_path, seed):
 @click.option("--eos-id", type=int, default=2, show_default=True)
 @click.option("--unk-id", type=int, default=3, show_default=True)
 @one_line_errors
-def convert_torch_command(state_dict, tokenizer_path, out_dir, **arch):
+def convert_torch_command(state_dict, tokenizer_path, out_dir, overwrite, **arch):
     """Convert a saved torch state_dict of an Embedding + nn.Transformer + Linear model to a model directory.
 
     The file is read with torch.load(weights_only=True): a pickled module is refused.
     """
+    from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+
+    if arch["n_heads"] < 1:
+        raise RefformerError(f"--n-heads must be >= 1, got {arch['n_heads']}")
+    if arch["max_positions"] is not None and arch["max_positions"] < 2:
+        raise RefformerError(f"--max-positions must be >= 2, got {arch['max_positions']}")
+    for name in ("pad_id", "bos_id", "eos_id", "unk_id"):
+        if not 0 <= arch[name] <= MAX_SPECIAL_ID:
+            raise RefformerError(f"--{name.replace('_', '-')} must be a token id >= 0 (below the vocabulary size), "
+                                 f"got {arch[name]}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RefformerError(f"--out {out} exists and is not a folder")
+    if not out.parent.is_dir():
+        raise RefformerError(f"--out {out}: folder {out.parent} does not exist")
+    existing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if (out / name).exists()]
+    if existing and not overwrite:
+        raise RefformerError(f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace them")
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -57,28 +105,40 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, **arch):
     cfg = convert_state_dict_file(state_dict, tokenizer_path, out_dir, **arch)
     click.echo(f"wrote {out_dir}" + (f" ({cfg.family}, D={cfg.d_model}, V={cfg.vocab_size})" if cfg is not None else ""))
 
+
+def variant_options(function):
+    """--dtype, --static-length and --fused-attention: which export set export writes and verify checks."""
+    function = click.option("--fused-attention", is_flag=True,
+                            help="Also write decoder_fused.onnx (ONNX Runtime's com.microsoft MultiHeadAttention); with "
+                                 "--static-length also decoder_static_mha.onnx and decoder_static_fused.onnx (contrib "
+                                 "ops, fused norms).")(function)
+    function = click.option("--static-length", type=int, default=None,
+                            help="Also write decoder_static.onnx (fixed-size cache of this many slots, in-graph "
+                                 "argmax).")(function)
+    return function
+
+
 @click.command("export")
 @model_option
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17 for LayerNormalization).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder to write (default MODEL_DIR/onnx).")
+              help="Folder to write (default MODEL_DIR/onnx/DTYPE[-staticL][-fused]; the per-user cache for the "
+                   "bundled model). An existing folder is replaced only if it is a refformer export.")
 @click.option("--external-data", is_flag=True, default=None,
               help="Keep weights in .data files beside the graphs (automatic above 2 GB).")
-@click.option("--static-length", type=int, default=None,
-              help="Also write decoder_static.onnx (fixed-size cache of this many slots, in-graph argmax).")
-@click.option("--fused-attention", is_flag=True,
-              help="Also write decoder_fused.onnx (ONNX Runtime's com.microsoft MultiHeadAttention); with "
-                   "--static-length also decoder_static_mha.onnx and decoder_static_fused.onnx (contrib ops, fused norms).")
+@variant_options
 @one_line_errors
 def export_command(model_dir, dtype, opset, out_dir, external_data, static_length, fused_attention):
     """Export MODEL_DIR to ONNX graphs (encoder.onnx, decoder.onnx, manifest.json)."""
-    from refformer.export.export import export_model
+    from refformer.export.export import default_export_dir, export_model
 
     model_dir = resolve_model(model_dir)
-    out = out_dir or f"{model_dir}/onnx"
+    if static_length is not None and static_length < 1:
+        raise RefformerError(f"--static-length must be >= 1, got {static_length}")
     manifest = export_model(model_dir, out_dir, dtype=dtype, opset=opset, external_data=external_data,
                             static_length=static_length, fused_attention=fused_attention)
+    out = out_dir or default_export_dir(model_dir, dtype, static_length, fused_attention)
     error = manifest.get("error", {})
     click.echo(f"wrote {out} ({manifest['family']}, {dtype}, opset {opset}); "
                f"max error vs refimpl on ONNX Runtime CPU: {error.get('max', float('nan')):.2e}")
@@ -86,28 +146,39 @@ def export_command(model_dir, dtype, opset, out_dir, external_data, static_lengt
 
 @click.command("verify")
 @model_option
-@click.option("--onnx-dir", type=click.Path(file_okay=False), default=None, help="Export folder (default MODEL_DIR/onnx).")
+@click.option("--onnx-dir", type=click.Path(file_okay=False), default=None,
+              help="Export folder (default: the export set of MODEL_DIR named by --dtype, --static-length and "
+                   "--fused-attention; without them fp32, or the only one there is).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="Which export set (default fp32).")
+@variant_options
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CPU, plus CUDA when it can be loaded.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs (an integer >= 0).")
 @one_line_errors
-def verify_command(model_dir, onnx_dir, provider, seed):
+def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, provider, seed):
     """Compare the exported graphs with refimpl (float64) and print the error table; exit 1 when a bound fails."""
+    from refformer.export.export import find_export
     from refformer.export.verify import cuda_usable, verify
+    from refformer.runtime.generator import gpu_present
 
+    check_seed(seed)
     model_dir = resolve_model(model_dir)
-    if onnx_dir is None:  # MODEL_DIR/onnx, or where `refformer generate` exported a read-only model
-        from refformer.runtime.generator import export_locations
-
-        local, cached = export_locations(model_dir)
-        onnx_dir = cached if not (local / "manifest.json").is_file() and (cached / "manifest.json").is_file() else local
-    providers = None
-    if provider == "cpu":
-        providers = ["CPUExecutionProvider"]
-    elif provider == "cuda":
+    if onnx_dir is None:
+        onnx_dir = find_export(model_dir, dtype, static_length, fused_attention)
+    elif dtype is not None or static_length is not None or fused_attention:
+        raise RefformerError("--onnx-dir names the export folder: leave out --dtype, --static-length and --fused-attention")
+    providers = ["CPUExecutionProvider"]
+    if provider == "cuda":
         if not cuda_usable():
             raise RefformerError("the CUDA execution provider cannot be loaded here (no GPU, or CUDA libraries missing)")
         providers = ["CUDAExecutionProvider"]
+    elif provider == "auto":
+        if cuda_usable():
+            providers.append("CUDAExecutionProvider")
+        elif gpu_present():
+            click.echo("notice: a GPU is present but ONNX Runtime's CUDA provider cannot be loaded; checking on the CPU "
+                       "only", err=True)
+    click.echo(f"verifying {onnx_dir} on {', '.join(providers)}")
     rows, dtype = verify(model_dir, onnx_dir, providers, seed)
     width = max(len(row["output"]) for row in rows)
     click.echo(f"{'check':<12} {'provider':<22} {'output':<{width}} {'error':>9}  bound")

@@ -14,10 +14,21 @@ from onnx import TensorProto, helper
 
 from refformer.export.graph import FLOAT_TYPES, NUMPY_TYPES
 from refformer.export.verify import session as make_session
+from refformer.refimpl.errors import RefformerError
 
 DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 SOURCE_BUCKET = 16  # the static stepper pads sources to a multiple of this many positions
 MAX_BUFFER_SETS = 8  # buffer sets (one per batch size and source bucket) a static stepper keeps
+
+
+def run_bound(session, binding, run_options=None, graph="a graph"):
+    """session.run_with_iobinding; ONNX Runtime's own exceptions become one RefformerError naming the graph."""
+    try:
+        session.run_with_iobinding(binding, run_options)
+    except Exception as error:  # onnxruntime's Fail, InvalidArgument, RuntimeException, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RefformerError(f"ONNX Runtime failed running {graph} ({reason[:200]}); if the export folder was "
+                             "changed or copied from another model, run `refformer export` again") from None
 
 
 def tool_model(graph):
@@ -82,6 +93,7 @@ class OrtStepper:
         self.cfg, self.dtype, self.provider = cfg, dtype, provider
         self.device = DEVICE_OF_PROVIDER[provider]
         self.float_type = NUMPY_TYPES[dtype]
+        self.onnx_dir, self.decoder_file = onnx_dir, decoder_file
         self.decoder = make_session(f"{onnx_dir}/{decoder_file}", provider, threads, provider_options=provider_options)
         self.encoder = make_session(f"{onnx_dir}/encoder.onnx", provider, threads) if cfg.is_encoder_decoder else None
         self.tools = {}  # (graph builder name, n tensors) -> the session of that small device graph
@@ -147,7 +159,7 @@ class OrtStepper:
             names = [o.name for o in self.encoder.get_outputs()]
             for name in names:
                 binding.bind_output(name, self.device)
-            self.encoder.run_with_iobinding(binding)
+            run_bound(self.encoder, binding, graph=f"{self.onnx_dir}/encoder.onnx")
             values = dict(zip(names, binding.get_outputs()))
             self.cross = [(values[f"cross_key_{i}"], values[f"cross_value_{i}"]) for i in range(self.cfg.n_decoder_layers)]
             self.src_keep = np.asarray(src_keep, dtype=np.int64)
@@ -173,7 +185,7 @@ class OrtStepper:
         binding.bind_output("logits", "cpu")  # the sampler needs them on the host
         for name in output_names[1:]:
             binding.bind_output(name, self.device)  # the cache stays on the device
-        session.run_with_iobinding(binding)
+        run_bound(session, binding, graph=f"the decoder in {self.onnx_dir}")
         return dict(zip(output_names, binding.get_outputs()))
 
     def step(self, ids, positions, attention_mask):
@@ -337,7 +349,7 @@ class StaticOrtStepper(OrtStepper):
         if not self.in_place:
             buffers["write_index"].update_inplace(np.array([self.length], dtype=np.int64))
             buffers["attention_mask"].update_inplace(self.mask)
-        self.decoder.run_with_iobinding(*self.binding())
+        run_bound(self.decoder, *self.binding(), graph=f"{self.onnx_dir}/{self.decoder_file}")
         if not self.in_place:
             self.parity = 1 - self.parity
         self.length += 1

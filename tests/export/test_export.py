@@ -64,9 +64,9 @@ def test_opset_18_and_newer_also_verify(tmp_path):
 def test_external_data_path(tmp_path):
     make_model(tmp_path / "m")
     export_model(tmp_path / "m", external_data=True)
-    files = sorted(os.listdir(tmp_path / "m" / "onnx"))
+    files = sorted(os.listdir(tmp_path / "m" / "onnx" / "fp32"))
     assert "decoder.onnx.data" in files and "encoder.onnx.data" in files
-    onnx.checker.check_model(str(tmp_path / "m" / "onnx" / "decoder.onnx"), full_check=True)
+    onnx.checker.check_model(str(tmp_path / "m" / "onnx" / "fp32" / "decoder.onnx"), full_check=True)
     rows, _ = verify(tmp_path / "m", providers=["CPUExecutionProvider"])
     assert all(row["ok"] for row in rows), worst(rows)
 
@@ -74,7 +74,7 @@ def test_external_data_path(tmp_path):
 def test_external_data_outside_the_folder_is_refused(tmp_path):
     make_model(tmp_path / "m")
     export_model(tmp_path / "m", external_data=True)
-    path = tmp_path / "m" / "onnx" / "decoder.onnx"
+    path = tmp_path / "m" / "onnx" / "fp32" / "decoder.onnx"
     model = onnx.load(str(path), load_external_data=False)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
@@ -88,16 +88,17 @@ def test_external_data_outside_the_folder_is_refused(tmp_path):
 def test_a_failed_export_keeps_the_good_one(tmp_path, monkeypatch):
     make_model(tmp_path / "m")
     export_model(tmp_path / "m")
-    before = (tmp_path / "m" / "onnx" / "manifest.json").read_text()
+    before = (tmp_path / "m" / "onnx" / "fp32" / "manifest.json").read_text()
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr("refformer.export.export.save_graph", broken)
     with pytest.raises(RuntimeError):
-        export_model(tmp_path / "m", dtype="fp16")
-    assert (tmp_path / "m" / "onnx" / "manifest.json").read_text() == before
+        export_model(tmp_path / "m")
+    assert (tmp_path / "m" / "onnx" / "fp32" / "manifest.json").read_text() == before
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "onnx"]
+    assert sorted(p.name for p in (tmp_path / "m" / "onnx").iterdir()) == ["fp32"]
 
 
 def test_stale_export_is_detected(tmp_path):
@@ -111,7 +112,7 @@ def test_stale_export_is_detected(tmp_path):
 def test_manifest_records_hashes_versions_and_error(tmp_path):
     make_model(tmp_path / "m")
     export_model(tmp_path / "m", dtype="fp16")
-    manifest = read_manifest(tmp_path / "m" / "onnx")
+    manifest = read_manifest(tmp_path / "m" / "onnx" / "fp16")
     assert len(manifest["weights_sha256"]) == 64 and len(manifest["config_sha256"]) == 64
     assert manifest["dtype"] == "fp16" and manifest["variant"] == "reference" and manifest["opset"] == 17
     assert set(manifest["versions"]) >= {"onnx", "onnxruntime", "refformer", "numpy"}
@@ -144,9 +145,9 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
 def test_corrupt_graph_is_a_clear_error(tmp_path):
     make_model(tmp_path / "m")
     export_model(tmp_path / "m")
-    (tmp_path / "m" / "onnx" / "decoder.onnx").write_bytes(b"not a graph")
+    (tmp_path / "m" / "onnx" / "fp32" / "decoder.onnx").write_bytes(b"not a graph")
     result = CliRunner().invoke(main, ["verify", "--model", str(tmp_path / "m"), "--provider", "cpu"])
-    assert result.exit_code == 1 and "cannot load" in result.output
+    assert result.exit_code == 1 and "run `refformer export` again" in result.output
 
 
 def test_unwritable_output_folder(tmp_path):
@@ -157,7 +158,7 @@ def test_unwritable_output_folder(tmp_path):
         target = str(tmp_path / "ro" / "onnx")
     make_model(tmp_path / "m")
     result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "m"), "--out", target])
-    assert result.exit_code == 1 and "not writable" in result.output
+    assert result.exit_code == 1 and ("not writable" in result.output or "does not exist" in result.output)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
@@ -179,5 +180,6 @@ def test_torch_converted_model_exports_and_verifies(tmp_path, dtype):
     result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "m"), "--dtype", dtype])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, ["verify", "--model", str(tmp_path / "m"), "--provider", "cpu"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, result.output  # no options: the only export set there is
+    assert f"/onnx/{dtype} on CPUExecutionProvider" in result.output
     assert "real " in result.output  # the tokenizer came along: real-text rows too

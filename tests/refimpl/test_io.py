@@ -228,7 +228,7 @@ def test_corrupt_weights(model_dir, damage):
     ("{not json", "not valid JSON"),
     ("[1, 2]", "must hold a JSON object"),
     ('{"format_version": 99}', "format_version 99 is not supported"),
-    ('{"hidden_size": 8}', "unknown keys \\['hidden_size'\\]"),
+    ('{"hidden_size": 8}', "unknown (config )?keys \\['hidden_size'\\]"),
     ('{"d_model": 10, "n_heads": 3}', "n_heads=3 must divide d_model=10"),
     ('{"family": "encoder-only"}', "family must be one of"),
 ])
