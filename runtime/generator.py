@@ -6,7 +6,6 @@
     for piece in gen.stream("Ich habe Hunger."): print(piece, end="")
 """
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -35,56 +34,79 @@ def default_model_dir():
 
 
 def cache_root():
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "refformer"
+    """The per-user cache of exports: $XDG_CACHE_HOME/refformer, or ~/.cache/refformer."""
+    from refformer.export.export import cache_root as root
+
+    return root()
 
 
 def export_locations(model_dir, dtype="fp32", static_length=None, fused_attention=False):
-    """Where an export of model_dir lives: (MODEL_DIR/onnx or onnx-fp16, the per-user cache folder)."""
-    from refformer.export.export import model_hashes
+    """Where one export set of model_dir lives: (MODEL_DIR/onnx/NAME, <cache>/<model key>/NAME), NAME being
+    export_name(dtype, static_length, fused_attention), e.g. "fp16-static128-fused"."""
+    from refformer.export.export import export_locations as locations, export_name
 
-    model_dir = Path(model_dir)
-    local = model_dir / "onnx" if dtype == "fp32" else model_dir / f"onnx-{dtype}"
-    hashes = model_hashes(model_dir)
-    key = hashlib.sha256((hashes["config_sha256"] + hashes["weights_sha256"]).encode()).hexdigest()[:20]
-    suffix = ("" if static_length is None else f"-static{static_length}") + ("-fused" if fused_attention else "")
-    return local, cache_root() / f"{key}-{dtype}{suffix}"
+    return locations(model_dir, export_name(dtype, static_length, fused_attention))
 
 
 def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=False):
-    """An up-to-date export of model_dir: MODEL_DIR/onnx when fresh, else exported now — into MODEL_DIR/onnx
-    when writable, otherwise into a per-user cache folder keyed by the model's hashes. static_length asks
-    for the static-cache graph (decoder_static.onnx) of that many slots as well."""
-    from refformer.export.export import export_model, is_stale, read_manifest
+    """A fresh export set of model_dir that has the graphs asked for, exported now when there is none.
+
+    Looks in MODEL_DIR/onnx/ and the per-user cache for the set named export_name(dtype, static_length,
+    fused_attention), then for any other set of the same dtype that holds those graphs (e.g. fp32-static128-fused
+    serves the reference decoder). A set is fresh when its manifest matches the model's hashes and every file its
+    sha256. Otherwise the set is exported into default_export_dir (MODEL_DIR/onnx/NAME; the per-user cache for the
+    bundled model or a read-only model folder), replacing a stale or damaged export of that name only. Leftovers
+    of killed exports are cleaned up first. Raises RefformerError when the export fails."""
+    from refformer.export.export import (EXPORTS_FOLDER, check_files, default_export_dir, export_model, export_name,
+                                         is_stale, read_manifest, recover_leftovers)
 
     model_dir = Path(model_dir)
+    name = export_name(dtype, static_length, fused_attention)
+    local, cached = export_locations(model_dir, dtype, static_length, fused_attention)
+    for parent in (model_dir / EXPORTS_FOLDER, cached.parent):
+        recover_leftovers(parent)
 
     def fresh(onnx_dir):
         try:
             manifest = read_manifest(onnx_dir)
-        except RefformerError:
+            graphs = manifest["graphs"]
+            static = graphs.get("decoder_static", {})
+            static_mha = static_length is not None and fused_attention  # (decoder_static_fused too, when it can run)
+            ok = (manifest.get("dtype") == dtype and not is_stale(model_dir, manifest)
+                  and (static_length is None or static.get("max_length") == static_length)
+                  and (not fused_attention or "decoder_fused" in graphs)
+                  and (not static_mha or "decoder_static_mha" in graphs))
+            if ok:
+                check_files(onnx_dir, manifest)
+            return ok
+        except (RefformerError, OSError, AttributeError, TypeError):
             return False
-        graphs = manifest.get("graphs", {})
-        static = graphs.get("decoder_static", {})
-        static_mha = static_length is not None and fused_attention  # (decoder_static_fused too, when it can run)
-        return (manifest.get("dtype") == dtype and not is_stale(model_dir, manifest)
-                and (static_length is None or static.get("max_length") == static_length)
-                and (not fused_attention or "decoder_fused" in graphs)
-                and (not static_mha or "decoder_static_mha" in graphs))
 
-    local, cached = export_locations(model_dir, dtype, static_length, fused_attention)
-    if fresh(local):
-        return local
-    if fresh(cached):
-        return cached
-    target = local if os.access(model_dir, os.W_OK) else cached
+    candidates = [local, cached]
+    for parent in (local.parent, cached.parent):  # other sets of this dtype that hold the graphs too
+        if parent.is_dir():
+            candidates += sorted(folder for folder in parent.iterdir()
+                                 if folder.name.startswith(f"{dtype}-") and folder.name != name)
+    for candidate in candidates:
+        if fresh(candidate):
+            return candidate
+    target = default_export_dir(model_dir, dtype, static_length, fused_attention)
     print(f"exporting {model_dir} to {target} ({dtype}) ...", file=sys.stderr)
     export_model(model_dir, target, dtype=dtype, static_length=static_length, fused_attention=fused_attention)
     return target
 
 
+def gpu_present():
+    """Whether this machine shows an NVIDIA GPU (its device node or driver), whatever ONNX Runtime can load."""
+    return any(os.path.exists(path) for path in ("/dev/nvidia0", "/proc/driver/nvidia", "/dev/dxg"))
+
+
 def resolve_provider(provider):
-    """'auto' -> CUDA when it can be loaded, else CPU with a one-line notice; 'cuda' fails clearly without it."""
+    """'auto' -> CUDA when it can be loaded, else CPU; 'cuda' fails clearly without it; 'cpu' -> CPU.
+
+    A one-line notice on stderr only when auto falls back although a GPU is present (its libraries failed to load);
+    on a machine without a GPU, auto is the CPU, silently. Raises RefformerError for provider cuda when CUDA cannot
+    be loaded, or for an unknown provider."""
     from refformer.export.verify import cuda_usable
 
     if provider not in ("auto", "cuda", "cpu"):
@@ -96,7 +118,9 @@ def resolve_provider(provider):
     if provider == "cuda":
         raise RefformerError("the CUDA execution provider cannot be loaded here (no GPU, or CUDA 13 / cuDNN 9 "
                              "libraries missing); use --provider cpu")
-    print("notice: CUDA is not usable here; running on the CPU", file=sys.stderr)
+    if gpu_present():
+        print("notice: a GPU is present but ONNX Runtime's CUDA provider cannot be loaded (CUDA 13 / cuDNN 9 "
+              "libraries missing?); running on the CPU", file=sys.stderr)
     return PROVIDERS["cpu"]
 
 
