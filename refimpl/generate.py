@@ -9,25 +9,56 @@ on refimpl (ReferenceStepper, here) and on ONNX Runtime (refformer.runtime's ste
     stepper.step(ids, positions, attention_mask) -> logits [B, T, V]   extends the self-attention cache
     stepper.reorder(rows)                    keep/duplicate cache rows (beam search, expanding to beams)
 
-Random draws (so seeded sampling matches across implementations): one Generator,
-numpy.random.default_rng(seed); at every step one uniform u = rng.random() per row, rows in batch
-order, finished rows included; the token is the first id whose cumulative probability (ids in
-increasing order, float64, after temperature, top-k and top-p) exceeds u times the total.
+Batch independence: a row's output depends only on its own input, the options and the seed, never on the
+other rows of its batch. Each row has its own length budget (step_budget: max_new_tokens, or by default
+2 S + 10 for a source of S tokens, eos included, within max_positions), and its own random generator.
+
+Random draws (so seeded sampling matches across implementations): row r, the k-th sequence of its input
+(k = 0 .. num_return_sequences - 1), draws from its own numpy.random.default_rng([seed, k]); at every step
+each row draws one uniform u = rng.random() (finished rows too, their draws unused); the token is the first
+id whose cumulative probability (ids in increasing order, float64, after temperature, top-k and top-p)
+exceeds u times the total. GenerationOptions(seed=None), the default, draws a fresh seed (so sampling
+differs from run to run) and keeps it in options.seed.
 """
 
 import dataclasses
 import math
+import numbers
+import secrets
 
 import numpy as np
 
-from .errors import check
+from .config import Config
+from .errors import RefformerError, check
 from .model import _check_ids, _keep_mask, decoder_step, empty_cache, encode
 from .ops import log_softmax_forward, softmax_forward
+
+MAX_BEAMS = 1024  # num_beams and num_return_sequences above this are refused before anything is allocated
+SEED_RANGE = 2 ** 32  # a seed drawn for seed=None lies in [0, SEED_RANGE)
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_finite(value):
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationOptions:
-    """Decoding options (names as in Hugging Face's generate). Invalid values raise RefformerError."""
+    """Decoding options (names as in Hugging Face's generate). Invalid values raise RefformerError.
+
+    seed=None (the default) draws a seed at construction: sampling differs from one GenerationOptions to the
+    next, and options.seed says which seed was used (pass it back to reproduce the draws).
+    """
 
     max_new_tokens: int | None = None  # default: 2 S + 10 for translation, up to max_positions for a LM
     min_new_tokens: int = 0
@@ -35,7 +66,7 @@ class GenerationOptions:
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0
-    seed: int = 0
+    seed: int | None = None  # None: draw one
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool = False
@@ -44,25 +75,51 @@ class GenerationOptions:
     no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
-        check(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0),
+        check(self.max_new_tokens is None or (_is_int(self.max_new_tokens) and self.max_new_tokens >= 0),
               f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
-        check(isinstance(self.min_new_tokens, int) and self.min_new_tokens >= 0,
+        check(_is_int(self.min_new_tokens) and self.min_new_tokens >= 0,
               f"min_new_tokens must be a non-negative integer, got {self.min_new_tokens!r}")
         check(self.max_new_tokens is None or self.min_new_tokens <= self.max_new_tokens,
               f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
-        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be a non-negative integer, got {self.top_k!r}")
-        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        check(isinstance(self.num_beams, int) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams!r}")
-        check(isinstance(self.num_return_sequences, int) and self.num_return_sequences >= 1,
-              f"num_return_sequences must be >= 1, got {self.num_return_sequences!r}")
+        check(isinstance(self.do_sample, bool), f"do_sample must be True or False, got {self.do_sample!r}")
+        check(isinstance(self.early_stopping, bool), f"early_stopping must be True or False, got {self.early_stopping!r}")
+        check(_is_real(self.temperature) and _is_finite(self.temperature) and self.temperature > 0,
+              f"temperature must be > 0 and finite, got {self.temperature!r}")
+        check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be a non-negative integer, got {self.top_k!r}")
+        check(_is_real(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        check(self.seed is None or _is_int(self.seed), f"seed must be an integer >= 0 or None, got {self.seed!r}")
+        check(self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        check(_is_int(self.num_beams) and 1 <= self.num_beams <= MAX_BEAMS,
+              f"num_beams must be in [1, {MAX_BEAMS}], got {self.num_beams!r}")
+        check(_is_int(self.num_return_sequences) and 1 <= self.num_return_sequences <= MAX_BEAMS,
+              f"num_return_sequences must be in [1, {MAX_BEAMS}], got {self.num_return_sequences!r}")
         check(self.num_return_sequences <= self.num_beams or (self.do_sample and self.num_beams == 1),
               f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams})")
         check(not (self.do_sample and self.num_beams > 1), "sampling with beams (do_sample with num_beams > 1) is not supported")
-        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        check(isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0,
+        check(_is_real(self.repetition_penalty) and _is_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+              f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty!r}")
+        check(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
               f"no_repeat_ngram_size must be a non-negative integer, got {self.no_repeat_ngram_size!r}")
-        check(math.isfinite(self.length_penalty), f"length_penalty must be finite, got {self.length_penalty}")
+        check(_is_real(self.length_penalty) and _is_finite(self.length_penalty),
+              f"length_penalty must be finite, got {self.length_penalty!r}")
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "seed", "num_beams", "num_return_sequences",
+                     "no_repeat_ngram_size"):  # NumPy integers become Python ints (no overflow in sums)
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, int(value))
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.seed is None:
+            object.__setattr__(self, "seed", secrets.randbelow(SEED_RANGE))
+
+    @classmethod
+    def from_keywords(cls, **options):
+        """GenerationOptions(**options), an unknown name refused with RefformerError instead of TypeError."""
+        fields = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - fields)
+        check(not unknown, f"unknown generation option {unknown[0]!r}; the options are {', '.join(sorted(fields))}"
+              if unknown else "")
+        return cls(**options)
 
 
 # ---------------------------------------------------------------------------- the reference stepper
@@ -118,14 +175,29 @@ def banned_ngram_tokens(sequence, n):
 
 
 def process_logits(logits, sequences, n_generated, options, cfg):
-    """Float64 scores of the next token: repetition penalty, no-repeat n-grams, min_new_tokens (eos banned)."""
+    """Float64 scores of the next token: repetition penalty, no-repeat n-grams, min_new_tokens (eos banned).
+
+    A NaN score becomes -inf and +inf the largest float64 (a tiny repetition_penalty can overflow), so the
+    softmaxes downstream never see inf - inf.
+    """
     scores = apply_repetition_penalty(logits.astype(np.float64), sequences, options.repetition_penalty)
     if options.no_repeat_ngram_size:
         for b, sequence in enumerate(sequences):
             scores[b, banned_ngram_tokens(list(sequence), options.no_repeat_ngram_size)] = -np.inf
     if n_generated < options.min_new_tokens:
         scores[:, cfg.eos_id] = -np.inf
+    if not np.isfinite(scores).all():
+        scores = np.nan_to_num(scores, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
     return scores
+
+
+def apply_temperature(scores, temperature):
+    """(scores - row max) / temperature: the same softmax as scores / temperature, without overflow at a tiny
+    temperature (a row whose scores are all -inf stays all -inf)."""
+    top = scores.max(axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(over="ignore"):
+        return (scores - top) / temperature
 
 
 def filter_top_k_top_p(scores, top_k, top_p):
@@ -146,13 +218,28 @@ def filter_top_k_top_p(scores, top_k, top_p):
     return scores
 
 
-def sample(scores, rng):
-    """One token per row by the documented draw: u = rng.random() per row, first id with cdf > u * total."""
-    probs, _ = softmax_forward(scores)
+def sample(scores, rngs):
+    """One token per row by the documented draw: u = rngs[b].random() for row b, first id with cdf > u * total.
+
+    rngs: one numpy Generator per row (a single Generator is used for every row, in row order). A row whose
+    scores are all -inf takes its argmax, as greedy would.
+    """
+    if isinstance(rngs, np.random.Generator):
+        rngs = [rngs] * scores.shape[0]
+    check(len(rngs) == scores.shape[0], f"sample needs one random generator per row ({scores.shape[0]}), got {len(rngs)}")
+    live = np.isfinite(scores.max(axis=-1))
+    with np.errstate(invalid="ignore"):
+        probs, _ = softmax_forward(np.where(live[:, None], scores, 0.0))
     cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(scores.shape[0])
-    choice = np.array([np.searchsorted(row, value * row[-1], side="right") for row, value in zip(cdf, u)])
+    u = [rng.random() for rng in rngs]
+    choice = np.array([np.searchsorted(row, value * row[-1], side="right") for row, value in zip(cdf, u)], dtype=np.int64)
+    choice = np.where(live, choice, scores.argmax(axis=-1))
     return np.minimum(choice, scores.shape[-1] - 1)
+
+
+def row_generators(seed, sequence_numbers):
+    """The documented per-row random generators: default_rng([seed, k]) for a row that is its input's k-th sequence."""
+    return [np.random.default_rng([seed, int(k)]) for k in sequence_numbers]
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -180,34 +267,52 @@ def prepare_inputs(cfg, src_ids=None, src_mask=None, prompt_ids=None, prompt_mas
     return prompt_ids.astype(np.int64), keep, positions, None
 
 
-def step_budget(cfg, options, src_length, positions):
-    """How many tokens to generate: max_new_tokens (default 2 S + 10, or what fits), within max_positions."""
-    last_position = int(positions[:, -1].max())
-    room = cfg.max_positions - last_position  # the token at max_positions - 1 is the last one fed
-    default = 2 * src_length + 10 if cfg.is_encoder_decoder else room
-    wanted = default if options.max_new_tokens is None else options.max_new_tokens
-    return max(0, min(wanted, room))
+def step_budget(cfg, options, src_keep, positions):
+    """How many tokens each row may generate, [B]: max_new_tokens (default 2 S + 10 for a source of S tokens, or
+    what fits for a prompt), within max_positions. Per row, so a row's budget never depends on its batch."""
+    room = cfg.max_positions - positions[:, -1].astype(np.int64)  # the token at max_positions - 1 is the last one fed
+    if options.max_new_tokens is not None:
+        wanted = np.full_like(room, min(options.max_new_tokens, cfg.max_positions))
+    elif cfg.is_encoder_decoder:
+        wanted = 2 * np.asarray(src_keep).sum(axis=1).astype(np.int64) + 10
+    else:
+        wanted = room
+    return np.maximum(0, np.minimum(wanted, room))
+
+
+def next_positions(positions, cfg):
+    """Each row's next position, [B, 1]; a finished row that ran out of room stays at max_positions - 1."""
+    return np.minimum(positions[:, -1:] + 1, cfg.max_positions - 1)
 
 
 # ---------------------------------------------------------------------------- greedy and sampling
 
 
-def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=None, prompt_mask=None):
+def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=None, prompt_mask=None,
+                sequence_numbers=None):
     """Greedy (or, with do_sample, sampled) decoding, yielding the next token of every row, [B], per step.
 
-    Finished rows (after eos) yield pad_id. Streaming callers print tokens as they come.
+    Finished rows (after eos, or at their length budget) yield pad_id. Streaming callers print tokens as they
+    come. sequence_numbers [B]: which sequence of its input each row is (the k of its draws; default all 0).
+    Raises RefformerError for bad options or inputs.
     """
+    check_search_arguments(cfg, options, stepper)
     check(options.num_beams == 1, "search_iter is for num_beams = 1; use beam_search")
     ids, attention_mask, positions, src_keep = prepare_inputs(cfg, src_ids, src_mask, prompt_ids, prompt_mask)
     B = ids.shape[0]
+    if B == 0:
+        return
+    sequence_numbers = np.zeros(B, np.int64) if sequence_numbers is None else np.asarray(sequence_numbers)
+    check(sequence_numbers.shape == (B,), f"sequence_numbers must have one entry per row ({B})")
     stepper.start(src_ids, src_keep, B)
     # the sequences the penalties look at: bos (+ prompt) and what was generated (kept only when a penalty is on:
     # a Python loop over the rows every step is a large share of a fast GPU step at B = 64)
     sequences = [row[keep == 1].tolist() for row, keep in zip(ids, attention_mask)]
     penalties = options.repetition_penalty != 1.0 or options.no_repeat_ngram_size > 0
-    rng = np.random.default_rng(options.seed)
-    steps = step_budget(cfg, options, 0 if src_ids is None else src_ids.shape[1], positions)
-    finished = np.zeros(B, dtype=bool)
+    rngs = row_generators(options.seed, sequence_numbers) if options.do_sample else None
+    budgets = step_budget(cfg, options, src_keep, positions)
+    steps = int(budgets.max())
+    finished = budgets <= 0
     # A stepper with an in-graph argmax (the runtime's static graph) spares the logits' trip to the host
     # when nothing but min_new_tokens touches the scores; it is the same argmax, ties to the lowest id.
     in_graph_argmax = hasattr(stepper, "step_argmax") and not options.do_sample and not penalties
@@ -220,8 +325,8 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
             logits = stepper.step(ids, positions, attention_mask)[:, -1]  # [B, V]
             scores = process_logits(logits, sequences, t, options, cfg)
             if options.do_sample:
-                scores = filter_top_k_top_p(scores / options.temperature, options.top_k, options.top_p)
-                next_ids = sample(scores, rng)
+                scores = filter_top_k_top_p(apply_temperature(scores, options.temperature), options.top_k, options.top_p)
+                next_ids = sample(scores, rngs)
             else:
                 next_ids = scores.argmax(axis=-1)
         next_ids = np.where(finished, cfg.pad_id, next_ids).astype(np.int64)  # [B]
@@ -229,11 +334,11 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
         if penalties:
             for b in range(B):
                 sequences[b].append(int(next_ids[b]))
-        finished |= next_ids == cfg.eos_id
+        finished |= (next_ids == cfg.eos_id) | (budgets <= t + 1)
         if finished.all():
             return
         ids = next_ids[:, None]
-        positions = positions[:, -1:] + 1
+        positions = next_positions(positions, cfg)
         attention_mask = np.concatenate([attention_mask, np.ones((B, 1), np.int64)], axis=1)
 
 
@@ -274,12 +379,18 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     Returns (sequences, scores): for each input row, num_return_sequences lists of generated ids
     (ending with eos when one was produced) and their scores, best first. A hypothesis scores
     sum(log p) / len ** length_penalty, len counting the generated tokens (eos included).
-    The cache is reordered by beam every step through stepper.reorder.
+    The cache is reordered by beam every step through stepper.reorder. Each input has its own length budget
+    (step_budget); an input with fewer hypotheses than num_return_sequences (a budget of 0, a tiny vocabulary)
+    gets empty sequences, scored -inf, after them. Raises RefformerError for bad options or inputs.
     """
+    check_search_arguments(cfg, options, stepper)
     K = options.num_beams
     ids, attention_mask, positions, src_keep = prepare_inputs(cfg, src_ids, src_mask, prompt_ids, prompt_mask)
     B = ids.shape[0]
-    steps = step_budget(cfg, options, 0 if src_ids is None else src_ids.shape[1], positions)
+    if B == 0:
+        return [], []
+    budgets = step_budget(cfg, options, src_keep, positions)
+    steps = int(budgets.max())
     stepper.start(src_ids, src_keep, B)
     prompts = [row[keep == 1].tolist() for row, keep in zip(ids, attention_mask)]  # row r keeps prompts[r // K]
     expand = np.repeat(np.arange(B), K)  # row b*K + k is beam k of input b
@@ -288,10 +399,20 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     generated = [[] for _ in range(B * K)]
     beam_scores = np.tile(np.array([0.0] + [-np.inf] * (K - 1)), B)  # only beam 0 is live at first
     hypotheses = [[] for _ in range(B)]  # (score, tokens)
-    done = np.zeros(B, dtype=bool)
+    done = budgets <= 0
 
     def length_normalised(total, length):
-        return total / (length ** options.length_penalty)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            return total / (float(length) ** options.length_penalty if length else 1.0)
+
+    def finish(b):
+        """Input b at its length limit: its live beams are hypotheses too."""
+        for k in range(K):
+            row = b * K + k
+            if np.isfinite(beam_scores[row]) and generated[row]:
+                hypotheses[b].append((length_normalised(beam_scores[row], len(generated[row])), generated[row]))
+        hypotheses[b] = sorted(hypotheses[b], key=lambda h: -h[0])[:K]
+        done[b] = True
 
     for t in range(steps):
         logits = stepper.step(ids, positions, attention_mask)[:, -1]  # [B K, V]
@@ -347,39 +468,53 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
         generated = [generated[r] + [tok] for r, tok in zip(rows, next_tokens)]
         beam_scores = np.array(next_scores)
         ids = np.array(next_tokens, dtype=np.int64)[:, None]
-        positions = positions[rows][:, -1:] + 1
+        positions = next_positions(positions[rows], cfg)
         attention_mask = np.concatenate([attention_mask[rows], np.ones((B * K, 1), np.int64)], axis=1)
-    for b in range(B):  # inputs still running at the length limit: their live beams are hypotheses too
-        if done[b]:
-            continue
-        for k in range(K):
-            row = b * K + k
-            if np.isfinite(beam_scores[row]) and generated[row]:
-                hypotheses[b].append((length_normalised(beam_scores[row], len(generated[row])), generated[row]))
-        hypotheses[b] = sorted(hypotheses[b], key=lambda h: -h[0])[:K]
+        for b in np.flatnonzero(~done & (budgets <= t + 1)):
+            finish(b)
+    for b in np.flatnonzero(~done):  # (every input reaches its budget by the last step)
+        finish(b)
     n = options.num_return_sequences
-    return [[h[1] for h in hyps[:n]] for hyps in hypotheses], [[h[0] for h in hyps[:n]] for hyps in hypotheses]
+    hypotheses = [hyps[:n] + [(-np.inf, [])] * (n - len(hyps[:n])) for hyps in hypotheses]
+    return [[h[1] for h in hyps] for hyps in hypotheses], [[h[0] for h in hyps] for hyps in hypotheses]
 
 
 # ---------------------------------------------------------------------------- entry points
 
 
+def check_search_arguments(cfg, options, stepper):
+    """RefformerError unless cfg is a Config, options a GenerationOptions and stepper has start, step and reorder."""
+    check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
+    check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
+    check(all(callable(getattr(stepper, name, None)) for name in ("start", "step", "reorder")),
+          f"stepper must have start, step and reorder methods, got {type(stepper).__name__}")
+
+
 def generate(cfg, params, src_ids=None, prompt_ids=None, options=None, src_mask=None, prompt_mask=None, stepper=None):
     """Generate with any strategy: a list (per input row) of lists (num_return_sequences) of generated ids.
 
-    Each sequence stops after its eos (kept) or at the length limit. stepper defaults to the reference model.
+    Each sequence stops after its eos (kept) or at its length budget (step_budget). stepper defaults to the
+    reference model on params. A row's output depends only on its input, the options and options.seed.
+    Raises RefformerError for bad options, inputs or parameters.
     """
-    options = options or GenerationOptions()
-    stepper = stepper or ReferenceStepper(cfg, params)
+    options = GenerationOptions() if options is None else options
+    check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
+    check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
+    if stepper is None:
+        check(isinstance(params, dict), "params must be the model's parameter dict (or pass a stepper)")
+        stepper = ReferenceStepper(cfg, params)
     inputs = dict(src_ids=src_ids, src_mask=src_mask, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
     if options.num_beams > 1:
         return beam_search(stepper, cfg, options, **inputs)[0]
+    ids, _, positions, src_keep = prepare_inputs(cfg, **inputs)
     copies = options.num_return_sequences
+    budgets = np.repeat(step_budget(cfg, options, src_keep, positions), copies)
     if copies > 1:  # independent samples: each input repeated, rows in input order
-        inputs = {k: None if v is None else np.repeat(v, copies, axis=0) for k, v in inputs.items()}
-    B = (src_ids if src_ids is not None else prompt_ids).shape[0] * copies
-    rows = stack_rows(list(search_iter(stepper, cfg, options, **inputs)), B, cfg.pad_id)
-    sequences = [trim_after_eos(row, cfg) for row in rows.tolist()]
+        inputs = {k: None if v is None else np.repeat(np.asarray(v), copies, axis=0) for k, v in inputs.items()}
+    B = ids.shape[0] * copies
+    numbers = np.tile(np.arange(copies), ids.shape[0])
+    rows = stack_rows(list(search_iter(stepper, cfg, options, **inputs, sequence_numbers=numbers)), B, cfg.pad_id)
+    sequences = [trim_after_eos(row[:budget], cfg) for row, budget in zip(rows.tolist(), budgets.tolist())]
     return [sequences[i:i + copies] for i in range(0, B, copies)]
 
 
@@ -390,18 +525,20 @@ def trim_after_eos(row, cfg):
 
 def greedy(cfg, params, src_ids, src_mask=None, max_new_tokens=None):
     """Encoder-decoder greedy decoding. src_ids [B, S] (src + [eos], padded) -> ids [B, L] (eos, then pad)."""
+    check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
     check(cfg.is_encoder_decoder, "greedy needs an encoder-decoder model; use greedy_lm for decoder-only")
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     steps = search_iter(ReferenceStepper(cfg, params), cfg, options, src_ids=src_ids, src_mask=src_mask)
-    return stack_rows(list(steps), src_ids.shape[0], cfg.pad_id)
+    return stack_rows(list(steps), np.shape(src_ids)[0], cfg.pad_id)
 
 
 def greedy_lm(cfg, params, prompt_ids, prompt_mask=None, max_new_tokens=None):
     """Decoder-only greedy continuation of left-padded prompts [B, P] -> ids [B, L] (eos, then pad)."""
+    check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
     check(not cfg.is_encoder_decoder, "greedy_lm needs a decoder-only model; use greedy for encoder-decoder")
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     steps = search_iter(ReferenceStepper(cfg, params), cfg, options, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
-    return stack_rows(list(steps), prompt_ids.shape[0], cfg.pad_id)
+    return stack_rows(list(steps), np.shape(prompt_ids)[0], cfg.pad_id)
 
 
 def strip(ids, cfg):

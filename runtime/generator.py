@@ -151,7 +151,12 @@ class Generator:
         CUDA-graph replay on CUDA), "static_mha" (decoder_static_mha.onnx: static with contrib attention and fused
         norms), "static_fused" (decoder_static_fused.onnx: GroupQueryAttention writing the cache in place) or
         "auto" (see auto_variant: static_fused in fp16 and static_mha in fp32 on CUDA, with a probed fallback and a
-        notice; the reference graph on the CPU). static_length defaults to max_positions."""
+        notice; the reference graph on the CPU). static_length defaults to max_positions. threads: ONNX Runtime's
+        intra-op threads (an integer >= 1; more than os.cpu_count() is capped to it).
+
+        Raises RefformerError for a bad argument, a missing or broken model folder, or an export that fails."""
+        self.check_arguments(model_dir, dtype, threads, truncate, static_length, cuda_graph)
+        threads = None if threads is None else min(int(threads), os.cpu_count() or 1)
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = load_config(self.model_dir)
         self.tokenizer = tok.load_tokenizer(self.model_dir / "tokenizer.json")
@@ -183,6 +188,25 @@ class Generator:
                           file=sys.stderr)
         self.truncate = truncate
 
+    @staticmethod
+    def check_arguments(model_dir, dtype, threads, truncate, static_length, cuda_graph):
+        """RefformerError for a constructor argument of the wrong type or range (before anything is loaded)."""
+        def integer(value):
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        if model_dir is not None and not isinstance(model_dir, (str, os.PathLike)):
+            raise RefformerError(f"model_dir must be a folder path, got {type(model_dir).__name__}")
+        if dtype not in ("fp32", "fp16"):
+            raise RefformerError(f"dtype must be fp32 or fp16, got {dtype!r}")
+        if threads is not None and not (integer(threads) and threads >= 1):
+            raise RefformerError(f"threads must be an integer >= 1, got {threads!r}")
+        if not isinstance(truncate, bool):
+            raise RefformerError(f"truncate must be True or False, got {truncate!r}")
+        if static_length is not None and not (integer(static_length) and static_length >= 1):
+            raise RefformerError(f"static_length must be an integer >= 1, got {static_length!r}")
+        if cuda_graph is not None and not isinstance(cuda_graph, bool):
+            raise RefformerError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
+
     def probe(self):
         """Four decoder calls on a one-token input: a graph that loads but cannot run (a kernel this GPU lacks, a
         failed CUDA-graph capture, which ONNX Runtime makes on a graph id's second run) fails here rather than in
@@ -213,13 +237,17 @@ class Generator:
     def encode_rows(self, texts, names=None):
         """Texts -> token rows, each checked: an empty text is an error, and so is one of more than max_positions - 1
         tokens, unless truncate is set (then it is cut, with a warning). names: how messages call each text
-        (default "input 1", "input 2", ...)."""
+        (default "input 1", "input 2", ...). Raises RefformerError for a text that is not a str, or is empty or too
+        long."""
         cfg = self.cfg
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = self.text_list(texts)
         names = names or [f"input {number + 1}" for number in range(len(texts))]
+        if len(names) != len(texts) or not all(isinstance(name, str) for name in names):
+            raise RefformerError(f"names must be {len(texts)} strings, one per text")
         for name, text in zip(names, texts):
-            if not isinstance(text, str) or not text.strip():
+            if not isinstance(text, str):
+                raise RefformerError(f"{name} must be a str, got {type(text).__name__}")
+            if not text.strip():
                 raise RefformerError(f"{name} is empty")
         rows = tok.encode(self.tokenizer, texts)
         limit = cfg.max_positions - 1  # room for eos (source) or bos (prompt) and at least one new token
@@ -232,10 +260,26 @@ class Generator:
                 rows[number] = row[:limit]
         return rows
 
+    @staticmethod
+    def text_list(texts):
+        """texts as a list of texts: one str, or a list or tuple of them (RefformerError for anything else)."""
+        if isinstance(texts, str):
+            return [texts]
+        if not isinstance(texts, (list, tuple)):
+            raise RefformerError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+        return list(texts)
+
     def pad_inputs(self, rows):
         """Token rows (from encode_rows) -> the padded arrays the search takes (sources + eos right-padded, or bos +
-        prompt left-padded)."""
+        prompt left-padded). Raises RefformerError for rows that are not lists of token ids in the vocabulary."""
         cfg = self.cfg
+        if not isinstance(rows, (list, tuple)) or not rows:
+            raise RefformerError("rows must be a non-empty list of token id lists (from encode_rows)")
+        for number, row in enumerate(rows):
+            if not isinstance(row, (list, tuple)) or not all(
+                    isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < cfg.vocab_size for t in row):
+                raise RefformerError(f"row {number} must be a list of token ids in [0, {cfg.vocab_size})")
+        rows = [list(row) for row in rows]
         if cfg.is_encoder_decoder:
             ids, keep = pad_rows([row + [cfg.eos_id] for row in rows], cfg.pad_id)
             return {"src_ids": ids, "src_mask": keep.astype(np.int64)}
@@ -247,28 +291,73 @@ class Generator:
         return self.pad_inputs(self.encode_rows(texts))
 
     def decode(self, ids):
+        """The text of generated ids (eos and other special tokens skipped); RefformerError for ids that are not token
+        ids of the vocabulary."""
+        ids = list(ids) if isinstance(ids, (list, tuple, np.ndarray)) else None
+        if ids is None or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+            raise RefformerError("ids must be a list of integer token ids")
         return tok.decode(self.tokenizer, [t for t in ids if t != self.cfg.eos_id])
 
     # ------------------------------------------------------------ generation
-    def generate_ids(self, texts, options):
-        """Per input, num_return_sequences lists of generated ids (eos kept): refimpl's search on the ONNX stepper."""
-        return generate(self.cfg, None, options=options, stepper=self.stepper, **self.encode_inputs(texts))
+    def generate_ids(self, texts, options=None):
+        """Per input, num_return_sequences lists of generated ids (eos kept): refimpl's search on the ONNX stepper.
+        options: a GenerationOptions (default: greedy). Raises RefformerError for bad texts or options."""
+        options = self.check_options(options)
+        return self.search_rows(self.encode_rows(texts), options)
 
     def generate(self, texts, **options):
-        """Texts -> generated texts: a list of str, or of lists of str when num_return_sequences > 1."""
-        options = GenerationOptions(**options)
+        """Texts -> generated texts: a list of str, or of lists of str when num_return_sequences > 1; one str (or list)
+        for one str. [] gives []. options: GenerationOptions' fields; without seed, sampling draws a new seed every
+        call. Each text's output depends only on it, the options and the seed, not on the other texts.
+        Raises RefformerError for bad texts (not a str, empty, too long) or options."""
+        options = GenerationOptions.from_keywords(**options)
+        single = isinstance(texts, str)
+        if not single and isinstance(texts, (list, tuple)) and not texts:
+            return []
         outputs = self.generate_rows(self.encode_rows(texts), options)
-        return outputs[0] if isinstance(texts, str) else outputs
+        return outputs[0] if single else outputs
+
+    @staticmethod
+    def check_options(options):
+        if options is None:
+            return GenerationOptions()
+        if not isinstance(options, GenerationOptions):
+            raise RefformerError(f"options must be a GenerationOptions, got {type(options).__name__}")
+        return options
+
+    def search_rows(self, rows, options):
+        """Token rows -> per row, num_return_sequences lists of generated ids. The static decoders hold a fixed
+        number of slots, which a decoder-only batch of prompts of several lengths can overrun (the left padding
+        takes slots); such a batch runs as one batch per prompt length (the same outputs: rows are independent)."""
+        if not rows:
+            return []
+        cfg = self.cfg
+        if self.variant.startswith("static") and not cfg.is_encoder_decoder and len({len(row) for row in rows}) > 1:
+            lengths = [len(row) for row in rows]
+            longest, shortest = max(lengths), min(lengths)
+            budget = cfg.max_positions - shortest if options.max_new_tokens is None else options.max_new_tokens
+            if 1 + longest + budget > self.stepper.max_length:
+                outputs = [None] * len(rows)
+                for length in sorted(set(lengths)):
+                    group = [number for number, row_length in enumerate(lengths) if row_length == length]
+                    for number, result in zip(group, self.search_rows([rows[i] for i in group], options)):
+                        outputs[number] = result
+                return outputs
+        return generate(cfg, None, options=options, stepper=self.stepper, **self.pad_inputs(rows))
 
     def generate_rows(self, rows, options):
-        """Token rows (from encode_rows, which the CLI runs line by line) -> generated texts, as generate."""
-        sequences = generate(self.cfg, None, options=options, stepper=self.stepper, **self.pad_inputs(rows))
-        outputs = [[self.decode(ids) for ids in candidates] for candidates in sequences]
+        """Token rows (from encode_rows, which the CLI runs line by line) -> generated texts, as generate.
+        Raises RefformerError for bad rows or options."""
+        options = self.check_options(options)
+        outputs = [[self.decode(ids) for ids in candidates] for candidates in self.search_rows(rows, options)]
         return [candidates[0] for candidates in outputs] if options.num_return_sequences == 1 else outputs
 
     def stream(self, text, **options):
-        """Yield pieces of text as tokens are produced (beam search yields its best result at the end)."""
-        options = GenerationOptions(**options)
+        """Yield pieces of text as tokens are produced (beam search yields its best result at the end).
+        Raises RefformerError (at the first piece) for a bad text or options."""
+        options = GenerationOptions.from_keywords(**options)
+        if not isinstance(text, str):
+            raise RefformerError(f"text must be a str, got {type(text).__name__}")
         if options.num_beams > 1 or options.num_return_sequences > 1:
             yield self.generate(text, **{**vars(options), "num_return_sequences": 1})
             return

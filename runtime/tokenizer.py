@@ -8,6 +8,8 @@ Choices:
                      decode(encode(x)) == unicodedata.normalize("NFC", x) for every string x
     model            BPE (default) or Unigram
 encode() adds no special tokens (the training code adds bos/eos) and treats "<s>" etc. in text as plain text.
+A tokenizer.json's own `padding` and `truncation` sections (common in Hugging Face files) are switched off on
+load and in encode(): the model sees exactly the tokens of the text (long inputs are the caller's to cut).
 """
 
 import unicodedata
@@ -55,8 +57,19 @@ def new_tokenizer(vocab_size, model="bpe"):
     return tokenizer, trainer
 
 
+MAX_VOCAB_SIZE = 1_000_000  # the Rust trainer reserves ~70 bytes per entry up front, and aborts when that fails
+
+
 def train_tokenizer(data_dir, vocab_size, model="bpe"):
-    """A tokenizer trained on data_dir's train split; its vocabulary may come out smaller on a small corpus."""
+    """A tokenizer trained on data_dir's train split; its vocabulary may come out smaller on a small corpus.
+
+    Raises RefformerError (before the native trainer runs) for a vocab_size that is not an integer in
+    [MIN_VOCAB_SIZE, MAX_VOCAB_SIZE], an unknown model, and a data_dir without a train split or with an empty one.
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
+            MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE):
+        raise RefformerError(f"vocab size must be an integer from {MIN_VOCAB_SIZE} (4 special tokens and 256 byte "
+                             f"symbols) to {MAX_VOCAB_SIZE:,}, got {vocab_size!r}")
     tokenizer, trainer = new_tokenizer(vocab_size, model)
     tokenizer.train_from_iterator(training_texts(data_dir), trainer)
     special_ids(tokenizer)  # trained tokenizers must have the special ids fixed above
@@ -74,9 +87,22 @@ def special_ids(tokenizer):
     return ids
 
 
+def without_padding_or_truncation(tokenizer):
+    """Switch off the tokenizer's padding and truncation (a tokenizer.json may carry them); returns tokenizer."""
+    if tokenizer.padding is not None:
+        tokenizer.no_padding()
+    if tokenizer.truncation is not None:
+        tokenizer.no_truncation()
+    return tokenizer
+
+
 def encode(tokenizer, texts):
-    """Token ids of each text, without special tokens; text that looks like a special token stays text."""
+    """Token ids of each text, without special tokens, padding or truncation; text that looks like a special token
+    stays text. Raises RefformerError for a text that is not a str or not valid Unicode."""
     tokenizer.encode_special_tokens = True  # not stored in tokenizer.json, so set on every call
+    without_padding_or_truncation(tokenizer)
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise RefformerError(f"texts must be a list of str, got {type(texts).__name__}")
     for number, text in enumerate(texts):
         if not isinstance(text, str):
             raise RefformerError(f"text {number} must be a str, got {type(text).__name__}")
@@ -109,7 +135,8 @@ def save_tokenizer(tokenizer, path):
 
 
 def load_tokenizer(path):
-    """A tokenizer.json file, checked to have the special tokens at their ids."""
+    """A tokenizer.json file, checked to have the special tokens at their ids, with its padding and truncation
+    switched off. Raises RefformerError for a missing or invalid file."""
     path = Path(path)
     if not path.is_file():
         raise RefformerError(f"{path} not found: train one with 'refformer tokenizer train'")
@@ -120,4 +147,4 @@ def load_tokenizer(path):
     ids = special_ids(tokenizer)
     if list(ids.values()) != list(range(len(SPECIAL_TOKENS))):
         raise RefformerError(f"{path}: special tokens must be {', '.join(SPECIAL_TOKENS)} at ids 0-3, got {ids}")
-    return tokenizer
+    return without_padding_or_truncation(tokenizer)

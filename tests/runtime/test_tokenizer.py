@@ -65,7 +65,7 @@ def test_bad_input_is_a_refformer_error(trained, corpus):
         tok.encode(trained, ["bad \ud800"])
     with pytest.raises(RefformerError, match="outside the vocabulary"):
         tok.decode(trained, [5, 10**6])
-    with pytest.raises(RefformerError, match="at least 260"):
+    with pytest.raises(RefformerError, match="260"):
         tok.train_tokenizer(corpus, vocab_size=100)
     with pytest.raises(RefformerError, match="bpe, unigram"):
         tok.train_tokenizer(corpus, vocab_size=300, model="wordpiece")
