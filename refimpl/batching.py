@@ -19,10 +19,48 @@ next batch to read, so a checkpoint that stores it resumes the exact same stream
 
 import dataclasses
 import hashlib
+import numbers
 
 import numpy as np
 
 from .errors import check
+
+
+def _is_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_ids(name, ids):
+    """ids must be a non-empty sequence of integers (a list, tuple or 1-D integer array)."""
+    if isinstance(ids, np.ndarray):
+        check(ids.ndim == 1 and ids.size > 0 and ids.dtype.kind in "iu",
+              f"{name} must be a non-empty 1-D sequence of integer ids, got an array of shape {ids.shape} "
+              f"and dtype {ids.dtype}")
+        return
+    check(isinstance(ids, (list, tuple)) and len(ids) > 0 and all(_is_integer(i) for i in ids),
+          f"{name} must be a non-empty list of integer ids, got {str(ids)[:60]}")
+
+
+def check_examples(examples):
+    """RefformerError unless examples is a list of (src_ids or None, tgt_ids, labels) triples of one family,
+    with labels as long as tgt_ids."""
+    check(isinstance(examples, (list, tuple)), f"examples must be a list of (src_ids, tgt_ids, labels) triples, "
+                                               f"got {type(examples).__name__}")
+    decoder_only = None
+    for number, example in enumerate(examples):
+        check(isinstance(example, (list, tuple)) and len(example) == 3,
+              f"example {number} must be a (src_ids, tgt_ids, labels) triple, got {str(example)[:60]}")
+        src, tgt, labels = example
+        if decoder_only is None:
+            decoder_only = src is None
+        check((src is None) == decoder_only, f"example {number} mixes decoder-only (src_ids None) and "
+                                             f"encoder-decoder examples")
+        if src is not None:
+            _check_ids(f"example {number}'s src_ids", src)
+        _check_ids(f"example {number}'s tgt_ids", tgt)
+        _check_ids(f"example {number}'s labels", labels)
+        check(len(tgt) == len(labels), f"example {number}: tgt_ids and labels must have the same length, "
+                                       f"got {len(tgt)} and {len(labels)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,16 +92,30 @@ def seq2seq_example(src, tgt, *, bos_id, eos_id):
 
 
 def lm_windows(texts, max_len, *, bos_id, eos_id):
-    """Token windows of at most max_len + 1 ids from texts (lists of ids), each text as [bos] + ids + [eos]."""
-    check(max_len >= 1, f"max_len must be at least 1, got {max_len}")
+    """Token windows of at most max_len + 1 ids from texts (lists of ids), each text as [bos] + ids + [eos].
+
+    Raises RefformerError unless max_len is an integer >= 1 and texts a list of lists of integer ids.
+    """
+    check(_is_integer(max_len) and max_len >= 1, f"max_len must be an integer >= 1, got {max_len!r}")
+    check(isinstance(texts, (list, tuple)), f"texts must be a list of lists of ids, got {type(texts).__name__}")
     stream = []
-    for ids in texts:
+    for number, ids in enumerate(texts):
+        check(isinstance(ids, (list, tuple, np.ndarray)) and all(_is_integer(i) for i in ids),
+              f"text {number} must be a list of integer ids, got {str(ids)[:60]}")
         stream.extend([bos_id, *ids, eos_id])
     return [stream[start:start + max_len + 1] for start in range(0, max(len(stream) - 1, 0), max_len)]
 
 
 def pad_rows(rows, pad_id):
-    """Rows of ids -> ids [B, L] right-padded with pad_id, and the mask [B, L] (True = real token)."""
+    """Rows of ids -> ids [B, L] right-padded with pad_id, and the mask [B, L] (True = real token).
+
+    Raises RefformerError for no rows or a row that is not a sequence of integer ids.
+    """
+    check(isinstance(rows, (list, tuple)) and len(rows) > 0, "pad_rows needs at least one row of ids")
+    check(_is_integer(pad_id), f"pad_id must be an integer, got {pad_id!r}")
+    for number, row in enumerate(rows):
+        check(isinstance(row, (list, tuple, np.ndarray)) and all(_is_integer(i) for i in row),
+              f"row {number} must be a list of integer ids, got {str(row)[:60]}")
     length = max(len(row) for row in rows)
     ids = np.full((len(rows), length), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), length), dtype=bool)
@@ -74,7 +126,17 @@ def pad_rows(rows, pad_id):
 
 
 def collate(examples, *, pad_id):
-    """A Batch from examples: (src_ids, tgt_ids, labels) triples, or (None, tgt_ids, labels) for decoder-only."""
+    """A Batch from examples: (src_ids, tgt_ids, labels) triples, or (None, tgt_ids, labels) for decoder-only.
+
+    Raises RefformerError for no examples or malformed ones (check_examples).
+    """
+    check_examples(examples)
+    check(len(examples) > 0, "collate needs at least one example")
+    check(_is_integer(pad_id), f"pad_id must be an integer, got {pad_id!r}")
+    return _collate(examples, pad_id)
+
+
+def _collate(examples, pad_id):
     src_ids = src_mask = None
     if examples[0][0] is not None:
         src_ids, src_mask = pad_rows([e[0] for e in examples], pad_id)
@@ -86,8 +148,16 @@ def collate(examples, *, pad_id):
 def seq2seq_examples(pairs, *, bos_id, eos_id, max_len):
     """Training triples from (src, tgt) id pairs; pairs longer than max_len on either side are dropped.
 
-    Returns (examples, number dropped).
+    Returns (examples, number dropped). Raises RefformerError for a max_len that is not an integer >= 1 and
+    for pairs that are not (src ids, tgt ids) pairs.
     """
+    check(_is_integer(max_len) and max_len >= 1, f"max_len must be an integer >= 1, got {max_len!r}")
+    check(isinstance(pairs, (list, tuple)), f"pairs must be a list of (src, tgt) id lists, got {type(pairs).__name__}")
+    for number, pair in enumerate(pairs):
+        check(isinstance(pair, (list, tuple)) and len(pair) == 2
+              and all(isinstance(side, (list, tuple, np.ndarray)) and all(_is_integer(i) for i in side)
+                      for side in pair),
+              f"pair {number} must be (src ids, tgt ids), two lists of integer ids, got {str(pair)[:60]}")
     examples = [seq2seq_example(src, tgt, bos_id=bos_id, eos_id=eos_id) for src, tgt in pairs]
     kept = [e for e in examples if len(e[0]) <= max_len and len(e[1]) <= max_len]
     return kept, len(examples) - len(kept)
@@ -105,9 +175,12 @@ def make_batches(examples, *, max_tokens, pad_id, seed=0, shuffle_ties=True):
     """Bucket examples (triples from seq2seq_examples or lm_examples) by length into batches of <= max_tokens.
 
     The cost of a batch is rows x its longest sequence (source or target). A single example
-    longer than max_tokens gets a batch of its own.
+    longer than max_tokens gets a batch of its own. No examples give no batches.
+    Raises RefformerError unless max_tokens is an integer >= 1 and the examples are well-formed triples.
     """
-    check(max_tokens >= 1, f"max_tokens must be positive, got {max_tokens}")
+    check(_is_integer(max_tokens) and max_tokens >= 1, f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    check(_is_integer(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+    check_examples(examples)
     if not examples:
         return []
     order = np.random.default_rng(seed).permutation(len(examples)) if shuffle_ties else np.arange(len(examples))
@@ -121,22 +194,27 @@ def make_batches(examples, *, max_tokens, pad_id, seed=0, shuffle_ties=True):
     for i in order:
         size = max(length(i))
         if current and max(longest, size) * (len(current) + 1) > max_tokens:
-            batches.append(collate([examples[j] for j in current], pad_id=pad_id))
+            batches.append(_collate([examples[j] for j in current], pad_id))
             current, longest = [], 0
         current.append(i)
         longest = max(longest, size)
-    batches.append(collate([examples[j] for j in current], pad_id=pad_id))
+    batches.append(_collate([examples[j] for j in current], pad_id))
     return batches
 
 
 def epoch_order(n_batches, seed, epoch):
-    """The order in which epoch `epoch` visits the batches."""
+    """The order in which epoch `epoch` visits the batches. RefformerError for negative or non-integer arguments."""
+    check(all(_is_integer(v) and v >= 0 for v in (n_batches, seed, epoch)),
+          f"n_batches, seed and epoch must be integers >= 0, got {n_batches!r}, {seed!r}, {epoch!r}")
     return np.random.default_rng(seed + epoch).permutation(n_batches)
 
 
 def batch_stream(batches, seed, position=(0, 0)):
     """Yield (batch, next position) forever, starting at position = (epoch, index into that epoch's order)."""
     check(len(batches) > 0, "there are no training batches (is the training data empty?)")
+    check(isinstance(position, (list, tuple)) and len(position) == 2 and all(_is_integer(v) and v >= 0
+                                                                             for v in position),
+          f"position must be (epoch, index), two integers >= 0, got {position!r}")
     epoch, index = position
     while True:
         order = epoch_order(len(batches), seed, epoch)

@@ -322,10 +322,25 @@ def write_tsv(path, pairs):
     write_lines(path, lines)
 
 
+def _read_bytes(path):
+    """The bytes of a file, without a UTF-8 byte-order mark at its start; RefformerError if it cannot be read."""
+    path = Path(path)
+    if not path.exists():
+        raise RefformerError(f"{path} does not exist")
+    if path.is_dir():
+        raise RefformerError(f"{path} is a folder, not a text file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise RefformerError(f"cannot read {path}: {error.strerror or error}") from None
+    return data.removeprefix(b"\xef\xbb\xbf")
+
+
 def _decoded_lines(path):
-    """Every line of a file (line ends removed); RefformerError naming file:line for bytes that are not UTF-8."""
+    """Every line of a file (line ends and a UTF-8 byte-order mark at the start removed); RefformerError naming
+    file:line for bytes that are not UTF-8, and for a file that is missing or unreadable."""
     lines = []
-    for number, data in enumerate(Path(path).read_bytes().split(b"\n"), 1):
+    for number, data in enumerate(_read_bytes(path).split(b"\n"), 1):
         try:
             lines.append(data.decode("utf-8").removesuffix("\r"))
         except UnicodeDecodeError as error:
@@ -340,7 +355,10 @@ def _numbered_lines(path):
 
 
 def read_lines(path):
-    """The non-blank lines of a UTF-8 text file; RefformerError if the file has none."""
+    """The non-blank lines of a UTF-8 text file (a byte-order mark at its start is dropped).
+
+    Raises RefformerError if the file is missing, unreadable, not UTF-8 (naming file:line) or has no such line.
+    """
     numbered = _numbered_lines(path)
     if not numbered:
         raise RefformerError(f"{path} is empty: expected one item per line")
@@ -348,7 +366,11 @@ def read_lines(path):
 
 
 def read_tsv(path):
-    """(source, target) pairs of a UTF-8 source<TAB>target file; RefformerError naming file:line if malformed."""
+    """(source, target) pairs of a UTF-8 source<TAB>target file (a byte-order mark at its start is dropped).
+
+    Blank lines are skipped. Raises RefformerError naming file:line for a line without exactly one TAB or with an
+    empty side, or bytes that are not UTF-8; and for a file that is missing, unreadable or has no pairs.
+    """
     numbered = _numbered_lines(path)
     if not numbered:
         raise RefformerError(f"{path} is empty: expected source<TAB>target lines")
@@ -379,6 +401,29 @@ def detect_family(data_dir):
                          f"or 'refformer data pydoc'")
 
 
+def check_split_output(out_dir, suffix, overwrite=False):
+    """Refuse (RefformerError) an output folder for {train,valid,test}{suffix} before any work: a file, a folder
+    that cannot be created or written, or one that already holds one of those files (unless overwrite)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RefformerError(f"--out {out} is a file, not a folder")
+    ancestor = out.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RefformerError(f"cannot create --out {out}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RefformerError(f"cannot write to --out {out}: {ancestor} is not writable")
+    targets = [out / f"{name}{suffix}" for name in SPLITS]
+    folders = [path.name for path in targets if path.is_dir()]
+    if folders:
+        raise RefformerError(f"--out {out} has folders named {', '.join(folders)}; choose another --out")
+    existing = [path.name for path in targets if path.exists()]
+    if existing and not overwrite:
+        raise RefformerError(f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace "
+                             f"{'it' if len(existing) == 1 else 'them'}")
+
+
 def _write_splits(out_dir, splits, suffix, write):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -389,16 +434,28 @@ def _write_splits(out_dir, splits, suffix, write):
     return counts
 
 
-def prepare_de_en(out_dir, source=None):
-    """Write out_dir/{train,valid,test}.tsv from trans-de-en (split by the German side); returns counts per split."""
+def prepare_de_en(out_dir, source=None, overwrite=False):
+    """Write out_dir/{train,valid,test}.tsv from trans-de-en (split by the German side); returns counts per split.
+
+    Each file is written atomically. Raises RefformerError (before reading the dictionary) for an out_dir
+    check_split_output refuses (existing split files are replaced only with overwrite), and for a missing
+    dictionary or one without sentence pairs.
+    """
+    check_split_output(out_dir, SUFFIX["encoder-decoder"], overwrite)
     pairs = extract_de_en(source)
     if not pairs:
         raise RefformerError(f"no sentence pairs found in {source or DE_EN_SOURCE}")
     return _write_splits(out_dir, split_by_hash(pairs, key=lambda pair: pair[0]), SUFFIX["encoder-decoder"], write_tsv)
 
 
-def prepare_pydoc(out_dir, source=None):
-    """Write out_dir/{train,valid,test}.txt from the Python docs' prose; returns counts per split."""
+def prepare_pydoc(out_dir, source=None, overwrite=False):
+    """Write out_dir/{train,valid,test}.txt from the Python docs' prose; returns counts per split.
+
+    Each file is written atomically. Raises RefformerError (before reading the sources) for an out_dir
+    check_split_output refuses (existing split files are replaced only with overwrite), and for missing
+    sources or sources without prose.
+    """
+    check_split_output(out_dir, SUFFIX["decoder-only"], overwrite)
     paragraphs = extract_pydoc(source)
     if not paragraphs:
         raise RefformerError(f"no prose paragraphs found under {source or PYDOC_SOURCE}")

@@ -12,11 +12,23 @@ to be regularised. A tied embedding is one matrix and is decayed once.
 """
 
 import math
+import numbers
 
 import numpy as np
 
 from .errors import check
 from .tree import flatten, tree_map, unflatten
+
+
+def _is_finite(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_state(state):
+    check(isinstance(state, dict) and {"step", "m", "v"} <= set(state),
+          "state must be the optimizer state from adamw_init: a dict with step, m and v")
+    check(isinstance(state["step"], numbers.Integral) and state["step"] >= 0,
+          f"state['step'] must be an integer >= 0, got {state['step']!r}")
 
 
 def decays(value):
@@ -25,7 +37,11 @@ def decays(value):
 
 
 def adamw_init(params):
-    """Optimizer state for params: step 0 and zero first/second moments of each parameter's dtype."""
+    """Optimizer state for params: step 0 and zero first/second moments of each parameter's dtype.
+
+    Raises RefformerError unless params is a tree (dicts and lists) of arrays."""
+    check(isinstance(params, (dict, list)) and flatten(params),
+          f"params must be a non-empty tree of arrays, got {type(params).__name__}")
     zeros = tree_map(np.zeros_like, params)
     return {"step": 0, "m": zeros, "v": tree_map(np.zeros_like, params)}
 
@@ -36,17 +52,28 @@ def adamw_update(params, grads, state, *, lr, betas=(0.9, 0.98), eps=1e-9, weigh
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  t = step + 1
     p = p (1 - lr wd)  -  lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     The decay multiplies the parameter directly (decoupled), not through the gradient.
+    Raises RefformerError for betas outside [0, 1), a negative or non-finite lr, eps or weight_decay, a state
+    not made by adamw_init, and grads whose names or shapes differ from the parameters'.
     """
+    check(isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_finite(b) and 0.0 <= b < 1.0
+                                                                      for b in betas),
+          f"betas must be two numbers in [0, 1), got {betas!r}")
     beta1, beta2 = betas
-    check(0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0, f"betas must lie in [0, 1), got {betas}")
-    check(lr >= 0.0 and eps >= 0.0 and weight_decay >= 0.0,
-          f"lr, eps and weight_decay must be non-negative, got {lr}, {eps}, {weight_decay}")
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        check(_is_finite(value) and value >= 0.0, f"{name} must be a finite number >= 0, got {value!r}")
+    _check_state(state)
     step = state["step"] + 1
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
     flat_p, flat_g = flatten(params), flatten(grads)
     flat_m, flat_v = flatten(state["m"]), flatten(state["v"])
     check(flat_g.keys() == flat_p.keys(), "grads must have exactly the parameters' names")
+    check(flat_m.keys() == flat_p.keys() and flat_v.keys() == flat_p.keys(),
+          "state's moments must have exactly the parameters' names (make the state with adamw_init(params))")
+    for name, p in flat_p.items():
+        for which, tree in (("grads", flat_g), ("state m", flat_m), ("state v", flat_v)):
+            check(np.shape(tree[name]) == p.shape, f"{which} {name} has shape {list(np.shape(tree[name]))}, "
+                                                   f"the parameter {list(p.shape)}")
     new_p, new_m, new_v = {}, {}, {}
     for name, p in flat_p.items():
         g = flat_g[name]
@@ -64,9 +91,12 @@ def adamw_update(params, grads, state, *, lr, betas=(0.9, 0.98), eps=1e-9, weigh
 def inverse_sqrt_lr(step, *, peak, warmup):
     """The Transformer schedule: linear warmup to peak over `warmup` steps, then peak * sqrt(warmup / step).
 
-    step counts updates from 1. warmup=0 means a constant peak.
+    step counts updates from 1. warmup=0 means a constant peak. Raises RefformerError for a negative or
+    non-integer warmup and a peak that is not a finite number >= 0.
     """
-    check(warmup >= 0, f"warmup must be non-negative, got {warmup}")
+    check(isinstance(warmup, numbers.Integral) and warmup >= 0, f"warmup must be an integer >= 0, got {warmup!r}")
+    check(_is_finite(peak) and peak >= 0, f"peak must be a finite number >= 0, got {peak!r}")
+    check(isinstance(step, numbers.Integral), f"step must be an integer, got {step!r}")
     if warmup == 0:
         return float(peak)
     step = max(int(step), 1)
@@ -74,15 +104,21 @@ def inverse_sqrt_lr(step, *, peak, warmup):
 
 
 def global_norm(grads):
-    """sqrt of the sum of squares of every entry of every gradient (float64 accumulation)."""
+    """sqrt of the sum of squares of every entry of every gradient (float64 accumulation).
+
+    Raises RefformerError unless grads is a tree (dicts and lists) of arrays."""
+    check(isinstance(grads, (dict, list)), f"grads must be a tree of arrays, got {type(grads).__name__}")
     return math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in flatten(grads).values()))
 
 
 def clip_by_global_norm(grads, max_norm):
     """Scale all gradients by min(1, max_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_.
 
-    Returns (clipped grads, the norm before clipping). max_norm=None or <= 0 leaves them unchanged.
+    Returns (clipped grads, the norm before clipping). max_norm=None or <= 0 leaves them unchanged;
+    RefformerError for a NaN max_norm.
     """
+    check(max_norm is None or (isinstance(max_norm, numbers.Real) and not math.isnan(max_norm)),
+          f"max_norm must be a number or None, got {max_norm!r}")
     norm = global_norm(grads)
     if max_norm is None or max_norm <= 0:
         return grads, norm

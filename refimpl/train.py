@@ -22,6 +22,8 @@ import csv
 import dataclasses
 import json
 import math
+import numbers
+import os
 import shutil
 import tempfile
 import time
@@ -29,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .batching import batch_stream, collate, fingerprint, make_batches
-from .config import Config
+from .batching import Batch, batch_stream, collate, fingerprint, make_batches
+from .config import Config, check_fits_memory, parameter_bytes, physical_memory_bytes
 from .errors import RefformerError, check
 from .generate import greedy, strip
-from .io import atomic_write, save, sha256, unflatten_checked
+from .io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write, save, sha256, unflatten_checked
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .model import model_backward, model_forward
 from .optim import adamw_init, adamw_update, clip_by_global_norm, inverse_sqrt_lr
@@ -43,6 +45,32 @@ LOG_COLUMNS = ("step", "loss", "lr", "tokens_per_s", "valid_loss", "valid_ppl", 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_FORMAT = 1
+TRAINING_COPIES = 7  # parameters, gradients, two AdamW moments, and the three updated trees
+LOG_FILE = "train_log.csv"
+PLOT_FILE = "loss.png"
+# What a training run writes into its output directory; a folder holding any of these holds a (trained) model.
+OUTPUT_NAMES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, LOG_FILE, PLOT_FILE, CHECKPOINT_DIR)
+
+
+class TrainingDiverged(RefformerError):
+    """The loss or the gradient norm became NaN or infinite; nothing from that state was written."""
+
+    def __init__(self, step, what, value):
+        self.step, self.what, self.value = step, what, value
+        super().__init__(f"training diverged at step {step}: {what} is {value}; lower --lr (or raise --warmup) "
+                         f"and train again; nothing from the diverged state was saved")
+
+
+def _is_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_finite(value):
+    return _is_real(value) and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +102,26 @@ class TrainOptions:
     RESUMABLE_CHANGES = ("steps", "eval_every", "eval_sentences", "save_every", "time_limit")
 
     def __post_init__(self):
-        check(self.steps >= 0, f"steps must be non-negative, got {self.steps}")
-        check(self.max_tokens >= 1, f"max_tokens must be positive, got {self.max_tokens}")
-        check(self.lr > 0, f"lr must be positive, got {self.lr}")
-        check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        check(self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be non-negative")
+        """Raises RefformerError naming the first field that is of the wrong type or out of range."""
+        def need(name, ok, what):
+            check(ok, f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        for name, least in (("steps", 1), ("max_tokens", 1), ("warmup", 0), ("eval_every", 0),
+                            ("eval_sentences", 0), ("save_every", 0), ("seed", 0)):
+            value = getattr(self, name)
+            need(name, _is_integer(value) and value >= least,
+                 "a positive integer" if least else "an integer >= 0")
+        need("lr", _is_finite(self.lr) and self.lr > 0, "a positive finite number")
+        need("eps", _is_finite(self.eps) and self.eps > 0, "a positive finite number")
+        need("weight_decay", _is_finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0")
+        need("clip", _is_finite(self.clip) and self.clip >= 0, "a finite number >= 0 (0 turns clipping off)")
+        need("label_smoothing", _is_real(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0,
+             "a number in [0, 1)")
+        need("time_limit", self.time_limit is None or (_is_finite(self.time_limit) and self.time_limit > 0),
+             "a positive finite number of seconds, or None for no limit")
+        betas = self.betas
+        need("betas", isinstance(betas, (tuple, list)) and len(betas) == 2
+             and all(_is_real(b) and 0.0 <= b < 1.0 for b in betas), "two numbers in [0, 1)")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
     def to_dict(self):
@@ -86,6 +129,10 @@ class TrainOptions:
 
     @classmethod
     def from_dict(cls, data):
+        """TrainOptions from to_dict()'s output; RefformerError for unknown or invalid fields."""
+        check(isinstance(data, dict), f"training options must be a dict, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        check(not unknown, f"unknown training options {unknown}")
         return cls(**data)
 
 
@@ -115,13 +162,97 @@ def loss_and_grads(cfg, params, batch, *, label_smoothing=0.0, rng=None):
 
 
 def train_step(cfg, params, opt_state, batch, options, rng):
-    """One optimizer step -> (params, opt_state, loss, lr)."""
-    lr = inverse_sqrt_lr(opt_state["step"] + 1, peak=options.lr, warmup=options.warmup)
-    loss, grads = loss_and_grads(cfg, params, batch, label_smoothing=options.label_smoothing, rng=rng)
-    grads, _ = clip_by_global_norm(grads, options.clip)
-    params, opt_state = adamw_update(params, grads, opt_state, lr=lr, betas=options.betas, eps=options.eps,
-                                     weight_decay=options.weight_decay)
+    """One optimizer step -> (params, opt_state, loss, lr).
+
+    Raises TrainingDiverged (a RefformerError) when the loss or the gradient norm is NaN or infinite,
+    before the parameters change.
+    """
+    step = opt_state["step"] + 1
+    lr = inverse_sqrt_lr(step, peak=options.lr, warmup=options.warmup)
+    with np.errstate(all="ignore"):  # a diverging step overflows; it is reported below, not as NumPy warnings
+        loss, grads = loss_and_grads(cfg, params, batch, label_smoothing=options.label_smoothing, rng=rng)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(step, "loss", loss)
+        grads, norm = clip_by_global_norm(grads, options.clip)
+        if not math.isfinite(norm):
+            raise TrainingDiverged(step, "the gradient norm", norm)
+        params, opt_state = adamw_update(params, grads, opt_state, lr=lr, betas=options.betas, eps=options.eps,
+                                         weight_decay=options.weight_decay)
     return params, opt_state, loss, lr
+
+
+# ---------------------------------------------------------------------------- before any work
+
+
+def check_output_dir(out_dir, *, resume=False, overwrite=False, inputs=()):
+    """Refuse an output directory a training run must not write into, before any work starts.
+
+    Raises RefformerError when out_dir is a file, is one of inputs (e.g. the data directory), cannot be
+    created or written (its parent folder missing or read-only), or already holds a trained model or
+    checkpoints (any of OUTPUT_NAMES) while neither resume nor overwrite is given; also for resume and
+    overwrite together, and for resume without a checkpoint.
+    """
+    check(not (resume and overwrite), "pass either --resume (continue the run in --out) or --overwrite "
+                                      "(replace it), not both")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RefformerError(f"--out {out} is a file, not a folder: name a folder for the model")
+    for given in inputs:
+        if given is not None and Path(given).exists() and out.exists() and out.resolve() == Path(given).resolve():
+            raise RefformerError(f"--out {out} is the input {given}: write the model to a folder of its own")
+    if not out.exists():
+        parent = out.absolute().parent
+        if not parent.is_dir():
+            raise RefformerError(f"cannot create --out {out}: its parent folder {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RefformerError(f"cannot create --out {out}: its parent folder {parent} is not writable")
+        check(not resume, f"no checkpoint to resume from: {out} does not exist")
+        return
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise RefformerError(f"cannot write to --out {out}: the folder is not writable")
+    if resume:
+        pointer = out / CHECKPOINT_DIR / "latest.json"
+        check(pointer.is_file(), f"no checkpoint to resume from: {pointer} is missing")
+        return
+    found = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if found and not overwrite:
+        raise RefformerError(f"--out {out} already holds a model or checkpoints ({', '.join(found)}); pass --resume "
+                             f"to continue its training or --overwrite to replace it")
+
+
+def estimate_batch_memory(cfg, rows, src_len, tgt_len, *, training=True, bytes_per_value=4):
+    """A rough lower bound of the bytes the activations of one batch of rows x src_len / tgt_len tokens need
+    (their gradients too when training), from the sizes alone."""
+    D, F, H, V = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.vocab_size
+    source, target = rows * src_len, rows * tgt_len
+    values = cfg.n_encoder_layers * source * (14 * D + 3 * F + 3 * H * src_len) if cfg.is_encoder_decoder else 0
+    values += cfg.n_decoder_layers * target * (24 * D + 3 * F + 3 * H * (tgt_len + src_len))
+    values += target * 4 * V + (source + target) * 2 * D  # logits, log-probabilities, their gradient; embeddings
+    return values * (2 if training else 1) * bytes_per_value
+
+
+def check_fits(cfg, batches=(), *, training=True):
+    """Refuse (RefformerError) a model, or its largest batch, that cannot fit in this machine's memory.
+
+    Call it with no batches before init_params (the parameters, and when training their gradients, AdamW
+    moments and updated copies: config.check_fits_memory), then with the batches made.
+    """
+    check_fits_memory(cfg, copies=TRAINING_COPIES if training else 1)
+    if not batches:
+        return
+    limit = physical_memory_bytes()
+    params = parameter_bytes(cfg) * (TRAINING_COPIES if training else 1)
+
+    def longest(batch):
+        return max(batch.tgt_ids.shape[1], 0 if batch.src_ids is None else batch.src_ids.shape[1])
+
+    largest = max(batches, key=lambda batch: batch.n_rows * longest(batch))
+    src_len = 0 if largest.src_ids is None else largest.src_ids.shape[1]
+    need = params + estimate_batch_memory(cfg, largest.n_rows, src_len, largest.tgt_ids.shape[1], training=training)
+    if need > limit:
+        raise RefformerError(f"a batch of {largest.n_rows} rows x {longest(largest)} tokens needs about "
+                             f"{need / 2 ** 30:,.1f} GiB to {'train' if training else 'evaluate'}, more than this "
+                             f"machine's {limit / 2 ** 30:,.1f} GiB: lower --max-tokens")
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -135,8 +266,19 @@ def evaluate(cfg, params, examples, *, max_tokens=4096, decode=None, references=
     the reference texts aligned with examples (default: decode of each example's labels).
     max_sentences limits everything to the first N examples, max_translations only the decoded
     ones. Returns a dict: loss, ppl, tokens, sentences, bleu, chrf (None when skipped), notes.
+    Raises RefformerError for a cfg that is not a Config, a count that is not an integer >= 0 (max_sentences,
+    max_translations; max_tokens >= 1) and malformed examples.
     """
-    examples = list(examples)[:max_sentences]
+    check(isinstance(cfg, Config), f"cfg must be a Config, got {type(cfg).__name__}")
+    for name, value in (("max_sentences", max_sentences), ("max_translations", max_translations)):
+        check(value is None or (_is_integer(value) and value >= 0), f"{name} must be an integer >= 0 or None, "
+                                                                   f"got {value!r}")
+    check(_is_integer(max_tokens) and max_tokens >= 1, f"max_tokens must be a positive integer, got {max_tokens!r}")
+    try:
+        examples = list(examples)[:max_sentences]
+    except TypeError:
+        raise RefformerError(f"examples must be a list of (src_ids, tgt_ids, labels) triples, "
+                             f"got {type(examples).__name__}") from None
     result = {"loss": None, "ppl": None, "bleu": None, "chrf": None, "tokens": 0, "sentences": len(examples),
               "notes": []}
     if not examples:
@@ -287,7 +429,7 @@ def _check_resumable(cfg, saved_cfg, options, saved_options, data_fingerprint, s
 
 
 def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, tokenizer=None, decode=None,
-          references=None, resume=False, on_step=None, clock=time.monotonic):
+          references=None, resume=False, overwrite=False, on_step=None, clock=time.monotonic):
     """Train params (a tree of cfg) on train_batches (from refimpl.batching.make_batches) -> TrainResult.
 
     valid_examples: triples evaluated every options.eval_every steps and at the end (may be empty);
@@ -296,12 +438,32 @@ def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, 
     model.safetensors, tokenizer.json when tokenizer is given, train_log.csv, loss.png).
     resume=True continues from out_dir's checkpoint (the params argument is then not used).
     on_step(row) is called after every step with the logged row (a dict of LOG_COLUMNS).
+    An out_dir that already holds a model or checkpoints is refused unless resume or overwrite is given
+    (check_output_dir); with overwrite, its old checkpoints are removed only once this run has saved one.
+
+    Raises RefformerError for bad arguments (check_output_dir included), and TrainingDiverged (a
+    RefformerError) when the loss, the gradient norm or a parameter becomes NaN or infinite: the run
+    stops there, and nothing from that state is written (no checkpoint, no model).
     """
+    check(isinstance(cfg, Config), f"cfg must be a Config, got {type(cfg).__name__}")
+    check(isinstance(options, TrainOptions), f"options must be TrainOptions, got {type(options).__name__}")
+    check(isinstance(train_batches, (list, tuple)) and all(isinstance(b, Batch) for b in train_batches),
+          "train_batches must be a list of Batch (from refimpl.batching.make_batches)")
     check(len(train_batches) > 0, "there are no training batches (is the training data empty?)")
+    check(isinstance(valid_examples, (list, tuple)), f"valid_examples must be a list of triples, "
+                                                     f"got {type(valid_examples).__name__}")
+    check(resume or isinstance(params, dict), "params must be the parameter tree of cfg (or resume=True)")
+    if out_dir is not None:
+        check_output_dir(out_dir, resume=resume, overwrite=overwrite)
+    elif resume:
+        raise RefformerError("resume needs out_dir, where the checkpoint is")
+    if not resume:
+        from .io import check_params
+
+        check_params(cfg, params)
     data_fingerprint = fingerprint(train_batches)
     notes = []
     if resume:
-        check(out_dir is not None, "resume needs out_dir, where the checkpoint is")
         saved_cfg, params, opt_state, state = load_checkpoint(out_dir)
         try:
             _check_resumable(cfg, saved_cfg, options, state["options"], data_fingerprint, state["data_fingerprint"])
@@ -322,10 +484,11 @@ def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, 
 
     def checkpoint():
         nonlocal saved_at
+        _check_finite(params, opt_state["step"])
         state = {"options": options.to_dict(), "rng": rng.bit_generator.state, "position": list(position),
                  "data_fingerprint": data_fingerprint, "elapsed": elapsed(), "log": log}
         save_checkpoint(out_dir, cfg, params, opt_state, state)
-        write_log(Path(out_dir) / "train_log.csv", log)
+        write_log(Path(out_dir) / LOG_FILE, log)
         saved_at = (opt_state["step"], _evaluated(log))
 
     def run_eval(row):
@@ -363,16 +526,24 @@ def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, 
     if valid_examples and log and log[-1]["valid_loss"] is None:
         run_eval(log[-1])  # stopped early (time limit): the final model is always evaluated
     if out_dir is not None:
+        _check_finite(params, opt_state["step"])
         if saved_at != (opt_state["step"], _evaluated(log)):
             checkpoint()
         save(out_dir, cfg, params, tokenizer=tokenizer)
-        write_log(Path(out_dir) / "train_log.csv", log)
-        if not plot_log(Path(out_dir) / "loss.png", log):
+        write_log(Path(out_dir) / LOG_FILE, log)
+        if not plot_log(Path(out_dir) / PLOT_FILE, log):
             notes.append("loss.png skipped: matplotlib is not installed (pip install 'refformer[train]')")
     return TrainResult(params, opt_state, opt_state["step"], log, stopped, notes)
 
 
 # ---------------------------------------------------------------------------- the log
+
+
+def _check_finite(params, step):
+    """TrainingDiverged unless every parameter is finite (checked before anything is written)."""
+    for name, value in flatten(params).items():
+        if not np.isfinite(value).all():
+            raise TrainingDiverged(step, f"parameter {name}", "not finite")
 
 
 def _evaluated(log):

@@ -3,11 +3,13 @@
 runtime/cli.py registers the two groups.
 """
 
+import os
 import time
+from pathlib import Path
 
 import click
 
-from refformer.runtime.errors import one_line_errors
+from refformer.runtime.errors import RefformerError, one_line_errors
 
 
 def _echo_counts(out_dir, counts, seconds):
@@ -20,29 +22,34 @@ def data():
     """Prepare corpora (installed by scripts/get-data.sh) as train/valid/test files."""
 
 
+OVERWRITE_HELP = "Replace split files that --out already holds."
+
+
 @data.command("de-en")
 @click.option("--out", "out_dir", default="data/de-en", show_default=True, type=click.Path(file_okay=False),
               help="Directory for train.tsv, valid.tsv, test.tsv (German<TAB>English).")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @one_line_errors
-def de_en_command(out_dir):
+def de_en_command(out_dir, overwrite):
     """German-English sentence pairs from the trans-de-en dictionary."""
     from refformer.refimpl.data import prepare_de_en
 
     start = time.perf_counter()
-    counts = prepare_de_en(out_dir)
+    counts = prepare_de_en(out_dir, overwrite=overwrite)
     _echo_counts(out_dir, counts, time.perf_counter() - start)
 
 
 @data.command("pydoc")
 @click.option("--out", "out_dir", default="data/pydoc", show_default=True, type=click.Path(file_okay=False),
               help="Directory for train.txt, valid.txt, test.txt (one paragraph per line).")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @one_line_errors
-def pydoc_command(out_dir):
+def pydoc_command(out_dir, overwrite):
     """Prose paragraphs of the Python documentation (python3-doc)."""
     from refformer.refimpl.data import prepare_pydoc
 
     start = time.perf_counter()
-    counts = prepare_pydoc(out_dir)
+    counts = prepare_pydoc(out_dir, overwrite=overwrite)
     _echo_counts(out_dir, counts, time.perf_counter() - start)
 
 
@@ -56,14 +63,36 @@ def tokenizer():
 @click.option("--vocab-size", required=True, type=int, help="Vocabulary size, special tokens included.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="tokenizer.json to write.")
 @click.option("--model", type=click.Choice(["bpe", "unigram"]), default="bpe", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @one_line_errors
-def train_command(data_dir, vocab_size, out_path, model):
+def train_command(data_dir, vocab_size, out_path, model, overwrite):
     """Train a byte-level tokenizer on DATA_DIR's train split (train.tsv, both columns, or train.txt)."""
     from refformer.runtime.tokenizer import save_tokenizer, train_tokenizer
 
+    _check_tokenizer_out(Path(out_path), Path(data_dir), overwrite)
     start = time.perf_counter()
     trained = train_tokenizer(data_dir, vocab_size, model)
     save_tokenizer(trained, out_path)
     size = trained.get_vocab_size(with_added_tokens=True)
     note = "" if size == vocab_size else f" (asked for {vocab_size}; the corpus supports no more)"
     click.echo(f"wrote {out_path}: {model}, {size} tokens{note} ({time.perf_counter() - start:.1f} s)")
+
+
+def _check_tokenizer_out(out, data_dir, overwrite):
+    """Refuse --out before training: a folder, a missing or read-only parent, a split file of DATA_DIR, or an
+    existing file without --overwrite."""
+    from refformer.refimpl.data import SPLITS, SUFFIX
+
+    if out.is_dir():
+        raise RefformerError(f"--out {out} is a folder: name the tokenizer.json file to write")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise RefformerError(f"cannot write --out {out}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RefformerError(f"cannot write --out {out}: the folder {parent} is not writable")
+    if out.exists():
+        inputs = [data_dir / f"{split}{suffix}" for split in SPLITS for suffix in SUFFIX.values()]
+        if any(path.exists() and path.resolve() == out.resolve() for path in inputs):
+            raise RefformerError(f"--out {out} is a split file of {data_dir}: write the tokenizer elsewhere")
+        if not overwrite:
+            raise RefformerError(f"--out {out} exists; pass --overwrite to replace it")

@@ -19,14 +19,62 @@ from refformer.runtime.options import model_option, resolve_model
 
 ARCHITECTURE_OPTIONS = ("family", "d_model", "n_heads", "d_ff", "layers", "encoder_layers", "decoder_layers",
                         "norm_first", "activation", "positional", "max_positions")
+# The command-line flag of each TrainOptions field, so the library's "lr must be ..." reads "--lr must be ...".
+OPTION_FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "steps", "max_tokens", "lr", "warmup", "weight_decay", "clip", "label_smoothing", "eval_every", "eval_sentences",
+    "save_every", "seed")}
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def train_options(opts):
+    """TrainOptions from the command's options; RefformerError naming the flag of a bad value."""
+    from refformer.refimpl.errors import RefformerError
+    from refformer.refimpl.train import TrainOptions
+
+    minutes = opts["time_limit"]
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        raise RefformerError(f"--time-limit must be a positive number of minutes, got {minutes}")
+    values = {name: opts[name] for name in OPTION_FLAGS}
+    try:
+        return TrainOptions(**values, time_limit=None if minutes is None else minutes * 60.0)
+    except RefformerError as error:
+        message = str(error)
+        field = message.split(" ", 1)[0]
+        if field in OPTION_FLAGS:
+            message = OPTION_FLAGS[field] + message[len(field):]
+        raise RefformerError(message) from None
+
+
+def check_architecture(opts):
+    """Refuse architecture options out of range (RefformerError naming the flag), before anything is built."""
+    from refformer.refimpl.errors import RefformerError
+
+    for name in ("d_model", "n_heads", "d_ff", "max_positions"):
+        if opts[name] < 1:
+            raise RefformerError(f"{_flag(name)} must be a positive integer, got {opts[name]}")
+    for name in ("layers", "encoder_layers", "decoder_layers"):
+        if opts[name] is not None and opts[name] < 0:
+            raise RefformerError(f"{_flag(name)} must be an integer >= 0, got {opts[name]}")
+    if not (math.isfinite(opts["dropout"]) and 0.0 <= opts["dropout"] < 1.0):
+        raise RefformerError(f"--dropout must be a number in [0, 1), got {opts['dropout']}")
+    if opts["d_model"] % opts["n_heads"]:
+        raise RefformerError(f"--n-heads {opts['n_heads']} must divide --d-model {opts['d_model']}")
 
 
 # ---------------------------------------------------------------------------- data
 
 
 def load_examples(data_dir, split, family, tokenizer, cfg, max_sentences=None):
-    """Training triples of one split -> (examples, reference texts or None, number dropped as too long)."""
+    """Training triples of one split -> (examples, reference texts or None, number dropped as too long).
+
+    Raises RefformerError for a split file that is missing, empty, malformed (naming file:line) or whose every
+    example is longer than cfg.max_positions.
+    """
     from refformer.refimpl.batching import lm_examples, seq2seq_examples
+    from refformer.refimpl.errors import RefformerError
     from refformer.runtime.tokenizer import encode, normalize
 
     path = split_path(data_dir, split, family)
@@ -35,6 +83,9 @@ def load_examples(data_dir, split, family, tokenizer, cfg, max_sentences=None):
         sources = encode(tokenizer, [source for source, _ in pairs])
         targets = encode(tokenizer, [target for _, target in pairs])
         kept = [i for i, (s, t) in enumerate(zip(sources, targets)) if max(len(s), len(t)) + 1 <= cfg.max_positions]
+        if not kept:
+            raise RefformerError(f"all {len(pairs)} pairs of {path} are longer than the model's {cfg.max_positions} "
+                                 f"positions (--max-positions)")
         examples, _ = seq2seq_examples([(sources[i], targets[i]) for i in kept], bos_id=cfg.bos_id,
                                        eos_id=cfg.eos_id, max_len=cfg.max_positions)
         return examples, [normalize(pairs[i][1]) for i in kept], len(pairs) - len(kept)
@@ -85,6 +136,9 @@ def _decoder(tokenizer):
 @click.option("--save-every", type=int, default=500, show_default=True, help="Steps between checkpoints (0: end only).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint (same data, config and options).")
+@click.option("--overwrite", is_flag=True,
+              help="Train anew into an OUT that holds a model or checkpoints; they are replaced only as this run "
+                   "saves its own, and never by a diverged model.")
 @click.option("--init", "init_dir", type=click.Path(file_okay=False), default=None,
               help="Start from this model directory's weights and config (fine-tuning).")
 @click.option("--time-limit", type=float, default=None,
@@ -99,9 +153,14 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
     from refformer.refimpl.batching import make_batches
     from refformer.refimpl.errors import RefformerError
     from refformer.refimpl.io import check_tokenizer
-    from refformer.refimpl.train import TrainOptions, train as train_loop
+    from refformer.refimpl.train import check_fits, check_output_dir, train as train_loop
     from refformer.runtime.tokenizer import load_tokenizer, special_ids
 
+    options = train_options(opts)
+    check_architecture(opts)
+    check_output_dir(out_dir, resume=opts["resume"], overwrite=opts["overwrite"], inputs=(data_dir,))
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise RefformerError(f"DATA_DIR {data_dir} is a file: give the folder that holds train.tsv or train.txt")
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     given = {name for name in opts if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
@@ -129,18 +188,15 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
                      family=family, norm_first=opts["norm_first"], activation=opts["activation"],
                      positional=opts["positional"], max_positions=opts["max_positions"], dropout=opts["dropout"],
                      **special_ids(tokenizer))
+        check_fits(cfg)  # before anything of the model's size is allocated
         params = None if opts["resume"] else init_params(cfg, np.random.default_rng(opts["seed"]))
     if not split_path(data_dir, "train", cfg.family).is_file():
         raise RefformerError(f"{split_path(data_dir, 'train', cfg.family)} is missing: a {cfg.family} model "
                              f"trains on train{SUFFIX[cfg.family]}")
 
-    options = TrainOptions(steps=opts["steps"], max_tokens=opts["max_tokens"], lr=opts["lr"], warmup=opts["warmup"],
-                           weight_decay=opts["weight_decay"], clip=opts["clip"],
-                           label_smoothing=opts["label_smoothing"], eval_every=opts["eval_every"],
-                           eval_sentences=opts["eval_sentences"], save_every=opts["save_every"], seed=opts["seed"],
-                           time_limit=None if opts["time_limit"] is None else opts["time_limit"] * 60.0)
     examples, _, dropped = load_examples(data_dir, "train", cfg.family, tokenizer, cfg)
     batches = make_batches(examples, max_tokens=options.max_tokens, pad_id=cfg.pad_id, seed=options.seed)
+    check_fits(cfg, batches)
     valid, references = [], None
     if split_path(data_dir, "valid", cfg.family).is_file():
         valid, references, _ = load_examples(data_dir, "valid", cfg.family, tokenizer, cfg)
@@ -171,9 +227,12 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
             bar.update(row["step"] - done[0], current_item=row)
             done[0] = row["step"]
 
-        result = train_loop(cfg, params, batches, valid, options, out_dir=out_dir, tokenizer=tokenizer,
-                            decode=_decoder(tokenizer), references=references, resume=opts["resume"],
-                            on_step=on_step)
+        try:
+            result = train_loop(cfg, params, batches, valid, options, out_dir=out_dir, tokenizer=tokenizer,
+                                decode=_decoder(tokenizer), references=references, resume=opts["resume"],
+                                overwrite=opts["overwrite"], on_step=on_step)
+        except MemoryError:
+            raise RefformerError("out of memory while training: lower --max-tokens (or the model's size)") from None
     _summary(result, out_dir)
 
 
@@ -220,9 +279,16 @@ def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
     """Loss, perplexity and (translation) greedy BLEU/chrF of --model (default: the bundled model) on a split
     of DATA_DIR."""
     from refformer.refimpl import load, load_tokenizer
+    from refformer.refimpl.batching import make_batches
     from refformer.refimpl.errors import RefformerError
-    from refformer.refimpl.train import evaluate as evaluate_model
+    from refformer.refimpl.train import check_fits, evaluate as evaluate_model
 
+    if max_sentences is not None and max_sentences < 1:
+        raise RefformerError(f"--max-sentences must be a positive integer, got {max_sentences}")
+    if max_tokens < 1:
+        raise RefformerError(f"--max-tokens must be a positive integer, got {max_tokens}")
+    if not Path(data_dir).is_dir():
+        raise RefformerError(f"DATA_DIR {data_dir} is not a folder: give the folder that holds the {split} split")
     model_dir = resolve_model(model_dir)
     cfg, params = load(model_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -230,9 +296,14 @@ def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
     if not path.is_file():
         raise RefformerError(f"{path} is missing: a {cfg.family} model is evaluated on {split}{SUFFIX[cfg.family]}")
     examples, references, dropped = load_examples(data_dir, split, cfg.family, tokenizer, cfg, max_sentences)
+    check_fits(cfg, make_batches(examples, max_tokens=max_tokens, pad_id=cfg.pad_id, shuffle_ties=False),
+               training=False)
     start = time.perf_counter()
-    result = evaluate_model(cfg, params, examples, max_tokens=max_tokens, decode=_decoder(tokenizer),
-                            references=references)
+    try:
+        result = evaluate_model(cfg, params, examples, max_tokens=max_tokens, decode=_decoder(tokenizer),
+                                references=references)
+    except MemoryError:
+        raise RefformerError("out of memory while evaluating: lower --max-tokens") from None
     result = {"split": split, "examples": len(examples), "skipped_too_long": dropped, "tokens": result["tokens"],
               "loss": result["loss"], "perplexity": result["ppl"], "bleu": result["bleu"], "chrf": result["chrf"],
               "seconds": round(time.perf_counter() - start, 2), "notes": result["notes"]}
