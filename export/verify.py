@@ -10,6 +10,8 @@ Checks (each a row of the table: check, provider, output, error, bound):
 """
 
 import contextlib
+import functools
+import io
 import os
 import sys
 from pathlib import Path
@@ -56,8 +58,10 @@ def session(path, provider="CPUExecutionProvider", threads=None, provider_option
     return sess
 
 
+@functools.cache
 def cuda_usable():
-    """True when onnxruntime's CUDA execution provider can actually be loaded here."""
+    """True when onnxruntime's CUDA execution provider can actually be loaded here (probed once per process, silently:
+    ONNX Runtime's loader messages go nowhere)."""
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -90,7 +94,8 @@ def _cuda_probe(ort):
 
 @contextlib.contextmanager
 def silenced_native_output():
-    """Point file descriptors 1 and 2 at /dev/null for the duration (Python and C++ output alike)."""
+    """Point file descriptors 1 and 2 at /dev/null for the duration (C++ output), and sys.stdout and sys.stderr at a
+    discarded buffer (Python output, also where they are not file descriptors 1 and 2, as under click's test runner)."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -98,7 +103,8 @@ def silenced_native_output():
     try:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-        yield
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -1,0 +1,431 @@
+"""Exports never destroy what the user had, survive kills, keep one folder per export set, refuse what they cannot
+export faithfully, and fail in one line: issue 11's kinds for export, verify, golden, convert-torch and the
+model folder's save."""
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import refformer.export.export as export_module
+import refformer.refimpl.io as io_module
+from refformer.export.export import (HOST, default_export_dir, export_model, export_name, find_export, read_manifest,
+                                     recover_leftovers, replace_folder)
+from refformer.export.verify import verify
+from refformer.refimpl import RefformerError, init_params, load, save
+from refformer.refimpl.io import SAVE_JOURNAL
+from refformer.runtime import generator as gen_module
+from refformer.runtime.cli import main
+from refformer.runtime.generator import default_model_dir, ensure_export, resolve_provider
+
+from .test_export import make_model
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """Every test here has its own per-user cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result, message, code=1):
+    """Exit code (1; 2 for click's usage errors), a single `error:` line holding message, no traceback."""
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def dead_pid():
+    """The id of a process that has just ended."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------- 1. --out never destroys
+
+
+def test_out_refuses_a_folder_that_is_not_an_export(tmp_path):
+    make_model(tmp_path / "m")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my own work")
+    one_line_error(invoke("export", "--model", tmp_path / "m", "--out", tmp_path / "mine"), "is not a refformer export")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "my own work"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("out", ["{m}", "{m}/.", "{tmp}", "{m}/.."])
+def test_out_refuses_the_model_folder_and_its_parents(tmp_path, out):
+    make_model(tmp_path / "m")
+    before = snapshot(tmp_path / "m")
+    result = invoke("export", "--model", tmp_path / "m", "--out", out.format(m=tmp_path / "m", tmp=tmp_path))
+    one_line_error(result, "is the model folder or holds it")
+    assert snapshot(tmp_path / "m") == before
+
+
+def test_out_refuses_a_file_a_symlink_and_an_export_with_user_files(tmp_path):
+    make_model(tmp_path / "m")
+    (tmp_path / "file").write_text("x")
+    one_line_error(invoke("export", "--model", tmp_path / "m", "--out", tmp_path / "file"), "is a file", code=2)
+    assert (tmp_path / "file").read_text() == "x"
+    assert invoke("export", "--model", tmp_path / "m", "--out", tmp_path / "e").exit_code == 0
+    (tmp_path / "link").symlink_to(tmp_path / "e")
+    one_line_error(invoke("export", "--model", tmp_path / "m", "--out", tmp_path / "link"), "symbolic link")
+    (tmp_path / "e" / "results.csv").write_text("mine")
+    one_line_error(invoke("export", "--model", tmp_path / "m", "--out", tmp_path / "e"), "not a refformer export")
+    assert (tmp_path / "e" / "results.csv").read_text() == "mine"
+
+
+def test_out_replaces_an_export_and_fills_an_empty_folder(tmp_path):
+    make_model(tmp_path / "m")
+    (tmp_path / "empty").mkdir()
+    assert invoke("export", "--model", tmp_path / "m", "--out", tmp_path / "empty").exit_code == 0
+    make_model(tmp_path / "m", seed=1)
+    result = invoke("export", "--model", tmp_path / "m", "--out", tmp_path / "empty", "--dtype", "fp16")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "empty")["dtype"] == "fp16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "m"]  # nothing left beside it
+
+
+def test_out_refuses_the_folder_of_all_export_sets(tmp_path):
+    make_model(tmp_path / "m")
+    export_model(tmp_path / "m", measure=False)
+    before = snapshot(tmp_path / "m")
+    one_line_error(invoke("export", "--model", tmp_path / "m", "--out", tmp_path / "m" / "onnx"), "not a refformer export")
+    assert snapshot(tmp_path / "m") == before
+
+
+# ---------------------------------------------------------------------------- 2. leftovers of killed exports
+
+
+def test_leftovers_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    make_model(tmp_path / "m")
+    parent = tmp_path / "m" / "onnx"
+    dead, live = f".fp32.tmp-{dead_pid()}@{HOST}-abc", f".fp32.tmp-{os.getpid()}@{HOST}-def"
+    other_host, user = f".fp32.tmp-{dead_pid()}@elsewhere-ghi", ".my.tmp-folder"
+    for name in (dead, live, other_host, user, f".fp16.old-{dead_pid()}@{HOST}-jkl"):
+        (parent / name).mkdir(parents=True)
+        (parent / name / "decoder.onnx").write_bytes(b"x" * 1000)
+    export_model(tmp_path / "m", measure=False)
+    names = sorted(p.name for p in parent.iterdir())
+    assert names == sorted([live, other_host, user, "fp32", "fp16"])  # the dead .old- went back in place of fp16
+    shutil.rmtree(parent / "fp16")
+    (parent / dead).mkdir()
+    ensure_export(tmp_path / "m")  # generate's path cleans up too (nothing to export: fp32 is fresh)
+    assert not (parent / dead).exists() and (parent / live).exists()
+
+
+def test_concurrent_swaps_into_one_target_all_succeed(tmp_path):
+    """Eight first runs at once: every swap is whole, none fails, nothing is left beside the target."""
+    errors = []
+
+    def swap(number):
+        new = tmp_path / f".t.tmp-{os.getpid()}@{HOST}-{number}"
+        new.mkdir()
+        for name in ("encoder.onnx", "decoder.onnx", "manifest.json"):
+            (new / name).write_text(str(number))
+        try:
+            replace_folder(new, tmp_path / "t")
+        except Exception as error:  # noqa: BLE001 - collected for the assertion
+            errors.append(error)
+
+    threads = [threading.Thread(target=swap, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    contents = {p.read_text() for p in (tmp_path / "t").iterdir()}
+    assert len(contents) == 1 and len(list((tmp_path / "t").iterdir())) == 3  # one export's files, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+# ---------------------------------------------------------------------------- 3. a crash between the renames
+
+
+def crash_after(monkeypatch, n):
+    """os.replace works n times, then every call fails (the process 'died': even its clean-up cannot rename)."""
+    real, calls = os.replace, []
+
+    def replace(src, dst, **kwargs):
+        calls.append(src)
+        if len(calls) > n:
+            raise OSError(5, "simulated crash")
+        return real(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_an_export_killed_between_its_renames_is_rolled_back(tmp_path, monkeypatch, n):
+    """Renames: (0) the old export aside, (1) the new one in. A crash after the first leaves no export folder: the
+    next start puts the old one back."""
+    make_model(tmp_path / "m")
+    export_model(tmp_path / "m", measure=False)
+    target = tmp_path / "m" / "onnx" / "fp32"
+    before = snapshot(target)
+    with monkeypatch.context() as patch:
+        crash_after(patch, n)
+        with pytest.raises(OSError, match="simulated crash"):
+            export_model(tmp_path / "m", measure=False)
+    monkeypatch.setattr(export_module, "process_alive", lambda pid: False)  # as if this process had died
+    recover_leftovers(target.parent)
+    assert snapshot(target) == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["fp32"]
+    assert ensure_export(tmp_path / "m") == target and snapshot(target) == before  # fresh: not exported again
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+def test_a_save_killed_between_its_renames_is_finished_or_never_happened(tmp_path, monkeypatch, n):
+    """save's renames: (0) the journal, (1) weights, (2) config, (3) tokenizer. Killed before the journal: the old
+    model stands; after it: the next load finishes the save. Never weights of one config beside another config."""
+    from tests.helpers import write_word_level_tokenizer
+
+    old_cfg = make_model(tmp_path / "m", d_ff=24)
+    tokenizer = write_word_level_tokenizer(tmp_path / "tokenizer.json", 40)
+    new_cfg = old_cfg.replace(d_ff=32) if hasattr(old_cfg, "replace") else type(old_cfg)(**{**vars(old_cfg), "d_ff": 32})
+    with monkeypatch.context() as patch:
+        crash_after(patch, n)
+        with pytest.raises(OSError, match="simulated crash"):
+            save(tmp_path / "m", new_cfg, init_params(new_cfg, np.random.default_rng(1)), tokenizer=tokenizer)
+    cfg, _ = load(tmp_path / "m")  # recovers first
+    assert cfg.d_ff == (24 if n == 0 else 32)
+    assert (tmp_path / "m" / "tokenizer.json").exists() == (n > 0)
+    assert not (tmp_path / "m" / SAVE_JOURNAL).exists()
+    monkeypatch.setattr(io_module, "process_alive", lambda pid: False)
+    save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(2)))
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == (
+        ["config.json", "model.safetensors"] + (["tokenizer.json"] if n > 0 else []))  # no temporary file left
+
+
+def test_a_forged_save_journal_renames_nothing(tmp_path):
+    make_model(tmp_path / "m")
+    (tmp_path / "secret").write_text("keep")
+    (tmp_path / "m" / SAVE_JOURNAL).write_text(json.dumps({"renames": [["../secret", "config.json"]]}))
+    with pytest.raises(RefformerError, match="not a journal"):
+        load(tmp_path / "m")
+    assert (tmp_path / "secret").read_text() == "keep"
+
+
+# ---------------------------------------------------------------------------- 4. non-finite weights
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_not_exported_or_verified(tmp_path, bad):
+    cfg = make_model(tmp_path / "m")
+    export_model(tmp_path / "m", measure=False)
+    cfg, params = load(tmp_path / "m")
+    params["decoder"]["layers"][1]["ffn"]["fc1"]["weight"][0, 3] = bad
+    save(tmp_path / "m", cfg, params)
+    before = snapshot(tmp_path / "m" / "onnx")
+    one_line_error(invoke("export", "--model", tmp_path / "m"), "decoder.layers.1.ffn.fc1.weight has 1 non-finite value")
+    assert snapshot(tmp_path / "m" / "onnx") == before
+    with pytest.raises(RefformerError, match="decoder.layers.1.ffn.fc1.weight has 1 non-finite"):
+        verify(tmp_path / "m", tmp_path / "m" / "onnx" / "fp32")
+
+
+def test_weights_beyond_float16_are_not_exported_in_fp16(tmp_path):
+    cfg = make_model(tmp_path / "m")
+    cfg, params = load(tmp_path / "m")
+    params["decoder"]["layers"][0]["ffn"]["fc2"]["bias"][1] = 1e5
+    save(tmp_path / "m", cfg, params)
+    one_line_error(invoke("export", "--model", tmp_path / "m", "--dtype", "fp16"), "beyond float16's range")
+    assert invoke("export", "--model", tmp_path / "m").exit_code == 0  # fp32 holds it
+
+
+# ---------------------------------------------------------------------------- 5. one layout
+
+
+def test_each_dtype_and_variant_set_has_its_own_folder(tmp_path):
+    make_model(tmp_path / "m")
+    for args in ([], ["--dtype", "fp16"], ["--static-length", "8"], ["--static-length", "16", "--fused-attention"]):
+        result = invoke("export", "--model", tmp_path / "m", *args)
+        assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "m" / "onnx").iterdir())
+    assert names == ["fp16", "fp32", "fp32-static16-fused", "fp32-static8"]
+    assert read_manifest(tmp_path / "m" / "onnx" / "fp16")["dtype"] == "fp16"
+    assert export_name("fp16", 128, True) == "fp16-static128-fused"
+    # generate finds each, exports nothing (the reference decoder is in fp32; fp32-static16-fused serves fused too)
+    times = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in (tmp_path / "m" / "onnx").iterdir()}
+    assert ensure_export(tmp_path / "m", "fp16") == tmp_path / "m" / "onnx" / "fp16"
+    assert ensure_export(tmp_path / "m", "fp32", 8) == tmp_path / "m" / "onnx" / "fp32-static8"
+    assert ensure_export(tmp_path / "m", "fp32", fused_attention=True) == tmp_path / "m" / "onnx" / "fp32-static16-fused"
+    assert times == {p.name: (p / "manifest.json").stat().st_mtime_ns for p in (tmp_path / "m" / "onnx").iterdir()}
+    # a generate wanting another static length adds its own set
+    ensure_export(tmp_path / "m", "fp32", 12)
+    assert (tmp_path / "m" / "onnx" / "fp32-static12").is_dir()
+    assert times == {p.name: (p / "manifest.json").stat().st_mtime_ns for p in (tmp_path / "m" / "onnx").iterdir()
+                     if p.name != "fp32-static12"}
+
+
+def test_verify_finds_the_export_set_named_by_its_options(tmp_path):
+    make_model(tmp_path / "m")
+    export_model(tmp_path / "m", dtype="fp16", measure=False)
+    result = invoke("verify", "--model", tmp_path / "m", "--provider", "cpu")  # the only set
+    assert result.exit_code == 0 and "onnx/fp16 on CPUExecutionProvider" in result.output.splitlines()[0], result.output
+    export_model(tmp_path / "m", dtype="fp16", static_length=8, measure=False)
+    one_line_error(invoke("verify", "--model", tmp_path / "m"), "found fp16, fp16-static8")
+    result = invoke("verify", "--model", tmp_path / "m", "--dtype", "fp16", "--static-length", "8", "--provider", "cpu")
+    assert result.exit_code == 0 and "static" in result.output, result.output
+    assert find_export(tmp_path / "m", "fp16") == tmp_path / "m" / "onnx" / "fp16"
+    one_line_error(invoke("verify", "--model", tmp_path / "m", "--onnx-dir", tmp_path / "m" / "onnx" / "fp16",
+                          "--dtype", "fp16"), "--onnx-dir names the export folder")
+
+
+def test_a_stale_export_is_exported_again_in_place(tmp_path):
+    make_model(tmp_path / "m")
+    export_model(tmp_path / "m", measure=False)
+    make_model(tmp_path / "m", seed=3)
+    assert ensure_export(tmp_path / "m") == tmp_path / "m" / "onnx" / "fp32"
+    verify(tmp_path / "m", tmp_path / "m" / "onnx" / "fp32", ["CPUExecutionProvider"])  # fresh again
+    assert sorted(p.name for p in (tmp_path / "m" / "onnx").iterdir()) == ["fp32"]
+
+
+# ---------------------------------------------------------------------------- 6. the bundled model's export
+
+
+def test_the_bundled_model_exports_into_the_user_cache(tmp_path, user_cache, monkeypatch):
+    bundled = default_model_dir()
+    target = default_export_dir(bundled, "fp16", 128, True)
+    assert str(target).startswith(str(user_cache / "refformer")) and target.name == "fp16-static128-fused"
+    written = []
+    monkeypatch.setattr(export_module, "export_model", lambda model_dir, out_dir, **options: written.append(out_dir))
+    before = sorted(p.name for p in bundled.iterdir())
+    ensure_export(bundled, "fp32")
+    assert written and str(written[0]).startswith(str(user_cache))
+    assert sorted(p.name for p in bundled.iterdir()) == before  # nothing written into the package
+
+
+def test_a_read_only_model_exports_into_the_user_cache(tmp_path, user_cache, monkeypatch):
+    make_model(tmp_path / "m")
+    monkeypatch.setattr(export_module, "writable", lambda model_dir: False)
+    assert invoke("export", "--model", tmp_path / "m").exit_code == 0
+    assert not (tmp_path / "m" / "onnx").exists()
+    found = find_export(tmp_path / "m")
+    assert found.parent.parent == user_cache / "refformer" and found.name == "fp32"
+
+
+# ---------------------------------------------------------------------------- 7. graphs of another model
+
+
+def test_graphs_of_another_model_are_detected(tmp_path):
+    make_model(tmp_path / "a")
+    make_model(tmp_path / "b", n_decoder_layers=3, seed=1)
+    export_model(tmp_path / "a", measure=False)
+    export_model(tmp_path / "b", measure=False)
+    a_dir, b_dir = tmp_path / "a" / "onnx" / "fp32", tmp_path / "b" / "onnx" / "fp32"
+    shutil.copy(b_dir / "decoder.onnx", a_dir / "decoder.onnx")
+    one_line_error(invoke("verify", "--model", tmp_path / "a"), "decoder.onnx is not the file its manifest.json records")
+    assert ensure_export(tmp_path / "a") == a_dir  # generate's own export: made again
+    verify(tmp_path / "a", a_dir, ["CPUExecutionProvider"])
+    # a manifest forged to match the foreign graphs: ONNX Runtime's failure is one line too
+    shutil.copy(b_dir / "decoder.onnx", a_dir / "decoder.onnx")
+    manifest = json.loads((a_dir / "manifest.json").read_text())
+    manifest["files"]["decoder.onnx"] = json.loads((b_dir / "manifest.json").read_text())["files"]["decoder.onnx"]
+    (a_dir / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke("verify", "--model", tmp_path / "a", "--provider", "cpu")
+    assert result.exit_code == 1 and "run `refformer export` again" in result.output and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == result.output.splitlines()[-1:]
+
+
+def test_a_manifest_of_an_older_format_says_to_export_again(tmp_path):
+    make_model(tmp_path / "m")
+    export_model(tmp_path / "m", measure=False)
+    path = tmp_path / "m" / "onnx" / "fp32" / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 1}))
+    one_line_error(invoke("verify", "--model", tmp_path / "m"), "run `refformer export` again")
+
+
+# ---------------------------------------------------------------------------- 8. the CUDA notice
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_the_cuda_notice_only_where_a_gpu_is_present(monkeypatch, capsys, gpu):
+    monkeypatch.setattr("refformer.export.verify.cuda_usable", lambda: False)
+    monkeypatch.setattr(gen_module, "gpu_present", lambda: gpu)
+    assert resolve_provider("auto") == "CPUExecutionProvider"
+    assert ("notice:" in capsys.readouterr().err) == gpu
+    with pytest.raises(RefformerError, match="--provider cpu"):
+        resolve_provider("cuda")
+
+
+# ---------------------------------------------------------------------------- 9. numeric extremes, --overwrite
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "--opset", "-1"], "--opset must be between"),
+    (["export", "--opset", str(10**20)], "--opset must be between"),
+    (["export", "--static-length", "0"], "--static-length must be"),
+    (["export", "--static-length", "-7"], "--static-length must be"),
+    (["export", "--static-length", str(10**20)], "--static-length must be between 1 and max_positions"),
+    (["verify", "--seed", "-1"], "--seed must be >= 0"),
+    (["golden", "--seed", "-3", "--out", "{tmp}/g.npz"], "--seed must be >= 0"),
+    (["convert-torch", "{tmp}/x.pt", "--tokenizer", "{tmp}/t.json", "--out", "{tmp}/c", "--n-heads", "0"], "--n-heads"),
+    (["convert-torch", "{tmp}/x.pt", "--tokenizer", "{tmp}/t.json", "--out", "{tmp}/c", "--n-heads", "-4"], "--n-heads"),
+    (["convert-torch", "{tmp}/x.pt", "--tokenizer", "{tmp}/t.json", "--out", "{tmp}/c", "--n-heads", "2",
+      "--pad-id", "-1"], "--pad-id"),
+    (["convert-torch", "{tmp}/x.pt", "--tokenizer", "{tmp}/t.json", "--out", "{tmp}/c", "--n-heads", "2",
+      "--eos-id", str(10**15)], "--eos-id"),
+    (["convert-torch", "{tmp}/x.pt", "--tokenizer", "{tmp}/t.json", "--out", "{tmp}/c", "--n-heads", "2",
+      "--max-positions", "0"], "--max-positions"),
+])
+def test_numeric_extremes_are_one_line(tmp_path, args, message):
+    make_model(tmp_path / "m")
+    args = [a.format(tmp=tmp_path) for a in args]
+    if args[0] != "convert-torch":
+        args += ["--model", str(tmp_path / "m")]
+    one_line_error(invoke(*args), message)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "g.npz").exists()
+
+
+def test_a_huge_seed_works(tmp_path):
+    make_model(tmp_path / "m")
+    export_model(tmp_path / "m", measure=False)
+    result = invoke("verify", "--model", tmp_path / "m", "--provider", "cpu", "--seed", str(2**70))
+    assert result.exit_code == 0, result.output
+
+
+def test_golden_and_convert_torch_keep_existing_files_unless_overwrite(tmp_path):
+    make_model(tmp_path / "m")
+    (tmp_path / "g.npz").write_bytes(b"mine")
+    one_line_error(invoke("golden", "--model", tmp_path / "m", "--out", tmp_path / "g.npz"), "pass --overwrite")
+    assert (tmp_path / "g.npz").read_bytes() == b"mine"
+    one_line_error(invoke("golden", "--model", tmp_path / "m", "--out", tmp_path / "m" / "config.json", "--overwrite"),
+                   "one of the command's inputs")
+    result = invoke("golden", "--model", tmp_path / "m", "--out", tmp_path / "g.npz", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "g.npz").read_bytes()[:2] == b"PK"
+    before = snapshot(tmp_path / "m")
+    one_line_error(invoke("convert-torch", tmp_path / "x.pt", "--tokenizer", tmp_path / "t.json", "--out", tmp_path / "m",
+                          "--n-heads", "2"), "pass --overwrite")
+    assert snapshot(tmp_path / "m") == before
+
+
+def test_convert_torch_never_writes_a_folder_that_cannot_load(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tests.helpers import randomize_torch, write_word_level_tokenizer
+    from tests.refimpl.test_torch_convert import Seq2SeqTransformer
+
+    model = randomize_torch(Seq2SeqTransformer(12, 8, 2, 16, 1, 1, maxlen=32), np.random.default_rng(4))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    write_word_level_tokenizer(tmp_path / "t.json", 12)
+    for extra in (["--max-positions", str(10**12)], ["--n-heads", "3"], ["--bos-id", "500"]):
+        result = invoke("convert-torch", tmp_path / "model.pt", "--tokenizer", tmp_path / "t.json",
+                        "--out", tmp_path / "c", "--n-heads", "2", *extra)
+        assert result.exit_code != 0 and "Traceback" not in result.output, (extra, result.output)
+        assert not (tmp_path / "c" / "config.json").exists(), extra
