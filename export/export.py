@@ -282,8 +282,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     fused norms) and, when the head size is a multiple of 8, decoder_static_fused.onnx (GroupQueryAttention
     over a cache updated in place).
 
-    Raises RefformerError for a bad option, an out_dir that check_out_dir refuses (an explicit out_dir's parent
-    must exist), weights with NaN or inf (or beyond float16's range for fp16), or a non-finite measured error.
+    Raises RefformerError for a bad option, an out_dir that check_out_dir refuses (its parent must exist, unless it is
+    one of export_locations), weights with NaN or inf (or beyond float16's range for fp16), or a non-finite measured error.
     Leftovers of killed exports in the target's parent folder are removed first (recover_leftovers).
     """
     if dtype not in DTYPES:
@@ -297,10 +297,10 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     load_config(model_dir)  # a missing or bad model folder is named before anything else
     if out_dir is None:
         out_dir = default_export_dir(model_dir, dtype, static_length, fused_attention)
-    else:
-        out_dir = Path(out_dir)
-        if not out_dir.parent.is_dir():
-            raise RefformerError(f"--out {out_dir}: folder {out_dir.parent} does not exist; create it first")
+    out_dir = Path(out_dir)
+    own_places = export_locations(model_dir, export_name(dtype, static_length, fused_attention))
+    if not out_dir.parent.is_dir() and out_dir not in own_places:  # the default places' folders are made as needed
+        raise RefformerError(f"--out {out_dir}: folder {out_dir.parent} does not exist; create it first")
     check_out_dir(model_dir, out_dir)
     cfg, params = load(model_dir)
     check_weights(params, dtype, model_dir / WEIGHTS_FILE)

@@ -32,7 +32,11 @@ def test_bundled_model_exports_and_verifies(tmp_path):
 
 
 def test_bundled_model_translates(tmp_path, monkeypatch):
+    """...and its export goes to the per-user cache, never into the package folder."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    before = sorted(p.name for p in default_model_dir().iterdir())
     result = CliRunner().invoke(main, ["generate", "--provider", "cpu", "Wo ist der Bahnhof?"])
     assert result.exit_code == 0, result.output
     assert "station" in result.stdout.lower()
+    assert [p.name for p in (tmp_path / "refformer").glob("*/fp32")] == ["fp32"]
+    assert sorted(p.name for p in default_model_dir().iterdir()) == before
