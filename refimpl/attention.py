@@ -19,7 +19,8 @@ import math
 
 import numpy as np
 
-from .errors import RefformerError, check, check_array, check_number, check_rng, check_tree, check_upstream
+from .errors import (RefformerError, check, check_array, check_number, check_rng, check_tree, check_upstream,
+                     reading_cache)
 from .ops import dropout_backward, dropout_forward, linear_backward, linear_forward, softmax_backward, softmax_forward
 
 # ---------------------------------------------------------------------------- masks
@@ -30,6 +31,10 @@ def causal_mask(n_queries, n_keys=None, past=0):
     check_number("n_queries", n_queries, 0, integer=True)
     check_number("past", past, 0, integer=True)
     n_keys = past + n_queries if n_keys is None else check_number("n_keys", n_keys, 0, integer=True)
+    from .config import physical_memory_bytes
+
+    check(n_queries * n_keys + 8 * (n_queries + n_keys) <= physical_memory_bytes(),
+          f"a causal mask of {n_queries} x {n_keys} does not fit in this machine's memory")
     return np.arange(n_keys)[None, :] <= past + np.arange(n_queries)[:, None]
 
 
@@ -59,9 +64,9 @@ def check_keep_mask(name, mask, shape=None, ndim=None):
         check(mask.ndim == ndim, f"{name} must have {ndim} dimensions, got shape {list(mask.shape)}")
     if shape is not None:
         check(mask.shape == tuple(shape), f"{name} must have shape {list(shape)}, got {list(mask.shape)}")
-    if mask.dtype.kind != "b":
-        check(mask.size == 0 or (mask.min() >= 0 and mask.max() <= 1),
-              f"{name} must hold only 0 and 1 (1 = real token), got values from {mask.min()} to {mask.max()}")
+    if mask.dtype.kind != "b" and mask.size and (mask.min() < 0 or mask.max() > 1):
+        raise RefformerError(f"{name} must hold only 0 and 1 (1 = real token), "
+                             f"got values from {mask.min()} to {mask.max()}")
     return mask.astype(bool)
 
 
@@ -114,9 +119,16 @@ def attention_forward(q, k, v, mask=None, *, dropout=0.0, rng=None):
 
 def attention_backward(cache, dout):
     """Returns dq, dk, dv (masks have no gradient)."""
-    check(isinstance(cache, dict) and "weights" in cache, "cache must be the cache attention_forward returned")
-    q, k, v, weights, scale = cache["q"], cache["k"], cache["v"], cache["weights"], cache["scale"]
-    check_upstream("dout", dout, q.shape[:3] + v.shape[3:])
+    check(isinstance(cache, dict), "cache must be the cache attention_forward returned")
+    with reading_cache("attention_forward"):
+        q, k, v, weights, scale = cache["q"], cache["k"], cache["v"], cache["weights"], cache["scale"]
+        for name, value in (("q", q), ("k", k), ("v", v), ("weights", weights)):
+            check_array(f"cache {name}", value, ndim=4, kind="f")
+        check_upstream("dout", dout, q.shape[:3] + v.shape[3:])
+        return _attention_backward(cache, q, k, v, weights, scale, dout)
+
+
+def _attention_backward(cache, q, k, v, weights, scale, dout):
     dweights = dout @ v.swapaxes(-1, -2)  # [B, H, T, S]
     dv = weights.swapaxes(-1, -2) @ dout  # [B, H, S, Dh]
     dprobs = dropout_backward(cache["dropout"], dweights)
@@ -131,12 +143,15 @@ def attention_backward(cache, dout):
 
 def split_heads(x, n_heads):
     """[B, T, D] -> [B, H, T, Dh]."""
+    check_array("x", x, ndim=3)
+    check_heads(n_heads, x.shape[2])
     B, T, D = x.shape
     return x.reshape(B, T, n_heads, D // n_heads).transpose(0, 2, 1, 3)
 
 
 def merge_heads(x):
     """[B, H, T, Dh] -> [B, T, D]."""
+    check_array("x", x, ndim=4)
     B, H, T, Dh = x.shape
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * Dh)
 
@@ -157,16 +172,21 @@ def check_mha_params(p):
     return weight.shape[0], weight.dtype
 
 
+def check_heads(n_heads, D):
+    check(isinstance(n_heads, (int, np.integer)) and not isinstance(n_heads, bool) and n_heads >= 1
+          and D % n_heads == 0, f"n_heads={n_heads!r} must be a positive integer that divides D={D}")
+
+
 def check_mha_inputs(p, xq, xkv, n_heads):
     D, dtype = check_mha_params(p)
-    check(isinstance(n_heads, int) and n_heads >= 1 and D % n_heads == 0,
-          f"n_heads={n_heads} must be a positive integer that divides D={D}")
+    check_heads(n_heads, D)
     check_array("xq", xq, ndim=3, shape=(None, None, D), kind="f", dtype=dtype)
     check_array("xkv", xkv, ndim=3, shape=(xq.shape[0], None, D), kind="f", dtype=dtype)
 
 
 def project_kv(p, xkv, n_heads):
     """Keys and values of xkv [B, S, D] for every head: k, v [B, H, S, Dh] (what a KV cache holds)."""
+    check_mha_inputs(p, xkv, xkv, n_heads)
     k = split_heads(linear_forward(p["k_proj"], xkv)[0], n_heads)
     v = split_heads(linear_forward(p["v_proj"], xkv)[0], n_heads)
     return k, v
@@ -196,8 +216,12 @@ def mha_forward(p, xq, xkv, mask=None, *, n_heads, dropout=0.0, rng=None):
 def mha_backward(p, cache, dy):
     """Returns dxq, dxkv, dp (for self-attention the input gradient is dxq + dxkv)."""
     check_mha_params(p)
-    check(isinstance(cache, dict) and "out_proj" in cache and "attention" in cache,
-          "cache must be the cache mha_forward returned")
+    check(isinstance(cache, dict), "cache must be the cache mha_forward returned")
+    with reading_cache("mha_forward"):
+        return _mha_backward(p, cache, dy)
+
+
+def _mha_backward(p, cache, dy):
     dmerged, d_out_proj = linear_backward(p["out_proj"], cache["out_proj"], dy)
     n_heads = cache["attention"]["q"].shape[1]
     dq, dk, dv = attention_backward(cache["attention"], split_heads(dmerged, n_heads))

@@ -168,8 +168,14 @@ def _checked_field(name, value):
 # ---------------------------------------------------------------------------- memory
 
 
+def _check_is_config(cfg):
+    if not isinstance(cfg, Config):
+        raise RefformerError(f"cfg must be a refformer Config, got {type(cfg).__name__}")
+
+
 def parameter_count(cfg):
     """How many numbers the parameters of cfg hold (the sum over model.param_shapes), counted without building them."""
+    _check_is_config(cfg)
     D, F, V, N = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.max_positions
     norm = 2 * D if cfg.norm == "layernorm" else D
     attention = 4 * (D * D + D)
@@ -188,7 +194,14 @@ def parameter_count(cfg):
 
 def parameter_bytes(cfg, dtype=np.float32):
     """Bytes of cfg's parameters in dtype."""
-    return parameter_count(cfg) * np.dtype(dtype).itemsize
+    return parameter_count(cfg) * _dtype(dtype).itemsize
+
+
+def _dtype(dtype):
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        raise RefformerError(f"dtype must be a numpy dtype such as np.float32, got {dtype!r}") from None
 
 
 def physical_memory_bytes():
@@ -211,6 +224,9 @@ def check_fits_memory(cfg, dtype=np.float32, copies=1):
     the sinusoidal table [max_positions, D] in float64 that an export embeds. No array is allocated.
     Raises RefformerError naming the sizes to lower.
     """
+    _check_is_config(cfg)
+    if isinstance(copies, bool) or not isinstance(copies, numbers.Integral) or copies < 1:
+        raise RefformerError(f"copies must be a positive integer, got {copies!r}")
     weights = copies * parameter_bytes(cfg, dtype)
     table = cfg.max_positions * cfg.d_model * 8 if cfg.positional == "sinusoidal" else 0
     available = physical_memory_bytes()

@@ -1,5 +1,7 @@
 """The one exception type users see, and the small argument checks that raise it."""
 
+import contextlib
+
 import numpy as np
 
 
@@ -96,3 +98,15 @@ def check_tree(what, tree, spec):
 def check_upstream(name, dy, shape):
     """An upstream gradient: a floating array of the forward output's shape."""
     check_array(name, dy, shape=shape, kind="f")
+
+
+@contextlib.contextmanager
+def reading_cache(what):
+    """Around a backward's use of its cache: a cache that is not the one `what` returned (a dict with entries
+    missing or replaced) raises RefformerError instead of a KeyError or TypeError from inside."""
+    try:
+        yield
+    except RefformerError:
+        raise
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as error:
+        raise RefformerError(f"cache must be the cache {what} returned ({type(error).__name__}: {error})") from error

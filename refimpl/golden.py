@@ -7,16 +7,25 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RefformerError
-from .io import atomic_write, load
+from .config import Config, check_fits_memory, physical_memory_bytes
+from .errors import RefformerError, check, check_number, check_seed
+from .io import atomic_write, load, load_config
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .model import model_backward, model_forward
 from .tree import flatten, tree_cast
 
 
 def golden_inputs(cfg, seed, batch_size=2, length=6):
-    """Fixed random inputs: src/tgt ids with the last row padded at the end, and next-token labels."""
-    rng = np.random.default_rng(seed)
+    """Fixed random inputs: src/tgt ids with the last row padded at the end, and next-token labels.
+
+    Raises RefformerError for a seed that is not an integer >= 0, or a batch_size or length below 1.
+    """
+    check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
+    rng = np.random.default_rng(check_seed("seed", seed))
+    check_number("batch_size", batch_size, 1, integer=True)
+    check_number("length", length, 1, integer=True)
+    check(batch_size * min(length, cfg.max_positions) * 8 * 4 <= physical_memory_bytes(),
+          f"golden inputs of {batch_size} x {length} do not fit in this machine's memory")
     length = min(length, cfg.max_positions)
     specials = {cfg.pad_id, cfg.bos_id, cfg.eos_id, cfg.unk_id}
     ordinary = np.array([i for i in range(cfg.vocab_size) if i not in specials] or [cfg.unk_id])
@@ -35,7 +44,13 @@ def golden_inputs(cfg, seed, batch_size=2, length=6):
 
 
 def golden(cfg, params, seed=0, label_smoothing=0.0):
-    """{name: float64 array}: inputs.*, activations.* (every cached intermediate), logits, loss, grads.*."""
+    """{name: float64 array}: inputs.*, activations.* (every cached intermediate), logits, loss, grads.*.
+
+    Raises RefformerError for a negative seed, a bad label_smoothing, or params that do not match cfg.
+    """
+    check_seed("seed", seed)
+    check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
+    check_fits_memory(cfg, np.float64, copies=2)  # the float64 parameters and their gradients
     params = tree_cast(params, np.float64)
     inputs = golden_inputs(cfg, seed)
     logits, cache = model_forward(cfg, params, inputs.get("src_ids"), inputs["tgt_ids"])
@@ -53,10 +68,16 @@ def golden(cfg, params, seed=0, label_smoothing=0.0):
 
 
 def write_golden(model_dir, out_path, seed=0):
-    """Load model_dir in float64 and write golden(...) with the config (as JSON text) to out_path (.npz)."""
+    """Load model_dir in float64 and write golden(...) with the config (as JSON text) to out_path (.npz).
+
+    Raises RefformerError, before loading the weights, for a negative seed, a missing output folder, or a model
+    whose float64 parameters and gradients cannot fit in memory.
+    """
+    check_seed("seed", seed)
     out_path = Path(out_path)
     if not out_path.parent.is_dir():  # before the forward and backward passes, which take a while
         raise RefformerError(f"output folder {out_path.parent} does not exist")
+    check_fits_memory(load_config(model_dir), np.float64, copies=2)
     cfg, params = load(model_dir, dtype=np.float64)
     arrays = golden(cfg, params, seed)
     arrays["config_json"] = np.array(cfg.to_json())

@@ -2,13 +2,21 @@
 
 import numpy as np
 
+from .errors import RefformerError, check, check_array, check_number, check_rng
+
 
 def rel_error(a, b):
-    """max|a - b| / max(max|b|, 1e-30): the max-norm relative error of a against reference b."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
+    """max|a - b| / max(max|b|, 1e-30): the max-norm relative error of a against reference b.
+
+    Raises RefformerError when a and b are not numeric or differ in shape.
+    """
+    try:
+        a = np.asarray(a, dtype=np.float64)
+        b = np.asarray(b, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RefformerError("rel_error needs two numeric arrays") from None
     if a.shape != b.shape:
-        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+        raise RefformerError(f"rel_error: shapes differ: {a.shape} vs {b.shape}")
     if a.size == 0:
         return 0.0
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
@@ -19,7 +27,15 @@ def numerical_gradient(f, x, eps=1e-6, max_entries=None, rng=None):
 
     x is perturbed in place and restored. With max_entries, only that many randomly chosen
     entries are checked; returns (indices, gradient at those indices) in x.ravel() order.
+    Raises RefformerError unless f is callable, x a contiguous floating array, eps > 0 and max_entries >= 1.
     """
+    check(callable(f), "f must be a function of no arguments returning a number")
+    check_array("x", x, kind="f")
+    check(x.flags.c_contiguous, "x must be C-contiguous (it is perturbed through x.reshape(-1))")
+    check_number("eps", eps, 0.0, low_open=True)
+    if max_entries is not None:
+        check_number("max_entries", max_entries, 1, integer=True)
+    check_rng("rng", rng)
     flat = x.reshape(-1)
     if max_entries is None or flat.size <= max_entries:
         indices = np.arange(flat.size)

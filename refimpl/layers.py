@@ -11,7 +11,7 @@ import numpy as np
 
 from .attention import mha_backward, mha_forward, mha_shapes
 from .config import Config
-from .errors import RefformerError, check_array, check_rng, check_tree
+from .errors import RefformerError, check_array, check_rng, check_tree, reading_cache
 from .ops import (activation_backward, activation_forward, dropout_backward, dropout_forward, linear_backward,
                   linear_forward, norm_backward, norm_forward)
 
@@ -67,8 +67,15 @@ def feed_forward_forward(p, x, cfg, rng=None):
 
 def feed_forward_backward(p, cache, dy):
     """Returns dx, dp."""
-    if not (isinstance(cache, dict) and "fc2" in cache):
+    check_tree("p", p, {"fc1": {"weight": (None, None), "bias": (None,)},
+                        "fc2": {"weight": (None, None), "bias": (None,)}})
+    if not isinstance(cache, dict):
         raise RefformerError("cache must be the cache feed_forward_forward returned")
+    with reading_cache("feed_forward_forward"):
+        return _feed_forward_backward(p, cache, dy)
+
+
+def _feed_forward_backward(p, cache, dy):
     dd, d_fc2 = linear_backward(p["fc2"], cache["fc2"], dy)
     da = dropout_backward(cache["dropout"], dd)
     dh = activation_backward(cache["activation"], da, cache["kind"])
@@ -147,6 +154,11 @@ def encoder_layer_backward(p, cache, dy, cfg):
     """Returns dx, dp: the forward read bottom-up."""
     check_layer_cache(cache, cfg, "encoder_layer_forward")
     check_tree("p", p, layer_shapes(cfg, cross=False))
+    with reading_cache("encoder_layer_forward"):
+        return _encoder_layer_backward(p, cache, dy, cfg)
+
+
+def _encoder_layer_backward(p, cache, dy, cfg):
     dh, d_ffn_norm, d_ffn = residual_backward(
         p["ffn_norm"], cache["ffn"], dy, lambda c, df: feed_forward_backward(p["ffn"], c, df), cfg)
     dx, d_attn_norm, d_attn = residual_backward(
@@ -193,6 +205,11 @@ def decoder_layer_backward(p, cache, dy, cfg):
     """Returns dx, dmemory (None without cross-attention), dp."""
     check_layer_cache(cache, cfg, "decoder_layer_forward")
     check_tree("p", p, layer_shapes(cfg, cross=isinstance(p, dict) and "cross_attn" in p))
+    with reading_cache("decoder_layer_forward"):
+        return _decoder_layer_backward(p, cache, dy, cfg)
+
+
+def _decoder_layer_backward(p, cache, dy, cfg):
     dp = {}
     dh, dp["ffn_norm"], dp["ffn"] = residual_backward(
         p["ffn_norm"], cache["ffn"], dy, lambda c, df: feed_forward_backward(p["ffn"], c, df), cfg)

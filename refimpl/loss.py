@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .errors import check, check_array
+from .errors import check, check_array, check_number, reading_cache
 from .ops import log_softmax_backward, log_softmax_forward
 
 
@@ -10,11 +10,15 @@ def cross_entropy_forward(logits, targets, *, ignore_id=None, label_smoothing=0.
     """Mean over non-ignored tokens of (1 - e) * -log p[target] + e * mean_v(-log p[v]).
 
     logits [B, T, V] (or [N, V]), targets [B, T] (or [N]) -> scalar loss (0.0 when every
-    target is ignored; torch gives NaN there).
+    target is ignored; torch gives NaN there). Raises RefformerError for bad shapes, ids or label_smoothing.
     """
     check_array("logits", logits, kind="f")
+    check(logits.ndim >= 1 and logits.shape[-1] >= 1, f"logits must have a last axis of V >= 1 classes, "
+                                                       f"got shape {list(logits.shape)}")
     check_array("targets", targets, shape=logits.shape[:-1], kind="i")
-    check(0.0 <= label_smoothing <= 1.0, f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+    check(ignore_id is None or (isinstance(ignore_id, (int, np.integer)) and not isinstance(ignore_id, bool)),
+          f"ignore_id must be an integer or None, got {ignore_id!r}")
     V = logits.shape[-1]
     valid = np.ones(targets.shape, bool) if ignore_id is None else targets != ignore_id
     safe_targets = np.where(valid, targets, 0)
@@ -33,6 +37,13 @@ def cross_entropy_forward(logits, targets, *, ignore_id=None, label_smoothing=0.
 
 def cross_entropy_backward(cache, dloss=1.0):
     """dlogits [..., V] of the mean loss."""
+    check(isinstance(cache, dict) and "log_softmax" in cache, "cache must be the cache cross_entropy_forward returned")
+    check_number("dloss", dloss)
+    with reading_cache("cross_entropy_forward"):
+        return _cross_entropy_backward(cache, dloss)
+
+
+def _cross_entropy_backward(cache, dloss):
     (logp,) = cache["log_softmax"]
     e = cache["label_smoothing"]
     V = logp.shape[-1]

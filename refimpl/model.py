@@ -23,7 +23,7 @@ import numpy as np
 
 from .attention import causal_mask, check_keep_mask, mha_cached_forward, padding_mask, project_kv
 from .config import check_fits_memory
-from .errors import RefformerError, check, check_array, check_rng, check_tree, check_upstream
+from .errors import RefformerError, check, check_array, check_rng, check_tree, check_upstream, reading_cache
 from .layers import (check_config, decoder_layer_backward, decoder_layer_forward, encoder_layer_backward,
                      encoder_layer_forward, feed_forward_forward, layer_shapes, norm_shapes, residual_forward)
 from .ops import (dropout_backward, dropout_forward, embedding_backward, embedding_forward, linear_backward,
@@ -318,6 +318,11 @@ def model_backward(cfg, params, cache, dlogits):
     check(isinstance(cache, dict) and isinstance(cache.get("logits"), np.ndarray) and "decoder" in cache,
           "cache must be the cache model_forward returned")
     check_upstream("dlogits", dlogits, cache["logits"].shape)
+    with reading_cache("model_forward"):
+        return _model_backward(cfg, params, cache, dlogits)
+
+
+def _model_backward(cfg, params, cache, dlogits):
     dhidden, dhead = linear_backward(lm_head_params(cfg, params), cache["lm_head"], dlogits)
     grads = {}
     grads["decoder"], dmemory = decoder_backward(cfg, params, cache["decoder"], dhidden)

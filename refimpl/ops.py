@@ -201,7 +201,7 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 def erf(x):
     """Elementwise error function in x's dtype."""
-    return _erf(x).astype(x.dtype)
+    return np.asarray(_erf(x)).astype(np.asarray(x).dtype)
 
 
 def relu_forward(x):
@@ -315,7 +315,7 @@ def softmax_forward(x, axis=-1):
     F.scaled_dot_product_attention does (2.13, every backend) for a query whose keys are all masked.
     """
     check_axis(x, axis)
-    row_max = np.max(x, axis=axis, keepdims=True)
+    row_max = np.max(x, axis=axis, keepdims=True, initial=-np.inf)  # initial: an empty axis (S = 0) is allowed
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # all -inf row: subtract 0, exp gives zeros
     e = np.exp(x - row_max)
     total = e.sum(axis=axis, keepdims=True)
@@ -335,7 +335,7 @@ def softmax_backward(cache, dy, axis=-1):
 def log_softmax_forward(x, axis=-1):
     """x - logsumexp(x), stable for large |x|."""
     check_axis(x, axis)
-    row_max = np.max(x, axis=axis, keepdims=True)
+    row_max = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
     shifted = x - row_max
     y = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
     return y, (y,)

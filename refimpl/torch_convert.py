@@ -32,7 +32,7 @@ import numpy as np
 
 from .config import Config
 from .errors import RefformerError, check
-from .io import _few, check_params, save
+from .io import _few, check_params, check_tokenizer, save
 from .ops import sinusoidal_table
 from .tree import tree_cast
 
@@ -71,7 +71,9 @@ def _array(value, name):
     else:
         raise RefformerError(f"{name} is a {type(value).__name__}, expected a tensor")
     check(array.dtype.kind == "f", f"{name} has dtype {array.dtype}, expected floating point")
-    return np.array(array, dtype=np.float64 if array.dtype == np.float64 else np.float32)
+    array = np.array(array, dtype=np.float64 if array.dtype == np.float64 else np.float32)
+    check(bool(np.all(np.isfinite(array))), f"{name} holds NaN or infinite values: refformer will not convert it")
+    return array
 
 
 def _flat_arrays(module):
@@ -108,6 +110,7 @@ def _linear_from_flat(flat, used, prefix):
     check(weight is not None and weight.ndim == 2, f"{prefix}weight is missing or is not a matrix")
     bias = _take(flat, used, prefix + "bias")
     bias = np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
+    check(bias.shape == weight.shape[:1], f"{prefix}bias is {list(bias.shape)}, expected [{weight.shape[0]}]")
     return {"weight": np.ascontiguousarray(weight.T), "bias": bias.copy()}
 
 
@@ -115,6 +118,9 @@ def _norm_from_flat(flat, used, prefix, d_model, dtype):
     """LayerNorm {weight, bias} (ones / zeros where the module has no affine parameters)."""
     weight = _take(flat, used, prefix + "weight")
     bias = _take(flat, used, prefix + "bias")
+    for name, value in (("weight", weight), ("bias", bias)):
+        check(value is None or value.shape == (d_model,),
+              f"{prefix}{name} is {list(value.shape) if value is not None else None}, expected [{d_model}]")
     return {"weight": np.ones(d_model, dtype) if weight is None else weight.copy(),
             "bias": np.zeros(d_model, dtype) if bias is None else bias.copy()}
 
@@ -136,6 +142,7 @@ def _mha_from_flat(flat, used, prefix):
           f"{prefix}: attention with kdim or vdim different from embed_dim={d_model} is not supported")
     bias = _take(flat, used, prefix + "in_proj_bias")
     bias = np.zeros(3 * d_model, weights[0].dtype) if bias is None else bias
+    check(bias.shape == (3 * d_model,), f"{prefix}in_proj_bias is {list(bias.shape)}, expected [{3 * d_model}]")
     p = {f"{name}_proj": {"weight": np.ascontiguousarray(w.T), "bias": b.copy()}
          for name, w, b in zip("qkv", weights, np.split(bias, 3))}
     p["out_proj"] = _linear_from_flat(flat, used, prefix + "out_proj.")
@@ -655,12 +662,20 @@ def convert_state_dict_file(path, tokenizer_path, out_dir, *, n_heads=None, norm
 
     The file is read with torch.load(weights_only=True): a pickled module or other objects are refused.
     A training checkpoint {"model_state_dict": ..., ...} is unwrapped. The options are from_state_dict's;
-    the tokenizer's vocabulary must match the model's (checked by save). Returns the Config written.
+    the tokenizer's vocabulary and special ids must match the model's. Returns the Config written.
+    Everything (the file, the options, the tokenizer) is checked before anything is written: bad input raises
+    RefformerError and leaves out_dir untouched (not even created).
     """
     torch = _torch()
     path = Path(path)
     check(path.is_file(), f"{path} does not exist")
     check(tokenizer_path is None or Path(tokenizer_path).is_file(), f"tokenizer {tokenizer_path} does not exist")
+    tokenizer_json = None
+    if tokenizer_path is not None:
+        try:
+            tokenizer_json = Path(tokenizer_path).read_bytes().decode("utf-8-sig")  # a byte-order mark is dropped
+        except UnicodeDecodeError:
+            raise RefformerError(f"tokenizer {tokenizer_path} is not UTF-8 text (a tokenizer.json)") from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... for what it will not load
@@ -680,5 +695,6 @@ def convert_state_dict_file(path, tokenizer_path, out_dir, *, n_heads=None, norm
             "bos_id": bos_id, "eos_id": eos_id, "unk_id": unk_id, "embed_scale": embed_scale,
             "positional": positional, "max_positions": max_positions, "norm_eps": norm_eps, "dropout": dropout}
     cfg, params = from_state_dict(loaded, **arch)
-    save(out_dir, cfg, params, tokenizer=tokenizer_path)
+    tokenizer = None if tokenizer_json is None else check_tokenizer(cfg, tokenizer_json, f"tokenizer {tokenizer_path}")
+    save(out_dir, cfg, params, tokenizer=tokenizer)
     return cfg

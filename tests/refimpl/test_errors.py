@@ -166,3 +166,229 @@ def test_bad_input_raises_refformer_error(setup, case):
 
 def test_refformer_error_is_a_value_error():
     assert issubclass(RefformerError, ValueError)
+
+
+# ---------------------------------------------------------------------------- the systematic sweep
+#
+# Every public function of refimpl (refimpl.__all__ and the public functions of the modules below) is called with a
+# good set of arguments, then with one argument at a time replaced by each bad value of a table: None, a list, a
+# string, a bool, NaN, a negative number, arrays of the wrong rank, dtype or width, empty batches, ids out of range,
+# and parameter dicts with a key missing, an extra key or a leaf of the wrong shape. Each call must either raise
+# RefformerError or return normally (a correct result for inputs that are fine after all, e.g. an empty batch);
+# any other exception is a failure.
+
+import inspect  # noqa: E402
+
+import refformer.refimpl as refimpl  # noqa: E402
+from refformer.refimpl import attention as attention_module  # noqa: E402
+from refformer.refimpl import gradcheck as gradcheck_module  # noqa: E402
+from refformer.refimpl import layers as layers_module  # noqa: E402
+from refformer.refimpl import loss as loss_module  # noqa: E402
+from refformer.refimpl import model as model_module  # noqa: E402
+from refformer.refimpl import ops as ops_module  # noqa: E402
+from refformer.refimpl import tree as tree_module  # noqa: E402
+from refformer.refimpl.config import check_fits_memory, parameter_bytes, parameter_count  # noqa: E402
+from refformer.refimpl.golden import golden, golden_inputs  # noqa: E402
+
+# io (load, save, load_config, load_tokenizer) is another module's, tested in test_io.py.
+NOT_SWEPT = {"load", "load_config", "load_tokenizer", "save", "from_torch", "Config", "RefformerError"}
+
+
+def _array_variants(x):
+    """Bad replacements for an array argument."""
+    out = {"None": None, "list": x.tolist() if x.size < 50 else [1, 2], "string": "x", "bool": True, "nan scalar": np.nan,
+           "rank +1": x[None], "rank -1": x.reshape(-1) if x.ndim > 1 else np.zeros(()), "0-d": np.zeros(())}
+    if x.dtype.kind == "f":
+        out.update({"int dtype": x.astype(np.int64), "bool dtype": x > 0, "float16": x.astype(np.float16),
+                    "float32": x.astype(np.float32), "NaN": np.where(np.ones_like(x, bool), np.nan, x),
+                    "narrower": x[..., :-1] if x.shape and x.shape[-1] > 1 else x[..., :0]})
+    if x.dtype.kind in "iu":
+        out.update({"float dtype": x.astype(np.float64), "negative": -1 - x, "huge": x + 10**6,
+                    "int8 wrap": x.astype(np.uint8)})
+    if x.dtype.kind == "b":
+        out.update({"float": x.astype(np.float64), "int 2": x.astype(np.int64) * 2})
+    if x.ndim >= 1:
+        out["empty batch"] = x[:0]
+    if x.ndim >= 2:
+        out["empty axis 1"] = x[:, :0]
+    return out
+
+
+def _tree_variants(p):
+    """Bad replacements for a parameter dict: a key missing, an extra key, a leaf of the wrong shape or type."""
+    out = {"None": None, "list": [p], "string": "p", "empty dict": {}}
+    if isinstance(p, dict):
+        for key in list(p)[:3]:
+            out[f"without {key}"] = {k: v for k, v in p.items() if k != key}
+        out["extra key"] = {**p, "unexpected": np.zeros(1)}
+        first = next(iter(p))
+        leaf = p[first]
+        if isinstance(leaf, np.ndarray):
+            out[f"{first} transposed"] = {**p, first: leaf.T[..., None] if leaf.ndim == 1 else leaf.T[:-1]}
+            out[f"{first} a list"] = {**p, first: leaf.tolist()}
+            out[f"{first} int"] = {**p, first: leaf.astype(np.int64)}
+        else:
+            out[f"{first} None"] = {**p, first: None}
+    return out
+
+
+def _scalar_variants(value):
+    return {"None": None, "string": "1", "list": [value], "bool": True, "NaN": np.nan, "inf": np.inf,
+            "negative": -1, "zero": 0, "huge": 10**12, "float": 1.5}
+
+
+def _variants(value):
+    if isinstance(value, np.ndarray):
+        return _array_variants(value)
+    if isinstance(value, dict):
+        return _tree_variants(value)
+    if isinstance(value, (list, tuple)):
+        return {"None": None, "empty": [], "string": "x", "one short": list(value)[:-1] if value else [None],
+                "wrong entries": [None] * max(len(value), 1)}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _scalar_variants(value)
+    if isinstance(value, str):
+        return {"None": None, "unknown": "nonsense", "int": 3}
+    if isinstance(value, np.random.Generator):
+        return {"int": 3, "legacy RandomState": np.random.RandomState(0), "string": "rng"}
+    if isinstance(value, Config):
+        return {"None": None, "dict": value.to_dict(), "other width": value.replace(d_model=value.d_model * 2)}
+    if callable(value):
+        return {"None": None, "not callable": 3}
+    return {"None": None}
+
+
+def good_calls(s):
+    """{function name: (function, positional args, keyword args)}: one good call of every swept function."""
+    rng = np.random.default_rng(1)
+    p, layer, enc_layer, attn = s["params"], s["layer"], s["enc_layer"], s["attn"]
+    x, q, k = s["x"], s["q"], s["k"]
+    linear = layer["ffn"]["fc1"]
+    norm = layer["ffn_norm"]
+    y_lin, c_lin = linear_forward(linear, x)
+    y_emb, c_emb = embedding_forward(p["decoder"]["embed_tokens"], s["tgt"])
+    y_ln, c_ln = layer_norm_forward(norm, x, 1e-5)
+    y_rms, c_rms = rms_norm_forward({"weight": np.ones(8)}, x, 1e-5)
+    y_act, c_act = refimpl.activation_forward(x, "gelu")
+    y_drop, c_drop = refimpl.dropout_forward(x, 0.5, np.random.default_rng(0))
+    y_sm, c_sm = refimpl.softmax_forward(x)
+    y_lsm, c_lsm = refimpl.log_softmax_forward(x)
+    y_att, c_att = attention_forward(q, k, k)
+    y_mha, c_mha = mha_forward(attn, x, x, n_heads=2)
+    y_ffn, c_ffn = feed_forward_forward(layer["ffn"], x, ED)
+    y_enc, c_enc = encoder_layer_forward(enc_layer, s["memory"], None, ED)
+    y_dec, c_dec = decoder_layer_forward(layer, x, None, s["memory"], None, ED)
+    logits, c_model = model_forward(ED, p, s["src"], s["tgt"])
+    labels = np.full((2, 3), 5)
+    loss, c_loss = cross_entropy_forward(logits, labels)
+    ones_tgt = np.ones((2, 3), np.int64)
+    ones_src = np.ones((2, 5), np.int64)
+    work = rng.standard_normal((2, 3))
+    calls = {
+        "linear_forward": (linear_forward, [linear, x], {}),
+        "linear_backward": (refimpl.linear_backward, [linear, c_lin, y_lin], {}),
+        "embedding_forward": (embedding_forward, [p["decoder"]["embed_tokens"], s["tgt"]], {}),
+        "embedding_backward": (refimpl.embedding_backward, [p["decoder"]["embed_tokens"], c_emb, y_emb], {}),
+        "sinusoidal_table": (refimpl.sinusoidal_table, [10, 8], {}),
+        "layer_norm_forward": (layer_norm_forward, [norm, x, 1e-5], {}),
+        "layer_norm_backward": (refimpl.layer_norm_backward, [norm, c_ln, y_ln], {}),
+        "rms_norm_forward": (rms_norm_forward, [{"weight": np.ones(8)}, x, 1e-5], {}),
+        "rms_norm_backward": (refimpl.rms_norm_backward, [{"weight": np.ones(8)}, c_rms, y_rms], {}),
+        "norm_forward": (ops_module.norm_forward, [norm, x, "layernorm", 1e-5], {}),
+        "norm_backward": (ops_module.norm_backward, [norm, c_ln, y_ln, "layernorm"], {}),
+        "activation_forward": (refimpl.activation_forward, [x, "gelu"], {}),
+        "activation_backward": (refimpl.activation_backward, [c_act, y_act, "gelu"], {}),
+        "dropout_forward": (refimpl.dropout_forward, [x, 0.5, np.random.default_rng(0)], {}),
+        "dropout_backward": (refimpl.dropout_backward, [c_drop, y_drop], {}),
+        "softmax_forward": (refimpl.softmax_forward, [x], {"axis": -1}),
+        "softmax_backward": (refimpl.softmax_backward, [c_sm, y_sm], {"axis": -1}),
+        "log_softmax_forward": (refimpl.log_softmax_forward, [x], {"axis": -1}),
+        "log_softmax_backward": (refimpl.log_softmax_backward, [c_lsm, y_lsm], {"axis": -1}),
+        "causal_mask": (refimpl.causal_mask, [3, 5, 2], {}),
+        "padding_mask": (padding_mask, [ones_src], {}),
+        "check_keep_mask": (attention_module.check_keep_mask, ["mask", ones_src], {}),
+        "attention_forward": (attention_forward, [q, k, k, np.ones((3, 5), bool)],
+                              {"dropout": 0.5, "rng": np.random.default_rng(0)}),
+        "attention_backward": (refimpl.attention_backward, [c_att, y_att], {}),
+        "split_heads": (attention_module.split_heads, [x, 2], {}),
+        "merge_heads": (attention_module.merge_heads, [q], {}),
+        "project_kv": (refimpl.project_kv, [attn, x, 2], {}),
+        "mha_forward": (mha_forward, [attn, x, s["memory"], np.ones((3, 5), bool)], {"n_heads": 2}),
+        "mha_backward": (refimpl.mha_backward, [attn, c_mha, y_mha], {}),
+        "mha_cached_forward": (attention_module.mha_cached_forward, [attn, x, k, k, np.ones((3, 5), bool)],
+                               {"n_heads": 2}),
+        "feed_forward_forward": (feed_forward_forward, [layer["ffn"], x, ED], {}),
+        "feed_forward_backward": (refimpl.feed_forward_backward, [layer["ffn"], c_ffn, y_ffn], {}),
+        "encoder_layer_forward": (encoder_layer_forward, [enc_layer, s["memory"], padding_mask(ones_src), ED], {}),
+        "encoder_layer_backward": (refimpl.encoder_layer_backward, [enc_layer, c_enc, y_enc, ED], {}),
+        "decoder_layer_forward": (decoder_layer_forward, [layer, x, np.ones((3, 3), bool), s["memory"],
+                                                          padding_mask(ones_src), ED], {}),
+        "decoder_layer_backward": (refimpl.decoder_layer_backward, [layer, c_dec, y_dec, ED], {}),
+        "param_shapes": (refimpl.param_shapes, [ED], {}),
+        "init_params": (init_params, [ED, np.random.default_rng(0)], {"dtype": np.float64}),
+        "model_forward": (model_forward, [ED, p, s["src"], s["tgt"]],
+                          {"src_mask": ones_src, "tgt_mask": ones_tgt, "src_positions": None,
+                           "tgt_positions": np.tile(np.arange(3), (2, 1)), "rng": None}),
+        "model_backward": (refimpl.model_backward, [ED, p, c_model, logits], {}),
+        "encode": (encode, [ED, p, s["src"], ones_src], {}),
+        "decoder_step": (decoder_step, [ED, p, s["tgt"], None, ones_tgt, empty_cache(ED, 2, np.float64),
+                                        s["cross_kv"], ones_src], {}),
+        "empty_cache": (empty_cache, [ED, 2], {"dtype": np.float64}),
+        "cross_entropy_forward": (cross_entropy_forward, [logits, labels], {"ignore_id": 0, "label_smoothing": 0.1}),
+        "cross_entropy_backward": (refimpl.cross_entropy_backward, [c_loss, 1.0], {}),
+        "rel_error": (refimpl.rel_error, [work, work + 1e-9], {}),
+        "numerical_gradient": (refimpl.numerical_gradient, [lambda: float(np.sum(work ** 2)), work],
+                               {"eps": 1e-6, "max_entries": 3, "rng": np.random.default_rng(0)}),
+        "flatten": (refimpl.flatten, [p], {}),
+        "unflatten": (refimpl.unflatten, [refimpl.flatten(p), refimpl.param_shapes(ED)], {}),
+        "tree_cast": (tree_module.tree_cast, [p, np.float32], {}),
+        "parameter_count": (parameter_count, [ED], {}),
+        "parameter_bytes": (parameter_bytes, [ED], {}),
+        "check_fits_memory": (check_fits_memory, [ED], {}),
+        "golden_inputs": (golden_inputs, [ED, 0], {"batch_size": 2, "length": 4}),
+        "golden": (golden, [ED, p, 0], {"label_smoothing": 0.1}),
+    }
+    return calls
+
+
+def swept_variants(s):
+    """[(label, function, args, kwargs)]: every good call with one argument replaced by a bad value."""
+    out = []
+    for name, (function, args, kwargs) in good_calls(s).items():
+        for i, value in enumerate(args):
+            for label, bad in _variants(value).items():
+                out.append((f"{name} arg {i} {label}", function, args[:i] + [bad] + args[i + 1:], kwargs))
+        for key, value in kwargs.items():
+            for label, bad in _variants(value).items():
+                out.append((f"{name} {key}={label}", function, args, {**kwargs, key: bad}))
+    return out
+
+
+def test_sweep_covers_every_public_function(setup):
+    """Each public function of refimpl.__all__ and of the modules owned here has a good call in the sweep."""
+    swept = set(good_calls(setup))
+    public = {name for name in refimpl.__all__ if inspect.isfunction(getattr(refimpl, name))} - NOT_SWEPT
+    for module in (ops_module, attention_module, layers_module, model_module, loss_module, gradcheck_module,
+                   tree_module):
+        public |= {name for name, value in vars(module).items() if inspect.isfunction(value)
+                   and value.__module__ == module.__name__ and not name.startswith("_")
+                   and not name.startswith("check_") and not name.endswith("_shapes")}
+    helpers = {"relu_forward", "relu_backward", "gelu_forward", "gelu_backward", "gelu_tanh_forward",
+               "gelu_tanh_backward", "silu_forward", "silu_backward", "erf",  # reached through activation_*
+               "residual_forward", "residual_backward", "tree_map", "source_embedding", "lm_head_params",
+               "embed_forward", "embed_backward", "encoder_forward", "encoder_backward", "decoder_forward",
+               "decoder_backward"}  # internal steps of the model, reached through model_forward / model_backward
+    missing = sorted(public - swept - helpers)
+    assert not missing, f"public functions without a sweep entry: {missing}"
+
+
+def test_every_bad_argument_raises_refformer_error_or_works(setup):
+    failures = []
+    for label, function, args, kwargs in swept_variants(setup):
+        try:
+            function(*args, **kwargs)
+        except RefformerError:
+            pass
+        except Exception as error:  # noqa: BLE001 - the point: nothing but RefformerError may escape
+            failures.append(f"{label}: {type(error).__name__}: {str(error)[:120]}")
+    assert not failures, f"{len(failures)} calls raised something other than RefformerError:\n" + "\n".join(failures)
