@@ -4,13 +4,18 @@ Each case is (label, call, words the message must contain). The calls are built 
 broken case fails alone.
 """
 
+import json
+import time
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
 from refformer.refimpl import (Config, RefformerError, attention_forward, cross_entropy_forward, decoder_layer_forward,
                                decoder_step, embedding_forward, empty_cache, encode, encoder_layer_forward,
                                feed_forward_forward, init_params, layer_norm_forward, linear_forward, mha_forward,
-                               model_forward, padding_mask, rms_norm_forward)
+                               load_config, model_forward, padding_mask, rms_norm_forward)
+from tests.helpers import model_configs
 
 ED = Config(vocab_size=13, d_model=8, n_heads=2, d_ff=12, n_encoder_layers=1, n_decoder_layers=1, max_positions=10,
             dropout=0.0)
@@ -392,3 +397,228 @@ def test_every_bad_argument_raises_refformer_error_or_works(setup):
         except Exception as error:  # noqa: BLE001 - the point: nothing but RefformerError may escape
             failures.append(f"{label}: {type(error).__name__}: {str(error)[:120]}")
     assert not failures, f"{len(failures)} calls raised something other than RefformerError:\n" + "\n".join(failures)
+
+
+# ---------------------------------------------------------------------------- config.json types and ranges
+
+BAD_FIELDS = [
+    # (field, value, words in the message)
+    ("norm_first", "false", ['norm_first must be true or false, got "false"']),
+    ("final_norm", 0, ["final_norm must be true or false, got 0"]),
+    ("tie_embeddings", None, ["tie_embeddings", "null"]),
+    ("d_model", True, ["d_model must be a positive integer, got true"]),
+    ("n_heads", 2.0, ["n_heads must be a positive integer, got 2.0"]),
+    ("vocab_size", "64", ["vocab_size", '"64"']),
+    ("d_ff", 0, ["d_ff must be a positive integer"]),
+    ("max_positions", -1, ["max_positions"]),
+    ("max_positions", 1e12, ["max_positions must be a positive integer"]),
+    ("n_encoder_layers", -1, ["n_encoder_layers must be an integer >= 0"]),
+    ("n_decoder_layers", 1.5, ["n_decoder_layers"]),
+    ("pad_id", -1, ["pad_id"]),
+    ("eos_id", 64, ["eos_id must be a token id in [0, 64)"]),
+    ("unk_id", False, ["unk_id", "false"]),
+    ("norm_eps", float("nan"), ["norm_eps must be a finite number, got NaN"]),
+    ("norm_eps", float("inf"), ["norm_eps", "Infinity"]),
+    ("norm_eps", 0, ["norm_eps"]),
+    ("norm_eps", -1e-5, ["norm_eps"]),
+    ("norm_eps", True, ["norm_eps", "true"]),
+    ("norm_eps", "1e-5", ["norm_eps", '"1e-5"']),
+    ("dropout", 1.0, ["dropout must be in [0, 1)"]),
+    ("dropout", -0.1, ["dropout"]),
+    ("dropout", float("nan"), ["dropout"]),
+    ("family", 3, ["family must be one of", "got 3"]),
+    ("family", "encoder_decoder", ["family"]),
+    ("activation", None, ["activation", "null"]),
+    ("norm", ["layernorm"], ["norm must be one of"]),
+    ("positional", True, ["positional"]),
+]
+
+
+@pytest.mark.parametrize("field, value, words", BAD_FIELDS, ids=[f"{f}={v!r}" for f, v, _ in BAD_FIELDS])
+def test_config_refuses_wrong_json_types(tmp_path, field, value, words):
+    """The same message from Config(...), Config.from_dict and load_config reading a config.json."""
+    data = {**Config().to_dict(), field: value}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    for call in (lambda: Config(**{field: value}), lambda: Config.from_dict(data), lambda: load_config(tmp_path)):
+        with pytest.raises(RefformerError) as info:
+            call()
+        missing = [word for word in words if word not in str(info.value)]
+        assert not missing, f"message {str(info.value)!r} does not mention {missing}"
+
+
+def test_config_normalizes_numpy_scalars_and_integral_floats_stay_refused():
+    cfg = Config(d_model=np.int64(16), norm_eps=np.float32(1e-5), norm_first=np.bool_(True), dropout=0)
+    assert type(cfg.d_model) is int and type(cfg.norm_eps) is float and cfg.norm_first is True
+    assert type(cfg.dropout) is float
+    assert json.loads(cfg.to_json())["d_model"] == 16  # plain types: the config serializes
+    with pytest.raises(RefformerError, match="format_version"):
+        Config.from_dict({**Config().to_dict(), "format_version": True})  # true == 1 in Python, not in JSON
+    with pytest.raises(RefformerError, match="JSON object"):
+        Config.from_dict([1, 2])
+
+
+# ---------------------------------------------------------------------------- sizes that cannot fit in memory
+
+HUGE = [dict(max_positions=10**12), dict(d_model=1_000_000, n_heads=1), dict(vocab_size=10**12),
+        dict(n_decoder_layers=10**9), dict(d_ff=10**12), dict(positional="learned", max_positions=10**11)]
+
+
+@pytest.mark.parametrize("fields", HUGE, ids=[next(iter(f)) if len(f) == 1 else "learned" for f in HUGE])
+def test_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, fields):
+    start = time.perf_counter()
+    with pytest.raises(RefformerError, match="memory") as info:
+        Config(**fields)
+    assert "\n" not in str(info.value)
+    (tmp_path / "config.json").write_text(json.dumps({**Config().to_dict(), **fields}))
+    with pytest.raises(RefformerError, match="memory"):
+        load_config(tmp_path)
+    assert time.perf_counter() - start < 1.0  # counted, not allocated
+
+
+def test_memory_limit_is_physical_memory(monkeypatch):
+    """A model that fits is accepted; one over the machine's memory (here patched to 1 MiB) is refused by Config,
+    check_fits_memory (with copies) and init_params, before init_params allocates."""
+    from refformer.refimpl import config as config_module
+
+    cfg = Config(vocab_size=64, d_model=16, n_heads=2, d_ff=32, max_positions=512)
+    needed = parameter_bytes(cfg) + 512 * 16 * 8
+    monkeypatch.setattr(config_module, "physical_memory_bytes", lambda: needed)
+    check_fits_memory(cfg)  # exactly fits
+    with pytest.raises(RefformerError, match="2 copies"):
+        check_fits_memory(cfg, copies=2)
+    with pytest.raises(RefformerError, match="float64"):
+        init_params(cfg, np.random.default_rng(0), np.float64)
+    with pytest.raises(RefformerError, match="memory"):
+        cfg.replace(d_ff=33)
+    monkeypatch.setattr(config_module, "physical_memory_bytes", lambda: 1 << 20)
+    with pytest.raises(RefformerError, match="memory"):
+        Config(vocab_size=64, d_model=64, n_heads=2, d_ff=256, max_positions=512)
+
+
+@given(cfg=model_configs())
+@settings(max_examples=25, deadline=None)
+def test_parameter_count_matches_param_shapes(cfg):
+    from refformer.refimpl.io import flatten_shapes
+
+    assert parameter_count(cfg) == sum(int(np.prod(shape)) for shape in flatten_shapes(cfg).values())
+
+
+def test_sinusoidal_positions_are_built_for_the_positions_used(monkeypatch):
+    """A model with a long max_positions does not build its whole table at every forward (or step)."""
+    from refformer.refimpl import model as model_module
+
+    built = []
+    original = model_module.sinusoidal_table
+    monkeypatch.setattr(model_module, "sinusoidal_table", lambda n, d, dtype: built.append(n) or original(n, d, dtype))
+    cfg = ED.replace(max_positions=100_000)
+    params = init_params(cfg, np.random.default_rng(0), np.float64)
+    ids = np.full((2, 4), 5)
+    logits, _ = model_forward(cfg, params, ids, ids)
+    reference, _ = model_forward(ED.replace(max_positions=10), params, ids, ids)
+    np.testing.assert_array_equal(logits, reference)
+    positions = np.array([[7, 8, 9, 10]] * 2)
+    decoder_step(cfg, params, ids, positions, np.ones((2, 4), np.int64), empty_cache(cfg, 2, np.float64),
+                 encode(cfg, params, ids)[1], np.ones((2, 4), np.int64))
+    assert max(built) <= 11, built
+
+
+# ---------------------------------------------------------------------------- masks: one meaning at every level
+
+
+def test_model_level_float_masks_are_refused(setup):
+    """model_forward, encode, decoder_step and generate take keep masks; a float (additive) mask is refused."""
+    from refformer.refimpl.generate import generate
+
+    s = setup
+    additive_src = np.where(np.ones((2, 5), bool), 0.0, -np.inf)
+    calls = {
+        "model_forward src_mask": lambda: model(s, src_mask=additive_src),
+        "model_forward tgt_mask": lambda: model(s, tgt_mask=np.zeros((2, 3))),
+        "encode src_mask": lambda: encode(ED, s["params"], s["src"], additive_src),
+        "decoder_step attention_mask": lambda: step(s, attention_mask=np.zeros((2, 3))),
+        "decoder_step encoder_attention_mask": lambda: step(s, encoder_attention_mask=additive_src),
+        "generate src_mask": lambda: generate(ED, s["params"], src_ids=s["src"], src_mask=additive_src),
+        "padding_mask": lambda: padding_mask(additive_src),
+    }
+    for label, call in calls.items():
+        with pytest.raises(RefformerError, match="== 0") as info:
+            call()
+        assert "keep mask" in str(info.value), label
+
+
+def test_model_level_integer_masks_equal_boolean_ones(setup):
+    s = setup
+    keep = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    as_int, _ = model(s, src_mask=keep)
+    as_bool, _ = model(s, src_mask=keep.astype(bool))
+    np.testing.assert_array_equal(as_int, as_bool)
+    with pytest.raises(RefformerError, match="only 0 and 1"):
+        model(s, src_mask=keep * 2)
+    with pytest.raises(RefformerError, match="only 0 and 1"):
+        encode(ED, s["params"], s["src"], -keep)
+
+
+def test_layer_level_float_masks_equal_their_boolean_equivalent(setup):
+    """attention_forward, mha_forward and the layers read a float mask as additive: 0 / -inf gives the boolean
+    mask's result exactly (a fully masked query included)."""
+    s = setup
+    rng = np.random.default_rng(3)
+    keep = rng.random((2, 1, 3, 5)) < 0.6
+    keep[0, 0, 0] = False  # a query that may attend to nothing
+    additive = np.where(keep, 0.0, -np.inf)
+    np.testing.assert_array_equal(attention_forward(s["q"], s["k"], s["k"], keep)[0],
+                                  attention_forward(s["q"], s["k"], s["k"], additive)[0])
+    np.testing.assert_array_equal(mha_forward(s["attn"], s["x"], s["memory"], keep, n_heads=2)[0],
+                                  mha_forward(s["attn"], s["x"], s["memory"], additive, n_heads=2)[0])
+    src_keep = padding_mask(np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    np.testing.assert_array_equal(encoder_layer_forward(s["enc_layer"], s["memory"], src_keep, ED)[0],
+                                  encoder_layer_forward(s["enc_layer"], s["memory"], np.where(src_keep, 0.0, -np.inf),
+                                                        ED)[0])
+    causal = np.tril(np.ones((3, 3), bool))
+    np.testing.assert_array_equal(
+        decoder_layer_forward(s["layer"], s["x"], causal, s["memory"], src_keep, ED)[0],
+        decoder_layer_forward(s["layer"], s["x"], np.where(causal, 0.0, -np.inf), s["memory"],
+                              np.where(src_keep, 0.0, -np.inf), ED)[0])
+    with pytest.raises(RefformerError, match="NaN"):
+        attention_forward(s["q"], s["k"], s["k"], np.full((3, 5), np.nan))
+
+
+# ---------------------------------------------------------------------------- seeds and random generators
+
+
+def test_negative_seeds_and_foreign_generators_are_refused(setup):
+    from refformer.refimpl.golden import golden, golden_inputs, write_golden
+
+    with pytest.raises(RefformerError, match="seed must be >= 0"):
+        golden_inputs(ED, -1)
+    with pytest.raises(RefformerError, match="seed must be >= 0"):
+        golden(ED, setup["params"], seed=-5)
+    with pytest.raises(RefformerError, match="seed must be an integer"):
+        golden(ED, setup["params"], seed=1.5)
+    with pytest.raises(RefformerError, match="seed must be >= 0"):
+        write_golden("no-such-model", "out.npz", seed=-1)  # before anything is read
+    assert golden_inputs(ED, 2**63)["tgt_ids"].shape == (2, 6)  # any integer >= 0 is a seed
+    for call in (lambda: init_params(ED, 0), lambda: init_params(ED, np.random.RandomState(0)),
+                 lambda: model(setup, rng=1), lambda: refimpl.dropout_forward(setup["x"], 0.5, 7)):
+        with pytest.raises(RefformerError, match="numpy.random.Generator"):
+            call()
+
+
+# ---------------------------------------------------------------------------- layer norm without a bias
+
+
+def test_layer_norm_bias_is_optional():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8))
+    weight = rng.standard_normal(8)
+    without, cache = layer_norm_forward({"weight": weight}, x, 1e-5)
+    with_zero, _ = layer_norm_forward({"weight": weight, "bias": np.zeros(8)}, x, 1e-5)
+    np.testing.assert_array_equal(without, with_zero)
+    dx, dp = refimpl.layer_norm_backward({"weight": weight}, cache, np.ones_like(x))
+    assert set(dp) == {"weight"} and dx.shape == x.shape
+    with pytest.raises(RefformerError, match="bias"):
+        layer_norm_forward({"weight": weight, "bias": np.zeros(7)}, x, 1e-5)
+    with pytest.raises(RefformerError, match="no 'weight'"):
+        layer_norm_forward({"bias": np.zeros(8)}, x, 1e-5)
+    with pytest.raises(RefformerError, match="unexpected"):
+        rms_norm_forward({"weight": weight, "bias": np.zeros(8)}, x, 1e-5)  # RMSNorm has no bias to apply
