@@ -15,7 +15,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from .errors import RefformerError
+from .errors import RefformerError, check
 from .io import atomic_write
 
 DE_EN_SOURCE = "/usr/share/trans/de-en"
@@ -37,8 +37,16 @@ _SLASH_CHOICE = re.compile(r"[^\W\d_]\s?/\s?[^\W\d_]")  # "halten/bestehen", "nu
 _PLACEHOLDER = re.compile(r"\b(?:etw|jd|jdm|jdn|jds|sth|sb)\b\.?|\bsb's\b|\.\.\.|…")  # templates, not sentences
 
 
+def _check_text(name, value):
+    check(isinstance(value, str), f"{name} must be a str, got {type(value).__name__}")
+
+
 def clean_dictionary_text(text):
-    """Drop the dictionary's {grammar}, [labels], <keywords> and (annotations); tidy spaces before punctuation."""
+    """Drop the dictionary's {grammar}, [labels], <keywords> and (annotations); tidy spaces before punctuation.
+
+    Raises RefformerError unless text is a str (as do is_sentence, simplify_inline, is_prose, rst_paragraphs and
+    stable_fraction)."""
+    _check_text("text", text)
     previous = None
     while previous != text:  # innermost first, so nested brackets go too
         previous, text = text, _DICT_MARKUP.sub(" ", text)
@@ -48,6 +56,7 @@ def clean_dictionary_text(text):
 
 def is_sentence(text):
     """A whole sentence: capital (or digit/quote) first, . ! ? last, at least 3 words, no templates or choices."""
+    _check_text("text", text)
     return (len(text.split()) >= 3 and bool(_SENTENCE_END.search(text))
             and (text[0].isupper() or bool(_FIRST_CHAR_OK.match(text)))
             and not _SLASH_CHOICE.search(text) and not _PLACEHOLDER.search(text)
@@ -60,7 +69,11 @@ def _alternatives(entry):
 
 
 def pair_alternatives(german, english):
-    """Pair the i-th alternative of each side; the longer side's extra ones go with the other's first."""
+    """Pair the i-th alternative of each side; the longer side's extra ones go with the other's first.
+
+    Raises RefformerError unless both sides are non-empty lists."""
+    check(isinstance(german, list) and isinstance(english, list) and german and english,
+          "pair_alternatives needs two non-empty lists of alternatives")
     count = max(len(german), len(english))
     return [(german[i] if i < len(german) else german[0], english[i] if i < len(english) else english[0])
             for i in range(count)]
@@ -156,6 +169,7 @@ def _simplify_outside_literals(text):
 
 def simplify_inline(text):
     """reST inline markup to plain text: :role:`x` -> x (func/meth get "()"), ``x`` -> x, `t <url>`_ -> t."""
+    _check_text("text", text)
     # ``literals`` keep their content verbatim (backslashes and stars included)
     parts = re.split(r"``(.+?)``", text)
     text = "".join(part if index % 2 else _simplify_outside_literals(part) for index, part in enumerate(parts))
@@ -171,12 +185,14 @@ def _paragraph_text(lines):
 
 def is_prose(text):
     """At least 4 words, ends like a sentence, and no reST left that simplify_inline did not understand."""
+    _check_text("text", text)
     return (len(text.split()) >= 4 and bool(re.search(r"[.!?:][\"')]?$", text))
             and not re.search(r"``|:\w+:`|\|\w+\||^\.\.|^>>>", text))
 
 
 def rst_paragraphs(text):
     """Prose paragraphs of one reST document, markup simplified, one string each."""
+    _check_text("text", text)
     lines = text.expandtabs(8).split("\n")
     paragraphs = []
     block, text_indent = [], 0  # the paragraph being read, and the column its text starts at
@@ -282,6 +298,7 @@ def extract_pydoc(source=None):
 
 def stable_fraction(text):
     """A number in [0, 1) fixed by the text alone (sha1), the same on every machine and Python version."""
+    _check_text("text", text)
     return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
@@ -290,7 +307,13 @@ def split_by_hash(items, key, valid=0.01, test=0.01, min_held_out=500):
 
     valid and test each get max(fraction, min_held_out / len(items)) of the items (at most a quarter each), so a
     small corpus still has a few hundred held-out items. Equal keys always land in the same split.
+    Raises RefformerError for fractions outside [0, 1], a negative min_held_out or a key that gives no str.
     """
+    for name, value in (("valid", valid), ("test", test)):
+        check(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, f"{name} must be a fraction in [0, 1], "
+                                                                        f"got {value!r}")
+    check(isinstance(min_held_out, int) and min_held_out >= 0,
+          f"min_held_out must be an integer >= 0, got {min_held_out!r}")
     items = list(items)
     if items:
         valid = min(max(valid, min_held_out / len(items)), 0.25)
@@ -303,9 +326,12 @@ def split_by_hash(items, key, valid=0.01, test=0.01, min_held_out=500):
 
 
 def write_lines(path, lines):
-    """Write one item per line (UTF-8, "\\n"), atomically. Items must be non-empty and contain no line break."""
+    """Write one item per line (UTF-8, "\\n"), atomically. Items must be non-empty and contain no line break.
+
+    Raises RefformerError naming the first item that is not such a str."""
     lines = list(lines)
     for number, line in enumerate(lines, 1):
+        check(isinstance(line, str), f"{path}: item {number} must be a str, got {type(line).__name__}")
         if not line.strip() or re.search(r"[\n\r]", line):
             raise RefformerError(f"{path}: item {number} is empty or contains a line break: {line[:60]!r}")
     data = "".join(line + "\n" for line in lines).encode("utf-8")
@@ -313,9 +339,14 @@ def write_lines(path, lines):
 
 
 def write_tsv(path, pairs):
-    """Write (source, target) pairs as source<TAB>target lines, atomically."""
+    """Write (source, target) pairs as source<TAB>target lines, atomically.
+
+    Raises RefformerError naming the first pair that is not two non-empty str without TAB or line break."""
     lines = []
-    for number, (source, target) in enumerate(pairs, 1):
+    for number, pair in enumerate(pairs, 1):
+        check(isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(side, str) for side in pair),
+              f"{path}: pair {number} must be two str (source, target), got {str(pair)[:60]}")
+        source, target = pair
         if any(not side.strip() or re.search(r"[\t\n\r]", side) for side in (source, target)):
             raise RefformerError(f"{path}: pair {number} has an empty side or a TAB/line break: {(source, target)!r}")
         lines.append(f"{source}\t{target}")
@@ -388,7 +419,11 @@ def read_tsv(path):
 
 
 def split_path(data_dir, split, family):
-    """DATA_DIR/{split}.tsv for an encoder-decoder model, .txt for a decoder-only one."""
+    """DATA_DIR/{split}.tsv for an encoder-decoder model, .txt for a decoder-only one.
+
+    Raises RefformerError for an unknown split or family."""
+    check(split in SPLITS, f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    check(family in SUFFIX, f"family must be one of {', '.join(SUFFIX)}, got {family!r}")
     return Path(data_dir) / f"{split}{SUFFIX[family]}"
 
 

@@ -55,10 +55,16 @@ OUTPUT_NAMES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, LOG_FILE, PLOT_FILE, 
 class TrainingDiverged(RefformerError):
     """The loss or the gradient norm became NaN or infinite; nothing from that state was written."""
 
-    def __init__(self, step, what, value):
+    def __init__(self, step, what, value, hint="lower --lr (or raise --warmup)"):
         self.step, self.what, self.value = step, what, value
-        super().__init__(f"training diverged at step {step}: {what} is {value}; lower --lr (or raise --warmup) "
-                         f"and train again; nothing from the diverged state was saved")
+        super().__init__(f"training diverged at step {step}: {what} is {value}; {hint} and train again; "
+                         f"nothing from the diverged state was saved")
+
+
+def _divergence_hint(options):
+    if options.lr * options.weight_decay >= 1.0:  # p * (1 - lr * wd) flips or zeroes every matrix
+        return "lower --weight-decay (lr x weight decay is at least 1)"
+    return "lower --lr (or raise --warmup)"
 
 
 def _is_integer(value):
@@ -79,8 +85,9 @@ class TrainOptions:
 
     lr is the peak of the inverse-square-root schedule; clip is the global gradient norm
     (0 = off); eval_every / save_every count steps (0 = only at the end); eval_sentences
-    is how many validation sentences are greedily decoded for BLEU/chrF; time_limit is in
-    seconds of this session (None = none).
+    is how many validation sentences are greedily decoded for BLEU/chrF (0: none); time_limit is
+    in seconds of this session (None = none), checked between steps after the session's first.
+    Every field is checked for type and range: RefformerError naming it.
     """
 
     steps: int = 1000
@@ -172,10 +179,10 @@ def train_step(cfg, params, opt_state, batch, options, rng):
     with np.errstate(all="ignore"):  # a diverging step overflows; it is reported below, not as NumPy warnings
         loss, grads = loss_and_grads(cfg, params, batch, label_smoothing=options.label_smoothing, rng=rng)
         if not math.isfinite(loss):
-            raise TrainingDiverged(step, "loss", loss)
+            raise TrainingDiverged(step, "loss", loss, _divergence_hint(options))
         grads, norm = clip_by_global_norm(grads, options.clip)
         if not math.isfinite(norm):
-            raise TrainingDiverged(step, "the gradient norm", norm)
+            raise TrainingDiverged(step, "the gradient norm", norm, _divergence_hint(options))
         params, opt_state = adamw_update(params, grads, opt_state, lr=lr, betas=options.betas, eps=options.eps,
                                          weight_decay=options.weight_decay)
     return params, opt_state, loss, lr
@@ -284,6 +291,11 @@ def evaluate(cfg, params, examples, *, max_tokens=4096, decode=None, references=
     if not examples:
         result["notes"].append("no evaluation examples")
         return result
+    with np.errstate(all="ignore"):  # extreme weights give an inf/NaN loss in the result, not NumPy warnings
+        return _evaluate(cfg, params, examples, result, max_tokens, decode, references, max_translations)
+
+
+def _evaluate(cfg, params, examples, result, max_tokens, decode, references, max_translations):
     total, n_tokens = 0.0, 0
     for batch in make_batches(examples, max_tokens=max_tokens, pad_id=cfg.pad_id, shuffle_ties=False):
         logits, _ = model_forward(cfg, params, batch.src_ids, batch.tgt_ids, src_mask=batch.src_mask,
@@ -292,10 +304,10 @@ def evaluate(cfg, params, examples, *, max_tokens=4096, decode=None, references=
         total += float(loss) * batch.n_tokens
         n_tokens += batch.n_tokens
     result["loss"] = total / max(n_tokens, 1)
-    result["ppl"] = math.exp(min(result["loss"], 700.0))
+    result["ppl"] = math.exp(min(result["loss"], 700.0)) if not math.isnan(result["loss"]) else math.nan
     result["tokens"] = n_tokens
-    if cfg.is_encoder_decoder:
-        n = len(examples) if max_translations is None else min(max_translations, len(examples))
+    n = len(examples) if max_translations is None else min(max_translations, len(examples))
+    if cfg.is_encoder_decoder and n > 0:  # max_translations=0: loss only
         refs = None if references is None else list(references)[:n]
         scores, note = translation_scores(cfg, params, examples[:n], decode, refs, max_tokens)
         result.update(scores)
@@ -504,8 +516,10 @@ def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, 
 
     stream = batch_stream(train_batches, options.seed, position)
     stopped = "steps"
+    first_step = opt_state["step"]
     while opt_state["step"] < options.steps:
-        if options.time_limit is not None and clock() - start >= options.time_limit:
+        # the time limit is checked between steps, after at least one step of this session
+        if options.time_limit is not None and opt_state["step"] > first_step and clock() - start >= options.time_limit:
             stopped = "time limit"
             break
         batch, position = next(stream)
@@ -563,9 +577,16 @@ def write_log(path, log):
 
 
 def read_log(path):
-    """The rows of a train_log.csv as dicts of floats (None for empty cells)."""
-    with open(path, newline="") as f:
-        return [{k: (None if v == "" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+    """The rows of a train_log.csv as dicts of floats (None for empty cells).
+
+    Raises RefformerError for a file that is missing, unreadable, or holds a cell that is not a number."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return [{k: (None if v == "" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError) as error:
+        raise RefformerError(f"cannot read the training log {path}: {error}") from None
+    except (ValueError, TypeError) as error:
+        raise RefformerError(f"{path} is not a training log of numbers: {error}") from None
 
 
 def plot_log(path, log):

@@ -294,7 +294,7 @@ def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
     tokenizer = load_tokenizer(model_dir)
     path = split_path(data_dir, split, cfg.family)
     if not path.is_file():
-        raise RefformerError(f"{path} is missing: a {cfg.family} model is evaluated on {split}{SUFFIX[cfg.family]}")
+        raise RefformerError(f"{path} is missing: {cfg.family} models are evaluated on {split}{SUFFIX[cfg.family]}")
     examples, references, dropped = load_examples(data_dir, split, cfg.family, tokenizer, cfg, max_sentences)
     check_fits(cfg, make_batches(examples, max_tokens=max_tokens, pad_id=cfg.pad_id, shuffle_ties=False),
                training=False)

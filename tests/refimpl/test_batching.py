@@ -92,3 +92,42 @@ def test_stream_shuffles_per_epoch_and_resumes_exactly():
         assert resumed == order[k:k + 10]
     with pytest.raises(RefformerError):
         next(batch_stream([], 0))
+
+
+GOOD = [([5, 6, EOS], [BOS, 7], [7, EOS])]
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: make_batches(GOOD, max_tokens=0, pad_id=PAD), "max_tokens must be an integer >= 1, got 0"),
+    (lambda: make_batches(GOOD, max_tokens=-3, pad_id=PAD), "max_tokens"),
+    (lambda: make_batches(GOOD, max_tokens=float("nan"), pad_id=PAD), "max_tokens"),
+    (lambda: make_batches(GOOD, max_tokens=None, pad_id=PAD), "max_tokens"),
+    (lambda: make_batches(GOOD, max_tokens=8, pad_id=PAD, seed=-1), "seed must be an integer >= 0"),
+    (lambda: make_batches(None, max_tokens=8, pad_id=PAD), "examples must be a list"),
+    (lambda: make_batches([(1, 2)], max_tokens=8, pad_id=PAD), "example 0 must be a (src_ids, tgt_ids, labels)"),
+    (lambda: make_batches([([], [BOS], [EOS])], max_tokens=8, pad_id=PAD), "example 0's src_ids must be a non-empty"),
+    (lambda: make_batches([([5], [BOS, 7], [7])], max_tokens=8, pad_id=PAD), "the same length"),
+    (lambda: make_batches([*GOOD, (None, [BOS], [EOS])], max_tokens=8, pad_id=PAD), "mixes decoder-only"),
+    (lambda: make_batches([([5.5], [BOS], [EOS])], max_tokens=8, pad_id=PAD), "integer ids"),
+    (lambda: collate([], pad_id=PAD), "at least one example"),
+    (lambda: collate(GOOD, pad_id=None), "pad_id must be an integer"),
+    (lambda: lm_windows([[5]], 0, bos_id=BOS, eos_id=EOS), "max_len must be an integer >= 1"),
+    (lambda: lm_examples(None, bos_id=BOS, eos_id=EOS, max_len=4), "texts must be a list"),
+    (lambda: lm_examples(["text"], bos_id=BOS, eos_id=EOS, max_len=4), "text 0 must be a list of integer ids"),
+    (lambda: seq2seq_examples([([5], "x")], bos_id=BOS, eos_id=EOS, max_len=4), "pair 0 must be (src ids, tgt ids)"),
+    (lambda: seq2seq_examples([([5], [6])], bos_id=BOS, eos_id=EOS, max_len=0), "max_len must be an integer >= 1"),
+    (lambda: next(batch_stream([], 0)), "no training batches"),
+    (lambda: next(batch_stream(make_batches(GOOD, max_tokens=8, pad_id=PAD), 0, (0, -1))), "position must be"),
+])
+def test_bad_input_raises_refformer_error(call, words):
+    """Malformed examples, budgets and positions are one RefformerError naming the argument, never a bare
+    KeyError/ValueError/TypeError from inside."""
+    with pytest.raises(RefformerError) as raised:
+        call()
+    assert words in str(raised.value) and type(raised.value) is RefformerError
+
+
+def test_no_examples_give_no_batches_and_a_huge_budget_one_batch():
+    assert make_batches([], max_tokens=8, pad_id=PAD) == []
+    examples, _ = seq2seq_examples(_pairs(30), bos_id=BOS, eos_id=EOS, max_len=16)
+    assert len(make_batches(examples, max_tokens=10 ** 30, pad_id=PAD)) == 1

@@ -247,3 +247,69 @@ def test_prepare_de_en_writes_three_splits(dictionary, tmp_path):
         written += data.read_tsv(path) if counts[name] else []
         assert path.stat().st_size > 0 or counts[name] == 0
     assert sorted(written) == sorted(KEPT)
+
+
+# ---------------------------------------------------------------------------- issue 11: BOM, outputs, bad input
+
+
+def test_byte_order_mark_is_dropped_and_line_numbers_kept(tmp_path):
+    """A UTF-8 BOM at the start of a corpus is not part of the first text; later errors keep their line numbers."""
+    tsv, txt = tmp_path / "c.tsv", tmp_path / "c.txt"
+    tsv.write_bytes("\ufeffein Haus\ta house\n\nder Hund\tthe dog\n".encode())
+    txt.write_bytes("\ufeffFirst line.\nSecond line.\n".encode())
+    assert data.read_tsv(tsv) == [("ein Haus", "a house"), ("der Hund", "the dog")]
+    assert data.read_lines(txt) == ["First line.", "Second line."]
+    tsv.write_bytes("\ufeffein Haus\ta house\n\nkein Tab\n".encode())
+    with pytest.raises(RefformerError, match=rf"{tsv}:3: expected exactly one TAB"):
+        data.read_tsv(tsv)
+    tsv.write_bytes("\ufeff\n".encode())  # nothing but the mark: empty
+    with pytest.raises(RefformerError, match="is empty"):
+        data.read_tsv(tsv)
+    dictionary = tmp_path / "de-en"
+    dictionary.write_bytes("\ufeffDie Straße ist schön. :: The street is nice.\n".encode())
+    assert data.extract_de_en(dictionary) == [("Die Straße ist schön.", "The street is nice.")]
+
+
+def test_missing_or_folder_corpus_is_one_error(tmp_path):
+    with pytest.raises(RefformerError, match="does not exist"):
+        data.read_lines(tmp_path / "absent.txt")
+    with pytest.raises(RefformerError, match="is a folder"):
+        data.read_tsv(tmp_path)
+
+
+def test_prepare_refuses_existing_split_files_unless_overwrite(dictionary, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.tsv").write_text("my own\tfile\n")
+    with pytest.raises(RefformerError, match=r"already holds train.tsv; pass --overwrite"):
+        data.prepare_de_en(out, source=dictionary)
+    assert (out / "train.tsv").read_text() == "my own\tfile\n" and not (out / "valid.tsv").exists()
+    counts = data.prepare_de_en(out, source=dictionary, overwrite=True)
+    assert sum(counts.values()) == len(KEPT) and "my own" not in (out / "train.tsv").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["test.tsv", "train.tsv", "valid.tsv"]  # no temporaries left
+    # a folder of other files is fine (only the three split files are written); a file or a split-named folder not
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep")
+    data.prepare_de_en(tmp_path / "other", source=dictionary)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep"
+    with pytest.raises(RefformerError, match="is a file"):
+        data.prepare_de_en(out / "train.tsv", source=dictionary)
+    (tmp_path / "weird" / "valid.txt").mkdir(parents=True)
+    with pytest.raises(RefformerError, match="folders named valid.txt"):
+        data.prepare_pydoc(tmp_path / "weird", source=tmp_path, overwrite=True)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda p: data.write_lines(p / "x.txt", ["fine", 3]), "item 2 must be a str"),
+    (lambda p: data.write_tsv(p / "x.tsv", [("a", "b"), ("c",)]), "pair 2 must be two str"),
+    (lambda p: data.split_by_hash(["a"], key=str, valid=float("nan")), "valid must be a fraction"),
+    (lambda p: data.split_by_hash(["a"], key=str, test=-0.1), "test must be a fraction"),
+    (lambda p: data.split_path(p, "train", "encoder-only"), "family must be one of"),
+    (lambda p: data.split_path(p, "dev", "encoder-decoder"), "split must be one of"),
+    (lambda p: data.stable_fraction(None), "text must be a str"),
+    (lambda p: data.rst_paragraphs(b"bytes"), "text must be a str"),
+    (lambda p: data.pair_alternatives([], ["x"]), "non-empty lists"),
+])
+def test_bad_arguments_raise_refformer_error(tmp_path, call, words):
+    with pytest.raises(RefformerError, match=words):
+        call(tmp_path)

@@ -110,3 +110,25 @@ def test_inverse_sqrt_schedule():
     assert math.isclose(lrs[-1], peak * math.sqrt(100 / 999))
     with pytest.raises(RefformerError):
         inverse_sqrt_lr(1, peak=peak, warmup=-1)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda p: adamw_update(p, p, {}, lr=1e-3), "state must be the optimizer state"),
+    (lambda p: adamw_update(p, p, {**adamw_init(p), "step": -1}, lr=1e-3), "state['step']"),
+    (lambda p: adamw_update(p, p, adamw_init(p), lr=float("nan")), "lr must be a finite number >= 0"),
+    (lambda p: adamw_update(p, p, adamw_init(p), lr=float("inf")), "lr must be a finite number >= 0"),
+    (lambda p: adamw_update(p, p, adamw_init(p), lr=1e-3, eps=-1.0), "eps must be"),
+    (lambda p: adamw_update(p, p, adamw_init(p), lr=1e-3, weight_decay=float("nan")), "weight_decay must be"),
+    (lambda p: adamw_update(p, p, adamw_init(p), lr=1e-3, betas=(0.9,)), "betas must be two numbers"),
+    (lambda p: adamw_update(p, tree_map(lambda g: g[..., :1], p), adamw_init(p), lr=1e-3), "has shape"),
+    (lambda p: adamw_update(p, p, adamw_init(_params(1)["decoder"]), lr=1e-3), "moments must have exactly"),
+    (lambda p: adamw_init(None), "params must be a non-empty tree"),
+    (lambda p: inverse_sqrt_lr(1, peak=float("nan"), warmup=4), "peak must be a finite number"),
+    (lambda p: inverse_sqrt_lr(1, peak=1e-3, warmup=2.5), "warmup must be an integer"),
+    (lambda p: clip_by_global_norm(p, float("nan")), "max_norm must be a number"),
+    (lambda p: global_norm(None), "grads must be a tree"),
+])
+def test_bad_arguments_raise_refformer_error(call, words):
+    with pytest.raises(RefformerError) as raised:
+        call(_params())
+    assert words in str(raised.value)

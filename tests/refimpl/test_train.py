@@ -14,7 +14,9 @@ from refformer.refimpl import Config, init_params, load
 from refformer.refimpl.batching import collate, lm_examples, make_batches, seq2seq_examples
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import greedy, greedy_lm, strip
-from refformer.refimpl.train import TrainOptions, load_checkpoint, read_log, train
+from refformer.refimpl.train import (TrainingDiverged, TrainOptions, check_fits, check_output_dir, load_checkpoint,
+                                     read_log, train)
+from refformer.refimpl.tree import flatten
 
 PAD, BOS, EOS = 0, 1, 2
 SYMBOLS = range(4, 14)  # ten symbols after the four special ids
@@ -246,3 +248,131 @@ def test_missing_train_extra_is_a_note_not_a_failure(tmp_path, monkeypatch):
     assert any("sacrebleu is not installed" in note for note in result.notes)
     assert any("matplotlib is not installed" in note for note in result.notes)
     assert not (tmp_path / "loss.png").exists() and (tmp_path / "train_log.csv").is_file()
+
+
+# ---------------------------------------------------------------------------- issue 11: options, divergence, outputs
+
+
+@pytest.mark.parametrize("field, value", [
+    ("steps", 0), ("steps", -1), ("steps", 2.5), ("steps", True), ("max_tokens", 0), ("max_tokens", None),
+    ("lr", 0.0), ("lr", -1e-3), ("lr", float("nan")), ("lr", float("inf")), ("lr", "1e-3"), ("warmup", -1),
+    ("weight_decay", float("nan")), ("weight_decay", -0.1), ("clip", -1.0), ("clip", float("nan")),
+    ("clip", float("inf")), ("label_smoothing", -0.1), ("label_smoothing", 1.0), ("label_smoothing", float("nan")),
+    ("eval_every", -1), ("save_every", -1), ("eval_sentences", -1), ("seed", -1), ("time_limit", 0.0),
+    ("time_limit", -5.0), ("time_limit", float("nan")), ("time_limit", float("inf")), ("eps", 0.0),
+    ("betas", (0.9, 1.0)), ("betas", (0.9,)),
+])
+def test_train_options_refuse_bad_values_naming_the_field(field, value):
+    with pytest.raises(RefformerError, match=rf"^{field} must be"):
+        TrainOptions(**{field: value})
+
+
+def test_train_options_accept_the_edges():
+    options = TrainOptions(steps=1, max_tokens=1, lr=1e-12, warmup=0, weight_decay=0.0, clip=0.0,
+                           label_smoothing=0.0, eval_every=0, save_every=0, eval_sentences=0, seed=2 ** 70,
+                           time_limit=1e-3)
+    assert TrainOptions.from_dict(options.to_dict()) == options
+    with pytest.raises(RefformerError, match="unknown training options"):
+        TrainOptions.from_dict({**options.to_dict(), "learning_rate": 1.0})
+
+
+def test_train_refuses_bad_arguments(tmp_path):
+    cfg, params, batches, valid, options = _small_run()
+    for call, words in [
+        (lambda: train(None, params, batches, valid, options), "cfg must be a Config"),
+        (lambda: train(cfg, params, batches, valid, options.to_dict()), "options must be TrainOptions"),
+        (lambda: train(cfg, params, [], valid, options), "no training batches"),
+        (lambda: train(cfg, params, [[1, 2]], valid, options), "list of Batch"),
+        (lambda: train(cfg, params, batches, None, options), "valid_examples must be a list"),
+        (lambda: train(cfg, None, batches, valid, options), "params must be the parameter tree"),
+        (lambda: train(cfg, params["decoder"], batches, valid, options), "does not match"),
+        (lambda: train(cfg, params, batches, valid, options, resume=True), "resume needs out_dir"),
+        (lambda: train(cfg, params, batches, valid, options, out_dir=tmp_path / "f" / "x"), "does not exist"),
+    ]:
+        with pytest.raises(RefformerError, match=words):
+            call()
+
+
+def _losses_nan_at_step_1(cfg, params):
+    return {**params, "decoder": {**params["decoder"], "final_norm": {
+        name: np.full_like(value, np.nan) for name, value in params["decoder"]["final_norm"].items()}}}
+
+
+def test_divergence_stops_before_anything_is_written(tmp_path):
+    """A NaN loss ends the run with TrainingDiverged naming the step; nothing of that state reaches the disk."""
+    cfg, params, batches, valid, options = _small_run()
+    with pytest.raises(TrainingDiverged, match=r"^training diverged at step 1: loss is nan; lower --lr") as raised:
+        train(cfg, _losses_nan_at_step_1(cfg, params), batches, valid, options, out_dir=tmp_path / "out")
+    assert raised.value.step == 1 and isinstance(raised.value, RefformerError)
+    assert not (tmp_path / "out").exists()
+
+    # lr 1e6: the first steps are finite (and checkpointed), then the loss blows up; no NaN checkpoint, no model
+    huge = TrainOptions(**{**options.to_dict(), "lr": 1e6, "warmup": 0, "save_every": 1, "steps": 50})
+    with pytest.raises(TrainingDiverged) as raised:
+        train(cfg, params, batches, valid, huge, out_dir=tmp_path / "huge")
+    assert 1 < raised.value.step <= 50
+    print(f"lr 1e6: {raised.value}")
+    _, saved, _, _ = load_checkpoint(tmp_path / "huge")
+    assert all(np.isfinite(value).all() for value in flatten(saved).values())
+    assert not (tmp_path / "huge" / "model.safetensors").exists()
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved(tmp_path):
+    cfg, params, batches, valid, options = _small_run()
+    short = TrainOptions(**{**options.to_dict(), "steps": 2, "save_every": 2, "eval_every": 0})
+    train(cfg, params, batches, valid, short, out_dir=tmp_path)
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    for resume, overwrite, words in [(False, False, r"already holds a model or checkpoints \(config.json, "
+                                                    r"model.safetensors, train_log.csv, loss.png, checkpoints\); "
+                                                    r"pass --resume to continue its training or --overwrite"),
+                                     (True, True, "not both")]:
+        with pytest.raises(RefformerError, match=words):
+            train(cfg, params, batches, valid, short, out_dir=tmp_path, resume=resume, overwrite=overwrite)
+
+    # a new run stopped before its first save leaves the old checkpoint and model in place
+    other = init_params(cfg, np.random.default_rng(9))
+    with pytest.raises(Crash):
+        train(cfg, other, batches, valid, short, out_dir=tmp_path, overwrite=True, on_step=_crash_at(1))
+    assert load_checkpoint(tmp_path)[2]["step"] == 2 and (tmp_path / "model.safetensors").read_bytes() == weights
+    # a diverged new run replaces nothing either
+    with pytest.raises(TrainingDiverged):
+        train(cfg, _losses_nan_at_step_1(cfg, other), batches, valid, short, out_dir=tmp_path, overwrite=True)
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+    # a finished one replaces the model, and its first checkpoint replaces the old ones
+    train(cfg, other, batches, valid, short, out_dir=tmp_path, overwrite=True)
+    assert (tmp_path / "model.safetensors").read_bytes() != weights
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert len(names) == 2 and names[0] == "latest.json" and names[1].startswith("step-00000002")  # the new one only
+
+
+def test_check_output_dir(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RefformerError, match="is a file"):
+        check_output_dir(tmp_path / "file")
+    with pytest.raises(RefformerError, match="is the input"):
+        check_output_dir(tmp_path, inputs=(tmp_path,))
+    with pytest.raises(RefformerError, match="parent folder .* does not exist"):
+        check_output_dir(tmp_path / "a" / "b")
+    with pytest.raises(RefformerError, match="no checkpoint to resume from"):
+        check_output_dir(tmp_path, resume=True)
+    (tmp_path / "notes.txt").write_text("a folder of other files is fine")
+    check_output_dir(tmp_path)
+    check_output_dir(tmp_path / "new")
+
+
+def test_check_fits_refuses_a_batch_too_big_for_memory(monkeypatch):
+    import refformer.refimpl.train as train_module
+
+    cfg, _, _, _, _ = _small_run()
+    examples, _ = seq2seq_examples(_copy_pairs(400, 4), bos_id=BOS, eos_id=EOS, max_len=16)
+    small = make_batches(examples, max_tokens=64, pad_id=PAD)
+    big = make_batches(examples, max_tokens=10 ** 12, pad_id=PAD)
+    assert len(big) == 1
+    limit = train_module.parameter_bytes(cfg) * train_module.TRAINING_COPIES + \
+        train_module.estimate_batch_memory(cfg, big[0].n_rows, big[0].src_ids.shape[1], big[0].tgt_ids.shape[1]) // 2
+    monkeypatch.setattr(train_module, "physical_memory_bytes", lambda: limit)
+    check_fits(cfg, small)
+    with pytest.raises(RefformerError, match=r"^a batch of \d+ rows x \d+ tokens needs about .* lower --max-tokens"):
+        check_fits(cfg, big)
+    with pytest.raises(RefformerError, match="this model needs"):
+        check_fits(cfg.replace(d_model=100_000, n_heads=4))
