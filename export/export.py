@@ -62,7 +62,20 @@ def model_hashes(model_dir):
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (model_dir / name).is_file():
             raise RefformerError(f"{model_dir / name} is missing")
-    return {"config_sha256": sha256(model_dir / CONFIG_FILE), "weights_sha256": sha256(model_dir / WEIGHTS_FILE)}
+    return {"config_sha256": file_sha256(model_dir / CONFIG_FILE), "weights_sha256": file_sha256(model_dir / WEIGHTS_FILE)}
+
+
+_HASHES = {}  # (path, device, inode, size, mtime_ns) -> sha256: a big weights file is read once per process
+
+
+def file_sha256(path):
+    """sha256 of a file, remembered while the file's inode, size and modification time stay the same."""
+    path = Path(path).resolve()
+    info = path.stat()
+    key = (str(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256(path)
+    return _HASHES[key]
 
 
 def model_key(model_dir):
@@ -195,11 +208,21 @@ def file_hashes(folder, names):
     return {name: sha256(Path(folder) / name) for name in sorted(names) if (Path(folder) / name).is_file()}
 
 
+def holds_files(folder, files):
+    """True when folder is an export of this format whose files are exactly files ({name: sha256})."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_FILE).read_text())
+        return manifest.get("format_version") == MANIFEST_FORMAT and manifest.get("files") == files and all(
+            sha256(Path(folder) / name) == digest for name, digest in files.items())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_files(onnx_dir, manifest):
     """Every file the manifest records has its recorded sha256: graphs copied in from another export (or changed)
     are refused. Raises RefformerError saying to export again."""
     onnx_dir = Path(onnx_dir)
-    for name, digest in manifest.get("files", {}).items():
+    for name, digest in manifest["files"].items():
         path = onnx_dir / name
         if not path.is_file():
             raise RefformerError(f"{path} is missing: run `refformer export` again")
@@ -309,6 +332,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     static_mha = static_length is not None and fused_attention
     static_fused = static_mha and cfg.head_dim % 8 == 0  # GroupQueryAttention's kernels need it
     parent = out_dir.parent
+    remove_legacy_leftovers(model_dir)
     try:
         parent.mkdir(parents=True, exist_ok=True)
         recover_leftovers(parent)
@@ -366,7 +390,10 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
         manifest["files"] = file_hashes(tmp, [entry.name for entry in tmp.iterdir()])
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes a 0700 folder
-        replace_folder(tmp, out_dir)
+        if holds_files(out_dir, manifest["files"]):  # a concurrent run wrote the same graphs first: keep its folder
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -444,6 +471,27 @@ def recover_leftovers(parent):
         shutil.rmtree(entry, ignore_errors=True)
 
 
+LEGACY_LEFTOVER = re.compile(r"^\.onnx(-fp16)?\.(tmp-\w{8}|old-\d+)$")  # refformer before export sets had folders of their own
+LEGACY_AGE_S = 3600
+
+
+def remove_legacy_leftovers(model_dir):
+    """Remove the .onnx.tmp-* / .onnx.old-* (and -fp16) folders that exports killed before this layout left in the
+    model folder (their names carry no host: only those untouched for an hour go)."""
+    import time
+
+    try:
+        entries = list(Path(model_dir).iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if LEGACY_LEFTOVER.match(entry.name) and entry.is_dir() and time.time() - entry.stat().st_mtime > LEGACY_AGE_S:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def read_manifest(onnx_dir):
     """manifest.json of an export folder; RefformerError saying what is wrong (missing, not JSON, an older format)."""
     path = Path(onnx_dir) / MANIFEST_FILE
@@ -453,6 +501,13 @@ def read_manifest(onnx_dir):
     if manifest.get("format_version") != MANIFEST_FORMAT:
         raise RefformerError(f"{path}: manifest format {manifest.get('format_version')} is not this refformer's "
                              f"({MANIFEST_FORMAT}): run `refformer export` again")
+    files = manifest.get("files")
+    if not (isinstance(files, dict) and files and all(
+            isinstance(name, str) and isinstance(digest, str) and name == Path(name).name and not name.startswith(".")
+            for name, digest in files.items())
+            and all(isinstance(graph, dict) and graph.get("file") in files for graph in manifest["graphs"].values())):
+        raise RefformerError(f"{path} does not list the export's files as refformer writes them: run `refformer export` "
+                             "again")
     return manifest
 
 

@@ -162,6 +162,8 @@ def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, p
     from refformer.runtime.generator import gpu_present
 
     check_seed(seed)
+    if static_length is not None and static_length < 1:
+        raise RefformerError(f"--static-length must be >= 1, got {static_length}")
     model_dir = resolve_model(model_dir)
     if onnx_dir is None:
         onnx_dir = find_export(model_dir, dtype, static_length, fused_attention)

@@ -130,6 +130,30 @@ def test_leftovers_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
     assert not (parent / dead).exists() and (parent / live).exists()
 
 
+def test_leftovers_of_the_old_layout_go_after_an_hour(tmp_path):
+    make_model(tmp_path / "m")
+    for name in (".onnx.tmp-ab12cd34", ".onnx-fp16.tmp-x_y_z_w0", ".onnx.old-123", ".onnx.tmp-fresh123"):
+        (tmp_path / "m" / name).mkdir()
+        (tmp_path / "m" / name / "decoder.onnx").write_bytes(b"x")
+        if name != ".onnx.tmp-fresh123":
+            os.utime(tmp_path / "m" / name, (0, 0))
+    ensure_export(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [".onnx.tmp-fresh123", "config.json",
+                                                                  "model.safetensors", "onnx"]
+
+
+def test_an_export_identical_to_the_existing_one_keeps_the_folder(tmp_path):
+    """Concurrent first runs export the same graphs: the later ones keep the first one's folder (no swap under a
+    process that has just opened it)."""
+    make_model(tmp_path / "m")
+    export_model(tmp_path / "m", measure=False)
+    inode = (tmp_path / "m" / "onnx" / "fp32").stat().st_ino
+    export_model(tmp_path / "m", measure=False)
+    assert (tmp_path / "m" / "onnx" / "fp32").stat().st_ino == inode
+    export_model(tmp_path / "m", measure=False, opset=18)
+    assert read_manifest(tmp_path / "m" / "onnx" / "fp32")["opset"] == 18
+
+
 def test_concurrent_swaps_into_one_target_all_succeed(tmp_path):
     """Eight first runs at once: every swap is whole, none fails, nothing is left beside the target."""
     errors = []
@@ -182,7 +206,7 @@ def test_an_export_killed_between_its_renames_is_rolled_back(tmp_path, monkeypat
     with monkeypatch.context() as patch:
         crash_after(patch, n)
         with pytest.raises(OSError, match="simulated crash"):
-            export_model(tmp_path / "m", measure=False)
+            export_model(tmp_path / "m", measure=False, opset=18)  # other graphs: the folder is swapped
     monkeypatch.setattr(export_module, "process_alive", lambda pid: False)  # as if this process had died
     recover_leftovers(target.parent)
     assert snapshot(target) == before
@@ -341,6 +365,17 @@ def test_graphs_of_another_model_are_detected(tmp_path):
     result = invoke("verify", "--model", tmp_path / "a", "--provider", "cpu")
     assert result.exit_code == 1 and "run `refformer export` again" in result.output and "Traceback" not in result.output
     assert [line for line in result.output.splitlines() if line.startswith("error:")] == result.output.splitlines()[-1:]
+
+
+@pytest.mark.parametrize("files", [None, [], {"../../etc/passwd": "0" * 64}, {"decoder.onnx": 5}, "x"])
+def test_a_manifest_with_a_bad_file_list_is_one_line(tmp_path, files):
+    make_model(tmp_path / "m")
+    export_model(tmp_path / "m", measure=False)
+    path = tmp_path / "m" / "onnx" / "fp32" / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "files": files}))
+    one_line_error(invoke("verify", "--model", tmp_path / "m"), "run `refformer export` again")
+    assert ensure_export(tmp_path / "m") == path.parent  # generate's own export: made again
+    assert read_manifest(path.parent)["files"]["decoder.onnx"]
 
 
 def test_a_manifest_of_an_older_format_says_to_export_again(tmp_path):
