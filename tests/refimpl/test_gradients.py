@@ -67,12 +67,14 @@ def test_embedding(seed, B, T, V, D):
 
 
 @given(seed=seeds, B=B_sizes, T=lengths, D=st.integers(4, 16), scale=st.sampled_from([0.1, 1.0, 5.0]),
-       eps=st.sampled_from([1e-5, 1e-6]), rms=st.booleans())
-def test_norms(seed, B, T, D, scale, eps, rms):
+       eps=st.sampled_from([1e-5, 1e-6]), rms=st.booleans(), bias=st.booleans())
+@example(seed=3, B=2, T=3, D=5, scale=1.0, eps=1e-5, rms=False, bias=False)  # always run: layer norm without a bias
+def test_norms(seed, B, T, D, scale, eps, rms, bias):
+    """rms_norm, and layer_norm with and without its (optional, as in ONNX LayerNormalization) bias."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((B, T, D)) * scale + rng.standard_normal((B, T, 1))  # rows with an offset
     p = {"weight": 1.0 + 0.5 * rng.standard_normal(D)}
-    if not rms:
+    if not rms and bias:
         p["bias"] = rng.standard_normal(D)
     forward, backward = (rms_norm_forward, rms_norm_backward) if rms else (layer_norm_forward, layer_norm_backward)
     y, cache = forward(p, x, eps)

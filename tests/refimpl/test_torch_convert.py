@@ -7,6 +7,7 @@ converters' name and shape rules are tested on realistic state_dict keys.
 """
 
 import math
+import re
 import subprocess
 import sys
 
@@ -380,3 +381,69 @@ def test_refimpl_imports_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "needs torch" in result.stdout
+
+
+# ---------------------------------------------------------------------------- bad input: refused before writing
+
+
+def _state_with(state, key, value):
+    return {**state, key: value}
+
+
+CONVERT_REFUSALS = [
+    # (label, options, state_dict change, words in the message)
+    ("n_heads 0", dict(n_heads=0), None, "n_heads must be a positive integer"),
+    ("n_heads negative", dict(n_heads=-2), None, "n_heads must be a positive integer"),
+    ("n_heads not dividing D", dict(n_heads=5), None, "must divide d_model"),
+    ("n_heads float", dict(n_heads=2.0), None, "n_heads must be a positive integer, got 2.0"),
+    ("n_heads bool", dict(n_heads=True), None, "n_heads must be a positive integer, got true"),
+    ("pad_id = V", dict(pad_id=V), None, f"pad_id must be a token id in [0, {V})"),
+    ("eos_id negative", dict(eos_id=-1), None, "eos_id must be an integer >= 0"),
+    ("bos_id huge", dict(bos_id=10**9), None, "bos_id must be a token id"),
+    ("norm_eps NaN", dict(norm_eps=float("nan")), None, "norm_eps must be a finite number"),
+    ("dropout 1", dict(dropout=1.0), None, "dropout must be in [0, 1)"),
+    ("norm_first string", dict(norm_first="false"), None, 'norm_first must be true or false, got "false"'),
+    ("activation unknown", dict(activation="tanh"), None, "activation must be one of"),
+    ("max_positions huge", dict(max_positions=10**12), None, "memory"),
+    ("NaN weights", {}, lambda s: _state_with(s, "generator.bias", torch.full_like(s["generator.bias"], math.nan)),
+     "generator.bias holds NaN or infinite values"),
+    ("inf weights", {}, lambda s: _state_with(s, "transformer.encoder.layers.0.linear1.weight",
+                                              torch.full_like(s["transformer.encoder.layers.0.linear1.weight"],
+                                                              math.inf)), "NaN or infinite"),
+    ("in_proj_bias misshapen", {}, lambda s: _state_with(s, "transformer.encoder.layers.0.self_attn.in_proj_bias",
+                                                         torch.zeros(3 * D + 1)), "in_proj_bias is"),
+    ("linear bias misshapen", {}, lambda s: _state_with(s, "transformer.encoder.layers.0.linear1.bias",
+                                                        torch.zeros(F + 2)), "linear1.bias is"),
+    ("norm weight misshapen", {}, lambda s: _state_with(s, "transformer.encoder.layers.0.norm1.weight",
+                                                        torch.zeros(D - 1)), "norm1.weight is"),
+    ("integer tensor", {}, lambda s: _state_with(s, "generator.bias", torch.zeros(V, dtype=torch.int64)),
+     "expected floating point"),
+    ("empty state_dict", {}, lambda s: {}, "not a state_dict"),
+]
+
+
+@pytest.mark.parametrize("label, options, change, words", CONVERT_REFUSALS, ids=[c[0] for c in CONVERT_REFUSALS])
+def test_convert_refuses_bad_input_before_writing_anything(tmp_path, label, options, change, words):
+    state = Seq2SeqTransformer(V, D, H, F, 1, 1).state_dict()
+    torch.save(change(state) if change else state, tmp_path / "model.pt")
+    tokenizer = write_word_level_tokenizer(tmp_path / "tokenizer.json", V)
+    with pytest.raises(RefformerError, match=re.escape(words)) as info:
+        convert_state_dict_file(tmp_path / "model.pt", tokenizer, tmp_path / "out", **{"n_heads": H, **options})
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()  # not even the folder
+
+
+def test_convert_checks_the_tokenizer_before_writing(tmp_path):
+    torch.save(Seq2SeqTransformer(V, D, H, F, 1, 1).state_dict(), tmp_path / "model.pt")
+    tokenizer = write_word_level_tokenizer(tmp_path / "tokenizer.json", V)
+    with pytest.raises(RefformerError, match="<pad> at id 0 but the model's pad_id is 5"):
+        convert_state_dict_file(tmp_path / "model.pt", tokenizer, tmp_path / "out", n_heads=H, pad_id=5)
+    (tmp_path / "latin1.json").write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(RefformerError, match="not UTF-8"):
+        convert_state_dict_file(tmp_path / "model.pt", tmp_path / "latin1.json", tmp_path / "out", n_heads=H)
+    assert not (tmp_path / "out").exists()
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + tokenizer.read_bytes())  # a byte-order mark is dropped
+    cfg = convert_state_dict_file(tmp_path / "model.pt", bom, tmp_path / "out", n_heads=H, max_positions=64)
+    loaded_cfg, _ = load(tmp_path / "out")  # what convert writes, load reads
+    assert loaded_cfg == cfg and cfg.max_positions == 64

@@ -5,7 +5,9 @@ float32; a failure lists every tensor's error, worst first. torch runs with drop
 mode, and its fused fast path off (it is also off whenever autograd is needed, as here).
 
 No query row is ever fully masked: key 0 is always a real token and causal masks always let
-a query see key 0. torch gives NaN for such a row, refimpl zeros (see ops.softmax_forward).
+a query see key 0: nn.MultiheadAttention with need_weights=True (its default) gives NaN for such a
+row, while refimpl gives zeros, as torch 2.13's F.scaled_dot_product_attention does
+(test_fully_masked_queries_give_zeros_as_torch_sdpa checks both facts).
 """
 
 import copy
@@ -452,3 +454,69 @@ def test_decoder_only_model_matches_torch(dtype, norm_first, activation, final_n
     assert_matches_torch({"logits": logits, **prefixed("d", grads)}, run_torch_model(ids, pad, dlogits=dlogits),
                          model, dtype, f"decoder-only norm_first={norm_first} {activation} final_norm={final_norm} "
                                        f"tie={tie}")
+
+
+# ---------------------------------------------------------------------------- layer norm with an optional bias
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_matches_torch(dtype, bias):
+    """layer_norm_forward / _backward against F.layer_norm(x, (D,), weight, bias or None): y, dx, dweight, dbias."""
+    from refformer.refimpl import layer_norm_backward, layer_norm_forward, rel_error
+
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((3, 4, 6)) * 2.0 + rng.standard_normal((3, 4, 1))).astype(dtype)
+    p = {"weight": (1.0 + 0.3 * rng.standard_normal(6)).astype(dtype)}
+    if bias:
+        p["bias"] = rng.standard_normal(6).astype(dtype)
+    upstream = rng.standard_normal(x.shape).astype(dtype)
+    y, cache = layer_norm_forward(p, x, 1e-5)
+    dx, dp = layer_norm_backward(p, cache, upstream)
+    assert set(dp) == set(p)
+
+    tx = torch.tensor(x, requires_grad=True)
+    tp = {name: torch.tensor(value, requires_grad=True) for name, value in p.items()}
+    ty = torch.nn.functional.layer_norm(tx, (6,), tp["weight"], tp.get("bias"), 1e-5)
+    ty.backward(torch.tensor(upstream))
+    pairs = {"y": (y, ty), "dx": (dx, tx.grad), **{f"d{name}": (dp[name], tp[name].grad) for name in p}}
+    errors = {name: rel_error(ours, theirs.detach().numpy()) for name, (ours, theirs) in pairs.items()}
+    assert max(errors.values()) <= TOLERANCE[dtype], errors
+
+
+# ---------------------------------------------------------------------------- a query whose keys are all masked
+
+
+def test_fully_masked_queries_give_zeros_as_torch_sdpa():
+    """torch 2.13: F.scaled_dot_product_attention gives a zero output (and zero gradients) for a query whose keys
+    are all masked, with a boolean or an additive mask, as refimpl's attention_forward does. torch.softmax and
+    nn.MultiheadAttention with need_weights=True (its default) give NaN there; need_weights=False gives finite
+    output. These are the facts the README and the docstrings state."""
+    from refformer.refimpl import attention_backward, attention_forward
+
+    rng = np.random.default_rng(12)
+    q, k, v = (rng.standard_normal(shape) for shape in [(1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4)])
+    keep = rng.random((1, 1, 3, 5)) < 0.6
+    keep[..., 0, :] = False  # query 0 may attend to nothing
+    keep[..., 1:, 0] = True
+    out, cache = attention_forward(q, k, v, keep)
+    dq, dk, dv = attention_backward(cache, np.ones_like(out))
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    for mask in (torch.tensor(keep), torch.tensor(np.where(keep, 0.0, -np.inf))):
+        for a in (tq, tk, tv):
+            a.grad = None
+        theirs = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask)
+        theirs.sum().backward()
+        assert torch.all(theirs[..., 0, :] == 0)
+        np.testing.assert_allclose(out, theirs.detach().numpy(), rtol=0, atol=1e-12)
+        for ours, tensor in ((dq, tq), (dk, tk), (dv, tv)):
+            np.testing.assert_allclose(ours, tensor.grad.numpy(), rtol=0, atol=1e-12)
+    assert np.all(out[..., 0, :] == 0) and np.all(np.isfinite(out))
+
+    assert torch.isnan(torch.softmax(torch.full((3,), -math.inf), dim=-1)).all()
+    mha = nn.MultiheadAttention(4, 1, batch_first=True, dtype=torch.float64)
+    x = torch.tensor(rng.standard_normal((1, 2, 4)))
+    all_padding = torch.ones(1, 2, dtype=torch.bool)  # True = masked, in nn.MultiheadAttention
+    with torch.no_grad():
+        assert torch.isnan(mha(x, x, x, key_padding_mask=all_padding)[0]).all()  # need_weights=True by default
+        assert torch.isfinite(mha(x, x, x, key_padding_mask=all_padding, need_weights=False)[0]).all()
