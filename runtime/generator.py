@@ -58,13 +58,14 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
     bundled model or a read-only model folder), replacing a stale or damaged export of that name only. Leftovers
     of killed exports are cleaned up first. Raises RefformerError when the export fails."""
     from refformer.export.export import (EXPORTS_FOLDER, check_files, default_export_dir, export_model, export_name,
-                                         is_stale, read_manifest, recover_leftovers)
+                                         is_stale, read_manifest, recover_leftovers, remove_legacy_leftovers)
 
     model_dir = Path(model_dir)
     name = export_name(dtype, static_length, fused_attention)
     local, cached = export_locations(model_dir, dtype, static_length, fused_attention)
     for parent in (model_dir / EXPORTS_FOLDER, cached.parent):
         recover_leftovers(parent)
+    remove_legacy_leftovers(model_dir)
 
     def fresh(onnx_dir):
         try:
