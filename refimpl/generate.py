@@ -403,7 +403,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
 
     def length_normalised(total, length):
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            return total / (float(length) ** options.length_penalty if length else 1.0)
+            return total / np.float64(length) ** options.length_penalty  # inf or 0 at huge penalties, never an error
 
     def finish(b):
         """Input b at its length limit: its live beams are hypotheses too."""

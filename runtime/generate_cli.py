@@ -1,6 +1,15 @@
-"""`refformer generate`: translate / continue texts with a model directory (default: the bundled model)."""
+"""`refformer generate`: translate / continue texts with a model directory (default: the bundled model).
 
+Output: stdout gets plain lines (one per input; with --num-return-sequences K > 1, K lines per input, each
+"N.k<TAB>text", N the input's line number or TEXT position and k = 1..K), or JSON lines with --json. --output
+FILE always gets JSON lines. Records are written as each batch finishes (flushed), in input order; on Ctrl-C
+the finished ones stay, one line on stderr says how many, and the exit status is 130.
+"""
+
+import codecs
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -10,11 +19,15 @@ from refformer.refimpl.errors import RefformerError
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import model_option
 
+OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "num_beams",
+                "length_penalty", "early_stopping", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size")
+
 
 def option_flags(function):
     """The decoding options, named as in Hugging Face's generate."""
     decorators = [
-        click.option("--max-new-tokens", type=int, default=None, help="Default: 2 x source length + 10 (translation)."),
+        click.option("--max-new-tokens", type=int, default=None,
+                     help="Default: 2 x source length + 10 (translation); capped to the model's positions."),
         click.option("--min-new-tokens", type=int, default=0, show_default=True),
         click.option("--do-sample/--greedy", default=False, show_default=True, help="Sample instead of argmax."),
         click.option("--temperature", type=float, default=1.0, show_default=True),
@@ -26,144 +39,273 @@ def option_flags(function):
         click.option("--num-return-sequences", type=int, default=1, show_default=True),
         click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
         click.option("--no-repeat-ngram-size", type=int, default=0, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling draws."),
+        click.option("--seed", type=int, default=None,
+                     help="Seed of the sampling draws (>= 0). Default: a new one every run, given in the JSON records."),
     ]
     for decorator in reversed(decorators):
         function = decorator(function)
     return function
 
 
-def read_inputs(path):
-    """(line number, text or None, error or None) for each non-blank line of a file (or - for stdin).
+def generation_options(options):
+    """GenerationOptions from the command's flags; a bad value is refused naming its flag (--top-p, not top_p)."""
+    from refformer.refimpl.generate import GenerationOptions
 
-    A line is plain text, or a JSON object with a "text" field (JSONL). Each line is decoded on its
-    own, so one non-UTF-8 line is reported without losing the others.
+    try:
+        return GenerationOptions(**options)
+    except RefformerError as error:
+        flags = re.sub(r"\b(" + "|".join(OPTION_NAMES) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"), str(error))
+        raise RefformerError(flags) from None
+
+
+def read_inputs(raw):
+    """(line number, text or None, error or None, extra fields) for each line of an input file's bytes.
+
+    A line is plain text, or a JSON object with a "text" field (JSONL; its "id", if any, is passed through). A
+    UTF-8 byte-order mark at the start is dropped. Each line is decoded on its own, so one non-UTF-8 line is
+    reported without losing the others; a blank line is reported as empty.
     """
-    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
     for number, line in enumerate(raw.splitlines(), start=1):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as error:
-            yield number, None, f"line {number} is not valid UTF-8 (byte {error.start + 1})"
+            yield number, None, f"line {number} is not valid UTF-8 (byte {error.start + 1})", {}
             continue
         if not text.strip():
+            yield number, None, f"line {number} is empty", {}
             continue
+        extra = {}
         if text.lstrip().startswith("{"):
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as error:
-                yield number, None, f"line {number} is not valid JSON: {error.msg}"
+                yield number, None, f"line {number} is not valid JSON: {error.msg}", {}
                 continue
+            if isinstance(record, dict) and "id" in record:
+                extra["id"] = record["id"]
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                yield number, None, f'line {number}: a JSON line needs a "text" string'
+                yield number, None, f'line {number}: a JSON line needs a "text" string', extra
                 continue
             text = record["text"]
-        yield number, text, None
+        yield number, text, None, extra
 
 
-def one_record(text, outputs, **extra):
-    record = {"input": text, "output": outputs}
-    record.update(extra)
-    return record
+def read_input_bytes(input_path):
+    """The bytes of --input (- for stdin), checked to be a readable file."""
+    if input_path == "-":
+        return sys.stdin.buffer.read()
+    path = Path(input_path)
+    if not path.exists():
+        raise RefformerError(f"input file {input_path} does not exist")
+    if path.is_dir():
+        raise RefformerError(f"--input {input_path} is a folder; give a file of texts, one per line")
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise RefformerError(f"cannot read --input {input_path}: {error.strerror or error}") from None
+
+
+def check_output_path(output_path, input_path, overwrite):
+    """Refuse an --output that cannot be written, or would replace the input or an existing file without --overwrite
+    (before any model is loaded)."""
+    path = Path(output_path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise RefformerError(f"--output {output_path} is a folder; give a file name")
+    if not parent.is_dir():
+        raise RefformerError(f"--output {output_path}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RefformerError(f"--output {output_path}: folder {parent} is not writable")
+    if input_path not in (None, "-") and Path(input_path).exists() and path.exists() and os.path.samefile(input_path, path):
+        raise RefformerError(f"--output {output_path} is the --input file; write the results to another file")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise RefformerError(f"--output {output_path} exists; pass --overwrite to replace it")
+        if not path.is_file():
+            raise RefformerError(f"--output {output_path} is not a regular file")
+
+
+class RecordWriter:
+    """Writes each batch's records as it finishes: JSON lines to --output, or plain / JSON lines to stdout.
+
+    A new --output file is written in place, flushed per batch (a killed run leaves its finished batches). An
+    existing one (with --overwrite) is left untouched until the run ends: the records go to NAME.tmp-PID beside it,
+    which replaces it at the end or on Ctrl-C (a killed run leaves the old file and the .tmp-PID file).
+    """
+
+    def __init__(self, output_path, as_json):
+        self.output_path, self.as_json = output_path, as_json
+        self.count, self.file, self.temp = 0, None, None
+        if output_path is not None:
+            path = Path(output_path)
+            if path.exists():
+                self.temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+                self.file = open(self.temp, "w", encoding="utf-8")
+            else:
+                self.file = open(path, "x", encoding="utf-8")
+
+    def render(self, record):
+        if self.as_json or self.file is not None:
+            return json.dumps(record, ensure_ascii=False)
+        if "error" in record:
+            return f"error: {record['error']}"
+        output = record["output"]
+        if isinstance(output, str):
+            return output
+        return "\n".join(f"{record['line']}.{k}\t{text}" for k, text in enumerate(output, start=1))
+
+    def write(self, records):
+        text = "".join(self.render(record) + "\n" for record in records)
+        if self.file is not None:
+            self.file.write(text)
+            self.file.flush()
+        else:
+            click.echo(text, nl=False)
+            sys.stdout.flush()
+        self.count += len(records)
+
+    def close(self, keep):
+        """Close the file; an --overwrite run's temporary replaces the old file when keep, else it is removed."""
+        if self.file is None:
+            return
+        self.file.close()
+        if self.temp is not None:
+            if keep:
+                os.replace(self.temp, self.output_path)
+            else:
+                self.temp.unlink(missing_ok=True)
+
+    @property
+    def where(self):
+        return "stdout" if self.output_path is None else str(self.output_path)
 
 
 @click.command("generate")
 @click.argument("texts", nargs=-1)
 @model_option
 @click.option("--input", "input_path", type=str, default=None, help="File of inputs, one per line or JSONL; - for stdin.")
-@click.option("--output", "output_path", type=click.Path(dir_okay=False), default=None, help="Write JSONL here.")
+@click.option("--output", "output_path", type=click.Path(), default=None,
+              help="Write JSON lines here (as each batch finishes).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file (at the end of the run).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of plain text.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Graph precision (exported on first use).")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (capped to the CPU count).")
 @click.option("--variant", type=click.Choice(["auto", "reference", "fused", "static", "static_mha", "static_fused"]),
               default="auto", show_default=True, help="Decoder graph: auto = static_fused in fp16 and static_mha in fp32 "
               "on CUDA (replayed as CUDA graphs), reference on the CPU.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Inputs per batch with --input.")
 @click.option("--truncate", is_flag=True, help="Cut inputs longer than the model's positions (with a warning).")
 @option_flags
-def generate(texts, model_dir, input_path, output_path, as_json, provider, dtype, threads, variant, batch_size, truncate,
-             **options):
-    """Generate from TEXT (streamed to the terminal) or from --input FILE (batched, JSONL out)."""
+def generate(texts, model_dir, input_path, output_path, overwrite, as_json, provider, dtype, threads, variant, batch_size,
+             truncate, **options):
+    """Generate from TEXT (streamed to the terminal) or from --input FILE (batched).
+
+    stdout: plain lines, or JSON lines with --json; --output FILE: JSON lines. Exit 1 when an input failed
+    (reported in its record), 130 on Ctrl-C (the finished records kept).
+    """
     one_line_errors(run)(texts, model_dir, input_path, output_path, as_json, provider, dtype, threads, batch_size,
-                         truncate, options, variant)
+                         truncate, options, variant, overwrite)
+
+
+def refuse_model_folder_as_text(texts):
+    """`refformer generate m "text"` with m a model folder: a usage error pointing to --model, not a translation of m."""
+    for text in texts:
+        try:
+            is_model = (Path(text) / "config.json").is_file()
+        except (OSError, ValueError):  # a text too long or odd to be a path
+            is_model = False
+        if is_model:
+            raise click.UsageError(f"refformer generate takes the model folder as --model DIR, not as an argument "
+                                   f"(got the folder {text!r}); use --model {text}")
+
+
+def check_threads(threads):
+    """--threads: >= 1, and at most the CPU count (capped with a notice)."""
+    if threads is None:
+        return None
+    if threads < 1:
+        raise RefformerError(f"--threads must be >= 1, got {threads}")
+    cpus = os.cpu_count() or 1
+    if threads > cpus:
+        click.echo(f"notice: --threads {threads} is more than the {cpus} CPUs here; using {cpus}", err=True)
+        return cpus
+    return threads
 
 
 def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, threads, batch_size, truncate, options,
-        variant="auto"):
-    from refformer.refimpl.generate import GenerationOptions
+        variant="auto", overwrite=False):
     from refformer.runtime.generator import Generator
 
-    generation = GenerationOptions(**options)  # bad option values fail before any model is loaded
+    refuse_model_folder_as_text(texts)
+    generation = generation_options(options)  # bad option values fail before any model is loaded
     if not texts and input_path is None:
         raise RefformerError("give a TEXT to translate, or --input FILE (- for stdin)")
     if texts and input_path is not None:
         raise RefformerError("give TEXT arguments or --input, not both")
     if batch_size < 1:
         raise RefformerError(f"--batch-size must be >= 1, got {batch_size}")
-    if threads is not None and threads < 1:
-        raise RefformerError(f"--threads must be >= 1, got {threads}")
-    if input_path is not None and input_path != "-" and not Path(input_path).is_file():
-        raise RefformerError(f"input file {input_path} does not exist")
+    if output_path is not None:
+        check_output_path(output_path, input_path, overwrite)
+    if input_path is not None:
+        lines = list(read_inputs(read_input_bytes(input_path)))
+    else:
+        lines = [(number, text, None, {}) for number, text in enumerate(texts, start=1)]
+    threads = check_threads(threads)
     generator = Generator(model_dir, provider=provider, dtype=dtype, threads=threads, truncate=truncate, variant=variant)
 
-    if len(texts) == 1 and output_path is None and not as_json and options["num_return_sequences"] == 1:
-        for piece in generator.stream(texts[0], **options):
+    if len(texts) == 1 and output_path is None and not as_json and generation.num_return_sequences == 1:
+        for piece in generator.stream(texts[0], **vars(generation)):
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo()
         return
-    if texts:
-        lines = [(number, text, None) for number, text in enumerate(texts, start=1)]
-    else:
-        lines = list(read_inputs(input_path))
-    records, failures = [], 0
-    show_bar = input_path is not None
+    writer = RecordWriter(output_path, as_json)
+    try:
+        failures = generate_records(generator, generation, lines, writer, input_path, batch_size)
+    except KeyboardInterrupt:
+        writer.close(keep=True)
+        click.echo(f"interrupted: {writer.count} of {len(lines)} inputs written to {writer.where}", err=True)
+        sys.exit(130)
+    except BaseException:
+        writer.close(keep=False)
+        raise
+    writer.close(keep=True)
+    if failures:
+        where = output_path if output_path else "the output"
+        click.echo(f"error: {failures} of {len(lines)} inputs failed (reported in {where})", err=True)
+        sys.exit(1)
+    if output_path is not None:
+        click.echo(f"wrote {writer.count} records to {output_path}", err=True)
+
+
+def generate_records(generator, generation, lines, writer, input_path, batch_size):
+    """Run the lines in batches, writing each batch's records (in line order) as it finishes; returns the number of
+    failed lines."""
+    failures = 0
+    seed = {"seed": generation.seed} if generation.do_sample else {}
+    show_bar = sys.stderr.isatty() and (writer.file is not None or not sys.stdout.isatty())
     with click.progressbar(length=len(lines), label="generating", file=sys.stderr, hidden=not show_bar) as bar:
         for start in range(0, len(lines), batch_size):
             chunk = lines[start:start + batch_size]
-            good = []
-            for number, text, error in chunk:
+            good, records = [], {}
+            for number, text, error, extra in chunk:
                 if error is None:
                     try:  # empty or too long: reported for this line only; each line is tokenized once
                         name = f"line {number}" if input_path else f"input {number}"
-                        good.append((number, text, generator.encode_rows([text], [name])[0]))
+                        good.append((number, text, extra, generator.encode_rows([text], [name])[0]))
                         continue
                     except RefformerError as problem:
                         error = str(problem)
-                records.append({"line": number, "error": error})
+                records[number] = {"line": number, **extra, "error": error}
                 failures += 1
             if good:
-                outputs = generator.generate_rows([row for _, _, row in good], generation)
-                for (number, text, _), output in zip(good, outputs):
-                    records.append(one_record(text, output, line=number))
+                outputs = generator.generate_rows([row for *_, row in good], generation)
+                for (number, text, extra, _), output in zip(good, outputs):
+                    records[number] = {"line": number, **extra, "input": text, "output": output, **seed}
+            writer.write([records[number] for number in sorted(records)])
             bar.update(len(chunk))
-    records.sort(key=lambda record: record["line"])
-    emit(records, output_path, as_json or input_path is not None)
-    if failures:
-        click.echo(f"error: {failures} of {len(lines)} inputs failed (reported in the output)", err=True)
-        sys.exit(1)
-
-
-def emit(records, output_path, as_json):
-    """JSONL to output_path (written atomically) or stdout; plain text lines without --json."""
-    from refformer.refimpl.io import atomic_write
-
-    def render(record):
-        if as_json:
-            return json.dumps(record, ensure_ascii=False)
-        if "error" in record:
-            return f"error: {record['error']}"
-        output = record["output"]
-        return output if isinstance(output, str) else "\n".join(output)
-
-    text = "".join(render(record) + "\n" for record in records)
-    if output_path is None:
-        click.echo(text, nl=False)
-        return
-    try:
-        atomic_write(output_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    except FileNotFoundError:
-        raise RefformerError(f"cannot write {output_path}: its folder does not exist") from None
-    click.echo(f"wrote {len(records)} records to {output_path}", err=True)
+    return failures

@@ -2,6 +2,7 @@
 token for token, for every strategy and both families; export on demand, providers, streaming."""
 
 import os
+import re
 import stat
 
 import numpy as np
@@ -92,11 +93,12 @@ def test_stream_yields_pieces_that_add_up_to_generate(runtime):
     assert "".join(pieces) == generator.generate(TEXTS[family][0], max_new_tokens=8)
 
 
-def test_export_happens_once_and_is_reused(model):
-    path, _ = model
-    manifest = (path / "onnx" / "manifest.json").stat().st_mtime_ns
-    Generator(path, provider="cpu")
-    assert (path / "onnx" / "manifest.json").stat().st_mtime_ns == manifest
+def test_export_happens_once_and_is_reused(runtime):
+    generator, _ = runtime
+    manifest = (generator.onnx_dir / "manifest.json").stat().st_mtime_ns
+    again = Generator(generator.model_dir, provider="cpu")
+    assert again.onnx_dir == generator.onnx_dir
+    assert (generator.onnx_dir / "manifest.json").stat().st_mtime_ns == manifest
 
 
 def test_stale_export_is_redone(tmp_path, tokenizer_file):
@@ -132,11 +134,13 @@ def test_unwritable_model_dir_goes_to_cache(tmp_path, tokenizer_file, monkeypatc
     assert not (tmp_path / "m" / "onnx").exists()
 
 
-def test_auto_falls_back_to_cpu_with_a_notice(model, capsys, monkeypatch):
+@pytest.mark.parametrize("gpu", [True, False])
+def test_auto_falls_back_to_cpu_with_a_notice_only_when_a_gpu_is_there(model, capsys, monkeypatch, gpu):
     monkeypatch.setattr("refformer.export.verify.cuda_usable", lambda: False)
+    monkeypatch.setattr(gen_module, "gpu_present", lambda: gpu)
     generator = Generator(model[0], provider="auto")
     assert generator.provider == "CPUExecutionProvider"
-    assert "running on the CPU" in capsys.readouterr().err
+    assert ("running on the CPU" in capsys.readouterr().err) == gpu
 
 
 def test_cuda_fails_clearly_without_a_gpu(model, monkeypatch):
@@ -182,3 +186,101 @@ def test_verify_finds_an_export_made_into_the_user_cache(tmp_path, tokenizer_fil
     assert not (tmp_path / "m" / "onnx").exists()
     result = CliRunner().invoke(main, ["verify", "--model", str(tmp_path / "m"), "--provider", "cpu"])
     assert result.exit_code == 0, result.output
+
+
+# ---------------------------------------------------------------------------- batch independence, seeds, bad input
+
+LONG = {"encoder-decoder": "Das Wetter ist heute schön, und wir gehen.", "decoder-only": "The weather is nice today, is it"}
+INDEPENDENCE = [dict(), dict(do_sample=True, seed=5, top_k=20), dict(do_sample=True, seed=2, num_return_sequences=2),
+                dict(num_beams=3, num_return_sequences=2), dict(repetition_penalty=1.3, no_repeat_ngram_size=2)]
+
+
+@pytest.mark.parametrize("options", INDEPENDENCE, ids=strategy_id)
+def test_a_text_gives_the_same_ids_alone_and_in_a_batch(runtime, options):
+    """The default max_new_tokens, the length limit and the seeded draws are per row: "x" runs to its own budget
+    (14 tokens from a source of 2, 47 after a prompt of 2) whatever the other rows are."""
+    generator, family = runtime
+    options = GenerationOptions(**options)
+    batch = generator.generate_ids([LONG[family], "x", LONG[family]], options)
+    alone = generator.generate_ids(["x"], options)
+    assert batch[1] == alone[0]
+    assert batch[0] == batch[2] == generator.generate_ids([LONG[family]], options)[0]
+
+
+def test_seed_none_draws_a_new_seed_every_call(runtime):
+    generator, family = runtime
+    seeds = {GenerationOptions(do_sample=True).seed for _ in range(5)}
+    assert len(seeds) == 5 and all(isinstance(seed, int) and seed >= 0 for seed in seeds)
+    options = GenerationOptions(do_sample=True, max_new_tokens=6)
+    assert generator.generate_ids(TEXTS[family], options) == generator.generate_ids(TEXTS[family], options)
+
+
+def test_an_empty_list_gives_an_empty_list(runtime):
+    generator, _ = runtime
+    assert generator.generate([]) == [] and generator.generate(()) == []
+    assert generator.generate_rows([], GenerationOptions()) == []
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda g: g.generate(None), "texts must be a str or a list"),
+    (lambda g: g.generate(5), "texts must be a str or a list"),
+    (lambda g: g.generate([["nested"]]), "input 1 must be a str"),
+    (lambda g: g.generate(["ok", None]), "input 2 must be a str"),
+    (lambda g: g.generate({"a set"}), "texts must be a str or a list"),
+    (lambda g: g.generate(b"bytes"), "texts must be a str or a list"),
+    (lambda g: g.generate("ok", bogus=1), "unknown generation option 'bogus'"),
+    (lambda g: g.generate("ok", seed=-1), "seed must be >= 0"),
+    (lambda g: g.generate("ok", seed=1.5), "seed must be an integer"),
+    (lambda g: g.generate("ok", temperature="hot"), "temperature"),
+    (lambda g: g.generate("ok", temperature=float("nan")), "temperature"),
+    (lambda g: g.generate("ok", top_k=True), "top_k"),
+    (lambda g: g.generate("ok", num_beams=10**9), "num_beams"),
+    (lambda g: g.generate_ids(["ok"], {"max_new_tokens": 2}), "options must be a GenerationOptions"),
+    (lambda g: g.generate_rows([[5, 10**6]], GenerationOptions()), "row 0 must be a list of token ids"),
+    (lambda g: g.generate_rows(["text"], GenerationOptions()), "row 0 must be a list of token ids"),
+    (lambda g: g.encode_rows(["a", "b"], ["only one name"]), "names must be 2 strings"),
+    (lambda g: g.pad_inputs([]), "rows must be a non-empty list"),
+    (lambda g: g.decode(None), "ids must be a list of integer token ids"),
+    (lambda g: g.decode([1.5]), "ids must be a list of integer token ids"),
+    (lambda g: g.decode([10**9]), "outside the vocabulary"),
+    (lambda g: list(g.stream(None)), "text must be a str"),
+    (lambda g: list(g.stream("ok", top_p=2)), "top_p"),
+])
+def test_bad_library_input_is_a_refformer_error(runtime, call, message):
+    generator, _ = runtime
+    with pytest.raises(RefformerError, match=re.escape(message)):
+        call(generator)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(threads=0), "threads must be an integer >= 1"), (dict(threads=-1), "threads"), (dict(threads=1.5), "threads"),
+    (dict(dtype="fp64"), "dtype must be fp32 or fp16"), (dict(truncate="yes"), "truncate"),
+    (dict(static_length=0), "static_length"), (dict(model_dir=5), "model_dir must be a folder path"),
+    (dict(provider="tpu"), "provider must be auto, cuda or cpu"), (dict(variant="fast"), "variant must be one of"),
+])
+def test_bad_generator_arguments_are_refused(model, arguments, message):
+    arguments = {"model_dir": model[0], "provider": "cpu", **arguments}
+    with pytest.raises(RefformerError, match=re.escape(message)):
+        Generator(**arguments)
+
+
+def test_threads_above_the_cpu_count_are_capped(model):
+    generator = Generator(model[0], provider="cpu", threads=(os.cpu_count() or 1) * 100)
+    assert generator.threads == os.cpu_count()
+
+
+def test_padding_and_truncation_in_tokenizer_json_do_not_reach_the_model(tmp_path, tokenizer_file):
+    """A Hugging Face tokenizer.json may pad every text to a fixed length (1e9: 4 GB) and cut it silently."""
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer.enable_padding(length=10**9, pad_id=0, pad_token="<pad>")
+    tokenizer.enable_truncation(max_length=2)
+    padded = tmp_path / "tokenizer.json"
+    padded.write_text(tokenizer.to_str())
+    assert '"padding"' in padded.read_text() and '"truncation"' in padded.read_text()
+    make_model(tmp_path / "m", padded, "encoder-decoder")
+    generator = Generator(tmp_path / "m", provider="cpu")
+    clean = tok.load_tokenizer(tokenizer_file)
+    text = TEXTS["encoder-decoder"][0]
+    assert generator.encode_rows([text]) == tok.encode(clean, [text])
+    assert len(generator.encode_rows([text])[0]) > 2
+    assert generator.tokenizer.padding is None and generator.tokenizer.truncation is None
