@@ -438,7 +438,8 @@ def detect_family(data_dir):
 
 def check_split_output(out_dir, suffix, overwrite=False):
     """Refuse (RefformerError) an output folder for {train,valid,test}{suffix} before any work: a file, a folder
-    that cannot be created or written, or one that already holds one of those files (unless overwrite)."""
+    that cannot be created or written, a folder that already holds files (unless overwrite, which replaces only
+    the three split files), or one holding the split files of the other corpus kind (.tsv / .txt)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RefformerError(f"--out {out} is a file, not a folder")
@@ -449,14 +450,22 @@ def check_split_output(out_dir, suffix, overwrite=False):
         raise RefformerError(f"cannot create --out {out}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise RefformerError(f"cannot write to --out {out}: {ancestor} is not writable")
-    targets = [out / f"{name}{suffix}" for name in SPLITS]
-    folders = [path.name for path in targets if path.is_dir()]
+    if not out.is_dir():
+        return
+    targets = [f"{name}{suffix}" for name in SPLITS]
+    folders = [name for name in targets if (out / name).is_dir()]
     if folders:
         raise RefformerError(f"--out {out} has folders named {', '.join(folders)}; choose another --out")
-    existing = [path.name for path in targets if path.exists()]
+    others = [f"{name}{other}" for other in SUFFIX.values() if other != suffix for name in SPLITS
+              if (out / f"{name}{other}").exists()]
+    if others:
+        raise RefformerError(f"--out {out} holds another corpus ({', '.join(others)}); a data folder holds one "
+                             f"corpus: choose another --out (--overwrite replaces only {', '.join(targets)})")
+    existing = sorted(path.name for path in out.iterdir())
     if existing and not overwrite:
-        raise RefformerError(f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace "
-                             f"{'it' if len(existing) == 1 else 'them'}")
+        shown = ", ".join(existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
+        raise RefformerError(f"--out {out} already holds files ({shown}); pass --overwrite to replace "
+                             f"{', '.join(targets)} in it")
 
 
 def _write_splits(out_dir, splits, suffix, write):

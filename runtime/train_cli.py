@@ -48,6 +48,20 @@ def train_options(opts):
         raise RefformerError(message) from None
 
 
+def check_finite_weights(model_dir, params):
+    """RefformerError unless every weight of the model in model_dir is finite (a diverged model is refused)."""
+    import numpy as np
+
+    from refformer.refimpl.errors import RefformerError
+    from refformer.refimpl.tree import flatten
+
+    bad = [name for name, value in flatten(params).items() if not np.isfinite(value).all()]
+    if bad:
+        raise RefformerError(f"{Path(model_dir) / 'model.safetensors'} holds weights that are not finite (NaN or "
+                             f"inf) in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                             + ": the model diverged; train it again")
+
+
 def check_architecture(opts):
     """Refuse architecture options out of range (RefformerError naming the flag), before anything is built."""
     from refformer.refimpl.errors import RefformerError
@@ -170,6 +184,7 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
             raise RefformerError(f"--init takes the architecture from {opts['init_dir']}; drop "
                                  f"{', '.join('--' + name.replace('_', '-') for name in fixed)}")
         cfg, params = load(opts["init_dir"])
+        check_finite_weights(opts["init_dir"], params)
         if "dropout" in given:
             cfg = cfg.replace(dropout=opts["dropout"])
         if cfg.vocab_size != vocab_size:
@@ -291,6 +306,7 @@ def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
         raise RefformerError(f"DATA_DIR {data_dir} is not a folder: give the folder that holds the {split} split")
     model_dir = resolve_model(model_dir)
     cfg, params = load(model_dir)
+    check_finite_weights(model_dir, params)
     tokenizer = load_tokenizer(model_dir)
     path = split_path(data_dir, split, cfg.family)
     if not path.is_file():

@@ -281,17 +281,23 @@ def test_prepare_refuses_existing_split_files_unless_overwrite(dictionary, tmp_p
     out = tmp_path / "out"
     out.mkdir()
     (out / "train.tsv").write_text("my own\tfile\n")
-    with pytest.raises(RefformerError, match=r"already holds train.tsv; pass --overwrite"):
+    with pytest.raises(RefformerError, match=r"already holds files \(train.tsv\); pass --overwrite"):
         data.prepare_de_en(out, source=dictionary)
+    with pytest.raises(RefformerError, match=r"holds another corpus \(train.tsv\)"):
+        data.prepare_pydoc(out, source=tmp_path, overwrite=True)
     assert (out / "train.tsv").read_text() == "my own\tfile\n" and not (out / "valid.tsv").exists()
     counts = data.prepare_de_en(out, source=dictionary, overwrite=True)
     assert sum(counts.values()) == len(KEPT) and "my own" not in (out / "train.tsv").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["test.tsv", "train.tsv", "valid.tsv"]  # no temporaries left
-    # a folder of other files is fine (only the three split files are written); a file or a split-named folder not
+    # a folder of other files needs --overwrite, which keeps them (only the three split files are written)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("keep")
-    data.prepare_de_en(tmp_path / "other", source=dictionary)
+    with pytest.raises(RefformerError, match=r"already holds files \(notes.txt\)"):
+        data.prepare_de_en(tmp_path / "other", source=dictionary)
+    data.prepare_de_en(tmp_path / "other", source=dictionary, overwrite=True)
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep"
+    (tmp_path / "empty").mkdir()
+    data.prepare_de_en(tmp_path / "empty", source=dictionary)  # an empty folder is no one's files
     with pytest.raises(RefformerError, match="is a file"):
         data.prepare_de_en(out / "train.tsv", source=dictionary)
     (tmp_path / "weird" / "valid.txt").mkdir(parents=True)
