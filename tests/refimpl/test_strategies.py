@@ -2,6 +2,7 @@
 (against exhaustive search on a tiny vocabulary)."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -10,8 +11,9 @@ from hypothesis import strategies as st
 
 from refformer.refimpl import Config, init_params, model_forward
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.generate import (GenerationOptions, banned_ngram_tokens, beam_search, filter_top_k_top_p, top_candidates,
-                                        generate, greedy, ReferenceStepper, apply_repetition_penalty, sample)
+from refformer.refimpl.generate import (MAX_BEAMS, GenerationOptions, ReferenceStepper, apply_repetition_penalty,
+                                        banned_ngram_tokens, beam_search, filter_top_k_top_p, generate, greedy, sample,
+                                        search_iter, step_budget, top_candidates)
 from refformer.refimpl.ops import log_softmax_forward
 
 
@@ -147,3 +149,158 @@ def test_top_candidates_is_the_stable_argsort_head(size, n, levels, dead, seed):
     expected = np.argsort(-values, kind="stable")[:n]
     np.testing.assert_array_equal(top_candidates(values, n, block=8), expected)
     np.testing.assert_array_equal(top_candidates(values, n), expected)
+
+
+# ---------------------------------------------------------------------------- batch independence
+
+
+def long_runner(family, seed=4):
+    """A model whose rows never stop early (eos held down): every row runs to its own length budget."""
+    cfg = Config(vocab_size=30, d_model=8, n_heads=2, d_ff=16, n_encoder_layers=1, n_decoder_layers=1, family=family,
+                 max_positions=20, dropout=0.0, tie_embeddings=False, lm_head_bias=True)
+    params = init_params(cfg, np.random.default_rng(seed), dtype=np.float64)
+    params["lm_head"]["bias"][cfg.eos_id] = -30.0
+    return cfg, params
+
+
+def padded_batch(cfg, rows):
+    """Sources right-padded (+ eos) or prompts left-padded (bos +), as the runtime pads them."""
+    if cfg.is_encoder_decoder:
+        rows = [row + [cfg.eos_id] for row in rows]
+        ids = np.full((len(rows), max(map(len, rows))), cfg.pad_id)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = row
+        return {"src_ids": ids}
+    rows = [[cfg.bos_id] + row for row in rows]
+    ids = np.full((len(rows), max(map(len, rows))), cfg.pad_id)
+    for i, row in enumerate(rows):
+        ids[i, ids.shape[1] - len(row):] = row
+    return {"prompt_ids": ids}
+
+
+@pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
+@pytest.mark.parametrize("options", [dict(), dict(do_sample=True, seed=9, temperature=1.3),
+                                     dict(do_sample=True, seed=1, num_return_sequences=3),
+                                     dict(num_beams=3, num_return_sequences=2), dict(max_new_tokens=12, num_beams=2),
+                                     dict(repetition_penalty=1.5, no_repeat_ngram_size=2)],
+                         ids=["greedy", "sampling", "samples", "beams", "beams-max", "penalties"])
+def test_a_row_gives_the_same_ids_alone_and_in_a_batch(family, options):
+    """Default length budgets (2 S + 10, or the room left in max_positions), length limits and seeded draws are per
+    row: a row's output never depends on the other rows of its batch."""
+    cfg, params = long_runner(family)
+    rows = [[5, 6], [7, 8, 9, 10, 11, 12, 13, 14, 15], [5, 6], [20]]
+    options = GenerationOptions(**options)
+    together = generate(cfg, params, options=options, **padded_batch(cfg, rows))
+    alone = [generate(cfg, params, options=options, **padded_batch(cfg, [row]))[0] for row in rows]
+    assert together == alone
+    assert together[0] == together[2]  # the same row at another index draws the same
+    if options.max_new_tokens is None or not cfg.is_encoder_decoder:  # (else every budget is max_new_tokens)
+        assert len({len(s[0]) for s in together}) > 1, "the rows should run to different budgets"
+
+
+def test_default_budgets_are_per_row():
+    cfg, _ = long_runner("encoder-decoder")
+    keep = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    budgets = step_budget(cfg, GenerationOptions(), keep, np.zeros((2, 1), np.int64))
+    assert budgets.tolist() == [16, 20]  # 2 x 3 + 10, and 2 x 5 + 10 capped at max_positions
+    cfg, _ = long_runner("decoder-only")
+    positions = np.array([[0, 0, 0, 1], [0, 1, 2, 3]])  # a left-padded prompt of 2 and one of 4
+    assert step_budget(cfg, GenerationOptions(), None, positions).tolist() == [19, 17]
+    assert step_budget(cfg, GenerationOptions(max_new_tokens=10**30), None, positions).tolist() == [19, 17]
+
+
+def test_the_k_th_sample_draws_from_default_rng_seed_k():
+    """The documented draws: the first of several samples is the single sample of the same seed."""
+    cfg, params = long_runner("encoder-decoder")
+    inputs = padded_batch(cfg, [[5, 6, 7]])
+    one = generate(cfg, params, options=GenerationOptions(do_sample=True, seed=3, max_new_tokens=6), **inputs)[0]
+    three = generate(cfg, params, options=GenerationOptions(do_sample=True, seed=3, max_new_tokens=6,
+                                                            num_return_sequences=3), **inputs)[0]
+    assert three[0] == one[0] and len({tuple(s) for s in three}) > 1
+
+
+def test_seed_none_draws_a_seed():
+    seeds = [GenerationOptions().seed for _ in range(4)]
+    assert len(set(seeds)) == 4 and all(0 <= seed < 2**32 for seed in seeds)
+    assert GenerationOptions(seed=7).seed == 7
+
+
+# ---------------------------------------------------------------------------- bad arguments and numeric extremes
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=10**400), "temperature"), (dict(temperature="1"), "temperature"), (dict(temperature=-1), "temperature"),
+    (dict(top_p=float("nan")), "top_p"), (dict(top_p="0.5"), "top_p"), (dict(top_p=None), "top_p"),
+    (dict(top_k=True), "top_k"), (dict(top_k=2.0), "top_k"), (dict(max_new_tokens=1.5), "max_new_tokens"),
+    (dict(max_new_tokens=False), "max_new_tokens"), (dict(min_new_tokens=None), "min_new_tokens"),
+    (dict(num_beams=MAX_BEAMS + 1), "num_beams"), (dict(num_beams=10**12), "num_beams"),
+    (dict(do_sample=True, num_return_sequences=10**12), "num_return_sequences"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"), (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+    (dict(length_penalty=float("nan")), "length_penalty"), (dict(length_penalty="x"), "length_penalty"),
+    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"), (dict(seed=-1), "seed must be >= 0"),
+    (dict(seed=1.0), "seed must be an integer"), (dict(seed="1"), "seed"), (dict(do_sample="yes"), "do_sample"),
+    (dict(early_stopping=1), "early_stopping"),
+])
+def test_bad_option_values_are_refused(options, message):
+    with pytest.raises(RefformerError, match=message):
+        GenerationOptions(**options)
+    assert issubclass(RefformerError, ValueError)
+
+
+def test_unknown_option_names_are_refused():
+    with pytest.raises(RefformerError, match="unknown generation option 'beams'"):
+        GenerationOptions.from_keywords(beams=2)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda cfg, params: generate(cfg, params, np.array([[4, 2]]), options={"num_beams": 2}), "options must be a GenerationOptions"),
+    (lambda cfg, params: generate("cfg", params, np.array([[4, 2]])), "cfg must be a refformer Config"),
+    (lambda cfg, params: generate(cfg, None, np.array([[4, 2]])), "params must be the model's parameter dict"),
+    (lambda cfg, params: generate(cfg, params, [[4, 2]]), "src_ids must be a numpy array"),
+    (lambda cfg, params: generate(cfg, params, np.array([[4, 99]])), "token ids"),
+    (lambda cfg, params: generate(cfg, params, np.array([[4, 2]]), stepper=object()), "stepper must have"),
+    (lambda cfg, params: list(search_iter(ReferenceStepper(cfg, params), cfg, GenerationOptions(num_beams=2),
+                                          src_ids=np.array([[4, 2]]))), "num_beams = 1"),
+    (lambda cfg, params: greedy(None, params, np.array([[4, 2]])), "cfg must be a refformer Config"),
+])
+def test_bad_library_arguments_are_refformer_errors(call, message):
+    cfg, params = tiny()
+    with pytest.raises(RefformerError, match=message):
+        call(cfg, params)
+
+
+def test_an_empty_batch_gives_nothing():
+    cfg, params = tiny()
+    assert generate(cfg, params, np.zeros((0, 3), np.int64)) == []
+    assert generate(cfg, params, np.zeros((0, 3), np.int64), options=GenerationOptions(num_beams=2)) == []
+
+
+def test_beams_without_room_give_empty_sequences():
+    cfg, params = tiny()
+    options = GenerationOptions(num_beams=3, num_return_sequences=2, max_new_tokens=0)
+    assert generate(cfg, params, np.array([[4, 2], [5, 2]]), options=options) == [[[], []], [[], []]]
+
+
+@pytest.mark.parametrize("options", [
+    dict(do_sample=True, temperature=1e-300), dict(do_sample=True, temperature=1e300), dict(do_sample=True, top_p=1e-300),
+    dict(do_sample=True, top_k=10**12), dict(repetition_penalty=1e-300), dict(repetition_penalty=1e300),
+    dict(do_sample=True, repetition_penalty=1e-300), dict(num_beams=3, length_penalty=1e300),
+    dict(num_beams=3, length_penalty=-1e300), dict(num_beams=2, repetition_penalty=1e-300),
+    dict(no_repeat_ngram_size=10**9), dict(min_new_tokens=10**9), dict(max_new_tokens=10**30),
+    dict(do_sample=True, seed=10**40),
+])
+def test_extreme_values_that_make_sense_run_cleanly(options):
+    cfg, params = long_runner("decoder-only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or invalid-value warnings either
+        out = generate(cfg, params, prompt_ids=np.array([[0, 1, 5], [1, 6, 7]]), options=GenerationOptions(**options))
+    assert all(0 <= t < cfg.vocab_size for sequences in out for s in sequences for t in s)
+
+
+def test_a_tiny_temperature_samples_the_argmax():
+    cfg, params = long_runner("encoder-decoder")
+    inputs = padded_batch(cfg, [[5, 6, 7], [8]])
+    greedy_ids = generate(cfg, params, options=GenerationOptions(max_new_tokens=8), **inputs)
+    cold = generate(cfg, params, options=GenerationOptions(do_sample=True, temperature=1e-300, max_new_tokens=8), **inputs)
+    assert cold == greedy_ids

@@ -5,6 +5,7 @@ import unicodedata
 import pytest
 from click.testing import CliRunner
 from hypothesis import example, given
+from tokenizers import Tokenizer
 from hypothesis import strategies as st
 
 from refformer.refimpl import data
@@ -113,5 +114,28 @@ def test_cli_data_and_tokenizer_train(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert tok.special_ids(tok.load_tokenizer(out))["eos_id"] == 2
 
-    result = runner.invoke(main, ["tokenizer", "train", str(tmp_path / "out"), "--vocab-size", "10", "--out", str(out)])
-    assert result.exit_code == 1 and result.output.startswith("error: ") and "at least 260" in result.output
+    result = runner.invoke(main, ["tokenizer", "train", str(tmp_path / "out"), "--vocab-size", "10", "--out", str(out),
+                                  "--overwrite"])
+    assert result.exit_code == 1 and result.output.startswith("error: ") and "260" in result.output
+
+
+def test_padding_and_truncation_sections_are_switched_off(trained, tmp_path):
+    """Hugging Face tokenizer.json files often carry padding (here a fixed 1e9: 4 GB per text) and truncation."""
+    text = "Der Hund schläft im Garten, und die Katze trinkt Milch."
+    want = tok.encode(trained, [text])[0]
+    configured = Tokenizer.from_str(trained.to_str())
+    configured.enable_padding(length=10**9, pad_id=0, pad_token="<pad>")
+    configured.enable_truncation(max_length=3)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(configured.to_str())
+    loaded = tok.load_tokenizer(path)
+    assert loaded.padding is None and loaded.truncation is None
+    assert tok.encode(loaded, [text])[0] == want and len(want) > 3
+    configured.enable_padding(length=64, pad_id=0, pad_token="<pad>")  # one set up in memory: encode switches it off
+    assert tok.encode(configured, [text])[0] == want
+
+
+@pytest.mark.parametrize("texts", ["a str", None, 5, [["nested"]], [b"bytes"]])
+def test_encode_refuses_what_is_not_a_list_of_str(trained, texts):
+    with pytest.raises(RefformerError, match="must be a"):
+        tok.encode(trained, texts)
