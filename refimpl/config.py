@@ -86,7 +86,10 @@ class Config:
         return self.family == "encoder-decoder"
 
     def replace(self, **changes):
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). Raises RefformerError for an unknown field."""
+        unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(self)})
+        if unknown:
+            raise RefformerError(f"unknown config keys {unknown}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self):

@@ -22,6 +22,15 @@ def rel_error(a, b):
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
 
 
+def _scalar(f):
+    """f() as a float; RefformerError when it is not a number."""
+    value = f()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise RefformerError(f"f must return a number, got {type(value).__name__}") from None
+
+
 def numerical_gradient(f, x, eps=1e-6, max_entries=None, rng=None):
     """Centred differences (f(x + eps e_i) - f(x - eps e_i)) / 2 eps of the scalar f() wrt array x.
 
@@ -45,9 +54,9 @@ def numerical_gradient(f, x, eps=1e-6, max_entries=None, rng=None):
     for n, i in enumerate(indices):
         old = flat[i]
         flat[i] = old + eps
-        plus = f()
+        plus = _scalar(f)
         flat[i] = old - eps
-        minus = f()
+        minus = _scalar(f)
         flat[i] = old
         grad[n] = (plus - minus) / (2 * eps)
     return indices, grad

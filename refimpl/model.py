@@ -177,11 +177,7 @@ def _positions(name, positions, ids, cfg):
 
 def _check_dtype(params):
     """The parameters' one dtype, float32 or float64."""
-    embed = params.get("decoder", {}).get("embed_tokens", {}) if isinstance(params, dict) else {}
-    weight = embed.get("weight") if isinstance(embed, dict) else None
-    check(isinstance(weight, np.ndarray), "params must be a parameter tree (init_params or load) with "
-                                          "decoder.embed_tokens.weight")
-    dtype = weight.dtype
+    dtype = params["decoder"]["embed_tokens"]["weight"].dtype  # the tree was checked first (_check_model)
     check(dtype in (np.float32, np.float64), f"parameters must be float32 or float64, got {dtype}")
     return dtype
 
@@ -189,8 +185,8 @@ def _check_dtype(params):
 def _check_model(cfg, params, rng=None):
     """cfg a Config; params exactly param_shapes(cfg), in one dtype (float32 or float64); returns that dtype."""
     check_config(cfg, rng)
-    dtype = _check_dtype(params)
     check_tree("params", params, param_shapes(cfg))
+    dtype = _check_dtype(params)
     other = sorted({str(value.dtype) for value in _leaves(params)} - {str(dtype)})
     check(not other, f"every parameter must be {dtype}, found {other}")
     return dtype
@@ -403,8 +399,9 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
               "cross_kv must hold one (k, v) per decoder layer for an encoder-decoder model")
         check(encoder_attention_mask is not None, "encoder_attention_mask is required with cross_kv")
         encoder_attention_mask = check_keep_mask("encoder_attention_mask", encoder_attention_mask, ndim=2)
-        check_array("cross_kv[0] keys", cross_kv[0][0], ndim=4, kind="f")
-        S = cross_kv[0][0].shape[2]
+        if cross_kv:
+            check_array("cross_kv[0] keys", cross_kv[0][0], ndim=4, kind="f")
+        S = cross_kv[0][0].shape[2] if cross_kv else encoder_attention_mask.shape[1]
         check(encoder_attention_mask.shape == (B, S),
               f"encoder_attention_mask must have shape [B, S] = {[B, S]}, got {list(encoder_attention_mask.shape)}")
         for i, (k, v) in enumerate(cross_kv):

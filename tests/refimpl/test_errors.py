@@ -622,3 +622,65 @@ def test_layer_norm_bias_is_optional():
         layer_norm_forward({"bias": np.zeros(8)}, x, 1e-5)
     with pytest.raises(RefformerError, match="unexpected"):
         rms_norm_forward({"weight": weight, "bias": np.zeros(8)}, x, 1e-5)  # RMSNorm has no bias to apply
+
+
+def model_level_calls(cfg, params):
+    """Good calls of the model-level functions for one config (any family, any number of layers)."""
+    rng = np.random.default_rng(2)
+    tgt = rng.integers(4, cfg.vocab_size, size=(2, 3))
+    src = rng.integers(4, cfg.vocab_size, size=(2, 4)) if cfg.is_encoder_decoder else None
+    logits, cache = model_forward(cfg, params, src, tgt)
+    cross_kv = encode(cfg, params, src)[1] if cfg.is_encoder_decoder else None
+    encoder_mask = np.ones((2, 4), np.int64) if cfg.is_encoder_decoder else None
+    calls = {
+        "model_forward": (model_forward, [cfg, params, src, tgt], {"tgt_mask": np.ones((2, 3), bool)}),
+        "model_backward": (refimpl.model_backward, [cfg, params, cache, logits], {}),
+        "decoder_step": (decoder_step, [cfg, params, tgt, np.tile(np.arange(3), (2, 1)), np.ones((2, 3), np.int64),
+                                        empty_cache(cfg, 2, np.float64), cross_kv, encoder_mask], {}),
+        "golden": (golden, [cfg, params, 1], {}),
+    }
+    if cfg.is_encoder_decoder:
+        calls["encode"] = (encode, [cfg, params, src], {"src_mask": np.ones((2, 4), bool)})
+    return calls
+
+
+OTHER_MODELS = {"decoder-only": DO, "no layers": ED.replace(n_encoder_layers=0, n_decoder_layers=0),
+                "decoder-only, no layers, learned": DO.replace(n_decoder_layers=0, positional="learned",
+                                                               tie_embeddings=False, lm_head_bias=True)}
+
+
+@pytest.mark.parametrize("which", list(OTHER_MODELS))
+def test_model_level_bad_arguments_in_other_families(which):
+    cfg = OTHER_MODELS[which]
+    params = init_params(cfg, np.random.default_rng(0), np.float64)
+    failures = []
+    for name, (function, args, kwargs) in model_level_calls(cfg, params).items():
+        variants = [(f"{name} arg {i} {label}", args[:i] + [bad] + args[i + 1:], kwargs)
+                    for i, value in enumerate(args) for label, bad in _variants(value).items()]
+        variants += [(f"{name} {key}={label}", args, {**kwargs, key: bad})
+                     for key, value in kwargs.items() for label, bad in _variants(value).items()]
+        for label, bad_args, bad_kwargs in variants:
+            try:
+                function(*bad_args, **bad_kwargs)
+            except RefformerError:
+                pass
+            except Exception as error:  # noqa: BLE001
+                failures.append(f"{label}: {type(error).__name__}: {str(error)[:120]}")
+    assert not failures, "\n".join(failures)
+
+
+def test_empty_batches_give_empty_results(setup):
+    """B = 0, T = 0 and S = 0 are not errors: the results have the matching empty shapes."""
+    s = setup
+    assert model(s, src_ids=s["src"][:0], tgt_ids=s["tgt"][:0])[0].shape == (0, 3, 13)
+    assert model(s, tgt_ids=s["tgt"][:, :0])[0].shape == (2, 0, 13)
+    logits, cache = model(s, src_ids=s["src"][:, :0])  # an empty source: cross-attention attends to nothing
+    assert logits.shape == (2, 3, 13) and np.all(np.isfinite(logits))
+    grads = refimpl.model_backward(ED, s["params"], cache, np.ones_like(logits))
+    assert all(np.all(np.isfinite(g)) for g in refimpl.flatten(grads).values())
+    assert encode(ED, s["params"], s["src"][:, :0])[0].shape == (2, 0, 8)
+    loss, cache = cross_entropy_forward(np.zeros((0, 3, 13)), np.zeros((0, 3), np.int64))
+    assert loss == 0.0 and refimpl.cross_entropy_backward(cache).shape == (0, 3, 13)
+    assert refimpl.softmax_forward(np.zeros((2, 0)))[0].shape == (2, 0)
+    with pytest.raises(RefformerError, match="unknown config keys"):
+        ED.replace(d_models=3)
