@@ -137,6 +137,7 @@ def find_export(model_dir, dtype=None, static_length=None, fused_attention=False
     """The export set of model_dir that verify checks when no folder is given: the one named by the options (dtype
     default fp32), in MODEL_DIR/onnx or the per-user cache. With no options: fp32 if it exists, else the only one
     there is. Raises RefformerError naming what exists when none or several match."""
+    load_config(model_dir)  # a missing or bad model folder is named first
     recover_leftovers(Path(model_dir) / EXPORTS_FOLDER)
     found = existing_exports(model_dir)
     options_given = dtype is not None or static_length is not None or fused_attention

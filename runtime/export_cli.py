@@ -43,12 +43,14 @@ def check_new_file(path, overwrite, inputs=()):
 @one_line_errors
 def golden_command(model_dir, out_path, seed, overwrite):
     """Write fixed inputs, every intermediate activation and every gradient of MODEL_DIR, in float64, to an .npz."""
+    from refformer.export.export import check_weights
     from refformer.refimpl.golden import write_golden
-    from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+    from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load
 
     check_seed(seed)
     model_dir = resolve_model(model_dir)
     check_new_file(out_path, overwrite, [Path(model_dir) / name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)])
+    check_weights(load(model_dir)[1], None, Path(model_dir) / WEIGHTS_FILE)  # NaN in, NaN out: refuse it here
     arrays = write_golden(model_dir, out_path, seed)
     click.echo(f"wrote {len(arrays)} arrays to {out_path}")
 
@@ -58,7 +60,8 @@ def golden_command(model_dir, out_path, seed, overwrite):
 @click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(dir_okay=False),
               help="tokenizer.json whose vocabulary matches the model.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
-@click.option("--overwrite", is_flag=True, help="Replace the model files in --out if it already holds any.")
+@click.option("--overwrite", is_flag=True, help="Write into --out although it exists and is not empty (its model "
+              "files are replaced).")
 @click.option("--n-heads", required=True, type=int, help="Attention heads (not recorded in a state_dict).")
 @click.option("--norm-first/--post-ln", default=False, show_default=True, help="Pre-LN (norm_first) or post-LN layers.")
 @click.option("--activation", type=click.Choice(["relu", "gelu"]), default="relu", show_default=True)
@@ -92,9 +95,10 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, overwrite, **arch
         raise RefformerError(f"--out {out} exists and is not a folder")
     if not out.parent.is_dir():
         raise RefformerError(f"--out {out}: folder {out.parent} does not exist")
-    existing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if (out / name).exists()]
-    if existing and not overwrite:
-        raise RefformerError(f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        existing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if (out / name).exists()]
+        held = f"already holds {', '.join(existing)}" if existing else "exists and is not empty"
+        raise RefformerError(f"--out {out} {held}; pass --overwrite to write the model files into it")
     try:
         import torch  # noqa: F401
     except ImportError:

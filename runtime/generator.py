@@ -92,7 +92,7 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
         if fresh(candidate):
             return candidate
     target = default_export_dir(model_dir, dtype, static_length, fused_attention)
-    print(f"exporting {model_dir} to {target} ({dtype}) ...", file=sys.stderr)
+    print(f"notice: exporting {model_dir} to {target} ({dtype}) ...", file=sys.stderr)
     export_model(model_dir, target, dtype=dtype, static_length=static_length, fused_attention=fused_attention)
     return target
 

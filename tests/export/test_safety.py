@@ -263,6 +263,15 @@ def test_non_finite_weights_are_not_exported_or_verified(tmp_path, bad):
         verify(tmp_path / "m", tmp_path / "m" / "onnx" / "fp32")
 
 
+def test_golden_refuses_non_finite_weights(tmp_path):
+    cfg = make_model(tmp_path / "m")
+    cfg, params = load(tmp_path / "m")
+    params["encoder"]["layers"][0]["ffn"]["fc2"]["bias"][0] = np.nan
+    save(tmp_path / "m", cfg, params)
+    one_line_error(invoke("golden", "--model", tmp_path / "m", "--out", tmp_path / "g.npz"), "non-finite")
+    assert not (tmp_path / "g.npz").exists()
+
+
 def test_weights_beyond_float16_are_not_exported_in_fp16(tmp_path):
     cfg = make_model(tmp_path / "m")
     cfg, params = load(tmp_path / "m")
@@ -449,6 +458,10 @@ def test_golden_and_convert_torch_keep_existing_files_unless_overwrite(tmp_path)
     one_line_error(invoke("convert-torch", tmp_path / "x.pt", "--tokenizer", tmp_path / "t.json", "--out", tmp_path / "m",
                           "--n-heads", "2"), "pass --overwrite")
     assert snapshot(tmp_path / "m") == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    one_line_error(invoke("convert-torch", tmp_path / "x.pt", "--tokenizer", tmp_path / "t.json", "--out",
+                          tmp_path / "mine", "--n-heads", "2"), "exists and is not empty; pass --overwrite")
 
 
 def test_convert_torch_never_writes_a_folder_that_cannot_load(tmp_path):
