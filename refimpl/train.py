@@ -63,7 +63,7 @@ class TrainingDiverged(RefformerError):
 
 def _divergence_hint(options):
     if options.lr * options.weight_decay >= 1.0:  # p * (1 - lr * wd) flips or zeroes every matrix
-        return "lower --weight-decay (lr x weight decay is at least 1)"
+        return f"lower --lr or --weight-decay (lr x weight decay is {options.lr * options.weight_decay:g}, at least 1)"
     return "lower --lr (or raise --warmup)"
 
 
