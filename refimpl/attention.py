@@ -27,7 +27,10 @@ from .ops import dropout_backward, dropout_forward, linear_backward, linear_forw
 
 
 def causal_mask(n_queries, n_keys=None, past=0):
-    """Boolean [T, S]: query i (at absolute position past + i) may attend to keys 0 .. past + i."""
+    """Boolean [T, S]: query i (at absolute position past + i) may attend to keys 0 .. past + i.
+
+    Raises RefformerError for negative or non-integer sizes, or a mask too large for memory.
+    """
     check_number("n_queries", n_queries, 0, integer=True)
     check_number("past", past, 0, integer=True)
     n_keys = past + n_queries if n_keys is None else check_number("n_keys", n_keys, 0, integer=True)
@@ -118,7 +121,10 @@ def attention_forward(q, k, v, mask=None, *, dropout=0.0, rng=None):
 
 
 def attention_backward(cache, dout):
-    """Returns dq, dk, dv (masks have no gradient)."""
+    """Returns dq, dk, dv (masks have no gradient).
+
+    Raises RefformerError for a cache or dout that does not match the forward.
+    """
     check(isinstance(cache, dict), "cache must be the cache attention_forward returned")
     with reading_cache("attention_forward"):
         q, k, v, weights, scale = cache["q"], cache["k"], cache["v"], cache["weights"], cache["scale"]
@@ -142,7 +148,10 @@ def _attention_backward(cache, q, k, v, weights, scale, dout):
 
 
 def split_heads(x, n_heads):
-    """[B, T, D] -> [B, H, T, Dh]."""
+    """[B, T, D] -> [B, H, T, Dh].
+
+    Raises RefformerError unless x is [B, T, D] and n_heads divides D.
+    """
     check_array("x", x, ndim=3)
     check_heads(n_heads, x.shape[2])
     B, T, D = x.shape
@@ -150,7 +159,10 @@ def split_heads(x, n_heads):
 
 
 def merge_heads(x):
-    """[B, H, T, Dh] -> [B, T, D]."""
+    """[B, H, T, Dh] -> [B, T, D].
+
+    Raises RefformerError unless x is [B, H, T, Dh].
+    """
     check_array("x", x, ndim=4)
     B, H, T, Dh = x.shape
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * Dh)
@@ -185,7 +197,10 @@ def check_mha_inputs(p, xq, xkv, n_heads):
 
 
 def project_kv(p, xkv, n_heads):
-    """Keys and values of xkv [B, S, D] for every head: k, v [B, H, S, Dh] (what a KV cache holds)."""
+    """Keys and values of xkv [B, S, D] for every head: k, v [B, H, S, Dh] (what a KV cache holds).
+
+    Raises RefformerError for bad p, xkv or n_heads.
+    """
     check_mha_inputs(p, xkv, xkv, n_heads)
     k = split_heads(linear_forward(p["k_proj"], xkv)[0], n_heads)
     v = split_heads(linear_forward(p["v_proj"], xkv)[0], n_heads)
@@ -197,6 +212,7 @@ def mha_forward(p, xq, xkv, mask=None, *, n_heads, dropout=0.0, rng=None):
 
     p holds q_proj, k_proj, v_proj, out_proj ({"weight" [D, D], "bias" [D]}). Self-attention
     passes the same array as xq and xkv. mask broadcasts to [B, H, T, S].
+    Raises RefformerError for bad p, inputs, mask, n_heads, dropout or rng.
     """
     check_mha_inputs(p, xq, xkv, n_heads)
     q_lin, q_cache = linear_forward(p["q_proj"], xq)
@@ -214,7 +230,10 @@ def mha_forward(p, xq, xkv, mask=None, *, n_heads, dropout=0.0, rng=None):
 
 
 def mha_backward(p, cache, dy):
-    """Returns dxq, dxkv, dp (for self-attention the input gradient is dxq + dxkv)."""
+    """Returns dxq, dxkv, dp (for self-attention the input gradient is dxq + dxkv).
+
+    Raises RefformerError for a p, cache or dy that does not match the forward.
+    """
     check_mha_params(p)
     check(isinstance(cache, dict), "cache must be the cache mha_forward returned")
     with reading_cache("mha_forward"):
@@ -237,6 +256,7 @@ def mha_cached_forward(p, xq, k, v, mask=None, *, n_heads):
 
     The building block of incremental decoding: k, v come from project_kv (cross-attention,
     computed once) or from a self-attention cache extended by the new positions.
+    Raises RefformerError for bad p, xq, k, v, mask or n_heads.
     """
     check_mha_inputs(p, xq, xq, n_heads)
     q = split_heads(linear_forward(p["q_proj"], xq)[0], n_heads)  # [B, H, T, Dh]

@@ -136,7 +136,9 @@ def _json_type(value):
         return "a number"
     if isinstance(value, str):
         return "a string"
-    return "a list" if isinstance(value, (list, tuple)) else "an object" if isinstance(value, dict) else type(value).__name__
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return "an object" if isinstance(value, dict) else type(value).__name__
 
 
 def _checked_field(name, value):
@@ -177,7 +179,10 @@ def _check_is_config(cfg):
 
 
 def parameter_count(cfg):
-    """How many numbers the parameters of cfg hold (the sum over model.param_shapes), counted without building them."""
+    """How many numbers the parameters of cfg hold (the sum over model.param_shapes), counted without building them.
+
+    Raises RefformerError unless cfg is a Config.
+    """
     _check_is_config(cfg)
     D, F, V, N = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.max_positions
     norm = 2 * D if cfg.norm == "layernorm" else D
@@ -196,7 +201,10 @@ def parameter_count(cfg):
 
 
 def parameter_bytes(cfg, dtype=np.float32):
-    """Bytes of cfg's parameters in dtype."""
+    """Bytes of cfg's parameters in dtype.
+
+    Raises RefformerError unless cfg is a Config and dtype a numpy dtype.
+    """
     return parameter_count(cfg) * _dtype(dtype).itemsize
 
 

@@ -66,7 +66,10 @@ def feed_forward_forward(p, x, cfg, rng=None):
 
 
 def feed_forward_backward(p, cache, dy):
-    """Returns dx, dp."""
+    """Returns dx, dp.
+
+    Raises RefformerError for a p, cache or dy that does not match the forward.
+    """
     check_tree("p", p, {"fc1": {"weight": (None, None), "bias": (None,)},
                         "fc2": {"weight": (None, None), "bias": (None,)}})
     if not isinstance(cache, dict):
@@ -151,7 +154,10 @@ def encoder_layer_forward(p, x, mask, cfg, rng=None):
 
 
 def encoder_layer_backward(p, cache, dy, cfg):
-    """Returns dx, dp: the forward read bottom-up."""
+    """Returns dx, dp: the forward read bottom-up.
+
+    Raises RefformerError for a p, cache, dy or cfg that does not match the forward.
+    """
     check_layer_cache(cache, cfg, "encoder_layer_forward")
     check_tree("p", p, layer_shapes(cfg, cross=False))
     with reading_cache("encoder_layer_forward"):
@@ -202,7 +208,10 @@ def decoder_layer_forward(p, x, self_mask, memory, memory_mask, cfg, rng=None):
 
 
 def decoder_layer_backward(p, cache, dy, cfg):
-    """Returns dx, dmemory (None without cross-attention), dp."""
+    """Returns dx, dmemory (None without cross-attention), dp.
+
+    Raises RefformerError for a p, cache, dy or cfg that does not match the forward.
+    """
     check_layer_cache(cache, cfg, "decoder_layer_forward")
     check_tree("p", p, layer_shapes(cfg, cross=isinstance(p, dict) and "cross_attn" in p))
     with reading_cache("decoder_layer_forward"):

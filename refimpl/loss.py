@@ -36,7 +36,10 @@ def cross_entropy_forward(logits, targets, *, ignore_id=None, label_smoothing=0.
 
 
 def cross_entropy_backward(cache, dloss=1.0):
-    """dlogits [..., V] of the mean loss."""
+    """dlogits [..., V] of the mean loss.
+
+    Raises RefformerError for a cache that cross_entropy_forward did not return or a non-finite dloss.
+    """
     check(isinstance(cache, dict) and "log_softmax" in cache, "cache must be the cache cross_entropy_forward returned")
     check_number("dloss", dloss)
     with reading_cache("cross_entropy_forward"):

@@ -35,7 +35,9 @@ from .tree import tree_map
 
 def param_shapes(cfg):
     """The parameter tree of cfg with shape tuples as leaves (the one place that defines it; a layer's own
-    shapes are layers.layer_shapes). config.parameter_count counts the same numbers without building the tree."""
+    shapes are layers.layer_shapes). config.parameter_count counts the same numbers without building the tree.
+    Raises RefformerError unless cfg is a Config.
+    """
     check_config(cfg)
     D, V, N = cfg.d_model, cfg.vocab_size, cfg.max_positions
 
@@ -187,8 +189,8 @@ def _check_model(cfg, params, rng=None):
     check_config(cfg, rng)
     check_tree("params", params, param_shapes(cfg))
     dtype = _check_dtype(params)
-    other = sorted({str(value.dtype) for value in _leaves(params)} - {str(dtype)})
-    check(not other, f"every parameter must be {dtype}, found {other}")
+    other = {value.dtype for value in _leaves(params)} - {dtype}
+    check(not other, f"every parameter must be {dtype}, found {sorted(map(str, other))}")
     return dtype
 
 
@@ -309,7 +311,10 @@ def model_forward(cfg, params, src_ids, tgt_ids, *, src_mask=None, tgt_mask=None
 
 
 def model_backward(cfg, params, cache, dlogits):
-    """Gradients of every parameter (a tree with exactly params' keys) given dlogits [B, T, V]."""
+    """Gradients of every parameter (a tree with exactly params' keys) given dlogits [B, T, V].
+
+    Raises RefformerError for params, cache or dlogits that do not match the forward.
+    """
     _check_model(cfg, params)
     check(isinstance(cache, dict) and isinstance(cache.get("logits"), np.ndarray) and "decoder" in cache,
           "cache must be the cache model_forward returned")
@@ -354,6 +359,7 @@ def encode(cfg, params, src_ids, src_mask=None):
     """Run the encoder once: memory [B, S, D] and every decoder layer's cross-attention (k, v) [B, H, S, Dh].
 
     The NumPy twin of encoder.onnx. src_mask is a keep mask as in model_forward (floating masks are refused).
+    Raises RefformerError for a decoder-only cfg or bad params, ids or mask.
     """
     check_config(cfg)
     check(cfg.is_encoder_decoder, "encode needs an encoder-decoder model")
@@ -438,7 +444,10 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
 
 
 def empty_cache(cfg, batch_size, dtype=np.float32):
-    """A self-attention cache with P = 0: per layer (k, v) [B, H, 0, Dh]."""
+    """A self-attention cache with P = 0: per layer (k, v) [B, H, 0, Dh].
+
+    Raises RefformerError for a negative batch_size or a dtype other than float32/float64.
+    """
     check_config(cfg)
     check(isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool) and batch_size >= 0,
           f"batch_size must be an integer >= 0, got {batch_size!r}")

@@ -57,7 +57,10 @@ def linear_forward(p, x):
 
 
 def linear_backward(p, cache, dy):
-    """Inverts y = x @ W + b: returns dx, {"weight": dW, "bias": db} ("bias" only when p has one)."""
+    """Inverts y = x @ W + b: returns dx, {"weight": dW, "bias": db} ("bias" only when p has one).
+
+    Raises RefformerError for a p, cache or dy that does not match the forward.
+    """
     check_weights(p, ndim=2)
     check_cache(cache, 1, "linear_forward")
     (x,) = cache
@@ -84,7 +87,10 @@ def embedding_forward(p, ids):
 
 
 def embedding_backward(p, cache, dy):
-    """Scatter-add of dy into the rows that were gathered (ids have no gradient)."""
+    """Scatter-add of dy into the rows that were gathered (ids have no gradient).
+
+    Raises RefformerError for a p, cache or dy that does not match the forward.
+    """
     check_weights(p, ndim=2, bias=False)
     check_cache(cache, 1, "embedding_forward")
     (ids,) = cache
@@ -142,7 +148,9 @@ def layer_norm_forward(p, x, eps):
 
 def layer_norm_backward(p, cache, dy):
     """Returns dx, {"weight", "bias"} ("bias" only when p has one); dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
-    g = dy * weight."""
+    g = dy * weight.
+    Raises RefformerError for a p, cache or dy that does not match the forward.
+    """
     check_weights(p, ndim=1)
     check_cache(cache, 2, "layer_norm_forward")
     xhat, rstd = cache
@@ -170,7 +178,10 @@ def rms_norm_forward(p, x, eps):
 
 
 def rms_norm_backward(p, cache, dy):
-    """Returns dx, {"weight"}; dx = rrms * (g - xhat * mean(g * xhat)), g = dy * weight."""
+    """Returns dx, {"weight"}; dx = rrms * (g - xhat * mean(g * xhat)), g = dy * weight.
+
+    Raises RefformerError for a p, cache or dy that does not match the forward.
+    """
     check_weights(p, ndim=1, bias=False)
     check_cache(cache, 2, "rms_norm_forward")
     xhat, rrms = cache
@@ -183,7 +194,10 @@ def rms_norm_backward(p, cache, dy):
 
 
 def norm_forward(p, x, kind, eps):
-    """Dispatch to layer_norm_forward or rms_norm_forward by kind ("layernorm" / "rmsnorm")."""
+    """Dispatch to layer_norm_forward or rms_norm_forward by kind ("layernorm" / "rmsnorm").
+
+    Raises RefformerError for an unknown kind or bad p, x, eps.
+    """
     check(kind in ("layernorm", "rmsnorm"), f"kind must be 'layernorm' or 'rmsnorm', got {kind!r}")
     return layer_norm_forward(p, x, eps) if kind == "layernorm" else rms_norm_forward(p, x, eps)
 
@@ -200,7 +214,10 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def erf(x):
-    """Elementwise error function in x's dtype."""
+    """Elementwise error function in x's dtype.
+
+    Raises RefformerError for an unknown kind or a bad p, cache, dy.
+    """
     return np.asarray(_erf(x)).astype(np.asarray(x).dtype)
 
 
@@ -258,14 +275,20 @@ ACTIVATIONS = {
 
 
 def activation_forward(x, kind):
-    """Apply the activation named kind (relu, gelu, gelu_tanh, silu) to a floating x."""
+    """Apply the activation named kind (relu, gelu, gelu_tanh, silu) to a floating x.
+
+    Raises RefformerError for an unknown kind or a non-floating x.
+    """
     check_activation(kind)
     check_array("x", x, kind="f")
     return ACTIVATIONS[kind][0](x)
 
 
 def activation_backward(cache, dy, kind):
-    """The input gradient of activation_forward(x, kind), given its cache."""
+    """The input gradient of activation_forward(x, kind), given its cache.
+
+    Raises RefformerError for an unknown kind or a cache or dy that does not match the forward.
+    """
     check_activation(kind)
     check(isinstance(cache, tuple) and cache and isinstance(cache[0], np.ndarray),
           "cache must be the cache activation_forward returned")
@@ -313,6 +336,8 @@ def softmax_forward(x, axis=-1):
     torch.softmax returns NaN for an all -inf row; here such a row (a query that may attend
     to nothing, e.g. a padding query) yields zeros and so contributes nothing downstream, as torch's
     F.scaled_dot_product_attention does (2.13, every backend) for a query whose keys are all masked.
+    Raises RefformerError for a cache or dy that does not match the forward.
+    Raises RefformerError for a non-floating x or an axis it does not have.
     """
     check_axis(x, axis)
     row_max = np.max(x, axis=axis, keepdims=True, initial=-np.inf)  # initial: an empty axis (S = 0) is allowed
@@ -324,7 +349,10 @@ def softmax_forward(x, axis=-1):
 
 
 def softmax_backward(cache, dy, axis=-1):
-    """dx = y * (dy - sum(dy * y)); zero wherever y is zero."""
+    """dx = y * (dy - sum(dy * y)); zero wherever y is zero.
+
+    Raises RefformerError for a cache, dy or axis that does not match the forward.
+    """
     check_cache(cache, 1, "softmax_forward")
     (y,) = cache
     check_upstream("dy", dy, y.shape)
@@ -333,7 +361,10 @@ def softmax_backward(cache, dy, axis=-1):
 
 
 def log_softmax_forward(x, axis=-1):
-    """x - logsumexp(x), stable for large |x|."""
+    """x - logsumexp(x), stable for large |x|.
+
+    Raises RefformerError for a non-floating x or an axis it does not have.
+    """
     check_axis(x, axis)
     row_max = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
     shifted = x - row_max
@@ -342,7 +373,10 @@ def log_softmax_forward(x, axis=-1):
 
 
 def log_softmax_backward(cache, dy, axis=-1):
-    """dx = dy - softmax(x) * sum(dy)."""
+    """dx = dy - softmax(x) * sum(dy).
+
+    Raises RefformerError for a cache, dy or axis that does not match the forward.
+    """
     check_cache(cache, 1, "log_softmax_forward")
     (y,) = cache
     check_upstream("dy", dy, y.shape)

@@ -184,6 +184,7 @@ def mha_params_from_torch(mha):
 
     {q_proj, k_proj, v_proj, out_proj} each {"weight" [D, D] (in, out), "bias" [D]}, float64 for a
     float64 module, float32 otherwise.
+    Raises RefformerError for a module refimpl's attention cannot reproduce.
     """
     _check_mha(mha)
     return _mha_from_flat(_flat_arrays(mha), set(), "")
@@ -203,12 +204,16 @@ def encoder_layer_params_from_torch(layer):
     """nn.TransformerEncoderLayer -> {self_attn, self_attn_norm, ffn: {fc1, fc2}, ffn_norm}.
 
     This is also a decoder-only layer (self-attention without cross-attention).
+    Raises RefformerError for a layer refimpl cannot reproduce.
     """
     return _layer_from_torch(layer, cross=False)[0]
 
 
 def decoder_layer_params_from_torch(layer):
-    """nn.TransformerDecoderLayer -> {self_attn, self_attn_norm, cross_attn, cross_attn_norm, ffn, ffn_norm}."""
+    """nn.TransformerDecoderLayer -> {self_attn, self_attn_norm, cross_attn, cross_attn_norm, ffn, ffn_norm}.
+
+    Raises RefformerError for a layer refimpl cannot reproduce.
+    """
     return _layer_from_torch(layer, cross=True)[0]
 
 
@@ -231,6 +236,7 @@ def config_from_torch_layer(layer):
     """The Config fields a TransformerEncoderLayer / TransformerDecoderLayer records.
 
     -> {"d_model", "n_heads", "d_ff", "norm_first", "activation", "norm_eps", "dropout"}.
+    Raises RefformerError for a layer refimpl cannot reproduce.
     """
     nn = _torch().nn
     check(isinstance(layer, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)),
@@ -390,6 +396,7 @@ def from_torch(module, **overrides):
     against a sinusoidal buffer named like pe/pos when there is one), max_positions (default: the
     positional table's length, else 512), dropout, pad_id (default: the embedding's padding_idx, else 0),
     bos_id, eos_id, unk_id (defaults 1, 2, 3). batch_first does not matter: only weights are read.
+    Raises RefformerError for a module or override refimpl cannot reproduce (bad values as Config names them).
     """
     nn = _torch().nn
     check(isinstance(module, nn.Module), f"from_torch needs a torch.nn.Module, got {type(module).__name__}")
@@ -548,6 +555,7 @@ def from_state_dict(state_dict, **arch):
     pad_id, bos_id, eos_id, unk_id (0, 1, 2, 3), embed_scale (True), positional ("learned" when there is
     a learned positional table, else "sinusoidal"), max_positions (the table's length, else 512).
     None means "the default". Keys that cannot be mapped are an error.
+    Raises RefformerError for keys it cannot map, misshapen or non-finite tensors, and bad options.
     """
     unknown = sorted(set(arch) - set(ARCH_FIELDS))
     check(not unknown, f"unknown options {unknown}: from_state_dict accepts {', '.join(ARCH_FIELDS)}")

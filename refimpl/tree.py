@@ -10,7 +10,10 @@ from .errors import RefformerError
 
 
 def flatten(tree, prefix=""):
-    """{dotted name: array} for every array leaf of nested dicts/lists (other leaves are skipped)."""
+    """{dotted name: array} for every array leaf of nested dicts/lists (other leaves are skipped).
+
+    Raises RefformerError unless tree is a dict or list.
+    """
     if not isinstance(tree, (dict, list)):
         raise RefformerError(f"tree must be a dict or list of arrays, got {type(tree).__name__}")
     flat = {}

@@ -201,8 +201,8 @@ NOT_SWEPT = {"load", "load_config", "load_tokenizer", "save", "from_torch", "Con
 
 def _array_variants(x):
     """Bad replacements for an array argument."""
-    out = {"None": None, "list": x.tolist() if x.size < 50 else [1, 2], "string": "x", "bool": True, "nan scalar": np.nan,
-           "rank +1": x[None], "rank -1": x.reshape(-1) if x.ndim > 1 else np.zeros(()), "0-d": np.zeros(())}
+    out = {"None": None, "list": x.tolist() if x.size < 50 else [1, 2], "string": "x", "bool": True,
+           "nan scalar": np.nan, "rank +1": x[None], "rank -1": x.reshape(-1) if x.ndim > 1 else np.zeros(()), "0-d": np.zeros(())}
     if x.dtype.kind == "f":
         out.update({"int dtype": x.astype(np.int64), "bool dtype": x > 0, "float16": x.astype(np.float16),
                     "float32": x.astype(np.float32), "NaN": np.where(np.ones_like(x, bool), np.nan, x),
