@@ -339,7 +339,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
         recover_leftovers(parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{owner()}-", dir=parent))
     except OSError as error:
-        raise RefformerError(f"output folder {parent} is not writable ({error.strerror}); pass --out DIR") from None
+        raise RefformerError(f"cannot write an export into {parent} ({error.strerror}): pass `refformer export` a "
+                             "writable --out DIR, or set XDG_CACHE_HOME to a writable folder") from None
     try:
         graphs = {"decoder.onnx": build_decoder(cfg, params, dtype, opset)}
         if cfg.is_encoder_decoder:
@@ -460,7 +461,8 @@ def recover_leftovers(parent):
         return
     for entry in entries:
         match = LEFTOVER.match(entry.name)
-        if not match or match["host"] != HOST or process_alive(int(match["pid"])) or not entry.is_dir():
+        if (not match or match["host"] != HOST or process_alive(int(match["pid"])) or entry.is_symlink()
+                or not entry.is_dir()):
             continue
         target = parent / match["name"]
         if match["kind"] == "old" and not target.exists():

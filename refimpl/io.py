@@ -84,6 +84,9 @@ def save(model_dir, cfg, params, tokenizer=None, dtype=None):
         raise RefformerError(f"cannot create model directory {model_dir}: {error.strerror}") from None
     recover_save(model_dir)
     remove_dead_save_temps(model_dir)
+    for name in MODEL_FILES:
+        if (model_dir / name).exists() and not (model_dir / name).is_file() or (model_dir / name).is_symlink():
+            raise RefformerError(f"{model_dir / name} is not a plain file; move it away before saving the model here")
     writers = {WEIGHTS_FILE: lambda tmp: save_file(flat, tmp, metadata={"format": "refformer"}),
                CONFIG_FILE: lambda tmp: Path(tmp).write_text(cfg.to_json())}
     if tokenizer_json is not None:

@@ -130,6 +130,16 @@ def test_leftovers_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
     assert not (parent / dead).exists() and (parent / live).exists()
 
 
+def test_a_planted_link_named_like_a_leftover_is_left_alone(tmp_path):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "data").write_text("keep")
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / f".fp32.old-{dead_pid()}@{HOST}-x").symlink_to(tmp_path / "precious")
+    (tmp_path / "onnx" / f".fp16.tmp-{dead_pid()}@{HOST}-x").symlink_to(tmp_path / "precious")
+    recover_leftovers(tmp_path / "onnx")
+    assert not (tmp_path / "onnx" / "fp32").exists() and (tmp_path / "precious" / "data").read_text() == "keep"
+
+
 def test_leftovers_of_the_old_layout_go_after_an_hour(tmp_path):
     make_model(tmp_path / "m")
     for name in (".onnx.tmp-ab12cd34", ".onnx-fp16.tmp-x_y_z_w0", ".onnx.old-123", ".onnx.tmp-fresh123"):

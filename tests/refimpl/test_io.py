@@ -304,3 +304,51 @@ def test_tokenizer_special_ids_must_match_the_config(tmp_path):
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     with pytest.raises(RefformerError, match="bos_id"):
         save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)), tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------------------- save switches its files together
+
+
+def test_save_leaves_no_temporary_file_and_no_journal(tmp_path):
+    cfg = CONFIGS["encoder-decoder"]
+    save(tmp_path / "m", cfg, random_params32(cfg), tokenizer=word_level_tokenizer(cfg.vocab_size))
+    save(tmp_path / "m", cfg, random_params32(cfg, seed=1))
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_a_journal_left_by_a_killed_save_is_rolled_forward_by_load(tmp_path):
+    """A save killed after its journal: the next load finishes it (weights and config switch together)."""
+    from refformer.refimpl.io import HOST, SAVE_JOURNAL
+
+    small, big = CONFIGS["encoder-decoder"], CONFIGS["encoder-decoder"].__class__(
+        **{**vars(CONFIGS["encoder-decoder"]), "d_ff": 16})
+    save(tmp_path / "m", small, random_params32(small))
+    save(tmp_path / "new", big, random_params32(big, seed=3))
+    renames = []
+    for name in ("model.safetensors", "config.json"):
+        tmp = f".{name}.{os.getpid()}@{HOST}.abc.tmp"
+        os.replace(tmp_path / "new" / name, tmp_path / "m" / tmp)
+        renames.append([tmp, name])
+    os.replace(tmp_path / "m" / renames[0][0], tmp_path / "m" / "model.safetensors")  # killed after the first rename
+    (tmp_path / "m" / SAVE_JOURNAL).write_text(json.dumps({"renames": renames}))
+    cfg, params = load(tmp_path / "m")
+    assert cfg.d_ff == 16 and params["encoder"]["layers"][0]["ffn"]["fc1"]["weight"].shape[1] == 16
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
+
+
+def test_save_refuses_a_model_file_that_is_a_folder(tmp_path):
+    cfg = CONFIGS["decoder-only"]
+    (tmp_path / "m" / "model.safetensors").mkdir(parents=True)
+    with pytest.raises(RefformerError, match="not a plain file"):
+        save(tmp_path / "m", cfg, random_params32(cfg))
+    assert sorted(os.listdir(tmp_path / "m")) == ["model.safetensors"]
+
+
+def test_config_and_tokenizer_with_a_byte_order_mark_load(tmp_path):
+    cfg = CONFIGS["encoder-decoder"]
+    save(tmp_path / "m", cfg, random_params32(cfg), tokenizer=word_level_tokenizer(cfg.vocab_size))
+    for name in ("config.json", "tokenizer.json"):
+        path = tmp_path / "m" / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert load_config(tmp_path / "m") == cfg
+    assert load_tokenizer(tmp_path / "m").get_vocab_size() == cfg.vocab_size
