@@ -4,7 +4,7 @@ verified against decoder.onnx by verify, and token for token equal to refimpl fo
 import numpy as np
 import pytest
 
-from refformer.export.export import export_model
+from refformer.export.export import default_export_dir, export_model
 from refformer.export.verify import verify
 from refformer.refimpl import Config, RefformerError, init_params, load, save
 from refformer.refimpl.generate import GenerationOptions, generate
@@ -45,7 +45,7 @@ def test_in_graph_argmax_respects_min_new_tokens(tmp_path, family):
     params["lm_head"]["bias"][cfg.eos_id] = 50.0
     save(tmp_path / "m", cfg, params)
     export_model(tmp_path / "m", static_length=20)
-    stepper = StaticOrtStepper(cfg, tmp_path / "m" / "onnx", "fp32")
+    stepper = StaticOrtStepper(cfg, default_export_dir(tmp_path / "m", static_length=20), "fp32")
     inputs = {"src_ids": np.array([[5, 6, 2]])} if family == "encoder-decoder" else {"prompt_ids": np.array([[1, 5]])}
     options = GenerationOptions(max_new_tokens=6, min_new_tokens=4)
     got = generate(cfg, params, options=options, stepper=stepper, **inputs)
@@ -239,7 +239,7 @@ def test_static_steppers_prompt_pass_steps_and_stale_caches(exported_models, gra
     the in-place graph, each row's real tokens to slots 0 ..): the steps after it match the reference stepper's.
     Buffer sets are reused across calls: non-finite values an earlier call left in a cache must not reach the next."""
     cfg, _ = load(exported_models["decoder-only"])
-    onnx_dir = exported_models["decoder-only"] / "onnx"
+    onnx_dir = default_export_dir(exported_models["decoder-only"], static_length=STATIC_LENGTH, fused_attention=True)
     reference, static = OrtStepper(cfg, onnx_dir, "fp32"), StaticOrtStepper(cfg, onnx_dir, "fp32", decoder_file=graph)
     prompt = np.array([[cfg.pad_id, cfg.pad_id, 5, 6], [4, 8, 9, 10]])
     prompt_keep = np.array([[0, 0, 1, 1], [1, 1, 1, 1]])
@@ -267,3 +267,18 @@ def test_static_steppers_prompt_pass_steps_and_stale_caches(exported_models, gra
         first = got_all if first is None else first
         for a, b in zip(got_all, first):
             np.testing.assert_array_equal(a, b)
+
+
+def test_static_decoder_only_batches_of_mixed_prompt_lengths_fit(tmp_path, tokenizer_file):  # noqa: F811
+    """Per-row budgets: a short prompt may run to max_positions, past what a long one leaves, and the long one's
+    left padding takes static slots. Such a batch runs as one batch per prompt length: the same ids as each prompt
+    alone, and as refimpl."""
+    make_model(tmp_path / "m", tokenizer_file, "decoder-only")
+    generator = Generator(tmp_path / "m", provider="cpu", variant="static")  # static length = max_positions = 48
+    cfg, params = load(generator.model_dir)
+    texts = ["A", "The weather is nice today, is it"]
+    options = GenerationOptions(min_new_tokens=10**6)  # eos banned: each runs to the end of its positions
+    together = generator.generate_ids(texts, options)
+    assert [len(s[0]) for s in together] == [cfg.max_positions - len(row) for row in generator.encode_rows(texts)]
+    assert together == [generator.generate_ids([text], options)[0] for text in texts]
+    assert together == [generate(cfg, params, options=options, **generator.encode_inputs([text]))[0] for text in texts]
