@@ -196,8 +196,9 @@ def check_output_dir(out_dir, *, resume=False, overwrite=False, inputs=()):
 
     Raises RefformerError when out_dir is a file, is one of inputs (e.g. the data directory), cannot be
     created or written (its parent folder missing or read-only), or already holds a trained model or
-    checkpoints (any of OUTPUT_NAMES) while neither resume nor overwrite is given; also for resume and
-    overwrite together, and for resume without a checkpoint.
+    checkpoints (any of OUTPUT_NAMES, except a file that is one of inputs, e.g. the tokenizer.json being
+    trained with) while neither resume nor overwrite is given; also for resume and overwrite together,
+    and for resume without a checkpoint.
     """
     check(not (resume and overwrite), "pass either --resume (continue the run in --out) or --overwrite "
                                       "(replace it), not both")
@@ -221,7 +222,8 @@ def check_output_dir(out_dir, *, resume=False, overwrite=False, inputs=()):
         pointer = out / CHECKPOINT_DIR / "latest.json"
         check(pointer.is_file(), f"no checkpoint to resume from: {pointer} is missing")
         return
-    found = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    own_inputs = {Path(given).resolve() for given in inputs if given is not None and Path(given).exists()}
+    found = [name for name in OUTPUT_NAMES if (out / name).exists() and (out / name).resolve() not in own_inputs]
     if found and not overwrite:
         raise RefformerError(f"--out {out} already holds a model or checkpoints ({', '.join(found)}); pass --resume "
                              f"to continue its training or --overwrite to replace it")
@@ -441,7 +443,7 @@ def _check_resumable(cfg, saved_cfg, options, saved_options, data_fingerprint, s
 
 
 def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, tokenizer=None, decode=None,
-          references=None, resume=False, overwrite=False, on_step=None, clock=time.monotonic):
+          references=None, resume=False, overwrite=False, inputs=(), on_step=None, clock=time.monotonic):
     """Train params (a tree of cfg) on train_batches (from refimpl.batching.make_batches) -> TrainResult.
 
     valid_examples: triples evaluated every options.eval_every steps and at the end (may be empty);
@@ -451,7 +453,8 @@ def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, 
     resume=True continues from out_dir's checkpoint (the params argument is then not used).
     on_step(row) is called after every step with the logged row (a dict of LOG_COLUMNS).
     An out_dir that already holds a model or checkpoints is refused unless resume or overwrite is given
-    (check_output_dir); with overwrite, its old checkpoints are removed only once this run has saved one.
+    (check_output_dir, given the run's input paths); with overwrite, its old checkpoints are removed only
+    once this run has saved one.
 
     Raises RefformerError for bad arguments (check_output_dir included), and TrainingDiverged (a
     RefformerError) when the loss, the gradient norm or a parameter becomes NaN or infinite: the run
@@ -466,7 +469,7 @@ def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, 
                                                      f"got {type(valid_examples).__name__}")
     check(resume or isinstance(params, dict), "params must be the parameter tree of cfg (or resume=True)")
     if out_dir is not None:
-        check_output_dir(out_dir, resume=resume, overwrite=overwrite)
+        check_output_dir(out_dir, resume=resume, overwrite=overwrite, inputs=inputs)
     elif resume:
         raise RefformerError("resume needs out_dir, where the checkpoint is")
     if not resume:

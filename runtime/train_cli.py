@@ -172,7 +172,7 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
 
     options = train_options(opts)
     check_architecture(opts)
-    check_output_dir(out_dir, resume=opts["resume"], overwrite=opts["overwrite"], inputs=(data_dir,))
+    check_output_dir(out_dir, resume=opts["resume"], overwrite=opts["overwrite"], inputs=(data_dir, tokenizer_path))
     if Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise RefformerError(f"DATA_DIR {data_dir} is a file: give the folder that holds train.tsv or train.txt")
     tokenizer = load_tokenizer(tokenizer_path)
@@ -245,7 +245,7 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
         try:
             result = train_loop(cfg, params, batches, valid, options, out_dir=out_dir, tokenizer=tokenizer,
                                 decode=_decoder(tokenizer), references=references, resume=opts["resume"],
-                                overwrite=opts["overwrite"], on_step=on_step)
+                                overwrite=opts["overwrite"], inputs=(data_dir, tokenizer_path), on_step=on_step)
         except MemoryError:
             raise RefformerError("out of memory while training: lower --max-tokens (or the model's size)") from None
     _summary(result, out_dir)

@@ -288,3 +288,15 @@ def test_data_commands_refuse_the_users_files(tmp_path):
     result = _invoke("data", "de-en", "--out", tmp_path / "file", "--overwrite")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "is a file" in result.stderr
     assert (out / "train.tsv").read_text() == "my\town\n" and sorted(p.name for p in out.iterdir()) == ["train.tsv"]
+
+
+def test_train_into_the_folder_of_its_own_tokenizer(data, tmp_path):
+    """OUT holding only the tokenizer.json trained with is not a model to protect."""
+    out = tmp_path / "model"
+    out.mkdir()
+    shutil.copy(data / "tokenizer.json", out / "tokenizer.json")
+    result = _invoke("train", data / "de-en", "--tokenizer", out / "tokenizer.json", "--out", out, *TRAIN_FAST,
+                     "--steps", "1")
+    assert result.exit_code == 0, result.output
+    _one_error_line(_invoke("train", data / "de-en", "--tokenizer", out / "tokenizer.json", "--out", out,
+                            *TRAIN_FAST, "--steps", "1"), "already holds a model")
