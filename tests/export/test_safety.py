@@ -26,13 +26,6 @@ from refformer.runtime.generator import default_model_dir, ensure_export, resolv
 from .test_export import make_model
 
 
-@pytest.fixture(autouse=True)
-def user_cache(tmp_path, monkeypatch):
-    """Every test here has its own per-user cache."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
