@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from .attention import causal_mask, check_keep_mask, mha_cached_forward, padding_mask, project_kv
-from .config import check_fits_memory
+from .config import check_fits_memory, physical_memory_bytes
 from .errors import RefformerError, check, check_array, check_rng, check_tree, check_upstream, reading_cache
 from .layers import (check_config, decoder_layer_backward, decoder_layer_forward, encoder_layer_backward,
                      encoder_layer_forward, feed_forward_forward, layer_shapes, norm_shapes, residual_forward)
@@ -202,6 +202,25 @@ def _leaves(tree):
     return [tree]
 
 
+def check_activations_fit(cfg, B, S, T, dtype, past=0):
+    """Refuse inputs whose activations cannot fit in memory, before the forward allocates them.
+
+    A generous estimate of what model_forward keeps for the backward: per encoder layer ~12 [B, S, D],
+    3 [B, S, F] and 3 [B, H, S, S]; per decoder layer ~20 [B, T, D], 3 [B, T, F], 3 [B, H, T, past + T] and
+    3 [B, H, T, S]; 3 [B, T, V] logits. Only sizes beyond the machine's physical memory are refused.
+    """
+    D, F, H, V = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.vocab_size
+    encoder = cfg.n_encoder_layers * (12 * B * S * D + 3 * B * S * F + 3 * B * H * S * S) if S else 0
+    decoder = cfg.n_decoder_layers * (20 * B * T * D + 3 * B * T * F + 3 * B * H * T * (past + T) + 3 * B * H * T * S
+                                      + 2 * B * S * D)
+    needed = (encoder + decoder + 3 * B * T * V) * np.dtype(dtype).itemsize
+    available = physical_memory_bytes()
+    check(needed <= available,
+          f"a batch of {B} rows ({f'source length {S}, ' if S else ''}target length {T}) needs about "
+          f"{needed / (1 << 30):.3g} GiB for its activations, more than this machine's {available / (1 << 30):.3g} GiB: "
+          f"pass fewer or shorter rows")
+
+
 # ---------------------------------------------------------------------------- stacks
 
 
@@ -300,9 +319,11 @@ def model_forward(cfg, params, src_ids, tgt_ids, *, src_mask=None, tgt_mask=None
               f"src_ids and tgt_ids must have the same batch size, got {src_ids.shape[0]} and {tgt_ids.shape[0]}")
         src_keep = _keep_mask("src_mask", src_mask, src_ids, cfg)
         src_positions = _positions("src_positions", src_positions, src_ids, cfg)
-        memory, encoder_cache = encoder_forward(cfg, params, src_ids, src_keep, src_positions, rng)
     else:
         check(src_ids is None, "a decoder-only model takes src_ids=None")
+    check_activations_fit(cfg, tgt_ids.shape[0], 0 if src_ids is None else src_ids.shape[1], tgt_ids.shape[1], dtype)
+    if cfg.is_encoder_decoder:
+        memory, encoder_cache = encoder_forward(cfg, params, src_ids, src_keep, src_positions, rng)
     hidden, decoder_cache = decoder_forward(cfg, params, tgt_ids, tgt_keep, tgt_positions, memory, src_keep, rng)
     logits, head_cache = linear_forward(lm_head_params(cfg, params), hidden)
     assert logits.dtype == dtype
@@ -366,6 +387,8 @@ def encode(cfg, params, src_ids, src_mask=None):
     _check_model(cfg, params)
     _check_ids("src_ids", src_ids, cfg)
     src_keep = _keep_mask("src_mask", src_mask, src_ids, cfg)
+    check_activations_fit(cfg.replace(n_decoder_layers=0), src_ids.shape[0], src_ids.shape[1], 0,
+                          params["decoder"]["embed_tokens"]["weight"].dtype)
     memory, _ = encoder_forward(cfg, params, src_ids, src_keep, _positions("src_positions", None, src_ids, cfg))
     cross_kv = [project_kv(p_layer["cross_attn"], memory, cfg.n_heads) for p_layer in params["decoder"]["layers"]]
     return memory, cross_kv
@@ -417,6 +440,8 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
         check(cross_kv is None and encoder_attention_mask is None,
               "a decoder-only model takes cross_kv=None and encoder_attention_mask=None")
 
+    check_activations_fit(cfg.replace(n_encoder_layers=0), B, encoder_attention_mask.shape[1]
+                          if encoder_attention_mask is not None else 0, T, dtype, past=P)
     x, _ = embed_forward(cfg, p["embed_tokens"], p, ids, positions)
     self_mask = causal_mask(T, P + T, past=P)[None, None] & padding_mask(attention_mask)  # [B, 1, T, P + T]
     present = []

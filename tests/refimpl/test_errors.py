@@ -684,3 +684,18 @@ def test_empty_batches_give_empty_results(setup):
     assert refimpl.softmax_forward(np.zeros((2, 0)))[0].shape == (2, 0)
     with pytest.raises(RefformerError, match="unknown config keys"):
         ED.replace(d_models=3)
+
+
+def test_inputs_whose_activations_cannot_fit_are_refused(setup, monkeypatch):
+    """A batch too large for memory is refused before the forward allocates (here memory is patched to 1 MiB)."""
+    from refformer.refimpl import model as model_module
+
+    s = setup
+    monkeypatch.setattr(model_module, "physical_memory_bytes", lambda: 1 << 20)
+    model(s)  # a small batch fits
+    big = np.full((64, 10), 5)
+    for call in (lambda: model(s, src_ids=big, tgt_ids=big),
+                 lambda: encode(ED, s["params"], np.full((2000, 10), 5)),
+                 lambda: model_forward(DO, s["decoder_only"], None, np.full((512, 10), 5))):
+        with pytest.raises(RefformerError, match="activations"):
+            call()
