@@ -52,7 +52,8 @@ def session(path, provider="CPUExecutionProvider", threads=None, provider_option
         sess = ort.InferenceSession(str(path), options, providers=[provider],
                                     provider_options=[options_of_provider])
     except Exception as error:  # onnxruntime raises its own exception types for bad files
-        raise RefformerError(f"cannot load {path}: {str(error).splitlines()[0]}") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RefformerError(f"ONNX Runtime cannot load {path} ({reason[:200]}): run `refformer export` again") from None
     if provider not in sess.get_providers():
         raise RefformerError(f"{provider} could not be used for {path.name}")
     return sess
