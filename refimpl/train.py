@@ -159,7 +159,10 @@ class TrainResult:
 
 
 def loss_and_grads(cfg, params, batch, *, label_smoothing=0.0, rng=None):
-    """Mean label-smoothed cross-entropy over the batch's target tokens and its gradient tree."""
+    """Mean label-smoothed cross-entropy over the batch's target tokens and its gradient tree.
+
+    Raises RefformerError for a batch that is not a Batch (and whatever model_forward refuses)."""
+    check(isinstance(batch, Batch), f"batch must be a Batch (from refimpl.batching), got {type(batch).__name__}")
     logits, cache = model_forward(cfg, params, batch.src_ids, batch.tgt_ids, src_mask=batch.src_mask,
                                   tgt_mask=batch.tgt_mask, rng=rng)  # [B, T, V]
     loss, loss_cache = cross_entropy_forward(logits, batch.labels, ignore_id=cfg.pad_id,
@@ -172,8 +175,11 @@ def train_step(cfg, params, opt_state, batch, options, rng):
     """One optimizer step -> (params, opt_state, loss, lr).
 
     Raises TrainingDiverged (a RefformerError) when the loss or the gradient norm is NaN or infinite,
-    before the parameters change.
+    before the parameters change; RefformerError for options or opt_state of the wrong kind.
     """
+    check(isinstance(options, TrainOptions), f"options must be TrainOptions, got {type(options).__name__}")
+    check(isinstance(opt_state, dict) and _is_integer(opt_state.get("step")),
+          "opt_state must be the optimizer state from refimpl.optim.adamw_init")
     step = opt_state["step"] + 1
     lr = inverse_sqrt_lr(step, peak=options.lr, warmup=options.warmup)
     with np.errstate(all="ignore"):  # a diverging step overflows; it is reported below, not as NumPy warnings
@@ -200,6 +206,7 @@ def check_output_dir(out_dir, *, resume=False, overwrite=False, inputs=()):
     trained with) while neither resume nor overwrite is given; also for resume and overwrite together,
     and for resume without a checkpoint.
     """
+    check(isinstance(out_dir, (str, os.PathLike)), f"out_dir must be a path, got {type(out_dir).__name__}")
     check(not (resume and overwrite), "pass either --resume (continue the run in --out) or --overwrite "
                                       "(replace it), not both")
     out = Path(out_dir)
@@ -276,8 +283,9 @@ def evaluate(cfg, params, examples, *, max_tokens=4096, decode=None, references=
     max_sentences limits everything to the first N examples, max_translations only the decoded
     ones. Returns a dict: loss, ppl, tokens, sentences, bleu, chrf (None when skipped), notes.
     Raises RefformerError for a cfg that is not a Config, a count that is not an integer >= 0 (max_sentences,
-    max_translations; max_tokens >= 1) and malformed examples.
+    max_translations; max_tokens >= 1), a decode that is not callable, and malformed examples or references.
     """
+    check(decode is None or callable(decode), f"decode must be a function ids -> text, got {type(decode).__name__}")
     check(isinstance(cfg, Config), f"cfg must be a Config, got {type(cfg).__name__}")
     for name, value in (("max_sentences", max_sentences), ("max_translations", max_translations)):
         check(value is None or (_is_integer(value) and value >= 0), f"{name} must be an integer >= 0 or None, "
@@ -319,7 +327,12 @@ def _evaluate(cfg, params, examples, result, max_tokens, decode, references, max
 
 
 def translation_scores(cfg, params, examples, decode, references, max_tokens):
-    """Greedy-decode the sources and score them with sacrebleu -> ({"bleu", "chrf"}, note or None)."""
+    """Greedy-decode the sources and score them with sacrebleu -> ({"bleu", "chrf"}, note or None).
+
+    Raises RefformerError when references are given but fewer than the examples."""
+    check(references is None or len(references) >= len(examples),
+          f"references must have one text per example: {len(examples)} examples, "
+          f"{len(references) if references is not None else 0} references")
     if decode is None:
         return {}, "BLEU/chrF skipped: no tokenizer to turn ids into text"
     try:
@@ -336,7 +349,12 @@ def translation_scores(cfg, params, examples, decode, references, max_tokens):
 
 
 def translate_examples(cfg, params, examples, decode, max_tokens=4096):
-    """Greedy translations (texts) of the examples' sources, in the examples' order, batched by length."""
+    """Greedy translations (texts) of the examples' sources, in the examples' order, batched by length.
+
+    Raises RefformerError for a decode that is not callable and for decoder-only examples."""
+    check(callable(decode), f"decode must be a function ids -> text, got {type(decode).__name__}")
+    check(all(isinstance(e, (tuple, list)) and len(e) == 3 and e[0] is not None for e in examples),
+          "translate_examples needs (src_ids, tgt_ids, labels) examples of an encoder-decoder model")
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     hypotheses = [None] * len(examples)
     start = 0
@@ -358,7 +376,11 @@ def save_checkpoint(out_dir, cfg, params, opt_state, state):
     """Write OUT/checkpoints/step-N atomically, point latest.json at it, then delete older ones.
 
     state: the JSON-able rest (step, rng, position, options, data fingerprint, elapsed, log).
+    Raises RefformerError for a state that is not a dict or an opt_state without its step.
     """
+    check(isinstance(state, dict), f"state must be a dict, got {type(state).__name__}")
+    check(isinstance(opt_state, dict) and _is_integer(opt_state.get("step")) and "m" in opt_state
+          and "v" in opt_state, "opt_state must be the optimizer state from refimpl.optim.adamw_init")
     from safetensors.numpy import save_file
 
     root = Path(out_dir) / CHECKPOINT_DIR
@@ -568,7 +590,10 @@ def _evaluated(log):
 
 
 def write_log(path, log):
-    """train_log.csv: one row per step, empty cells where nothing was measured (written atomically)."""
+    """train_log.csv: one row per step, empty cells where nothing was measured (written atomically).
+
+    Raises RefformerError unless log is a list of dicts (rows of LOG_COLUMNS)."""
+    check(isinstance(log, list) and all(isinstance(row, dict) for row in log), "log must be a list of dict rows")
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
@@ -593,7 +618,11 @@ def read_log(path):
 
 
 def plot_log(path, log):
-    """loss.png: training and validation loss against step. Returns False when matplotlib is missing."""
+    """loss.png: training and validation loss against step. Returns False when matplotlib is missing.
+
+    Raises RefformerError unless log is a list of rows with step, loss and valid_loss."""
+    check(isinstance(log, list) and all(isinstance(row, dict) and {"step", "loss", "valid_loss"} <= set(row)
+                                        for row in log), "log must be a list of rows with step, loss and valid_loss")
     try:
         from matplotlib.figure import Figure  # the object API: no pyplot, no global backend
     except ImportError:

@@ -7,6 +7,15 @@ set -euo pipefail
 
 packages=(trans-de-en python3-doc)
 
+if [ "$#" -ne 0 ]; then
+    echo "get-data: takes no arguments (usage: $0)" >&2
+    exit 2
+fi
+if ! command -v dpkg-query >/dev/null || ! command -v apt-get >/dev/null; then
+    echo "get-data: needs Debian or Ubuntu (dpkg-query and apt-get); install ${packages[*]} by other means" >&2
+    exit 1
+fi
+
 missing=()
 for package in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then

@@ -376,3 +376,37 @@ def test_check_fits_refuses_a_batch_too_big_for_memory(monkeypatch):
         check_fits(cfg, big)
     with pytest.raises(RefformerError, match="this model needs"):
         check_fits(cfg.replace(d_model=100_000, n_heads=4))
+
+
+def test_public_functions_refuse_bad_arguments(tmp_path):
+    """Every public function of refimpl.train raises RefformerError naming what was wrong, never a bare
+    KeyError/TypeError/IndexError from inside."""
+    from refformer.refimpl.optim import adamw_init
+    from refformer.refimpl.train import (evaluate, loss_and_grads, plot_log, save_checkpoint, train_step,
+                                         translate_examples, translation_scores, write_log)
+
+    cfg, params, batches, valid, options = _small_run()
+    rng = np.random.default_rng(0)
+    for call, words in [
+        (lambda: loss_and_grads(cfg, params, None), "batch must be a Batch"),
+        (lambda: train_step(cfg, params, adamw_init(params), batches[0], {}, rng), "options must be TrainOptions"),
+        (lambda: train_step(cfg, params, None, batches[0], options, rng), "opt_state must be"),
+        (lambda: translate_examples(cfg, params, valid, None), "decode must be a function"),
+        (lambda: translate_examples(cfg, params, [(None, [1], [2])], _spaced), "encoder-decoder"),
+        (lambda: translation_scores(cfg, params, valid, _spaced, ["one"], 64), "one text per example"),
+        (lambda: evaluate(cfg, params, valid, decode=5), "decode must be a function"),
+        (lambda: evaluate(cfg, params, valid, max_tokens=0), "max_tokens must be a positive integer"),
+        (lambda: evaluate(cfg, params, valid, max_sentences=-1), "max_sentences must be an integer >= 0"),
+        (lambda: evaluate(cfg, params, None), "examples must be a list"),
+        (lambda: save_checkpoint(tmp_path, cfg, params, adamw_init(params), None), "state must be a dict"),
+        (lambda: write_log(tmp_path / "log.csv", [1]), "log must be a list of dict rows"),
+        (lambda: plot_log(tmp_path / "loss.png", [{"step": 1}]), "log must be a list of rows"),
+        (lambda: read_log(tmp_path / "absent.csv"), "cannot read the training log"),
+        (lambda: check_output_dir(None), "out_dir must be a path"),
+    ]:
+        with pytest.raises(RefformerError, match=words):
+            call()
+    (tmp_path / "log.csv").write_text("step,loss\n1,not-a-number\n")
+    with pytest.raises(RefformerError, match="not a training log of numbers"):
+        read_log(tmp_path / "log.csv")
+    assert evaluate(cfg, params, valid, max_translations=0, decode=_spaced)["bleu"] is None  # loss only
