@@ -209,12 +209,16 @@ def file_hashes(folder, names):
     return {name: sha256(Path(folder) / name) for name in sorted(names) if (Path(folder) / name).is_file()}
 
 
-def holds_files(folder, files):
-    """True when folder is an export of this format whose files are exactly files ({name: sha256})."""
+SAME_EXPORT_KEYS = ("format_version", "family", "dtype", "opset", "config_sha256", "weights_sha256", "graphs", "files")
+
+
+def same_export(folder, manifest):
+    """True when folder already holds this export: a manifest agreeing with manifest on SAME_EXPORT_KEYS (the model's
+    hashes, the graphs and every file's sha256), and files that still have those hashes."""
     try:
-        manifest = json.loads((Path(folder) / MANIFEST_FILE).read_text())
-        return manifest.get("format_version") == MANIFEST_FORMAT and manifest.get("files") == files and all(
-            sha256(Path(folder) / name) == digest for name, digest in files.items())
+        existing = json.loads((Path(folder) / MANIFEST_FILE).read_text())
+        return all(existing.get(key) == manifest[key] for key in SAME_EXPORT_KEYS) and all(
+            sha256(Path(folder) / name) == digest for name, digest in manifest["files"].items())
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -392,7 +396,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
         manifest["files"] = file_hashes(tmp, [entry.name for entry in tmp.iterdir()])
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes a 0700 folder
-        if holds_files(out_dir, manifest["files"]):  # a concurrent run wrote the same graphs first: keep its folder
+        if same_export(out_dir, manifest):  # a concurrent first run wrote the same export: keep its folder
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             replace_folder(tmp, out_dir)

@@ -155,6 +155,11 @@ def test_an_export_identical_to_the_existing_one_keeps_the_folder(tmp_path):
     assert (tmp_path / "m" / "onnx" / "fp32").stat().st_ino == inode
     export_model(tmp_path / "m", measure=False, opset=18)
     assert read_manifest(tmp_path / "m" / "onnx" / "fp32")["opset"] == 18
+    # a config change that leaves the graphs alike (dropout) still gets a manifest with the new hashes
+    cfg, params = load(tmp_path / "m")
+    save(tmp_path / "m", cfg.replace(dropout=0.3), params)
+    export_model(tmp_path / "m", measure=False, opset=18)
+    assert not export_module.is_stale(tmp_path / "m", read_manifest(tmp_path / "m" / "onnx" / "fp32"))
 
 
 def test_concurrent_swaps_into_one_target_all_succeed(tmp_path):
