@@ -29,8 +29,8 @@ import secrets
 import numpy as np
 
 from .config import Config
-from .errors import RefformerError, check
-from .model import _check_ids, _keep_mask, decoder_step, empty_cache, encode
+from .errors import RefformerError, check, check_array
+from .model import _check_ids, _check_model, _keep_mask, decoder_step, empty_cache, encode
 from .ops import log_softmax_forward, softmax_forward
 
 MAX_BEAMS = 1024  # num_beams and num_return_sequences above this are refused before anything is allocated
@@ -50,6 +50,39 @@ def _is_finite(value):
         return math.isfinite(value)
     except OverflowError:  # an int too large for a float
         return False
+
+
+def _check_cfg(cfg):
+    check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
+
+
+def _check_count(name, value, minimum=0):
+    check(_is_int(value) and value >= minimum, f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_scores(name, scores):
+    """scores: a [B, V] floating array (V >= 1)."""
+    check_array(name, scores, ndim=2, kind="f")
+    check(scores.shape[1] >= 1, f"{name} must have at least one column (the vocabulary)")
+
+
+def _check_token_list(name, sequence, vocab_size=None):
+    """A list/tuple/1-D integer array of token ids (in [0, vocab_size) when given) -> a list of ints."""
+    if isinstance(sequence, np.ndarray):
+        check(sequence.ndim == 1 and (sequence.size == 0 or sequence.dtype.kind in "iu"),
+              f"{name} must be a 1-D array of token ids")
+        sequence = sequence.tolist()
+    check(isinstance(sequence, (list, tuple)) and all(_is_int(t) and t >= 0 for t in sequence),
+          f"{name} must be a list of token ids (integers >= 0)")
+    check(vocab_size is None or all(t < vocab_size for t in sequence),
+          f"{name} must hold token ids below the vocabulary size {vocab_size}")
+    return list(sequence)
+
+
+def _check_sequences(sequences, rows, vocab_size):
+    check(isinstance(sequences, (list, tuple)) and len(sequences) == rows,
+          f"sequences must be a list of {rows} token lists, one per row")
+    return [_check_token_list(f"sequences[{b}]", sequence, vocab_size) for b, sequence in enumerate(sequences)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +162,9 @@ class ReferenceStepper:
     """refimpl.encode + refimpl.decoder_step behind the stepper interface (cache kept in NumPy)."""
 
     def __init__(self, cfg, params):
+        """Raises RefformerError unless cfg is a Config and params its parameter tree (float32 or float64)."""
+        self.dtype = _check_model(cfg, params)
         self.cfg, self.params = cfg, params
-        self.dtype = params["decoder"]["embed_tokens"]["weight"].dtype
 
     def start(self, src_ids, src_keep, batch_size):
         self.cross_kv, self.src_keep = None, None
@@ -155,7 +189,15 @@ class ReferenceStepper:
 
 
 def apply_repetition_penalty(scores, sequences, penalty):
-    """CTRL's penalty on every token already in a row's sequence: divide positive scores, multiply negative."""
+    """CTRL's penalty on every token already in a row's sequence: divide positive scores, multiply negative.
+    scores [B, V] floating, sequences B lists of token ids, penalty > 0. Raises RefformerError for bad input."""
+    _check_scores("scores", scores)
+    sequences = _check_sequences(sequences, scores.shape[0], scores.shape[1])
+    check(_is_real(penalty) and _is_finite(penalty) and penalty > 0, f"penalty must be > 0 and finite, got {penalty!r}")
+    return _apply_repetition_penalty(scores, sequences, float(penalty))
+
+
+def _apply_repetition_penalty(scores, sequences, penalty):
     if penalty == 1.0:
         return scores
     scores = scores.copy()
@@ -167,7 +209,14 @@ def apply_repetition_penalty(scores, sequences, penalty):
 
 
 def banned_ngram_tokens(sequence, n):
-    """Tokens that would repeat an n-gram of sequence: those that followed its last n-1 tokens before."""
+    """Tokens that would repeat an n-gram of sequence: those that followed its last n-1 tokens before.
+    Raises RefformerError unless sequence is a list of token ids and n an integer >= 0."""
+    sequence = _check_token_list("sequence", sequence)
+    _check_count("n", n)
+    return _banned_ngram_tokens(sequence, int(n))
+
+
+def _banned_ngram_tokens(sequence, n):
     if n == 0 or len(sequence) < n:
         return []
     prefix = tuple(sequence[len(sequence) - n + 1:]) if n > 1 else ()
@@ -178,12 +227,23 @@ def process_logits(logits, sequences, n_generated, options, cfg):
     """Float64 scores of the next token: repetition penalty, no-repeat n-grams, min_new_tokens (eos banned).
 
     A NaN score becomes -inf and +inf the largest float64 (a tiny repetition_penalty can overflow), so the
-    softmaxes downstream never see inf - inf.
+    softmaxes downstream never see inf - inf. logits [B, V], sequences B lists of token ids, n_generated >= 0.
+    Raises RefformerError for bad input.
     """
-    scores = apply_repetition_penalty(logits.astype(np.float64), sequences, options.repetition_penalty)
+    _check_scores("logits", logits)
+    check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
+    _check_cfg(cfg)
+    check(logits.shape[1] > cfg.eos_id, f"logits must have a column for every token id (eos is {cfg.eos_id})")
+    sequences = _check_sequences(sequences, logits.shape[0], logits.shape[1])
+    _check_count("n_generated", n_generated)
+    return _process_logits(logits, sequences, n_generated, options, cfg)
+
+
+def _process_logits(logits, sequences, n_generated, options, cfg):
+    scores = _apply_repetition_penalty(logits.astype(np.float64), sequences, options.repetition_penalty)
     if options.no_repeat_ngram_size:
         for b, sequence in enumerate(sequences):
-            scores[b, banned_ngram_tokens(list(sequence), options.no_repeat_ngram_size)] = -np.inf
+            scores[b, _banned_ngram_tokens(list(sequence), options.no_repeat_ngram_size)] = -np.inf
     if n_generated < options.min_new_tokens:
         scores[:, cfg.eos_id] = -np.inf
     if not np.isfinite(scores).all():
@@ -193,7 +253,15 @@ def process_logits(logits, sequences, n_generated, options, cfg):
 
 def apply_temperature(scores, temperature):
     """(scores - row max) / temperature: the same softmax as scores / temperature, without overflow at a tiny
-    temperature (a row whose scores are all -inf stays all -inf)."""
+    temperature (a row whose scores are all -inf stays all -inf). Raises RefformerError for scores that are not
+    [B, V] floating or a temperature that is not > 0 and finite."""
+    _check_scores("scores", scores)
+    check(_is_real(temperature) and _is_finite(temperature) and temperature > 0,
+          f"temperature must be > 0 and finite, got {temperature!r}")
+    return _apply_temperature(scores, float(temperature))
+
+
+def _apply_temperature(scores, temperature):
     top = scores.max(axis=-1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
     with np.errstate(over="ignore"):
@@ -202,7 +270,15 @@ def apply_temperature(scores, temperature):
 
 def filter_top_k_top_p(scores, top_k, top_p):
     """Keep the top_k highest scores (ties with the k-th kept) and the smallest set of most likely tokens
-    whose probability reaches top_p (the most likely always kept); the rest become -inf."""
+    whose probability reaches top_p (the most likely always kept); the rest become -inf. Raises RefformerError
+    for scores that are not [B, V] floating, top_k not an integer >= 0 or top_p outside (0, 1]."""
+    _check_scores("scores", scores)
+    _check_count("top_k", top_k)
+    check(_is_real(top_p) and 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p!r}")
+    return _filter_top_k_top_p(scores, int(top_k), float(top_p))
+
+
+def _filter_top_k_top_p(scores, top_k, top_p):
     scores = scores.copy()
     if top_k and top_k < scores.shape[-1]:
         kth = np.sort(scores, axis=-1)[:, -top_k][:, None]
@@ -222,11 +298,18 @@ def sample(scores, rngs):
     """One token per row by the documented draw: u = rngs[b].random() for row b, first id with cdf > u * total.
 
     rngs: one numpy Generator per row (a single Generator is used for every row, in row order). A row whose
-    scores are all -inf takes its argmax, as greedy would.
+    scores are all -inf takes its argmax, as greedy would. Raises RefformerError for bad scores or generators.
     """
+    _check_scores("scores", scores)
     if isinstance(rngs, np.random.Generator):
         rngs = [rngs] * scores.shape[0]
-    check(len(rngs) == scores.shape[0], f"sample needs one random generator per row ({scores.shape[0]}), got {len(rngs)}")
+    check(isinstance(rngs, (list, tuple)) and len(rngs) == scores.shape[0]
+          and all(isinstance(rng, np.random.Generator) for rng in rngs),
+          f"rngs must be a numpy Generator or a list of {scores.shape[0]}, one per row")
+    return _sample(scores, rngs)
+
+
+def _sample(scores, rngs):
     live = np.isfinite(scores.max(axis=-1))
     with np.errstate(invalid="ignore"):
         probs, _ = softmax_forward(np.where(live[:, None], scores, 0.0))
@@ -238,7 +321,10 @@ def sample(scores, rngs):
 
 
 def row_generators(seed, sequence_numbers):
-    """The documented per-row random generators: default_rng([seed, k]) for a row that is its input's k-th sequence."""
+    """The documented per-row random generators: default_rng([seed, k]) for a row that is its input's k-th sequence.
+    Raises RefformerError unless seed is an integer >= 0 and sequence_numbers integers >= 0."""
+    _check_count("seed", seed)
+    _check_token_list("sequence_numbers", sequence_numbers)
     return [np.random.default_rng([seed, int(k)]) for k in sequence_numbers]
 
 
@@ -248,8 +334,10 @@ def row_generators(seed, sequence_numbers):
 def prepare_inputs(cfg, src_ids=None, src_mask=None, prompt_ids=None, prompt_mask=None):
     """Decoder start: bos for encoder-decoder, the left-padded prompt for decoder-only.
 
-    Returns (ids [B, P], attention_mask [B, P], positions [B, P], src_keep or None).
+    Returns (ids [B, P], attention_mask [B, P], positions [B, P], src_keep or None). Raises RefformerError for
+    missing, malformed or out-of-vocabulary inputs.
     """
+    _check_cfg(cfg)
     if cfg.is_encoder_decoder:
         check(src_ids is not None, "an encoder-decoder model needs src_ids")
         _check_ids("src_ids", src_ids, cfg)
@@ -269,7 +357,20 @@ def prepare_inputs(cfg, src_ids=None, src_mask=None, prompt_ids=None, prompt_mas
 
 def step_budget(cfg, options, src_keep, positions):
     """How many tokens each row may generate, [B]: max_new_tokens (default 2 S + 10 for a source of S tokens, or
-    what fits for a prompt), within max_positions. Per row, so a row's budget never depends on its batch."""
+    what fits for a prompt), within max_positions. Per row, so a row's budget never depends on its batch.
+    src_keep [B, S] (encoder-decoder), positions [B, T] integer. Raises RefformerError for bad input."""
+    _check_cfg(cfg)
+    check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
+    check_array("positions", positions, ndim=2, kind="i")
+    check(positions.shape[1] >= 1, "positions must have at least one column")
+    if cfg.is_encoder_decoder and options.max_new_tokens is None:
+        src_keep = np.asarray(src_keep) if src_keep is not None else None
+        check(src_keep is not None and src_keep.ndim == 2 and src_keep.shape[0] == positions.shape[0]
+              and src_keep.dtype.kind in "biu", "src_keep must be a [B, S] mask of the sources")
+    return _step_budget(cfg, options, src_keep, positions)
+
+
+def _step_budget(cfg, options, src_keep, positions):
     room = cfg.max_positions - positions[:, -1].astype(np.int64)  # the token at max_positions - 1 is the last one fed
     if options.max_new_tokens is not None:
         wanted = np.full_like(room, min(options.max_new_tokens, cfg.max_positions))
@@ -280,7 +381,7 @@ def step_budget(cfg, options, src_keep, positions):
     return np.maximum(0, np.minimum(wanted, room))
 
 
-def next_positions(positions, cfg):
+def _next_positions(positions, cfg):
     """Each row's next position, [B, 1]; a finished row that ran out of room stays at max_positions - 1."""
     return np.minimum(positions[:, -1:] + 1, cfg.max_positions - 1)
 
@@ -310,7 +411,7 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     sequences = [row[keep == 1].tolist() for row, keep in zip(ids, attention_mask)]
     penalties = options.repetition_penalty != 1.0 or options.no_repeat_ngram_size > 0
     rngs = row_generators(options.seed, sequence_numbers) if options.do_sample else None
-    budgets = step_budget(cfg, options, src_keep, positions)
+    budgets = _step_budget(cfg, options, src_keep, positions)
     steps = int(budgets.max())
     finished = budgets <= 0
     # A stepper with an in-graph argmax (the runtime's static graph) spares the logits' trip to the host
@@ -320,13 +421,13 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
         if in_graph_argmax:
             next_ids = stepper.step_argmax(ids, positions, attention_mask)
             if t < options.min_new_tokens and (next_ids == cfg.eos_id).any():  # eos is banned: look again
-                next_ids = process_logits(stepper.last_logits()[:, -1], sequences, t, options, cfg).argmax(axis=-1)
+                next_ids = _process_logits(stepper.last_logits()[:, -1], sequences, t, options, cfg).argmax(axis=-1)
         else:
             logits = stepper.step(ids, positions, attention_mask)[:, -1]  # [B, V]
-            scores = process_logits(logits, sequences, t, options, cfg)
+            scores = _process_logits(logits, sequences, t, options, cfg)
             if options.do_sample:
-                scores = filter_top_k_top_p(apply_temperature(scores, options.temperature), options.top_k, options.top_p)
-                next_ids = sample(scores, rngs)
+                scores = _filter_top_k_top_p(_apply_temperature(scores, options.temperature), options.top_k, options.top_p)
+                next_ids = _sample(scores, rngs)
             else:
                 next_ids = scores.argmax(axis=-1)
         next_ids = np.where(finished, cfg.pad_id, next_ids).astype(np.int64)  # [B]
@@ -338,12 +439,20 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
         if finished.all():
             return
         ids = next_ids[:, None]
-        positions = next_positions(positions, cfg)
+        positions = _next_positions(positions, cfg)
         attention_mask = np.concatenate([attention_mask, np.ones((B, 1), np.int64)], axis=1)
 
 
 def stack_rows(token_steps, batch_size, pad_id):
-    """Per-step tokens -> [B, L] (L may be 0)."""
+    """Per-step tokens ([B] each) -> [B, L] (L may be 0). Raises RefformerError for steps of another batch size."""
+    _check_count("batch_size", batch_size)
+    _check_count("pad_id", pad_id)
+    check(isinstance(token_steps, (list, tuple)) and all(np.shape(step) == (batch_size,) for step in token_steps),
+          f"token_steps must be a list of [{batch_size}] arrays")
+    return _stack_rows(token_steps, batch_size, pad_id)
+
+
+def _stack_rows(token_steps, batch_size, pad_id):
     if not token_steps:
         return np.full((batch_size, 0), pad_id, dtype=np.int64)
     return np.stack(token_steps, axis=1)
@@ -360,7 +469,12 @@ def top_candidates(values, n, block=256):
     (ties included) hold every one of the n best (a value outside them has n larger values ahead of it, one in
     each of n blocks), so only those blocks are sorted.
     """
-    values = np.asarray(values).reshape(-1)
+    check(_is_int(n) and n >= 1, f"n must be an integer >= 1, got {n!r}")
+    check(_is_int(block) and block >= 1, f"block must be an integer >= 1, got {block!r}")
+    try:
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise RefformerError("values must be an array of numbers") from None
     if values.size <= 4 * n * block or np.isnan(values).any():  # NaN maxima would hide their blocks
         return np.argsort(-values, kind="stable")[:n]
     pad = -values.size % block
@@ -389,7 +503,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     B = ids.shape[0]
     if B == 0:
         return [], []
-    budgets = step_budget(cfg, options, src_keep, positions)
+    budgets = _step_budget(cfg, options, src_keep, positions)
     steps = int(budgets.max())
     stepper.start(src_ids, src_keep, B)
     prompts = [row[keep == 1].tolist() for row, keep in zip(ids, attention_mask)]  # row r keeps prompts[r // K]
@@ -416,7 +530,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
 
     for t in range(steps):
         logits = stepper.step(ids, positions, attention_mask)[:, -1]  # [B K, V]
-        scores = process_logits(logits, [prompts[r // K] + g for r, g in enumerate(generated)], t, options, cfg)
+        scores = _process_logits(logits, [prompts[r // K] + g for r, g in enumerate(generated)], t, options, cfg)
         logp = log_softmax_forward(scores)[0] if np.isfinite(scores).any() else scores
         candidates = (beam_scores[:, None] + logp).reshape(B, -1)  # [B, K V]
         V = logp.shape[-1]
@@ -468,7 +582,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
         generated = [generated[r] + [tok] for r, tok in zip(rows, next_tokens)]
         beam_scores = np.array(next_scores)
         ids = np.array(next_tokens, dtype=np.int64)[:, None]
-        positions = next_positions(positions[rows], cfg)
+        positions = _next_positions(positions[rows], cfg)
         attention_mask = np.concatenate([attention_mask[rows], np.ones((B * K, 1), np.int64)], axis=1)
         for b in np.flatnonzero(~done & (budgets <= t + 1)):
             finish(b)
@@ -508,18 +622,24 @@ def generate(cfg, params, src_ids=None, prompt_ids=None, options=None, src_mask=
         return beam_search(stepper, cfg, options, **inputs)[0]
     ids, _, positions, src_keep = prepare_inputs(cfg, **inputs)
     copies = options.num_return_sequences
-    budgets = np.repeat(step_budget(cfg, options, src_keep, positions), copies)
+    budgets = np.repeat(_step_budget(cfg, options, src_keep, positions), copies)
     if copies > 1:  # independent samples: each input repeated, rows in input order
         inputs = {k: None if v is None else np.repeat(np.asarray(v), copies, axis=0) for k, v in inputs.items()}
     B = ids.shape[0] * copies
     numbers = np.tile(np.arange(copies), ids.shape[0])
-    rows = stack_rows(list(search_iter(stepper, cfg, options, **inputs, sequence_numbers=numbers)), B, cfg.pad_id)
-    sequences = [trim_after_eos(row[:budget], cfg) for row, budget in zip(rows.tolist(), budgets.tolist())]
+    rows = _stack_rows(list(search_iter(stepper, cfg, options, **inputs, sequence_numbers=numbers)), B, cfg.pad_id)
+    sequences = [_trim_after_eos(row[:budget], cfg) for row, budget in zip(rows.tolist(), budgets.tolist())]
     return [sequences[i:i + copies] for i in range(0, B, copies)]
 
 
 def trim_after_eos(row, cfg):
-    """Generated ids up to and including the first eos (the pads after it dropped)."""
+    """Generated ids up to and including the first eos (the pads after it dropped). Raises RefformerError unless
+    row is a list of token ids and cfg a Config."""
+    _check_cfg(cfg)
+    return _trim_after_eos(_check_token_list("row", row), cfg)
+
+
+def _trim_after_eos(row, cfg):
     return row[: row.index(cfg.eos_id) + 1] if cfg.eos_id in row else row
 
 
@@ -529,7 +649,7 @@ def greedy(cfg, params, src_ids, src_mask=None, max_new_tokens=None):
     check(cfg.is_encoder_decoder, "greedy needs an encoder-decoder model; use greedy_lm for decoder-only")
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     steps = search_iter(ReferenceStepper(cfg, params), cfg, options, src_ids=src_ids, src_mask=src_mask)
-    return stack_rows(list(steps), np.shape(src_ids)[0], cfg.pad_id)
+    return _stack_rows(list(steps), np.shape(src_ids)[0], cfg.pad_id)
 
 
 def greedy_lm(cfg, params, prompt_ids, prompt_mask=None, max_new_tokens=None):
@@ -538,9 +658,14 @@ def greedy_lm(cfg, params, prompt_ids, prompt_mask=None, max_new_tokens=None):
     check(not cfg.is_encoder_decoder, "greedy_lm needs a decoder-only model; use greedy for encoder-decoder")
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     steps = search_iter(ReferenceStepper(cfg, params), cfg, options, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
-    return stack_rows(list(steps), np.shape(prompt_ids)[0], cfg.pad_id)
+    return _stack_rows(list(steps), np.shape(prompt_ids)[0], cfg.pad_id)
 
 
 def strip(ids, cfg):
-    """Rows of generated ids -> lists of ids up to (not including) each row's eos and padding."""
-    return [row[:row.index(cfg.eos_id)] if cfg.eos_id in row else row for row in np.asarray(ids).tolist()]
+    """Rows of generated ids [B, L] -> lists of ids up to (not including) each row's eos. Raises RefformerError
+    unless ids is a 2-D integer array (or list of equal-length lists) and cfg a Config."""
+    _check_cfg(cfg)
+    ids = np.asarray(ids) if isinstance(ids, (list, tuple, np.ndarray)) else None
+    check(ids is not None and ids.ndim == 2 and (ids.size == 0 or ids.dtype.kind in "iu"),
+          "ids must be a [B, L] array of token ids")
+    return [row[:row.index(cfg.eos_id)] if cfg.eos_id in row else row for row in ids.tolist()]

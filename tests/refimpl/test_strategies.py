@@ -304,3 +304,39 @@ def test_a_tiny_temperature_samples_the_argmax():
     greedy_ids = generate(cfg, params, options=GenerationOptions(max_new_tokens=8), **inputs)
     cold = generate(cfg, params, options=GenerationOptions(do_sample=True, temperature=1e-300, max_new_tokens=8), **inputs)
     assert cold == greedy_ids
+
+
+def test_every_public_function_refuses_junk_with_a_refformer_error():
+    """Each public function of refimpl.generate, each required argument replaced by junk in turn: RefformerError or a
+    result, never a bare TypeError / ValueError / KeyError / AttributeError from inside."""
+    import inspect
+
+    from refformer.refimpl import generate as module
+
+    cfg, params = tiny()
+    good = {"cfg": cfg, "params": params, "options": GenerationOptions(), "stepper": ReferenceStepper(cfg, params),
+            "scores": np.zeros((2, 7)), "logits": np.zeros((2, 7)), "sequences": [[1], [1]], "penalty": 1.5,
+            "sequence": [1, 2], "n": 2, "n_generated": 0, "top_k": 2, "top_p": 0.5, "rngs": [np.random.default_rng(0)] * 2,
+            "seed": 1, "sequence_numbers": [0, 0], "src_keep": np.ones((2, 3)), "positions": np.zeros((2, 1), np.int64),
+            "token_steps": [], "batch_size": 2, "pad_id": 0, "values": np.arange(5.0), "row": [1, 2],
+            "ids": np.zeros((2, 3), np.int64), "src_ids": np.array([[4, 2]]), "prompt_ids": np.array([[1, 4]]),
+            "temperature": 1.0}
+    junk = [None, -1, "x", [], [[1]], np.zeros(2), np.zeros((2, 3)), np.full((1, 2), np.nan), {}, 1.5, float("nan"),
+            object(), np.array([["a"]])]
+    checked = 0
+    for name, function in vars(module).items():
+        if name.startswith("_") or not callable(function) or getattr(function, "__module__", "") != module.__name__:
+            continue
+        required = [p.name for p in inspect.signature(function).parameters.values()
+                    if p.default is p.empty and p.kind == p.POSITIONAL_OR_KEYWORD]
+        for argument in required:
+            for value in junk:
+                arguments = {**{p: good[p] for p in required}, argument: value}
+                try:
+                    result = function(**arguments)
+                    if inspect.isgenerator(result):
+                        list(result)
+                except RefformerError:
+                    pass
+                checked += 1
+    assert checked > 300
