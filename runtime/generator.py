@@ -156,7 +156,7 @@ class Generator:
         intra-op threads (an integer >= 1; more than os.cpu_count() is capped to it).
 
         Raises RefformerError for a bad argument, a missing or broken model folder, or an export that fails."""
-        self.check_arguments(model_dir, dtype, threads, truncate, static_length, cuda_graph)
+        self.check_arguments(model_dir, provider, dtype, threads, truncate, variant, static_length, cuda_graph)
         threads = None if threads is None else min(int(threads), os.cpu_count() or 1)
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = load_config(self.model_dir)
@@ -190,14 +190,18 @@ class Generator:
         self.truncate = truncate
 
     @staticmethod
-    def check_arguments(model_dir, dtype, threads, truncate, static_length, cuda_graph):
+    def check_arguments(model_dir, provider, dtype, threads, truncate, variant, static_length, cuda_graph):
         """RefformerError for a constructor argument of the wrong type or range (before anything is loaded)."""
         def integer(value):
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
         if model_dir is not None and not isinstance(model_dir, (str, os.PathLike)):
             raise RefformerError(f"model_dir must be a folder path, got {type(model_dir).__name__}")
-        if dtype not in ("fp32", "fp16"):
+        if not isinstance(provider, str) or provider not in ("auto", "cuda", "cpu"):
+            raise RefformerError(f"provider must be auto, cuda or cpu, got {provider!r}")
+        if not isinstance(variant, str) or variant not in VARIANTS:
+            raise RefformerError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        if not isinstance(dtype, str) or dtype not in ("fp32", "fp16"):
             raise RefformerError(f"dtype must be fp32 or fp16, got {dtype!r}")
         if threads is not None and not (integer(threads) and threads >= 1):
             raise RefformerError(f"threads must be an integer >= 1, got {threads!r}")
@@ -218,7 +222,10 @@ class Generator:
         generate(cfg, None, options=options, stepper=self.stepper, **inputs)
 
     def make_stepper(self, variant, static_length, cuda_graph):
-        """Export what the variant needs (when missing or stale) and open its stepper."""
+        """Export what the variant needs (when missing or stale) and open its stepper. Raises RefformerError for an
+        unknown variant or one this model or provider cannot run."""
+        if not isinstance(variant, str) or variant not in VARIANTS[1:]:
+            raise RefformerError(f"variant must be one of {', '.join(VARIANTS[1:])}, got {variant!r}")
         dtype, threads = self.dtype, self.threads
         if variant == "static_fused" and self.cfg.head_dim % 8:
             raise RefformerError(f"the static_fused variant needs a head size that is a multiple of 8 (ONNX Runtime's "
@@ -242,8 +249,9 @@ class Generator:
         long."""
         cfg = self.cfg
         texts = self.text_list(texts)
-        names = names or [f"input {number + 1}" for number in range(len(texts))]
-        if len(names) != len(texts) or not all(isinstance(name, str) for name in names):
+        if names is None:
+            names = [f"input {number + 1}" for number in range(len(texts))]
+        if not isinstance(names, (list, tuple)) or len(names) != len(texts) or not all(isinstance(n, str) for n in names):
             raise RefformerError(f"names must be {len(texts)} strings, one per text")
         for name, text in zip(names, texts):
             if not isinstance(text, str):
@@ -330,6 +338,8 @@ class Generator:
         """Token rows -> per row, num_return_sequences lists of generated ids. The static decoders hold a fixed
         number of slots, which a decoder-only batch of prompts of several lengths can overrun (the left padding
         takes slots); such a batch runs as one batch per prompt length (the same outputs: rows are independent)."""
+        if not isinstance(rows, (list, tuple)):
+            raise RefformerError(f"rows must be a list of token id lists (from encode_rows), got {type(rows).__name__}")
         if not rows:
             return []
         cfg = self.cfg

@@ -284,3 +284,32 @@ def test_padding_and_truncation_in_tokenizer_json_do_not_reach_the_model(tmp_pat
     assert generator.encode_rows([text]) == tok.encode(clean, [text])
     assert len(generator.encode_rows([text])[0]) > 2
     assert generator.tokenizer.padding is None and generator.tokenizer.truncation is None
+
+
+def test_every_public_method_refuses_junk_with_a_refformer_error(runtime):
+    """Each public method of Generator, each argument replaced by junk in turn: RefformerError or a result."""
+    import inspect
+
+    generator, _ = runtime
+    junk = [None, -1, "", [], [[1]], [None], np.zeros(2), np.zeros((2, 3)), {}, 1.5, float("nan"), object(), [[-1]],
+            [[10**9]], ["\ud800"], b"x", True]
+    good = {"texts": ["Hallo"], "options": GenerationOptions(max_new_tokens=2), "rows": [[5, 6]], "ids": [5, 6],
+            "text": "Hallo", "names": None, "variant": "reference", "static_length": None, "cuda_graph": False}
+    checked = 0
+    for name, method in inspect.getmembers(generator, callable):
+        if name.startswith("_") or name in ("probe", "check_arguments", "make_stepper"):  # (make_stepper: below)
+            continue
+        parameters = [p.name for p in inspect.signature(method).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+        for parameter in parameters:
+            for value in junk:
+                try:
+                    result = method(**{**{p: good[p] for p in parameters}, parameter: value})
+                    if inspect.isgenerator(result):
+                        list(result)
+                except RefformerError:
+                    pass
+                checked += 1
+    assert checked > 150
+    for variant in (None, "auto", "fast", ["reference"]):
+        with pytest.raises(RefformerError, match="variant must be one of"):
+            generator.make_stepper(variant, None, False)
