@@ -19,48 +19,62 @@ next batch to read, so a checkpoint that stores it resumes the exact same stream
 
 import dataclasses
 import hashlib
+import itertools
 import numbers
 
 import numpy as np
 
-from .errors import check
+from .errors import RefformerError, check
 
 
 def _is_integer(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _all_integers(rows):
+    """True when every item of every row is an integer (one NumPy conversion of them all, not a Python loop)."""
+    flat = list(itertools.chain.from_iterable(rows))
+    if not flat:
+        return True
+    try:
+        kind = np.asarray(flat).dtype.kind
+    except (ValueError, TypeError):  # ragged or unconvertible items
+        return False
+    return kind in "iu"
+
+
 def _check_ids(name, ids):
-    """ids must be a non-empty sequence of integers (a list, tuple or 1-D integer array)."""
+    """ids must be a non-empty list, tuple or 1-D array (its items are checked to be integers when padded)."""
     if isinstance(ids, np.ndarray):
-        check(ids.ndim == 1 and ids.size > 0 and ids.dtype.kind in "iu",
-              f"{name} must be a non-empty 1-D sequence of integer ids, got an array of shape {ids.shape} "
-              f"and dtype {ids.dtype}")
-        return
-    check(isinstance(ids, (list, tuple)) and len(ids) > 0 and all(_is_integer(i) for i in ids),
-          f"{name} must be a non-empty list of integer ids, got {str(ids)[:60]}")
+        if not (ids.ndim == 1 and ids.size > 0 and ids.dtype.kind in "iu"):
+            raise RefformerError(f"{name()} must be a non-empty 1-D sequence of integer ids, got an array of shape "
+                                 f"{ids.shape} and dtype {ids.dtype}")
+    elif not (isinstance(ids, (list, tuple)) and len(ids) > 0):
+        raise RefformerError(f"{name()} must be a non-empty list of integer ids, got {str(ids)[:60]}")
 
 
 def check_examples(examples):
     """RefformerError unless examples is a list of (src_ids or None, tgt_ids, labels) triples of one family,
-    with labels as long as tgt_ids."""
+    with labels as long as tgt_ids. (That the ids are integers is checked as they are padded: pad_rows.)"""
     check(isinstance(examples, (list, tuple)), f"examples must be a list of (src_ids, tgt_ids, labels) triples, "
                                                f"got {type(examples).__name__}")
     decoder_only = None
-    for number, example in enumerate(examples):
-        check(isinstance(example, (list, tuple)) and len(example) == 3,
-              f"example {number} must be a (src_ids, tgt_ids, labels) triple, got {str(example)[:60]}")
+    for number, example in enumerate(examples):  # messages are built only on failure: this runs per example
+        if not (isinstance(example, (list, tuple)) and len(example) == 3):
+            raise RefformerError(f"example {number} must be a (src_ids, tgt_ids, labels) triple, "
+                                 f"got {str(example)[:60]}")
         src, tgt, labels = example
         if decoder_only is None:
             decoder_only = src is None
-        check((src is None) == decoder_only, f"example {number} mixes decoder-only (src_ids None) and "
-                                             f"encoder-decoder examples")
+        if (src is None) != decoder_only:
+            raise RefformerError(f"example {number} mixes decoder-only (src_ids None) and encoder-decoder examples")
         if src is not None:
-            _check_ids(f"example {number}'s src_ids", src)
-        _check_ids(f"example {number}'s tgt_ids", tgt)
-        _check_ids(f"example {number}'s labels", labels)
-        check(len(tgt) == len(labels), f"example {number}: tgt_ids and labels must have the same length, "
-                                       f"got {len(tgt)} and {len(labels)}")
+            _check_ids(lambda: f"example {number}'s src_ids", src)
+        _check_ids(lambda: f"example {number}'s tgt_ids", tgt)
+        _check_ids(lambda: f"example {number}'s labels", labels)
+        if len(tgt) != len(labels):
+            raise RefformerError(f"example {number}: tgt_ids and labels must have the same length, "
+                                 f"got {len(tgt)} and {len(labels)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +114,10 @@ def lm_windows(texts, max_len, *, bos_id, eos_id):
     check(isinstance(texts, (list, tuple)), f"texts must be a list of lists of ids, got {type(texts).__name__}")
     stream = []
     for number, ids in enumerate(texts):
-        check(isinstance(ids, (list, tuple, np.ndarray)) and all(_is_integer(i) for i in ids),
-              f"text {number} must be a list of integer ids, got {str(ids)[:60]}")
+        if not isinstance(ids, (list, tuple, np.ndarray)):
+            raise RefformerError(f"text {number} must be a list of integer ids, got {str(ids)[:60]}")
         stream.extend([bos_id, *ids, eos_id])
+    check(_all_integers([stream]), "texts must hold integer ids (and bos_id, eos_id must be integers)")
     return [stream[start:start + max_len + 1] for start in range(0, max(len(stream) - 1, 0), max_len)]
 
 
@@ -114,8 +129,9 @@ def pad_rows(rows, pad_id):
     check(isinstance(rows, (list, tuple)) and len(rows) > 0, "pad_rows needs at least one row of ids")
     check(_is_integer(pad_id), f"pad_id must be an integer, got {pad_id!r}")
     for number, row in enumerate(rows):
-        check(isinstance(row, (list, tuple, np.ndarray)) and all(_is_integer(i) for i in row),
-              f"row {number} must be a list of integer ids, got {str(row)[:60]}")
+        if not isinstance(row, (list, tuple, np.ndarray)):
+            raise RefformerError(f"row {number} must be a list of integer ids, got {str(row)[:60]}")
+    check(_all_integers(rows), "rows must hold integer ids only (not floats, strings or None)")
     length = max(len(row) for row in rows)
     ids = np.full((len(rows), length), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), length), dtype=bool)
@@ -154,10 +170,10 @@ def seq2seq_examples(pairs, *, bos_id, eos_id, max_len):
     check(_is_integer(max_len) and max_len >= 1, f"max_len must be an integer >= 1, got {max_len!r}")
     check(isinstance(pairs, (list, tuple)), f"pairs must be a list of (src, tgt) id lists, got {type(pairs).__name__}")
     for number, pair in enumerate(pairs):
-        check(isinstance(pair, (list, tuple)) and len(pair) == 2
-              and all(isinstance(side, (list, tuple, np.ndarray)) and all(_is_integer(i) for i in side)
-                      for side in pair),
-              f"pair {number} must be (src ids, tgt ids), two lists of integer ids, got {str(pair)[:60]}")
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(isinstance(side, (list, tuple, np.ndarray)) for side in pair)):
+            raise RefformerError(f"pair {number} must be (src ids, tgt ids), two lists of integer ids, "
+                                 f"got {str(pair)[:60]}")
     examples = [seq2seq_example(src, tgt, bos_id=bos_id, eos_id=eos_id) for src, tgt in pairs]
     kept = [e for e in examples if len(e[0]) <= max_len and len(e[1]) <= max_len]
     return kept, len(examples) - len(kept)
