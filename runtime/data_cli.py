@@ -22,7 +22,7 @@ def data():
     """Prepare corpora (installed by scripts/get-data.sh) as train/valid/test files."""
 
 
-OVERWRITE_HELP = "Replace split files that --out already holds."
+OVERWRITE_HELP = "Write into an --out folder that already holds files (only the three split files are replaced)."
 
 
 @data.command("de-en")
@@ -60,7 +60,8 @@ def tokenizer():
 
 @tokenizer.command("train")
 @click.argument("data_dir", type=click.Path(file_okay=False))
-@click.option("--vocab-size", required=True, type=int, help="Vocabulary size, special tokens included.")
+@click.option("--vocab-size", required=True, type=int,
+              help="Vocabulary size, special tokens included (260 to 1,000,000).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="tokenizer.json to write.")
 @click.option("--model", type=click.Choice(["bpe", "unigram"]), default="bpe", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")

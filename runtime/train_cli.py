@@ -160,7 +160,11 @@ def _decoder(tokenizer):
 @click.pass_context
 @one_line_errors
 def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
-    """Train a model on DATA_DIR with the NumPy reference implementation and write it to OUT."""
+    """Train a model on DATA_DIR with the NumPy reference implementation and write it to OUT.
+
+    An OUT that already holds a model or checkpoints is refused unless --resume or --overwrite is given. A run
+    whose loss turns NaN or infinite stops with an error and writes nothing from that state (exit 1).
+    """
     import numpy as np
 
     from refformer.refimpl import Config, init_params, load
