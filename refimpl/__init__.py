@@ -2,7 +2,8 @@
 
 Public API (stable; other tools rely on these names):
 
-    Config                         architecture of a model (config.json)
+    Config                         architecture of a model (config.json); every field's JSON type and range is checked
+    check_fits_memory(cfg, dtype, copies) / parameter_count(cfg)   refuse a model too large for this machine's memory
     init_params(cfg, rng)          random parameters, a nested dict named like the checkpoint
     save(model_dir, cfg, params, tokenizer=None) / load(model_dir) -> (cfg, params)
     from_torch(module) -> (cfg, params)   from a live nn.Transformer-based torch module
@@ -11,11 +12,15 @@ Public API (stable; other tools rely on these names):
     encode / decoder_step          incremental decoding with a KV cache
     cross_entropy_forward / cross_entropy_backward
     the layer pairs X_forward / X_backward below, and RefformerError for bad input.
+
+Every public function raises RefformerError (a ValueError) for bad input, naming the argument. Masks: the
+model-level functions take keep masks (boolean or 0/1 integers, 1 = real token) and refuse floating ones;
+attention_forward, mha_forward and the layers take boolean (True = attend) or floating additive (0 / -inf) masks.
 """
 
 from .attention import (attention_backward, attention_forward, causal_mask, mha_backward, mha_forward, padding_mask,
                         project_kv)
-from .config import Config
+from .config import Config, check_fits_memory, parameter_bytes, parameter_count
 from .errors import RefformerError
 from .gradcheck import numerical_gradient, rel_error
 from .io import load, load_config, load_tokenizer, save
