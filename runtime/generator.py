@@ -258,6 +258,10 @@ class Generator:
                 raise RefformerError(f"{name} must be a str, got {type(text).__name__}")
             if not text.strip():
                 raise RefformerError(f"{name} is empty")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RefformerError(f"{name} is not valid Unicode (it has a lone surrogate)") from None
         rows = tok.encode(self.tokenizer, texts)
         limit = cfg.max_positions - 1  # room for eos (source) or bos (prompt) and at least one new token
         for number, (name, row) in enumerate(zip(names, rows)):

@@ -297,6 +297,15 @@ def test_several_sequences_stay_with_their_input(model_dir, tmp_path):
     assert plain.exit_code == 1 and as_json.exit_code == 1
 
 
+def test_a_lone_surrogate_is_reported_by_its_line(model_dir, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "Hallo."}\n{"text": "bad \\ud800"}\n')
+    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(source), "--json", "--max-new-tokens", "2")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert records[1]["error"] == "line 2 is not valid Unicode (it has a lone surrogate)"
+    assert result.exit_code == 1 and "output" in records[0]
+
+
 def test_a_json_id_is_passed_through(model_dir, tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text('{"id": 7, "text": "Hallo."}\n{"id": ["x"], "text": ""}\n{"text": "Gut."}\n')
