@@ -19,14 +19,15 @@ from refformer.runtime.options import model_option, resolve_model
 
 ARCHITECTURE_OPTIONS = ("family", "d_model", "n_heads", "d_ff", "layers", "encoder_layers", "decoder_layers",
                         "norm_first", "activation", "positional", "max_positions")
-# The command-line flag of each TrainOptions field, so the library's "lr must be ..." reads "--lr must be ...".
-OPTION_FLAGS = {name: "--" + name.replace("_", "-") for name in (
-    "steps", "max_tokens", "lr", "warmup", "weight_decay", "clip", "label_smoothing", "eval_every", "eval_sentences",
-    "save_every", "seed")}
 
 
 def _flag(name):
     return "--" + name.replace("_", "-")
+
+
+# The command-line flag of each TrainOptions field, so the library's "lr must be ..." reads "--lr must be ...".
+OPTION_FLAGS = {name: _flag(name) for name in ("steps", "max_tokens", "lr", "warmup", "weight_decay", "clip",
+                                               "label_smoothing", "eval_every", "eval_sentences", "save_every", "seed")}
 
 
 def train_options(opts):
@@ -177,8 +178,6 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
     options = train_options(opts)
     check_architecture(opts)
     check_output_dir(out_dir, resume=opts["resume"], overwrite=opts["overwrite"], inputs=(data_dir, tokenizer_path))
-    if Path(data_dir).exists() and not Path(data_dir).is_dir():
-        raise RefformerError(f"DATA_DIR {data_dir} is a file: give the folder that holds train.tsv or train.txt")
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     given = {name for name in opts if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
@@ -186,7 +185,7 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
         fixed = sorted(given & set(ARCHITECTURE_OPTIONS))
         if fixed:
             raise RefformerError(f"--init takes the architecture from {opts['init_dir']}; drop "
-                                 f"{', '.join('--' + name.replace('_', '-') for name in fixed)}")
+                                 f"{', '.join(_flag(name) for name in fixed)}")
         cfg, params = load(opts["init_dir"])
         check_finite_weights(opts["init_dir"], params)
         if "dropout" in given:
@@ -210,8 +209,8 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
         check_fits(cfg)  # before anything of the model's size is allocated
         params = None if opts["resume"] else init_params(cfg, np.random.default_rng(opts["seed"]))
     if not split_path(data_dir, "train", cfg.family).is_file():
-        raise RefformerError(f"{split_path(data_dir, 'train', cfg.family)} is missing: a {cfg.family} model "
-                             f"trains on train{SUFFIX[cfg.family]}")
+        raise RefformerError(f"{split_path(data_dir, 'train', cfg.family)} is missing: {cfg.family} models "
+                             f"train on train{SUFFIX[cfg.family]}")
 
     examples, _, dropped = load_examples(data_dir, "train", cfg.family, tokenizer, cfg)
     batches = make_batches(examples, max_tokens=options.max_tokens, pad_id=cfg.pad_id, seed=options.seed)
