@@ -109,7 +109,7 @@ def sinusoidal_table(n_positions, d_model, dtype=np.float64):
 
     check_number("n_positions", n_positions, 0, integer=True)
     check_number("d_model", d_model, 1, integer=True)
-    check(n_positions * d_model * 8 <= physical_memory_bytes(),
+    check((n_positions + 1) * d_model * 8 <= physical_memory_bytes(),
           f"a sinusoidal table of {n_positions} x {d_model} does not fit in this machine's memory")
     position = np.arange(n_positions, dtype=np.float64)[:, None]  # [N, 1]
     frequency = np.exp(-math.log(10000.0) * np.arange(0, d_model, 2, dtype=np.float64) / d_model)  # [ceil(D/2)]

@@ -699,3 +699,29 @@ def test_inputs_whose_activations_cannot_fit_are_refused(setup, monkeypatch):
                  lambda: model_forward(DO, s["decoder_only"], None, np.full((512, 10), 5))):
         with pytest.raises(RefformerError, match="activations"):
             call()
+
+
+def test_two_bad_arguments_at_once_raise_refformer_error_or_work(setup):
+    """Pairs of bad arguments (a fixed random sample per function): the first check to fail must still be ours."""
+    rng = np.random.default_rng(0)
+    failures = []
+    for name, (function, args, kwargs) in good_calls(setup).items():
+        slots = [(i, value) for i, value in enumerate(args)] + list(kwargs.items())
+        for _ in range(40 if len(slots) >= 2 else 0):
+            bad_args, bad_kwargs, labels = list(args), dict(kwargs), []
+            for n in rng.choice(len(slots), 2, replace=False):
+                key, value = slots[n]
+                variants = list(_variants(value).items())
+                label, bad = variants[rng.integers(len(variants))]
+                labels.append(f"{key}={label}")
+                if isinstance(key, int):
+                    bad_args[key] = bad
+                else:
+                    bad_kwargs[key] = bad
+            try:
+                function(*bad_args, **bad_kwargs)
+            except RefformerError:
+                pass
+            except Exception as error:  # noqa: BLE001
+                failures.append(f"{name} {labels}: {type(error).__name__}: {str(error)[:120]}")
+    assert not failures, "\n".join(failures)
