@@ -203,7 +203,8 @@ def check_output_dir(out_dir, *, resume=False, overwrite=False, inputs=()):
     Raises RefformerError when out_dir is a file, is one of inputs (e.g. the data directory), cannot be
     created or written (its parent folder missing or read-only), or already holds a trained model or
     checkpoints (any of OUTPUT_NAMES, except a file that is one of inputs, e.g. the tokenizer.json being
-    trained with) while neither resume nor overwrite is given; also for resume and overwrite together,
+    trained with) while neither resume nor overwrite is given; also for one of OUTPUT_NAMES of the wrong
+    kind (a file named checkpoints, a folder named model.safetensors), for resume and overwrite together,
     and for resume without a checkpoint.
     """
     check(isinstance(out_dir, (str, os.PathLike)), f"out_dir must be a path, got {type(out_dir).__name__}")
@@ -225,6 +226,12 @@ def check_output_dir(out_dir, *, resume=False, overwrite=False, inputs=()):
         return
     if not os.access(out, os.W_OK | os.X_OK):
         raise RefformerError(f"cannot write to --out {out}: the folder is not writable")
+    for name in OUTPUT_NAMES:  # with --overwrite or --resume these are written: each must be of its kind
+        path = out / name
+        if name == CHECKPOINT_DIR and path.exists() and not path.is_dir():
+            raise RefformerError(f"{path} is a file, not a checkpoint folder: move it out of --out {out}")
+        if name != CHECKPOINT_DIR and path.is_dir():
+            raise RefformerError(f"{path} is a folder, not a file the model is saved as: move it out of --out {out}")
     if resume:
         pointer = out / CHECKPOINT_DIR / "latest.json"
         check(pointer.is_file(), f"no checkpoint to resume from: {pointer} is missing")

@@ -36,7 +36,7 @@ def train_options(opts):
     from refformer.refimpl.train import TrainOptions
 
     minutes = opts["time_limit"]
-    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+    if minutes is not None and not (math.isfinite(minutes * 60.0) and minutes > 0):
         raise RefformerError(f"--time-limit must be a positive number of minutes, got {minutes}")
     values = {name: opts[name] for name in OPTION_FLAGS}
     try:

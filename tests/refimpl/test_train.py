@@ -358,6 +358,13 @@ def test_check_output_dir(tmp_path):
     (tmp_path / "notes.txt").write_text("a folder of other files is fine")
     check_output_dir(tmp_path)
     check_output_dir(tmp_path / "new")
+    (tmp_path / "checkpoints").write_text("not a folder")  # would fail at the first save, after training
+    with pytest.raises(RefformerError, match="checkpoints is a file, not a checkpoint folder"):
+        check_output_dir(tmp_path, overwrite=True)
+    (tmp_path / "checkpoints").unlink()
+    (tmp_path / "model.safetensors").mkdir()
+    with pytest.raises(RefformerError, match="model.safetensors is a folder"):
+        check_output_dir(tmp_path, overwrite=True)
 
 
 def test_check_fits_refuses_a_batch_too_big_for_memory(monkeypatch):

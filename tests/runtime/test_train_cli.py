@@ -212,7 +212,7 @@ def test_train_overwrite_and_divergence_never_replace_a_good_model(data, trained
     ("--eval-every", "-1", "--eval-every"), ("--save-every", "-1", "--save-every"),
     ("--eval-sentences", "-1", "--eval-sentences"), ("--time-limit", "0", "--time-limit"),
     ("--time-limit", "-1", "--time-limit"), ("--time-limit", "nan", "--time-limit"),
-    ("--time-limit", "inf", "--time-limit"), ("--seed", "-1", "--seed"),
+    ("--time-limit", "inf", "--time-limit"), ("--time-limit", "1e308", "--time-limit"), ("--seed", "-1", "--seed"),
 ])
 def test_train_numeric_extremes_are_one_line(data, tmp_path, option, value, words):
     result = _invoke("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", tmp_path / "m",
