@@ -75,7 +75,8 @@ def train_command(data_dir, vocab_size, out_path, model, overwrite):
     trained = train_tokenizer(data_dir, vocab_size, model)
     save_tokenizer(trained, out_path)
     size = trained.get_vocab_size(with_added_tokens=True)
-    note = "" if size == vocab_size else f" (asked for {vocab_size}; the corpus supports no more)"
+    note = "" if size == vocab_size else f" (asked for {vocab_size}; " + (
+        "the corpus supports no more)" if size < vocab_size else f"the {model} trainer needs {size} for this corpus)")
     click.echo(f"wrote {out_path}: {model}, {size} tokens{note} ({time.perf_counter() - start:.1f} s)")
 
 
