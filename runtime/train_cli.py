@@ -323,11 +323,15 @@ def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
                                 references=references)
     except MemoryError:
         raise RefformerError("out of memory while evaluating: lower --max-tokens") from None
+    if result["loss"] is not None and not math.isfinite(result["loss"]):
+        result["notes"].append(f"the loss is {result['loss']}: the model's outputs overflow (its weights are too "
+                               f"large); retrain it")
     result = {"split": split, "examples": len(examples), "skipped_too_long": dropped, "tokens": result["tokens"],
               "loss": result["loss"], "perplexity": result["ppl"], "bleu": result["bleu"], "chrf": result["chrf"],
               "seconds": round(time.perf_counter() - start, 2), "notes": result["notes"]}
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+    if as_json:  # strict JSON: a NaN or infinite loss (extreme weights) is null, not NaN/Infinity
+        click.echo(json.dumps({key: None if isinstance(value, float) and not math.isfinite(value) else value
+                               for key, value in result.items()}, indent=2, allow_nan=False))
         return
     rows = [("split", split), ("examples", f"{len(examples)}" + (f" ({dropped} too long, skipped)" if dropped else "")),
             ("tokens", f"{result['tokens']}"), ("loss", _number(result["loss"], 4)),

@@ -300,3 +300,13 @@ def test_train_into_the_folder_of_its_own_tokenizer(data, tmp_path):
     assert result.exit_code == 0, result.output
     _one_error_line(_invoke("train", data / "de-en", "--tokenizer", out / "tokenizer.json", "--out", out,
                             *TRAIN_FAST, "--steps", "1"), "already holds a model")
+
+
+def test_eval_json_stays_strict_json_when_the_loss_overflows(data, trained, tmp_path):
+    cfg, params = load(trained)
+    params["decoder"]["embed_tokens"]["weight"] *= 1e30  # finite weights whose logits overflow
+    save(tmp_path / "big", cfg, params, tokenizer=trained / "tokenizer.json")
+    result = _invoke("eval", data / "de-en", "--model", tmp_path / "big", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # no NaN/Infinity tokens
+    assert report["loss"] is None and any("overflow" in note for note in report["notes"])
