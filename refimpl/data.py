@@ -1,7 +1,8 @@
 """Corpora: German-English sentence pairs from the trans-de-en dictionary and prose paragraphs from the
 Python documentation, split train/valid/test by a stable hash and stored as plain UTF-8 files.
 
-File formats (one item per line, "\\n" line ends, UTF-8, blank lines ignored on reading):
+File formats (one item per line, "\\n" line ends, UTF-8; on reading, blank lines are skipped, a byte-order mark at
+the start is dropped, and a malformed line is an error naming file:line):
     *.tsv   source<TAB>target        (translation pairs)
     *.txt   one paragraph per line   (language-model text)
 
