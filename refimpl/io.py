@@ -214,7 +214,7 @@ def load_config(model_dir):
         raise RefformerError(f"{path} must hold a JSON object")
     try:
         return Config.from_dict(data)
-    except TypeError as error:
+    except (TypeError, RefformerError) as error:  # Config names the field; the message names the file
         raise RefformerError(f"{path}: {error}") from None
 
 
