@@ -28,7 +28,7 @@ import secrets
 
 import numpy as np
 
-from .config import Config
+from .config import Config, _size, physical_memory_bytes
 from .errors import RefformerError, check, check_array
 from .model import _check_ids, _check_model, _keep_mask, decoder_step, empty_cache, encode
 from .ops import log_softmax_forward, softmax_forward
@@ -153,6 +153,33 @@ class GenerationOptions:
         check(not unknown, f"unknown generation option {unknown[0]!r}; the options are {', '.join(sorted(fields))}"
               if unknown else "")
         return cls(**options)
+
+
+def search_memory_bytes(cfg, rows, itemsize=4):
+    """A bound on the memory a search of `rows` sequences at once holds: per row, the self-attention cache at its
+    longest (max_positions, twice that after a left-padded prompt), the cross-attention keys and values, and a few
+    float64 copies of the scores. Raises RefformerError for a bad cfg or rows."""
+    _check_cfg(cfg)
+    _check_count("rows", rows)
+    _check_count("itemsize", itemsize, 1)
+    width = cfg.n_decoder_layers * 2 * cfg.d_model * itemsize  # keys and values of one position, every layer
+    self_cache = width * cfg.max_positions * (1 if cfg.is_encoder_decoder else 2)
+    cross = width * cfg.max_positions if cfg.is_encoder_decoder else 0
+    return rows * (self_cache + cross + 4 * cfg.vocab_size * 8)
+
+
+def check_search_fits_memory(cfg, options, batch_size):
+    """Refuse, before anything is allocated, a search whose batch_size inputs x num_beams (or num_return_sequences)
+    rows cannot fit in this machine's memory (search_memory_bytes). Raises RefformerError naming what to lower."""
+    check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
+    _check_count("batch_size", batch_size)
+    per_input = options.num_beams if options.num_beams > 1 else options.num_return_sequences
+    rows = batch_size * per_input
+    need, available = search_memory_bytes(cfg, rows), physical_memory_bytes()
+    check(need <= available,
+          f"{batch_size} inputs x {per_input} {'beams' if options.num_beams > 1 else 'sequences'} = {rows:,} sequences "
+          f"at once need up to {_size(need)} of memory for their caches, more than this machine's {_size(available)}: "
+          "lower num_beams, num_return_sequences or the batch size")
 
 
 # ---------------------------------------------------------------------------- the reference stepper
@@ -403,6 +430,7 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     B = ids.shape[0]
     if B == 0:
         return
+    check_search_fits_memory(cfg, dataclasses.replace(options, num_return_sequences=1), B)  # (B counts the copies)
     sequence_numbers = np.zeros(B, np.int64) if sequence_numbers is None else np.asarray(sequence_numbers)
     check(sequence_numbers.shape == (B,), f"sequence_numbers must have one entry per row ({B})")
     stepper.start(src_ids, src_keep, B)
@@ -503,6 +531,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     B = ids.shape[0]
     if B == 0:
         return [], []
+    check_search_fits_memory(cfg, options, B)
     budgets = _step_budget(cfg, options, src_keep, positions)
     steps = int(budgets.max())
     stepper.start(src_ids, src_keep, B)
@@ -621,6 +650,7 @@ def generate(cfg, params, src_ids=None, prompt_ids=None, options=None, src_mask=
     if options.num_beams > 1:
         return beam_search(stepper, cfg, options, **inputs)[0]
     ids, _, positions, src_keep = prepare_inputs(cfg, **inputs)
+    check_search_fits_memory(cfg, options, ids.shape[0])  # before the inputs are repeated
     copies = options.num_return_sequences
     budgets = np.repeat(_step_budget(cfg, options, src_keep, positions), copies)
     if copies > 1:  # independent samples: each input repeated, rows in input order

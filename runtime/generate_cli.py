@@ -47,6 +47,12 @@ def option_flags(function):
     return function
 
 
+def flag_names(error):
+    """A RefformerError whose message names the command's flags (--top-p, --batch-size) instead of the fields."""
+    message = re.sub(r"\b(" + "|".join(OPTION_NAMES) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"), str(error))
+    return RefformerError(message.replace("the batch size", "--batch-size"))
+
+
 def generation_options(options):
     """GenerationOptions from the command's flags; a bad value is refused naming its flag (--top-p, not top_p)."""
     from refformer.refimpl.generate import GenerationOptions
@@ -54,8 +60,20 @@ def generation_options(options):
     try:
         return GenerationOptions(**options)
     except RefformerError as error:
-        flags = re.sub(r"\b(" + "|".join(OPTION_NAMES) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"), str(error))
-        raise RefformerError(flags) from None
+        raise flag_names(error) from None
+
+
+def check_fits_memory(model_dir, generation, batch_size):
+    """Refuse beams x batch that cannot fit in memory, from the model's config.json alone (before loading it)."""
+    from refformer.refimpl.generate import check_search_fits_memory
+    from refformer.refimpl.io import load_config
+    from refformer.runtime.options import resolve_model
+
+    cfg = load_config(resolve_model(model_dir))
+    try:
+        check_search_fits_memory(cfg, generation, batch_size)
+    except RefformerError as error:
+        raise flag_names(error) from None
 
 
 def read_inputs(raw):
@@ -255,6 +273,7 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
     else:
         lines = [(number, text, None, {}) for number, text in enumerate(texts, start=1)]
     threads = check_threads(threads)
+    check_fits_memory(model_dir, generation, min(batch_size, max(1, len(lines))))
     generator = Generator(model_dir, provider=provider, dtype=dtype, threads=threads, truncate=truncate, variant=variant)
 
     if len(texts) == 1 and output_path is None and not as_json and generation.num_return_sequences == 1:

@@ -13,7 +13,7 @@ from refformer.refimpl import Config, init_params, model_forward
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import (MAX_BEAMS, GenerationOptions, ReferenceStepper, apply_repetition_penalty,
                                         banned_ngram_tokens, beam_search, filter_top_k_top_p, generate, greedy, sample,
-                                        search_iter, step_budget, top_candidates)
+                                        search_iter, search_memory_bytes, step_budget, top_candidates)
 from refformer.refimpl.ops import log_softmax_forward
 
 
@@ -320,7 +320,7 @@ def test_every_public_function_refuses_junk_with_a_refformer_error():
             "seed": 1, "sequence_numbers": [0, 0], "src_keep": np.ones((2, 3)), "positions": np.zeros((2, 1), np.int64),
             "token_steps": [], "batch_size": 2, "pad_id": 0, "values": np.arange(5.0), "row": [1, 2],
             "ids": np.zeros((2, 3), np.int64), "src_ids": np.array([[4, 2]]), "prompt_ids": np.array([[1, 4]]),
-            "temperature": 1.0}
+            "temperature": 1.0, "rows": 2}
     junk = [None, -1, "x", [], [[1]], np.zeros(2), np.zeros((2, 3)), np.full((1, 2), np.nan), {}, 1.5, float("nan"),
             object(), np.array([["a"]])]
     checked = 0
@@ -340,3 +340,17 @@ def test_every_public_function_refuses_junk_with_a_refformer_error():
                     pass
                 checked += 1
     assert checked > 300
+
+
+def test_searches_that_cannot_fit_in_memory_are_refused(monkeypatch):
+    cfg, params = tiny()
+    per_row = search_memory_bytes(cfg, 1)
+    monkeypatch.setattr("refformer.refimpl.generate.physical_memory_bytes", lambda: 10 * per_row)
+    src = np.array([[4, 2]] * 3)
+    generate(cfg, params, src, options=GenerationOptions(num_beams=3, max_new_tokens=2))  # 9 rows fit
+    for options in (GenerationOptions(num_beams=4, max_new_tokens=2),
+                    GenerationOptions(do_sample=True, num_return_sequences=4, max_new_tokens=2)):
+        with pytest.raises(RefformerError, match="12 sequences at once need up to"):
+            generate(cfg, params, src, options=options)
+    with pytest.raises(RefformerError, match="11 sequences"):
+        list(search_iter(ReferenceStepper(cfg, params), cfg, GenerationOptions(), src_ids=np.array([[4, 2]] * 11)))

@@ -388,6 +388,15 @@ def test_bad_numbers_are_refused_in_one_line_before_loading(tmp_path, args, flag
     assert line.startswith("error: ") and flag in line, line
 
 
+def test_beams_that_cannot_fit_in_memory_are_refused_before_loading(model_dir, monkeypatch):
+    monkeypatch.setattr("refformer.refimpl.generate.physical_memory_bytes", lambda: 10**6)  # a 1 MB machine
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "--num-beams", "1000", "--batch-size", "4")
+    assert result.exit_code == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: 1 inputs x 1000 beams = 1,000 sequences at once need up to ") and "--num-beams" in line
+    assert "exporting" not in result.stderr
+
+
 WORKS = [
     ["--do-sample", "--temperature", "1e-300"], ["--do-sample", "--temperature", "1e300"],
     ["--do-sample", "--top-k", "1000000000000"], ["--do-sample", "--top-p", "1e-300"],
