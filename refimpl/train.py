@@ -578,6 +578,7 @@ def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, 
         save(out_dir, cfg, params, tokenizer=tokenizer)
         write_log(Path(out_dir) / LOG_FILE, log)
         if not plot_log(Path(out_dir) / PLOT_FILE, log):
+            (Path(out_dir) / PLOT_FILE).unlink(missing_ok=True)  # an earlier run's plot would not show this one
             notes.append("loss.png skipped: matplotlib is not installed (pip install 'refformer[train]')")
     return TrainResult(params, opt_state, opt_state["step"], log, stopped, notes)
 

@@ -242,8 +242,9 @@ def test_missing_train_extra_is_a_note_not_a_failure(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "sacrebleu", None)  # import raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     cfg, params, batches, valid, options = _small_run()
+    (tmp_path / "loss.png").write_bytes(b"an earlier run's plot")
     result = train(cfg, params, batches, valid, TrainOptions(**{**options.to_dict(), "steps": 1}), out_dir=tmp_path,
-                   decode=_spaced)
+                   decode=_spaced, overwrite=True)
     assert result.log[-1]["valid_loss"] is not None and result.log[-1]["bleu"] is None
     assert any("sacrebleu is not installed" in note for note in result.notes)
     assert any("matplotlib is not installed" in note for note in result.notes)
