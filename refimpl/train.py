@@ -275,7 +275,9 @@ def check_fits(cfg, batches=(), *, training=True):
     if need > limit:
         raise RefformerError(f"a batch of {largest.n_rows} rows x {longest(largest)} tokens needs about "
                              f"{need / 2 ** 30:,.1f} GiB to {'train' if training else 'evaluate'}, more than this "
-                             f"machine's {limit / 2 ** 30:,.1f} GiB: lower --max-tokens")
+                             f"machine's {limit / 2 ** 30:,.1f} GiB: lower "
+                             + ("--max-tokens" if largest.n_rows > 1 else "--max-positions (one example alone is "
+                                                                           "too long) or the model's size"))
 
 
 # ---------------------------------------------------------------------------- evaluation
