@@ -10,6 +10,7 @@ import codecs
 import json
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -101,6 +102,10 @@ def read_inputs(raw):
             except json.JSONDecodeError as error:
                 yield number, None, f"line {number} is not valid JSON: {error.msg}", {}
                 continue
+            except (ValueError, RecursionError) as error:  # an integer of over 4300 digits, nesting too deep
+                reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
+                yield number, None, f"line {number} is not valid JSON: {reason}", {}
+                continue
             if isinstance(record, dict) and "id" in record:
                 extra["id"] = record["id"]
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
@@ -119,6 +124,9 @@ def read_input_bytes(input_path):
         raise RefformerError(f"input file {input_path} does not exist")
     if path.is_dir():
         raise RefformerError(f"--input {input_path} is a folder; give a file of texts, one per line")
+    kind = path.stat().st_mode
+    if stat.S_ISCHR(kind) or stat.S_ISBLK(kind):  # /dev/zero would be read forever; use - for the terminal
+        raise RefformerError(f"--input {input_path} is a device, not a file of texts (use - for stdin)")
     try:
         return path.read_bytes()
     except OSError as error:
@@ -225,8 +233,23 @@ def generate(texts, model_dir, input_path, output_path, overwrite, as_json, prov
     stdout: plain lines, or JSON lines with --json; --output FILE: JSON lines. Exit 1 when an input failed
     (reported in its record), 130 on Ctrl-C (the finished records kept).
     """
-    one_line_errors(run)(texts, model_dir, input_path, output_path, as_json, provider, dtype, threads, batch_size,
-                         truncate, options, variant, overwrite)
+    one_line_errors(without_tracebacks(run))(texts, model_dir, input_path, output_path, as_json, provider, dtype,
+                                             threads, batch_size, truncate, options, variant, overwrite)
+
+
+def without_tracebacks(function):
+    """An unexpected exception (out of memory, an ONNX Runtime failure) becomes a RefformerError of one line."""
+    def wrapper(*args):
+        try:
+            return function(*args)
+        except (RefformerError, OSError, click.ClickException):
+            raise
+        except MemoryError:
+            raise RefformerError("out of memory: lower --batch-size, --num-beams or --num-return-sequences") from None
+        except Exception as error:  # noqa: BLE001  (a user gets one line, not a traceback)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise RefformerError(f"generation failed: {type(error).__name__}{': ' + reason if reason else ''}") from None
+    return wrapper
 
 
 def refuse_model_folder_as_text(texts):

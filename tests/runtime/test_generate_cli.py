@@ -306,6 +306,33 @@ def test_a_lone_surrogate_is_reported_by_its_line(model_dir, tmp_path):
     assert result.exit_code == 1 and "output" in records[0]
 
 
+def test_json_that_python_cannot_read_is_a_bad_line(model_dir, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "Hallo.", "id": 1' + "0" * 5000 + '}\n{"text": ' + "[" * 100000 + "\n")
+    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(source), "--json")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["error"].split(":")[0] for r in records] == ["line 1 is not valid JSON", "line 2 is not valid JSON"]
+    assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_a_device_as_input_is_refused(tmp_path):
+    result = invoke("--model", str(tmp_path / "no-model"), "--input", "/dev/zero")
+    assert result.exit_code == 1 and "is a device" in result.stderr
+
+
+def test_an_unexpected_failure_is_one_line(model_dir, tmp_path, monkeypatch):
+    from refformer.runtime.generator import Generator
+
+    def broken(self, rows, options):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA out of memory\n more detail")
+
+    monkeypatch.setattr(Generator, "generate_rows", broken)
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "Gut.")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: generation failed: RuntimeError: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA out of memory"]
+
+
 def test_a_json_id_is_passed_through(model_dir, tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text('{"id": 7, "text": "Hallo."}\n{"id": ["x"], "text": ""}\n{"text": "Gut."}\n')
