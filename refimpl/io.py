@@ -292,13 +292,17 @@ def _few(names, limit=4):
 
 
 def check_tokenizer(cfg, tokenizer_json, source):
-    """The tokenizer's vocabulary size and special ids must match the config."""
+    """The tokenizer in tokenizer_json (text), checked: its vocabulary size and special ids must match the config.
+    Its padding and truncation sections are switched off, so that they never change what the model sees.
+    Raises RefformerError naming source."""
     from tokenizers import Tokenizer
 
     try:
         tokenizer = Tokenizer.from_str(tokenizer_json)
     except Exception as error:  # tokenizers raises its own exception types
         raise RefformerError(f"{source} is not a valid tokenizer.json: {error}") from None
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size != cfg.vocab_size:
         raise RefformerError(f"{source} has {size} tokens but the model's vocab_size is {cfg.vocab_size}")

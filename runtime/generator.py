@@ -142,7 +142,8 @@ def auto_variant(cfg, on_cuda, dtype):
 class Generator:
     """Generation from a model directory (default: the bundled model) on ONNX Runtime.
 
-    The model is exported first when its onnx/ folder is missing or stale. provider: auto, cuda or cpu.
+    The model is exported first when its export set (onnx/<dtype>[-static<L>][-fused], or the per-user cache for
+    the bundled and read-only models) is missing or stale. provider: auto, cuda or cpu.
     """
 
     def __init__(self, model_dir=None, provider="auto", dtype="fp32", threads=None, truncate=False, variant="auto",
