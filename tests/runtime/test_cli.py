@@ -11,9 +11,12 @@ from refformer.runtime.cli import main
 
 
 def test_version_and_help():
+    import refformer
+
     runner = CliRunner()
     result = runner.invoke(main, ["--version"])
-    assert result.exit_code == 0 and result.output.startswith("refformer, version ")
+    assert result.exit_code == 0 and result.output == f"refformer, version {refformer.__version__}\n"
+    assert refformer.__version__ != "unknown"
     result = runner.invoke(main, ["--help"])
     assert result.exit_code == 0
     for command in ("generate", "export", "verify", "golden", "convert-torch", "data", "tokenizer", "train", "eval"):
