@@ -18,6 +18,7 @@ A new checkpoint is written into a temporary folder, renamed into place, and onl
 does latest.json point to it; a failure at any moment leaves the previous one in use.
 """
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -25,7 +26,9 @@ import math
 import numbers
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -390,10 +393,52 @@ def save_checkpoint(out_dir, cfg, params, opt_state, state):
     check(isinstance(state, dict), f"state must be a dict, got {type(state).__name__}")
     check(isinstance(opt_state, dict) and _is_integer(opt_state.get("step")) and "m" in opt_state
           and "v" in opt_state, "opt_state must be the optimizer state from refimpl.optim.adamw_init")
-    from safetensors.numpy import save_file
-
     root = Path(out_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
+    with interrupts_deferred():  # Ctrl-C lands after the save, never between the rename and the pointer
+        final = _save_checkpoint(root, cfg, params, opt_state, state)
+    for old in [*root.glob("step-*"), *root.glob(".step-*.tmp")]:  # older ones, and leftovers of a crash
+        if old.name != final.name:
+            shutil.rmtree(old, ignore_errors=True)
+    for old in root.glob(".latest.json.*.tmp"):  # a pointer written by a process killed before its rename
+        old.unlink(missing_ok=True)
+    return final
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold SIGINT (Ctrl-C) for the duration: its handler (KeyboardInterrupt) runs when the block ends, never
+    halfway through the file switches inside it. Outside the main thread (which Python's handlers run in), a no-op.
+
+    A Python-level handler rather than a signal mask: the signal may be delivered to any thread (BLAS threads
+    included), and Python then raises in the main thread at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, caught[0])  # Python's default handler raises KeyboardInterrupt here
+        elif caught and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
+
+
+def _pointed_at(root):
+    """The folder name latest.json names, or None when it is missing or unreadable."""
+    try:
+        return json.loads((root / "latest.json").read_text())["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _save_checkpoint(root, cfg, params, opt_state, state):
+    from safetensors.numpy import save_file
+
     name = f"step-{opt_state['step']:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     final = None
@@ -415,17 +460,18 @@ def save_checkpoint(out_dir, cfg, params, opt_state, state):
         atomic_write(root / "latest.json", lambda path: Path(path).write_text(pointer))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if final is not None:  # renamed but never pointed to
+        if final is not None and _pointed_at(root) != final.name:  # renamed but never pointed to
             shutil.rmtree(final, ignore_errors=True)
         raise
-    for old in [*root.glob("step-*"), *root.glob(".step-*.tmp")]:  # older ones, and leftovers of a crash
-        if old.name != final.name:
-            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(out_dir):
-    """Read the latest checkpoint of OUT -> (cfg, params, opt_state, state); RefformerError if missing or corrupt."""
+    """Read the latest checkpoint of OUT -> (cfg, params, opt_state, state); RefformerError if missing or corrupt.
+
+    When latest.json names a folder that is gone (a save interrupted by an earlier version), the newest complete
+    step-* folder is used.
+    """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -435,8 +481,12 @@ def load_checkpoint(out_dir):
         raise RefformerError(f"no checkpoint to resume from: {pointer} is missing")
     try:
         where = root / json.loads(pointer.read_text())["dir"]
+        if not where.is_dir():  # a save interrupted by an older version: use the newest complete checkpoint
+            complete = sorted(path for path in root.glob("step-*") if (path / STATE_FILE).is_file())
+            check(complete, f"no checkpoint to resume from: {pointer} names {where.name}, which is missing")
+            where = complete[-1]
         state = json.loads((where / STATE_FILE).read_text())
-        check(state.get("format") == "refformer-checkpoint" and state.get("format_version") == CHECKPOINT_FORMAT,
+        check(isinstance(state, dict) and state.get("format") == "refformer-checkpoint" and state.get("format_version") == CHECKPOINT_FORMAT,
               f"{where} is not a refformer checkpoint of format {CHECKPOINT_FORMAT}")
         for file, digest in state["sha256"].items():
             check(sha256(where / file) == digest, f"{where / file} is corrupt (its sha256 does not match)")
@@ -445,7 +495,7 @@ def load_checkpoint(out_dir):
         moments = load_file(where / "optimizer.safetensors")
     except RefformerError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as error:
         raise RefformerError(f"the checkpoint in {root} is unreadable or corrupt: {error}") from None
     try:
         opt_state = {"step": state["step"],
@@ -577,8 +627,9 @@ def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, 
         _check_finite(params, opt_state["step"])
         if saved_at != (opt_state["step"], _evaluated(log)):
             checkpoint()
-        save(out_dir, cfg, params, tokenizer=tokenizer)
-        write_log(Path(out_dir) / LOG_FILE, log)
+        with interrupts_deferred():  # the model and its log switch together
+            save(out_dir, cfg, params, tokenizer=tokenizer)
+            write_log(Path(out_dir) / LOG_FILE, log)
         if not plot_log(Path(out_dir) / PLOT_FILE, log):
             (Path(out_dir) / PLOT_FILE).unlink(missing_ok=True)  # an earlier run's plot would not show this one
             notes.append("loss.png skipped: matplotlib is not installed (pip install 'refformer[train]')")

@@ -188,8 +188,16 @@ def test_resume_refuses_other_config_options_data_and_bad_checkpoints(tmp_path):
     (checkpoint / "trainer_state.json").write_text("{not json")
     with pytest.raises(RefformerError, match="unreadable or corrupt"):
         load_checkpoint(tmp_path)
-    (tmp_path / "checkpoints" / "latest.json").write_text('{"dir": "step-99999999"}')
+    (checkpoint / "trainer_state.json").write_text("[]")
+    with pytest.raises(RefformerError, match="not a refformer checkpoint"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "checkpoints" / "latest.json").write_text('{"dir": 5}')
     with pytest.raises(RefformerError, match="unreadable or corrupt"):
+        load_checkpoint(tmp_path)
+    # a pointer to a folder that is gone falls back to the newest complete checkpoint; with none, one line
+    (tmp_path / "checkpoints" / "latest.json").write_text('{"dir": "step-99999999"}')
+    (checkpoint / "trainer_state.json").unlink()
+    with pytest.raises(RefformerError, match="names step-99999999, which is missing"):
         load_checkpoint(tmp_path)
 
 
@@ -233,6 +241,57 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     result = train(cfg, None, batches, valid, options, out_dir=tmp_path, resume=True)
     assert result.step == 4 and load_checkpoint(tmp_path)[2]["step"] == 4
     assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000004"]  # leftovers cleaned
+
+
+def test_ctrl_c_while_saving_keeps_a_checkpoint_to_resume_from(tmp_path, monkeypatch):
+    """A KeyboardInterrupt right after latest.json was switched (it removed the checkpoint it named, so --resume
+    failed for good) keeps that checkpoint; a real SIGINT during a save is held until the save is done."""
+    import signal
+
+    import refformer.refimpl.train as train_module
+
+    cfg, params, batches, valid, options = _small_run()
+    options = TrainOptions(**{**options.to_dict(), "steps": 4, "save_every": 2, "eval_every": 0})
+    full = train(cfg, params, batches, valid, options, out_dir=tmp_path / "full")
+    real_atomic_write = train_module.atomic_write
+    pointers = []
+
+    def interrupted_after_the_switch(path, write):
+        real_atomic_write(path, write)
+        if Path(path).name == "latest.json":
+            pointers.append(path)
+            if len(pointers) == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "atomic_write", interrupted_after_the_switch)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, params, batches, valid, options, out_dir=tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run")[2]["step"] == 4
+    monkeypatch.undo()
+
+    def ctrl_c_during_save(tensors, path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # held: the save finishes first
+        real_save_file(tensors, path, *args, **kwargs)
+
+    import safetensors.numpy
+
+    real_save_file = safetensors.numpy.save_file
+    monkeypatch.setattr(safetensors.numpy, "save_file", ctrl_c_during_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, params, batches, valid, options, out_dir=tmp_path / "sigint")
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "sigint")[2]["step"] == 2
+    resumed = train(cfg, None, batches, valid, options, out_dir=tmp_path / "sigint", resume=True)
+    assert _compare(resumed.log, full.log) == 0.0
+
+    # a checkpoint folder removed under its pointer (by an earlier version): resume from the newest complete one
+    root = tmp_path / "run" / "checkpoints"
+    (root / "step-00000009").mkdir()  # an empty folder is not complete
+    saved = json.loads((root / "latest.json").read_text())["dir"]
+    (root / saved).rename(root / "step-00000003")
+    assert load_checkpoint(tmp_path / "run")[2]["step"] == 4
+    resumed = train(cfg, None, batches, valid, options, out_dir=tmp_path / "run", resume=True)
+    assert resumed.step == 4
 
 
 def test_missing_train_extra_is_a_note_not_a_failure(tmp_path, monkeypatch):
