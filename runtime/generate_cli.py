@@ -81,16 +81,19 @@ def read_inputs(raw):
     """(line number, text or None, error or None, extra fields) for each line of an input file's bytes.
 
     A line is plain text, or a JSON object with a "text" field (JSONL; its "id", if any, is passed through). A
-    UTF-8 byte-order mark at the start is dropped. Each line is decoded on its own, so one non-UTF-8 line is
-    reported without losing the others; a blank line is reported as empty.
+    UTF-8 byte-order mark at the start is dropped, and a file with a UTF-16 or UTF-32 byte-order mark is decoded as
+    such (utf8_bytes). Each line is decoded on its own, so one non-UTF-8 line is reported without losing the others;
+    a blank line is reported as empty, and a line with a raw NUL byte as a bad line (a JSON "\\u0000" is text).
     """
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
+    raw = utf8_bytes(raw)
     for number, line in enumerate(raw.splitlines(), start=1):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as error:
             yield number, None, f"line {number} is not valid UTF-8 (byte {error.start + 1})", {}
+            continue
+        if "\0" in text:  # text has no NUL bytes; a UTF-16 file without a byte-order mark has one in every character
+            yield number, None, f"line {number} has a NUL byte (a binary or UTF-16 file? save it as UTF-8)", {}
             continue
         if not text.strip():
             yield number, None, f"line {number} is empty", {}
@@ -115,9 +118,31 @@ def read_inputs(raw):
         yield number, text, None, extra
 
 
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+        (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))  # UTF-32 LE starts like UTF-16 LE
+
+
+def utf8_bytes(raw):
+    """An input file's bytes as UTF-8 without a byte-order mark: a UTF-8 mark is dropped, a file with a UTF-16 or
+    UTF-32 mark (Windows editors save "Unicode" text so) is decoded by it. Raises RefformerError for a file whose
+    mark does not match its contents."""
+    for bom, encoding in BOMS:
+        if raw.startswith(bom):
+            if encoding == "utf-8":
+                return raw[len(bom):]
+            try:
+                return raw[len(bom):].decode(encoding).encode("utf-8")
+            except UnicodeDecodeError as error:
+                raise RefformerError(f"--input starts with a {encoding.upper()[:6]} byte-order mark but is not valid "
+                                     f"{encoding.upper()[:6]} (byte {error.start + len(bom) + 1}); save it as UTF-8") from None
+    return raw
+
+
 def read_input_bytes(input_path):
     """The bytes of --input (- for stdin), checked to be a readable file."""
     if input_path == "-":
+        if sys.stdin is None:
+            raise RefformerError("--input -: stdin is closed; give the texts on stdin or as --input FILE")
         return sys.stdin.buffer.read()
     path = Path(input_path)
     if not path.exists():
@@ -133,15 +158,20 @@ def read_input_bytes(input_path):
         raise RefformerError(f"cannot read --input {input_path}: {error.strerror or error}") from None
 
 
-def check_output_path(output_path, input_path, overwrite):
-    """Refuse an --output that cannot be written, or would replace the input or an existing file without --overwrite
-    (before any model is loaded)."""
+def check_output_path(output_path, input_path, overwrite, model_dir=None):
+    """Refuse an --output that cannot be written, or would replace the input, a file of the model folder (even with
+    --overwrite) or an existing file without --overwrite (before any model is loaded). Raises RefformerError."""
     path = Path(output_path)
     parent = path.parent if str(path.parent) else Path(".")
+    if not str(output_path).strip():
+        raise RefformerError("--output is empty; give a file name")
     if path.is_dir():
         raise RefformerError(f"--output {output_path} is a folder; give a file name")
+    if parent.exists() and not parent.is_dir():
+        raise RefformerError(f"--output {output_path}: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise RefformerError(f"--output {output_path}: folder {parent} does not exist; create it first")
+    check_not_in_model(output_path, model_dir)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RefformerError(f"--output {output_path}: folder {parent} is not writable")
     if input_path not in (None, "-") and Path(input_path).exists() and path.exists() and os.path.samefile(input_path, path):
@@ -153,22 +183,56 @@ def check_output_path(output_path, input_path, overwrite):
             raise RefformerError(f"--output {output_path} is not a regular file")
 
 
+def check_not_in_model(output_path, model_dir):
+    """Refuse an --output that is one of the model folder's files (config.json, model.safetensors, tokenizer.json) or
+    lies in its export folder (onnx/), spelled any way (a symbolic link, ./, ../): generate reads them."""
+    from refformer.refimpl.io import MODEL_FILES
+    from refformer.runtime.options import resolve_model
+
+    try:
+        model = Path(os.path.realpath(resolve_model(model_dir)))
+    except RefformerError:  # no bundled model: the model folder is named as missing later
+        return
+    target = Path(os.path.realpath(output_path))
+    if target in {model / name for name in MODEL_FILES} or model / "onnx" in target.parents:
+        raise RefformerError(f"--output {output_path} is a file of the model folder {model_dir or model}; write the "
+                             "results to another file")
+
+
+def stale_temporaries(path):
+    """NAME.tmp-PID files beside path left by generate runs that were killed (their process is gone)."""
+    from refformer.refimpl.io import process_alive
+
+    pattern = re.compile(re.escape(path.name) + r"\.tmp-(\d+)")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    return [entry for entry in entries if (match := pattern.fullmatch(entry.name)) and entry.is_file()
+            and not entry.is_symlink() and int(match[1]) != os.getpid() and not process_alive(int(match[1]))]
+
+
 class RecordWriter:
     """Writes each batch's records as it finishes: JSON lines to --output, or plain / JSON lines to stdout.
 
     A new --output file is written in place, flushed per batch (a killed run leaves its finished batches). An
     existing one (with --overwrite) is left untouched until the run ends: the records go to NAME.tmp-PID beside it,
-    which replaces it at the end or on Ctrl-C (a killed run leaves the old file and the .tmp-PID file).
+    which replaces it at the end or on Ctrl-C (a killed run leaves the old file and the .tmp-PID file, which the
+    next run writing NAME removes). A symbolic link is written through: the file it points to is replaced.
     """
 
     def __init__(self, output_path, as_json):
         self.output_path, self.as_json = output_path, as_json
         self.count, self.file, self.temp = 0, None, None
         if output_path is not None:
-            path = Path(output_path)
+            path = Path(os.path.realpath(output_path))
+            for stale in stale_temporaries(path):
+                stale.unlink(missing_ok=True)
             if path.exists():
+                self.target = path
                 self.temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
                 self.file = open(self.temp, "w", encoding="utf-8")
+                os.chmod(self.temp, stat.S_IMODE(path.stat().st_mode))  # the replaced file's permissions stay
             else:
                 self.file = open(path, "x", encoding="utf-8")
 
@@ -199,7 +263,7 @@ class RecordWriter:
         self.file.close()
         if self.temp is not None:
             if keep:
-                os.replace(self.temp, self.output_path)
+                os.replace(self.temp, self.target)
             else:
                 self.temp.unlink(missing_ok=True)
 
@@ -290,7 +354,9 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
     if batch_size < 1:
         raise RefformerError(f"--batch-size must be >= 1, got {batch_size}")
     if output_path is not None:
-        check_output_path(output_path, input_path, overwrite)
+        check_output_path(output_path, input_path, overwrite, model_dir)
+    elif sys.stdout is None:
+        raise RefformerError("stdout is closed; pass --output FILE")
     if input_path is not None:
         lines = list(read_inputs(read_input_bytes(input_path)))
     else:
@@ -310,7 +376,7 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
         failures = generate_records(generator, generation, lines, writer, input_path, batch_size)
     except KeyboardInterrupt:
         writer.close(keep=True)
-        click.echo(f"interrupted: {writer.count} of {len(lines)} inputs written to {writer.where}", err=True)
+        click.echo(f"error: interrupted: {writer.count} of {len(lines)} inputs written to {writer.where}", err=True)
         sys.exit(130)
     except BaseException:
         writer.close(keep=False)
@@ -329,7 +395,8 @@ def generate_records(generator, generation, lines, writer, input_path, batch_siz
     failed lines."""
     failures = 0
     seed = {"seed": generation.seed} if generation.do_sample else {}
-    show_bar = sys.stderr.isatty() and (writer.file is not None or not sys.stdout.isatty())
+    show_bar = (sys.stderr is not None and sys.stderr.isatty()
+                and (writer.file is not None or sys.stdout is None or not sys.stdout.isatty()))
     with click.progressbar(length=len(lines), label="generating", file=sys.stderr, hidden=not show_bar) as bar:
         for start in range(0, len(lines), batch_size):
             chunk = lines[start:start + batch_size]

@@ -51,4 +51,12 @@ class Group(click.Group):
         except click.Abort:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        try:
+            if sys.stdout is not None:
+                sys.stdout.flush()  # here, not at exit, where a closed pipe prints a message of Python's own
+        except BrokenPipeError:
+            from refformer.runtime.errors import quiet_stdout
+
+            quiet_stdout()
+            sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)

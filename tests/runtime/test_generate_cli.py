@@ -141,7 +141,7 @@ def test_ctrl_c_keeps_the_finished_batches(model_dir, tmp_path, monkeypatch, to_
                     "--max-new-tokens", "2", *args)
     assert result.exit_code == 130
     where = str(out) if to_file else "stdout"
-    assert result.stderr.strip().splitlines() == [f"interrupted: 2 of 5 inputs written to {where}"]
+    assert result.stderr.strip().splitlines() == [f"error: interrupted: 2 of 5 inputs written to {where}"]
     records = jsonl(out) if to_file else [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["line"] for r in records] == [1, 2] and all("output" in r for r in records)
 

@@ -1,0 +1,207 @@
+"""`refformer generate` used carelessly or with hostile input: signals, closed and broken pipes, symbolic links,
+outputs inside the model folder, leftovers of killed runs, UTF-16 files. Real subprocesses where a signal or a
+pipe is the point."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from refformer.runtime.cli import main
+
+from .test_generator import make_model, tokenizer_file  # noqa: F401  (fixture)
+
+REFFORMER = [sys.executable, "-c", "from refformer.runtime.cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_file):  # noqa: F811
+    path = tmp_path_factory.mktemp("hostile") / "m"
+    make_model(path, tokenizer_file, "encoder-decoder")
+    result = CliRunner().invoke(main, ["export", "--model", str(path)])  # the subprocesses then start quickly
+    assert result.exit_code == 0, result.output
+    return str(path)
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(main, ["generate", *args], input=input)
+
+
+def run(args, tmp_path, **kwargs):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    return subprocess.run(REFFORMER + ["generate", *args], capture_output=True, env=env, timeout=120, **kwargs)
+
+
+def dead_pid():
+    """The id of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# ---------------------------------------------------------------------------- output files
+
+
+def test_a_killed_runs_temporary_is_removed_by_the_next_run(model_dir, tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    stale = tmp_path / f"out.jsonl.tmp-{dead_pid()}"
+    stale.write_text('{"line": 1}\n')  # what kill -9 during an --overwrite run leaves
+    other = tmp_path / "other.jsonl.tmp-1"  # another output's: not ours to remove
+    other.write_text("x\n")
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "--max-new-tokens", "2", "--output", str(out),
+                    "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and other.exists()
+    assert [r["input"] for r in jsonl(out)] == ["Hallo."]
+
+
+def test_a_symbolic_link_as_output_is_written_through(model_dir, tmp_path):
+    target = tmp_path / "target.jsonl"
+    target.write_text("old\n")
+    target.chmod(0o600)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target.name)
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "--max-new-tokens", "2", "--output", str(link),
+                    "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and os.readlink(link) == target.name  # the link stays a link
+    assert [r["input"] for r in jsonl(target)] == ["Hallo."]
+    assert target.stat().st_mode & 0o777 == 0o600  # and the file keeps its permissions
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json", "onnx/fp32/manifest.json",
+                                  "onnx/fp32/decoder.onnx", "../m/./config.json"])
+def test_an_output_in_the_model_folder_is_refused_even_with_overwrite(model_dir, name):
+    path = os.path.join(model_dir, name)
+    before = open(path, "rb").read()
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "--output", path, "--overwrite")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"error: --output {path} is a file of the model folder {model_dir}; "
+                                                  "write the results to another file"]
+    assert open(path, "rb").read() == before
+
+
+def test_an_output_under_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "f.txt").write_text("mine\n")
+    result = invoke("--model", str(tmp_path / "none"), "x", "--output", str(tmp_path / "f.txt" / "out.jsonl"))
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'f.txt'} is a file, not a folder" in result.stderr
+
+
+# ---------------------------------------------------------------------------- encodings
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_a_file_with_a_utf16_or_utf32_byte_order_mark_is_decoded(model_dir, tmp_path, encoding):
+    path = tmp_path / "in.txt"
+    text = "Guten Morgen.\r\nWo ist der Bahnhof?\r\n"
+    path.write_bytes(("\ufeff" + text).encode(encoding) if encoding.endswith("be") else text.encode(encoding))
+    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(path), "--json", "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == ["Guten Morgen.", "Wo ist der Bahnhof?"]
+
+
+def test_utf16_without_a_mark_and_nul_bytes_are_bad_lines(model_dir, tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes("Hallo.\n".encode("utf-16-le") + b"\nein\x00Wort\n" + b'{"text": "a\\u0000b"}\n')
+    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(path), "--json", "--max-new-tokens", "2")
+    assert result.exit_code == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r.get("error", "").split(" (")[0] for r in records] == ["line 1 has a NUL byte", "line 2 has a NUL byte",
+                                                                     "line 3 has a NUL byte", ""]
+    assert records[3]["input"] == "a\x00b"  # an escaped NUL in JSON is the user's choice
+
+
+def test_a_mark_that_lies_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"\xff\xfeH\x00\x00\xd8")  # UTF-16 LE mark, then a lone surrogate
+    result = invoke("--model", str(tmp_path / "none"), "--input", str(path))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == ["error: --input starts with a UTF-16 byte-order mark but is not "
+                                                  "valid UTF-16 (byte 5); save it as UTF-8"]
+
+
+# ---------------------------------------------------------------------------- pipes and signals
+
+
+def test_a_closed_pipe_on_stdout_ends_quietly(model_dir, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("Hallo Welt.\n" * 400)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    command = " ".join(REFFORMER[:2]) + f" '{REFFORMER[2]}' generate --model {model_dir} --provider cpu " \
+              f"--input {source} --max-new-tokens 2 --batch-size 4 | head -1"
+    result = subprocess.run(["bash", "-c", "set -o pipefail; " + command], capture_output=True, env=env, timeout=120)
+    assert result.stdout.count(b"\n") == 1
+    assert result.stderr == b"" and result.returncode == 1
+
+
+@pytest.mark.parametrize("closed", ["stdin", "stdout", "stderr"])
+def test_a_closed_standard_stream_is_one_line_or_harmless(model_dir, tmp_path, closed):
+    fd = {"stdin": 0, "stdout": 1, "stderr": 2}[closed]
+    args = ["--model", model_dir, "--provider", "cpu", "--max-new-tokens", "2"]
+    out = tmp_path / "out.jsonl"
+    args += {"stdin": ["--input", "-"], "stdout": ["Hallo."], "stderr": ["Hallo.", "--output", str(out)]}[closed]
+    result = run(args, tmp_path, preexec_fn=lambda: os.close(fd))
+    if closed == "stderr":
+        assert result.returncode == 0 and len(jsonl(out)) == 1 and result.stdout == b""
+    else:
+        message = {"stdin": "--input -: stdin is closed", "stdout": "stdout is closed; pass --output FILE"}[closed]
+        assert result.returncode == 1
+        assert result.stderr.decode().splitlines() == [f"error: {message}" + (
+            "; give the texts on stdin or as --input FILE" if closed == "stdin" else "")]
+
+
+def test_ctrl_c_mid_run_keeps_the_finished_records_and_the_next_run_works(model_dir, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("".join(f"Satz Nummer {k}.\n" for k in range(3000)))
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    child = subprocess.Popen(REFFORMER + ["generate", "--model", model_dir, "--provider", "cpu", "--input", str(source),
+                                          "--output", str(out), "--batch-size", "2", "--max-new-tokens", "8"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 60
+    while (not out.exists() or out.stat().st_size == 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 130, stderr
+    [line] = stderr.decode().splitlines()
+    records = jsonl(out)
+    assert line == f"error: interrupted: {len(records)} of 3000 inputs written to {out}"
+    assert 0 < len(records) < 3000 and [r["line"] for r in records] == list(range(1, len(records) + 1))
+    again = invoke("--model", model_dir, "--provider", "cpu", "--input", str(source), "--output", str(out),
+                   "--batch-size", "500", "--max-new-tokens", "1", "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert len(jsonl(out)) == 3000 and {p.name for p in tmp_path.iterdir()} - {"cache"} == {"in.txt", "out.jsonl"}
+
+
+def test_kill_9_keeps_the_old_output_and_the_next_run_cleans_up(model_dir, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("".join(f"Satz Nummer {k}.\n" for k in range(3000)))
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    child = subprocess.Popen(REFFORMER + ["generate", "--model", model_dir, "--provider", "cpu", "--input", str(source),
+                                          "--output", str(out), "--batch-size", "2", "--max-new-tokens", "8",
+                                          "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    temp = tmp_path / f"out.jsonl.tmp-{child.pid}"
+    deadline = time.monotonic() + 60
+    while (not temp.exists() or temp.stat().st_size == 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child.kill()
+    child.wait()
+    assert out.read_text() == "precious\n" and temp.exists()
+    again = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "--output", str(out), "--max-new-tokens", "1",
+                   "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert not temp.exists() and len(jsonl(out)) == 1
