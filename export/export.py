@@ -157,20 +157,23 @@ def find_export(model_dir, dtype=None, static_length=None, fused_attention=False
 # ---------------------------------------------------------------------------- checks before any work
 
 
-def check_out_dir(model_dir, out_dir):
+def check_out_dir(model_dir, out_dir, what=None):
     """Refuse an --out that would destroy what the user had: the model folder, a folder holding it, a file, a
-    symbolic link, or a folder that exists and is not a refformer export (an empty folder is fine). Raises
-    RefformerError."""
+    symbolic link, or a folder that exists and is not a refformer export (an empty folder is fine). what names the
+    folder in messages (default "--out DIR"; "the export folder DIR" for a default place). Raises RefformerError."""
     out, model = Path(out_dir), Path(model_dir).resolve()
+    what = what or f"--out {out}"
     target = out.resolve()
     if target == model or target in model.parents:
-        raise RefformerError(f"--out {out} is the model folder or holds it; pick a folder outside {model_dir}")
+        raise RefformerError(f"{what} is the model folder or holds it; pick a folder outside {model_dir}")
     if out.is_symlink():
-        raise RefformerError(f"--out {out} is a symbolic link; pass the folder it points to")
+        raise RefformerError(f"{what} is a symbolic link; " + ("pass the folder it points to" if what.startswith("--out")
+                             else "remove the link (or pass the folder it points to as `refformer export --out`)"))
     if out.exists() and not out.is_dir():
-        raise RefformerError(f"--out {out} exists and is not a folder")
+        raise RefformerError(f"{what} exists and is not a folder; remove it" + (
+            " or pick another folder" if what.startswith("--out") else ""))
     if out.is_dir() and any(out.iterdir()) and not is_export(out):
-        raise RefformerError(f"--out {out} exists and is not a refformer export (no manifest.json of ours, or files "
+        raise RefformerError(f"{what} exists and is not a refformer export (no manifest.json of ours, or files "
                              "that are not the export's); pick a new folder or remove it")
 
 
@@ -327,9 +330,10 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
         out_dir = default_export_dir(model_dir, dtype, static_length, fused_attention)
     out_dir = Path(out_dir)
     own_places = export_locations(model_dir, export_name(dtype, static_length, fused_attention))
-    if not out_dir.parent.is_dir() and out_dir not in own_places:  # the default places' folders are made as needed
+    own_place = out_dir in own_places
+    if not out_dir.parent.is_dir() and not own_place:  # the default places' folders are made as needed
         raise RefformerError(f"--out {out_dir}: folder {out_dir.parent} does not exist; create it first")
-    check_out_dir(model_dir, out_dir)
+    check_out_dir(model_dir, out_dir, f"the export folder {out_dir}" if own_place else None)
     cfg, params = load(model_dir)
     check_weights(params, dtype, model_dir / WEIGHTS_FILE)
     if static_length is not None and static_length > cfg.max_positions:
@@ -337,6 +341,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     static_mha = static_length is not None and fused_attention
     static_fused = static_mha and cfg.head_dim % 8 == 0  # GroupQueryAttention's kernels need it
     parent = out_dir.parent
+    if parent.exists() and not parent.is_dir():
+        raise RefformerError(f"{parent} is a file, where the exports' folder belongs: remove it")
     remove_legacy_leftovers(model_dir)
     try:
         parent.mkdir(parents=True, exist_ok=True)

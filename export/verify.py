@@ -318,7 +318,11 @@ def onnx_runtime_errors(onnx_dir):
     graphs of onnx_dir -> one RefformerError saying to export again."""
     try:
         yield
-    except RefformerError:
+    except RefformerError as error:
+        if str(error).startswith("rel_error: shapes differ"):  # an output of another model's shape
+            raise RefformerError(f"the graphs in {onnx_dir} give outputs of another shape than the model's "
+                                 f"({str(error).split(': ', 2)[-1]}); they belong to another model: run `refformer "
+                                 "export` again") from None
         raise
     except Exception as error:  # onnxruntime's Fail, InvalidArgument, ...; KeyError for a missing output name
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

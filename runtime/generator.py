@@ -25,6 +25,12 @@ PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 VARIANTS = ("auto", "reference", "fused", "static", "static_mha", "static_fused")
 
 
+def note(message):
+    """One notice or warning line on stderr; nothing when stderr is closed (print(file=None) would use stdout)."""
+    if sys.stderr is not None:
+        print(message, file=sys.stderr)
+
+
 def default_model_dir():
     """The German->English model shipped inside the package."""
     path = Path(__file__).parent / "models" / "de-en"
@@ -92,7 +98,7 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
         if fresh(candidate):
             return candidate
     target = default_export_dir(model_dir, dtype, static_length, fused_attention)
-    print(f"notice: exporting {model_dir} to {target} ({dtype}) ...", file=sys.stderr)
+    note(f"notice: exporting {model_dir} to {target} ({dtype}) ...")
     export_model(model_dir, target, dtype=dtype, static_length=static_length, fused_attention=fused_attention)
     return target
 
@@ -120,8 +126,8 @@ def resolve_provider(provider):
         raise RefformerError("the CUDA execution provider cannot be loaded here (no GPU, or CUDA 13 / cuDNN 9 "
                              "libraries missing); use --provider cpu")
     if gpu_present():
-        print("notice: a GPU is present but ONNX Runtime's CUDA provider cannot be loaded (CUDA 13 / cuDNN 9 "
-              "libraries missing?); running on the CPU", file=sys.stderr)
+        note("notice: a GPU is present but ONNX Runtime's CUDA provider cannot be loaded (CUDA 13 / cuDNN 9 "
+             "libraries missing?); running on the CPU")
     return PROVIDERS["cpu"]
 
 
@@ -186,8 +192,7 @@ class Generator:
                     if last:
                         raise
                     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-                    print(f"notice: the {choice} decoder cannot run here ({reason}); trying {choices[number + 1]}",
-                          file=sys.stderr)
+                    note(f"notice: the {choice} decoder cannot run here ({reason}); trying {choices[number + 1]}")
         self.truncate = truncate
 
     @staticmethod
@@ -270,7 +275,7 @@ class Generator:
                 if not self.truncate:
                     raise RefformerError(f"{name} has {len(row)} tokens, more than the model's {limit}; "
                                          "shorten it or pass --truncate")
-                print(f"warning: {name} truncated from {len(row)} to {limit} tokens", file=sys.stderr)
+                note(f"warning: {name} truncated from {len(row)} to {limit} tokens")
                 rows[number] = row[:limit]
         return rows
 

@@ -485,3 +485,56 @@ def test_convert_torch_never_writes_a_folder_that_cannot_load(tmp_path):
                         "--out", tmp_path / "c", "--n-heads", "2", *extra)
         assert result.exit_code != 0 and "Traceback" not in result.output, (extra, result.output)
         assert not (tmp_path / "c" / "config.json").exists(), extra
+
+
+# ---------------------------------------------------------------------------- the hostile tester's cases
+
+
+@pytest.mark.parametrize("command", ["export", "generate"])
+def test_a_default_export_place_taken_by_a_file_or_link_is_named_without_out(tmp_path, command):
+    from tests.helpers import write_word_level_tokenizer
+
+    make_model(tmp_path / "m")
+    write_word_level_tokenizer(tmp_path / "m" / "tokenizer.json", 40)
+    (tmp_path / "m" / "onnx").mkdir()
+    (tmp_path / "m" / "onnx" / "fp32").write_text("mine")
+    args = ["--model", tmp_path / "m"] + (["x", "--provider", "cpu"] if command == "generate" else [])
+    result = invoke(command, *args)
+    assert result.exit_code == 1 and "--out" not in result.stderr.splitlines()[-1]
+    assert result.stderr.splitlines()[-1] == f"error: the export folder {tmp_path}/m/onnx/fp32 exists and is not a " \
+                                             "folder; remove it"
+    (tmp_path / "m" / "onnx" / "fp32").unlink()
+    (tmp_path / "m" / "onnx").rmdir()
+    (tmp_path / "m" / "onnx").write_text("mine")
+    one_line_error(invoke("export", "--model", tmp_path / "m"), f"{tmp_path}/m/onnx is a file, where the exports' "
+                                                                 "folder belongs: remove it")
+    assert (tmp_path / "m" / "onnx").read_text() == "mine"
+
+
+def test_verify_names_graphs_of_another_shape(tmp_path):
+    make_model(tmp_path / "a")
+    make_model(tmp_path / "b", d_model=32, seed=1)
+    export_model(tmp_path / "a", measure=False)
+    export_model(tmp_path / "b", measure=False)
+    a_dir, b_dir = tmp_path / "a" / "onnx" / "fp32", tmp_path / "b" / "onnx" / "fp32"
+    manifest = json.loads((a_dir / "manifest.json").read_text())
+    for name in ("encoder.onnx", "decoder.onnx"):  # the graphs of b, under a's manifest forged to match them
+        shutil.copy(b_dir / name, a_dir / name)
+        manifest["files"][name] = json.loads((b_dir / "manifest.json").read_text())["files"][name]
+    (a_dir / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke("verify", "--model", tmp_path / "a", "--provider", "cpu")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [f"error: the graphs in {a_dir} give outputs of another shape than "
+                                                  "the model's ((3, 6, 32) vs (3, 6, 16)); they belong to another "
+                                                  "model: run `refformer export` again"]
+
+
+def test_golden_takes_a_huge_seed_and_refuses_the_export_folder(tmp_path):
+    make_model(tmp_path / "m")
+    result = invoke("golden", "--model", tmp_path / "m", "--out", tmp_path / "g.npz", "--seed", str(2**90))
+    assert result.exit_code == 0, result.output
+    export_model(tmp_path / "m", measure=False)
+    before = snapshot(tmp_path / "m")
+    one_line_error(invoke("golden", "--model", tmp_path / "m", "--out", tmp_path / "m" / "onnx" / "fp32" / "manifest.json",
+                          "--overwrite"), "is in the model's export folder")
+    assert snapshot(tmp_path / "m") == before
