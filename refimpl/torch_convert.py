@@ -676,8 +676,10 @@ def convert_state_dict_file(path, tokenizer_path, out_dir, *, n_heads=None, norm
     """
     torch = _torch()
     path = Path(path)
-    check(path.is_file(), f"{path} does not exist")
-    check(tokenizer_path is None or Path(tokenizer_path).is_file(), f"tokenizer {tokenizer_path} does not exist")
+    check(path.exists(), f"{path} does not exist")
+    check(path.is_file(), f"{path} is not a file (a state_dict saved with torch.save)")
+    check(tokenizer_path is None or Path(tokenizer_path).exists(), f"tokenizer {tokenizer_path} does not exist")
+    check(tokenizer_path is None or Path(tokenizer_path).is_file(), f"tokenizer {tokenizer_path} is not a file")
     tokenizer_json = None
     if tokenizer_path is not None:
         try:
@@ -688,6 +690,7 @@ def convert_state_dict_file(path, tokenizer_path, out_dir, *, n_heads=None, norm
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... for what it will not load
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = first_line.split(". ")[0]  # torch's message goes on with advice on weights_only=False
         raise RefformerError(f"{path} is not a state_dict of tensors that torch.load(weights_only=True) accepts "
                              f"(a pickled module? save model.state_dict() instead): {first_line}") from None
 

@@ -538,3 +538,17 @@ def test_golden_takes_a_huge_seed_and_refuses_the_export_folder(tmp_path):
     one_line_error(invoke("golden", "--model", tmp_path / "m", "--out", tmp_path / "m" / "onnx" / "fp32" / "manifest.json",
                           "--overwrite"), "is in the model's export folder")
     assert snapshot(tmp_path / "m") == before
+
+
+def test_convert_torch_names_a_device_and_cuts_torchs_advice(tmp_path):
+    pytest.importorskip("torch")
+    from tests.helpers import write_word_level_tokenizer
+
+    write_word_level_tokenizer(tmp_path / "t.json", 12)
+    (tmp_path / "garbage.pt").write_bytes(bytes(range(256)) * 4)
+    one_line_error(invoke("convert-torch", "/dev/zero", "--tokenizer", tmp_path / "t.json", "--out", tmp_path / "c",
+                          "--n-heads", "2"), "/dev/zero is not a file")
+    result = invoke("convert-torch", tmp_path / "garbage.pt", "--tokenizer", tmp_path / "t.json", "--out", tmp_path / "c",
+                    "--n-heads", "2")
+    one_line_error(result, "is not a state_dict of tensors")
+    assert "trusted source" not in result.stderr and not (tmp_path / "c").exists()
