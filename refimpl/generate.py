@@ -215,6 +215,10 @@ class ReferenceStepper:
 # ---------------------------------------------------------------------------- logits processing
 
 
+LOGIT_CAP = float(np.finfo(np.float32).max) / 4  # the largest |score| a repetition penalty makes: beyond any real
+# logit, and a difference of two such scores (softmax's x - max) is still finite in float32
+
+
 def apply_repetition_penalty(scores, sequences, penalty):
     """CTRL's penalty on every token already in a row's sequence: divide positive scores, multiply negative.
     scores [B, V] floating, sequences B lists of token ids, penalty > 0. Raises RefformerError for bad input."""
@@ -231,7 +235,12 @@ def _apply_repetition_penalty(scores, sequences, penalty):
     for b, sequence in enumerate(sequences):
         seen = np.unique(np.asarray(sequence, dtype=np.int64))
         values = scores[b, seen]
-        scores[b, seen] = np.where(values > 0, values / penalty, values * penalty)
+        wide = values.astype(np.float64)  # in float32 a penalty below 1e-45 is 0 and one above 3e38 is inf
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # -inf * tiny: the -inf is kept below
+            penalized = np.where(wide > 0, wide / penalty, wide * penalty)
+        # a penalty near 0 or near the float limit must not turn finite scores into +-inf (inf - inf is NaN later);
+        # a banned token's -inf stays -inf
+        scores[b, seen] = np.where(np.isneginf(values), values, np.clip(penalized, -LOGIT_CAP, LOGIT_CAP))
     return scores
 
 

@@ -205,3 +205,32 @@ def test_kill_9_keeps_the_old_output_and_the_next_run_cleans_up(model_dir, tmp_p
                    "--overwrite")
     assert again.exit_code == 0, again.output
     assert not temp.exists() and len(jsonl(out)) == 1
+
+
+# ---------------------------------------------------------------------------- numeric extremes
+
+
+def test_extreme_repetition_penalties_keep_scores_finite_without_warnings():
+    import warnings
+
+    import numpy as np
+
+    from refformer.refimpl.generate import apply_repetition_penalty
+
+    scores = np.array([[3.0, -2.0, -np.inf, 0.5], [1e38, -1e38, 0.0, 1.0]], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for penalty in (1e-320, 5e-324, 1e-30, 1e308, 1.7e308):
+            got = apply_repetition_penalty(scores, [[0, 1, 2], [0, 1, 2, 3]], penalty)
+            assert np.isneginf(got[0, 2]) and np.isfinite(np.delete(got, [2])).all(), (penalty, got)
+            assert got[0, 3] == scores[0, 3]  # not in the sequence: untouched
+
+
+@pytest.mark.parametrize("penalty", ["1e-320", "1e308"])
+@pytest.mark.parametrize("strategy", [[], ["--do-sample", "--seed", "1"], ["--num-beams", "3"]])
+def test_extreme_repetition_penalties_run_quietly(model_dir, penalty, strategy):
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo Welt.", "Wo ist der Bahnhof?", "--json",
+                    "--max-new-tokens", "6", "--repetition-penalty", penalty, *strategy)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert len(result.stdout.splitlines()) == 2
