@@ -1,9 +1,10 @@
 """`refformer generate`: translate / continue texts with a model directory (default: the bundled model).
 
 Output: stdout gets plain lines (one per input; with --num-return-sequences K > 1, K lines per input, each
-"N.k<TAB>text", N the input's line number or TEXT position and k = 1..K), or JSON lines with --json. --output
-FILE always gets JSON lines. Records are written as each batch finishes (flushed), in input order; on Ctrl-C
-the finished ones stay, one line on stderr says how many, and the exit status is 130.
+"N.k<TAB>text", N the input's line number or TEXT position and k = 1..K; a line break inside an output is printed
+as a space), or JSON lines with --json. --output FILE always gets JSON lines. Records are written as each batch
+finishes (flushed), in input order; on Ctrl-C the finished ones stay, one line on stderr says how many, and the
+exit status is 130.
 """
 
 import codecs
@@ -101,11 +102,11 @@ def read_inputs(raw):
         extra = {}
         if text.lstrip().startswith("{"):
             try:
-                record = json.loads(text)
+                record = json.loads(text, parse_constant=not_json, parse_float=finite_float)
             except json.JSONDecodeError as error:
                 yield number, None, f"line {number} is not valid JSON: {error.msg}", {}
                 continue
-            except (ValueError, RecursionError) as error:  # an integer of over 4300 digits, nesting too deep
+            except (ValueError, RecursionError) as error:  # an integer of over 4300 digits, nesting too deep, NaN
                 reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
                 yield number, None, f"line {number} is not valid JSON: {reason}", {}
                 continue
@@ -136,6 +137,20 @@ def utf8_bytes(raw):
                 raise RefformerError(f"--input starts with a {encoding.upper()[:6]} byte-order mark but is not valid "
                                      f"{encoding.upper()[:6]} (byte {error.start + len(bom) + 1}); save it as UTF-8") from None
     return raw
+
+
+def not_json(constant):
+    """json.loads's parse_constant: NaN, Infinity and -Infinity are Python's extension, not JSON; refused (a record
+    carrying them in its "id" would not be JSON either)."""
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def finite_float(literal):
+    """json.loads's parse_float: a number too large for a float (1e999) is refused, not read as inf."""
+    value = float(literal)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{literal[:20]} is too large a number")
+    return value
 
 
 def read_input_bytes(input_path):
@@ -212,6 +227,12 @@ def stale_temporaries(path):
             and not entry.is_symlink() and int(match[1]) != os.getpid() and not process_alive(int(match[1]))]
 
 
+def one_line(text):
+    """text with its line breaks (all that str.splitlines splits at: \\n, \\r, \\x0b, \\x0c, \\x1c-\\x1e, \\x85,
+    U+2028, U+2029) as spaces, so that plain output keeps one line per input (--json keeps the text as it is)."""
+    return " ".join(text.splitlines()) if text else text
+
+
 class RecordWriter:
     """Writes each batch's records as it finishes: JSON lines to --output, or plain / JSON lines to stdout.
 
@@ -238,13 +259,18 @@ class RecordWriter:
 
     def render(self, record):
         if self.as_json or self.file is not None:
-            return json.dumps(record, ensure_ascii=False)
+            line = json.dumps(record, ensure_ascii=False)
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a JSONL "id" with a lone surrogate ("\ud800"): kept as its escape
+                line = json.dumps(record)
+            return line
         if "error" in record:
-            return f"error: {record['error']}"
+            return f"error: {one_line(record['error'])}"
         output = record["output"]
         if isinstance(output, str):
-            return output
-        return "\n".join(f"{record['line']}.{k}\t{text}" for k, text in enumerate(output, start=1))
+            return one_line(output)
+        return "\n".join(f"{record['line']}.{k}\t{one_line(text)}" for k, text in enumerate(output, start=1))
 
     def write(self, records):
         text = "".join(self.render(record) + "\n" for record in records)

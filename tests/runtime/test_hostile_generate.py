@@ -234,3 +234,43 @@ def test_extreme_repetition_penalties_run_quietly(model_dir, penalty, strategy):
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
     assert len(result.stdout.splitlines()) == 2
+
+
+# ---------------------------------------------------------------------------- records
+
+
+def test_plain_lines_stay_one_per_input_when_an_output_has_line_breaks(model_dir, tmp_path, monkeypatch):
+    from refformer.runtime.generator import Generator
+
+    outputs = iter(["a\nb", "c\u2028d\r\ne"])
+    monkeypatch.setattr(Generator, "generate_rows", lambda self, rows, options: [next(outputs) for _ in rows])
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "Welt.", "--batch-size", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["a b", "c d e"]
+    outputs = iter(["a\nb", "c"])
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "Welt.", "--json", "--batch-size", "2")
+    assert [json.loads(line)["output"] for line in result.stdout.splitlines()] == ["a\nb", "c"]  # JSON keeps them
+
+
+def test_a_json_id_with_a_lone_surrogate_is_kept_as_its_escape(model_dir, tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "Hallo", "id": "\\ud800"}\n{"text": "Welt", "id": 2}\n')
+    out = tmp_path / "out.jsonl"
+    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(path), "--output", str(out),
+                    "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in jsonl(out)] == ["\ud800", 2]
+
+
+def test_nan_infinity_and_overflowing_numbers_are_not_json(model_dir, tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "a", "id": NaN}\n{"text": "b", "id": 1e999}\n{"text": "c", "id": -Infinity}\n'
+                    '{"text": "d", "id": 1.5e300}\n')
+    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(path), "--json", "--max-new-tokens", "2")
+    assert result.exit_code == 1
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in the output")) for line in
+               result.stdout.splitlines()]
+    assert [r.get("error") for r in records] == ["line 1 is not valid JSON: NaN is not a JSON value",
+                                                 "line 2 is not valid JSON: 1e999 is too large a number",
+                                                 "line 3 is not valid JSON: -Infinity is not a JSON value", None]
+    assert records[3]["id"] == 1.5e300
