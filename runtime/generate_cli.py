@@ -389,7 +389,11 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
         lines = [(number, text, None, {}) for number, text in enumerate(texts, start=1)]
     threads = check_threads(threads)
     check_fits_memory(model_dir, generation, min(batch_size, max(1, len(lines))))
-    generator = Generator(model_dir, provider=provider, dtype=dtype, threads=threads, truncate=truncate, variant=variant)
+    if not any(error is None for _, _, error, _ in lines):  # only bad lines (or none): their records need no model
+        generator = None
+    else:
+        generator = Generator(model_dir, provider=provider, dtype=dtype, threads=threads, truncate=truncate,
+                              variant=variant)
 
     if len(texts) == 1 and output_path is None and not as_json and generation.num_return_sequences == 1:
         for piece in generator.stream(texts[0], **vars(generation)):
@@ -398,6 +402,9 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
         click.echo()
         return
     writer = RecordWriter(output_path, as_json)
+    truncated = []
+    if generator is not None:
+        generator.collected_warnings = truncated
     try:
         failures = generate_records(generator, generation, lines, writer, input_path, batch_size)
     except KeyboardInterrupt:
@@ -408,12 +415,24 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
         writer.close(keep=False)
         raise
     writer.close(keep=True)
+    if truncated:
+        click.echo(truncation_warning(truncated), err=True)
     if failures:
         where = output_path if output_path else "the output"
         click.echo(f"error: {failures} of {len(lines)} inputs failed (reported in {where})", err=True)
         sys.exit(1)
     if output_path is not None:
         click.echo(f"wrote {writer.count} records to {output_path}", err=True)
+
+
+def truncation_warning(warnings):
+    """One line for the truncation warnings of a run: the warning itself for one input, else how many and which."""
+    if len(warnings) == 1:
+        return warnings[0]
+    names = [re.sub(r"^warning: (.*) truncated from .*$", r"\1", warning) for warning in warnings]
+    limit = warnings[0].rsplit(" to ", 1)[-1]
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return f"warning: {len(warnings)} inputs truncated to {limit}: {shown}"
 
 
 def generate_records(generator, generation, lines, writer, input_path, batch_size):

@@ -194,6 +194,7 @@ class Generator:
                     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                     note(f"notice: the {choice} decoder cannot run here ({reason}); trying {choices[number + 1]}")
         self.truncate = truncate
+        self.collected_warnings = None  # a list: truncation warnings go there instead of stderr (the CLI's one line)
 
     @staticmethod
     def check_arguments(model_dir, provider, dtype, threads, truncate, variant, static_length, cuda_graph):
@@ -275,7 +276,11 @@ class Generator:
                 if not self.truncate:
                     raise RefformerError(f"{name} has {len(row)} tokens, more than the model's {limit}; "
                                          "shorten it or pass --truncate")
-                note(f"warning: {name} truncated from {len(row)} to {limit} tokens")
+                warning = f"warning: {name} truncated from {len(row)} to {limit} tokens"
+                if self.collected_warnings is None:
+                    note(warning)
+                else:
+                    self.collected_warnings.append(warning)
                 rows[number] = row[:limit]
         return rows
 

@@ -274,3 +274,23 @@ def test_nan_infinity_and_overflowing_numbers_are_not_json(model_dir, tmp_path):
                                                  "line 2 is not valid JSON: 1e999 is too large a number",
                                                  "line 3 is not valid JSON: -Infinity is not a JSON value", None]
     assert records[3]["id"] == 1.5e300
+
+
+def test_many_truncated_inputs_make_one_warning_line(model_dir, tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_text(("lang " * 100 + "\n") * 14 + "kurz\n")
+    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(path), "--truncate",
+                    "--max-new-tokens", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == ["warning: 14 inputs truncated to 47 tokens: line 1, line 2, line 3, line 4, "
+                                          "line 5, line 6, line 7, line 8, line 9, line 10 and 4 more"]
+
+
+def test_a_file_of_bad_lines_loads_no_model(tmp_path, tokenizer_file):  # noqa: F811
+    make_model(tmp_path / "m", tokenizer_file, "encoder-decoder")
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"\n  \n\xff\n")
+    result = invoke("--model", str(tmp_path / "m"), "--provider", "cpu", "--input", str(path), "--threads", "100000")
+    assert result.exit_code == 1
+    assert len(result.stderr.splitlines()) == 2 and "exporting" not in result.stderr  # the threads notice, the error
+    assert not (tmp_path / "m" / "onnx").exists()
