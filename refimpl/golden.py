@@ -78,13 +78,16 @@ def golden(cfg, params, seed=0, label_smoothing=0.0):
 def write_golden(model_dir, out_path, seed=0):
     """Load model_dir in float64 and write golden(...) with the config (as JSON text) to out_path (.npz).
 
-    Raises RefformerError, before loading the weights, for a negative seed, a missing output folder, or a model
-    whose float64 parameters and gradients cannot fit in memory.
+    Raises RefformerError, before loading the weights, for a negative seed, a missing output folder, an out_path
+    that is not a regular file (a device, a pipe), or a model whose float64 parameters and gradients cannot fit in
+    memory. A symbolic link out_path is written through.
     """
     check_seed("seed", seed)
     out_path = Path(out_path)
     if not out_path.parent.is_dir():  # before the forward and backward passes, which take a while
         raise RefformerError(f"output folder {out_path.parent} does not exist")
+    if out_path.exists() and not out_path.is_file():
+        raise RefformerError(f"{out_path} is not a regular file (a device, a pipe or a folder); give a file name")
     check_fits_memory(load_config(model_dir), np.float64, copies=2)
     cfg, params = load(model_dir, dtype=np.float64)
     arrays = golden(cfg, params, seed)

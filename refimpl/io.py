@@ -5,6 +5,7 @@ import json
 import os
 import re
 import socket
+import stat
 import tempfile
 from pathlib import Path
 
@@ -28,13 +29,21 @@ SPECIAL_TOKEN_NAMES = {"pad_id": ("<pad>", "[PAD]"), "bos_id": ("<s>", "<bos>", 
 
 
 def atomic_write(path, write):
-    """Write a file through write(temporary_path), then rename it over path: a failure leaves path untouched."""
-    path = Path(path)
+    """Write a file through write(temporary_path), then rename it over path: a failure leaves path untouched.
+
+    A symbolic link is written through (the file it points to is replaced, the link stays). Raises RefformerError,
+    before writing anything, when path is a device, a pipe or a folder (renaming over /dev/null would replace it)."""
+    given = path
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        raise RefformerError(f"{given} is not a regular file (a device, a pipe or a folder); refformer will not "
+                             "replace it")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; keep the usual permissions
+        # mkstemp makes 0600 files: a new file gets the usual permissions, a replaced one keeps its own
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -28,6 +28,8 @@ def check_new_file(path, overwrite, inputs=()):
         raise RefformerError(f"--out {path}: folder {path.parent} does not exist")
     if path.is_dir():
         raise RefformerError(f"--out {path} is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise RefformerError(f"--out {path} is not a regular file (a device or a pipe); give a file name")
     if path.exists():
         if any(Path(source).exists() and os.path.samefile(path, source) for source in inputs):
             raise RefformerError(f"--out {path} is one of the command's inputs; pick another file")

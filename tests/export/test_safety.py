@@ -552,3 +552,30 @@ def test_convert_torch_names_a_device_and_cuts_torchs_advice(tmp_path):
                     "--n-heads", "2")
     one_line_error(result, "is not a state_dict of tensors")
     assert "trusted source" not in result.stderr and not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
+def test_golden_never_replaces_a_device_or_a_pipe(tmp_path):
+    """As root, `golden --out /dev/null --overwrite` renamed a regular file over /dev/null (here: a node of our own)."""
+    make_model(tmp_path / "m")
+    device, pipe = tmp_path / "null", tmp_path / "pipe"
+    os.mknod(device, 0o644 | 0o020000, os.makedev(1, 3))  # S_IFCHR: the same device as /dev/null
+    os.mkfifo(pipe)
+    for target in (device, pipe):
+        one_line_error(invoke("golden", "--model", tmp_path / "m", "--out", target, "--overwrite"),
+                       "is not a regular file")
+    with pytest.raises(RefformerError, match="is not a regular file"):
+        io_module.atomic_write(device, lambda tmp: None)
+    assert device.is_char_device() and pipe.is_fifo()
+
+
+def test_golden_writes_through_a_symbolic_link_and_keeps_permissions(tmp_path):
+    make_model(tmp_path / "m")
+    target = tmp_path / "golden.npz"
+    target.write_bytes(b"old")
+    target.chmod(0o600)
+    (tmp_path / "link.npz").symlink_to(target.name)
+    result = invoke("golden", "--model", tmp_path / "m", "--out", tmp_path / "link.npz", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "link.npz").is_symlink() and target.read_bytes()[:2] == b"PK"
+    assert target.stat().st_mode & 0o777 == 0o600
