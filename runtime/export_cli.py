@@ -52,9 +52,12 @@ def golden_command(model_dir, out_path, seed, overwrite):
     check_seed(seed)
     model_dir = resolve_model(model_dir)
     check_new_file(out_path, overwrite, [Path(model_dir) / name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)])
-    if Path(os.path.realpath(model_dir)) / "onnx" in Path(os.path.realpath(out_path)).parents:
-        raise RefformerError(f"--out {out_path} is in the model's export folder {Path(model_dir) / 'onnx'}; pick a "
-                             "file elsewhere")
+    from refformer.export.export import export_locations
+
+    target = Path(os.path.realpath(out_path))
+    for exports in (Path(model_dir) / "onnx", export_locations(model_dir, "-")[1].parent):  # the model's, the cache's
+        if Path(os.path.realpath(exports)) in target.parents:
+            raise RefformerError(f"--out {out_path} is in the model's export folder {exports}; pick a file elsewhere")
     check_weights(load(model_dir)[1], None, Path(model_dir) / WEIGHTS_FILE)  # NaN in, NaN out: refuse it here
     arrays = write_golden(model_dir, out_path, seed)
     click.echo(f"wrote {len(arrays)} arrays to {out_path}")

@@ -212,6 +212,13 @@ def check_not_in_model(output_path, model_dir):
     if target in {model / name for name in MODEL_FILES} or model / "onnx" in target.parents:
         raise RefformerError(f"--output {output_path} is a file of the model folder {model_dir or model}; write the "
                              "results to another file")
+    if (model / "config.json").is_file() and (model / "model.safetensors").is_file():
+        from refformer.export.export import export_locations
+
+        cached = Path(os.path.realpath(export_locations(model, "-")[1].parent))  # the model's exports in the cache
+        if cached in target.parents:
+            raise RefformerError(f"--output {output_path} is in the model's export folder {cached}; write the "
+                                 "results to another file")
 
 
 def stale_temporaries(path):

@@ -579,3 +579,14 @@ def test_golden_writes_through_a_symbolic_link_and_keeps_permissions(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "link.npz").is_symlink() and target.read_bytes()[:2] == b"PK"
     assert target.stat().st_mode & 0o777 == 0o600
+
+
+def test_golden_refuses_the_models_cache_exports(tmp_path):
+    from refformer.export.export import export_locations
+
+    make_model(tmp_path / "m")
+    cached = export_locations(tmp_path / "m", "fp32")[1]
+    cached.mkdir(parents=True)
+    one_line_error(invoke("golden", "--model", tmp_path / "m", "--out", cached / "g.npz"), "is in the model's export "
+                                                                                           "folder")
+    assert not (cached / "g.npz").exists()

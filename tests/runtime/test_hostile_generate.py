@@ -294,3 +294,16 @@ def test_a_file_of_bad_lines_loads_no_model(tmp_path, tokenizer_file):  # noqa: 
     assert result.exit_code == 1
     assert len(result.stderr.splitlines()) == 2 and "exporting" not in result.stderr  # the threads notice, the error
     assert not (tmp_path / "m" / "onnx").exists()
+
+
+def test_an_output_in_the_models_cache_exports_is_refused(model_dir, tmp_path, monkeypatch):
+    from refformer.export.export import export_locations
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cached = export_locations(model_dir, "fp32")[1]
+    cached.mkdir(parents=True)
+    (cached / "manifest.json").write_text("{}")
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "--output", str(cached / "manifest.json"),
+                    "--overwrite")
+    assert result.exit_code == 1 and "is in the model's export folder" in result.stderr
+    assert (cached / "manifest.json").read_text() == "{}"
