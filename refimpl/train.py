@@ -206,7 +206,8 @@ def check_output_dir(out_dir, *, resume=False, overwrite=False, inputs=()):
     Raises RefformerError when out_dir is a file, is one of inputs (e.g. the data directory), cannot be
     created or written (its parent folder missing or read-only), or already holds a trained model or
     checkpoints (any of OUTPUT_NAMES, except a file that is one of inputs, e.g. the tokenizer.json being
-    trained with) while neither resume nor overwrite is given; also for one of OUTPUT_NAMES of the wrong
+    trained with) while neither resume nor overwrite is given, or that is a checkpoints folder or a checkpoint itself
+    (latest.json, trainer_state.json, step-*); also for one of OUTPUT_NAMES of the wrong
     kind (a file named checkpoints, a folder named model.safetensors), for resume and overwrite together,
     and for resume without a checkpoint.
     """
@@ -229,6 +230,11 @@ def check_output_dir(out_dir, *, resume=False, overwrite=False, inputs=()):
         return
     if not os.access(out, os.W_OK | os.X_OK):
         raise RefformerError(f"cannot write to --out {out}: the folder is not writable")
+    checkpoint_files = sorted(path.name for path in out.iterdir()
+                              if path.name in ("latest.json", STATE_FILE) or path.name.startswith("step-"))
+    if checkpoint_files:  # a run's checkpoints folder, or one checkpoint: the model goes into a folder of its own
+        raise RefformerError(f"--out {out} holds a training run's checkpoints ({', '.join(checkpoint_files[:3])}): "
+                             f"name the run's own folder (the one above checkpoints), or a new folder")
     for name in OUTPUT_NAMES:  # with --overwrite or --resume these are written: each must be of its kind
         path = out / name
         if name == CHECKPOINT_DIR and path.exists() and not path.is_dir():

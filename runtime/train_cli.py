@@ -251,7 +251,19 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
                                 overwrite=opts["overwrite"], inputs=(data_dir, tokenizer_path), on_step=on_step)
         except MemoryError:
             raise RefformerError("out of memory while training: lower --max-tokens (or the model's size)") from None
+        except KeyboardInterrupt:
+            click.echo(f"notice: {_kept(out_dir)}", err=True)
+            raise
     _summary(result, out_dir)
+
+
+def _kept(out_dir):
+    """What an interrupted run leaves to continue from, in words."""
+    try:
+        step = json.loads((Path(out_dir) / "checkpoints" / "latest.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no checkpoint was saved yet; run the command again to start over"
+    return f"the checkpoint of step {step} is kept: continue with the same command and --resume"
 
 
 def _leaves(tree):
@@ -269,7 +281,7 @@ def _summary(result, out_dir):
     last_eval = next((row for row in reversed(log) if row["valid_loss"] is not None), None)
     line = f"step {result.step}: train loss {log[-1]['loss']:.4f}"
     if last_eval is not None:
-        line += f", valid loss {last_eval['valid_loss']:.4f}, perplexity {last_eval['valid_ppl']:.2f}"
+        line += f", valid loss {last_eval['valid_loss']:.4f}, perplexity {_number(last_eval['valid_ppl'], 2)}"
         if last_eval.get("bleu") is not None:
             line += f", BLEU {last_eval['bleu']:.2f}, chrF {last_eval['chrf']:.2f}"
     click.echo(line)
@@ -347,4 +359,7 @@ def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
 
 
 def _number(value, digits):
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    """value with digits decimals; '-' for none; a huge one (the perplexity of a diverged model) as 1.23e+304."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if abs(value) < 1e9 else f"{value:.3g}"

@@ -1,0 +1,98 @@
+"""`refformer train` / `eval` as a careless or hostile user drives them: real Ctrl-C mid-run, output folders that
+are a run's checkpoints, diverged models' numbers. Each case: one error line, no traceback, nothing lost."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from refformer.runtime.cli import main
+from refformer.runtime.tokenizer import MIN_VOCAB_SIZE, save_tokenizer, train_tokenizer
+from refformer.runtime.train_cli import _number
+
+PAIRS = [("ein Haus", "a house"), ("das Haus ist rot", "the house is red"), ("ich bin hier", "I am here"),
+         ("der Hund", "the dog"), ("die Katze schläft", "the cat sleeps"), ("wir gehen", "we go")]
+TINY = ["--d-model", "16", "--n-heads", "2", "--d-ff", "32", "--layers", "1", "--max-positions", "64",
+        "--max-tokens", "64", "--warmup", "2", "--eval-sentences", "2", "--dropout", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    (root / "de-en").mkdir()
+    for split in ("train", "valid"):
+        (root / "de-en" / f"{split}.tsv").write_text("".join(f"{de}\t{en}\n" for de, en in PAIRS))
+    save_tokenizer(train_tokenizer(root / "de-en", MIN_VOCAB_SIZE + 20), root / "tokenizer.json")
+    return root
+
+
+def _run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    print(result.output)
+    return result
+
+
+def _log(path):
+    with open(path, newline="") as f:
+        return [(row["step"], row["loss"], row["valid_loss"]) for row in csv.DictReader(f)]
+
+
+def test_out_that_is_a_runs_checkpoints_folder_is_refused(data, tmp_path):
+    """--out MODEL/checkpoints (or one checkpoint in it) wrote a second model into the first run's checkpoints."""
+    out = tmp_path / "model"
+    assert _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", out, *TINY,
+                "--steps", "2").exit_code == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    step = next((out / "checkpoints").glob("step-*"))
+    for target in (out / "checkpoints", step):
+        for extra in ([], ["--overwrite"]):
+            result = _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", target, *TINY,
+                          "--steps", "2", *extra)
+            assert result.exit_code == 1 and "holds a training run's checkpoints" in result.output
+            assert len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_real_ctrl_c_keeps_the_checkpoint_and_resume_repeats_the_run(data, tmp_path):
+    """SIGINT to a training process mid-run: exit 130, a notice naming the kept checkpoint, one error line, no
+    traceback; --resume then ends exactly where the uninterrupted run ends."""
+    args = ["train", data / "de-en", "--tokenizer", data / "tokenizer.json", *TINY, "--steps", "150",
+            "--save-every", "1", "--eval-every", "50"]
+    full = tmp_path / "full"
+    assert _run(*args, "--out", full).exit_code == 0
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    command = [sys.executable, "-c", "from refformer.runtime.cli import main; main()", *map(str, args), "--out",
+               str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 60
+    while not (out / "checkpoints" / "latest.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)  # well inside the run: a checkpoint every step
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1].decode()
+    print(stderr)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert process.returncode == 130
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in stderr
+    assert lines[0].startswith("notice: the checkpoint of step ") and "--resume" in lines[0]
+    assert lines[1].startswith("error: ") or lines[1] == "interrupted"
+    assert not (out / "model.safetensors").exists()
+    assert _run(*args, "--out", out, "--resume").exit_code == 0
+    assert _log(out / "train_log.csv") == _log(full / "train_log.csv")
+    assert (out / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+
+
+def test_numbers_of_a_diverged_model_are_short():
+    """A perplexity of e^700 printed 300 digits."""
+    assert _number(1.0142e304, 2) == "1.01e+304"
+    assert _number(float("inf"), 2) == "inf"
+    assert _number(None, 2) == _number(float("nan"), 2) == "-"
+    assert _number(388.25, 2) == "388.25"
