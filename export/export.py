@@ -182,6 +182,8 @@ def is_export(folder):
     names (graphs and their .data files)."""
     folder = Path(folder)
     try:
+        if not (folder / MANIFEST_FILE).is_file():  # (a pipe named manifest.json would block the read forever)
+            return False
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
         if not isinstance(manifest, dict) or manifest.get("format_version") not in (1, MANIFEST_FORMAT):
             return False
@@ -219,6 +221,9 @@ def same_export(folder, manifest):
     """True when folder already holds this export: a manifest agreeing with manifest on SAME_EXPORT_KEYS (the model's
     hashes, the graphs and every file's sha256), and files that still have those hashes."""
     try:
+        files = [Path(folder) / name for name in [MANIFEST_FILE, *manifest["files"]]]
+        if not all(path.is_file() for path in files):  # missing, or a pipe whose read would block forever
+            return False
         existing = json.loads((Path(folder) / MANIFEST_FILE).read_text())
         return all(existing.get(key) == manifest[key] for key in SAME_EXPORT_KEYS) and all(
             sha256(Path(folder) / name) == digest for name, digest in manifest["files"].items())

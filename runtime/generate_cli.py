@@ -310,7 +310,7 @@ class RecordWriter:
 @model_option
 @click.option("--input", "input_path", type=str, default=None, help="File of inputs, one per line or JSONL; - for stdin.")
 @click.option("--output", "output_path", type=click.Path(), default=None,
-              help="Write JSON lines here (as each batch finishes).")
+              help="Write JSON lines here (as each batch finishes); - for stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file (at the end of the run).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of plain text.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
@@ -386,6 +386,8 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
         raise RefformerError("give TEXT arguments or --input, not both")
     if batch_size < 1:
         raise RefformerError(f"--batch-size must be >= 1, got {batch_size}")
+    if output_path == "-":  # as for --input: stdout, in --output's format (JSON lines), not a file named "-"
+        output_path, as_json = None, True
     if output_path is not None:
         check_output_path(output_path, input_path, overwrite, model_dir)
     elif sys.stdout is None:

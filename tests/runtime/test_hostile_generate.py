@@ -307,3 +307,23 @@ def test_an_output_in_the_models_cache_exports_is_refused(model_dir, tmp_path, m
                     "--overwrite")
     assert result.exit_code == 1 and "is in the model's export folder" in result.stderr
     assert (cached / "manifest.json").read_text() == "{}"
+
+
+def test_output_dash_is_stdout_in_json_lines(model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "--output", "-", "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["input"] == "Hallo." and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "decoder.onnx"])
+def test_a_pipe_in_the_export_folder_does_not_hang_generate(model_dir, tmp_path, name):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(model_dir, model)
+    (model / "onnx" / "fp32" / name).unlink()
+    os.mkfifo(model / "onnx" / "fp32" / name)
+    result = run(["--model", str(model), "--provider", "cpu", "Hallo.", "--max-new-tokens", "1"], tmp_path)
+    assert result.returncode in (0, 1) and b"Traceback" not in result.stderr  # (the run's timeout: 120 s)
+    assert len(result.stderr.decode().splitlines()) <= 2
