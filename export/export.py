@@ -306,6 +306,12 @@ def versions():
             "numpy": np.__version__}
 
 
+def check_path(name, value):
+    """A folder argument must be a str or os.PathLike naming something (RefformerError otherwise)."""
+    if isinstance(value, bytes) or not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise RefformerError(f"{name} must be a folder path (str or pathlib.Path), got {value!r}")
+
+
 def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=None, measure=True, static_length=None,
                  fused_attention=False):
     """Export model_dir to out_dir (default: default_export_dir) through a temporary folder renamed into place.
@@ -318,10 +324,20 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     fused norms) and, when the head size is a multiple of 8, decoder_static_fused.onnx (GroupQueryAttention
     over a cache updated in place).
 
-    Raises RefformerError for a bad option, an out_dir that check_out_dir refuses (its parent must exist, unless it is
+    Raises RefformerError for a bad option (a model_dir or out_dir that is not a path, flags that are not booleans),
+    an out_dir that check_out_dir refuses (its parent must exist, unless it is
     one of export_locations), weights with NaN or inf (or beyond float16's range for fp16), or a non-finite measured error.
     Leftovers of killed exports in the target's parent folder are removed first (recover_leftovers).
     """
+    check_path("model_dir", model_dir)
+    if out_dir is not None:
+        check_path("out_dir", out_dir)
+    for name, value in (("fused_attention", fused_attention), ("measure", measure), ("external_data", external_data)):
+        if not isinstance(value, (bool, np.bool_)) and not (name == "external_data" and value is None):
+            raise RefformerError(f"{name} must be True or False{' (or None)' if name == 'external_data' else ''}, "
+                                 f"got {value!r}")
+    if isinstance(static_length, np.integer):
+        static_length = int(static_length)
     if dtype not in DTYPES:
         raise RefformerError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not 17 <= opset <= onnx.defs.onnx_opset_version():

@@ -269,7 +269,8 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
     """All checks on every usable provider -> (rows, dtype). A row: dict(check, provider, output, error, bound, ok).
 
     onnx_dir defaults to find_export(model_dir) (fp32, or the only export set there is). Raises RefformerError for a
-    negative seed, a missing, stale or damaged export (a file whose sha256 is not the manifest's: graphs of another
+    negative seed, a model_dir or onnx_dir that is not a path, providers that are not a non-empty list of known
+    providers, a missing, stale or damaged export (a file whose sha256 is not the manifest's: graphs of another
     model), weights with NaN or inf, or graphs ONNX Runtime cannot load or run."""
     from refformer.refimpl.io import TOKENIZER_FILE, WEIGHTS_FILE, load, load_tokenizer
 
@@ -277,6 +278,15 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise RefformerError(f"--seed must be an integer >= 0, got {seed!r}")
+    from .export import check_path
+
+    check_path("model_dir", model_dir)
+    if onnx_dir is not None:
+        check_path("onnx_dir", onnx_dir)
+    known = ("CPUExecutionProvider", "CUDAExecutionProvider")
+    if providers is not None and (not isinstance(providers, (list, tuple)) or not providers
+                                  or not all(provider in known for provider in providers)):
+        raise RefformerError(f"providers must be a non-empty list of {' and '.join(known)}, got {providers!r}")
     model_dir = Path(model_dir)
     onnx_dir = Path(onnx_dir) if onnx_dir is not None else find_export(model_dir)
     cfg, params = load(model_dir)

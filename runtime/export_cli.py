@@ -148,6 +148,8 @@ def export_command(model_dir, dtype, opset, out_dir, external_data, static_lengt
     model_dir = resolve_model(model_dir)
     if static_length is not None and static_length < 1:
         raise RefformerError(f"--static-length must be >= 1, got {static_length}")
+    if out_dir is not None and not out_dir.strip():
+        raise RefformerError("--out is empty; give a folder (or leave --out out for the default place)")
     manifest = export_model(model_dir, out_dir, dtype=dtype, opset=opset, external_data=external_data,
                             static_length=static_length, fused_attention=fused_attention)
     out = out_dir or default_export_dir(model_dir, dtype, static_length, fused_attention)
@@ -177,6 +179,8 @@ def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, p
     if static_length is not None and static_length < 1:
         raise RefformerError(f"--static-length must be >= 1, got {static_length}")
     model_dir = resolve_model(model_dir)
+    if onnx_dir is not None and not onnx_dir.strip():
+        raise RefformerError("--onnx-dir is empty; give an export folder (or leave it out)")
     if onnx_dir is None:
         onnx_dir = find_export(model_dir, dtype, static_length, fused_attention)
     elif dtype is not None or static_length is not None or fused_attention:

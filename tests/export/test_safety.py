@@ -4,6 +4,7 @@ model folder's save."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -590,3 +591,45 @@ def test_golden_refuses_the_models_cache_exports(tmp_path):
     one_line_error(invoke("golden", "--model", tmp_path / "m", "--out", cached / "g.npz"), "is in the model's export "
                                                                                            "folder")
     assert not (cached / "g.npz").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(model_dir=None), "model_dir must be a folder path"),
+    (dict(model_dir=b"m"), "model_dir must be a folder path"),
+    (dict(out_dir=5), "out_dir must be a folder path"),
+    (dict(fused_attention="no"), "fused_attention must be True or False"),
+    (dict(external_data="yes"), "external_data must be True or False (or None)"),
+    (dict(measure=None), "measure must be True or False"),
+])
+def test_export_model_refuses_arguments_of_the_wrong_kind(tmp_path, args, message):
+    make_model(tmp_path / "m")
+    with pytest.raises(RefformerError, match=re.escape(message)):
+        export_model(**{"model_dir": tmp_path / "m", "out_dir": tmp_path / "out", **args})
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m" / "onnx").exists()
+
+
+def test_export_model_takes_a_numpy_static_length(tmp_path):
+    make_model(tmp_path / "m")
+    manifest = export_model(tmp_path / "m", static_length=np.int64(4), measure=False)
+    assert manifest["graphs"]["decoder_static"]["max_length"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(providers="CPUExecutionProvider"), "providers must be a non-empty list"),
+    (dict(providers=[]), "providers must be a non-empty list"),
+    (dict(providers=["Foo"]), "providers must be a non-empty list"),
+    (dict(onnx_dir=5), "onnx_dir must be a folder path"),
+    (dict(model_dir=None), "model_dir must be a folder path"),
+])
+def test_verify_refuses_arguments_of_the_wrong_kind(tmp_path, capfd, args, message):
+    make_model(tmp_path / "m")
+    export_model(tmp_path / "m", measure=False)
+    with pytest.raises(RefformerError, match=re.escape(message)):
+        verify(**{"model_dir": tmp_path / "m", **args})
+    assert "EP Error" not in capfd.readouterr().out  # ONNX Runtime's own banner never shows
+
+
+@pytest.mark.parametrize("command, flag", [("export", "--out"), ("verify", "--onnx-dir")])
+def test_an_empty_folder_option_is_one_line(tmp_path, command, flag):
+    make_model(tmp_path / "m")
+    one_line_error(invoke(command, "--model", tmp_path / "m", flag, ""), f"{flag} is empty")
