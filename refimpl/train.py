@@ -438,7 +438,7 @@ def _pointed_at(root):
     """The folder name latest.json names, or None when it is missing or unreadable."""
     try:
         return json.loads((root / "latest.json").read_text())["dir"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -494,6 +494,7 @@ def load_checkpoint(out_dir):
         state = json.loads((where / STATE_FILE).read_text())
         check(isinstance(state, dict) and state.get("format") == "refformer-checkpoint" and state.get("format_version") == CHECKPOINT_FORMAT,
               f"{where} is not a refformer checkpoint of format {CHECKPOINT_FORMAT}")
+        _check_state(state, where / STATE_FILE)
         for file, digest in state["sha256"].items():
             check(sha256(where / file) == digest, f"{where / file} is corrupt (its sha256 does not match)")
         cfg = Config.from_dict(state.pop("config"))
@@ -501,7 +502,7 @@ def load_checkpoint(out_dir):
         moments = load_file(where / "optimizer.safetensors")
     except RefformerError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, SafetensorError) as error:
         raise RefformerError(f"the checkpoint in {root} is unreadable or corrupt: {error}") from None
     try:
         opt_state = {"step": state["step"],
@@ -510,6 +511,31 @@ def load_checkpoint(out_dir):
     except KeyError as error:
         raise RefformerError(f"the checkpoint in {root} lacks optimizer moment {error}") from None
     return cfg, params, opt_state, state
+
+
+def _check_state(state, path):
+    """RefformerError naming the field of a trainer_state.json (not covered by the sha256s) of the wrong kind."""
+    def need(ok, what):
+        check(ok, f"{path} is damaged: {what}; train into a new --out (or --overwrite)")
+
+    need(_is_integer(state.get("step")) and state["step"] >= 0, "step must be an integer >= 0")
+    need(isinstance(state.get("sha256"), dict) and set(state["sha256"]) == {"model.safetensors",
+                                                                           "optimizer.safetensors"},
+         "sha256 must name model.safetensors and optimizer.safetensors")
+    need(isinstance(state.get("config"), dict) and isinstance(state.get("options"), dict), "config and options "
+                                                                                          "must be objects")
+    need(isinstance(state.get("rng"), dict), "rng must be an object")
+    position = state.get("position")
+    need(isinstance(position, list) and len(position) == 2 and all(_is_integer(v) and v >= 0 for v in position),
+         "position must be two integers >= 0")
+    need(isinstance(state.get("data_fingerprint"), str), "data_fingerprint must be a string")
+    need(_is_finite(state.get("elapsed")) and state["elapsed"] >= 0, "elapsed must be a number of seconds >= 0")
+    log = state.get("log")
+    need(isinstance(log, list) and all(isinstance(row, dict) and set(row) == set(LOG_COLUMNS)
+                                       and all(value is None or _is_real(value) for value in row.values())
+                                       for row in log), f"log must be a list of rows of {', '.join(LOG_COLUMNS)}")
+    need(all(_is_integer(row["step"]) for row in log) and [row["step"] for row in log] == list(
+        range(state["step"] - len(log) + 1, state["step"] + 1)), "the log's steps must end at the checkpoint's step")
 
 
 def _check_resumable(cfg, saved_cfg, options, saved_options, data_fingerprint, saved_fingerprint):

@@ -261,7 +261,7 @@ def _kept(out_dir):
     """What an interrupted run leaves to continue from, in words."""
     try:
         step = json.loads((Path(out_dir) / "checkpoints" / "latest.json").read_text())["step"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return "no checkpoint was saved yet; run the command again to start over"
     return f"the checkpoint of step {step} is kept: continue with the same command and --resume"
 

@@ -294,6 +294,24 @@ def test_ctrl_c_while_saving_keeps_a_checkpoint_to_resume_from(tmp_path, monkeyp
     assert resumed.step == 4
 
 
+@pytest.mark.parametrize("field, value", [("step", "2"), ("step", 10 ** 30), ("log", None), ("log", [1, 2]),
+                                          ("log", [{"step": 1}]), ("elapsed", "x"), ("elapsed", float("nan")),
+                                          ("sha256", []), ("sha256", {"../../x": "0"}), ("position", [0]),
+                                          ("rng", None), ("data_fingerprint", 5), ("options", None)])
+def test_a_damaged_trainer_state_is_one_error(tmp_path, field, value):
+    """trainer_state.json is not covered by the sha256s: fields of the wrong kind gave TypeError/KeyError tracebacks."""
+    cfg, params, batches, valid, options = _small_run()
+    options = TrainOptions(**{**options.to_dict(), "steps": 2, "save_every": 2})
+    train(cfg, params, batches, valid, options, out_dir=tmp_path)
+    path = next((tmp_path / "checkpoints").glob("step-*")) / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state[field] = value
+    path.write_text(json.dumps(state))
+    with pytest.raises(RefformerError, match="is damaged"):
+        train(cfg, None, batches, valid, TrainOptions(**{**options.to_dict(), "steps": 3}), out_dir=tmp_path,
+              resume=True)
+
+
 def test_missing_train_extra_is_a_note_not_a_failure(tmp_path, monkeypatch):
     """Without sacrebleu and matplotlib (the `train` extra) BLEU/chrF and loss.png are skipped with a note."""
     import sys
