@@ -99,6 +99,10 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, overwrite, **arch
             raise RefformerError(f"--{name.replace('_', '-')} must be a token id >= 0 (below the vocabulary size), "
                                  f"got {arch[name]}")
     out = Path(out_dir)
+    from refformer.export.export import packaged
+
+    if out.exists() and packaged(out):
+        raise RefformerError(f"--out {out} is inside refformer's own package folder (where the bundled model lives); pick another folder")
     if out.exists() and not out.is_dir():
         raise RefformerError(f"--out {out} exists and is not a folder")
     if not out.parent.is_dir():

@@ -633,3 +633,12 @@ def test_verify_refuses_arguments_of_the_wrong_kind(tmp_path, capfd, args, messa
 def test_an_empty_folder_option_is_one_line(tmp_path, command, flag):
     make_model(tmp_path / "m")
     one_line_error(invoke(command, "--model", tmp_path / "m", flag, ""), f"{flag} is empty")
+
+
+def test_convert_torch_never_writes_into_the_package(tmp_path):
+    pytest.importorskip("torch")
+    bundled = default_model_dir()
+    before = snapshot(bundled)
+    one_line_error(invoke("convert-torch", tmp_path / "x.pt", "--tokenizer", tmp_path / "t.json", "--out", bundled,
+                          "--n-heads", "2", "--overwrite"), "inside refformer's own package folder")
+    assert snapshot(bundled) == before
