@@ -166,6 +166,9 @@ def check_out_dir(model_dir, out_dir, what=None):
     target = out.resolve()
     if target == model or target in model.parents:
         raise RefformerError(f"{what} is the model folder or holds it; pick a folder outside {model_dir}")
+    if packaged(target):
+        raise RefformerError(f"{what} is inside refformer's own package folder (where the bundled model lives): "
+                             "exports never go there; pick another folder")
     if out.is_symlink():
         raise RefformerError(f"{what} is a symbolic link; " + ("pass the folder it points to" if what.startswith("--out")
                              else "remove the link (or pass the folder it points to as `refformer export --out`)"))

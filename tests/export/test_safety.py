@@ -642,3 +642,11 @@ def test_convert_torch_never_writes_into_the_package(tmp_path):
     one_line_error(invoke("convert-torch", tmp_path / "x.pt", "--tokenizer", tmp_path / "t.json", "--out", bundled,
                           "--n-heads", "2", "--overwrite"), "inside refformer's own package folder")
     assert snapshot(bundled) == before
+
+
+def test_export_never_writes_into_the_package(tmp_path):
+    bundled = default_model_dir()
+    make_model(tmp_path / "m")
+    for model, out in ((bundled, bundled / "onnx" / "fp32"), (tmp_path / "m", bundled.parent.parent / "x")):
+        one_line_error(invoke("export", "--model", model, "--out", out), "inside refformer's own package folder")
+        assert not out.exists()
