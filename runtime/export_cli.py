@@ -47,10 +47,11 @@ def golden_command(model_dir, out_path, seed, overwrite):
     """Write fixed inputs, every intermediate activation and every gradient of MODEL_DIR, in float64, to an .npz."""
     from refformer.export.export import check_weights
     from refformer.refimpl.golden import write_golden
-    from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load
+    from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load, load_config
 
     check_seed(seed)
     model_dir = resolve_model(model_dir)
+    load_config(model_dir)  # a missing or bad model folder is named first
     check_new_file(out_path, overwrite, [Path(model_dir) / name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)])
     from refformer.export.export import export_locations
 
