@@ -343,7 +343,9 @@ def without_tracebacks(function):
             raise
         except MemoryError:
             raise RefformerError("out of memory: lower --batch-size, --num-beams or --num-return-sequences") from None
-        except Exception as error:  # noqa: BLE001  (a user gets one line, not a traceback)
+        except BaseException as error:  # noqa: BLE001  (a user gets one line, not a traceback)
+            if not isinstance(error, Exception) and type(error).__name__ != "PanicException":
+                raise  # Ctrl-C, sys.exit; a Rust panic in tokenizers (pyo3's PanicException) is a BaseException too
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise RefformerError(f"generation failed: {type(error).__name__}{': ' + reason if reason else ''}") from None
     return wrapper

@@ -327,3 +327,19 @@ def test_a_pipe_in_the_export_folder_does_not_hang_generate(model_dir, tmp_path,
     result = run(["--model", str(model), "--provider", "cpu", "Hallo.", "--max-new-tokens", "1"], tmp_path)
     assert result.returncode in (0, 1) and b"Traceback" not in result.stderr  # (the run's timeout: 120 s)
     assert len(result.stderr.decode().splitlines()) <= 2
+
+
+def test_a_rust_panic_in_the_tokenizer_is_one_line(model_dir, monkeypatch):
+    from refformer.runtime.generator import Generator
+
+    class PanicException(BaseException):  # pyo3's: a BaseException, which `except Exception` lets through
+        pass
+
+    def panic(self, texts, names=None):
+        raise PanicException("called `Option::unwrap()` on a `None` value")
+
+    monkeypatch.setattr(Generator, "encode_rows", panic)
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "Welt.")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.splitlines() == ["error: generation failed: PanicException: called `Option::unwrap()` on a "
+                                          "`None` value"]
