@@ -26,6 +26,7 @@ refimpl imports without it.
 """
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +66,15 @@ def _array(value, name):
         array = value
     elif hasattr(value, "detach") and hasattr(value, "is_floating_point"):  # a torch tensor
         tensor = value.detach().cpu()
+        check(tensor.layout == _torch().strided, f"{name} is a {tensor.layout} tensor; refformer converts dense "
+                                                 "tensors only (save the model's state_dict with tensor.to_dense())")
+        check(not tensor.is_quantized, f"{name} is a quantized tensor; dequantize the model before converting it")
         if tensor.is_floating_point() and tensor.dtype not in (_torch().float32, _torch().float64):
             tensor = tensor.float()  # float16 / bfloat16 have no (or no exact) numpy twin
-        array = tensor.numpy()
+        try:
+            array = tensor.numpy()
+        except (TypeError, RuntimeError) as error:  # a dtype NumPy has no twin of
+            raise RefformerError(f"{name} cannot be read as an array ({str(error).splitlines()[0]})") from None
     else:
         raise RefformerError(f"{name} is a {type(value).__name__}, expected a tensor")
     check(array.dtype.kind == "f", f"{name} has dtype {array.dtype}, expected floating point")
@@ -687,7 +694,9 @@ def convert_state_dict_file(path, tokenizer_path, out_dir, *, n_heads=None, norm
         except UnicodeDecodeError:
             raise RefformerError(f"tokenizer {tokenizer_path} is not UTF-8 text (a tokenizer.json)") from None
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's deprecation notes (TypedStorage, quantized) are not the user's
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... for what it will not load
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         first_line = first_line.split(". ")[0]  # torch's message goes on with advice on weights_only=False

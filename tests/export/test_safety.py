@@ -650,3 +650,25 @@ def test_export_never_writes_into_the_package(tmp_path):
     for model, out in ((bundled, bundled / "onnx" / "fp32"), (tmp_path / "m", bundled.parent.parent / "x")):
         one_line_error(invoke("export", "--model", model, "--out", out), "inside refformer's own package folder")
         assert not out.exists()
+
+
+@pytest.mark.parametrize("kind, message", [("sparse", "is a torch.sparse_coo tensor"), ("quantized", "is a quantized tensor"),
+                                           ("uint16", "has dtype uint16, expected floating point")])
+def test_convert_torch_refuses_tensors_it_cannot_read_in_one_line(tmp_path, kind, message):
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    from tests.helpers import randomize_torch, write_word_level_tokenizer
+    from tests.refimpl.test_torch_convert import Seq2SeqTransformer
+
+    state = randomize_torch(Seq2SeqTransformer(12, 8, 2, 16, 1, 1, maxlen=32), np.random.default_rng(4)).state_dict()
+    key = next(k for k in state if k.endswith("in_proj_weight"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state[key] = {"sparse": lambda t: t.to_sparse(), "uint16": lambda t: t.to(torch.uint16),
+                      "quantized": lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)}[kind](state[key])
+    torch.save(state, tmp_path / "model.pt")
+    write_word_level_tokenizer(tmp_path / "t.json", 12)
+    one_line_error(invoke("convert-torch", tmp_path / "model.pt", "--tokenizer", tmp_path / "t.json", "--out",
+                          tmp_path / "c", "--n-heads", "2"), message)
+    assert not (tmp_path / "c").exists()
