@@ -1,5 +1,6 @@
 """Click pieces every `refformer` command shares: the --model option and the one-line usage errors."""
 
+import re
 import sys
 
 import click
@@ -24,6 +25,7 @@ def resolve_model(model_dir):
 def usage_message(error):
     """One line for a click usage error; a stray positional model folder gets a hint to use --model."""
     message = " ".join(error.format_message().split())
+    message = re.sub(r"'([^']{60})[^']{20,}'", r"'\1...'", message)  # a 5000-digit --seed is not echoed whole
     ctx = getattr(error, "ctx", None)
     command = ctx.command if ctx is not None else None
     takes_model = command is not None and any(param.name == "model_dir" for param in command.params)

@@ -343,3 +343,10 @@ def test_a_rust_panic_in_the_tokenizer_is_one_line(model_dir, monkeypatch):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr.splitlines() == ["error: generation failed: PanicException: called `Option::unwrap()` on a "
                                           "`None` value"]
+
+
+def test_a_usage_error_does_not_echo_a_huge_value_whole(tmp_path):
+    result = invoke("--model", str(tmp_path / "none"), "x", "--seed", "9" * 5000)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["error: Invalid value for '--seed': '" + "9" * 60 + "...' is not a valid "
+                                          "integer."]
