@@ -484,10 +484,24 @@ def process_alive(pid):
     return True
 
 
+FOREIGN_LEFTOVER_AGE_S = 24 * 3600
+
+
+def older_than(path, seconds):
+    """Whether path was last modified more than seconds ago (False when it cannot be read)."""
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
 def recover_leftovers(parent):
     """Clean up after exports killed in parent: remove their .NAME.tmp-PID@HOST-* folders, and put a
     .NAME.old-PID@HOST-* folder back in place of a missing NAME (a kill between replace_folder's two renames),
-    or remove it. Only folders of this host whose process is gone are touched: concurrent exports keep theirs."""
+    or remove it. Folders of this host whose process is gone are touched (concurrent exports keep theirs), and
+    those of another host name once they are a day old (a container's host name changes at every start)."""
     parent = Path(parent)
     try:
         entries = sorted(parent.iterdir())
@@ -495,9 +509,12 @@ def recover_leftovers(parent):
         return
     for entry in entries:
         match = LEFTOVER.match(entry.name)
-        if (not match or match["host"] != HOST or process_alive(int(match["pid"])) or entry.is_symlink()
-                or not entry.is_dir()):
+        if not match or entry.is_symlink() or not entry.is_dir():
             continue
+        if match["host"] == HOST and process_alive(int(match["pid"])):
+            continue
+        if match["host"] != HOST and not older_than(entry, FOREIGN_LEFTOVER_AGE_S):  # another machine's export, or
+            continue  # this one's under an earlier host name (a container gets a new one at every start)
         target = parent / match["name"]
         if match["kind"] == "old" and not target.exists():
             try:

@@ -672,3 +672,17 @@ def test_convert_torch_refuses_tensors_it_cannot_read_in_one_line(tmp_path, kind
     one_line_error(invoke("convert-torch", tmp_path / "model.pt", "--tokenizer", tmp_path / "t.json", "--out",
                           tmp_path / "c", "--n-heads", "2"), message)
     assert not (tmp_path / "c").exists()
+
+
+def test_leftovers_under_another_host_name_go_after_a_day(tmp_path):
+    """A container gets a new host name at every start: its killed exports' folders in a shared cache would stay
+    forever. Another host's leftovers are removed once a day old; a fresh one (maybe running) is kept."""
+    make_model(tmp_path / "m")
+    parent = tmp_path / "m" / "onnx"
+    old, fresh = parent / f".fp32.tmp-{dead_pid()}@oldname-abc", parent / f".fp32.tmp-{dead_pid()}@othername-def"
+    for folder in (old, fresh):
+        folder.mkdir(parents=True)
+    day_ago = os.path.getmtime(old) - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    recover_leftovers(parent)
+    assert not old.exists() and fresh.exists()
