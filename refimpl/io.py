@@ -176,15 +176,25 @@ def recover_save(model_dir):
                              f"({error.strerror}); run again with write access to the folder") from None
 
 
+FOREIGN_TEMP_AGE_S = 24 * 3600  # another host name's temporaries: a container's host name changes at every start
+
+
 def remove_dead_save_temps(model_dir):
-    """Remove the temporary files of saves on this host whose process is gone (killed before their journal)."""
+    """Remove the temporary files of saves killed before their journal: on this host when their process is gone,
+    under another host name once they are a day old."""
+    import time
+
     for entry in Path(model_dir).iterdir():
         match = SAVE_TEMP.match(entry.name)
-        if match and match["name"] in MODEL_FILES and match["host"] == HOST and not process_alive(int(match["pid"])):
-            try:
+        if not match or match["name"] not in MODEL_FILES or entry.is_symlink() or not entry.is_file():
+            continue
+        try:
+            dead = (not process_alive(int(match["pid"])) if match["host"] == HOST
+                    else time.time() - entry.stat().st_mtime > FOREIGN_TEMP_AGE_S)
+            if dead:
                 entry.unlink()
-            except OSError:
-                pass
+        except OSError:
+            pass
 
 
 def process_alive(pid):

@@ -686,3 +686,15 @@ def test_leftovers_under_another_host_name_go_after_a_day(tmp_path):
     os.utime(old, (day_ago, day_ago))
     recover_leftovers(parent)
     assert not old.exists() and fresh.exists()
+
+
+def test_save_temporaries_under_another_host_name_go_after_a_day(tmp_path):
+    make_model(tmp_path / "m")
+    old = tmp_path / "m" / f".model.safetensors.{dead_pid()}@oldname.abc.tmp"
+    fresh = tmp_path / "m" / f".model.safetensors.{dead_pid()}@othername.def.tmp"
+    for path in (old, fresh):
+        path.write_bytes(b"x")
+    day_ago = os.path.getmtime(old) - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    make_model(tmp_path / "m")  # the next save cleans up first
+    assert not old.exists() and fresh.exists()
