@@ -38,7 +38,8 @@ def atomic_write(path, write):
     if path.exists() and not path.is_file():
         raise RefformerError(f"{given} is not a regular file (a device, a pipe or a folder); refformer will not "
                              "replace it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_dead_temps(path.parent, [path.name])  # what a killed earlier write of this file left
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{HOST}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -182,11 +183,21 @@ FOREIGN_TEMP_AGE_S = 24 * 3600  # another host name's temporaries: a container's
 def remove_dead_save_temps(model_dir):
     """Remove the temporary files of saves killed before their journal: on this host when their process is gone,
     under another host name once they are a day old."""
+    remove_dead_temps(model_dir, MODEL_FILES)
+
+
+def remove_dead_temps(folder, names):
+    """Remove .NAME.PID@HOST.*.tmp files in folder (save's and atomic_write's temporaries) of the given names whose
+    writer was killed: on this host when their process is gone, under another host name once a day old."""
     import time
 
-    for entry in Path(model_dir).iterdir():
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return
+    for entry in entries:
         match = SAVE_TEMP.match(entry.name)
-        if not match or match["name"] not in MODEL_FILES or entry.is_symlink() or not entry.is_file():
+        if not match or match["name"] not in names or entry.is_symlink() or not entry.is_file():
             continue
         try:
             dead = (not process_alive(int(match["pid"])) if match["host"] == HOST

@@ -698,3 +698,15 @@ def test_save_temporaries_under_another_host_name_go_after_a_day(tmp_path):
     os.utime(old, (day_ago, day_ago))
     make_model(tmp_path / "m")  # the next save cleans up first
     assert not old.exists() and fresh.exists()
+
+
+def test_atomic_write_removes_what_a_killed_write_of_the_same_file_left(tmp_path):
+    dead = tmp_path / f".golden.npz.{dead_pid()}@{HOST}.abc.tmp"
+    live = tmp_path / f".golden.npz.{os.getpid()}@{HOST}.def.tmp"
+    other = tmp_path / f".other.npz.{dead_pid()}@{HOST}.ghi.tmp"
+    for path in (dead, live, other):
+        path.write_bytes(b"partial")
+    io_module.atomic_write(tmp_path / "golden.npz", lambda tmp: open(tmp, "wb").write(b"new"))
+    assert (tmp_path / "golden.npz").read_bytes() == b"new"
+    assert not dead.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["golden.npz", live.name, other.name])
