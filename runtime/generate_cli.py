@@ -8,11 +8,14 @@ exit status is 130.
 """
 
 import codecs
+import contextlib
 import json
 import os
 import re
+import signal
 import stat
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -240,6 +243,22 @@ def one_line(text):
     return " ".join(text.splitlines()) if text else text
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it as KeyboardInterrupt at its end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 class RecordWriter:
     """Writes each batch's records as it finishes: JSON lines to --output, or plain / JSON lines to stdout.
 
@@ -281,13 +300,14 @@ class RecordWriter:
 
     def write(self, records):
         text = "".join(self.render(record) + "\n" for record in records)
-        if self.file is not None:
-            self.file.write(text)
-            self.file.flush()
-        else:
-            click.echo(text, nl=False)
-            sys.stdout.flush()
-        self.count += len(records)
+        with interrupts_deferred():  # Ctrl-C lands after the batch is written and counted, never between the two
+            if self.file is not None:
+                self.file.write(text)
+                self.file.flush()
+            else:
+                click.echo(text, nl=False)
+                sys.stdout.flush()
+            self.count += len(records)
 
     def close(self, keep):
         """Close the file; an --overwrite run's temporary replaces the old file when keep, else it is removed."""
