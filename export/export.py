@@ -329,7 +329,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
 
     Raises RefformerError for a bad option (a model_dir or out_dir that is not a path, flags that are not booleans),
     an out_dir that check_out_dir refuses (its parent must exist, unless it is
-    one of export_locations), weights with NaN or inf (or beyond float16's range for fp16), or a non-finite measured error.
+    one of export_locations), weights with NaN or inf (or beyond float16's range for fp16), or (measure=True) a measured
+    error that is not finite or beyond the dtype's bound (1e-5 fp32, 1e-2 fp16).
     Leftovers of killed exports in the target's parent folder are removed first (recover_leftovers).
     """
     check_path("model_dir", model_dir)
@@ -420,6 +421,12 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
                 bad = next(row for row in rows if not np.isfinite(row["error"]))
                 raise RefformerError(f"the exported graphs give non-finite outputs ({bad['output']}: {bad['error']}); "
                                      "nothing was written")
+            if worst > ERROR_BOUNDS[dtype]:  # graphs that do not compute the model: never written, never used
+                bad = max(rows, key=lambda row: row["error"])
+                advice = "export with --dtype fp32" if dtype == "fp16" else "please report it with the model's config.json"
+                raise RefformerError(f"the exported graphs differ from refimpl by {worst:.2e} ({bad['check']}: "
+                                     f"{bad['output']}), beyond the {dtype} bound {ERROR_BOUNDS[dtype]:.0e}; nothing "
+                                     f"was written: {advice}")
             manifest["error"] = {"provider": "CPUExecutionProvider", "bound": ERROR_BOUNDS[dtype], "max": worst,
                                  "per_output": {(row["output"] if row["check"] == "random" else f"{row['check']}: {row['output']}"):
                                                 row["error"] for row in rows}}

@@ -200,6 +200,7 @@ def incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, c
     against refimpl.model_forward over the whole (padded) sequence. cross: encoder_cross's cache for src."""
     ids, keep, positions = left_padded(prompts, cfg.pad_id)
     B = ids.shape[0]
+    n_steps = max(0, min(n_steps, cfg.max_positions - ids.shape[1]))  # positions stay below max_positions
     new = random_ids(cfg, rng, (B, n_steps))
     past = empty_cache(cfg, B, np.float32)
     logits, past = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, past, cross, src_keep)
@@ -223,17 +224,19 @@ def random_ids(cfg, rng, size):
     return rng.integers(4 if cfg.vocab_size > 8 else 0, cfg.vocab_size, size)
 
 
-def random_prompts(cfg, rng):
-    """Three random prompts, of lengths 1, 3 and 2 (left-padded by the checks)."""
-    return [list(random_ids(cfg, rng, n)) for n in (1, 3, 2)]
+def random_prompts(cfg, rng, limit=None):
+    """Three random prompts, of lengths 1, 3 and 2 (left-padded by the checks), each cut to limit tokens (default:
+    max_positions - 1, so that a model of 2 or 3 positions has room for a step)."""
+    limit = max(1, (cfg.max_positions - 1) if limit is None else limit)
+    return [list(random_ids(cfg, rng, n))[:limit] for n in (1, 3, 2)]
 
 
 def random_inputs(cfg, rng, B=3, S=6, T=5):
     S, T = min(S, cfg.max_positions), min(T, cfg.max_positions)
     src = random_ids(cfg, rng, (B, S))
     src_keep = np.ones((B, S), np.int64)
-    for b in range(1, B):  # rows of different source lengths
-        src_keep[b, S - b:] = 0
+    for b in range(1, B):  # rows of different source lengths, each of one token at least (an empty source
+        src_keep[b, max(1, S - b):] = 0  # is no input generate makes; its all-masked cross-attention is a corner case)
     src = np.where(src_keep == 1, src, cfg.pad_id)
     tgt = random_ids(cfg, rng, (B, T))
     tgt_keep = np.ones((B, T), np.int64)
@@ -260,9 +263,11 @@ def export_checks(cfg, params, onnx_dir, dtype, graphs, seed=0):
     for the graphs, as dicts."""
     provider = "CPUExecutionProvider"
     params64 = tree_cast(params, np.float64)
-    sessions = load_sessions(cfg, onnx_dir, provider)
-    rows = compare_pass(cfg, params64, sessions, dtype, "random", provider, *random_inputs(cfg, np.random.default_rng(seed)))
-    return as_dicts(rows + variant_checks(cfg, params64, sessions, onnx_dir, dtype, provider, graphs, seed))
+    with onnx_runtime_errors(onnx_dir):  # one line, never ONNX Runtime's traceback
+        sessions = load_sessions(cfg, onnx_dir, provider)
+        rows = compare_pass(cfg, params64, sessions, dtype, "random", provider,
+                            *random_inputs(cfg, np.random.default_rng(seed)))
+        return as_dicts(rows + variant_checks(cfg, params64, sessions, onnx_dir, dtype, provider, graphs, seed))
 
 
 def verify(model_dir, onnx_dir=None, providers=None, seed=0):
@@ -364,7 +369,8 @@ def static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0, n_s
     L = inputs["past_key_self_0"].shape[2]
     rng = np.random.default_rng(seed)
     src, src_keep = random_inputs(cfg, rng)[:2]
-    ids, keep, positions = left_padded(random_prompts(cfg, rng), cfg.pad_id)
+    ids, keep, positions = left_padded(random_prompts(cfg, rng, min(L, cfg.max_positions) - 1), cfg.pad_id)
+    n_steps = max(0, min(n_steps, L - ids.shape[1]))  # a short static cache (--static-length 2) is checked too
     ids = np.concatenate([ids, random_ids(cfg, rng, (3, n_steps))], axis=1)
     keep = np.concatenate([keep, np.ones((3, n_steps), np.int64)], axis=1)
     positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)

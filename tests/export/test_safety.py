@@ -710,3 +710,27 @@ def test_atomic_write_removes_what_a_killed_write_of_the_same_file_left(tmp_path
     assert (tmp_path / "golden.npz").read_bytes() == b"new"
     assert not dead.exists() and live.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["golden.npz", live.name, other.name])
+
+
+@pytest.mark.parametrize("max_positions", [2, 3])
+def test_a_model_of_two_or_three_positions_exports_and_verifies_every_variant(tmp_path, max_positions):
+    """export --static-length 2 --fused-attention was an ONNX Runtime traceback (the checks' prompts and steps ran
+    past max_positions), verify failed on its own inputs, and an all-padding source row failed the fused check."""
+    make_model(tmp_path / "m", max_positions=max_positions, d_model=8, n_heads=2)
+    args = ["--model", tmp_path / "m", "--static-length", max_positions, "--fused-attention"]
+    result = invoke("export", *args)
+    assert result.exit_code == 0, result.output
+    result = invoke("verify", *args, "--provider", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "static " in result.output and "fused " in result.output  # the variants were checked, not skipped
+
+
+def test_export_refuses_graphs_beyond_the_error_bound(tmp_path, monkeypatch):
+    import refformer.export.verify as verify_module
+
+    make_model(tmp_path / "m")
+    monkeypatch.setattr(verify_module, "export_checks", lambda *args, **kwargs: [
+        {"check": "random", "provider": "CPUExecutionProvider", "output": "logits (step)", "error": 0.37}])
+    one_line_error(invoke("export", "--model", tmp_path / "m"), "differ from refimpl by 3.70e-01 (random: logits "
+                                                                "(step)), beyond the fp32 bound 1e-05; nothing was written")
+    assert not (tmp_path / "m" / "onnx" / "fp32").exists()
