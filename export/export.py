@@ -415,7 +415,15 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
         if measure:
             from .verify import ERROR_BOUNDS, export_checks
 
-            rows = export_checks(cfg, params, tmp, dtype, variants)
+            try:
+                rows = export_checks(cfg, params, tmp, dtype, variants)
+            except RefformerError as error:
+                if opset > 17 and str(error).startswith("ONNX Runtime cannot load"):  # e.g. opset 27 on ORT 1.31
+                    import onnxruntime
+
+                    raise RefformerError(f"ONNX Runtime {onnxruntime.__version__} cannot load opset {opset} graphs; "
+                                         "pass a lower --opset (17 loads everywhere); nothing was written") from None
+                raise
             worst = max(row["error"] for row in rows)
             if not np.isfinite(worst):
                 bad = next(row for row in rows if not np.isfinite(row["error"]))

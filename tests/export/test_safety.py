@@ -10,6 +10,7 @@ import subprocess
 import threading
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -734,3 +735,21 @@ def test_export_refuses_graphs_beyond_the_error_bound(tmp_path, monkeypatch):
     one_line_error(invoke("export", "--model", tmp_path / "m"), "differ from refimpl by 3.70e-01 (random: logits "
                                                                 "(step)), beyond the fp32 bound 1e-05; nothing was written")
     assert not (tmp_path / "m" / "onnx" / "fp32").exists()
+
+
+def test_an_opset_onnx_runtime_cannot_load_is_named(tmp_path):
+    import onnxruntime
+
+    make_model(tmp_path / "m")
+    export_model(tmp_path / "m", tmp_path / "out", opset=17)
+    for opset in range(18, onnx.defs.onnx_opset_version() + 1):  # the first opset this ONNX Runtime cannot load
+        try:
+            export_model(tmp_path / "m", tmp_path / "out", opset=opset)
+        except RefformerError as error:
+            assert str(error) == (f"ONNX Runtime {onnxruntime.__version__} cannot load opset {opset} graphs; pass a "
+                                  "lower --opset (17 loads everywhere); nothing was written")
+            assert read_manifest(tmp_path / "out")["opset"] == opset - 1  # the last good export stays
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]  # no temporary folder left
+            break
+    else:
+        pytest.skip("this ONNX Runtime loads every opset onnx writes")
