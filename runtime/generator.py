@@ -16,7 +16,7 @@ from refformer.export.verify import left_padded
 from refformer.refimpl.batching import pad_rows
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import GenerationOptions, generate, search_iter
-from refformer.refimpl.io import load_config
+from refformer.refimpl.io import SPECIAL_TOKEN_NAMES, load_config
 
 from . import tokenizer as tok
 from .stepper import OrtStepper, StaticOrtStepper
@@ -171,6 +171,12 @@ class Generator:
         size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         if size != self.cfg.vocab_size:
             raise RefformerError(f"{self.model_dir}/tokenizer.json has {size} tokens but the model has {self.cfg.vocab_size}")
+        for field, names in SPECIAL_TOKEN_NAMES.items():  # config.json's special ids must be the tokenizer's
+            for name in names:
+                token_id = self.tokenizer.token_to_id(name)
+                if token_id is not None and token_id != getattr(self.cfg, field):
+                    raise RefformerError(f"{self.model_dir}/tokenizer.json has {name} at id {token_id} but config.json's "
+                                         f"{field} is {getattr(self.cfg, field)}")
         self.provider = resolve_provider(provider)
         if variant not in VARIANTS:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")

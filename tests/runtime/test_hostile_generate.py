@@ -350,3 +350,15 @@ def test_a_usage_error_does_not_echo_a_huge_value_whole(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.splitlines() == ["error: Invalid value for '--seed': '" + "9" * 60 + "...' is not a valid "
                                           "integer."]
+
+
+@pytest.mark.parametrize("field, value, message", [("bos_id", 2, "has <s> at id 1 but config.json's bos_id is 2"),
+                                                   ("eos_id", 0, "has </s> at id 2 but config.json's eos_id is 0")])
+def test_special_ids_that_contradict_the_tokenizer_are_refused(tmp_path, tokenizer_file, field, value, message):  # noqa: F811
+    """eos_id 0 (the pad id) gave empty outputs with exit 0."""
+    make_model(tmp_path / "m", tokenizer_file, "encoder-decoder")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, field: value}))
+    result = invoke("--model", str(tmp_path / "m"), "--provider", "cpu", "Hallo.", "Welt.")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"error: {tmp_path / 'm'}/tokenizer.json {message}"]
