@@ -44,7 +44,7 @@ def check_new_file(path, overwrite, inputs=()):
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @one_line_errors
 def golden_command(model_dir, out_path, seed, overwrite):
-    """Write fixed inputs, every intermediate activation and every gradient of MODEL_DIR, in float64, to an .npz."""
+    """Write fixed inputs, every intermediate activation and every gradient of --model, in float64, to an .npz."""
     from refformer.export.export import check_weights
     from refformer.refimpl.golden import write_golden
     from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load, load_config
@@ -123,16 +123,23 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, overwrite, **arch
     click.echo(f"wrote {out_dir}" + (f" ({cfg.family}, D={cfg.d_model}, V={cfg.vocab_size})" if cfg is not None else ""))
 
 
-def variant_options(function):
-    """--dtype, --static-length and --fused-attention: which export set export writes and verify checks."""
-    function = click.option("--fused-attention", is_flag=True,
-                            help="Also write decoder_fused.onnx (ONNX Runtime's com.microsoft MultiHeadAttention); with "
-                                 "--static-length also decoder_static_mha.onnx and decoder_static_fused.onnx (contrib "
-                                 "ops, fused norms).")(function)
-    function = click.option("--static-length", type=int, default=None,
-                            help="Also write decoder_static.onnx (fixed-size cache of this many slots, in-graph "
-                                 "argmax).")(function)
-    return function
+EXPORT_VARIANT_HELP = {
+    "fused": "Also write decoder_fused.onnx (ONNX Runtime's com.microsoft MultiHeadAttention); with --static-length "
+             "also decoder_static_mha.onnx and decoder_static_fused.onnx (contrib ops, fused norms).",
+    "static": "Also write decoder_static.onnx (fixed-size cache of this many slots, in-graph argmax).",
+}
+VERIFY_VARIANT_HELP = {
+    "fused": "Check the export set with the fused-attention graphs (written by export --fused-attention).",
+    "static": "Check the export set with static graphs of this many slots (written by export --static-length).",
+}
+
+
+def variant_options(helps):
+    """--static-length and --fused-attention: which export set export writes and verify checks (helps: their help)."""
+    def decorate(function):
+        function = click.option("--fused-attention", is_flag=True, help=helps["fused"])(function)
+        return click.option("--static-length", type=int, default=None, help=helps["static"])(function)
+    return decorate
 
 
 @click.command("export")
@@ -140,14 +147,14 @@ def variant_options(function):
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17 for LayerNormalization).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder to write (default MODEL_DIR/onnx/DTYPE[-staticL][-fused]; the per-user cache for the "
+              help="Folder to write (default: the model folder's onnx/DTYPE[-staticL][-fused]; the per-user cache for the "
                    "bundled model). An existing folder is replaced only if it is a refformer export.")
 @click.option("--external-data", is_flag=True, default=None,
               help="Keep weights in .data files beside the graphs (automatic above 2 GB).")
-@variant_options
+@variant_options(EXPORT_VARIANT_HELP)
 @one_line_errors
 def export_command(model_dir, dtype, opset, out_dir, external_data, static_length, fused_attention):
-    """Export MODEL_DIR to ONNX graphs (encoder.onnx, decoder.onnx, manifest.json)."""
+    """Export --model (default: the bundled model) to ONNX graphs (encoder.onnx, decoder.onnx, manifest.json)."""
     from refformer.export.export import default_export_dir, export_model
 
     model_dir = resolve_model(model_dir)
@@ -166,10 +173,10 @@ def export_command(model_dir, dtype, opset, out_dir, external_data, static_lengt
 @click.command("verify")
 @model_option
 @click.option("--onnx-dir", type=click.Path(file_okay=False), default=None,
-              help="Export folder (default: the export set of MODEL_DIR named by --dtype, --static-length and "
+              help="Export folder (default: the export set of --model named by --dtype, --static-length and "
                    "--fused-attention; without them fp32, or the only one there is).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="Which export set (default fp32).")
-@variant_options
+@variant_options(VERIFY_VARIANT_HELP)
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CPU, plus CUDA when it can be loaded.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs (an integer >= 0).")

@@ -328,7 +328,7 @@ class RecordWriter:
 @click.command("generate")
 @click.argument("texts", nargs=-1)
 @model_option
-@click.option("--input", "input_path", type=str, default=None, help="File of inputs, one per line or JSONL; - for stdin.")
+@click.option("--input", "input_path", type=str, default=None, metavar="FILE", help="File of inputs, one per line or JSONL; - for stdin.")
 @click.option("--output", "output_path", type=click.Path(), default=None,
               help="Write JSON lines here (as each batch finishes); - for stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file (at the end of the run).")
@@ -338,8 +338,9 @@ class RecordWriter:
               help="Graph precision (exported on first use).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (capped to the CPU count).")
 @click.option("--variant", type=click.Choice(["auto", "reference", "fused", "static", "static_mha", "static_fused"]),
-              default="auto", show_default=True, help="Decoder graph: auto = static_fused in fp16 and static_mha in fp32 "
-              "on CUDA (replayed as CUDA graphs), reference on the CPU.")
+              default="auto", show_default=True, help="Decoder graph. auto: on CUDA static_fused (fp16), then static_mha, "
+              "then static, each replayed as CUDA graphs, moving on with a notice when one fails a probe; the reference "
+              "graph on the CPU.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Inputs per batch with --input.")
 @click.option("--truncate", is_flag=True, help="Cut inputs longer than the model's positions (with a warning).")
 @option_flags
