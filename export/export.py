@@ -48,10 +48,25 @@ def export_name(dtype="fp32", static_length=None, fused_attention=False):
     return dtype + ("" if static_length is None else f"-static{static_length}") + ("-fused" if fused_attention else "")
 
 
+def is_folder(path):
+    """Path.is_dir that says False, not PermissionError, for a path under a folder this user cannot enter."""
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False
+
+
 def cache_root():
-    """The per-user cache of exports: $XDG_CACHE_HOME/refformer, or ~/.cache/refformer."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "refformer"
+    """The per-user cache of exports: $XDG_CACHE_HOME/refformer, or ~/.cache/refformer. A relative XDG_CACHE_HOME is
+    ignored, as the XDG base directory specification says (it named a folder under whatever the current folder was).
+    Without a home folder (HOME unset, no entry in the password file) the cache is <temporary folder>/refformer-UID."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(base):
+        return Path(base) / "refformer"
+    home = os.path.expanduser("~")
+    if os.path.isabs(home):
+        return Path(home) / ".cache" / "refformer"
+    return Path(tempfile.gettempdir()) / f"refformer-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def model_hashes(model_dir):
@@ -169,6 +184,14 @@ def check_out_dir(model_dir, out_dir, what=None):
     if packaged(target):
         raise RefformerError(f"{what} is inside refformer's own package folder (where the bundled model lives): "
                              "exports never go there; pick another folder")
+    try:
+        os.lstat(out)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as error:  # e.g. a cache under a home folder this user cannot enter
+        raise RefformerError(f"{what} cannot be looked at ({error.strerror}): " + (
+            "pick a folder you can write" if what.startswith("--out") else
+            "pass `refformer export` a writable --out DIR, or set XDG_CACHE_HOME to a writable folder")) from None
     if out.is_symlink():
         raise RefformerError(f"{what} is a symbolic link; " + ("pass the folder it points to" if what.startswith("--out")
                              else "remove the link (or pass the folder it points to as `refformer export --out`)"))
@@ -302,7 +325,9 @@ def io_spec(model):
 
 
 def versions():
-    import onnxruntime
+    from .verify import import_onnxruntime
+
+    onnxruntime = import_onnxruntime()
     from importlib.metadata import version
 
     return {"refformer": version("refformer"), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
@@ -356,7 +381,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     out_dir = Path(out_dir)
     own_places = export_locations(model_dir, export_name(dtype, static_length, fused_attention))
     own_place = out_dir in own_places
-    if not out_dir.parent.is_dir() and not own_place:  # the default places' folders are made as needed
+    if not own_place and not is_folder(out_dir.parent):  # the default places' folders are made as needed
         raise RefformerError(f"--out {out_dir}: folder {out_dir.parent} does not exist; create it first")
     check_out_dir(model_dir, out_dir, f"the export folder {out_dir}" if own_place else None)
     cfg, params = load(model_dir)
@@ -366,7 +391,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     static_mha = static_length is not None and fused_attention
     static_fused = static_mha and cfg.head_dim % 8 == 0  # GroupQueryAttention's kernels need it
     parent = out_dir.parent
-    if parent.exists() and not parent.is_dir():
+    if os.path.lexists(parent) and not is_folder(parent):
         raise RefformerError(f"{parent} is a file, where the exports' folder belongs: remove it")
     remove_legacy_leftovers(model_dir)
     try:
@@ -419,9 +444,9 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
                 rows = export_checks(cfg, params, tmp, dtype, variants)
             except RefformerError as error:
                 if opset > 17 and str(error).startswith("ONNX Runtime cannot load"):  # e.g. opset 27 on ORT 1.31
-                    import onnxruntime
+                    from .verify import import_onnxruntime
 
-                    raise RefformerError(f"ONNX Runtime {onnxruntime.__version__} cannot load opset {opset} graphs; "
+                    raise RefformerError(f"ONNX Runtime {import_onnxruntime().__version__} cannot load opset {opset} graphs; "
                                          "pass a lower --opset (17 loads everywhere); nothing was written") from None
                 raise
             worst = max(row["error"] for row in rows)

@@ -38,7 +38,7 @@ REAL_SENTENCES = {
 
 def session(path, provider="CPUExecutionProvider", threads=None, provider_options=None):
     """An onnxruntime.InferenceSession for one provider; a corrupt or missing graph is a RefformerError."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     path = Path(path)
     if not path.is_file():
@@ -59,11 +59,38 @@ def session(path, provider="CPUExecutionProvider", threads=None, provider_option
     return sess
 
 
+def import_onnxruntime():
+    """The onnxruntime module. Its first import runs with file descriptor 2 pointed at /dev/null: ONNX Runtime 1.31
+    prints a colored telemetry warning there on import when it cannot write under XDG_CACHE_HOME or ~/.cache (a
+    file, a read-only or foreign folder), a line no refformer command should print. Import errors still raise."""
+    if "onnxruntime" in sys.modules:
+        return sys.modules["onnxruntime"]
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all
+        import onnxruntime
+
+        return onnxruntime
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import onnxruntime
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return onnxruntime
+
+
 @functools.cache
 def cuda_usable():
     """True when onnxruntime's CUDA execution provider can actually be loaded here (probed once per process, silently:
     ONNX Runtime's loader messages go nowhere)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False

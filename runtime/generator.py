@@ -91,9 +91,11 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
 
     candidates = [local, cached]
     for parent in (local.parent, cached.parent):  # other sets of this dtype that hold the graphs too
-        if parent.is_dir():
+        try:  # a folder this user cannot read (another user's cache) holds no candidates
             candidates += sorted(folder for folder in parent.iterdir()
                                  if folder.name.startswith(f"{dtype}-") and folder.name != name)
+        except OSError:
+            pass
     for candidate in candidates:
         if fresh(candidate):
             return candidate

@@ -87,7 +87,9 @@ class OrtStepper:
     def __init__(self, cfg, onnx_dir, dtype, provider="CPUExecutionProvider", threads=None, decoder_file="decoder.onnx",
                  provider_options=None):
         """decoder_file: decoder.onnx (the reference graph) or decoder_fused.onnx (same inputs and outputs)."""
-        import onnxruntime as ort
+        from refformer.export.verify import import_onnxruntime
+
+        ort = import_onnxruntime()
 
         self.ort = ort
         self.cfg, self.dtype, self.provider = cfg, dtype, provider

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -752,3 +753,26 @@ def test_an_opset_onnx_runtime_cannot_load_is_named(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]  # no temporary folder left
     else:
         pytest.skip("this ONNX Runtime loads every opset onnx writes")
+
+
+# ---------------------------------------------------------------------------- the per-user cache's environment
+
+
+def test_a_relative_or_unusable_cache_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG specification: relative paths are ignored
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert export_module.cache_root() == tmp_path / "home" / ".cache" / "refformer"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", "")  # no home folder: a folder of this user's in the temporary folder, never cwd-relative
+    assert export_module.cache_root().is_absolute()
+
+
+def test_onnxruntime_prints_nothing_when_the_cache_variable_is_a_file(tmp_path):
+    """ONNX Runtime 1.31 prints a colored telemetry warning on import when it cannot write under XDG_CACHE_HOME."""
+    make_model(tmp_path / "m")
+    (tmp_path / "file").write_text("")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "file")}
+    code = "from refformer.runtime.cli import main; main()"
+    result = subprocess.run([sys.executable, "-c", code, "export", "--model", str(tmp_path / "m")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
