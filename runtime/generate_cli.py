@@ -237,10 +237,20 @@ def stale_temporaries(path):
             and not entry.is_symlink() and int(match[1]) != os.getpid() and not process_alive(int(match[1]))]
 
 
+CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 control characters but tab and newline
+
+
+def printable(text):
+    """text with its control characters but tab and newline (an escape sequence a byte-level tokenizer can produce,
+    which a terminal would obey and click would strip from a pipe only) as spaces: plain output only."""
+    return CONTROLS.sub(" ", text)
+
+
 def one_line(text):
     """text with its line breaks (all that str.splitlines splits at: \\n, \\r, \\x0b, \\x0c, \\x1c-\\x1e, \\x85,
-    U+2028, U+2029) as spaces, so that plain output keeps one line per input (--json keeps the text as it is)."""
-    return " ".join(text.splitlines()) if text else text
+    U+2028, U+2029) and other control characters as spaces, so that plain output keeps one line per input, the same
+    on a terminal and in a pipe (--json and --output keep the text as it is)."""
+    return printable(" ".join(text.splitlines())) if text else text
 
 
 @contextlib.contextmanager
@@ -257,6 +267,11 @@ def interrupts_deferred():
         signal.signal(signal.SIGINT, previous)
     if received:
         raise KeyboardInterrupt
+
+
+# JSON allows these raw inside strings, but str.splitlines (and JavaScript before ES2019) breaks a record there:
+# written as escapes, each record stays one line for every line splitter (json.dumps escapes the others below U+0020)
+JSON_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 class RecordWriter:
@@ -290,7 +305,7 @@ class RecordWriter:
                 line.encode("utf-8")
             except UnicodeEncodeError:  # a JSONL "id" with a lone surrogate ("\ud800"): kept as its escape
                 line = json.dumps(record)
-            return line
+            return line.translate(JSON_LINE_BREAKS)
         if "error" in record:
             return f"error: {one_line(record['error'])}"
         output = record["output"]
@@ -429,7 +444,7 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
 
     if len(texts) == 1 and output_path is None and not as_json and generation.num_return_sequences == 1:
         for piece in generator.stream(texts[0], **vars(generation)):
-            click.echo(piece, nl=False)
+            click.echo(printable(piece), nl=False)
             sys.stdout.flush()
         click.echo()
         return

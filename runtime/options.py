@@ -53,6 +53,17 @@ class Group(click.Group):
         except click.Abort:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # `refformer --help | head -1`
+            from refformer.runtime.errors import quiet_stdout
+
+            quiet_stdout()
+            sys.exit(1)
+        except OSError as error:  # --help or --version into a full disk (> /dev/full)
+            click.echo(f"error: {error.strerror or error}: cannot write the output", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
         try:
             if sys.stdout is not None:
                 sys.stdout.flush()  # here, not at exit, where a closed pipe prints a message of Python's own

@@ -362,3 +362,27 @@ def test_special_ids_that_contradict_the_tokenizer_are_refused(tmp_path, tokeniz
     result = invoke("--model", str(tmp_path / "m"), "--provider", "cpu", "Hallo.", "Welt.")
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [f"error: {tmp_path / 'm'}/tokenizer.json {message}"]
+
+
+def test_control_characters_in_outputs_are_spaces_in_plain_lines_and_kept_in_json(model_dir, tmp_path, monkeypatch):
+    from refformer.runtime.generator import Generator
+
+    nasty = 'a\x1b[31mb\x01"q"\\ \U0001F600 \u202e\x85c'
+    monkeypatch.setattr(Generator, "decode", lambda self, ids: nasty)
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "Welt.")  # click strips ESC[..m only in pipes
+    assert result.exit_code == 0 and result.stdout.splitlines() == ['a [31mb "q"\\ \U0001F600 \u202e c'] * 2
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.")  # one text, streamed
+    assert result.exit_code == 0 and result.stdout == 'a [31mb "q"\\ \U0001F600 \u202e c\n'
+    out = tmp_path / "out.jsonl"
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "--json", "--output", str(out))
+    assert result.exit_code == 0 and jsonl(out)[0]["output"] == nasty  # jsonl splits with str.splitlines
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "--json")
+    assert [json.loads(line)["output"] for line in result.stdout.splitlines()] == [nasty]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["generate", "--help"]])
+def test_help_and_version_into_a_full_disk_are_one_line(args):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(REFFORMER + args, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.splitlines() == ["error: No space left on device: cannot write "
+                                                                      "the output"], result.stderr
