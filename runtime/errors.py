@@ -1,6 +1,9 @@
 """The runtime raises the same exception type as refimpl; its commands print it as one line."""
 
+import errno
 import functools
+import os
+import re
 import sys
 
 import click
@@ -18,18 +21,38 @@ def one_line_errors(command):
         try:
             return command(*args, **kwargs)
         except RefformerError as error:
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {shorten(str(error))}", err=True)
             sys.exit(1)
         except BrokenPipeError:  # stdout's reader went away (`refformer generate --input f | head -1`): no message
             quiet_stdout()
             sys.exit(1)
         except OSError as error:
-            click.echo(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
+            click.echo(f"error: {shorten(os_error_message(error))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
     return wrapper
+
+
+LONG_WORD = re.compile(r"\S{161,}")
+
+
+def shorten(message):
+    """message with each word (a path, a value) over 160 characters cut to its first and last 70: a 5000-character
+    path is not echoed whole (as usage errors do it, runtime/options.py)."""
+    return LONG_WORD.sub(lambda match: f"{match[0][:70]}...{match[0][-70:]}", " ".join(message.split()))
+
+
+def os_error_message(error):
+    """One line for an OSError: its reason and file; a relative path's ENOENT in a current folder that was deleted
+    says so (os.getcwd fails: 'No such file or directory' with no file name was all there was)."""
+    if error.filename is None and error.errno == errno.ENOENT:
+        try:
+            os.getcwd()
+        except OSError:
+            return "the current folder no longer exists: cd to an existing folder, or pass absolute paths"
+    return f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")
 
 
 def quiet_stdout():

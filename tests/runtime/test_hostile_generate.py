@@ -386,3 +386,19 @@ def test_help_and_version_into_a_full_disk_are_one_line(args):
         result = subprocess.run(REFFORMER + args, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.splitlines() == ["error: No space left on device: cannot write "
                                                                       "the output"], result.stderr
+
+
+def test_a_deleted_current_folder_is_named(model_dir, tmp_path):
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    script = f"cd {folder} && rmdir {folder} && exec \"$@\""
+    result = subprocess.run(["sh", "-c", script, "sh", *REFFORMER, "generate", "--model", model_dir, "Hallo.",
+                             "--output", "out.jsonl"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        "error: the current folder no longer exists: cd to an existing folder, or pass absolute paths"]
+
+
+def test_a_path_of_5000_characters_is_not_echoed_whole(model_dir, tmp_path):
+    result = invoke("--model", model_dir, "Hallo.", "--output", str(tmp_path / ("a" * 5000)))
+    assert result.exit_code == 1 and len(result.stderr) < 300 and result.stderr.count("\n") == 1, result.stderr
