@@ -219,16 +219,28 @@ def process_alive(pid):
     return True
 
 
-def read_json(path, when_missing):
+JSON_MAX_BYTES = 16 * 2**20  # config.json and manifest.json are a few kB; a 2 GB one took 4 GB of memory to refuse
+
+
+def read_json(path, when_missing, max_bytes=JSON_MAX_BYTES):
     """The JSON value in path (a UTF-8 byte-order mark at its start is skipped); RefformerError "{path} is missing:
-    {when_missing}" or "... is not valid JSON"."""
+    {when_missing}", "... is not valid JSON" (also for nesting too deep for Python's parser and integers of over 4300
+    digits) or "... is larger than ..." for a file over max_bytes (refused before it is read)."""
     path = Path(path)
     if not path.is_file():
         raise RefformerError(f"{path} is missing: {when_missing}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise RefformerError(f"{path} is {size / 2**20:.0f} MiB, larger than the {max_bytes // 2**20} MiB such a file "
+                             "can be: not a refformer file")
     try:
         return json.loads(read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RefformerError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise RefformerError(f"{path} is not valid JSON: nested too deeply") from None
+    except ValueError as error:  # an integer of over 4300 digits
+        raise RefformerError(f"{path} is not valid JSON: {str(error).split(';')[0]}") from None
 
 
 def load_config(model_dir):

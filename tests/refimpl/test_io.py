@@ -352,3 +352,21 @@ def test_config_and_tokenizer_with_a_byte_order_mark_load(tmp_path):
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert load_config(tmp_path / "m") == cfg
     assert load_tokenizer(tmp_path / "m").get_vocab_size() == cfg.vocab_size
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ('{"vocab_size": ' + "9" * 5000 + "}", "4300 digits"),
+])
+def test_a_config_json_python_cannot_parse_is_one_error(tmp_path, content, message):
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(RefformerError, match=message):
+        load_config(tmp_path)
+
+
+def test_a_huge_config_json_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "config.json"
+    with open(path, "wb") as f:
+        f.truncate(2**31)  # sparse: 2 GiB of zeros, read whole before (4 GB of memory)
+    with pytest.raises(RefformerError, match="2048 MiB, larger than"):
+        load_config(tmp_path)
