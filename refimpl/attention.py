@@ -32,7 +32,7 @@ def causal_mask(n_queries, n_keys=None, past=0):
     Raises RefformerError for negative or non-integer sizes, or a mask too large for memory.
     """
     check_number("n_queries", n_queries, 0, integer=True)
-    check_number("past", past, 0, integer=True)
+    check_number("past", past, 0, np.iinfo(np.int64).max // 2, integer=True)  # positions are int64
     n_keys = past + n_queries if n_keys is None else check_number("n_keys", n_keys, 0, integer=True)
     from .config import physical_memory_bytes
 
@@ -55,7 +55,10 @@ def check_keep_mask(name, mask, shape=None, ndim=None):
     A floating mask is refused: an additive mask (0 attend, -inf masked) would read inverted.
     """
     if isinstance(mask, (list, tuple)):
-        mask = np.asarray(mask)
+        try:
+            mask = np.asarray(mask)
+        except ValueError:  # rows of different lengths
+            raise RefformerError(f"{name} must be a rectangular array of booleans or 0/1 integers") from None
     if not isinstance(mask, np.ndarray):
         raise RefformerError(f"{name} must be a numpy array of booleans or 0/1 integers, got {type(mask).__name__}")
     if mask.dtype.kind == "f":
@@ -81,11 +84,12 @@ def check_mask(name, mask, scores_shape):
     if not isinstance(mask, np.ndarray) or mask.dtype.kind not in "bf":
         raise RefformerError(f"{name} must be a boolean (True = attend) or floating (additive: 0 attend, -inf "
                              f"masked) numpy array, got {getattr(mask, 'dtype', type(mask).__name__)}")
-    check(mask.dtype.kind == "b" or not np.any(np.isnan(mask) | (mask == np.inf)),
-          f"{name} is an additive mask and must not hold NaN or +inf (0 = attend, -inf = masked)")
     ok = mask.ndim <= 4 and all(m in (1, s) for m, s in zip(mask.shape[::-1], scores_shape[::-1]))
     check(ok, f"{name} has shape {list(mask.shape)}, which does not broadcast to the scores' "
               f"[B, H, T, S] = {list(scores_shape)}")
+    # after the shape check: a mask is then no larger than the scores, so this test fits in memory too
+    check(mask.dtype.kind == "b" or not np.any(np.isnan(mask) | (mask == np.inf)),
+          f"{name} is an additive mask and must not hold NaN or +inf (0 = attend, -inf = masked)")
 
 
 # ---------------------------------------------------------------------------- attention

@@ -1,6 +1,7 @@
 """The one exception type users see, and the small argument checks that raise it."""
 
 import contextlib
+import math
 
 import numpy as np
 
@@ -22,6 +23,12 @@ def check_array(name, x, ndim=None, shape=None, kind=None, dtype=None):
     """
     if not isinstance(x, np.ndarray):
         raise RefformerError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.nbytes > 1 << 30:  # a broadcast view (np.broadcast_to) can be far larger than the memory it uses
+        from .config import physical_memory_bytes
+
+        check(x.nbytes <= physical_memory_bytes(), f"{name} of shape {list(x.shape)} is larger than this machine's "
+                                                   f"memory ({x.nbytes / 2 ** 30:,.0f} GiB): results of its size "
+                                                   f"cannot be made")
     if ndim is not None and x.ndim != ndim:
         raise RefformerError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
     if shape is not None:
@@ -44,7 +51,7 @@ def check_number(name, value, low=None, high=None, *, low_open=False, high_open=
 
     kind = numbers.Integral if integer else numbers.Real
     word = "an integer" if integer else "a finite number"
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind) or not np.isfinite(value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind) or not _finite(value, integer):
         raise RefformerError(f"{name} must be {word}, got {value!r}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
@@ -55,6 +62,15 @@ def check_number(name, value, low=None, high=None, *, low_open=False, high_open=
             f"{'>' if low_open else '>='} {low}" if low is not None else f"{'<' if high_open else '<='} {high}")
         raise RefformerError(f"{name} must be {where}, got {value!r}")
     return value
+
+
+def _finite(value, integer):
+    """math.isfinite for any real number; an integer too large for a float (10**400) is finite as an integer,
+    and not where a float is wanted (it would overflow)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return integer
 
 
 def check_rng(name, rng, allow_none=True):

@@ -10,6 +10,9 @@ def rel_error(a, b):
 
     Raises RefformerError when a and b are not numeric or differ in shape.
     """
+    for name, value in (("a", a), ("b", b)):  # a broadcast view larger than memory: float64 copies cannot fit
+        if isinstance(value, np.ndarray):
+            check_array(name, np.broadcast_to(np.zeros((), np.float64), value.shape))
     try:
         a = np.asarray(a, dtype=np.float64)
         b = np.asarray(b, dtype=np.float64)

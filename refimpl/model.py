@@ -474,8 +474,9 @@ def empty_cache(cfg, batch_size, dtype=np.float32):
     Raises RefformerError for a negative batch_size or a dtype other than float32/float64.
     """
     check_config(cfg)
-    check(isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool) and batch_size >= 0,
-          f"batch_size must be an integer >= 0, got {batch_size!r}")
+    check(isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool)
+          and 0 <= batch_size <= np.iinfo(np.intp).max, f"batch_size must be an integer >= 0 (and below 2**63), "
+                                                       f"got {batch_size!r}")
     check(dtype in (np.float32, np.float64, np.dtype(np.float32), np.dtype(np.float64)),
           f"dtype must be float32 or float64, got {dtype!r}")
     shape = (batch_size, cfg.n_heads, 0, cfg.head_dim)

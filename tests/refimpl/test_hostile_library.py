@@ -1,0 +1,52 @@
+"""Arguments a hostile caller passes to the NumPy library that once escaped as MemoryError, OverflowError,
+ValueError or TypeError (or ran for minutes): each now raises RefformerError at once."""
+
+import time
+
+import numpy as np
+import pytest
+
+from refformer.refimpl import (Config, attention_forward, causal_mask, cross_entropy_backward, cross_entropy_forward,
+                               empty_cache, encode, init_params, log_softmax_forward, model_forward, rel_error,
+                               softmax_forward)
+from refformer.refimpl.errors import RefformerError
+
+CFG = Config(vocab_size=20, d_model=8, n_heads=2, d_ff=16, n_encoder_layers=1, n_decoder_layers=1, max_positions=16)
+HUGE = np.broadcast_to(np.zeros(1, np.float32), (10 ** 6, 10 ** 6))  # 4 TB seen, 4 bytes used
+
+
+def test_views_larger_than_memory_are_refused_before_any_work():
+    """softmax of a broadcast 10^6 x 10^6 view read 4 TB for 400 s, then raised MemoryError."""
+    start = time.perf_counter()
+    for call in (lambda: softmax_forward(HUGE), lambda: log_softmax_forward(HUGE),
+                 lambda: rel_error(HUGE, HUGE), lambda: rel_error(np.ones(3), np.ones(3) + HUGE[0, :3])):
+        try:
+            call()
+        except RefformerError as error:
+            assert "larger than this machine's memory" in str(error) or "shapes differ" in str(error)
+    q = np.zeros((1, 1, 2, 4))
+    with pytest.raises(RefformerError, match="does not broadcast"):  # the shape is checked before NaN is sought
+        attention_forward(q, q, q, HUGE)
+    assert time.perf_counter() - start < 5
+
+
+def test_sizes_beyond_int64_are_refused():
+    with pytest.raises(RefformerError, match="past must be"):
+        causal_mask(3, 5, past=10 ** 20)  # was OverflowError: Python int too large to convert to C long
+    with pytest.raises(RefformerError, match="batch_size"):
+        empty_cache(CFG, 10 ** 20)  # was ValueError: Maximum allowed dimension exceeded
+
+
+def test_numbers_too_large_for_a_float_and_ragged_masks():
+    params = init_params(CFG, np.random.default_rng(0))
+    src, tgt = np.array([[4, 5, 2]]), np.array([[1, 4]])
+    logits, _ = model_forward(CFG, params, src, tgt)
+    with pytest.raises(RefformerError, match="label_smoothing"):
+        cross_entropy_forward(logits, tgt, label_smoothing=10 ** 400)  # was TypeError from np.isfinite
+    _, cache = cross_entropy_forward(logits, tgt)
+    with pytest.raises(RefformerError, match="dloss"):
+        cross_entropy_backward(cache, 10 ** 400)
+    with pytest.raises(RefformerError, match="rectangular"):  # was ValueError: inhomogeneous shape
+        encode(CFG, params, np.array([[4, 5], [6, 2]]), [[1, 1], [1]])
+    with pytest.raises(RefformerError, match="rectangular"):
+        model_forward(CFG, params, np.array([[4, 5], [6, 2]]), np.array([[1, 4], [1, 5]]), src_mask=[[1], [1, 1]])
