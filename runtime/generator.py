@@ -260,8 +260,8 @@ class Generator:
     def encode_rows(self, texts, names=None):
         """Texts -> token rows, each checked: an empty text is an error, and so is one of more than max_positions - 1
         tokens, unless truncate is set (then it is cut, with a warning). names: how messages call each text
-        (default "input 1", "input 2", ...). Raises RefformerError for a text that is not a str, or is empty or too
-        long."""
+        (default "input 1", "input 2", ...). Raises RefformerError for a text that is not a str, or is empty, gives no
+        tokens or is too long."""
         cfg = self.cfg
         texts = self.text_list(texts)
         if names is None:
@@ -277,9 +277,16 @@ class Generator:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 raise RefformerError(f"{name} is not valid Unicode (it has a lone surrogate)") from None
-        rows = tok.encode(self.tokenizer, texts)
+        try:
+            rows = tok.encode(self.tokenizer, texts)
+        except RefformerError as error:  # the tokenizer panicked: name the text when there is one
+            if len(names) == 1:
+                raise RefformerError(f"{names[0]}: {error}") from None
+            raise
         limit = cfg.max_positions - 1  # room for eos (source) or bos (prompt) and at least one new token
         for number, (name, row) in enumerate(zip(names, rows)):
+            if not row:  # a tokenizer.json whose normalizer deletes the text: the model would see only eos
+                raise RefformerError(f"{name} gives no tokens: the tokenizer's normalizer removes all of it")
             if len(row) > limit:
                 if not self.truncate:
                     raise RefformerError(f"{name} has {len(row)} tokens, more than the model's {limit}; "

@@ -12,6 +12,9 @@ A tokenizer.json's own `padding` and `truncation` sections (common in Hugging Fa
 load and in encode(): the model sees exactly the tokens of the text (long inputs are the caller's to cut).
 """
 
+import contextlib
+import os
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -98,7 +101,8 @@ def without_padding_or_truncation(tokenizer):
 
 def encode(tokenizer, texts):
     """Token ids of each text, without special tokens, padding or truncation; text that looks like a special token
-    stays text. Raises RefformerError for a text that is not a str or not valid Unicode."""
+    stays text. Raises RefformerError for a text that is not a str or not valid Unicode, and for a tokenizer that
+    panics (a crafted normalizer; the library's panic message is not printed)."""
     tokenizer.encode_special_tokens = True  # not stored in tokenizer.json, so set on every call
     without_padding_or_truncation(tokenizer)
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
@@ -110,7 +114,39 @@ def encode(tokenizer, texts):
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise RefformerError(f"text {number} is not valid Unicode (it has a lone surrogate)") from None
-    return [encoding.ids for encoding in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+    try:
+        with native_stderr_silenced():  # a panic's message and backtrace (RUST_BACKTRACE) go nowhere
+            encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    except BaseException as error:  # pyo3's PanicException is a BaseException
+        if type(error).__name__ != "PanicException":
+            raise
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else "a panic"
+        raise RefformerError(f"the tokenizer failed inside the tokenizers library ({reason}): its tokenizer.json's "
+                             "normalizer or pre-tokenizer is broken; use one from `refformer tokenizer train`") from None
+    return [encoding.ids for encoding in encodings]
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 pointed at /dev/null for the block: Rust's panic hook prints its message (and with
+    RUST_BACKTRACE, a backtrace of a hundred lines) there before the panic reaches Python as an exception."""
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def decode(tokenizer, ids):

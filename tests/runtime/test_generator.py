@@ -313,3 +313,23 @@ def test_every_public_method_refuses_junk_with_a_refformer_error(runtime):
     for variant in (None, "auto", "fast", ["reference"]):
         with pytest.raises(RefformerError, match="variant must be one of"):
             generator.make_stepper(variant, None, False)
+
+
+@pytest.mark.parametrize("normalizer, message", [
+    ({"type": "Replace", "pattern": {"Regex": "[\\s\\S]"}, "content": ""}, "input 1 gives no tokens"),
+    ({"type": "Replace", "pattern": {"Regex": "(?:)"}, "content": "abcdefghij" * 100},  # tokenizers 0.22 panics
+     "input 1: the tokenizer failed inside the tokenizers library"),
+])
+def test_a_crafted_normalizer_is_one_error_and_prints_nothing(tmp_path, tokenizer_file, normalizer, message, capfd):
+    import json
+
+    data = json.loads(tokenizer_file.read_text())
+    data["normalizer"] = normalizer
+    crafted = tmp_path / "tokenizer.json"
+    crafted.write_text(json.dumps(data))
+    make_model(tmp_path / "m", crafted, "encoder-decoder")
+    generator = gen_module.Generator(tmp_path / "m", provider="cpu")
+    capfd.readouterr()
+    with pytest.raises(RefformerError, match=message):
+        generator.generate("Hallo Welt")
+    assert capfd.readouterr().err == ""  # no panic message, no RUST_BACKTRACE backtrace
