@@ -178,7 +178,10 @@ def check_out_dir(model_dir, out_dir, what=None):
     folder in messages (default "--out DIR"; "the export folder DIR" for a default place). Raises RefformerError."""
     out, model = Path(out_dir), Path(model_dir).resolve()
     what = what or f"--out {out}"
-    target = out.resolve()
+    try:
+        target = out.resolve()
+    except (RuntimeError, OSError):  # Python 3.11's resolve raises RuntimeError for a loop of symbolic links
+        raise RefformerError(f"{what} is (or lies under) a loop of symbolic links; remove the link") from None
     if target == model or target in model.parents:
         raise RefformerError(f"{what} is the model folder or holds it; pick a folder outside {model_dir}")
     if packaged(target):

@@ -276,8 +276,12 @@ def load(model_dir, dtype=np.float32):
     if not path.is_file():
         raise RefformerError(f"{path} is missing")
     try:
+        import ml_dtypes  # noqa: F401  (onnx's dependency: registers bfloat16 with NumPy, so BF16 tensors load)
+    except ImportError:
+        pass
+    try:
         flat = load_file(path)
-    except (SafetensorError, OSError, ValueError) as error:
+    except (SafetensorError, OSError, ValueError, TypeError) as error:  # TypeError: a dtype NumPy does not know
         raise RefformerError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
     params = unflatten_checked(cfg, flat, str(path))
     return cfg, tree_cast(params, dtype)
@@ -298,6 +302,8 @@ def unflatten_checked(cfg, flat, source):
     for name, shape in shapes.items():
         if tuple(flat[name].shape) != shape:
             raise RefformerError(f"{source}: {name} has shape {list(flat[name].shape)}, the config needs {list(shape)}")
+        if flat[name].dtype.name == "bfloat16":  # as many checkpoints are saved; float32 holds it exactly
+            flat[name] = flat[name].astype(np.float32)
         if flat[name].dtype.kind != "f":
             raise RefformerError(f"{source}: {name} has dtype {flat[name].dtype}, expected floating point")
     return unflatten(flat, param_shapes(cfg))

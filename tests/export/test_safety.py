@@ -776,3 +776,10 @@ def test_onnxruntime_prints_nothing_when_the_cache_variable_is_a_file(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, "export", "--model", str(tmp_path / "m")], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_a_symbolic_link_loop_where_the_export_goes_is_one_line(tmp_path):
+    make_model(tmp_path / "m")
+    os.symlink("onnx", tmp_path / "m" / "onnx")  # onnx -> onnx
+    result = invoke("export", "--model", str(tmp_path / "m"))
+    one_line_error(result, "loop of symbolic links; remove the link")

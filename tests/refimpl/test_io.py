@@ -370,3 +370,16 @@ def test_a_huge_config_json_is_refused_before_it_is_read(tmp_path):
         f.truncate(2**31)  # sparse: 2 GiB of zeros, read whole before (4 GB of memory)
     with pytest.raises(RefformerError, match="2048 MiB, larger than"):
         load_config(tmp_path)
+
+
+def test_bfloat16_weights_load_as_float32(tmp_path):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    cfg = CONFIGS["encoder-decoder"]
+    params = random_params32(cfg)
+    save(tmp_path, cfg, params)
+    flat = {name: value.astype(ml_dtypes.bfloat16) for name, value in flatten(params).items()}
+    save_file(flat, str(tmp_path / "model.safetensors"))
+    _, got = load(tmp_path)
+    for name, value in flatten(got).items():
+        assert value.dtype == np.float32
+        np.testing.assert_array_equal(value, flat[name].astype(np.float32))  # exact: bfloat16 is float32's top half
