@@ -127,7 +127,8 @@ def pad_rows(rows, pad_id):
     Raises RefformerError for no rows or a row that is not a sequence of integer ids.
     """
     check(isinstance(rows, (list, tuple)) and len(rows) > 0, "pad_rows needs at least one row of ids")
-    check(_is_integer(pad_id), f"pad_id must be an integer, got {pad_id!r}")
+    check(_is_integer(pad_id) and abs(pad_id) <= np.iinfo(np.int64).max, f"pad_id must be an integer id, got "
+                                                                         f"{pad_id!r}")
     for number, row in enumerate(rows):
         if not isinstance(row, (list, tuple, np.ndarray)):
             raise RefformerError(f"row {number} must be a list of integer ids, got {str(row)[:60]}")
@@ -148,7 +149,8 @@ def collate(examples, *, pad_id):
     """
     check_examples(examples)
     check(len(examples) > 0, "collate needs at least one example")
-    check(_is_integer(pad_id), f"pad_id must be an integer, got {pad_id!r}")
+    check(_is_integer(pad_id) and abs(pad_id) <= np.iinfo(np.int64).max, f"pad_id must be an integer id, got "
+                                                                         f"{pad_id!r}")
     return _collate(examples, pad_id)
 
 
@@ -196,6 +198,9 @@ def make_batches(examples, *, max_tokens, pad_id, seed=0, shuffle_ties=True):
     """
     check(_is_integer(max_tokens) and max_tokens >= 1, f"max_tokens must be an integer >= 1, got {max_tokens!r}")
     check(_is_integer(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+    check(isinstance(shuffle_ties, (bool, np.bool_)), f"shuffle_ties must be True or False, got {shuffle_ties!r}")
+    check(_is_integer(pad_id) and abs(pad_id) <= np.iinfo(np.int64).max, f"pad_id must be an integer id, got "
+                                                                         f"{pad_id!r}")
     check_examples(examples)
     if not examples:
         return []
@@ -222,11 +227,15 @@ def epoch_order(n_batches, seed, epoch):
     """The order in which epoch `epoch` visits the batches. RefformerError for negative or non-integer arguments."""
     check(all(_is_integer(v) and v >= 0 for v in (n_batches, seed, epoch)),
           f"n_batches, seed and epoch must be integers >= 0, got {n_batches!r}, {seed!r}, {epoch!r}")
+    check(n_batches <= 2 ** 40, f"n_batches must be at most 2**40 (an order of them must fit in memory), got "
+                                f"{n_batches}")
     return np.random.default_rng(seed + epoch).permutation(n_batches)
 
 
 def batch_stream(batches, seed, position=(0, 0)):
     """Yield (batch, next position) forever, starting at position = (epoch, index into that epoch's order)."""
+    check(isinstance(batches, (list, tuple)) and all(isinstance(batch, Batch) for batch in batches),
+          "batches must be a list of Batch (from make_batches)")
     check(len(batches) > 0, "there are no training batches (is the training data empty?)")
     check(isinstance(position, (list, tuple)) and len(position) == 2 and all(_is_integer(v) and v >= 0
                                                                              for v in position),
@@ -243,7 +252,11 @@ def batch_stream(batches, seed, position=(0, 0)):
 
 
 def fingerprint(batches):
-    """A sha256 of the batches' ids, stored in checkpoints so resuming on different data is caught."""
+    """A sha256 of the batches' ids, stored in checkpoints so resuming on different data is caught.
+
+    Raises RefformerError unless batches is a list of Batch."""
+    check(isinstance(batches, (list, tuple)) and all(isinstance(batch, Batch) for batch in batches),
+          "batches must be a list of Batch (from make_batches)")
     digest = hashlib.sha256()
     for batch in batches:
         for array in (batch.src_ids, batch.tgt_ids, batch.labels):

@@ -212,6 +212,10 @@ def check_output_dir(out_dir, *, resume=False, overwrite=False, inputs=()):
     and for resume without a checkpoint.
     """
     check(isinstance(out_dir, (str, os.PathLike)), f"out_dir must be a path, got {type(out_dir).__name__}")
+    check(isinstance(resume, (bool, np.bool_)) and isinstance(overwrite, (bool, np.bool_)),
+          f"resume and overwrite must be True or False, got {resume!r}, {overwrite!r}")
+    check(isinstance(inputs, (list, tuple)) and all(given is None or isinstance(given, (str, os.PathLike))
+                                                    for given in inputs), "inputs must be a list of paths")
     check(not (resume and overwrite), "pass either --resume (continue the run in --out) or --overwrite "
                                       "(replace it), not both")
     out = Path(out_dir)
@@ -254,7 +258,11 @@ def check_output_dir(out_dir, *, resume=False, overwrite=False, inputs=()):
 
 def estimate_batch_memory(cfg, rows, src_len, tgt_len, *, training=True, bytes_per_value=4):
     """A rough lower bound of the bytes the activations of one batch of rows x src_len / tgt_len tokens need
-    (their gradients too when training), from the sizes alone."""
+    (their gradients too when training), from the sizes alone. Raises RefformerError for a cfg that is not a
+    Config or sizes that are not integers >= 0."""
+    check(isinstance(cfg, Config), f"cfg must be a Config, got {type(cfg).__name__}")
+    check(all(_is_integer(n) and n >= 0 for n in (rows, src_len, tgt_len)),
+          f"rows, src_len and tgt_len must be integers >= 0, got {rows!r}, {src_len!r}, {tgt_len!r}")
     D, F, H, V = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.vocab_size
     source, target = rows * src_len, rows * tgt_len
     values = cfg.n_encoder_layers * source * (14 * D + 3 * F + 3 * H * src_len) if cfg.is_encoder_decoder else 0
@@ -269,6 +277,8 @@ def check_fits(cfg, batches=(), *, training=True):
     Call it with no batches before init_params (the parameters, and when training their gradients, AdamW
     moments and updated copies: config.check_fits_memory), then with the batches made.
     """
+    check(isinstance(batches, (list, tuple)) and all(isinstance(batch, Batch) for batch in batches),
+          "batches must be a list of Batch (from refimpl.batching.make_batches)")
     check_fits_memory(cfg, copies=TRAINING_COPIES if training else 1)
     if not batches:
         return
@@ -309,6 +319,9 @@ def evaluate(cfg, params, examples, *, max_tokens=4096, decode=None, references=
         check(value is None or (_is_integer(value) and value >= 0), f"{name} must be an integer >= 0 or None, "
                                                                    f"got {value!r}")
     check(_is_integer(max_tokens) and max_tokens >= 1, f"max_tokens must be a positive integer, got {max_tokens!r}")
+    check(references is None or (isinstance(references, (list, tuple))
+                                 and all(isinstance(text, str) for text in references)),
+          "references must be a list of texts, one per example")
     try:
         examples = list(examples)[:max_sentences]
     except TypeError:
@@ -492,7 +505,8 @@ def load_checkpoint(out_dir):
             check(complete, f"no checkpoint to resume from: {pointer} names {where.name}, which is missing")
             where = complete[-1]
         state = json.loads((where / STATE_FILE).read_text())
-        check(isinstance(state, dict) and state.get("format") == "refformer-checkpoint" and state.get("format_version") == CHECKPOINT_FORMAT,
+        check(isinstance(state, dict) and state.get("format") == "refformer-checkpoint"
+              and state.get("format_version") == CHECKPOINT_FORMAT,
               f"{where} is not a refformer checkpoint of format {CHECKPOINT_FORMAT}")
         _check_state(state, where / STATE_FILE)
         for file, digest in state["sha256"].items():
@@ -678,6 +692,11 @@ def _check_finite(params, step):
             raise TrainingDiverged(step, f"parameter {name}", "not finite")
 
 
+def _check_path(path):
+    """A file path is a str or os.PathLike: an integer would be taken as an open file descriptor (and closed)."""
+    check(isinstance(path, (str, os.PathLike)), f"path must be a file path, got {type(path).__name__}")
+
+
 def _evaluated(log):
     return sum(row["valid_loss"] is not None for row in log)
 
@@ -686,6 +705,7 @@ def write_log(path, log):
     """train_log.csv: one row per step, empty cells where nothing was measured (written atomically).
 
     Raises RefformerError unless log is a list of dicts (rows of LOG_COLUMNS)."""
+    _check_path(path)
     check(isinstance(log, list) and all(isinstance(row, dict) for row in log), "log must be a list of dict rows")
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -701,6 +721,7 @@ def read_log(path):
     """The rows of a train_log.csv as dicts of floats (None for empty cells).
 
     Raises RefformerError for a file that is missing, unreadable, or holds a cell that is not a number."""
+    _check_path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             return [{k: (None if v == "" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -714,6 +735,7 @@ def plot_log(path, log):
     """loss.png: training and validation loss against step. Returns False when matplotlib is missing.
 
     Raises RefformerError unless log is a list of rows with step, loss and valid_loss."""
+    _check_path(path)
     check(isinstance(log, list) and all(isinstance(row, dict) and {"step", "loss", "valid_loss"} <= set(row)
                                         for row in log), "log must be a list of rows with step, loss and valid_loss")
     try:

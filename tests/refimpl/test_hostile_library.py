@@ -50,3 +50,35 @@ def test_numbers_too_large_for_a_float_and_ragged_masks():
         encode(CFG, params, np.array([[4, 5], [6, 2]]), [[1, 1], [1]])
     with pytest.raises(RefformerError, match="rectangular"):
         model_forward(CFG, params, np.array([[4, 5], [6, 2]]), np.array([[1, 4], [1, 5]]), src_mask=[[1], [1, 1]])
+
+
+def test_training_helpers_refuse_wrong_kinds(tmp_path):
+    """Each was a TypeError, AttributeError, KeyError, ValueError or OverflowError from inside."""
+    import os
+
+    from refformer.refimpl.batching import batch_stream, collate, epoch_order, fingerprint, make_batches
+    from refformer.refimpl.train import (check_fits, check_output_dir, estimate_batch_memory, evaluate, plot_log,
+                                         read_log, write_log)
+
+    examples = [([4, 2], [1, 5], [5, 2])]
+    params = init_params(CFG, np.random.default_rng(0))
+    calls = [lambda: fingerprint(None), lambda: fingerprint([np.zeros(3)]), lambda: batch_stream({0: 1}, 0).__next__(),
+             lambda: collate(examples, pad_id=10 ** 20), lambda: make_batches(examples, max_tokens=9, pad_id=10 ** 20),
+             lambda: make_batches(examples, max_tokens=9, pad_id=0, shuffle_ties=np.zeros(2)),
+             lambda: epoch_order(10 ** 20, 0, 0), lambda: estimate_batch_memory(None, 1, 1, 1),
+             lambda: estimate_batch_memory(CFG, "2", 1, 1), lambda: check_fits(CFG, "x"),
+             lambda: check_output_dir(tmp_path / "o", resume=np.zeros(2)),
+             lambda: check_output_dir(tmp_path / "o", inputs=None),
+             lambda: evaluate(CFG, params, examples, references=1.5), lambda: write_log(None, []),
+             lambda: plot_log(1.5, [])]
+    for n, call in enumerate(calls):
+        with pytest.raises(RefformerError):
+            call()
+    # an integer path was opened as a file descriptor, and closing the file closed it: stdout here
+    stdout = os.dup(1)
+    try:
+        with pytest.raises(RefformerError, match="path must be a file path"):
+            read_log(1)
+        os.fstat(1)  # still open
+    finally:
+        os.close(stdout)
