@@ -88,6 +88,7 @@ def extract_de_en(source=None):
     each sub-entry on "; " into alternatives and pair them (pair_alternatives); keep a pair when both sides are
     sentences (is_sentence). Text is NFC-normalised.
     """
+    check_path("source", source, allow_none=True)
     path = Path(source or DE_EN_SOURCE)
     if not path.is_file():
         raise RefformerError(f"German-English dictionary not found at {path}: install it with {GET_DATA} (as root)")
@@ -267,8 +268,16 @@ def rst_paragraphs(text):
     return paragraphs
 
 
+def check_path(name, value, allow_none=False):
+    """RefformerError unless value is a str or os.PathLike path (or None where allowed): an integer would be
+    opened as a file descriptor."""
+    check((value is None and allow_none) or isinstance(value, (str, os.PathLike)),
+          f"{name} must be a path, got {type(value).__name__}")
+
+
 def find_pydoc_sources(source=None):
     """The .rst.txt files under source (a directory or a glob of directories), each real file once, sorted."""
+    check_path("source", source, allow_none=True)
     pattern = str(source or PYDOC_SOURCE)
     files = {}
     for directory in sorted(glob.glob(pattern)):
@@ -310,6 +319,8 @@ def split_by_hash(items, key, valid=0.01, test=0.01, min_held_out=500):
     small corpus still has a few hundred held-out items. Equal keys always land in the same split.
     Raises RefformerError for fractions outside [0, 1], a negative min_held_out or a key that gives no str.
     """
+    check(isinstance(items, (list, tuple)), f"items must be a list, got {type(items).__name__}")
+    check(callable(key), f"key must be a function item -> text, got {type(key).__name__}")
     for name, value in (("valid", valid), ("test", test)):
         check(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, f"{name} must be a fraction in [0, 1], "
                                                                         f"got {value!r}")
@@ -330,6 +341,8 @@ def write_lines(path, lines):
     """Write one item per line (UTF-8, "\\n"), atomically. Items must be non-empty and contain no line break.
 
     Raises RefformerError naming the first item that is not such a str."""
+    check_path("path", path)
+    check(isinstance(lines, (list, tuple)), f"lines must be a list of str, got {type(lines).__name__}")
     lines = list(lines)
     for number, line in enumerate(lines, 1):
         check(isinstance(line, str), f"{path}: item {number} must be a str, got {type(line).__name__}")
@@ -343,6 +356,8 @@ def write_tsv(path, pairs):
     """Write (source, target) pairs as source<TAB>target lines, atomically.
 
     Raises RefformerError naming the first pair that is not two non-empty str without TAB or line break."""
+    check_path("path", path)
+    check(isinstance(pairs, (list, tuple)), f"pairs must be a list of (source, target), got {type(pairs).__name__}")
     lines = []
     for number, pair in enumerate(pairs, 1):
         check(isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(side, str) for side in pair),
@@ -391,6 +406,7 @@ def read_lines(path):
 
     Raises RefformerError if the file is missing, unreadable, not UTF-8 (naming file:line) or has no such line.
     """
+    check_path("path", path)
     numbered = _numbered_lines(path)
     if not numbered:
         raise RefformerError(f"{path} is empty: expected one item per line")
@@ -403,6 +419,7 @@ def read_tsv(path):
     Blank lines are skipped. Raises RefformerError naming file:line for a line without exactly one TAB or with an
     empty side, or bytes that are not UTF-8; and for a file that is missing, unreadable or has no pairs.
     """
+    check_path("path", path)
     numbered = _numbered_lines(path)
     if not numbered:
         raise RefformerError(f"{path} is empty: expected source<TAB>target lines")
@@ -423,6 +440,9 @@ def split_path(data_dir, split, family):
     """DATA_DIR/{split}.tsv for an encoder-decoder model, .txt for a decoder-only one.
 
     Raises RefformerError for an unknown split or family."""
+    check_path("data_dir", data_dir)
+    check(isinstance(split, str) and isinstance(family, str),
+          f"split and family must be str, got {split!r}, {family!r}")
     check(split in SPLITS, f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     check(family in SUFFIX, f"family must be one of {', '.join(SUFFIX)}, got {family!r}")
     return Path(data_dir) / f"{split}{SUFFIX[family]}"
@@ -430,6 +450,7 @@ def split_path(data_dir, split, family):
 
 def detect_family(data_dir):
     """encoder-decoder when DATA_DIR has train.tsv, decoder-only when it has train.txt."""
+    check_path("data_dir", data_dir)
     for family in SUFFIX:
         if split_path(data_dir, "train", family).is_file():
             return family
@@ -441,6 +462,9 @@ def check_split_output(out_dir, suffix, overwrite=False):
     """Refuse (RefformerError) an output folder for {train,valid,test}{suffix} before any work: a file, a folder
     that cannot be created or written, a folder that already holds files (unless overwrite, which replaces only
     the three split files), or one holding the split files of the other corpus kind (.tsv / .txt)."""
+    check_path("out_dir", out_dir)
+    check(isinstance(suffix, str) and suffix in SUFFIX.values(),
+          f"suffix must be one of {', '.join(SUFFIX.values())}, got {suffix!r}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RefformerError(f"--out {out} is a file, not a folder")

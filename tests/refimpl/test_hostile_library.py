@@ -82,3 +82,18 @@ def test_training_helpers_refuse_wrong_kinds(tmp_path):
         os.fstat(1)  # still open
     finally:
         os.close(stdout)
+
+
+def test_data_functions_refuse_paths_that_are_not_paths(tmp_path):
+    """read_lines(0) read stdin (an integer is a file descriptor to open()); others raised TypeError/ValueError."""
+    from refformer.refimpl import data
+
+    calls = [lambda: data.read_lines(0), lambda: data.read_tsv(None), lambda: data.write_lines(1, ["a"]),
+             lambda: data.write_tsv(tmp_path / "x.tsv", None), lambda: data.split_path(None, "train", "decoder-only"),
+             lambda: data.split_path(tmp_path, np.zeros(2), "decoder-only"), lambda: data.detect_family(1.5),
+             lambda: data.check_split_output(None, ".tsv"), lambda: data.check_split_output(tmp_path, np.zeros(2)),
+             lambda: data.extract_de_en(np.zeros(2)), lambda: data.find_pydoc_sources(np.zeros(2)),
+             lambda: data.split_by_hash(None, str), lambda: data.split_by_hash(["a"], None)]
+    for call in calls:
+        with pytest.raises(RefformerError):
+            call()
