@@ -131,8 +131,17 @@ def check_config_round_trip(cfg):
         raise RefformerError(f"the config would not load back: {error}") from None
 
 
-def read_text(path):
-    """A text file's content, a UTF-8 byte-order mark at its start removed."""
+TOKENIZER_MAX_BYTES = 256 * 2**20  # the largest Hugging Face tokenizer.json files are ~40 MB; a 3 GB one took 15 GB
+
+
+def read_text(path, max_bytes=None):
+    """A text file's content, a UTF-8 byte-order mark at its start removed. A file over max_bytes (if given) is a
+    RefformerError, raised before it is read."""
+    if max_bytes is not None:
+        size = Path(path).stat().st_size
+        if size > max_bytes:
+            raise RefformerError(f"{path} is {size / 2**20:.0f} MiB, larger than the {max_bytes // 2**20} MiB such a "
+                                 "file can be: not a refformer file")
     return Path(path).read_text(encoding="utf-8").removeprefix("\ufeff")
 
 
@@ -370,7 +379,7 @@ def load_tokenizer(model_dir):
     if not path.is_file():
         raise RefformerError(f"{path} is missing")
     try:
-        text = read_text(path)
+        text = read_text(path, TOKENIZER_MAX_BYTES)
     except UnicodeDecodeError as error:
         raise RefformerError(f"{path} is not UTF-8 text: {error}") from None
     return check_tokenizer(cfg, text, str(path))

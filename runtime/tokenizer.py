@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from refformer.refimpl.data import detect_family, read_lines, read_tsv, split_path
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.io import atomic_write, read_text
+from refformer.refimpl.io import TOKENIZER_MAX_BYTES, atomic_write, read_text
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
 SPECIAL_NAMES = ("pad_id", "bos_id", "eos_id", "unk_id")
@@ -177,9 +177,11 @@ def load_tokenizer(path):
     if not path.is_file():
         raise RefformerError(f"{path} not found: train one with 'refformer tokenizer train'")
     try:
-        tokenizer = Tokenizer.from_str(read_text(path))  # read_text drops a UTF-8 byte-order mark
+        tokenizer = Tokenizer.from_str(read_text(path, TOKENIZER_MAX_BYTES))  # drops a UTF-8 byte-order mark
     except UnicodeDecodeError as error:
         raise RefformerError(f"{path} is not UTF-8 text: {error}") from None
+    except RefformerError:
+        raise
     except Exception as error:  # tokenizers raises its own exception types
         raise RefformerError(f"{path} is not a valid tokenizer.json: {error}") from None
     ids = special_ids(tokenizer)

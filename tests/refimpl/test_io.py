@@ -383,3 +383,16 @@ def test_bfloat16_weights_load_as_float32(tmp_path):
     for name, value in flatten(got).items():
         assert value.dtype == np.float32
         np.testing.assert_array_equal(value, flat[name].astype(np.float32))  # exact: bfloat16 is float32's top half
+
+
+def test_a_huge_tokenizer_json_is_refused_before_it_is_read(tmp_path):
+    from refformer.runtime.tokenizer import load_tokenizer as runtime_load_tokenizer
+
+    cfg = CONFIGS["encoder-decoder"]
+    save(tmp_path, cfg, random_params32(cfg))
+    with open(tmp_path / "tokenizer.json", "wb") as f:
+        f.truncate(3 * 2**30)  # sparse; read whole, 3 GB of zeros took 15 GB of memory and over a minute
+    with pytest.raises(RefformerError, match="3072 MiB, larger than"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(RefformerError, match="3072 MiB, larger than"):
+        runtime_load_tokenizer(tmp_path / "tokenizer.json")
