@@ -246,6 +246,13 @@ def printable(text):
     return CONTROLS.sub(" ", text)
 
 
+def shown(path):
+    """A path for a message line: as it is, or quoted with escapes when it holds a line break or another control
+    character (a file named "new\\nline.jsonl" split the 'wrote ...' line in two)."""
+    path = str(path)
+    return path if path.isprintable() else repr(path)
+
+
 def one_line(text):
     """text with its line breaks (all that str.splitlines splits at: \\n, \\r, \\x0b, \\x0c, \\x1c-\\x1e, \\x85,
     U+2028, U+2029) and other control characters as spaces, so that plain output keeps one line per input, the same
@@ -456,7 +463,7 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
         failures = generate_records(generator, generation, lines, writer, input_path, batch_size)
     except KeyboardInterrupt:
         writer.close(keep=True)
-        click.echo(f"error: interrupted: {writer.count} of {len(lines)} inputs written to {writer.where}", err=True)
+        click.echo(f"error: interrupted: {writer.count} of {len(lines)} inputs written to {shown(writer.where)}", err=True)
         sys.exit(130)
     except BaseException:
         writer.close(keep=False)
@@ -465,11 +472,11 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
     if truncated:
         click.echo(truncation_warning(truncated), err=True)
     if failures:
-        where = output_path if output_path else "the output"
+        where = shown(output_path) if output_path else "the output"
         click.echo(f"error: {failures} of {len(lines)} inputs failed (reported in {where})", err=True)
         sys.exit(1)
     if output_path is not None:
-        click.echo(f"wrote {writer.count} records to {output_path}", err=True)
+        click.echo(f"wrote {writer.count} records to {shown(output_path)}", err=True)
 
 
 def truncation_warning(warnings):

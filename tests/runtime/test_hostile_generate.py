@@ -402,3 +402,12 @@ def test_a_deleted_current_folder_is_named(model_dir, tmp_path):
 def test_a_path_of_5000_characters_is_not_echoed_whole(model_dir, tmp_path):
     result = invoke("--model", model_dir, "Hallo.", "--output", str(tmp_path / ("a" * 5000)))
     assert result.exit_code == 1 and len(result.stderr) < 300 and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_an_output_name_with_a_line_break_keeps_the_summary_on_one_line(model_dir, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("Hallo.\n\n")
+    out = tmp_path / "new\nline.jsonl"
+    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(source), "--output", str(out))
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "new\\nline.jsonl" in result.stderr
+    assert [record.get("error") for record in jsonl(out)] == [None, "line 2 is empty"]
