@@ -599,6 +599,49 @@ def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, 
         check_output_dir(out_dir, resume=resume, overwrite=overwrite, inputs=inputs)
     elif resume:
         raise RefformerError("resume needs out_dir, where the checkpoint is")
+    with output_lock(out_dir):
+        if out_dir is not None:  # again, holding the lock: another run may have written there meanwhile
+            check_output_dir(out_dir, resume=resume, overwrite=overwrite, inputs=inputs)
+        return _train(cfg, params, train_batches, valid_examples, options, out_dir, tokenizer, decode, references,
+                      resume, on_step, clock)
+
+
+LOCK_FILE = ".refformer-train.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out_dir):
+    """Hold an exclusive lock on out_dir (creating it) while a run writes there: a second run into the same folder
+    is refused (RefformerError) instead of interleaving its checkpoints with the first's. The lock goes with its
+    process (a killed run leaves none); a folder it created stays only if the run wrote into it. A no-op for
+    out_dir None, or where fcntl is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if out_dir is None or fcntl is None:
+        yield
+        return
+    out = Path(out_dir)
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    path = out / LOCK_FILE
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RefformerError(f"another training run is writing to --out {out}: wait for it to finish, or "
+                                 f"train into another folder") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            if created and not any(out.iterdir()):  # a run that wrote nothing leaves no folder behind
+                out.rmdir()
+
+
+def _train(cfg, params, train_batches, valid_examples, options, out_dir, tokenizer, decode, references, resume,
+           on_step, clock):
     if not resume:
         from .io import check_params
 

@@ -96,3 +96,21 @@ def test_numbers_of_a_diverged_model_are_short():
     assert _number(float("inf"), 2) == "inf"
     assert _number(None, 2) == _number(float("nan"), 2) == "-"
     assert _number(388.25, 2) == "388.25"
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(data, tmp_path):
+    """Two runs into one new --out both passed the output check and interleaved their checkpoints."""
+    import fcntl
+
+    from refformer.refimpl.train import LOCK_FILE
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / LOCK_FILE, "a") as held:  # what a running `refformer train --out busy` holds
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", out, *TINY,
+                      "--steps", "2")
+    assert result.exit_code == 1 and "another training run is writing to --out" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written
+    result = _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", out, *TINY, "--steps", "2")
+    assert result.exit_code == 0 and not (out / LOCK_FILE).exists()
