@@ -44,6 +44,12 @@ class Group(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as error:  # `refformer`, `refformer data`: no command given
+            ctx = error.ctx
+            click.echo(ctx.get_help() if ctx is not None else "")
+            where = f"{ctx.command_path} " if ctx is not None else ""
+            click.echo(f"error: no command given: run `{where}COMMAND` with one of the commands above", err=True)
+            sys.exit(error.exit_code)
         except click.UsageError as error:
             click.echo(f"error: {usage_message(error)}", err=True)
             sys.exit(error.exit_code)

@@ -411,3 +411,11 @@ def test_an_output_name_with_a_line_break_keeps_the_summary_on_one_line(model_di
     result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(source), "--output", str(out))
     assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "new\\nline.jsonl" in result.stderr
     assert [record.get("error") for record in jsonl(out)] == [None, "line 2 is empty"]
+
+
+@pytest.mark.parametrize("args", [[], ["data"], ["tokenizer"]])
+def test_no_command_prints_the_help_and_one_error_line(args):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and result.stdout.startswith("Usage: refformer")
+    assert result.stderr.splitlines() == [f"error: no command given: run `{' '.join(['refformer', *args])} COMMAND` "
+                                          "with one of the commands above"]
