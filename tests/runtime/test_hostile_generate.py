@@ -415,7 +415,7 @@ def test_an_output_name_with_a_line_break_keeps_the_summary_on_one_line(model_di
 
 @pytest.mark.parametrize("args", [[], ["data"], ["tokenizer"]])
 def test_no_command_prints_the_help_and_one_error_line(args):
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, args, prog_name="refformer")
     assert result.exit_code == 2 and result.stdout.startswith("Usage: refformer")
     assert result.stderr.splitlines() == [f"error: no command given: run `{' '.join(['refformer', *args])} COMMAND` "
                                           "with one of the commands above"]
