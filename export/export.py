@@ -370,10 +370,13 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
                                  f"got {value!r}")
     if isinstance(static_length, np.integer):
         static_length = int(static_length)
+    if isinstance(opset, np.integer):  # np.int64(17) was refused as "must be between 17 and 28, got 17"
+        opset = int(opset)
     if dtype not in DTYPES:
         raise RefformerError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not 17 <= opset <= onnx.defs.onnx_opset_version():
-        raise RefformerError(f"--opset must be between 17 (LayerNormalization) and {onnx.defs.onnx_opset_version()}, got {opset}")
+        raise RefformerError(f"--opset must be between 17 (LayerNormalization) and {onnx.defs.onnx_opset_version()} "
+                             f"(an integer), got {opset!r}")
     if static_length is not None and (isinstance(static_length, bool) or not isinstance(static_length, int)
                                       or static_length < 1):
         raise RefformerError(f"--static-length must be a positive integer, got {static_length}")

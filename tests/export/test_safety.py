@@ -783,3 +783,10 @@ def test_a_symbolic_link_loop_where_the_export_goes_is_one_line(tmp_path):
     os.symlink("onnx", tmp_path / "m" / "onnx")  # onnx -> onnx
     result = invoke("export", "--model", str(tmp_path / "m"))
     one_line_error(result, "loop of symbolic links; remove the link")
+
+
+def test_a_numpy_integer_opset_is_taken(tmp_path):
+    make_model(tmp_path / "m")
+    assert export_model(tmp_path / "m", tmp_path / "out", opset=np.int64(17))["opset"] == 17
+    with pytest.raises(RefformerError, match=r"\(an integer\), got 17.0"):
+        export_model(tmp_path / "m", tmp_path / "out2", opset=17.0)
