@@ -476,8 +476,11 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             replace_folder(tmp, out_dir)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise RefformerError(f"cannot write the export into {parent} ({error.strerror}); nothing was written: "
+                                 "free some space, or pass `refformer export` an --out DIR elsewhere") from None
         raise
     return manifest
 

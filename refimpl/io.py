@@ -1,5 +1,6 @@
 """The model directory: config.json + model.safetensors (+ tokenizer.json). No pickle, ever."""
 
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +33,8 @@ def atomic_write(path, write):
     """Write a file through write(temporary_path), then rename it over path: a failure leaves path untouched.
 
     A symbolic link is written through (the file it points to is replaced, the link stays). Raises RefformerError,
-    before writing anything, when path is a device, a pipe or a folder (renaming over /dev/null would replace it)."""
+    before writing anything, when path is a device, a pipe or a folder (renaming over /dev/null would replace it),
+    and when the disk is full (the temporary is removed, path left as it was)."""
     given = path
     path = Path(os.path.realpath(path))
     if path.exists() and not path.is_file():
@@ -46,9 +48,12 @@ def atomic_write(path, write):
         # mkstemp makes 0600 files: a new file gets the usual permissions, a replaced one keeps its own
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise RefformerError(f"cannot write {given} ({error.strerror}); it was left as it was: free some space "
+                                 "or write elsewhere") from None
         raise
 
 

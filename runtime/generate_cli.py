@@ -9,6 +9,7 @@ exit status is 130.
 
 import codecs
 import contextlib
+import errno
 import json
 import os
 import re
@@ -292,7 +293,7 @@ class RecordWriter:
 
     def __init__(self, output_path, as_json):
         self.output_path, self.as_json = output_path, as_json
-        self.count, self.file, self.temp = 0, None, None
+        self.count, self.file, self.temp, self.failed, self.good_size = 0, None, None, False, 0
         if output_path is not None:
             path = Path(os.path.realpath(output_path))
             for stale in stale_temporaries(path):
@@ -321,23 +322,43 @@ class RecordWriter:
         return "\n".join(f"{record['line']}.{k}\t{one_line(text)}" for k, text in enumerate(output, start=1))
 
     def write(self, records):
+        """Write and flush one batch's records. A full disk is a RefformerError saying how many records were
+        written; a file is cut back to its last whole batch (no half record at its end)."""
         text = "".join(self.render(record) + "\n" for record in records)
         with interrupts_deferred():  # Ctrl-C lands after the batch is written and counted, never between the two
-            if self.file is not None:
-                self.file.write(text)
-                self.file.flush()
-            else:
-                click.echo(text, nl=False)
-                sys.stdout.flush()
+            try:
+                if self.file is not None:
+                    self.file.write(text)
+                    self.file.flush()
+                else:
+                    click.echo(text, nl=False)
+                    sys.stdout.flush()
+            except OSError as error:
+                if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise
+                self.failed = True
+                kept = ("it was left as it was" if self.temp is not None else
+                        f"{self.count} records were written before it")
+                raise RefformerError(f"cannot write to {shown(self.where)} ({error.strerror}); {kept}: free some "
+                                     "space or write elsewhere") from None
             self.count += len(records)
+            if self.file is not None:
+                self.good_size = self.file.tell()
 
     def close(self, keep):
-        """Close the file; an --overwrite run's temporary replaces the old file when keep, else it is removed."""
+        """Close the file; an --overwrite run's temporary replaces the old file when keep, else it is removed. A
+        new file is cut back to its last whole batch if a write failed."""
         if self.file is None:
             return
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the buffered rest of a batch that failed to be written (a full disk)
+            pass
+        if self.failed and self.temp is None:
+            with contextlib.suppress(OSError):
+                os.truncate(self.file.name, self.good_size)
         if self.temp is not None:
-            if keep:
+            if keep and not self.failed:
                 os.replace(self.temp, self.target)
             else:
                 self.temp.unlink(missing_ok=True)

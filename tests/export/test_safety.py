@@ -790,3 +790,15 @@ def test_a_numpy_integer_opset_is_taken(tmp_path):
     assert export_model(tmp_path / "m", tmp_path / "out", opset=np.int64(17))["opset"] == 17
     with pytest.raises(RefformerError, match=r"\(an integer\), got 17.0"):
         export_model(tmp_path / "m", tmp_path / "out2", opset=17.0)
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    make_model(tmp_path / "m")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "save_graph", full)
+    result = invoke("export", "--model", tmp_path / "m", "--out", tmp_path / "out")
+    one_line_error(result, "(No space left on device); nothing was written: free some space")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -396,3 +396,19 @@ def test_a_huge_tokenizer_json_is_refused_before_it_is_read(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(RefformerError, match="3072 MiB, larger than"):
         runtime_load_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path):
+    from refformer.refimpl.io import atomic_write
+
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(RefformerError, match=r"cannot write .*a.txt \(No space left on device\); it was left as it was"):
+        atomic_write(path, write)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]

@@ -419,3 +419,53 @@ def test_no_command_prints_the_help_and_one_error_line(args):
     assert result.exit_code == 2 and result.stdout.startswith("Usage: refformer")
     assert result.stderr.splitlines() == [f"error: no command given: run `{' '.join(['refformer', *args])} COMMAND` "
                                           "with one of the commands above"]
+
+
+class FillingFile:
+    """A file on a disk that fills up: the second write puts half its text on disk, then fails with ENOSPC."""
+
+    def __init__(self, real):
+        self.real, self.writes, self.name = real, 0, real.name
+
+    def write(self, text):
+        self.writes += 1
+        if self.writes > 1:
+            self.real.write(text[: len(text) // 2])
+            self.real.flush()
+            raise OSError(28, "No space left on device")
+        return self.real.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_full_disk_keeps_whole_records_only_and_says_so(tmp_path, existing):
+    from refformer.refimpl import RefformerError
+    from refformer.runtime.generate_cli import RecordWriter
+
+    out = tmp_path / "out.jsonl"
+    if existing:
+        out.write_text("old\n")
+    writer = RecordWriter(str(out), as_json=True)
+    writer.file = FillingFile(writer.file)
+    writer.write([{"line": 1, "output": "a"}, {"line": 2, "output": "b"}])
+    with pytest.raises(RefformerError, match="No space left on device.*(it was left as it was|2 records were written)"):
+        writer.write([{"line": 3, "output": "c" * 100}])
+    writer.close(keep=False)
+    if existing:
+        assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    else:
+        assert [record["line"] for record in jsonl(out)] == [1, 2]  # no half record at the end
+
+
+def test_stdout_on_a_full_disk_is_one_line(model_dir, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("Hallo.\n")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(REFFORMER + ["generate", "--model", model_dir, "--provider", "cpu", "--input",
+                                             str(source)], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+                                env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        "error: cannot write to stdout (No space left on device); 0 records were written before it: free some space "
+        "or write elsewhere"]
