@@ -221,6 +221,9 @@ def check_output_dir(out_dir, *, resume=False, overwrite=False, inputs=()):
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RefformerError(f"--out {out} is a file, not a folder: name a folder for the model")
+    if out.is_symlink() and not out.exists():
+        raise RefformerError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist: create "
+                             f"that folder or name another --out")
     for given in inputs:
         if given is not None and Path(given).exists() and out.exists() and out.resolve() == Path(given).resolve():
             raise RefformerError(f"--out {out} is the input {given}: write the model to a folder of its own")

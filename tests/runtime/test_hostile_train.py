@@ -114,3 +114,12 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(data, 
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written
     result = _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", out, *TINY, "--steps", "2")
     assert result.exit_code == 0 and not (out / LOCK_FILE).exists()
+
+
+def test_out_that_is_a_dangling_symbolic_link_is_refused_before_training(data, tmp_path):
+    """It failed after loading the data with 'error: File exists: LINK'."""
+    (tmp_path / "link").symlink_to(tmp_path / "missing")
+    result = _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", tmp_path / "link", *TINY,
+                  "--steps", "1")
+    assert result.exit_code == 1 and "is a symbolic link to" in result.output and "training" not in result.output
+    assert not (tmp_path / "missing").exists()
