@@ -187,8 +187,9 @@ def train_step(cfg, params, opt_state, batch, options, rng):
     lr = inverse_sqrt_lr(step, peak=options.lr, warmup=options.warmup)
     with np.errstate(all="ignore"):  # a diverging step overflows; it is reported below, not as NumPy warnings
         loss, grads = loss_and_grads(cfg, params, batch, label_smoothing=options.label_smoothing, rng=rng)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(step, "loss", loss, _divergence_hint(options))
+        if not math.isfinite(loss):  # at step 1 no update has happened yet: the starting weights overflow
+            raise TrainingDiverged(step, "loss", loss, "start from other weights (with --init, a model whose "
+                                   "outputs do not overflow)" if step == 1 else _divergence_hint(options))
         grads, norm = clip_by_global_norm(grads, options.clip)
         if not math.isfinite(norm):
             raise TrainingDiverged(step, "the gradient norm", norm, _divergence_hint(options))
