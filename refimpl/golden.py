@@ -3,24 +3,16 @@ and every gradient of a model, by dotted name, in float64."""
 
 import io
 import json
-import numbers
 from pathlib import Path
 
 import numpy as np
 
 from .config import Config, check_fits_memory, physical_memory_bytes
-from .errors import RefformerError, check, check_number
+from .errors import RefformerError, check, check_number, check_seed
 from .io import atomic_write, load, load_config
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .model import model_backward, model_forward
 from .tree import flatten, tree_cast
-
-
-def check_seed(name, seed):
-    """A seed is any integer >= 0, however large (NumPy takes them all); returns it. Raises RefformerError."""
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise RefformerError(f"{name} must be an integer >= 0, got {seed!r}")
-    return int(seed)
 
 
 def golden_inputs(cfg, seed, batch_size=2, length=6):

@@ -319,6 +319,9 @@ def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
         raise RefformerError(f"--max-tokens must be a positive integer, got {max_tokens}")
     if not Path(data_dir).is_dir():
         raise RefformerError(f"DATA_DIR {data_dir} is not a folder: give the folder that holds the {split} split")
+    if (Path(data_dir) / "config.json").is_file() and not any(Path(data_dir).glob(f"{split}.*")):
+        raise RefformerError(f"{data_dir} is a model folder, not a data folder: refformer eval DATA_DIR --model "
+                             f"{data_dir}")
     model_dir = resolve_model(model_dir)
     cfg, params = load(model_dir)
     check_finite_weights(model_dir, params)

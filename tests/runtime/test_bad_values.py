@@ -308,6 +308,7 @@ def _rows():
     add(EVAL, ["--max-tokens", "0"], "max-tokens")
     add(EVAL, ["--max-tokens", "-5"], "max-tokens")
     add(["eval", "{ws}/model", "{ws}/data"], [], "--model")
+    add(["eval", "{ws}/model"], [], "is a model folder")
     add(["eval", "{ws}/data", "--model", "{ws}/missing"], [], "missing")
     add(["eval", "{ws}/missing", "--model", "{ws}/model"], [], "missing")
     add(["eval", "{ws}/empty-data", "--model", "{ws}/model"], [], "valid")
