@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from refformer.refimpl import Config, init_params, save
 from refformer.runtime.cli import main
+from refformer.runtime.generator import default_model_dir
 
 from ..helpers import write_word_level_tokenizer
 
@@ -46,6 +47,13 @@ BAD_CONFIGS = {
     "negative-bos": {"bos_id": -1},
     "unknown-key": {"n_layers": 2},
     "newer-format": {"format_version": 99},
+    "eos-is-pad": {"eos_id": 0},
+}
+# config.json files that are not JSON Python can read whole: ws/raw-<name>
+RAW_CONFIGS = {
+    "5000-digits": '{"d_model": ' + "9" * 5000 + "}",
+    "deep": "[" * 100_000 + "]" * 100_000,
+    "not-an-object": "[1, 2, 3]",
 }
 
 
@@ -62,6 +70,14 @@ def _write_workspace(ws):
         data = json.loads((folder / "config.json").read_text())
         data.update(change)
         (folder / "config.json").write_text(json.dumps(data))
+    for name, text in RAW_CONFIGS.items():
+        shutil.copytree(ws / "model", ws / f"raw-{name}")
+        (ws / f"raw-{name}" / "config.json").write_text(text)
+    shutil.copytree(ws / "model", ws / "onnx-is-a-file")
+    (ws / "onnx-is-a-file" / "onnx").write_text("the user's file where the exports' folder belongs\n")
+    (ws / "run" / "checkpoints").mkdir(parents=True)
+    (ws / "run" / "checkpoints" / "latest.json").write_text('{"dir": "step-00000002", "step": 2}\n')
+    (ws / "utf16-bad.txt").write_bytes(b"\xff\xfeH\x00\x00\xd8")
     (ws / "not-a-model").mkdir()
     (ws / "not-a-model" / "notes.txt").write_text("the user's own notes\n")
     (ws / "user-folder").mkdir()
@@ -91,14 +107,18 @@ def _write_workspace(ws):
 
 
 def _snapshot(root):
-    """{relative path: sha256} of every file under root, and the set of folders."""
+    """{relative path: sha256 (links and pipes: what they are)} of every file under root, and the set of folders."""
     files, folders = {}, set()
     for path in root.rglob("*"):
         relative = str(path.relative_to(root))
-        if path.is_dir():
+        if path.is_symlink():
+            files[relative] = f"link to {os.readlink(path)}"
+        elif path.is_dir():
             folders.add(relative)
-        else:
+        elif path.is_file():
             files[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            files[relative] = "special file"
     return files, folders
 
 
@@ -114,6 +134,8 @@ def workspace(template, tmp_path):
     """A fresh copy of the template for each row, so that one row's stray file cannot change another's result."""
     ws = tmp_path / "ws"
     shutil.copytree(template, ws)
+    os.mkfifo(ws / "fifo")  # made here: copying a pipe would block
+    os.symlink(ws / "nowhere", ws / "dangling")
     return ws
 
 
@@ -174,6 +196,12 @@ def _rows():
     add(["generate", "--model", "{ws}/not-a-model", "w4"], [], "config.json")
     add(["generate", "{ws}/model", "w4"], [], "--model")
     add(["generate", "--model", "{ws}/nan-model", "--provider", "cpu", "w4"], [], "finite")
+    add(GEN, ["w4", "--output", "{ws}/model/config.json", "--overwrite"], "model folder")
+    add(GEN, ["w4", "--output", "{ws}/plain.txt/out.jsonl"], "not a folder")
+    add(GEN, ["w4", "--output", ""], "empty")
+    add(GEN, ["--input", "{ws}/utf16-bad.txt"], "UTF-16")
+    add(GEN, ["--input", "{ws}/fifo", "--output", "{ws}/fifo"], "fifo")
+    add(GEN, ["w4", "--seed", "9" * 5000], "seed")
     for name, change in BAD_CONFIGS.items():
         add(["generate", "--model", f"{{ws}}/bad-{name}", "--provider", "cpu", "w4"], [], next(iter(change)))
 
@@ -189,18 +217,24 @@ def _rows():
     add(EXPORT, ["--out", "{ws}/model"], "model")
     add(EXPORT, ["--out", "{ws}"], "model")
     add(EXPORT, ["--out", "{ws}/plain.txt"], "plain.txt")
+    add(EXPORT, ["--out", ""], "empty")
+    add(EXPORT, ["--out", "{ws}/dangling"], "dangling")
+    add(EXPORT, ["--out", "{bundled}/x"], "package")
+    add(["export", "--model", "{ws}/onnx-is-a-file"], [], "onnx")
     add(EXPORT, ["--out", "{ws}/no-such-folder/deeper/onnx", "--opset", "1"], "opset")
     add(["export", "{ws}/model"], [], "--model")
     add(["export", "--model", "{ws}/missing"], [], "missing")
     add(["export", "--model", "{ws}/not-a-model", "--out", "{ws}/new-export"], [], "config.json")
     add(["export", "--model", "{ws}/nan-model", "--out", "{ws}/new-export"], [], "finite")
     for name, change in BAD_CONFIGS.items():
-        add(["export", "--model", f"{{ws}}/bad-{name}", "--out", "{ws}/new-export"], [], next(iter(change)))
+        if name != "eos-is-pad":  # the graphs need no tokenizer; generate (above) checks the two agree
+            add(["export", "--model", f"{{ws}}/bad-{name}", "--out", "{ws}/new-export"], [], next(iter(change)))
 
     # ---- verify
     add(VERIFY, ["--onnx-dir", "{ws}/user-folder"], "manifest")
     add(VERIFY, ["--onnx-dir", "{ws}/missing"], "missing")
     add(VERIFY, ["--seed", "-1"], "seed")
+    add(VERIFY, ["--onnx-dir", ""], "empty")
     add(VERIFY, ["--seed", "x"], "seed")
     add(VERIFY, ["--provider", "gpu"], "provider")
     add(["verify", "{ws}/model"], [], "--model")
@@ -213,6 +247,8 @@ def _rows():
     add(GOLDEN, ["--out", "{ws}/existing.npz"], "overwrite")
     add(GOLDEN, ["--out", "{ws}/no-such-folder/g.npz"], "no-such-folder")
     add(GOLDEN, ["--out", "{ws}/user-folder"], "user-folder")
+    add(GOLDEN, ["--out", "{ws}/fifo", "--overwrite"], "regular file")
+    add(GOLDEN, ["--out", "{ws}/model/model.safetensors", "--overwrite"], "model")
     add(GOLDEN, ["--out", "{ws}/g.npz", "--seed", "-1"], "seed")
     add(GOLDEN, ["--out", "{ws}/g.npz", "--seed", "1e3"], "seed")
     add(["golden", "{ws}/model", "--out", "{ws}/g.npz"], [], "--model")
@@ -235,6 +271,9 @@ def _rows():
     add(CONVERT, ["--out", "{ws}/model"], "overwrite")
     add(CONVERT, ["--out", "{ws}/user-folder"], "overwrite")
     add(CONVERT, ["--out", "{ws}/plain.txt"], "plain.txt")
+    add(CONVERT, ["--out", "{bundled}", "--overwrite"], "package")
+    add(["convert-torch", "/dev/zero", "--tokenizer", "{ws}/tokenizer.json", "--n-heads", "4", "--out",
+         "{ws}/converted"], [], "not a file")
     add(["convert-torch", "{ws}/missing.pt", "--tokenizer", "{ws}/tokenizer.json", "--n-heads", "4", "--out",
          "{ws}/converted"], [], "missing.pt")
     add(["convert-torch", "{ws}/corrupt.json", "--tokenizer", "{ws}/tokenizer.json", "--n-heads", "4", "--out",
@@ -249,6 +288,8 @@ def _rows():
     add(TOKENIZER, ["--vocab-size", "300", "--out", "{ws}/tokenizer.json"], "overwrite")
     add(TOKENIZER, ["--vocab-size", "300", "--out", "{ws}/no-such-folder/tok.json"], "no-such-folder")
     add(TOKENIZER, ["--vocab-size", "300", "--out", "{ws}/user-folder"], "user-folder")
+    add(TOKENIZER, ["--vocab-size", "300", "--out", "{ws}/data/valid.tsv", "--overwrite"], "split")
+    add(TOKENIZER, ["--vocab-size", "300", "--out", "{ws}/fifo", "--overwrite"], "fifo")
     add(TOKENIZER, ["--vocab-size", "300", "--out", "{ws}/tok.json", "--model", "wordpiece"], "model")
     add(["tokenizer", "train", "{ws}/empty-data", "--vocab-size", "300", "--out", "{ws}/tok.json"], [], "train")
     add(["tokenizer", "train", "{ws}/missing", "--vocab-size", "300", "--out", "{ws}/tok.json"], [], "missing")
@@ -286,6 +327,13 @@ def _rows():
         for value in values:
             add(TRAIN, [option, value, "--out", "{ws}/trained"], option.lstrip("-").split("-")[0])
     add(TRAIN, ["--out", "{ws}/model"], "overwrite")
+    add(TRAIN, ["--out", "{ws}/run/checkpoints"], "checkpoints")
+    add(TRAIN, ["--out", "{ws}/run/checkpoints", "--overwrite"], "checkpoints")
+    add(TRAIN, ["--out", "{ws}/dangling"], "symbolic link")
+    add(TRAIN, ["--out", "{ws}/trained", "--steps", "1e3"], "steps")
+    add(TRAIN, ["--out", "{ws}/trained", "--time-limit", "-0"], "time-limit")
+    add(TRAIN, ["--out", "{ws}/trained", "--clip", "-1e-300"], "clip")
+    add(TRAIN, ["--out", "{ws}/trained", "--resume", "--overwrite"], "resume")
     add(TRAIN, ["--out", "{ws}/plain.txt"], "plain.txt")
     add(TRAIN, ["--out", "{ws}/data"], "data")
     add(TRAIN, ["--out", "{ws}/no-such-folder/deeper/m", "--steps", "-1"], "steps")
@@ -313,6 +361,10 @@ def _rows():
     add(["eval", "{ws}/missing", "--model", "{ws}/model"], [], "missing")
     add(["eval", "{ws}/empty-data", "--model", "{ws}/model"], [], "valid")
     add(["eval", "{ws}/data", "--model", "{ws}/nan-model"], [], "finite")
+    for name in RAW_CONFIGS:
+        add(["eval", "{ws}/data", "--model", f"{{ws}}/raw-{name}"], [], "config.json")
+        add(["generate", "--model", f"{{ws}}/raw-{name}", "w4"], [], "config.json")
+        add(["export", "--model", f"{{ws}}/raw-{name}"], [], "config.json")
     for name, change in list(BAD_CONFIGS.items())[:6]:
         add(["eval", "{ws}/data", "--model", f"{{ws}}/bad-{name}"], [], next(iter(change)))
 
@@ -334,7 +386,8 @@ def test_bad_value_is_one_line_and_changes_nothing(workspace, tmp_path, monkeypa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.chdir(workspace)
     before = _snapshot(workspace)
-    result = CliRunner().invoke(main, [arg.format(ws=workspace) for arg in args])
+    bundled = str(default_model_dir())
+    result = CliRunner().invoke(main, [arg.format(ws=workspace, bundled=bundled) for arg in args])
     after = _snapshot(workspace)
     stderr = result.stderr.splitlines()
     assert result.exit_code not in (0, None), f"exit 0 for a bad value; output: {result.output[-500:]}"
