@@ -44,7 +44,7 @@ def numerical_gradient(f, x, eps=1e-6, max_entries=None, rng=None):
     check(callable(f), "f must be a function of no arguments returning a number")
     check_array("x", x, kind="f")
     check(x.flags.c_contiguous, "x must be C-contiguous (it is perturbed through x.reshape(-1))")
-    check_number("eps", eps, 0.0, low_open=True)
+    check_number("eps", eps, 0.0, float(np.finfo(x.dtype).max) / 4, low_open=True)  # x +- eps stays finite
     if max_entries is not None:
         check_number("max_entries", max_entries, 1, integer=True)
     check_rng("rng", rng)

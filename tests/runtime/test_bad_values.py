@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,10 @@ def _write_workspace(ws):
     try:
         import torch
 
-        embedding, transformer, head = (torch.nn.Embedding(V, 16), torch.nn.Transformer(
-            16, 4, 1, 1, 24, dropout=0.0), torch.nn.Linear(16, V))
+        with warnings.catch_warnings():  # nn.Transformer's note on nested tensors, which this model never uses
+            warnings.simplefilter("ignore", UserWarning)
+            transformer = torch.nn.Transformer(16, 4, 1, 1, 24, dropout=0.0)
+        embedding, head = torch.nn.Embedding(V, 16), torch.nn.Linear(16, V)
         state = {**{f"src_tok_emb.embedding.{k}": v for k, v in embedding.state_dict().items()},
                  **{f"tgt_tok_emb.embedding.{k}": v for k, v in embedding.state_dict().items()},
                  **{f"transformer.{k}": v for k, v in transformer.state_dict().items()},
