@@ -62,7 +62,9 @@ def session(path, provider="CPUExecutionProvider", threads=None, provider_option
 def import_onnxruntime():
     """The onnxruntime module. Its first import runs with file descriptor 2 pointed at /dev/null: ONNX Runtime 1.31
     prints a colored telemetry warning there on import when it cannot write under XDG_CACHE_HOME or ~/.cache (a
-    file, a read-only or foreign folder), a line no refformer command should print. Import errors still raise."""
+    file, a read-only or foreign folder), a line no refformer command should print. Raises KeyboardInterrupt for a
+    Ctrl-C during the import (ONNX Runtime turns it into "ImportError: initialization failed"), RefformerError when
+    onnxruntime cannot be imported."""
     if "onnxruntime" in sys.modules:
         return sys.modules["onnxruntime"]
     try:
@@ -72,16 +74,20 @@ def import_onnxruntime():
     try:
         saved = os.dup(2)
     except OSError:  # no stderr at all
-        import onnxruntime
-
-        return onnxruntime
+        saved = None
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 2)
+        if saved is not None:
+            os.dup2(devnull, 2)
         import onnxruntime
+    except ImportError as error:  # a Ctrl-C inside the native module's initialization arrives as its cause
+        if isinstance(error.__cause__ or error.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise RefformerError(f"onnxruntime cannot be imported ({error}): reinstall refformer") from None
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
         os.close(devnull)
     return onnxruntime
 

@@ -40,6 +40,10 @@ class Group(click.Group):
     """A click group whose usage errors are one 'error: ...' line on stderr (exit 2), as the README says."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        import signal
+
+        if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_interrupted_while_starting":
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is KeyboardInterrupt
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:

@@ -469,3 +469,18 @@ def test_stdout_on_a_full_disk_is_one_line(model_dir, tmp_path):
     assert result.returncode == 1 and result.stderr.splitlines() == [
         "error: cannot write to stdout (No space left on device); 0 records were written before it: free some space "
         "or write elsewhere"]
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.2])
+def test_ctrl_c_while_the_program_starts_is_one_line(tmp_path, delay):
+    program = os.path.join(os.path.dirname(sys.executable), "refformer")
+    if not os.path.exists(program):
+        pytest.skip("the refformer console script is not installed next to this Python")
+    child = subprocess.Popen([program, "verify", "--model", str(tmp_path)], stderr=subprocess.PIPE, text=True,
+                             stdout=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    # interrupted (130, whether in the imports or in main) or already finished (the model folder is empty: exit 1)
+    assert (child.returncode, err.splitlines()[:1]) in ((130, ["error: interrupted"]), (1, err.splitlines()[:1]))
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
