@@ -32,6 +32,11 @@ def one_line_errors(command):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        except ImportError as error:  # pybind11 modules (onnx, onnxruntime) turn a Ctrl-C in their import into this
+            if not isinstance(error.__cause__ or error.__context__, KeyboardInterrupt):
+                raise
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
     return wrapper
 
 
