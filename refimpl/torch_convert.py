@@ -65,6 +65,8 @@ def _array(value, name):
     if isinstance(value, np.ndarray):
         array = value
     elif hasattr(value, "detach") and hasattr(value, "is_floating_point"):  # a torch tensor
+        check(not getattr(value, "is_meta", False), f"{name} is a meta tensor (a shape without data, as from "
+                                                    "torch.device('meta')); save the state_dict of a loaded model")
         tensor = value.detach().cpu()
         check(tensor.layout == _torch().strided, f"{name} is a {tensor.layout} tensor; refformer converts dense "
                                                  "tensors only (save the model's state_dict with tensor.to_dense())")

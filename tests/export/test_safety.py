@@ -802,3 +802,17 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(tmp_path, monk
     result = invoke("export", "--model", tmp_path / "m", "--out", tmp_path / "out")
     one_line_error(result, "(No space left on device); nothing was written: free some space")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_convert_torch_refuses_meta_tensors_in_one_line(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tests.helpers import write_word_level_tokenizer
+    from tests.refimpl.test_torch_convert import Seq2SeqTransformer
+
+    state = Seq2SeqTransformer(12, 8, 2, 16, 1, 1, maxlen=32).state_dict()
+    torch.save({k: torch.empty_like(v, device="meta") for k, v in state.items()}, tmp_path / "model.pt")
+    write_word_level_tokenizer(tmp_path / "t.json", 12)
+    result = invoke("convert-torch", tmp_path / "model.pt", "--tokenizer", tmp_path / "t.json", "--out",
+                    tmp_path / "c", "--n-heads", "2")
+    one_line_error(result, "is a meta tensor")  # was NotImplementedError: Cannot copy out of meta tensor
+    assert not (tmp_path / "c").exists()
