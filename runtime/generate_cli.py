@@ -291,20 +291,29 @@ class RecordWriter:
     next run writing NAME removes). A symbolic link is written through: the file it points to is replaced.
     """
 
-    def __init__(self, output_path, as_json):
+    def __init__(self, output_path, as_json, overwrite=True):
+        """overwrite=False: an --output that appeared since check_output_path (another run writing the same file)
+        is refused, not replaced."""
         self.output_path, self.as_json = output_path, as_json
         self.count, self.file, self.temp, self.failed, self.good_size = 0, None, None, False, 0
         if output_path is not None:
             path = Path(os.path.realpath(output_path))
             for stale in stale_temporaries(path):
                 stale.unlink(missing_ok=True)
+            if path.exists() and not overwrite:
+                raise RefformerError(f"--output {shown(output_path)} was created while this run started (another "
+                                     "run writing it?); pass --overwrite to replace it")
             if path.exists():
                 self.target = path
                 self.temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
                 self.file = open(self.temp, "w", encoding="utf-8")
                 os.chmod(self.temp, stat.S_IMODE(path.stat().st_mode))  # the replaced file's permissions stay
             else:
-                self.file = open(path, "x", encoding="utf-8")
+                try:
+                    self.file = open(path, "x", encoding="utf-8")
+                except FileExistsError:  # created between the check above and here
+                    raise RefformerError(f"--output {shown(output_path)} was created while this run started "
+                                         "(another run writing it?); pass --overwrite to replace it") from None
 
     def render(self, record):
         if self.as_json or self.file is not None:
@@ -476,7 +485,7 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
             sys.stdout.flush()
         click.echo()
         return
-    writer = RecordWriter(output_path, as_json)
+    writer = RecordWriter(output_path, as_json, overwrite)
     truncated = []
     if generator is not None:
         generator.collected_warnings = truncated

@@ -484,3 +484,14 @@ def test_ctrl_c_while_the_program_starts_is_one_line(tmp_path, delay):
     # interrupted (130, whether in the imports or in main) or already finished (the model folder is empty: exit 1)
     assert (child.returncode, err.splitlines()[:1]) in ((130, ["error: interrupted"]), (1, err.splitlines()[:1]))
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_an_output_another_run_created_meanwhile_is_not_replaced_without_overwrite(tmp_path):
+    from refformer.refimpl import RefformerError
+    from refformer.runtime.generate_cli import RecordWriter
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("the other run's\n")  # two runs checked --output before either created it
+    with pytest.raises(RefformerError, match="was created while this run started .* pass --overwrite"):
+        RecordWriter(str(out), as_json=True, overwrite=False)
+    assert out.read_text() == "the other run's\n" and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
