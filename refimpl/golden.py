@@ -67,12 +67,13 @@ def golden(cfg, params, seed=0, label_smoothing=0.0):
     return out
 
 
-def write_golden(model_dir, out_path, seed=0):
+def write_golden(model_dir, out_path, seed=0, overwrite=True):
     """Load model_dir in float64 and write golden(...) with the config (as JSON text) to out_path (.npz).
 
     Raises RefformerError, before loading the weights, for a negative seed, a missing output folder, an out_path
     that is not a regular file (a device, a pipe), or a model whose float64 parameters and gradients cannot fit in
-    memory. A symbolic link out_path is written through.
+    memory. A symbolic link out_path is written through. overwrite=False: an out_path that another process created
+    while this one computed is not replaced (RefformerError).
     """
     check_seed("seed", seed)
     out_path = Path(out_path)
@@ -86,7 +87,7 @@ def write_golden(model_dir, out_path, seed=0):
     arrays["config_json"] = np.array(cfg.to_json())
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    atomic_write(out_path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+    atomic_write(out_path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()), replace=overwrite)
     return arrays
 
 

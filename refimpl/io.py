@@ -29,12 +29,13 @@ SPECIAL_TOKEN_NAMES = {"pad_id": ("<pad>", "[PAD]"), "bos_id": ("<s>", "<bos>", 
                        "eos_id": ("</s>", "<eos>", "[EOS]"), "unk_id": ("<unk>", "[UNK]")}
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, replace=True):
     """Write a file through write(temporary_path), then rename it over path: a failure leaves path untouched.
 
     A symbolic link is written through (the file it points to is replaced, the link stays). Raises RefformerError,
     before writing anything, when path is a device, a pipe or a folder (renaming over /dev/null would replace it),
-    and when the disk is full (the temporary is removed, path left as it was)."""
+    and when the disk is full (the temporary is removed, path left as it was). replace=False: path must not exist
+    when the write ends (RefformerError if another process created it meanwhile)."""
     given = path
     path = Path(os.path.realpath(path))
     if path.exists() and not path.is_file():
@@ -47,7 +48,19 @@ def atomic_write(path, write):
         write(tmp)
         # mkstemp makes 0600 files: a new file gets the usual permissions, a replaced one keeps its own
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~current_umask())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:  # a link fails where path exists: a file another process wrote meanwhile is never replaced
+            try:
+                os.link(tmp, path)
+                os.unlink(tmp)
+            except FileExistsError:
+                raise RefformerError(f"{given} was created by another process meanwhile; pass --overwrite to "
+                                     "replace it") from None
+            except OSError as error:  # a file system without hard links: a plain rename
+                if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                os.replace(tmp, path)
     except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -60,7 +60,7 @@ def golden_command(model_dir, out_path, seed, overwrite):
         if Path(os.path.realpath(exports)) in target.parents:
             raise RefformerError(f"--out {out_path} is in the model's export folder {exports}; pick a file elsewhere")
     check_weights(load(model_dir)[1], None, Path(model_dir) / WEIGHTS_FILE)  # NaN in, NaN out: refuse it here
-    arrays = write_golden(model_dir, out_path, seed)
+    arrays = write_golden(model_dir, out_path, seed, overwrite=overwrite)
     click.echo(f"wrote {len(arrays)} arrays to {out_path}")
 
 

@@ -412,3 +412,20 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path):
     with pytest.raises(RefformerError, match=r"cannot write .*a.txt \(No space left on device\); it was left as it was"):
         atomic_write(path, write)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_atomic_write_without_replace_keeps_a_file_another_process_wrote_meanwhile(tmp_path):
+    from refformer.refimpl.io import atomic_write
+
+    path = tmp_path / "g.npz"
+
+    def write(tmp):
+        path.write_text("the other process's")  # created while this write was under way
+        with open(tmp, "w") as f:
+            f.write("mine")
+
+    with pytest.raises(RefformerError, match="created by another process meanwhile; pass --overwrite"):
+        atomic_write(path, write, replace=False)
+    assert path.read_text() == "the other process's" and [p.name for p in tmp_path.iterdir()] == ["g.npz"]
+    atomic_write(tmp_path / "new.txt", lambda tmp: open(tmp, "w").write("x"), replace=False)
+    assert (tmp_path / "new.txt").read_text() == "x" and len(list(tmp_path.iterdir())) == 2
