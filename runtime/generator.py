@@ -105,6 +105,10 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
     return target
 
 
+LONG_TEXT_MARGIN = 4  # a text over 4 x longest token x max_positions characters is too long whatever the tokenizer's
+# normalizer does (unless it deletes three quarters of the text), so it is not tokenized whole
+
+
 def gpu_present():
     """Whether this machine shows an NVIDIA GPU (its device node or driver), whatever ONNX Runtime can load."""
     return any(os.path.exists(path) for path in ("/dev/nvidia0", "/proc/driver/nvidia", "/dev/dxg"))
@@ -277,13 +281,23 @@ class Generator:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 raise RefformerError(f"{name} is not valid Unicode (it has a lone surrogate)") from None
+        limit = cfg.max_positions - 1  # room for eos (source) or bos (prompt) and at least one new token
+        # A text far longer than limit tokens can cover is refused (or cut) before the tokenizer sees it: a 55 MB
+        # line took 90 s and 12 GB to tokenize, only to be refused
+        most = LONG_TEXT_MARGIN * self.longest_token() * (limit + 1)
+        long_texts = {number: len(text) for number, text in enumerate(texts) if len(text) > most}
+        for number in long_texts:
+            if not self.truncate:
+                raise RefformerError(f"{names[number]} has {len(texts[number])} characters, far more than the model's "
+                                     f"{limit} tokens hold; shorten it or pass --truncate")
+        if long_texts:
+            texts = [text[:most] if number in long_texts else text for number, text in enumerate(texts)]
         try:
             rows = tok.encode(self.tokenizer, texts)
         except RefformerError as error:  # the tokenizer panicked: name the text when there is one
             if len(names) == 1:
                 raise RefformerError(f"{names[0]}: {error}") from None
             raise
-        limit = cfg.max_positions - 1  # room for eos (source) or bos (prompt) and at least one new token
         for number, (name, row) in enumerate(zip(names, rows)):
             if not row:  # a tokenizer.json whose normalizer deletes the text: the model would see only eos
                 raise RefformerError(f"{name} gives no tokens: the tokenizer's normalizer removes all of it")
@@ -291,13 +305,21 @@ class Generator:
                 if not self.truncate:
                     raise RefformerError(f"{name} has {len(row)} tokens, more than the model's {limit}; "
                                          "shorten it or pass --truncate")
-                warning = f"warning: {name} truncated from {len(row)} to {limit} tokens"
+                size = f"{len(row)}" if number not in long_texts else f"its {long_texts[number]} characters"
+                warning = f"warning: {name} truncated from {size} to {limit} tokens"
                 if self.collected_warnings is None:
                     note(warning)
                 else:
                     self.collected_warnings.append(warning)
                 rows[number] = row[:limit]
         return rows
+
+    def longest_token(self):
+        """The most characters one vocabulary token has (a byte-level token's characters stand for one byte each,
+        a text's characters for one or more): no token covers more of a text."""
+        if getattr(self, "_longest_token", None) is None:
+            self._longest_token = max([len(token) for token in self.tokenizer.get_vocab(with_added_tokens=True)] + [1])
+        return self._longest_token
 
     @staticmethod
     def text_list(texts):

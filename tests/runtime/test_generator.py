@@ -333,3 +333,15 @@ def test_a_crafted_normalizer_is_one_error_and_prints_nothing(tmp_path, tokenize
     with pytest.raises(RefformerError, match=message):
         generator.generate("Hallo Welt")
     assert capfd.readouterr().err == ""  # no panic message, no RUST_BACKTRACE backtrace
+
+
+def test_a_huge_text_is_refused_or_cut_before_it_is_tokenized_whole(tmp_path, tokenizer_file):
+    make_model(tmp_path / "m", tokenizer_file, "encoder-decoder")
+    generator = gen_module.Generator(tmp_path / "m", provider="cpu")
+    text = "Hallo Welt, wie geht es dir heute? " * 20000  # 700k characters: tokenized whole, seconds and GBs per MB
+    with pytest.raises(RefformerError, match="has 700000 characters, far more than the model's 47 tokens hold"):
+        generator.encode_rows([text])
+    generator.truncate, generator.collected_warnings = True, []
+    row = generator.encode_rows([text])[0]
+    assert row == tok.encode(generator.tokenizer, [text])[0][:47]  # the same tokens as cutting the whole text's
+    assert generator.collected_warnings == ["warning: input 1 truncated from its 700000 characters to 47 tokens"]
