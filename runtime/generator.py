@@ -100,7 +100,8 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
         if fresh(candidate):
             return candidate
     target = default_export_dir(model_dir, dtype, static_length, fused_attention)
-    note(f"notice: exporting {model_dir} to {target} ({dtype}) ...")
+    shown = [str(path) if str(path).isprintable() else repr(str(path)) for path in (model_dir, target)]  # one line
+    note(f"notice: exporting {shown[0]} to {shown[1]} ({dtype}) ...")
     export_model(model_dir, target, dtype=dtype, static_length=static_length, fused_attention=fused_attention)
     return target
 
