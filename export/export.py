@@ -385,6 +385,9 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
     if out_dir is None:
         out_dir = default_export_dir(model_dir, dtype, static_length, fused_attention)
     out_dir = Path(out_dir)
+    from .verify import check_native_path
+
+    check_native_path(out_dir.absolute())  # the onnx checker takes its graphs by path
     own_places = export_locations(model_dir, export_name(dtype, static_length, fused_attention))
     own_place = out_dir in own_places
     if not own_place and not is_folder(out_dir.parent):  # the default places' folders are made as needed

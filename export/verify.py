@@ -36,10 +36,22 @@ REAL_SENTENCES = {
 # ---------------------------------------------------------------------------- sessions
 
 
+def check_native_path(path):
+    """Refuse a path the native libraries (ONNX Runtime, onnx) cannot take: one whose non-ASCII characters Python
+    could not decode under an ASCII locale (LC_ALL=C with PYTHONUTF8=0), which it keeps as surrogate escapes."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RefformerError(f"the path {os.fspath(path)!r} has characters this locale ({sys.getfilesystemencoding()}) "
+                             "cannot pass to ONNX Runtime; run with a UTF-8 locale (LC_ALL=C.UTF-8, or "
+                             "PYTHONUTF8=1)") from None
+
+
 def session(path, provider="CPUExecutionProvider", threads=None, provider_options=None):
     """An onnxruntime.InferenceSession for one provider; a corrupt or missing graph is a RefformerError."""
     ort = import_onnxruntime()
 
+    check_native_path(path)
     path = Path(path)
     if not path.is_file():
         raise RefformerError(f"{path} is missing: run `refformer export`")

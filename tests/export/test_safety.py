@@ -816,3 +816,13 @@ def test_convert_torch_refuses_meta_tensors_in_one_line(tmp_path):
                     tmp_path / "c", "--n-heads", "2")
     one_line_error(result, "is a meta tensor")  # was NotImplementedError: Cannot copy out of meta tensor
     assert not (tmp_path / "c").exists()
+
+
+def test_a_path_an_ascii_locale_cannot_pass_to_onnx_is_one_line(tmp_path):
+    make_model(tmp_path / "m")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    code = "from refformer.runtime.cli import main; main()"
+    result = subprocess.run([sys.executable, "-c", code, "export", "--model", str(tmp_path / "m"), "--out",
+                             str(tmp_path / "ü")], env=env, capture_output=True, timeout=120)
+    err = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 1 and err.count("\n") == 1 and "run with a UTF-8 locale" in err, err
