@@ -106,6 +106,9 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
     return target
 
 
+LIBRARY_BATCH = 64  # generate() and generate_ids() run many texts this many at a time (outputs are per row, so the
+# same): 20,000 texts at once were refused for their caches' 24 GiB, with advice to lower a batch size they lack
+
 LONG_TEXT_MARGIN = 4  # a text over 4 x longest token x max_positions characters is too long whatever the tokenizer's
 # normalizer does (unless it deletes three quarters of the text), so it is not tokenized whole
 
@@ -365,18 +368,22 @@ class Generator:
         """Per input, num_return_sequences lists of generated ids (eos kept): refimpl's search on the ONNX stepper.
         options: a GenerationOptions (default: greedy). Raises RefformerError for bad texts or options."""
         options = self.check_options(options)
-        return self.search_rows(self.encode_rows(texts), options)
+        rows = self.encode_rows(texts)
+        return [ids for start in range(0, len(rows), LIBRARY_BATCH)
+                for ids in self.search_rows(rows[start:start + LIBRARY_BATCH], options)]
 
     def generate(self, texts, **options):
         """Texts -> generated texts: a list of str, or of lists of str when num_return_sequences > 1; one str (or list)
         for one str. [] gives []. options: GenerationOptions' fields; without seed, sampling draws a new seed every
-        call. Each text's output depends only on it, the options and the seed, not on the other texts.
-        Raises RefformerError for bad texts (not a str, empty, too long) or options."""
+        call. Each text's output depends only on it, the options and the seed, not on the other texts; many texts
+        run LIBRARY_BATCH at a time. Raises RefformerError for bad texts (not a str, empty, too long) or options."""
         options = GenerationOptions.from_keywords(**options)
         single = isinstance(texts, str)
         if not single and isinstance(texts, (list, tuple)) and not texts:
             return []
-        outputs = self.generate_rows(self.encode_rows(texts), options)
+        rows = self.encode_rows(texts)  # every text is checked before any is generated
+        outputs = [output for start in range(0, len(rows), LIBRARY_BATCH)
+                   for output in self.generate_rows(rows[start:start + LIBRARY_BATCH], options)]
         return outputs[0] if single else outputs
 
     @staticmethod

@@ -345,3 +345,17 @@ def test_a_huge_text_is_refused_or_cut_before_it_is_tokenized_whole(tmp_path, to
     row = generator.encode_rows([text])[0]
     assert row == tok.encode(generator.tokenizer, [text])[0][:47]  # the same tokens as cutting the whole text's
     assert generator.collected_warnings == ["warning: input 1 truncated from its 700000 characters to 47 tokens"]
+
+
+def test_many_texts_run_in_library_batches_with_the_same_outputs(tmp_path, tokenizer_file, monkeypatch):
+    make_model(tmp_path / "m", tokenizer_file, "encoder-decoder")
+    generator = gen_module.Generator(tmp_path / "m", provider="cpu")
+    texts = ["Hallo Welt.", "Guten Morgen, wie geht es?", "Danke."] * 3
+    alone = [generator.generate(text, do_sample=True, seed=3, max_new_tokens=4) for text in texts]
+    sizes = []
+    search = gen_module.Generator.search_rows
+    monkeypatch.setattr(gen_module, "LIBRARY_BATCH", 4)
+    monkeypatch.setattr(gen_module.Generator, "search_rows",
+                        lambda self, rows, options: sizes.append(len(rows)) or search(self, rows, options))
+    assert generator.generate(texts, do_sample=True, seed=3, max_new_tokens=4) == alone
+    assert sizes == [4, 4, 1]  # 20,000 texts at once had been refused for their caches' memory
