@@ -48,6 +48,10 @@ def export_name(dtype="fp32", static_length=None, fused_attention=False):
     return dtype + ("" if static_length is None else f"-static{static_length}") + ("-fused" if fused_attention else "")
 
 
+# generate and verify find exports in MODEL/onnx and the per-user cache only: an export elsewhere (--out) is no help
+CACHE_ADVICE = "set XDG_CACHE_HOME to a writable folder (where generate and verify look for exports)"
+
+
 def is_folder(path):
     """Path.is_dir that says False, not PermissionError, for a path under a folder this user cannot enter."""
     try:
@@ -193,8 +197,7 @@ def check_out_dir(model_dir, out_dir, what=None):
         pass
     except OSError as error:  # e.g. a cache under a home folder this user cannot enter
         raise RefformerError(f"{what} cannot be looked at ({error.strerror}): " + (
-            "pick a folder you can write" if what.startswith("--out") else
-            "pass `refformer export` a writable --out DIR, or set XDG_CACHE_HOME to a writable folder")) from None
+            "pick a folder you can write" if what.startswith("--out") else CACHE_ADVICE)) from None
     if out.is_symlink():
         raise RefformerError(f"{what} is a symbolic link; " + ("pass the folder it points to" if what.startswith("--out")
                              else "remove the link (or pass the folder it points to as `refformer export --out`)"))
@@ -408,8 +411,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=17, external_data=
         recover_leftovers(parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{owner()}-", dir=parent))
     except OSError as error:
-        raise RefformerError(f"cannot write an export into {parent} ({error.strerror}): pass `refformer export` a "
-                             "writable --out DIR, or set XDG_CACHE_HOME to a writable folder") from None
+        raise RefformerError(f"cannot write an export into {parent} ({error.strerror}): " + (
+            CACHE_ADVICE if own_place else "pick a writable --out DIR")) from None
     try:
         graphs = {"decoder.onnx": build_decoder(cfg, params, dtype, opset)}
         if cfg.is_encoder_decoder:
