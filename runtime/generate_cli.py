@@ -86,14 +86,14 @@ def read_inputs(raw):
     """(line number, text or None, error or None, extra fields) for each line of an input file's bytes.
 
     A line is plain text, or a JSON object with a "text" field (JSONL; its "id", if any, is passed through). A
-    UTF-8 byte-order mark at the start is dropped, and a file with a UTF-16 or UTF-32 byte-order mark is decoded as
-    such (utf8_bytes). Each line is decoded on its own, so one non-UTF-8 line is reported without losing the others;
+    UTF-8 byte-order mark at the start is dropped (at the start of any line too: files joined with cat), and a
+    file with a UTF-16 or UTF-32 byte-order mark is decoded as such (utf8_bytes). Each line is decoded on its own, so one non-UTF-8 line is reported without losing the others;
     a blank line is reported as empty, and a line with a raw NUL byte as a bad line (a JSON "\\u0000" is text).
     """
     raw = utf8_bytes(raw)
     for number, line in enumerate(raw.splitlines(), start=1):
         try:
-            text = line.decode("utf-8")
+            text = line.decode("utf-8").removeprefix("\ufeff")  # also a mark inside: `cat a.jsonl b.jsonl` files
         except UnicodeDecodeError as error:
             yield number, None, f"line {number} is not valid UTF-8 (byte {error.start + 1})", {}
             continue

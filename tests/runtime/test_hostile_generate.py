@@ -495,3 +495,11 @@ def test_an_output_another_run_created_meanwhile_is_not_replaced_without_overwri
     with pytest.raises(RefformerError, match="was created while this run started .* pass --overwrite"):
         RecordWriter(str(out), as_json=True, overwrite=False)
     assert out.read_text() == "the other run's\n" and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_a_byte_order_mark_at_the_start_of_a_later_line_is_dropped(model_dir, tmp_path):
+    path = tmp_path / "joined.jsonl"  # cat a.jsonl b.jsonl, both saved with a mark
+    path.write_bytes(b'\xef\xbb\xbf{"text": "Hallo.", "id": 1}\n\xef\xbb\xbf{"text": "Welt.", "id": 2}\r\n')
+    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(path), "--json", "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert [(r["id"], r["input"]) for r in map(json.loads, result.stdout.splitlines())] == [(1, "Hallo."), (2, "Welt.")]
