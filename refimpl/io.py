@@ -29,14 +29,29 @@ SPECIAL_TOKEN_NAMES = {"pad_id": ("<pad>", "[PAD]"), "bos_id": ("<s>", "<bos>", 
                        "eos_id": ("</s>", "<eos>", "[EOS]"), "unk_id": ("<unk>", "[UNK]")}
 
 
+def leads_nowhere(path):
+    """True for a symbolic link that no write can go through: a loop, or one whose target's folder is missing (a
+    dangling link whose target could be created is written through, as any link)."""
+    if not os.path.islink(path) or os.path.exists(path):
+        return False
+    try:
+        target = Path(path).resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop
+        return True
+    return not target.parent.is_dir()
+
+
 def atomic_write(path, write, replace=True):
     """Write a file through write(temporary_path), then rename it over path: a failure leaves path untouched.
 
     A symbolic link is written through (the file it points to is replaced, the link stays). Raises RefformerError,
     before writing anything, when path is a device, a pipe or a folder (renaming over /dev/null would replace it),
-    and when the disk is full (the temporary is removed, path left as it was). replace=False: path must not exist
+    or a symbolic link that leads nowhere, and when the disk is full (the temporary is removed, path left as it was). replace=False: path must not exist
     when the write ends (RefformerError if another process created it meanwhile)."""
     given = path
+    if leads_nowhere(given):
+        raise RefformerError(f"{given} is a symbolic link that leads nowhere (a loop, or a missing target); remove "
+                             "the link or give another file name")
     path = Path(os.path.realpath(path))
     if path.exists() and not path.is_file():
         raise RefformerError(f"{given} is not a regular file (a device, a pipe or a folder); refformer will not "

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.io import leads_nowhere
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import model_option, resolve_model
 
@@ -28,6 +29,9 @@ def check_new_file(path, overwrite, inputs=()):
         raise RefformerError(f"--out {path}: folder {path.parent} does not exist")
     if path.is_dir():
         raise RefformerError(f"--out {path} is a folder; give a file name")
+    if leads_nowhere(path):
+        raise RefformerError(f"--out {path} is a symbolic link that leads nowhere (a loop, or a missing target); "
+                             "remove the link or give another file name")
     if path.exists() and not path.is_file():
         raise RefformerError(f"--out {path} is not a regular file (a device or a pipe); give a file name")
     if path.exists():

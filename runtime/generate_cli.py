@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.io import leads_nowhere
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import model_option
 
@@ -186,6 +187,9 @@ def check_output_path(output_path, input_path, overwrite, model_dir=None):
         raise RefformerError("--output is empty; give a file name")
     if path.is_dir():
         raise RefformerError(f"--output {output_path} is a folder; give a file name")
+    if leads_nowhere(path):
+        raise RefformerError(f"--output {output_path} is a symbolic link that leads nowhere (a loop, or a missing "
+                             "target); remove the link or give another file name")
     if parent.exists() and not parent.is_dir():
         raise RefformerError(f"--output {output_path}: {parent} is a file, not a folder")
     if not parent.is_dir():
@@ -198,7 +202,7 @@ def check_output_path(output_path, input_path, overwrite, model_dir=None):
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise RefformerError(f"--output {output_path} exists; pass --overwrite to replace it")
-        if not path.is_file():
+        if path.exists() and not path.is_file():  # (a link whose target is still to be made is written through)
             raise RefformerError(f"--output {output_path} is not a regular file")
 
 

@@ -503,3 +503,23 @@ def test_a_byte_order_mark_at_the_start_of_a_later_line_is_dropped(model_dir, tm
     result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(path), "--json", "--max-new-tokens", "2")
     assert result.exit_code == 0, result.output
     assert [(r["id"], r["input"]) for r in map(json.loads, result.stdout.splitlines())] == [(1, "Hallo."), (2, "Welt.")]
+
+
+def test_a_symbolic_link_loop_as_output_is_refused_before_the_work(model_dir, tmp_path):
+    os.symlink("b", tmp_path / "a")
+    os.symlink("a", tmp_path / "b")
+    for args in (["generate", "--model", model_dir, "Hallo."], ["golden", "--model", model_dir]):
+        for extra in ([], ["--overwrite"]):
+            flag = "--output" if args[0] == "generate" else "--out"
+            result = CliRunner().invoke(main, [*args, flag, str(tmp_path / "a"), *extra])
+            assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+            assert "symbolic link that leads nowhere" in result.stderr  # golden computed, then said 'created meanwhile'
+
+
+def test_a_dangling_link_whose_target_can_be_made_is_written_through(model_dir, tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink("real/out.jsonl", tmp_path / "link")
+    result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "--output", str(tmp_path / "link"),
+                    "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert os.path.islink(tmp_path / "link") and len(jsonl(tmp_path / "real" / "out.jsonl")) == 1
