@@ -337,6 +337,10 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
     if providers is not None and (not isinstance(providers, (list, tuple)) or not providers
                                   or not all(provider in known for provider in providers)):
         raise RefformerError(f"providers must be a non-empty list of {' and '.join(known)}, got {providers!r}")
+    if providers is not None and "CUDAExecutionProvider" in providers and not cuda_usable():  # before ONNX Runtime
+        # prints its own banner of loader errors for each session
+        raise RefformerError("the CUDA execution provider cannot be loaded here (no GPU, or CUDA 13 / cuDNN 9 "
+                             "libraries missing); use CPUExecutionProvider")
     model_dir = Path(model_dir)
     onnx_dir = Path(onnx_dir) if onnx_dir is not None else find_export(model_dir)
     cfg, params = load(model_dir)

@@ -826,3 +826,15 @@ def test_a_path_an_ascii_locale_cannot_pass_to_onnx_is_one_line(tmp_path):
                              str(tmp_path / "ü")], env=env, capture_output=True, timeout=120)
     err = result.stderr.decode("utf-8", "replace")
     assert result.returncode == 1 and err.count("\n") == 1 and "run with a UTF-8 locale" in err, err
+
+
+def test_verify_with_cuda_where_it_cannot_load_is_one_error_and_no_banner(tmp_path, monkeypatch, capfd):
+    import refformer.export.verify as verify_module
+
+    make_model(tmp_path / "m")
+    export_model(tmp_path / "m")
+    monkeypatch.setattr(verify_module, "cuda_usable", lambda: False)
+    capfd.readouterr()
+    with pytest.raises(RefformerError, match="CUDA execution provider cannot be loaded here"):
+        verify(tmp_path / "m", providers=["CUDAExecutionProvider"])
+    assert capfd.readouterr().err == ""  # ONNX Runtime's three-line loader banner came first
