@@ -10,7 +10,8 @@ def cross_entropy_forward(logits, targets, *, ignore_id=None, label_smoothing=0.
     """Mean over non-ignored tokens of (1 - e) * -log p[target] + e * mean_v(-log p[v]).
 
     logits [B, T, V] (or [N, V]), targets [B, T] (or [N]) -> scalar loss (0.0 when every
-    target is ignored; torch gives NaN there). Raises RefformerError for bad shapes, ids or label_smoothing.
+    target is ignored; torch gives NaN there). A logit of -inf (a class that can never be the answer) is allowed:
+    the loss is finite unless a target's logit is -inf (or label_smoothing > 0 meets a -inf logit), where it is inf. Raises RefformerError for bad shapes, ids or label_smoothing.
     """
     check_array("logits", logits, kind="f")
     check(logits.ndim >= 1 and logits.shape[-1] >= 1, f"logits must have a last axis of V >= 1 classes, "
@@ -26,8 +27,10 @@ def cross_entropy_forward(logits, targets, *, ignore_id=None, label_smoothing=0.
           f"targets must hold ids in [0, {V}) (or the ignored id)")
     logp, logp_cache = log_softmax_forward(logits)
     nll = -np.take_along_axis(logp, safe_targets[..., None], axis=-1)[..., 0]  # [B, T]
-    smooth = -logp.mean(axis=-1)  # [B, T]
-    per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    # A term whose weight is 0 is left out, not multiplied by 0: a -inf logit (a banned class) makes the mean
+    # over classes inf, and 0 * inf would turn the loss into NaN.
+    per_token = nll if label_smoothing == 0 else -logp.mean(axis=-1) if label_smoothing == 1 else (
+        (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1))  # [B, T]
     n_tokens = int(valid.sum())
     loss = (per_token * valid).sum() / max(n_tokens, 1)
     cache = {"log_softmax": logp_cache, "targets": safe_targets, "valid": valid, "n_tokens": n_tokens,

@@ -327,19 +327,26 @@ def model_forward(cfg, params, src_ids, tgt_ids, *, src_mask=None, tgt_mask=None
     hidden, decoder_cache = decoder_forward(cfg, params, tgt_ids, tgt_keep, tgt_positions, memory, src_keep, rng)
     logits, head_cache = linear_forward(lm_head_params(cfg, params), hidden)
     assert logits.dtype == dtype
-    cache = {"encoder": encoder_cache, "decoder": decoder_cache, "lm_head": head_cache, "logits": logits}
+    cache = {"encoder": encoder_cache, "decoder": decoder_cache, "lm_head": head_cache, "logits": logits,
+             "cfg": cfg}  # model_backward refuses a cache of another config (its activations would not match)
     return logits, cache
 
 
 def model_backward(cfg, params, cache, dlogits):
     """Gradients of every parameter (a tree with exactly params' keys) given dlogits [B, T, V].
 
-    Raises RefformerError for params, cache or dlogits that do not match the forward.
+    Raises RefformerError for params, cache or dlogits that do not match the forward: a cache that model_forward
+    returned for another config or for parameters of another dtype, a dlogits of another shape or dtype.
     """
-    _check_model(cfg, params)
+    dtype = _check_model(cfg, params)
     check(isinstance(cache, dict) and isinstance(cache.get("logits"), np.ndarray) and "decoder" in cache,
           "cache must be the cache model_forward returned")
+    check(cache.get("cfg") == cfg, "cache is from model_forward with another config; pass the cfg of that call")
+    check(cache["logits"].dtype == dtype, f"cache is from model_forward with {cache['logits'].dtype} parameters, "
+                                          f"but these are {dtype}; pass the parameters of that call")
     check_upstream("dlogits", dlogits, cache["logits"].shape)
+    check(dlogits.dtype == dtype, f"dlogits has dtype {dlogits.dtype} but the parameters are {dtype}; "
+                                  f"pass dlogits.astype(np.{dtype})")
     with reading_cache("model_forward"):
         return _model_backward(cfg, params, cache, dlogits)
 

@@ -342,7 +342,8 @@ def softmax_forward(x, axis=-1):
     check_axis(x, axis)
     row_max = np.max(x, axis=axis, keepdims=True, initial=-np.inf)  # initial: an empty axis (S = 0) is allowed
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # all -inf row: subtract 0, exp gives zeros
-    e = np.exp(x - row_max)
+    with np.errstate(over="ignore"):  # a row spanning more than the float range: -inf there, exp gives 0 (exact)
+        e = np.exp(x - row_max)
     total = e.sum(axis=axis, keepdims=True)
     y = e / np.where(total == 0.0, 1.0, total)
     return y, (y,)
@@ -361,14 +362,18 @@ def softmax_backward(cache, dy, axis=-1):
 
 
 def log_softmax_forward(x, axis=-1):
-    """x - logsumexp(x), stable for large |x|.
+    """x - logsumexp(x), stable for large |x|. A row that is all -inf gives all -inf (the log of softmax_forward's
+    zeros; torch gives NaN), a log-probability below the float range -inf.
 
     Raises RefformerError for a non-floating x or an axis it does not have.
     """
     check_axis(x, axis)
     row_max = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
-    shifted = x - row_max
-    y = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # all -inf row: -inf throughout, as log(softmax's zeros)
+    with np.errstate(over="ignore"):  # a row spanning more than the float range: -inf there (log of 0 in floats)
+        shifted = x - row_max
+    total = np.exp(shifted).sum(axis=axis, keepdims=True)
+    y = shifted - np.log(np.where(total == 0.0, 1.0, total))
     return y, (y,)
 
 

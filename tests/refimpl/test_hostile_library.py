@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from refformer.refimpl import (Config, attention_forward, causal_mask, cross_entropy_backward, cross_entropy_forward,
+                               model_backward,
                                empty_cache, encode, init_params, log_softmax_forward, model_forward, rel_error,
                                softmax_forward)
 from refformer.refimpl.errors import RefformerError
@@ -97,3 +98,41 @@ def test_data_functions_refuse_paths_that_are_not_paths(tmp_path):
     for call in calls:
         with pytest.raises(RefformerError):
             call()
+
+
+def test_backward_refuses_a_cache_of_another_config_or_dtype():
+    """model_backward took a cache from another config (or from float32 parameters with float64 ones) and returned
+    wrong gradients; a dlogits of another dtype gave float64 gradients for float32 parameters."""
+    params = init_params(CFG, np.random.default_rng(0), dtype=np.float64)
+    src, tgt = np.array([[4, 5, 2]]), np.array([[1, 4]])
+    logits, cache = model_forward(CFG, params, src, tgt)
+    other = CFG.replace(norm_first=not CFG.norm_first)
+    with pytest.raises(RefformerError, match="another config"):
+        model_backward(other, params, cache, np.ones_like(logits))
+    params32 = init_params(CFG, np.random.default_rng(0), dtype=np.float32)
+    with pytest.raises(RefformerError, match="float64 parameters"):
+        model_backward(CFG, params32, cache, np.ones_like(logits, dtype=np.float32))
+    with pytest.raises(RefformerError, match="dlogits has dtype float32"):
+        model_backward(CFG, params, cache, np.ones_like(logits, dtype=np.float32))
+    assert model_backward(CFG, params, cache, np.ones_like(logits))["decoder"]["embed_tokens"]["weight"].dtype == np.float64
+
+
+def test_minus_inf_logits_and_rows_beyond_the_float_range():
+    """A -inf logit (a banned class) made cross_entropy NaN through 0 * inf; a row spanning more than the float range
+    printed overflow warnings; log_softmax of an all -inf row was NaN (softmax gives zeros there)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, cache = cross_entropy_forward(np.array([[0.0, -np.inf, 1.0]]), np.array([0]))
+        assert np.isfinite(loss) and np.isclose(loss, np.log1p(np.e))
+        assert np.isfinite(cross_entropy_backward(cache)).all()
+        assert cross_entropy_forward(np.array([[0.0, -np.inf]]), np.array([1]))[0] == np.inf  # the target's is -inf
+        np.testing.assert_array_equal(softmax_forward(np.array([[1e308, -1e308]]))[0], [[1.0, 0.0]])
+        np.testing.assert_array_equal(softmax_forward(np.array([[3e38, -3e38]], np.float32))[0], [[1.0, 0.0]])
+        np.testing.assert_array_equal(log_softmax_forward(np.array([[1e308, -1e308]]))[0], [[0.0, -np.inf]])
+        np.testing.assert_array_equal(log_softmax_forward(np.full((1, 3), -np.inf))[0], np.full((1, 3), -np.inf))
+        for big in (1e30, -1e30):
+            logits = np.zeros((1, 2, 5))
+            logits[0, 0, 3] = big
+            assert np.isfinite(cross_entropy_forward(logits, np.array([[3, 4]]))[0])
