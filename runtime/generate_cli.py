@@ -199,11 +199,11 @@ def check_output_path(output_path, input_path, overwrite, model_dir=None):
         raise RefformerError(f"--output {output_path}: folder {parent} is not writable")
     if input_path not in (None, "-") and Path(input_path).exists() and path.exists() and os.path.samefile(input_path, path):
         raise RefformerError(f"--output {output_path} is the --input file; write the results to another file")
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise RefformerError(f"--output {output_path} exists; pass --overwrite to replace it")
-        if path.exists() and not path.is_file():  # (a link whose target is still to be made is written through)
-            raise RefformerError(f"--output {output_path} is not a regular file")
+    if path.exists() and not path.is_file():  # a device or a pipe: --overwrite would not help (it said to pass it)
+        raise RefformerError(f"--output {output_path} is not a regular file (a device or a pipe); give a file name, "
+                             "or --output - for stdout")
+    if (path.exists() or path.is_symlink()) and not overwrite:  # (a link whose target is still to be made is
+        raise RefformerError(f"--output {output_path} exists; pass --overwrite to replace it")  # written through)
 
 
 def check_not_in_model(output_path, model_dir):

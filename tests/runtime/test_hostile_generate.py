@@ -523,3 +523,9 @@ def test_a_dangling_link_whose_target_can_be_made_is_written_through(model_dir, 
                     "--overwrite")
     assert result.exit_code == 0, result.output
     assert os.path.islink(tmp_path / "link") and len(jsonl(tmp_path / "real" / "out.jsonl")) == 1
+
+
+def test_a_device_as_output_is_refused_once_without_asking_for_overwrite(model_dir):
+    for extra in ([], ["--overwrite"]):
+        result = invoke("--model", model_dir, "Hallo.", "--output", "/dev/full", *extra)
+        assert result.exit_code == 1 and result.stderr.startswith("error: --output /dev/full is not a regular file")
