@@ -565,9 +565,11 @@ def _check_resumable(cfg, saved_cfg, options, saved_options, data_fingerprint, s
     ours, theirs = options.to_dict(), TrainOptions.from_dict(saved_options).to_dict()
     changed = [f"{k}: {theirs[k]!r} -> {ours[k]!r}" for k in ours
                if k not in TrainOptions.RESUMABLE_CHANGES and ours[k] != theirs[k]]
-    check(not changed, f"cannot resume: training options differ from the checkpoint's ({', '.join(changed)})")
+    check(not changed, f"cannot resume: training options differ from the checkpoint's ({', '.join(changed)}); "
+                       f"use the checkpoint's options, or train into a new --out directory")
     check(data_fingerprint == saved_fingerprint,
-          "cannot resume: the training batches differ from the checkpoint's (other data, tokenizer or max_tokens)")
+          "cannot resume: the training batches differ from the checkpoint's (other data, tokenizer or max_tokens); "
+          "resume with the same data, tokenizer and --max-tokens, or train into a new --out directory")
 
 
 # ---------------------------------------------------------------------------- the loop

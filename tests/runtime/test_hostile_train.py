@@ -123,3 +123,47 @@ def test_out_that_is_a_dangling_symbolic_link_is_refused_before_training(data, t
                   "--steps", "1")
     assert result.exit_code == 1 and "is a symbolic link to" in result.output and "training" not in result.output
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_huge_line_is_skipped_unencoded_and_the_tokenizer_trains_on_it_quickly(data, tmp_path, monkeypatch):
+    """A 50 MB line in train.tsv took 70 s and 9 GB to encode in train (only to be skipped as too long), and over
+    5 minutes in `tokenizer train`. Train skips it before encoding; the tokenizer trainer takes it in pieces."""
+    import refformer.runtime.tokenizer as tokenizer_module
+
+    corpus = tmp_path / "de-en"
+    corpus.mkdir()
+    for split in ("train", "valid"):
+        (corpus / f"{split}.tsv").write_text("".join(f"{de}\t{en}\n" for de, en in PAIRS) + "a" * 1_000_000 + "\tb\n")
+    lengths = []
+    real_encode = tokenizer_module.encode
+    monkeypatch.setattr(tokenizer_module, "encode",
+                        lambda tok, texts: lengths.extend(map(len, texts)) or real_encode(tok, texts))
+    result = _run("train", corpus, "--tokenizer", data / "tokenizer.json", "--out", tmp_path / "m", *TINY,
+                  "--steps", "1")
+    assert result.exit_code == 0 and "1 longer than 64 tokens skipped" in result.output
+    assert max(lengths) < 1000
+    start = time.monotonic()
+    assert train_tokenizer(corpus, MIN_VOCAB_SIZE + 20).get_vocab_size() > MIN_VOCAB_SIZE
+    assert time.monotonic() - start < 10
+    assert [len(piece) for piece in tokenizer_module._pieces(["x" * 25_000, "y"])] == [10_000, 10_000, 5_000, 1]
+
+
+def test_messages_say_what_to_do(data, tmp_path):
+    """eval of pairs all too long named --max-positions, an option eval does not have; --resume with other data or
+    options said only that they differ."""
+    long = tmp_path / "long"
+    long.mkdir()
+    (long / "valid.tsv").write_text("ein Haus " * 60 + "\ta house\n")
+    model = tmp_path / "m"
+    assert _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", model, *TINY,
+                "--steps", "2").exit_code == 0
+    result = _run("eval", long, "--model", model)
+    assert result.exit_code == 1 and "use shorter pairs, or a model trained with a larger --max-positions" in result.output
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "train.tsv").write_text("".join(f"{de}\t{en}\n" for de, en in PAIRS[:-1]))
+    (other / "valid.tsv").write_text("".join(f"{de}\t{en}\n" for de, en in PAIRS))
+    result = _run("train", other, "--tokenizer", data / "tokenizer.json", "--out", model, *TINY, "--steps", "4",
+                  "--resume")
+    assert result.exit_code == 1 and "train into a new --out directory" in result.output
+    assert result.output.count("error:") == 1 and "Traceback" not in result.output
