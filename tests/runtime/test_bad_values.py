@@ -79,6 +79,7 @@ def _write_workspace(ws):
     (ws / "run" / "checkpoints").mkdir(parents=True)
     (ws / "run" / "checkpoints" / "latest.json").write_text('{"dir": "step-00000002", "step": 2}\n')
     (ws / "utf16-bad.txt").write_bytes(b"\xff\xfeH\x00\x00\xd8")
+    (ws / "long-line.txt").write_text("w4 " * 40_000 + "\n")
     (ws / "not-a-model").mkdir()
     (ws / "not-a-model" / "notes.txt").write_text("the user's own notes\n")
     (ws / "user-folder").mkdir()
@@ -139,6 +140,10 @@ def workspace(template, tmp_path):
     shutil.copytree(template, ws)
     os.mkfifo(ws / "fifo")  # made here: copying a pipe would block
     os.symlink(ws / "nowhere", ws / "dangling")
+    os.symlink(ws / "loop-b", ws / "loop-a")  # links (made here: copying them would fail) that point at each other
+    os.symlink(ws / "loop-a", ws / "loop-b")
+    shutil.copytree(ws / "model", ws / "onnx-loop")
+    os.symlink(ws / "onnx-loop" / "onnx", ws / "onnx-loop" / "onnx")
     return ws
 
 
@@ -205,6 +210,11 @@ def _rows():
     add(GEN, ["--input", "{ws}/utf16-bad.txt"], "UTF-16")
     add(GEN, ["--input", "{ws}/fifo", "--output", "{ws}/fifo"], "fifo")
     add(GEN, ["w4", "--seed", "9" * 5000], "seed")
+    add(GEN, ["w4", "--output", "{ws}/loop-a", "--overwrite"], "link")
+    add(GEN, ["w4", "--output", "/dev/full"], "regular file")
+    add(GEN, ["w4", "--output", "/dev/full", "--overwrite"], "regular file")
+    add(GEN, ["--input", "{ws}/long-line.txt"], "inputs failed")  # the record names the line and its length
+    add(["generate", "--model", "{ws}/onnx-loop", "--provider", "cpu", "w4"], [], "loop")
     for name, change in BAD_CONFIGS.items():
         add(["generate", "--model", f"{{ws}}/bad-{name}", "--provider", "cpu", "w4"], [], next(iter(change)))
 
@@ -223,6 +233,7 @@ def _rows():
     add(EXPORT, ["--out", ""], "empty")
     add(EXPORT, ["--out", "{ws}/dangling"], "dangling")
     add(EXPORT, ["--out", "{bundled}/x"], "package")
+    add(["export", "--model", "{ws}/onnx-loop"], [], "loop")
     add(["export", "--model", "{ws}/onnx-is-a-file"], [], "onnx")
     add(EXPORT, ["--out", "{ws}/no-such-folder/deeper/onnx", "--opset", "1"], "opset")
     add(["export", "{ws}/model"], [], "--model")
@@ -251,6 +262,7 @@ def _rows():
     add(GOLDEN, ["--out", "{ws}/no-such-folder/g.npz"], "no-such-folder")
     add(GOLDEN, ["--out", "{ws}/user-folder"], "user-folder")
     add(GOLDEN, ["--out", "{ws}/fifo", "--overwrite"], "regular file")
+    add(GOLDEN, ["--out", "{ws}/loop-a"], "link")
     add(GOLDEN, ["--out", "{ws}/model/model.safetensors", "--overwrite"], "model")
     add(GOLDEN, ["--out", "{ws}/g.npz", "--seed", "-1"], "seed")
     add(GOLDEN, ["--out", "{ws}/g.npz", "--seed", "1e3"], "seed")
@@ -373,6 +385,8 @@ def _rows():
 
     # ---- the group itself
     add(["translate"], [], "translate")
+    add([], [], "command")
+    add(["data"], [], "command")
     add(["--frobnicate"], [], "frobnicate")
     return rows
 
