@@ -204,6 +204,11 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
     else:
         family = opts["family"] or detect_family(data_dir)
         layers = opts["layers"]
+        decoder_layers = opts["decoder_layers"] if opts["decoder_layers"] is not None else layers
+        if family == "encoder-decoder" and decoder_layers == 0:  # no layer would read the source: it is ignored
+            raise RefformerError(f"{'--decoder-layers' if opts['decoder_layers'] is not None else '--layers'} 0 "
+                                 "leaves an encoder-decoder model no decoder layer to read the source (its "
+                                 "translations would ignore it): give at least 1")
         cfg = Config(vocab_size=vocab_size, d_model=opts["d_model"], n_heads=opts["n_heads"], d_ff=opts["d_ff"],
                      n_encoder_layers=(opts["encoder_layers"] if opts["encoder_layers"] is not None else layers)
                      if family == "encoder-decoder" else 0,

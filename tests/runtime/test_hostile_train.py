@@ -167,3 +167,12 @@ def test_messages_say_what_to_do(data, tmp_path):
                   "--resume")
     assert result.exit_code == 1 and "train into a new --out directory" in result.output
     assert result.output.count("error:") == 1 and "Traceback" not in result.output
+
+
+def test_an_encoder_decoder_without_decoder_layers_is_refused(data, tmp_path):
+    """--layers 0 trained an encoder-decoder model whose output ignores the source (no layer cross-attends), exit 0."""
+    for extra in (["--layers", "0"], ["--decoder-layers", "0"]):
+        result = _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", tmp_path / "m", *TINY,
+                      "--steps", "1", *extra)
+        assert result.exit_code == 1 and f"{extra[0]} 0 leaves an encoder-decoder model no decoder layer" in result.output
+        assert not (tmp_path / "m").exists()
