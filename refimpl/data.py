@@ -448,12 +448,32 @@ def split_path(data_dir, split, family):
     return Path(data_dir) / f"{split}{SUFFIX[family]}"
 
 
+def not_a_file(path):
+    """Why path cannot be read as a split file: 'is missing', 'is a symbolic link to nothing' or 'is not a regular
+    file (a folder, device or pipe)'; None for a regular file (a link to one included)."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if not os.path.lexists(path):
+        return "is missing"
+    if path.is_symlink() and not path.exists():
+        return "is a symbolic link to nothing"
+    return "is not a regular file (a folder, device or pipe)"
+
+
 def detect_family(data_dir):
-    """encoder-decoder when DATA_DIR has train.tsv, decoder-only when it has train.txt."""
+    """encoder-decoder when DATA_DIR has train.tsv, decoder-only when it has train.txt.
+
+    Raises RefformerError when it has neither as a regular file (a pipe or device named train.tsv is named)."""
     check_path("data_dir", data_dir)
     for family in SUFFIX:
         if split_path(data_dir, "train", family).is_file():
             return family
+    for family in SUFFIX:
+        reason = not_a_file(split_path(data_dir, "train", family))
+        if reason != "is missing":
+            raise RefformerError(f"{split_path(data_dir, 'train', family)} {reason}: give the training pairs as a "
+                                 "regular file")
     raise RefformerError(f"{data_dir} has no train.tsv or train.txt: write one with 'refformer data de-en' "
                          f"or 'refformer data pydoc'")
 

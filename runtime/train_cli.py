@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from refformer.refimpl.config import ACTIVATIONS, FAMILIES, POSITIONALS
-from refformer.refimpl.data import SUFFIX, detect_family, read_lines, read_tsv, split_path
+from refformer.refimpl.data import SUFFIX, detect_family, not_a_file, read_lines, read_tsv, split_path
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import model_option, resolve_model
 
@@ -218,15 +218,20 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
                      **special_ids(tokenizer))
         check_fits(cfg)  # before anything of the model's size is allocated
         params = None if opts["resume"] else init_params(cfg, np.random.default_rng(opts["seed"]))
-    if not split_path(data_dir, "train", cfg.family).is_file():
-        raise RefformerError(f"{split_path(data_dir, 'train', cfg.family)} is missing: {cfg.family} models "
-                             f"train on train{SUFFIX[cfg.family]}")
+    if not_a_file(split_path(data_dir, "train", cfg.family)):
+        raise RefformerError(f"{split_path(data_dir, 'train', cfg.family)} "
+                             f"{not_a_file(split_path(data_dir, 'train', cfg.family))}: {cfg.family} models "
+                             f"train on train{SUFFIX[cfg.family]}, a regular file")
 
     examples, _, dropped = load_examples(data_dir, "train", cfg.family, tokenizer, cfg)
     batches = make_batches(examples, max_tokens=options.max_tokens, pad_id=cfg.pad_id, seed=options.seed)
     check_fits(cfg, batches)
     valid, references = [], None
-    if split_path(data_dir, "valid", cfg.family).is_file():
+    reason = not_a_file(split_path(data_dir, "valid", cfg.family))
+    if reason not in (None, "is missing"):  # given but unreadable: not silently trained without evaluation
+        raise RefformerError(f"{split_path(data_dir, 'valid', cfg.family)} {reason}: make it a regular file, or "
+                             "remove it to train without evaluation")
+    if reason is None:
         valid, references, _ = load_examples(data_dir, "valid", cfg.family, tokenizer, cfg)
     n_params = sum(value.size for value in _leaves(params)) if params is not None else None
     click.echo(f"{cfg.family}: D={cfg.d_model} H={cfg.n_heads} F={cfg.d_ff} layers={cfg.n_encoder_layers}+"
@@ -337,8 +342,9 @@ def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
     check_finite_weights(model_dir, params)
     tokenizer = load_tokenizer(model_dir)
     path = split_path(data_dir, split, cfg.family)
-    if not path.is_file():
-        raise RefformerError(f"{path} is missing: {cfg.family} models are evaluated on {split}{SUFFIX[cfg.family]}")
+    if not_a_file(path):
+        raise RefformerError(f"{path} {not_a_file(path)}: {cfg.family} models are evaluated on "
+                             f"{split}{SUFFIX[cfg.family]}, a regular file")
     examples, references, dropped = load_examples(data_dir, split, cfg.family, tokenizer, cfg, max_sentences)
     check_fits(cfg, make_batches(examples, max_tokens=max_tokens, pad_id=cfg.pad_id, shuffle_ties=False),
                training=False)

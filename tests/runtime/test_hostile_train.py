@@ -176,3 +176,32 @@ def test_an_encoder_decoder_without_decoder_layers_is_refused(data, tmp_path):
                       "--steps", "1", *extra)
         assert result.exit_code == 1 and f"{extra[0]} 0 leaves an encoder-decoder model no decoder layer" in result.output
         assert not (tmp_path / "m").exists()
+
+
+def test_split_files_that_are_pipes_folders_or_dangling_links_are_named(data, tmp_path):
+    """A pipe or folder as valid.tsv was ignored (training ran without evaluation, exit 0); eval and train called a
+    pipe, a device link or a dangling link 'missing'."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.tsv").write_text("".join(f"{de}\t{en}\n" for de, en in PAIRS))
+    os.mkfifo(corpus / "valid.tsv")
+    model = tmp_path / "m"
+    args = ["--tokenizer", data / "tokenizer.json", "--out", model, *TINY, "--steps", "1"]
+    result = _run("train", corpus, *args)
+    assert result.exit_code == 1 and "valid.tsv is not a regular file" in result.output and not model.exists()
+    (corpus / "valid.tsv").unlink()
+    (corpus / "valid.tsv").mkdir()
+    assert "valid.tsv is not a regular file" in _run("train", corpus, *args).output
+    (corpus / "valid.tsv").rmdir()
+    (corpus / "valid.tsv").symlink_to(tmp_path / "nowhere")
+    assert "valid.tsv is a symbolic link to nothing" in _run("train", corpus, *args).output
+    (corpus / "valid.tsv").unlink()
+    assert _run("train", corpus, *args).exit_code == 0  # no valid split: trained without evaluation
+    (corpus / "test.tsv").symlink_to("/dev/zero")
+    result = _run("eval", corpus, "--model", model, "--split", "test")
+    assert result.exit_code == 1 and "test.tsv is not a regular file" in result.output
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    os.mkfifo(pipe / "train.tsv")
+    result = _run("tokenizer", "train", pipe, "--vocab-size", MIN_VOCAB_SIZE, "--out", tmp_path / "t.json")
+    assert result.exit_code == 1 and "train.tsv is not a regular file" in result.output
