@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from refformer.runtime.errors import RefformerError, one_line_errors
+from refformer.runtime.train_cli import NonEmptyPath
 
 
 def _echo_counts(out_dir, counts, seconds):
@@ -26,7 +27,7 @@ OVERWRITE_HELP = "Write into an --out folder that already holds files (only the 
 
 
 @data.command("de-en")
-@click.option("--out", "out_dir", default="data/de-en", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default="data/de-en", show_default=True, type=NonEmptyPath(file_okay=False),
               help="Directory for train.tsv, valid.tsv, test.tsv (German<TAB>English).")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @one_line_errors
@@ -40,7 +41,7 @@ def de_en_command(out_dir, overwrite):
 
 
 @data.command("pydoc")
-@click.option("--out", "out_dir", default="data/pydoc", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default="data/pydoc", show_default=True, type=NonEmptyPath(file_okay=False),
               help="Directory for train.txt, valid.txt, test.txt (one paragraph per line).")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @one_line_errors
@@ -59,10 +60,10 @@ def tokenizer():
 
 
 @tokenizer.command("train")
-@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.argument("data_dir", type=NonEmptyPath(file_okay=False))
 @click.option("--vocab-size", required=True, type=int,
               help="Vocabulary size, special tokens included (260 to 1,000,000).")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="tokenizer.json to write.")
+@click.option("--out", "out_path", required=True, type=NonEmptyPath(dir_okay=False), help="tokenizer.json to write.")
 @click.option("--model", type=click.Choice(["bpe", "unigram"]), default="bpe", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @one_line_errors
@@ -81,8 +82,8 @@ def train_command(data_dir, vocab_size, out_path, model, overwrite):
 
 
 def _check_tokenizer_out(out, data_dir, overwrite):
-    """Refuse --out before training: a folder, a missing or read-only parent, a split file of DATA_DIR, or an
-    existing file without --overwrite."""
+    """Refuse --out before training: a folder, a missing or read-only parent, one of the own files of a model folder,
+    a checkpoint or a checkpoints folder (--overwrite or not), a split file of DATA_DIR, or an existing file without --overwrite."""
     from refformer.refimpl.data import SPLITS, SUFFIX
 
     if out.is_dir():
@@ -92,6 +93,14 @@ def _check_tokenizer_out(out, data_dir, overwrite):
         raise RefformerError(f"cannot write --out {out}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RefformerError(f"cannot write --out {out}: the folder {parent} is not writable")
+    own = ("config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "trainer_state.json",
+           "latest.json", "train_log.csv")  # the files of a model folder, a checkpoint and a checkpoints folder
+    holder = next((name for name in ("config.json", "model.safetensors", "latest.json") if (parent / name).exists()),
+                  None) if out.name in own else None
+    if holder:  # --overwrite or not: replacing one of a model's (or a checkpoint's) own files breaks it
+        what = "training run's checkpoints" if holder == "latest.json" else "model"
+        raise RefformerError(f"--out {out} is one of the files of the {what} in {parent} (--overwrite or not): "
+                             "replacing it would break that; write the tokenizer elsewhere")
     if out.exists():
         inputs = [data_dir / f"{split}{suffix}" for split in SPLITS for suffix in SUFFIX.values()]
         if any(path.exists() and path.resolve() == out.resolve() for path in inputs):

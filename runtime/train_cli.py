@@ -122,11 +122,21 @@ def _decoder(tokenizer):
 # ---------------------------------------------------------------------------- refformer train
 
 
+class NonEmptyPath(click.Path):
+    """click.Path that refuses an empty string (`--out ''` trained into the current folder, `DATA_DIR ''` read it)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value == "":
+            self.fail(f"{value!r} is an empty path: give a {'file' if not self.dir_okay else 'folder'} name", param,
+                      ctx)
+        return super().convert(value, param, ctx)
+
+
 @click.command("train")
-@click.argument("data_dir", type=click.Path(file_okay=False))
-@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(dir_okay=False),
+@click.argument("data_dir", type=NonEmptyPath(file_okay=False))
+@click.option("--tokenizer", "tokenizer_path", required=True, type=NonEmptyPath(dir_okay=False),
               help="tokenizer.json (from 'refformer tokenizer train'); copied into the model directory.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False),
               help="Model directory to write (checkpoints go to OUT/checkpoints).")
 @click.option("--family", type=click.Choice(FAMILIES), default=None,
               help="Default: encoder-decoder if DATA_DIR has train.tsv, decoder-only if train.txt.")
@@ -159,7 +169,7 @@ def _decoder(tokenizer):
 @click.option("--overwrite", is_flag=True,
               help="Train anew into an OUT that holds a model or checkpoints; they are replaced only as this run "
                    "saves its own, and never by a diverged model.")
-@click.option("--init", "init_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--init", "init_dir", type=NonEmptyPath(file_okay=False), default=None,
               help="Start from this model directory's weights and config (fine-tuning).")
 @click.option("--time-limit", type=float, default=None,
               help="Stop cleanly (checkpoint and model) after this many minutes.")
@@ -313,7 +323,7 @@ def _summary(result, out_dir):
 
 
 @click.command("eval")
-@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.argument("data_dir", type=NonEmptyPath(file_okay=False))
 @model_option
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True)
 @click.option("--max-sentences", type=int, default=None, help="Evaluate only the first N examples of the split.")

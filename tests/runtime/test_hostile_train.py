@@ -205,3 +205,26 @@ def test_split_files_that_are_pipes_folders_or_dangling_links_are_named(data, tm
     os.mkfifo(pipe / "train.tsv")
     result = _run("tokenizer", "train", pipe, "--vocab-size", MIN_VOCAB_SIZE, "--out", tmp_path / "t.json")
     assert result.exit_code == 1 and "train.tsv is not a regular file" in result.output
+
+
+def test_empty_paths_and_tokenizers_over_a_models_files_are_refused(data, tmp_path, monkeypatch):
+    """train --out '' trained into the current folder; tokenizer train --out MODEL/model.safetensors --overwrite
+    replaced the weights with a tokenizer (the model could not be loaded any more)."""
+    monkeypatch.chdir(tmp_path)
+    tok = data / "tokenizer.json"
+    for args in (["train", data / "de-en", "--tokenizer", tok, "--out", ""], ["train", "", "--tokenizer", tok, "--out", "m"],
+                 ["train", data / "de-en", "--tokenizer", "", "--out", "m"], ["eval", ""], ["data", "de-en", "--out", ""],
+                 ["tokenizer", "train", "", "--vocab-size", "300", "--out", "t.json"],
+                 ["tokenizer", "train", data / "de-en", "--vocab-size", "300", "--out", ""]):
+        result = _run(*args)
+        assert result.exit_code == 2 and "is an empty path" in result.output
+    assert list(tmp_path.iterdir()) == []
+    model = tmp_path / "m"
+    assert _run("train", data / "de-en", "--tokenizer", tok, "--out", model, *TINY, "--steps", "1").exit_code == 0
+    before = {path: path.read_bytes() for path in model.rglob("*") if path.is_file()}
+    step = next((model / "checkpoints").glob("step-*"))
+    for target in (model / "model.safetensors", model / "tokenizer.json", model / "checkpoints" / "latest.json",
+                   step / "model.safetensors"):
+        result = _run("tokenizer", "train", data / "de-en", "--vocab-size", "300", "--out", target, "--overwrite")
+        assert result.exit_code == 1 and "is one of the files of the" in result.output
+    assert {path: path.read_bytes() for path in model.rglob("*") if path.is_file()} == before
