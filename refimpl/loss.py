@@ -11,7 +11,8 @@ def cross_entropy_forward(logits, targets, *, ignore_id=None, label_smoothing=0.
 
     logits [B, T, V] (or [N, V]), targets [B, T] (or [N]) -> scalar loss (0.0 when every
     target is ignored; torch gives NaN there). A logit of -inf (a class that can never be the answer) is allowed:
-    the loss is finite unless a target's logit is -inf (or label_smoothing > 0 meets a -inf logit), where it is inf. Raises RefformerError for bad shapes, ids or label_smoothing.
+    the loss is finite unless a target's logit is -inf (or label_smoothing > 0 meets a -inf logit), where it is inf.
+    Raises RefformerError for bad shapes, ids or label_smoothing.
     """
     check_array("logits", logits, kind="f")
     check(logits.ndim >= 1 and logits.shape[-1] >= 1, f"logits must have a last axis of V >= 1 classes, "

@@ -83,7 +83,8 @@ def train_command(data_dir, vocab_size, out_path, model, overwrite):
 
 def _check_tokenizer_out(out, data_dir, overwrite):
     """Refuse --out before training: a folder, a missing or read-only parent, one of the own files of a model folder,
-    a checkpoint or a checkpoints folder (--overwrite or not), a split file of DATA_DIR, or an existing file without --overwrite."""
+    a checkpoint or a checkpoints folder (--overwrite or not), a split file of DATA_DIR, or an existing file without
+    --overwrite."""
     from refformer.refimpl.data import SPLITS, SUFFIX
 
     if out.is_dir():

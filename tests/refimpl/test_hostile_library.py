@@ -114,7 +114,8 @@ def test_backward_refuses_a_cache_of_another_config_or_dtype():
         model_backward(CFG, params32, cache, np.ones_like(logits, dtype=np.float32))
     with pytest.raises(RefformerError, match="dlogits has dtype float32"):
         model_backward(CFG, params, cache, np.ones_like(logits, dtype=np.float32))
-    assert model_backward(CFG, params, cache, np.ones_like(logits))["decoder"]["embed_tokens"]["weight"].dtype == np.float64
+    grads = model_backward(CFG, params, cache, np.ones_like(logits))
+    assert grads["decoder"]["embed_tokens"]["weight"].dtype == np.float64
 
 
 def test_minus_inf_logits_and_rows_beyond_the_float_range():

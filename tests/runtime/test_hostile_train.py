@@ -158,7 +158,8 @@ def test_messages_say_what_to_do(data, tmp_path):
     assert _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", model, *TINY,
                 "--steps", "2").exit_code == 0
     result = _run("eval", long, "--model", model)
-    assert result.exit_code == 1 and "use shorter pairs, or a model trained with a larger --max-positions" in result.output
+    assert result.exit_code == 1
+    assert "use shorter pairs, or a model trained with a larger --max-positions" in result.output
     other = tmp_path / "other"
     other.mkdir()
     (other / "train.tsv").write_text("".join(f"{de}\t{en}\n" for de, en in PAIRS[:-1]))
@@ -174,7 +175,8 @@ def test_an_encoder_decoder_without_decoder_layers_is_refused(data, tmp_path):
     for extra in (["--layers", "0"], ["--decoder-layers", "0"]):
         result = _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", tmp_path / "m", *TINY,
                       "--steps", "1", *extra)
-        assert result.exit_code == 1 and f"{extra[0]} 0 leaves an encoder-decoder model no decoder layer" in result.output
+        assert result.exit_code == 1
+        assert f"{extra[0]} 0 leaves an encoder-decoder model no decoder layer" in result.output
         assert not (tmp_path / "m").exists()
 
 
@@ -212,8 +214,10 @@ def test_empty_paths_and_tokenizers_over_a_models_files_are_refused(data, tmp_pa
     replaced the weights with a tokenizer (the model could not be loaded any more)."""
     monkeypatch.chdir(tmp_path)
     tok = data / "tokenizer.json"
-    for args in (["train", data / "de-en", "--tokenizer", tok, "--out", ""], ["train", "", "--tokenizer", tok, "--out", "m"],
-                 ["train", data / "de-en", "--tokenizer", "", "--out", "m"], ["eval", ""], ["data", "de-en", "--out", ""],
+    for args in (["train", data / "de-en", "--tokenizer", tok, "--out", ""],
+                 ["train", "", "--tokenizer", tok, "--out", "m"],
+                 ["train", data / "de-en", "--tokenizer", "", "--out", "m"], ["eval", ""],
+                 ["data", "de-en", "--out", ""],
                  ["tokenizer", "train", "", "--vocab-size", "300", "--out", "t.json"],
                  ["tokenizer", "train", data / "de-en", "--vocab-size", "300", "--out", ""]):
         result = _run(*args)
