@@ -136,14 +136,36 @@ def layer_norm_forward(p, x, eps):
     check_weights(p, ndim=1)
     check_features("x", x, p["weight"])
     check_eps(eps)
-    mean = x.mean(axis=-1, keepdims=True)
-    centred = x - mean
-    rstd = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
+    with np.errstate(over="ignore", invalid="ignore"):  # rows whose sums or squares overflow are redone below
+        mean = x.mean(axis=-1, keepdims=True)
+        centred = x - mean
+        var = (centred * centred).mean(axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    if np.isinf(var).any() or np.isinf(mean).any():  # rare: finite x whose squares overflow (1e20 in float32)
+        rstd, centred = _rescaled_rows(x, var, mean, eps, centre=True, rstd=rstd, centred=centred)
     xhat = centred * rstd
     y = xhat * p["weight"]
     if "bias" in p:
         y = y + p["bias"]
     return y, (xhat, rstd)
+
+
+def _rescaled_rows(x, var, mean, eps, *, centre, rstd, centred):
+    """For the rows whose mean or variance overflowed, recompute with x / max|x| (scale s): var = s^2 var(x / s),
+    so rstd = 1 / (s sqrt(var(x / s) + eps / s^2)), which is representable (1e-20 for rows of 1e20 in float32).
+    Rows holding inf or NaN stay as they were (NaN propagates). Returns (rstd, centred)."""
+    finite_rows = np.isfinite(x).all(axis=-1, keepdims=True)
+    rows = (np.isinf(var) | (np.isinf(mean) if mean is not None else False)) & finite_rows
+    scale = np.where(rows, np.abs(np.where(finite_rows, x, 0)).max(axis=-1, keepdims=True), 1.0)
+    scale = np.where(scale > 0, scale, 1.0).astype(x.dtype)
+    xs = x / scale
+    cs = xs - xs.mean(axis=-1, keepdims=True) if centre else xs
+    with np.errstate(under="ignore"):
+        small_eps = eps / scale / scale  # underflows to 0 for a huge scale, as it should
+    denominator = scale * np.sqrt((cs * cs).mean(axis=-1, keepdims=True) + small_eps)
+    with np.errstate(divide="ignore"):  # a constant row has variance 0: rstd = 1 / sqrt(eps), as in the plain path
+        rescaled = np.where(denominator > 0, 1.0 / denominator, 1.0 / np.sqrt(x.dtype.type(eps)))
+    return np.where(rows, rescaled, rstd), np.where(rows, cs * scale, centred) if centre else centred
 
 
 def layer_norm_backward(p, cache, dy):
@@ -172,7 +194,11 @@ def rms_norm_forward(p, x, eps):
     check_weights(p, ndim=1, bias=False)
     check_features("x", x, p["weight"])
     check_eps(eps)
-    rrms = 1.0 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    with np.errstate(over="ignore"):  # rows whose squares overflow are redone below
+        ms = (x * x).mean(axis=-1, keepdims=True)
+    rrms = 1.0 / np.sqrt(ms + eps)
+    if np.isinf(ms).any():  # rare: finite x whose squares overflow (1e20 in float32)
+        rrms, _ = _rescaled_rows(x, ms, None, eps, centre=False, rstd=rrms, centred=x)
     xhat = x * rrms
     return xhat * p["weight"], (xhat, rrms)
 

@@ -137,3 +137,37 @@ def test_minus_inf_logits_and_rows_beyond_the_float_range():
             logits = np.zeros((1, 2, 5))
             logits[0, 0, 3] = big
             assert np.isfinite(cross_entropy_forward(logits, np.array([[3, 4]]))[0])
+
+
+@pytest.mark.parametrize("dtype,scale", [(np.float64, 1e300), (np.float32, 1e30), (np.float32, 1e20)])
+def test_norms_of_rows_whose_squares_overflow(dtype, scale):
+    """layer_norm/rms_norm of finite rows whose squares overflow (1e20 in float32, a diverging run's activations)
+    gave zeros with an overflow warning: the variance was inf. Both are scale-invariant, so y(c x) = y(x) and
+    dx(c x) = dx(x) / c."""
+    import warnings
+
+    from refformer.refimpl import layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(3, 16)) + np.array([[0.0], [5.0], [-1.0]])).astype(dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    weight, bias = rng.normal(size=16).astype(dtype), rng.normal(size=16).astype(dtype)
+    big = x * dtype(scale)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for forward, backward, p in ((layer_norm_forward, layer_norm_backward, {"weight": weight, "bias": bias}),
+                                     (rms_norm_forward, rms_norm_backward, {"weight": weight})):
+            y, cache = forward(p, x, 1e-30)
+            y_big, cache_big = forward(p, big, 1e-30)
+            assert y_big.dtype == dtype and np.isfinite(y_big).all()
+            np.testing.assert_allclose(y_big, y, rtol=tol, atol=tol)
+            dx, dp = backward(p, cache, dy)
+            dx_big, dp_big = backward(p, cache_big, dy)
+            np.testing.assert_allclose(dx_big * dtype(scale), dx, rtol=tol, atol=tol)
+            np.testing.assert_allclose(dp_big["weight"], dp["weight"], rtol=tol, atol=tol)
+    ones = np.full((1, 4), np.finfo(dtype).max / 2, dtype)  # the mean's sum overflows too: a constant row
+    np.testing.assert_array_equal(layer_norm_forward({"weight": np.ones(4, dtype)}, ones, 1e-5)[0], np.zeros((1, 4)))
+    nan_row = np.array([[np.nan, 1.0, 2.0, 3.0], [1e300, -1e300, 0.0, 1.0]], dtype=np.float64)
+    y = layer_norm_forward({"weight": np.ones(4)}, nan_row, 1e-5)[0]
+    assert np.isnan(y[0]).all() and np.isfinite(y[1]).all()  # NaN propagates in its own row only
