@@ -265,25 +265,32 @@ def gelu_backward(cache, dy):
     """d/dx [x Phi(x)] = Phi(x) + x phi(x)."""
     (x,) = cache
     cdf = 0.5 * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
-    pdf = np.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    with np.errstate(over="ignore"):  # x * x overflows for |x| > ~1e19 in float32: exp(-inf) = 0, exactly right
+        pdf = np.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
     return dy * (cdf + x * pdf)
 
 
 def gelu_tanh_forward(x):
     """Tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    t = np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+    with np.errstate(over="ignore"):  # x^3 overflows for |x| > ~1e12 in float32: tanh(+-inf) = +-1, exactly right
+        t = np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
     return 0.5 * x * (1.0 + t), (x, t)
 
 
 def gelu_tanh_backward(cache, dy):
     x, t = cache
-    dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
-    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner)
+    with np.errstate(over="ignore", invalid="ignore"):
+        dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+        tail = 0.5 * x * (1.0 - t * t) * dinner
+    # Where tanh saturates (t * t == 1, |x| large) the second term is 0; x * x may have overflowed to inf there,
+    # and 0 * inf would make the gradient NaN (float32 |x| > ~1e19).
+    return dy * (0.5 * (1.0 + t) + np.where(t * t < 1.0, tail, 0.0).astype(x.dtype, copy=False))
 
 
 def silu_forward(x):
     """x * sigmoid(x)."""
-    s = 1.0 / (1.0 + np.exp(-x))
+    with np.errstate(over="ignore"):  # exp(-x) overflows for x < ~-89 in float32: s = 0, exactly right
+        s = 1.0 / (1.0 + np.exp(-x))
     return x * s, (x, s)
 
 

@@ -171,3 +171,21 @@ def test_norms_of_rows_whose_squares_overflow(dtype, scale):
     nan_row = np.array([[np.nan, 1.0, 2.0, 3.0], [1e300, -1e300, 0.0, 1.0]], dtype=np.float64)
     y = layer_norm_forward({"weight": np.ones(4)}, nan_row, 1e-5)[0]
     assert np.isnan(y[0]).all() and np.isfinite(y[1]).all()  # NaN propagates in its own row only
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_activations_at_huge_inputs_are_finite_without_warnings(dtype):
+    """gelu_tanh's gradient at |x| > ~1e19 in float32 was NaN (0 * inf where tanh saturates); gelu, gelu_tanh and
+    silu printed overflow warnings for results that are exact (exp(-inf) = 0, tanh(inf) = 1)."""
+    import warnings
+
+    from refformer.refimpl import activation_backward, activation_forward
+
+    x = np.array([1e30, -1e30, 3e38, -3e38, 1e13, -1e13, 30.0, -30.0, -1000.0, 0.5], dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kind in ("relu", "gelu", "gelu_tanh", "silu"):
+            y, cache = activation_forward(x, kind)
+            dx = activation_backward(cache, np.ones_like(x), kind)
+            assert y.dtype == dx.dtype == dtype and np.isfinite(y).all() and np.isfinite(dx).all(), kind
+            np.testing.assert_allclose(dx[:6], [1, 0, 1, 0, 1, 0], atol=1e-6)
