@@ -22,7 +22,11 @@ def rel_error(a, b):
         raise RefformerError(f"rel_error: shapes differ: {a.shape} vs {b.shape}")
     if a.size == 0:
         return 0.0
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+    with np.errstate(over="ignore", invalid="ignore"):
+        difference = np.max(np.abs(a - b))
+    if np.isinf(difference) and np.isfinite(a).all() and np.isfinite(b).all():  # a - b beyond the float range
+        return float(np.max(np.abs(a * 0.5 - b * 0.5)) / max(float(np.max(np.abs(b))) * 0.5, 0.5e-30))
+    return float(difference / max(float(np.max(np.abs(b))), 1e-30))
 
 
 def _scalar(f):
@@ -37,9 +41,11 @@ def _scalar(f):
 def numerical_gradient(f, x, eps=1e-6, max_entries=None, rng=None):
     """Centred differences (f(x + eps e_i) - f(x - eps e_i)) / 2 eps of the scalar f() wrt array x.
 
-    x is perturbed in place and restored. With max_entries, only that many randomly chosen
+    x is perturbed in place and restored (also when f raises). The divisor is the step x's dtype actually took
+    (x + eps rounds in float32), not 2 eps (2 eps for an entry that is inf). With max_entries, only that many randomly chosen
     entries are checked; returns (indices, gradient at those indices) in x.ravel() order.
-    Raises RefformerError unless f is callable, x a contiguous floating array, eps > 0 and max_entries >= 1.
+    Raises RefformerError unless f is callable, x a contiguous floating array, eps > 0 and max_entries >= 1, and
+    when eps is too small to change an entry of x in its dtype.
     """
     check(callable(f), "f must be a function of no arguments returning a number")
     check_array("x", x, kind="f")
@@ -56,10 +62,19 @@ def numerical_gradient(f, x, eps=1e-6, max_entries=None, rng=None):
     grad = np.empty(len(indices))
     for n, i in enumerate(indices):
         old = flat[i]
-        flat[i] = old + eps
-        plus = _scalar(f)
-        flat[i] = old - eps
-        minus = _scalar(f)
-        flat[i] = old
-        grad[n] = (plus - minus) / (2 * eps)
+        try:
+            flat[i] = old + eps
+            up = float(flat[i])
+            plus = _scalar(f)
+            flat[i] = old - eps
+            down = float(flat[i])
+            minus = _scalar(f)
+        finally:
+            flat[i] = old
+        if not np.isfinite(old):  # an inf entry (a masked score) does not move: its difference is 0 or NaN
+            grad[n] = (plus - minus) / (2 * eps)
+            continue
+        check(up > down, f"eps={eps} is too small to change x's entry {i} ({float(old)!r}) in {x.dtype}: pass a "
+                         "larger eps")
+        grad[n] = (plus - minus) / (up - down)
     return indices, grad

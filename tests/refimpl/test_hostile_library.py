@@ -189,3 +189,24 @@ def test_activations_at_huge_inputs_are_finite_without_warnings(dtype):
             dx = activation_backward(cache, np.ones_like(x), kind)
             assert y.dtype == dx.dtype == dtype and np.isfinite(y).all() and np.isfinite(dx).all(), kind
             np.testing.assert_allclose(dx[:6], [1, 0, 1, 0, 1, 0], atol=1e-6)
+
+
+def test_numerical_gradient_restores_x_and_divides_by_the_step_taken():
+    """numerical_gradient left x perturbed when f raised; in float32 it divided by 2 eps although x + eps rounds
+    (the gradient of sum(x^2) at [1, 2] came out [1.91, 3.81]); rel_error of +-1e308 was inf with a warning."""
+    import warnings
+
+    from refformer.refimpl import numerical_gradient, rel_error
+
+    x = np.zeros(3)
+    with pytest.raises(ZeroDivisionError):
+        numerical_gradient(lambda: 1 / 0, x)
+    np.testing.assert_array_equal(x, np.zeros(3))
+    x32 = np.array([1.0, 2.0], np.float32)
+    _, grad = numerical_gradient(lambda: float((x32.astype(np.float64) ** 2).sum()), x32)
+    np.testing.assert_allclose(grad, [2.0, 4.0], rtol=1e-6)
+    with pytest.raises(RefformerError, match="too small to change"):
+        numerical_gradient(lambda: 1.0, np.array([1e10]), eps=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rel_error(np.array([1e308]), np.array([-1e308])) == 2.0
