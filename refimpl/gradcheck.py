@@ -42,8 +42,8 @@ def numerical_gradient(f, x, eps=1e-6, max_entries=None, rng=None):
     """Centred differences (f(x + eps e_i) - f(x - eps e_i)) / 2 eps of the scalar f() wrt array x.
 
     x is perturbed in place and restored (also when f raises). The divisor is the step x's dtype actually took
-    (x + eps rounds in float32), not 2 eps (2 eps for an entry that is inf). With max_entries, only that many randomly chosen
-    entries are checked; returns (indices, gradient at those indices) in x.ravel() order.
+    (x + eps rounds in float32), not 2 eps (2 eps for an entry that is inf). With max_entries, only that many
+    randomly chosen entries are checked; returns (indices, gradient at those indices) in x.ravel() order.
     Raises RefformerError unless f is callable, x a contiguous floating array, eps > 0 and max_entries >= 1, and
     when eps is too small to change an entry of x in its dtype.
     """
