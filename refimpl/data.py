@@ -369,17 +369,32 @@ def write_tsv(path, pairs):
     write_lines(path, lines)
 
 
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe", "utf-16-le"),
+         (b"\xfe\xff", "utf-16-be"))  # UTF-32 LE starts like UTF-16 LE, so it is tried first
+
+
 def _read_bytes(path):
-    """The bytes of a file, without a UTF-8 byte-order mark at its start; RefformerError if it cannot be read."""
+    """The UTF-8 bytes of a file, without a UTF-8 byte-order mark at its start (a file with a UTF-16 or UTF-32
+    byte-order mark is decoded as such, as generate --input does); RefformerError if it cannot be read, or is not a
+    regular file (a pipe or device would be read forever)."""
     path = Path(path)
     if not path.exists():
         raise RefformerError(f"{path} does not exist")
     if path.is_dir():
         raise RefformerError(f"{path} is a folder, not a text file")
+    if not path.is_file():
+        raise RefformerError(f"{path} is not a regular file (a device or pipe): give a text file")
     try:
         data = path.read_bytes()
     except OSError as error:
         raise RefformerError(f"cannot read {path}: {error.strerror or error}") from None
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data[len(bom):].decode(encoding).encode("utf-8")
+            except UnicodeError as error:
+                raise RefformerError(f"{path} starts with a {encoding[:6].upper()} byte-order mark but is not valid "
+                                     f"{encoding[:6].upper()} ({error.reason}); re-encode the file as UTF-8") from None
     return data.removeprefix(b"\xef\xbb\xbf")
 
 

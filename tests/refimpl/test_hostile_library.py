@@ -210,3 +210,26 @@ def test_numerical_gradient_restores_x_and_divides_by_the_step_taken():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert rel_error(np.array([1e308]), np.array([-1e308])) == 2.0
+
+
+def test_corpora_in_utf16_or_utf32_with_a_byte_order_mark_and_pipes(tmp_path):
+    """train.tsv saved as UTF-16 (Windows editors) was refused as 'not valid UTF-8 (byte 0xff)' while generate
+    --input reads it; read_tsv/read_lines of a pipe blocked forever."""
+    import os
+
+    from refformer.refimpl.data import read_lines, read_tsv
+
+    for encoding in ("utf-16", "utf-32", "utf-16-be", "utf-32-be"):
+        path = tmp_path / f"{encoding}.tsv"
+        mark = "\ufeff" if encoding.endswith("-be") else ""  # "utf-16" and "utf-32" write their own mark
+        path.write_bytes(f"{mark}ein Haus\ta house\n\nder Hund\tthe dög\n".encode(encoding))
+        assert read_tsv(path) == [("ein Haus", "a house"), ("der Hund", "the dög")]
+        assert read_lines(path) == ["ein Haus\ta house", "der Hund\tthe dög"]
+    bad = tmp_path / "bad.tsv"
+    bad.write_bytes(b"\xff\xfe" + "ein".encode("utf-16-le") + b"\x00")
+    with pytest.raises(RefformerError, match="UTF-16 byte-order mark but is not valid UTF-16"):
+        read_tsv(bad)
+    os.mkfifo(tmp_path / "pipe.tsv")
+    for read in (read_tsv, read_lines):
+        with pytest.raises(RefformerError, match="not a regular file"):
+            read(tmp_path / "pipe.tsv")
