@@ -347,6 +347,11 @@ def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
     if (Path(data_dir) / "config.json").is_file() and not any(Path(data_dir).glob(f"{split}.*")):
         raise RefformerError(f"{data_dir} is a model folder, not a data folder: refformer eval DATA_DIR --model "
                              f"{data_dir}")
+    for marker, run in (("trainer_state.json", 2), ("latest.json", 1)):  # a checkpoint, or the checkpoints folder
+        if model_dir is not None and (Path(model_dir) / marker).is_file():
+            out = Path(model_dir).absolute().parents[run - 1]
+            raise RefformerError(f"--model {model_dir} is a training run's checkpoint{'s' if run == 1 else ''}, not a "
+                                 f"model folder: evaluate the model the run wrote, --model {out}")
     model_dir = resolve_model(model_dir)
     cfg, params = load(model_dir)
     check_finite_weights(model_dir, params)

@@ -232,3 +232,13 @@ def test_empty_paths_and_tokenizers_over_a_models_files_are_refused(data, tmp_pa
         result = _run("tokenizer", "train", data / "de-en", "--vocab-size", "300", "--out", target, "--overwrite")
         assert result.exit_code == 1 and "is one of the files of the" in result.output
     assert {path: path.read_bytes() for path in model.rglob("*") if path.is_file()} == before
+
+
+def test_eval_of_a_checkpoint_names_the_model_folder(data, tmp_path):
+    """eval --model RUN/checkpoints/step-N said 'config.json is missing: not a refformer model directory'."""
+    model = tmp_path / "m"
+    assert _run("train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", model, *TINY,
+                "--steps", "1").exit_code == 0
+    for target in (model / "checkpoints", next((model / "checkpoints").glob("step-*"))):
+        result = _run("eval", data / "de-en", "--model", target)
+        assert result.exit_code == 1 and f"evaluate the model the run wrote, --model {model}" in result.output
