@@ -233,3 +233,16 @@ def test_corpora_in_utf16_or_utf32_with_a_byte_order_mark_and_pipes(tmp_path):
     for read in (read_tsv, read_lines):
         with pytest.raises(RefformerError, match="not a regular file"):
             read(tmp_path / "pipe.tsv")
+
+
+def test_a_negative_position_is_not_called_too_long():
+    """decoder_step with position -1 said 'the input is too long for this model'."""
+    from refformer.refimpl import decoder_step
+
+    cfg = Config(vocab_size=20, d_model=8, n_heads=2, d_ff=16, n_encoder_layers=0, n_decoder_layers=1,
+                 family="decoder-only", max_positions=4)
+    params = init_params(cfg, np.random.default_rng(0))
+    with pytest.raises(RefformerError, match=r"positions must lie in \[0, max_positions=4\); it holds -1"):
+        decoder_step(cfg, params, np.array([[1]]), np.array([[-1]]), np.array([[1]]), empty_cache(cfg, 1))
+    with pytest.raises(RefformerError, match="too long"):
+        decoder_step(cfg, params, np.array([[1]]), np.array([[4]]), np.array([[1]]), empty_cache(cfg, 1))
