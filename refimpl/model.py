@@ -172,8 +172,8 @@ def _positions(name, positions, ids, cfg):
     if positions is None:
         positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
     check_array(name, positions, shape=ids.shape, kind="i")
-    check(positions.size == 0 or positions.min() >= 0,
-          f"{name} must lie in [0, max_positions={cfg.max_positions}); it holds {positions.min()}")
+    if positions.size and positions.min() < 0:
+        raise RefformerError(f"{name} must lie in [0, max_positions={cfg.max_positions}); it holds {positions.min()}")
     check(positions.size == 0 or positions.max() < cfg.max_positions,
           f"{name} must lie in [0, max_positions={cfg.max_positions}); the input is too long for this model")
     return positions
