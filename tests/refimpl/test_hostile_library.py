@@ -246,3 +246,46 @@ def test_a_negative_position_is_not_called_too_long():
         decoder_step(cfg, params, np.array([[1]]), np.array([[-1]]), np.array([[1]]), empty_cache(cfg, 1))
     with pytest.raises(RefformerError, match="too long"):
         decoder_step(cfg, params, np.array([[1]]), np.array([[4]]), np.array([[1]]), empty_cache(cfg, 1))
+
+
+def test_no_public_function_changes_its_inputs():
+    """Every swept public function, called with good arguments (test_errors.good_calls), leaves every array it was
+    given (parameters, inputs, caches, upstream gradients) as it was."""
+    import copy
+
+    from refformer.refimpl import encode
+    from tests.refimpl.test_errors import DO, ED, good_calls
+
+    def arrays(value, prefix="", out=None):
+        out = {} if out is None else out
+        if isinstance(value, np.ndarray):
+            out[prefix] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                arrays(item, f"{prefix}.{key}", out)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                arrays(item, f"{prefix}.{i}", out)
+        return out
+
+    rng = np.random.default_rng(0)  # the arguments of test_errors' setup fixture
+    params = init_params(ED, rng, np.float64)
+    s = dict(params=params, decoder_only=init_params(DO, rng, np.float64), src=rng.integers(4, 13, size=(2, 5)),
+             tgt=rng.integers(4, 13, size=(2, 3)), x=rng.standard_normal((2, 3, 8)),
+             memory=rng.standard_normal((2, 5, 8)), q=rng.standard_normal((2, 2, 3, 4)),
+             k=rng.standard_normal((2, 2, 5, 4)), layer=params["decoder"]["layers"][0],
+             enc_layer=params["encoder"]["layers"][0], attn=params["decoder"]["layers"][0]["self_attn"])
+    s["cross_kv"] = encode(ED, params, s["src"])[1]
+    calls = good_calls(s)
+    assert len(calls) > 40
+    changed = []
+    for name, (function, args, kwargs) in calls.items():
+        before = copy.deepcopy(arrays([args, kwargs]))
+        try:
+            function(*args, **kwargs)
+        except RefformerError:
+            continue
+        after = arrays([args, kwargs])
+        changed += [f"{name}: argument {key}" for key, value in before.items()
+                    if not np.array_equal(value, after[key], equal_nan=value.dtype.kind in "fc")]
+    assert not changed, changed
