@@ -279,7 +279,7 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
         except KeyboardInterrupt:
             click.echo(f"notice: {_kept(out_dir)}", err=True)
             raise
-    _summary(result, out_dir)
+    _summary(result, out_dir, opts["steps"])
 
 
 def _kept(out_dir):
@@ -297,11 +297,13 @@ def _leaves(tree):
     return flatten(tree).values()
 
 
-def _summary(result, out_dir):
+def _summary(result, out_dir, steps=None):
     log = result.log
     if not log:
         click.echo(f"nothing to do: the checkpoint is already at step {result.step}")
         return
+    if steps is not None and result.step > steps:  # --resume with fewer --steps than the checkpoint has
+        click.echo(f"nothing trained: the checkpoint is already at step {result.step}, past --steps {steps}")
     steps_here = [row["tokens_per_s"] for row in log if row["tokens_per_s"]]
     last_eval = next((row for row in reversed(log) if row["valid_loss"] is not None), None)
     line = f"step {result.step}: train loss {log[-1]['loss']:.4f}"

@@ -242,3 +242,13 @@ def test_eval_of_a_checkpoint_names_the_model_folder(data, tmp_path):
     for target in (model / "checkpoints", next((model / "checkpoints").glob("step-*"))):
         result = _run("eval", data / "de-en", "--model", target)
         assert result.exit_code == 1 and f"evaluate the model the run wrote, --model {model}" in result.output
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_says_nothing_was_trained(data, tmp_path):
+    """--resume --steps 2 on a checkpoint of step 3 printed the old step-3 summary as if it had trained."""
+    model = tmp_path / "m"
+    args = ["train", data / "de-en", "--tokenizer", data / "tokenizer.json", "--out", model, *TINY]
+    assert _run(*args, "--steps", "3").exit_code == 0
+    result = _run(*args, "--steps", "2", "--resume")
+    assert result.exit_code == 0
+    assert "nothing trained: the checkpoint is already at step 3, past --steps 2" in result.output
