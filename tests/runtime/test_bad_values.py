@@ -140,6 +140,9 @@ def workspace(template, tmp_path):
     shutil.copytree(template, ws)
     os.mkfifo(ws / "fifo")  # made here: copying a pipe would block
     os.symlink(ws / "nowhere", ws / "dangling")
+    (ws / "pipe-data").mkdir()
+    shutil.copy(ws / "data" / "train.tsv", ws / "pipe-data" / "train.tsv")
+    os.mkfifo(ws / "pipe-data" / "valid.tsv")
     os.symlink(ws / "loop-b", ws / "loop-a")  # links (made here: copying them would fail) that point at each other
     os.symlink(ws / "loop-a", ws / "loop-b")
     shutil.copytree(ws / "model", ws / "onnx-loop")
@@ -306,6 +309,10 @@ def _rows():
     add(TOKENIZER, ["--vocab-size", "300", "--out", "{ws}/user-folder"], "user-folder")
     add(TOKENIZER, ["--vocab-size", "300", "--out", "{ws}/data/valid.tsv", "--overwrite"], "split")
     add(TOKENIZER, ["--vocab-size", "300", "--out", "{ws}/fifo", "--overwrite"], "fifo")
+    add(TOKENIZER, ["--vocab-size", "300", "--out", ""], "empty")
+    add(TOKENIZER, ["--vocab-size", "300", "--out", "{ws}/model/model.safetensors", "--overwrite"], "model")
+    add(TOKENIZER, ["--vocab-size", "300", "--out", "{ws}/model/tokenizer.json", "--overwrite"], "model")
+    add(TOKENIZER, ["--vocab-size", "300", "--out", "{ws}/run/checkpoints/latest.json", "--overwrite"], "checkpoints")
     add(TOKENIZER, ["--vocab-size", "300", "--out", "{ws}/tok.json", "--model", "wordpiece"], "model")
     add(["tokenizer", "train", "{ws}/empty-data", "--vocab-size", "300", "--out", "{ws}/tok.json"], [], "train")
     add(["tokenizer", "train", "{ws}/missing", "--vocab-size", "300", "--out", "{ws}/tok.json"], [], "missing")
@@ -315,6 +322,8 @@ def _rows():
     add(["data", "pydoc", "--out", "{ws}/data"], [], "overwrite")
     add(["data", "de-en", "--out", "{ws}/plain.txt"], [], "plain.txt")
     add(["data", "klingon"], [], "klingon")
+    add(["data", "de-en", "--out", ""], [], "empty")
+    add(["data", "pydoc", "--out", ""], [], "empty")
 
     # ---- train: every option at 0, negative, NaN, inf, huge, the wrong type
     for option, values in {
@@ -343,6 +352,12 @@ def _rows():
         for value in values:
             add(TRAIN, [option, value, "--out", "{ws}/trained"], option.lstrip("-").split("-")[0])
     add(TRAIN, ["--out", "{ws}/model"], "overwrite")
+    add(TRAIN, ["--out", "{ws}/trained", "--layers", "0"], "decoder layer")
+    add(TRAIN, ["--out", "{ws}/trained", "--decoder-layers", "0"], "decoder layer")
+    add(TRAIN, ["--out", ""], "empty")
+    add(["train", "", "--tokenizer", "{ws}/tokenizer.json", "--out", "{ws}/trained"], [], "empty")
+    add(["train", "{ws}/pipe-data", "--tokenizer", "{ws}/tokenizer.json", "--out", "{ws}/trained"], [],
+        "not a regular file")
     add(TRAIN, ["--out", "{ws}/run/checkpoints"], "checkpoints")
     add(TRAIN, ["--out", "{ws}/run/checkpoints", "--overwrite"], "checkpoints")
     add(TRAIN, ["--out", "{ws}/dangling"], "symbolic link")
@@ -373,6 +388,9 @@ def _rows():
     add(EVAL, ["--max-tokens", "-5"], "max-tokens")
     add(["eval", "{ws}/model", "{ws}/data"], [], "--model")
     add(["eval", "{ws}/model"], [], "is a model folder")
+    add(["eval", "", "--model", "{ws}/model"], [], "empty")
+    add(["eval", "{ws}/data", "--model", "{ws}/run/checkpoints"], [], "checkpoints")
+    add(["eval", "{ws}/pipe-data", "--model", "{ws}/model"], [], "not a regular file")
     add(["eval", "{ws}/data", "--model", "{ws}/missing"], [], "missing")
     add(["eval", "{ws}/missing", "--model", "{ws}/model"], [], "missing")
     add(["eval", "{ws}/empty-data", "--model", "{ws}/model"], [], "valid")
