@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.io import CONFIG_FILE, WEIGHTS_FILE, current_umask, load, load_config, read_json, sha256
+from refformer.refimpl.io import (CONFIG_FILE, WEIGHTS_FILE, current_umask, load, load_config, process_alive, read_json,
+                                  sha256)
 from refformer.refimpl.tree import flatten
 
 from .model import build_decoder, build_decoder_static, build_decoder_static_fused, build_encoder
@@ -526,17 +527,6 @@ def replace_folder(new, target):
         shutil.rmtree(old, ignore_errors=True)
         return
     raise RefformerError(f"could not rename {new} to {target}: other processes keep replacing it")
-
-
-def process_alive(pid):
-    """Whether a process with this id runs here (one of another user's counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 FOREIGN_LEFTOVER_AGE_S = 24 * 3600

@@ -13,16 +13,15 @@ import errno
 import json
 import os
 import re
-import signal
 import stat
 import sys
-import threading
 from pathlib import Path
 
 import click
 
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.io import leads_nowhere
+from refformer.refimpl.train import interrupts_deferred
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import model_option
 
@@ -263,22 +262,6 @@ def one_line(text):
     U+2028, U+2029) and other control characters as spaces, so that plain output keeps one line per input, the same
     on a terminal and in a pipe (--json and --output keep the text as it is)."""
     return printable(" ".join(text.splitlines())) if text else text
-
-
-@contextlib.contextmanager
-def interrupts_deferred():
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it as KeyboardInterrupt at its end."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
 
 
 # JSON allows these raw inside strings, but str.splitlines (and JavaScript before ES2019) breaks a record there:
