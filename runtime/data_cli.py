@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from refformer.runtime.errors import RefformerError, one_line_errors
-from refformer.runtime.train_cli import NonEmptyPath
+from refformer.runtime.options import NonEmptyPath
 
 
 def _echo_counts(out_dir, counts, seconds):

@@ -10,7 +10,7 @@ import click
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.io import leads_nowhere
 from refformer.runtime.errors import one_line_errors
-from refformer.runtime.options import model_option, resolve_model
+from refformer.runtime.options import NonEmptyPath, model_option, resolve_model
 
 MAX_SPECIAL_ID = 2**31 - 1  # token ids are int64 in the graphs; a vocabulary is far smaller than this anyway
 
@@ -43,7 +43,7 @@ def check_new_file(path, overwrite, inputs=()):
 
 @click.command("golden")
 @model_option
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The .npz file to write.")
+@click.option("--out", "out_path", required=True, type=NonEmptyPath(dir_okay=False), help="The .npz file to write.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fixed random inputs (an integer >= 0).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @one_line_errors
@@ -69,10 +69,10 @@ def golden_command(model_dir, out_path, seed, overwrite):
 
 
 @click.command("convert-torch")
-@click.argument("state_dict", type=click.Path(dir_okay=False))
-@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(dir_okay=False),
+@click.argument("state_dict", type=NonEmptyPath(dir_okay=False))
+@click.option("--tokenizer", "tokenizer_path", required=True, type=NonEmptyPath(dir_okay=False),
               help="tokenizer.json whose vocabulary matches the model.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+@click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False), help="Model directory to write.")
 @click.option("--overwrite", is_flag=True, help="Write into --out although it exists and is not empty (its model "
               "files are replaced).")
 @click.option("--n-heads", required=True, type=int, help="Attention heads (not recorded in a state_dict).")
@@ -150,7 +150,7 @@ def variant_options(helps):
 @model_option
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17 for LayerNormalization).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out_dir", type=NonEmptyPath(file_okay=False), default=None,
               help="Folder to write (default: the model folder's onnx/DTYPE[-staticL][-fused]; the per-user cache for the "
                    "bundled model). An existing folder is replaced only if it is a refformer export.")
 @click.option("--external-data", is_flag=True, default=None,
@@ -176,7 +176,7 @@ def export_command(model_dir, dtype, opset, out_dir, external_data, static_lengt
 
 @click.command("verify")
 @model_option
-@click.option("--onnx-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--onnx-dir", type=NonEmptyPath(file_okay=False), default=None,
               help="Export folder (default: the export set of --model named by --dtype, --static-length and "
                    "--fused-attention; without them fp32, or the only one there is).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="Which export set (default fp32).")

@@ -23,7 +23,7 @@ from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.io import leads_nowhere
 from refformer.refimpl.train import interrupts_deferred
 from refformer.runtime.errors import one_line_errors
-from refformer.runtime.options import model_option
+from refformer.runtime.options import NonEmptyPath, model_option
 
 OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "num_beams",
                 "length_penalty", "early_stopping", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size")
@@ -367,8 +367,8 @@ class RecordWriter:
 @click.command("generate")
 @click.argument("texts", nargs=-1)
 @model_option
-@click.option("--input", "input_path", type=str, default=None, metavar="FILE", help="File of inputs, one per line or JSONL; - for stdin.")
-@click.option("--output", "output_path", type=click.Path(), default=None,
+@click.option("--input", "input_path", type=NonEmptyPath(allow_dash=True), default=None, metavar="FILE", help="File of inputs, one per line or JSONL; - for stdin.")
+@click.option("--output", "output_path", type=NonEmptyPath(), default=None,
               help="Write JSON lines here (as each batch finishes); - for stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file (at the end of the run).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of plain text.")

@@ -8,9 +8,19 @@ import click
 MODEL_HELP = "Model directory (default: the bundled German->English model)."
 
 
+class NonEmptyPath(click.Path):
+    """click.Path that refuses an empty string (`--out ''` trained into the current folder, `DATA_DIR ''` read it)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value == "":
+            kind = "folder" if not self.file_okay else "file"
+            self.fail(f"{value!r} is an empty path: give a {kind} name", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def model_option(function):
     """--model DIR, the model folder of every command that reads one; None means the bundled model."""
-    return click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)(function)
+    return click.option("--model", "model_dir", type=NonEmptyPath(file_okay=False), default=None, help=MODEL_HELP)(function)
 
 
 def resolve_model(model_dir):

@@ -15,7 +15,7 @@ import click
 from refformer.refimpl.config import ACTIVATIONS, FAMILIES, POSITIONALS
 from refformer.refimpl.data import SUFFIX, detect_family, not_a_file, read_lines, read_tsv, split_path
 from refformer.runtime.errors import one_line_errors
-from refformer.runtime.options import model_option, resolve_model
+from refformer.runtime.options import NonEmptyPath, model_option, resolve_model
 
 ARCHITECTURE_OPTIONS = ("family", "d_model", "n_heads", "d_ff", "layers", "encoder_layers", "decoder_layers",
                         "norm_first", "activation", "positional", "max_positions")
@@ -120,16 +120,6 @@ def _decoder(tokenizer):
 
 
 # ---------------------------------------------------------------------------- refformer train
-
-
-class NonEmptyPath(click.Path):
-    """click.Path that refuses an empty string (`--out ''` trained into the current folder, `DATA_DIR ''` read it)."""
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, str) and value == "":
-            self.fail(f"{value!r} is an empty path: give a {'file' if not self.dir_okay else 'folder'} name", param,
-                      ctx)
-        return super().convert(value, param, ctx)
 
 
 @click.command("train")

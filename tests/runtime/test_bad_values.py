@@ -323,6 +323,13 @@ def _rows():
     add(["data", "de-en", "--out", "{ws}/plain.txt"], [], "plain.txt")
     add(["data", "klingon"], [], "klingon")
     add(["data", "de-en", "--out", ""], [], "empty")
+    for command in (["generate", "w4"], ["export"], ["verify"], ["golden", "--out", "{ws}/g.npz"],
+                    ["eval", "{ws}/data"]):
+        add(command, ["--model", ""], "empty")
+    add(GEN, ["--input", ""], "empty")
+    add(GOLDEN, ["--out", ""], "empty")
+    add(CONVERT, ["--out", "", "--overwrite"], "empty")
+    add(["convert-torch", "", "--tokenizer", "{ws}/tokenizer.json", "--n-heads", "4", "--out", "{ws}/c"], [], "empty")
     add(["data", "pydoc", "--out", ""], [], "empty")
 
     # ---- train: every option at 0, negative, NaN, inf, huge, the wrong type
