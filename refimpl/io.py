@@ -393,14 +393,21 @@ def check_tokenizer(cfg, tokenizer_json, source):
         raise RefformerError(f"{source} is not a valid tokenizer.json: {error}") from None
     tokenizer.no_padding()
     tokenizer.no_truncation()
+    return check_tokenizer_matches(cfg, tokenizer, source)
+
+
+def check_tokenizer_matches(cfg, tokenizer, source, whose="the model's"):
+    """A loaded tokenizers.Tokenizer's vocabulary size and special ids (<pad>, <s>, </s>, <unk> and their
+    spellings) must be cfg's; returns tokenizer. whose names cfg in messages ("the model's", "config.json's").
+    Raises RefformerError naming source."""
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size != cfg.vocab_size:
-        raise RefformerError(f"{source} has {size} tokens but the model's vocab_size is {cfg.vocab_size}")
+        raise RefformerError(f"{source} has {size} tokens but {whose} vocab_size is {cfg.vocab_size}")
     for field, names in SPECIAL_TOKEN_NAMES.items():
         for name in names:
             token_id = tokenizer.token_to_id(name)
             if token_id is not None and token_id != getattr(cfg, field):
-                raise RefformerError(f"{source} has {name} at id {token_id} but the model's {field} is {getattr(cfg, field)}")
+                raise RefformerError(f"{source} has {name} at id {token_id} but {whose} {field} is {getattr(cfg, field)}")
     return tokenizer
 
 

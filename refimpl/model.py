@@ -393,11 +393,10 @@ def encode(cfg, params, src_ids, src_mask=None):
     """
     check_config(cfg)
     check(cfg.is_encoder_decoder, "encode needs an encoder-decoder model")
-    _check_model(cfg, params)
+    dtype = _check_model(cfg, params)
     _check_ids("src_ids", src_ids, cfg)
     src_keep = _keep_mask("src_mask", src_mask, src_ids, cfg)
-    check_activations_fit(cfg.replace(n_decoder_layers=0), src_ids.shape[0], src_ids.shape[1], 0,
-                          params["decoder"]["embed_tokens"]["weight"].dtype)
+    check_activations_fit(cfg.replace(n_decoder_layers=0), src_ids.shape[0], src_ids.shape[1], 0, dtype)
     memory, _ = encoder_forward(cfg, params, src_ids, src_keep, _positions("src_positions", None, src_ids, cfg))
     cross_kv = [project_kv(p_layer["cross_attn"], memory, cfg.n_heads) for p_layer in params["decoder"]["layers"]]
     return memory, cross_kv

@@ -16,7 +16,7 @@ from refformer.export.verify import left_padded
 from refformer.refimpl.batching import pad_rows
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import GenerationOptions, generate, search_iter
-from refformer.refimpl.io import SPECIAL_TOKEN_NAMES, load_config
+from refformer.refimpl.io import check_tokenizer_matches, load_config
 
 from . import tokenizer as tok
 from .stepper import OrtStepper, StaticOrtStepper
@@ -178,15 +178,7 @@ class Generator:
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = load_config(self.model_dir)
         self.tokenizer = tok.load_tokenizer(self.model_dir / "tokenizer.json")
-        size = self.tokenizer.get_vocab_size(with_added_tokens=True)
-        if size != self.cfg.vocab_size:
-            raise RefformerError(f"{self.model_dir}/tokenizer.json has {size} tokens but the model has {self.cfg.vocab_size}")
-        for field, names in SPECIAL_TOKEN_NAMES.items():  # config.json's special ids must be the tokenizer's
-            for name in names:
-                token_id = self.tokenizer.token_to_id(name)
-                if token_id is not None and token_id != getattr(self.cfg, field):
-                    raise RefformerError(f"{self.model_dir}/tokenizer.json has {name} at id {token_id} but config.json's "
-                                         f"{field} is {getattr(self.cfg, field)}")
+        check_tokenizer_matches(self.cfg, self.tokenizer, f"{self.model_dir}/tokenizer.json", whose="config.json's")
         self.provider = resolve_provider(provider)
         if variant not in VARIANTS:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
