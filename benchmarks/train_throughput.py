@@ -35,8 +35,8 @@ CLIP, LR, WEIGHT_DECAY = 1.0, 5e-4, 0.01  # label smoothing: train_step.LABEL_SM
 def batches(data_dir, rng, n):
     """n batches (src, tgt_in, tgt_out): the real bucketed de-en batches, or random ids of those shapes."""
     if data_dir:
-        from refformer.refimpl.batching import make_batches, seq2seq_examples
-        from refformer.refimpl.data import read_tsv
+        from refformer.refimpl.training.batching import make_batches, seq2seq_examples
+        from refformer.refimpl.training.data import read_tsv
         from refformer.runtime.tokenizer import encode, load_tokenizer
 
         tokenizer = load_tokenizer(Path(data_dir) / "tokenizer.json")

@@ -36,8 +36,8 @@ from .tree import flatten, unflatten
 
 
 def from_torch(module, **overrides):
-    """(cfg, params) from a live torch module built on nn.Transformer (see refformer.refimpl.torch_convert)."""
-    from .torch_convert import from_torch as convert
+    """(cfg, params) from a live torch module built on nn.Transformer (see refformer.refimpl.convert.torch)."""
+    from .convert.torch import from_torch as convert
 
     return convert(module, **overrides)
 

@@ -33,7 +33,7 @@ OVERWRITE_HELP = "Write into an --out folder that already holds files (only the 
 @one_line_errors
 def de_en_command(out_dir, overwrite):
     """German-English sentence pairs from the trans-de-en dictionary."""
-    from refformer.refimpl.data import prepare_de_en
+    from refformer.refimpl.training.data import prepare_de_en
 
     start = time.perf_counter()
     counts = prepare_de_en(out_dir, overwrite=overwrite)
@@ -47,7 +47,7 @@ def de_en_command(out_dir, overwrite):
 @one_line_errors
 def pydoc_command(out_dir, overwrite):
     """Prose paragraphs of the Python documentation (python3-doc)."""
-    from refformer.refimpl.data import prepare_pydoc
+    from refformer.refimpl.training.data import prepare_pydoc
 
     start = time.perf_counter()
     counts = prepare_pydoc(out_dir, overwrite=overwrite)
@@ -85,7 +85,7 @@ def _check_tokenizer_out(out, data_dir, overwrite):
     """Refuse --out before training: a folder, a missing or read-only parent, one of the own files of a model folder,
     a checkpoint or a checkpoints folder (--overwrite or not), a split file of DATA_DIR, or an existing file without
     --overwrite."""
-    from refformer.refimpl.data import SPLITS, SUFFIX
+    from refformer.refimpl.training.data import SPLITS, SUFFIX
 
     if out.is_dir():
         raise RefformerError(f"--out {out} is a folder: name the tokenizer.json file to write")

@@ -50,7 +50,7 @@ def check_new_file(path, overwrite, inputs=()):
 def golden_command(model_dir, out_path, seed, overwrite):
     """Write fixed inputs, every intermediate activation and every gradient of --model, in float64, to an .npz."""
     from refformer.export.export import check_weights
-    from refformer.refimpl.golden import write_golden
+    from refformer.refimpl.convert.golden import write_golden
     from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load, load_config
 
     check_seed(seed)
@@ -120,7 +120,7 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, overwrite, **arch
         import torch  # noqa: F401
     except ImportError:
         raise RefformerError("convert-torch needs torch: pip install 'refformer[torch]'") from None
-    from refformer.refimpl.torch_convert import convert_state_dict_file
+    from refformer.refimpl.convert.torch import convert_state_dict_file
 
     arch = {key: value for key, value in arch.items() if value is not None}
     cfg = convert_state_dict_file(state_dict, tokenizer_path, out_dir, **arch)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from refformer.export.verify import left_padded
-from refformer.refimpl.batching import pad_rows
+from refformer.refimpl.training.batching import pad_rows
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import GenerationOptions, generate, search_iter
 from refformer.refimpl.io import check_tokenizer_matches, load_config

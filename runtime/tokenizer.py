@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from refformer.refimpl.data import detect_family, read_lines, read_tsv, split_path
+from refformer.refimpl.training.data import detect_family, read_lines, read_tsv, split_path
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.io import TOKENIZER_MAX_BYTES, atomic_write, read_text
 

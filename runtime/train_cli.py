@@ -1,4 +1,4 @@
-"""`refformer train` and `refformer eval`: the NumPy training loop (refimpl.train) on a data directory.
+"""`refformer train` and `refformer eval`: the NumPy training loop (refimpl.training.train) on a data directory.
 
 A data directory holds train/valid/test splits: *.tsv (source<TAB>target) for an
 encoder-decoder model, *.txt (one text per line) for a decoder-only one.
@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from refformer.refimpl.config import ACTIVATIONS, FAMILIES, POSITIONALS
-from refformer.refimpl.data import SUFFIX, detect_family, not_a_file, read_lines, read_tsv, split_path
+from refformer.refimpl.training.data import SUFFIX, detect_family, not_a_file, read_lines, read_tsv, split_path
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import NonEmptyPath, model_option, resolve_model
 
@@ -33,7 +33,7 @@ OPTION_FLAGS = {name: _flag(name) for name in ("steps", "max_tokens", "lr", "war
 def train_options(opts):
     """TrainOptions from the command's options; RefformerError naming the flag of a bad value."""
     from refformer.refimpl.errors import RefformerError
-    from refformer.refimpl.train import TrainOptions
+    from refformer.refimpl.training.train import TrainOptions
 
     minutes = opts["time_limit"]
     if minutes is not None and not (math.isfinite(minutes * 60.0) and minutes > 0):
@@ -88,7 +88,7 @@ def load_examples(data_dir, split, family, tokenizer, cfg, max_sentences=None):
     Raises RefformerError for a split file that is missing, empty, malformed (naming file:line) or whose every
     example is longer than cfg.max_positions.
     """
-    from refformer.refimpl.batching import lm_examples, seq2seq_examples
+    from refformer.refimpl.training.batching import lm_examples, seq2seq_examples
     from refformer.refimpl.errors import RefformerError
     from refformer.runtime.tokenizer import encode, normalize
 
@@ -174,10 +174,10 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
     import numpy as np
 
     from refformer.refimpl import Config, init_params, load
-    from refformer.refimpl.batching import make_batches
+    from refformer.refimpl.training.batching import make_batches
     from refformer.refimpl.errors import RefformerError
     from refformer.refimpl.io import check_tokenizer
-    from refformer.refimpl.train import check_fits, check_output_dir, train as train_loop
+    from refformer.refimpl.training.train import check_fits, check_output_dir, train as train_loop
     from refformer.runtime.tokenizer import load_tokenizer, special_ids
 
     options = train_options(opts)
@@ -326,9 +326,9 @@ def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
     """Loss, perplexity and (translation) greedy BLEU/chrF of --model (default: the bundled model) on a split
     of DATA_DIR."""
     from refformer.refimpl import load, load_tokenizer
-    from refformer.refimpl.batching import make_batches
+    from refformer.refimpl.training.batching import make_batches
     from refformer.refimpl.errors import RefformerError
-    from refformer.refimpl.train import check_fits, evaluate as evaluate_model
+    from refformer.refimpl.training.train import check_fits, evaluate as evaluate_model
 
     if max_sentences is not None and max_sentences < 1:
         raise RefformerError(f"--max-sentences must be a positive integer, got {max_sentences}")

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from refformer.refimpl.batching import (batch_stream, collate, fingerprint, lm_examples, lm_windows, make_batches,
+from refformer.refimpl.training.batching import (batch_stream, collate, fingerprint, lm_examples, lm_windows, make_batches,
                                         seq2seq_examples)
 from refformer.refimpl.errors import RefformerError
 

@@ -5,7 +5,7 @@ import unicodedata
 
 import pytest
 
-from refformer.refimpl import data
+from refformer.refimpl.training import data
 from refformer.refimpl.errors import RefformerError
 
 DICTIONARY = """\

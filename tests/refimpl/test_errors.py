@@ -193,7 +193,7 @@ from refformer.refimpl import model as model_module  # noqa: E402
 from refformer.refimpl import ops as ops_module  # noqa: E402
 from refformer.refimpl import tree as tree_module  # noqa: E402
 from refformer.refimpl.config import check_fits_memory, parameter_bytes, parameter_count  # noqa: E402
-from refformer.refimpl.golden import golden, golden_inputs  # noqa: E402
+from refformer.refimpl.convert.golden import golden, golden_inputs  # noqa: E402
 
 # io (load, save, load_config, load_tokenizer) is another module's, tested in test_io.py.
 NOT_SWEPT = {"load", "load_config", "load_tokenizer", "save", "from_torch", "Config", "RefformerError"}
@@ -587,7 +587,7 @@ def test_layer_level_float_masks_equal_their_boolean_equivalent(setup):
 
 
 def test_negative_seeds_and_foreign_generators_are_refused(setup):
-    from refformer.refimpl.golden import golden, golden_inputs, write_golden
+    from refformer.refimpl.convert.golden import golden, golden_inputs, write_golden
 
     with pytest.raises(RefformerError, match="seed must be >= 0"):
         golden_inputs(ED, -1)

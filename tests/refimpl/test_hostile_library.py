@@ -57,8 +57,8 @@ def test_training_helpers_refuse_wrong_kinds(tmp_path):
     """Each was a TypeError, AttributeError, KeyError, ValueError or OverflowError from inside."""
     import os
 
-    from refformer.refimpl.batching import batch_stream, collate, epoch_order, fingerprint, make_batches
-    from refformer.refimpl.train import (check_fits, check_output_dir, estimate_batch_memory, evaluate, plot_log,
+    from refformer.refimpl.training.batching import batch_stream, collate, epoch_order, fingerprint, make_batches
+    from refformer.refimpl.training.train import (check_fits, check_output_dir, estimate_batch_memory, evaluate, plot_log,
                                          read_log, write_log)
 
     examples = [([4, 2], [1, 5], [5, 2])]
@@ -87,7 +87,7 @@ def test_training_helpers_refuse_wrong_kinds(tmp_path):
 
 def test_data_functions_refuse_paths_that_are_not_paths(tmp_path):
     """read_lines(0) read stdin (an integer is a file descriptor to open()); others raised TypeError/ValueError."""
-    from refformer.refimpl import data
+    from refformer.refimpl.training import data
 
     calls = [lambda: data.read_lines(0), lambda: data.read_tsv(None), lambda: data.write_lines(1, ["a"]),
              lambda: data.write_tsv(tmp_path / "x.tsv", None), lambda: data.split_path(None, "train", "decoder-only"),
@@ -217,7 +217,7 @@ def test_corpora_in_utf16_or_utf32_with_a_byte_order_mark_and_pipes(tmp_path):
     --input reads it; read_tsv/read_lines of a pipe blocked forever."""
     import os
 
-    from refformer.refimpl.data import read_lines, read_tsv
+    from refformer.refimpl.training.data import read_lines, read_tsv
 
     for encoding in ("utf-16", "utf-32", "utf-16-be", "utf-32-be"):
         path = tmp_path / f"{encoding}.tsv"

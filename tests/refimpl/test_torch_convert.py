@@ -16,7 +16,7 @@ import pytest
 
 from refformer.refimpl import (Config, RefformerError, decoder_layer_forward, encoder_layer_forward, load,
                                model_forward, padding_mask, rel_error)
-from refformer.refimpl.torch_convert import (config_from_torch_layer, convert_state_dict_file,
+from refformer.refimpl.convert.torch import (config_from_torch_layer, convert_state_dict_file,
                                              decoder_layer_params_from_torch, encoder_layer_params_from_torch,
                                              from_state_dict, from_torch)
 from tests.helpers import randomize_torch, write_word_level_tokenizer
@@ -376,7 +376,7 @@ def test_convert_refuses_pickled_module_and_missing_files(tmp_path):
 def test_refimpl_imports_without_torch():
     """torch is imported lazily: refimpl (and torch_convert itself) import with torch unavailable."""
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import refformer.refimpl, refformer.refimpl.torch_convert as tc\n"
+            "import refformer.refimpl, refformer.refimpl.convert.torch as tc\n"
             "try:\n    tc.from_torch(object())\nexcept refformer.refimpl.RefformerError as e:\n    print(e)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -23,7 +23,7 @@ from refformer.refimpl import (causal_mask, decoder_layer_backward, decoder_laye
                                encoder_layer_forward, flatten, mha_backward, mha_forward, model_backward,
                                model_forward, sinusoidal_table)
 from refformer.refimpl.config import Config
-from refformer.refimpl.torch_convert import (config_from_torch_layer, decoder_layer_params_from_torch,
+from refformer.refimpl.convert.torch import (config_from_torch_layer, decoder_layer_params_from_torch,
                                              encoder_layer_params_from_torch, from_torch, mha_params_from_torch)
 from tests.helpers import randomize_torch
 

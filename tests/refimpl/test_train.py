@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from refformer.refimpl import Config, init_params, load
-from refformer.refimpl.batching import collate, lm_examples, make_batches, seq2seq_examples
+from refformer.refimpl.training.batching import collate, lm_examples, make_batches, seq2seq_examples
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import greedy, greedy_lm, strip
-from refformer.refimpl.train import (TrainingDiverged, TrainOptions, check_fits, check_output_dir, load_checkpoint,
+from refformer.refimpl.training.train import (TrainingDiverged, TrainOptions, check_fits, check_output_dir, load_checkpoint,
                                      read_log, train)
 from refformer.refimpl.tree import flatten
 
@@ -228,7 +228,7 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
 
     # a failure while switching latest.json (after the new folder is complete) also keeps step 2 in use
     monkeypatch.setattr(safetensors.numpy, "save_file", real_save_file)
-    import refformer.refimpl.train as train_module
+    import refformer.refimpl.training.train as train_module
 
     def failing_atomic_write(path, write):
         raise OSError(5, "Input/output error")
@@ -248,7 +248,7 @@ def test_ctrl_c_while_saving_keeps_a_checkpoint_to_resume_from(tmp_path, monkeyp
     failed for good) keeps that checkpoint; a real SIGINT during a save is held until the save is done."""
     import signal
 
-    import refformer.refimpl.train as train_module
+    import refformer.refimpl.training.train as train_module
 
     cfg, params, batches, valid, options = _small_run()
     options = TrainOptions(**{**options.to_dict(), "steps": 4, "save_every": 2, "eval_every": 0})
@@ -448,7 +448,7 @@ def test_check_output_dir(tmp_path):
 
 
 def test_check_fits_refuses_a_batch_too_big_for_memory(monkeypatch):
-    import refformer.refimpl.train as train_module
+    import refformer.refimpl.training.train as train_module
 
     cfg, _, _, _, _ = _small_run()
     examples, _ = seq2seq_examples(_copy_pairs(400, 4), bos_id=BOS, eos_id=EOS, max_len=16)
@@ -466,10 +466,10 @@ def test_check_fits_refuses_a_batch_too_big_for_memory(monkeypatch):
 
 
 def test_public_functions_refuse_bad_arguments(tmp_path):
-    """Every public function of refimpl.train raises RefformerError naming what was wrong, never a bare
+    """Every public function of refimpl.training.train raises RefformerError naming what was wrong, never a bare
     KeyError/TypeError/IndexError from inside."""
     from refformer.refimpl.optim import adamw_init
-    from refformer.refimpl.train import (evaluate, loss_and_grads, plot_log, save_checkpoint, train_step,
+    from refformer.refimpl.training.train import (evaluate, loss_and_grads, plot_log, save_checkpoint, train_step,
                                          translate_examples, translation_scores, write_log)
 
     cfg, params, batches, valid, options = _small_run()

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from refformer.refimpl import Config, flatten, init_params, load, model_forward, save
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.golden import golden_inputs
+from refformer.refimpl.convert.golden import golden_inputs
 from refformer.runtime.cli import main
 
 
@@ -49,7 +49,7 @@ def test_golden_errors_are_one_line(tmp_path):
 
 
 def test_golden_checks_the_output_folder_before_any_work(tmp_path, monkeypatch):
-    import refformer.refimpl.golden as golden_module
+    import refformer.refimpl.convert.golden as golden_module
 
     monkeypatch.setattr(golden_module, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
     with pytest.raises(RefformerError, match="output folder .* does not exist"):

@@ -102,7 +102,7 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(data, 
     """Two runs into one new --out both passed the output check and interleaved their checkpoints."""
     import fcntl
 
-    from refformer.refimpl.train import LOCK_FILE
+    from refformer.refimpl.training.train import LOCK_FILE
 
     out = tmp_path / "busy"
     out.mkdir()

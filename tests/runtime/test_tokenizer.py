@@ -8,7 +8,7 @@ from hypothesis import example, given
 from tokenizers import Tokenizer
 from hypothesis import strategies as st
 
-from refformer.refimpl import data
+from refformer.refimpl.training import data
 from refformer.refimpl.errors import RefformerError
 from refformer.runtime import tokenizer as tok
 from refformer.runtime.cli import main

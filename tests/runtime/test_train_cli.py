@@ -186,7 +186,7 @@ def test_train_overwrite_and_divergence_never_replace_a_good_model(data, trained
     after = _snapshot(model)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "loss.png"):  # the model is intact
         assert after[name] == before[name], name
-    from refformer.refimpl.train import load_checkpoint
+    from refformer.refimpl.training.train import load_checkpoint
     from refformer.refimpl.tree import flatten
 
     _, saved, _, _ = load_checkpoint(model)  # the checkpoints saved before it diverged are finite

@@ -24,7 +24,7 @@ import numbers
 
 import numpy as np
 
-from .errors import RefformerError, check
+from ..errors import RefformerError, check
 
 
 def _is_integer(value):

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, check_fits_memory, physical_memory_bytes
-from .errors import RefformerError, check, check_number, check_seed
-from .io import atomic_write, load, load_config
-from .loss import cross_entropy_backward, cross_entropy_forward
-from .model import model_backward, model_forward
-from .tree import flatten, tree_cast
+from ..config import Config, check_fits_memory, physical_memory_bytes
+from ..errors import RefformerError, check, check_number, check_seed
+from ..io import atomic_write, load, load_config
+from ..loss import cross_entropy_backward, cross_entropy_forward
+from ..model import model_backward, model_forward
+from ..tree import flatten, tree_cast
 
 
 def golden_inputs(cfg, seed, batch_size=2, length=6):

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
-from .errors import RefformerError, check
-from .io import _few, check_params, check_tokenizer, save
-from .ops import sinusoidal_table
-from .tree import tree_cast
+from ..config import Config
+from ..errors import RefformerError, check
+from ..io import _few, check_params, check_tokenizer, save
+from ..ops import sinusoidal_table
+from ..tree import tree_cast
 
 SRC_WORDS = ("src", "source", "encoder", "enc")  # whole words of a name (split at . and _), or src inside one
 TGT_WORDS = ("tgt", "trg", "target", "decoder", "dec")

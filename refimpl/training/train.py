@@ -35,14 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from .batching import Batch, batch_stream, collate, fingerprint, make_batches
-from .config import Config, check_fits_memory, parameter_bytes, physical_memory_bytes
-from .errors import RefformerError, check
-from .generate import greedy, strip
-from .io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write, save, sha256, unflatten_checked
-from .loss import cross_entropy_backward, cross_entropy_forward
-from .model import model_backward, model_forward
-from .optim import adamw_init, adamw_update, clip_by_global_norm, inverse_sqrt_lr
-from .tree import flatten, unflatten
+from ..config import Config, check_fits_memory, parameter_bytes, physical_memory_bytes
+from ..errors import RefformerError, check
+from ..generate import greedy, strip
+from ..io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write, save, sha256, unflatten_checked
+from ..loss import cross_entropy_backward, cross_entropy_forward
+from ..model import model_backward, model_forward
+from ..optim import adamw_init, adamw_update, clip_by_global_norm, inverse_sqrt_lr
+from ..tree import flatten, unflatten
 
 LOG_COLUMNS = ("step", "loss", "lr", "tokens_per_s", "valid_loss", "valid_ppl", "bleu", "chrf", "elapsed")
 CHECKPOINT_DIR = "checkpoints"
@@ -165,7 +165,7 @@ def loss_and_grads(cfg, params, batch, *, label_smoothing=0.0, rng=None):
     """Mean label-smoothed cross-entropy over the batch's target tokens and its gradient tree.
 
     Raises RefformerError for a batch that is not a Batch (and whatever model_forward refuses)."""
-    check(isinstance(batch, Batch), f"batch must be a Batch (from refimpl.batching), got {type(batch).__name__}")
+    check(isinstance(batch, Batch), f"batch must be a Batch (from refimpl.training.batching), got {type(batch).__name__}")
     logits, cache = model_forward(cfg, params, batch.src_ids, batch.tgt_ids, src_mask=batch.src_mask,
                                   tgt_mask=batch.tgt_mask, rng=rng)  # [B, T, V]
     loss, loss_cache = cross_entropy_forward(logits, batch.labels, ignore_id=cfg.pad_id,
@@ -282,7 +282,7 @@ def check_fits(cfg, batches=(), *, training=True):
     moments and updated copies: config.check_fits_memory), then with the batches made.
     """
     check(isinstance(batches, (list, tuple)) and all(isinstance(batch, Batch) for batch in batches),
-          "batches must be a list of Batch (from refimpl.batching.make_batches)")
+          "batches must be a list of Batch (from refimpl.training.batching.make_batches)")
     check_fits_memory(cfg, copies=TRAINING_COPIES if training else 1)
     if not batches:
         return
@@ -308,7 +308,7 @@ def check_fits(cfg, batches=(), *, training=True):
 
 def evaluate(cfg, params, examples, *, max_tokens=4096, decode=None, references=None, max_sentences=None,
              max_translations=None):
-    """Loss and perplexity on examples (triples from refimpl.batching), and for encoder-decoder greedy BLEU/chrF.
+    """Loss and perplexity on examples (triples from refimpl.training.batching), and for encoder-decoder greedy BLEU/chrF.
 
     decode(ids) -> text turns ids into text for BLEU/chrF (skipped without it); references are
     the reference texts aligned with examples (default: decode of each example's labels).
@@ -577,7 +577,7 @@ def _check_resumable(cfg, saved_cfg, options, saved_options, data_fingerprint, s
 
 def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, tokenizer=None, decode=None,
           references=None, resume=False, overwrite=False, inputs=(), on_step=None, clock=time.monotonic):
-    """Train params (a tree of cfg) on train_batches (from refimpl.batching.make_batches) -> TrainResult.
+    """Train params (a tree of cfg) on train_batches (from refimpl.training.batching.make_batches) -> TrainResult.
 
     valid_examples: triples evaluated every options.eval_every steps and at the end (may be empty);
     decode / references as in evaluate. out_dir (None: keep nothing on disk) receives checkpoints
@@ -596,7 +596,7 @@ def train(cfg, params, train_batches, valid_examples, options, *, out_dir=None, 
     check(isinstance(cfg, Config), f"cfg must be a Config, got {type(cfg).__name__}")
     check(isinstance(options, TrainOptions), f"options must be TrainOptions, got {type(options).__name__}")
     check(isinstance(train_batches, (list, tuple)) and all(isinstance(b, Batch) for b in train_batches),
-          "train_batches must be a list of Batch (from refimpl.batching.make_batches)")
+          "train_batches must be a list of Batch (from refimpl.training.batching.make_batches)")
     check(len(train_batches) > 0, "there are no training batches (is the training data empty?)")
     check(isinstance(valid_examples, (list, tuple)), f"valid_examples must be a list of triples, "
                                                      f"got {type(valid_examples).__name__}")
@@ -649,7 +649,7 @@ def output_lock(out_dir):
 def _train(cfg, params, train_batches, valid_examples, options, out_dir, tokenizer, decode, references, resume,
            on_step, clock):
     if not resume:
-        from .io import check_params
+        from ..io import check_params
 
         check_params(cfg, params)
     data_fingerprint = fingerprint(train_batches)

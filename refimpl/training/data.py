@@ -16,8 +16,8 @@ import re
 import unicodedata
 from pathlib import Path
 
-from .errors import RefformerError, check
-from .io import atomic_write
+from ..errors import RefformerError, check
+from ..io import atomic_write
 
 DE_EN_SOURCE = "/usr/share/trans/de-en"
 PYDOC_SOURCE = "/usr/share/doc/python3*/html/_sources"  # a directory or a glob of directories
