@@ -20,7 +20,7 @@ import numpy as np
 
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.gradcheck import rel_error
-from refformer.refimpl.model import decoder_step, empty_cache, encode, model_forward
+from refformer.refimpl.model import decoder_step, empty_cache, encode, left_pad, left_padded_positions, model_forward
 from refformer.refimpl.tree import tree_cast
 
 from .graph import NUMPY_TYPES
@@ -199,18 +199,6 @@ def run_decoder(sess, cfg, dtype, ids, positions, keep, past, cross=None, encode
 # ---------------------------------------------------------------------------- checks
 
 
-def left_padded(rows, pad_id):
-    """Token lists -> ids [B, L] padded on the left, keep mask, positions 0.. of the real tokens."""
-    length = max(len(row) for row in rows)
-    ids = np.full((len(rows), length), pad_id, dtype=np.int64)
-    keep = np.zeros((len(rows), length), dtype=np.int64)
-    for b, row in enumerate(rows):
-        ids[b, length - len(row):] = row
-        keep[b, length - len(row):] = 1
-    positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)
-    return ids, keep, positions
-
-
 def compare_pass(cfg, params64, sessions, dtype, check, provider, src, src_keep, tgt, tgt_keep, tgt_positions):
     """Prompt pass (P = 0) then one cached step on every output, against refimpl's twins."""
     rows = []
@@ -243,7 +231,7 @@ def compare_pass(cfg, params64, sessions, dtype, check, provider, src, src_keep,
 def incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, cross, prompts, n_steps, rng):
     """Left-padded prompts of different lengths, then n_steps single-token steps through decoder.onnx,
     against refimpl.model_forward over the whole (padded) sequence. cross: encoder_cross's cache for src."""
-    ids, keep, positions = left_padded(prompts, cfg.pad_id)
+    ids, keep, positions = left_pad(prompts, cfg.pad_id)
     B = ids.shape[0]
     n_steps = max(0, min(n_steps, cfg.max_positions - ids.shape[1]))  # positions stay below max_positions
     new = random_ids(cfg, rng, (B, n_steps))
@@ -287,7 +275,7 @@ def random_inputs(cfg, rng, B=3, S=6, T=5):
     tgt_keep = np.ones((B, T), np.int64)
     tgt_keep[-1, :1] = 0  # one left-padded target row
     tgt = np.where(tgt_keep == 1, tgt, cfg.pad_id)
-    positions = np.maximum(np.cumsum(tgt_keep, axis=1) - 1, 0)
+    positions = left_padded_positions(tgt_keep)
     return src, src_keep, tgt, tgt_keep, positions
 
 
@@ -324,7 +312,15 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
     model), weights with NaN or inf, or graphs ONNX Runtime cannot load or run."""
     from refformer.refimpl.io import TOKENIZER_FILE, WEIGHTS_FILE, load, load_tokenizer
 
-    from .export import check_external_data, check_files, check_weights, find_export, graph_files, is_stale, read_manifest
+    from .export import (
+        check_external_data,
+        check_files,
+        check_weights,
+        find_export,
+        graph_files,
+        is_stale,
+        read_manifest,
+    )
 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise RefformerError(f"--seed must be an integer >= 0, got {seed!r}")
@@ -402,11 +398,11 @@ def real_inputs(cfg, tokenizer):
     rows = [row[: cfg.max_positions - 2] for row in encode(tokenizer, list(texts))]
     src_rows = [row + [cfg.eos_id] for row in rows]
     tgt_rows = [[cfg.bos_id] + row for row in rows]
-    src, src_keep, _ = left_padded(src_rows, cfg.pad_id)
+    src, src_keep, _ = left_pad(src_rows, cfg.pad_id)
     # sources are right-padded like the random ones: move the padding to the end
     src = np.array([np.concatenate([r[k == 1], r[k == 0]]) for r, k in zip(src, src_keep)])
     src_keep = np.sort(src_keep, axis=1)[:, ::-1].copy()
-    tgt, tgt_keep, tgt_positions = left_padded(tgt_rows, cfg.pad_id)
+    tgt, tgt_keep, tgt_positions = left_pad(tgt_rows, cfg.pad_id)
     return src, src_keep, tgt, tgt_keep, tgt_positions
 
 
@@ -420,11 +416,11 @@ def static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0, n_s
     L = inputs["past_key_self_0"].shape[2]
     rng = np.random.default_rng(seed)
     src, src_keep = random_inputs(cfg, rng)[:2]
-    ids, keep, positions = left_padded(random_prompts(cfg, rng, min(L, cfg.max_positions) - 1), cfg.pad_id)
+    ids, keep, positions = left_pad(random_prompts(cfg, rng, min(L, cfg.max_positions) - 1), cfg.pad_id)
     n_steps = max(0, min(n_steps, L - ids.shape[1]))  # a short static cache (--static-length 2) is checked too
     ids = np.concatenate([ids, random_ids(cfg, rng, (3, n_steps))], axis=1)
     keep = np.concatenate([keep, np.ones((3, n_steps), np.int64)], axis=1)
-    positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)
+    positions = left_padded_positions(keep)
     total = ids.shape[1]
     if total > L:
         return []
@@ -471,7 +467,7 @@ def fused_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0):
     rows = [("fused", provider, "logits vs refimpl (prompt + steps)",
              incremental_check(cfg, params64, fused, dtype, provider, src, src_keep, cross, prompts, 3,
                                np.random.default_rng(seed))[0][3])]
-    ids, keep, positions = left_padded(prompts, cfg.pad_id)
+    ids, keep, positions = left_pad(prompts, cfg.pad_id)
     empty = empty_cache(cfg, len(prompts), np.float32)
     reference, _ = run_decoder(sessions["decoder"], cfg, dtype, ids, positions, keep, empty, cross, src_keep)
     got, _ = run_decoder(fused["decoder"], cfg, dtype, ids, positions, keep, empty, cross, src_keep)

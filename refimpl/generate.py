@@ -30,7 +30,7 @@ import numpy as np
 
 from .config import Config, _size, physical_memory_bytes
 from .errors import RefformerError, check, check_array
-from .model import _check_ids, _check_model, _keep_mask, decoder_step, empty_cache, encode
+from .model import _check_ids, _check_model, _keep_mask, decoder_step, empty_cache, encode, left_padded_positions
 from .ops import log_softmax_forward, softmax_forward
 
 MAX_BEAMS = 1024  # num_beams and num_return_sequences above this are refused before anything is allocated
@@ -387,7 +387,7 @@ def prepare_inputs(cfg, src_ids=None, src_mask=None, prompt_ids=None, prompt_mas
     keep = _keep_mask("prompt_mask", prompt_mask, prompt_ids, cfg).astype(np.int64)
     check(prompt_ids.shape[1] >= 1 and bool(keep[:, -1].all()),
           "every prompt needs at least one token and must be left-padded (its last column real)")
-    positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)
+    positions = left_padded_positions(keep)
     return prompt_ids.astype(np.int64), keep, positions, None
 
 

@@ -179,6 +179,29 @@ def _positions(name, positions, ids, cfg):
     return positions
 
 
+def left_padded_positions(keep):
+    """Positions of left-padded rows: 0, 1, ... along each row's real tokens, 0 on the padding before them.
+
+    keep [B, L] (bool or integer, 1 = real token) -> positions [B, L] int64, max(cumsum(keep) - 1, 0). This is the
+    one place the formula lives: a left-padded prompt's first real token gets position 0, as Hugging Face computes
+    `attention_mask.cumsum(-1) - 1` for decoder-only generation (padding positions are never attended)."""
+    return np.maximum(np.cumsum(np.asarray(keep, dtype=np.int64), axis=1) - 1, 0)
+
+
+def left_pad(rows, pad_id):
+    """Token-id lists -> (ids [B, L] int64 padded on the left with pad_id, keep [B, L] int64, positions [B, L] int64
+    from left_padded_positions), L the longest row. Raises RefformerError for no rows."""
+    if not rows:
+        raise RefformerError("left_pad needs at least one row of ids")
+    length = max(len(row) for row in rows)
+    ids = np.full((len(rows), length), pad_id, dtype=np.int64)
+    keep = np.zeros((len(rows), length), dtype=np.int64)
+    for b, row in enumerate(rows):
+        ids[b, length - len(row):] = row
+        keep[b, length - len(row):] = 1
+    return ids, keep, left_padded_positions(keep)
+
+
 def _check_dtype(params):
     """The parameters' one dtype, float32 or float64."""
     dtype = params["decoder"]["embed_tokens"]["weight"].dtype  # the tree was checked first (_check_model)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from refformer.export.verify import left_padded
-from refformer.refimpl.training.batching import pad_rows
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import GenerationOptions, generate, search_iter
 from refformer.refimpl.io import check_tokenizer_matches, load_config
+from refformer.refimpl.model import left_pad
+from refformer.refimpl.training.batching import pad_rows
 
 from . import tokenizer as tok
 from .stepper import OrtStepper, StaticOrtStepper
@@ -49,7 +49,8 @@ def cache_root():
 def export_locations(model_dir, dtype="fp32", static_length=None, fused_attention=False):
     """Where one export set of model_dir lives: (MODEL_DIR/onnx/NAME, <cache>/<model key>/NAME), NAME being
     export_name(dtype, static_length, fused_attention), e.g. "fp16-static128-fused"."""
-    from refformer.export.export import export_locations as locations, export_name
+    from refformer.export.export import export_locations as locations
+    from refformer.export.export import export_name
 
     return locations(model_dir, export_name(dtype, static_length, fused_attention))
 
@@ -63,8 +64,17 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
     sha256. Otherwise the set is exported into default_export_dir (MODEL_DIR/onnx/NAME; the per-user cache for the
     bundled model or a read-only model folder), replacing a stale or damaged export of that name only. Leftovers
     of killed exports are cleaned up first. Raises RefformerError when the export fails."""
-    from refformer.export.export import (EXPORTS_FOLDER, check_files, default_export_dir, export_model, export_name,
-                                         is_stale, read_manifest, recover_leftovers, remove_legacy_leftovers)
+    from refformer.export.export import (
+        EXPORTS_FOLDER,
+        check_files,
+        default_export_dir,
+        export_model,
+        export_name,
+        is_stale,
+        read_manifest,
+        recover_leftovers,
+        remove_legacy_leftovers,
+    )
 
     model_dir = Path(model_dir)
     name = export_name(dtype, static_length, fused_attention)
@@ -340,7 +350,7 @@ class Generator:
         if cfg.is_encoder_decoder:
             ids, keep = pad_rows([row + [cfg.eos_id] for row in rows], cfg.pad_id)
             return {"src_ids": ids, "src_mask": keep.astype(np.int64)}
-        ids, keep, _ = left_padded([[cfg.bos_id] + row for row in rows], cfg.pad_id)
+        ids, keep, _ = left_pad([[cfg.bos_id] + row for row in rows], cfg.pad_id)
         return {"prompt_ids": ids, "prompt_mask": keep}
 
     def encode_inputs(self, texts):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from refformer.refimpl import Config, flatten, init_params, numerical_gradient, rel_error
+from refformer.refimpl.model import left_padded_positions
 from refformer.refimpl.tree import tree_map
 
 GRAD_TOL = 1e-6  # correctness chain step 1: refimpl backward vs centred differences, float64
@@ -203,7 +204,7 @@ def left_padded(rng, B, L, cfg, *, min_length=1):
     lengths = keep.sum(axis=1)
     ids = np.stack([np.roll(row, L - n) for row, n in zip(ids, lengths)])
     keep = np.stack([np.roll(row, L - n) for row, n in zip(keep, lengths)])
-    positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)
+    positions = left_padded_positions(keep)
     return ids, keep, positions
 
 

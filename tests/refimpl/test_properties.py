@@ -9,14 +9,50 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from refformer.refimpl import (Config, RefformerError, attention_backward, attention_forward, causal_mask,
-                               cross_entropy_backward, cross_entropy_forward, decoder_layer_backward,
-                               decoder_layer_forward, decoder_step, empty_cache, encode, encoder_layer_backward,
-                               encoder_layer_forward, feed_forward_backward, feed_forward_forward, flatten,
-                               init_params, log_softmax_forward, mha_backward, mha_forward, model_backward,
-                               model_forward, padding_mask, rel_error, softmax_backward, softmax_forward)
-from tests.helpers import (B_sizes, head_counts, head_widths, keep_mask, left_padded, lengths, model_configs,
-                           random_mha_params, random_params, random_tokens, right_padded, seeds)
+from refformer.refimpl import (
+    Config,
+    RefformerError,
+    attention_backward,
+    attention_forward,
+    causal_mask,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    decoder_layer_backward,
+    decoder_layer_forward,
+    decoder_step,
+    empty_cache,
+    encode,
+    encoder_layer_backward,
+    encoder_layer_forward,
+    feed_forward_backward,
+    feed_forward_forward,
+    flatten,
+    init_params,
+    log_softmax_forward,
+    mha_backward,
+    mha_forward,
+    model_backward,
+    model_forward,
+    padding_mask,
+    rel_error,
+    softmax_backward,
+    softmax_forward,
+)
+from refformer.refimpl.model import left_padded_positions
+from tests.helpers import (
+    B_sizes,
+    head_counts,
+    head_widths,
+    keep_mask,
+    left_padded,
+    lengths,
+    model_configs,
+    random_mha_params,
+    random_params,
+    random_tokens,
+    right_padded,
+    seeds,
+)
 
 TOL = 1e-12
 
@@ -89,7 +125,7 @@ def test_target_padding_invariance(cfg, seed, B, S, T, extra):
     for b in range(B):
         left[b, shift[b]:shift[b] + lengths[b]] = tgt[b, :lengths[b]]
         left_keep[b, shift[b]:shift[b] + lengths[b]] = True
-    positions = np.maximum(np.cumsum(left_keep, axis=1) - 1, 0)
+    positions = left_padded_positions(left_keep)
     under_pads = np.where(left_keep, left, random_tokens(rng, cfg, left.shape))  # tokens under pads are ignored
     shifted, _ = model_forward(cfg, params, src, under_pads, tgt_mask=left_keep, tgt_positions=positions)
     assert_close(shifted[left_keep], logits[keep], what="left padding with explicit positions")
@@ -339,8 +375,14 @@ def test_float32_stays_float32(family, dropout):
 
 @pytest.mark.parametrize("kind", ["relu", "gelu", "gelu_tanh", "silu"])
 def test_float32_activations_and_norms(kind):
-    from refformer.refimpl import (activation_backward, activation_forward, layer_norm_backward, layer_norm_forward,
-                                   rms_norm_backward, rms_norm_forward)
+    from refformer.refimpl import (
+        activation_backward,
+        activation_forward,
+        layer_norm_backward,
+        layer_norm_forward,
+        rms_norm_backward,
+        rms_norm_forward,
+    )
 
     x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
     y, c = activation_forward(x, kind)

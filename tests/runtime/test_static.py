@@ -8,6 +8,7 @@ from refformer.export.export import default_export_dir, export_model
 from refformer.export.verify import verify
 from refformer.refimpl import Config, RefformerError, init_params, load, save
 from refformer.refimpl.generate import GenerationOptions, generate
+from refformer.refimpl.model import left_padded_positions
 from refformer.runtime import generator as generator_module
 from refformer.runtime import stepper as stepper_module
 from refformer.runtime.generator import Generator, auto_variant
@@ -254,7 +255,7 @@ def test_static_steppers_prompt_pass_steps_and_stale_caches(exported_models, gra
                     v.update_inplace(np.full(v.shape(), np.nan, np.float32))
             static.start(None, None, 2)
         ids, keep = prompt, prompt_keep
-        positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)
+        positions = left_padded_positions(keep)
         got_all = []
         for t in range(4):  # the prompt pass, then three one-token steps
             want, got = reference.step(ids, positions, keep), static.step(ids, positions, keep)
