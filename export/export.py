@@ -24,13 +24,13 @@ from refformer.refimpl.io import (CONFIG_FILE, WEIGHTS_FILE, current_umask, load
                                   sha256)
 from refformer.refimpl.tree import flatten
 
+from .contract import DTYPES
 from .model import build_decoder, build_decoder_static, build_decoder_static_fused, build_encoder
 
 MANIFEST_FORMAT = 2  # 2: one folder per export set, and every file's sha256 under "files"
 MANIFEST_FILE = "manifest.json"
 EXPORTS_FOLDER = "onnx"  # MODEL_DIR/onnx/<export_name>
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GB: bigger graphs keep weights beside them
-DTYPES = ("fp32", "fp16")
 FP16_MAX = 65504.0
 HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40]
 LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>\w*)-")

@@ -23,9 +23,9 @@ from refformer.refimpl.gradcheck import rel_error
 from refformer.refimpl.model import decoder_step, empty_cache, encode, left_pad, left_padded_positions, model_forward
 from refformer.refimpl.tree import tree_cast
 
+from .contract import ERROR_BOUNDS
 from .graph import NUMPY_TYPES
 
-ERROR_BOUNDS = {"fp32": 1e-5, "fp16": 1e-2}
 REAL_SENTENCES = {
     "encoder-decoder": ["Ich habe heute keine Zeit.", "Das Wetter ist schön.", "Wo ist der Bahnhof?"],
     "decoder-only": ["The quick brown fox jumps over the lazy dog.", "Python is a programming language.",

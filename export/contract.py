@@ -1,0 +1,150 @@
+"""The graph contract: every name the exported graphs, verify and the runtime agree on (docs/DESIGN.md, Graph contract).
+
+One place for the graph files, the decoder variants, each graph input and output name, the dimension names of
+their shapes, the dtypes and verify's error bounds. The builders (export/model.py, export/fused.py), verify and
+the runtime read these names; none of them spells a contract name as a string literal.
+
+Graphs and their inputs/outputs (B batch, S source length, T new tokens, P past length, L static cache length,
+H heads, Dh head size, D model width, V vocabulary; float = the export's dtype, float32 or float16):
+
+  encoder.onnx (encoder-decoder only)
+    in   input_ids [B, S] int64, attention_mask [B, S] int64 (1 = real token)
+    out  encoder_hidden_states [B, S, D] float, cross_key_{i}, cross_value_{i} [B, H, S, Dh] float per decoder layer
+  decoder.onnx (variant "reference"), decoder_fused.onnx ("fused"): the growing cache
+    in   input_ids, position_ids [B, T] int64, attention_mask [B, P + T] int64,
+         past_key_self_{i}, past_value_self_{i} [B, H, P, Dh] float
+         (+ encoder_attention_mask [B, S] int64, cross_key_{i}, cross_value_{i} [B, H, S, Dh] float)
+    out  logits [B, T, V] float32, present_key_self_{i}, present_value_self_{i} [B, H, P + T, Dh] float
+  decoder_static.onnx ("static"), decoder_static_mha.onnx ("static_mha"): one token per row over L slots
+    in   input_ids, position_ids [B, 1] int64, write_index [1] int64, attention_mask [B, L] int64,
+         past_key_self_{i}, past_value_self_{i} [B, H, L, Dh] float (+ the encoder-decoder inputs above)
+    out  logits [B, 1, V] float32, next_ids [B] int64, present_key_self_{i}, present_value_self_{i} [B, H, L, Dh]
+  decoder_static_fused.onnx ("static_fused"): decoder_static.onnx without write_index and attention_mask (the
+    slot of a row's token is its position_ids)
+"""
+
+# ---------------------------------------------------------------------------- graphs and variants
+
+ENCODER = "encoder"  # graph names: the file is NAME.onnx, the manifest's "graphs" key is NAME
+DECODER = "decoder"
+GRAPH_SUFFIX = ".onnx"
+GRAPH_NAME_PREFIX = "refformer_"  # the ONNX GraphProto's name: refformer_encoder, refformer_decoder_static, ...
+
+VARIANTS = ("reference", "fused", "static", "static_mha", "static_fused")  # the decoder graphs an export may hold
+STATIC_VARIANTS = ("static", "static_mha", "static_fused")  # one token per call over a fixed-size cache
+REFERENCE = "reference"
+
+
+def decoder_graph(variant):
+    """The graph name of a decoder variant: "reference" -> "decoder", "static_mha" -> "decoder_static_mha".
+
+    Raises ValueError for a name not in VARIANTS (a programming error: callers check user input first)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return DECODER if variant == REFERENCE else f"{DECODER}_{variant}"
+
+
+def graph_variant(graph):
+    """The variant of a decoder graph name: "decoder" -> "reference", "decoder_static" -> "static"; the encoder
+    and unknown names -> None."""
+    for variant in VARIANTS:
+        if decoder_graph(variant) == graph:
+            return variant
+    return None
+
+
+def graph_file(graph):
+    """The file of a graph name: "decoder_fused" -> "decoder_fused.onnx"."""
+    return graph + GRAPH_SUFFIX
+
+
+ENCODER_FILE = graph_file(ENCODER)
+DECODER_FILE = graph_file(DECODER)
+
+
+def reference_graphs(is_encoder_decoder):
+    """The graph names every export holds: ["encoder", "decoder"] (encoder-decoder) or ["decoder"]."""
+    return [ENCODER, DECODER] if is_encoder_decoder else [DECODER]
+
+
+def exported_variants(static_length=None, fused_attention=False):
+    """The variants beyond "reference" that an export with these options writes, in the order export builds them:
+    static with static_length; fused with fused_attention; static_mha and static_fused with both."""
+    static = static_length is not None
+    return [variant for variant, wanted in (("static", static), ("fused", fused_attention),
+                                            ("static_mha", static and fused_attention),
+                                            ("static_fused", static and fused_attention)) if wanted]
+
+
+def runs_on(graph, dtype, provider):
+    """Whether ONNX Runtime has kernels for the graph name here: GroupQueryAttention (decoder_static_fused) runs on
+    the CPU in fp32 and fp16, on CUDA only in fp16."""
+    return not (graph == decoder_graph("static_fused") and provider == CUDA_PROVIDER and dtype == "fp32")
+
+
+# ---------------------------------------------------------------------------- inputs and outputs
+
+INPUT_IDS = "input_ids"  # int64 token ids
+ATTENTION_MASK = "attention_mask"  # int64, 1 = a real token (encoder: [B, S]; decoder: [B, P + T] or [B, L])
+POSITION_IDS = "position_ids"  # int64 [B, T]: left-padded rows count from their first real token
+WRITE_INDEX = "write_index"  # int64 [1]: the static cache slot this call writes
+ENCODER_ATTENTION_MASK = "encoder_attention_mask"  # int64 [B, S]: the decoder's view of the source padding
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"  # float [B, S, D]
+LOGITS = "logits"  # float32 [B, T, V] (float32 in fp16 graphs too)
+NEXT_IDS = "next_ids"  # int64 [B]: the static graphs' in-graph argmax of the last logits
+
+PAST_KEY = "past_key_self_{}"  # name patterns of layer i: PAST_KEY.format(i), or the functions below
+PAST_VALUE = "past_value_self_{}"
+PRESENT_KEY = "present_key_self_{}"
+PRESENT_VALUE = "present_value_self_{}"
+CROSS_KEY = "cross_key_{}"
+CROSS_VALUE = "cross_value_{}"
+
+
+def past_key(i):
+    """Input: the self-attention keys of decoder layer i before this call, float [B, H, P (or L), Dh]."""
+    return PAST_KEY.format(i)
+
+
+def past_value(i):
+    """Input: the self-attention values of decoder layer i before this call, float [B, H, P (or L), Dh]."""
+    return PAST_VALUE.format(i)
+
+
+def present_key(i):
+    """Output: the self-attention keys of decoder layer i after this call, float [B, H, P + T (or L), Dh]."""
+    return PRESENT_KEY.format(i)
+
+
+def present_value(i):
+    """Output: the self-attention values of decoder layer i after this call, float [B, H, P + T (or L), Dh]."""
+    return PRESENT_VALUE.format(i)
+
+
+def cross_key(i):
+    """Encoder output and decoder input: decoder layer i's cross-attention keys, float [B, H, S, Dh]."""
+    return CROSS_KEY.format(i)
+
+
+def cross_value(i):
+    """Encoder output and decoder input: decoder layer i's cross-attention values, float [B, H, S, Dh]."""
+    return CROSS_VALUE.format(i)
+
+
+# dimension names of the graphs' symbolic axes
+BATCH = "batch"
+SOURCE_LENGTH = "source_length"
+NEW_LENGTH = "new_length"
+PAST_LENGTH = "past_length"
+TOTAL_LENGTH = "total_length"
+
+# ---------------------------------------------------------------------------- dtypes, opset, bounds, providers
+
+DTYPES = ("fp32", "fp16")  # the float type of a graph's weights, activations and caches (logits stay float32)
+MIN_OPSET = 17  # LayerNormalization
+DEFAULT_OPSET = 17
+ERROR_BOUNDS = {"fp32": 1e-5, "fp16": 1e-2}  # verify: largest rel_error of a graph output against refimpl in float64
+
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+PROVIDERS = (CPU_PROVIDER, CUDA_PROVIDER)  # the ONNX Runtime execution providers refformer runs on
