@@ -19,8 +19,16 @@ import math
 
 import numpy as np
 
-from .errors import (RefformerError, check, check_array, check_number, check_rng, check_tree, check_upstream,
-                     reading_cache)
+from .errors import (
+    RefformerError,
+    check,
+    check_array,
+    check_number,
+    check_rng,
+    check_tree,
+    check_upstream,
+    reading_cache,
+)
 from .ops import dropout_backward, dropout_forward, linear_backward, linear_forward, softmax_backward, softmax_forward
 
 # ---------------------------------------------------------------------------- masks
@@ -266,3 +274,21 @@ def mha_cached_forward(p, xq, k, v, mask=None, *, n_heads):
     q = split_heads(linear_forward(p["q_proj"], xq)[0], n_heads)  # [B, H, T, Dh]
     context, _ = attention_forward(q, k, v, mask)
     return linear_forward(p["out_proj"], merge_heads(context))[0]
+
+
+def cached_self_attention_forward(p, x, past_k, past_v, mask=None, *, n_heads):
+    """Self-attention of T new positions over a KV cache of P earlier ones (incremental decoding).
+
+    x [B, T, D]; past_k, past_v [B, H, P, Dh] (P may be 0) -> y [B, T, D] and the present cache (k, v)
+    [B, H, P + T, Dh]: the past with the new positions' keys and values appended on axis 2. The same numbers as
+    mha_forward(p, x_all, x_all) for the last T queries of all P + T positions x_all, since a position's key and
+    value depend on it alone (Vaswani et al. 2017, sec. 3.2.2). mask broadcasts to [B, H, T, P + T]
+    (causal_mask(T, P + T, past=P) with the key padding). Inference only: no dropout, no backward.
+    Raises RefformerError for bad p, x, past_k, past_v, mask or n_heads.
+    """
+    k_new, v_new = project_kv(p, x, n_heads)  # [B, H, T, Dh]
+    check_array("past_k", past_k, shape=k_new.shape[:2] + (None, k_new.shape[3]), kind="f", dtype=k_new.dtype)
+    check_array("past_v", past_v, shape=past_k.shape, kind="f", dtype=k_new.dtype)
+    k = np.concatenate([past_k, k_new], axis=2)  # [B, H, P + T, Dh]
+    v = np.concatenate([past_v, v_new], axis=2)
+    return mha_cached_forward(p, x, k, v, mask, n_heads=n_heads), (k, v)

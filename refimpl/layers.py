@@ -7,13 +7,20 @@ The layer functions take the model's Config for these choices and rng (a
 numpy.random.Generator, or None for eval mode) for dropout.
 """
 
-import numpy as np
 
-from .attention import mha_backward, mha_forward, mha_shapes
+from .attention import cached_self_attention_forward, mha_backward, mha_cached_forward, mha_forward, mha_shapes
 from .config import Config
-from .errors import RefformerError, check_array, check_rng, check_tree, reading_cache
-from .ops import (activation_backward, activation_forward, dropout_backward, dropout_forward, linear_backward,
-                  linear_forward, norm_backward, norm_forward)
+from .errors import RefformerError, check, check_array, check_rng, check_tree, reading_cache
+from .ops import (
+    activation_backward,
+    activation_forward,
+    dropout_backward,
+    dropout_forward,
+    linear_backward,
+    linear_forward,
+    norm_backward,
+    norm_forward,
+)
 
 # ---------------------------------------------------------------------------- parameter shapes
 
@@ -180,30 +187,53 @@ def _self_attention_backward(p, cache, df):
 # ---------------------------------------------------------------------------- decoder layer
 
 
-def decoder_layer_forward(p, x, self_mask, memory, memory_mask, cfg, rng=None):
-    """Causal self-attention, cross-attention to memory, feed-forward. x [B, T, D] -> [B, T, D].
+def decoder_layer_forward(p, x, self_mask, memory, memory_mask, cfg, rng=None, *, past=None, cross_kv=None):
+    """Causal self-attention, cross-attention to memory, feed-forward. x [B, T, D] -> y [B, T, D], cache.
 
-    self_mask broadcasts to [B, H, T, T] (causal and target padding); memory [B, S, D] is the
-    encoder output and memory_mask broadcasts to [B, H, T, S]. A decoder-only layer has no
-    "cross_attn" in p and takes memory=None. Masks are boolean (True = attend) or floating additive.
-    Raises RefformerError for bad p, x, memory, masks, cfg or rng.
+    self_mask broadcasts to [B, H, T, T] (causal and target padding); memory [B, S, D] is the encoder output
+    and memory_mask broadcasts to [B, H, T, S]. A decoder-only layer has no "cross_attn" in p and takes
+    memory=None. Masks are boolean (True = attend) or floating additive.
+
+    Incremental decoding (model.decoder_step) runs the same layer on T new positions: past is this layer's
+    self-attention cache (k, v) [B, H, P, Dh], self_mask then broadcasts to [B, H, T, P + T], and
+    cache["present"] holds (k, v) [B, H, P + T, Dh] (attention.cached_self_attention_forward); cross_kv is the
+    memory's (k, v) [B, H, S, Dh] from attention.project_kv, passed instead of memory. Inference only (rng=None).
+    Raises RefformerError for bad p, x, memory, masks, past, cross_kv, cfg or rng.
     """
     check_layer_input(p, x, cfg, rng, cross=isinstance(p, dict) and "cross_attn" in p)
+    check(past is None or rng is None, "incremental decoding (past) is inference only: pass rng=None")
+    for name, pair in (("past", past), ("cross_kv", cross_kv)):
+        check(pair is None or (isinstance(pair, (list, tuple)) and len(pair) == 2),
+              f"{name} must be None or this layer's (k, v), each [B, H, L, Dh]")
+    present = {}
+
     def self_attention(h):
-        return mha_forward(p["self_attn"], h, h, self_mask, n_heads=cfg.n_heads, dropout=cfg.dropout, rng=rng)
+        if past is None:
+            return mha_forward(p["self_attn"], h, h, self_mask, n_heads=cfg.n_heads, dropout=cfg.dropout, rng=rng)
+        y, present["kv"] = cached_self_attention_forward(p["self_attn"], h, *past, self_mask, n_heads=cfg.n_heads)
+        return y, None
 
     def cross_attention(h):
-        return mha_forward(p["cross_attn"], h, memory, memory_mask, n_heads=cfg.n_heads, dropout=cfg.dropout, rng=rng)
+        if cross_kv is None:
+            return mha_forward(p["cross_attn"], h, memory, memory_mask, n_heads=cfg.n_heads, dropout=cfg.dropout,
+                               rng=rng)
+        return mha_cached_forward(p["cross_attn"], h, *cross_kv, memory_mask, n_heads=cfg.n_heads), None
 
-    if "cross_attn" not in p and memory is not None:
+    if "cross_attn" not in p and (memory is not None or cross_kv is not None):
         raise RefformerError("this decoder layer has no cross-attention (a decoder-only layer): pass memory=None")
     h, self_block = residual_forward(p["self_attn_norm"], x, self_attention, cfg, rng)
     cache = {"self_attn": self_block}
     if "cross_attn" in p:
-        check_array("memory", memory, ndim=3, shape=(x.shape[0], None, x.shape[2]), kind="f", dtype=x.dtype)
+        if cross_kv is None:
+            check_array("memory", memory, ndim=3, shape=(x.shape[0], None, x.shape[2]), kind="f", dtype=x.dtype)
+        else:
+            check(memory is None, "pass memory or cross_kv, not both")
         h, cache["cross_attn"] = residual_forward(p["cross_attn_norm"], h, cross_attention, cfg, rng)
-    y, cache["ffn"] = residual_forward(p["ffn_norm"], h, lambda h: feed_forward_forward(p["ffn"], h, cfg, rng), cfg, rng)
+    y, cache["ffn"] = residual_forward(p["ffn_norm"], h, lambda h: feed_forward_forward(p["ffn"], h, cfg, rng), cfg,
+                                       rng)
     cache["output"] = y
+    if past is not None:
+        cache["present"] = present["kv"]
     return y, cache
 
 

@@ -21,13 +21,38 @@ import math
 
 import numpy as np
 
-from .attention import causal_mask, check_keep_mask, mha_cached_forward, padding_mask, project_kv
+from .attention import causal_mask, check_keep_mask, padding_mask, project_kv
 from .config import check_fits_memory, physical_memory_bytes
-from .errors import RefformerError, check, check_array, check_rng, check_tree, check_upstream, reading_cache
-from .layers import (check_config, decoder_layer_backward, decoder_layer_forward, encoder_layer_backward,
-                     encoder_layer_forward, feed_forward_forward, layer_shapes, norm_shapes, residual_forward)
-from .ops import (dropout_backward, dropout_forward, embedding_backward, embedding_forward, linear_backward,
-                  linear_forward, norm_backward, norm_forward, sinusoidal_table)
+from .errors import (
+    RefformerError,
+    check,
+    check_array,
+    check_number,
+    check_rng,
+    check_tree,
+    check_upstream,
+    reading_cache,
+)
+from .layers import (
+    check_config,
+    decoder_layer_backward,
+    decoder_layer_forward,
+    encoder_layer_backward,
+    encoder_layer_forward,
+    layer_shapes,
+    norm_shapes,
+)
+from .ops import (
+    dropout_backward,
+    dropout_forward,
+    embedding_backward,
+    embedding_forward,
+    linear_backward,
+    linear_forward,
+    norm_backward,
+    norm_forward,
+    sinusoidal_table,
+)
 from .tree import tree_map
 
 # ---------------------------------------------------------------------------- parameters
@@ -182,17 +207,30 @@ def _positions(name, positions, ids, cfg):
 def left_padded_positions(keep):
     """Positions of left-padded rows: 0, 1, ... along each row's real tokens, 0 on the padding before them.
 
-    keep [B, L] (bool or integer, 1 = real token) -> positions [B, L] int64, max(cumsum(keep) - 1, 0). This is the
-    one place the formula lives: a left-padded prompt's first real token gets position 0, as Hugging Face computes
-    `attention_mask.cumsum(-1) - 1` for decoder-only generation (padding positions are never attended)."""
-    return np.maximum(np.cumsum(np.asarray(keep, dtype=np.int64), axis=1) - 1, 0)
+    keep [B, L] (boolean or 0/1 integers, 1 = real token) -> positions [B, L] int64, max(cumsum(keep) - 1, 0). This is
+    the one place the formula lives: a left-padded prompt's first real token gets position 0, as Hugging Face computes
+    `attention_mask.cumsum(-1) - 1` for decoder-only generation (padding positions are never attended).
+    Raises RefformerError for a keep that is not a [B, L] mask of booleans or 0/1 integers.
+    """
+    keep = check_keep_mask("keep", keep, ndim=2)
+    return np.maximum(np.cumsum(keep.astype(np.int64), axis=1) - 1, 0)
 
 
 def left_pad(rows, pad_id):
     """Token-id lists -> (ids [B, L] int64 padded on the left with pad_id, keep [B, L] int64, positions [B, L] int64
-    from left_padded_positions), L the longest row. Raises RefformerError for no rows."""
+    from left_padded_positions), L the longest row.
+
+    Raises RefformerError for no rows, a row that is not a list of integer token ids >= 0, or a bad pad_id.
+    """
+    check(isinstance(rows, (list, tuple)), f"rows must be a list of token-id lists, got {type(rows).__name__}")
     if not rows:
         raise RefformerError("left_pad needs at least one row of ids")
+    check_number("pad_id", pad_id, 0, integer=True)
+    for b, row in enumerate(rows):
+        row = row.tolist() if isinstance(row, np.ndarray) and row.ndim == 1 else row
+        check(isinstance(row, (list, tuple)) and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                                                     and t >= 0 for t in row),
+              f"rows[{b}] must be a list of token ids (integers >= 0)")
     length = max(len(row) for row in rows)
     ids = np.full((len(rows), length), pad_id, dtype=np.int64)
     keep = np.zeros((len(rows), length), dtype=np.int64)
@@ -242,8 +280,8 @@ def check_activations_fit(cfg, B, S, T, dtype, past=0):
     available = physical_memory_bytes()
     check(needed <= available,
           f"a batch of {B} rows ({f'source length {S}, ' if S else ''}target length {T}) needs about "
-          f"{needed / (1 << 30):.3g} GiB for its activations, more than this machine's {available / (1 << 30):.3g} GiB: "
-          f"pass fewer or shorter rows")
+          f"{needed / (1 << 30):.3g} GiB for its activations, more than this machine's "
+          f"{available / (1 << 30):.3g} GiB: pass fewer or shorter rows")
 
 
 # ---------------------------------------------------------------------------- stacks
@@ -282,21 +320,34 @@ def encoder_backward(cfg, params, cache, dmemory):
     return grads, dtokens
 
 
-def decoder_forward(cfg, params, tgt_ids, tgt_keep, tgt_positions, memory, src_keep, rng=None):
-    """Embed and decode the target (causally), attending to memory when given -> hidden [B, T, D]."""
+def decoder_forward(cfg, params, tgt_ids, tgt_keep, tgt_positions, memory, src_keep, rng=None, past=None,
+                    cross_kv=None):
+    """Embed and decode T target tokens causally, attending to the source -> hidden [B, T, D], cache.
+
+    Training and scoring: tgt_keep [B, T]; memory [B, S, D] with src_keep [B, S] (encoder-decoder) or None.
+    Incremental decoding (decoder_step): past holds each layer's self-attention (k, v) [B, H, P, Dh], tgt_keep
+    [B, P + T] covers the past and the new positions, cross_kv each layer's (k, v) [B, H, S, Dh] replaces memory,
+    and cache["present"] holds each layer's (k, v) [B, H, P + T, Dh]. Every layer is layers.decoder_layer_forward.
+    """
     p = params["decoder"]
     x, embed_cache = embed_forward(cfg, p["embed_tokens"], p, tgt_ids, tgt_positions, rng)
     T = tgt_ids.shape[1]
-    self_mask = causal_mask(T)[None, None] & padding_mask(tgt_keep)  # [B, 1, T, T]
-    memory_mask = None if memory is None else padding_mask(src_keep)  # [B, 1, 1, S]
+    P = tgt_keep.shape[1] - T  # positions already in the cache (0 without past)
+    self_mask = causal_mask(T, P + T, past=P)[None, None] & padding_mask(tgt_keep)  # [B, 1, T, P + T]
+    memory_mask = None if src_keep is None else padding_mask(src_keep)  # [B, 1, 1, S]
     layer_caches = []
-    for p_layer in p["layers"]:
-        x, layer_cache = decoder_layer_forward(p_layer, x, self_mask, memory, memory_mask, cfg, rng)
+    for i, p_layer in enumerate(p["layers"]):
+        x, layer_cache = decoder_layer_forward(p_layer, x, self_mask, memory, memory_mask, cfg, rng,
+                                               past=None if past is None else past[i],
+                                               cross_kv=None if cross_kv is None else cross_kv[i])
         layer_caches.append(layer_cache)
     norm_cache = None
     if cfg.final_norm:
         x, norm_cache = norm_forward(p["final_norm"], x, cfg.norm, cfg.norm_eps)
-    return x, {"embed": embed_cache, "layers": layer_caches, "final_norm": norm_cache, "output": x}
+    cache = {"embed": embed_cache, "layers": layer_caches, "final_norm": norm_cache, "output": x}
+    if past is not None:
+        cache["present"] = [layer_cache["present"] for layer_cache in layer_caches]
+    return x, cache
 
 
 def decoder_backward(cfg, params, cache, dhidden):
@@ -434,7 +485,17 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
     present cache: per layer (k, v) [B, H, P + T, Dh]. Masks are keep masks (boolean or 0/1 integers, 1 = real
     token); a floating mask is refused. Raises RefformerError for bad input.
     """
-    _check_model(cfg, params)
+    positions, attention_mask, encoder_attention_mask = _check_step_inputs(
+        cfg, params, ids, positions, attention_mask, past, cross_kv, encoder_attention_mask)
+    hidden, cache = decoder_forward(cfg, params, ids, attention_mask, positions, None, encoder_attention_mask,
+                                    past=past, cross_kv=cross_kv)
+    logits, _ = linear_forward(lm_head_params(cfg, params), hidden)
+    return logits, cache["present"]
+
+
+def _check_step_inputs(cfg, params, ids, positions, attention_mask, past, cross_kv, encoder_attention_mask):
+    """decoder_step's checks; returns (positions, attention_mask, encoder_attention_mask) in the forms it uses."""
+    dtype = _check_model(cfg, params)
     p = params["decoder"]
     _check_ids("ids", ids, cfg)
     positions = _positions("positions", positions, ids, cfg)
@@ -446,8 +507,8 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
     if past:
         check_array("past[0] keys", past[0][0], ndim=4, kind="f")
     P = past[0][0].shape[2] if past else attention_mask.shape[-1] - T  # no layers: the mask says how much came before
-    check(P >= 0, f"attention_mask must cover the past and the {T} new positions, got shape {list(attention_mask.shape)}")
-    dtype = p["embed_tokens"]["weight"].dtype
+    check(P >= 0, f"attention_mask must cover the past and the {T} new positions, "
+                  f"got shape {list(attention_mask.shape)}")
     for i, (k, v) in enumerate(past):
         check_array(f"past[{i}] keys", k, shape=(B, cfg.n_heads, P, cfg.head_dim), kind="f", dtype=dtype)
         check_array(f"past[{i}] values", v, shape=(B, cfg.n_heads, P, cfg.head_dim), kind="f", dtype=dtype)
@@ -473,30 +534,7 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
 
     check_activations_fit(cfg.replace(n_encoder_layers=0), B, encoder_attention_mask.shape[1]
                           if encoder_attention_mask is not None else 0, T, dtype, past=P)
-    x, _ = embed_forward(cfg, p["embed_tokens"], p, ids, positions)
-    self_mask = causal_mask(T, P + T, past=P)[None, None] & padding_mask(attention_mask)  # [B, 1, T, P + T]
-    present = []
-    for i, p_layer in enumerate(p["layers"]):
-        def self_attention(h):
-            k_new, v_new = project_kv(p_layer["self_attn"], h, cfg.n_heads)  # [B, H, T, Dh]
-            k = np.concatenate([past[i][0], k_new], axis=2)  # [B, H, P + T, Dh]
-            v = np.concatenate([past[i][1], v_new], axis=2)
-            present.append((k, v))
-            return mha_cached_forward(p_layer["self_attn"], h, k, v, self_mask, n_heads=cfg.n_heads), None
-
-        def cross_attention(h):
-            k, v = cross_kv[i]
-            memory_mask = padding_mask(encoder_attention_mask)  # [B, 1, 1, S]
-            return mha_cached_forward(p_layer["cross_attn"], h, k, v, memory_mask, n_heads=cfg.n_heads), None
-
-        x, _ = residual_forward(p_layer["self_attn_norm"], x, self_attention, cfg)
-        if "cross_attn" in p_layer:
-            x, _ = residual_forward(p_layer["cross_attn_norm"], x, cross_attention, cfg)
-        x, _ = residual_forward(p_layer["ffn_norm"], x, lambda h: feed_forward_forward(p_layer["ffn"], h, cfg), cfg)
-    if cfg.final_norm:
-        x, _ = norm_forward(p["final_norm"], x, cfg.norm, cfg.norm_eps)
-    logits, _ = linear_forward(lm_head_params(cfg, params), x)
-    return logits, present
+    return positions, attention_mask, encoder_attention_mask
 
 
 def empty_cache(cfg, batch_size, dtype=np.float32):
