@@ -37,7 +37,7 @@ def batches(data_dir, rng, n):
     if data_dir:
         from refformer.refimpl.training.batching import make_batches, seq2seq_examples
         from refformer.refimpl.training.data import read_tsv
-        from refformer.runtime.tokenizer import encode, load_tokenizer
+        from refformer.refimpl.training.tokenizer import encode, load_tokenizer
 
         tokenizer = load_tokenizer(Path(data_dir) / "tokenizer.json")
         pairs = read_tsv(Path(data_dir) / "train.tsv")

@@ -69,7 +69,7 @@ def tokenizer():
 @one_line_errors
 def train_command(data_dir, vocab_size, out_path, model, overwrite):
     """Train a byte-level tokenizer on DATA_DIR's train split (train.tsv, both columns, or train.txt)."""
-    from refformer.runtime.tokenizer import save_tokenizer, train_tokenizer
+    from refformer.refimpl.training.tokenizer import save_tokenizer, train_tokenizer
 
     _check_tokenizer_out(Path(out_path), Path(data_dir), overwrite)
     start = time.perf_counter()

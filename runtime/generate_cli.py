@@ -21,7 +21,7 @@ import click
 
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.io import leads_nowhere
-from refformer.refimpl.training.train import interrupts_deferred
+from refformer.refimpl.training.interrupts import interrupts_deferred
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import NonEmptyPath, model_option
 

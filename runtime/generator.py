@@ -16,9 +16,9 @@ from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import GenerationOptions, generate, search_iter
 from refformer.refimpl.io import check_tokenizer_matches, load_config
 from refformer.refimpl.model import left_pad
+from refformer.refimpl.training import tokenizer as tok
 from refformer.refimpl.training.batching import pad_rows
 
-from . import tokenizer as tok
 from .stepper import OrtStepper, StaticOrtStepper
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}

@@ -20,15 +20,11 @@ next batch to read, so a checkpoint that stores it resumes the exact same stream
 import dataclasses
 import hashlib
 import itertools
-import numbers
 
 import numpy as np
 
 from ..errors import RefformerError, check
-
-
-def _is_integer(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+from .options import is_integer
 
 
 def _all_integers(rows):
@@ -110,7 +106,7 @@ def lm_windows(texts, max_len, *, bos_id, eos_id):
 
     Raises RefformerError unless max_len is an integer >= 1 and texts a list of lists of integer ids.
     """
-    check(_is_integer(max_len) and max_len >= 1, f"max_len must be an integer >= 1, got {max_len!r}")
+    check(is_integer(max_len) and max_len >= 1, f"max_len must be an integer >= 1, got {max_len!r}")
     check(isinstance(texts, (list, tuple)), f"texts must be a list of lists of ids, got {type(texts).__name__}")
     stream = []
     for number, ids in enumerate(texts):
@@ -127,7 +123,7 @@ def pad_rows(rows, pad_id):
     Raises RefformerError for no rows or a row that is not a sequence of integer ids.
     """
     check(isinstance(rows, (list, tuple)) and len(rows) > 0, "pad_rows needs at least one row of ids")
-    check(_is_integer(pad_id) and abs(pad_id) <= np.iinfo(np.int64).max, f"pad_id must be an integer id, got "
+    check(is_integer(pad_id) and abs(pad_id) <= np.iinfo(np.int64).max, f"pad_id must be an integer id, got "
                                                                          f"{pad_id!r}")
     for number, row in enumerate(rows):
         if not isinstance(row, (list, tuple, np.ndarray)):
@@ -149,7 +145,7 @@ def collate(examples, *, pad_id):
     """
     check_examples(examples)
     check(len(examples) > 0, "collate needs at least one example")
-    check(_is_integer(pad_id) and abs(pad_id) <= np.iinfo(np.int64).max, f"pad_id must be an integer id, got "
+    check(is_integer(pad_id) and abs(pad_id) <= np.iinfo(np.int64).max, f"pad_id must be an integer id, got "
                                                                          f"{pad_id!r}")
     return _collate(examples, pad_id)
 
@@ -169,7 +165,7 @@ def seq2seq_examples(pairs, *, bos_id, eos_id, max_len):
     Returns (examples, number dropped). Raises RefformerError for a max_len that is not an integer >= 1 and
     for pairs that are not (src ids, tgt ids) pairs.
     """
-    check(_is_integer(max_len) and max_len >= 1, f"max_len must be an integer >= 1, got {max_len!r}")
+    check(is_integer(max_len) and max_len >= 1, f"max_len must be an integer >= 1, got {max_len!r}")
     check(isinstance(pairs, (list, tuple)), f"pairs must be a list of (src, tgt) id lists, got {type(pairs).__name__}")
     for number, pair in enumerate(pairs):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2
@@ -196,10 +192,10 @@ def make_batches(examples, *, max_tokens, pad_id, seed=0, shuffle_ties=True):
     longer than max_tokens gets a batch of its own. No examples give no batches.
     Raises RefformerError unless max_tokens is an integer >= 1 and the examples are well-formed triples.
     """
-    check(_is_integer(max_tokens) and max_tokens >= 1, f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-    check(_is_integer(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+    check(is_integer(max_tokens) and max_tokens >= 1, f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    check(is_integer(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
     check(isinstance(shuffle_ties, (bool, np.bool_)), f"shuffle_ties must be True or False, got {shuffle_ties!r}")
-    check(_is_integer(pad_id) and abs(pad_id) <= np.iinfo(np.int64).max, f"pad_id must be an integer id, got "
+    check(is_integer(pad_id) and abs(pad_id) <= np.iinfo(np.int64).max, f"pad_id must be an integer id, got "
                                                                          f"{pad_id!r}")
     check_examples(examples)
     if not examples:
@@ -225,7 +221,7 @@ def make_batches(examples, *, max_tokens, pad_id, seed=0, shuffle_ties=True):
 
 def epoch_order(n_batches, seed, epoch):
     """The order in which epoch `epoch` visits the batches. RefformerError for negative or non-integer arguments."""
-    check(all(_is_integer(v) and v >= 0 for v in (n_batches, seed, epoch)),
+    check(all(is_integer(v) and v >= 0 for v in (n_batches, seed, epoch)),
           f"n_batches, seed and epoch must be integers >= 0, got {n_batches!r}, {seed!r}, {epoch!r}")
     check(n_batches <= 2 ** 40, f"n_batches must be at most 2**40 (an order of them must fit in memory), got "
                                 f"{n_batches}")
@@ -237,7 +233,7 @@ def batch_stream(batches, seed, position=(0, 0)):
     check(isinstance(batches, (list, tuple)) and all(isinstance(batch, Batch) for batch in batches),
           "batches must be a list of Batch (from make_batches)")
     check(len(batches) > 0, "there are no training batches (is the training data empty?)")
-    check(isinstance(position, (list, tuple)) and len(position) == 2 and all(_is_integer(v) and v >= 0
+    check(isinstance(position, (list, tuple)) and len(position) == 2 and all(is_integer(v) and v >= 0
                                                                              for v in position),
           f"position must be (epoch, index), two integers >= 0, got {position!r}")
     epoch, index = position

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from refformer.refimpl.training.data import detect_family, read_lines, read_tsv, split_path
-from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.io import TOKENIZER_MAX_BYTES, atomic_write, read_text
+from ..errors import RefformerError
+from ..io import TOKENIZER_MAX_BYTES, atomic_write, read_text
+from .data import detect_family, read_lines, read_tsv, split_path
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
 SPECIAL_NAMES = ("pad_id", "bos_id", "eos_id", "unk_id")
@@ -136,7 +136,8 @@ def encode(tokenizer, texts):
             raise
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else "a panic"
         raise RefformerError(f"the tokenizer failed inside the tokenizers library ({reason}): its tokenizer.json's "
-                             "normalizer or pre-tokenizer is broken; use one from `refformer tokenizer train`") from None
+                             "normalizer or pre-tokenizer is broken; use one from `refformer tokenizer train`"
+                             ) from None
     return [encoding.ids for encoding in encodings]
 
 

@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 
 from refformer.refimpl import Config, init_params, load
-from refformer.refimpl.training.batching import collate, lm_examples, make_batches, seq2seq_examples
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import greedy, greedy_lm, strip
-from refformer.refimpl.training.train import (TrainingDiverged, TrainOptions, check_fits, check_output_dir, load_checkpoint,
-                                     read_log, train)
+from refformer.refimpl.training.batching import collate, lm_examples, make_batches, seq2seq_examples
+from refformer.refimpl.training.checkpoint import load_checkpoint
+from refformer.refimpl.training.log import read_log
+from refformer.refimpl.training.loop import TrainingDiverged, train
+from refformer.refimpl.training.options import TrainOptions
+from refformer.refimpl.training.checks import check_fits, check_output_dir
 from refformer.refimpl.tree import flatten
 
 PAD, BOS, EOS = 0, 1, 2
@@ -228,12 +231,12 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
 
     # a failure while switching latest.json (after the new folder is complete) also keeps step 2 in use
     monkeypatch.setattr(safetensors.numpy, "save_file", real_save_file)
-    import refformer.refimpl.training.train as train_module
+    import refformer.refimpl.training.checkpoint as checkpoint_module
 
     def failing_atomic_write(path, write):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(train_module, "atomic_write", failing_atomic_write)
+    monkeypatch.setattr(checkpoint_module, "atomic_write", failing_atomic_write)
     with pytest.raises(OSError):
         train(cfg, None, batches, valid, options, out_dir=tmp_path, resume=True)
     assert load_checkpoint(tmp_path)[2]["step"] == 2
@@ -248,12 +251,12 @@ def test_ctrl_c_while_saving_keeps_a_checkpoint_to_resume_from(tmp_path, monkeyp
     failed for good) keeps that checkpoint; a real SIGINT during a save is held until the save is done."""
     import signal
 
-    import refformer.refimpl.training.train as train_module
+    import refformer.refimpl.training.checkpoint as checkpoint_module
 
     cfg, params, batches, valid, options = _small_run()
     options = TrainOptions(**{**options.to_dict(), "steps": 4, "save_every": 2, "eval_every": 0})
     full = train(cfg, params, batches, valid, options, out_dir=tmp_path / "full")
-    real_atomic_write = train_module.atomic_write
+    real_atomic_write = checkpoint_module.atomic_write
     pointers = []
 
     def interrupted_after_the_switch(path, write):
@@ -263,7 +266,7 @@ def test_ctrl_c_while_saving_keeps_a_checkpoint_to_resume_from(tmp_path, monkeyp
             if len(pointers) == 2:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "atomic_write", interrupted_after_the_switch)
+    monkeypatch.setattr(checkpoint_module, "atomic_write", interrupted_after_the_switch)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, params, batches, valid, options, out_dir=tmp_path / "run")
     assert load_checkpoint(tmp_path / "run")[2]["step"] == 4
@@ -448,16 +451,16 @@ def test_check_output_dir(tmp_path):
 
 
 def test_check_fits_refuses_a_batch_too_big_for_memory(monkeypatch):
-    import refformer.refimpl.training.train as train_module
+    import refformer.refimpl.training.checks as checks_module
 
     cfg, _, _, _, _ = _small_run()
     examples, _ = seq2seq_examples(_copy_pairs(400, 4), bos_id=BOS, eos_id=EOS, max_len=16)
     small = make_batches(examples, max_tokens=64, pad_id=PAD)
     big = make_batches(examples, max_tokens=10 ** 12, pad_id=PAD)
     assert len(big) == 1
-    limit = train_module.parameter_bytes(cfg) * train_module.TRAINING_COPIES + \
-        train_module.estimate_batch_memory(cfg, big[0].n_rows, big[0].src_ids.shape[1], big[0].tgt_ids.shape[1]) // 2
-    monkeypatch.setattr(train_module, "physical_memory_bytes", lambda: limit)
+    limit = checks_module.parameter_bytes(cfg) * checks_module.TRAINING_COPIES + \
+        checks_module.estimate_batch_memory(cfg, big[0].n_rows, big[0].src_ids.shape[1], big[0].tgt_ids.shape[1]) // 2
+    monkeypatch.setattr(checks_module, "physical_memory_bytes", lambda: limit)
     check_fits(cfg, small)
     with pytest.raises(RefformerError, match=r"^a batch of \d+ rows x \d+ tokens needs about .* lower --max-tokens"):
         check_fits(cfg, big)
@@ -466,11 +469,13 @@ def test_check_fits_refuses_a_batch_too_big_for_memory(monkeypatch):
 
 
 def test_public_functions_refuse_bad_arguments(tmp_path):
-    """Every public function of refimpl.training.train raises RefformerError naming what was wrong, never a bare
+    """Every public function of refimpl.training's loop, checkpoint, evaluate and log modules raises RefformerError naming what was wrong, never a bare
     KeyError/TypeError/IndexError from inside."""
     from refformer.refimpl.optim import adamw_init
-    from refformer.refimpl.training.train import (evaluate, loss_and_grads, plot_log, save_checkpoint, train_step,
-                                         translate_examples, translation_scores, write_log)
+    from refformer.refimpl.training.checkpoint import save_checkpoint
+    from refformer.refimpl.training.evaluate import evaluate, translate_examples, translation_scores
+    from refformer.refimpl.training.log import plot_log, write_log
+    from refformer.refimpl.training.loop import loss_and_grads, train_step
 
     cfg, params, batches, valid, options = _small_run()
     rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from refformer.refimpl import Config, RefformerError, init_params, load, save
 from refformer.refimpl.generate import GenerationOptions, generate
 from refformer.runtime import generator as gen_module
-from refformer.runtime import tokenizer as tok
+from refformer.refimpl.training import tokenizer as tok
 from refformer.runtime.generator import Generator
 
 TEXTS = {

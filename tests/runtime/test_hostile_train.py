@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from refformer.runtime.cli import main
-from refformer.runtime.tokenizer import MIN_VOCAB_SIZE, save_tokenizer, train_tokenizer
+from refformer.refimpl.training.tokenizer import MIN_VOCAB_SIZE, save_tokenizer, train_tokenizer
 from refformer.runtime.train_cli import _number
 
 PAIRS = [("ein Haus", "a house"), ("das Haus ist rot", "the house is red"), ("ich bin hier", "I am here"),
@@ -102,7 +102,7 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(data, 
     """Two runs into one new --out both passed the output check and interleaved their checkpoints."""
     import fcntl
 
-    from refformer.refimpl.training.train import LOCK_FILE
+    from refformer.refimpl.training.loop import LOCK_FILE
 
     out = tmp_path / "busy"
     out.mkdir()
@@ -128,7 +128,7 @@ def test_out_that_is_a_dangling_symbolic_link_is_refused_before_training(data, t
 def test_a_huge_line_is_skipped_unencoded_and_the_tokenizer_trains_on_it_quickly(data, tmp_path, monkeypatch):
     """A 50 MB line in train.tsv took 70 s and 9 GB to encode in train (only to be skipped as too long), and over
     5 minutes in `tokenizer train`. Train skips it before encoding; the tokenizer trainer takes it in pieces."""
-    import refformer.runtime.tokenizer as tokenizer_module
+    import refformer.refimpl.training.tokenizer as tokenizer_module
 
     corpus = tmp_path / "de-en"
     corpus.mkdir()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from refformer.refimpl.training import data
 from refformer.refimpl.errors import RefformerError
-from refformer.runtime import tokenizer as tok
+from refformer.refimpl.training import tokenizer as tok
 from refformer.runtime.cli import main
 
 PAIRS = [

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from refformer.refimpl import load, save
 from refformer.runtime.cli import main
-from refformer.runtime.tokenizer import MIN_VOCAB_SIZE, save_tokenizer, train_tokenizer
+from refformer.refimpl.training.tokenizer import MIN_VOCAB_SIZE, save_tokenizer, train_tokenizer
 
 PAIRS = [("ein Haus", "a house"), ("das Haus ist rot", "the house is red"), ("ich bin hier", "I am here"),
          ("der Hund", "the dog"), ("die Katze schläft", "the cat sleeps"), ("wir gehen", "we go")]
@@ -186,7 +186,7 @@ def test_train_overwrite_and_divergence_never_replace_a_good_model(data, trained
     after = _snapshot(model)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "loss.png"):  # the model is intact
         assert after[name] == before[name], name
-    from refformer.refimpl.training.train import load_checkpoint
+    from refformer.refimpl.training.checkpoint import load_checkpoint
     from refformer.refimpl.tree import flatten
 
     _, saved, _, _ = load_checkpoint(model)  # the checkpoints saved before it diverged are finite
@@ -272,7 +272,7 @@ def test_tokenizer_train_refusals(data, tmp_path):
     result = _invoke("tokenizer", "train", tmp_path, "--vocab-size", "300", "--out", tmp_path / "t.json",
                      "--overwrite")
     assert result.exit_code == 0, result.output
-    from refformer.runtime.tokenizer import load_tokenizer
+    from refformer.refimpl.training.tokenizer import load_tokenizer
 
     vocab = load_tokenizer(tmp_path / "t.json").get_vocab()
     assert not any("\ufeff" in token or "ï»¿" in token for token in vocab)
