@@ -67,13 +67,13 @@ def reference_graphs(is_encoder_decoder):
     return [ENCODER, DECODER] if is_encoder_decoder else [DECODER]
 
 
-def exported_variants(static_length=None, fused_attention=False):
+def exported_variants(head_dim, static_length=None, fused_attention=False):
     """The variants beyond "reference" that an export with these options writes, in the order export builds them:
-    static with static_length; fused with fused_attention; static_mha and static_fused with both."""
-    static = static_length is not None
-    return [variant for variant, wanted in (("static", static), ("fused", fused_attention),
-                                            ("static_mha", static and fused_attention),
-                                            ("static_fused", static and fused_attention)) if wanted]
+    static with static_length; fused with fused_attention; static_mha with both, and static_fused with both when
+    the head size head_dim is a multiple of 8 (GroupQueryAttention's kernels need it)."""
+    static, both = static_length is not None, static_length is not None and fused_attention
+    return [variant for variant, wanted in (("static", static), ("fused", fused_attention), ("static_mha", both),
+                                            ("static_fused", both and head_dim % 8 == 0)) if wanted]
 
 
 def runs_on(graph, dtype, provider):

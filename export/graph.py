@@ -8,8 +8,27 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.tree import flatten
+
 FLOAT_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16}
+FP16_MAX = 65504.0  # float16's largest finite value
+
+
+def check_weights(params, dtype, source):
+    """Raise RefformerError naming the first tensor of the parameter tree with a NaN or inf, or (dtype "fp16") with
+    values beyond float16's range (FP16_MAX): a graph of that dtype cannot hold such a model, so it is neither
+    exported nor verified. dtype None checks finiteness only; source names the model in the message."""
+    for name, value in flatten(params).items():
+        value = np.asarray(value)
+        finite = np.isfinite(value)
+        if not finite.all():
+            raise RefformerError(f"{source}: {name} has {int(value.size - finite.sum())} non-finite values (NaN or "
+                                 "inf); fix or retrain the model before exporting it")
+        if dtype == "fp16" and value.size and np.abs(value).max() > FP16_MAX:
+            raise RefformerError(f"{source}: {name} has values up to {np.abs(value).max():.3g}, beyond float16's "
+                                 f"range ({FP16_MAX:g}): export with --dtype fp32")
 
 
 def node_path(prefix):
@@ -60,7 +79,8 @@ class Graph:
         """An initializer named by its checkpoint name, stored in the graph's float type (or dtype)."""
         if name not in self.initializers:
             target = NUMPY_TYPES[self.dtype] if dtype is None else dtype
-            self.initializers[name] = numpy_helper.from_array(np.asarray(array, dtype=target, order="C"), name)  # ascontiguousarray would make 0-d 1-d
+            # np.asarray(order="C"), not np.ascontiguousarray, which would make a 0-d array 1-d
+            self.initializers[name] = numpy_helper.from_array(np.asarray(array, dtype=target, order="C"), name)
         return name
 
     def const(self, value, name, dtype=np.int64):
@@ -84,7 +104,8 @@ class Graph:
             node.output[:] = [self.renames.get(name, name) for name in node.output]
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
                                   initializer=list(self.initializers.values()))
-        domains = [helper.make_opsetid("com.microsoft", 1)] if any(n.domain == "com.microsoft" for n in self.nodes) else []
+        fused = any(n.domain == "com.microsoft" for n in self.nodes)
+        domains = [helper.make_opsetid("com.microsoft", 1)] if fused else []
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)] + domains,
                                   producer_name="refformer", producer_version=producer_version)
         model.ir_version = min(model.ir_version, 10)  # readable by older onnxruntime builds too

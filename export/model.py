@@ -5,10 +5,24 @@ from onnx import TensorProto
 
 from refformer.refimpl.model import lm_head_params, source_embedding
 
+from .contract import DECODER, ENCODER, VARIANTS
 from .graph import Graph
-from .layers import (ResidualStream, causal_padding_mask, decoder_layer_step, decoder_layer_step_fused,
-                     decoder_layer_step_static_fused, embed, encoder_layer, gqa_self_attention, linear,
-                     mha_static_self_attention, norm, padding_mask, project_kv, write_cache)
+from .layers import (
+    ResidualStream,
+    causal_padding_mask,
+    decoder_layer_step,
+    decoder_layer_step_fused,
+    decoder_layer_step_static_fused,
+    embed,
+    encoder_layer,
+    gqa_self_attention,
+    linear,
+    mha_static_self_attention,
+    norm,
+    padding_mask,
+    project_kv,
+    write_cache,
+)
 
 INT64 = TensorProto.INT64
 
@@ -220,3 +234,28 @@ def lm_head(g, cfg, params, x):
     for name, value in fp32_head.items():  # registered in float32 first: linear's g.weight then reuses them in fp16 graphs
         g.weight(f"lm_head.{name}", value, dtype=np.float32)
     return linear(g, "lm_head", fp32_head, x32)
+
+
+def build_reference_graph(cfg, params, graph, dtype="fp32", opset=17):
+    """The graph every export holds, by contract name: "encoder" (build_encoder) or "decoder" (build_decoder).
+    Raises ValueError for another name."""
+    if graph == ENCODER:
+        return build_encoder(cfg, params, dtype, opset)
+    if graph == DECODER:
+        return build_decoder(cfg, params, dtype, opset)
+    raise ValueError(f"graph must be {ENCODER!r} or {DECODER!r}, got {graph!r}")
+
+
+def build_decoder_variant(cfg, params, variant, dtype="fp32", opset=17, static_length=None):
+    """The decoder graph of a variant (contract.VARIANTS): reference -> build_decoder; fused -> build_decoder(fused);
+    static -> build_decoder_static; static_mha and static_fused -> build_decoder_static_fused (in_place False/True).
+    The static variants need static_length (their cache slots L). Raises ValueError for an unknown variant."""
+    if variant == "reference":
+        return build_decoder(cfg, params, dtype, opset)
+    if variant == "fused":
+        return build_decoder(cfg, params, dtype, opset, fused=True)
+    if variant == "static":
+        return build_decoder_static(cfg, params, dtype, opset, static_length)
+    if variant in ("static_mha", "static_fused"):
+        return build_decoder_static_fused(cfg, params, dtype, opset, static_length, in_place=variant == "static_fused")
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")

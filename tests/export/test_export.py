@@ -9,7 +9,8 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from refformer.export.export import check_external_data, export_model, read_manifest
+from refformer.export.export import export_model
+from refformer.export.folder import check_external_data, read_manifest
 from refformer.export.verify import verify
 from refformer.refimpl import Config, RefformerError, init_params, save
 from refformer.runtime.cli import main

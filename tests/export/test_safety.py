@@ -16,8 +16,11 @@ import pytest
 from click.testing import CliRunner
 
 import refformer.export.export as export_module
+import refformer.export.folder as folder_module
+import refformer.export.session as session_module
 import refformer.refimpl.io as io_module
-from refformer.export.export import (HOST, default_export_dir, export_model, export_name, find_export, read_manifest,
+from refformer.export.export import export_model
+from refformer.export.folder import (HOST, default_export_dir, export_name, find_export, read_manifest,
                                      recover_leftovers, replace_folder)
 from refformer.export.verify import verify
 from refformer.refimpl import RefformerError, init_params, load, save
@@ -162,7 +165,7 @@ def test_an_export_identical_to_the_existing_one_keeps_the_folder(tmp_path):
     cfg, params = load(tmp_path / "m")
     save(tmp_path / "m", cfg.replace(dropout=0.3), params)
     export_model(tmp_path / "m", measure=False, opset=18)
-    assert not export_module.is_stale(tmp_path / "m", read_manifest(tmp_path / "m" / "onnx" / "fp32"))
+    assert not folder_module.is_stale(tmp_path / "m", read_manifest(tmp_path / "m" / "onnx" / "fp32"))
 
 
 def test_concurrent_swaps_into_one_target_all_succeed(tmp_path):
@@ -218,7 +221,7 @@ def test_an_export_killed_between_its_renames_is_rolled_back(tmp_path, monkeypat
         crash_after(patch, n)
         with pytest.raises(OSError, match="simulated crash"):
             export_model(tmp_path / "m", measure=False, opset=18)  # other graphs: the folder is swapped
-    monkeypatch.setattr(export_module, "process_alive", lambda pid: False)  # as if this process had died
+    monkeypatch.setattr(folder_module, "process_alive", lambda pid: False)  # as if this process had died
     recover_leftovers(target.parent)
     assert snapshot(target) == before
     assert sorted(p.name for p in target.parent.iterdir()) == ["fp32"]
@@ -357,7 +360,7 @@ def test_the_bundled_model_exports_into_the_user_cache(tmp_path, user_cache, mon
 
 def test_a_read_only_model_exports_into_the_user_cache(tmp_path, user_cache, monkeypatch):
     make_model(tmp_path / "m")
-    monkeypatch.setattr(export_module, "writable", lambda model_dir: False)
+    monkeypatch.setattr(folder_module, "writable", lambda model_dir: False)
     assert invoke("export", "--model", tmp_path / "m").exit_code == 0
     assert not (tmp_path / "m" / "onnx").exists()
     found = find_export(tmp_path / "m")
@@ -411,8 +414,10 @@ def test_a_manifest_of_an_older_format_says_to_export_again(tmp_path):
 
 @pytest.mark.parametrize("gpu", [False, True])
 def test_the_cuda_notice_only_where_a_gpu_is_present(monkeypatch, capsys, gpu):
-    monkeypatch.setattr("refformer.export.verify.cuda_usable", lambda: False)
-    monkeypatch.setattr(gen_module, "gpu_present", lambda: gpu)
+    monkeypatch.setattr(session_module, "cuda_usable", lambda: False)
+    monkeypatch.setattr(session_module, "gpu_present", lambda: gpu)
+    monkeypatch.setattr("refformer.export.verify.cuda_usable", lambda: False)  # TODO(helper C): drop these two once
+    monkeypatch.setattr(gen_module, "gpu_present", lambda: gpu, raising=False)  # generator uses session's
     assert resolve_provider("auto") == "CPUExecutionProvider"
     assert ("notice:" in capsys.readouterr().err) == gpu
     with pytest.raises(RefformerError, match="--provider cpu"):
@@ -728,10 +733,8 @@ def test_a_model_of_two_or_three_positions_exports_and_verifies_every_variant(tm
 
 
 def test_export_refuses_graphs_beyond_the_error_bound(tmp_path, monkeypatch):
-    import refformer.export.verify as verify_module
-
     make_model(tmp_path / "m")
-    monkeypatch.setattr(verify_module, "export_checks", lambda *args, **kwargs: [
+    monkeypatch.setattr(export_module, "export_checks", lambda *args, **kwargs: [
         {"check": "random", "provider": "CPUExecutionProvider", "output": "logits (step)", "error": 0.37}])
     one_line_error(invoke("export", "--model", tmp_path / "m"), "differ from refimpl by 3.70e-01 (random: logits "
                                                                 "(step)), beyond the fp32 bound 1e-05; nothing was written")
@@ -761,10 +764,10 @@ def test_an_opset_onnx_runtime_cannot_load_is_named(tmp_path):
 def test_a_relative_or_unusable_cache_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG specification: relative paths are ignored
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert export_module.cache_root() == tmp_path / "home" / ".cache" / "refformer"
+    assert folder_module.cache_root() == tmp_path / "home" / ".cache" / "refformer"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", "")  # no home folder: a folder of this user's in the temporary folder, never cwd-relative
-    assert export_module.cache_root().is_absolute()
+    assert folder_module.cache_root().is_absolute()
 
 
 def test_onnxruntime_prints_nothing_when_the_cache_variable_is_a_file(tmp_path):

@@ -1,0 +1,196 @@
+"""ONNX Runtime in one place: its import, sessions, the execution provider, and silencing its native output.
+
+Every refformer module that runs a graph (verify, the runtime's steppers and Generator) opens it here, so that a
+corrupt graph, a missing CUDA library or ONNX Runtime's C++ chatter reads the same everywhere.
+"""
+
+import contextlib
+import functools
+import io
+import os
+import sys
+from pathlib import Path
+
+from refformer.refimpl.errors import RefformerError
+
+from .contract import CPU_PROVIDER, CUDA_PROVIDER
+
+PROVIDER_CHOICES = {"cuda": CUDA_PROVIDER, "cpu": CPU_PROVIDER}  # the CLI's --provider values (and "auto")
+CUDA_MISSING = "the CUDA execution provider cannot be loaded here (no GPU, or CUDA 13 / cuDNN 9 libraries missing)"
+
+
+# ---------------------------------------------------------------------------- native output
+
+
+@contextlib.contextmanager
+def stderr_silenced():
+    """File descriptor 2 pointed at /dev/null for the block (nothing is done where there is no descriptor 2).
+
+    For native libraries that print there directly: ONNX Runtime's telemetry warning on import, the tokenizers
+    library's panic message and backtrace. Python's sys.stderr is flushed first so that nothing of ours is lost."""
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@contextlib.contextmanager
+def silenced_native_output():
+    """Point file descriptors 1 and 2 at /dev/null for the duration (C++ output), and sys.stdout and sys.stderr at a
+    discarded buffer (Python output, also where they are not file descriptors 1 and 2, as under click's test runner)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [devnull]:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------- the module and sessions
+
+
+def import_onnxruntime():
+    """The onnxruntime module. Its first import runs with file descriptor 2 pointed at /dev/null: ONNX Runtime 1.31
+    prints a colored telemetry warning there on import when it cannot write under XDG_CACHE_HOME or ~/.cache (a
+    file, a read-only or foreign folder), a line no refformer command should print. Raises KeyboardInterrupt for a
+    Ctrl-C during the import (ONNX Runtime turns it into "ImportError: initialization failed"), RefformerError when
+    onnxruntime cannot be imported."""
+    if "onnxruntime" in sys.modules:
+        return sys.modules["onnxruntime"]
+    try:
+        with stderr_silenced():
+            import onnxruntime
+    except ImportError as error:  # a Ctrl-C inside the native module's initialization arrives as its cause
+        if isinstance(error.__cause__ or error.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise RefformerError(f"onnxruntime cannot be imported ({error}): reinstall refformer") from None
+    return onnxruntime
+
+
+def check_native_path(path):
+    """Refuse a path the native libraries (ONNX Runtime, onnx) cannot take: one whose non-ASCII characters Python
+    could not decode under an ASCII locale (LC_ALL=C with PYTHONUTF8=0), which it keeps as surrogate escapes.
+    Raises RefformerError saying to run with a UTF-8 locale."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RefformerError(f"the path {os.fspath(path)!r} has characters this locale ({sys.getfilesystemencoding()}) "
+                             "cannot pass to ONNX Runtime; run with a UTF-8 locale (LC_ALL=C.UTF-8, or "
+                             "PYTHONUTF8=1)") from None
+
+
+def make_session(path, provider=CPU_PROVIDER, threads=None, provider_options=None):
+    """An onnxruntime.InferenceSession of the graph file at path on one provider (CPU_PROVIDER or CUDA_PROVIDER).
+
+    threads: intra-op threads (None: ONNX Runtime's default). On CUDA, TF32 is off (use_tf32 "0") unless
+    provider_options say otherwise, so fp32 graphs stay within the fp32 bound. Raises RefformerError for a path the
+    locale cannot pass on, a missing file, a graph ONNX Runtime cannot load (corrupt, or an opset it lacks), or a
+    provider it cannot use for the graph."""
+    ort = import_onnxruntime()
+
+    check_native_path(path)
+    path = Path(path)
+    if not path.is_file():
+        raise RefformerError(f"{path} is missing: run `refformer export`")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    options_of_provider = {"use_tf32": "0", **(provider_options or {})} if provider == CUDA_PROVIDER else {}
+    try:
+        sess = ort.InferenceSession(str(path), options, providers=[provider],
+                                    provider_options=[options_of_provider])
+    except Exception as error:  # onnxruntime raises its own exception types for bad files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RefformerError(f"ONNX Runtime cannot load {path} ({reason[:200]}): run `refformer export` "
+                             "again") from None
+    if provider not in sess.get_providers():
+        raise RefformerError(f"{provider} could not be used for {path.name}")
+    return sess
+
+
+# ---------------------------------------------------------------------------- the provider
+
+
+@functools.cache
+def cuda_usable():
+    """True when onnxruntime's CUDA execution provider can actually be loaded here (probed once per process, silently:
+    ONNX Runtime's loader messages go nowhere). Never raises for a failed probe (False)."""
+    ort = import_onnxruntime()
+
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        return False
+    try:
+        with silenced_native_output():  # a failed probe prints pages of CUDA loader errors from C++
+            ort.set_default_logger_severity(4)
+            if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21 only
+                ort.preload_dlls()
+            return cuda_probe(ort)
+    except Exception:
+        return False
+    finally:
+        ort.set_default_logger_severity(2)
+
+
+def cuda_probe(ort):
+    """Whether a one-node float32 Identity graph gets a CUDA session from the onnxruntime module ort; raises what
+    ONNX Runtime raises when CUDA's libraries cannot be loaded."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=[CUDA_PROVIDER])
+    return CUDA_PROVIDER in sess.get_providers()
+
+
+def gpu_present():
+    """Whether this machine shows an NVIDIA GPU (its device node or driver), whatever ONNX Runtime can load."""
+    return any(os.path.exists(path) for path in ("/dev/nvidia0", "/proc/driver/nvidia", "/dev/dxg"))
+
+
+def resolve_provider(provider):
+    """'auto' -> CUDA_PROVIDER when it can be loaded, else CPU_PROVIDER; 'cuda' -> CUDA_PROVIDER; 'cpu' -> CPU_PROVIDER.
+
+    A one-line notice on stderr only when auto falls back although a GPU is present (its libraries failed to load);
+    on a machine without a GPU, auto is the CPU, silently. Raises RefformerError for provider cuda when CUDA cannot
+    be loaded, or for an unknown provider."""
+    if provider not in ("auto", *PROVIDER_CHOICES):
+        raise RefformerError(f"provider must be auto, cuda or cpu, got {provider!r}")
+    if provider == "cpu":
+        return CPU_PROVIDER
+    if cuda_usable():
+        return CUDA_PROVIDER
+    if provider == "cuda":
+        raise RefformerError(f"{CUDA_MISSING}; use --provider cpu")
+    if gpu_present() and sys.stderr is not None:  # print(file=None) would write to stdout
+        print("notice: a GPU is present but ONNX Runtime's CUDA provider cannot be loaded (CUDA 13 / cuDNN 9 "
+              "libraries missing?); running on the CPU", file=sys.stderr)
+    return CPU_PROVIDER
