@@ -37,7 +37,6 @@ Also measured: the memory bandwidth (large NumPy reads and copies) and the bytes
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -47,10 +46,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model, timed_calls  # benchmarks/machine.py (scripts run from their folder on sys.path)
 
 from refformer.refimpl import Config, init_params, save, sinusoidal_table
 from refformer.refimpl.generate import GenerationOptions, search_iter
-from machine import cpu_model, timed_calls  # benchmarks/machine.py (scripts run from their folder on sys.path)
 
 FULL = dict(cfg=Config(vocab_size=32000, d_model=512, n_heads=8, d_ff=2048, n_encoder_layers=6, n_decoder_layers=6,
                        norm_first=False, final_norm=False, activation="relu", positional="sinusoidal",
@@ -340,6 +339,7 @@ def main(argv=None):
     import onnxruntime
     import torch
     import transformers
+
     from refformer.runtime.stepper import OrtStepper
 
     setup = QUICK if args.quick else FULL

@@ -34,16 +34,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import timed_calls
 
 from refformer.export.export import export_model
+from refformer.export.verify import runs_on
 from refformer.refimpl import Config, init_params, save
 from refformer.refimpl.generate import GenerationOptions, beam_search, search_iter
 from refformer.refimpl.gradcheck import rel_error
-from refformer.export.verify import runs_on
 from refformer.runtime.generator import auto_variant, default_model_dir
 from refformer.runtime.stepper import OrtStepper, StaticOrtStepper
-
-from machine import timed_calls
 
 PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 

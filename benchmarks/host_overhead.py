@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model, timed_calls
 
 from refformer.export.export import export_model
 from refformer.refimpl import Config, init_params, save
-from refformer.refimpl.generate import GenerationOptions, search_iter, top_candidates
-from refformer.runtime.stepper import StaticOrtStepper
-
-from machine import cpu_model, timed_calls
+from refformer.refimpl.generate import GenerationOptions, search_iter
+from refformer.runtime.stepper import StaticOrtStepper, top_candidates
 
 VARIANTS = ("static", "static_mha", "static_fused")
 

@@ -26,12 +26,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import cpu_model  # benchmarks/machine.py (scripts run from their folder on sys.path)
 from torch import nn
 
-from refformer.refimpl import (Config, cross_entropy_backward, cross_entropy_forward, init_params, model_backward,
-                               model_forward, rel_error, sinusoidal_table)
+from refformer.refimpl import (
+    Config,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    init_params,
+    model_backward,
+    model_forward,
+    rel_error,
+    sinusoidal_table,
+)
 from refformer.refimpl.tree import tree_map
-from machine import cpu_model  # benchmarks/machine.py (scripts run from their folder on sys.path)
 
 B, S, T = 32, 32, 32
 LABEL_SMOOTHING = 0.1
@@ -260,8 +268,8 @@ def main(argv=None):
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; {args.reps} interleaved reps "
           f"after {args.warmup} warm-up")
     print()
-    print(f"| impl    | median s | min s  | max s  |")
-    print(f"|---------|----------|--------|--------|")
+    print("| impl    | median s | min s  | max s  |")
+    print("|---------|----------|--------|--------|")
     for name, t in times.items():
         print(f"| {name:<7} | {median[name]:8.4f} | {min(t):6.4f} | {max(t):6.4f} |")
     print()

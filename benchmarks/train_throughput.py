@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import train_step  # benchmarks/train_step.py (scripts run from their folder on sys.path): the model, the step, ...
+from machine import cpu_model
 
 from refformer.refimpl import init_params
 from refformer.refimpl.io import load_config
 from refformer.refimpl.optim import adamw_init, adamw_update, clip_by_global_norm
-import train_step  # benchmarks/train_step.py (scripts run from their folder on sys.path): the model, the step, ...
-from machine import cpu_model
 
 HERE = Path(__file__).resolve().parent
 CFG = load_config(HERE.parent / "runtime" / "models" / "de-en")

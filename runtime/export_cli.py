@@ -1,14 +1,12 @@
 """`refformer export`, `verify`, `golden` and `convert-torch`: the commands around the exported graphs and the
 reference's own files. runtime/cli.py registers them."""
 
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.io import leads_nowhere
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import NonEmptyPath, model_option, resolve_model
 
@@ -19,26 +17,6 @@ def check_seed(seed):
     """--seed: any integer >= 0. Raises RefformerError for a negative one."""
     if seed < 0:
         raise RefformerError(f"--seed must be >= 0, got {seed}")
-
-
-def check_new_file(path, overwrite, inputs=()):
-    """An output file: its folder must exist; an existing file is refused unless overwrite, and a folder or one of
-    the command's inputs always. Raises RefformerError."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise RefformerError(f"--out {path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise RefformerError(f"--out {path} is a folder; give a file name")
-    if leads_nowhere(path):
-        raise RefformerError(f"--out {path} is a symbolic link that leads nowhere (a loop, or a missing target); "
-                             "remove the link or give another file name")
-    if path.exists() and not path.is_file():
-        raise RefformerError(f"--out {path} is not a regular file (a device or a pipe); give a file name")
-    if path.exists():
-        if any(Path(source).exists() and os.path.samefile(path, source) for source in inputs):
-            raise RefformerError(f"--out {path} is one of the command's inputs; pick another file")
-        if not overwrite:
-            raise RefformerError(f"--out {path} exists; pass --overwrite to replace it")
 
 
 @click.command("golden")
@@ -52,17 +30,16 @@ def golden_command(model_dir, out_path, seed, overwrite):
     from refformer.export.export import check_weights
     from refformer.refimpl.convert.golden import write_golden
     from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load, load_config
+    from refformer.runtime.outputs import check_output_file, export_folder_holding
 
     check_seed(seed)
     model_dir = resolve_model(model_dir)
     load_config(model_dir)  # a missing or bad model folder is named first
-    check_new_file(out_path, overwrite, [Path(model_dir) / name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)])
-    from refformer.export.export import export_locations
-
-    target = Path(os.path.realpath(out_path))
-    for exports in (Path(model_dir) / "onnx", export_locations(model_dir, "-")[1].parent):  # the model's, the cache's
-        if Path(os.path.realpath(exports)) in target.parents:
-            raise RefformerError(f"--out {out_path} is in the model's export folder {exports}; pick a file elsewhere")
+    check_output_file(out_path, overwrite, flag="--out",
+                      inputs=[Path(model_dir) / name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)])
+    exports = export_folder_holding(out_path, model_dir)  # the model's, or the cache's
+    if exports is not None:
+        raise RefformerError(f"--out {out_path} is in the model's export folder {exports}; pick a file elsewhere")
     check_weights(load(model_dir)[1], None, Path(model_dir) / WEIGHTS_FILE)  # NaN in, NaN out: refuse it here
     arrays = write_golden(model_dir, out_path, seed, overwrite=overwrite)
     click.echo(f"wrote {len(arrays)} arrays to {out_path}")

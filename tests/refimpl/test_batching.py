@@ -5,9 +5,16 @@ import itertools
 import numpy as np
 import pytest
 
-from refformer.refimpl.training.batching import (batch_stream, collate, fingerprint, lm_examples, lm_windows, make_batches,
-                                        seq2seq_examples)
 from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.training.batching import (
+    batch_stream,
+    collate,
+    fingerprint,
+    lm_examples,
+    lm_windows,
+    make_batches,
+    seq2seq_examples,
+)
 
 PAD, BOS, EOS = 0, 1, 2
 

@@ -5,8 +5,8 @@ import unicodedata
 
 import pytest
 
-from refformer.refimpl.training import data
 from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.training import data
 
 DICTIONARY = """\
 # Version :: devel 2023-01-30

@@ -14,11 +14,24 @@ import sys
 import numpy as np
 import pytest
 
-from refformer.refimpl import (Config, RefformerError, decoder_layer_forward, encoder_layer_forward, load,
-                               model_forward, padding_mask, rel_error)
-from refformer.refimpl.convert.torch import (config_from_torch_layer, convert_state_dict_file,
-                                             decoder_layer_params_from_torch, encoder_layer_params_from_torch,
-                                             from_state_dict, from_torch)
+from refformer.refimpl import (
+    Config,
+    RefformerError,
+    decoder_layer_forward,
+    encoder_layer_forward,
+    load,
+    model_forward,
+    padding_mask,
+    rel_error,
+)
+from refformer.refimpl.convert.torch import (
+    config_from_torch_layer,
+    convert_state_dict_file,
+    decoder_layer_params_from_torch,
+    encoder_layer_params_from_torch,
+    from_state_dict,
+    from_torch,
+)
 from tests.helpers import randomize_torch, write_word_level_tokenizer
 
 torch = pytest.importorskip("torch")

@@ -19,12 +19,27 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refformer.refimpl import (causal_mask, decoder_layer_backward, decoder_layer_forward, encoder_layer_backward,
-                               encoder_layer_forward, flatten, mha_backward, mha_forward, model_backward,
-                               model_forward, sinusoidal_table)
+from refformer.refimpl import (
+    causal_mask,
+    decoder_layer_backward,
+    decoder_layer_forward,
+    encoder_layer_backward,
+    encoder_layer_forward,
+    flatten,
+    mha_backward,
+    mha_forward,
+    model_backward,
+    model_forward,
+    sinusoidal_table,
+)
 from refformer.refimpl.config import Config
-from refformer.refimpl.convert.torch import (config_from_torch_layer, decoder_layer_params_from_torch,
-                                             encoder_layer_params_from_torch, from_torch, mha_params_from_torch)
+from refformer.refimpl.convert.torch import (
+    config_from_torch_layer,
+    decoder_layer_params_from_torch,
+    encoder_layer_params_from_torch,
+    from_torch,
+    mha_params_from_torch,
+)
 from tests.helpers import randomize_torch
 
 torch = pytest.importorskip("torch")

@@ -15,10 +15,10 @@ from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import greedy, greedy_lm, strip
 from refformer.refimpl.training.batching import collate, lm_examples, make_batches, seq2seq_examples
 from refformer.refimpl.training.checkpoint import load_checkpoint
+from refformer.refimpl.training.checks import check_fits, check_output_dir
 from refformer.refimpl.training.log import read_log
 from refformer.refimpl.training.loop import TrainingDiverged, train
 from refformer.refimpl.training.options import TrainOptions
-from refformer.refimpl.training.checks import check_fits, check_output_dir
 from refformer.refimpl.tree import flatten
 
 PAD, BOS, EOS = 0, 1, 2

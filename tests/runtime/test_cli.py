@@ -5,8 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from refformer.refimpl import Config, flatten, init_params, load, model_forward, save
-from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.convert.golden import golden_inputs
+from refformer.refimpl.errors import RefformerError
 from refformer.runtime.cli import main
 
 

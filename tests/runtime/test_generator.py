@@ -11,8 +11,8 @@ from tokenizers import Tokenizer
 
 from refformer.refimpl import Config, RefformerError, init_params, load, save
 from refformer.refimpl.generate import GenerationOptions, generate
-from refformer.runtime import generator as gen_module
 from refformer.refimpl.training import tokenizer as tok
+from refformer.runtime import generator as gen_module
 from refformer.runtime.generator import Generator
 
 TEXTS = {

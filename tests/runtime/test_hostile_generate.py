@@ -442,7 +442,7 @@ class FillingFile:
 @pytest.mark.parametrize("existing", [False, True])
 def test_a_full_disk_keeps_whole_records_only_and_says_so(tmp_path, existing):
     from refformer.refimpl import RefformerError
-    from refformer.runtime.generate_cli import RecordWriter
+    from refformer.runtime.batch import RecordWriter
 
     out = tmp_path / "out.jsonl"
     if existing:
@@ -488,7 +488,7 @@ def test_ctrl_c_while_the_program_starts_is_one_line(tmp_path, delay):
 
 def test_an_output_another_run_created_meanwhile_is_not_replaced_without_overwrite(tmp_path):
     from refformer.refimpl import RefformerError
-    from refformer.runtime.generate_cli import RecordWriter
+    from refformer.runtime.batch import RecordWriter
 
     out = tmp_path / "out.jsonl"
     out.write_text("the other run's\n")  # two runs checked --output before either created it

@@ -11,8 +11,8 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from refformer.runtime.cli import main
 from refformer.refimpl.training.tokenizer import MIN_VOCAB_SIZE, save_tokenizer, train_tokenizer
+from refformer.runtime.cli import main
 from refformer.runtime.train_cli import _number
 
 PAIRS = [("ein Haus", "a house"), ("das Haus ist rot", "the house is red"), ("ich bin hier", "I am here"),

@@ -5,11 +5,11 @@ import unicodedata
 import pytest
 from click.testing import CliRunner
 from hypothesis import example, given
-from tokenizers import Tokenizer
 from hypothesis import strategies as st
+from tokenizers import Tokenizer
 
-from refformer.refimpl.training import data
 from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.training import data
 from refformer.refimpl.training import tokenizer as tok
 from refformer.runtime.cli import main
 

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from refformer.refimpl import load, save
-from refformer.runtime.cli import main
 from refformer.refimpl.training.tokenizer import MIN_VOCAB_SIZE, save_tokenizer, train_tokenizer
+from refformer.runtime.cli import main
 
 PAIRS = [("ein Haus", "a house"), ("das Haus ist rot", "the house is red"), ("ich bin hier", "I am here"),
          ("der Hund", "the dog"), ("die Katze schläft", "the cat sleeps"), ("wir gehen", "we go")]

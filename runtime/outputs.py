@@ -1,0 +1,60 @@
+"""Checks of a file a command is about to write (generate's --output, golden's --out), made before any model is
+loaded: one checker for both, so that a folder, a dangling link, a pipe, a missing or read-only folder, one of the
+command's inputs and an existing file are refused alike."""
+
+import os
+from pathlib import Path
+
+from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.io import leads_nowhere
+
+
+def check_output_file(path, overwrite, *, flag, inputs=(), same_as_input="is one of the command's inputs; pick "
+                      "another file", not_regular_hint="give a file name", model_check=None):
+    """Refuse a file path the command cannot or must not write. Raises RefformerError, naming flag ("--output",
+    "--out"), when path is empty, is a folder or a symbolic link that leads nowhere, lies in a folder that is a file,
+    is missing or is not writable, is one of inputs (then the message ends with same_as_input), is not a regular
+    file (a device or a pipe; the message ends with not_regular_hint), or exists while overwrite is False.
+    model_check(path), when given, runs after the folder checks (generate refuses the model folder's own files)."""
+    path_text = path
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not str(path_text).strip():
+        raise RefformerError(f"{flag} is empty; give a file name")
+    if path.is_dir():
+        raise RefformerError(f"{flag} {path_text} is a folder; give a file name")
+    if leads_nowhere(path):
+        raise RefformerError(f"{flag} {path_text} is a symbolic link that leads nowhere (a loop, or a missing "
+                             "target); remove the link or give another file name")
+    if parent.exists() and not parent.is_dir():
+        raise RefformerError(f"{flag} {path_text}: {parent} is a file, not a folder")
+    if not parent.is_dir():
+        raise RefformerError(f"{flag} {path_text}: folder {parent} does not exist; create it first")
+    if model_check is not None:
+        model_check(path_text)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RefformerError(f"{flag} {path_text}: folder {parent} is not writable")
+    if path.exists() and any(given is not None and Path(given).exists() and os.path.samefile(given, path)
+                             for given in inputs):
+        raise RefformerError(f"{flag} {path_text} {same_as_input}")
+    if path.exists() and not path.is_file():  # a device or a pipe: --overwrite would not help
+        raise RefformerError(f"{flag} {path_text} is not a regular file (a device or a pipe); {not_regular_hint}")
+    if (path.exists() or path.is_symlink()) and not overwrite:  # (a link whose target is still to be made is
+        raise RefformerError(f"{flag} {path_text} exists; pass --overwrite to replace it")  # written through)
+
+
+def export_folders(model_dir):
+    """The folders that hold model_dir's exports: MODEL_DIR/onnx and the model's folder in the per-user cache (paths as
+    they are spelled, not resolved). A command's output must not go there: export replaces those folders."""
+    from refformer.export.export import EXPORTS_FOLDER, export_locations
+
+    return [Path(model_dir) / EXPORTS_FOLDER, export_locations(model_dir, "-")[1].parent]
+
+
+def export_folder_holding(path, model_dir):
+    """The folder of export_folders(model_dir) that path (resolved, links followed) lies in, or None."""
+    target = Path(os.path.realpath(path))
+    for folder in export_folders(model_dir):
+        if Path(os.path.realpath(folder)) in target.parents:
+            return folder
+    return None
