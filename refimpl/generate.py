@@ -2,12 +2,16 @@
 repetition penalty, no-repeat n-grams, min/max new tokens — the NumPy twin every runtime strategy
 must match token for token.
 
-The search code talks to the model through a *stepper* with three methods, so the same search runs
-on refimpl (ReferenceStepper, here) and on ONNX Runtime (refformer.runtime's stepper):
+The search talks to the model through a Stepper (the class below), so the same search runs on refimpl
+(ReferenceStepper, here) and on ONNX Runtime (refformer.runtime.stepper's OrtStepper and StaticOrtStepper):
 
-    stepper.start(src_ids, src_keep)         encode the source once (encoder-decoder; None for decoder-only)
+    stepper.start(src_ids, src_keep, B)      encode the source once (encoder-decoder; None for decoder-only)
     stepper.step(ids, positions, attention_mask) -> logits [B, T, V]   extends the self-attention cache
     stepper.reorder(rows)                    keep/duplicate cache rows (beam search, expanding to beams)
+
+and through its optional capabilities, whose reference definitions are in Stepper: argmax_in_graph with
+step_argmax and last_logits (greedy without the logits' trip to the host), and top_candidates (beam ranking).
+A runtime overrides them with the same results, faster.
 
 Batch independence: a row's output depends only on its own input, the options and the seed, never on the
 other rows of its batch. Each row has its own length budget (step_budget: max_new_tokens, or by default
@@ -21,6 +25,7 @@ exceeds u times the total. GenerationOptions(seed=None), the default, draws a fr
 differs from run to run) and keeps it in options.seed.
 """
 
+import abc
 import dataclasses
 import math
 import numbers
@@ -185,8 +190,57 @@ def check_search_fits_memory(cfg, options, batch_size):
 # ---------------------------------------------------------------------------- the reference stepper
 
 
-class ReferenceStepper:
-    """refimpl.encode + refimpl.decoder_step behind the stepper interface (cache kept in NumPy)."""
+class Stepper(abc.ABC):
+    """The model behind the search, one decoder step at a time: what search_iter and beam_search call.
+
+    A subclass implements start, step and reorder. The members after them are optional capabilities with
+    reference definitions here; a faster runtime overrides them with the same results (refformer.runtime's
+    OrtStepper ranks beams with a blocked search, StaticOrtStepper takes the greedy argmax in its graph).
+    """
+
+    @abc.abstractmethod
+    def start(self, src_ids, src_keep, batch_size):
+        """Begin a search of batch_size rows: encode the source once (src_ids [B, S] int64 and src_keep [B, S],
+        1 = real token, for an encoder-decoder model; both None for decoder-only) and empty the self-attention
+        cache (P = 0)."""
+
+    @abc.abstractmethod
+    def step(self, ids, positions, attention_mask):
+        """Feed T new tokens per row: ids, positions [B, T] int64 and attention_mask [B, P + T] int64 (1 = real
+        token; the P cached positions, then the new ones) -> logits [B, T, V] on the host, float32 or float64.
+        The cache grows to P + T positions (model.decoder_step)."""
+
+    @abc.abstractmethod
+    def reorder(self, rows):
+        """Keep or duplicate cache rows: row i of the new cache is row rows[i] of the old (rows [B'] int64;
+        beam search expanding inputs to beams, and reordering beams every step)."""
+
+    argmax_in_graph = False
+    """True where step_argmax finds the greedy token without bringing the logits [B, V] to the host (the static
+    ONNX graph's ArgMax): search_iter then calls step_argmax instead of step when nothing but min_new_tokens
+    touches the scores (greedy, no repetition penalty, no n-gram ban)."""
+
+    last_step_logits = None  # the reference step_argmax's logits [B, 1, V], for last_logits
+
+    def step_argmax(self, ids, positions, attention_mask):
+        """step, returning only the greedy next token of every row: ids [B] int64, the argmax of the last
+        position's logits, ties to the lowest id. Reference: step, then the argmax on the host."""
+        self.last_step_logits = self.step(ids, positions, attention_mask)[:, -1:]
+        return self.last_step_logits[:, -1].argmax(axis=-1)
+
+    def last_logits(self):
+        """The last position's logits [B, 1, V] of the latest step_argmax (search_iter reads them only when eos
+        must be banned, before min_new_tokens)."""
+        return self.last_step_logits
+
+    def top_candidates(self, values, n):
+        """Indices of the n largest of values (1-D float64: the K V candidate scores of one input in beam search),
+        largest first, ties to the lower index. Reference: the stable argsort."""
+        return np.argsort(-values, kind="stable")[:n]
+
+
+class ReferenceStepper(Stepper):
+    """model.encode + model.decoder_step as a Stepper (the cache kept in NumPy); the reference capabilities."""
 
     def __init__(self, cfg, params):
         """Raises RefformerError unless cfg is a Config and params its parameter tree (float32 or float64)."""
@@ -453,7 +507,7 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     finished = budgets <= 0
     # A stepper with an in-graph argmax (the runtime's static graph) spares the logits' trip to the host
     # when nothing but min_new_tokens touches the scores; it is the same argmax, ties to the lowest id.
-    in_graph_argmax = hasattr(stepper, "step_argmax") and not options.do_sample and not penalties
+    in_graph_argmax = stepper.argmax_in_graph and not options.do_sample and not penalties
     for t in range(steps):
         if in_graph_argmax:
             next_ids = stepper.step_argmax(ids, positions, attention_mask)
@@ -496,32 +550,6 @@ def _stack_rows(token_steps, batch_size, pad_id):
 
 
 # ---------------------------------------------------------------------------- beam search
-
-
-def top_candidates(values, n, block=256):
-    """np.argsort(-values, kind="stable")[:n] (the n largest, ties to the lower index) without sorting all of values.
-
-    Beam search ranks K * V candidates per input every step; a full sort of 128,000 of them costs far more than
-    the decode step. values is cut into blocks: the blocks whose maximum is among the n largest block maxima
-    (ties included) hold every one of the n best (a value outside them has n larger values ahead of it, one in
-    each of n blocks), so only those blocks are sorted.
-    """
-    check(_is_int(n) and n >= 1, f"n must be an integer >= 1, got {n!r}")
-    check(_is_int(block) and block >= 1, f"block must be an integer >= 1, got {block!r}")
-    try:
-        values = np.asarray(values, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise RefformerError("values must be an array of numbers") from None
-    if values.size <= 4 * n * block or np.isnan(values).any():  # NaN maxima would hide their blocks
-        return np.argsort(-values, kind="stable")[:n]
-    pad = -values.size % block
-    blocks = np.concatenate([values, np.full(pad, -np.inf)]).reshape(-1, block)
-    maxima = blocks.max(axis=1)
-    nth = np.partition(maxima, maxima.size - n)[maxima.size - n]  # the n-th largest block maximum
-    chosen = np.flatnonzero(maxima >= nth)  # ascending, so the gathered indices stay ascending
-    index = (chosen[:, None] * block + np.arange(block)).reshape(-1)
-    index = index[index < values.size]
-    return index[np.argsort(-values[index], kind="stable")[:n]]
 
 
 def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=None, prompt_mask=None):
@@ -579,7 +607,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
                 next_tokens += [cfg.pad_id] * K
                 next_scores += [-np.inf] * K
                 continue
-            order = top_candidates(candidates[b], 2 * K)
+            order = stepper.top_candidates(candidates[b], 2 * K)
             chosen = 0
             for rank, flat in enumerate(order):
                 total = candidates[b, flat]
@@ -635,11 +663,11 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
 
 
 def check_search_arguments(cfg, options, stepper):
-    """RefformerError unless cfg is a Config, options a GenerationOptions and stepper has start, step and reorder."""
+    """Raises RefformerError unless cfg is a Config, options a GenerationOptions and stepper a Stepper."""
     check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
     check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
-    check(all(callable(getattr(stepper, name, None)) for name in ("start", "step", "reorder")),
-          f"stepper must have start, step and reorder methods, got {type(stepper).__name__}")
+    check(isinstance(stepper, Stepper), f"stepper must have start, step and reorder: a subclass of "
+                                        f"refformer.refimpl.generate.Stepper, got {type(stepper).__name__}")
 
 
 def generate(cfg, params, src_ids=None, prompt_ids=None, options=None, src_mask=None, prompt_mask=None, stepper=None):

@@ -91,7 +91,8 @@ def top_candidates(values, n, block=256):
     values ahead of it, one in each of n blocks), so only those blocks are sorted. Raises RefformerError for n or
     block not an integer >= 1, or values that are not numbers.
     """
-    check(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1, f"n must be an integer >= 1, got {n!r}")
+    check(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1,
+          f"n must be an integer >= 1, got {n!r}")
     check(isinstance(block, (int, np.integer)) and not isinstance(block, bool) and block >= 1,
           f"block must be an integer >= 1, got {block!r}")
     try:

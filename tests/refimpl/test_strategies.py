@@ -13,7 +13,7 @@ from refformer.refimpl import Config, init_params, model_forward
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import (MAX_BEAMS, GenerationOptions, ReferenceStepper, apply_repetition_penalty,
                                         banned_ngram_tokens, beam_search, filter_top_k_top_p, generate, greedy, sample,
-                                        search_iter, search_memory_bytes, step_budget, top_candidates)
+                                        search_iter, search_memory_bytes, step_budget)
 from refformer.refimpl.ops import log_softmax_forward
 
 
@@ -140,15 +140,47 @@ def test_decoder_only_batched_prompts_match_single_prompts():
 @given(size=st.integers(1, 5000), n=st.integers(1, 12), levels=st.integers(1, 40), dead=st.floats(0.0, 1.0),
        seed=st.integers(0, 2**31 - 1))
 def test_top_candidates_is_the_stable_argsort_head(size, n, levels, dead, seed):
-    """Few distinct levels make many ties; -inf entries are dead beams; a NaN now and then."""
+    """The runtime steppers' blocked ranking gives the reference Stepper.top_candidates' indices (the stable argsort
+    head). Few distinct levels make many ties; -inf entries are dead beams; a NaN now and then."""
+    from refformer.runtime.stepper import top_candidates
+
     rng = np.random.default_rng(seed)
     values = rng.integers(0, levels, size).astype(np.float64)
     values[rng.random(size) < dead] = -np.inf
     if seed % 5 == 0:
         values[rng.integers(0, size, 1 + seed % 3)] = np.nan
     expected = np.argsort(-values, kind="stable")[:n]
+    np.testing.assert_array_equal(REFERENCE_STEPPER.top_candidates(values, n), expected)
     np.testing.assert_array_equal(top_candidates(values, n, block=8), expected)
     np.testing.assert_array_equal(top_candidates(values, n), expected)
+
+
+REFERENCE_STEPPER = ReferenceStepper(*tiny())
+
+
+class ArgmaxStepper(ReferenceStepper):
+    """The reference model declaring the argmax capability: search_iter takes Stepper's step_argmax path."""
+
+    argmax_in_graph = True
+
+    def step_argmax(self, ids, positions, attention_mask):
+        self.argmax_calls = getattr(self, "argmax_calls", 0) + 1
+        return super().step_argmax(ids, positions, attention_mask)
+
+
+@pytest.mark.parametrize("options", [dict(max_new_tokens=6), dict(max_new_tokens=6, min_new_tokens=4),
+                                     dict(max_new_tokens=6, repetition_penalty=1.5)])
+def test_argmax_capability_gives_the_same_tokens(options):
+    """A stepper with argmax_in_graph is asked for step_argmax (not step) when nothing but min_new_tokens touches the
+    scores, and the tokens are those of the ordinary path (eos banned through last_logits before min_new_tokens)."""
+    cfg, params = tiny(V=7, seed=6)  # greedy gives eos at once: min_new_tokens must ban it through last_logits
+    src = np.array([[4, 5, 6, 2], [5, 2, 0, 0]])
+    options = GenerationOptions(**options)
+    stepper = ArgmaxStepper(cfg, params)
+    fast = list(search_iter(stepper, cfg, options, src_ids=src))
+    plain = list(search_iter(ReferenceStepper(cfg, params), cfg, options, src_ids=src))
+    np.testing.assert_array_equal(np.stack(fast), np.stack(plain))
+    assert getattr(stepper, "argmax_calls", 0) == (0 if options.repetition_penalty != 1.0 else len(fast))
 
 
 # ---------------------------------------------------------------------------- batch independence
