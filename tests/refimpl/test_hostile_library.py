@@ -58,8 +58,9 @@ def test_training_helpers_refuse_wrong_kinds(tmp_path):
     import os
 
     from refformer.refimpl.training.batching import batch_stream, collate, epoch_order, fingerprint, make_batches
-    from refformer.refimpl.training.train import (check_fits, check_output_dir, estimate_batch_memory, evaluate, plot_log,
-                                         read_log, write_log)
+    from refformer.refimpl.training.checks import check_fits, check_output_dir, estimate_batch_memory
+    from refformer.refimpl.training.evaluate import evaluate
+    from refformer.refimpl.training.log import plot_log, read_log, write_log
 
     examples = [([4, 2], [1, 5], [5, 2])]
     params = init_params(CFG, np.random.default_rng(0))
