@@ -224,7 +224,8 @@ def physical_memory_bytes():
     return total if total > 0 else FALLBACK_MEMORY_BYTES
 
 
-def _size(n_bytes):
+def format_bytes(n_bytes):
+    """A byte count for messages: '3.2 GiB' from 1 GiB up, else '12.5 MiB' (3 significant digits)."""
     return f"{n_bytes / (1 << 30):.3g} GiB" if n_bytes >= 1 << 30 else f"{n_bytes / (1 << 20):.3g} MiB"
 
 
@@ -242,11 +243,11 @@ def check_fits_memory(cfg, dtype=np.float32, copies=1):
     table = cfg.max_positions * cfg.d_model * 8 if cfg.positional == "sinusoidal" else 0
     available = physical_memory_bytes()
     if weights + table > available:
-        parts = [f"{_size(weights)} for {f'{copies} copies of ' if copies != 1 else ''}its {parameter_count(cfg):,} "
+        parts = [f"{format_bytes(weights)} for {f'{copies} copies of ' if copies != 1 else ''}its {parameter_count(cfg):,} "
                  f"parameters in {np.dtype(dtype).name}"]
         if table:
-            parts.append(f"{_size(table)} for its sinusoidal position table [max_positions, d_model]")
+            parts.append(f"{format_bytes(table)} for its sinusoidal position table [max_positions, d_model]")
         raise RefformerError(
-            f"this model needs {_size(weights + table)} of memory ({', '.join(parts)}), more than this machine's "
-            f"{_size(available)}: lower d_model ({cfg.d_model}), d_ff ({cfg.d_ff}), vocab_size ({cfg.vocab_size}), "
+            f"this model needs {format_bytes(weights + table)} of memory ({', '.join(parts)}), more than this machine's "
+            f"{format_bytes(available)}: lower d_model ({cfg.d_model}), d_ff ({cfg.d_ff}), vocab_size ({cfg.vocab_size}), "
             f"max_positions ({cfg.max_positions}) or the number of layers")

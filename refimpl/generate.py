@@ -33,9 +33,9 @@ import secrets
 
 import numpy as np
 
-from .config import Config, _size, physical_memory_bytes
-from .errors import RefformerError, check, check_array
-from .model import _check_ids, _check_model, _keep_mask, decoder_step, empty_cache, encode, left_padded_positions
+from .config import Config, format_bytes, physical_memory_bytes
+from .errors import check, check_array
+from .model import check_ids, check_model, decoder_step, empty_cache, encode, left_padded_positions, token_keep_mask
 from .ops import log_softmax_forward, softmax_forward
 
 MAX_BEAMS = 1024  # num_beams and num_return_sequences above this are refused before anything is allocated
@@ -183,7 +183,7 @@ def check_search_fits_memory(cfg, options, batch_size):
     need, available = search_memory_bytes(cfg, rows), physical_memory_bytes()
     check(need <= available,
           f"{batch_size} inputs x {per_input} {'beams' if options.num_beams > 1 else 'sequences'} = {rows:,} sequences "
-          f"at once need up to {_size(need)} of memory for their caches, more than this machine's {_size(available)}: "
+          f"at once need up to {format_bytes(need)} of memory for their caches, more than this machine's {format_bytes(available)}: "
           "lower num_beams, num_return_sequences or the batch size")
 
 
@@ -244,7 +244,7 @@ class ReferenceStepper(Stepper):
 
     def __init__(self, cfg, params):
         """Raises RefformerError unless cfg is a Config and params its parameter tree (float32 or float64)."""
-        self.dtype = _check_model(cfg, params)
+        self.dtype = check_model(cfg, params)
         self.cfg, self.params = cfg, params
 
     def start(self, src_ids, src_keep, batch_size):
@@ -430,15 +430,15 @@ def prepare_inputs(cfg, src_ids=None, src_mask=None, prompt_ids=None, prompt_mas
     _check_cfg(cfg)
     if cfg.is_encoder_decoder:
         check(src_ids is not None, "an encoder-decoder model needs src_ids")
-        _check_ids("src_ids", src_ids, cfg)
-        src_keep = _keep_mask("src_mask", src_mask, src_ids, cfg)
+        check_ids("src_ids", src_ids, cfg)
+        src_keep = token_keep_mask("src_mask", src_mask, src_ids, cfg)
         check(src_ids.shape[1] >= 1 and bool(src_keep.any(axis=1).all()), "every source needs at least one token")
         B = src_ids.shape[0]
         ids = np.full((B, 1), cfg.bos_id, dtype=np.int64)
         return ids, np.ones((B, 1), np.int64), np.zeros((B, 1), np.int64), src_keep
     check(prompt_ids is not None, "a decoder-only model needs prompt_ids")
-    _check_ids("prompt_ids", prompt_ids, cfg)
-    keep = _keep_mask("prompt_mask", prompt_mask, prompt_ids, cfg).astype(np.int64)
+    check_ids("prompt_ids", prompt_ids, cfg)
+    keep = token_keep_mask("prompt_mask", prompt_mask, prompt_ids, cfg).astype(np.int64)
     check(prompt_ids.shape[1] >= 1 and bool(keep[:, -1].all()),
           "every prompt needs at least one token and must be left-padded (its last column real)")
     positions = left_padded_positions(keep)

@@ -337,9 +337,9 @@ def unflatten_checked(cfg, flat, source):
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"missing {_few(missing)}")
+            parts.append(f"missing {few_names(missing)}")
         if extra:
-            parts.append(f"unexpected {_few(extra)}")
+            parts.append(f"unexpected {few_names(extra)}")
         raise RefformerError(f"{source} does not match its config: {'; '.join(parts)}")
     for name, shape in shapes.items():
         if tuple(flat[name].shape) != shape:
@@ -374,8 +374,8 @@ def flatten_shapes(cfg):
     return out
 
 
-def _few(names, limit=4):
-    """The first few of names, sorted, and how many more there are."""
+def few_names(names, limit=4):
+    """The first `limit` of names (strings), sorted and comma-separated, and how many more there are: for messages."""
     names = sorted(names)
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -174,17 +174,22 @@ def embed_backward(cfg, p_tokens, p_stack, cache, dx):
 # ---------------------------------------------------------------------------- input checks
 
 
-def _check_ids(name, ids, cfg):
+def check_ids(name, ids, cfg):
+    """ids must be a [B, L] integer array of token ids in [0, V). Raises RefformerError naming the argument if not."""
     check_array(name, ids, ndim=2, kind="i")
     check(ids.size == 0 or (ids.min() >= 0 and ids.max() < cfg.vocab_size),
           f"{name} must hold token ids in [0, {cfg.vocab_size})")
 
 
-def _keep_mask(name, mask, ids, cfg):
-    """The boolean [B, T] key-padding mask (1 = real token): given (boolean or 0/1 integers), or ids != pad_id.
+def token_keep_mask(name, mask, ids, cfg):
+    """The boolean [B, L] keep mask of ids [B, L] (True = real token): mask (boolean or 0/1 integers, [B, L]) when
+    given, else ids != pad_id.
 
-    A floating mask is refused (attention.check_keep_mask): an additive 0 / -inf mask would read inverted.
+    Raises RefformerError for a mask of another shape, with values other than 0/1, or floating
+    (attention.check_keep_mask: an additive 0 / -inf mask would read inverted), or for bad ids or cfg.
     """
+    check_config(cfg)
+    check_array("ids", ids, ndim=2, kind="i")
     if mask is None:
         return ids != cfg.pad_id
     if isinstance(mask, np.ndarray) and mask.shape != ids.shape:
@@ -242,13 +247,14 @@ def left_pad(rows, pad_id):
 
 def _check_dtype(params):
     """The parameters' one dtype, float32 or float64."""
-    dtype = params["decoder"]["embed_tokens"]["weight"].dtype  # the tree was checked first (_check_model)
+    dtype = params["decoder"]["embed_tokens"]["weight"].dtype  # the tree was checked first (check_model)
     check(dtype in (np.float32, np.float64), f"parameters must be float32 or float64, got {dtype}")
     return dtype
 
 
-def _check_model(cfg, params, rng=None):
-    """cfg a Config; params exactly param_shapes(cfg), in one dtype (float32 or float64); returns that dtype."""
+def check_model(cfg, params, rng=None):
+    """Returns the parameters' dtype (float32 or float64). Raises RefformerError unless cfg is a Config, params is
+    exactly param_shapes(cfg) in one of those dtypes, and rng is None or a numpy.random.Generator."""
     check_config(cfg, rng)
     check_tree("params", params, param_shapes(cfg))
     dtype = _check_dtype(params)
@@ -383,17 +389,17 @@ def model_forward(cfg, params, src_ids, tgt_ids, *, src_mask=None, tgt_mask=None
     default to 0 .. length-1 (pass tgt_positions for left-padded decoder-only prompts).
     rng (numpy.random.Generator) turns dropout on; None is eval mode. Raises RefformerError for bad input.
     """
-    dtype = _check_model(cfg, params, rng)
-    _check_ids("tgt_ids", tgt_ids, cfg)
-    tgt_keep = _keep_mask("tgt_mask", tgt_mask, tgt_ids, cfg)
+    dtype = check_model(cfg, params, rng)
+    check_ids("tgt_ids", tgt_ids, cfg)
+    tgt_keep = token_keep_mask("tgt_mask", tgt_mask, tgt_ids, cfg)
     tgt_positions = _positions("tgt_positions", tgt_positions, tgt_ids, cfg)
     memory, src_keep, encoder_cache = None, None, None
     if cfg.is_encoder_decoder:
         check(src_ids is not None, "src_ids is required for an encoder-decoder model")
-        _check_ids("src_ids", src_ids, cfg)
+        check_ids("src_ids", src_ids, cfg)
         check(src_ids.shape[0] == tgt_ids.shape[0],
               f"src_ids and tgt_ids must have the same batch size, got {src_ids.shape[0]} and {tgt_ids.shape[0]}")
-        src_keep = _keep_mask("src_mask", src_mask, src_ids, cfg)
+        src_keep = token_keep_mask("src_mask", src_mask, src_ids, cfg)
         src_positions = _positions("src_positions", src_positions, src_ids, cfg)
     else:
         check(src_ids is None, "a decoder-only model takes src_ids=None")
@@ -414,7 +420,7 @@ def model_backward(cfg, params, cache, dlogits):
     Raises RefformerError for params, cache or dlogits that do not match the forward: a cache that model_forward
     returned for another config or for parameters of another dtype, a dlogits of another shape or dtype.
     """
-    dtype = _check_model(cfg, params)
+    dtype = check_model(cfg, params)
     check(isinstance(cache, dict) and isinstance(cache.get("logits"), np.ndarray) and "decoder" in cache,
           "cache must be the cache model_forward returned")
     check(cache.get("cfg") == cfg, "cache is from model_forward with another config; pass the cfg of that call")
@@ -467,9 +473,9 @@ def encode(cfg, params, src_ids, src_mask=None):
     """
     check_config(cfg)
     check(cfg.is_encoder_decoder, "encode needs an encoder-decoder model")
-    dtype = _check_model(cfg, params)
-    _check_ids("src_ids", src_ids, cfg)
-    src_keep = _keep_mask("src_mask", src_mask, src_ids, cfg)
+    dtype = check_model(cfg, params)
+    check_ids("src_ids", src_ids, cfg)
+    src_keep = token_keep_mask("src_mask", src_mask, src_ids, cfg)
     check_activations_fit(cfg.replace(n_decoder_layers=0), src_ids.shape[0], src_ids.shape[1], 0, dtype)
     memory, _ = encoder_forward(cfg, params, src_ids, src_keep, _positions("src_positions", None, src_ids, cfg))
     cross_kv = [project_kv(p_layer["cross_attn"], memory, cfg.n_heads) for p_layer in params["decoder"]["layers"]]
@@ -495,9 +501,9 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
 
 def _check_step_inputs(cfg, params, ids, positions, attention_mask, past, cross_kv, encoder_attention_mask):
     """decoder_step's checks; returns (positions, attention_mask, encoder_attention_mask) in the forms it uses."""
-    dtype = _check_model(cfg, params)
+    dtype = check_model(cfg, params)
     p = params["decoder"]
-    _check_ids("ids", ids, cfg)
+    check_ids("ids", ids, cfg)
     positions = _positions("positions", positions, ids, cfg)
     B, T = ids.shape
     check(isinstance(past, (list, tuple)) and len(past) == len(p["layers"])

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import RefformerError, check
-from ..io import _few, check_params, check_tokenizer, save
+from ..io import check_params, check_tokenizer, few_names, save
 from ..ops import sinusoidal_table
 from ..tree import tree_cast
 
@@ -292,7 +292,7 @@ def _src_tgt(named, what):
         return named[0], named[1]
     if len(named) == 2 and sides in (["tgt", "src"], ["tgt", None], [None, "src"]):
         return named[1], named[0]
-    raise RefformerError(f"cannot tell the source {what} from the target one among {_few([n for n, _ in named])}: "
+    raise RefformerError(f"cannot tell the source {what} from the target one among {few_names([n for n, _ in named])}: "
                          f"name them with src/source/encoder and tgt/target/decoder")
 
 
@@ -414,7 +414,7 @@ def from_torch(module, **overrides):
     tokens, learned_positions = _find_embeddings(module, used, d_model)
     check(tokens, "no token nn.Embedding found: from_torch needs the whole model (embeddings, transformer, LM head)")
     check(len(tokens) <= (2 if family == "encoder-decoder" else 1),
-          f"found {len(tokens)} token embeddings ({_few([n for n, _ in tokens])}); expected "
+          f"found {len(tokens)} token embeddings ({few_names([n for n, _ in tokens])}); expected "
           f"{'1 or 2' if family == 'encoder-decoder' else 'one for a decoder-only model'}")
     (src_name, src_embed), (tgt_name, tgt_embed) = _src_tgt(tokens, "embedding")
     vocab_size = tgt_embed.num_embeddings
@@ -425,7 +425,7 @@ def from_torch(module, **overrides):
           f"{tgt_name} has width {tgt_embed.embedding_dim}, the transformer's d_model is {d_model}")
     head_name, head = _find_head(module, used, d_model, vocab_size)
     unknown = [name for name, p in module.named_parameters() if id(p) not in used]
-    check(not unknown, f"the module has parameters refformer cannot map: {_few(unknown)}")
+    check(not unknown, f"the module has parameters refformer cannot map: {few_names(unknown)}")
     read_positional, position_tables = _find_positions(module, learned_positions, d_model)
 
     read = {"family": family, "vocab_size": vocab_size, "d_model": d_model, "n_heads": layer_cfg["n_heads"],
@@ -506,7 +506,7 @@ def _find_head(module, used, d_model, vocab_size):
     if len(heads) > 1:
         heads = [(name, m) for name, m in heads if any(word in name.lower() for word in HEAD_WORDS)] or heads
     check(len(heads) == 1, f"expected one nn.Linear({d_model}, {vocab_size}) LM head, found "
-                           f"{_few([n for n, _ in heads]) if heads else 'none'}")
+                           f"{few_names([n for n, _ in heads]) if heads else 'none'}")
     head_name, head = heads[0]
     used |= {id(head), id(head.weight)} | ({id(head.bias)} if head.bias is not None else set())
     return head_name, head
@@ -573,7 +573,7 @@ def from_state_dict(state_dict, **arch):
     raw = dict(state_dict.items())
     bad = [str(key) for key, value in raw.items() if not isinstance(key, str)
            or not (isinstance(value, np.ndarray) or hasattr(value, "is_floating_point"))]
-    check(not bad, f"a state_dict must map names to tensors; these entries are not tensors: {_few(bad)}")
+    check(not bad, f"a state_dict must map names to tensors; these entries are not tensors: {few_names(bad)}")
     flat = {key: _array(value, key) for key, value in raw.items()}
     used = set()
 
@@ -608,8 +608,8 @@ def from_state_dict(state_dict, **arch):
                       or any(word in key[: -len(".weight")].lower() for word in HEAD_WORDS))]
     embedding_keys += [key for key in matrices if key not in embedding_keys and key not in head_keys]
     check(head_keys, f"no LM head weight [V, {d_model}] found (a key like generator.weight, lm_head.weight or "
-                     f"fc_out.weight); candidates: {_few(matrices) if matrices else 'none'}")
-    check(len(head_keys) == 1, f"more than one possible LM head: {_few(head_keys)}")
+                     f"fc_out.weight); candidates: {few_names(matrices) if matrices else 'none'}")
+    check(len(head_keys) == 1, f"more than one possible LM head: {few_names(head_keys)}")
     head_key = head_keys[0]
     used.add(head_key)
     head_bias_key = head_key[: -len("weight")] + "bias"
@@ -623,7 +623,7 @@ def from_state_dict(state_dict, **arch):
             distinct.append(key)
     check(distinct, "no token embedding [V, D] found (a key like src_embed.weight or embedding.weight)")
     check(len(distinct) <= (2 if family == "encoder-decoder" else 1),
-          f"found {len(distinct)} token embeddings ({_few(distinct)}); expected "
+          f"found {len(distinct)} token embeddings ({few_names(distinct)}); expected "
           f"{'1 or 2' if family == 'encoder-decoder' else 'one for a decoder-only model'}")
     src_key, tgt_key = (pair[0] for pair in _src_tgt([(key, None) for key in distinct], "embedding"))
     vocab_size = flat[tgt_key].shape[0]
@@ -638,7 +638,8 @@ def from_state_dict(state_dict, **arch):
     read_positional, position_tables = {}, {}
     if positions:
         used.update(positions)
-        check(len(positions) <= 2, f"found {len(positions)} positional tables ({_few(positions)}); expected 1 or 2")
+        check(len(positions) <= 2,
+              f"found {len(positions)} positional tables ({few_names(positions)}); expected 1 or 2")
         (_, position_tables["src"]), (_, position_tables["tgt"]) = _src_tgt(
             [(key, _as_position_table(flat[key], d_model)) for key in positions], "positional table")
         check(position_tables["src"].shape == position_tables["tgt"].shape,
@@ -646,7 +647,7 @@ def from_state_dict(state_dict, **arch):
         sinusoidal = all(_is_sinusoidal(table) for table in position_tables.values())
         wanted = arch.get("positional") or ("sinusoidal" if sinusoidal else "learned")
         check(wanted == "learned" or sinusoidal,
-              f"positional='sinusoidal' but {_few(positions)} is not the standard sinusoidal table")
+              f"positional='sinusoidal' but {few_names(positions)} is not the standard sinusoidal table")
         read_positional = {"positional": wanted, "max_positions": position_tables["tgt"].shape[0]}
         if wanted == "sinusoidal":
             position_tables = {}
@@ -654,7 +655,7 @@ def from_state_dict(state_dict, **arch):
         check(arch.get("positional") != "learned", "positional='learned' but the state_dict has no positional table")
 
     leftover = [key for key in flat if key not in used]
-    check(not leftover, f"the state_dict has keys refformer cannot map: {_few(leftover)}")
+    check(not leftover, f"the state_dict has keys refformer cannot map: {few_names(leftover)}")
 
     read = {"family": family, "vocab_size": vocab_size, "d_model": d_model, "d_ff": d_ff,
             "n_encoder_layers": len(stacks["encoder"]["layers"]) if "encoder" in stacks else 0,

@@ -326,6 +326,7 @@ def good_calls(s):
                                           [attn, x, k, k, np.ones((3, 5 + 3), bool)], {"n_heads": 2}),
         "left_padded_positions": (model_module.left_padded_positions, [np.array([[0, 1, 1], [1, 1, 1]])], {}),
         "left_pad": (model_module.left_pad, [[[5, 6], [7]], 0], {}),
+        "token_keep_mask": (model_module.token_keep_mask, ["src_mask", ones_src, s["src"], ED], {}),
         "feed_forward_forward": (feed_forward_forward, [layer["ffn"], x, ED], {}),
         "feed_forward_backward": (refimpl.feed_forward_backward, [layer["ffn"], c_ffn, y_ffn], {}),
         "encoder_layer_forward": (encoder_layer_forward, [enc_layer, s["memory"], padding_mask(ones_src), ED], {}),
