@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from refformer.export.contract import CPU_PROVIDER, CUDA_PROVIDER, DEFAULT_OPSET, DTYPES
+from refformer.export.session import PROVIDER_CHOICES
 from refformer.refimpl.errors import RefformerError
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import NonEmptyPath, model_option, resolve_model
@@ -125,8 +127,8 @@ def variant_options(helps):
 
 @click.command("export")
 @model_option
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17 for LayerNormalization).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (>= 17 for LayerNormalization).")
 @click.option("--out", "out_dir", type=NonEmptyPath(file_okay=False), default=None,
               help="Folder to write (default: the model folder's onnx/DTYPE[-staticL][-fused]; the per-user cache for the "
                    "bundled model). An existing folder is replaced only if it is a refformer export.")
@@ -156,17 +158,17 @@ def export_command(model_dir, dtype, opset, out_dir, external_data, static_lengt
 @click.option("--onnx-dir", type=NonEmptyPath(file_okay=False), default=None,
               help="Export folder (default: the export set of --model named by --dtype, --static-length and "
                    "--fused-attention; without them fp32, or the only one there is).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="Which export set (default fp32).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Which export set (default fp32).")
 @variant_options(VERIFY_VARIANT_HELP)
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--provider", type=click.Choice(["auto", *sorted(PROVIDER_CHOICES)]), default="auto", show_default=True,
               help="auto: CPU, plus CUDA when it can be loaded.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs (an integer >= 0).")
 @one_line_errors
 def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, provider, seed):
     """Compare the exported graphs with refimpl (float64) and print the error table; exit 1 when a bound fails."""
     from refformer.export.export import find_export
-    from refformer.export.verify import cuda_usable, verify
-    from refformer.runtime.generator import gpu_present
+    from refformer.export.session import cuda_usable, gpu_present
+    from refformer.export.verify import verify
 
     check_seed(seed)
     if static_length is not None and static_length < 1:
@@ -178,14 +180,14 @@ def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, p
         onnx_dir = find_export(model_dir, dtype, static_length, fused_attention)
     elif dtype is not None or static_length is not None or fused_attention:
         raise RefformerError("--onnx-dir names the export folder: leave out --dtype, --static-length and --fused-attention")
-    providers = ["CPUExecutionProvider"]
+    providers = [CPU_PROVIDER]
     if provider == "cuda":
         if not cuda_usable():
             raise RefformerError("the CUDA execution provider cannot be loaded here (no GPU, or CUDA libraries missing)")
-        providers = ["CUDAExecutionProvider"]
+        providers = [CUDA_PROVIDER]
     elif provider == "auto":
         if cuda_usable():
-            providers.append("CUDAExecutionProvider")
+            providers.append(CUDA_PROVIDER)
         elif gpu_present():
             click.echo("notice: a GPU is present but ONNX Runtime's CUDA provider cannot be loaded; checking on the CPU "
                        "only", err=True)

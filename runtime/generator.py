@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from refformer.export import contract
+from refformer.export.session import PROVIDER_CHOICES, resolve_provider
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import GenerationOptions, generate, search_iter
 from refformer.refimpl.io import check_tokenizer_matches, load_config
@@ -21,8 +23,7 @@ from refformer.refimpl.training.batching import pad_rows
 
 from .stepper import OrtStepper, StaticOrtStepper
 
-PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-VARIANTS = ("auto", "reference", "fused", "static", "static_mha", "static_fused")
+VARIANTS = ("auto", *contract.VARIANTS)  # the Generator's and generate --variant's choices
 
 
 def note(message):
@@ -123,34 +124,6 @@ LONG_TEXT_MARGIN = 4  # a text over 4 x longest token x max_positions characters
 # normalizer does (unless it deletes three quarters of the text), so it is not tokenized whole
 
 
-def gpu_present():
-    """Whether this machine shows an NVIDIA GPU (its device node or driver), whatever ONNX Runtime can load."""
-    return any(os.path.exists(path) for path in ("/dev/nvidia0", "/proc/driver/nvidia", "/dev/dxg"))
-
-
-def resolve_provider(provider):
-    """'auto' -> CUDA when it can be loaded, else CPU; 'cuda' fails clearly without it; 'cpu' -> CPU.
-
-    A one-line notice on stderr only when auto falls back although a GPU is present (its libraries failed to load);
-    on a machine without a GPU, auto is the CPU, silently. Raises RefformerError for provider cuda when CUDA cannot
-    be loaded, or for an unknown provider."""
-    from refformer.export.verify import cuda_usable
-
-    if provider not in ("auto", "cuda", "cpu"):
-        raise RefformerError(f"provider must be auto, cuda or cpu, got {provider!r}")
-    if provider == "cpu":
-        return PROVIDERS["cpu"]
-    if cuda_usable():
-        return PROVIDERS["cuda"]
-    if provider == "cuda":
-        raise RefformerError("the CUDA execution provider cannot be loaded here (no GPU, or CUDA 13 / cuDNN 9 "
-                             "libraries missing); use --provider cpu")
-    if gpu_present():
-        note("notice: a GPU is present but ONNX Runtime's CUDA provider cannot be loaded (CUDA 13 / cuDNN 9 "
-             "libraries missing?); running on the CPU")
-    return PROVIDERS["cpu"]
-
-
 def auto_variant(cfg, on_cuda, dtype):
     """The decoders variant="auto" tries, fastest first, for the provider and dtype.
 
@@ -192,7 +165,7 @@ class Generator:
         self.provider = resolve_provider(provider)
         if variant not in VARIANTS:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        on_cuda = self.provider == PROVIDERS["cuda"]
+        on_cuda = self.provider == contract.CUDA_PROVIDER
         self.dtype, self.threads = dtype, threads
         cuda_graph = on_cuda if cuda_graph is None else cuda_graph
         if variant != "auto":
@@ -222,11 +195,11 @@ class Generator:
 
         if model_dir is not None and not isinstance(model_dir, (str, os.PathLike)):
             raise RefformerError(f"model_dir must be a folder path, got {type(model_dir).__name__}")
-        if not isinstance(provider, str) or provider not in ("auto", "cuda", "cpu"):
+        if not isinstance(provider, str) or provider not in ("auto", *PROVIDER_CHOICES):
             raise RefformerError(f"provider must be auto, cuda or cpu, got {provider!r}")
         if not isinstance(variant, str) or variant not in VARIANTS:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        if not isinstance(dtype, str) or dtype not in ("fp32", "fp16"):
+        if not isinstance(dtype, str) or dtype not in contract.DTYPES:
             raise RefformerError(f"dtype must be fp32 or fp16, got {dtype!r}")
         if threads is not None and not (integer(threads) and threads >= 1):
             raise RefformerError(f"threads must be an integer >= 1, got {threads!r}")
@@ -255,16 +228,16 @@ class Generator:
         if variant == "static_fused" and self.cfg.head_dim % 8:
             raise RefformerError(f"the static_fused variant needs a head size that is a multiple of 8 (ONNX Runtime's "
                                  f"GroupQueryAttention); this model's is {self.cfg.head_dim}: use static_mha")
-        if variant in ("static", "static_mha", "static_fused"):
+        if variant in contract.STATIC_VARIANTS:
             static_length = static_length or self.cfg.max_positions
             fused = variant != "static"
             self.onnx_dir = ensure_export(self.model_dir, dtype, static_length, fused_attention=fused)
             return StaticOrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads, cuda_graph=cuda_graph,
-                                    decoder_file=f"decoder_{variant}.onnx")
+                                    decoder_file=contract.graph_file(contract.decoder_graph(variant)))
         fused = variant == "fused"
         self.onnx_dir = ensure_export(self.model_dir, dtype, fused_attention=fused)
         return OrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads,
-                          decoder_file="decoder_fused.onnx" if fused else "decoder.onnx")
+                          decoder_file=contract.graph_file(contract.decoder_graph(variant)))
 
     # ------------------------------------------------------------ text <-> ids
     def encode_rows(self, texts, names=None):

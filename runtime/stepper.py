@@ -12,12 +12,13 @@ runs with device "cpu".
 import numpy as np
 from onnx import TensorProto, helper
 
+from refformer.export import contract
 from refformer.export.graph import FLOAT_TYPES, NUMPY_TYPES
-from refformer.export.verify import session as make_session
+from refformer.export.session import make_session
 from refformer.refimpl.errors import RefformerError, check
 from refformer.refimpl.generate import Stepper
 
-DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+DEVICE_OF_PROVIDER = {contract.CUDA_PROVIDER: "cuda", contract.CPU_PROVIDER: "cpu"}
 SOURCE_BUCKET = 16  # the static stepper pads sources to a multiple of this many positions
 MAX_BUFFER_SETS = 8  # buffer sets (one per batch size and source bucket) a static stepper keeps
 
@@ -118,7 +119,7 @@ class OrtStepper(Stepper):
         """Stepper.top_candidates by the blocked search (top_candidates): the same indices, without a full sort."""
         return top_candidates(values, n)
 
-    def __init__(self, cfg, onnx_dir, dtype, provider="CPUExecutionProvider", threads=None, decoder_file="decoder.onnx",
+    def __init__(self, cfg, onnx_dir, dtype, provider=contract.CPU_PROVIDER, threads=None, decoder_file=contract.DECODER_FILE,
                  provider_options=None):
         """decoder_file: decoder.onnx (the reference graph) or decoder_fused.onnx (same inputs and outputs)."""
         from refformer.export.verify import import_onnxruntime
@@ -131,7 +132,7 @@ class OrtStepper(Stepper):
         self.float_type = NUMPY_TYPES[dtype]
         self.onnx_dir, self.decoder_file = onnx_dir, decoder_file
         self.decoder = make_session(f"{onnx_dir}/{decoder_file}", provider, threads, provider_options=provider_options)
-        self.encoder = make_session(f"{onnx_dir}/encoder.onnx", provider, threads) if cfg.is_encoder_decoder else None
+        self.encoder = make_session(f"{onnx_dir}/{contract.ENCODER_FILE}", provider, threads) if cfg.is_encoder_decoder else None
         self.tools = {}  # (graph builder name, n tensors) -> the session of that small device graph
         self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
 
@@ -190,14 +191,14 @@ class OrtStepper(Stepper):
         self.cross, self.src_keep = [], None
         if self.cfg.is_encoder_decoder:
             binding = self.encoder.io_binding()
-            binding.bind_cpu_input("input_ids", np.ascontiguousarray(src_ids, dtype=np.int64))
-            binding.bind_cpu_input("attention_mask", np.ascontiguousarray(src_keep, dtype=np.int64))
+            binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(src_ids, dtype=np.int64))
+            binding.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(src_keep, dtype=np.int64))
             names = [o.name for o in self.encoder.get_outputs()]
             for name in names:
                 binding.bind_output(name, self.device)
-            run_bound(self.encoder, binding, graph=f"{self.onnx_dir}/encoder.onnx")
+            run_bound(self.encoder, binding, graph=f"{self.onnx_dir}/{contract.ENCODER_FILE}")
             values = dict(zip(names, binding.get_outputs()))
-            self.cross = [(values[f"cross_key_{i}"], values[f"cross_value_{i}"]) for i in range(self.cfg.n_decoder_layers)]
+            self.cross = [(values[contract.cross_key(i)], values[contract.cross_value(i)]) for i in range(self.cfg.n_decoder_layers)]
             self.src_keep = np.asarray(src_keep, dtype=np.int64)
         self.source_of_row = np.arange(batch_size)
         self.past = [(self.empty(batch_size), self.empty(batch_size)) for _ in range(self.cfg.n_decoder_layers)]
@@ -207,18 +208,18 @@ class OrtStepper(Stepper):
         from the host, past and cross as device OrtValues -> {output name: OrtValue}, logits on the host and the
         present cache on the device."""
         binding = session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(positions, dtype=np.int64))
+        binding.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
         for i, (k, v) in enumerate(past):
-            binding.bind_ortvalue_input(f"past_key_self_{i}", k)
-            binding.bind_ortvalue_input(f"past_value_self_{i}", v)
+            binding.bind_ortvalue_input(contract.past_key(i), k)
+            binding.bind_ortvalue_input(contract.past_value(i), v)
         if self.cfg.is_encoder_decoder:
-            binding.bind_cpu_input("encoder_attention_mask", encoder_keep)
+            binding.bind_cpu_input(contract.ENCODER_ATTENTION_MASK, encoder_keep)
             for i, (k, v) in enumerate(cross):
-                binding.bind_ortvalue_input(f"cross_key_{i}", k)
-                binding.bind_ortvalue_input(f"cross_value_{i}", v)
-        binding.bind_output("logits", "cpu")  # the sampler needs them on the host
+                binding.bind_ortvalue_input(contract.cross_key(i), k)
+                binding.bind_ortvalue_input(contract.cross_value(i), v)
+        binding.bind_output(contract.LOGITS, "cpu")  # the sampler needs them on the host
         for name in output_names[1:]:
             binding.bind_output(name, self.device)  # the cache stays on the device
         run_bound(session, binding, graph=f"the decoder in {self.onnx_dir}")
@@ -227,9 +228,9 @@ class OrtStepper(Stepper):
     def step(self, ids, positions, attention_mask):
         outputs = self.run_decoder(self.decoder, self.decoder_outputs, ids, positions, attention_mask, self.past,
                                    self.cross, self.src_keep)
-        self.past = [(outputs[f"present_key_self_{i}"], outputs[f"present_value_self_{i}"])
+        self.past = [(outputs[contract.present_key(i)], outputs[contract.present_value(i)])
                      for i in range(self.cfg.n_decoder_layers)]
-        return outputs["logits"].numpy()
+        return outputs[contract.LOGITS].numpy()
 
     def reorder(self, rows):
         tensors = [self.past]
@@ -258,14 +259,14 @@ class StaticOrtStepper(OrtStepper):
 
     argmax_in_graph = True  # step_argmax reads the graph's next_ids output; the logits stay on the device
 
-    def __init__(self, cfg, onnx_dir, dtype, provider="CPUExecutionProvider", threads=None, cuda_graph=False,
-                 decoder_file="decoder_static.onnx"):
+    def __init__(self, cfg, onnx_dir, dtype, provider=contract.CPU_PROVIDER, threads=None, cuda_graph=False,
+                 decoder_file=contract.graph_file(contract.decoder_graph("static"))):
         super().__init__(cfg, onnx_dir, dtype, provider, threads, decoder_file,
                          provider_options={"enable_cuda_graph": "1"} if cuda_graph else None)
         self.prompt_decoder = None  # decoder.onnx, loaded for the first prompt of more than one token
         self.decoder_inputs = {i.name for i in self.decoder.get_inputs()}
-        self.max_length = next(i.shape[2] for i in self.decoder.get_inputs() if i.name == "past_key_self_0")
-        self.in_place = "write_index" not in self.decoder_inputs  # decoder_static_fused: slot = position, no masks
+        self.max_length = next(i.shape[2] for i in self.decoder.get_inputs() if i.name == contract.past_key(0))
+        self.in_place = contract.WRITE_INDEX not in self.decoder_inputs  # decoder_static_fused: slot = position, no masks
         self.cuda_graph = cuda_graph
         self.bindings = {}  # (batch size, source length, parity, cross parity) -> (IOBinding, RunOptions)
         self.sets = {}  # (batch size, source length) -> (buffers, caches, cross_sets), least recently used first
@@ -282,19 +283,19 @@ class StaticOrtStepper(OrtStepper):
         """A set of fixed buffers for batch_size rows (cross-attention sets for source_length positions)."""
         B, L, cfg = batch_size, self.max_length, self.cfg
         buffers = {
-            "input_ids": self.buffer((B, 1), np.int64),
-            "position_ids": self.buffer((B, 1), np.int64),
-            "write_index": self.buffer(1, np.int64),
-            "attention_mask": self.buffer((B, L), np.int64),
-            "logits": self.buffer((B, 1, cfg.vocab_size), np.float32),
-            "next_ids": self.buffer(B, np.int64),
+            contract.INPUT_IDS: self.buffer((B, 1), np.int64),
+            contract.POSITION_IDS: self.buffer((B, 1), np.int64),
+            contract.WRITE_INDEX: self.buffer(1, np.int64),
+            contract.ATTENTION_MASK: self.buffer((B, L), np.int64),
+            contract.LOGITS: self.buffer((B, 1, cfg.vocab_size), np.float32),
+            contract.NEXT_IDS: self.buffer(B, np.int64),
         }
         cache_shape = (B, cfg.n_heads, L, cfg.head_dim)
         caches = [[(self.buffer(cache_shape, self.float_type), self.buffer(cache_shape, self.float_type))
                    for _ in range(cfg.n_decoder_layers)] for _ in range(2)]
         cross_sets = [[], []]
         if cfg.is_encoder_decoder:
-            buffers["encoder_attention_mask"] = self.buffer((B, source_length), np.int64)
+            buffers[contract.ENCODER_ATTENTION_MASK] = self.buffer((B, source_length), np.int64)
             cross_shape = (B, cfg.n_heads, source_length, cfg.head_dim)
             cross_sets = [[(self.buffer(cross_shape, self.float_type), self.buffer(cross_shape, self.float_type))
                            for _ in range(cfg.n_decoder_layers)] for _ in range(2)]
@@ -323,7 +324,7 @@ class StaticOrtStepper(OrtStepper):
         self.buffers, self.caches, self.cross_sets = self.sets[key]
         self.parity = self.cross_parity = 0
         if self.cfg.is_encoder_decoder:
-            self.buffers["encoder_attention_mask"].update_inplace(np.ascontiguousarray(self.src_keep, dtype=np.int64))
+            self.buffers[contract.ENCODER_ATTENTION_MASK].update_inplace(np.ascontiguousarray(self.src_keep, dtype=np.int64))
 
     def pad_source(self, src_ids, src_keep):
         """Right-pad the sources to a multiple of SOURCE_BUCKET positions (masked), so that a few buffer sets
@@ -355,23 +356,23 @@ class StaticOrtStepper(OrtStepper):
             return self.bindings[key]
         buffers = self.buffers
         binding = self.decoder.io_binding()
-        for name in ("input_ids", "position_ids", "write_index", "attention_mask"):
+        for name in (contract.INPUT_IDS, contract.POSITION_IDS, contract.WRITE_INDEX, contract.ATTENTION_MASK):
             if name in self.decoder_inputs:
                 binding.bind_ortvalue_input(name, buffers[name])
         read = self.caches[self.parity]
         write = read if self.in_place else self.caches[1 - self.parity]
         for i, ((k, v), (k_out, v_out)) in enumerate(zip(read, write)):
-            binding.bind_ortvalue_input(f"past_key_self_{i}", k)
-            binding.bind_ortvalue_input(f"past_value_self_{i}", v)
-            binding.bind_ortvalue_output(f"present_key_self_{i}", k_out)
-            binding.bind_ortvalue_output(f"present_value_self_{i}", v_out)
+            binding.bind_ortvalue_input(contract.past_key(i), k)
+            binding.bind_ortvalue_input(contract.past_value(i), v)
+            binding.bind_ortvalue_output(contract.present_key(i), k_out)
+            binding.bind_ortvalue_output(contract.present_value(i), v_out)
         if self.cfg.is_encoder_decoder:
-            binding.bind_ortvalue_input("encoder_attention_mask", buffers["encoder_attention_mask"])
+            binding.bind_ortvalue_input(contract.ENCODER_ATTENTION_MASK, buffers[contract.ENCODER_ATTENTION_MASK])
             for i, (k, v) in enumerate(self.cross_sets[self.cross_parity]):
-                binding.bind_ortvalue_input(f"cross_key_{i}", k)
-                binding.bind_ortvalue_input(f"cross_value_{i}", v)
-        binding.bind_ortvalue_output("logits", buffers["logits"])
-        binding.bind_ortvalue_output("next_ids", buffers["next_ids"])
+                binding.bind_ortvalue_input(contract.cross_key(i), k)
+                binding.bind_ortvalue_input(contract.cross_value(i), v)
+        binding.bind_ortvalue_output(contract.LOGITS, buffers[contract.LOGITS])
+        binding.bind_ortvalue_output(contract.NEXT_IDS, buffers[contract.NEXT_IDS])
         options = self.ort.RunOptions()  # one captured graph per set of bound addresses (-1: no capture)
         options.add_run_config_entry("gpu_graph_id", str(self.graph_count) if self.cuda_graph else "-1")
         self.graph_count += 1
@@ -382,11 +383,11 @@ class StaticOrtStepper(OrtStepper):
         """One token per row at slot self.length (logits and next_ids stay in their device buffers)."""
         buffers = self.buffers
         self.prompt_logits = None  # the last logits are this call's
-        buffers["input_ids"].update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
-        buffers["position_ids"].update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
+        buffers[contract.INPUT_IDS].update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
+        buffers[contract.POSITION_IDS].update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
         if not self.in_place:
-            buffers["write_index"].update_inplace(np.array([self.length], dtype=np.int64))
-            buffers["attention_mask"].update_inplace(self.mask)
+            buffers[contract.WRITE_INDEX].update_inplace(np.array([self.length], dtype=np.int64))
+            buffers[contract.ATTENTION_MASK].update_inplace(self.mask)
         run_bound(self.decoder, *self.binding(), graph=f"{self.onnx_dir}/{self.decoder_file}")
         if not self.in_place:
             self.parity = 1 - self.parity
@@ -412,7 +413,7 @@ class StaticOrtStepper(OrtStepper):
                 self.mask[:, : start + j + 1] = attention_mask[:, : start + j + 1]
             self.run_one(ids[:, j:j + 1], positions[:, j:j + 1])
             if logits_to_host:  # a copy: on the CPU .numpy() is a view of the buffer the next call overwrites
-                logits[:, j:j + 1] = self.buffers["logits"].numpy()  # [B, 1, V] -> slot j of [B, T, V]
+                logits[:, j:j + 1] = self.buffers[contract.LOGITS].numpy()  # [B, 1, V] -> slot j of [B, T, V]
         return logits
 
     def prefill(self, ids, positions, attention_mask):
@@ -421,7 +422,7 @@ class StaticOrtStepper(OrtStepper):
         to slots 0 .. n - 1 (its positions), dropping its left padding."""
         cfg, (B, T), L = self.cfg, ids.shape, self.max_length
         if self.prompt_decoder is None:
-            self.prompt_decoder = make_session(f"{self.onnx_dir}/decoder.onnx", self.provider, self.threads)
+            self.prompt_decoder = make_session(f"{self.onnx_dir}/{contract.DECODER_FILE}", self.provider, self.threads)
         names = [o.name for o in self.prompt_decoder.get_outputs()]
         empty = [(self.empty(B), self.empty(B)) for _ in range(cfg.n_decoder_layers)]
         cross = self.cross_sets[self.cross_parity]  # not self.cross: a reorder gathers the rows into cross_sets only
@@ -429,13 +430,14 @@ class StaticOrtStepper(OrtStepper):
         shift = T - attention_mask.sum(axis=1) if self.in_place else np.zeros(B, np.int64)  # left padding per row
         slot = np.arange(L)[None, :] + shift[:, None]
         index = np.where(slot < T, slot, T + np.arange(L)[None, :])  # [B, L] into Concat(present, cache) on axis 2
-        presents = [values[f"present_{kind}_self_{i}"] for i in range(cfg.n_decoder_layers) for kind in ("key", "value")]
+        presents = [values[name(i)] for i in range(cfg.n_decoder_layers)
+                    for name in (contract.present_key, contract.present_value)]
         read, write = self.caches[self.parity], self.caches[1 - self.parity]
         self.run_prompt_writer(presents, [t for pair in read for t in pair], index, [t for pair in write for t in pair])
         self.parity = 1 - self.parity
         self.mask[:, :T] = attention_mask
         self.length = T
-        self.prompt_logits = values["logits"].numpy()
+        self.prompt_logits = values[contract.LOGITS].numpy()
         return self.prompt_logits
 
     def run_prompt_writer(self, presents, caches, index, outs):
@@ -454,12 +456,12 @@ class StaticOrtStepper(OrtStepper):
         logits = self.step(ids, positions, attention_mask, logits_to_host=False)
         if logits is not None:  # a prompt pass: its logits are on the host already
             return logits[:, -1].argmax(axis=-1)
-        return self.buffers["next_ids"].numpy().copy()
+        return self.buffers[contract.NEXT_IDS].numpy().copy()
 
     def last_logits(self):
         if self.prompt_logits is not None:
             return self.prompt_logits[:, -1:].copy()
-        return self.buffers["logits"].numpy().copy()
+        return self.buffers[contract.LOGITS].numpy().copy()
 
     def reorder(self, rows):
         rows = np.ascontiguousarray(rows, dtype=np.int64)
@@ -473,7 +475,7 @@ class StaticOrtStepper(OrtStepper):
             self.parity = 1 - self.parity
             if cross_moves:
                 self.cross_parity = 1 - self.cross_parity
-                self.buffers["encoder_attention_mask"].update_inplace(np.ascontiguousarray(self.src_keep))
+                self.buffers[contract.ENCODER_ATTENTION_MASK].update_inplace(np.ascontiguousarray(self.src_keep))
         pairs_in = old_cache + (old_cross if cross_moves else [])
         pairs_out = self.caches[self.parity] + (self.cross_sets[self.cross_parity] if cross_moves else [])
         self.gather_rows([t for pair in pairs_in for t in pair], rows, [t for pair in pairs_out for t in pair])

@@ -136,15 +136,15 @@ def test_unwritable_model_dir_goes_to_cache(tmp_path, tokenizer_file, monkeypatc
 
 @pytest.mark.parametrize("gpu", [True, False])
 def test_auto_falls_back_to_cpu_with_a_notice_only_when_a_gpu_is_there(model, capsys, monkeypatch, gpu):
-    monkeypatch.setattr("refformer.export.verify.cuda_usable", lambda: False)
-    monkeypatch.setattr(gen_module, "gpu_present", lambda: gpu)
+    monkeypatch.setattr("refformer.export.session.cuda_usable", lambda: False)
+    monkeypatch.setattr("refformer.export.session.gpu_present", lambda: gpu)
     generator = Generator(model[0], provider="auto")
     assert generator.provider == "CPUExecutionProvider"
     assert ("running on the CPU" in capsys.readouterr().err) == gpu
 
 
 def test_cuda_fails_clearly_without_a_gpu(model, monkeypatch):
-    monkeypatch.setattr("refformer.export.verify.cuda_usable", lambda: False)
+    monkeypatch.setattr("refformer.export.session.cuda_usable", lambda: False)
     with pytest.raises(RefformerError, match="CUDA execution provider cannot be loaded"):
         Generator(model[0], provider="cuda")
 
