@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto
 from onnx.reference import ReferenceEvaluator
 
-from refformer.export import layers as X
+from refformer.export import attention as xattention
+from refformer.export import layers as xlayers
+from refformer.export import ops as xops
 from refformer.export.graph import Graph
 from refformer.refimpl import Config, attention, ops
 from refformer.refimpl.gradcheck import rel_error
@@ -47,7 +49,7 @@ def test_linear(B, T, D, F, seed):
     p = {"weight": rng.normal(size=(D, F)), "bias": rng.normal(size=F)}
     x = rng.normal(size=(B, T, D))
     g = Graph("linear")
-    X.linear(g, "lin", p, g.input("x", FLOAT, [B, T, D]))
+    xops.linear(g, "lin", p, g.input("x", FLOAT, [B, T, D]))
     got = run_both(g, {"x": x.astype(np.float32)}, (B, T, F))
     check(ops.linear_forward(p, x)[0], *got)
 
@@ -60,7 +62,7 @@ def test_norm(kind, B, T, D, seed):
     p = {"weight": rng.normal(size=D), "bias": rng.normal(size=D)} if kind == "layernorm" else {"weight": rng.normal(size=D)}
     x = rng.normal(size=(B, T, D)) * 3 + 1
     g = Graph("norm")
-    X.norm(g, cfg, "norm", p, g.input("x", FLOAT, [B, T, D]))
+    xops.norm(g, cfg, "norm", p, g.input("x", FLOAT, [B, T, D]))
     got = run_both(g, {"x": x.astype(np.float32)}, (B, T, D))
     check(ops.norm_forward(p, x, kind, cfg.norm_eps)[0], *got)
 
@@ -72,7 +74,7 @@ def test_activation(kind, shape, seed):
     x.flat[0] = 1.5  # the max-norm metric needs one output of ordinary size: a lone x = -5 gives gelu ~ -1e-6,
     # which float32 computes as 0 by cancellation in 1 + tanh (a relative error of 1 on a meaningless scale)
     g = Graph("act")
-    X.activation(g, kind, g.input("x", FLOAT, list(shape)), "/act")
+    xops.activation(g, kind, g.input("x", FLOAT, list(shape)), "/act")
     got = run_both(g, {"x": x.astype(np.float32)}, shape)
     check(ops.activation_forward(x, kind)[0], *got)
 
@@ -87,7 +89,7 @@ def test_attention_with_padding_and_causal_masks(B, H, T, S, Dh, seed):
     g = Graph("attention")
     names = [g.input(n, FLOAT, list(a.shape)) for n, a in (("q", q), ("k", k), ("v", v))]
     mask_name = g.input("mask", TensorProto.BOOL, list(mask.shape))
-    X.attention(g, *names, mask_name, 1.0 / math.sqrt(Dh), "/attention")
+    xattention.attention(g, *names, mask_name, 1.0 / math.sqrt(Dh), "/attention")
     feeds = {"q": q.astype(np.float32), "k": k.astype(np.float32), "v": v.astype(np.float32), "mask": mask}
     got = run_both(g, feeds, (B, H, T, Dh))
     expected = attention.attention_forward(q, k, v, mask)[0]
@@ -99,7 +101,7 @@ def test_attention_with_padding_and_causal_masks(B, H, T, S, Dh, seed):
 def test_causal_padding_mask(B, T, P, seed):
     keep = (np.random.default_rng(seed).random((B, P + T)) < 0.8).astype(np.int64)
     g = Graph("mask")
-    X.causal_padding_mask(g, g.input("ids", TensorProto.INT64, [B, T]), g.input("keep", TensorProto.INT64, [B, P + T]), "/m")
+    xattention.causal_padding_mask(g, g.input("ids", TensorProto.INT64, [B, T]), g.input("keep", TensorProto.INT64, [B, P + T]), "/m")
     got = run_both(g, {"ids": np.zeros((B, T), np.int64), "keep": keep}, (B, 1, T, P + T), TensorProto.BOOL)
     expected = attention.causal_mask(T, P + T, past=P)[None, None] & attention.padding_mask(keep)
     for result in got:
@@ -116,8 +118,8 @@ def test_encoder_layer(norm_first, B, S, H, activation, seed):
     keep = rng.random((B, S)) < 0.8
     keep[:, 0] = True
     g = Graph("encoder_layer")
-    mask = X.padding_mask(g, g.input("keep", TensorProto.INT64, [B, S]), "/mask")
-    X.encoder_layer(g, cfg, "encoder.layers.0", p, g.input("x", FLOAT, [B, S, 8]), mask)
+    mask = xattention.padding_mask(g, g.input("keep", TensorProto.INT64, [B, S]), "/mask")
+    xlayers.encoder_layer(g, cfg, "encoder.layers.0", p, g.input("x", FLOAT, [B, S, 8]), mask)
     got = run_both(g, {"x": x.astype(np.float32), "keep": keep.astype(np.int64)}, (B, S, 8))
     check(encoder_layer_forward(p, x, attention.padding_mask(keep), cfg)[0], *got)
 
@@ -129,7 +131,7 @@ def test_feed_forward(B, T, seed):
     p = init_params(cfg, rng, np.float64)["decoder"]["layers"][0]["ffn"]
     x = rng.normal(size=(B, T, 8))
     g = Graph("ffn")
-    X.feed_forward(g, cfg, "ffn", p, g.input("x", FLOAT, [B, T, 8]))
+    xlayers.feed_forward(g, cfg, "ffn", p, g.input("x", FLOAT, [B, T, 8]))
     got = run_both(g, {"x": x.astype(np.float32)}, (B, T, 8))
     check(feed_forward_forward(p, x, cfg)[0], *got)
 
