@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import numbers
 
 import numpy as np
 
@@ -46,20 +47,27 @@ def check_array(name, x, ndim=None, shape=None, kind=None, dtype=None):
 
 
 def check_number(name, value, low=None, high=None, *, low_open=False, high_open=False, integer=False):
-    """A real number (not a bool, not NaN/inf) in [low, high] (open ends with low_open / high_open); returns it."""
-    import numbers
+    """value must be a real number (an integer where integer=True; not a bool, NaN or inf) in [low, high], the ends
+    open with low_open / high_open and left out when None; returns it.
 
+    Raises RefformerError naming the argument and the requirement: `top_k must be an integer >= 0, got 1.5`,
+    `top_p must be in (0, 1], got 2`. An integer too large for a float (10**400) is an integer, not a finite float.
+    """
+    if low is not None and high is not None:
+        where = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        where = f"{'>' if low_open else '>='} {low}"
+    elif high is not None:
+        where = f"{'<' if high_open else '<='} {high}"
+    else:
+        where = ""
     kind = numbers.Integral if integer else numbers.Real
-    word = "an integer" if integer else "a finite number"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind) or not _finite(value, integer):
-        raise RefformerError(f"{name} must be {word}, got {value!r}")
+        word = "an integer" if integer else "a finite number"
+        raise RefformerError(f"{name} must be {word}{' ' + where if where else ''}, got {value!r}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        lower = "" if low is None else ("(" if low_open else "[") + f"{low}, "
-        upper = "" if high is None else f"{high}" + (")" if high_open else "]")
-        where = f"in {lower}{upper}" if low is not None and high is not None else (
-            f"{'>' if low_open else '>='} {low}" if low is not None else f"{'<' if high_open else '<='} {high}")
         raise RefformerError(f"{name} must be {where}, got {value!r}")
     return value
 

@@ -27,14 +27,13 @@ differs from run to run) and keeps it in options.seed.
 
 import abc
 import dataclasses
-import math
 import numbers
 import secrets
 
 import numpy as np
 
 from .config import Config, format_bytes, physical_memory_bytes
-from .errors import check, check_array
+from .errors import check, check_array, check_number
 from .model import check_ids, check_model, decoder_step, empty_cache, encode, left_padded_positions, token_keep_mask
 from .ops import log_softmax_forward, softmax_forward
 
@@ -42,27 +41,8 @@ MAX_BEAMS = 1024  # num_beams and num_return_sequences above this are refused be
 SEED_RANGE = 2 ** 32  # a seed drawn for seed=None lies in [0, SEED_RANGE)
 
 
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_finite(value):
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        return False
-
-
 def _check_cfg(cfg):
     check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
-
-
-def _check_count(name, value, minimum=0):
-    check(_is_int(value) and value >= minimum, f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_scores(name, scores):
@@ -77,7 +57,8 @@ def _check_token_list(name, sequence, vocab_size=None):
         check(sequence.ndim == 1 and (sequence.size == 0 or sequence.dtype.kind in "iu"),
               f"{name} must be a 1-D array of token ids")
         sequence = sequence.tolist()
-    check(isinstance(sequence, (list, tuple)) and all(_is_int(t) and t >= 0 for t in sequence),
+    check(isinstance(sequence, (list, tuple)) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                      and t >= 0 for t in sequence),
           f"{name} must be a list of token ids (integers >= 0)")
     check(vocab_size is None or all(t < vocab_size for t in sequence),
           f"{name} must hold token ids below the vocabulary size {vocab_size}")
@@ -113,33 +94,28 @@ class GenerationOptions:
     no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
-        check(self.max_new_tokens is None or (_is_int(self.max_new_tokens) and self.max_new_tokens >= 0),
-              f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
-        check(_is_int(self.min_new_tokens) and self.min_new_tokens >= 0,
-              f"min_new_tokens must be a non-negative integer, got {self.min_new_tokens!r}")
+        if self.max_new_tokens is not None:
+            check_number("max_new_tokens", self.max_new_tokens, 0, integer=True)
+        check_number("min_new_tokens", self.min_new_tokens, 0, integer=True)
         check(self.max_new_tokens is None or self.min_new_tokens <= self.max_new_tokens,
               f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
         check(isinstance(self.do_sample, bool), f"do_sample must be True or False, got {self.do_sample!r}")
-        check(isinstance(self.early_stopping, bool), f"early_stopping must be True or False, got {self.early_stopping!r}")
-        check(_is_real(self.temperature) and _is_finite(self.temperature) and self.temperature > 0,
-              f"temperature must be > 0 and finite, got {self.temperature!r}")
-        check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be a non-negative integer, got {self.top_k!r}")
-        check(_is_real(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        check(self.seed is None or _is_int(self.seed), f"seed must be an integer >= 0 or None, got {self.seed!r}")
-        check(self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}")
-        check(_is_int(self.num_beams) and 1 <= self.num_beams <= MAX_BEAMS,
-              f"num_beams must be in [1, {MAX_BEAMS}], got {self.num_beams!r}")
-        check(_is_int(self.num_return_sequences) and 1 <= self.num_return_sequences <= MAX_BEAMS,
-              f"num_return_sequences must be in [1, {MAX_BEAMS}], got {self.num_return_sequences!r}")
+        check(isinstance(self.early_stopping, bool),
+              f"early_stopping must be True or False, got {self.early_stopping!r}")
+        check_number("temperature", self.temperature, 0, low_open=True)
+        check_number("top_k", self.top_k, 0, integer=True)
+        check_number("top_p", self.top_p, 0, 1, low_open=True)
+        if self.seed is not None:
+            check_number("seed", self.seed, 0, integer=True)
+        check_number("num_beams", self.num_beams, 1, MAX_BEAMS, integer=True)
+        check_number("num_return_sequences", self.num_return_sequences, 1, MAX_BEAMS, integer=True)
         check(self.num_return_sequences <= self.num_beams or (self.do_sample and self.num_beams == 1),
               f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams})")
-        check(not (self.do_sample and self.num_beams > 1), "sampling with beams (do_sample with num_beams > 1) is not supported")
-        check(_is_real(self.repetition_penalty) and _is_finite(self.repetition_penalty) and self.repetition_penalty > 0,
-              f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty!r}")
-        check(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
-              f"no_repeat_ngram_size must be a non-negative integer, got {self.no_repeat_ngram_size!r}")
-        check(_is_real(self.length_penalty) and _is_finite(self.length_penalty),
-              f"length_penalty must be finite, got {self.length_penalty!r}")
+        check(not (self.do_sample and self.num_beams > 1),
+              "sampling with beams (do_sample with num_beams > 1) is not supported")
+        check_number("repetition_penalty", self.repetition_penalty, 0, low_open=True)
+        check_number("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, integer=True)
+        check_number("length_penalty", self.length_penalty)
         for name in ("max_new_tokens", "min_new_tokens", "top_k", "seed", "num_beams", "num_return_sequences",
                      "no_repeat_ngram_size"):  # NumPy integers become Python ints (no overflow in sums)
             value = getattr(self, name)
@@ -165,8 +141,8 @@ def search_memory_bytes(cfg, rows, itemsize=4):
     longest (max_positions, twice that after a left-padded prompt), the cross-attention keys and values, and a few
     float64 copies of the scores. Raises RefformerError for a bad cfg or rows."""
     _check_cfg(cfg)
-    _check_count("rows", rows)
-    _check_count("itemsize", itemsize, 1)
+    check_number("rows", rows, 0, integer=True)
+    check_number("itemsize", itemsize, 1, integer=True)
     width = cfg.n_decoder_layers * 2 * cfg.d_model * itemsize  # keys and values of one position, every layer
     self_cache = width * cfg.max_positions * (1 if cfg.is_encoder_decoder else 2)
     cross = width * cfg.max_positions if cfg.is_encoder_decoder else 0
@@ -177,7 +153,7 @@ def check_search_fits_memory(cfg, options, batch_size):
     """Refuse, before anything is allocated, a search whose batch_size inputs x num_beams (or num_return_sequences)
     rows cannot fit in this machine's memory (search_memory_bytes). Raises RefformerError naming what to lower."""
     check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
-    _check_count("batch_size", batch_size)
+    check_number("batch_size", batch_size, 0, integer=True)
     per_input = options.num_beams if options.num_beams > 1 else options.num_return_sequences
     rows = batch_size * per_input
     need, available = search_memory_bytes(cfg, rows), physical_memory_bytes()
@@ -278,7 +254,7 @@ def apply_repetition_penalty(scores, sequences, penalty):
     scores [B, V] floating, sequences B lists of token ids, penalty > 0. Raises RefformerError for bad input."""
     _check_scores("scores", scores)
     sequences = _check_sequences(sequences, scores.shape[0], scores.shape[1])
-    check(_is_real(penalty) and _is_finite(penalty) and penalty > 0, f"penalty must be > 0 and finite, got {penalty!r}")
+    check_number("penalty", penalty, 0, low_open=True)
     return _apply_repetition_penalty(scores, sequences, float(penalty))
 
 
@@ -302,7 +278,7 @@ def banned_ngram_tokens(sequence, n):
     """Tokens that would repeat an n-gram of sequence: those that followed its last n-1 tokens before.
     Raises RefformerError unless sequence is a list of token ids and n an integer >= 0."""
     sequence = _check_token_list("sequence", sequence)
-    _check_count("n", n)
+    check_number("n", n, 0, integer=True)
     return _banned_ngram_tokens(sequence, int(n))
 
 
@@ -325,7 +301,7 @@ def process_logits(logits, sequences, n_generated, options, cfg):
     _check_cfg(cfg)
     check(logits.shape[1] > cfg.eos_id, f"logits must have a column for every token id (eos is {cfg.eos_id})")
     sequences = _check_sequences(sequences, logits.shape[0], logits.shape[1])
-    _check_count("n_generated", n_generated)
+    check_number("n_generated", n_generated, 0, integer=True)
     return _process_logits(logits, sequences, n_generated, options, cfg)
 
 
@@ -346,8 +322,7 @@ def apply_temperature(scores, temperature):
     temperature (a row whose scores are all -inf stays all -inf). Raises RefformerError for scores that are not
     [B, V] floating or a temperature that is not > 0 and finite."""
     _check_scores("scores", scores)
-    check(_is_real(temperature) and _is_finite(temperature) and temperature > 0,
-          f"temperature must be > 0 and finite, got {temperature!r}")
+    check_number("temperature", temperature, 0, low_open=True)
     return _apply_temperature(scores, float(temperature))
 
 
@@ -363,8 +338,8 @@ def filter_top_k_top_p(scores, top_k, top_p):
     whose probability reaches top_p (the most likely always kept); the rest become -inf. Raises RefformerError
     for scores that are not [B, V] floating, top_k not an integer >= 0 or top_p outside (0, 1]."""
     _check_scores("scores", scores)
-    _check_count("top_k", top_k)
-    check(_is_real(top_p) and 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p!r}")
+    check_number("top_k", top_k, 0, integer=True)
+    check_number("top_p", top_p, 0, 1, low_open=True)
     return _filter_top_k_top_p(scores, int(top_k), float(top_p))
 
 
@@ -413,7 +388,7 @@ def _sample(scores, rngs):
 def row_generators(seed, sequence_numbers):
     """The documented per-row random generators: default_rng([seed, k]) for a row that is its input's k-th sequence.
     Raises RefformerError unless seed is an integer >= 0 and sequence_numbers integers >= 0."""
-    _check_count("seed", seed)
+    check_number("seed", seed, 0, integer=True)
     _check_token_list("sequence_numbers", sequence_numbers)
     return [np.random.default_rng([seed, int(k)]) for k in sequence_numbers]
 
@@ -536,8 +511,8 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
 
 def stack_rows(token_steps, batch_size, pad_id):
     """Per-step tokens ([B] each) -> [B, L] (L may be 0). Raises RefformerError for steps of another batch size."""
-    _check_count("batch_size", batch_size)
-    _check_count("pad_id", pad_id)
+    check_number("batch_size", batch_size, 0, integer=True)
+    check_number("pad_id", pad_id, 0, integer=True)
     check(isinstance(token_steps, (list, tuple)) and all(np.shape(step) == (batch_size,) for step in token_steps),
           f"token_steps must be a list of [{batch_size}] arrays")
     return _stack_rows(token_steps, batch_size, pad_id)

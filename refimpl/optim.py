@@ -16,12 +16,8 @@ import numbers
 
 import numpy as np
 
-from .errors import check
+from .errors import check, check_number
 from .tree import flatten, tree_map, unflatten
-
-
-def _is_finite(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_state(state):
@@ -55,12 +51,10 @@ def adamw_update(params, grads, state, *, lr, betas=(0.9, 0.98), eps=1e-9, weigh
     Raises RefformerError for betas outside [0, 1), a negative or non-finite lr, eps or weight_decay, a state
     not made by adamw_init, and grads whose names or shapes differ from the parameters'.
     """
-    check(isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_finite(b) and 0.0 <= b < 1.0
-                                                                      for b in betas),
-          f"betas must be two numbers in [0, 1), got {betas!r}")
-    beta1, beta2 = betas
+    check(isinstance(betas, (tuple, list)) and len(betas) == 2, f"betas must be two numbers in [0, 1), got {betas!r}")
+    beta1, beta2 = (check_number(f"betas[{i}]", beta, 0.0, 1.0, high_open=True) for i, beta in enumerate(betas))
     for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-        check(_is_finite(value) and value >= 0.0, f"{name} must be a finite number >= 0, got {value!r}")
+        check_number(name, value, 0.0)
     _check_state(state)
     step = state["step"] + 1
     bias_correction1 = 1.0 - beta1 ** step
@@ -94,9 +88,9 @@ def inverse_sqrt_lr(step, *, peak, warmup):
     step counts updates from 1. warmup=0 means a constant peak. Raises RefformerError for a negative or
     non-integer warmup and a peak that is not a finite number >= 0.
     """
-    check(isinstance(warmup, numbers.Integral) and warmup >= 0, f"warmup must be an integer >= 0, got {warmup!r}")
-    check(_is_finite(peak) and peak >= 0, f"peak must be a finite number >= 0, got {peak!r}")
-    check(isinstance(step, numbers.Integral), f"step must be an integer, got {step!r}")
+    check_number("warmup", warmup, 0, integer=True)
+    check_number("peak", peak, 0.0)
+    check_number("step", step, integer=True)
     if warmup == 0:
         return float(peak)
     step = max(int(step), 1)
