@@ -52,9 +52,9 @@ def adamw_update(params, grads, state, *, lr, betas=(0.9, 0.98), eps=1e-9, weigh
     not made by adamw_init, and grads whose names or shapes differ from the parameters'.
     """
     check(isinstance(betas, (tuple, list)) and len(betas) == 2, f"betas must be two numbers in [0, 1), got {betas!r}")
-    beta1, beta2 = (check_number(f"betas[{i}]", beta, 0.0, 1.0, high_open=True) for i, beta in enumerate(betas))
+    beta1, beta2 = (check_number(f"betas[{i}]", beta, 0, 1, high_open=True) for i, beta in enumerate(betas))
     for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-        check_number(name, value, 0.0)
+        check_number(name, value, 0)
     _check_state(state)
     step = state["step"] + 1
     bias_correction1 = 1.0 - beta1 ** step
@@ -89,7 +89,7 @@ def inverse_sqrt_lr(step, *, peak, warmup):
     non-integer warmup and a peak that is not a finite number >= 0.
     """
     check_number("warmup", warmup, 0, integer=True)
-    check_number("peak", peak, 0.0)
+    check_number("peak", peak, 0)
     check_number("step", step, integer=True)
     if warmup == 0:
         return float(peak)
