@@ -27,6 +27,7 @@ from .errors import (
     check_rng,
     check_tree,
     check_upstream,
+    physical_memory_bytes,
     reading_cache,
 )
 from .ops import dropout_backward, dropout_forward, linear_backward, linear_forward, softmax_backward, softmax_forward
@@ -42,8 +43,6 @@ def causal_mask(n_queries, n_keys=None, past=0):
     check_number("n_queries", n_queries, 0, integer=True)
     check_number("past", past, 0, np.iinfo(np.int64).max // 2, integer=True)  # positions are int64
     n_keys = past + n_queries if n_keys is None else check_number("n_keys", n_keys, 0, integer=True)
-    from .config import physical_memory_bytes
-
     check(n_queries * n_keys + 8 * (n_queries + n_keys) <= physical_memory_bytes(),
           f"a causal mask of {n_queries} x {n_keys} does not fit in this machine's memory")
     return np.arange(n_keys)[None, :] <= past + np.arange(n_queries)[:, None]

@@ -4,11 +4,10 @@ import dataclasses
 import json
 import math
 import numbers
-import os
 
 import numpy as np
 
-from .errors import RefformerError
+from .errors import RefformerError, physical_memory_bytes
 
 FORMAT_VERSION = 1
 FAMILIES = ("encoder-decoder", "decoder-only")
@@ -22,7 +21,6 @@ NON_NEGATIVE_INTS = ("n_encoder_layers", "n_decoder_layers", "pad_id", "bos_id",
 BOOLS = ("norm_first", "final_norm", "embed_scale", "share_embeddings", "tie_embeddings", "lm_head_bias")
 CHOICES = {"family": FAMILIES, "activation": ACTIVATIONS, "norm": NORMS, "positional": POSITIONALS}
 NORM_EPS_RANGE = (float(np.finfo(np.float32).tiny), 1.0)  # a zero float32 eps divides by zero on a constant row
-FALLBACK_MEMORY_BYTES = 1 << 40  # where the OS does not say how much memory there is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,15 +213,6 @@ def _dtype(dtype):
         raise RefformerError(f"dtype must be a numpy dtype such as np.float32, got {dtype!r}") from None
 
 
-def physical_memory_bytes():
-    """This machine's physical memory (os.sysconf), or FALLBACK_MEMORY_BYTES where the OS does not say."""
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return FALLBACK_MEMORY_BYTES
-    return total if total > 0 else FALLBACK_MEMORY_BYTES
-
-
 def format_bytes(n_bytes):
     """A byte count for messages: '3.2 GiB' from 1 GiB up, else '12.5 MiB' (3 significant digits)."""
     return f"{n_bytes / (1 << 30):.3g} GiB" if n_bytes >= 1 << 30 else f"{n_bytes / (1 << 20):.3g} MiB"
@@ -243,11 +232,12 @@ def check_fits_memory(cfg, dtype=np.float32, copies=1):
     table = cfg.max_positions * cfg.d_model * 8 if cfg.positional == "sinusoidal" else 0
     available = physical_memory_bytes()
     if weights + table > available:
-        parts = [f"{format_bytes(weights)} for {f'{copies} copies of ' if copies != 1 else ''}its {parameter_count(cfg):,} "
-                 f"parameters in {np.dtype(dtype).name}"]
+        copies_of = f"{copies} copies of " if copies != 1 else ""
+        parts = [f"{format_bytes(weights)} for {copies_of}its {parameter_count(cfg):,} parameters in "
+                 f"{np.dtype(dtype).name}"]
         if table:
             parts.append(f"{format_bytes(table)} for its sinusoidal position table [max_positions, d_model]")
         raise RefformerError(
-            f"this model needs {format_bytes(weights + table)} of memory ({', '.join(parts)}), more than this machine's "
-            f"{format_bytes(available)}: lower d_model ({cfg.d_model}), d_ff ({cfg.d_ff}), vocab_size ({cfg.vocab_size}), "
-            f"max_positions ({cfg.max_positions}) or the number of layers")
+            f"this model needs {format_bytes(weights + table)} of memory ({', '.join(parts)}), more than this "
+            f"machine's {format_bytes(available)}: lower d_model ({cfg.d_model}), d_ff ({cfg.d_ff}), vocab_size "
+            f"({cfg.vocab_size}), max_positions ({cfg.max_positions}) or the number of layers")

@@ -1,14 +1,28 @@
-"""The one exception type users see, and the small argument checks that raise it."""
+"""The one exception type users see, the small argument checks that raise it, and the machine's memory that size
+checks compare to (physical_memory_bytes)."""
 
 import contextlib
 import math
 import numbers
+import os
 
 import numpy as np
+
+FALLBACK_MEMORY_BYTES = 1 << 40  # where the OS does not say how much memory there is
 
 
 class RefformerError(ValueError):
     """Bad input to refformer: the message says what was wrong and what was expected."""
+
+
+def physical_memory_bytes():
+    """This machine's physical memory in bytes (os.sysconf), or FALLBACK_MEMORY_BYTES where the OS does not say:
+    the limit that the checks here and config.check_fits_memory compare sizes to."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return FALLBACK_MEMORY_BYTES
+    return total if total > 0 else FALLBACK_MEMORY_BYTES
 
 
 def check(condition, message):
@@ -25,8 +39,6 @@ def check_array(name, x, ndim=None, shape=None, kind=None, dtype=None):
     if not isinstance(x, np.ndarray):
         raise RefformerError(f"{name} must be a numpy array, got {type(x).__name__}")
     if x.nbytes > 1 << 30:  # a broadcast view (np.broadcast_to) can be far larger than the memory it uses
-        from .config import physical_memory_bytes
-
         check(x.nbytes <= physical_memory_bytes(), f"{name} of shape {list(x.shape)} is larger than this machine's "
                                                    f"memory ({x.nbytes / 2 ** 30:,.0f} GiB): results of its size "
                                                    f"cannot be made")

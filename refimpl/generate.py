@@ -32,8 +32,8 @@ import secrets
 
 import numpy as np
 
-from .config import Config, format_bytes, physical_memory_bytes
-from .errors import check, check_array, check_number
+from .config import Config, format_bytes
+from .errors import check, check_array, check_number, physical_memory_bytes
 from .model import check_ids, check_model, decoder_step, empty_cache, encode, left_padded_positions, token_keep_mask
 from .ops import log_softmax_forward, softmax_forward
 

@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from .attention import causal_mask, check_keep_mask, padding_mask, project_kv
-from .config import check_fits_memory, physical_memory_bytes
+from .config import check_fits_memory
 from .errors import (
     RefformerError,
     check,
@@ -31,6 +31,7 @@ from .errors import (
     check_rng,
     check_tree,
     check_upstream,
+    physical_memory_bytes,
     reading_cache,
 )
 from .layers import (

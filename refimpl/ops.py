@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .errors import RefformerError, check, check_array, check_number, check_rng, check_upstream
+from .errors import RefformerError, check, check_array, check_number, check_rng, check_upstream, physical_memory_bytes
 
 
 def check_weights(p, *, ndim, bias=True, what="p"):
@@ -105,8 +105,6 @@ def sinusoidal_table(n_positions, d_model, dtype=np.float64):
 
     Raises RefformerError for a negative n_positions, a d_model < 1, or a table larger than this machine's memory.
     """
-    from .config import physical_memory_bytes
-
     check_number("n_positions", n_positions, 0, integer=True)
     check_number("d_model", d_model, 1, integer=True)
     check((n_positions + 1) * d_model * 8 <= physical_memory_bytes(),
