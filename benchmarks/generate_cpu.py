@@ -427,9 +427,11 @@ def main(argv=None):
     for n in thread_counts:
         for B in batch_sizes:
             e = results[n][B]
-            print(f"threads {n} B={B}: speedup per rep {e['speedup_per_rep']['min']:.2f}..{e['speedup_per_rep']['max']:.2f}")
+            print(f"threads {n} B={B}: speedup per rep "
+                  f"{e['speedup_per_rep']['min']:.2f}..{e['speedup_per_rep']['max']:.2f}")
             if "refformer_profile_ms" in e:
-                print("  refformer profile (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in e["refformer_profile_ms"].items()))
+                profile = e["refformer_profile_ms"]
+                print("  refformer profile (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in profile.items()))
 
     def keyed(by_batch):
         return {str(B): entry for B, entry in by_batch.items()}

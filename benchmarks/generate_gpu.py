@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 from machine import timed_calls
 
+from refformer.export.contract import runs_on
 from refformer.export.export import export_model
-from refformer.export.verify import runs_on
 from refformer.refimpl import Config, init_params, save
 from refformer.refimpl.generate import GenerationOptions, beam_search, search_iter
 from refformer.refimpl.gradcheck import rel_error
@@ -140,12 +140,14 @@ def baselines(folder, work):
             dtype, batch = ("fp16" if parts[0] == "float16" else "fp32"), int(parts[1][1:])
             strategy = "greedy" if len(parts) < 3 or parts[2] == "beams1" else f"beam{parts[2][5:]}"
             if script == "hf_generate.py":
-                rows.append({"impl": "hf", "variant": "hf generate", "dtype": dtype, "batch": batch, "strategy": strategy,
+                rows.append({"impl": "hf", "variant": "hf generate", "dtype": dtype, "batch": batch,
+                             "strategy": strategy,
                              "ms_per_step": value["ms_per_step"], "tok_per_s": value["tok_per_s"], "decoder_ms": None,
                              "ttft_ms": None, "raw_key": key})
             else:
                 rows.append({"impl": "torch-graph", "variant": "torch step, CUDA graph", "dtype": dtype, "batch": batch,
-                             "strategy": strategy, "ms_per_step": value["graph_ms"], "tok_per_s": value["graph_tok_per_s"],
+                             "strategy": strategy, "ms_per_step": value["graph_ms"],
+                             "tok_per_s": value["graph_tok_per_s"],
                              "decoder_ms": value["graph_ms"], "eager_ms": value.get("eager_ms"), "ttft_ms": None,
                              "raw_key": key})
     return rows
@@ -236,11 +238,13 @@ def main():
         rows += baselines(Path(args.baselines), work)
 
     print()
-    print(f"{'impl':<30} {'dtype':<5} {'B':>3} {'strategy':<8} {'ms/step':>8} {'decoder ms':>10} {'tok/s':>10} {'TTFT ms':>8}")
+    print(f"{'impl':<30} {'dtype':<5} {'B':>3} {'strategy':<8} {'ms/step':>8} {'decoder ms':>10} {'tok/s':>10} "
+          f"{'TTFT ms':>8}")
     for row in rows:
         cells = {key: "" if row.get(key) is None else f"{row[key]:.{digits}f}"
                  for key, digits in (("ms_per_step", 3), ("decoder_ms", 3), ("tok_per_s", 0), ("ttft_ms", 2))}
-        print(f"{row['variant']:<30} {row['dtype']:<5} {row['batch']:>3} {row['strategy']:<8} {cells['ms_per_step']:>8} "
+        print(f"{row['variant']:<30} {row['dtype']:<5} {row['batch']:>3} {row['strategy']:<8} "
+              f"{cells['ms_per_step']:>8} "
               f"{cells['decoder_ms']:>10} {cells['tok_per_s']:>10} {cells['ttft_ms']:>8}")
     info = {"date": datetime.date.today().isoformat(), "device": args.device, "onnxruntime": ort.__version__,
             "quick": args.quick, "new_tokens": new_tokens, "source_tokens": 32}
@@ -251,7 +255,8 @@ def main():
         except OSError:
             pass
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "generate_gpu.json").write_text(json.dumps({"info": info, "rows": rows, "checks": checks}, indent=1))
+    (Path(args.out) / "generate_gpu.json").write_text(json.dumps({"info": info, "rows": rows, "checks": checks},
+                                                                 indent=1))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def greedy_overhead(onnx_dir, cfg, variant, batch, tokens, repeats=5):
             list(search_iter(stepper, cfg, options, src_ids=src))
             totals.append((time.perf_counter() - start, sum(decoder_times), sum(encoder_times)))
     total, decoder, encoder = min(totals)  # the least disturbed run
-    return {"variant": variant, "batch": batch, "ms_per_step": 1e3 * total / tokens, "decoder_ms": 1e3 * decoder / tokens,
+    return {"variant": variant, "batch": batch, "ms_per_step": 1e3 * total / tokens,
+            "decoder_ms": 1e3 * decoder / tokens,
             "encoder_ms": 1e3 * encoder, "host_ms": 1e3 * (total - decoder - encoder) / tokens}
 
 
@@ -111,7 +112,8 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="refformer-host-"))
     save(work / "model", cfg, init_params(cfg, np.random.default_rng(0)))
     export_model(work / "model", work / "onnx", dtype="fp16", static_length=160, fused_attention=True, measure=False)
-    greedy = [greedy_overhead(work / "onnx", cfg, variant, batch, args.tokens) for batch in args.batch for variant in VARIANTS]
+    greedy = [greedy_overhead(work / "onnx", cfg, variant, batch, args.tokens)
+              for batch in args.batch for variant in VARIANTS]
     print(f"greedy, {args.tokens} new tokens, D 64, 6 decoder layers, fp16 graphs on ONNX Runtime CPU (1 thread)")
     print(f"{'variant':<14} {'B':>3} {'ms/step':>8} {'decoder ms':>10} {'host ms':>8} {'encoder ms/call':>15}")
     for row in greedy:

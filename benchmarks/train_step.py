@@ -75,7 +75,8 @@ def blas_info():
             except AttributeError:
                 continue
             get_corename.restype = get_config.restype = ctypes.c_char_p
-            return get_threads(), f"OpenBLAS via ctypes: {get_config().decode()}, core {get_corename().decode()}, {path}"
+            return get_threads(), (f"OpenBLAS via ctypes: {get_config().decode()}, core {get_corename().decode()}, "
+                                   f"{path}")
     return None, "unknown (no threadpoolctl, no OpenBLAS found)"
 
 
@@ -126,9 +127,11 @@ class TorchModel(nn.Module):
         super().__init__()
         self.d_model = cfg.d_model
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.register_buffer("positions", torch.from_numpy(sinusoidal_table(cfg.max_positions, cfg.d_model, np.float32)))
+        self.register_buffer("positions", torch.from_numpy(sinusoidal_table(cfg.max_positions, cfg.d_model,
+                                                                            np.float32)))
         self.dropout = nn.Dropout(cfg.dropout)
-        self.transformer = nn.Transformer(d_model=cfg.d_model, nhead=cfg.n_heads, num_encoder_layers=cfg.n_encoder_layers,
+        self.transformer = nn.Transformer(d_model=cfg.d_model, nhead=cfg.n_heads,
+                                          num_encoder_layers=cfg.n_encoder_layers,
                                           num_decoder_layers=cfg.n_decoder_layers, dim_feedforward=cfg.d_ff,
                                           dropout=cfg.dropout, batch_first=True, norm_first=cfg.norm_first)
         self.pad_id = cfg.pad_id
@@ -192,7 +195,8 @@ def torch_step(model, src, tgt_in, tgt_out, cfg=CFG):
 
 
 def check_same_model(params, src, tgt_in, tgt_out):
-    """Both models in float64 without dropout: relative error of the torch loss and token-table gradient against refimpl.
+    """Both models in float64 without dropout: relative error of the torch loss and token-table gradient against
+    refimpl.
 
     The token table's gradient collects every path (tied head, decoder and encoder inputs), so it
     checks the whole backward. float64 because in float32 a single ReLU that flips sign between
@@ -260,9 +264,11 @@ def main(argv=None):
     median = {name: statistics.median(t) for name, t in times.items()}
     ratio = median["refimpl"] / median["torch"]
     print(f"train step, D={CFG.d_model} H={CFG.n_heads} layers={CFG.n_encoder_layers}+{CFG.n_decoder_layers} "
-          f"F={CFG.d_ff} V={CFG.vocab_size} B={B} S={S} T={T}, dropout {CFG.dropout}, label smoothing {LABEL_SMOOTHING}")
+          f"F={CFG.d_ff} V={CFG.vocab_size} B={B} S={S} T={T}, dropout {CFG.dropout}, "
+          f"label smoothing {LABEL_SMOOTHING}")
     print(f"threads: numpy BLAS {threads}, torch {torch.get_num_threads()}; {blas}")
-    print(f"environment: {', '.join(f'{k}={v}' for k, v in blas_env().items() if v is not None) or 'no BLAS/OpenMP variables set'}")
+    print(f"environment: "
+          f"{', '.join(f'{k}={v}' for k, v in blas_env().items() if v is not None) or 'no BLAS/OpenMP variables set'}")
     print(f"same model (float64, dropout off): loss rel. error {loss_error:.1e}, token-table gradient rel. error "
           f"{grad_error:.1e}")
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; {args.reps} interleaved reps "

@@ -111,7 +111,8 @@ def main():
     print(f"training throughput, bundled config: D={CFG.d_model} H={CFG.n_heads} layers={CFG.n_encoder_layers}+"
           f"{CFG.n_decoder_layers} F={CFG.d_ff} V={CFG.vocab_size} norm_first={CFG.norm_first}; "
           f"{'de-en batches' if args.data else 'random batches'}, {args.steps} timed steps each")
-    print(f"threads: numpy BLAS {threads}, torch {torch.get_num_threads()}; load {load_before[0]:.2f} -> {load_after[0]:.2f}")
+    print(f"threads: numpy BLAS {threads}, torch {torch.get_num_threads()}; load {load_before[0]:.2f} -> "
+          f"{load_after[0]:.2f}")
     print()
     print("| impl    | target tokens/s | seconds |")
     print("|---------|-----------------|---------|")

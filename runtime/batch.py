@@ -28,8 +28,10 @@ def read_inputs(raw):
 
     A line is plain text, or a JSON object with a "text" field (JSONL; its "id", if any, is passed through). A
     UTF-8 byte-order mark at the start is dropped (at the start of any line too: files joined with cat), and a
-    file with a UTF-16 or UTF-32 byte-order mark is decoded as such (utf8_bytes). Each line is decoded on its own, so one non-UTF-8 line is reported without losing the others;
-    a blank line is reported as empty, and a line with a raw NUL byte as a bad line (a JSON "\\u0000" is text).
+    file with a UTF-16 or UTF-32 byte-order mark is decoded as such (utf8_bytes). Each line is decoded on its own,
+    so one non-UTF-8 line is reported without losing the others; a blank line is reported as empty, and a line with
+    a raw NUL byte as a bad line (a JSON "\\u0000" is text). Raises RefformerError for a file whose byte-order mark
+    does not match its contents.
     """
     raw = utf8_bytes(raw)
     for number, line in enumerate(raw.splitlines(), start=1):
@@ -80,7 +82,8 @@ def utf8_bytes(raw):
                 return raw[len(bom):].decode(encoding).encode("utf-8")
             except UnicodeDecodeError as error:
                 raise RefformerError(f"--input starts with a {encoding.upper()[:6]} byte-order mark but is not valid "
-                                     f"{encoding.upper()[:6]} (byte {error.start + len(bom) + 1}); save it as UTF-8") from None
+                                     f"{encoding.upper()[:6]} (byte {error.start + len(bom) + 1}); save it as UTF-8"
+                                     ) from None
     return raw
 
 
@@ -193,6 +196,8 @@ class RecordWriter:
                                          "(another run writing it?); pass --overwrite to replace it") from None
 
     def render(self, record):
+        """One record as its output line(s): JSON (--json, --output) with line breaks inside strings escaped, or
+        plain text ("error: ..." for a failed input; "N.k<TAB>text" lines for K > 1 outputs)."""
         if self.as_json or self.file is not None:
             line = json.dumps(record, ensure_ascii=False)
             try:
@@ -251,6 +256,7 @@ class RecordWriter:
 
     @property
     def where(self):
+        """Where records go, for messages: "stdout" or the --output path as given."""
         return "stdout" if self.output_path is None else str(self.output_path)
 
 

@@ -86,7 +86,8 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, overwrite, **arch
     from refformer.export.export import packaged
 
     if out.exists() and packaged(out):
-        raise RefformerError(f"--out {out} is inside refformer's own package folder (where the bundled model lives); pick another folder")
+        raise RefformerError(f"--out {out} is inside refformer's own package folder (where the bundled model lives); "
+                             "pick another folder")
     if out.exists() and not out.is_dir():
         raise RefformerError(f"--out {out} exists and is not a folder")
     if not out.parent.is_dir():
@@ -103,7 +104,8 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, overwrite, **arch
 
     arch = {key: value for key, value in arch.items() if value is not None}
     cfg = convert_state_dict_file(state_dict, tokenizer_path, out_dir, **arch)
-    click.echo(f"wrote {out_dir}" + (f" ({cfg.family}, D={cfg.d_model}, V={cfg.vocab_size})" if cfg is not None else ""))
+    click.echo(f"wrote {out_dir}"
+               + (f" ({cfg.family}, D={cfg.d_model}, V={cfg.vocab_size})" if cfg is not None else ""))
 
 
 EXPORT_VARIANT_HELP = {
@@ -128,10 +130,11 @@ def variant_options(helps):
 @click.command("export")
 @model_option
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
-@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (>= 17 for LayerNormalization).")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
+              help="ONNX opset (>= 17 for LayerNormalization).")
 @click.option("--out", "out_dir", type=NonEmptyPath(file_okay=False), default=None,
-              help="Folder to write (default: the model folder's onnx/DTYPE[-staticL][-fused]; the per-user cache for the "
-                   "bundled model). An existing folder is replaced only if it is a refformer export.")
+              help="Folder to write (default: the model folder's onnx/DTYPE[-staticL][-fused]; the per-user cache for "
+                   "the bundled model). An existing folder is replaced only if it is a refformer export.")
 @click.option("--external-data", is_flag=True, default=None,
               help="Keep weights in .data files beside the graphs (automatic above 2 GB).")
 @variant_options(EXPORT_VARIANT_HELP)
@@ -179,18 +182,20 @@ def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, p
     if onnx_dir is None:
         onnx_dir = find_export(model_dir, dtype, static_length, fused_attention)
     elif dtype is not None or static_length is not None or fused_attention:
-        raise RefformerError("--onnx-dir names the export folder: leave out --dtype, --static-length and --fused-attention")
+        raise RefformerError("--onnx-dir names the export folder: leave out --dtype, --static-length and "
+                             "--fused-attention")
     providers = [CPU_PROVIDER]
     if provider == "cuda":
         if not cuda_usable():
-            raise RefformerError("the CUDA execution provider cannot be loaded here (no GPU, or CUDA libraries missing)")
+            raise RefformerError("the CUDA execution provider cannot be loaded here (no GPU, or CUDA libraries "
+                                 "missing)")
         providers = [CUDA_PROVIDER]
     elif provider == "auto":
         if cuda_usable():
             providers.append(CUDA_PROVIDER)
         elif gpu_present():
-            click.echo("notice: a GPU is present but ONNX Runtime's CUDA provider cannot be loaded; checking on the CPU "
-                       "only", err=True)
+            click.echo("notice: a GPU is present but ONNX Runtime's CUDA provider cannot be loaded; checking on the "
+                       "CPU only", err=True)
     click.echo(f"verifying {onnx_dir} on {', '.join(providers)}")
     rows, dtype = verify(model_dir, onnx_dir, providers, seed)
     width = max(len(row["output"]) for row in rows)

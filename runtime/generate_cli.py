@@ -22,7 +22,8 @@ from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import NonEmptyPath, model_option
 
 OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "num_beams",
-                "length_penalty", "early_stopping", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size")
+                "length_penalty", "early_stopping", "num_return_sequences", "repetition_penalty",
+                "no_repeat_ngram_size")
 
 
 def option_flags(function):
@@ -42,7 +43,8 @@ def option_flags(function):
         click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
         click.option("--no-repeat-ngram-size", type=int, default=0, show_default=True),
         click.option("--seed", type=int, default=None,
-                     help="Seed of the sampling draws (>= 0). Default: a new one every run, given in the JSON records."),
+                     help="Seed of the sampling draws (>= 0). Default: a new one every run, given in the JSON "
+                          "records."),
     ]
     for decorator in reversed(decorators):
         function = decorator(function)
@@ -51,7 +53,8 @@ def option_flags(function):
 
 def flag_names(error):
     """A RefformerError whose message names the command's flags (--top-p, --batch-size) instead of the fields."""
-    message = re.sub(r"\b(" + "|".join(OPTION_NAMES) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"), str(error))
+    message = re.sub(r"\b(" + "|".join(OPTION_NAMES) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"),
+                     str(error))
     return RefformerError(message.replace("the batch size", "--batch-size"))
 
 
@@ -83,7 +86,8 @@ def check_output_path(output_path, input_path, overwrite, model_dir=None):
     --overwrite) or an existing file without --overwrite (before any model is loaded). Raises RefformerError."""
     from refformer.runtime.outputs import check_output_file
 
-    check_output_file(output_path, overwrite, flag="--output", inputs=() if input_path in (None, "-") else (input_path,),
+    check_output_file(output_path, overwrite, flag="--output",
+                      inputs=() if input_path in (None, "-") else (input_path,),
                       same_as_input="is the --input file; write the results to another file",
                       not_regular_hint="give a file name, or --output - for stdout",
                       model_check=lambda path: check_not_in_model(path, model_dir))
@@ -115,7 +119,8 @@ def check_not_in_model(output_path, model_dir):
 @click.command("generate")
 @click.argument("texts", nargs=-1)
 @model_option
-@click.option("--input", "input_path", type=NonEmptyPath(allow_dash=True), default=None, metavar="FILE", help="File of inputs, one per line or JSONL; - for stdin.")
+@click.option("--input", "input_path", type=NonEmptyPath(allow_dash=True), default=None, metavar="FILE",
+              help="File of inputs, one per line or JSONL; - for stdin.")
 @click.option("--output", "output_path", type=NonEmptyPath(), default=None,
               help="Write JSON lines here (as each batch finishes); - for stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file (at the end of the run).")
@@ -125,14 +130,14 @@ def check_not_in_model(output_path, model_dir):
               help="Graph precision (exported on first use).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (capped to the CPU count).")
 @click.option("--variant", type=click.Choice(["auto", *VARIANTS]),
-              default="auto", show_default=True, help="Decoder graph. auto: on CUDA static_fused (fp16), then static_mha, "
-              "then static, each replayed as CUDA graphs, moving on with a notice when one fails a probe; the reference "
-              "graph on the CPU.")
+              default="auto", show_default=True,
+              help="Decoder graph. auto: on CUDA static_fused (fp16), then static_mha, then static, each replayed as "
+                   "CUDA graphs, moving on with a notice when one fails a probe; the reference graph on the CPU.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Inputs per batch with --input.")
 @click.option("--truncate", is_flag=True, help="Cut inputs longer than the model's positions (with a warning).")
 @option_flags
-def generate(texts, model_dir, input_path, output_path, overwrite, as_json, provider, dtype, threads, variant, batch_size,
-             truncate, **options):
+def generate(texts, model_dir, input_path, output_path, overwrite, as_json, provider, dtype, threads, variant,
+             batch_size, truncate, **options):
     """Generate from TEXT (streamed to the terminal) or from --input FILE (batched).
 
     stdout: plain lines, or JSON lines with --json; --output FILE: JSON lines. Exit 1 when an input failed
@@ -155,12 +160,14 @@ def without_tracebacks(function):
             if not isinstance(error, Exception) and type(error).__name__ != "PanicException":
                 raise  # Ctrl-C, sys.exit; a Rust panic in tokenizers (pyo3's PanicException) is a BaseException too
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise RefformerError(f"generation failed: {type(error).__name__}{': ' + reason if reason else ''}") from None
+            raise RefformerError(f"generation failed: {type(error).__name__}{': ' + reason if reason else ''}"
+                                 ) from None
     return wrapper
 
 
 def refuse_model_folder_as_text(texts):
-    """`refformer generate m "text"` with m a model folder: a usage error pointing to --model, not a translation of m."""
+    """`refformer generate m "text"` with m a model folder: a usage error pointing to --model, not a translation of
+    m. Raises click.UsageError."""
     for text in texts:
         try:
             is_model = (Path(text) / "config.json").is_file()
@@ -186,6 +193,10 @@ def check_threads(threads):
 
 def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, threads, batch_size, truncate, options,
         variant="auto", overwrite=False):
+    """The generate command's work, after click parsed the options: checks every option and the output before any
+    model is loaded, then streams one TEXT to the terminal or runs the inputs through runtime/batch.write_batches.
+    Exits 1 when an input failed, 130 on Ctrl-C. Raises RefformerError (printed as one line by the caller) for a bad
+    option value, input or output, and click.UsageError for a model folder given as TEXT."""
     from refformer.runtime.batch import (
         BatchesInterrupted,
         input_lines,

@@ -215,7 +215,10 @@ class Generator:
         failed CUDA-graph capture, which ONNX Runtime makes on a graph id's second run) fails here rather than in
         the user's first call."""
         cfg = self.cfg
-        inputs = {"src_ids": np.array([[cfg.eos_id]])} if cfg.is_encoder_decoder else {"prompt_ids": np.array([[cfg.bos_id]])}
+        if cfg.is_encoder_decoder:
+            inputs = {"src_ids": np.array([[cfg.eos_id]])}
+        else:
+            inputs = {"prompt_ids": np.array([[cfg.bos_id]])}
         options = GenerationOptions(max_new_tokens=4, min_new_tokens=4)  # eos banned: every call runs
         generate(cfg, None, options=options, stepper=self.stepper, **inputs)
 
@@ -249,7 +252,8 @@ class Generator:
         texts = self.text_list(texts)
         if names is None:
             names = [f"input {number + 1}" for number in range(len(texts))]
-        if not isinstance(names, (list, tuple)) or len(names) != len(texts) or not all(isinstance(n, str) for n in names):
+        if (not isinstance(names, (list, tuple)) or len(names) != len(texts)
+                or not all(isinstance(n, str) for n in names)):
             raise RefformerError(f"names must be {len(texts)} strings, one per text")
         for name, text in zip(names, texts):
             if not isinstance(text, str):
@@ -317,7 +321,8 @@ class Generator:
             raise RefformerError("rows must be a non-empty list of token id lists (from encode_rows)")
         for number, row in enumerate(rows):
             if not isinstance(row, (list, tuple)) or not all(
-                    isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < cfg.vocab_size for t in row):
+                    isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < cfg.vocab_size
+                    for t in row):
                 raise RefformerError(f"row {number} must be a list of token ids in [0, {cfg.vocab_size})")
         rows = [list(row) for row in rows]
         if cfg.is_encoder_decoder:
@@ -363,6 +368,7 @@ class Generator:
 
     @staticmethod
     def check_options(options):
+        """options, or the default GenerationOptions() for None. Raises RefformerError for anything else."""
         if options is None:
             return GenerationOptions()
         if not isinstance(options, GenerationOptions):

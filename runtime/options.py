@@ -20,7 +20,8 @@ class NonEmptyPath(click.Path):
 
 def model_option(function):
     """--model DIR, the model folder of every command that reads one; None means the bundled model."""
-    return click.option("--model", "model_dir", type=NonEmptyPath(file_okay=False), default=None, help=MODEL_HELP)(function)
+    return click.option("--model", "model_dir", type=NonEmptyPath(file_okay=False), default=None,
+                        help=MODEL_HELP)(function)
 
 
 def resolve_model(model_dir):

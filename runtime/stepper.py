@@ -43,7 +43,8 @@ def tool_model(graph):
 def gather_rows_model(elem_type, n):
     """y_i = x_i[rows] for i < n: the device-side reorder of n cache tensors in one run."""
     graph = helper.make_graph(
-        [helper.make_node("Gather", [f"x_{i}", "rows"], [f"y_{i}"], axis=0, name=f"/reorder/Gather_{i}") for i in range(n)],
+        [helper.make_node("Gather", [f"x_{i}", "rows"], [f"y_{i}"], axis=0, name=f"/reorder/Gather_{i}")
+         for i in range(n)],
         "reorder_rows",
         [helper.make_tensor_value_info(f"x_{i}", elem_type, None) for i in range(n)]
         + [helper.make_tensor_value_info("rows", TensorProto.INT64, ["n"])],
@@ -56,7 +57,8 @@ def prompt_writer_model(elem_type, n):
     a prompt pass's cache moved into static slots (slot s of row b takes column index[b, s])."""
     nodes = [helper.make_node("Unsqueeze", ["index", "axes"], ["index_4d"], name="/prompt/Unsqueeze")]
     for i in range(n):
-        nodes += [helper.make_node("Concat", [f"present_{i}", f"cache_{i}"], [f"both_{i}"], axis=2, name=f"/prompt/Concat_{i}"),
+        nodes += [helper.make_node("Concat", [f"present_{i}", f"cache_{i}"], [f"both_{i}"], axis=2,
+                                   name=f"/prompt/Concat_{i}"),
                   helper.make_node("Shape", [f"cache_{i}"], [f"shape_{i}"], name=f"/prompt/Shape_{i}"),
                   helper.make_node("Expand", ["index_4d", f"shape_{i}"], [f"index_{i}"], name=f"/prompt/Expand_{i}"),
                   helper.make_node("GatherElements", [f"both_{i}", f"index_{i}"], [f"y_{i}"], axis=2,
@@ -77,8 +79,10 @@ def zeros_model(elem_type, n):
     nodes = []
     for i in range(n):
         nodes.append(helper.make_node("Shape", [f"x_{i}"], [f"shape_{i}"], name=f"/zeros/Shape_{i}"))
-        nodes.append(helper.make_node("ConstantOfShape", [f"shape_{i}"], [f"y_{i}"], value=zero, name=f"/zeros/Fill_{i}"))
-    graph = helper.make_graph(nodes, "zeros", [helper.make_tensor_value_info(f"x_{i}", elem_type, None) for i in range(n)],
+        nodes.append(helper.make_node("ConstantOfShape", [f"shape_{i}"], [f"y_{i}"], value=zero,
+                                      name=f"/zeros/Fill_{i}"))
+    graph = helper.make_graph(nodes, "zeros",
+                              [helper.make_tensor_value_info(f"x_{i}", elem_type, None) for i in range(n)],
                               [helper.make_tensor_value_info(f"y_{i}", elem_type, None) for i in range(n)])
     return tool_model(graph)
 
@@ -119,7 +123,8 @@ class OrtStepper(Stepper):
         """Stepper.top_candidates by the blocked search (top_candidates): the same indices, without a full sort."""
         return top_candidates(values, n)
 
-    def __init__(self, cfg, onnx_dir, dtype, provider=contract.CPU_PROVIDER, threads=None, decoder_file=contract.DECODER_FILE,
+    def __init__(self, cfg, onnx_dir, dtype, provider=contract.CPU_PROVIDER, threads=None,
+                 decoder_file=contract.DECODER_FILE,
                  provider_options=None):
         """decoder_file: decoder.onnx (the reference graph) or decoder_fused.onnx (same inputs and outputs)."""
         from refformer.export.verify import import_onnxruntime
@@ -132,15 +137,18 @@ class OrtStepper(Stepper):
         self.float_type = NUMPY_TYPES[dtype]
         self.onnx_dir, self.decoder_file = onnx_dir, decoder_file
         self.decoder = make_session(f"{onnx_dir}/{decoder_file}", provider, threads, provider_options=provider_options)
-        self.encoder = make_session(f"{onnx_dir}/{contract.ENCODER_FILE}", provider, threads) if cfg.is_encoder_decoder else None
+        self.encoder = (make_session(f"{onnx_dir}/{contract.ENCODER_FILE}", provider, threads)
+                        if cfg.is_encoder_decoder else None)
         self.tools = {}  # (graph builder name, n tensors) -> the session of that small device graph
         self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
 
     # ------------------------------------------------------------ helpers
     def on_device(self, array):
+        """A NumPy array copied to an OrtValue on the stepper's device (CUDA memory, or the host)."""
         return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
     def empty(self, batch_size):
+        """An empty self-attention cache tensor [B, H, 0, Dh] of the export's float type, on the device."""
         shape = (batch_size, self.cfg.n_heads, 0, self.cfg.head_dim)
         return self.on_device(np.zeros(shape, self.float_type))
 
@@ -188,6 +196,9 @@ class OrtStepper(Stepper):
 
     # ------------------------------------------------------------ the stepper interface
     def start(self, src_ids, src_keep, batch_size):
+        """Stepper.start: run encoder.onnx on src_ids [B, S] int64 with keep mask src_keep [B, S] (encoder-decoder;
+        None for decoder-only), keeping the cross-attention keys/values on the device, and empty caches for
+        batch_size rows."""
         self.cross, self.src_keep = [], None
         if self.cfg.is_encoder_decoder:
             binding = self.encoder.io_binding()
@@ -198,7 +209,8 @@ class OrtStepper(Stepper):
                 binding.bind_output(name, self.device)
             run_bound(self.encoder, binding, graph=f"{self.onnx_dir}/{contract.ENCODER_FILE}")
             values = dict(zip(names, binding.get_outputs()))
-            self.cross = [(values[contract.cross_key(i)], values[contract.cross_value(i)]) for i in range(self.cfg.n_decoder_layers)]
+            self.cross = [(values[contract.cross_key(i)], values[contract.cross_value(i)])
+                          for i in range(self.cfg.n_decoder_layers)]
             self.src_keep = np.asarray(src_keep, dtype=np.int64)
         self.source_of_row = np.arange(batch_size)
         self.past = [(self.empty(batch_size), self.empty(batch_size)) for _ in range(self.cfg.n_decoder_layers)]
@@ -226,6 +238,9 @@ class OrtStepper(Stepper):
         return dict(zip(output_names, binding.get_outputs()))
 
     def step(self, ids, positions, attention_mask):
+        """Stepper.step: ids and positions [B, T] int64, attention_mask [B, P + T] (1 = attend) -> logits [B, T, V]
+        float32 on the host; the present cache stays on the device as the next step's past. Raises RefformerError
+        when ONNX Runtime fails."""
         outputs = self.run_decoder(self.decoder, self.decoder_outputs, ids, positions, attention_mask, self.past,
                                    self.cross, self.src_keep)
         self.past = [(outputs[contract.present_key(i)], outputs[contract.present_value(i)])
@@ -233,6 +248,7 @@ class OrtStepper(Stepper):
         return outputs[contract.LOGITS].numpy()
 
     def reorder(self, rows):
+        """Stepper.reorder: keep cache row rows[i] as row i (beam search), on the device in one run."""
         tensors = [self.past]
         if self.cfg.is_encoder_decoder and self.sources_change(rows):
             tensors.append(self.cross)
@@ -266,7 +282,8 @@ class StaticOrtStepper(OrtStepper):
         self.prompt_decoder = None  # decoder.onnx, loaded for the first prompt of more than one token
         self.decoder_inputs = {i.name for i in self.decoder.get_inputs()}
         self.max_length = next(i.shape[2] for i in self.decoder.get_inputs() if i.name == contract.past_key(0))
-        self.in_place = contract.WRITE_INDEX not in self.decoder_inputs  # decoder_static_fused: slot = position, no masks
+        # decoder_static_fused: slot = position, no masks
+        self.in_place = contract.WRITE_INDEX not in self.decoder_inputs
         self.cuda_graph = cuda_graph
         self.bindings = {}  # (batch size, source length, parity, cross parity) -> (IOBinding, RunOptions)
         self.sets = {}  # (batch size, source length) -> (buffers, caches, cross_sets), least recently used first
@@ -324,7 +341,8 @@ class StaticOrtStepper(OrtStepper):
         self.buffers, self.caches, self.cross_sets = self.sets[key]
         self.parity = self.cross_parity = 0
         if self.cfg.is_encoder_decoder:
-            self.buffers[contract.ENCODER_ATTENTION_MASK].update_inplace(np.ascontiguousarray(self.src_keep, dtype=np.int64))
+            keep = np.ascontiguousarray(self.src_keep, dtype=np.int64)
+            self.buffers[contract.ENCODER_ATTENTION_MASK].update_inplace(keep)
 
     def pad_source(self, src_ids, src_keep):
         """Right-pad the sources to a multiple of SOURCE_BUCKET positions (masked), so that a few buffer sets
@@ -335,6 +353,8 @@ class StaticOrtStepper(OrtStepper):
         return np.pad(src_ids, widths, constant_values=self.cfg.pad_id), np.pad(np.asarray(src_keep, np.int64), widths)
 
     def start(self, src_ids, src_keep, batch_size):
+        """Stepper.start, with the source padded to a multiple of SOURCE_BUCKET and the fixed buffers of this batch
+        size and source bucket bound."""
         if self.cfg.is_encoder_decoder:
             src_ids, src_keep = self.pad_source(src_ids, src_keep)
         super().start(src_ids, src_keep, batch_size)
@@ -426,7 +446,8 @@ class StaticOrtStepper(OrtStepper):
         names = [o.name for o in self.prompt_decoder.get_outputs()]
         empty = [(self.empty(B), self.empty(B)) for _ in range(cfg.n_decoder_layers)]
         cross = self.cross_sets[self.cross_parity]  # not self.cross: a reorder gathers the rows into cross_sets only
-        values = self.run_decoder(self.prompt_decoder, names, ids, positions, attention_mask, empty, cross, self.src_keep)
+        values = self.run_decoder(self.prompt_decoder, names, ids, positions, attention_mask, empty, cross,
+                                  self.src_keep)
         shift = T - attention_mask.sum(axis=1) if self.in_place else np.zeros(B, np.int64)  # left padding per row
         slot = np.arange(L)[None, :] + shift[:, None]
         index = np.where(slot < T, slot, T + np.arange(L)[None, :])  # [B, L] into Concat(present, cache) on axis 2
@@ -459,11 +480,13 @@ class StaticOrtStepper(OrtStepper):
         return self.buffers[contract.NEXT_IDS].numpy().copy()
 
     def last_logits(self):
+        """The logits of the last step_argmax call's last position, [B, 1, V] float32 on the host."""
         if self.prompt_logits is not None:
             return self.prompt_logits[:, -1:].copy()
         return self.buffers[contract.LOGITS].numpy().copy()
 
     def reorder(self, rows):
+        """Stepper.reorder into the idle buffer set (then flipped), or into a new batch size's set."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         cross_moves = self.cfg.is_encoder_decoder and self.sources_change(rows)
         old_cache, old_cross = self.caches[self.parity], self.cross_sets[self.cross_parity]

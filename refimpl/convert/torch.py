@@ -707,6 +707,7 @@ def convert_state_dict_file(path, tokenizer_path, out_dir, *, n_heads=None, norm
                              f"(a pickled module? save model.state_dict() instead): {first_line}") from None
 
     def is_state_dict(obj):
+        """A non-empty dict whose values are all torch tensors."""
         return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
     if not is_state_dict(loaded) and isinstance(loaded, dict):

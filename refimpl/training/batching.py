@@ -85,6 +85,7 @@ class Batch:
 
     @property
     def n_rows(self):
+        """Rows of the batch (B)."""
         return self.tgt_ids.shape[0]
 
     @property

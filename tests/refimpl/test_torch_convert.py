@@ -381,7 +381,8 @@ def test_convert_refuses_pickled_module_and_missing_files(tmp_path):
     with pytest.raises(RefformerError, match="not a state_dict"):
         convert_state_dict_file(tmp_path / "list.pt", tokenizer, tmp_path / "out", n_heads=H)
     with pytest.raises(RefformerError, match="13 tokens but the model's vocab_size is 12"):
-        convert_state_dict_file(tmp_path / "model.pt", write_word_level_tokenizer(tmp_path / "big.json", V + 1), tmp_path / "out",
+        convert_state_dict_file(tmp_path / "model.pt", write_word_level_tokenizer(tmp_path / "big.json", V + 1),
+                                tmp_path / "out",
                                 n_heads=H)
     assert not (tmp_path / "out" / "model.safetensors").exists()
 

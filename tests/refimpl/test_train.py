@@ -469,8 +469,8 @@ def test_check_fits_refuses_a_batch_too_big_for_memory(monkeypatch):
 
 
 def test_public_functions_refuse_bad_arguments(tmp_path):
-    """Every public function of refimpl.training's loop, checkpoint, evaluate and log modules raises RefformerError naming what was wrong, never a bare
-    KeyError/TypeError/IndexError from inside."""
+    """Every public function of refimpl.training's loop, checkpoint, evaluate and log modules raises RefformerError
+    naming what was wrong, never a bare KeyError/TypeError/IndexError from inside."""
     from refformer.refimpl.optim import adamw_init
     from refformer.refimpl.training.checkpoint import save_checkpoint
     from refformer.refimpl.training.evaluate import evaluate, translate_examples, translation_scores

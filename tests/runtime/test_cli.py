@@ -26,7 +26,8 @@ def test_version_and_help():
 def test_golden_holds_inputs_activations_logits_and_every_gradient(tmp_path):
     cfg = Config(vocab_size=20, d_model=8, n_heads=2, d_ff=16, dropout=0.1)
     save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)))
-    result = CliRunner().invoke(main, ["golden", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "g.npz"), "--seed", "3"])
+    result = CliRunner().invoke(main, ["golden", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "g.npz"),
+                                       "--seed", "3"])
     assert result.exit_code == 0, result.output
     data = np.load(tmp_path / "g.npz")
     cfg, params = load(tmp_path / "m", dtype=np.float64)
@@ -44,7 +45,8 @@ def test_golden_errors_are_one_line(tmp_path):
     assert result.exit_code == 1 and "does not exist" in result.output
     cfg = Config(vocab_size=20, d_model=8, n_heads=2, d_ff=16)
     save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)))
-    result = CliRunner().invoke(main, ["golden", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "no" / "g.npz")])
+    result = CliRunner().invoke(main, ["golden", "--model", str(tmp_path / "m"), "--out",
+                                       str(tmp_path / "no" / "g.npz")])
     assert result.exit_code == 1 and "does not exist" in result.output
 
 

@@ -39,7 +39,8 @@ def test_several_texts_as_json(model_dir):
 
 def test_input_file_with_bad_lines_reports_them_and_goes_on(model_dir, tmp_path):
     source = tmp_path / "in.txt"
-    source.write_bytes(b'Hallo Welt.\n\n{"text": "Guten Morgen."}\n{broken\n\xff\xfe\n' + b"lang " * 100 + b"\nIch bin hier.\n")
+    source.write_bytes(b'Hallo Welt.\n\n{"text": "Guten Morgen."}\n{broken\n\xff\xfe\n' + b"lang " * 100
+                       + b"\nIch bin hier.\n")
     out = tmp_path / "out.jsonl"
     result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(source), "--output", str(out),
                     "--max-new-tokens", "3", "--batch-size", "2")
@@ -300,7 +301,8 @@ def test_several_sequences_stay_with_their_input(model_dir, tmp_path):
 def test_a_lone_surrogate_is_reported_by_its_line(model_dir, tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text('{"text": "Hallo."}\n{"text": "bad \\ud800"}\n')
-    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(source), "--json", "--max-new-tokens", "2")
+    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(source), "--json", "--max-new-tokens",
+                    "2")
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert records[1]["error"] == "line 2 is not valid Unicode (it has a lone surrogate)"
     assert result.exit_code == 1 and "output" in records[0]
@@ -336,7 +338,8 @@ def test_an_unexpected_failure_is_one_line(model_dir, tmp_path, monkeypatch):
 def test_a_json_id_is_passed_through(model_dir, tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text('{"id": 7, "text": "Hallo."}\n{"id": ["x"], "text": ""}\n{"text": "Gut."}\n')
-    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(source), "--json", "--max-new-tokens", "2")
+    result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(source), "--json", "--max-new-tokens",
+                    "2")
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r.get("id") for r in records] == [7, ["x"], None]
     assert "error" in records[1]
@@ -361,7 +364,8 @@ def test_a_line_gives_the_same_output_alone_and_in_a_batch(model_dir, tmp_path, 
 
 
 def test_sampling_is_random_without_a_seed_and_reproducible_with_it(model_dir):
-    args = ["--model", model_dir, "--provider", "cpu", "--json", "--do-sample", "Hallo Welt.", "Gut.", "--max-new-tokens", "6"]
+    args = ["--model", model_dir, "--provider", "cpu", "--json", "--do-sample", "Hallo Welt.", "Gut.",
+            "--max-new-tokens", "6"]
     first, second = ([json.loads(line) for line in invoke(*args).stdout.splitlines()] for _ in range(2))
     assert first[0]["seed"] == first[1]["seed"] and first[0]["seed"] != second[0]["seed"]
     again = [json.loads(line) for line in invoke(*args, "--seed", str(first[0]["seed"])).stdout.splitlines()]
@@ -399,7 +403,8 @@ REFUSED = [
     (["--length-penalty", "nan"], "--length-penalty"), (["--length-penalty", "inf"], "--length-penalty"),
     (["--length-penalty", "-inf"], "--length-penalty"),
     (["--repetition-penalty", "0"], "--repetition-penalty"), (["--repetition-penalty", "-1"], "--repetition-penalty"),
-    (["--repetition-penalty", "nan"], "--repetition-penalty"), (["--repetition-penalty", "inf"], "--repetition-penalty"),
+    (["--repetition-penalty", "nan"], "--repetition-penalty"),
+    (["--repetition-penalty", "inf"], "--repetition-penalty"),
     (["--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size"),
     (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-5"], "--batch-size"),
     (["--threads", "0"], "--threads"), (["--threads", "-2"], "--threads"),
@@ -420,7 +425,8 @@ def test_beams_that_cannot_fit_in_memory_are_refused_before_loading(model_dir, m
     result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "--num-beams", "1000", "--batch-size", "4")
     assert result.exit_code == 1
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith("error: 1 inputs x 1000 beams = 1,000 sequences at once need up to ") and "--num-beams" in line
+    assert line.startswith("error: 1 inputs x 1000 beams = 1,000 sequences at once need up to ")
+    assert "--num-beams" in line
     assert "exporting" not in result.stderr
 
 

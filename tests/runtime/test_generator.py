@@ -190,7 +190,8 @@ def test_verify_finds_an_export_made_into_the_user_cache(tmp_path, tokenizer_fil
 
 # ---------------------------------------------------------------------------- batch independence, seeds, bad input
 
-LONG = {"encoder-decoder": "Das Wetter ist heute schön, und wir gehen.", "decoder-only": "The weather is nice today, is it"}
+LONG = {"encoder-decoder": "Das Wetter ist heute schön, und wir gehen.",
+        "decoder-only": "The weather is nice today, is it"}
 INDEPENDENCE = [dict(), dict(do_sample=True, seed=5, top_k=20), dict(do_sample=True, seed=2, num_return_sequences=2),
                 dict(num_beams=3, num_return_sequences=2), dict(repetition_penalty=1.3, no_repeat_ngram_size=2)]
 
@@ -299,7 +300,8 @@ def test_every_public_method_refuses_junk_with_a_refformer_error(runtime):
     for name, method in inspect.getmembers(generator, callable):
         if name.startswith("_") or name in ("probe", "check_arguments", "make_stepper"):  # (make_stepper: below)
             continue
-        parameters = [p.name for p in inspect.signature(method).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+        parameters = [p.name for p in inspect.signature(method).parameters.values()
+                      if p.kind == p.POSITIONAL_OR_KEYWORD]
         for parameter in parameters:
             for value in junk:
                 try:

@@ -108,7 +108,8 @@ def test_a_file_with_a_utf16_or_utf32_byte_order_mark_is_decoded(model_dir, tmp_
     path.write_bytes(("\ufeff" + text).encode(encoding) if encoding.endswith("be") else text.encode(encoding))
     result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(path), "--json", "--max-new-tokens", "2")
     assert result.exit_code == 0, result.output
-    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == ["Guten Morgen.", "Wo ist der Bahnhof?"]
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == ["Guten Morgen.",
+                                                                                  "Wo ist der Bahnhof?"]
 
 
 def test_utf16_without_a_mark_and_nul_bytes_are_bad_lines(model_dir, tmp_path):
@@ -354,7 +355,8 @@ def test_a_usage_error_does_not_echo_a_huge_value_whole(tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [("bos_id", 2, "has <s> at id 1 but config.json's bos_id is 2"),
                                                    ("eos_id", 0, "has </s> at id 2 but config.json's eos_id is 0")])
-def test_special_ids_that_contradict_the_tokenizer_are_refused(tmp_path, tokenizer_file, field, value, message):  # noqa: F811
+def test_special_ids_that_contradict_the_tokenizer_are_refused(tmp_path, tokenizer_file,  # noqa: F811
+                                                               field, value, message):
     """eos_id 0 (the pad id) gave empty outputs with exit 0."""
     make_model(tmp_path / "m", tokenizer_file, "encoder-decoder")
     config = json.loads((tmp_path / "m" / "config.json").read_text())

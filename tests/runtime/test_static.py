@@ -180,7 +180,8 @@ def test_auto_variant_per_provider_and_dtype():
     cfg = Config(vocab_size=30, d_model=16, n_heads=2, d_ff=32)
     assert auto_variant(cfg, on_cuda=False, dtype="fp16") == ("reference",)
     assert auto_variant(cfg, on_cuda=True, dtype="fp16") == ("static_fused", "static_mha", "static")
-    assert auto_variant(cfg, on_cuda=True, dtype="fp32") == ("static_mha", "static")  # no fp32 GroupQueryAttention on CUDA
+    # no fp32 GroupQueryAttention on CUDA
+    assert auto_variant(cfg, on_cuda=True, dtype="fp32") == ("static_mha", "static")
     head_4 = Config(vocab_size=30, d_model=16, n_heads=4, d_ff=32)
     assert auto_variant(head_4, on_cuda=True, dtype="fp16") == ("static_mha", "static")
 
@@ -189,7 +190,8 @@ def test_auto_falls_back_when_the_fused_graph_cannot_run(tmp_path, tokenizer_fil
     """The fallback chain of auto on CUDA, driven on the CPU: the contrib-op graphs fail in the probe's runs
     (after their first call: where ONNX Runtime would capture the CUDA graph); the standard-op graph is last."""
     make_model(tmp_path / "m", tokenizer_file, "encoder-decoder")
-    monkeypatch.setattr(generator_module, "auto_variant", lambda cfg, on_cuda, dtype: ("static_fused", "static_mha", "static"))
+    monkeypatch.setattr(generator_module, "auto_variant",
+                        lambda cfg, on_cuda, dtype: ("static_fused", "static_mha", "static"))
     calls = []
     run_one = StaticOrtStepper.run_one
 
@@ -203,7 +205,8 @@ def test_auto_falls_back_when_the_fused_graph_cannot_run(tmp_path, tokenizer_fil
     generator = Generator(tmp_path / "m", provider="cpu")
     assert generator.variant == "static"
     err = capsys.readouterr().err
-    assert "the static_fused decoder cannot run here ([ONNXRuntimeError] : 1 : FAIL : graph capture failed); trying static_mha" in err
+    assert ("the static_fused decoder cannot run here ([ONNXRuntimeError] : 1 : FAIL : graph capture failed); "
+            "trying static_mha") in err
     assert "the static_mha decoder cannot run here" in err and "trying static\n" in err
 
 
@@ -217,7 +220,8 @@ def test_static_fused_graph_for_each_activation_and_norm(tmp_path, activation, n
                  norm_first=norm_first, norm=norm, family="decoder-only" if activation == "silu" else "encoder-decoder")
     save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)))
     error = export_model(tmp_path / "m", static_length=16, fused_attention=True)["error"]
-    fused = {key: value for key, value in error["per_output"].items() if key.startswith(("static_fused:", "static_mha:"))}
+    fused = {key: value for key, value in error["per_output"].items()
+             if key.startswith(("static_fused:", "static_mha:"))}
     assert len(fused) == 6 and max(fused.values()) <= error["bound"], error
 
 
