@@ -159,8 +159,8 @@ def check_search_fits_memory(cfg, options, batch_size):
     need, available = search_memory_bytes(cfg, rows), physical_memory_bytes()
     check(need <= available,
           f"{batch_size} inputs x {per_input} {'beams' if options.num_beams > 1 else 'sequences'} = {rows:,} sequences "
-          f"at once need up to {format_bytes(need)} of memory for their caches, more than this machine's {format_bytes(available)}: "
-          "lower num_beams, num_return_sequences or the batch size")
+          f"at once need up to {format_bytes(need)} of memory for their caches, more than this machine's "
+          f"{format_bytes(available)}: lower num_beams, num_return_sequences or the batch size")
 
 
 # ---------------------------------------------------------------------------- the reference stepper
@@ -380,7 +380,8 @@ def _sample(scores, rngs):
         probs, _ = softmax_forward(np.where(live[:, None], scores, 0.0))
     cdf = np.cumsum(probs, axis=-1)
     u = [rng.random() for rng in rngs]
-    choice = np.array([np.searchsorted(row, value * row[-1], side="right") for row, value in zip(cdf, u)], dtype=np.int64)
+    choice = np.array([np.searchsorted(row, value * row[-1], side="right") for row, value in zip(cdf, u)],
+                      dtype=np.int64)
     choice = np.where(live, choice, scores.argmax(axis=-1))
     return np.minimum(choice, scores.shape[-1] - 1)
 
@@ -492,7 +493,8 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
             logits = stepper.step(ids, positions, attention_mask)[:, -1]  # [B, V]
             scores = _process_logits(logits, sequences, t, options, cfg)
             if options.do_sample:
-                scores = _filter_top_k_top_p(_apply_temperature(scores, options.temperature), options.top_k, options.top_p)
+                scores = _apply_temperature(scores, options.temperature)
+                scores = _filter_top_k_top_p(scores, options.top_k, options.top_p)
                 next_ids = _sample(scores, rngs)
             else:
                 next_ids = scores.argmax(axis=-1)

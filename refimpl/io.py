@@ -46,8 +46,9 @@ def atomic_write(path, write, replace=True):
 
     A symbolic link is written through (the file it points to is replaced, the link stays). Raises RefformerError,
     before writing anything, when path is a device, a pipe or a folder (renaming over /dev/null would replace it),
-    or a symbolic link that leads nowhere, and when the disk is full (the temporary is removed, path left as it was). replace=False: path must not exist
-    when the write ends (RefformerError if another process created it meanwhile)."""
+    or a symbolic link that leads nowhere, and when the disk is full (the temporary is removed, path left as it
+    was). replace=False: path must not exist when the write ends (RefformerError if another process created it
+    meanwhile)."""
     given = path
     if leads_nowhere(given):
         raise RefformerError(f"{given} is a symbolic link that leads nowhere (a loop, or a missing target); remove "
@@ -407,7 +408,8 @@ def check_tokenizer_matches(cfg, tokenizer, source, whose="the model's"):
         for name in names:
             token_id = tokenizer.token_to_id(name)
             if token_id is not None and token_id != getattr(cfg, field):
-                raise RefformerError(f"{source} has {name} at id {token_id} but {whose} {field} is {getattr(cfg, field)}")
+                raise RefformerError(f"{source} has {name} at id {token_id} but {whose} {field} is "
+                                     f"{getattr(cfg, field)}")
     return tokenizer
 
 

@@ -11,10 +11,27 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from refformer.refimpl import (Config, RefformerError, attention_forward, cross_entropy_forward, decoder_layer_forward,
-                               decoder_step, embedding_forward, empty_cache, encode, encoder_layer_forward,
-                               feed_forward_forward, init_params, layer_norm_forward, linear_forward, mha_forward,
-                               load_config, model_forward, padding_mask, rms_norm_forward)
+from refformer.refimpl import (
+    Config,
+    RefformerError,
+    attention_forward,
+    cross_entropy_forward,
+    decoder_layer_forward,
+    decoder_step,
+    embedding_forward,
+    empty_cache,
+    encode,
+    encoder_layer_forward,
+    feed_forward_forward,
+    init_params,
+    layer_norm_forward,
+    linear_forward,
+    load_config,
+    mha_forward,
+    model_forward,
+    padding_mask,
+    rms_norm_forward,
+)
 from tests.helpers import model_configs
 
 ED = Config(vocab_size=13, d_model=8, n_heads=2, d_ff=12, n_encoder_layers=1, n_decoder_layers=1, max_positions=10,
@@ -202,7 +219,8 @@ NOT_SWEPT = {"load", "load_config", "load_tokenizer", "save", "from_torch", "Con
 def _array_variants(x):
     """Bad replacements for an array argument."""
     out = {"None": None, "list": x.tolist() if x.size < 50 else [1, 2], "string": "x", "bool": True,
-           "nan scalar": np.nan, "rank +1": x[None], "rank -1": x.reshape(-1) if x.ndim > 1 else np.zeros(()), "0-d": np.zeros(())}
+           "nan scalar": np.nan, "rank +1": x[None], "rank -1": x.reshape(-1) if x.ndim > 1 else np.zeros(()),
+           "0-d": np.zeros(())}
     if x.dtype.kind == "f":
         out.update({"int dtype": x.astype(np.int64), "bool dtype": x > 0, "float16": x.astype(np.float16),
                     "float32": x.astype(np.float32), "NaN": np.where(np.ones_like(x, bool), np.nan, x),

@@ -6,10 +6,21 @@ import time
 import numpy as np
 import pytest
 
-from refformer.refimpl import (Config, attention_forward, causal_mask, cross_entropy_backward, cross_entropy_forward,
-                               model_backward,
-                               empty_cache, encode, init_params, log_softmax_forward, model_forward, rel_error,
-                               softmax_forward)
+from refformer.refimpl import (
+    Config,
+    attention_forward,
+    causal_mask,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    empty_cache,
+    encode,
+    init_params,
+    log_softmax_forward,
+    model_backward,
+    model_forward,
+    rel_error,
+    softmax_forward,
+)
 from refformer.refimpl.errors import RefformerError
 
 CFG = Config(vocab_size=20, d_model=8, n_heads=2, d_ff=16, n_encoder_layers=1, n_decoder_layers=1, max_positions=16)

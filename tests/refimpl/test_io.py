@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from refformer.refimpl import (Config, RefformerError, flatten, init_params, load, load_config, load_tokenizer,
-                               model_forward, save)
+from refformer.refimpl import (
+    Config,
+    RefformerError,
+    flatten,
+    init_params,
+    load,
+    load_config,
+    load_tokenizer,
+    model_forward,
+    save,
+)
 from tests.helpers import word_level_tokenizer
 
 CONFIGS = {
@@ -409,7 +418,8 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path):
             f.write("half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(RefformerError, match=r"cannot write .*a.txt \(No space left on device\); it was left as it was"):
+    with pytest.raises(RefformerError,
+                       match=r"cannot write .*a.txt \(No space left on device\); it was left as it was"):
         atomic_write(path, write)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 

@@ -7,8 +7,7 @@ import pytest
 
 from refformer.refimpl import Config, init_params, rel_error
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.optim import (adamw_init, adamw_update, clip_by_global_norm, decays, global_norm,
-                                     inverse_sqrt_lr)
+from refformer.refimpl.optim import adamw_init, adamw_update, clip_by_global_norm, decays, global_norm, inverse_sqrt_lr
 from refformer.refimpl.tree import flatten, tree_map
 
 torch = pytest.importorskip("torch")

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from refformer.refimpl import (
     Config,
-    RefformerError,
     attention_backward,
     attention_forward,
     causal_mask,

@@ -11,9 +11,21 @@ from hypothesis import strategies as st
 
 from refformer.refimpl import Config, init_params, model_forward
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.generate import (MAX_BEAMS, GenerationOptions, ReferenceStepper, apply_repetition_penalty,
-                                        banned_ngram_tokens, beam_search, filter_top_k_top_p, generate, greedy, sample,
-                                        search_iter, search_memory_bytes, step_budget)
+from refformer.refimpl.generate import (
+    MAX_BEAMS,
+    GenerationOptions,
+    ReferenceStepper,
+    apply_repetition_penalty,
+    banned_ngram_tokens,
+    beam_search,
+    filter_top_k_top_p,
+    generate,
+    greedy,
+    sample,
+    search_iter,
+    search_memory_bytes,
+    step_budget,
+)
 from refformer.refimpl.ops import log_softmax_forward
 
 
@@ -83,7 +95,8 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
 def test_one_beam_is_greedy():
     cfg, params = tiny()
     src = np.array([[4, 5, 6, 2], [6, 6, 2, 0]])
-    beams, _ = beam_search(ReferenceStepper(cfg, params), cfg, GenerationOptions(num_beams=1, max_new_tokens=6), src_ids=src)
+    options = GenerationOptions(num_beams=1, max_new_tokens=6)
+    beams, _ = beam_search(ReferenceStepper(cfg, params), cfg, options, src_ids=src)
     rows = greedy(cfg, params, src, max_new_tokens=6).tolist()
     for got, row in zip(beams, rows):
         want = row[: row.index(cfg.eos_id) + 1] if cfg.eos_id in row else row
@@ -104,7 +117,8 @@ def test_wide_beam_equals_exhaustive_search(length_penalty):
     V, L = 5, 3
     cfg, params = tiny(V=V, seed=1)
     src = np.array([[4, 3, 2]])
-    options = GenerationOptions(num_beams=V ** L, max_new_tokens=L, length_penalty=length_penalty, num_return_sequences=3)
+    options = GenerationOptions(num_beams=V ** L, max_new_tokens=L, length_penalty=length_penalty,
+                                num_return_sequences=3)
     beams, scores = beam_search(ReferenceStepper(cfg, params), cfg, options, src_ids=src)
     candidates = []
     for n in range(1, L + 1):
@@ -262,13 +276,15 @@ def test_seed_none_draws_a_seed():
 
 @pytest.mark.parametrize("options, message", [
     (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
-    (dict(temperature=10**400), "temperature"), (dict(temperature="1"), "temperature"), (dict(temperature=-1), "temperature"),
+    (dict(temperature=10**400), "temperature"), (dict(temperature="1"), "temperature"),
+    (dict(temperature=-1), "temperature"),
     (dict(top_p=float("nan")), "top_p"), (dict(top_p="0.5"), "top_p"), (dict(top_p=None), "top_p"),
     (dict(top_k=True), "top_k"), (dict(top_k=2.0), "top_k"), (dict(max_new_tokens=1.5), "max_new_tokens"),
     (dict(max_new_tokens=False), "max_new_tokens"), (dict(min_new_tokens=None), "min_new_tokens"),
     (dict(num_beams=MAX_BEAMS + 1), "num_beams"), (dict(num_beams=10**12), "num_beams"),
     (dict(do_sample=True, num_return_sequences=10**12), "num_return_sequences"),
-    (dict(repetition_penalty=float("inf")), "repetition_penalty"), (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty"),
     (dict(length_penalty=float("nan")), "length_penalty"), (dict(length_penalty="x"), "length_penalty"),
     (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"), (dict(seed=-1), "seed must be >= 0"),
     (dict(seed=1.0), "seed must be an integer"), (dict(seed="1"), "seed"), (dict(do_sample="yes"), "do_sample"),
@@ -286,7 +302,8 @@ def test_unknown_option_names_are_refused():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda cfg, params: generate(cfg, params, np.array([[4, 2]]), options={"num_beams": 2}), "options must be a GenerationOptions"),
+    (lambda cfg, params: generate(cfg, params, np.array([[4, 2]]), options={"num_beams": 2}),
+     "options must be a GenerationOptions"),
     (lambda cfg, params: generate("cfg", params, np.array([[4, 2]])), "cfg must be a refformer Config"),
     (lambda cfg, params: generate(cfg, None, np.array([[4, 2]])), "params must be the model's parameter dict"),
     (lambda cfg, params: generate(cfg, params, [[4, 2]]), "src_ids must be a numpy array"),
@@ -315,7 +332,8 @@ def test_beams_without_room_give_empty_sequences():
 
 
 @pytest.mark.parametrize("options", [
-    dict(do_sample=True, temperature=1e-300), dict(do_sample=True, temperature=1e300), dict(do_sample=True, top_p=1e-300),
+    dict(do_sample=True, temperature=1e-300), dict(do_sample=True, temperature=1e300),
+    dict(do_sample=True, top_p=1e-300),
     dict(do_sample=True, top_k=10**12), dict(repetition_penalty=1e-300), dict(repetition_penalty=1e300),
     dict(do_sample=True, repetition_penalty=1e-300), dict(num_beams=3, length_penalty=1e300),
     dict(num_beams=3, length_penalty=-1e300), dict(num_beams=2, repetition_penalty=1e-300),
@@ -334,7 +352,8 @@ def test_a_tiny_temperature_samples_the_argmax():
     cfg, params = long_runner("encoder-decoder")
     inputs = padded_batch(cfg, [[5, 6, 7], [8]])
     greedy_ids = generate(cfg, params, options=GenerationOptions(max_new_tokens=8), **inputs)
-    cold = generate(cfg, params, options=GenerationOptions(do_sample=True, temperature=1e-300, max_new_tokens=8), **inputs)
+    cold_options = GenerationOptions(do_sample=True, temperature=1e-300, max_new_tokens=8)
+    cold = generate(cfg, params, options=cold_options, **inputs)
     assert cold == greedy_ids
 
 
@@ -348,7 +367,8 @@ def test_every_public_function_refuses_junk_with_a_refformer_error():
     cfg, params = tiny()
     good = {"cfg": cfg, "params": params, "options": GenerationOptions(), "stepper": ReferenceStepper(cfg, params),
             "scores": np.zeros((2, 7)), "logits": np.zeros((2, 7)), "sequences": [[1], [1]], "penalty": 1.5,
-            "sequence": [1, 2], "n": 2, "n_generated": 0, "top_k": 2, "top_p": 0.5, "rngs": [np.random.default_rng(0)] * 2,
+            "sequence": [1, 2], "n": 2, "n_generated": 0, "top_k": 2, "top_p": 0.5,
+            "rngs": [np.random.default_rng(0)] * 2,
             "seed": 1, "sequence_numbers": [0, 0], "src_keep": np.ones((2, 3)), "positions": np.zeros((2, 1), np.int64),
             "token_steps": [], "batch_size": 2, "pad_id": 0, "values": np.arange(5.0), "row": [1, 2],
             "ids": np.zeros((2, 3), np.int64), "src_ids": np.array([[4, 2]]), "prompt_ids": np.array([[1, 4]]),
