@@ -21,6 +21,7 @@ import click
 
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.training.interrupts import interrupts_deferred
+from refformer.runtime.errors import shown
 
 
 def read_inputs(raw):
@@ -143,13 +144,6 @@ def printable(text):
     return CONTROLS.sub(" ", text)
 
 
-def shown(path):
-    """A path for a message line: as it is, or quoted with escapes when it holds a line break or another control
-    character (a file named "new\\nline.jsonl" split the 'wrote ...' line in two)."""
-    path = str(path)
-    return path if path.isprintable() else repr(path)
-
-
 def one_line(text):
     """text with its line breaks (all that str.splitlines splits at: \\n, \\r, \\x0b, \\x0c, \\x1c-\\x1e, \\x85,
     U+2028, U+2029) and other control characters as spaces, so that plain output keeps one line per input, the same
@@ -266,8 +260,8 @@ def truncation_warning(warnings):
         return warnings[0]
     names = [re.sub(r"^warning: (.*) truncated from .*$", r"\1", warning) for warning in warnings]
     limit = warnings[0].rsplit(" to ", 1)[-1]
-    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-    return f"warning: {len(warnings)} inputs truncated to {limit}: {shown}"
+    listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return f"warning: {len(warnings)} inputs truncated to {limit}: {listed}"
 
 
 class BatchesInterrupted(KeyboardInterrupt):

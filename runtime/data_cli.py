@@ -3,7 +3,6 @@
 runtime/cli.py registers the two groups.
 """
 
-import os
 import time
 from pathlib import Path
 
@@ -82,29 +81,24 @@ def train_command(data_dir, vocab_size, out_path, model, overwrite):
 
 
 def _check_tokenizer_out(out, data_dir, overwrite):
-    """Refuse --out before training: a folder, a missing or read-only parent, one of the own files of a model folder,
-    a checkpoint or a checkpoints folder (--overwrite or not), a split file of DATA_DIR, or an existing file without
-    --overwrite."""
+    """Refuse --out before training (runtime/outputs.check_output_file): a folder, a missing or read-only parent, a
+    pipe or device, a split file of DATA_DIR, one of the own files of a model folder, a checkpoint or a checkpoints
+    folder (--overwrite or not), or an existing file without --overwrite. Raises RefformerError."""
     from refformer.refimpl.training.data import SPLITS, SUFFIX
+    from refformer.runtime.outputs import check_output_file
 
-    if out.is_dir():
-        raise RefformerError(f"--out {out} is a folder: name the tokenizer.json file to write")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise RefformerError(f"cannot write --out {out}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RefformerError(f"cannot write --out {out}: the folder {parent} is not writable")
-    own = ("config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "trainer_state.json",
-           "latest.json", "train_log.csv")  # the files of a model folder, a checkpoint and a checkpoints folder
-    holder = next((name for name in ("config.json", "model.safetensors", "latest.json") if (parent / name).exists()),
-                  None) if out.name in own else None
-    if holder:  # --overwrite or not: replacing one of a model's (or a checkpoint's) own files breaks it
-        what = "training run's checkpoints" if holder == "latest.json" else "model"
-        raise RefformerError(f"--out {out} is one of the files of the {what} in {parent} (--overwrite or not): "
-                             "replacing it would break that; write the tokenizer elsewhere")
-    if out.exists():
-        inputs = [data_dir / f"{split}{suffix}" for split in SPLITS for suffix in SUFFIX.values()]
-        if any(path.exists() and path.resolve() == out.resolve() for path in inputs):
-            raise RefformerError(f"--out {out} is a split file of {data_dir}: write the tokenizer elsewhere")
-        if not overwrite:
-            raise RefformerError(f"--out {out} exists; pass --overwrite to replace it")
+    def not_a_model_file(path):
+        parent = Path(path).absolute().parent
+        own = ("config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "trainer_state.json",
+               "latest.json", "train_log.csv")  # the files of a model folder, a checkpoint and a checkpoints folder
+        holder = next((name for name in ("config.json", "model.safetensors", "latest.json")
+                       if (parent / name).exists()), None) if Path(path).name in own else None
+        if holder:  # --overwrite or not: replacing one of a model's (or a checkpoint's) own files breaks it
+            what = "training run's checkpoints" if holder == "latest.json" else "model"
+            raise RefformerError(f"--out {out} is one of the files of the {what} in {parent} (--overwrite or not): "
+                                 "replacing it would break that; write the tokenizer elsewhere")
+
+    check_output_file(out, overwrite, flag="--out",
+                      inputs=[data_dir / f"{split}{suffix}" for split in SPLITS for suffix in SUFFIX.values()],
+                      same_as_input=f"is a split file of {data_dir}: write the tokenizer elsewhere",
+                      model_check=not_a_model_file)

@@ -49,6 +49,13 @@ def shorten(message):
     return LONG_WORD.sub(lambda match: f"{match[0][:70]}...{match[0][-70:]}", " ".join(message.split()))
 
 
+def shown(path):
+    """A path for a message line: as it is, or quoted with escapes when it holds a line break or another control
+    character (a file named "new\\nline.jsonl" split the 'wrote ...' line in two)."""
+    path = str(path)
+    return path if path.isprintable() else repr(path)
+
+
 def os_error_message(error):
     """One line for an OSError: its reason and file; a relative path's ENOENT in a current folder that was deleted
     says so (os.getcwd fails: 'No such file or directory' with no file name was all there was)."""

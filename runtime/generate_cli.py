@@ -201,10 +201,10 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
         BatchesInterrupted,
         input_lines,
         printable,
-        shown,
         truncation_warning,
         write_batches,
     )
+    from refformer.runtime.errors import shown
     from refformer.runtime.generator import Generator
 
     refuse_model_folder_as_text(texts)

@@ -21,6 +21,7 @@ from refformer.refimpl.model import left_pad
 from refformer.refimpl.training import tokenizer as tok
 from refformer.refimpl.training.batching import pad_rows
 
+from .errors import shown
 from .stepper import OrtStepper, StaticOrtStepper
 
 VARIANTS = ("auto", *contract.VARIANTS)  # the Generator's and generate --variant's choices
@@ -40,22 +41,6 @@ def default_model_dir():
     return path
 
 
-def cache_root():
-    """The per-user cache of exports: $XDG_CACHE_HOME/refformer, or ~/.cache/refformer."""
-    from refformer.export.export import cache_root as root
-
-    return root()
-
-
-def export_locations(model_dir, dtype="fp32", static_length=None, fused_attention=False):
-    """Where one export set of model_dir lives: (MODEL_DIR/onnx/NAME, <cache>/<model key>/NAME), NAME being
-    export_name(dtype, static_length, fused_attention), e.g. "fp16-static128-fused"."""
-    from refformer.export.export import export_locations as locations
-    from refformer.export.export import export_name
-
-    return locations(model_dir, export_name(dtype, static_length, fused_attention))
-
-
 def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=False):
     """A fresh export set of model_dir that has the graphs asked for, exported now when there is none.
 
@@ -65,11 +50,12 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
     sha256. Otherwise the set is exported into default_export_dir (MODEL_DIR/onnx/NAME; the per-user cache for the
     bundled model or a read-only model folder), replacing a stale or damaged export of that name only. Leftovers
     of killed exports are cleaned up first. Raises RefformerError when the export fails."""
-    from refformer.export.export import (
+    from refformer.export.export import export_model
+    from refformer.export.folder import (
         EXPORTS_FOLDER,
         check_files,
         default_export_dir,
-        export_model,
+        export_locations,
         export_name,
         is_stale,
         read_manifest,
@@ -79,7 +65,7 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
 
     model_dir = Path(model_dir)
     name = export_name(dtype, static_length, fused_attention)
-    local, cached = export_locations(model_dir, dtype, static_length, fused_attention)
+    local, cached = export_locations(model_dir, name)
     for parent in (model_dir / EXPORTS_FOLDER, cached.parent):
         recover_leftovers(parent)
     remove_legacy_leftovers(model_dir)
@@ -88,12 +74,12 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
         try:
             manifest = read_manifest(onnx_dir)
             graphs = manifest["graphs"]
-            static = graphs.get("decoder_static", {})
+            static = graphs.get(contract.decoder_graph("static"), {})
             static_mha = static_length is not None and fused_attention  # (decoder_static_fused too, when it can run)
             ok = (manifest.get("dtype") == dtype and not is_stale(model_dir, manifest)
                   and (static_length is None or static.get("max_length") == static_length)
-                  and (not fused_attention or "decoder_fused" in graphs)
-                  and (not static_mha or "decoder_static_mha" in graphs))
+                  and (not fused_attention or contract.decoder_graph("fused") in graphs)
+                  and (not static_mha or contract.decoder_graph("static_mha") in graphs))
             if ok:
                 check_files(onnx_dir, manifest)
             return ok
@@ -111,8 +97,7 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
         if fresh(candidate):
             return candidate
     target = default_export_dir(model_dir, dtype, static_length, fused_attention)
-    shown = [str(path) if str(path).isprintable() else repr(str(path)) for path in (model_dir, target)]  # one line
-    note(f"notice: exporting {shown[0]} to {shown[1]} ({dtype}) ...")
+    note(f"notice: exporting {shown(model_dir)} to {shown(target)} ({dtype}) ...")
     export_model(model_dir, target, dtype=dtype, static_length=static_length, fused_attention=fused_attention)
     return target
 

@@ -46,7 +46,7 @@ def check_output_file(path, overwrite, *, flag, inputs=(), same_as_input="is one
 def export_folders(model_dir):
     """The folders that hold model_dir's exports: MODEL_DIR/onnx and the model's folder in the per-user cache (paths as
     they are spelled, not resolved). A command's output must not go there: export replaces those folders."""
-    from refformer.export.export import EXPORTS_FOLDER, export_locations
+    from refformer.export.folder import EXPORTS_FOLDER, export_locations
 
     return [Path(model_dir) / EXPORTS_FOLDER, export_locations(model_dir, "-")[1].parent]
 
