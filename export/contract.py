@@ -138,6 +138,54 @@ NEW_LENGTH = "new_length"
 PAST_LENGTH = "past_length"
 TOTAL_LENGTH = "total_length"
 
+# ---------------------------------------------------------------------------- the graphs' signatures
+
+FLOAT = "float"  # element types in signatures: FLOAT is the export's dtype (float32 for fp32, float16 for fp16)
+FLOAT32 = "float32"
+INT64 = "int64"
+
+
+def encoder_signature(cfg):
+    """(inputs, outputs) of encoder.onnx, each a list of (name, element type, shape) in the graph's order; shapes
+    hold ints and the axis names above. cfg: the model's Config (n_heads, head_dim, d_model, n_decoder_layers)."""
+    cross_shape = [BATCH, cfg.n_heads, SOURCE_LENGTH, cfg.head_dim]
+    inputs = [(INPUT_IDS, INT64, [BATCH, SOURCE_LENGTH]), (ATTENTION_MASK, INT64, [BATCH, SOURCE_LENGTH])]
+    outputs = [(ENCODER_HIDDEN_STATES, FLOAT, [BATCH, SOURCE_LENGTH, cfg.d_model])]
+    for i in range(cfg.n_decoder_layers):
+        outputs += [(cross_key(i), FLOAT, cross_shape), (cross_value(i), FLOAT, cross_shape)]
+    return inputs, outputs
+
+
+def decoder_signature(cfg, variant=REFERENCE, max_length=None):
+    """(inputs, outputs) of the decoder graph of a variant, each a list of (name, element type, shape) in the
+    graph's order. The static variants take one token per row over max_length = L cache slots (required for them)
+    and output next_ids; static_fused has no write_index or attention_mask (a token's slot is its position).
+    Raises ValueError for an unknown variant, or a static one without max_length."""
+    decoder_graph(variant)  # the variant is known
+    static = variant in STATIC_VARIANTS
+    if static and max_length is None:
+        raise ValueError(f"the {variant} decoder needs max_length (its cache slots)")
+    new, cache = (1, max_length) if static else (NEW_LENGTH, PAST_LENGTH)
+    inputs = [(INPUT_IDS, INT64, [BATCH, new]), (POSITION_IDS, INT64, [BATCH, new])]
+    if not static:
+        inputs.append((ATTENTION_MASK, INT64, [BATCH, TOTAL_LENGTH]))
+    elif variant != "static_fused":
+        inputs += [(WRITE_INDEX, INT64, [1]), (ATTENTION_MASK, INT64, [BATCH, max_length])]
+    past_shape = [BATCH, cfg.n_heads, cache, cfg.head_dim]
+    for i in range(cfg.n_decoder_layers):
+        inputs += [(past_key(i), FLOAT, past_shape), (past_value(i), FLOAT, past_shape)]
+    if cfg.is_encoder_decoder:
+        inputs.append((ENCODER_ATTENTION_MASK, INT64, [BATCH, SOURCE_LENGTH]))
+        cross_shape = [BATCH, cfg.n_heads, SOURCE_LENGTH, cfg.head_dim]
+        for i in range(cfg.n_decoder_layers):
+            inputs += [(cross_key(i), FLOAT, cross_shape), (cross_value(i), FLOAT, cross_shape)]
+    outputs = [(LOGITS, FLOAT32, [BATCH, new, cfg.vocab_size])] + ([(NEXT_IDS, INT64, [BATCH])] if static else [])
+    present_shape = [BATCH, cfg.n_heads, max_length if static else TOTAL_LENGTH, cfg.head_dim]
+    for i in range(cfg.n_decoder_layers):
+        outputs += [(present_key(i), FLOAT, present_shape), (present_value(i), FLOAT, present_shape)]
+    return inputs, outputs
+
+
 # ---------------------------------------------------------------------------- dtypes, opset, bounds, providers
 
 DTYPES = ("fp32", "fp16")  # the float type of a graph's weights, activations and caches (logits stay float32)

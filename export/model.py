@@ -5,12 +5,15 @@ Every decoder graph is the same stack, embed ─ layers.decoder_layers ─ final
 only in the attention and cache pieces they give layers.decoder_layer (and, for the static fused graphs, in the
 fused residual and feed-forward of export/fused.py):
 
-  variant       self-attention                           cross-attention          cache
-  reference     attention.cached_self_attention          attention.mha_cached     growing (Concat)
-  fused         fused.mha_self_attention                 fused.mha_cross_attention growing (MultiHeadAttention)
-  static        attention.cached_self_attention          attention.mha_cached     L slots (Where at write_index)
-  static_mha    fused.mha_static_self_attention          fused.mha_cross_attention_unbiased  L slots (Where)
-  static_fused  fused.gqa_self_attention                 fused.mha_cross_attention_unbiased  L slots (in place)
+  variant       self-attention                   cross-attention                     cache
+  reference     attention.cached_self_attention  attention.mha_cached                growing (Concat)
+  fused         fused.mha_self_attention         fused.mha_cross_attention           growing (MultiHeadAttention)
+  static        attention.cached_self_attention  attention.mha_cached                L slots (Where at write_index)
+  static_mha    fused.mha_static_self_attention  fused.mha_cross_attention_unbiased  L slots (Where at write_index)
+  static_fused  fused.gqa_self_attention         fused.mha_cross_attention_unbiased  L slots (in place at position)
+
+The inputs and outputs of every graph, their order, shapes and element types come from contract.encoder_signature
+and contract.decoder_signature.
 """
 
 import math
@@ -22,6 +25,7 @@ from onnx import TensorProto
 from refformer.refimpl.model import lm_head_params, source_embedding
 from refformer.refimpl.ops import sinusoidal_table
 
+from . import contract
 from .attention import (
     cached_self_attention,
     causal_padding_mask,
@@ -33,7 +37,6 @@ from .attention import (
 )
 from .contract import (
     ATTENTION_MASK,
-    BATCH,
     DECODER,
     ENCODER,
     ENCODER_ATTENTION_MASK,
@@ -41,17 +44,15 @@ from .contract import (
     GRAPH_NAME_PREFIX,
     INPUT_IDS,
     LOGITS,
-    NEW_LENGTH,
     NEXT_IDS,
-    PAST_LENGTH,
     POSITION_IDS,
-    SOURCE_LENGTH,
-    TOTAL_LENGTH,
     VARIANTS,
     WRITE_INDEX,
     cross_key,
     cross_value,
     decoder_graph,
+    decoder_signature,
+    encoder_signature,
     past_key,
     past_value,
     present_key,
@@ -71,7 +72,7 @@ from .graph import Graph, node_path
 from .layers import decoder_layers, encoder_layer
 from .ops import embedding, linear, norm, scalar
 
-INT64 = TensorProto.INT64
+ELEM_TYPES = {contract.INT64: TensorProto.INT64, contract.FLOAT32: TensorProto.FLOAT}  # else: the graph's float
 
 # ---------------------------------------------------------------------------- embeddings and head
 
@@ -131,8 +132,9 @@ def build_encoder(cfg, params, dtype="fp32", opset=17):
         ─k_proj/v_proj of each decoder layer─▶ cross_*
     """
     g = Graph(GRAPH_NAME_PREFIX + ENCODER, dtype, opset)
-    ids = g.input(INPUT_IDS, INT64, [BATCH, SOURCE_LENGTH])
-    keep = g.input(ATTENTION_MASK, INT64, [BATCH, SOURCE_LENGTH])
+    inputs, outputs = encoder_signature(cfg)
+    declare_inputs(g, inputs)
+    ids, keep = INPUT_IDS, ATTENTION_MASK
     p = params["encoder"]
     table_name = "decoder.embed_tokens" if cfg.share_embeddings else "encoder.embed_tokens"
     table = source_embedding(cfg, params)
@@ -147,34 +149,47 @@ def build_encoder(cfg, params, dtype="fp32", opset=17):
         x = encoder_layer(g, cfg, f"encoder.layers.{i}", p_layer, x, mask)
     if cfg.final_norm:
         x = norm(g, cfg, "encoder.final_norm", p["final_norm"], x)
-    g.output(x, ENCODER_HIDDEN_STATES, g.float_type, [BATCH, SOURCE_LENGTH, cfg.d_model])
-    kv_shape = [BATCH, cfg.n_heads, SOURCE_LENGTH, cfg.head_dim]
+    sources = {ENCODER_HIDDEN_STATES: x}
     for i, p_layer in enumerate(params["decoder"]["layers"]):
-        k, v = project_kv(g, cfg, f"decoder.layers.{i}.cross_attn", p_layer["cross_attn"], x)
-        g.output(k, cross_key(i), g.float_type, kv_shape)
-        g.output(v, cross_value(i), g.float_type, kv_shape)
+        sources[cross_key(i)], sources[cross_value(i)] = project_kv(g, cfg, f"decoder.layers.{i}.cross_attn",
+                                                                    p_layer["cross_attn"], x)
+    declare_outputs(g, outputs, sources)
     return g.model()
 
 
 # ---------------------------------------------------------------------------- the decoders
 
 
-def cache_inputs(g, cfg, past_shape, bool_mask=True):
-    """The decoder's cache inputs: past_key/value_self_{i} of past_shape, and for encoder-decoder
-    encoder_attention_mask [B, S] (as a bool [B, 1, 1, S] mask, or int32 [B, S] for the contrib ops when
-    bool_mask is False) and cross_key/value_{i} [B, H, S, Dh].
+def declare_inputs(g, inputs):
+    """The graph inputs of a contract signature (contract.encoder_signature / decoder_signature), in its order."""
+    for name, elem_type, shape in inputs:
+        g.input(name, ELEM_TYPES.get(elem_type, g.float_type), shape)
+
+
+def declare_outputs(g, outputs, sources):
+    """The graph outputs of a contract signature, in its order; sources: {contract name: node output}."""
+    for name, elem_type, shape in outputs:
+        g.output(sources[name], name, ELEM_TYPES.get(elem_type, g.float_type), shape)
+
+
+def cache_inputs(g, cfg, bool_mask=True):
+    """The decoder's cache inputs (declared by declare_inputs): past_key/value_self_{i}, and for encoder-decoder
+    cross_key/value_{i} [B, H, S, Dh] and encoder_attention_mask [B, S], made a bool [B, 1, 1, S] mask (or int32
+    [B, S] for the contrib ops when bool_mask is False).
     Returns (past [(k, v)], cross [(k, v)] or [(None, None)], the source mask or None), one pair per layer."""
-    past = [(g.input(past_key(i), g.float_type, past_shape), g.input(past_value(i), g.float_type, past_shape))
-            for i in range(cfg.n_decoder_layers)]
+    past = [(past_key(i), past_value(i)) for i in range(cfg.n_decoder_layers)]
     cross, memory_mask = [(None, None)] * cfg.n_decoder_layers, None
     if cfg.is_encoder_decoder:
-        source_keep = g.input(ENCODER_ATTENTION_MASK, INT64, [BATCH, SOURCE_LENGTH])
-        cross_shape = [BATCH, cfg.n_heads, SOURCE_LENGTH, cfg.head_dim]
-        cross = [(g.input(cross_key(i), g.float_type, cross_shape), g.input(cross_value(i), g.float_type, cross_shape))
-                 for i in range(cfg.n_decoder_layers)]
-        memory_mask = padding_mask(g, source_keep, "/decoder/memory_mask") if bool_mask \
-            else g.cast(source_keep, TensorProto.INT32, "/decoder/memory_mask")
+        cross = [(cross_key(i), cross_value(i)) for i in range(cfg.n_decoder_layers)]
+        memory_mask = padding_mask(g, ENCODER_ATTENTION_MASK, "/decoder/memory_mask") if bool_mask \
+            else g.cast(ENCODER_ATTENTION_MASK, TensorProto.INT32, "/decoder/memory_mask")
     return past, cross, memory_mask
+
+
+def present_sources(presents):
+    """{present_key/value_self_{i}: node output} of the layers' present caches [(k, v)]."""
+    return {name(i): value for i, pair in enumerate(presents)
+            for name, value in zip((present_key, present_value), pair)}
 
 
 def build_decoder(cfg, params, dtype="fp32", opset=17, fused=False):
@@ -188,12 +203,12 @@ def build_decoder(cfg, params, dtype="fp32", opset=17, fused=False):
 
     input_ids ─embed─[decoder_layer × N (Concat past, new)]─final_norm─Cast(fp32)─lm_head─▶ logits
     """
-    g = Graph(GRAPH_NAME_PREFIX + decoder_graph("fused" if fused else "reference"), dtype, opset)
-    ids = g.input(INPUT_IDS, INT64, [BATCH, NEW_LENGTH])
-    positions = g.input(POSITION_IDS, INT64, [BATCH, NEW_LENGTH])
-    keep = g.input(ATTENTION_MASK, INT64, [BATCH, TOTAL_LENGTH])
-    past, cross, memory_mask = cache_inputs(g, cfg, [BATCH, cfg.n_heads, PAST_LENGTH, cfg.head_dim],
-                                            bool_mask=not fused)
+    variant = "fused" if fused else "reference"
+    g = Graph(GRAPH_NAME_PREFIX + decoder_graph(variant), dtype, opset)
+    inputs, outputs = decoder_signature(cfg, variant)
+    declare_inputs(g, inputs)
+    ids, positions, keep = INPUT_IDS, POSITION_IDS, ATTENTION_MASK
+    past, cross, memory_mask = cache_inputs(g, cfg, bool_mask=not fused)
     p = params["decoder"]
     x = embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids, positions)
     if fused:  # ONNX Runtime's MultiHeadAttention nodes take int32 key masks
@@ -207,12 +222,7 @@ def build_decoder(cfg, params, dtype="fp32", opset=17, fused=False):
     x, presents = decoder_layers(g, cfg, p, x, past, cross, self_attention, cross_attention)
     if cfg.final_norm:
         x = norm(g, cfg, "decoder.final_norm", p["final_norm"], x)
-    logits = lm_head(g, cfg, params, x)
-    g.output(logits, LOGITS, TensorProto.FLOAT, [BATCH, NEW_LENGTH, cfg.vocab_size])
-    present_shape = [BATCH, cfg.n_heads, TOTAL_LENGTH, cfg.head_dim]
-    for i, (k, v) in enumerate(presents):
-        g.output(k, present_key(i), g.float_type, present_shape)
-        g.output(v, present_value(i), g.float_type, present_shape)
+    declare_outputs(g, outputs, {LOGITS: lm_head(g, cfg, params, x), **present_sources(presents)})
     return g.model()
 
 
@@ -228,14 +238,11 @@ def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
     write_index ─Equal(0..L-1)─▶ slot_mask;  per layer: Where(slot_mask, new k/v, cache) ─ attention over all L slots
     """
     g = Graph(GRAPH_NAME_PREFIX + decoder_graph("static"), dtype, opset)
-    L = max_length
-    ids = g.input(INPUT_IDS, INT64, [BATCH, 1])
-    positions = g.input(POSITION_IDS, INT64, [BATCH, 1])
-    write_index = g.input(WRITE_INDEX, INT64, [1])
-    keep = g.input(ATTENTION_MASK, INT64, [BATCH, L])
-    cache_shape = [BATCH, cfg.n_heads, L, cfg.head_dim]
-    past, cross, memory_mask = cache_inputs(g, cfg, cache_shape)
-    slot_mask = write_slot_mask(g, write_index, L)
+    inputs, outputs = decoder_signature(cfg, "static", max_length)
+    declare_inputs(g, inputs)
+    ids, positions, keep = INPUT_IDS, POSITION_IDS, ATTENTION_MASK
+    past, cross, memory_mask = cache_inputs(g, cfg)
+    slot_mask = write_slot_mask(g, WRITE_INDEX, max_length)
     self_mask = padding_mask(g, keep, "/decoder/self_mask")  # [B, 1, 1, L]: unwritten slots are 0 in attention_mask
     p = params["decoder"]
     x = embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids, positions)
@@ -243,7 +250,7 @@ def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
     x, presents = decoder_layers(g, cfg, p, x, past, cross, self_attention, partial(mha_cached, mask=memory_mask))
     if cfg.final_norm:
         x = norm(g, cfg, "decoder.final_norm", p["final_norm"], x)
-    return static_step_outputs(g, cfg, params, x, presents, cache_shape)
+    return static_step_outputs(g, cfg, params, x, presents, outputs)
 
 
 def build_decoder_static_fused(cfg, params, dtype="fp16", opset=17, max_length=256, in_place=True):
@@ -265,23 +272,20 @@ def build_decoder_static_fused(cfg, params, dtype="fp16", opset=17, max_length=2
     input_ids ─embed─[qkv_proj─self-attention─SkipLayerNorm─(MultiHeadAttention─SkipLayerNorm)─FFN─SkipLayerNorm]×N
               ─lm_head─ArgMax
     """
-    g = Graph(GRAPH_NAME_PREFIX + decoder_graph("static_fused" if in_place else "static_mha"), dtype, opset)
-    L = max_length
-    ids = g.input(INPUT_IDS, INT64, [BATCH, 1])
-    positions = g.input(POSITION_IDS, INT64, [BATCH, 1])
-    if not in_place:
-        write_index = g.input(WRITE_INDEX, INT64, [1])
-        keep = g.input(ATTENTION_MASK, INT64, [BATCH, L])
-    cache_shape = [BATCH, cfg.n_heads, L, cfg.head_dim]
-    past, cross, memory_keep32 = cache_inputs(g, cfg, cache_shape, bool_mask=False)
+    variant = "static_fused" if in_place else "static_mha"
+    g = Graph(GRAPH_NAME_PREFIX + decoder_graph(variant), dtype, opset)
+    inputs, outputs = decoder_signature(cfg, variant, max_length)
+    declare_inputs(g, inputs)
+    ids, positions = INPUT_IDS, POSITION_IDS
+    past, cross, memory_keep32 = cache_inputs(g, cfg, bool_mask=False)
     if in_place:
         at = "/decoder/slots"
         seqlens32 = g.cast(g.op("Squeeze", [positions, g.const([1], "axes_1")], at), TensorProto.INT32, at)  # slot
-        total32 = g.const(L, "cache_length", np.int32)  # a constant: GroupQueryAttention reads it on the host
+        total32 = g.const(max_length, "cache_length", np.int32)  # a constant: GroupQueryAttention reads it on the host
         self_attention = partial(gqa_self_attention, seqlens32=seqlens32, total32=total32)
     else:
-        slot_mask = write_slot_mask(g, write_index, L)
-        keep32 = g.cast(keep, TensorProto.INT32, "/decoder/self_mask")
+        slot_mask = write_slot_mask(g, WRITE_INDEX, max_length)
+        keep32 = g.cast(ATTENTION_MASK, TensorProto.INT32, "/decoder/self_mask")
         self_attention = partial(mha_static_self_attention, slot_mask=slot_mask, keep32=keep32)
     p = params["decoder"]
     stream = ResidualStream(g, cfg, embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids,
@@ -290,19 +294,17 @@ def build_decoder_static_fused(cfg, params, dtype="fp16", opset=17, max_length=2
                                       partial(mha_cross_attention_unbiased, keep32=memory_keep32),
                                       residual=stream_residual, feed_forward=feed_forward_unbiased)
     x = stream.normed("decoder.final_norm", p["final_norm"]) if cfg.final_norm else stream.value("/decoder/residual")
-    return static_step_outputs(g, cfg, params, x, presents, cache_shape)
+    return static_step_outputs(g, cfg, params, x, presents, outputs)
 
 
-def static_step_outputs(g, cfg, params, x, presents, cache_shape):
-    """The static steps' outputs from the last hidden state x [B, 1, D]: logits [B, 1, V] float32, next_ids [B]
-    int64 (the in-graph argmax) and present_key/value_self_{i} of cache_shape; returns the onnx.ModelProto."""
+def static_step_outputs(g, cfg, params, x, presents, outputs):
+    """The static steps' outputs (outputs: their contract signature) from the last hidden state x [B, 1, D]:
+    logits [B, 1, V] float32, next_ids [B] int64 (the in-graph argmax) and the present caches [(k, v)] per layer;
+    returns the onnx.ModelProto."""
     logits = lm_head(g, cfg, params, x)
-    g.output(logits, LOGITS, TensorProto.FLOAT, [BATCH, 1, cfg.vocab_size])
     last = g.op("Squeeze", [logits, g.const([1], "axes_1")], "/argmax")
-    g.output(g.op("ArgMax", [last], "/argmax", axis=-1, keepdims=0), NEXT_IDS, INT64, [BATCH])
-    for i, (k, v) in enumerate(presents):
-        g.output(k, present_key(i), g.float_type, cache_shape)
-        g.output(v, present_value(i), g.float_type, cache_shape)
+    next_ids = g.op("ArgMax", [last], "/argmax", axis=-1, keepdims=0)
+    declare_outputs(g, outputs, {LOGITS: logits, NEXT_IDS: next_ids, **present_sources(presents)})
     return g.model()
 
 

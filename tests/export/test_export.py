@@ -1,7 +1,6 @@
 """Whole-model export: both families, post-LN and pre-LN, fp32 and fp16, verified against refimpl;
 external data, atomic replacement, and the errors a user can hit."""
 
-import json
 import os
 
 import numpy as np

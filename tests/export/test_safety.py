@@ -20,8 +20,15 @@ import refformer.export.folder as folder_module
 import refformer.export.session as session_module
 import refformer.refimpl.io as io_module
 from refformer.export.export import export_model
-from refformer.export.folder import (HOST, default_export_dir, export_name, find_export, read_manifest,
-                                     recover_leftovers, replace_folder)
+from refformer.export.folder import (
+    HOST,
+    default_export_dir,
+    export_name,
+    find_export,
+    read_manifest,
+    recover_leftovers,
+    replace_folder,
+)
 from refformer.export.verify import verify
 from refformer.refimpl import RefformerError, init_params, load, save
 from refformer.refimpl.io import SAVE_JOURNAL
