@@ -1,4 +1,6 @@
-"""Scaled dot-product attention, masks, and multi-head attention (self and cross), forward and backward.
+"""Scaled dot-product attention, masks, and multi-head attention (self and cross), forward and backward, with the
+inference-only forms incremental decoding uses (project_kv, mha_cached_forward, cached_self_attention_forward).
+The ONNX twin is export/attention.py.
 
 Masks at this level (attention_forward, mha_forward, the layers): a boolean mask is True where a query
 may attend (as in torch's scaled_dot_product_attention and the ONNX graphs' 1 = keep); a floating mask
@@ -36,7 +38,8 @@ from .ops import dropout_backward, dropout_forward, linear_backward, linear_forw
 
 
 def causal_mask(n_queries, n_keys=None, past=0):
-    """Boolean [T, S]: query i (at absolute position past + i) may attend to keys 0 .. past + i.
+    """Boolean [T, S] (T = n_queries, S = n_keys, default past + T): query i, at absolute position past + i, may
+    attend to keys 0 .. past + i (the decoder's masking of future positions, Vaswani et al. 2017, sec. 3.2.3).
 
     Raises RefformerError for negative or non-integer sizes, or a mask too large for memory.
     """
@@ -57,9 +60,11 @@ def padding_mask(keep):
 
 
 def check_keep_mask(name, mask, shape=None, ndim=None):
-    """A token keep mask as booleans: boolean, or integer 0/1 (1 = real token, attend to it), of shape (or rank).
+    """A token keep mask as booleans: mask is boolean, or integer 0/1 (1 = real token, attend to it), a numpy array
+    or nested lists, of the given shape (or rank) -> a boolean array of that shape.
 
-    A floating mask is refused: an additive mask (0 attend, -inf masked) would read inverted.
+    Raises RefformerError naming `name` for another type, shape or rank, values other than 0/1, or a floating mask
+    (an additive mask, 0 attend and -inf masked, would read inverted).
     """
     if isinstance(mask, (list, tuple)):
         try:
@@ -84,8 +89,8 @@ def check_keep_mask(name, mask, shape=None, ndim=None):
 
 
 def check_mask(name, mask, scores_shape):
-    """A mask must be boolean (True = attend) or floating (added: 0 attend, -inf masked; no NaN or +inf)
-    and broadcast to the scores' shape [B, H, T, S]."""
+    """Raises RefformerError unless mask is None, boolean (True = attend) or floating (added: 0 attend, -inf
+    masked; no NaN or +inf), and broadcasts to the scores' shape [B, H, T, S]."""
     if mask is None:
         return
     if not isinstance(mask, np.ndarray) or mask.dtype.kind not in "bf":
@@ -103,7 +108,8 @@ def check_mask(name, mask, scores_shape):
 
 
 def attention_forward(q, k, v, mask=None, *, dropout=0.0, rng=None):
-    """softmax(q k^T / sqrt(Dh) + mask) v. q [B, H, T, Dh], k, v [B, H, S, Dh] -> [B, H, T, Dh].
+    """Scaled dot-product attention (Vaswani et al. 2017, sec. 3.2.1): softmax(q k^T / sqrt(Dh) + mask) v.
+    q [B, H, T, Dh], k, v [B, H, S, Dh], one floating dtype -> out [B, H, T, Dh], cache.
 
     mask: boolean (True = attend) or floating additive (0 attend, -inf masked), broadcasting to
     [B, H, T, S]; the two forms of the same mask give the same result. A query whose keys are all
@@ -132,7 +138,7 @@ def attention_forward(q, k, v, mask=None, *, dropout=0.0, rng=None):
 
 
 def attention_backward(cache, dout):
-    """Returns dq, dk, dv (masks have no gradient).
+    """dout [B, H, T, Dh] -> dq [B, H, T, Dh], dk, dv [B, H, S, Dh] (masks have no gradient).
 
     Raises RefformerError for a cache or dout that does not match the forward.
     """
@@ -159,7 +165,7 @@ def _attention_backward(cache, q, k, v, weights, scale, dout):
 
 
 def split_heads(x, n_heads):
-    """[B, T, D] -> [B, H, T, Dh].
+    """x [B, T, D] -> [B, H, T, Dh] with H = n_heads and Dh = D / H (head h takes features h Dh .. (h + 1) Dh - 1).
 
     Raises RefformerError unless x is [B, T, D] and n_heads divides D.
     """
@@ -170,7 +176,7 @@ def split_heads(x, n_heads):
 
 
 def merge_heads(x):
-    """[B, H, T, Dh] -> [B, T, D].
+    """x [B, H, T, Dh] -> [B, T, D = H Dh], split_heads inverted.
 
     Raises RefformerError unless x is [B, H, T, Dh].
     """
@@ -180,12 +186,14 @@ def merge_heads(x):
 
 
 def mha_shapes(D):
-    """The parameter shapes of attention at width D: q/k/v/out projections {"weight" [D, D], "bias" [D]}."""
+    """The parameter shapes of attention at width D: q_proj, k_proj, v_proj, out_proj, each {"weight" (D, D),
+    "bias" (D,)}. No checks (D comes from a checked Config)."""
     return {name: {"weight": (D, D), "bias": (D,)} for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
 
 
 def check_mha_params(p):
-    """p must be mha_shapes(D) for some D (read from q_proj.weight); returns (D, dtype)."""
+    """Returns (D, dtype) of attention parameters p. Raises RefformerError unless p is mha_shapes(D) for some D
+    (read from q_proj.weight) in one floating dtype."""
     weight = p.get("q_proj", {}).get("weight") if isinstance(p, dict) and isinstance(p.get("q_proj"), dict) else None
     check(isinstance(weight, np.ndarray) and weight.ndim == 2,
           "p must hold q_proj, k_proj, v_proj and out_proj, each {'weight' [D, D], 'bias' [D]}")
@@ -196,11 +204,14 @@ def check_mha_params(p):
 
 
 def check_heads(n_heads, D):
+    """Raises RefformerError unless n_heads is a positive integer that divides D."""
     check(isinstance(n_heads, (int, np.integer)) and not isinstance(n_heads, bool) and n_heads >= 1
           and D % n_heads == 0, f"n_heads={n_heads!r} must be a positive integer that divides D={D}")
 
 
 def check_mha_inputs(p, xq, xkv, n_heads):
+    """Raises RefformerError unless p is attention parameters of width D, n_heads divides D, and xq [B, T, D] and
+    xkv [B, S, D] are floating arrays of p's dtype."""
     D, dtype = check_mha_params(p)
     check_heads(n_heads, D)
     check_array("xq", xq, ndim=3, shape=(None, None, D), kind="f", dtype=dtype)
@@ -208,7 +219,8 @@ def check_mha_inputs(p, xq, xkv, n_heads):
 
 
 def project_kv(p, xkv, n_heads):
-    """Keys and values of xkv [B, S, D] for every head: k, v [B, H, S, Dh] (what a KV cache holds).
+    """Keys and values of xkv [B, S, D] for every head: k, v [B, H, S, Dh] in xkv's dtype (what a KV cache holds):
+    split_heads(xkv @ W_k + b_k) and split_heads(xkv @ W_v + b_v).
 
     Raises RefformerError for bad p, xkv or n_heads.
     """
@@ -219,10 +231,12 @@ def project_kv(p, xkv, n_heads):
 
 
 def mha_forward(p, xq, xkv, mask=None, *, n_heads, dropout=0.0, rng=None):
-    """Multi-head attention. xq [B, T, D] attends to xkv [B, S, D] -> y [B, T, D].
+    """Multi-head attention (Vaswani et al. 2017, sec. 3.2.2). xq [B, T, D] attends to xkv [B, S, D] -> y [B, T, D],
+    cache; H = n_heads heads of Dh = D / H, floating, in p's dtype.
 
     p holds q_proj, k_proj, v_proj, out_proj ({"weight" [D, D], "bias" [D]}). Self-attention
-    passes the same array as xq and xkv. mask broadcasts to [B, H, T, S].
+    passes the same array as xq and xkv. mask broadcasts to [B, H, T, S]; dropout (rate, with rng) acts on the
+    attention weights.
     Raises RefformerError for bad p, inputs, mask, n_heads, dropout or rng.
     """
     check_mha_inputs(p, xq, xkv, n_heads)
@@ -241,7 +255,8 @@ def mha_forward(p, xq, xkv, mask=None, *, n_heads, dropout=0.0, rng=None):
 
 
 def mha_backward(p, cache, dy):
-    """Returns dxq, dxkv, dp (for self-attention the input gradient is dxq + dxkv).
+    """dy [B, T, D] -> dxq [B, T, D], dxkv [B, S, D], dp with p's keys (for self-attention the input gradient is
+    dxq + dxkv).
 
     Raises RefformerError for a p, cache or dy that does not match the forward.
     """
@@ -263,7 +278,8 @@ def _mha_backward(p, cache, dy):
 
 
 def mha_cached_forward(p, xq, k, v, mask=None, *, n_heads):
-    """Inference-only attention of xq [B, T, D] to already projected k, v [B, H, S, Dh] -> [B, T, D].
+    """Inference-only attention of xq [B, T, D] to already projected k, v [B, H, S, Dh] -> y [B, T, D], in p's dtype;
+    mask broadcasts to [B, H, T, S]. No dropout, no cache for a backward.
 
     The building block of incremental decoding: k, v come from project_kv (cross-attention,
     computed once) or from a self-attention cache extended by the new positions.

@@ -1,12 +1,13 @@
-"""Feed-forward, encoder layer and decoder layer (post-LN or pre-LN), and the layer stacks.
+"""Feed-forward, the residual block, the encoder layer and the decoder layer (post-LN or pre-LN), forward and
+backward; the stacks that repeat them are in model.py, the ONNX twin is export/layers.py.
 
-A layer's sublayers each sit in a residual block:
+A layer's sublayers each sit in a residual block (Vaswani et al. 2017, sec. 3.1, post-LN; pre-LN as Xiong et al.
+2020 and torch's norm_first):
     post-LN (norm_first=False):  x = norm(x + dropout(f(x)))
     pre-LN  (norm_first=True):   x = x + dropout(f(norm(x)))
-The layer functions take the model's Config for these choices and rng (a
-numpy.random.Generator, or None for eval mode) for dropout.
+The layer functions take the model's Config for these choices and rng (a numpy.random.Generator, or None for
+eval mode) for dropout. Activations are [B, T, D] (S for the source), floating, in the parameters' dtype.
 """
-
 
 from .attention import cached_self_attention_forward, mha_backward, mha_cached_forward, mha_forward, mha_shapes
 from .config import Config
@@ -26,20 +27,24 @@ from .ops import (
 
 
 def linear_shapes(d_in, d_out):
+    """{"weight": (d_in, d_out), "bias": (d_out,)}: the shapes of a linear layer y = x @ W + b."""
     return {"weight": (d_in, d_out), "bias": (d_out,)}
 
 
 def norm_shapes(cfg):
+    """The shapes of one norm of cfg: {"weight": (D,), "bias": (D,)} for layernorm, {"weight": (D,)} for rmsnorm."""
     D = cfg.d_model
     return {"weight": (D,), "bias": (D,)} if cfg.norm == "layernorm" else {"weight": (D,)}
 
 
 def feed_forward_shapes(cfg):
+    """The shapes of the feed-forward: fc1 [D, F] + [F], fc2 [F, D] + [D]."""
     return {"fc1": linear_shapes(cfg.d_model, cfg.d_ff), "fc2": linear_shapes(cfg.d_ff, cfg.d_model)}
 
 
 def layer_shapes(cfg, cross):
-    """The shapes of an encoder layer (cross=False; also a decoder-only layer) or a decoder layer (cross=True)."""
+    """The shapes of an encoder layer (cross=False; also a decoder-only layer) or a decoder layer (cross=True):
+    self_attn, self_attn_norm, (cross_attn, cross_attn_norm,) ffn, ffn_norm. No checks (cfg is a checked Config)."""
     p = {"self_attn": mha_shapes(cfg.d_model), "self_attn_norm": norm_shapes(cfg)}
     if cross:
         p.update(cross_attn=mha_shapes(cfg.d_model), cross_attn_norm=norm_shapes(cfg))
@@ -48,6 +53,7 @@ def layer_shapes(cfg, cross):
 
 
 def check_config(cfg, rng=None):
+    """Raises RefformerError unless cfg is a Config and rng is None or a numpy.random.Generator."""
     if not isinstance(cfg, Config):
         raise RefformerError(f"cfg must be a refformer Config, got {type(cfg).__name__}")
     check_rng("rng", rng)
@@ -57,7 +63,8 @@ def check_config(cfg, rng=None):
 
 
 def feed_forward_forward(p, x, cfg, rng=None):
-    """Position-wise feed-forward: fc2(dropout(act(fc1(x)))). x [B, T, D] -> [B, T, D] via [B, T, F].
+    """Position-wise feed-forward (Vaswani et al. 2017, sec. 3.3): fc2(dropout(act(fc1(x)))).
+    x [B, T, D] -> y [B, T, D] via [B, T, F], cache; act is cfg.activation.
 
     Raises RefformerError unless p has cfg's shapes and x is floating with D features.
     """
@@ -73,7 +80,7 @@ def feed_forward_forward(p, x, cfg, rng=None):
 
 
 def feed_forward_backward(p, cache, dy):
-    """Returns dx, dp.
+    """dy [B, T, D] -> dx [B, T, D], dp with p's keys (fc1, fc2).
 
     Raises RefformerError for a p, cache or dy that does not match the forward.
     """
@@ -97,9 +104,10 @@ def _feed_forward_backward(p, cache, dy):
 
 
 def residual_forward(p_norm, x, sublayer, cfg, rng=None):
-    """post-LN: y = norm(x + dropout(f(x))); pre-LN: y = x + dropout(f(norm(x))).
+    """post-LN: y = norm(x + dropout(f(x))); pre-LN: y = x + dropout(f(norm(x))). x [B, T, D] -> y [B, T, D], cache.
 
-    sublayer(h) -> (f, cache) is the attention or feed-forward applied to h.
+    sublayer(h) -> (f, cache) is the attention or feed-forward applied to h; p_norm the block's norm. No checks of
+    its own (the layer functions check p, x and cfg before they call it).
     """
     if cfg.norm_first:
         h, norm_cache = norm_forward(p_norm, x, cfg.norm, cfg.norm_eps)
@@ -114,7 +122,8 @@ def residual_forward(p_norm, x, sublayer, cfg, rng=None):
 
 
 def residual_backward(p_norm, cache, dy, sublayer_backward, cfg):
-    """Returns dx, dnorm, extra; sublayer_backward(cache, df) -> (dh, extra) inverts the sublayer."""
+    """dy [B, T, D] -> dx [B, T, D], dnorm (the norm's gradients), extra; sublayer_backward(cache, df) ->
+    (dh, extra) inverts the sublayer. No checks of its own (reached through the layer backwards)."""
     if cfg.norm_first:
         df = dropout_backward(cache["dropout"], dy)  # y = x + d
         dh, extra = sublayer_backward(cache["sublayer"], df)
@@ -132,7 +141,8 @@ def residual_backward(p_norm, cache, dy, sublayer_backward, cfg):
 
 
 def check_layer_input(p, x, cfg, rng, cross):
-    """cfg a Config, p with cfg's layer shapes, x floating [B, T, D] of p's dtype."""
+    """Raises RefformerError unless cfg is a Config, rng None or a Generator, p has cfg's layer shapes (with
+    cross-attention when cross) and x is floating [B, T, D] of p's dtype."""
     check_config(cfg, rng)
     check_tree("p", p, layer_shapes(cfg, cross))
     weight = p["self_attn"]["q_proj"]["weight"]
@@ -140,13 +150,15 @@ def check_layer_input(p, x, cfg, rng, cross):
 
 
 def check_layer_cache(cache, cfg, what):
+    """Raises RefformerError unless cfg is a Config and cache looks like the cache the layer forward `what` returned."""
     check_config(cfg)
     if not (isinstance(cache, dict) and "ffn" in cache and "self_attn" in cache):
         raise RefformerError(f"cache must be the cache {what} returned")
 
 
 def encoder_layer_forward(p, x, mask, cfg, rng=None):
-    """Self-attention then feed-forward, each in a residual block. x [B, S, D] -> [B, S, D].
+    """The encoder layer (Vaswani et al. 2017, sec. 3.1): self-attention then feed-forward, each in a residual block.
+    x [B, S, D] -> y [B, S, D], cache.
 
     mask broadcasts to [B, H, S, S] (typically the source key-padding mask [B, 1, 1, S]): boolean
     True = attend, or floating additive. Raises RefformerError for bad p, x, mask, cfg or rng.
@@ -161,7 +173,7 @@ def encoder_layer_forward(p, x, mask, cfg, rng=None):
 
 
 def encoder_layer_backward(p, cache, dy, cfg):
-    """Returns dx, dp: the forward read bottom-up.
+    """dy [B, S, D] -> dx [B, S, D], dp with p's keys: the forward read bottom-up.
 
     Raises RefformerError for a p, cache, dy or cfg that does not match the forward.
     """
@@ -188,7 +200,8 @@ def _self_attention_backward(p, cache, df):
 
 
 def decoder_layer_forward(p, x, self_mask, memory, memory_mask, cfg, rng=None, *, past=None, cross_kv=None):
-    """Causal self-attention, cross-attention to memory, feed-forward. x [B, T, D] -> y [B, T, D], cache.
+    """The decoder layer (Vaswani et al. 2017, sec. 3.1): causal self-attention, cross-attention to memory,
+    feed-forward, each in a residual block. x [B, T, D] -> y [B, T, D], cache.
 
     self_mask broadcasts to [B, H, T, T] (causal and target padding); memory [B, S, D] is the encoder output
     and memory_mask broadcasts to [B, H, T, S]. A decoder-only layer has no "cross_attn" in p and takes
@@ -238,7 +251,8 @@ def decoder_layer_forward(p, x, self_mask, memory, memory_mask, cfg, rng=None, *
 
 
 def decoder_layer_backward(p, cache, dy, cfg):
-    """Returns dx, dmemory (None without cross-attention), dp.
+    """dy [B, T, D] -> dx [B, T, D], dmemory [B, S, D] (None without cross-attention), dp with p's keys.
+    Not for a forward run with past (incremental decoding keeps no cache for a backward).
 
     Raises RefformerError for a p, cache, dy or cfg that does not match the forward.
     """

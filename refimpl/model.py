@@ -1,5 +1,7 @@
-"""The full models: parameters, embeddings, the encoder and decoder stacks, the LM head,
-forward and backward for both families, and incremental decoding with a KV cache.
+"""The full models: parameters, embeddings, the encoder and decoder stacks, the LM head, forward and backward for
+both families, and incremental decoding with a KV cache (encode, decoder_step: the same decoder stack, fed past
+keys and values). The ONNX twin is export/model.py; docs/DESIGN.md, "Function map", pairs each function with its
+graph builder and tests.
 
 Parameter tree (dotted names are the checkpoint keys; W is [in, out], so y = x @ W + b):
 
@@ -95,8 +97,9 @@ def param_shapes(cfg):
 
 
 def init_params(cfg, rng, dtype=np.float32):
-    """Random parameters: Xavier-uniform matrices (as torch's nn.Transformer), N(0, D^-1/2) token
-    embeddings, N(0, 0.02) learned positions, zero biases, unit norm weights.
+    """Random parameters, the tree of param_shapes(cfg) in dtype: Xavier-uniform matrices (Glorot & Bengio 2010,
+    as torch's nn.Transformer), N(0, D^-1/2) token embeddings, N(0, 0.02) learned positions, zero biases, unit norm
+    weights.
 
     rng is a numpy.random.Generator; dtype float32 or float64. Raises RefformerError for other arguments, and
     (config.check_fits_memory) for a model that cannot fit in this machine's memory, before allocating anything.
@@ -133,12 +136,14 @@ def _with_paths(tree, prefix=""):
 
 
 def source_embedding(cfg, params):
-    """The token table the encoder reads (the decoder's when share_embeddings)."""
+    """The token table {"weight" [V, D]} the encoder reads (the decoder's when share_embeddings). No checks (params
+    were checked by check_model)."""
     return params["decoder" if cfg.share_embeddings else "encoder"]["embed_tokens"]
 
 
 def lm_head_params(cfg, params):
-    """{"weight" [D, V], "bias"?} of the output projection (the transposed decoder table when tied)."""
+    """{"weight" [D, V], "bias" [V] (lm_head_bias only)} of the output projection logits = h @ W + b; the weight
+    is the transposed decoder table when tie_embeddings (Press & Wolf 2017). No checks (see check_model)."""
     head = dict(params.get("lm_head", {}))
     if cfg.tie_embeddings:
         head["weight"] = params["decoder"]["embed_tokens"]["weight"].T
@@ -149,7 +154,9 @@ def lm_head_params(cfg, params):
 
 
 def embed_forward(cfg, p_tokens, p_stack, ids, positions, rng=None):
-    """x = dropout(E[ids] * sqrt(D)? + pos[positions]). ids, positions [B, T] -> x [B, T, D]."""
+    """x = dropout(E[ids] * sqrt(D) + pos[positions]) (Vaswani et al. 2017, sec. 3.4 and 3.5; the sqrt(D) scale
+    only with cfg.embed_scale, pos the learned table or sinusoidal_table). ids, positions [B, T] int -> x [B, T, D]
+    in the table's dtype, cache. No checks of its own (model_forward, encode and decoder_step check first)."""
     tokens, token_cache = embedding_forward(p_tokens, ids)
     scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
     if cfg.positional == "learned":
@@ -163,7 +170,8 @@ def embed_forward(cfg, p_tokens, p_stack, ids, positions, rng=None):
 
 
 def embed_backward(cfg, p_tokens, p_stack, cache, dx):
-    """Returns the token-table gradient and, for learned positions, the position-table gradient."""
+    """dx [B, T, D] -> the token-table gradient {"weight" [V, D]} and, for learned positions, the position-table
+    gradient {"weight" [N, D]} (else None). No checks of its own (reached through model_backward)."""
     dsum = dropout_backward(cache["dropout"], dx)
     dtokens = embedding_backward(p_tokens, cache["tokens"], dsum * cache["scale"])
     dpositions = None
@@ -199,7 +207,7 @@ def token_keep_mask(name, mask, ids, cfg):
 
 
 def _positions(name, positions, ids, cfg):
-    """[B, T] positions: given, or 0 .. T-1 in every row."""
+    """[B, T] positions: given, or 0 .. T-1 in every row; RefformerError for positions outside [0, max_positions)."""
     if positions is None:
         positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
     check_array(name, positions, shape=ids.shape, kind="i")
@@ -273,7 +281,8 @@ def _leaves(tree):
 
 
 def check_activations_fit(cfg, B, S, T, dtype, past=0):
-    """Refuse inputs whose activations cannot fit in memory, before the forward allocates them.
+    """Raises RefformerError for inputs whose activations cannot fit in memory, before the forward allocates them:
+    B rows, S source and T target positions (P = past cached positions), in dtype.
 
     A generous estimate of what model_forward keeps for the backward: per encoder layer ~12 [B, S, D],
     3 [B, S, F] and 3 [B, H, S, S]; per decoder layer ~20 [B, T, D], 3 [B, T, F], 3 [B, H, T, past + T] and
@@ -295,7 +304,9 @@ def check_activations_fit(cfg, B, S, T, dtype, past=0):
 
 
 def encoder_forward(cfg, params, src_ids, src_keep, src_positions, rng=None):
-    """Embed and encode the source. src_ids [B, S] -> memory [B, S, D]."""
+    """Embed and encode the source: src_ids [B, S] int, src_keep [B, S] bool, src_positions [B, S] int -> memory
+    [B, S, D] in the parameters' dtype, cache. Every layer is layers.encoder_layer_forward. No checks of its own
+    (model_forward and encode check first)."""
     p = params["encoder"]
     x, embed_cache = embed_forward(cfg, source_embedding(cfg, params), p, src_ids, src_positions, rng)
     mask = padding_mask(src_keep)  # [B, 1, 1, S]
@@ -310,7 +321,8 @@ def encoder_forward(cfg, params, src_ids, src_keep, src_positions, rng=None):
 
 
 def encoder_backward(cfg, params, cache, dmemory):
-    """Returns (grads of encoder.*, grad of the source token table)."""
+    """dmemory [B, S, D] -> (grads of encoder.*, the source token table's gradient {"weight" [V, D]}). No checks
+    of its own (reached through model_backward)."""
     p = params["encoder"]
     grads = {}
     dx = dmemory
@@ -335,6 +347,7 @@ def decoder_forward(cfg, params, tgt_ids, tgt_keep, tgt_positions, memory, src_k
     Incremental decoding (decoder_step): past holds each layer's self-attention (k, v) [B, H, P, Dh], tgt_keep
     [B, P + T] covers the past and the new positions, cross_kv each layer's (k, v) [B, H, S, Dh] replaces memory,
     and cache["present"] holds each layer's (k, v) [B, H, P + T, Dh]. Every layer is layers.decoder_layer_forward.
+    No checks of its own (model_forward and decoder_step check first).
     """
     p = params["decoder"]
     x, embed_cache = embed_forward(cfg, p["embed_tokens"], p, tgt_ids, tgt_positions, rng)
@@ -358,7 +371,8 @@ def decoder_forward(cfg, params, tgt_ids, tgt_keep, tgt_positions, memory, src_k
 
 
 def decoder_backward(cfg, params, cache, dhidden):
-    """Returns (grads of decoder.*, dmemory or None)."""
+    """dhidden [B, T, D] -> (grads of decoder.*, dmemory [B, S, D] or None when no layer reads a memory). No checks
+    of its own (reached through model_backward)."""
     p = params["decoder"]
     grads = {}
     dx = dhidden
@@ -383,7 +397,8 @@ def decoder_backward(cfg, params, cache, dhidden):
 
 def model_forward(cfg, params, src_ids, tgt_ids, *, src_mask=None, tgt_mask=None, src_positions=None,
                   tgt_positions=None, rng=None):
-    """Logits of every target position. src_ids [B, S] (None for decoder-only), tgt_ids [B, T] -> logits [B, T, V].
+    """Logits of every target position. src_ids [B, S] (None for decoder-only), tgt_ids [B, T] int -> logits
+    [B, T, V] in the parameters' dtype (float32 or float64), and the cache model_backward reads.
 
     Masks are keep masks [B, S] / [B, T], boolean or integer 0/1, with 1 (True) = real token, by default
     ids != pad_id; a floating mask is refused (for an additive 0 / -inf mask pass mask == 0). Positions
@@ -416,7 +431,8 @@ def model_forward(cfg, params, src_ids, tgt_ids, *, src_mask=None, tgt_mask=None
 
 
 def model_backward(cfg, params, cache, dlogits):
-    """Gradients of every parameter (a tree with exactly params' keys) given dlogits [B, T, V].
+    """Gradients of every parameter (a tree with exactly params' keys and shapes, in their dtype) given dlogits
+    [B, T, V]: model_forward read bottom-up; a tied or shared table sums the gradients of its uses.
 
     Raises RefformerError for params, cache or dlogits that do not match the forward: a cache that model_forward
     returned for another config or for parameters of another dtype, a dlogits of another shape or dtype.
@@ -467,7 +483,8 @@ def _in_order_of(template, tree):
 
 
 def encode(cfg, params, src_ids, src_mask=None):
-    """Run the encoder once: memory [B, S, D] and every decoder layer's cross-attention (k, v) [B, H, S, Dh].
+    """Run the encoder once: src_ids [B, S] int -> memory [B, S, D] and every decoder layer's cross-attention
+    (k, v) [B, H, S, Dh] (attention.project_kv), in the parameters' dtype.
 
     The NumPy twin of encoder.onnx. src_mask is a keep mask as in model_forward (floating masks are refused).
     Raises RefformerError for a decoder-only cfg or bad params, ids or mask.
@@ -486,11 +503,12 @@ def encode(cfg, params, src_ids, src_mask=None):
 def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=None, encoder_attention_mask=None):
     """Decode T new tokens given a self-attention cache of P past positions. The NumPy twin of decoder.onnx.
 
-    ids, positions [B, T]; attention_mask [B, P + T] (1 = real token, past and new);
+    ids, positions [B, T] int; attention_mask [B, P + T] (1 = real token, past and new);
     past: per layer (k, v) [B, H, P, Dh] (P may be 0); cross_kv: per layer (k, v) [B, H, S, Dh]
-    from encode, with encoder_attention_mask [B, S]. Returns logits [B, T, V] and the
-    present cache: per layer (k, v) [B, H, P + T, Dh]. Masks are keep masks (boolean or 0/1 integers, 1 = real
-    token); a floating mask is refused. Raises RefformerError for bad input.
+    from encode, with encoder_attention_mask [B, S]. Returns logits [B, T, V] and the present cache: per layer
+    (k, v) [B, H, P + T, Dh], all in the parameters' dtype. It runs decoder_forward, so the layers are those of
+    model_forward (layers.decoder_layer_forward with past). Masks are keep masks (boolean or 0/1 integers,
+    1 = real token); a floating mask is refused. Raises RefformerError for bad input.
     """
     positions, attention_mask, encoder_attention_mask = _check_step_inputs(
         cfg, params, ids, positions, attention_mask, past, cross_kv, encoder_attention_mask)
@@ -545,7 +563,7 @@ def _check_step_inputs(cfg, params, ids, positions, attention_mask, past, cross_
 
 
 def empty_cache(cfg, batch_size, dtype=np.float32):
-    """A self-attention cache with P = 0: per layer (k, v) [B, H, 0, Dh].
+    """A self-attention cache with P = 0: per decoder layer (k, v) [B, H, 0, Dh] of dtype, B = batch_size.
 
     Raises RefformerError for a negative batch_size or a dtype other than float32/float64.
     """

@@ -1,9 +1,10 @@
-"""Elementwise and row-wise building blocks, each a forward/backward pair.
+"""Elementwise and row-wise building blocks, each a forward/backward pair: linear, embedding, the sinusoidal
+position table, LayerNorm and RMSNorm, the activations, dropout, softmax and log-softmax.
 
-Every forward returns (y, cache) where cache is a tuple of the saved arrays (composite
-layers elsewhere keep dicts that name their activations); every backward takes (p, cache, dy) for layers with
-parameters and (cache, dy) for those without, and returns the input gradient(s) and,
-for layers with parameters, dp with exactly p's keys.
+Every forward returns (y, cache) where cache is a tuple of the saved arrays (composite layers elsewhere keep dicts
+that name their activations); every backward takes (p, cache, dy) for layers with parameters and (cache, dy) for
+those without, and returns the input gradient(s) and, for layers with parameters, dp with exactly p's keys.
+Arrays are floating (float32 or float64; the output has the input's dtype). Shapes: D features, V vocabulary.
 """
 
 import math
@@ -14,7 +15,9 @@ from .errors import RefformerError, check, check_array, check_number, check_rng,
 
 
 def check_weights(p, *, ndim, bias=True, what="p"):
-    """p must be {"weight": floating [ndim dims], "bias": [its last dim] (optional when bias, else refused)}."""
+    """p must be {"weight": floating [ndim dims], "bias": [its last dim] (optional when bias, else refused)}.
+
+    Raises RefformerError naming `what` otherwise."""
     if not isinstance(p, dict):
         raise RefformerError(f"{what} must be a dict with a 'weight' array, got {type(p).__name__}")
     check("weight" in p, f"{what} has no 'weight'")
@@ -26,12 +29,14 @@ def check_weights(p, *, ndim, bias=True, what="p"):
 
 
 def check_cache(cache, n, what):
-    """A tuple cache of n entries, as the matching forward returned it."""
+    """Raises RefformerError unless cache is a tuple of n entries, as the forward `what` returned it."""
     check(isinstance(cache, tuple) and len(cache) == n, f"cache must be the cache {what} returned")
 
 
 def check_features(name, x, weight):
-    """x must be floating, of the weight's dtype, with last axis = weight's rows (the features a layer reads)."""
+    """x must be floating, of the weight's dtype, with last axis = weight's rows (the features a layer reads).
+
+    Raises RefformerError naming `name` otherwise."""
     check_array(name, x, kind="f", dtype=weight.dtype)
     check(x.ndim >= 1 and x.shape[-1] == weight.shape[0],
           f"{name} must have {weight.shape[0]} features in its last axis, got shape {list(x.shape)}")
@@ -78,7 +83,10 @@ def linear_backward(p, cache, dy):
 
 
 def embedding_forward(p, ids):
-    """Row lookup. ids [...] int -> y [..., D] = weight[ids]. Raises RefformerError for ids outside [0, V)."""
+    """Row lookup: ids [...] integer, weight [V, D] -> y [..., D] = weight[ids], in the weight's dtype.
+
+    Raises RefformerError for a p other than {"weight" [V, D]}, non-integer ids, or ids outside [0, V).
+    """
     check_weights(p, ndim=2, bias=False)
     check_array("ids", ids, kind="i")
     V = p["weight"].shape[0]
@@ -87,7 +95,7 @@ def embedding_forward(p, ids):
 
 
 def embedding_backward(p, cache, dy):
-    """Scatter-add of dy into the rows that were gathered (ids have no gradient).
+    """Scatter-add of dy [..., D] into the rows that were gathered -> {"weight": dW [V, D]} (ids have no gradient).
 
     Raises RefformerError for a p, cache or dy that does not match the forward.
     """
@@ -101,7 +109,8 @@ def embedding_backward(p, cache, dy):
 
 
 def sinusoidal_table(n_positions, d_model, dtype=np.float64):
-    """The Vaswani et al. table [n_positions, D]: even columns sin(pos / 10000^(2i/D)), odd columns cos.
+    """The sinusoidal position table [n_positions, D] of Vaswani et al. 2017, sec. 3.5: column 2i holds
+    sin(pos / 10000^(2i/D)), column 2i + 1 cos(pos / 10000^(2i/D)); computed in float64, returned in dtype.
 
     Raises RefformerError for a negative n_positions, a d_model < 1, or a table larger than this machine's memory.
     """
@@ -122,11 +131,13 @@ def sinusoidal_table(n_positions, d_model, dtype=np.float64):
 
 
 def check_eps(eps):
+    """Raises RefformerError unless eps is a finite number > 0 (a norm's epsilon)."""
     check_number("eps", eps, 0.0, low_open=True)
 
 
 def layer_norm_forward(p, x, eps):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (biased variance).
+    """Layer normalization (Ba et al. 2016): y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis,
+    with the biased variance, as torch's F.layer_norm. x [..., D] -> y [..., D], cache (xhat, rstd).
 
     p = {"weight" [D], "bias" [D]}; the bias is optional, as in ONNX LayerNormalization (torch's
     F.layer_norm(x, (D,), weight, None)). Raises RefformerError for a bad p, x or eps.
@@ -167,8 +178,9 @@ def _rescaled_rows(x, var, mean, eps, *, centre, rstd, centred):
 
 
 def layer_norm_backward(p, cache, dy):
-    """Returns dx, {"weight", "bias"} ("bias" only when p has one); dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
-    g = dy * weight.
+    """dy [..., D] -> dx [..., D], {"weight" [D], "bias" [D]} ("bias" only when p has one):
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight (the mean over the last axis).
+
     Raises RefformerError for a p, cache or dy that does not match the forward.
     """
     check_weights(p, ndim=1)
@@ -185,7 +197,8 @@ def layer_norm_backward(p, cache, dy):
 
 
 def rms_norm_forward(p, x, eps):
-    """y = x / sqrt(mean(x^2) + eps) * weight over the last axis (no centring, no bias).
+    """RMSNorm (Zhang & Sennrich 2019): y = x / sqrt(mean(x^2) + eps) * weight over the last axis (no centring,
+    no bias). x [..., D] -> y [..., D], cache (xhat, rrms).
 
     Raises RefformerError for a p other than {"weight" [D]}, a bad x or eps.
     """
@@ -202,7 +215,7 @@ def rms_norm_forward(p, x, eps):
 
 
 def rms_norm_backward(p, cache, dy):
-    """Returns dx, {"weight"}; dx = rrms * (g - xhat * mean(g * xhat)), g = dy * weight.
+    """dy [..., D] -> dx [..., D], {"weight" [D]}: dx = rrms * (g - xhat * mean(g * xhat)), g = dy * weight.
 
     Raises RefformerError for a p, cache or dy that does not match the forward.
     """
@@ -218,7 +231,7 @@ def rms_norm_backward(p, cache, dy):
 
 
 def norm_forward(p, x, kind, eps):
-    """Dispatch to layer_norm_forward or rms_norm_forward by kind ("layernorm" / "rmsnorm").
+    """layer_norm_forward or rms_norm_forward by kind ("layernorm" / "rmsnorm"): x [..., D] -> y [..., D].
 
     Raises RefformerError for an unknown kind or bad p, x, eps.
     """
@@ -227,6 +240,10 @@ def norm_forward(p, x, kind, eps):
 
 
 def norm_backward(p, cache, dy, kind):
+    """layer_norm_backward or rms_norm_backward by kind: dy [..., D] -> dx [..., D], dp.
+
+    Raises RefformerError for an unknown kind or a p, cache or dy that does not match the forward.
+    """
     check(kind in ("layernorm", "rmsnorm"), f"kind must be 'layernorm' or 'rmsnorm', got {kind!r}")
     return layer_norm_backward(p, cache, dy) if kind == "layernorm" else rms_norm_backward(p, cache, dy)
 
@@ -238,29 +255,30 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def erf(x):
-    """Elementwise error function in x's dtype.
-
-    Raises RefformerError for an unknown kind or a bad p, cache, dy.
-    """
+    """Elementwise error function of a floating x (math.erf, exact), in x's dtype. No checks: reached through
+    activation_forward / activation_backward, which check x."""
     return np.asarray(_erf(x)).astype(np.asarray(x).dtype)
 
 
 def relu_forward(x):
+    """max(x, 0) -> (y, (x,)). No checks (reached through activation_forward)."""
     return np.maximum(x, 0), (x,)
 
 
 def relu_backward(cache, dy):
+    """dy * (x > 0). No checks (reached through activation_backward)."""
     (x,) = cache
     return dy * (x > 0)
 
 
 def gelu_forward(x):
-    """Exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))."""
+    """Exact GELU (Hendrycks & Gimpel 2016): x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), torch's F.gelu.
+    No checks (reached through activation_forward)."""
     return 0.5 * x * (1.0 + erf(x * (1.0 / math.sqrt(2.0)))), (x,)
 
 
 def gelu_backward(cache, dy):
-    """d/dx [x Phi(x)] = Phi(x) + x phi(x)."""
+    """dy * d/dx [x Phi(x)] = dy * (Phi(x) + x phi(x)). No checks (reached through activation_backward)."""
     (x,) = cache
     cdf = 0.5 * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
     with np.errstate(over="ignore"):  # x * x overflows for |x| > ~1e19 in float32: exp(-inf) = 0, exactly right
@@ -269,13 +287,16 @@ def gelu_backward(cache, dy):
 
 
 def gelu_tanh_forward(x):
-    """Tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    """GELU's tanh approximation (Hendrycks & Gimpel 2016; torch's F.gelu(approximate="tanh")):
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). No checks (reached through activation_forward)."""
     with np.errstate(over="ignore"):  # x^3 overflows for |x| > ~1e12 in float32: tanh(+-inf) = +-1, exactly right
         t = np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
     return 0.5 * x * (1.0 + t), (x, t)
 
 
 def gelu_tanh_backward(cache, dy):
+    """dy * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)), t the forward's tanh.
+    No checks (reached through activation_backward)."""
     x, t = cache
     with np.errstate(over="ignore", invalid="ignore"):
         dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
@@ -286,13 +307,15 @@ def gelu_tanh_backward(cache, dy):
 
 
 def silu_forward(x):
-    """x * sigmoid(x)."""
+    """SiLU (Elfwing et al. 2017; the swish of Ramachandran et al. 2017): x * sigmoid(x), torch's F.silu.
+    No checks (reached through activation_forward)."""
     with np.errstate(over="ignore"):  # exp(-x) overflows for x < ~-89 in float32: s = 0, exactly right
         s = 1.0 / (1.0 + np.exp(-x))
     return x * s, (x, s)
 
 
 def silu_backward(cache, dy):
+    """dy * s (1 + x (1 - s)), s = sigmoid(x). No checks (reached through activation_backward)."""
     x, s = cache
     return dy * (s * (1.0 + x * (1.0 - s)))
 
@@ -306,7 +329,8 @@ ACTIVATIONS = {
 
 
 def activation_forward(x, kind):
-    """Apply the activation named kind (relu, gelu, gelu_tanh, silu) to a floating x.
+    """The activation named kind (relu, gelu, gelu_tanh, silu) of a floating x, elementwise: y of x's shape and
+    dtype, and its cache.
 
     Raises RefformerError for an unknown kind or a non-floating x.
     """
@@ -328,6 +352,7 @@ def activation_backward(cache, dy, kind):
 
 
 def check_activation(kind):
+    """Raises RefformerError unless kind names an activation: relu, gelu, gelu_tanh or silu."""
     check(isinstance(kind, str) and kind in ACTIVATIONS,
           f"kind must be one of {', '.join(ACTIVATIONS)}, got {kind!r}")
 
@@ -336,7 +361,8 @@ def check_activation(kind):
 
 
 def dropout_forward(x, rate, rng):
-    """Inverted dropout: zero each entry with probability rate, scale the rest by 1/(1-rate).
+    """Inverted dropout (Srivastava et al. 2014, as torch's F.dropout): zero each entry of a floating x with
+    probability rate, scale the rest by 1 / (1 - rate); y has x's shape and dtype.
 
     rng is a numpy.random.Generator; rng=None (eval mode) or rate=0 is the identity.
     Raises RefformerError for a rate outside [0, 1) or an rng that is not a Generator.
@@ -351,6 +377,10 @@ def dropout_forward(x, rate, rng):
 
 
 def dropout_backward(cache, dy):
+    """dy times the forward's scaled keep mask (dy itself in eval mode).
+
+    Raises RefformerError for a cache or dy that does not match the forward.
+    """
     check_cache(cache, 1, "dropout_forward")
     (keep,) = cache
     check_array("dy", dy, kind="f")
@@ -367,8 +397,7 @@ def softmax_forward(x, axis=-1):
     torch.softmax returns NaN for an all -inf row; here such a row (a query that may attend
     to nothing, e.g. a padding query) yields zeros and so contributes nothing downstream, as torch's
     F.scaled_dot_product_attention does (2.13, every backend) for a query whose keys are all masked.
-    Raises RefformerError for a cache or dy that does not match the forward.
-    Raises RefformerError for a non-floating x or an axis it does not have.
+    y has x's shape and dtype. Raises RefformerError for a non-floating x or an axis it does not have.
     """
     check_axis(x, axis)
     row_max = np.max(x, axis=axis, keepdims=True, initial=-np.inf)  # initial: an empty axis (S = 0) is allowed
@@ -421,7 +450,7 @@ def log_softmax_backward(cache, dy, axis=-1):
 
 
 def check_axis(x, axis):
-    """x floating with at least one axis; axis an integer naming one of them."""
+    """Raises RefformerError unless x is floating with at least one axis and axis an integer naming one of them."""
     check_array("x", x, kind="f")
     check(x.ndim >= 1, "x must have at least one axis")
     check_number("axis", axis, -x.ndim, x.ndim - 1, integer=True)
