@@ -41,7 +41,7 @@ def batches(data_dir, rng, n):
 
         tokenizer = load_tokenizer(Path(data_dir) / "tokenizer.json")
         pairs = read_tsv(Path(data_dir) / "train.tsv")
-        ids = zip(encode(tokenizer, [s for s, _ in pairs]), encode(tokenizer, [t for _, t in pairs]))
+        ids = list(zip(encode(tokenizer, [s for s, _ in pairs]), encode(tokenizer, [t for _, t in pairs])))
         examples, _ = seq2seq_examples(ids, bos_id=CFG.bos_id, eos_id=CFG.eos_id, max_len=CFG.max_positions)
         made = make_batches(examples, max_tokens=4096, pad_id=CFG.pad_id, seed=0)
         picked = np.random.default_rng(0).choice(len(made), n, replace=False)  # all lengths, not just the shortest
