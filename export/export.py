@@ -79,7 +79,8 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GB: bigger gra
 
 
 def save_graph(model, path, external_data=None):
-    """Save one graph; weights go to PATH.data beside it when external_data is True (or the graph is too big)."""
+    """Save one onnx.ModelProto at path; weights go to PATH.data beside it when external_data is True (or, with
+    None, when they exceed EXTERNAL_DATA_THRESHOLD bytes). Raises what onnx.save_model raises (OSError)."""
     path = Path(path)
     if external_data is None:
         external_data = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
@@ -92,7 +93,8 @@ def save_graph(model, path, external_data=None):
 
 
 def io_spec(model):
-    """Input/output names, shapes (ints or axis names) and element types, for the manifest."""
+    """{"inputs": [...], "outputs": [...]} of an onnx.ModelProto, each {"name", "shape" (ints or axis names),
+    "dtype" (numpy's name: "int64", "float32", "float16")}, for the manifest."""
     def spec(values):
         out = []
         for value in values:

@@ -102,6 +102,7 @@ def model_key(model_dir):
 
 
 def sha256_text(text):
+    """The sha256 hex digest of a str (UTF-8)."""
     import hashlib
 
     return hashlib.sha256(text.encode()).hexdigest()
@@ -272,7 +273,9 @@ def graph_files(cfg):
 
 
 def check_external_data(path):
-    """Every external-data location of the graph at path must be a relative path inside its folder."""
+    """Every external-data location of the graph at path must be a relative path inside its folder. Raises
+    RefformerError for a missing file, a file onnx cannot load, a location outside the folder, or a missing
+    data file."""
     path = Path(path)
     folder = path.parent.resolve()
     if not path.is_file():
@@ -294,7 +297,8 @@ def check_external_data(path):
 
 
 def check_path(name, value):
-    """A folder argument must be a str or os.PathLike naming something (RefformerError otherwise)."""
+    """A folder argument (its parameter name, and value) must be a str or os.PathLike naming something. Raises
+    RefformerError otherwise."""
     if isinstance(value, bytes) or not isinstance(value, (str, os.PathLike)) or not str(value):
         raise RefformerError(f"{name} must be a folder path (str or pathlib.Path), got {value!r}")
 
@@ -306,7 +310,8 @@ def replace_folder(new, target):
     """Rename the folder new to target. An existing target is first renamed aside to .NAME.old-PID@HOST-*, and
     removed after the swap; a process killed between the two renames leaves that folder, and the next
     recover_leftovers renames it back. Safe when several processes export the same target at once (the last
-    one wins; each swap is whole)."""
+    one wins; each swap is whole). Raises OSError for a rename the file system refuses, RefformerError when
+    other processes keep replacing target (100 tries)."""
     target = Path(target)
     for _ in range(100):
         try:
@@ -401,7 +406,8 @@ def remove_legacy_leftovers(model_dir):
 
 
 def read_manifest(onnx_dir):
-    """manifest.json of an export folder; RefformerError saying what is wrong (missing, not JSON, an older format)."""
+    """manifest.json of an export folder, as a dict. Raises RefformerError saying what is wrong (missing, not JSON,
+    an older format, files not listed as refformer writes them)."""
     path = Path(onnx_dir) / MANIFEST_FILE
     manifest = read_json(path, "run `refformer export` first")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("graphs"), dict):
@@ -420,6 +426,7 @@ def read_manifest(onnx_dir):
 
 
 def is_stale(model_dir, manifest):
-    """True when the model's config or weights changed since the export."""
+    """True when the model's config or weights changed since the export (their sha256 against the manifest's).
+    Raises RefformerError when config.json or model.safetensors is missing."""
     hashes = model_hashes(model_dir)
     return any(manifest.get(key) != value for key, value in hashes.items())

@@ -88,6 +88,7 @@ class Graph:
         return self.weight(f"const.{name}", np.asarray(value, dtype=dtype), dtype=dtype)
 
     def input(self, name, elem_type, shape):
+        """A graph input (elem_type: a TensorProto type; shape: ints and axis names); returns its name."""
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
@@ -99,6 +100,8 @@ class Graph:
         return name
 
     def model(self, producer_version="0"):
+        """The onnx.ModelProto (IR version 10 at most, com.microsoft opset 1 when a contrib op is used), its shapes
+        inferred in strict mode: raises onnx's InferenceError for a graph whose shapes or types do not check."""
         for node in self.nodes:
             node.input[:] = [self.renames.get(name, name) for name in node.input]
             node.output[:] = [self.renames.get(name, name) for name in node.output]
@@ -113,6 +116,7 @@ class Graph:
 
     # ------------------------------------------------------------ op helpers
     def cast(self, x, to, at, name="Cast"):
+        """x cast to the TensorProto type to (a Cast node at/name)."""
         return self.op("Cast", [x], at, name=name, to=to)
 
     def to_float32(self, x, at, name="CastToFloat"):
@@ -120,4 +124,5 @@ class Graph:
         return x if self.dtype == "fp32" else self.cast(x, TensorProto.FLOAT, at, name)
 
     def to_graph_float(self, x, at, name="CastToGraphFloat"):
+        """Cast a float32 x back to the graph's float type (a no-op graph-wise in fp32 graphs)."""
         return x if self.dtype == "fp32" else self.cast(x, self.float_type, at, name)

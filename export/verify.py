@@ -108,7 +108,11 @@ def run_decoder(sess, cfg, dtype, ids, positions, keep, past, cross=None, encode
 
 
 def compare_pass(cfg, params64, sessions, dtype, check, provider, src, src_keep, tgt, tgt_keep, tgt_positions):
-    """Prompt pass (P = 0) then one cached step on every output, against refimpl's twins."""
+    """The "random" or "real" check (named by check) of the reference graphs on one provider: the prompt pass
+    (P = 0, tgt[:, :-1]) then one cached step (tgt[:, -1:]) through decoder.onnx, and encoder.onnx for
+    encoder-decoder, every output (per layer) against refimpl.encode / refimpl.decoder_step in float64 (params64).
+    src, src_keep [B, S] int64; tgt, tgt_keep, tgt_positions [B, T] int64 (left-padded rows allowed: padding
+    queries are not compared). Returns rows (check, provider, output name, rel_error)."""
     rows = []
     cross, cross_ref = None, None
     if cfg.is_encoder_decoder:
@@ -138,8 +142,10 @@ def compare_pass(cfg, params64, sessions, dtype, check, provider, src, src_keep,
 
 
 def incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, cross, prompts, n_steps, rng):
-    """Left-padded prompts of different lengths, then n_steps single-token steps through decoder.onnx,
-    against refimpl.model_forward over the whole (padded) sequence. cross: encoder_cross's cache for src."""
+    """Left-padded prompts (lists of token ids) of different lengths, then n_steps single-token steps of random ids
+    (rng) through sessions["decoder"], its present cache fed back, against refimpl.model_forward over the whole
+    (padded) sequence in float64. cross: encoder_cross's cache for src [B, S] (None for decoder-only). Returns one
+    row ("incremental", provider, "logits (prompt + steps)", rel_error)."""
     ids, keep, positions = left_pad(prompts, cfg.pad_id)
     B = ids.shape[0]
     n_steps = max(0, min(n_steps, cfg.max_positions - ids.shape[1]))  # positions stay below max_positions
@@ -164,7 +170,8 @@ def incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, c
 
 
 def random_ids(cfg, rng, size):
-    """Random token ids of shape size; from 4 up (past the default special ids) when the vocabulary has room."""
+    """Random token ids (int64) of shape size; from 4 up (past the default special ids) when the vocabulary has
+    room."""
     return rng.integers(4 if cfg.vocab_size > 8 else 0, cfg.vocab_size, size)
 
 
@@ -176,6 +183,9 @@ def random_prompts(cfg, rng, limit=None):
 
 
 def random_inputs(cfg, rng, B=3, S=6, T=5):
+    """Random inputs of compare_pass, all int64: src, src_keep [B, S] (rows of different source lengths, right-padded,
+    each with one real token at least), tgt, tgt_keep, tgt_positions [B, T] (the last row left-padded by one); S and
+    T cut to max_positions."""
     S, T = min(S, cfg.max_positions), min(T, cfg.max_positions)
     src = random_ids(cfg, rng, (B, S))
     src_keep = np.ones((B, S), np.int64)
@@ -198,13 +208,14 @@ def load_sessions(cfg, onnx_dir, provider):
 
 
 def as_dicts(rows):
-    """(check, provider, output, error) rows -> dicts with those keys."""
+    """(check, provider, output, error) rows -> dicts with those keys (error: rel_error, a float)."""
     return [{"check": c, "provider": p, "output": o, "error": e} for c, p, o, e in rows]
 
 
 def export_checks(cfg, params, onnx_dir, dtype, graphs, seed=0):
     """What export records in the manifest: on ONNX Runtime CPU, the random-input rows and variant_checks' rows
-    for the graphs, as dicts."""
+    for the graphs (names without .onnx) of onnx_dir, as dicts (check, provider, output, error). Raises
+    RefformerError (onnx_runtime_errors) for graphs ONNX Runtime cannot load or run."""
     provider = CPU_PROVIDER
     params64 = tree_cast(params, np.float64)
     with onnx_runtime_errors(onnx_dir):  # one line, never ONNX Runtime's traceback
@@ -273,8 +284,8 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
 
 @contextlib.contextmanager
 def onnx_runtime_errors(onnx_dir):
-    """ONNX Runtime's own exceptions (and a graph whose inputs or outputs are not this model's) while running the
-    graphs of onnx_dir -> one RefformerError saying to export again."""
+    """A context that turns ONNX Runtime's own exceptions (and a graph whose inputs or outputs are not this model's)
+    while running the graphs of onnx_dir into one RefformerError saying to export again; raises it."""
     try:
         yield
     except RefformerError as error:
@@ -291,7 +302,9 @@ def onnx_runtime_errors(onnx_dir):
 
 
 def real_inputs(cfg, tokenizer):
-    """Tokenized sentences (German sources and their bos-prefixed English-like targets, or English text)."""
+    """compare_pass's inputs from REAL_SENTENCES tokenized by the model's tokenizer (German sources and their
+    bos-prefixed targets, or English text): src, src_keep [B, S] (right-padded), tgt, tgt_keep, tgt_positions
+    [B, T] (left-padded), all int64. Raises RefformerError for a tokenizer that fails (refimpl's encode)."""
     texts = REAL_SENTENCES[cfg.family]
     from refformer.refimpl.training.tokenizer import encode  # a tokenizer that panics is one RefformerError, silently
 
@@ -310,7 +323,8 @@ def static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0, n_s
     """A static graph (decoder_static.onnx, or graph="decoder_static_mha" / "decoder_static_fused"), one token per
     call over left-padded prompts, against decoder.onnx (the reference graph) fed the same tokens, and against
     refimpl; next_ids must be the argmax of its logits. The check is named after the graph's variant ("static",
-    "static_mha" or "static_fused")."""
+    "static_mha" or "static_fused"). Returns rows (check, provider, output, error); none when the prompts and
+    steps do not fit the graph's L slots."""
     static = make_session(Path(onnx_dir) / graph_file(graph), provider)
     inputs = {i.name: i for i in static.get_inputs()}
     L = inputs[past_key(0)].shape[2]
@@ -359,7 +373,8 @@ def static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0, n_s
 
 def fused_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0):
     """decoder_fused.onnx in place of decoder.onnx: the incremental check against refimpl, and its logits
-    against decoder.onnx's on the same left-padded prompts and steps."""
+    against decoder.onnx's on the same left-padded prompts and steps. Returns rows (check, provider, output,
+    error)."""
     fused = dict(sessions, **{DECODER: make_session(Path(onnx_dir) / graph_file(decoder_graph("fused")), provider)})
     rng = np.random.default_rng(seed)
     src, src_keep = random_inputs(cfg, rng)[:2]
@@ -379,7 +394,7 @@ def fused_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0):
 
 def variant_checks(cfg, params64, sessions, onnx_dir, dtype, provider, graphs, seed=0):
     """The rows of the faster decoders among graphs (names without .onnx) that run on the provider: each
-    decoder_static* by static_check, decoder_fused by fused_check."""
+    decoder_static* by static_check, decoder_fused by fused_check (contract.runs_on decides what runs)."""
     rows = []
     for graph in map(decoder_graph, STATIC_VARIANTS):
         if graph in graphs and runs_on(graph, dtype, provider):

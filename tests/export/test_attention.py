@@ -39,7 +39,8 @@ def test_attention_with_padding_and_causal_masks(B, H, T, S, Dh, seed):
 def test_causal_padding_mask(B, T, P, seed):
     keep = (np.random.default_rng(seed).random((B, P + T)) < 0.8).astype(np.int64)
     g = Graph("mask")
-    xattention.causal_padding_mask(g, g.input("ids", TensorProto.INT64, [B, T]), g.input("keep", TensorProto.INT64, [B, P + T]), "/m")
+    ids, keep_name = g.input("ids", TensorProto.INT64, [B, T]), g.input("keep", TensorProto.INT64, [B, P + T])
+    xattention.causal_padding_mask(g, ids, keep_name, "/m")
     got = run_both(g, {"ids": np.zeros((B, T), np.int64), "keep": keep}, (B, 1, T, P + T), TensorProto.BOOL)
     expected = attention.causal_mask(T, P + T, past=P)[None, None] & attention.padding_mask(keep)
     for result in got:

@@ -124,7 +124,8 @@ def test_cli_export_and_verify(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["verify", "--model", str(tmp_path / "m"), "--onnx-dir", str(tmp_path / "out"), "--provider", "cpu"])
+    result = runner.invoke(main, ["verify", "--model", str(tmp_path / "m"), "--onnx-dir", str(tmp_path / "out"),
+                                  "--provider", "cpu"])
     assert result.exit_code == 0, result.output
     assert "logits (prompt + steps)" in result.output and "within the fp32 bound" in result.output
 

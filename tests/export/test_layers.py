@@ -22,7 +22,8 @@ from .graph_runner import FLOAT, check, dims, finish, run_both, run_ort
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
-@given(B=dims, S=dims, H=st.sampled_from([1, 2, 4]), activation=st.sampled_from(["relu", "gelu"]), seed=st.integers(0, 2**16))
+@given(B=dims, S=dims, H=st.sampled_from([1, 2, 4]), activation=st.sampled_from(["relu", "gelu"]),
+       seed=st.integers(0, 2**16))
 def test_encoder_layer(norm_first, B, S, H, activation, seed):
     cfg = Config(d_model=8, n_heads=H, d_ff=12, norm_first=norm_first, activation=activation, dropout=0.0)
     rng = np.random.default_rng(seed)

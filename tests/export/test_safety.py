@@ -112,7 +112,8 @@ def test_out_refuses_the_folder_of_all_export_sets(tmp_path):
     make_model(tmp_path / "m")
     export_model(tmp_path / "m", measure=False)
     before = snapshot(tmp_path / "m")
-    one_line_error(invoke("export", "--model", tmp_path / "m", "--out", tmp_path / "m" / "onnx"), "not a refformer export")
+    one_line_error(invoke("export", "--model", tmp_path / "m", "--out", tmp_path / "m" / "onnx"),
+                   "not a refformer export")
     assert snapshot(tmp_path / "m") == before
 
 
@@ -243,7 +244,8 @@ def test_a_save_killed_between_its_renames_is_finished_or_never_happened(tmp_pat
 
     old_cfg = make_model(tmp_path / "m", d_ff=24)
     tokenizer = write_word_level_tokenizer(tmp_path / "tokenizer.json", 40)
-    new_cfg = old_cfg.replace(d_ff=32) if hasattr(old_cfg, "replace") else type(old_cfg)(**{**vars(old_cfg), "d_ff": 32})
+    new_cfg = (old_cfg.replace(d_ff=32) if hasattr(old_cfg, "replace")
+               else type(old_cfg)(**{**vars(old_cfg), "d_ff": 32}))
     with monkeypatch.context() as patch:
         crash_after(patch, n)
         with pytest.raises(OSError, match="simulated crash"):
@@ -278,7 +280,8 @@ def test_non_finite_weights_are_not_exported_or_verified(tmp_path, bad):
     params["decoder"]["layers"][1]["ffn"]["fc1"]["weight"][0, 3] = bad
     save(tmp_path / "m", cfg, params)
     before = snapshot(tmp_path / "m" / "onnx")
-    one_line_error(invoke("export", "--model", tmp_path / "m"), "decoder.layers.1.ffn.fc1.weight has 1 non-finite value")
+    one_line_error(invoke("export", "--model", tmp_path / "m"),
+                   "decoder.layers.1.ffn.fc1.weight has 1 non-finite value")
     assert snapshot(tmp_path / "m" / "onnx") == before
     with pytest.raises(RefformerError, match="decoder.layers.1.ffn.fc1.weight has 1 non-finite"):
         verify(tmp_path / "m", tmp_path / "m" / "onnx" / "fp32")
@@ -318,7 +321,8 @@ def test_each_dtype_and_variant_set_has_its_own_folder(tmp_path):
     times = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in (tmp_path / "m" / "onnx").iterdir()}
     assert ensure_export(tmp_path / "m", "fp16") == tmp_path / "m" / "onnx" / "fp16"
     assert ensure_export(tmp_path / "m", "fp32", 8) == tmp_path / "m" / "onnx" / "fp32-static8"
-    assert ensure_export(tmp_path / "m", "fp32", fused_attention=True) == tmp_path / "m" / "onnx" / "fp32-static16-fused"
+    assert (ensure_export(tmp_path / "m", "fp32", fused_attention=True)
+            == tmp_path / "m" / "onnx" / "fp32-static16-fused")
     assert times == {p.name: (p / "manifest.json").stat().st_mtime_ns for p in (tmp_path / "m" / "onnx").iterdir()}
     # a generate wanting another static length adds its own set
     ensure_export(tmp_path / "m", "fp32", 12)
@@ -384,7 +388,8 @@ def test_graphs_of_another_model_are_detected(tmp_path):
     export_model(tmp_path / "b", measure=False)
     a_dir, b_dir = tmp_path / "a" / "onnx" / "fp32", tmp_path / "b" / "onnx" / "fp32"
     shutil.copy(b_dir / "decoder.onnx", a_dir / "decoder.onnx")
-    one_line_error(invoke("verify", "--model", tmp_path / "a"), "decoder.onnx is not the file its manifest.json records")
+    one_line_error(invoke("verify", "--model", tmp_path / "a"),
+                   "decoder.onnx is not the file its manifest.json records")
     assert ensure_export(tmp_path / "a") == a_dir  # generate's own export: made again
     verify(tmp_path / "a", a_dir, ["CPUExecutionProvider"])
     # a manifest forged to match the foreign graphs: ONNX Runtime's failure is one line too
@@ -393,7 +398,8 @@ def test_graphs_of_another_model_are_detected(tmp_path):
     manifest["files"]["decoder.onnx"] = json.loads((b_dir / "manifest.json").read_text())["files"]["decoder.onnx"]
     (a_dir / "manifest.json").write_text(json.dumps(manifest))
     result = invoke("verify", "--model", tmp_path / "a", "--provider", "cpu")
-    assert result.exit_code == 1 and "run `refformer export` again" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "run `refformer export` again" in result.output
+    assert "Traceback" not in result.output
     assert [line for line in result.output.splitlines() if line.startswith("error:")] == result.output.splitlines()[-1:]
 
 
@@ -443,7 +449,8 @@ def test_the_cuda_notice_only_where_a_gpu_is_present(monkeypatch, capsys, gpu):
     (["verify", "--seed", "-1"], "--seed must be >= 0"),
     (["golden", "--seed", "-3", "--out", "{tmp}/g.npz"], "--seed must be >= 0"),
     (["convert-torch", "{tmp}/x.pt", "--tokenizer", "{tmp}/t.json", "--out", "{tmp}/c", "--n-heads", "0"], "--n-heads"),
-    (["convert-torch", "{tmp}/x.pt", "--tokenizer", "{tmp}/t.json", "--out", "{tmp}/c", "--n-heads", "-4"], "--n-heads"),
+    (["convert-torch", "{tmp}/x.pt", "--tokenizer", "{tmp}/t.json", "--out", "{tmp}/c", "--n-heads", "-4"],
+     "--n-heads"),
     (["convert-torch", "{tmp}/x.pt", "--tokenizer", "{tmp}/t.json", "--out", "{tmp}/c", "--n-heads", "2",
       "--pad-id", "-1"], "--pad-id"),
     (["convert-torch", "{tmp}/x.pt", "--tokenizer", "{tmp}/t.json", "--out", "{tmp}/c", "--n-heads", "2",
@@ -478,8 +485,8 @@ def test_golden_and_convert_torch_keep_existing_files_unless_overwrite(tmp_path)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "g.npz").read_bytes()[:2] == b"PK"
     before = snapshot(tmp_path / "m")
-    one_line_error(invoke("convert-torch", tmp_path / "x.pt", "--tokenizer", tmp_path / "t.json", "--out", tmp_path / "m",
-                          "--n-heads", "2"), "pass --overwrite")
+    one_line_error(invoke("convert-torch", tmp_path / "x.pt", "--tokenizer", tmp_path / "t.json",
+                          "--out", tmp_path / "m", "--n-heads", "2"), "pass --overwrite")
     assert snapshot(tmp_path / "m") == before
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
@@ -550,8 +557,9 @@ def test_golden_takes_a_huge_seed_and_refuses_the_export_folder(tmp_path):
     assert result.exit_code == 0, result.output
     export_model(tmp_path / "m", measure=False)
     before = snapshot(tmp_path / "m")
-    one_line_error(invoke("golden", "--model", tmp_path / "m", "--out", tmp_path / "m" / "onnx" / "fp32" / "manifest.json",
-                          "--overwrite"), "is in the model's export folder")
+    one_line_error(invoke("golden", "--model", tmp_path / "m",
+                          "--out", tmp_path / "m" / "onnx" / "fp32" / "manifest.json", "--overwrite"),
+                   "is in the model's export folder")
     assert snapshot(tmp_path / "m") == before
 
 
@@ -563,8 +571,8 @@ def test_convert_torch_names_a_device_and_cuts_torchs_advice(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(bytes(range(256)) * 4)
     one_line_error(invoke("convert-torch", "/dev/zero", "--tokenizer", tmp_path / "t.json", "--out", tmp_path / "c",
                           "--n-heads", "2"), "/dev/zero is not a file")
-    result = invoke("convert-torch", tmp_path / "garbage.pt", "--tokenizer", tmp_path / "t.json", "--out", tmp_path / "c",
-                    "--n-heads", "2")
+    result = invoke("convert-torch", tmp_path / "garbage.pt", "--tokenizer", tmp_path / "t.json",
+                    "--out", tmp_path / "c", "--n-heads", "2")
     one_line_error(result, "is not a state_dict of tensors")
     assert "trusted source" not in result.stderr and not (tmp_path / "c").exists()
 
@@ -666,7 +674,8 @@ def test_export_never_writes_into_the_package(tmp_path):
         assert not out.exists()
 
 
-@pytest.mark.parametrize("kind, message", [("sparse", "is a torch.sparse_coo tensor"), ("quantized", "is a quantized tensor"),
+@pytest.mark.parametrize("kind, message", [("sparse", "is a torch.sparse_coo tensor"),
+                                           ("quantized", "is a quantized tensor"),
                                            ("uint16", "has dtype uint16, expected floating point")])
 def test_convert_torch_refuses_tensors_it_cannot_read_in_one_line(tmp_path, kind, message):
     torch = pytest.importorskip("torch")
@@ -743,8 +752,9 @@ def test_export_refuses_graphs_beyond_the_error_bound(tmp_path, monkeypatch):
     make_model(tmp_path / "m")
     monkeypatch.setattr(export_module, "export_checks", lambda *args, **kwargs: [
         {"check": "random", "provider": "CPUExecutionProvider", "output": "logits (step)", "error": 0.37}])
-    one_line_error(invoke("export", "--model", tmp_path / "m"), "differ from refimpl by 3.70e-01 (random: logits "
-                                                                "(step)), beyond the fp32 bound 1e-05; nothing was written")
+    one_line_error(invoke("export", "--model", tmp_path / "m"),
+                   "differ from refimpl by 3.70e-01 (random: logits (step)), beyond the fp32 bound 1e-05; nothing "
+                   "was written")
     assert not (tmp_path / "m" / "onnx" / "fp32").exists()
 
 
@@ -773,7 +783,8 @@ def test_a_relative_or_unusable_cache_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert folder_module.cache_root() == tmp_path / "home" / ".cache" / "refformer"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", "")  # no home folder: a folder of this user's in the temporary folder, never cwd-relative
+    monkeypatch.setenv("HOME", "")  # no home folder: a folder of this user's in the temporary folder, never
+    # relative to the current folder
     assert folder_module.cache_root().is_absolute()
 
 
