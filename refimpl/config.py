@@ -2,12 +2,11 @@
 
 import dataclasses
 import json
-import math
 import numbers
 
 import numpy as np
 
-from .errors import RefformerError, physical_memory_bytes
+from .errors import RefformerError, check_rng, is_finite, physical_memory_bytes
 
 FORMAT_VERSION = 1
 FAMILIES = ("encoder-decoder", "decoder-only")
@@ -158,7 +157,7 @@ def _checked_field(name, value):
         if is_bool or not isinstance(value, numbers.Integral) or int(value) < least:
             fail("a positive integer" if least else "an integer >= 0")
         return int(value)
-    if is_bool or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if is_bool or not isinstance(value, numbers.Real) or not is_finite(value):
         fail("a finite number")
     value = float(value)
     if name == "norm_eps" and not NORM_EPS_RANGE[0] <= value <= NORM_EPS_RANGE[1]:
@@ -171,9 +170,11 @@ def _checked_field(name, value):
 # ---------------------------------------------------------------------------- memory
 
 
-def _check_is_config(cfg):
+def check_config(cfg, rng=None):
+    """Raises RefformerError unless cfg is a Config and rng is None or a numpy.random.Generator."""
     if not isinstance(cfg, Config):
         raise RefformerError(f"cfg must be a refformer Config, got {type(cfg).__name__}")
+    check_rng("rng", rng)
 
 
 def parameter_count(cfg):
@@ -181,7 +182,7 @@ def parameter_count(cfg):
 
     Raises RefformerError unless cfg is a Config.
     """
-    _check_is_config(cfg)
+    check_config(cfg)
     D, F, V, N = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.max_positions
     norm = 2 * D if cfg.norm == "layernorm" else D
     attention = 4 * (D * D + D)
@@ -225,7 +226,7 @@ def check_fits_memory(cfg, dtype=np.float32, copies=1):
     the sinusoidal table [max_positions, D] in float64 that an export embeds. No array is allocated.
     Raises RefformerError naming the sizes to lower.
     """
-    _check_is_config(cfg)
+    check_config(cfg)
     if isinstance(copies, bool) or not isinstance(copies, numbers.Integral) or copies < 1:
         raise RefformerError(f"copies must be a positive integer, got {copies!r}")
     weights = copies * parameter_bytes(cfg, dtype)

@@ -74,7 +74,7 @@ def check_number(name, value, low=None, high=None, *, low_open=False, high_open=
     else:
         where = ""
     kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind) or not _finite(value, integer):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind) or not is_finite(value, integer):
         word = "an integer" if integer else "a finite number"
         raise RefformerError(f"{name} must be {word}{' ' + where if where else ''}, got {value!r}")
     too_low = low is not None and (value <= low if low_open else value < low)
@@ -84,9 +84,9 @@ def check_number(name, value, low=None, high=None, *, low_open=False, high_open=
     return value
 
 
-def _finite(value, integer):
-    """math.isfinite for any real number; an integer too large for a float (10**400) is finite as an integer,
-    and not where a float is wanted (it would overflow)."""
+def is_finite(value, integer=False):
+    """math.isfinite for any real number, without its OverflowError: an integer too large for a float (10**400) is
+    finite as an integer (integer=True) and not where a float is wanted (it would overflow)."""
     try:
         return math.isfinite(value)
     except OverflowError:

@@ -32,17 +32,13 @@ import secrets
 
 import numpy as np
 
-from .config import Config, format_bytes
+from .config import check_config, format_bytes
 from .errors import check, check_array, check_number, physical_memory_bytes
 from .model import check_ids, check_model, decoder_step, empty_cache, encode, left_padded_positions, token_keep_mask
 from .ops import log_softmax_forward, softmax_forward
 
 MAX_BEAMS = 1024  # num_beams and num_return_sequences above this are refused before anything is allocated
 SEED_RANGE = 2 ** 32  # a seed drawn for seed=None lies in [0, SEED_RANGE)
-
-
-def _check_cfg(cfg):
-    check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
 
 
 def _check_scores(name, scores):
@@ -140,7 +136,7 @@ def search_memory_bytes(cfg, rows, itemsize=4):
     """A bound on the memory a search of `rows` sequences at once holds: per row, the self-attention cache at its
     longest (max_positions, twice that after a left-padded prompt), the cross-attention keys and values, and a few
     float64 copies of the scores. Raises RefformerError for a bad cfg or rows."""
-    _check_cfg(cfg)
+    check_config(cfg)
     check_number("rows", rows, 0, integer=True)
     check_number("itemsize", itemsize, 1, integer=True)
     width = cfg.n_decoder_layers * 2 * cfg.d_model * itemsize  # keys and values of one position, every layer
@@ -298,7 +294,7 @@ def process_logits(logits, sequences, n_generated, options, cfg):
     """
     _check_scores("logits", logits)
     check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
-    _check_cfg(cfg)
+    check_config(cfg)
     check(logits.shape[1] > cfg.eos_id, f"logits must have a column for every token id (eos is {cfg.eos_id})")
     sequences = _check_sequences(sequences, logits.shape[0], logits.shape[1])
     check_number("n_generated", n_generated, 0, integer=True)
@@ -403,7 +399,7 @@ def prepare_inputs(cfg, src_ids=None, src_mask=None, prompt_ids=None, prompt_mas
     Returns (ids [B, P], attention_mask [B, P], positions [B, P], src_keep or None). Raises RefformerError for
     missing, malformed or out-of-vocabulary inputs.
     """
-    _check_cfg(cfg)
+    check_config(cfg)
     if cfg.is_encoder_decoder:
         check(src_ids is not None, "an encoder-decoder model needs src_ids")
         check_ids("src_ids", src_ids, cfg)
@@ -425,7 +421,7 @@ def step_budget(cfg, options, src_keep, positions):
     """How many tokens each row may generate, [B]: max_new_tokens (default 2 S + 10 for a source of S tokens, or
     what fits for a prompt), within max_positions. Per row, so a row's budget never depends on its batch.
     src_keep [B, S] (encoder-decoder), positions [B, T] integer. Raises RefformerError for bad input."""
-    _check_cfg(cfg)
+    check_config(cfg)
     check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
     check_array("positions", positions, ndim=2, kind="i")
     check(positions.shape[1] >= 1, "positions must have at least one column")
@@ -641,7 +637,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
 
 def check_search_arguments(cfg, options, stepper):
     """Raises RefformerError unless cfg is a Config, options a GenerationOptions and stepper a Stepper."""
-    check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
+    check_config(cfg)
     check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
     check(isinstance(stepper, Stepper), f"stepper must have start, step and reorder: a subclass of "
                                         f"refformer.refimpl.generate.Stepper, got {type(stepper).__name__}")
@@ -656,7 +652,7 @@ def generate(cfg, params, src_ids=None, prompt_ids=None, options=None, src_mask=
     """
     options = GenerationOptions() if options is None else options
     check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
-    check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
+    check_config(cfg)
     if stepper is None:
         check(isinstance(params, dict), "params must be the model's parameter dict (or pass a stepper)")
         stepper = ReferenceStepper(cfg, params)
@@ -679,7 +675,7 @@ def generate(cfg, params, src_ids=None, prompt_ids=None, options=None, src_mask=
 def trim_after_eos(row, cfg):
     """Generated ids up to and including the first eos (the pads after it dropped). Raises RefformerError unless
     row is a list of token ids and cfg a Config."""
-    _check_cfg(cfg)
+    check_config(cfg)
     return _trim_after_eos(_check_token_list("row", row), cfg)
 
 
@@ -689,7 +685,7 @@ def _trim_after_eos(row, cfg):
 
 def greedy(cfg, params, src_ids, src_mask=None, max_new_tokens=None):
     """Encoder-decoder greedy decoding. src_ids [B, S] (src + [eos], padded) -> ids [B, L] (eos, then pad)."""
-    check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
+    check_config(cfg)
     check(cfg.is_encoder_decoder, "greedy needs an encoder-decoder model; use greedy_lm for decoder-only")
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     steps = search_iter(ReferenceStepper(cfg, params), cfg, options, src_ids=src_ids, src_mask=src_mask)
@@ -698,7 +694,7 @@ def greedy(cfg, params, src_ids, src_mask=None, max_new_tokens=None):
 
 def greedy_lm(cfg, params, prompt_ids, prompt_mask=None, max_new_tokens=None):
     """Decoder-only greedy continuation of left-padded prompts [B, P] -> ids [B, L] (eos, then pad)."""
-    check(isinstance(cfg, Config), f"cfg must be a refformer Config, got {type(cfg).__name__}")
+    check_config(cfg)
     check(not cfg.is_encoder_decoder, "greedy_lm needs a decoder-only model; use greedy for encoder-decoder")
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     steps = search_iter(ReferenceStepper(cfg, params), cfg, options, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
@@ -708,7 +704,7 @@ def greedy_lm(cfg, params, prompt_ids, prompt_mask=None, max_new_tokens=None):
 def strip(ids, cfg):
     """Rows of generated ids [B, L] -> lists of ids up to (not including) each row's eos. Raises RefformerError
     unless ids is a 2-D integer array (or list of equal-length lists) and cfg a Config."""
-    _check_cfg(cfg)
+    check_config(cfg)
     ids = np.asarray(ids) if isinstance(ids, (list, tuple, np.ndarray)) else None
     check(ids is not None and ids.ndim == 2 and (ids.size == 0 or ids.dtype.kind in "iu"),
           "ids must be a [B, L] array of token ids")

@@ -10,8 +10,8 @@ eval mode) for dropout. Activations are [B, T, D] (S for the source), floating, 
 """
 
 from .attention import cached_self_attention_forward, mha_backward, mha_cached_forward, mha_forward, mha_shapes
-from .config import Config
-from .errors import RefformerError, check, check_array, check_rng, check_tree, reading_cache
+from .config import check_config
+from .errors import RefformerError, check, check_array, check_tree, reading_cache
 from .ops import (
     activation_backward,
     activation_forward,
@@ -50,13 +50,6 @@ def layer_shapes(cfg, cross):
         p.update(cross_attn=mha_shapes(cfg.d_model), cross_attn_norm=norm_shapes(cfg))
     p.update(ffn=feed_forward_shapes(cfg), ffn_norm=norm_shapes(cfg))
     return p
-
-
-def check_config(cfg, rng=None):
-    """Raises RefformerError unless cfg is a Config and rng is None or a numpy.random.Generator."""
-    if not isinstance(cfg, Config):
-        raise RefformerError(f"cfg must be a refformer Config, got {type(cfg).__name__}")
-    check_rng("rng", rng)
 
 
 # ---------------------------------------------------------------------------- feed-forward

@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from .attention import causal_mask, check_keep_mask, padding_mask, project_kv
-from .config import check_fits_memory
+from .config import check_config, check_fits_memory
 from .errors import (
     RefformerError,
     check,
@@ -37,7 +37,6 @@ from .errors import (
     reading_cache,
 )
 from .layers import (
-    check_config,
     decoder_layer_backward,
     decoder_layer_forward,
     encoder_layer_backward,

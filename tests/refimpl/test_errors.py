@@ -442,6 +442,7 @@ BAD_FIELDS = [
     ("unk_id", False, ["unk_id", "false"]),
     ("norm_eps", float("nan"), ["norm_eps must be a finite number, got NaN"]),
     ("norm_eps", float("inf"), ["norm_eps", "Infinity"]),
+    ("dropout", 10**400, ["dropout must be a finite number"]),  # an int beyond float range (was OverflowError)
     ("norm_eps", 0, ["norm_eps"]),
     ("norm_eps", -1e-5, ["norm_eps"]),
     ("norm_eps", True, ["norm_eps", "true"]),
