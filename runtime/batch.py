@@ -90,12 +90,13 @@ def utf8_bytes(raw):
 
 def not_json(constant):
     """json.loads's parse_constant: NaN, Infinity and -Infinity are Python's extension, not JSON; refused (a record
-    carrying them in its "id" would not be JSON either)."""
+    carrying them in its "id" would not be JSON either). Raises ValueError, which read_inputs reports."""
     raise ValueError(f"{constant} is not a JSON value")
 
 
 def finite_float(literal):
-    """json.loads's parse_float: a number too large for a float (1e999) is refused, not read as inf."""
+    """json.loads's parse_float: a number too large for a float (1e999) is refused (ValueError, which read_inputs
+    reports), not read as inf."""
     value = float(literal)
     if value in (float("inf"), float("-inf")):
         raise ValueError(f"{literal[:20]} is too large a number")
@@ -103,7 +104,8 @@ def finite_float(literal):
 
 
 def read_input_bytes(input_path):
-    """The bytes of --input (- for stdin), checked to be a readable file."""
+    """The bytes of --input (- for stdin), checked to be a readable file. Raises RefformerError for a closed stdin,
+    a missing file, a folder, a device or a file that cannot be read."""
     if input_path == "-":
         if sys.stdin is None:
             raise RefformerError("--input -: stdin is closed; give the texts on stdin or as --input FILE")

@@ -59,7 +59,8 @@ def flag_names(error):
 
 
 def generation_options(options):
-    """GenerationOptions from the command's flags; a bad value is refused naming its flag (--top-p, not top_p)."""
+    """GenerationOptions from the command's flags. Raises RefformerError for a bad value, naming its flag (--top-p,
+    not top_p)."""
     from refformer.refimpl.generate import GenerationOptions
 
     try:
@@ -69,7 +70,8 @@ def generation_options(options):
 
 
 def check_fits_memory(model_dir, generation, batch_size):
-    """Refuse beams x batch that cannot fit in memory, from the model's config.json alone (before loading it)."""
+    """Refuse beams x batch that cannot fit in memory, from the model's config.json alone (before loading it).
+    Raises RefformerError naming the flags to lower, or for a missing or broken config.json."""
     from refformer.refimpl.generate import check_search_fits_memory
     from refformer.refimpl.io import load_config
     from refformer.runtime.options import resolve_model
@@ -179,7 +181,8 @@ def refuse_model_folder_as_text(texts):
 
 
 def check_threads(threads):
-    """--threads: >= 1, and at most the CPU count (capped with a notice)."""
+    """--threads: >= 1, and at most the CPU count (capped with a notice); None stays None. Raises RefformerError
+    for a value below 1."""
     if threads is None:
         return None
     if threads < 1:

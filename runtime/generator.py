@@ -34,7 +34,7 @@ def note(message):
 
 
 def default_model_dir():
-    """The German->English model shipped inside the package."""
+    """The German->English model shipped inside the package (a Path). Raises RefformerError when it is missing."""
     path = Path(__file__).parent / "models" / "de-en"
     if not (path / "config.json").is_file():
         raise RefformerError(f"the bundled model is missing from {path}: reinstall refformer or pass --model DIR")
@@ -363,7 +363,8 @@ class Generator:
     def search_rows(self, rows, options):
         """Token rows -> per row, num_return_sequences lists of generated ids. The static decoders hold a fixed
         number of slots, which a decoder-only batch of prompts of several lengths can overrun (the left padding
-        takes slots); such a batch runs as one batch per prompt length (the same outputs: rows are independent)."""
+        takes slots); such a batch runs as one batch per prompt length (the same outputs: rows are independent).
+        Raises RefformerError for rows that are not a list of token id lists."""
         if not isinstance(rows, (list, tuple)):
             raise RefformerError(f"rows must be a list of token id lists (from encode_rows), got {type(rows).__name__}")
         if not rows:

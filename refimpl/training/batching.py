@@ -230,7 +230,10 @@ def epoch_order(n_batches, seed, epoch):
 
 
 def batch_stream(batches, seed, position=(0, 0)):
-    """Yield (batch, next position) forever, starting at position = (epoch, index into that epoch's order)."""
+    """Yield (batch, next position) forever, starting at position = (epoch, index into that epoch's order).
+
+    Raises RefformerError (at the first next(), as it is a generator) for batches that are not a non-empty list of
+    Batch, a position that is not two integers >= 0, and a seed epoch_order refuses."""
     check(isinstance(batches, (list, tuple)) and all(isinstance(batch, Batch) for batch in batches),
           "batches must be a list of Batch (from make_batches)")
     check(len(batches) > 0, "there are no training batches (is the training data empty?)")

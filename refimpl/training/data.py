@@ -276,7 +276,8 @@ def check_path(name, value, allow_none=False):
 
 
 def find_pydoc_sources(source=None):
-    """The .rst.txt files under source (a directory or a glob of directories), each real file once, sorted."""
+    """The .rst.txt files under source (a directory or a glob of directories), each real file once, sorted.
+    Raises RefformerError for a source that is not a path, or under which there are none (python3-doc missing)."""
     check_path("source", source, allow_none=True)
     pattern = str(source or PYDOC_SOURCE)
     files = {}

@@ -40,7 +40,8 @@ def training_texts(data_dir):
 
 
 def new_tokenizer(vocab_size, model="bpe"):
-    """An untrained byte-level tokenizer and its trainer."""
+    """An untrained byte-level tokenizer and its trainer (model "bpe" or "unigram"). Raises RefformerError for
+    another model or a vocab_size below MIN_VOCAB_SIZE."""
     if model not in MODELS:
         raise RefformerError(f"tokenizer model must be one of {', '.join(MODELS)}, got {model!r}")
     if vocab_size < MIN_VOCAB_SIZE:
@@ -165,7 +166,8 @@ def native_stderr_silenced():
 
 
 def decode(tokenizer, ids):
-    """The text of a list of token ids, special tokens skipped."""
+    """The text of a list of token ids, special tokens skipped. Raises RefformerError for an id outside the
+    vocabulary."""
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     ids = [int(token_id) for token_id in ids]
     bad = [token_id for token_id in ids if not 0 <= token_id < size]
