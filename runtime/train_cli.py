@@ -143,7 +143,7 @@ def _summary(result, out_dir, steps=None):
     last_eval = next((row for row in reversed(log) if row["valid_loss"] is not None), None)
     line = f"step {result.step}: train loss {log[-1]['loss']:.4f}"
     if last_eval is not None:
-        line += f", valid loss {last_eval['valid_loss']:.4f}, perplexity {_number(last_eval['valid_ppl'], 2)}"
+        line += f", valid loss {last_eval['valid_loss']:.4f}, perplexity {format_number(last_eval['valid_ppl'], 2)}"
         if last_eval.get("bleu") is not None:
             line += f", BLEU {last_eval['bleu']:.2f}, chrF {last_eval['chrf']:.2f}"
     click.echo(line)
@@ -182,10 +182,10 @@ def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
     dropped = result["skipped_too_long"]
     rows = [("split", split),
             ("examples", f"{result['examples']}" + (f" ({dropped} too long, skipped)" if dropped else "")),
-            ("tokens", f"{result['tokens']}"), ("loss", _number(result["loss"], 4)),
-            ("perplexity", _number(result["perplexity"], 2))]
+            ("tokens", f"{result['tokens']}"), ("loss", format_number(result["loss"], 4)),
+            ("perplexity", format_number(result["perplexity"], 2))]
     if cfg.is_encoder_decoder:
-        rows += [("BLEU", _number(result["bleu"], 2)), ("chrF", _number(result["chrf"], 2))]
+        rows += [("BLEU", format_number(result["bleu"], 2)), ("chrF", format_number(result["chrf"], 2))]
     rows.append(("seconds", f"{result['seconds']:.1f}"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -194,7 +194,7 @@ def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
         click.echo(f"note: {note}")
 
 
-def _number(value, digits):
+def format_number(value, digits):
     """value with digits decimals; '-' for none; a huge one (the perplexity of a diverged model) as 1.23e+304."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"

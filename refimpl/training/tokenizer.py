@@ -75,7 +75,7 @@ def train_tokenizer(data_dir, vocab_size, model="bpe"):
         raise RefformerError(f"vocab size must be an integer from {MIN_VOCAB_SIZE} (4 special tokens and 256 byte "
                              f"symbols) to {MAX_VOCAB_SIZE:,}, got {vocab_size!r}")
     tokenizer, trainer = new_tokenizer(vocab_size, model)
-    tokenizer.train_from_iterator(_pieces(training_texts(data_dir)), trainer)
+    tokenizer.train_from_iterator(training_pieces(training_texts(data_dir)), trainer)
     special_ids(tokenizer)  # trained tokenizers must have the special ids fixed above
     return tokenizer
 
@@ -83,7 +83,7 @@ def train_tokenizer(data_dir, vocab_size, model="bpe"):
 TRAINING_PIECE = 10_000  # characters; the trainer takes a longer line in pieces this long
 
 
-def _pieces(texts):
+def training_pieces(texts):
     """texts, a line longer than TRAINING_PIECE characters cut into pieces of that length: the native trainer takes
     minutes and gigabytes on one very long word (a 50 MB line ran over 5 minutes), and a piece boundary changes
     only the counts of the word it cuts."""

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from refformer.refimpl.training.tokenizer import MIN_VOCAB_SIZE, save_tokenizer, train_tokenizer
 from refformer.runtime.cli import main
-from refformer.runtime.train_cli import _number
+from refformer.runtime.train_cli import format_number
 
 PAIRS = [("ein Haus", "a house"), ("das Haus ist rot", "the house is red"), ("ich bin hier", "I am here"),
          ("der Hund", "the dog"), ("die Katze schläft", "the cat sleeps"), ("wir gehen", "we go")]
@@ -92,10 +92,10 @@ def test_real_ctrl_c_keeps_the_checkpoint_and_resume_repeats_the_run(data, tmp_p
 
 def test_numbers_of_a_diverged_model_are_short():
     """A perplexity of e^700 printed 300 digits."""
-    assert _number(1.0142e304, 2) == "1.01e+304"
-    assert _number(float("inf"), 2) == "inf"
-    assert _number(None, 2) == _number(float("nan"), 2) == "-"
-    assert _number(388.25, 2) == "388.25"
+    assert format_number(1.0142e304, 2) == "1.01e+304"
+    assert format_number(float("inf"), 2) == "inf"
+    assert format_number(None, 2) == format_number(float("nan"), 2) == "-"
+    assert format_number(388.25, 2) == "388.25"
 
 
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(data, tmp_path):
@@ -145,7 +145,7 @@ def test_a_huge_line_is_skipped_unencoded_and_the_tokenizer_trains_on_it_quickly
     start = time.monotonic()
     assert train_tokenizer(corpus, MIN_VOCAB_SIZE + 20).get_vocab_size() > MIN_VOCAB_SIZE
     assert time.monotonic() - start < 10
-    assert [len(piece) for piece in tokenizer_module._pieces(["x" * 25_000, "y"])] == [10_000, 10_000, 5_000, 1]
+    assert [len(piece) for piece in tokenizer_module.training_pieces(["x" * 25_000, "y"])] == [10_000, 10_000, 5_000, 1]
 
 
 def test_messages_say_what_to_do(data, tmp_path):
