@@ -24,11 +24,13 @@ NORM_EPS_RANGE = (float(np.finfo(np.float32).tiny), 1.0)  # a zero float32 eps d
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Architecture of an encoder-decoder or decoder-only Transformer.
+    """Architecture of an encoder-decoder or decoder-only Transformer (config.json's fields; frozen).
 
-    D = d_model, H = n_heads, F = d_ff, V = vocab_size. norm_first=False is the
+    D = d_model, H = n_heads, F = d_ff, V = vocab_size, N = max_positions. norm_first=False is the
     original post-LN layer (x = norm(x + f(x))); True is pre-LN (x = x + f(norm(x))),
     like torch's norm_first. final_norm adds a norm after each stack (nn.Transformer has one).
+    Construction raises RefformerError naming the field for a bad type or range, n_heads not dividing d_model,
+    a special id outside the vocabulary, or a model too large for this machine's memory.
     """
 
     vocab_size: int = 64
@@ -75,11 +77,12 @@ class Config:
 
     @property
     def head_dim(self):
-        """Dh = D / H."""
+        """Dh = D / H, the width of one attention head."""
         return self.d_model // self.n_heads
 
     @property
     def is_encoder_decoder(self):
+        """True for family "encoder-decoder", False for "decoder-only"."""
         return self.family == "encoder-decoder"
 
     def replace(self, **changes):
@@ -90,7 +93,7 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self):
-        """The config.json content (with format_version)."""
+        """The config.json content: a dict of every field, with format_version."""
         return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
@@ -110,6 +113,7 @@ class Config:
         return cls(**data)
 
     def to_json(self):
+        """to_dict() as indented JSON text with sorted keys and a final newline (config.json's bytes)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 

@@ -32,9 +32,11 @@ def check(condition, message):
 
 
 def check_array(name, x, ndim=None, shape=None, kind=None, dtype=None):
-    """Check an argument's type, rank, shape (None entries match anything) and dtype kind.
+    """Check an argument's type, rank, shape (None entries match anything), dtype kind and exact dtype.
 
-    kind: "f" floating, "i" integer ("i" also accepts unsigned), "b" boolean.
+    kind: "f" floating, "i" integer ("i" also accepts unsigned), "b" boolean. Raises RefformerError naming the
+    argument for a non-array, another rank, shape, kind or dtype, or an array (a broadcast view) whose size is
+    beyond this machine's memory.
     """
     if not isinstance(x, np.ndarray):
         raise RefformerError(f"{name} must be a numpy array, got {type(x).__name__}")
@@ -94,7 +96,8 @@ def is_finite(value, integer=False):
 
 
 def check_rng(name, rng, allow_none=True):
-    """rng must be a numpy.random.Generator (or None where allow_none)."""
+    """Raises RefformerError naming the argument unless rng is a numpy.random.Generator (or None where
+    allow_none)."""
     if rng is None and allow_none:
         return
     if not isinstance(rng, np.random.Generator):
@@ -103,14 +106,17 @@ def check_rng(name, rng, allow_none=True):
 
 
 def check_seed(name, seed):
-    """A seed is an integer >= 0 (numpy refuses negative seeds with its own error); returns it as an int."""
+    """A seed must be an integer >= 0 (numpy refuses negative seeds with its own error); returns it as an int.
+    Raises RefformerError naming the argument otherwise."""
     return int(check_number(name, seed, 0, integer=True))
 
 
 def check_tree(what, tree, spec):
     """tree must have exactly spec's structure (nested dicts and lists) with floating arrays of spec's shapes.
 
-    spec's leaves are shape tuples (None entries match any size). Names in messages are dotted: p.q_proj.weight.
+    spec's leaves are shape tuples (None entries match any size). Raises RefformerError for a missing or extra
+    entry, a list of another length, or a leaf of another shape or a non-floating one, named dotted:
+    p.q_proj.weight.
     """
     if isinstance(spec, dict):
         if not isinstance(tree, dict):
@@ -132,7 +138,8 @@ def check_tree(what, tree, spec):
 
 
 def check_upstream(name, dy, shape):
-    """An upstream gradient: a floating array of the forward output's shape."""
+    """Raises RefformerError naming the argument unless dy (an upstream gradient) is a floating array of the
+    forward output's shape."""
     check_array(name, dy, shape=shape, kind="f")
 
 

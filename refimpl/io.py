@@ -1,4 +1,7 @@
-"""The model directory: config.json + model.safetensors (+ tokenizer.json). No pickle, ever."""
+"""The model folder format (docs/DESIGN.md, "Model folder"): config.json + model.safetensors (+ tokenizer.json),
+saved atomically through a journal. No pickle, ever. Imports safetensors and tokenizers lazily, inside the
+functions that read or write those files.
+"""
 
 import errno
 import hashlib
@@ -31,7 +34,7 @@ SPECIAL_TOKEN_NAMES = {"pad_id": ("<pad>", "[PAD]"), "bos_id": ("<s>", "<bos>", 
 
 def leads_nowhere(path):
     """True for a symbolic link that no write can go through: a loop, or one whose target's folder is missing (a
-    dangling link whose target could be created is written through, as any link)."""
+    dangling link whose target could be created is written through, as any link). No errors: False otherwise."""
     if not os.path.islink(path) or os.path.exists(path):
         return False
     try:
@@ -87,7 +90,7 @@ def atomic_write(path, write, replace=True):
 
 
 def sha256(path):
-    """Hex sha256 of a file, read in 1 MiB blocks."""
+    """Hex sha256 of a file, read in 1 MiB blocks. OSError (not RefformerError) when it cannot be read."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -96,6 +99,7 @@ def sha256(path):
 
 
 def current_umask():
+    """This process's umask (read by setting and restoring it), for files made with the permissions open() gives."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -158,7 +162,8 @@ def save(model_dir, cfg, params, tokenizer=None, dtype=None):
 
 
 def check_config_round_trip(cfg):
-    """cfg must read back from its own JSON as load_config reads it: a saved folder always loads."""
+    """cfg must read back from its own JSON as load_config reads it: a saved folder always loads. Raises
+    RefformerError ("the config would not load back: ...") otherwise."""
     try:
         Config.from_dict(json.loads(cfg.to_json()))
     except (TypeError, ValueError) as error:
@@ -180,13 +185,15 @@ def read_text(path, max_bytes=None):
 
 
 def sync_file(path):
+    """fsync a file's content to disk (OSError if it cannot be opened)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
 def roll_forward(model_dir, renames):
     """Rename each temporary file of a save over its model file (those already renamed are skipped), then remove
-    the journal."""
+    the journal. renames: [(temporary name, model file name)] in model_dir. OSError when a rename fails (recover_save
+    turns it into RefformerError)."""
     model_dir = Path(model_dir)
     for tmp, name in renames:
         try:
@@ -225,13 +232,14 @@ FOREIGN_TEMP_AGE_S = 24 * 3600  # another host name's temporaries: a container's
 
 def remove_dead_save_temps(model_dir):
     """Remove the temporary files of saves killed before their journal: on this host when their process is gone,
-    under another host name once they are a day old."""
+    under another host name once they are a day old. Never raises: a file that cannot be removed stays."""
     remove_dead_temps(model_dir, MODEL_FILES)
 
 
 def remove_dead_temps(folder, names):
     """Remove .NAME.PID@HOST.*.tmp files in folder (save's and atomic_write's temporaries) of the given names whose
-    writer was killed: on this host when their process is gone, under another host name once a day old."""
+    writer was killed: on this host when their process is gone, under another host name once a day old. Never
+    raises: an unreadable folder or a file that cannot be removed is left as it is."""
     import time
 
     try:
@@ -252,7 +260,7 @@ def remove_dead_temps(folder, names):
 
 
 def process_alive(pid):
-    """Whether a process with this id runs here (one of another user's counts as alive)."""
+    """Whether a process with this id (an int) runs here (one of another user's counts as alive). Never raises."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -266,9 +274,9 @@ JSON_MAX_BYTES = 16 * 2**20  # config.json and manifest.json are a few kB; a 2 G
 
 
 def read_json(path, when_missing, max_bytes=JSON_MAX_BYTES):
-    """The JSON value in path (a UTF-8 byte-order mark at its start is skipped); RefformerError "{path} is missing:
-    {when_missing}", "... is not valid JSON" (also for nesting too deep for Python's parser and integers of over 4300
-    digits) or "... is larger than ..." for a file over max_bytes (refused before it is read)."""
+    """The JSON value in path (a UTF-8 byte-order mark at its start is skipped). Raises RefformerError "{path} is
+    missing: {when_missing}", "... is not valid JSON" (also for nesting too deep for Python's parser and integers
+    of over 4300 digits) or "... is larger than ..." for a file over max_bytes (refused before it is read)."""
     path = Path(path)
     if not path.is_file():
         raise RefformerError(f"{path} is missing: {when_missing}")
@@ -304,7 +312,12 @@ def load_config(model_dir):
 
 
 def load(model_dir, dtype=np.float32):
-    """Read a model directory -> (cfg, params), parameters upcast to dtype (float32 or float64)."""
+    """Read a model directory -> (cfg, params), the parameters cast to dtype (float32 by default, or float64;
+    a float16 or bfloat16 file widens exactly).
+
+    Raises RefformerError for a missing folder or file, a pickle where model.safetensors should be, an unreadable
+    or truncated safetensors file, or tensors whose names, shapes or dtypes do not match config.json.
+    """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -331,7 +344,9 @@ def load(model_dir, dtype=np.float32):
 
 
 def unflatten_checked(cfg, flat, source):
-    """Rebuild the parameter tree of cfg from {dotted name: array}, checking names and shapes."""
+    """Rebuild the parameter tree of cfg from {dotted name: array} (bfloat16 arrays become float32). Raises
+    RefformerError, naming source and the tensors, for missing or unexpected names, other shapes or a
+    non-floating dtype."""
     shapes = flatten_shapes(cfg)
     missing = sorted(set(shapes) - set(flat))
     extra = sorted(set(flat) - set(shapes))
@@ -358,7 +373,7 @@ def check_params(cfg, params):
 
 
 def flatten_shapes(cfg):
-    """{dotted name: shape} of cfg's parameters."""
+    """{dotted name: shape tuple} of cfg's parameters, in param_shapes' order. No checks (cfg is a Config)."""
     out = {}
 
     def walk(node, prefix):
@@ -414,7 +429,9 @@ def check_tokenizer_matches(cfg, tokenizer, source, whose="the model's"):
 
 
 def load_tokenizer(model_dir):
-    """The model directory's tokenizer.json, checked against its config."""
+    """The model directory's tokenizer.json as a tokenizers.Tokenizer, checked against its config. Raises
+    RefformerError for a missing or bad config.json or tokenizer.json, or a tokenizer whose vocabulary size or
+    special ids differ from the config's."""
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
     path = model_dir / TOKENIZER_FILE

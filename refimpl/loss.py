@@ -7,12 +7,13 @@ from .ops import log_softmax_backward, log_softmax_forward
 
 
 def cross_entropy_forward(logits, targets, *, ignore_id=None, label_smoothing=0.0):
-    """Mean over non-ignored tokens of (1 - e) * -log p[target] + e * mean_v(-log p[v]).
+    """Mean over non-ignored tokens of (1 - e) * -log p[target] + e * mean_v(-log p[v]): label smoothing e as
+    Szegedy et al. 2016 and torch's F.cross_entropy(ignore_index=ignore_id, label_smoothing=e).
 
-    logits [B, T, V] (or [N, V]), targets [B, T] (or [N]) -> scalar loss (0.0 when every
-    target is ignored; torch gives NaN there). A logit of -inf (a class that can never be the answer) is allowed:
-    the loss is finite unless a target's logit is -inf (or label_smoothing > 0 meets a -inf logit), where it is inf.
-    Raises RefformerError for bad shapes, ids or label_smoothing.
+    logits [B, T, V] (or [N, V]) floating, targets [B, T] (or [N]) integer -> a scalar loss in logits' dtype
+    (0.0 when every target is ignored; torch gives NaN there), cache. A logit of -inf (a class that can never be
+    the answer) is allowed: the loss is finite unless a target's logit is -inf (or label_smoothing > 0 meets a
+    -inf logit), where it is inf. Raises RefformerError for bad shapes, ids, ignore_id or label_smoothing.
     """
     check_array("logits", logits, kind="f")
     check(logits.ndim >= 1 and logits.shape[-1] >= 1, f"logits must have a last axis of V >= 1 classes, "
@@ -40,7 +41,7 @@ def cross_entropy_forward(logits, targets, *, ignore_id=None, label_smoothing=0.
 
 
 def cross_entropy_backward(cache, dloss=1.0):
-    """dlogits [..., V] of the mean loss.
+    """dlogits of the logits' shape [..., V] and dtype: the gradient of dloss * the mean loss.
 
     Raises RefformerError for a cache that cross_entropy_forward did not return or a non-finite dloss.
     """

@@ -28,12 +28,13 @@ def _check_state(state):
 
 
 def decays(value):
-    """True when a parameter gets weight decay: matrices, not vectors."""
+    """True when a parameter (an array) gets weight decay: matrices (ndim >= 2), not vectors. No checks."""
     return value.ndim >= 2
 
 
 def adamw_init(params):
-    """Optimizer state for params: step 0 and zero first/second moments of each parameter's dtype.
+    """Optimizer state for params: {"step": 0, "m": zeros like params, "v": zeros like params} (each parameter's
+    shape and dtype).
 
     Raises RefformerError unless params is a tree (dicts and lists) of arrays."""
     check(isinstance(params, (dict, list)) and flatten(params),
@@ -43,7 +44,8 @@ def adamw_init(params):
 
 
 def adamw_update(params, grads, state, *, lr, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0):
-    """One AdamW step (Loshchilov & Hutter; torch.optim.AdamW) -> (new params, new state).
+    """One AdamW step (Loshchilov & Hutter 2019; torch.optim.AdamW) -> (new params, new state), each array in its
+    parameter's dtype.
 
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  t = step + 1
     p = p (1 - lr wd)  -  lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
@@ -83,7 +85,8 @@ def adamw_update(params, grads, state, *, lr, betas=(0.9, 0.98), eps=1e-9, weigh
 
 
 def inverse_sqrt_lr(step, *, peak, warmup):
-    """The Transformer schedule: linear warmup to peak over `warmup` steps, then peak * sqrt(warmup / step).
+    """The Transformer schedule (Vaswani et al. 2017, sec. 5.3, with the peak in place of d_model^-0.5 warmup^-0.5):
+    linear warmup to peak over `warmup` steps, then peak * sqrt(warmup / step). Returns a Python float.
 
     step counts updates from 1. warmup=0 means a constant peak. Raises RefformerError for a negative or
     non-integer warmup and a peak that is not a finite number >= 0.
@@ -98,7 +101,7 @@ def inverse_sqrt_lr(step, *, peak, warmup):
 
 
 def global_norm(grads):
-    """sqrt of the sum of squares of every entry of every gradient (float64 accumulation).
+    """sqrt of the sum of squares of every entry of every gradient, a Python float (float64 accumulation).
 
     Raises RefformerError unless grads is a tree (dicts and lists) of arrays."""
     check(isinstance(grads, (dict, list)), f"grads must be a tree of arrays, got {type(grads).__name__}")
@@ -108,8 +111,9 @@ def global_norm(grads):
 def clip_by_global_norm(grads, max_norm):
     """Scale all gradients by min(1, max_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_.
 
-    Returns (clipped grads, the norm before clipping). max_norm=None or <= 0 leaves them unchanged;
-    RefformerError for a NaN max_norm.
+    Returns (clipped grads, each in its own dtype; the norm before clipping, a float). max_norm=None or <= 0
+    leaves them unchanged. Raises RefformerError for a max_norm that is NaN or not a number, or grads that are
+    not a tree of arrays.
     """
     check(max_norm is None or (isinstance(max_norm, numbers.Real) and not math.isnan(max_norm)),
           f"max_norm must be a number or None, got {max_norm!r}")

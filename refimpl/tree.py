@@ -48,7 +48,8 @@ def unflatten(flat, template):
 
 
 def tree_map(fn, tree):
-    """Apply fn to every leaf, keeping the structure."""
+    """Apply fn to every leaf (anything not a dict or list), keeping the structure. No checks: fn's errors pass
+    through."""
     if isinstance(tree, dict):
         return {key: tree_map(fn, value) for key, value in tree.items()}
     if isinstance(tree, list):
