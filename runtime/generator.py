@@ -105,10 +105,6 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
 LIBRARY_BATCH = 64  # generate() and generate_ids() run many texts this many at a time (outputs are per row, so the
 # same): 20,000 texts at once were refused for their caches' 24 GiB, with advice to lower a batch size they lack
 
-LONG_TEXT_MARGIN = 4  # a text over 4 x longest token x max_positions characters is too long whatever the tokenizer's
-# normalizer does (unless it deletes three quarters of the text), so it is not tokenized whole
-
-
 def auto_variant(cfg, on_cuda, dtype):
     """The decoders variant="auto" tries, fastest first, for the provider and dtype.
 
@@ -250,9 +246,8 @@ class Generator:
             except UnicodeEncodeError:
                 raise RefformerError(f"{name} is not valid Unicode (it has a lone surrogate)") from None
         limit = cfg.max_positions - 1  # room for eos (source) or bos (prompt) and at least one new token
-        # A text far longer than limit tokens can cover is refused (or cut) before the tokenizer sees it: a 55 MB
-        # line took 90 s and 12 GB to tokenize, only to be refused
-        most = LONG_TEXT_MARGIN * self.longest_token() * (limit + 1)
+        # A text far longer than limit tokens can cover is refused (or cut) before the tokenizer sees it
+        most = tok.most_characters(self.tokenizer, limit + 1, self.longest_token())
         long_texts = {number: len(text) for number, text in enumerate(texts) if len(text) > most}
         for number in long_texts:
             if not self.truncate:
@@ -283,10 +278,9 @@ class Generator:
         return rows
 
     def longest_token(self):
-        """The most characters one vocabulary token has (a byte-level token's characters stand for one byte each,
-        a text's characters for one or more): no token covers more of a text."""
+        """tokenizer.longest_token of this model's tokenizer, computed once."""
         if getattr(self, "_longest_token", None) is None:
-            self._longest_token = max([len(token) for token in self.tokenizer.get_vocab(with_added_tokens=True)] + [1])
+            self._longest_token = tok.longest_token(self.tokenizer)
         return self._longest_token
 
     @staticmethod

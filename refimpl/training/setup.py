@@ -91,10 +91,9 @@ def load_examples(data_dir, split, family, tokenizer, cfg, max_sentences=None):
     path = split_path(data_dir, split, family)
     if family == "encoder-decoder":
         pairs = read_tsv(path)[:max_sentences]
-        # A side with more characters than `limit` has more tokens than max_positions whatever the tokenizer does
-        # (NFC shrinks a text at most 3 times, a token is at most the longest vocabulary entry): such pairs are
-        # skipped unencoded (one 50 MB line took 70 s and 9 GB to encode, to be skipped anyway).
-        limit = 4 * cfg.max_positions * max([len(token) for token in tokenizer.get_vocab()] + [1])
+        # A side with more characters than `limit` has more tokens than max_positions whatever the tokenizer does:
+        # such pairs are skipped unencoded (one 50 MB line took 70 s and 9 GB to encode, to be skipped anyway).
+        limit = text.most_characters(tokenizer, cfg.max_positions)
         short = [i for i, (source, target) in enumerate(pairs) if max(len(source), len(target)) <= limit]
         sources = dict(zip(short, text.encode(tokenizer, [pairs[i][0] for i in short])))
         targets = dict(zip(short, text.encode(tokenizer, [pairs[i][1] for i in short])))

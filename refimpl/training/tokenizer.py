@@ -176,6 +176,22 @@ def decode(tokenizer, ids):
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
+LONG_TEXT_MARGIN = 4  # NFC shrinks a text at most 3 times: a text over 4 x longest token x N characters has more than N
+# tokens whatever the tokenizer does (unless its normalizer deletes three quarters of it)
+
+
+def longest_token(tokenizer):
+    """The most characters one vocabulary token has (at least 1; a byte-level token's characters stand for one byte
+    each, a text's characters for one or more): no token covers more of a text."""
+    return max([len(token) for token in tokenizer.get_vocab(with_added_tokens=True)] + [1])
+
+
+def most_characters(tokenizer, n_tokens, longest=None):
+    """The most characters a text of n_tokens tokens can have: a longer one is too long without being tokenized (a
+    55 MB line took 90 s and 12 GB to tokenize, only to be refused). longest: longest_token(tokenizer), if known."""
+    return LONG_TEXT_MARGIN * (longest_token(tokenizer) if longest is None else longest) * n_tokens
+
+
 def normalize(text):
     """What decode(encode(text)) gives back: the NFC form of text."""
     return unicodedata.normalize("NFC", text)
