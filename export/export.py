@@ -34,13 +34,9 @@ from .contract import (
 )
 from .folder import (
     CACHE_ADVICE,
-    EXPORTS_FOLDER,
-    HOST,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
-    cache_root,
     check_external_data,
-    check_files,
     check_out_dir,
     check_path,
     default_export_dir,
@@ -48,28 +44,23 @@ from .folder import (
     export_name,
     file_hashes,
     find_export,
-    graph_files,
     is_folder,
-    is_stale,
     model_hashes,
     owner,
     packaged,
-    read_manifest,
     recover_leftovers,
     remove_legacy_leftovers,
     replace_folder,
     same_export,
-    writable,
 )
 from .graph import check_weights
 from .model import build_decoder_variant, build_reference_graph
 from .session import check_native_path, import_onnxruntime
 from .verify import export_checks
 
-__all__ = [  # export_model, and the folder names runtime/ and benchmarks/ import from here (export/folder.py has them)
-    "EXPORTS_FOLDER", "HOST", "cache_root", "check_external_data", "check_files", "check_weights", "default_export_dir",
-    "export_locations", "export_model", "export_name", "find_export", "graph_files", "io_spec", "is_stale", "packaged",
-    "read_manifest", "recover_leftovers", "remove_legacy_leftovers", "save_graph", "versions", "writable",
+__all__ = [  # its own names, then the folder and graph names runtime/, benchmarks/ and tests/ import from here
+    "export_model", "io_spec", "save_graph", "versions",
+    "check_weights", "default_export_dir", "export_locations", "export_name", "find_export", "packaged",
 ]
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GB: bigger graphs keep weights beside them

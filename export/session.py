@@ -23,31 +23,6 @@ CUDA_MISSING = "the CUDA execution provider cannot be loaded here (no GPU, or CU
 
 
 @contextlib.contextmanager
-def stderr_silenced():
-    """File descriptor 2 pointed at /dev/null for the block (nothing is done where there is no descriptor 2).
-
-    For native libraries that print there directly: ONNX Runtime's telemetry warning on import, the tokenizers
-    library's panic message and backtrace. Python's sys.stderr is flushed first so that nothing of ours is lost."""
-    try:
-        sys.stderr.flush()
-    except (AttributeError, OSError, ValueError):
-        pass
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr at all
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-@contextlib.contextmanager
 def silenced_native_output():
     """Point file descriptors 1 and 2 at /dev/null for the duration (C++ output), and sys.stdout and sys.stderr at a
     discarded buffer (Python output, also where they are not file descriptors 1 and 2, as under click's test runner)."""
@@ -80,8 +55,11 @@ def import_onnxruntime():
     onnxruntime cannot be imported."""
     if "onnxruntime" in sys.modules:
         return sys.modules["onnxruntime"]
+    # the one file-descriptor-2 silencer, also the tokenizers library's (refimpl cannot import export)
+    from refformer.refimpl.training.tokenizer import native_stderr_silenced
+
     try:
-        with stderr_silenced():
+        with native_stderr_silenced():
             import onnxruntime
     except ImportError as error:  # a Ctrl-C inside the native module's initialization arrives as its cause
         if isinstance(error.__cause__ or error.__context__, KeyboardInterrupt):

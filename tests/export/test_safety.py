@@ -29,12 +29,12 @@ from refformer.export.folder import (
     recover_leftovers,
     replace_folder,
 )
+from refformer.export.session import resolve_provider
 from refformer.export.verify import verify
 from refformer.refimpl import RefformerError, init_params, load, save
 from refformer.refimpl.io import SAVE_JOURNAL
-from refformer.runtime import generator as gen_module
 from refformer.runtime.cli import main
-from refformer.runtime.generator import default_model_dir, ensure_export, resolve_provider
+from refformer.runtime.generator import default_model_dir, ensure_export
 
 from .test_export import make_model
 
@@ -429,8 +429,6 @@ def test_a_manifest_of_an_older_format_says_to_export_again(tmp_path):
 def test_the_cuda_notice_only_where_a_gpu_is_present(monkeypatch, capsys, gpu):
     monkeypatch.setattr(session_module, "cuda_usable", lambda: False)
     monkeypatch.setattr(session_module, "gpu_present", lambda: gpu)
-    monkeypatch.setattr("refformer.export.verify.cuda_usable", lambda: False)  # TODO(helper C): drop these two once
-    monkeypatch.setattr(gen_module, "gpu_present", lambda: gpu, raising=False)  # generator uses session's
     assert resolve_provider("auto") == "CPUExecutionProvider"
     assert ("notice:" in capsys.readouterr().err) == gpu
     with pytest.raises(RefformerError, match="--provider cpu"):
