@@ -132,6 +132,10 @@ class GenerationOptions:
         return cls(**options)
 
 
+def _check_options(options):
+    check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
+
+
 def search_memory_bytes(cfg, rows, itemsize=4):
     """A bound on the memory a search of `rows` sequences at once holds: per row, the self-attention cache at its
     longest (max_positions, twice that after a left-padded prompt), the cross-attention keys and values, and a few
@@ -148,7 +152,7 @@ def search_memory_bytes(cfg, rows, itemsize=4):
 def check_search_fits_memory(cfg, options, batch_size):
     """Refuse, before anything is allocated, a search whose batch_size inputs x num_beams (or num_return_sequences)
     rows cannot fit in this machine's memory (search_memory_bytes). Raises RefformerError naming what to lower."""
-    check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
+    _check_options(options)
     check_number("batch_size", batch_size, 0, integer=True)
     per_input = options.num_beams if options.num_beams > 1 else options.num_return_sequences
     rows = batch_size * per_input
@@ -159,7 +163,7 @@ def check_search_fits_memory(cfg, options, batch_size):
           f"{format_bytes(available)}: lower num_beams, num_return_sequences or the batch size")
 
 
-# ---------------------------------------------------------------------------- the reference stepper
+# ---------------------------------------------------------------------------- the stepper interface
 
 
 class Stepper(abc.ABC):
@@ -168,6 +172,8 @@ class Stepper(abc.ABC):
     A subclass implements start, step and reorder. The members after them are optional capabilities with
     reference definitions here; a faster runtime overrides them with the same results (refformer.runtime's
     OrtStepper ranks beams with a blocked search, StaticOrtStepper takes the greedy argmax in its graph).
+    The search calls a Stepper with checked inputs; a Stepper raises RefformerError for bad ones, as
+    model.decoder_step does.
     """
 
     @abc.abstractmethod
@@ -220,6 +226,8 @@ class ReferenceStepper(Stepper):
         self.cfg, self.params = cfg, params
 
     def start(self, src_ids, src_keep, batch_size):
+        """Stepper.start: model.encode's cross-attention keys and values, model.empty_cache in the parameters'
+        dtype. Raises RefformerError for bad src_ids or src_keep."""
         self.cross_kv, self.src_keep = None, None
         if self.cfg.is_encoder_decoder:
             _, self.cross_kv = encode(self.cfg, self.params, src_ids, src_keep)
@@ -227,11 +235,13 @@ class ReferenceStepper(Stepper):
         self.past = empty_cache(self.cfg, batch_size, self.dtype)
 
     def step(self, ids, positions, attention_mask):
+        """Stepper.step: model.decoder_step on the cache. Raises RefformerError for bad inputs."""
         logits, self.past = decoder_step(self.cfg, self.params, ids, positions, attention_mask, self.past,
                                          self.cross_kv, self.src_keep)
         return logits
 
     def reorder(self, rows):
+        """Stepper.reorder: NumPy fancy indexing of every cache tensor (IndexError for rows out of range)."""
         self.past = [(k[rows], v[rows]) for k, v in self.past]
         if self.cross_kv is not None:
             self.cross_kv = [(k[rows], v[rows]) for k, v in self.cross_kv]
@@ -246,8 +256,11 @@ LOGIT_CAP = float(np.finfo(np.float32).max) / 4  # the largest |score| a repetit
 
 
 def apply_repetition_penalty(scores, sequences, penalty):
-    """CTRL's penalty on every token already in a row's sequence: divide positive scores, multiply negative.
-    scores [B, V] floating, sequences B lists of token ids, penalty > 0. Raises RefformerError for bad input."""
+    """The repetition penalty of CTRL (Keskar et al. 2019), as Hugging Face's RepetitionPenaltyLogitsProcessor: on
+    every token already in a row's sequence, divide a positive score by penalty and multiply a negative one.
+    scores [B, V] floating, sequences B lists of token ids, penalty > 0 -> scores [B, V] (a copy, scores' dtype;
+    scores itself when penalty is 1; results clipped to +-LOGIT_CAP, -inf kept). Raises RefformerError for bad
+    input."""
     _check_scores("scores", scores)
     sequences = _check_sequences(sequences, scores.shape[0], scores.shape[1])
     check_number("penalty", penalty, 0, low_open=True)
@@ -271,8 +284,9 @@ def _apply_repetition_penalty(scores, sequences, penalty):
 
 
 def banned_ngram_tokens(sequence, n):
-    """Tokens that would repeat an n-gram of sequence: those that followed its last n-1 tokens before.
-    Raises RefformerError unless sequence is a list of token ids and n an integer >= 0."""
+    """Tokens that would repeat an n-gram of sequence (Hugging Face's no_repeat_ngram_size): a list of the ids that
+    followed its last n-1 tokens before (empty for n = 0). Raises RefformerError unless sequence is a list of token
+    ids and n an integer >= 0."""
     sequence = _check_token_list("sequence", sequence)
     check_number("n", n, 0, integer=True)
     return _banned_ngram_tokens(sequence, int(n))
@@ -286,14 +300,15 @@ def _banned_ngram_tokens(sequence, n):
 
 
 def process_logits(logits, sequences, n_generated, options, cfg):
-    """Float64 scores of the next token: repetition penalty, no-repeat n-grams, min_new_tokens (eos banned).
+    """Float64 scores [B, V] of the next token from logits [B, V]: repetition penalty, no-repeat n-grams,
+    min_new_tokens (eos banned).
 
     A NaN score becomes -inf and +inf the largest float64 (a tiny repetition_penalty can overflow), so the
     softmaxes downstream never see inf - inf. logits [B, V], sequences B lists of token ids, n_generated >= 0.
     Raises RefformerError for bad input.
     """
     _check_scores("logits", logits)
-    check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
+    _check_options(options)
     check_config(cfg)
     check(logits.shape[1] > cfg.eos_id, f"logits must have a column for every token id (eos is {cfg.eos_id})")
     sequences = _check_sequences(sequences, logits.shape[0], logits.shape[1])
@@ -314,9 +329,9 @@ def _process_logits(logits, sequences, n_generated, options, cfg):
 
 
 def apply_temperature(scores, temperature):
-    """(scores - row max) / temperature: the same softmax as scores / temperature, without overflow at a tiny
-    temperature (a row whose scores are all -inf stays all -inf). Raises RefformerError for scores that are not
-    [B, V] floating or a temperature that is not > 0 and finite."""
+    """(scores - row max) / temperature -> [B, V] in scores' dtype: the same softmax as scores / temperature,
+    without overflow at a tiny temperature (a row whose scores are all -inf stays all -inf). Raises RefformerError
+    for scores that are not [B, V] floating or a temperature that is not > 0 and finite."""
     _check_scores("scores", scores)
     check_number("temperature", temperature, 0, low_open=True)
     return _apply_temperature(scores, float(temperature))
@@ -330,9 +345,11 @@ def _apply_temperature(scores, temperature):
 
 
 def filter_top_k_top_p(scores, top_k, top_p):
-    """Keep the top_k highest scores (ties with the k-th kept) and the smallest set of most likely tokens
-    whose probability reaches top_p (the most likely always kept); the rest become -inf. Raises RefformerError
-    for scores that are not [B, V] floating, top_k not an integer >= 0 or top_p outside (0, 1]."""
+    """Keep the top_k highest scores (ties with the k-th kept; Fan et al. 2018) and the smallest set of most likely
+    tokens whose probability reaches top_p (the most likely always kept; nucleus sampling, Holtzman et al. 2020),
+    top-k first, as Hugging Face applies them (after the temperature); the rest become -inf. Returns a copy
+    [B, V]. Raises RefformerError for scores that are not [B, V] floating, top_k not an integer >= 0 or top_p
+    outside (0, 1]."""
     _check_scores("scores", scores)
     check_number("top_k", top_k, 0, integer=True)
     check_number("top_p", top_p, 0, 1, low_open=True)
@@ -358,8 +375,9 @@ def _filter_top_k_top_p(scores, top_k, top_p):
 def sample(scores, rngs):
     """One token per row by the documented draw: u = rngs[b].random() for row b, first id with cdf > u * total.
 
-    rngs: one numpy Generator per row (a single Generator is used for every row, in row order). A row whose
-    scores are all -inf takes its argmax, as greedy would. Raises RefformerError for bad scores or generators.
+    scores [B, V] floating -> ids [B] int64. rngs: one numpy Generator per row (a single Generator is used for
+    every row, in row order). A row whose scores are all -inf takes its argmax, as greedy would. Raises
+    RefformerError for bad scores or generators.
     """
     _check_scores("scores", scores)
     if isinstance(rngs, np.random.Generator):
@@ -383,7 +401,8 @@ def _sample(scores, rngs):
 
 
 def row_generators(seed, sequence_numbers):
-    """The documented per-row random generators: default_rng([seed, k]) for a row that is its input's k-th sequence.
+    """The documented per-row random generators, a list of numpy Generators: default_rng([seed, k]) for a row that
+    is its input's k-th sequence (sequence_numbers [B]).
     Raises RefformerError unless seed is an integer >= 0 and sequence_numbers integers >= 0."""
     check_number("seed", seed, 0, integer=True)
     _check_token_list("sequence_numbers", sequence_numbers)
@@ -396,7 +415,8 @@ def row_generators(seed, sequence_numbers):
 def prepare_inputs(cfg, src_ids=None, src_mask=None, prompt_ids=None, prompt_mask=None):
     """Decoder start: bos for encoder-decoder, the left-padded prompt for decoder-only.
 
-    Returns (ids [B, P], attention_mask [B, P], positions [B, P], src_keep or None). Raises RefformerError for
+    Returns (ids [B, P], attention_mask [B, P], positions [B, P], all int64, and src_keep [B, S] bool or None);
+    P = 1 (bos) for encoder-decoder, the prompt length for decoder-only. Raises RefformerError for
     missing, malformed or out-of-vocabulary inputs.
     """
     check_config(cfg)
@@ -422,7 +442,7 @@ def step_budget(cfg, options, src_keep, positions):
     what fits for a prompt), within max_positions. Per row, so a row's budget never depends on its batch.
     src_keep [B, S] (encoder-decoder), positions [B, T] integer. Raises RefformerError for bad input."""
     check_config(cfg)
-    check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
+    _check_options(options)
     check_array("positions", positions, ndim=2, kind="i")
     check(positions.shape[1] >= 1, "positions must have at least one column")
     if cfg.is_encoder_decoder and options.max_new_tokens is None:
@@ -453,7 +473,7 @@ def _next_positions(positions, cfg):
 
 def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=None, prompt_mask=None,
                 sequence_numbers=None):
-    """Greedy (or, with do_sample, sampled) decoding, yielding the next token of every row, [B], per step.
+    """Greedy (or, with do_sample, sampled) decoding, yielding the next token of every row, [B] int64, per step.
 
     Finished rows (after eos, or at their length budget) yield pad_id. Streaming callers print tokens as they
     come. sequence_numbers [B]: which sequence of its input each row is (the k of its draws; default all 0).
@@ -508,7 +528,8 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
 
 
 def stack_rows(token_steps, batch_size, pad_id):
-    """Per-step tokens ([B] each) -> [B, L] (L may be 0). Raises RefformerError for steps of another batch size."""
+    """Per-step tokens ([B] each) -> [B, L] int64 (L may be 0). Raises RefformerError for steps of another batch
+    size."""
     check_number("batch_size", batch_size, 0, integer=True)
     check_number("pad_id", pad_id, 0, integer=True)
     check(isinstance(token_steps, (list, tuple)) and all(np.shape(step) == (batch_size,) for step in token_steps),
@@ -526,7 +547,8 @@ def _stack_rows(token_steps, batch_size, pad_id):
 
 
 def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=None, prompt_mask=None):
-    """Beam search with num_beams, length_penalty, early_stopping, num_return_sequences.
+    """Beam search with num_beams, length_penalty, early_stopping, num_return_sequences (names and meanings as in
+    Hugging Face's generate).
 
     Returns (sequences, scores): for each input row, num_return_sequences lists of generated ids
     (ending with eos when one was produced) and their scores, best first. A hypothesis scores
@@ -638,7 +660,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
 def check_search_arguments(cfg, options, stepper):
     """Raises RefformerError unless cfg is a Config, options a GenerationOptions and stepper a Stepper."""
     check_config(cfg)
-    check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
+    _check_options(options)
     check(isinstance(stepper, Stepper), f"stepper must have start, step and reorder: a subclass of "
                                         f"refformer.refimpl.generate.Stepper, got {type(stepper).__name__}")
 
@@ -651,7 +673,7 @@ def generate(cfg, params, src_ids=None, prompt_ids=None, options=None, src_mask=
     Raises RefformerError for bad options, inputs or parameters.
     """
     options = GenerationOptions() if options is None else options
-    check(isinstance(options, GenerationOptions), f"options must be a GenerationOptions, got {type(options).__name__}")
+    _check_options(options)
     check_config(cfg)
     if stepper is None:
         check(isinstance(params, dict), "params must be the model's parameter dict (or pass a stepper)")
@@ -684,7 +706,8 @@ def _trim_after_eos(row, cfg):
 
 
 def greedy(cfg, params, src_ids, src_mask=None, max_new_tokens=None):
-    """Encoder-decoder greedy decoding. src_ids [B, S] (src + [eos], padded) -> ids [B, L] (eos, then pad)."""
+    """Encoder-decoder greedy decoding. src_ids [B, S] (src + [eos], padded) -> ids [B, L] int64 (eos, then pad).
+    Raises RefformerError for a decoder-only cfg or bad params, ids, mask or max_new_tokens."""
     check_config(cfg)
     check(cfg.is_encoder_decoder, "greedy needs an encoder-decoder model; use greedy_lm for decoder-only")
     options = GenerationOptions(max_new_tokens=max_new_tokens)
@@ -693,7 +716,8 @@ def greedy(cfg, params, src_ids, src_mask=None, max_new_tokens=None):
 
 
 def greedy_lm(cfg, params, prompt_ids, prompt_mask=None, max_new_tokens=None):
-    """Decoder-only greedy continuation of left-padded prompts [B, P] -> ids [B, L] (eos, then pad)."""
+    """Decoder-only greedy continuation of left-padded prompts [B, P] -> ids [B, L] int64 (eos, then pad).
+    Raises RefformerError for an encoder-decoder cfg or bad params, prompts, mask or max_new_tokens."""
     check_config(cfg)
     check(not cfg.is_encoder_decoder, "greedy_lm needs a decoder-only model; use greedy for encoder-decoder")
     options = GenerationOptions(max_new_tokens=max_new_tokens)
