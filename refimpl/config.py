@@ -219,7 +219,7 @@ def _dtype(dtype):
 
 
 def format_bytes(n_bytes):
-    """A byte count for messages: '3.2 GiB' from 1 GiB up, else '12.5 MiB' (3 significant digits)."""
+    """A byte count (a number) for messages: '3.2 GiB' from 1 GiB up, else '12.5 MiB' (3 significant digits)."""
     return f"{n_bytes / (1 << 30):.3g} GiB" if n_bytes >= 1 << 30 else f"{n_bytes / (1 << 20):.3g} MiB"
 
 

@@ -27,18 +27,19 @@ from .ops import (
 
 
 def linear_shapes(d_in, d_out):
-    """{"weight": (d_in, d_out), "bias": (d_out,)}: the shapes of a linear layer y = x @ W + b."""
+    """{"weight": (d_in, d_out), "bias": (d_out,)}: the shapes of a linear layer y = x @ W + b. No checks."""
     return {"weight": (d_in, d_out), "bias": (d_out,)}
 
 
 def norm_shapes(cfg):
-    """The shapes of one norm of cfg: {"weight": (D,), "bias": (D,)} for layernorm, {"weight": (D,)} for rmsnorm."""
+    """The shapes of one norm of cfg: {"weight": (D,), "bias": (D,)} for layernorm, {"weight": (D,)} for rmsnorm.
+    No checks (cfg is a checked Config)."""
     D = cfg.d_model
     return {"weight": (D,), "bias": (D,)} if cfg.norm == "layernorm" else {"weight": (D,)}
 
 
 def feed_forward_shapes(cfg):
-    """The shapes of the feed-forward: fc1 [D, F] + [F], fc2 [F, D] + [D]."""
+    """The shapes of the feed-forward: fc1 [D, F] + [F], fc2 [F, D] + [D]. No checks (cfg is a checked Config)."""
     return {"fc1": linear_shapes(cfg.d_model, cfg.d_ff), "fc2": linear_shapes(cfg.d_ff, cfg.d_model)}
 
 
