@@ -1,4 +1,5 @@
-"""refimpl against torch.nn with the same weights: forward outputs and every gradient (DESIGN chain, step 2).
+"""refimpl against torch.nn with the same weights: forward outputs and every gradient (docs/DESIGN.md, "Correctness
+chain", step 2).
 
 Error metric: max|ours - torch| / max|torch| per tensor, <= 1e-10 in float64 and <= 1e-5 in
 float32; a failure lists every tensor's error, worst first. torch runs with dropout=0, eval
@@ -73,7 +74,8 @@ SCORE_PATH = re.compile(r"(q_proj|k_proj)\.(weight|bias)$")
 
 
 def error(ours, theirs, name, floors):
-    """The DESIGN metric max|a - b| / max|b|, with a floor for gradients that flow only through the softmax.
+    """The metric of docs/DESIGN.md ("Correctness chain"), max|a - b| / max|b|, with a floor for gradients that flow
+    only through the softmax.
 
     softmax_backward computes p * (g - sum(g * p)): its absolute rounding error scales with g,
     the gradient reaching the attention weights, which also makes the value path's gradient.
