@@ -30,9 +30,9 @@ DECODER = "decoder"
 GRAPH_SUFFIX = ".onnx"
 GRAPH_NAME_PREFIX = "refformer_"  # the ONNX GraphProto's name: refformer_encoder, refformer_decoder_static, ...
 
-VARIANTS = ("reference", "fused", "static", "static_mha", "static_fused")  # the decoder graphs an export may hold
-STATIC_VARIANTS = ("static", "static_mha", "static_fused")  # one token per call over a fixed-size cache
-REFERENCE = "reference"
+REFERENCE, FUSED, STATIC, STATIC_MHA, STATIC_FUSED = "reference", "fused", "static", "static_mha", "static_fused"
+VARIANTS = (REFERENCE, FUSED, STATIC, STATIC_MHA, STATIC_FUSED)  # the decoder graphs an export may hold
+STATIC_VARIANTS = (STATIC, STATIC_MHA, STATIC_FUSED)  # one token per call over a fixed-size cache
 
 
 def decoder_graph(variant):
@@ -72,14 +72,14 @@ def exported_variants(head_dim, static_length=None, fused_attention=False):
     static with static_length; fused with fused_attention; static_mha with both, and static_fused with both when
     the head size head_dim is a multiple of 8 (GroupQueryAttention's kernels need it)."""
     static, both = static_length is not None, static_length is not None and fused_attention
-    return [variant for variant, wanted in (("static", static), ("fused", fused_attention), ("static_mha", both),
-                                            ("static_fused", both and head_dim % 8 == 0)) if wanted]
+    return [variant for variant, wanted in ((STATIC, static), (FUSED, fused_attention), (STATIC_MHA, both),
+                                            (STATIC_FUSED, both and head_dim % 8 == 0)) if wanted]
 
 
 def runs_on(graph, dtype, provider):
     """Whether ONNX Runtime has kernels for the graph name here: GroupQueryAttention (decoder_static_fused) runs on
     the CPU in fp32 and fp16, on CUDA only in fp16."""
-    return not (graph == decoder_graph("static_fused") and provider == CUDA_PROVIDER and dtype == "fp32")
+    return not (graph == decoder_graph(STATIC_FUSED) and provider == CUDA_PROVIDER and dtype == "fp32")
 
 
 # ---------------------------------------------------------------------------- inputs and outputs
@@ -169,7 +169,7 @@ def decoder_signature(cfg, variant=REFERENCE, max_length=None):
     inputs = [(INPUT_IDS, INT64, [BATCH, new]), (POSITION_IDS, INT64, [BATCH, new])]
     if not static:
         inputs.append((ATTENTION_MASK, INT64, [BATCH, TOTAL_LENGTH]))
-    elif variant != "static_fused":
+    elif variant != STATIC_FUSED:
         inputs += [(WRITE_INDEX, INT64, [1]), (ATTENTION_MASK, INT64, [BATCH, max_length])]
     past_shape = [BATCH, cfg.n_heads, cache, cfg.head_dim]
     for i in range(cfg.n_decoder_layers):

@@ -25,6 +25,7 @@ from .contract import (
     DEFAULT_OPSET,
     DTYPES,
     ERROR_BOUNDS,
+    FUSED,
     MIN_OPSET,
     REFERENCE,
     decoder_graph,
@@ -198,7 +199,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
             check_external_data(path)
             manifest["graphs"][name.removesuffix(".onnx")] = {"file": name, **io_spec(model)}
         for name, (variant, _) in variants.items():
-            static = {} if variant == "fused" else {"max_length": static_length}
+            static = {} if variant == FUSED else {"max_length": static_length}
             manifest["graphs"][name].update(variant=variant, **static, verified_against=DECODER_FILE)
         if measure:
             try:

@@ -41,11 +41,16 @@ from .contract import (
     ENCODER,
     ENCODER_ATTENTION_MASK,
     ENCODER_HIDDEN_STATES,
+    FUSED,
     GRAPH_NAME_PREFIX,
     INPUT_IDS,
     LOGITS,
     NEXT_IDS,
     POSITION_IDS,
+    REFERENCE,
+    STATIC,
+    STATIC_FUSED,
+    STATIC_MHA,
     VARIANTS,
     WRITE_INDEX,
     cross_key,
@@ -203,7 +208,7 @@ def build_decoder(cfg, params, dtype="fp32", opset=17, fused=False):
 
     input_ids ─embed─[decoder_layer × N (Concat past, new)]─final_norm─Cast(fp32)─lm_head─▶ logits
     """
-    variant = "fused" if fused else "reference"
+    variant = FUSED if fused else REFERENCE
     g = Graph(GRAPH_NAME_PREFIX + decoder_graph(variant), dtype, opset)
     inputs, outputs = decoder_signature(cfg, variant)
     declare_inputs(g, inputs)
@@ -237,8 +242,8 @@ def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
 
     write_index ─Equal(0..L-1)─▶ slot_mask;  per layer: Where(slot_mask, new k/v, cache) ─ attention over all L slots
     """
-    g = Graph(GRAPH_NAME_PREFIX + decoder_graph("static"), dtype, opset)
-    inputs, outputs = decoder_signature(cfg, "static", max_length)
+    g = Graph(GRAPH_NAME_PREFIX + decoder_graph(STATIC), dtype, opset)
+    inputs, outputs = decoder_signature(cfg, STATIC, max_length)
     declare_inputs(g, inputs)
     ids, positions, keep = INPUT_IDS, POSITION_IDS, ATTENTION_MASK
     past, cross, memory_mask = cache_inputs(g, cfg)
@@ -272,7 +277,7 @@ def build_decoder_static_fused(cfg, params, dtype="fp16", opset=17, max_length=2
     input_ids ─embed─[qkv_proj─self-attention─SkipLayerNorm─(MultiHeadAttention─SkipLayerNorm)─FFN─SkipLayerNorm]×N
               ─lm_head─ArgMax
     """
-    variant = "static_fused" if in_place else "static_mha"
+    variant = STATIC_FUSED if in_place else STATIC_MHA
     g = Graph(GRAPH_NAME_PREFIX + decoder_graph(variant), dtype, opset)
     inputs, outputs = decoder_signature(cfg, variant, max_length)
     declare_inputs(g, inputs)
@@ -325,12 +330,10 @@ def build_decoder_variant(cfg, params, variant, dtype="fp32", opset=17, static_l
     """The decoder graph of a variant (contract.VARIANTS): reference -> build_decoder; fused -> build_decoder(fused);
     static -> build_decoder_static; static_mha and static_fused -> build_decoder_static_fused (in_place False/True).
     The static variants need static_length (their cache slots L). Raises ValueError for an unknown variant."""
-    if variant == "reference":
-        return build_decoder(cfg, params, dtype, opset)
-    if variant == "fused":
-        return build_decoder(cfg, params, dtype, opset, fused=True)
-    if variant == "static":
+    if variant in (REFERENCE, FUSED):
+        return build_decoder(cfg, params, dtype, opset, fused=variant == FUSED)
+    if variant == STATIC:
         return build_decoder_static(cfg, params, dtype, opset, static_length)
-    if variant in ("static_mha", "static_fused"):
-        return build_decoder_static_fused(cfg, params, dtype, opset, static_length, in_place=variant == "static_fused")
+    if variant in (STATIC_MHA, STATIC_FUSED):
+        return build_decoder_static_fused(cfg, params, dtype, opset, static_length, in_place=variant == STATIC_FUSED)
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")

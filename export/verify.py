@@ -29,11 +29,13 @@ from .contract import (
     ENCODER_ATTENTION_MASK,
     ENCODER_HIDDEN_STATES,
     ERROR_BOUNDS,
+    FUSED,
     INPUT_IDS,
     LOGITS,
     NEXT_IDS,
     POSITION_IDS,
     PROVIDERS,
+    STATIC,
     STATIC_VARIANTS,
     WRITE_INDEX,
     cross_key,
@@ -317,7 +319,7 @@ def real_inputs(cfg, tokenizer):
     return src, src_keep, tgt, tgt_keep, tgt_positions
 
 
-def static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0, n_steps=4, graph=decoder_graph("static")):
+def static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0, n_steps=4, graph=decoder_graph(STATIC)):
     """A static graph (decoder_static.onnx, or graph="decoder_static_mha" / "decoder_static_fused"), one token per
     call over left-padded prompts, against decoder.onnx (the reference graph) fed the same tokens, and against
     refimpl; next_ids must be the argmax of its logits. The check is named after the graph's variant ("static",
@@ -373,12 +375,12 @@ def fused_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0):
     """decoder_fused.onnx in place of decoder.onnx: the incremental check against refimpl, and its logits
     against decoder.onnx's on the same left-padded prompts and steps. Returns rows (check, provider, output,
     error)."""
-    fused = dict(sessions, **{DECODER: make_session(Path(onnx_dir) / graph_file(decoder_graph("fused")), provider)})
+    fused = dict(sessions, **{DECODER: make_session(Path(onnx_dir) / graph_file(decoder_graph(FUSED)), provider)})
     rng = np.random.default_rng(seed)
     src, src_keep = random_inputs(cfg, rng)[:2]
     _, cross = encoder_cross(cfg, sessions, src, src_keep)
     prompts = random_prompts(cfg, rng)
-    rows = [("fused", provider, f"{LOGITS} vs refimpl (prompt + steps)",
+    rows = [(FUSED, provider, f"{LOGITS} vs refimpl (prompt + steps)",
              incremental_check(cfg, params64, fused, dtype, provider, src, src_keep, cross, prompts, 3,
                                np.random.default_rng(seed))[0][3])]
     ids, keep, positions = left_pad(prompts, cfg.pad_id)
@@ -386,7 +388,7 @@ def fused_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0):
     reference, _ = run_decoder(sessions[DECODER], cfg, dtype, ids, positions, keep, empty, cross, src_keep)
     got, _ = run_decoder(fused[DECODER], cfg, dtype, ids, positions, keep, empty, cross, src_keep)
     real = keep.astype(bool)[:, :, None]
-    rows.append(("fused", provider, f"{LOGITS} vs {DECODER_FILE} (prompt)", rel_error(got * real, reference * real)))
+    rows.append((FUSED, provider, f"{LOGITS} vs {DECODER_FILE} (prompt)", rel_error(got * real, reference * real)))
     return rows
 
 
@@ -397,6 +399,6 @@ def variant_checks(cfg, params64, sessions, onnx_dir, dtype, provider, graphs, s
     for graph in map(decoder_graph, STATIC_VARIANTS):
         if graph in graphs and runs_on(graph, dtype, provider):
             rows += static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed, graph=graph)
-    if decoder_graph("fused") in graphs:
+    if decoder_graph(FUSED) in graphs:
         rows += fused_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed)
     return rows
