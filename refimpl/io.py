@@ -11,6 +11,7 @@ import re
 import socket
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -240,8 +241,6 @@ def remove_dead_temps(folder, names):
     """Remove .NAME.PID@HOST.*.tmp files in folder (save's and atomic_write's temporaries) of the given names whose
     writer was killed: on this host when their process is gone, under another host name once a day old. Never
     raises: an unreadable folder or a file that cannot be removed is left as it is."""
-    import time
-
     try:
         entries = list(Path(folder).iterdir())
     except OSError:
