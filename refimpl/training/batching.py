@@ -75,7 +75,8 @@ def check_examples(examples):
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """One padded batch. src_* [B, S] (None for decoder-only), tgt_ids, tgt_mask, labels [B, T]."""
+    """One padded batch: src_ids int64 and src_mask bool [B, S] (None for decoder-only); tgt_ids int64, tgt_mask
+    bool, labels int64 [B, T]. Masks are True at real tokens; padding holds pad_id."""
 
     src_ids: np.ndarray | None
     src_mask: np.ndarray | None
