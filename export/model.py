@@ -232,8 +232,8 @@ def build_decoder(cfg, params, dtype="fp32", opset=17, fused=False):
 
 
 def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
-    """decoder_static.onnx: one token per row per call over a fixed-size cache of max_length = L slots (for
-    IOBinding with fixed buffers and CUDA-graph replay), with the argmax in the graph.
+    """decoder_static.onnx, refimpl.model.decoder_step for one token per row per call over a fixed-size cache of
+    max_length = L slots (for IOBinding with fixed buffers and CUDA-graph replay), with the argmax in the graph.
 
     input_ids, position_ids [B, 1] int64; write_index [1] int64 (the cache slot of this token, the same for every
     row); attention_mask [B, L] int64 (1 = a written slot of a real token, this one included);
@@ -259,10 +259,11 @@ def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
 
 
 def build_decoder_static_fused(cfg, params, dtype="fp16", opset=17, max_length=256, in_place=True):
-    """decoder_static_fused.onnx (in_place=True) or decoder_static_mha.onnx (in_place=False): the static step with
-    ONNX Runtime's contrib ops (export/fused.py), for CUDA-graph replay. Both project q/k/v with one MatMul, fold
-    each residual sum and bias into the next norm (SkipLayerNormalization), the first FFN bias into the activation
-    (BiasGelu, ...), and run cross-attention as MultiHeadAttention.
+    """decoder_static_fused.onnx (in_place=True) or decoder_static_mha.onnx (in_place=False): the static step
+    (refimpl.model.decoder_step for one token per row) with ONNX Runtime's contrib ops (export/fused.py), for
+    CUDA-graph replay. Both project q/k/v with one MatMul, fold each residual sum and bias into the next norm
+    (SkipLayerNormalization), the first FFN bias into the activation (BiasGelu, ...), and run cross-attention as
+    MultiHeadAttention.
 
     in_place=True, GroupQueryAttention (fp16 on CUDA; a head size that is a multiple of 8):
       input_ids, position_ids [B, 1] int64; past_key/value_self_{i} [B, H, L, Dh] (+ encoder_attention_mask,
