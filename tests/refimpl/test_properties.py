@@ -1,6 +1,6 @@
 """Properties the models must have whatever the weights: causality, padding and batch-row invariance,
-incremental decoding equal to the full forward, H = 1 attention by hand, softmax on masked rows, and
-float32 staying float32. All in float64 to 1e-12 unless said otherwise."""
+incremental decoding (cached self-attention, decoder_step) equal to the full forward, H = 1 attention by hand,
+softmax on masked rows, and float32 staying float32. All in float64 to 1e-12 unless said otherwise."""
 
 import math
 
@@ -37,6 +37,7 @@ from refformer.refimpl import (
     softmax_backward,
     softmax_forward,
 )
+from refformer.refimpl.attention import cached_self_attention_forward, project_kv
 from refformer.refimpl.model import left_padded_positions
 from tests.helpers import (
     B_sizes,
@@ -265,6 +266,25 @@ def test_single_head_mha_is_plain_attention(seed, B, T, S, D, cross, masked):
 
     via_attention, _ = attention_forward(q[:, None], k[:, None], v[:, None], padding_mask(keep))  # [B, 1, T, D]
     assert_close(project(via_attention[:, 0], "out_proj"), expected, what="H=1 via attention_forward")
+
+
+@given(seed=seeds, B=B_sizes, P=st.integers(0, 5), T=lengths, H=head_counts, Dh=head_widths, masked=st.booleans())
+def test_cached_self_attention_is_the_last_rows_of_full_self_attention(seed, B, P, T, H, Dh, masked):
+    """attention.cached_self_attention_forward over a cache of P positions gives mha_forward's last T rows over all
+    P + T positions (keys and values of a position depend on it alone), and its present cache is project_kv of all."""
+    rng = np.random.default_rng(seed)
+    D = H * Dh
+    p = random_mha_params(rng, D)
+    x = rng.standard_normal((B, P + T, D))
+    keep = keep_mask(rng, B, P + T) if masked else np.ones((B, P + T), bool)
+    mask = causal_mask(P + T)[None, None] & padding_mask(keep)  # [B, 1, P + T, P + T]
+    full, _ = mha_forward(p, x, x, mask, n_heads=H)
+    past_k, past_v = project_kv(p, x[:, :P], H)
+    y, (k, v) = cached_self_attention_forward(p, x[:, P:], past_k, past_v, mask[:, :, P:], n_heads=H)
+    assert_close(y, full[:, P:], what="cached vs full self-attention")
+    all_k, all_v = project_kv(p, x, H)
+    assert_close(k, all_k, what="present keys")
+    assert_close(v, all_v, what="present values")
 
 
 # ---------------------------------------------------------------------------- softmax and masked rows
