@@ -49,7 +49,7 @@ import numpy as np
 from machine import cpu_model, timed_calls  # benchmarks/machine.py (scripts run from their folder on sys.path)
 
 from refformer.refimpl import Config, init_params, save, sinusoidal_table
-from refformer.refimpl.generate import GenerationOptions, search_iter
+from refformer.refimpl.generate import GenerationOptions, Stepper, search_iter
 
 FULL = dict(cfg=Config(vocab_size=32000, d_model=512, n_heads=8, d_ff=2048, n_encoder_layers=6, n_decoder_layers=6,
                        norm_first=False, final_norm=False, activation="relu", positional="sinusoidal",
@@ -236,7 +236,7 @@ def run_marian(model, new_tokens, src_ids, src_mask):
 # ---------------------------------------------------------------------------- profile of the refformer loop
 
 
-class TimedStepper:
+class TimedStepper(Stepper):
     """Wraps an OrtStepper: time in start() (the encoder) and in step() (binding + ORT run + logits copy)."""
 
     def __init__(self, inner):

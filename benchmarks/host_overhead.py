@@ -8,7 +8,7 @@ so small that the decoder call is short:
   greedy   per static variant: whole generate call over the new tokens, the time inside the decoder's
            run_with_iobinding per step, the encoder's (once per call), and the rest per step: the host overhead;
   beam     ranking the K V candidates of one input for beam search: a full stable argsort against
-           refimpl.generate.top_candidates (the same result), at K = 4 and V = 32,000;
+           runtime.stepper.top_candidates (the same result), at K = 4 and V = 32,000;
   prompt   a decoder-only model's 96-token prompt on the static steppers: one decoder.onnx call whose cache is
            moved into the static slots (what the stepper does) against 96 one-token calls (what it did before).
 

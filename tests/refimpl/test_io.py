@@ -395,7 +395,7 @@ def test_bfloat16_weights_load_as_float32(tmp_path):
 
 
 def test_a_huge_tokenizer_json_is_refused_before_it_is_read(tmp_path):
-    from refformer.runtime.tokenizer import load_tokenizer as runtime_load_tokenizer
+    from refformer.refimpl.training.tokenizer import load_tokenizer as runtime_load_tokenizer
 
     cfg = CONFIGS["encoder-decoder"]
     save(tmp_path, cfg, random_params32(cfg))
