@@ -125,7 +125,8 @@ def step_bytes(cfg, batch_size, src_len, new_tokens):
 
 def export_refformer(cfg, params, folder):
     """params saved as a model directory under folder and exported to ONNX (fp32); returns the ONNX folder."""
-    from refformer.export.export import default_export_dir, export_model
+    from refformer.export.export import export_model
+    from refformer.export.folder import default_export_dir
 
     model_dir = Path(folder) / "model"
     save(model_dir, cfg, params)

@@ -44,11 +44,9 @@ from .folder import (
     export_locations,
     export_name,
     file_hashes,
-    find_export,
     is_folder,
     model_hashes,
     owner,
-    packaged,
     recover_leftovers,
     remove_legacy_leftovers,
     replace_folder,
@@ -58,11 +56,6 @@ from .graph import check_weights
 from .model import build_decoder_variant, build_reference_graph
 from .session import check_native_path, import_onnxruntime
 from .verify import export_checks
-
-__all__ = [  # its own names, then the folder and graph names runtime/, benchmarks/ and tests/ import from here
-    "export_model", "io_spec", "save_graph", "versions",
-    "check_weights", "default_export_dir", "export_locations", "export_name", "find_export", "packaged",
-]
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GB: bigger graphs keep weights beside them
 

@@ -29,7 +29,7 @@ def check_seed(seed):
 @one_line_errors
 def golden_command(model_dir, out_path, seed, overwrite):
     """Write fixed inputs, every intermediate activation and every gradient of --model, in float64, to an .npz."""
-    from refformer.export.export import check_weights
+    from refformer.export.graph import check_weights
     from refformer.refimpl.convert.golden import write_golden
     from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load, load_config
     from refformer.runtime.outputs import check_output_file, export_folder_holding
@@ -83,7 +83,7 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, overwrite, **arch
             raise RefformerError(f"--{name.replace('_', '-')} must be a token id >= 0 (below the vocabulary size), "
                                  f"got {arch[name]}")
     out = Path(out_dir)
-    from refformer.export.export import packaged
+    from refformer.export.folder import packaged
 
     if out.exists() and packaged(out):
         raise RefformerError(f"--out {out} is inside refformer's own package folder (where the bundled model lives); "
@@ -141,7 +141,8 @@ def variant_options(helps):
 @one_line_errors
 def export_command(model_dir, dtype, opset, out_dir, external_data, static_length, fused_attention):
     """Export --model (default: the bundled model) to ONNX graphs (encoder.onnx, decoder.onnx, manifest.json)."""
-    from refformer.export.export import default_export_dir, export_model
+    from refformer.export.export import export_model
+    from refformer.export.folder import default_export_dir
 
     model_dir = resolve_model(model_dir)
     if static_length is not None and static_length < 1:
@@ -169,7 +170,7 @@ def export_command(model_dir, dtype, opset, out_dir, external_data, static_lengt
 @one_line_errors
 def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, provider, seed):
     """Compare the exported graphs with refimpl (float64) and print the error table; exit 1 when a bound fails."""
-    from refformer.export.export import find_export
+    from refformer.export.folder import find_export
     from refformer.export.session import cuda_usable, gpu_present
     from refformer.export.verify import verify
 

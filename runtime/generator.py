@@ -74,12 +74,12 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
         try:
             manifest = read_manifest(onnx_dir)
             graphs = manifest["graphs"]
-            static = graphs.get(contract.decoder_graph("static"), {})
+            static = graphs.get(contract.decoder_graph(contract.STATIC), {})
             static_mha = static_length is not None and fused_attention  # (decoder_static_fused too, when it can run)
             ok = (manifest.get("dtype") == dtype and not is_stale(model_dir, manifest)
                   and (static_length is None or static.get("max_length") == static_length)
-                  and (not fused_attention or contract.decoder_graph("fused") in graphs)
-                  and (not static_mha or contract.decoder_graph("static_mha") in graphs))
+                  and (not fused_attention or contract.decoder_graph(contract.FUSED) in graphs)
+                  and (not static_mha or contract.decoder_graph(contract.STATIC_MHA) in graphs))
             if ok:
                 check_files(onnx_dir, manifest)
             return ok
@@ -113,10 +113,10 @@ def auto_variant(cfg, on_cuda, dtype):
     ops only). CPU: the reference graph.
     """
     if not on_cuda:
-        return ("reference",)
+        return (contract.REFERENCE,)
     if dtype == "fp16" and cfg.head_dim % 8 == 0:
-        return ("static_fused", "static_mha", "static")
-    return ("static_mha", "static")
+        return (contract.STATIC_FUSED, contract.STATIC_MHA, contract.STATIC)
+    return (contract.STATIC_MHA, contract.STATIC)
 
 
 class Generator:
@@ -209,16 +209,16 @@ class Generator:
         if not isinstance(variant, str) or variant not in VARIANTS[1:]:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS[1:])}, got {variant!r}")
         dtype, threads = self.dtype, self.threads
-        if variant == "static_fused" and self.cfg.head_dim % 8:
+        if variant == contract.STATIC_FUSED and self.cfg.head_dim % 8:
             raise RefformerError(f"the static_fused variant needs a head size that is a multiple of 8 (ONNX Runtime's "
                                  f"GroupQueryAttention); this model's is {self.cfg.head_dim}: use static_mha")
         if variant in contract.STATIC_VARIANTS:
             static_length = static_length or self.cfg.max_positions
-            fused = variant != "static"
+            fused = variant != contract.STATIC
             self.onnx_dir = ensure_export(self.model_dir, dtype, static_length, fused_attention=fused)
             return StaticOrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads, cuda_graph=cuda_graph,
                                     decoder_file=contract.graph_file(contract.decoder_graph(variant)))
-        fused = variant == "fused"
+        fused = variant == contract.FUSED
         self.onnx_dir = ensure_export(self.model_dir, dtype, fused_attention=fused)
         return OrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads,
                           decoder_file=contract.graph_file(contract.decoder_graph(variant)))

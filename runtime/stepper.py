@@ -127,7 +127,7 @@ class OrtStepper(Stepper):
                  decoder_file=contract.DECODER_FILE,
                  provider_options=None):
         """decoder_file: decoder.onnx (the reference graph) or decoder_fused.onnx (same inputs and outputs)."""
-        from refformer.export.verify import import_onnxruntime
+        from refformer.export.session import import_onnxruntime
 
         ort = import_onnxruntime()
 

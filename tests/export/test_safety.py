@@ -603,7 +603,7 @@ def test_golden_writes_through_a_symbolic_link_and_keeps_permissions(tmp_path):
 
 
 def test_golden_refuses_the_models_cache_exports(tmp_path):
-    from refformer.export.export import export_locations
+    from refformer.export.folder import export_locations
 
     make_model(tmp_path / "m")
     cached = export_locations(tmp_path / "m", "fp32")[1]

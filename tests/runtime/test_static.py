@@ -4,7 +4,8 @@ verified against decoder.onnx by verify, and token for token equal to refimpl fo
 import numpy as np
 import pytest
 
-from refformer.export.export import default_export_dir, export_model
+from refformer.export.export import export_model
+from refformer.export.folder import default_export_dir
 from refformer.export.verify import verify
 from refformer.refimpl import Config, RefformerError, init_params, load, save
 from refformer.refimpl.generate import GenerationOptions, generate
