@@ -86,6 +86,16 @@ def check_number(name, value, low=None, high=None, *, low_open=False, high_open=
     return value
 
 
+def is_integer(value):
+    """True for an int or NumPy integer, False for bool (and np.bool_) and everything else."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value):
+    """True for an int, float or NumPy number (not bool), whatever its value (NaN and inf included)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def is_finite(value, integer=False):
     """math.isfinite for any real number, without its OverflowError: an integer too large for a float (10**400) is
     finite as an integer (integer=True) and not where a float is wanted (it would overflow)."""

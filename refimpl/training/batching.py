@@ -23,8 +23,7 @@ import itertools
 
 import numpy as np
 
-from ..errors import RefformerError, check
-from .options import is_integer
+from ..errors import RefformerError, check, is_integer
 
 
 def _all_integers(rows):

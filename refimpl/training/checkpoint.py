@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config
-from ..errors import RefformerError, check
+from ..errors import RefformerError, check, is_integer, is_real
 from ..io import atomic_write, sha256, unflatten_checked
 from ..tree import flatten, unflatten
 from .interrupts import interrupts_deferred
 from .log import LOG_COLUMNS
-from .options import is_finite, is_integer, is_real
+from .options import is_finite
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"

@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config, check_fits_memory, parameter_bytes, physical_memory_bytes
-from ..errors import RefformerError, check
+from ..errors import RefformerError, check, is_integer
 from ..io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from .batching import Batch
 from .checkpoint import CHECKPOINT_DIR, STATE_FILE
 from .log import LOG_FILE, PLOT_FILE
-from .options import is_integer
 
 TRAINING_COPIES = 7  # parameters, gradients, two AdamW moments, and the three updated trees
 # What a training run writes into its output directory; a folder holding any of these holds a (trained) model.

@@ -5,12 +5,11 @@ import math
 import numpy as np
 
 from ..config import Config
-from ..errors import RefformerError, check
+from ..errors import RefformerError, check, is_integer
 from ..generate import greedy, strip
 from ..loss import cross_entropy_forward
 from ..model import model_forward
 from .batching import collate, make_batches
-from .options import is_integer
 
 
 def evaluate(cfg, params, examples, *, max_tokens=4096, decode=None, references=None, max_sentences=None,

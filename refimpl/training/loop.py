@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config
-from ..errors import RefformerError, check
+from ..errors import RefformerError, check, is_integer
 from ..io import save
 from ..loss import cross_entropy_backward, cross_entropy_forward
 from ..model import model_backward, model_forward
@@ -32,7 +32,7 @@ from .checks import check_output_dir
 from .evaluate import evaluate
 from .interrupts import interrupts_deferred
 from .log import LOG_COLUMNS, LOG_FILE, PLOT_FILE, plot_log, write_log
-from .options import TrainOptions, is_integer
+from .options import TrainOptions
 
 
 class TrainingDiverged(RefformerError):

@@ -1,25 +1,15 @@
 """How a run trains: TrainOptions, and the number checks its fields (and the other training modules) use."""
 
 import dataclasses
-import math
-import numbers
 
-from ..errors import check
-
-
-def is_integer(value):
-    """True for an int or NumPy integer, False for bool and everything else."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value):
-    """True for an int, float or NumPy number (not bool), whatever its value (NaN and inf included)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+from ..errors import check, is_integer, is_real
+from ..errors import is_finite as finite
 
 
 def is_finite(value):
-    """True for a real number (is_real) that is neither NaN nor infinite."""
-    return is_real(value) and math.isfinite(value)
+    """True for a real number (errors.is_real) that is neither NaN nor infinite, as a float: an integer too large
+    for a float (10**400) is not finite here (errors.is_finite)."""
+    return is_real(value) and finite(value)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -502,3 +502,10 @@ def test_public_functions_refuse_bad_arguments(tmp_path):
     with pytest.raises(RefformerError, match="not a training log of numbers"):
         read_log(tmp_path / "log.csv")
     assert evaluate(cfg, params, valid, max_translations=0, decode=_spaced)["bleu"] is None  # loss only
+
+
+@pytest.mark.parametrize("field", ["lr", "eps", "weight_decay", "clip", "time_limit"])
+def test_train_options_refuse_an_integer_too_large_for_a_float(field):
+    """10**400 was an OverflowError from math.isfinite: now RefformerError naming the field."""
+    with pytest.raises(RefformerError, match=field):
+        TrainOptions(**{field: 10**400})
