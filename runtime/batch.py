@@ -168,7 +168,7 @@ class RecordWriter:
     """
 
     def __init__(self, output_path, as_json, overwrite=True):
-        """overwrite=False: an --output that appeared since check_output_path (another run writing the same file)
+        """overwrite=False: an --output that appeared since check_generate_output (another run writing the same file)
         is refused, not replaced."""
         self.output_path, self.as_json = output_path, as_json
         self.count, self.file, self.temp, self.failed, self.good_size = 0, None, None, False, 0

@@ -83,41 +83,6 @@ def check_fits_memory(model_dir, generation, batch_size):
         raise flag_names(error) from None
 
 
-def check_output_path(output_path, input_path, overwrite, model_dir=None):
-    """Refuse an --output that cannot be written, or would replace the input, a file of the model folder (even with
-    --overwrite) or an existing file without --overwrite (before any model is loaded). Raises RefformerError."""
-    from refformer.runtime.outputs import check_output_file
-
-    check_output_file(output_path, overwrite, flag="--output",
-                      inputs=() if input_path in (None, "-") else (input_path,),
-                      same_as_input="is the --input file; write the results to another file",
-                      not_regular_hint="give a file name, or --output - for stdout",
-                      model_check=lambda path: check_not_in_model(path, model_dir))
-
-
-def check_not_in_model(output_path, model_dir):
-    """Refuse an --output that is one of the model folder's files (config.json, model.safetensors, tokenizer.json) or
-    lies in its export folders (onnx/, the per-user cache), spelled any way (a symbolic link, ./, ../): generate
-    reads them. Raises RefformerError."""
-    from refformer.refimpl.io import MODEL_FILES
-    from refformer.runtime.options import resolve_model
-    from refformer.runtime.outputs import export_folder_holding
-
-    try:
-        model = Path(os.path.realpath(resolve_model(model_dir)))
-    except RefformerError:  # no bundled model: the model folder is named as missing later
-        return
-    target = Path(os.path.realpath(output_path))
-    if target in {model / name for name in MODEL_FILES} or model / "onnx" in target.parents:
-        raise RefformerError(f"--output {output_path} is a file of the model folder {model_dir or model}; write the "
-                             "results to another file")
-    if (model / "config.json").is_file() and (model / "model.safetensors").is_file():
-        cached = export_folder_holding(output_path, model)  # the model's exports in the cache
-        if cached is not None:
-            raise RefformerError(f"--output {output_path} is in the model's export folder "
-                                 f"{Path(os.path.realpath(cached))}; write the results to another file")
-
-
 @click.command("generate")
 @click.argument("texts", nargs=-1)
 @model_option
@@ -209,6 +174,7 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
     )
     from refformer.runtime.errors import shown
     from refformer.runtime.generator import Generator
+    from refformer.runtime.outputs import check_generate_output
 
     refuse_model_folder_as_text(texts)
     generation = generation_options(options)  # bad option values fail before any model is loaded
@@ -221,7 +187,7 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
     if output_path == "-":  # as for --input: stdout, in --output's format (JSON lines), not a file named "-"
         output_path, as_json = None, True
     if output_path is not None:
-        check_output_path(output_path, input_path, overwrite, model_dir)
+        check_generate_output(output_path, input_path, overwrite, model_dir)
     elif sys.stdout is None:
         raise RefformerError("stdout is closed; pass --output FILE")
     lines = input_lines(texts, input_path)

@@ -1,12 +1,12 @@
-"""Checks of a file a command is about to write (generate's --output, golden's --out), made before any model is
-loaded: one checker for both, so that a folder, a dangling link, a pipe, a missing or read-only folder, one of the
-command's inputs and an existing file are refused alike."""
+"""Checks of a file a command is about to write (generate's --output, golden's --out, tokenizer train's --out),
+made before any model is loaded: one checker for all, so that a folder, a dangling link, a pipe, a missing or
+read-only folder, one of the command's inputs and an existing file are refused alike."""
 
 import os
 from pathlib import Path
 
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.io import leads_nowhere
+from refformer.refimpl.io import MODEL_FILES, leads_nowhere
 
 
 def check_output_file(path, overwrite, *, flag, inputs=(), same_as_input="is one of the command's inputs; pick "
@@ -58,3 +58,34 @@ def export_folder_holding(path, model_dir):
         if Path(os.path.realpath(folder)) in target.parents:
             return folder
     return None
+
+
+def check_generate_output(output_path, input_path, overwrite, model_dir=None):
+    """Refuse an --output that cannot be written, or would replace the input, a file of the model folder (even with
+    --overwrite) or an existing file without --overwrite (before any model is loaded). Raises RefformerError."""
+    check_output_file(output_path, overwrite, flag="--output",
+                      inputs=() if input_path in (None, "-") else (input_path,),
+                      same_as_input="is the --input file; write the results to another file",
+                      not_regular_hint="give a file name, or --output - for stdout",
+                      model_check=lambda path: check_not_in_model(path, model_dir))
+
+
+def check_not_in_model(output_path, model_dir):
+    """Refuse an --output that is one of the model folder's files (config.json, model.safetensors, tokenizer.json) or
+    lies in its export folders (onnx/, the per-user cache), spelled any way (a symbolic link, ./, ../): generate
+    reads them. Raises RefformerError."""
+    from refformer.runtime.options import resolve_model
+
+    try:
+        model = Path(os.path.realpath(resolve_model(model_dir)))
+    except RefformerError:  # no bundled model: the model folder is named as missing later
+        return
+    target = Path(os.path.realpath(output_path))
+    if target in {model / name for name in MODEL_FILES} or model / "onnx" in target.parents:
+        raise RefformerError(f"--output {output_path} is a file of the model folder {model_dir or model}; write the "
+                             "results to another file")
+    if (model / "config.json").is_file() and (model / "model.safetensors").is_file():
+        cached = export_folder_holding(output_path, model)  # the model's exports in the cache
+        if cached is not None:
+            raise RefformerError(f"--output {output_path} is in the model's export folder "
+                                 f"{Path(os.path.realpath(cached))}; write the results to another file")
