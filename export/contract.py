@@ -46,7 +46,10 @@ def decoder_graph(variant):
 
 def graph_variant(graph):
     """The variant of a decoder graph name: "decoder" -> "reference", "decoder_static" -> "static"; the encoder
-    and unknown names -> None."""
+    and unknown names -> None.
+
+    Raises nothing: a string comparison (an unknown name gives None).
+    """
     for variant in VARIANTS:
         if decoder_graph(variant) == graph:
             return variant
@@ -54,7 +57,10 @@ def graph_variant(graph):
 
 
 def graph_file(graph):
-    """The file of a graph name: "decoder_fused" -> "decoder_fused.onnx"."""
+    """The file of a graph name: "decoder_fused" -> "decoder_fused.onnx".
+
+    Raises nothing: string concatenation.
+    """
     return graph + GRAPH_SUFFIX
 
 
@@ -63,14 +69,20 @@ DECODER_FILE = graph_file(DECODER)
 
 
 def reference_graphs(is_encoder_decoder):
-    """The graph names every export holds: ["encoder", "decoder"] (encoder-decoder) or ["decoder"]."""
+    """The graph names every export holds: ["encoder", "decoder"] (encoder-decoder) or ["decoder"].
+
+    Raises nothing: it reads one flag.
+    """
     return [ENCODER, DECODER] if is_encoder_decoder else [DECODER]
 
 
 def exported_variants(head_dim, static_length=None, fused_attention=False):
     """The variants beyond "reference" that an export with these options writes, in the order export builds them:
     static with static_length; fused with fused_attention; static_mha with both, and static_fused with both when
-    the head size head_dim is a multiple of 8 (GroupQueryAttention's kernels need it)."""
+    the head size head_dim is a multiple of 8 (GroupQueryAttention's kernels need it).
+
+    Raises nothing: export_model checked the options first.
+    """
     static, both = static_length is not None, static_length is not None and fused_attention
     return [variant for variant, wanted in ((STATIC, static), (FUSED, fused_attention), (STATIC_MHA, both),
                                             (STATIC_FUSED, both and head_dim % 8 == 0)) if wanted]
@@ -78,7 +90,10 @@ def exported_variants(head_dim, static_length=None, fused_attention=False):
 
 def runs_on(graph, dtype, provider):
     """Whether ONNX Runtime has kernels for the graph name here: GroupQueryAttention (decoder_static_fused) runs on
-    the CPU in fp32 and fp16, on CUDA only in fp16."""
+    the CPU in fp32 and fp16, on CUDA only in fp16.
+
+    Raises nothing: a comparison.
+    """
     return not (graph == decoder_graph(STATIC_FUSED) and provider == CUDA_PROVIDER and dtype == "fp32")
 
 
@@ -102,32 +117,50 @@ CROSS_VALUE = "cross_value_{}"
 
 
 def past_key(i):
-    """Input: the self-attention keys of decoder layer i before this call, float [B, H, P (or L), Dh]."""
+    """Input: the self-attention keys of decoder layer i before this call, float [B, H, P (or L), Dh].
+
+    i: the layer index, an int. Raises nothing: string formatting.
+    """
     return PAST_KEY.format(i)
 
 
 def past_value(i):
-    """Input: the self-attention values of decoder layer i before this call, float [B, H, P (or L), Dh]."""
+    """Input: the self-attention values of decoder layer i before this call, float [B, H, P (or L), Dh].
+
+    i: the layer index, an int. Raises nothing: string formatting.
+    """
     return PAST_VALUE.format(i)
 
 
 def present_key(i):
-    """Output: the self-attention keys of decoder layer i after this call, float [B, H, P + T (or L), Dh]."""
+    """Output: the self-attention keys of decoder layer i after this call, float [B, H, P + T (or L), Dh].
+
+    i: the layer index, an int. Raises nothing: string formatting.
+    """
     return PRESENT_KEY.format(i)
 
 
 def present_value(i):
-    """Output: the self-attention values of decoder layer i after this call, float [B, H, P + T (or L), Dh]."""
+    """Output: the self-attention values of decoder layer i after this call, float [B, H, P + T (or L), Dh].
+
+    i: the layer index, an int. Raises nothing: string formatting.
+    """
     return PRESENT_VALUE.format(i)
 
 
 def cross_key(i):
-    """Encoder output and decoder input: decoder layer i's cross-attention keys, float [B, H, S, Dh]."""
+    """Encoder output and decoder input: decoder layer i's cross-attention keys, float [B, H, S, Dh].
+
+    i: the layer index, an int. Raises nothing: string formatting.
+    """
     return CROSS_KEY.format(i)
 
 
 def cross_value(i):
-    """Encoder output and decoder input: decoder layer i's cross-attention values, float [B, H, S, Dh]."""
+    """Encoder output and decoder input: decoder layer i's cross-attention values, float [B, H, S, Dh].
+
+    i: the layer index, an int. Raises nothing: string formatting.
+    """
     return CROSS_VALUE.format(i)
 
 
@@ -147,7 +180,10 @@ INT64 = "int64"
 
 def encoder_signature(cfg):
     """(inputs, outputs) of encoder.onnx, each a list of (name, element type, shape) in the graph's order; shapes
-    hold ints and the axis names above. cfg: the model's Config (n_heads, head_dim, d_model, n_decoder_layers)."""
+    hold ints and the axis names above. cfg: the model's Config (n_heads, head_dim, d_model, n_decoder_layers).
+
+    Raises nothing: cfg is a checked Config.
+    """
     cross_shape = [BATCH, cfg.n_heads, SOURCE_LENGTH, cfg.head_dim]
     inputs = [(INPUT_IDS, INT64, [BATCH, SOURCE_LENGTH]), (ATTENTION_MASK, INT64, [BATCH, SOURCE_LENGTH])]
     outputs = [(ENCODER_HIDDEN_STATES, FLOAT, [BATCH, SOURCE_LENGTH, cfg.d_model])]

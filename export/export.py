@@ -79,7 +79,10 @@ def save_graph(model, path, external_data=None):
 
 def io_spec(model):
     """{"inputs": [...], "outputs": [...]} of an onnx.ModelProto, each {"name", "shape" (ints or axis names),
-    "dtype" (numpy's name: "int64", "float32", "float16")}, for the manifest."""
+    "dtype" (numpy's name: "int64", "float32", "float16")}, for the manifest.
+
+    Raises nothing: model is a graph export_model built.
+    """
     def spec(values):
         out = []
         for value in values:
@@ -93,7 +96,11 @@ def io_spec(model):
 
 
 def versions():
-    """The versions of refformer and the libraries that made and checked the graphs, for the manifest."""
+    """The versions of refformer and the libraries that made and checked the graphs, for the manifest.
+
+    Raises RefformerError (import_onnxruntime) when onnxruntime cannot be imported, and importlib.metadata's
+    PackageNotFoundError when refformer is not installed.
+    """
     onnxruntime = import_onnxruntime()
     from importlib.metadata import version
 

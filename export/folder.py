@@ -36,12 +36,18 @@ LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host
 
 
 def owner():
-    """PID@HOST: in the names of this process's temporary folders, so that only a dead owner's are cleaned up."""
+    """PID@HOST: in the names of this process's temporary folders, so that only a dead owner's are cleaned up.
+
+    Raises nothing.
+    """
     return f"{os.getpid()}@{HOST}"
 
 
 def export_name(dtype="fp32", static_length=None, fused_attention=False):
-    """The folder name of one export set: "fp32", "fp16-static128", "fp32-fused", "fp16-static128-fused"."""
+    """The folder name of one export set: "fp32", "fp16-static128", "fp32-fused", "fp16-static128-fused".
+
+    Raises nothing: export_model and the CLI checked the options.
+    """
     return dtype + ("" if static_length is None else f"-static{static_length}") + ("-fused" if fused_attention else "")
 
 
@@ -60,7 +66,10 @@ def is_folder(path):
 def cache_root():
     """The per-user cache of exports: $XDG_CACHE_HOME/refformer, or ~/.cache/refformer. A relative XDG_CACHE_HOME is
     ignored, as the XDG base directory specification says (it named a folder under whatever the current folder was).
-    Without a home folder (HOME unset, no entry in the password file) the cache is <temporary folder>/refformer-UID."""
+    Without a home folder (HOME unset, no entry in the password file) the cache is <temporary folder>/refformer-UID.
+
+    Raises nothing: a missing home folder falls back to the temporary folder.
+    """
     base = os.environ.get("XDG_CACHE_HOME", "")
     if os.path.isabs(base):
         return Path(base) / "refformer"
@@ -86,7 +95,10 @@ _HASHES = {}  # (path, device, inode, size, mtime_ns) -> sha256: a big weights f
 
 
 def file_sha256(path):
-    """sha256 of a file, remembered while the file's inode, size and modification time stay the same."""
+    """sha256 of a file, remembered while the file's inode, size and modification time stay the same.
+
+    Raises OSError when the file cannot be read.
+    """
     path = Path(path).resolve()
     info = path.stat()
     key = (str(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
@@ -96,27 +108,39 @@ def file_sha256(path):
 
 
 def model_key(model_dir):
-    """20 hex digits naming a model's config and weights: its folder in the per-user cache."""
+    """20 hex digits naming a model's config and weights: its folder in the per-user cache.
+
+    Raises RefformerError (model_hashes) when config.json or model.safetensors is missing.
+    """
     hashes = model_hashes(model_dir)
     return sha256_text(hashes["config_sha256"] + hashes["weights_sha256"])[:20]
 
 
 def sha256_text(text):
-    """The sha256 hex digest of a str (UTF-8)."""
+    """The sha256 hex digest of a str (UTF-8).
+
+    Raises nothing.
+    """
     import hashlib
 
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def export_locations(model_dir, name):
-    """(MODEL_DIR/onnx/NAME, <cache>/<model key>/NAME): the two places an export set of model_dir may live."""
+    """(MODEL_DIR/onnx/NAME, <cache>/<model key>/NAME): the two places an export set of model_dir may live.
+
+    Raises RefformerError (model_hashes) when config.json or model.safetensors is missing.
+    """
     model_dir = Path(model_dir)
     return model_dir / EXPORTS_FOLDER / name, cache_root() / model_key(model_dir) / name
 
 
 def packaged(model_dir):
     """True for a model folder inside refformer's own package folders (the bundled model, installed or editable):
-    its exports go to the per-user cache, never into site-packages or the source tree."""
+    its exports go to the per-user cache, never into site-packages or the source tree.
+
+    Raises nothing.
+    """
     from importlib.util import find_spec
 
     model = Path(model_dir).resolve()
@@ -128,21 +152,30 @@ def packaged(model_dir):
 
 
 def writable(model_dir):
-    """Whether an export can go into MODEL_DIR/onnx (it, or the model folder when onnx/ is missing, is writable)."""
+    """Whether an export can go into MODEL_DIR/onnx (it, or the model folder when onnx/ is missing, is writable).
+
+    Raises nothing: an unreadable folder is not writable.
+    """
     folder = Path(model_dir) / EXPORTS_FOLDER
     return os.access(folder if folder.exists() else model_dir, os.W_OK)
 
 
 def default_export_dir(model_dir, dtype="fp32", static_length=None, fused_attention=False):
     """Where `refformer export` (no --out) and generate write an export set of model_dir: MODEL_DIR/onnx/NAME,
-    or the per-user cache's folder for the bundled model and for a model folder that is not writable."""
+    or the per-user cache's folder for the bundled model and for a model folder that is not writable.
+
+    Raises RefformerError (model_hashes) when config.json or model.safetensors is missing.
+    """
     local, cached = export_locations(model_dir, export_name(dtype, static_length, fused_attention))
     return cached if packaged(model_dir) or not writable(model_dir) else local
 
 
 def existing_exports(model_dir):
     """{name: folder} of the export sets of model_dir with a manifest.json: MODEL_DIR/onnx/* first, then the
-    per-user cache's (a name in both: the model folder's)."""
+    per-user cache's (a name in both: the model folder's).
+
+    Raises RefformerError (model_hashes) when config.json or model.safetensors is missing.
+    """
     found = {}
     local, cached = export_locations(model_dir, "-")
     for parent in (local.parent, cached.parent):
@@ -213,7 +246,10 @@ def check_out_dir(model_dir, out_dir, what=None):
 
 def is_export(folder):
     """True when folder holds a refformer export and nothing else: a manifest.json of ours and only the files it
-    names (graphs and their .data files)."""
+    names (graphs and their .data files).
+
+    Raises nothing: an unreadable folder or manifest is not an export.
+    """
     folder = Path(folder)
     try:
         if not (folder / MANIFEST_FILE).is_file():  # (a pipe named manifest.json would block the read forever)
@@ -230,7 +266,10 @@ def is_export(folder):
 
 
 def file_hashes(folder, names):
-    """{file name: sha256} of the named files of folder that exist."""
+    """{file name: sha256} of the named files of folder that exist.
+
+    Raises OSError when a named file that exists cannot be read.
+    """
     return {name: sha256(Path(folder) / name) for name in sorted(names) if (Path(folder) / name).is_file()}
 
 
@@ -239,7 +278,10 @@ SAME_EXPORT_KEYS = ("format_version", "family", "dtype", "opset", "config_sha256
 
 def same_export(folder, manifest):
     """True when folder already holds this export: a manifest agreeing with manifest on SAME_EXPORT_KEYS (the model's
-    hashes, the graphs and every file's sha256), and files that still have those hashes."""
+    hashes, the graphs and every file's sha256), and files that still have those hashes.
+
+    Raises nothing: an unreadable folder or manifest is not the same export.
+    """
     try:
         files = [Path(folder) / name for name in [MANIFEST_FILE, *manifest["files"]]]
         if not all(path.is_file() for path in files):  # missing, or a pipe whose read would block forever
@@ -268,7 +310,10 @@ def check_files(onnx_dir, manifest):
 
 
 def graph_files(cfg):
-    """The file names of the graphs every export of cfg holds: encoder.onnx (encoder-decoder only), decoder.onnx."""
+    """The file names of the graphs every export of cfg holds: encoder.onnx (encoder-decoder only), decoder.onnx.
+
+    Raises nothing: cfg is a checked Config.
+    """
     return [graph_file(name) for name in reference_graphs(cfg.is_encoder_decoder)]
 
 
@@ -345,7 +390,10 @@ FOREIGN_LEFTOVER_AGE_S = 24 * 3600
 
 
 def older_than(path, seconds):
-    """Whether path was last modified more than seconds ago (False when it cannot be read)."""
+    """Whether path was last modified more than seconds ago (False when it cannot be read).
+
+    seconds: a float, in seconds. Raises nothing.
+    """
     import time
 
     try:
@@ -358,7 +406,10 @@ def recover_leftovers(parent):
     """Clean up after exports killed in parent: remove their .NAME.tmp-PID@HOST-* folders, and put a
     .NAME.old-PID@HOST-* folder back in place of a missing NAME (a kill between replace_folder's two renames),
     or remove it. Folders of this host whose process is gone are touched (concurrent exports keep theirs), and
-    those of another host name once they are a day old (a container's host name changes at every start)."""
+    those of another host name once they are a day old (a container's host name changes at every start).
+
+    Raises nothing: an unreadable parent is skipped, and folders that cannot be removed stay.
+    """
     parent = Path(parent)
     try:
         entries = sorted(parent.iterdir())
@@ -389,7 +440,10 @@ LEGACY_AGE_S = 3600
 
 def remove_legacy_leftovers(model_dir):
     """Remove the .onnx.tmp-* / .onnx.old-* (and -fp16) folders that exports killed before this layout left in the
-    model folder (their names carry no host: only those untouched for an hour go)."""
+    model folder (their names carry no host: only those untouched for an hour go).
+
+    Raises nothing: unreadable entries are skipped.
+    """
     import time
 
     try:

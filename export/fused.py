@@ -38,6 +38,9 @@ def multi_head_attention(g, cfg, prefix, p, h, key, value, keep32, past=None, ca
     keep32 [B, total] int32 (1 = real key); past (k, v) [B, H, P, Dh] for self-attention, whose present (k, v)
     [B, H, P + T, Dh] is returned too (else None). causal: query i sees keys up to P + i. Fully masked queries get
     ONNX Runtime's mask filler instead of zeros; they are padding and never compared or used. Returns (y, present).
+
+    Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
+    checked cfg and params.
     """
     at = node_path(prefix)
     q = linear(g, f"{prefix}.q_proj", p["q_proj"], h)
@@ -53,6 +56,9 @@ def mha_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, keep32):
     the key mask keep32 [B, P + T] int32 -> (y [B, T, D], present_k, present_v [B, H, P + T, Dh]).
 
     h ─k_proj, v_proj─MultiHeadAttention(causal, past)─out_proj─▶ y
+
+    Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
+    checked cfg and params.
     """
     k_new = linear(g, f"{prefix}.k_proj", p["k_proj"], h)
     v_new = linear(g, f"{prefix}.v_proj", p["v_proj"], h)
@@ -63,7 +69,11 @@ def mha_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, keep32):
 
 def mha_cross_attention(g, cfg, prefix, p, h, cross_k, cross_v, *, keep32):
     """attention.mha_cached for decoder_fused.onnx: h [B, T, D] attends to cross_k, cross_v [B, H, S, Dh] with the
-    source key mask keep32 [B, S] int32 -> y [B, T, D]."""
+    source key mask keep32 [B, S] int32 -> y [B, T, D].
+
+    Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
+    checked cfg and params.
+    """
     return multi_head_attention(g, cfg, prefix, p, h, cross_k, cross_v, keep32)[0]
 
 
@@ -71,20 +81,31 @@ def mha_cross_attention(g, cfg, prefix, p, h, cross_k, cross_v, *, keep32):
 
 
 def linear_unbiased(g, prefix, p, x):
-    """ops.linear without its bias: (x @ W, the name of b or None) for a later fused node to add."""
+    """ops.linear without its bias: (x @ W, the name of b or None) for a later fused node to add.
+
+    x and y [..., D_out] in g's float type. No checks: reached only through export_model, which loads a checked cfg and
+    params.
+    """
     y = g.op("MatMul", [x, g.weight(f"{prefix}.weight", p["weight"])], node_path(prefix))
     return y, (g.weight(f"{prefix}.bias", p["bias"]) if "bias" in p else None)
 
 
 def add_bias(g, y, bias, at):
-    """y + bias (y when bias is None)."""
+    """y + bias (y when bias is None).
+
+    Raises nothing: it adds one node.
+    """
     return y if bias is None else g.op("Add", [y, bias], at, name="AddBias")
 
 
 def activation_with_bias(g, kind, h, bias, at):
     """ops.activation(h + bias) in one contrib node where ONNX Runtime has one:
     gelu: BiasGelu (erf form); gelu_tanh: FastGelu (the same tanh formula); silu: QuickGelu(alpha = 1) = x sigmoid(x);
-    relu: Add, Relu."""
+    relu: Add, Relu.
+
+    h [..., F] in g's float type. No checks: reached only through export_model, which loads a checked cfg and params.
+    (an unknown kind builds Relu)
+    """
     if kind == "gelu":
         return g.op("BiasGelu" if bias else "Gelu", [h] + ([bias] if bias else []), at, domain=MICROSOFT)
     if kind == "gelu_tanh":
@@ -97,7 +118,11 @@ def activation_with_bias(g, kind, h, bias, at):
 
 def feed_forward_unbiased(g, cfg, prefix, p, x):
     """layers.feed_forward with fc1's bias inside the activation node and fc2's left to the next norm:
-    x [B, T, D] -> (y [B, T, D] without fc2's bias, fc2's bias name or None)."""
+    x [B, T, D] -> (y [B, T, D] without fc2's bias, fc2's bias name or None).
+
+    Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
+    checked cfg and params.
+    """
     h, bias = linear_unbiased(g, f"{prefix}.fc1", p["fc1"], x)
     h = activation_with_bias(g, cfg.activation, h, bias, node_path(prefix) + "/act")
     return linear_unbiased(g, f"{prefix}.fc2", p["fc2"], h)
@@ -114,6 +139,9 @@ def skip_norm(g, cfg, prefix, p, delta, bias, x, keep_sum):
                                                      └─▶ x + delta + bias   (output 3)
 
     SkipSimplifiedLayerNormalization (no beta) for rmsnorm. Returns (normed, the sum or None).
+
+    delta, x [B, T, D] in g's float type. No checks: reached only through export_model, which loads a checked cfg and
+    params.
     """
     at = node_path(prefix)
     unused = (1, 2) if keep_sum else (1, 2, 3)
@@ -134,13 +162,18 @@ class ResidualStream:
     pre-LN  (x + f(norm(x))): the sublayer's output waits as `pending` until the next norm adds it;
     post-LN (norm(x + f(x))): the sum and the norm are one SkipLayerNormalization at once.
     A sublayer function returns (y without its bias, bias name or None).
+
+    x [B, T, D] in g's float type. No checks: reached only through export_model, which loads a checked cfg and params.
     """
 
     def __init__(self, g, cfg, x):
         self.g, self.cfg, self.x, self.pending = g, cfg, x, None
 
     def sublayer(self, norm_prefix, p_norm, f):
-        """layers.residual on the stream: f(h) -> (delta, bias) is the sublayer; its norm is norm_prefix, p_norm."""
+        """layers.residual on the stream: f(h) -> (delta, bias) is the sublayer; its norm is norm_prefix, p_norm.
+
+        No checks: reached only through export_model, which loads a checked cfg and params.
+        """
         if self.cfg.norm_first:
             self.pending = f(self.normed(norm_prefix, p_norm))
         else:
@@ -148,7 +181,11 @@ class ResidualStream:
             self.x = skip_norm(self.g, self.cfg, norm_prefix, p_norm, delta, bias, self.x, keep_sum=False)[0]
 
     def normed(self, prefix, p):
-        """norm(x + pending); x becomes x + pending."""
+        """norm(x + pending); x becomes x + pending.
+
+        Returns [B, T, D] in g's float type. No checks: reached only through export_model, which loads a checked cfg and
+        params.
+        """
         if self.pending is None:
             return norm(self.g, self.cfg, prefix, p, self.x)
         (delta, bias), self.pending = self.pending, None
@@ -156,7 +193,11 @@ class ResidualStream:
         return normed
 
     def value(self, at):
-        """x with any pending sublayer output added (the stack's output without a final norm)."""
+        """x with any pending sublayer output added (the stack's output without a final norm).
+
+        Returns [B, T, D] in g's float type. No checks: reached only through export_model, which loads a checked cfg and
+        params.
+        """
         if self.pending is not None:
             (delta, bias), self.pending = self.pending, None
             delta = add_bias(self.g, delta, bias, at)
@@ -166,7 +207,10 @@ class ResidualStream:
 
 def stream_residual(g, cfg, norm_prefix, p_norm, stream, sublayer):
     """layers.residual's place in layers.decoder_layer for the static fused graphs: the residual step on a
-    ResidualStream (whose graph and config it already holds); returns the stream."""
+    ResidualStream (whose graph and config it already holds); returns the stream.
+
+    No checks: reached only through export_model, which loads a checked cfg and params.
+    """
     stream.sublayer(norm_prefix, p_norm, sublayer)
     return stream
 
@@ -175,7 +219,11 @@ def stream_residual(g, cfg, norm_prefix, p_norm, stream, sublayer):
 
 
 def packed_qkv(g, prefix, p, h):
-    """[q | k | v] = h @ [Wq | Wk | Wv] + [bq | bk | bv]: one MatMul instead of three. h [B, T, D] -> [B, T, 3D]."""
+    """[q | k | v] = h @ [Wq | Wk | Wv] + [bq | bk | bv]: one MatMul instead of three. h [B, T, D] -> [B, T, 3D].
+
+    Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
+    checked cfg and params.
+    """
     at = node_path(prefix) + "/qkv_proj"
     names = ("q_proj", "k_proj", "v_proj")
     weight = np.concatenate([p[n]["weight"] for n in names], axis=1)
@@ -192,6 +240,9 @@ def gqa_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, seqlens32, total
 
     h ─qkv_proj─GroupQueryAttention(past_k, past_v, seqlens, total)─out_proj (bias left to the next norm)─▶ y
                            └─▶ present_k, present_v  (the same buffers as past_k, past_v when bound so)
+
+    Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
+    checked cfg and params.
     """
     at = node_path(prefix)
     qkv = packed_qkv(g, prefix, p, h)
@@ -208,6 +259,9 @@ def mha_static_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, slot_mask
 
     h ─qkv_proj─Split─┬─ q ────────────────────────────────┐
                       └─ k, v ─Reshape─Where(slot, ·, cache)─MultiHeadAttention(mask)─out_proj─▶ y
+
+    Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
+    checked cfg and params.
     """
     at = node_path(prefix)
     D = cfg.d_model
@@ -222,7 +276,11 @@ def mha_static_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, slot_mask
 
 def mha_cross_attention_unbiased(g, cfg, prefix, p, h, cross_k, cross_v, *, keep32):
     """mha_cross_attention with out_proj's bias left to the next norm: h [B, 1, D] attends to cross_k, cross_v
-    [B, H, S, Dh] with keep32 [B, S] int32 -> (y [B, 1, D], out_proj's bias name or None)."""
+    [B, H, S, Dh] with keep32 [B, S] int32 -> (y [B, 1, D], out_proj's bias name or None).
+
+    Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
+    checked cfg and params.
+    """
     q = linear(g, f"{prefix}.q_proj", p["q_proj"], h)
     context = g.op("MultiHeadAttention", [q, cross_k, cross_v, "", keep32], node_path(prefix), domain=MICROSOFT,
                    num_heads=cfg.n_heads)

@@ -32,7 +32,10 @@ def check_weights(params, dtype, source):
 
 
 def node_path(prefix):
-    """"decoder.layers.0.self_attn" -> "/decoder/layers.0/self_attn" (layer indices stay with their list)."""
+    """"decoder.layers.0.self_attn" -> "/decoder/layers.0/self_attn" (layer indices stay with their list).
+
+    Raises nothing.
+    """
     parts = []
     for part in prefix.split("."):
         if part.isdigit() and parts:
@@ -43,10 +46,16 @@ def node_path(prefix):
 
 
 class Graph:
-    """Collects nodes, initializers, inputs and outputs of one graph. dtype: "fp32" or "fp16" activations."""
+    """Collects nodes, initializers, inputs and outputs of one graph. dtype: "fp32" or "fp16" activations.
+
+    Graph(name, dtype, opset) raises KeyError for a dtype other than fp32/fp16 (export_model checks it first).
+    """
 
     def reduce_mean_last(self, x, at):
-        """Mean over the last axis, keeping it (axes moved from attribute to input in opset 18)."""
+        """Mean over the last axis, keeping it (axes moved from attribute to input in opset 18).
+
+        x and the output in its float type. Raises nothing.
+        """
         if self.opset < 18:
             return self.op("ReduceMean", [x], at, axes=[-1], keepdims=1)
         return self.op("ReduceMean", [x, self.const([-1], "axes_last")], at, keepdims=1)
@@ -65,7 +74,10 @@ class Graph:
     def op(self, op_type, inputs, at, *, name=None, n_outputs=1, unused=(), domain=None, **attributes):
         """Add a node named at/name (name defaults to op_type); returns its output name (or names).
 
-        unused: indices of optional outputs left unnamed (ONNX Runtime then need not compute them)."""
+        unused: indices of optional outputs left unnamed (ONNX Runtime then need not compute them).
+
+        Raises nothing: onnx's helper.make_node checks the attributes' types only.
+        """
         node_name = f"{at}/{name or op_type}"
         base, k = node_name, 1
         while node_name in self._names:  # the same op twice at one path: number it
@@ -76,7 +88,10 @@ class Graph:
         return outputs[0] if n_outputs == 1 else outputs
 
     def weight(self, name, array, dtype=None):
-        """An initializer named by its checkpoint name, stored in the graph's float type (or dtype)."""
+        """An initializer named by its checkpoint name, stored in the graph's float type (or dtype).
+
+        Raises what np.asarray raises for an array that cannot be cast; the builders pass checked parameters.
+        """
         if name not in self.initializers:
             target = NUMPY_TYPES[self.dtype] if dtype is None else dtype
             # np.asarray(order="C"), not np.ascontiguousarray, which would make a 0-d array 1-d
@@ -84,17 +99,26 @@ class Graph:
         return name
 
     def const(self, value, name, dtype=np.int64):
-        """A constant initializer (shapes, axes, scalars)."""
+        """A constant initializer (shapes, axes, scalars).
+
+        Raises nothing: the builders pass their own constants.
+        """
         return self.weight(f"const.{name}", np.asarray(value, dtype=dtype), dtype=dtype)
 
     def input(self, name, elem_type, shape):
-        """A graph input (elem_type: a TensorProto type; shape: ints and axis names); returns its name."""
+        """A graph input (elem_type: a TensorProto type; shape: ints and axis names); returns its name.
+
+        Raises nothing.
+        """
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
     def output(self, source, name, elem_type, shape):
         """Expose source under the contract name: the producing node's output is renamed (an Identity node
-        instead would make ONNX Runtime copy every cache tensor at every step)."""
+        instead would make ONNX Runtime copy every cache tensor at every step).
+
+        Raises nothing.
+        """
         self.renames[source] = name
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
@@ -116,13 +140,22 @@ class Graph:
 
     # ------------------------------------------------------------ op helpers
     def cast(self, x, to, at, name="Cast"):
-        """x cast to the TensorProto type to (a Cast node at/name)."""
+        """x cast to the TensorProto type to (a Cast node at/name).
+
+        Raises nothing.
+        """
         return self.op("Cast", [x], at, name=name, to=to)
 
     def to_float32(self, x, at, name="CastToFloat"):
-        """Cast to float32 where accuracy needs it (a no-op graph-wise in fp32 graphs)."""
+        """Cast to float32 where accuracy needs it (a no-op graph-wise in fp32 graphs).
+
+        Raises nothing.
+        """
         return x if self.dtype == "fp32" else self.cast(x, TensorProto.FLOAT, at, name)
 
     def to_graph_float(self, x, at, name="CastToGraphFloat"):
-        """Cast a float32 x back to the graph's float type (a no-op graph-wise in fp32 graphs)."""
+        """Cast a float32 x back to the graph's float type (a no-op graph-wise in fp32 graphs).
+
+        Raises nothing.
+        """
         return x if self.dtype == "fp32" else self.cast(x, self.float_type, at, name)

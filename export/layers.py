@@ -15,6 +15,9 @@ def feed_forward(g, cfg, prefix, p, x):
     """Twin of refimpl.layers.feed_forward_forward (inference): x [B, T, D] -> [B, T, D].
 
     x ─fc1─activation─fc2─▶ y        (p: {"fc1": [D, F] linear, "fc2": [F, D] linear})
+
+    x, y in g's float type; F = cfg.d_ff. No checks: reached only through export_model, which loads a checked cfg and
+    params.
     """
     h = linear(g, f"{prefix}.fc1", p["fc1"], x)
     return linear(g, f"{prefix}.fc2", p["fc2"], activation(g, cfg.activation, h, node_path(prefix) + "/act"))
@@ -22,7 +25,10 @@ def feed_forward(g, cfg, prefix, p, x):
 
 def residual(g, cfg, norm_prefix, p_norm, x, sublayer):
     """Twin of refimpl.layers.residual_forward: post-LN norm(x + f(x)) (Vaswani et al. 2017), or pre-LN
-    x + f(norm(x)) when cfg.norm_first (Xiong et al. 2020). sublayer(h) -> f(h), both [B, T, D]."""
+    x + f(norm(x)) when cfg.norm_first (Xiong et al. 2020). sublayer(h) -> f(h), both [B, T, D].
+
+    x in g's float type. No checks: reached only through export_model, which loads a checked cfg and params.
+    """
     at = node_path(norm_prefix)
     if cfg.norm_first:
         return g.op("Add", [x, sublayer(norm(g, cfg, norm_prefix, p_norm, x))], at, name="Residual")
@@ -33,6 +39,9 @@ def encoder_layer(g, cfg, prefix, p, x, mask):
     """Twin of refimpl.layers.encoder_layer_forward (inference): x [B, S, D], mask bool [B, 1, 1, S] -> [B, S, D].
 
     x ─residual(self-attention)─residual(feed-forward)─▶ y
+
+    Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
+    checked cfg and params.
     """
     h = residual(g, cfg, f"{prefix}.self_attn_norm", p["self_attn_norm"], x,
                  lambda h: mha(g, cfg, f"{prefix}.self_attn", p["self_attn"], h, h, mask))
@@ -54,6 +63,9 @@ def decoder_layer(g, cfg, prefix, p, x, past, cross, self_attention, cross_atten
       residual(g, cfg, norm_prefix, p_norm, x, sublayer) -> x;  feed_forward(g, cfg, prefix, p, h) -> y.
     Graph-wide inputs (masks, cache slots) are bound into them beforehand (functools.partial). Returns
     (y, present_k, present_v).
+
+    x, y and the caches in g's float type. No checks: reached only through export_model, which loads a checked cfg and
+    params.
     """
     present = {}
 
@@ -73,7 +85,10 @@ def decoder_layer(g, cfg, prefix, p, x, past, cross, self_attention, cross_atten
 def decoder_layers(g, cfg, p, x, past, cross, self_attention, cross_attention, **pieces):
     """The decoder's layer stack (the layer loop of refimpl.model.decoder_forward): decoder_layer for each layer i
     of p["layers"] with past[i] and cross[i] (lists of (k, v)), the same pieces for every layer.
-    Returns (x, [(present_k, present_v)] per layer)."""
+    Returns (x, [(present_k, present_v)] per layer).
+
+    x [B, T, D] in g's float type. No checks: reached only through export_model, which loads a checked cfg and params.
+    """
     presents = []
     for i, p_layer in enumerate(p["layers"]):
         x, k, v = decoder_layer(g, cfg, f"decoder.layers.{i}", p_layer, x, past[i], cross[i], self_attention,

@@ -89,6 +89,8 @@ def embed(g, cfg, prefix, p_tokens_name, p_tokens, p_stack, ids, positions):
 
     ids ──Gather(E)──Mul(sqrt D)──┐
     positions ──Gather(pos)──────Add──▶ x
+
+    x in g's float type. No checks: reached only through export_model, which loads a checked cfg and params.
     """
     at = node_path(prefix) + "/embed"
     x = embedding(g, f"{p_tokens_name}.weight", p_tokens["weight"], ids, at, "GatherTokens")
@@ -106,6 +108,8 @@ def lm_head(g, cfg, params, x):
     [B, T, V] in float32 even in fp16 graphs (the hidden state is cast up and the head kept in float32).
 
     A tied head reads the decoder's token table (Transpose of the [V, D] initializer).
+
+    No checks: reached only through export_model, which loads a checked cfg and params.
     """
     head = lm_head_params(cfg, params)
     x32 = g.to_float32(x, "/lm_head", "CastHidden")
@@ -135,6 +139,9 @@ def build_encoder(cfg, params, dtype="fp32", opset=17):
 
     input_ids ─embed─[encoder_layer × N]─final_norm─▶ encoder_hidden_states
         ─k_proj/v_proj of each decoder layer─▶ cross_*
+
+    Raises KeyError for a dtype other than fp32/fp16 and onnx's InferenceError (Graph.model) for a graph whose shapes do
+    not check; no other checks: export_model loads a checked cfg and params.
     """
     g = Graph(GRAPH_NAME_PREFIX + ENCODER, dtype, opset)
     inputs, outputs = encoder_signature(cfg)
@@ -166,13 +173,21 @@ def build_encoder(cfg, params, dtype="fp32", opset=17):
 
 
 def declare_inputs(g, inputs):
-    """The graph inputs of a contract signature (contract.encoder_signature / decoder_signature), in its order."""
+    """The graph inputs of a contract signature (contract.encoder_signature / decoder_signature), in its order.
+
+    Float inputs take g's float type. No checks: reached only through export_model, which loads a checked cfg and
+    params.
+    """
     for name, elem_type, shape in inputs:
         g.input(name, ELEM_TYPES.get(elem_type, g.float_type), shape)
 
 
 def declare_outputs(g, outputs, sources):
-    """The graph outputs of a contract signature, in its order; sources: {contract name: node output}."""
+    """The graph outputs of a contract signature, in its order; sources: {contract name: node output}.
+
+    Float outputs take g's float type. No checks: reached only through export_model, which loads a checked cfg and
+    params. (KeyError for a name missing from sources)
+    """
     for name, elem_type, shape in outputs:
         g.output(sources[name], name, ELEM_TYPES.get(elem_type, g.float_type), shape)
 
@@ -181,7 +196,10 @@ def cache_inputs(g, cfg, bool_mask=True):
     """The decoder's cache inputs (declared by declare_inputs): past_key/value_self_{i}, and for encoder-decoder
     cross_key/value_{i} [B, H, S, Dh] and encoder_attention_mask [B, S], made a bool [B, 1, 1, S] mask (or int32
     [B, S] for the contrib ops when bool_mask is False).
-    Returns (past [(k, v)], cross [(k, v)] or [(None, None)], the source mask or None), one pair per layer."""
+    Returns (past [(k, v)], cross [(k, v)] or [(None, None)], the source mask or None), one pair per layer.
+
+    Caches in g's float type. No checks: reached only through export_model, which loads a checked cfg and params.
+    """
     past = [(past_key(i), past_value(i)) for i in range(cfg.n_decoder_layers)]
     cross, memory_mask = [(None, None)] * cfg.n_decoder_layers, None
     if cfg.is_encoder_decoder:
@@ -192,7 +210,10 @@ def cache_inputs(g, cfg, bool_mask=True):
 
 
 def present_sources(presents):
-    """{present_key/value_self_{i}: node output} of the layers' present caches [(k, v)]."""
+    """{present_key/value_self_{i}: node output} of the layers' present caches [(k, v)].
+
+    Raises nothing: it only names node outputs.
+    """
     return {name(i): value for i, pair in enumerate(presents)
             for name, value in zip((present_key, present_value), pair)}
 
@@ -207,6 +228,10 @@ def build_decoder(cfg, params, dtype="fp32", opset=17, fused=False):
     -> logits [B, T, V] float32, present_key/value_self_{i} [B, H, P + T, Dh]. Returns the onnx.ModelProto.
 
     input_ids ─embed─[decoder_layer × N (Concat past, new)]─final_norm─Cast(fp32)─lm_head─▶ logits
+
+    Caches in the dtype's float type. Raises KeyError for a dtype other than fp32/fp16 and onnx's InferenceError
+    (Graph.model) for a graph whose shapes do not check; nothing else: export_model loads a checked config and
+    parameters first.
     """
     variant = FUSED if fused else REFERENCE
     g = Graph(GRAPH_NAME_PREFIX + decoder_graph(variant), dtype, opset)
@@ -241,6 +266,9 @@ def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
     -> logits [B, 1, V] float32, next_ids [B] int64 (argmax), present_key/value_self_{i} [B, H, L, Dh].
 
     write_index ─Equal(0..L-1)─▶ slot_mask;  per layer: Where(slot_mask, new k/v, cache) ─ attention over all L slots
+
+    Caches in the dtype's float type. Raises as build_decoder; export_model checks 1 <= max_length <= cfg.max_positions
+    first.
     """
     g = Graph(GRAPH_NAME_PREFIX + decoder_graph(STATIC), dtype, opset)
     inputs, outputs = decoder_signature(cfg, STATIC, max_length)
@@ -277,6 +305,9 @@ def build_decoder_static_fused(cfg, params, dtype="fp16", opset=17, max_length=2
 
     input_ids ─embed─[qkv_proj─self-attention─SkipLayerNorm─(MultiHeadAttention─SkipLayerNorm)─FFN─SkipLayerNorm]×N
               ─lm_head─ArgMax
+
+    Caches in the dtype's float type. Raises as build_decoder; export_model checks max_length first and builds
+    in_place=True only for a head size that is a multiple of 8.
     """
     variant = STATIC_FUSED if in_place else STATIC_MHA
     g = Graph(GRAPH_NAME_PREFIX + decoder_graph(variant), dtype, opset)
@@ -306,7 +337,10 @@ def build_decoder_static_fused(cfg, params, dtype="fp16", opset=17, max_length=2
 def static_step_outputs(g, cfg, params, x, presents, outputs):
     """The static steps' outputs (outputs: their contract signature) from the last hidden state x [B, 1, D]:
     logits [B, 1, V] float32, next_ids [B] int64 (the in-graph argmax) and the present caches [(k, v)] per layer;
-    returns the onnx.ModelProto."""
+    returns the onnx.ModelProto.
+
+    Raises onnx's InferenceError (Graph.model) for a graph whose shapes do not check.
+    """
     logits = lm_head(g, cfg, params, x)
     last = g.op("Squeeze", [logits, g.const([1], "axes_1")], "/argmax")
     next_ids = g.op("ArgMax", [last], "/argmax", axis=-1, keepdims=0)

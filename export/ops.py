@@ -19,6 +19,8 @@ def linear(g, prefix, p, x):
     x ──MatMul(W)──Add(b)──▶ y
 
     p: {"weight" [D_in, D_out], "bias" [D_out] (optional)}, stored as initializers PREFIX.weight, PREFIX.bias.
+
+    x, W, b and y in g's float type. No checks: reached only through export_model, which loads a checked cfg and params.
     """
     at = node_path(prefix)
     y = g.op("MatMul", [x, g.weight(f"{prefix}.weight", p["weight"])], at)
@@ -31,6 +33,8 @@ def layer_norm(g, prefix, p, x, eps):
     """Twin of refimpl.ops.layer_norm_forward: LayerNormalization over the last axis D (opset 17), x [..., D] -> y.
 
     Statistics in float32 (stash_type=1) even in fp16 graphs. p: {"weight" [D], "bias" [D]}; eps a float.
+
+    x, p and y in g's float type. No checks: reached only through export_model, which loads a checked cfg and params.
     """
     at = node_path(prefix)
     weight, bias = g.weight(f"{prefix}.weight", p["weight"]), g.weight(f"{prefix}.bias", p["bias"])
@@ -43,6 +47,9 @@ def rms_norm(g, prefix, p, x, eps):
 
     x ─Cast─┬─Mul(x)─ReduceMean─Add(eps)─Sqrt─┐
             └──────────────────────────────Div─Cast─Mul(weight)─▶ y
+
+    x, p and y in g's float type (float32 inside). No checks: reached only through export_model, which loads a checked
+    cfg and params.
     """
     at = node_path(prefix)
     x32 = g.to_float32(x, at)
@@ -53,21 +60,31 @@ def rms_norm(g, prefix, p, x, eps):
 
 
 def norm(g, cfg, prefix, p, x):
-    """Twin of refimpl.ops.norm_forward: layer_norm or rms_norm as cfg.norm says, with cfg.norm_eps."""
+    """Twin of refimpl.ops.norm_forward: layer_norm or rms_norm as cfg.norm says, with cfg.norm_eps.
+
+    No checks: reached only through export_model, which loads a checked cfg and params.
+    """
     if cfg.norm == "layernorm":
         return layer_norm(g, prefix, p, x, cfg.norm_eps)
     return rms_norm(g, prefix, p, x, cfg.norm_eps)
 
 
 def scalar(g, value, name):
-    """A scalar initializer "scalar.NAME" in the graph's float type."""
+    """A scalar initializer "scalar.NAME" in the graph's float type.
+
+    Raises nothing: value is one of the builders' own constants.
+    """
     return g.weight(f"scalar.{name}", np.asarray(value))
 
 
 def activation(g, kind, x, at):
     """Twin of refimpl.ops.activation_forward, elementwise at node path at:
     relu: Relu; gelu: 0.5 x (1 + Erf(x / sqrt 2)); gelu_tanh: 0.5 x (1 + Tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
-    (Hendrycks & Gimpel 2016); silu: x Sigmoid(x)."""
+    (Hendrycks & Gimpel 2016); silu: x Sigmoid(x).
+
+    x and y in g's float type, any shape. No checks: reached only through export_model, which loads a checked cfg and
+    params. (an unknown kind builds gelu_tanh)
+    """
     if kind == "relu":
         return g.op("Relu", [x], at)
     if kind == "silu":
@@ -84,5 +101,9 @@ def activation(g, kind, x, at):
 
 def embedding(g, weight_name, table, ids, at, name):
     """Twin of refimpl.ops.embedding_forward: rows of table [N, D] (initializer weight_name) at ids [B, T] int64
-    -> [B, T, D], one Gather node named at/name."""
+    -> [B, T, D], one Gather node named at/name.
+
+    Output in table's initializer type (g's float type). No checks: reached only through export_model, which loads a
+    checked cfg and params.
+    """
     return g.op("Gather", [g.weight(weight_name, table), ids], at, name=name)

@@ -25,7 +25,10 @@ CUDA_MISSING = "the CUDA execution provider cannot be loaded here (no GPU, or CU
 @contextlib.contextmanager
 def silenced_native_output():
     """Point file descriptors 1 and 2 at /dev/null for the duration (C++ output), and sys.stdout and sys.stderr at a
-    discarded buffer (Python output, also where they are not file descriptors 1 and 2, as under click's test runner)."""
+    discarded buffer (Python output, also where they are not file descriptors 1 and 2, as under click's test runner).
+
+    Raises OSError only when the file descriptors cannot be duplicated; whatever the body raises passes through.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -150,7 +153,10 @@ def cuda_probe(ort):
 
 
 def gpu_present():
-    """Whether this machine shows an NVIDIA GPU (its device node or driver), whatever ONNX Runtime can load."""
+    """Whether this machine shows an NVIDIA GPU (its device node or driver), whatever ONNX Runtime can load.
+
+    Raises nothing.
+    """
     return any(os.path.exists(path) for path in ("/dev/nvidia0", "/proc/driver/nvidia", "/dev/dxg"))
 
 

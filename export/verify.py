@@ -66,14 +66,22 @@ REAL_SENTENCES = {
 
 def run_encoder(sess, src, keep):
     """One encoder.onnx call on source ids src [B, S] int64 and keep [B, S] (1 = real token) -> {output name: array}:
-    encoder_hidden_states [B, S, D] and cross_key/value_{i} [B, H, S, Dh]."""
+    encoder_hidden_states [B, S, D] and cross_key/value_{i} [B, H, S, Dh].
+
+    Outputs in the graph's float type. Raises what sess.run raises (onnxruntime's errors) for feeds the graph refuses;
+    the callers build them to the contract.
+    """
     outputs = sess.run(None, {INPUT_IDS: src, ATTENTION_MASK: keep.astype(np.int64)})
     return dict(zip([o.name for o in sess.get_outputs()], outputs))
 
 
 def encoder_cross(cfg, sessions, src, src_keep):
     """encoder.onnx on the source -> (its outputs by name, the cross cache [(cross_key_i, cross_value_i)] per
-    decoder layer); (None, None) for a decoder-only model."""
+    decoder layer); (None, None) for a decoder-only model.
+
+    Outputs in the graph's float type. Raises what sess.run raises (onnxruntime's errors) for feeds the graph refuses;
+    the callers build them to the contract.
+    """
     if not cfg.is_encoder_decoder:
         return None, None
     got = run_encoder(sessions[ENCODER], src, src_keep)
@@ -84,7 +92,11 @@ def run_decoder(sess, cfg, dtype, ids, positions, keep, past, cross=None, encode
     """One call of a growing-cache decoder graph (decoder.onnx, decoder_fused.onnx): ids, positions [B, T] int64,
     keep [B, P + T], past a list of (k, v) [B, H, P, Dh] per layer (cast to the graph's dtype), cross a list of
     (k, v) [B, H, S, Dh] and encoder_keep [B, S] for encoder-decoder. Returns logits [B, T, V] float32 and the
-    present cache [(k, v) [B, H, P + T, Dh]]."""
+    present cache [(k, v) [B, H, P + T, Dh]].
+
+    present in the graph's float type. Raises what sess.run raises (onnxruntime's errors) for feeds the graph refuses;
+    the callers build them to the contract.
+    """
     feeds = {INPUT_IDS: ids, POSITION_IDS: positions, ATTENTION_MASK: keep.astype(np.int64)}
     for i, (k, v) in enumerate(past):
         feeds[past_key(i)] = k.astype(NUMPY_TYPES[dtype])
@@ -166,13 +178,19 @@ def incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, c
 
 def random_ids(cfg, rng, size):
     """Random token ids (int64) of shape size; from 4 up (past the default special ids) when the vocabulary has
-    room."""
+    room.
+
+    Raises nothing: cfg is a checked Config (vocab_size >= 1).
+    """
     return rng.integers(4 if cfg.vocab_size > 8 else 0, cfg.vocab_size, size)
 
 
 def random_prompts(cfg, rng, limit=None):
     """Three random prompts, of lengths 1, 3 and 2 (left-padded by the checks), each cut to limit tokens (default:
-    max_positions - 1, so that a model of 2 or 3 positions has room for a step)."""
+    max_positions - 1, so that a model of 2 or 3 positions has room for a step).
+
+    Raises nothing: cfg is a checked Config.
+    """
     limit = max(1, (cfg.max_positions - 1) if limit is None else limit)
     return [list(random_ids(cfg, rng, n))[:limit] for n in (1, 3, 2)]
 
@@ -180,7 +198,10 @@ def random_prompts(cfg, rng, limit=None):
 def random_inputs(cfg, rng, B=3, S=6, T=5):
     """Random inputs of compare_pass, all int64: src, src_keep [B, S] (rows of different source lengths, right-padded,
     each with one real token at least), tgt, tgt_keep, tgt_positions [B, T] (the last row left-padded by one); S and
-    T cut to max_positions."""
+    T cut to max_positions.
+
+    Raises nothing: cfg is a checked Config.
+    """
     S, T = min(S, cfg.max_positions), min(T, cfg.max_positions)
     src = random_ids(cfg, rng, (B, S))
     src_keep = np.ones((B, S), np.int64)
@@ -389,7 +410,10 @@ def fused_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0):
 
 def variant_checks(cfg, params64, sessions, onnx_dir, dtype, provider, graphs, seed=0):
     """The rows of the faster decoders among graphs (names without .onnx) that run on the provider: each
-    decoder_static* by static_check, decoder_fused by fused_check (contract.runs_on decides what runs)."""
+    decoder_static* by static_check, decoder_fused by fused_check (contract.runs_on decides what runs).
+
+    Raises RefformerError (make_session) when a variant's graph is missing or cannot be loaded.
+    """
     rows = []
     for graph in map(decoder_graph, STATIC_VARIANTS):
         if graph in graphs and runs_on(graph, dtype, provider):
