@@ -77,12 +77,18 @@ class Config:
 
     @property
     def head_dim(self):
-        """Dh = D / H, the width of one attention head."""
+        """Dh = D / H, the width of one attention head.
+
+        An int. Raises nothing: __post_init__ checked that n_heads divides d_model.
+        """
         return self.d_model // self.n_heads
 
     @property
     def is_encoder_decoder(self):
-        """True for family "encoder-decoder", False for "decoder-only"."""
+        """True for family "encoder-decoder", False for "decoder-only".
+
+        Raises nothing.
+        """
         return self.family == "encoder-decoder"
 
     def replace(self, **changes):
@@ -93,7 +99,10 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self):
-        """The config.json content: a dict of every field, with format_version."""
+        """The config.json content: a dict of every field, with format_version.
+
+        Raises nothing: the fields were checked at construction.
+        """
         return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
@@ -113,7 +122,10 @@ class Config:
         return cls(**data)
 
     def to_json(self):
-        """to_dict() as indented JSON text with sorted keys and a final newline (config.json's bytes)."""
+        """to_dict() as indented JSON text with sorted keys and a final newline (config.json's bytes).
+
+        Raises nothing: the fields were checked at construction (JSON types only).
+        """
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
@@ -219,7 +231,10 @@ def _dtype(dtype):
 
 
 def format_bytes(n_bytes):
-    """A byte count (a number) for messages: '3.2 GiB' from 1 GiB up, else '12.5 MiB' (3 significant digits)."""
+    """A byte count (a number) for messages: '3.2 GiB' from 1 GiB up, else '12.5 MiB' (3 significant digits).
+
+    Raises nothing for a number (TypeError for anything else).
+    """
     return f"{n_bytes / (1 << 30):.3g} GiB" if n_bytes >= 1 << 30 else f"{n_bytes / (1 << 20):.3g} MiB"
 
 

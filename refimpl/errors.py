@@ -12,12 +12,19 @@ FALLBACK_MEMORY_BYTES = 1 << 40  # where the OS does not say how much memory the
 
 
 class RefformerError(ValueError):
-    """Bad input to refformer: the message says what was wrong and what was expected."""
+    """Bad input to refformer: the message says what was wrong and what was expected.
+
+    A ValueError, so callers that catch ValueError catch it too; raised by the checks throughout refimpl, export and
+    runtime, and printed by the CLI as `error: MESSAGE` (runtime/errors.py).
+    """
 
 
 def physical_memory_bytes():
     """This machine's physical memory in bytes (os.sysconf), or FALLBACK_MEMORY_BYTES where the OS does not say:
-    the limit that the checks here and config.check_fits_memory compare sizes to."""
+    the limit that the checks here and config.check_fits_memory compare sizes to.
+
+    An int. Raises nothing: an OS that cannot say gives the fallback.
+    """
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
@@ -87,12 +94,18 @@ def check_number(name, value, low=None, high=None, *, low_open=False, high_open=
 
 
 def is_integer(value):
-    """True for an int or NumPy integer, False for bool (and np.bool_) and everything else."""
+    """True for an int or NumPy integer, False for bool (and np.bool_) and everything else.
+
+    Raises nothing.
+    """
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def is_real(value):
-    """True for an int, float or NumPy number (not bool), whatever its value (NaN and inf included)."""
+    """True for an int, float or NumPy number (not bool), whatever its value (NaN and inf included).
+
+    Raises nothing.
+    """
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 

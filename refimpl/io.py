@@ -100,7 +100,10 @@ def sha256(path):
 
 
 def current_umask():
-    """This process's umask (read by setting and restoring it), for files made with the permissions open() gives."""
+    """This process's umask (read by setting and restoring it), for files made with the permissions open() gives.
+
+    An int (permission bits). Raises nothing.
+    """
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -390,7 +393,10 @@ def flatten_shapes(cfg):
 
 
 def few_names(names, limit=4):
-    """The first `limit` of names (strings), sorted and comma-separated, and how many more there are: for messages."""
+    """The first `limit` of names (strings), sorted and comma-separated, and how many more there are: for messages.
+
+    Raises nothing for an iterable of strings.
+    """
     names = sorted(names)
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

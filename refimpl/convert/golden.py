@@ -92,7 +92,10 @@ def write_golden(model_dir, out_path, seed=0, overwrite=True):
 
 
 def describe(arrays):
-    """A short summary: how many arrays of each group, for the CLI."""
+    """A short summary: how many arrays of each group, for the CLI.
+
+    arrays: {dotted name: array}. Raises nothing.
+    """
     groups = {}
     for name in arrays:
         groups[name.split(".")[0]] = groups.get(name.split(".")[0], 0) + 1

@@ -75,7 +75,10 @@ def check_examples(examples):
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """One padded batch: src_ids int64 and src_mask bool [B, S] (None for decoder-only); tgt_ids int64, tgt_mask
-    bool, labels int64 [B, T]. Masks are True at real tokens; padding holds pad_id."""
+    bool, labels int64 [B, T]. Masks are True at real tokens; padding holds pad_id.
+
+    A plain dataclass: no checks (collate builds it from checked examples).
+    """
 
     src_ids: np.ndarray | None
     src_mask: np.ndarray | None
@@ -85,12 +88,18 @@ class Batch:
 
     @property
     def n_rows(self):
-        """Rows of the batch (B)."""
+        """Rows of the batch (B).
+
+        Raises nothing.
+        """
         return self.tgt_ids.shape[0]
 
     @property
     def n_tokens(self):
-        """Target tokens the loss is computed on (labels that are not padding)."""
+        """Target tokens the loss is computed on (labels that are not padding).
+
+        An int. Raises nothing.
+        """
         return int(self.tgt_mask.sum())
 
 
@@ -98,7 +107,10 @@ class Batch:
 
 
 def seq2seq_example(src, tgt, *, bos_id, eos_id):
-    """(src_ids, tgt_ids, labels) of one sentence pair, as in the module docstring."""
+    """(src_ids, tgt_ids, labels) of one sentence pair, as in the module docstring.
+
+    src, tgt: lists of int ids; returns three lists of int ids. No checks: seq2seq_examples checks the pairs first.
+    """
     return list(src) + [eos_id], [bos_id] + list(tgt), list(tgt) + [eos_id]
 
 
@@ -179,7 +191,10 @@ def seq2seq_examples(pairs, *, bos_id, eos_id, max_len):
 
 
 def lm_examples(texts, *, bos_id, eos_id, max_len):
-    """Training triples (None, window[:-1], window[1:]) from texts (lists of ids) cut into max_len windows."""
+    """Training triples (None, window[:-1], window[1:]) from texts (lists of ids) cut into max_len windows.
+
+    Raises RefformerError (lm_windows) unless max_len is an integer >= 1 and texts a list of lists of integer ids.
+    """
     return [(None, w[:-1], w[1:]) for w in lm_windows(texts, max_len, bos_id=bos_id, eos_id=eos_id)]
 
 

@@ -52,7 +52,10 @@ def save_checkpoint(out_dir, cfg, params, opt_state, state):
 
 def latest_step(out_dir):
     """The step of out_dir's latest checkpoint (what latest.json names), or None when there is none or latest.json
-    is unreadable."""
+    is unreadable.
+
+    Raises nothing: an unreadable latest.json gives None.
+    """
     try:
         return json.loads((Path(out_dir) / CHECKPOINT_DIR / "latest.json").read_text())["step"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):

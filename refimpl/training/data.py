@@ -56,7 +56,10 @@ def clean_dictionary_text(text):
 
 
 def is_sentence(text):
-    """A whole sentence: capital (or digit/quote) first, . ! ? last, at least 3 words, no templates or choices."""
+    """A whole sentence: capital (or digit/quote) first, . ! ? last, at least 3 words, no templates or choices.
+
+    Raises RefformerError unless text is a str.
+    """
     _check_text("text", text)
     return (len(text.split()) >= 3 and bool(_SENTENCE_END.search(text))
             and (text[0].isupper() or bool(_FIRST_CHAR_OK.match(text)))
@@ -87,6 +90,9 @@ def extract_de_en(source=None):
     (a line whose sides have different counts is skipped); strip dictionary markup (clean_dictionary_text); split
     each sub-entry on "; " into alternatives and pair them (pair_alternatives); keep a pair when both sides are
     sentences (is_sentence). Text is NFC-normalised.
+
+    Raises RefformerError for a source that is not a path, a missing dictionary file, or (read_lines) one that is
+    unreadable, not UTF-8 (naming file:line) or empty.
     """
     check_path("source", source, allow_none=True)
     path = Path(source or DE_EN_SOURCE)
@@ -170,7 +176,10 @@ def _simplify_outside_literals(text):
 
 
 def simplify_inline(text):
-    """reST inline markup to plain text: :role:`x` -> x (func/meth get "()"), ``x`` -> x, `t <url>`_ -> t."""
+    """reST inline markup to plain text: :role:`x` -> x (func/meth get "()"), ``x`` -> x, `t <url>`_ -> t.
+
+    Raises RefformerError unless text is a str.
+    """
     _check_text("text", text)
     # ``literals`` keep their content verbatim (backslashes and stars included)
     parts = re.split(r"``(.+?)``", text)
@@ -186,14 +195,20 @@ def _paragraph_text(lines):
 
 
 def is_prose(text):
-    """At least 4 words, ends like a sentence, and no reST left that simplify_inline did not understand."""
+    """At least 4 words, ends like a sentence, and no reST left that simplify_inline did not understand.
+
+    Raises RefformerError unless text is a str.
+    """
     _check_text("text", text)
     return (len(text.split()) >= 4 and bool(re.search(r"[.!?:][\"')]?$", text))
             and not re.search(r"``|:\w+:`|\|\w+\||^\.\.|^>>>", text))
 
 
 def rst_paragraphs(text):
-    """Prose paragraphs of one reST document, markup simplified, one string each."""
+    """Prose paragraphs of one reST document, markup simplified, one string each.
+
+    Raises RefformerError unless text is a str.
+    """
     _check_text("text", text)
     lines = text.expandtabs(8).split("\n")
     paragraphs = []
@@ -292,7 +307,11 @@ def find_pydoc_sources(source=None):
 
 
 def extract_pydoc(source=None):
-    """Prose paragraphs of the Python documentation, one string each, deduplicated, in document order."""
+    """Prose paragraphs of the Python documentation, one string each, deduplicated, in document order.
+
+    Raises RefformerError (find_pydoc_sources) for a source that is not a path or holds no *.rst.txt files, and for a
+    source file that is unreadable or not UTF-8 (naming file:line).
+    """
     paragraphs, seen = [], set()
     for path in find_pydoc_sources(source):
         for paragraph in rst_paragraphs("\n".join(_decoded_lines(path))):
@@ -308,7 +327,10 @@ def extract_pydoc(source=None):
 # ---------------------------------------------------------------------------------------------------------------
 
 def stable_fraction(text):
-    """A number in [0, 1) fixed by the text alone (sha1), the same on every machine and Python version."""
+    """A number in [0, 1) fixed by the text alone (sha1), the same on every machine and Python version.
+
+    A float. Raises RefformerError unless text is a str.
+    """
     _check_text("text", text)
     return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
@@ -466,7 +488,10 @@ def split_path(data_dir, split, family):
 
 def not_a_file(path):
     """Why path cannot be read as a split file: 'is missing', 'is a symbolic link to nothing' or 'is not a regular
-    file (a folder, device or pipe)'; None for a regular file (a link to one included)."""
+    file (a folder, device or pipe)'; None for a regular file (a link to one included).
+
+    Raises nothing: it only asks the file system.
+    """
     path = Path(path)
     if path.is_file():
         return None

@@ -36,7 +36,11 @@ from .options import TrainOptions
 
 
 class TrainingDiverged(RefformerError):
-    """The loss or the gradient norm became NaN or infinite; nothing from that state was written."""
+    """The loss, the gradient norm or a parameter became NaN or infinite; nothing from that state was written.
+
+    A RefformerError raised by train; keeps step (an int), what ("loss", "the gradient norm" or "parameter NAME") and
+    value as attributes.
+    """
 
     def __init__(self, step, what, value, hint="lower --lr (or raise --warmup)"):
         self.step, self.what, self.value = step, what, value
@@ -52,7 +56,10 @@ def _divergence_hint(options):
 
 @dataclasses.dataclass
 class TrainResult:
-    """What train returns: the final parameters and optimizer state, the log rows, and why it stopped."""
+    """What train returns: the final parameters and optimizer state, the log rows, and why it stopped.
+
+    A plain dataclass: no checks.
+    """
 
     params: dict
     opt_state: dict

@@ -65,7 +65,10 @@ class TrainOptions:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
     def to_dict(self):
-        """The fields as a JSON-able dict (betas as a list): what a checkpoint's trainer_state.json stores."""
+        """The fields as a JSON-able dict (betas as a list): what a checkpoint's trainer_state.json stores.
+
+        Raises nothing: __post_init__ checked the fields.
+        """
         return {**dataclasses.asdict(self), "betas": list(self.betas)}
 
     @classmethod

@@ -30,7 +30,10 @@ ARCHITECTURE_OPTIONS = ("family", "d_model", "n_heads", "d_ff", "layers", "encod
 
 
 def flag(name):
-    """The command-line flag of an option name: "max_tokens" -> "--max-tokens"."""
+    """The command-line flag of an option name: "max_tokens" -> "--max-tokens".
+
+    Raises nothing.
+    """
     return "--" + name.replace("_", "-")
 
 
@@ -109,7 +112,10 @@ def load_examples(data_dir, split, family, tokenizer, cfg, max_sentences=None):
 
 
 def text_decoder(tokenizer):
-    """ids -> text with tokenizer (special tokens skipped): what evaluate and train take as decode."""
+    """ids -> text with tokenizer (special tokens skipped): what evaluate and train take as decode.
+
+    The returned function raises RefformerError (tokenizer.decode) for an id outside the vocabulary.
+    """
     return lambda ids: text.decode(tokenizer, ids)
 
 
@@ -119,7 +125,10 @@ class TrainingSetup:
 
     params is None for a resumed run (the checkpoint holds them); n_examples counts the training examples in the
     batches; valid is [] and references None without a valid split; dropped counts training pairs skipped as longer
-    than cfg.max_positions; n_params is None on resume."""
+    than cfg.max_positions; n_params is None on resume.
+
+    A plain dataclass: no checks (prepare_training checks what it holds).
+    """
 
     cfg: Config
     params: dict | None

@@ -31,7 +31,11 @@ MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # the specials and the byte alphabet
 
 
 def training_texts(data_dir):
-    """The texts of data_dir's train split: both columns of train.tsv, or the lines of train.txt."""
+    """The texts of data_dir's train split: both columns of train.tsv, or the lines of train.txt.
+
+    Raises RefformerError (detect_family, read_tsv, read_lines) for a data_dir without a regular train.tsv or train.txt,
+    and for a split file that is unreadable, not UTF-8, malformed or empty (naming file:line).
+    """
     family = detect_family(data_dir)
     path = split_path(data_dir, "train", family)
     if family == "encoder-decoder":
@@ -86,7 +90,10 @@ TRAINING_PIECE = 10_000  # characters; the trainer takes a longer line in pieces
 def training_pieces(texts):
     """texts, a line longer than TRAINING_PIECE characters cut into pieces of that length: the native trainer takes
     minutes and gigabytes on one very long word (a 50 MB line ran over 5 minutes), and a piece boundary changes
-    only the counts of the word it cuts."""
+    only the counts of the word it cuts.
+
+    texts: an iterable of str; yields str. Raises nothing.
+    """
     for text in texts:
         if len(text) <= TRAINING_PIECE:
             yield text
@@ -106,7 +113,10 @@ def special_ids(tokenizer):
 
 
 def without_padding_or_truncation(tokenizer):
-    """Switch off the tokenizer's padding and truncation (a tokenizer.json may carry them); returns tokenizer."""
+    """Switch off the tokenizer's padding and truncation (a tokenizer.json may carry them); returns tokenizer.
+
+    Raises nothing.
+    """
     if tokenizer.padding is not None:
         tokenizer.no_padding()
     if tokenizer.truncation is not None:
@@ -145,7 +155,11 @@ def encode(tokenizer, texts):
 @contextlib.contextmanager
 def native_stderr_silenced():
     """File descriptor 2 pointed at /dev/null for the block: Rust's panic hook prints its message (and with
-    RUST_BACKTRACE, a backtrace of a hundred lines) there before the panic reaches Python as an exception."""
+    RUST_BACKTRACE, a backtrace of a hundred lines) there before the panic reaches Python as an exception.
+
+    Raises nothing of its own: without a file descriptor 2 the block runs unsilenced; whatever the block raises passes
+    through.
+    """
     try:
         sys.stderr.flush()
     except (AttributeError, OSError, ValueError):
@@ -182,23 +196,36 @@ LONG_TEXT_MARGIN = 4  # NFC shrinks a text at most 3 times: a text over 4 x long
 
 def longest_token(tokenizer):
     """The most characters one vocabulary token has (at least 1; a byte-level token's characters stand for one byte
-    each, a text's characters for one or more): no token covers more of a text."""
+    each, a text's characters for one or more): no token covers more of a text.
+
+    An int, in characters. Raises nothing.
+    """
     return max([len(token) for token in tokenizer.get_vocab(with_added_tokens=True)] + [1])
 
 
 def most_characters(tokenizer, n_tokens, longest=None):
     """The most characters a text of n_tokens tokens can have: a longer one is too long without being tokenized (a
-    55 MB line took 90 s and 12 GB to tokenize, only to be refused). longest: longest_token(tokenizer), if known."""
+    55 MB line took 90 s and 12 GB to tokenize, only to be refused). longest: longest_token(tokenizer), if known.
+
+    An int. Raises nothing.
+    """
     return LONG_TEXT_MARGIN * (longest_token(tokenizer) if longest is None else longest) * n_tokens
 
 
 def normalize(text):
-    """What decode(encode(text)) gives back: the NFC form of text."""
+    """What decode(encode(text)) gives back: the NFC form of text.
+
+    No checks: its one caller, prepare_training, passes read_tsv's checked str (TypeError for a non-str).
+    """
     return unicodedata.normalize("NFC", text)
 
 
 def save_tokenizer(tokenizer, path):
-    """Write tokenizer.json atomically."""
+    """Write tokenizer.json atomically.
+
+    Raises RefformerError (atomic_write) when path is a device, pipe, folder or dangling link, or the disk is full;
+    OSError for other write failures.
+    """
     text = tokenizer.to_str(pretty=True)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.encode("utf-8")))
 
