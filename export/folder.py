@@ -1,4 +1,4 @@
-"""The export folder format (docs/DESIGN.md, Model folder): where export sets live, their manifest.json, and what
+"""The export folder format (docs/DESIGN.md, "Export sets"): where export sets live, their manifest.json, and what
 a killed export leaves behind.
 
 Layout: every export set has its own folder, named by export_name: MODEL_DIR/onnx/<dtype>[-static<L>][-fused]

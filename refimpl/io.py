@@ -1,4 +1,4 @@
-"""The model folder format (docs/DESIGN.md, "Model folder"): config.json + model.safetensors (+ tokenizer.json),
+"""The model folder format (docs/DESIGN.md, "The model folder"): config.json + model.safetensors (+ tokenizer.json),
 saved atomically through a journal. No pickle, ever. Imports safetensors and tokenizers lazily, inside the
 functions that read or write those files.
 """

@@ -105,3 +105,17 @@ def test_code_cites_only_the_repositorys_design():
             text = path.read_text()
             outside = ("shared/" + "DESIGN", "shared/" + "STYLE")  # spelled apart so this file does not match itself
             assert not any(o in text for o in outside), f"{path} cites a design file outside the repo"
+
+
+def test_cited_sections_exist():
+    """A citation of a DESIGN.md section by its title, quoted or not, in the code names a heading of the file."""
+    headings = {line.lstrip("#").strip().lower() for line in DESIGN.splitlines() if line.startswith("#")}
+    cite = re.compile(r'DESIGN\.md(?:,|\s*\(|\s)\s*"?([A-Z][A-Za-z ]+?)(?:"|\)|:|,|\.|$)', re.M)
+    for folder in (*FOLDERS, "tests", "benchmarks", "package"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name == "test_design.py":
+                continue
+            for title in cite.findall(path.read_text()):
+                title = title.strip().lower()
+                assert any(h == title or h.startswith(title) or h == "the " + title for h in headings), \
+                    f"{path.relative_to(ROOT)} cites docs/DESIGN.md section {title!r}, which it does not have"

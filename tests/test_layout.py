@@ -1,5 +1,5 @@
-"""The layout's import rules (docs/DESIGN.md, "Layout"), read from the source with ast: lazy imports inside functions
-count too, so a rule cannot be dodged by moving an import into a function.
+"""The layout's import rules (docs/DESIGN.md, "Import rules"), read from the source with ast: lazy imports inside
+functions count too, so a rule cannot be dodged by moving an import into a function.
 
 - refimpl's math modules import only numpy and the standard library;
 - refimpl never imports onnx, onnxruntime, refformer.export or refformer.runtime; torch and transformers only
@@ -143,3 +143,20 @@ def test_the_rules_see_imports():
     found = dict(imports("refformer.refimpl.model"))
     assert found.get("numpy") is False and "refformer.refimpl.attention" in found
     assert any(lazy for m, lazy in imports("refformer.runtime") if m == "refformer.runtime.generator")
+
+
+def test_no_private_name_is_imported_across_modules():
+    """`from .x import _name` would make a private helper part of another module's contract: make it public."""
+    offenders = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                offenders += [f"{module}: {alias.name}" for alias in node.names
+                              if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not offenders, offenders
+
+
+def test_the_search_never_probes_its_stepper():
+    """Speed devices plug into refimpl's search through the typed Stepper interface, never by hasattr probing."""
+    source = MODULES["refformer.refimpl.generate"].read_text()
+    assert "hasattr(" not in source and "getattr(stepper" not in source
