@@ -125,7 +125,10 @@ def read_input_bytes(input_path):
 
 
 def stale_temporaries(path):
-    """NAME.tmp-PID files beside path left by generate runs that were killed (their process is gone)."""
+    """NAME.tmp-PID files beside path left by generate runs that were killed (their process is gone).
+
+    path: a pathlib.Path. Raises nothing: an unreadable folder gives [].
+    """
     from refformer.refimpl.io import process_alive
 
     pattern = re.compile(re.escape(path.name) + r"\.tmp-(\d+)")
@@ -142,14 +145,20 @@ CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 control cha
 
 def printable(text):
     """text with its control characters but tab and newline (an escape sequence a byte-level tokenizer can produce,
-    which a terminal would obey and click would strip from a pipe only) as spaces: plain output only."""
+    which a terminal would obey and click would strip from a pipe only) as spaces: plain output only.
+
+    Raises nothing.
+    """
     return CONTROLS.sub(" ", text)
 
 
 def one_line(text):
     """text with its line breaks (all that str.splitlines splits at: \\n, \\r, \\x0b, \\x0c, \\x1c-\\x1e, \\x85,
     U+2028, U+2029) and other control characters as spaces, so that plain output keeps one line per input, the same
-    on a terminal and in a pipe (--json and --output keep the text as it is)."""
+    on a terminal and in a pipe (--json and --output keep the text as it is).
+
+    Raises nothing.
+    """
     return printable(" ".join(text.splitlines())) if text else text
 
 
@@ -165,6 +174,9 @@ class RecordWriter:
     existing one (with --overwrite) is left untouched until the run ends: the records go to NAME.tmp-PID beside it,
     which replaces it at the end or on Ctrl-C (a killed run leaves the old file and the .tmp-PID file, which the
     next run writing NAME removes). A symbolic link is written through: the file it points to is replaced.
+
+    RecordWriter(output_path, as_json, overwrite) raises RefformerError when output_path appeared since the run's checks
+    and overwrite is False, and OSError when the file cannot be opened.
     """
 
     def __init__(self, output_path, as_json, overwrite=True):
@@ -234,7 +246,10 @@ class RecordWriter:
 
     def close(self, keep):
         """Close the file; an --overwrite run's temporary replaces the old file when keep, else it is removed. A
-        new file is cut back to its last whole batch if a write failed."""
+        new file is cut back to its last whole batch if a write failed.
+
+        Raises OSError when the temporary cannot replace the old file; a failed close or cut is ignored.
+        """
         if self.file is None:
             return
         try:
@@ -252,12 +267,19 @@ class RecordWriter:
 
     @property
     def where(self):
-        """Where records go, for messages: "stdout" or the --output path as given."""
+        """Where records go, for messages: "stdout" or the --output path as given.
+
+        Raises nothing.
+        """
         return "stdout" if self.output_path is None else str(self.output_path)
 
 
 def truncation_warning(warnings):
-    """One line for the truncation warnings of a run: the warning itself for one input, else how many and which."""
+    """One line for the truncation warnings of a run: the warning itself for one input, else how many and which.
+
+    warnings: a non-empty list of truncation warning lines. No checks: its one caller, generate_cli.run, calls it only
+    when a run has warnings.
+    """
     if len(warnings) == 1:
         return warnings[0]
     names = [re.sub(r"^warning: (.*) truncated from .*$", r"\1", warning) for warning in warnings]
@@ -268,7 +290,10 @@ def truncation_warning(warnings):
 
 class BatchesInterrupted(KeyboardInterrupt):
     """Ctrl-C during write_batches: the records of the finished batches are kept (written counts them, where names
-    the output)."""
+    the output).
+
+    Raised by write_batches, never caught there: generate_cli.run prints the counts and exits 130.
+    """
 
     def __init__(self, written, where):
         super().__init__(written, where)
@@ -278,7 +303,10 @@ class BatchesInterrupted(KeyboardInterrupt):
 @dataclasses.dataclass
 class BatchesWritten:
     """What write_batches returns: records written, lines that failed (reported in their records), and the
-    truncation warnings of the run (one per input cut to the model's positions)."""
+    truncation warnings of the run (one per input cut to the model's positions).
+
+    A plain dataclass: no checks.
+    """
 
     written: int
     failures: int
@@ -321,7 +349,11 @@ def input_lines(texts, input_path):
 
 def generate_records(generator, generation, lines, writer, input_path, batch_size):
     """Run the lines in batches, writing each batch's records (in line order) as it finishes; returns the number of
-    failed lines."""
+    failed lines.
+
+    A line that cannot be encoded (empty, too long) becomes an error record, not an exception. Raises what writer.write
+    raises (RefformerError for a full disk) and what generator.generate_rows raises.
+    """
     failures = 0
     seed = {"seed": generation.seed} if generation.do_sample else {}
     show_bar = (sys.stderr is not None and sys.stderr.isatty()

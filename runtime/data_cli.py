@@ -19,7 +19,11 @@ def _echo_counts(out_dir, counts, seconds):
 
 @click.group()
 def data():
-    """Prepare corpora (installed by scripts/get-data.sh) as train/valid/test files."""
+    """Prepare corpora (installed by scripts/get-data.sh) as train/valid/test files.
+
+    \f
+    Raises nothing: a click group; its commands check their options.
+    """
 
 
 OVERWRITE_HELP = "Write into an --out folder that already holds files (only the three split files are replaced)."
@@ -31,7 +35,12 @@ OVERWRITE_HELP = "Write into an --out folder that already holds files (only the 
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @one_line_errors
 def de_en_command(out_dir, overwrite):
-    """German-English sentence pairs from the trans-de-en dictionary."""
+    """German-English sentence pairs from the trans-de-en dictionary.
+
+    \f
+    Raises nothing to its caller: one_line_errors prints prepare_de_en's RefformerError (an --out folder
+    check_split_output refuses, a missing dictionary, no sentence pairs) as one line `error: ...` and exits 1.
+    """
     from refformer.refimpl.training.data import prepare_de_en
 
     start = time.perf_counter()
@@ -45,7 +54,12 @@ def de_en_command(out_dir, overwrite):
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @one_line_errors
 def pydoc_command(out_dir, overwrite):
-    """Prose paragraphs of the Python documentation (python3-doc)."""
+    """Prose paragraphs of the Python documentation (python3-doc).
+
+    \f
+    Raises nothing to its caller: one_line_errors prints prepare_pydoc's RefformerError (an --out folder
+    check_split_output refuses, no documentation sources) as one line `error: ...` and exits 1.
+    """
     from refformer.refimpl.training.data import prepare_pydoc
 
     start = time.perf_counter()
@@ -55,7 +69,11 @@ def pydoc_command(out_dir, overwrite):
 
 @click.group()
 def tokenizer():
-    """Train tokenizers."""
+    """Train tokenizers.
+
+    \f
+    Raises nothing: a click group; its commands check their options.
+    """
 
 
 @tokenizer.command("train")
@@ -67,7 +85,12 @@ def tokenizer():
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @one_line_errors
 def train_command(data_dir, vocab_size, out_path, model, overwrite):
-    """Train a byte-level tokenizer on DATA_DIR's train split (train.tsv, both columns, or train.txt)."""
+    """Train a byte-level tokenizer on DATA_DIR's train split (train.tsv, both columns, or train.txt).
+
+    \f
+    Raises nothing to its caller: one_line_errors prints the RefformerError of _check_tokenizer_out (a refused
+    --out), train_tokenizer (a bad --vocab-size, no train split) or save_tokenizer as one line `error: ...` and exits 1.
+    """
     from refformer.refimpl.training.tokenizer import save_tokenizer, train_tokenizer
 
     _check_tokenizer_out(Path(out_path), Path(data_dir), overwrite)

@@ -51,7 +51,10 @@ def shorten(message):
 
 def shown(path):
     """A path for a message line: as it is, or quoted with escapes when it holds a line break or another control
-    character (a file named "new\\nline.jsonl" split the 'wrote ...' line in two)."""
+    character (a file named "new\\nline.jsonl" split the 'wrote ...' line in two).
+
+    Raises nothing.
+    """
     path = str(path)
     return path if path.isprintable() else repr(path)
 

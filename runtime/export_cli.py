@@ -28,7 +28,13 @@ def check_seed(seed):
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @one_line_errors
 def golden_command(model_dir, out_path, seed, overwrite):
-    """Write fixed inputs, every intermediate activation and every gradient of --model, in float64, to an .npz."""
+    """Write fixed inputs, every intermediate activation and every gradient of --model, in float64, to an .npz.
+
+    \f
+    Raises nothing to its caller: one_line_errors prints RefformerError (a negative --seed, a bad model folder, an
+    --out check_output_file refuses or inside an export folder, weights with NaN or inf) as one line `error: ...` and
+    exits 1.
+    """
     from refformer.export.graph import check_weights
     from refformer.refimpl.convert.golden import write_golden
     from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load, load_config
@@ -71,6 +77,10 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, overwrite, **arch
     """Convert a saved torch state_dict of an Embedding + nn.Transformer + Linear model to a model directory.
 
     The file is read with torch.load(weights_only=True): a pickled module is refused.
+
+    \f
+    Raises nothing to its caller: one_line_errors prints RefformerError (a bad --n-heads, --max-positions or special
+    id, a refused --out, torch missing, or convert_state_dict_file's errors) as one line `error: ...` and exits 1.
     """
     from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 
@@ -120,7 +130,10 @@ VERIFY_VARIANT_HELP = {
 
 
 def variant_options(helps):
-    """--static-length and --fused-attention: which export set export writes and verify checks (helps: their help)."""
+    """--static-length and --fused-attention: which export set export writes and verify checks (helps: their help).
+
+    Raises nothing: the options' values are checked by the commands.
+    """
     def decorate(function):
         function = click.option("--fused-attention", is_flag=True, help=helps["fused"])(function)
         return click.option("--static-length", type=int, default=None, help=helps["static"])(function)
@@ -140,7 +153,12 @@ def variant_options(helps):
 @variant_options(EXPORT_VARIANT_HELP)
 @one_line_errors
 def export_command(model_dir, dtype, opset, out_dir, external_data, static_length, fused_attention):
-    """Export --model (default: the bundled model) to ONNX graphs (encoder.onnx, decoder.onnx, manifest.json)."""
+    """Export --model (default: the bundled model) to ONNX graphs (encoder.onnx, decoder.onnx, manifest.json).
+
+    \f
+    Raises nothing to its caller: one_line_errors prints RefformerError (a bad --static-length or empty --out, or
+    export_model's errors) as one line `error: ...` and exits 1.
+    """
     from refformer.export.export import export_model
     from refformer.export.folder import default_export_dir
 

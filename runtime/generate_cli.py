@@ -27,7 +27,10 @@ OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", 
 
 
 def option_flags(function):
-    """The decoding options, named as in Hugging Face's generate."""
+    """The decoding options, named as in Hugging Face's generate.
+
+    Raises nothing: GenerationOptions checks the values (generation_options).
+    """
     decorators = [
         click.option("--max-new-tokens", type=int, default=None,
                      help="Default: 2 x source length + 10 (translation); capped to the model's positions."),
@@ -109,6 +112,10 @@ def generate(texts, model_dir, input_path, output_path, overwrite, as_json, prov
 
     stdout: plain lines, or JSON lines with --json; --output FILE: JSON lines. Exit 1 when an input failed
     (reported in its record), 130 on Ctrl-C (the finished records kept).
+
+    \f
+    Raises nothing to its caller: one_line_errors prints run's RefformerError (a bad option, input or output) and any
+    unexpected error (without_tracebacks) as one line `error: ...` and exits 1.
     """
     one_line_errors(without_tracebacks(run))(texts, model_dir, input_path, output_path, as_json, provider, dtype,
                                              threads, batch_size, truncate, options, variant, overwrite)

@@ -28,7 +28,10 @@ VARIANTS = ("auto", *contract.VARIANTS)  # the Generator's and generate --varian
 
 
 def note(message):
-    """One notice or warning line on stderr; nothing when stderr is closed (print(file=None) would use stdout)."""
+    """One notice or warning line on stderr; nothing when stderr is closed (print(file=None) would use stdout).
+
+    Raises nothing.
+    """
     if sys.stderr is not None:
         print(message, file=sys.stderr)
 
@@ -111,6 +114,8 @@ def auto_variant(cfg, on_cuda, dtype):
     CUDA: decoder_static_fused in fp16 (GroupQueryAttention has fp16 CUDA kernels only, and needs a head size
     that is a multiple of 8), then decoder_static_mha (contrib ops, fp32 too), then decoder_static (standard
     ops only). CPU: the reference graph.
+
+    Returns a tuple of contract variant names. Raises nothing: cfg is a checked Config.
     """
     if not on_cuda:
         return (contract.REFERENCE,)
@@ -124,6 +129,9 @@ class Generator:
 
     The model is exported first when its export set (onnx/<dtype>[-static<L>][-fused], or the per-user cache for
     the bundled and read-only models) is missing or stale. provider: auto, cuda or cpu.
+
+    Generator(...) raises RefformerError for a bad argument, a missing or broken model folder, or an export that fails
+    (see __init__).
     """
 
     def __init__(self, model_dir=None, provider="auto", dtype="fp32", threads=None, truncate=False, variant="auto",
@@ -194,7 +202,10 @@ class Generator:
     def probe(self):
         """Four decoder calls on a one-token input: a graph that loads but cannot run (a kernel this GPU lacks, a
         failed CUDA-graph capture, which ONNX Runtime makes on a graph id's second run) fails here rather than in
-        the user's first call."""
+        the user's first call.
+
+        Raises what the stepper's ONNX Runtime calls raise; __init__ catches it and tries the next variant.
+        """
         cfg = self.cfg
         if cfg.is_encoder_decoder:
             inputs = {"src_ids": np.array([[cfg.eos_id]])}
@@ -278,7 +289,10 @@ class Generator:
         return rows
 
     def longest_token(self):
-        """tokenizer.longest_token of this model's tokenizer, computed once."""
+        """tokenizer.longest_token of this model's tokenizer, computed once.
+
+        An int, in characters. Raises nothing.
+        """
         if getattr(self, "_longest_token", None) is None:
             self._longest_token = tok.longest_token(self.tokenizer)
         return self._longest_token
@@ -311,7 +325,12 @@ class Generator:
         return {"prompt_ids": ids, "prompt_mask": keep}
 
     def encode_inputs(self, texts):
-        """Texts -> the padded arrays the search takes: pad_inputs(encode_rows(texts))."""
+        """Texts -> the padded arrays the search takes: pad_inputs(encode_rows(texts)).
+
+        Returns {"src_ids", "src_mask"} [B, S] int64 (encoder-decoder, right-padded) or {"prompt_ids", "prompt_mask"}
+        [B, T] int64 (left-padded). Raises RefformerError (encode_rows) for a text that is not a str, is empty, gives no
+        tokens or is too long without truncate.
+        """
         return self.pad_inputs(self.encode_rows(texts))
 
     def decode(self, ids):
@@ -364,7 +383,8 @@ class Generator:
         if not rows:
             return []
         cfg = self.cfg
-        if self.variant.startswith("static") and not cfg.is_encoder_decoder and len({len(row) for row in rows}) > 1:
+        if (self.variant in contract.STATIC_VARIANTS and not cfg.is_encoder_decoder
+                and len({len(row) for row in rows}) > 1):
             lengths = [len(row) for row in rows]
             longest, shortest = max(lengths), min(lengths)
             budget = cfg.max_positions - shortest if options.max_new_tokens is None else options.max_new_tokens

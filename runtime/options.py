@@ -9,9 +9,14 @@ MODEL_HELP = "Model directory (default: the bundled German->English model)."
 
 
 class NonEmptyPath(click.Path):
-    """click.Path that refuses an empty string (`--out ''` trained into the current folder, `DATA_DIR ''` read it)."""
+    """click.Path that refuses an empty string (`--out ''` trained into the current folder, `DATA_DIR ''` read it).
+
+    Its convert raises click's BadParameter (exit 2, one line through Group.main) for an empty string, else what
+    click.Path raises.
+    """
 
     def convert(self, value, param, ctx):
+        """click.Path.convert that refuses "": raises click's BadParameter for it."""
         if isinstance(value, str) and value == "":
             kind = "folder" if not self.file_okay else "file"
             self.fail(f"{value!r} is an empty path: give a {kind} name", param, ctx)
@@ -19,13 +24,19 @@ class NonEmptyPath(click.Path):
 
 
 def model_option(function):
-    """--model DIR, the model folder of every command that reads one; None means the bundled model."""
+    """--model DIR, the model folder of every command that reads one; None means the bundled model.
+
+    Raises nothing: the folder is checked where it is read (load_config).
+    """
     return click.option("--model", "model_dir", type=NonEmptyPath(file_okay=False), default=None,
                         help=MODEL_HELP)(function)
 
 
 def resolve_model(model_dir):
-    """model_dir, or the bundled model's folder when it is None."""
+    """model_dir, or the bundled model's folder when it is None.
+
+    Raises RefformerError (default_model_dir) when model_dir is None and the bundled model is missing.
+    """
     if model_dir is not None:
         return model_dir
     from refformer.runtime.generator import default_model_dir
@@ -51,6 +62,10 @@ class Group(click.Group):
     """A click group whose usage errors are one 'error: ...' line on stderr (exit 2), as the README says."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click.Group.main with usage errors, click exceptions, Abort, Ctrl-C and write failures turned into one
+        `error: ...` line (none for a closed pipe) and SystemExit: 2 for usage errors, 130 for Ctrl-C, 1 otherwise.
+        Other exceptions pass through (the commands print theirs with one_line_errors). standalone_mode=False:
+        click's main as it is."""
         import signal
 
         if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_interrupted_while_starting":

@@ -45,14 +45,20 @@ def check_output_file(path, overwrite, *, flag, inputs=(), same_as_input="is one
 
 def export_folders(model_dir):
     """The folders that hold model_dir's exports: MODEL_DIR/onnx and the model's folder in the per-user cache (paths as
-    they are spelled, not resolved). A command's output must not go there: export replaces those folders."""
+    they are spelled, not resolved). A command's output must not go there: export replaces those folders.
+
+    Raises RefformerError (export_locations) when model_dir's config.json or model.safetensors is missing.
+    """
     from refformer.export.folder import EXPORTS_FOLDER, export_locations
 
     return [Path(model_dir) / EXPORTS_FOLDER, export_locations(model_dir, "-")[1].parent]
 
 
 def export_folder_holding(path, model_dir):
-    """The folder of export_folders(model_dir) that path (resolved, links followed) lies in, or None."""
+    """The folder of export_folders(model_dir) that path (resolved, links followed) lies in, or None.
+
+    Raises RefformerError as export_folders.
+    """
     target = Path(os.path.realpath(path))
     for folder in export_folders(model_dir):
         if Path(os.path.realpath(folder)) in target.parents:

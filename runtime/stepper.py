@@ -34,14 +34,20 @@ def run_bound(session, binding, run_options=None, graph="a graph"):
 
 
 def tool_model(graph):
-    """A small device graph as an opset-17 model, IR version 10 (readable by older onnxruntime builds too)."""
+    """A small device graph as an opset-17 model, IR version 10 (readable by older onnxruntime builds too).
+
+    Raises nothing.
+    """
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     return model
 
 
 def gather_rows_model(elem_type, n):
-    """y_i = x_i[rows] for i < n: the device-side reorder of n cache tensors in one run."""
+    """y_i = x_i[rows] for i < n: the device-side reorder of n cache tensors in one run.
+
+    elem_type: a TensorProto float type; rows int64 [n]. Raises nothing.
+    """
     graph = helper.make_graph(
         [helper.make_node("Gather", [f"x_{i}", "rows"], [f"y_{i}"], axis=0, name=f"/reorder/Gather_{i}")
          for i in range(n)],
@@ -54,7 +60,10 @@ def gather_rows_model(elem_type, n):
 
 def prompt_writer_model(elem_type, n):
     """y_i = GatherElements(Concat(present_i [B, H, T, Dh], cache_i [B, H, L, Dh]) on axis 2, index [B, L] broadcast):
-    a prompt pass's cache moved into static slots (slot s of row b takes column index[b, s])."""
+    a prompt pass's cache moved into static slots (slot s of row b takes column index[b, s]).
+
+    elem_type: a TensorProto float type; index int64 [B, L]. Raises nothing.
+    """
     nodes = [helper.make_node("Unsqueeze", ["index", "axes"], ["index_4d"], name="/prompt/Unsqueeze")]
     for i in range(n):
         nodes += [helper.make_node("Concat", [f"present_{i}", f"cache_{i}"], [f"both_{i}"], axis=2,
@@ -74,7 +83,10 @@ def prompt_writer_model(elem_type, n):
 
 
 def zeros_model(elem_type, n):
-    """y_i = zeros shaped like x_i for i < n (bound to x_i's own buffer: an in-place clear)."""
+    """y_i = zeros shaped like x_i for i < n (bound to x_i's own buffer: an in-place clear).
+
+    elem_type: a TensorProto float type. Raises nothing.
+    """
     zero = helper.make_tensor("zero", elem_type, [1], [0.0])
     nodes = []
     for i in range(n):
@@ -117,10 +129,19 @@ def top_candidates(values, n, block=256):
 
 
 class OrtStepper(Stepper):
-    """encoder.onnx / decoder.onnx as a stepper (start, step, reorder) for refimpl.generate's search."""
+    """encoder.onnx / decoder.onnx as a stepper (start, step, reorder) for refimpl.generate's search.
+
+    OrtStepper(cfg, onnx_dir, dtype, provider, ...) raises RefformerError (make_session, import_onnxruntime) for a
+    missing or unloadable graph or onnxruntime, and KeyError for a dtype or provider outside contract.DTYPES / PROVIDERS
+    (Generator checks both first).
+    """
 
     def top_candidates(self, values, n):
-        """Stepper.top_candidates by the blocked search (top_candidates): the same indices, without a full sort."""
+        """Stepper.top_candidates by the blocked search (top_candidates): the same indices, without a full sort.
+
+        values: float logits, any shape (flattened); returns int64 [min(n, values.size)]. Raises RefformerError for
+        n not an integer >= 1 or values that are not numbers.
+        """
         return top_candidates(values, n)
 
     def __init__(self, cfg, onnx_dir, dtype, provider=contract.CPU_PROVIDER, threads=None,
@@ -144,17 +165,26 @@ class OrtStepper(Stepper):
 
     # ------------------------------------------------------------ helpers
     def on_device(self, array):
-        """A NumPy array copied to an OrtValue on the stepper's device (CUDA memory, or the host)."""
+        """A NumPy array copied to an OrtValue on the stepper's device (CUDA memory, or the host).
+
+        Raises nothing: its callers pass int64 or float arrays.
+        """
         return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
     def empty(self, batch_size):
-        """An empty self-attention cache tensor [B, H, 0, Dh] of the export's float type, on the device."""
+        """An empty self-attention cache tensor [B, H, 0, Dh] of the export's float type, on the device.
+
+        Raises nothing.
+        """
         shape = (batch_size, self.cfg.n_heads, 0, self.cfg.head_dim)
         return self.on_device(np.zeros(shape, self.float_type))
 
     def tool(self, build, n):
         """The session of a small device graph build(elem_type, n) over n cache tensors (reorder, clear, prompt
-        writer), made on first use."""
+        writer), made on first use.
+
+        Raises onnxruntime's errors if the small graph cannot be loaded (never for the graphs here).
+        """
         key = (build.__name__, n)
         if key not in self.tools:
             options = self.ort.SessionOptions()
@@ -164,7 +194,11 @@ class OrtStepper(Stepper):
         return self.tools[key]
 
     def gather_rows(self, values, rows, outs=None):
-        """[value[rows] for value in values] on the device, in one run; into the fixed buffers outs if given."""
+        """[value[rows] for value in values] on the device, in one run; into the fixed buffers outs if given.
+
+        values: device tensors [N, ...]; rows int64 [n] (indices < N). Raises onnxruntime's own errors (it calls
+        run_with_iobinding directly, not through run_bound).
+        """
         session = self.tool(gather_rows_model, len(values))
         binding = session.io_binding()
         binding.bind_ortvalue_input("rows", self.on_device(np.ascontiguousarray(rows, dtype=np.int64)))
@@ -178,7 +212,10 @@ class OrtStepper(Stepper):
         return binding.get_outputs() if outs is None else outs
 
     def fill_zeros(self, values):
-        """Set every value (a device buffer) to zeros in place, in one run of a ConstantOfShape graph."""
+        """Set every value (a device buffer) to zeros in place, in one run of a ConstantOfShape graph.
+
+        Raises onnxruntime's own errors (it calls run_with_iobinding directly, not through run_bound).
+        """
         session = self.tool(zeros_model, len(values))
         binding = session.io_binding()
         for i, value in enumerate(values):
@@ -188,7 +225,10 @@ class OrtStepper(Stepper):
 
     def sources_change(self, rows):
         """Whether reordering by rows gives some row another input's source (so cross-attention rows must move
-        too); beams of one input swapping places keep every row's source."""
+        too); beams of one input swapping places keep every row's source.
+
+        rows: int64 [n]. No checks: reached only through reorder, whose rows come from the search.
+        """
         new = self.source_of_row[rows]
         changed = len(rows) != len(self.source_of_row) or not np.array_equal(new, self.source_of_row)
         self.source_of_row = new
@@ -198,7 +238,10 @@ class OrtStepper(Stepper):
     def start(self, src_ids, src_keep, batch_size):
         """Stepper.start: run encoder.onnx on src_ids [B, S] int64 with keep mask src_keep [B, S] (encoder-decoder;
         None for decoder-only), keeping the cross-attention keys/values on the device, and empty caches for
-        batch_size rows."""
+        batch_size rows.
+
+        Raises RefformerError (run_bound) when ONNX Runtime fails running encoder.onnx.
+        """
         self.cross, self.src_keep = [], None
         if self.cfg.is_encoder_decoder:
             binding = self.encoder.io_binding()
@@ -218,7 +261,10 @@ class OrtStepper(Stepper):
     def run_decoder(self, session, output_names, ids, positions, attention_mask, past, cross, encoder_keep):
         """One run of a growing-cache decoder graph (decoder.onnx, decoder_fused.onnx): ids, positions and masks
         from the host, past and cross as device OrtValues -> {output name: OrtValue}, logits on the host and the
-        present cache on the device."""
+        present cache on the device.
+
+        Raises RefformerError (run_bound) when ONNX Runtime fails.
+        """
         binding = session.io_binding()
         binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(positions, dtype=np.int64))
@@ -248,7 +294,11 @@ class OrtStepper(Stepper):
         return outputs[contract.LOGITS].numpy()
 
     def reorder(self, rows):
-        """Stepper.reorder: keep cache row rows[i] as row i (beam search), on the device in one run."""
+        """Stepper.reorder: keep cache row rows[i] as row i (beam search), on the device in one run.
+
+        rows: int64 [n] indices into the current rows. Raises onnxruntime's own errors (gather_rows calls
+        run_with_iobinding directly, not through run_bound).
+        """
         tensors = [self.past]
         if self.cfg.is_encoder_decoder and self.sources_change(rows):
             tensors.append(self.cross)
@@ -271,12 +321,14 @@ class StaticOrtStepper(OrtStepper):
     are kept per (batch size, source-length bucket), so on CUDA each (set, parity) is captured once as a
     CUDA graph (enable_cuda_graph) and replayed every token. A decoder-only prompt runs through
     decoder.onnx in one call and its cache is gathered into the static slots.
+
+    Its constructor raises as OrtStepper's; step raises RefformerError when a call would write past the L static slots.
     """
 
     argmax_in_graph = True  # step_argmax reads the graph's next_ids output; the logits stay on the device
 
     def __init__(self, cfg, onnx_dir, dtype, provider=contract.CPU_PROVIDER, threads=None, cuda_graph=False,
-                 decoder_file=contract.graph_file(contract.decoder_graph("static"))):
+                 decoder_file=contract.graph_file(contract.decoder_graph(contract.STATIC))):
         super().__init__(cfg, onnx_dir, dtype, provider, threads, decoder_file,
                          provider_options={"enable_cuda_graph": "1"} if cuda_graph else None)
         self.prompt_decoder = None  # decoder.onnx, loaded for the first prompt of more than one token
@@ -293,11 +345,19 @@ class StaticOrtStepper(OrtStepper):
 
     def buffer(self, shape, dtype):
         """A zero-filled buffer of its own (on the CPU an OrtValue shares its NumPy array's memory, so each
-        buffer needs a fresh array; zeros, because masked cache slots still enter a MatMul)."""
+        buffer needs a fresh array; zeros, because masked cache slots still enter a MatMul).
+
+        Raises nothing.
+        """
         return self.on_device(np.zeros(shape, dtype))
 
     def allocate(self, batch_size, source_length):
-        """A set of fixed buffers for batch_size rows (cross-attention sets for source_length positions)."""
+        """A set of fixed buffers for batch_size rows (cross-attention sets for source_length positions).
+
+        Buffers: input_ids, position_ids [B, 1], write_index [1], attention_mask [B, L], next_ids [B] int64; logits [B,
+        1, V] float32; caches [B, H, L, Dh] and cross caches [B, H, S, Dh] in the export's float type. Raises nothing
+        but onnxruntime's out-of-memory errors.
+        """
         B, L, cfg = batch_size, self.max_length, self.cfg
         buffers = {
             contract.INPUT_IDS: self.buffer((B, 1), np.int64),
@@ -322,7 +382,10 @@ class StaticOrtStepper(OrtStepper):
         """Switch to the buffer set of this shape, allocated once and kept: a captured CUDA graph replays
         the addresses it was captured with, so a set is never replaced while its graphs live. Beyond
         MAX_BUFFER_SETS the least recently used set goes, with its bindings and captured graphs (their
-        ids are never handed out again)."""
+        ids are never handed out again).
+
+        Raises nothing but allocate's.
+        """
         key = (batch_size, source_length)
         if key not in self.sets:
             while len(self.sets) >= MAX_BUFFER_SETS:  # drop the least recently used sets, their bindings and graphs
@@ -346,7 +409,11 @@ class StaticOrtStepper(OrtStepper):
 
     def pad_source(self, src_ids, src_keep):
         """Right-pad the sources to a multiple of SOURCE_BUCKET positions (masked), so that a few buffer sets
-        and captured graphs serve every source length."""
+        and captured graphs serve every source length.
+
+        src_ids, src_keep [B, S] int64 -> [B, S'] int64 (S' = S rounded up to a multiple of SOURCE_BUCKET, capped at
+        max_positions, never below S). Raises nothing.
+        """
         S = src_ids.shape[1]
         padded = max(S, min(-(-S // SOURCE_BUCKET) * SOURCE_BUCKET, self.cfg.max_positions))
         widths = ((0, 0), (0, padded - S))
@@ -354,7 +421,11 @@ class StaticOrtStepper(OrtStepper):
 
     def start(self, src_ids, src_keep, batch_size):
         """Stepper.start, with the source padded to a multiple of SOURCE_BUCKET and the fixed buffers of this batch
-        size and source bucket bound."""
+        size and source bucket bound.
+
+        Raises RefformerError (run_bound) when ONNX Runtime fails running encoder.onnx; onnxruntime's own errors
+        from fill_zeros.
+        """
         if self.cfg.is_encoder_decoder:
             src_ids, src_keep = self.pad_source(src_ids, src_keep)
         super().start(src_ids, src_keep, batch_size)
@@ -370,7 +441,10 @@ class StaticOrtStepper(OrtStepper):
     def binding(self):
         """(IOBinding, RunOptions) of the current buffer set and parities, built once: a captured CUDA graph
         replays the addresses bound at its capture, so each gpu_graph_id keeps one binding, and a step only
-        copies its new inputs into the bound buffers."""
+        copies its new inputs into the bound buffers.
+
+        Raises nothing.
+        """
         key = (*self.shape_key, self.parity, self.cross_parity)
         if key in self.bindings:
             return self.bindings[key]
@@ -400,7 +474,10 @@ class StaticOrtStepper(OrtStepper):
         return binding, options
 
     def run_one(self, ids, positions):
-        """One token per row at slot self.length (logits and next_ids stay in their device buffers)."""
+        """One token per row at slot self.length (logits and next_ids stay in their device buffers).
+
+        ids, positions [B, 1] int64. Raises RefformerError (run_bound) when ONNX Runtime fails.
+        """
         buffers = self.buffers
         self.prompt_logits = None  # the last logits are this call's
         buffers[contract.INPUT_IDS].update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
@@ -416,7 +493,12 @@ class StaticOrtStepper(OrtStepper):
     def step(self, ids, positions, attention_mask, logits_to_host=True):
         """Logits [B, T, V] on the host (None with logits_to_host=False after one-token calls). A prompt (T > 1 at
         the start) goes through the reference graph in one call and its cache is moved into the static buffers;
-        later tokens run one per call."""
+        later tokens run one per call.
+
+        ids, positions [B, T] int64, attention_mask [B, P + T] int64. Raises RefformerError when P + T exceeds the L
+        static slots, or (run_bound, make_session) when ONNX Runtime fails; AssertionError when not fed in order (P !=
+        the slots written).
+        """
         T = ids.shape[1]
         start = attention_mask.shape[1] - T  # P: the slots already written
         assert start == self.length, "the static stepper is fed in order"
@@ -439,7 +521,11 @@ class StaticOrtStepper(OrtStepper):
     def prefill(self, ids, positions, attention_mask):
         """The prompt pass through decoder.onnx (T tokens in one call), its present cache then gathered into the
         idle static set: column j to slot j for the masked graphs; for the in-place graph each row's real tokens
-        to slots 0 .. n - 1 (its positions), dropping its left padding."""
+        to slots 0 .. n - 1 (its positions), dropping its left padding.
+
+        ids, positions, attention_mask [B, T] int64 -> logits [B, T, V] float32. Raises RefformerError (make_session,
+        run_bound) when decoder.onnx cannot be loaded or run; onnxruntime's errors from the prompt writer.
+        """
         cfg, (B, T), L = self.cfg, ids.shape, self.max_length
         if self.prompt_decoder is None:
             self.prompt_decoder = make_session(f"{self.onnx_dir}/{contract.DECODER_FILE}", self.provider, self.threads)
@@ -462,7 +548,11 @@ class StaticOrtStepper(OrtStepper):
         return self.prompt_logits
 
     def run_prompt_writer(self, presents, caches, index, outs):
-        """outs_i = GatherElements(Concat(presents_i, caches_i), index broadcast to [B, H, L, Dh]) on the device."""
+        """outs_i = GatherElements(Concat(presents_i, caches_i), index broadcast to [B, H, L, Dh]) on the device.
+
+        presents [B, H, T, Dh], caches and outs [B, H, L, Dh] device tensors, index int64 [B, L]. Raises onnxruntime's
+        own errors (it calls run_with_iobinding directly, not through run_bound).
+        """
         session = self.tool(prompt_writer_model, len(presents))
         binding = session.io_binding()
         binding.bind_ortvalue_input("index", self.on_device(np.ascontiguousarray(index, dtype=np.int64)))
@@ -473,20 +563,30 @@ class StaticOrtStepper(OrtStepper):
         session.run_with_iobinding(binding)
 
     def step_argmax(self, ids, positions, attention_mask):
-        """Greedy fast path: only the in-graph argmax [B] crosses to the host; last_logits() fetches more."""
+        """Greedy fast path: only the in-graph argmax [B] crosses to the host; last_logits() fetches more.
+
+        ids, positions [B, T] int64, attention_mask [B, P + T] int64 -> int64 [B]. Raises as step.
+        """
         logits = self.step(ids, positions, attention_mask, logits_to_host=False)
         if logits is not None:  # a prompt pass: its logits are on the host already
             return logits[:, -1].argmax(axis=-1)
         return self.buffers[contract.NEXT_IDS].numpy().copy()
 
     def last_logits(self):
-        """The logits of the last step_argmax call's last position, [B, 1, V] float32 on the host."""
+        """The logits of the last step_argmax call's last position, [B, 1, V] float32 on the host.
+
+        Raises nothing.
+        """
         if self.prompt_logits is not None:
             return self.prompt_logits[:, -1:].copy()
         return self.buffers[contract.LOGITS].numpy().copy()
 
     def reorder(self, rows):
-        """Stepper.reorder into the idle buffer set (then flipped), or into a new batch size's set."""
+        """Stepper.reorder into the idle buffer set (then flipped), or into a new batch size's set.
+
+        rows: int64 [n]. Raises onnxruntime's own errors (gather_rows calls run_with_iobinding directly, not through
+        run_bound).
+        """
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         cross_moves = self.cfg.is_encoder_decoder and self.sources_change(rows)
         old_cache, old_cross = self.caches[self.parity], self.cross_sets[self.cross_parity]

@@ -169,7 +169,13 @@ def _summary(result, out_dir, steps=None):
 @one_line_errors
 def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
     """Loss, perplexity and (translation) greedy BLEU/chrF of --model (default: the bundled model) on a split
-    of DATA_DIR."""
+    of DATA_DIR.
+
+    \f
+    Raises nothing to its caller: one_line_errors prints the RefformerError of check_evaluation (a bad flag or
+    folder) or evaluate_split (a missing or diverged model, an unreadable split, too little memory) as one line `error:
+    ...` and exits 1.
+    """
     from refformer.refimpl.training.setup import check_evaluation, evaluate_split
 
     check_evaluation(data_dir, model_dir, split, max_sentences, max_tokens)
@@ -195,7 +201,10 @@ def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
 
 
 def format_number(value, digits):
-    """value with digits decimals; '-' for none; a huge one (the perplexity of a diverged model) as 1.23e+304."""
+    """value with digits decimals; '-' for none; a huge one (the perplexity of a diverged model) as 1.23e+304.
+
+    Raises nothing for None or a number.
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.{digits}f}" if abs(value) < 1e9 else f"{value:.3g}"
