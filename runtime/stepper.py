@@ -354,9 +354,9 @@ class StaticOrtStepper(OrtStepper):
     def allocate(self, batch_size, source_length):
         """A set of fixed buffers for batch_size rows (cross-attention sets for source_length positions).
 
-        Buffers: input_ids, position_ids [B, 1], write_index [1], attention_mask [B, L], next_ids [B] int64; logits [B,
-        1, V] float32; caches [B, H, L, Dh] and cross caches [B, H, S, Dh] in the export's float type. Raises nothing
-        but onnxruntime's out-of-memory errors.
+        Buffers: input_ids, position_ids [B, 1], write_index [1], attention_mask [B, L], next_ids [B] int64; logits
+        [B, 1, V] float32; caches [B, H, L, Dh] and cross caches [B, H, S, Dh] in the export's float type. Raises
+        nothing but onnxruntime's out-of-memory errors.
         """
         B, L, cfg = batch_size, self.max_length, self.cfg
         buffers = {
