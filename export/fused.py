@@ -52,8 +52,9 @@ def multi_head_attention(g, cfg, prefix, p, h, key, value, keep32, past=None, ca
 
 
 def mha_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, keep32):
-    """attention.cached_self_attention for decoder_fused.onnx: h [B, T, D] over past_k, past_v [B, H, P, Dh] with
-    the key mask keep32 [B, P + T] int32 -> (y [B, T, D], present_k, present_v [B, H, P + T, Dh]).
+    """attention.cached_self_attention (refimpl.attention.cached_self_attention_forward) for decoder_fused.onnx: h
+    [B, T, D] over past_k, past_v [B, H, P, Dh] with the key mask keep32 [B, P + T] int32 -> (y [B, T, D], present_k,
+    present_v [B, H, P + T, Dh]).
 
     h ─k_proj, v_proj─MultiHeadAttention(causal, past)─out_proj─▶ y
 
@@ -68,8 +69,8 @@ def mha_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, keep32):
 
 
 def mha_cross_attention(g, cfg, prefix, p, h, cross_k, cross_v, *, keep32):
-    """attention.mha_cached for decoder_fused.onnx: h [B, T, D] attends to cross_k, cross_v [B, H, S, Dh] with the
-    source key mask keep32 [B, S] int32 -> y [B, T, D].
+    """attention.mha_cached (refimpl.attention.mha_cached_forward) for decoder_fused.onnx: h [B, T, D] attends to
+    cross_k, cross_v [B, H, S, Dh] with the source key mask keep32 [B, S] int32 -> y [B, T, D].
 
     Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
     checked cfg and params.
@@ -81,7 +82,8 @@ def mha_cross_attention(g, cfg, prefix, p, h, cross_k, cross_v, *, keep32):
 
 
 def linear_unbiased(g, prefix, p, x):
-    """ops.linear without its bias: (x @ W, the name of b or None) for a later fused node to add.
+    """ops.linear (refimpl.ops.linear_forward) without its bias: (x @ W, the name of b or None) for a later fused node
+    to add.
 
     x and y [..., D_out] in g's float type. No checks: reached only through export_model, which loads a checked cfg and
     params.
@@ -99,7 +101,7 @@ def add_bias(g, y, bias, at):
 
 
 def activation_with_bias(g, kind, h, bias, at):
-    """ops.activation(h + bias) in one contrib node where ONNX Runtime has one:
+    """ops.activation(h + bias) (refimpl.ops.activation_forward) in one contrib node where ONNX Runtime has one:
     gelu: BiasGelu (erf form); gelu_tanh: FastGelu (the same tanh formula); silu: QuickGelu(alpha = 1) = x sigmoid(x);
     relu: Add, Relu.
 
@@ -117,8 +119,8 @@ def activation_with_bias(g, kind, h, bias, at):
 
 
 def feed_forward_unbiased(g, cfg, prefix, p, x):
-    """layers.feed_forward with fc1's bias inside the activation node and fc2's left to the next norm:
-    x [B, T, D] -> (y [B, T, D] without fc2's bias, fc2's bias name or None).
+    """layers.feed_forward (refimpl.layers.feed_forward_forward) with fc1's bias inside the activation node and fc2's
+    left to the next norm: x [B, T, D] -> (y [B, T, D] without fc2's bias, fc2's bias name or None).
 
     Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
     checked cfg and params.
@@ -132,7 +134,8 @@ def feed_forward_unbiased(g, cfg, prefix, p, x):
 
 
 def skip_norm(g, cfg, prefix, p, delta, bias, x, keep_sum):
-    """ops.norm(x + delta + bias) in one node; with keep_sum also x + delta + bias (the residual stream).
+    """ops.norm(x + delta + bias) (refimpl.ops.norm_forward of the residual sum) in one node; with keep_sum also x +
+    delta + bias (the residual stream).
 
     delta ─┐
     x ─────SkipLayerNormalization(gamma, beta, bias)─┬─▶ normed
@@ -157,7 +160,7 @@ def skip_norm(g, cfg, prefix, p, delta, bias, x, keep_sum):
 
 
 class ResidualStream:
-    """The residual stream x of a layer stack, with each sum done inside the next norm.
+    """The residual stream x of a layer stack (refimpl.layers.residual_forward), each sum done inside the next norm.
 
     pre-LN  (x + f(norm(x))): the sublayer's output waits as `pending` until the next norm adds it;
     post-LN (norm(x + f(x))): the sum and the norm are one SkipLayerNormalization at once.
@@ -219,7 +222,8 @@ def stream_residual(g, cfg, norm_prefix, p_norm, stream, sublayer):
 
 
 def packed_qkv(g, prefix, p, h):
-    """[q | k | v] = h @ [Wq | Wk | Wv] + [bq | bk | bv]: one MatMul instead of three. h [B, T, D] -> [B, T, 3D].
+    """[q | k | v] = h @ [Wq | Wk | Wv] + [bq | bk | bv]: one MatMul for the three refimpl.ops.linear_forward
+    projections (q_proj, and refimpl.attention.project_kv's k_proj and v_proj). h [B, T, D] -> [B, T, 3D].
 
     Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
     checked cfg and params.
@@ -234,9 +238,10 @@ def packed_qkv(g, prefix, p, h):
 
 
 def gqa_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, seqlens32, total32):
-    """attention.cached_self_attention for decoder_static_fused.onnx: causal self-attention of one new token per
-    row h [B, 1, D], its k/v written into the cache past_k, past_v [B, H, L, Dh] at slot seqlens32[b] ([B] int32;
-    total32 the int32 constant L) -> ((y [B, 1, D], out_proj's bias), present_k, present_v [B, H, L, Dh]):
+    """attention.cached_self_attention (refimpl.attention.cached_self_attention_forward) for decoder_static_fused.onnx:
+    causal self-attention of one new token per row h [B, 1, D], its k/v written into the cache past_k, past_v
+    [B, H, L, Dh] at slot seqlens32[b] ([B] int32; total32 the int32 constant L) -> ((y [B, 1, D], out_proj's bias),
+    present_k, present_v [B, H, L, Dh]):
 
     h ─qkv_proj─GroupQueryAttention(past_k, past_v, seqlens, total)─out_proj (bias left to the next norm)─▶ y
                            └─▶ present_k, present_v  (the same buffers as past_k, past_v when bound so)
@@ -253,9 +258,10 @@ def gqa_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, seqlens32, total
 
 
 def mha_static_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, slot_mask, keep32):
-    """attention.cached_self_attention with attention.write_cache for decoder_static_mha.onnx (GroupQueryAttention
-    has no fp32 CUDA kernel): h [B, 1, D], past_k, past_v [B, H, L, Dh], slot_mask bool [1, 1, L, 1], keep32 [B, L]
-    int32 -> ((y [B, 1, D], out_proj's bias), present_k, present_v [B, H, L, Dh]):
+    """attention.cached_self_attention (refimpl.attention.cached_self_attention_forward) with attention.write_cache for
+    decoder_static_mha.onnx (GroupQueryAttention has no fp32 CUDA kernel): h [B, 1, D], past_k, past_v [B, H, L, Dh],
+    slot_mask bool [1, 1, L, 1], keep32 [B, L] int32 -> ((y [B, 1, D], out_proj's bias), present_k, present_v
+    [B, H, L, Dh]):
 
     h ─qkv_proj─Split─┬─ q ────────────────────────────────┐
                       └─ k, v ─Reshape─Where(slot, ·, cache)─MultiHeadAttention(mask)─out_proj─▶ y
@@ -275,8 +281,9 @@ def mha_static_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, slot_mask
 
 
 def mha_cross_attention_unbiased(g, cfg, prefix, p, h, cross_k, cross_v, *, keep32):
-    """mha_cross_attention with out_proj's bias left to the next norm: h [B, 1, D] attends to cross_k, cross_v
-    [B, H, S, Dh] with keep32 [B, S] int32 -> (y [B, 1, D], out_proj's bias name or None).
+    """mha_cross_attention (refimpl.attention.mha_cached_forward) with out_proj's bias left to the next norm: h
+    [B, 1, D] attends to cross_k, cross_v [B, H, S, Dh] with keep32 [B, S] int32 -> (y [B, 1, D], out_proj's bias name
+    or None).
 
     Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
     checked cfg and params.
