@@ -174,13 +174,13 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
         raise RefformerError(f"cannot write an export into {parent} ({error.strerror}): " + (
             CACHE_ADVICE if own_place else "pick a writable --out DIR")) from None
     try:
-        graphs = {graph_file(name): build_reference_graph(cfg, params, name, dtype, opset)
+        graphs = {name: build_reference_graph(cfg, params, name, dtype, opset)  # graph name -> model
                   for name in reference_graphs(cfg.is_encoder_decoder)}
         variants = {}  # the faster decoders, each verified against decoder.onnx: graph name -> (variant, model)
         for variant in exported_variants(cfg.head_dim, static_length, fused_attention):
             variants[decoder_graph(variant)] = variant, build_decoder_variant(cfg, params, variant, dtype, opset,
                                                                               static_length)
-        graphs.update({graph_file(name): model for name, (_, model) in variants.items()})
+        graphs.update({name: model for name, (_, model) in variants.items()})
         manifest = {
             "format_version": MANIFEST_FORMAT,
             "family": cfg.family,
@@ -193,11 +193,11 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
             "versions": versions(),
         }
         for name, model in graphs.items():
-            path = tmp / name
+            path = tmp / graph_file(name)
             save_graph(model, path, external_data)
             onnx.checker.check_model(str(path), full_check=True)
             check_external_data(path)
-            manifest["graphs"][name.removesuffix(".onnx")] = {"file": name, **io_spec(model)}
+            manifest["graphs"][name] = {"file": graph_file(name), **io_spec(model)}
         for name, (variant, _) in variants.items():
             static = {} if variant == FUSED else {"max_length": static_length}
             manifest["graphs"][name].update(variant=variant, **static, verified_against=DECODER_FILE)
