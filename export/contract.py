@@ -76,16 +76,25 @@ def reference_graphs(is_encoder_decoder):
     return [ENCODER, DECODER] if is_encoder_decoder else [DECODER]
 
 
+def gqa_supported(head_dim):
+    """Whether ONNX Runtime's GroupQueryAttention (decoder_static_fused) takes this head size Dh, an int: its
+    kernels need a multiple of 8.
+
+    Raises nothing: a remainder.
+    """
+    return head_dim % 8 == 0
+
+
 def exported_variants(head_dim, static_length=None, fused_attention=False):
     """The variants beyond "reference" that an export with these options writes, in the order export builds them:
     static with static_length; fused with fused_attention; static_mha with both, and static_fused with both when
-    the head size head_dim is a multiple of 8 (GroupQueryAttention's kernels need it).
+    the head size head_dim is one GroupQueryAttention takes (gqa_supported).
 
     Raises nothing: export_model checked the options first.
     """
     static, both = static_length is not None, static_length is not None and fused_attention
     return [variant for variant, wanted in ((STATIC, static), (FUSED, fused_attention), (STATIC_MHA, both),
-                                            (STATIC_FUSED, both and head_dim % 8 == 0)) if wanted]
+                                            (STATIC_FUSED, both and gqa_supported(head_dim))) if wanted]
 
 
 def runs_on(graph, dtype, provider):

@@ -119,7 +119,7 @@ def auto_variant(cfg, on_cuda, dtype):
     """
     if not on_cuda:
         return (contract.REFERENCE,)
-    if dtype == "fp16" and cfg.head_dim % 8 == 0:
+    if dtype == "fp16" and contract.gqa_supported(cfg.head_dim):
         return (contract.STATIC_FUSED, contract.STATIC_MHA, contract.STATIC)
     return (contract.STATIC_MHA, contract.STATIC)
 
@@ -220,7 +220,7 @@ class Generator:
         if not isinstance(variant, str) or variant not in VARIANTS[1:]:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS[1:])}, got {variant!r}")
         dtype, threads = self.dtype, self.threads
-        if variant == contract.STATIC_FUSED and self.cfg.head_dim % 8:
+        if variant == contract.STATIC_FUSED and not contract.gqa_supported(self.cfg.head_dim):
             raise RefformerError(f"the static_fused variant needs a head size that is a multiple of 8 (ONNX Runtime's "
                                  f"GroupQueryAttention); this model's is {self.cfg.head_dim}: use static_mha")
         if variant in contract.STATIC_VARIANTS:
