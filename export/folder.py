@@ -56,7 +56,10 @@ CACHE_ADVICE = "set XDG_CACHE_HOME to a writable folder (where generate and veri
 
 
 def is_folder(path):
-    """Path.is_dir that says False, not PermissionError, for a path under a folder this user cannot enter."""
+    """Path.is_dir that says False, not PermissionError, for a path under a folder this user cannot enter.
+
+    Raises nothing.
+    """
     try:
         return Path(path).is_dir()
     except OSError:

@@ -119,7 +119,11 @@ def compare_pass(cfg, params64, sessions, dtype, check, provider, src, src_keep,
     (P = 0, tgt[:, :-1]) then one cached step (tgt[:, -1:]) through decoder.onnx, and encoder.onnx for
     encoder-decoder, every output (per layer) against refimpl.encode / refimpl.decoder_step in float64 (params64).
     src, src_keep [B, S] int64; tgt, tgt_keep, tgt_positions [B, T] int64 (left-padded rows allowed: padding
-    queries are not compared). Returns rows (check, provider, output name, rel_error)."""
+    queries are not compared). Returns rows (check, provider, output name, rel_error).
+
+    Raises onnxruntime's own errors, and RefformerError (rel_error) for outputs of another shape; verify and
+    export_checks run it inside onnx_runtime_errors, which makes each one RefformerError.
+    """
     rows = []
     cross, cross_ref = None, None
     if cfg.is_encoder_decoder:
@@ -152,7 +156,11 @@ def incremental_check(cfg, params64, sessions, dtype, provider, src, src_keep, c
     """Left-padded prompts (lists of token ids) of different lengths, then n_steps single-token steps of random ids
     (rng) through sessions["decoder"], its present cache fed back, against refimpl.model_forward over the whole
     (padded) sequence in float64. cross: encoder_cross's cache for src [B, S] (None for decoder-only). Returns one
-    row ("incremental", provider, "logits (prompt + steps)", rel_error)."""
+    row ("incremental", provider, "logits (prompt + steps)", rel_error).
+
+    Raises onnxruntime's own errors, and RefformerError (rel_error) for outputs of another shape; verify and
+    export_checks run it inside onnx_runtime_errors, which makes each one RefformerError.
+    """
     ids, keep, positions = left_pad(prompts, cfg.pad_id)
     B = ids.shape[0]
     n_steps = max(0, min(n_steps, cfg.max_positions - ids.shape[1]))  # positions stay below max_positions
@@ -218,13 +226,19 @@ def random_inputs(cfg, rng, B=3, S=6, T=5):
 
 def load_sessions(cfg, onnx_dir, provider):
     """{"encoder"?, "decoder"}: sessions of the reference graphs in onnx_dir on the provider (make_session's
-    errors)."""
+    errors).
+
+    Raises RefformerError (make_session) for a graph that is missing or cannot be loaded.
+    """
     return {name: make_session(Path(onnx_dir) / graph_file(name), provider)
             for name in reference_graphs(cfg.is_encoder_decoder)}
 
 
 def as_dicts(rows):
-    """(check, provider, output, error) rows -> dicts with those keys (error: rel_error, a float)."""
+    """(check, provider, output, error) rows -> dicts with those keys (error: rel_error, a float).
+
+    Raises nothing.
+    """
     return [{"check": c, "provider": p, "output": o, "error": e} for c, p, o, e in rows]
 
 
@@ -340,7 +354,12 @@ def static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0, n_s
     call over left-padded prompts, against decoder.onnx (the reference graph) fed the same tokens, and against
     refimpl; next_ids must be the argmax of its logits. The check is named after the graph's variant ("static",
     "static_mha" or "static_fused"). Returns rows (check, provider, output, error); none when the prompts and
-    steps do not fit the graph's L slots."""
+    steps do not fit the graph's L slots.
+
+    Also RefformerError (make_session) when the graph cannot be loaded. Raises onnxruntime's own errors, and
+    RefformerError (rel_error) for outputs of another shape; verify and export_checks run it inside onnx_runtime_errors,
+    which makes each one RefformerError.
+    """
     static = make_session(Path(onnx_dir) / graph_file(graph), provider)
     inputs = {i.name: i for i in static.get_inputs()}
     L = inputs[past_key(0)].shape[2]
@@ -390,7 +409,12 @@ def static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0, n_s
 def fused_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0):
     """decoder_fused.onnx in place of decoder.onnx: the incremental check against refimpl, and its logits
     against decoder.onnx's on the same left-padded prompts and steps. Returns rows (check, provider, output,
-    error)."""
+    error).
+
+    Also RefformerError (make_session) when decoder_fused.onnx cannot be loaded. Raises onnxruntime's own errors, and
+    RefformerError (rel_error) for outputs of another shape; verify and export_checks run it inside onnx_runtime_errors,
+    which makes each one RefformerError.
+    """
     fused = dict(sessions, **{DECODER: make_session(Path(onnx_dir) / graph_file(decoder_graph(FUSED)), provider)})
     rng = np.random.default_rng(seed)
     src, src_keep = random_inputs(cfg, rng)[:2]

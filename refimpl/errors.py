@@ -111,7 +111,10 @@ def is_real(value):
 
 def is_finite(value, integer=False):
     """math.isfinite for any real number, without its OverflowError: an integer too large for a float (10**400) is
-    finite as an integer (integer=True) and not where a float is wanted (it would overflow)."""
+    finite as an integer (integer=True) and not where a float is wanted (it would overflow).
+
+    Raises TypeError (math.isfinite's) for a value that is not a real number; its callers check the type first.
+    """
     try:
         return math.isfinite(value)
     except OverflowError:

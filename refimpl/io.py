@@ -35,7 +35,10 @@ SPECIAL_TOKEN_NAMES = {"pad_id": ("<pad>", "[PAD]"), "bos_id": ("<s>", "<bos>", 
 
 def leads_nowhere(path):
     """True for a symbolic link that no write can go through: a loop, or one whose target's folder is missing (a
-    dangling link whose target could be created is written through, as any link). No errors: False otherwise."""
+    dangling link whose target could be created is written through, as any link); False otherwise.
+
+    Raises nothing.
+    """
     if not os.path.islink(path) or os.path.exists(path):
         return False
     try:

@@ -205,7 +205,10 @@ class RecordWriter:
 
     def render(self, record):
         """One record as its output line(s): JSON (--json, --output) with line breaks inside strings escaped, or
-        plain text ("error: ..." for a failed input; "N.k<TAB>text" lines for K > 1 outputs)."""
+        plain text ("error: ..." for a failed input; "N.k<TAB>text" lines for K > 1 outputs).
+
+        Raises nothing: records hold JSON values only (an id read from a JSON line).
+        """
         if self.as_json or self.file is not None:
             line = json.dumps(record, ensure_ascii=False)
             try:

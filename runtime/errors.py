@@ -45,7 +45,10 @@ LONG_WORD = re.compile(r"\S{161,}")
 
 def shorten(message):
     """message with each word (a path, a value) over 160 characters cut to its first and last 70: a 5000-character
-    path is not echoed whole (as usage errors do it, runtime/options.py)."""
+    path is not echoed whole (as usage errors do it, runtime/options.py).
+
+    Raises nothing.
+    """
     return LONG_WORD.sub(lambda match: f"{match[0][:70]}...{match[0][-70:]}", " ".join(message.split()))
 
 
@@ -61,7 +64,10 @@ def shown(path):
 
 def os_error_message(error):
     """One line for an OSError: its reason and file; a relative path's ENOENT in a current folder that was deleted
-    says so (os.getcwd fails: 'No such file or directory' with no file name was all there was)."""
+    says so (os.getcwd fails: 'No such file or directory' with no file name was all there was).
+
+    Raises nothing: a deleted current folder is caught.
+    """
     if error.filename is None and error.errno == errno.ENOENT:
         try:
             os.getcwd()
@@ -71,7 +77,10 @@ def os_error_message(error):
 
 
 def quiet_stdout():
-    """Point stdout at /dev/null, so that Python's flush at exit does not print a BrokenPipeError of its own."""
+    """Point stdout at /dev/null, so that Python's flush at exit does not print a BrokenPipeError of its own.
+
+    Raises nothing: a stdout without a file descriptor is left as it is.
+    """
     import os
 
     try:

@@ -187,7 +187,13 @@ def export_command(model_dir, dtype, opset, out_dir, external_data, static_lengt
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs (an integer >= 0).")
 @one_line_errors
 def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, provider, seed):
-    """Compare the exported graphs with refimpl (float64) and print the error table; exit 1 when a bound fails."""
+    """Compare the exported graphs with refimpl (float64) and print the error table; exit 1 when a bound fails.
+
+    \f
+    Raises nothing to its caller: one_line_errors prints RefformerError (a negative --seed or --static-length, an
+    empty --onnx-dir or one given with the set options, CUDA asked for but missing, or find_export's and verify's
+    errors) as one line `error: ...` and exits 1.
+    """
     from refformer.export.folder import find_export
     from refformer.export.session import cuda_usable, gpu_present
     from refformer.export.verify import verify

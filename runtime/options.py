@@ -45,7 +45,10 @@ def resolve_model(model_dir):
 
 
 def usage_message(error):
-    """One line for a click usage error; a stray positional model folder gets a hint to use --model."""
+    """One line for a click usage error; a stray positional model folder gets a hint to use --model.
+
+    Raises nothing.
+    """
     message = " ".join(error.format_message().split())
     message = re.sub(r"'([^']{60})[^']{20,}'", r"'\1...'", message)  # a 5000-digit --seed is not echoed whole
     ctx = getattr(error, "ctx", None)

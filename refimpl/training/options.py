@@ -8,7 +8,10 @@ from ..errors import is_finite as finite
 
 def is_finite(value):
     """True for a real number (errors.is_real) that is neither NaN nor infinite, as a float: an integer too large
-    for a float (10**400) is not finite here (errors.is_finite)."""
+    for a float (10**400) is not finite here (errors.is_finite).
+
+    Raises nothing: a non-number is not finite.
+    """
     return is_real(value) and finite(value)
 
 
