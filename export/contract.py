@@ -33,6 +33,7 @@ GRAPH_NAME_PREFIX = "refformer_"  # the ONNX GraphProto's name: refformer_encode
 REFERENCE, FUSED, STATIC, STATIC_MHA, STATIC_FUSED = "reference", "fused", "static", "static_mha", "static_fused"
 VARIANTS = (REFERENCE, FUSED, STATIC, STATIC_MHA, STATIC_FUSED)  # the decoder graphs an export may hold
 STATIC_VARIANTS = (STATIC, STATIC_MHA, STATIC_FUSED)  # one token per call over a fixed-size cache
+VARIANT_OPTIONS = ("auto", *VARIANTS)  # Generator(variant=) and generate --variant: a variant, or auto (auto_variant)
 
 
 def decoder_graph(variant):

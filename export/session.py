@@ -16,6 +16,7 @@ from refformer.refimpl.errors import RefformerError
 from .contract import CPU_PROVIDER, CUDA_PROVIDER
 
 PROVIDER_CHOICES = {"cuda": CUDA_PROVIDER, "cpu": CPU_PROVIDER}  # the CLI's --provider values (and "auto")
+PROVIDER_OPTIONS = ("auto", *PROVIDER_CHOICES)  # Generator(provider=), generate and verify --provider
 CUDA_MISSING = "the CUDA execution provider cannot be loaded here (no GPU, or CUDA 13 / cuDNN 9 libraries missing)"
 
 
@@ -166,7 +167,7 @@ def resolve_provider(provider):
     A one-line notice on stderr only when auto falls back although a GPU is present (its libraries failed to load);
     on a machine without a GPU, auto is the CPU, silently. Raises RefformerError for provider cuda when CUDA cannot
     be loaded, or for an unknown provider."""
-    if provider not in ("auto", *PROVIDER_CHOICES):
+    if provider not in PROVIDER_OPTIONS:
         raise RefformerError(f"provider must be auto, cuda or cpu, got {provider!r}")
     if provider == "cpu":
         return CPU_PROVIDER

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from refformer.export.contract import CPU_PROVIDER, CUDA_PROVIDER, DEFAULT_OPSET, DTYPES
-from refformer.export.session import PROVIDER_CHOICES
+from refformer.export.session import PROVIDER_OPTIONS
 from refformer.refimpl.errors import RefformerError
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import NonEmptyPath, model_option, resolve_model
@@ -182,7 +182,7 @@ def export_command(model_dir, dtype, opset, out_dir, external_data, static_lengt
                    "--fused-attention; without them fp32, or the only one there is).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Which export set (default fp32).")
 @variant_options(VERIFY_VARIANT_HELP)
-@click.option("--provider", type=click.Choice(["auto", *sorted(PROVIDER_CHOICES)]), default="auto", show_default=True,
+@click.option("--provider", type=click.Choice(sorted(PROVIDER_OPTIONS)), default="auto", show_default=True,
               help="auto: CPU, plus CUDA when it can be loaded.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs (an integer >= 0).")
 @one_line_errors

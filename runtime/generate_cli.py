@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from refformer.export.contract import DTYPES, VARIANTS
-from refformer.export.session import PROVIDER_CHOICES
+from refformer.export.contract import DTYPES, VARIANT_OPTIONS
+from refformer.export.session import PROVIDER_OPTIONS
 from refformer.refimpl.errors import RefformerError
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import NonEmptyPath, model_option
@@ -95,11 +95,11 @@ def check_fits_memory(model_dir, generation, batch_size):
               help="Write JSON lines here (as each batch finishes); - for stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file (at the end of the run).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of plain text.")
-@click.option("--provider", type=click.Choice(["auto", *PROVIDER_CHOICES]), default="auto", show_default=True)
+@click.option("--provider", type=click.Choice(list(PROVIDER_OPTIONS)), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
               help="Graph precision (exported on first use).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (capped to the CPU count).")
-@click.option("--variant", type=click.Choice(["auto", *VARIANTS]),
+@click.option("--variant", type=click.Choice(list(VARIANT_OPTIONS)),
               default="auto", show_default=True,
               help="Decoder graph. auto: on CUDA static_fused (fp16), then static_mha, then static, each replayed as "
                    "CUDA graphs, moving on with a notice when one fails a probe; the reference graph on the CPU.")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from refformer.export import contract
-from refformer.export.session import PROVIDER_CHOICES, resolve_provider
+from refformer.export.session import PROVIDER_OPTIONS, resolve_provider
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import GenerationOptions, generate, search_iter
 from refformer.refimpl.io import check_tokenizer_matches, load_config
@@ -24,7 +24,7 @@ from refformer.refimpl.training.batching import pad_rows
 from .errors import shown
 from .stepper import OrtStepper, StaticOrtStepper
 
-VARIANTS = ("auto", *contract.VARIANTS)  # the Generator's and generate --variant's choices
+VARIANTS = contract.VARIANT_OPTIONS  # the Generator's and generate --variant's choices
 
 
 def note(message):
@@ -184,7 +184,7 @@ class Generator:
 
         if model_dir is not None and not isinstance(model_dir, (str, os.PathLike)):
             raise RefformerError(f"model_dir must be a folder path, got {type(model_dir).__name__}")
-        if not isinstance(provider, str) or provider not in ("auto", *PROVIDER_CHOICES):
+        if not isinstance(provider, str) or provider not in PROVIDER_OPTIONS:
             raise RefformerError(f"provider must be auto, cuda or cpu, got {provider!r}")
         if not isinstance(variant, str) or variant not in VARIANTS:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
