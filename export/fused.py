@@ -20,10 +20,8 @@ output projection's bias (an initializer name, or None) for the next fused node 
 import numpy as np
 
 from .attention import write_cache
-from .graph import node_path
+from .graph import MICROSOFT, node_path
 from .ops import linear, norm
-
-MICROSOFT = "com.microsoft"
 
 # ---------------------------------------------------------------------------- MultiHeadAttention
 

@@ -14,6 +14,7 @@ from refformer.refimpl.tree import flatten
 FLOAT_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16}
 FP16_MAX = 65504.0  # float16's largest finite value
+MICROSOFT = "com.microsoft"  # ONNX Runtime's contrib-op domain (the ops of export/fused.py)
 
 
 def check_weights(params, dtype, source):
@@ -131,8 +132,8 @@ class Graph:
             node.output[:] = [self.renames.get(name, name) for name in node.output]
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
                                   initializer=list(self.initializers.values()))
-        fused = any(n.domain == "com.microsoft" for n in self.nodes)
-        domains = [helper.make_opsetid("com.microsoft", 1)] if fused else []
+        fused = any(n.domain == MICROSOFT for n in self.nodes)
+        domains = [helper.make_opsetid(MICROSOFT, 1)] if fused else []
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)] + domains,
                                   producer_name="refformer", producer_version=producer_version)
         model.ir_version = min(model.ir_version, 10)  # readable by older onnxruntime builds too
