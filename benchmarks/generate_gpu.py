@@ -36,15 +36,14 @@ from pathlib import Path
 import numpy as np
 from machine import timed_calls
 
-from refformer.export.contract import runs_on
+from refformer.export.contract import FUSED, STATIC_FUSED, STATIC_MHA, decoder_graph, gqa_supported, graph_file, runs_on
 from refformer.export.export import export_model
+from refformer.export.session import PROVIDER_CHOICES as PROVIDER
 from refformer.refimpl import Config, init_params, save
 from refformer.refimpl.generate import GenerationOptions, beam_search, search_iter
 from refformer.refimpl.gradcheck import rel_error
 from refformer.runtime.generator import auto_variant, default_model_dir
 from refformer.runtime.stepper import OrtStepper, StaticOrtStepper
-
-PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
 
 def marian_config(quick):
@@ -98,7 +97,7 @@ def agreement(cfg, onnx_dir_fp32, onnx_dir, dtype, device, rng, B=4, new_tokens=
     options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     variant = auto_variant(cfg, True, dtype)[0]  # CUDA's first choice, also in the CPU smoke test
     stepper = StaticOrtStepper(cfg, onnx_dir, dtype, PROVIDER[device], cuda_graph=(device == "cuda"),
-                               decoder_file=f"decoder_{variant}.onnx")
+                               decoder_file=graph_file(decoder_graph(variant)))
     tokens, device_logits = [], []
     for next_ids in search_iter(stepper, cfg, options, src_ids=src):  # the variant's own logits of every step
         tokens.append(next_ids)
@@ -155,7 +154,7 @@ def baselines(folder, work):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--device", choices=list(PROVIDER), default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny model, few tokens: a smoke test")
     parser.add_argument("--baselines", default=None, help="folder with hf_generate.py and torch_graph_step.py")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -181,20 +180,21 @@ def main():
         print(f"exported {dtype} in {time.perf_counter() - start:.1f} s", flush=True)
 
     provider, graph = PROVIDER[args.device], args.device == "cuda"
+    static_fused, static_mha, fused = (graph_file(decoder_graph(v)) for v in (STATIC_FUSED, STATIC_MHA, FUSED))
     variants = {
         "refformer static_fused+graph": lambda d: StaticOrtStepper(cfg, dirs[d], d, provider, cuda_graph=graph,
-                                                                   decoder_file="decoder_static_fused.onnx"),
+                                                                   decoder_file=static_fused),
         "refformer static_mha+graph": lambda d: StaticOrtStepper(cfg, dirs[d], d, provider, cuda_graph=graph,
-                                                                 decoder_file="decoder_static_mha.onnx"),
+                                                                 decoder_file=static_mha),
         "refformer static+graph": lambda d: StaticOrtStepper(cfg, dirs[d], d, provider, cuda_graph=graph),
         "refformer reference+iobinding": lambda d: OrtStepper(cfg, dirs[d], d, provider),
-        "refformer fused+iobinding": lambda d: OrtStepper(cfg, dirs[d], d, provider, decoder_file="decoder_fused.onnx"),
+        "refformer fused+iobinding": lambda d: OrtStepper(cfg, dirs[d], d, provider, decoder_file=fused),
     }
     rows = []
     cases = [("fp32", 1, 1), ("fp16", 1, 1), ("fp16", 64, 1), ("fp16", 1, 4)]
     for dtype, B, beams in cases:
         for impl, make in variants.items():
-            if "static_fused" in impl and not runs_on("decoder_static_fused", dtype, provider):
+            if "static_fused" in impl and not runs_on(decoder_graph(STATIC_FUSED), dtype, provider):
                 continue
             try:
                 result = bench(make(dtype), cfg, B, beams, new_tokens, repeats, rng)
@@ -230,7 +230,7 @@ def main():
         if not args.bundled_onnx:
             for dtype, onnx_dir in bdirs.items():
                 export_model(bundled, onnx_dir, dtype=dtype, measure=False, static_length=bcfg.max_positions,
-                             fused_attention=bcfg.head_dim % 8 == 0)
+                             fused_attention=gqa_supported(bcfg.head_dim))
         check("bundled_fp32", bcfg, bdirs["fp32"], bdirs["fp32"], "fp32", args.device, rng)
         check("bundled_fp16", bcfg, bdirs["fp32"], bdirs["fp16"], "fp16", args.device, rng)
 

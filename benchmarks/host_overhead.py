@@ -25,16 +25,16 @@ from pathlib import Path
 import numpy as np
 from machine import cpu_model, timed_calls
 
+from refformer.export.contract import STATIC_VARIANTS, decoder_graph, graph_file
 from refformer.export.export import export_model
 from refformer.refimpl import Config, init_params, save
 from refformer.refimpl.generate import GenerationOptions, search_iter
 from refformer.runtime.stepper import StaticOrtStepper, top_candidates
 
-VARIANTS = ("static", "static_mha", "static_fused")
-
 
 def greedy_overhead(onnx_dir, cfg, variant, batch, tokens, repeats=5):
-    stepper = StaticOrtStepper(cfg, onnx_dir, "fp16", decoder_file=f"decoder_{variant}.onnx", threads=1)
+    stepper = StaticOrtStepper(cfg, onnx_dir, "fp16", decoder_file=graph_file(decoder_graph(variant)),
+                               threads=1)
     src = np.random.default_rng(0).integers(4, cfg.vocab_size, (batch, 32))
     options = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens)
     list(search_iter(stepper, cfg, options, src_ids=src))  # warm-up: buffers, bindings
@@ -80,8 +80,9 @@ def prompt_pass(work, T=96, repeats=5):
     ids = np.random.default_rng(1).integers(4, cfg.vocab_size, (1, T))
     keep, positions = np.ones((1, T), np.int64), np.arange(T)[None, :]
     rows = []
-    for variant in VARIANTS:
-        stepper = StaticOrtStepper(cfg, work / "lm-onnx", "fp16", decoder_file=f"decoder_{variant}.onnx", threads=1)
+    for variant in STATIC_VARIANTS:
+        stepper = StaticOrtStepper(cfg, work / "lm-onnx", "fp16", decoder_file=graph_file(decoder_graph(variant)),
+                                   threads=1)
         timings = {}
         for name in ("one call", "token by token"):
             best = float("inf")
@@ -113,7 +114,7 @@ def main():
     save(work / "model", cfg, init_params(cfg, np.random.default_rng(0)))
     export_model(work / "model", work / "onnx", dtype="fp16", static_length=160, fused_attention=True, measure=False)
     greedy = [greedy_overhead(work / "onnx", cfg, variant, batch, args.tokens)
-              for batch in args.batch for variant in VARIANTS]
+              for batch in args.batch for variant in STATIC_VARIANTS]
     print(f"greedy, {args.tokens} new tokens, D 64, 6 decoder layers, fp16 graphs on ONNX Runtime CPU (1 thread)")
     print(f"{'variant':<14} {'B':>3} {'ms/step':>8} {'decoder ms':>10} {'host ms':>8} {'encoder ms/call':>15}")
     for row in greedy:
