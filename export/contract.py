@@ -235,6 +235,7 @@ def decoder_signature(cfg, variant=REFERENCE, max_length=None):
 # ---------------------------------------------------------------------------- dtypes, opset, bounds, providers
 
 DTYPES = ("fp32", "fp16")  # the float type of a graph's weights, activations and caches (logits stay float32)
+FP32, FP16 = DTYPES
 MIN_OPSET = 17  # LayerNormalization
 DEFAULT_OPSET = 17
 ERROR_BOUNDS = {"fp32": 1e-5, "fp16": 1e-2}  # verify: largest rel_error of a graph output against refimpl in float64

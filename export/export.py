@@ -141,7 +141,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
         raise RefformerError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
-        raise RefformerError(f"--opset must be between 17 (LayerNormalization) and {onnx.defs.onnx_opset_version()} "
+        raise RefformerError(f"--opset must be between {MIN_OPSET} (LayerNormalization) and {newest} "
                              f"(an integer), got {opset!r}")
     if static_length is not None and (isinstance(static_length, bool) or not isinstance(static_length, int)
                                       or static_length < 1):

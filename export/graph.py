@@ -11,8 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.tree import flatten
 
-FLOAT_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
-NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16}
+from .contract import DEFAULT_OPSET, FP16, FP32
+
+FLOAT_TYPES = {FP32: TensorProto.FLOAT, FP16: TensorProto.FLOAT16}
+NUMPY_TYPES = {FP32: np.float32, FP16: np.float16}
 FP16_MAX = 65504.0  # float16's largest finite value
 MICROSOFT = "com.microsoft"  # ONNX Runtime's contrib-op domain (the ops of export/fused.py)
 
@@ -27,7 +29,7 @@ def check_weights(params, dtype, source):
         if not finite.all():
             raise RefformerError(f"{source}: {name} has {int(value.size - finite.sum())} non-finite values (NaN or "
                                  "inf); fix or retrain the model before exporting it")
-        if dtype == "fp16" and value.size and np.abs(value).max() > FP16_MAX:
+        if dtype == FP16 and value.size and np.abs(value).max() > FP16_MAX:
             raise RefformerError(f"{source}: {name} has values up to {np.abs(value).max():.3g}, beyond float16's "
                                  f"range ({FP16_MAX:g}): export with --dtype fp32")
 
@@ -61,7 +63,7 @@ class Graph:
             return self.op("ReduceMean", [x], at, axes=[-1], keepdims=1)
         return self.op("ReduceMean", [x, self.const([-1], "axes_last")], at, keepdims=1)
 
-    def __init__(self, name, dtype="fp32", opset=17):
+    def __init__(self, name, dtype=FP32, opset=DEFAULT_OPSET):
         self.name = name
         self.opset = opset
         self.dtype = dtype
@@ -152,11 +154,11 @@ class Graph:
 
         Raises nothing.
         """
-        return x if self.dtype == "fp32" else self.cast(x, TensorProto.FLOAT, at, name)
+        return x if self.dtype == FP32 else self.cast(x, TensorProto.FLOAT, at, name)
 
     def to_graph_float(self, x, at, name="CastToGraphFloat"):
         """Cast a float32 x back to the graph's float type (a no-op graph-wise in fp32 graphs).
 
         Raises nothing.
         """
-        return x if self.dtype == "fp32" else self.cast(x, self.float_type, at, name)
+        return x if self.dtype == FP32 else self.cast(x, self.float_type, at, name)

@@ -38,9 +38,12 @@ from .attention import (
 from .contract import (
     ATTENTION_MASK,
     DECODER,
+    DEFAULT_OPSET,
     ENCODER,
     ENCODER_ATTENTION_MASK,
     ENCODER_HIDDEN_STATES,
+    FP16,
+    FP32,
     FUSED,
     GRAPH_NAME_PREFIX,
     INPUT_IDS,
@@ -115,7 +118,7 @@ def lm_head(g, cfg, params, x):
     x32 = g.to_float32(x, "/lm_head", "CastHidden")
     if cfg.tie_embeddings:
         table = params["decoder"]["embed_tokens"]["weight"]
-        if g.dtype == "fp32":
+        if g.dtype == FP32:
             weight = g.op("Transpose", [g.weight("decoder.embed_tokens.weight", table)], "/lm_head", perm=[1, 0])
         else:  # the fp16 graph holds the table in fp16 for the Gather; the head needs it in fp32
             weight = g.weight("lm_head.weight_from_embed_tokens", table.T, dtype=np.float32)
@@ -132,7 +135,7 @@ def lm_head(g, cfg, params, x):
 # ---------------------------------------------------------------------------- encoder.onnx
 
 
-def build_encoder(cfg, params, dtype="fp32", opset=17):
+def build_encoder(cfg, params, dtype=FP32, opset=DEFAULT_OPSET):
     """encoder.onnx, twin of refimpl.model.encode: input_ids, attention_mask [B, S] int64 -> encoder_hidden_states
     [B, S, D] and, for every decoder layer i, cross_key_{i}, cross_value_{i} [B, H, S, Dh] (computed once per input).
     dtype "fp32" or "fp16" (the float type of weights and outputs). Returns the onnx.ModelProto.
@@ -218,7 +221,7 @@ def present_sources(presents):
             for name, value in zip((present_key, present_value), pair)}
 
 
-def build_decoder(cfg, params, dtype="fp32", opset=17, fused=False):
+def build_decoder(cfg, params, dtype=FP32, opset=DEFAULT_OPSET, fused=False):
     """decoder.onnx (the reference graph), twin of refimpl.model.decoder_step: one graph for the prompt pass and
     each step, over a growing cache; fused=True: decoder_fused.onnx, the same contract with both attentions as
     ONNX Runtime's MultiHeadAttention.
@@ -256,7 +259,7 @@ def build_decoder(cfg, params, dtype="fp32", opset=17, fused=False):
     return g.model()
 
 
-def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
+def build_decoder_static(cfg, params, dtype=FP32, opset=DEFAULT_OPSET, max_length=256):
     """decoder_static.onnx, refimpl.model.decoder_step for one token per row per call over a fixed-size cache of
     max_length = L slots (for IOBinding with fixed buffers and CUDA-graph replay), with the argmax in the graph.
 
@@ -286,7 +289,7 @@ def build_decoder_static(cfg, params, dtype="fp32", opset=17, max_length=256):
     return static_step_outputs(g, cfg, params, x, presents, outputs)
 
 
-def build_decoder_static_fused(cfg, params, dtype="fp16", opset=17, max_length=256, in_place=True):
+def build_decoder_static_fused(cfg, params, dtype=FP16, opset=DEFAULT_OPSET, max_length=256, in_place=True):
     """decoder_static_fused.onnx (in_place=True) or decoder_static_mha.onnx (in_place=False): the static step
     (refimpl.model.decoder_step for one token per row) with ONNX Runtime's contrib ops (export/fused.py), for
     CUDA-graph replay. Both project q/k/v with one MatMul, fold each residual sum and bias into the next norm
@@ -351,7 +354,7 @@ def static_step_outputs(g, cfg, params, x, presents, outputs):
 # ---------------------------------------------------------------------------- by contract name
 
 
-def build_reference_graph(cfg, params, graph, dtype="fp32", opset=17):
+def build_reference_graph(cfg, params, graph, dtype=FP32, opset=DEFAULT_OPSET):
     """The graph every export holds, by contract name: "encoder" (build_encoder) or "decoder" (build_decoder).
     Raises ValueError for another name."""
     if graph == ENCODER:
@@ -361,7 +364,7 @@ def build_reference_graph(cfg, params, graph, dtype="fp32", opset=17):
     raise ValueError(f"graph must be {ENCODER!r} or {DECODER!r}, got {graph!r}")
 
 
-def build_decoder_variant(cfg, params, variant, dtype="fp32", opset=17, static_length=None):
+def build_decoder_variant(cfg, params, variant, dtype=FP32, opset=DEFAULT_OPSET, static_length=None):
     """The decoder graph of a variant (contract.VARIANTS): reference -> build_decoder; fused -> build_decoder(fused);
     static -> build_decoder_static; static_mha and static_fused -> build_decoder_static_fused (in_place False/True).
     The static variants need static_length (their cache slots L). Raises ValueError for an unknown variant."""
