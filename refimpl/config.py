@@ -2,33 +2,76 @@
 
 import dataclasses
 import json
+import math
 import numbers
 
 import numpy as np
 
 from .errors import RefformerError, check_rng, is_finite, physical_memory_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FAMILIES = ("encoder-decoder", "decoder-only")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 NORMS = ("layernorm", "rmsnorm")
-POSITIONALS = ("sinusoidal", "learned")
+POSITIONALS = ("sinusoidal", "learned", "none", "relative", "rotary")
+SPECIAL_IDS = ("pad_id", "bos_id", "eos_id", "unk_id")
 
 # The JSON type and range of every field (Config.__post_init__ checks them all).
-POSITIVE_INTS = ("vocab_size", "d_model", "n_heads", "d_ff", "max_positions")
-NON_NEGATIVE_INTS = ("n_encoder_layers", "n_decoder_layers", "pad_id", "bos_id", "eos_id", "unk_id")
-BOOLS = ("norm_first", "final_norm", "embed_scale", "share_embeddings", "tie_embeddings", "lm_head_bias")
+POSITIVE_INTS = ("vocab_size", "d_model", "n_heads", "d_ff", "max_positions", "relative_num_buckets",
+                 "relative_max_distance")
+NON_NEGATIVE_INTS = ("n_encoder_layers", "n_decoder_layers", "position_offset")
+NULLABLE_POSITIVE_INTS = ("n_kv_heads", "head_dim")
+NULLABLE_IDS = SPECIAL_IDS  # an id in [0, vocab_size), or null where the model has no such token
+BOOLS = ("norm_first", "final_norm", "embed_scale", "share_embeddings", "tie_embeddings", "lm_head_bias",
+         "attention_qkv_bias", "attention_out_bias", "ffn_gated", "ffn_bias", "embed_norm")
+POSITIVE_NUMBERS = ("rope_theta", "head_scale")
+NULLABLE_POSITIVE_NUMBERS = ("attention_scale",)
 CHOICES = {"family": FAMILIES, "activation": ACTIVATIONS, "norm": NORMS, "positional": POSITIONALS}
+# Format 1 (config.json written before issue 13) has only these fields; the others take their defaults, which are
+# the architecture every format-1 model has.
+FORMAT_1_FIELDS = ("vocab_size", "d_model", "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers", "family",
+                   "norm_first", "norm", "norm_eps", "final_norm", "activation", "positional", "max_positions",
+                   "embed_scale", "share_embeddings", "tie_embeddings", "lm_head_bias", "dropout", *SPECIAL_IDS)
+
+
+class _Effective:
+    """A nullable Config field read as its effective value: null (None) stored as given (config.json keeps it),
+    the attribute reads derive(cfg) in its place (head_dim: d_model // n_heads). Config.raw(name) is the stored
+    value. The field's default is None."""
+
+    def __init__(self, derive):
+        self.derive = derive
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, cfg, owner=None):
+        if cfg is None:
+            return None  # the dataclass default
+        value = cfg.__dict__[self.name]
+        return self.derive(cfg) if value is None else value
+
+    def __set__(self, cfg, value):  # frozen: only __init__ and __post_init__ reach this (object.__setattr__)
+        cfg.__dict__[self.name] = value
 NORM_EPS_RANGE = (float(np.finfo(np.float32).tiny), 1.0)  # a zero float32 eps divides by zero on a constant row
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Config:
     """Architecture of an encoder-decoder or decoder-only Transformer (config.json's fields; frozen).
 
     D = d_model, H = n_heads, F = d_ff, V = vocab_size, N = max_positions. norm_first=False is the
     original post-LN layer (x = norm(x + f(x))); True is pre-LN (x = x + f(norm(x))),
     like torch's norm_first. final_norm adds a norm after each stack (nn.Transformer has one).
+
+    The fields after unk_id describe the Hugging Face families (docs/DESIGN.md; their defaults are the
+    architecture above): Hkv = n_kv_heads (grouped-query attention; null = H), Dh = head_dim (null = D / H),
+    attention_scale (null = 1 / sqrt(Dh)), attention_qkv_bias / attention_out_bias, ffn_gated
+    (fc2(act(fc1(x)) * fc_up(x))), ffn_bias, positional "none" / "relative" (T5 buckets: relative_num_buckets,
+    relative_max_distance) / "rotary" (rope_theta), position_offset (learned rows = position + offset, BART's 2),
+    embed_norm (a norm after the embeddings, per stack), head_scale (multiplies the decoder output before the LM
+    head). n_kv_heads, head_dim and attention_scale read as their effective values (cfg.head_dim is always an
+    int); to_dict keeps null where null was given. pad_id, bos_id, eos_id, unk_id may be null (no such token).
     Construction raises RefformerError naming the field for a bad type or range, n_heads not dividing d_model,
     a special id outside the vocabulary, or a model too large for this machine's memory.
     """
@@ -52,36 +95,65 @@ class Config:
     tie_embeddings: bool = True
     lm_head_bias: bool = False
     dropout: float = 0.1
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
-    unk_id: int = 3
+    pad_id: int | None = 0
+    bos_id: int | None = 1
+    eos_id: int | None = 2
+    unk_id: int | None = 3
+    n_kv_heads: int | None = _Effective(lambda cfg: cfg.n_heads)
+    head_dim: int | None = _Effective(lambda cfg: cfg.d_model // cfg.n_heads)
+    attention_scale: float | None = _Effective(lambda cfg: 1.0 / math.sqrt(cfg.head_dim))
+    attention_qkv_bias: bool = True
+    attention_out_bias: bool = True
+    ffn_gated: bool = False
+    ffn_bias: bool = True
+    position_offset: int = 0
+    relative_num_buckets: int = 32
+    relative_max_distance: int = 128
+    rope_theta: float = 10000.0
+    embed_norm: bool = False
+    head_scale: float = 1.0
 
     def __post_init__(self):
         """Check every field's JSON type and range, then that the model fits in memory (check_fits_memory).
 
-        Raises RefformerError naming the field: `norm_first must be true or false, got "false"`.
+        Raises RefformerError naming the field: `norm_first must be true or false, got "false"`,
+        `n_kv_heads=3 must divide n_heads=4`.
         """
         for field in dataclasses.fields(self):
-            object.__setattr__(self, field.name, _checked_field(field.name, getattr(self, field.name)))
+            object.__setattr__(self, field.name, _checked_field(field.name, self.raw(field.name)))
 
         def need(ok, what):
             if not ok:
                 raise RefformerError(what)
 
-        need(self.d_model % self.n_heads == 0, f"n_heads={self.n_heads} must divide d_model={self.d_model}")
-        for name in ("pad_id", "bos_id", "eos_id", "unk_id"):
+        if self.raw("head_dim") is None:
+            need(self.d_model % self.n_heads == 0, f"n_heads={self.n_heads} must divide d_model={self.d_model} "
+                                                   f"(or give head_dim)")
+        need(self.n_heads % self.n_kv_heads == 0, f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        need(self.position_offset == 0 or self.positional == "learned",
+             f'position_offset={self.position_offset} needs positional "learned" (it shifts the learned table\'s rows)')
+        for name in SPECIAL_IDS:
             value = getattr(self, name)
-            need(value < self.vocab_size, f"{name} must be a token id in [0, {self.vocab_size}), got {value}")
+            need(value is None or value < self.vocab_size,
+                 f"{name} must be a token id in [0, {self.vocab_size}) or null, got {value}")
         check_fits_memory(self)
 
-    @property
-    def head_dim(self):
-        """Dh = D / H, the width of one attention head.
+    def raw(self, name):
+        """The stored value of field name, None where config.json has null (getattr gives n_kv_heads, head_dim and
+        attention_scale as their effective values instead). Raises RefformerError for an unknown field."""
+        if name not in {field.name for field in dataclasses.fields(self)}:
+            raise RefformerError(f"unknown config key {name!r}")
+        return self.__dict__[name]
 
-        An int. Raises nothing: __post_init__ checked that n_heads divides d_model.
-        """
-        return self.d_model // self.n_heads
+    def _key(self):
+        return tuple(self.raw(field.name) for field in dataclasses.fields(self))
+
+    def __eq__(self, other):
+        """Equal when every stored field is (null and its effective value differ: to_json differs too)."""
+        return type(other) is type(self) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
 
     @property
     def is_encoder_decoder(self):
@@ -93,29 +165,32 @@ class Config:
 
     def replace(self, **changes):
         """A copy with some fields changed (validated again). Raises RefformerError for an unknown field."""
-        unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(self)})
+        fields = [field.name for field in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(fields))
         if unknown:
             raise RefformerError(f"unknown config keys {unknown}")
-        return dataclasses.replace(self, **changes)
+        return type(self)(**{**{name: self.raw(name) for name in fields}, **changes})  # null stays null
 
     def to_dict(self):
         """The config.json content: a dict of every field, with format_version.
 
         Raises nothing: the fields were checked at construction.
         """
-        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        return {"format_version": FORMAT_VERSION, **{field.name: self.raw(field.name) for field in
+                                                     dataclasses.fields(self)}}
 
     @classmethod
     def from_dict(cls, data):
-        """Read a config.json dict; raises RefformerError for unknown keys, another format_version, or a bad field."""
+        """Read a config.json dict of format 2, or of format 1 (the fields before issue 13; the new ones take their
+        defaults); raises RefformerError for unknown keys, another format_version, or a bad field."""
         if not isinstance(data, dict):
             raise RefformerError(f"a config must be a JSON object, got {_json_type(data)}")
         data = dict(data)
         version = data.pop("format_version", FORMAT_VERSION)
-        if type(version) is not int or version != FORMAT_VERSION:  # type(): true == 1 in Python
+        if type(version) is not int or version not in (1, FORMAT_VERSION):  # type(): true == 1 in Python
             raise RefformerError(f"config format_version {_show(version)} is not supported "
-                                 f"(expected {FORMAT_VERSION})")
-        known = {f.name for f in dataclasses.fields(cls)}
+                                 f"(expected 1 or {FORMAT_VERSION})")
+        known = set(FORMAT_1_FIELDS) if version == 1 else {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise RefformerError(f"unknown config keys {unknown}")
@@ -160,6 +235,16 @@ def _checked_field(name, value):
         raise RefformerError(f"{name} must be {what}, got {_show(value)}")
 
     is_bool = isinstance(value, (bool, np.bool_))
+    if value is None and name in NULLABLE_POSITIVE_INTS + NULLABLE_IDS + NULLABLE_POSITIVE_NUMBERS:
+        return None
+    if name in NULLABLE_IDS:
+        if is_bool or not isinstance(value, numbers.Integral) or int(value) < 0:
+            fail("an integer >= 0 (a token id) or null")
+        return int(value)
+    if name in NULLABLE_POSITIVE_INTS:
+        if is_bool or not isinstance(value, numbers.Integral) or int(value) < 1:
+            fail("a positive integer or null")
+        return int(value)
     if name in BOOLS:
         if not is_bool:
             fail("true or false")
@@ -180,6 +265,10 @@ def _checked_field(name, value):
         fail(f"a small positive number in [{NORM_EPS_RANGE[0]:.3g}, {NORM_EPS_RANGE[1]:g}]")
     if name == "dropout" and not 0.0 <= value < 1.0:
         fail("in [0, 1)")
+    if name in NULLABLE_POSITIVE_NUMBERS and not value > 0.0:
+        fail("a finite number > 0 or null")
+    if name in POSITIVE_NUMBERS and not value > 0.0:
+        fail("a finite number > 0")
     return value
 
 
@@ -200,14 +289,19 @@ def parameter_count(cfg):
     """
     check_config(cfg)
     D, F, V, N = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.max_positions
+    H, Hkv, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     norm = 2 * D if cfg.norm == "layernorm" else D
-    attention = 4 * (D * D + D)
-    ffn = D * F + F + F * D + D
+    attention = (2 * D * H * Dh + 2 * D * Hkv * Dh + (H * Dh + 2 * Hkv * Dh if cfg.attention_qkv_bias else 0)
+                 + (D if cfg.attention_out_bias else 0))  # q, out [D, H Dh]; k, v [D, Hkv Dh]; biases
+    n_in = 2 if cfg.ffn_gated else 1  # fc1 (and fc_up) [D, F]
+    ffn = n_in * D * F + F * D + ((n_in * F + D) if cfg.ffn_bias else 0)
     layer = attention + norm + ffn + norm
+    positions = (N + cfg.position_offset) * D if cfg.positional == "learned" else 0
+    per_stack = (positions + (norm if cfg.embed_norm else 0) + (norm if cfg.final_norm else 0)
+                 + (cfg.relative_num_buckets * H if cfg.positional == "relative" else 0))
 
     def stack(n_layers, cross, own_embedding):
-        return ((V * D if own_embedding else 0) + (N * D if cfg.positional == "learned" else 0)
-                + n_layers * (layer + (attention + norm if cross else 0)) + (norm if cfg.final_norm else 0))
+        return (V * D if own_embedding else 0) + per_stack + n_layers * (layer + (attention + norm if cross else 0))
 
     count = stack(cfg.n_decoder_layers, cfg.is_encoder_decoder, True)
     if cfg.is_encoder_decoder:

@@ -9,7 +9,7 @@ The layer functions take the model's Config for these choices and rng (a numpy.r
 eval mode) for dropout. Activations are [B, T, D] (S for the source), floating, in the parameters' dtype.
 """
 
-from .attention import cached_self_attention_forward, mha_backward, mha_cached_forward, mha_forward, mha_shapes
+from .attention import cached_self_attention_forward, mha_backward, mha_cached_forward, mha_forward
 from .config import check_config
 from .errors import RefformerError, check, check_array, check_tree, reading_cache
 from .ops import (
@@ -26,9 +26,20 @@ from .ops import (
 # ---------------------------------------------------------------------------- parameter shapes
 
 
-def linear_shapes(d_in, d_out):
-    """{"weight": (d_in, d_out), "bias": (d_out,)}: the shapes of a linear layer y = x @ W + b. No checks."""
-    return {"weight": (d_in, d_out), "bias": (d_out,)}
+def linear_shapes(d_in, d_out, bias=True):
+    """{"weight": (d_in, d_out), "bias": (d_out,)}: the shapes of a linear layer y = x @ W + b (no "bias" when
+    bias is False: y = x @ W). No checks."""
+    return {"weight": (d_in, d_out), "bias": (d_out,)} if bias else {"weight": (d_in, d_out)}
+
+
+def attention_shapes(cfg):
+    """The shapes of one attention block of cfg: q_proj [D, H Dh], k_proj and v_proj [D, Hkv Dh], out_proj
+    [H Dh, D]; the q/k/v biases only with attention_qkv_bias, out_proj's only with attention_out_bias. No checks
+    (cfg is a checked Config)."""
+    D, H, Hkv, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    qkv, out = cfg.attention_qkv_bias, cfg.attention_out_bias
+    return {"q_proj": linear_shapes(D, H * Dh, qkv), "k_proj": linear_shapes(D, Hkv * Dh, qkv),
+            "v_proj": linear_shapes(D, Hkv * Dh, qkv), "out_proj": linear_shapes(H * Dh, D, out)}
 
 
 def norm_shapes(cfg):
@@ -39,18 +50,60 @@ def norm_shapes(cfg):
 
 
 def feed_forward_shapes(cfg):
-    """The shapes of the feed-forward: fc1 [D, F] + [F], fc2 [F, D] + [D]. No checks (cfg is a checked Config)."""
-    return {"fc1": linear_shapes(cfg.d_model, cfg.d_ff), "fc2": linear_shapes(cfg.d_ff, cfg.d_model)}
+    """The shapes of the feed-forward: fc1 [D, F] + [F], (fc_up [D, F] + [F] when ffn_gated,) fc2 [F, D] + [D];
+    the biases only with ffn_bias. No checks (cfg is a checked Config)."""
+    D, F, bias = cfg.d_model, cfg.d_ff, cfg.ffn_bias
+    shapes = {"fc1": linear_shapes(D, F, bias)}
+    if cfg.ffn_gated:
+        shapes["fc_up"] = linear_shapes(D, F, bias)
+    shapes["fc2"] = linear_shapes(F, D, bias)
+    return shapes
 
 
 def layer_shapes(cfg, cross):
     """The shapes of an encoder layer (cross=False; also a decoder-only layer) or a decoder layer (cross=True):
     self_attn, self_attn_norm, (cross_attn, cross_attn_norm,) ffn, ffn_norm. No checks (cfg is a checked Config)."""
-    p = {"self_attn": mha_shapes(cfg.d_model), "self_attn_norm": norm_shapes(cfg)}
+    p = {"self_attn": attention_shapes(cfg), "self_attn_norm": norm_shapes(cfg)}
     if cross:
-        p.update(cross_attn=mha_shapes(cfg.d_model), cross_attn_norm=norm_shapes(cfg))
+        p.update(cross_attn=attention_shapes(cfg), cross_attn_norm=norm_shapes(cfg))
     p.update(ffn=feed_forward_shapes(cfg), ffn_norm=norm_shapes(cfg))
     return p
+
+
+# ---------------------------------------------------------------------------- features not implemented yet
+
+
+def _unsupported_features(cfg):
+    """The names of cfg's options the forward does not implement yet (empty when it does them all): each would
+    otherwise compute a different function. No checks (cfg is a checked Config)."""
+    found = []
+    if cfg.n_kv_heads != cfg.n_heads:
+        found.append("grouped-query attention (n_kv_heads)")
+    if cfg.head_dim * cfg.n_heads != cfg.d_model:
+        found.append("head_dim other than d_model / n_heads")
+    if cfg.raw("attention_scale") is not None:
+        found.append("attention_scale")
+    if not (cfg.attention_qkv_bias and cfg.attention_out_bias):
+        found.append("attention without biases (attention_qkv_bias, attention_out_bias)")
+    if cfg.ffn_gated:
+        found.append("gated feed-forward (ffn_gated)")
+    if not cfg.ffn_bias:
+        found.append("feed-forward without biases (ffn_bias)")
+    if cfg.positional in ("none", "relative", "rotary"):
+        found.append(f'positional "{cfg.positional}"')
+    if cfg.position_offset:
+        found.append("position_offset")
+    if cfg.embed_norm:
+        found.append("embed_norm")
+    if cfg.head_scale != 1.0:
+        found.append("head_scale")
+    return found
+
+
+def check_supported(cfg):
+    """Raises RefformerError naming the options of cfg that the forward does not implement yet."""
+    found = _unsupported_features(cfg)
+    check(not found, f"{', '.join(found)} {'is' if len(found) == 1 else 'are'} not supported yet")
 
 
 # ---------------------------------------------------------------------------- feed-forward
@@ -136,8 +189,10 @@ def residual_backward(p_norm, cache, dy, sublayer_backward, cfg):
 
 def check_layer_input(p, x, cfg, rng, cross):
     """Raises RefformerError unless cfg is a Config, rng None or a Generator, p has cfg's layer shapes (with
-    cross-attention when cross) and x is floating [B, T, D] of p's dtype."""
+    cross-attention when cross) and x is floating [B, T, D] of p's dtype, or (check_supported) cfg uses an option
+    the forward does not implement yet."""
     check_config(cfg, rng)
+    check_supported(cfg)
     check_tree("p", p, layer_shapes(cfg, cross))
     weight = p["self_attn"]["q_proj"]["weight"]
     check_array("x", x, ndim=3, shape=(None, None, weight.shape[0]), kind="f", dtype=weight.dtype)

@@ -6,15 +6,22 @@ graph builder and tests.
 Parameter tree (dotted names are the checkpoint keys; W is [in, out], so y = x @ W + b):
 
     encoder.embed_tokens.weight [V, D]        (absent when share_embeddings: the decoder's is used)
-    encoder.embed_positions.weight [N, D]     (positional="learned" only)
+    encoder.embed_positions.weight [N + O, D] (positional="learned" only; O = position_offset)
+    encoder.embed_norm                        (embed_norm only: the encoder's own even when the table is shared)
+    encoder.relative_attention_bias.weight [relative_num_buckets, H]  (positional="relative" only)
     encoder.layers.i.{self_attn, self_attn_norm, ffn, ffn_norm}
     encoder.final_norm                        (final_norm only)
     decoder.embed_tokens.weight [V, D]
-    decoder.embed_positions.weight [N, D]     (positional="learned" only)
+    decoder.embed_positions.weight [N + O, D] (positional="learned" only)
+    decoder.embed_norm                        (embed_norm only)
+    decoder.relative_attention_bias.weight [relative_num_buckets, H]  (positional="relative" only)
     decoder.layers.i.{self_attn, self_attn_norm, cross_attn, cross_attn_norm, ffn, ffn_norm}
     decoder.final_norm                        (final_norm only)
     lm_head.weight [D, V]                     (absent when tie_embeddings: decoder.embed_tokens.weight.T is used)
     lm_head.bias [V]                          (lm_head_bias only)
+
+Attention blocks hold q_proj [D, H Dh], k_proj and v_proj [D, Hkv Dh], out_proj [H Dh, D] (biases by
+attention_qkv_bias / attention_out_bias); feed-forwards fc1, fc_up (ffn_gated only) and fc2 (biases by ffn_bias).
 
 A decoder-only model has just decoder.* (layers without cross_attn) and lm_head.
 """
@@ -37,6 +44,7 @@ from .errors import (
     reading_cache,
 )
 from .layers import (
+    check_supported,
     decoder_layer_backward,
     decoder_layer_forward,
     encoder_layer_backward,
@@ -77,7 +85,11 @@ def param_shapes(cfg):
     def stack(n_layers, cross, own_embedding):
         s = {"embed_tokens": {"weight": (V, D)}} if own_embedding else {}
         if cfg.positional == "learned":
-            s["embed_positions"] = {"weight": (N, D)}
+            s["embed_positions"] = {"weight": (N + cfg.position_offset, D)}
+        if cfg.embed_norm:
+            s["embed_norm"] = norm()
+        if cfg.positional == "relative":
+            s["relative_attention_bias"] = {"weight": (cfg.relative_num_buckets, cfg.n_heads)}
         s["layers"] = [layer(cross) for _ in range(n_layers)]
         if cfg.final_norm:
             s["final_norm"] = norm()
@@ -262,8 +274,10 @@ def _check_dtype(params):
 
 def check_model(cfg, params, rng=None):
     """Returns the parameters' dtype (float32 or float64). Raises RefformerError unless cfg is a Config, params is
-    exactly param_shapes(cfg) in one of those dtypes, and rng is None or a numpy.random.Generator."""
+    exactly param_shapes(cfg) in one of those dtypes, and rng is None or a numpy.random.Generator, or
+    (layers.check_supported) cfg uses an option the forward does not implement yet."""
     check_config(cfg, rng)
+    check_supported(cfg)
     check_tree("params", params, param_shapes(cfg))
     dtype = _check_dtype(params)
     other = {value.dtype for value in _leaves(params)} - {dtype}
