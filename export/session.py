@@ -161,21 +161,43 @@ def gpu_present():
     return any(os.path.exists(path) for path in ("/dev/nvidia0", "/proc/driver/nvidia", "/dev/dxg"))
 
 
-def resolve_provider(provider):
-    """'auto' -> CUDA_PROVIDER when it can be loaded, else CPU_PROVIDER; 'cuda' -> CUDA_PROVIDER; 'cpu' -> CPU_PROVIDER.
+def usable_providers():
+    """[CPU_PROVIDER], plus CUDA_PROVIDER when it can be loaded here (cuda_usable): verify's providers by default.
 
-    A one-line notice on stderr only when auto falls back although a GPU is present (its libraries failed to load);
+    Raises nothing.
+    """
+    return [CPU_PROVIDER] + ([CUDA_PROVIDER] if cuda_usable() else [])
+
+
+def resolve_providers(provider, checking=False):
+    """A --provider value (PROVIDER_OPTIONS) -> the list of ONNX Runtime providers to run on.
+
+    'cpu' -> [CPU_PROVIDER]; 'cuda' -> [CUDA_PROVIDER]; 'auto' -> [CUDA_PROVIDER] when it can be loaded, else
+    [CPU_PROVIDER] (generate: one provider), or with checking=True (verify: every usable one) usable_providers().
+    A one-line notice on stderr only when auto misses CUDA although a GPU is present (its libraries failed to load);
     on a machine without a GPU, auto is the CPU, silently. Raises RefformerError for provider cuda when CUDA cannot
-    be loaded, or for an unknown provider."""
+    be loaded, or for an unknown provider. The texts of the error and the notice are generate's, or with
+    checking=True verify's.
+    """
     if provider not in PROVIDER_OPTIONS:
         raise RefformerError(f"provider must be auto, cuda or cpu, got {provider!r}")
     if provider == "cpu":
-        return CPU_PROVIDER
+        return [CPU_PROVIDER]
     if cuda_usable():
-        return CUDA_PROVIDER
+        return [CUDA_PROVIDER] if provider == "cuda" or not checking else usable_providers()
     if provider == "cuda":
-        raise RefformerError(f"{CUDA_MISSING}; use --provider cpu")
+        raise RefformerError("the CUDA execution provider cannot be loaded here (no GPU, or CUDA libraries missing)"
+                             if checking else f"{CUDA_MISSING}; use --provider cpu")
     if gpu_present() and sys.stderr is not None:  # print(file=None) would write to stdout
-        print("notice: a GPU is present but ONNX Runtime's CUDA provider cannot be loaded (CUDA 13 / cuDNN 9 "
-              "libraries missing?); running on the CPU", file=sys.stderr)
-    return CPU_PROVIDER
+        print("notice: a GPU is present but ONNX Runtime's CUDA provider cannot be loaded; checking on the CPU only"
+              if checking else "notice: a GPU is present but ONNX Runtime's CUDA provider cannot be loaded (CUDA 13 / "
+              "cuDNN 9 libraries missing?); running on the CPU", file=sys.stderr)
+    return [CPU_PROVIDER]
+
+
+def resolve_provider(provider):
+    """The one provider generate and Generator run on: resolve_providers(provider)'s (see there).
+
+    Raises RefformerError for provider cuda when CUDA cannot be loaded, or for an unknown provider.
+    """
+    return resolve_providers(provider)[0]

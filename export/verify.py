@@ -52,7 +52,7 @@ from .contract import (
 )
 from .folder import check_external_data, check_files, check_path, find_export, graph_files, is_stale, read_manifest
 from .graph import NUMPY_TYPES, check_weights
-from .session import CUDA_MISSING, cuda_usable, make_session
+from .session import CUDA_MISSING, cuda_usable, make_session, usable_providers
 
 REAL_SENTENCES = {
     "encoder-decoder": ["Ich habe heute keine Zeit.", "Das Wetter ist schön.", "Wo ist der Bahnhof?"],
@@ -291,7 +291,7 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
         raise RefformerError(f"{onnx_dir}/manifest.json: dtype {dtype!r} is not fp32 or fp16: run `refformer "
                              "export` again")
     if providers is None:
-        providers = [CPU_PROVIDER] + ([CUDA_PROVIDER] if cuda_usable() else [])
+        providers = usable_providers()
     params64 = tree_cast(params, np.float64)
     rng = np.random.default_rng(seed)
     rows = []

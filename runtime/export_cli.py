@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from refformer.export.contract import CPU_PROVIDER, CUDA_PROVIDER, DEFAULT_OPSET, DTYPES
-from refformer.export.session import PROVIDER_OPTIONS
+from refformer.export.contract import DEFAULT_OPSET, DTYPES
+from refformer.export.session import PROVIDER_OPTIONS, resolve_providers
 from refformer.refimpl.errors import RefformerError
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import NonEmptyPath, model_option, resolve_model
@@ -195,7 +195,6 @@ def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, p
     errors) as one line `error: ...` and exits 1.
     """
     from refformer.export.folder import find_export
-    from refformer.export.session import cuda_usable, gpu_present
     from refformer.export.verify import verify
 
     check_seed(seed)
@@ -209,18 +208,7 @@ def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, p
     elif dtype is not None or static_length is not None or fused_attention:
         raise RefformerError("--onnx-dir names the export folder: leave out --dtype, --static-length and "
                              "--fused-attention")
-    providers = [CPU_PROVIDER]
-    if provider == "cuda":
-        if not cuda_usable():
-            raise RefformerError("the CUDA execution provider cannot be loaded here (no GPU, or CUDA libraries "
-                                 "missing)")
-        providers = [CUDA_PROVIDER]
-    elif provider == "auto":
-        if cuda_usable():
-            providers.append(CUDA_PROVIDER)
-        elif gpu_present():
-            click.echo("notice: a GPU is present but ONNX Runtime's CUDA provider cannot be loaded; checking on the "
-                       "CPU only", err=True)
+    providers = resolve_providers(provider, checking=True)
     click.echo(f"verifying {onnx_dir} on {', '.join(providers)}")
     rows, dtype = verify(model_dir, onnx_dir, providers, seed)
     width = max(len(row["output"]) for row in rows)
