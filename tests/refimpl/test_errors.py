@@ -298,6 +298,12 @@ def good_calls(s):
     y_lsm, c_lsm = refimpl.log_softmax_forward(x)
     y_att, c_att = attention_forward(q, k, k)
     y_mha, c_mha = mha_forward(attn, x, x, n_heads=2)
+    query_positions, key_positions = np.tile(np.arange(3), (2, 1)), np.tile(np.arange(5), (2, 1))
+    cos, sin = attention_module.rotary_tables(query_positions, 4, 10000.0)
+    y_rot, c_rot = attention_module.rotary_forward(q, cos, sin)
+    table = rng.standard_normal((8, 2))
+    buckets = {"bidirectional": True, "max_distance": 20}
+    y_rel, c_rel = attention_module.relative_position_bias_forward(table, query_positions, key_positions, **buckets)
     y_ffn, c_ffn = feed_forward_forward(layer["ffn"], x, ED)
     y_enc, c_enc = encoder_layer_forward(enc_layer, s["memory"], None, ED)
     y_dec, c_dec = decoder_layer_forward(layer, x, None, s["memory"], None, ED)
@@ -342,6 +348,14 @@ def good_calls(s):
                                {"n_heads": 2}),
         "cached_self_attention_forward": (attention_module.cached_self_attention_forward,
                                           [attn, x, k, k, np.ones((3, 5 + 3), bool)], {"n_heads": 2}),
+        "rotary_tables": (attention_module.rotary_tables, [query_positions, 4, 10000.0], {"dtype": np.float64}),
+        "rotary_forward": (attention_module.rotary_forward, [q, cos, sin], {}),
+        "rotary_backward": (attention_module.rotary_backward, [c_rot, y_rot], {}),
+        "relative_position_bucket": (attention_module.relative_position_bucket, [key_positions - 2],
+                                     {**buckets, "num_buckets": 8}),
+        "relative_position_bias_forward": (attention_module.relative_position_bias_forward,
+                                           [table, query_positions, key_positions], buckets),
+        "relative_position_bias_backward": (attention_module.relative_position_bias_backward, [c_rel, y_rel], {}),
         "left_padded_positions": (model_module.left_padded_positions, [np.array([[0, 1, 1], [1, 1, 1]])], {}),
         "left_pad": (model_module.left_pad, [[[5, 6], [7]], 0], {}),
         "token_keep_mask": (model_module.token_keep_mask, ["src_mask", ones_src, s["src"], ED], {}),
