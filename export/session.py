@@ -85,7 +85,8 @@ def check_native_path(path):
 
 
 def make_session(path, provider=CPU_PROVIDER, threads=None, provider_options=None):
-    """An onnxruntime.InferenceSession of the graph file at path on one provider (CPU_PROVIDER or CUDA_PROVIDER).
+    """An onnxruntime.InferenceSession of the graph file at path on one provider (CPU_PROVIDER or CUDA_PROVIDER);
+    path may also be a serialized graph (bytes: the runtime's small device graphs, runtime/stepper.py).
 
     threads: intra-op threads (None: ONNX Runtime's default). On CUDA, TF32 is off (use_tf32 "0") unless
     provider_options say otherwise, so fp32 graphs stay within the fp32 bound. Raises RefformerError for a path the
@@ -93,24 +94,26 @@ def make_session(path, provider=CPU_PROVIDER, threads=None, provider_options=Non
     provider it cannot use for the graph."""
     ort = import_onnxruntime()
 
-    check_native_path(path)
-    path = Path(path)
-    if not path.is_file():
-        raise RefformerError(f"{path} is missing: run `refformer export`")
+    in_memory = isinstance(path, bytes)
+    if not in_memory:
+        check_native_path(path)
+        path = Path(path)
+        if not path.is_file():
+            raise RefformerError(f"{path} is missing: run `refformer export`")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
     options_of_provider = {"use_tf32": "0", **(provider_options or {})} if provider == CUDA_PROVIDER else {}
     try:
-        sess = ort.InferenceSession(str(path), options, providers=[provider],
+        sess = ort.InferenceSession(path if in_memory else str(path), options, providers=[provider],
                                     provider_options=[options_of_provider])
     except Exception as error:  # onnxruntime raises its own exception types for bad files
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RefformerError(f"ONNX Runtime cannot load {path} ({reason[:200]}): run `refformer export` "
-                             "again") from None
+        raise RefformerError(f"ONNX Runtime cannot load {'a device graph' if in_memory else path} ({reason[:200]}): "
+                             "run `refformer export` again") from None
     if provider not in sess.get_providers():
-        raise RefformerError(f"{provider} could not be used for {path.name}")
+        raise RefformerError(f"{provider} could not be used for {'a device graph' if in_memory else path.name}")
     return sess
 
 

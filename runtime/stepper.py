@@ -183,14 +183,11 @@ class OrtStepper(Stepper):
         """The session of a small device graph build(elem_type, n) over n cache tensors (reorder, clear, prompt
         writer), made on first use.
 
-        Raises onnxruntime's errors if the small graph cannot be loaded (never for the graphs here).
+        Raises RefformerError (make_session) if the small graph cannot be loaded (never for the graphs here).
         """
         key = (build.__name__, n)
         if key not in self.tools:
-            options = self.ort.SessionOptions()
-            options.log_severity_level = 3
-            self.tools[key] = self.ort.InferenceSession(build(FLOAT_TYPES[self.dtype], n).SerializeToString(), options,
-                                                        providers=[self.provider])
+            self.tools[key] = make_session(build(FLOAT_TYPES[self.dtype], n).SerializeToString(), self.provider)
         return self.tools[key]
 
     def gather_rows(self, values, rows, outs=None):
