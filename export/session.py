@@ -17,6 +17,7 @@ from .contract import CPU_PROVIDER, CUDA_PROVIDER
 
 PROVIDER_CHOICES = {"cuda": CUDA_PROVIDER, "cpu": CPU_PROVIDER}  # the CLI's --provider values (and "auto")
 PROVIDER_OPTIONS = ("auto", *PROVIDER_CHOICES)  # Generator(provider=), generate and verify --provider
+DEVICE_OF_PROVIDER = {CUDA_PROVIDER: "cuda", CPU_PROVIDER: "cpu"}  # the OrtValue device of a provider's tensors
 CUDA_MISSING = "the CUDA execution provider cannot be loaded here (no GPU, or CUDA 13 / cuDNN 9 libraries missing)"
 
 

@@ -14,11 +14,10 @@ from onnx import TensorProto, helper
 
 from refformer.export import contract
 from refformer.export.graph import FLOAT_TYPES, NUMPY_TYPES
-from refformer.export.session import make_session
+from refformer.export.session import DEVICE_OF_PROVIDER, make_session
 from refformer.refimpl.errors import RefformerError, check
 from refformer.refimpl.generate import Stepper
 
-DEVICE_OF_PROVIDER = {contract.CUDA_PROVIDER: "cuda", contract.CPU_PROVIDER: "cpu"}
 SOURCE_BUCKET = 16  # the static stepper pads sources to a multiple of this many positions
 MAX_BUFFER_SETS = 8  # buffer sets (one per batch size and source bucket) a static stepper keeps
 
