@@ -7,6 +7,7 @@ Public API (stable; other tools rely on these names):
     init_params(cfg, rng)          random parameters, a nested dict named like the checkpoint
     save(model_dir, cfg, params, tokenizer=None) / load(model_dir) -> (cfg, params)
     from_torch(module) -> (cfg, params)   from a live nn.Transformer-based torch module
+    from_hf(path) -> (cfg, params)        from a local Hugging Face folder (T5, BART, Marian, GPT-2, Llama, Qwen2)
     model_forward(cfg, params, src_ids, tgt_ids, ...) -> (logits, cache)
     model_backward(cfg, params, cache, dlogits) -> grads
     encode / decoder_step          incremental decoding with a KV cache
@@ -73,10 +74,20 @@ def from_torch(module, **overrides):
     return convert(module, **overrides)
 
 
+def from_hf(path):
+    """(cfg, params) from a local Hugging Face model folder (see refformer.refimpl.convert.hf): T5, BART, Marian,
+    GPT-2, Llama, Qwen2. Raises RefformerError naming an option or architecture refformer cannot represent.
+    torch is imported only for a pytorch_model.bin; safetensors folders need neither torch nor transformers.
+    """
+    from .convert.hf import from_hf as convert
+
+    return convert(path)
+
+
 __all__ = [
     # config, errors, the model folder
     "Config", "check_fits_memory", "parameter_bytes", "parameter_count", "RefformerError",
-    "load", "load_config", "load_tokenizer", "save", "from_torch", "flatten", "unflatten",
+    "load", "load_config", "load_tokenizer", "save", "from_torch", "from_hf", "flatten", "unflatten",
     # ops
     "linear_forward", "linear_backward", "embedding_forward", "embedding_backward", "sinusoidal_table",
     "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
