@@ -1,17 +1,17 @@
-"""ONNX Runtime in one place: its import, sessions, the execution provider, and silencing its native output.
+"""ONNX Runtime in one place: its import, sessions and the execution provider (its native output is silenced with
+refimpl.io.silenced_native_output, the tokenizers library's too).
 
 Every refformer module that runs a graph (verify, the runtime's steppers and Generator) opens it here, so that a
 corrupt graph, a missing CUDA library or ONNX Runtime's C++ chatter reads the same everywhere.
 """
 
-import contextlib
 import functools
-import io
 import os
 import sys
 from pathlib import Path
 
 from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.io import silenced_native_output
 
 from .contract import CPU_PROVIDER, CUDA_PROVIDER
 
@@ -19,34 +19,6 @@ PROVIDER_CHOICES = {"cuda": CUDA_PROVIDER, "cpu": CPU_PROVIDER}  # the CLI's --p
 PROVIDER_OPTIONS = ("auto", *PROVIDER_CHOICES)  # Generator(provider=), generate and verify --provider
 DEVICE_OF_PROVIDER = {CUDA_PROVIDER: "cuda", CPU_PROVIDER: "cpu"}  # the OrtValue device of a provider's tensors
 CUDA_MISSING = "the CUDA execution provider cannot be loaded here (no GPU, or CUDA 13 / cuDNN 9 libraries missing)"
-
-
-# ---------------------------------------------------------------------------- native output
-
-
-@contextlib.contextmanager
-def silenced_native_output():
-    """Point file descriptors 1 and 2 at /dev/null for the duration (C++ output), and sys.stdout and sys.stderr at a
-    discarded buffer (Python output, also where they are not file descriptors 1 and 2, as under click's test runner).
-
-    Raises OSError only when the file descriptors cannot be duplicated; whatever the body raises passes through.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved + [devnull]:
-            os.close(fd)
 
 
 # ---------------------------------------------------------------------------- the module and sessions
@@ -60,11 +32,8 @@ def import_onnxruntime():
     onnxruntime cannot be imported."""
     if "onnxruntime" in sys.modules:
         return sys.modules["onnxruntime"]
-    # the one file-descriptor-2 silencer, also the tokenizers library's (refimpl cannot import export)
-    from refformer.refimpl.training.tokenizer import native_stderr_silenced
-
     try:
-        with native_stderr_silenced():
+        with silenced_native_output():
             import onnxruntime
     except ImportError as error:  # a Ctrl-C inside the native module's initialization arrives as its cause
         if isinstance(error.__cause__ or error.__context__, KeyboardInterrupt):
@@ -130,7 +99,7 @@ def cuda_usable():
     if CUDA_PROVIDER not in ort.get_available_providers():
         return False
     try:
-        with silenced_native_output():  # a failed probe prints pages of CUDA loader errors from C++
+        with silenced_native_output(stdout=True):  # a failed probe prints pages of CUDA loader errors from C++
             ort.set_default_logger_severity(4)
             if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21 only
                 ort.preload_dlls()

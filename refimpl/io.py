@@ -3,6 +3,7 @@ saved atomically through a journal. No pickle, ever. Imports safetensors and tok
 functions that read or write those files.
 """
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -10,8 +11,10 @@ import os
 import re
 import socket
 import stat
+import sys
 import tempfile
 import time
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +276,56 @@ def process_alive(pid):
     except (PermissionError, OverflowError):
         return True
     return True
+
+
+def flush_standard_streams():
+    """Flush sys.stdout and sys.stderr, skipping a missing or closed one. Never raises."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+@contextlib.contextmanager
+def silenced_native_output(stdout=False):
+    """The one silencer of native libraries' output: file descriptor 2 (with stdout=True, 1 and 2) pointed at
+    /dev/null for the block. It catches what Python cannot: tokenizers' Rust panic message (and, with
+    RUST_BACKTRACE, a backtrace of a hundred lines) printed before the panic reaches Python, ONNX Runtime's import
+    warning and its C++ CUDA loader errors. With stdout=True sys.stdout and sys.stderr also point at a discarded
+    buffer (Python output, also where they are not file descriptors 1 and 2, as under click's test runner).
+
+    Raises nothing of its own: without the file descriptors (no stderr) the block runs unsilenced; whatever the
+    block raises passes through.
+    """
+    fds = (1, 2) if stdout else (2,)
+    flush_standard_streams()
+    saved = []
+    try:
+        for fd in fds:
+            saved.append(os.dup(fd))
+    except OSError:  # no such file descriptor: nothing to silence
+        for copy in saved:
+            os.close(copy)
+        saved = None
+    if saved is None:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            os.dup2(devnull, fd)
+        with contextlib.ExitStack() as python_output:
+            if stdout:
+                python_output.enter_context(contextlib.redirect_stdout(StringIO()))
+                python_output.enter_context(contextlib.redirect_stderr(StringIO()))
+            yield
+    finally:
+        flush_standard_streams()
+        for fd, copy in zip(fds, saved):
+            os.dup2(copy, fd)
+        for copy in saved + [devnull]:
+            os.close(copy)
 
 
 JSON_MAX_BYTES = 16 * 2**20  # config.json and manifest.json are a few kB; a 2 GB one took 4 GB of memory to refuse

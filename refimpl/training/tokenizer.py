@@ -12,16 +12,13 @@ A tokenizer.json's own `padding` and `truncation` sections (common in Hugging Fa
 load and in encode(): the model sees exactly the tokens of the text (long inputs are the caller's to cut).
 """
 
-import contextlib
-import os
-import sys
 import unicodedata
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from ..errors import RefformerError
-from ..io import TOKENIZER_MAX_BYTES, atomic_write, read_text
+from ..io import TOKENIZER_MAX_BYTES, atomic_write, read_text, silenced_native_output
 from .data import detect_family, read_lines, read_tsv, split_path
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
@@ -140,7 +137,7 @@ def encode(tokenizer, texts):
         except UnicodeEncodeError:
             raise RefformerError(f"text {number} is not valid Unicode (it has a lone surrogate)") from None
     try:
-        with native_stderr_silenced():  # a panic's message and backtrace (RUST_BACKTRACE) go nowhere
+        with silenced_native_output():  # a panic's message and backtrace (RUST_BACKTRACE) go nowhere
             encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
     except BaseException as error:  # pyo3's PanicException is a BaseException
         if type(error).__name__ != "PanicException":
@@ -150,33 +147,6 @@ def encode(tokenizer, texts):
                              "normalizer or pre-tokenizer is broken; use one from `refformer tokenizer train`"
                              ) from None
     return [encoding.ids for encoding in encodings]
-
-
-@contextlib.contextmanager
-def native_stderr_silenced():
-    """File descriptor 2 pointed at /dev/null for the block: Rust's panic hook prints its message (and with
-    RUST_BACKTRACE, a backtrace of a hundred lines) there before the panic reaches Python as an exception.
-
-    Raises nothing of its own: without a file descriptor 2 the block runs unsilenced; whatever the block raises passes
-    through.
-    """
-    try:
-        sys.stderr.flush()
-    except (AttributeError, OSError, ValueError):
-        pass
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def decode(tokenizer, ids):
