@@ -1,6 +1,9 @@
 """Scaled dot-product attention, masks, and multi-head attention (self and cross), forward and backward, with the
-inference-only forms incremental decoding uses (project_kv, mha_cached_forward, cached_self_attention_forward).
-The ONNX twin is export/attention.py.
+inference-only forms incremental decoding uses (project_kv, mha_cached_forward, cached_self_attention_forward), and
+the position features that act inside attention: rotary position embedding (rotary_tables, rotary_forward) and T5's
+relative position bias (relative_position_bucket, relative_position_bias_forward). Attention takes grouped-query
+(Hkv key/value heads dividing H), an explicit scale and projections with or without biases. The ONNX twin is
+export/attention.py (which does not build rotary, relative bias or GQA yet).
 
 Masks at this level (attention_forward, mha_forward, the layers): a boolean mask is True where a query
 may attend (as in torch's scaled_dot_product_attention and the ONNX graphs' 1 = keep); a floating mask
