@@ -85,10 +85,6 @@ def _unsupported_features(cfg):
         found.append("attention_scale")
     if not (cfg.attention_qkv_bias and cfg.attention_out_bias):
         found.append("attention without biases (attention_qkv_bias, attention_out_bias)")
-    if cfg.ffn_gated:
-        found.append("gated feed-forward (ffn_gated)")
-    if not cfg.ffn_bias:
-        found.append("feed-forward without biases (ffn_bias)")
     if cfg.positional in ("none", "relative", "rotary"):
         found.append(f'positional "{cfg.positional}"')
     if cfg.position_offset:
@@ -110,41 +106,53 @@ def check_supported(cfg):
 
 
 def feed_forward_forward(p, x, cfg, rng=None):
-    """Position-wise feed-forward (Vaswani et al. 2017, sec. 3.3): fc2(dropout(act(fc1(x)))).
-    x [B, T, D] -> y [B, T, D] via [B, T, F], cache; act is cfg.activation.
+    """Position-wise feed-forward (Vaswani et al. 2017, sec. 3.3): fc2(dropout(act(fc1(x)))); with cfg.ffn_gated
+    the gated form fc2(dropout(act(fc1(x)) * fc_up(x))) (Shazeer 2020, "GLU Variants Improve Transformer": SwiGLU
+    with silu, as transformers' LlamaMLP; GEGLU with gelu_tanh, as T5DenseGatedActDense, whose dropout sits after
+    the product). x [B, T, D] -> y [B, T, D] via [B, T, F], cache; act is cfg.activation; linears without a bias
+    when not cfg.ffn_bias.
 
     Raises RefformerError unless p has cfg's shapes and x is floating with D features.
     """
     check_config(cfg, rng)
     check_tree("p", p, feed_forward_shapes(cfg))
-    h, fc1_cache = linear_forward(p["fc1"], x)
+    h, fc1_cache = linear_forward(p["fc1"], x)  # [B, T, F]
     a, act_cache = activation_forward(h, cfg.activation)
-    d, dropout_cache = dropout_forward(a, cfg.dropout, rng)
-    y, fc2_cache = linear_forward(p["fc2"], d)
-    cache = {"fc1": fc1_cache, "hidden": a, "activation": act_cache, "kind": cfg.activation,
-             "dropout": dropout_cache, "fc2": fc2_cache, "output": y}
+    cache = {"fc1": fc1_cache, "hidden": a, "activation": act_cache, "kind": cfg.activation}
+    if cfg.ffn_gated:
+        up, cache["fc_up"] = linear_forward(p["fc_up"], x)  # [B, T, F]
+        cache.update(up=up, gated=a * up)
+    d, cache["dropout"] = dropout_forward(cache.get("gated", a), cfg.dropout, rng)
+    y, cache["fc2"] = linear_forward(p["fc2"], d)
+    cache["output"] = y
     return y, cache
 
 
 def feed_forward_backward(p, cache, dy):
-    """dy [B, T, D] -> dx [B, T, D], dp with p's keys (fc1, fc2).
+    """dy [B, T, D] -> dx [B, T, D], dp with p's keys (fc1, fc_up when gated, fc2).
 
     Raises RefformerError for a p, cache or dy that does not match the forward.
     """
-    check_tree("p", p, {"fc1": {"weight": (None, None), "bias": (None,)},
-                        "fc2": {"weight": (None, None), "bias": (None,)}})
+    check(isinstance(p, dict) and "fc1" in p and "fc2" in p and set(p) <= {"fc1", "fc_up", "fc2"},
+          "p must hold fc1, fc2 and, for a gated feed-forward, fc_up")
     if not isinstance(cache, dict):
         raise RefformerError("cache must be the cache feed_forward_forward returned")
+    check(("fc_up" in p) == ("fc_up" in cache), "p and cache disagree on the gate (fc_up): pass the p of the forward")
     with reading_cache("feed_forward_forward"):
         return _feed_forward_backward(p, cache, dy)
 
 
 def _feed_forward_backward(p, cache, dy):
-    dd, d_fc2 = linear_backward(p["fc2"], cache["fc2"], dy)
-    da = dropout_backward(cache["dropout"], dd)
+    dp = {}
+    dd, dp["fc2"] = linear_backward(p["fc2"], cache["fc2"], dy)
+    dgated = dropout_backward(cache["dropout"], dd)
+    da = dgated * cache["up"] if "fc_up" in p else dgated  # gated = a * up
     dh = activation_backward(cache["activation"], da, cache["kind"])
-    dx, d_fc1 = linear_backward(p["fc1"], cache["fc1"], dh)
-    return dx, {"fc1": d_fc1, "fc2": d_fc2}
+    dx, dp["fc1"] = linear_backward(p["fc1"], cache["fc1"], dh)
+    if "fc_up" in p:
+        dx_up, dp["fc_up"] = linear_backward(p["fc_up"], cache["fc_up"], dgated * cache["hidden"])
+        dx = dx + dx_up
+    return dx, {key: dp[key] for key in p}
 
 
 # ---------------------------------------------------------------------------- residual block

@@ -268,3 +268,28 @@ def model_configs(draw, family=None, **fixed):
         lm_head_bias=draw(st.booleans()), dropout=draw(st.sampled_from([0.0, 0.0, 0.25])))
     fields.update(fixed)
     return Config(**fields)
+
+
+# ---------------------------------------------------------------------------- transformers in float64
+
+
+def rms_norm_in_input_dtype(self, hidden_states):
+    """transformers' T5LayerNorm / LlamaRMSNorm / Qwen2RMSNorm forward without its float32 upcast: the same formula,
+    weight * (x * rsqrt(mean(x^2) + eps)), in the input's dtype. Those modules compute the mean (T5) or the whole
+    norm (Llama, Qwen2) in float32 whatever the input, so in float64 they round to ~1e-7; a 1e-10 parity check
+    needs this float64-faithful forward. torch is imported lazily."""
+    import torch
+
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def float64_faithful_rms_norms(monkeypatch):
+    """Patch the RMSNorm modules of transformers' T5, Llama and Qwen2 with rms_norm_in_input_dtype (monkeypatch is
+    pytest's fixture, so the classes are restored after the test)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    for module in (T5LayerNorm, LlamaRMSNorm, Qwen2RMSNorm):
+        monkeypatch.setattr(module, "forward", rms_norm_in_input_dtype)

@@ -9,8 +9,20 @@ import pytest
 from refformer.refimpl import Config, RefformerError, init_params, load, model_forward
 from refformer.refimpl.config import FORMAT_1_FIELDS, FORMAT_VERSION, parameter_count
 from refformer.refimpl.io import flatten_shapes
+from refformer.refimpl.layers import feed_forward_backward, feed_forward_forward
+from refformer.refimpl.ops import rms_norm_backward, rms_norm_forward
 from refformer.refimpl.tree import flatten
 from refformer.runtime.generator import default_model_dir
+from tests.helpers import (
+    RELU_MARGIN,
+    assert_param_gradients,
+    float64_faithful_rms_norms,
+    random_params,
+    relu_margin,
+    weighted_sum,
+)
+
+PARITY = 1e-10  # against transformers in float64: max|ours - theirs| / max|theirs|, forward and every gradient
 
 SMALL = dict(vocab_size=24, d_model=8, n_heads=2, d_ff=12, n_encoder_layers=1, n_decoder_layers=1, max_positions=16,
              dropout=0.0)
@@ -152,3 +164,147 @@ def test_options_the_forward_does_not_implement_yet_are_refused_by_name():
     ids = np.array([[1, 5, 2]])
     with pytest.raises(RefformerError, match="head_scale is not supported yet"):
         model_forward(cfg, params, ids, ids)
+
+
+# ---------------------------------------------------------------------------- feed-forward
+
+
+def ffn_params(cfg, seed):
+    return random_params(cfg, seed)["encoder"]["layers"][0]["ffn"]
+
+
+@pytest.mark.parametrize("activation, gated, bias, dropout", [
+    ("silu", True, False, 0.0), ("gelu_tanh", True, False, 0.3), ("gelu", True, True, 0.0),
+    ("relu", False, False, 0.0), ("relu", True, True, 0.3), ("silu", False, False, 0.3)])
+def test_gated_and_bias_free_feed_forward_gradients(activation, gated, bias, dropout):
+    """Centred finite differences in float64 (<= 1e-6) of every input and parameter, dropout on and off."""
+    cfg = Config(**{**SMALL, "dropout": dropout}, activation=activation, ffn_gated=gated, ffn_bias=bias)
+    p = ffn_params(cfg, 3)
+    assert set(p) == ({"fc1", "fc_up", "fc2"} if gated else {"fc1", "fc2"})
+    assert all(("bias" in linear) == bias for linear in p.values())
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, cfg.d_model))
+
+    def new_rng():
+        return np.random.default_rng(5) if dropout else None
+
+    y, cache = feed_forward_forward(p, x, cfg, new_rng())
+    assert relu_margin(cache) > RELU_MARGIN
+    upstream = rng.standard_normal(y.shape)
+    dx, dp = feed_forward_backward(p, cache, upstream)
+    assert_param_gradients(weighted_sum(lambda: feed_forward_forward(p, x, cfg, new_rng())[0], upstream),
+                           {"x": x, "p": p}, {"x": dx, "p": dp}, label=str(cfg))
+
+
+def test_feed_forward_backward_refuses_a_p_of_the_other_kind():
+    cfg = Config(**SMALL, ffn_gated=True)
+    p = ffn_params(cfg, 0)
+    _, cache = feed_forward_forward(p, np.ones((1, 2, 8)), cfg)
+    with pytest.raises(RefformerError, match="disagree on the gate"):
+        feed_forward_backward({"fc1": p["fc1"], "fc2": p["fc2"]}, cache, np.ones((1, 2, 8)))
+
+
+def relative(ours, theirs):
+    return float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-300))
+
+
+def torch_parity(module, named, x, forward, upstream):
+    """Run module (float64) on x with the weights named = {torch parameter name: our [in, out] array}; returns the
+    worst relative error of forward()'s (y, dx, {name: dweight}) against the module's output and autograd."""
+    import torch
+
+    module = module.double().eval()
+    with torch.no_grad():
+        for name, value in named.items():
+            module.get_parameter(name).copy_(torch.from_numpy(value.T if value.ndim == 2 else value))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = module(xt)
+    yt.backward(torch.from_numpy(upstream))
+    y, dx, dweights = forward()
+    errors = {"y": relative(y, yt.detach().numpy()), "dx": relative(dx, xt.grad.numpy())}
+    for name, value in dweights.items():
+        theirs = module.get_parameter(name).grad.numpy()
+        errors[name] = relative(value, theirs.T if theirs.ndim == 2 else theirs)
+    return errors
+
+
+def ffn_parity(cfg, module, names, seed=0):
+    """Our feed-forward against a transformers MLP module; names maps our linears (fc1, fc_up, fc2) to its."""
+    p = ffn_params(cfg, seed)
+    rng = np.random.default_rng(seed + 1)
+    x = rng.standard_normal((2, 5, cfg.d_model))
+    upstream = rng.standard_normal(x.shape)
+    named = {f"{names[linear]}.{key}": value for linear, tensors in p.items() for key, value in tensors.items()}
+
+    def forward():
+        y, cache = feed_forward_forward(p, x, cfg)
+        dx, dp = feed_forward_backward(p, cache, upstream)
+        return y, dx, {f"{names[linear]}.{key}": value for linear, tensors in dp.items()
+                       for key, value in tensors.items()}
+
+    errors = torch_parity(module, named, x, forward, upstream)
+    assert max(errors.values()) <= PARITY, errors
+    return errors
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_matches_llama_mlp(bias):
+    """SwiGLU: fc2(silu(fc1(x)) * fc_up(x)) = transformers' LlamaMLP (gate_proj, up_proj, down_proj; mlp_bias)."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    cfg = Config(**SMALL, activation="silu", ffn_gated=True, ffn_bias=bias)
+    module = LlamaMLP(LlamaConfig(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, hidden_act="silu",
+                                  mlp_bias=bias, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads))
+    ffn_parity(cfg, module, {"fc1": "gate_proj", "fc_up": "up_proj", "fc2": "down_proj"})
+
+
+@pytest.mark.parametrize("gated, activation, hf_activation", [
+    (True, "gelu_tanh", "gelu_new"), (True, "gelu_tanh", "gelu_pytorch_tanh"), (False, "relu", "relu")])
+def test_t5_feed_forwards_match_t5_dense_modules(gated, activation, hf_activation):
+    """T5 v1.1's gated-gelu (T5DenseGatedActDense: wi_0, wi_1, wo) and T5 v1.0's relu (T5DenseActDense: wi, wo),
+    both without biases."""
+    pytest.importorskip("transformers")
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActDense
+
+    cfg = Config(**SMALL, activation=activation, ffn_gated=gated, ffn_bias=False)
+    t5 = T5Config(d_model=cfg.d_model, d_ff=cfg.d_ff, dropout_rate=0.0, feed_forward_proj=hf_activation,
+                  dense_act_fn=hf_activation)
+    if gated:
+        ffn_parity(cfg, T5DenseGatedActDense(t5), {"fc1": "wi_0", "fc_up": "wi_1", "fc2": "wo"})
+    else:
+        ffn_parity(cfg, T5DenseActDense(t5), {"fc1": "wi", "fc2": "wo"})
+
+
+# ---------------------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("module_name", ["T5LayerNorm", "LlamaRMSNorm", "Qwen2RMSNorm"])
+def test_rms_norm_matches_transformers_rms_norms(module_name, monkeypatch):
+    """rms_norm (no mean, no bias, eps from the config) = T5's "LayerNorm", Llama's and Qwen2's RMSNorm, forward and
+    gradients, in float64: at <= 1e-10 against their formula in float64 (tests.helpers.float64_faithful_rms_norms),
+    and within float32 rounding (<= 1e-6) of the modules as shipped, which compute in float32 whatever the input."""
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    module_class = {"T5LayerNorm": T5LayerNorm, "LlamaRMSNorm": LlamaRMSNorm, "Qwen2RMSNorm": Qwen2RMSNorm}[module_name]
+    rng = np.random.default_rng(0)
+    D, eps = 8, 1e-6
+    p = {"weight": 1.0 + 0.2 * rng.standard_normal(D)}
+    x = rng.standard_normal((2, 5, D))
+    upstream = rng.standard_normal(x.shape)
+
+    def forward():
+        y, cache = rms_norm_forward(p, x, eps)
+        dx, dp = rms_norm_backward(p, cache, upstream)
+        return y, dx, {"weight": dp["weight"]}
+
+    as_shipped = torch_parity(module_class(D, eps=eps), {"weight": p["weight"]}, x, forward, upstream)
+    assert max(as_shipped.values()) <= 1e-6, as_shipped
+    float64_faithful_rms_norms(monkeypatch)
+    faithful = torch_parity(module_class(D, eps=eps), {"weight": p["weight"]}, x, forward, upstream)
+    assert max(faithful.values()) <= PARITY, faithful
