@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from refformer.runtime.errors import RefformerError, one_line_errors
+from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import NonEmptyPath
 
 
@@ -88,12 +88,13 @@ def train_command(data_dir, vocab_size, out_path, model, overwrite):
     """Train a byte-level tokenizer on DATA_DIR's train split (train.tsv, both columns, or train.txt).
 
     \f
-    Raises nothing to its caller: one_line_errors prints the RefformerError of _check_tokenizer_out (a refused
+    Raises nothing to its caller: one_line_errors prints the RefformerError of check_tokenizer_output (a refused
     --out), train_tokenizer (a bad --vocab-size, no train split) or save_tokenizer as one line `error: ...` and exits 1.
     """
     from refformer.refimpl.training.tokenizer import save_tokenizer, train_tokenizer
+    from refformer.runtime.outputs import check_tokenizer_output
 
-    _check_tokenizer_out(Path(out_path), Path(data_dir), overwrite)
+    check_tokenizer_output(Path(out_path), Path(data_dir), overwrite)
     start = time.perf_counter()
     trained = train_tokenizer(data_dir, vocab_size, model)
     save_tokenizer(trained, out_path)
@@ -101,27 +102,3 @@ def train_command(data_dir, vocab_size, out_path, model, overwrite):
     note = "" if size == vocab_size else f" (asked for {vocab_size}; " + (
         "the corpus supports no more)" if size < vocab_size else f"the {model} trainer needs {size} for this corpus)")
     click.echo(f"wrote {out_path}: {model}, {size} tokens{note} ({time.perf_counter() - start:.1f} s)")
-
-
-def _check_tokenizer_out(out, data_dir, overwrite):
-    """Refuse --out before training (runtime/outputs.check_output_file): a folder, a missing or read-only parent, a
-    pipe or device, a split file of DATA_DIR, one of the own files of a model folder, a checkpoint or a checkpoints
-    folder (--overwrite or not), or an existing file without --overwrite. Raises RefformerError."""
-    from refformer.refimpl.training.data import SPLITS, SUFFIX
-    from refformer.runtime.outputs import check_output_file
-
-    def not_a_model_file(path):
-        parent = Path(path).absolute().parent
-        own = ("config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "trainer_state.json",
-               "latest.json", "train_log.csv")  # the files of a model folder, a checkpoint and a checkpoints folder
-        holder = next((name for name in ("config.json", "model.safetensors", "latest.json")
-                       if (parent / name).exists()), None) if Path(path).name in own else None
-        if holder:  # --overwrite or not: replacing one of a model's (or a checkpoint's) own files breaks it
-            what = "training run's checkpoints" if holder == "latest.json" else "model"
-            raise RefformerError(f"--out {out} is one of the files of the {what} in {parent} (--overwrite or not): "
-                                 "replacing it would break that; write the tokenizer elsewhere")
-
-    check_output_file(out, overwrite, flag="--out",
-                      inputs=[data_dir / f"{split}{suffix}" for split in SPLITS for suffix in SUFFIX.values()],
-                      same_as_input=f"is a split file of {data_dir}: write the tokenizer elsewhere",
-                      model_check=not_a_model_file)

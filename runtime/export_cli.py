@@ -82,7 +82,7 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, overwrite, **arch
     Raises nothing to its caller: one_line_errors prints RefformerError (a bad --n-heads, --max-positions or special
     id, a refused --out, torch missing, or convert_state_dict_file's errors) as one line `error: ...` and exits 1.
     """
-    from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+    from refformer.runtime.outputs import check_model_output_folder
 
     if arch["n_heads"] < 1:
         raise RefformerError(f"--n-heads must be >= 1, got {arch['n_heads']}")
@@ -92,20 +92,7 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, overwrite, **arch
         if not 0 <= arch[name] <= MAX_SPECIAL_ID:
             raise RefformerError(f"--{name.replace('_', '-')} must be a token id >= 0 (below the vocabulary size), "
                                  f"got {arch[name]}")
-    out = Path(out_dir)
-    from refformer.export.folder import packaged
-
-    if out.exists() and packaged(out):
-        raise RefformerError(f"--out {out} is inside refformer's own package folder (where the bundled model lives); "
-                             "pick another folder")
-    if out.exists() and not out.is_dir():
-        raise RefformerError(f"--out {out} exists and is not a folder")
-    if not out.parent.is_dir():
-        raise RefformerError(f"--out {out}: folder {out.parent} does not exist")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        existing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if (out / name).exists()]
-        held = f"already holds {', '.join(existing)}" if existing else "exists and is not empty"
-        raise RefformerError(f"--out {out} {held}; pass --overwrite to write the model files into it")
+    check_model_output_folder(out_dir, overwrite)
     try:
         import torch  # noqa: F401
     except ImportError:

@@ -1,12 +1,14 @@
 """Checks of a file a command is about to write (generate's --output, golden's --out, tokenizer train's --out),
 made before any model is loaded: one checker for all, so that a folder, a dangling link, a pipe, a missing or
-read-only folder, one of the command's inputs and an existing file are refused alike."""
+read-only folder, one of the command's inputs and an existing file are refused alike. Also the command-specific
+rules built on it (check_tokenizer_output, check_generate_output with check_not_in_model) and convert-torch's
+--out model folder (check_model_output_folder)."""
 
 import os
 from pathlib import Path
 
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.io import MODEL_FILES, leads_nowhere
+from refformer.refimpl.io import CONFIG_FILE, MODEL_FILES, TOKENIZER_FILE, WEIGHTS_FILE, leads_nowhere
 
 
 def check_output_file(path, overwrite, *, flag, inputs=(), same_as_input="is one of the command's inputs; pick "
@@ -41,6 +43,52 @@ def check_output_file(path, overwrite, *, flag, inputs=(), same_as_input="is one
         raise RefformerError(f"{flag} {path_text} is not a regular file (a device or a pipe); {not_regular_hint}")
     if (path.exists() or path.is_symlink()) and not overwrite:  # (a link whose target is still to be made is
         raise RefformerError(f"{flag} {path_text} exists; pass --overwrite to replace it")  # written through)
+
+
+def check_tokenizer_output(out, data_dir, overwrite):
+    """Refuse tokenizer train's --out before training (check_output_file): a folder, a missing or read-only parent,
+    a pipe or device, a split file of data_dir, one of the own files of a model folder, a checkpoint or a
+    checkpoints folder (--overwrite or not), or an existing file without --overwrite. out, data_dir: Paths.
+    Raises RefformerError."""
+    from refformer.refimpl.training.checkpoint import LATEST_FILE, OPTIMIZER_FILE, STATE_FILE
+    from refformer.refimpl.training.data import SPLITS, SUFFIX
+    from refformer.refimpl.training.log import LOG_FILE
+
+    def not_a_model_file(path):
+        parent = Path(path).absolute().parent
+        own = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, STATE_FILE, LATEST_FILE,
+               LOG_FILE)  # the files of a model folder, a checkpoint and a checkpoints folder
+        holder = next((name for name in (CONFIG_FILE, WEIGHTS_FILE, LATEST_FILE)
+                       if (parent / name).exists()), None) if Path(path).name in own else None
+        if holder:  # --overwrite or not: replacing one of a model's (or a checkpoint's) own files breaks it
+            what = "training run's checkpoints" if holder == LATEST_FILE else "model"
+            raise RefformerError(f"--out {out} is one of the files of the {what} in {parent} (--overwrite or not): "
+                                 "replacing it would break that; write the tokenizer elsewhere")
+
+    check_output_file(out, overwrite, flag="--out",
+                      inputs=[data_dir / f"{split}{suffix}" for split in SPLITS for suffix in SUFFIX.values()],
+                      same_as_input=f"is a split file of {data_dir}: write the tokenizer elsewhere",
+                      model_check=not_a_model_file)
+
+
+def check_model_output_folder(out_dir, overwrite):
+    """Refuse convert-torch's --out model folder before torch is loaded. Raises RefformerError when out_dir lies in
+    refformer's own package folder (the bundled model's), is a file, has no parent folder, or holds anything
+    (the message names its model files, if any) while overwrite is False."""
+    from refformer.export.folder import packaged
+
+    out = Path(out_dir)
+    if out.exists() and packaged(out):
+        raise RefformerError(f"--out {out} is inside refformer's own package folder (where the bundled model lives); "
+                             "pick another folder")
+    if out.exists() and not out.is_dir():
+        raise RefformerError(f"--out {out} exists and is not a folder")
+    if not out.parent.is_dir():
+        raise RefformerError(f"--out {out}: folder {out.parent} does not exist")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        existing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if (out / name).exists()]
+        held = f"already holds {', '.join(existing)}" if existing else "exists and is not empty"
+        raise RefformerError(f"--out {out} {held}; pass --overwrite to write the model files into it")
 
 
 def export_folders(model_dir):

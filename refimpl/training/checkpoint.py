@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import RefformerError, check, is_integer, is_real
-from ..io import atomic_write, sha256, unflatten_checked
+from ..io import WEIGHTS_FILE, atomic_write, sha256, unflatten_checked
 from ..tree import flatten, unflatten
 from .interrupts import interrupts_deferred
 from .log import LOG_COLUMNS
@@ -26,6 +26,8 @@ from .options import is_finite
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"  # the Adam moments of a checkpoint
+LATEST_FILE = "latest.json"  # OUT/checkpoints/latest.json: the newest complete checkpoint
 CHECKPOINT_FORMAT = 1
 
 
@@ -57,7 +59,7 @@ def latest_step(out_dir):
     Raises nothing: an unreadable latest.json gives None.
     """
     try:
-        return json.loads((Path(out_dir) / CHECKPOINT_DIR / "latest.json").read_text())["step"]
+        return json.loads((Path(out_dir) / CHECKPOINT_DIR / LATEST_FILE).read_text())["step"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
@@ -65,7 +67,7 @@ def latest_step(out_dir):
 def _pointed_at(root):
     """The folder name latest.json names, or None when it is missing or unreadable."""
     try:
-        return json.loads((root / "latest.json").read_text())["dir"]
+        return json.loads((root / LATEST_FILE).read_text())["dir"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
@@ -77,13 +79,13 @@ def _save_checkpoint(root, cfg, params, opt_state, state):
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     final = None
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in flatten(params).items()}, tmp / "model.safetensors")
+        save_file({k: np.ascontiguousarray(v) for k, v in flatten(params).items()}, tmp / WEIGHTS_FILE)
         moments = {f"{which}.{k}": np.ascontiguousarray(v)
                    for which in ("m", "v") for k, v in flatten(opt_state[which]).items()}
-        save_file(moments, tmp / "optimizer.safetensors")
+        save_file(moments, tmp / OPTIMIZER_FILE)
         full_state = {"format": "refformer-checkpoint", "format_version": CHECKPOINT_FORMAT,
                       "step": opt_state["step"], "config": cfg.to_dict(), **state,
-                      "sha256": {f: sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")}}
+                      "sha256": {f: sha256(tmp / f) for f in (WEIGHTS_FILE, OPTIMIZER_FILE)}}
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1) + "\n")
         final, copy = root / name, 1
         while final.exists():  # the same step saved again (after a final evaluation): never overwrite
@@ -91,7 +93,7 @@ def _save_checkpoint(root, cfg, params, opt_state, state):
             final = root / f"{name}-{copy}"
         tmp.rename(final)
         pointer = json.dumps({"dir": final.name, "step": opt_state["step"]}) + "\n"
-        atomic_write(root / "latest.json", lambda path: Path(path).write_text(pointer))
+        atomic_write(root / LATEST_FILE, lambda path: Path(path).write_text(pointer))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if final is not None and _pointed_at(root) != final.name:  # renamed but never pointed to
@@ -110,7 +112,7 @@ def load_checkpoint(out_dir):
     from safetensors.numpy import load_file
 
     root = Path(out_dir) / CHECKPOINT_DIR
-    pointer = root / "latest.json"
+    pointer = root / LATEST_FILE
     if not pointer.is_file():
         raise RefformerError(f"no checkpoint to resume from: {pointer} is missing")
     try:
@@ -127,8 +129,8 @@ def load_checkpoint(out_dir):
         for file, digest in state["sha256"].items():
             check(sha256(where / file) == digest, f"{where / file} is corrupt (its sha256 does not match)")
         cfg = Config.from_dict(state.pop("config"))
-        params = unflatten_checked(cfg, load_file(where / "model.safetensors"), str(where / "model.safetensors"))
-        moments = load_file(where / "optimizer.safetensors")
+        params = unflatten_checked(cfg, load_file(where / WEIGHTS_FILE), str(where / WEIGHTS_FILE))
+        moments = load_file(where / OPTIMIZER_FILE)
     except RefformerError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, SafetensorError) as error:
@@ -148,8 +150,7 @@ def _check_state(state, path):
         check(ok, f"{path} is damaged: {what}; train into a new --out (or --overwrite)")
 
     need(is_integer(state.get("step")) and state["step"] >= 0, "step must be an integer >= 0")
-    need(isinstance(state.get("sha256"), dict) and set(state["sha256"]) == {"model.safetensors",
-                                                                           "optimizer.safetensors"},
+    need(isinstance(state.get("sha256"), dict) and set(state["sha256"]) == {WEIGHTS_FILE, OPTIMIZER_FILE},
          "sha256 must name model.safetensors and optimizer.safetensors")
     need(isinstance(state.get("config"), dict) and isinstance(state.get("options"), dict), "config and options "
                                                                                           "must be objects")
