@@ -34,7 +34,8 @@ from transformers.models.t5 import modeling_t5
 
 V = 96  # vocabulary of every tiny model
 
-# family -> (model class, config, attention implementation). Sizes: D 16-32, 2 layers, V = 96.
+# family -> (model class, config, attention implementation). Sizes: D 16-32, 1-2 layers, V = 96. The variants
+# (marian-unshared, bart-untied) take the other branches of the embedding ties; llama's head_dim is not D / H.
 FAMILIES = {
     "gpt2": (GPT2LMHeadModel, dict(vocab_size=V, n_positions=40, n_embd=24, n_layer=2, n_head=3,
                                    activation_function="gelu_new", layer_norm_epsilon=1e-5, bos_token_id=1,
@@ -44,11 +45,23 @@ FAMILIES = {
                                    decoder_ffn_dim=40, activation_function="swish", scale_embedding=True,
                                    max_position_embeddings=40, pad_token_id=V - 1, eos_token_id=0,
                                    decoder_start_token_id=V - 1, forced_eos_token_id=0), "eager"),
+    "marian-unshared": (MarianMTModel, dict(vocab_size=V, d_model=18, encoder_layers=1, decoder_layers=2,
+                                            encoder_attention_heads=3, decoder_attention_heads=3, encoder_ffn_dim=30,
+                                            decoder_ffn_dim=30, activation_function="relu", scale_embedding=False,
+                                            share_encoder_decoder_embeddings=False, max_position_embeddings=24,
+                                            pad_token_id=V - 1, eos_token_id=0, decoder_start_token_id=V - 1),
+                        "eager"),
     "bart": (BartForConditionalGeneration, dict(vocab_size=V, d_model=16, encoder_layers=2, decoder_layers=2,
                                                 encoder_attention_heads=4, decoder_attention_heads=4,
                                                 encoder_ffn_dim=40, decoder_ffn_dim=40, activation_function="gelu",
                                                 max_position_embeddings=40, pad_token_id=1, bos_token_id=0,
                                                 eos_token_id=2, decoder_start_token_id=2), "eager"),
+    "bart-untied": (BartForConditionalGeneration, dict(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                       encoder_attention_heads=2, decoder_attention_heads=2,
+                                                       encoder_ffn_dim=24, decoder_ffn_dim=24, scale_embedding=True,
+                                                       activation_function="gelu_new", tie_word_embeddings=False,
+                                                       max_position_embeddings=20, pad_token_id=1, bos_token_id=0,
+                                                       eos_token_id=2, decoder_start_token_id=2), "eager"),
     "t5": (T5ForConditionalGeneration, dict(vocab_size=V, d_model=24, d_kv=8, num_heads=2, d_ff=40, num_layers=2,
                                             relative_attention_num_buckets=8, relative_attention_max_distance=12,
                                             feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
@@ -59,7 +72,7 @@ FAMILIES = {
                                                  tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
                                                  decoder_start_token_id=0), "eager"),
     "llama": (LlamaForCausalLM, dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=12,
                                      max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
                                      pad_token_id=0, tie_word_embeddings=False,
                                      rope_parameters={"rope_type": "default", "rope_theta": 500.0}), "sdpa"),
@@ -83,7 +96,7 @@ def build(family, seed=0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if name.endswith("inv_freq") or "embed_positions" in name and family == "marian":
+            if name.endswith("inv_freq") or "embed_positions" in name and isinstance(model, MarianMTModel):
                 continue  # RoPE's frequencies and Marian's sinusoids are functions, not weights
             noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
             if "norm" in name and name.endswith("weight"):

@@ -25,7 +25,7 @@ from tests import hf_models  # noqa: E402  (needs torch and transformers)
 
 LOGITS_TOL = 1e-10
 GRAD_TOL = 1e-9
-DECODER_ONLY = ("gpt2", "llama", "qwen2")
+DECODER_ONLY = ("gpt2", "llama", "qwen2")  # the rest are encoder-decoder
 FAMILIES = tuple(hf_models.FAMILIES)
 
 
