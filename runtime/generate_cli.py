@@ -8,7 +8,6 @@ finishes (flushed), in input order; on Ctrl-C the finished ones stay, one line o
 exit status is 130.
 """
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -159,11 +158,12 @@ def check_threads(threads):
         return None
     if threads < 1:
         raise RefformerError(f"--threads must be >= 1, got {threads}")
-    cpus = os.cpu_count() or 1
-    if threads > cpus:
-        click.echo(f"notice: --threads {threads} is more than the {cpus} CPUs here; using {cpus}", err=True)
-        return cpus
-    return threads
+    from refformer.runtime.generator import capped_threads
+
+    capped = capped_threads(threads)
+    if capped < threads:
+        click.echo(f"notice: --threads {threads} is more than the {capped} CPUs here; using {capped}", err=True)
+    return capped
 
 
 def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, threads, batch_size, truncate, options,

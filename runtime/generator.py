@@ -105,6 +105,15 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
     return target
 
 
+def capped_threads(threads):
+    """ONNX Runtime's intra-op thread count: threads (an int >= 1, checked by the caller) capped to os.cpu_count();
+    None stays None (ONNX Runtime's default). The one cap of Generator and generate --threads.
+
+    Raises nothing.
+    """
+    return None if threads is None else min(int(threads), os.cpu_count() or 1)
+
+
 LIBRARY_BATCH = 64  # generate() and generate_ids() run many texts this many at a time (outputs are per row, so the
 # same): 20,000 texts at once were refused for their caches' 24 GiB, with advice to lower a batch size they lack
 
@@ -146,7 +155,7 @@ class Generator:
 
         Raises RefformerError for a bad argument, a missing or broken model folder, or an export that fails."""
         self.check_arguments(model_dir, provider, dtype, threads, truncate, variant, static_length, cuda_graph)
-        threads = None if threads is None else min(int(threads), os.cpu_count() or 1)
+        threads = capped_threads(threads)
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = load_config(self.model_dir)
         self.tokenizer = tok.load_tokenizer(self.model_dir / "tokenizer.json")
