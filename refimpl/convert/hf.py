@@ -342,18 +342,24 @@ def _config_bart(hf):
 
 
 def _t5_feed_forward(hf):
-    """(activation, gated) from T5's feed_forward_proj, as T5Config.__post_init__ reads it."""
+    """(activation, gated) of a T5 config as T5Config reads it: from feed_forward_proj ("relu", "gated-gelu" ->
+    gelu_new, "gated-ACT"), unless config.json states dense_act_fn / is_gated_act, which then win (as they do in
+    transformers 5.24, where they are set after __post_init__ derives them)."""
     proj = _option(hf, "feed_forward_proj")
     parts = proj.split("-") if isinstance(proj, str) else []
     if not parts or len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
         _refuse("feed_forward_proj", proj, "expected an activation such as relu, or gated-ACT such as gated-gelu")
-    name = "gelu_new" if proj == "gated-gelu" else parts[-1]
+    name = hf.get("dense_act_fn", "gelu_new" if proj == "gated-gelu" else parts[-1])
     if name not in ACTIVATIONS:
-        _refuse("feed_forward_proj", proj, f"refformer has the activations {', '.join(sorted(ACTIVATIONS))}")
-    return ACTIVATIONS[name], parts[0] == "gated"
+        _refuse("dense_act_fn" if "dense_act_fn" in hf else "feed_forward_proj", hf.get("dense_act_fn", proj),
+                f"refformer has the activations {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name], bool(hf.get("is_gated_act", parts[0] == "gated"))
 
 
 def _config_t5(hf):
+    """T5 v1.0 / v1.1 / flan-t5: pre-RMSNorm layers without biases, unscaled attention with relative position
+    buckets, head_scale D^-0.5 where transformers scales the decoder output (scale_decoder_outputs, else
+    tie_word_embeddings not false). T5 has no position limit; max_positions is the legacy n_positions, else 512."""
     activation, gated = _t5_feed_forward(hf)
     D, H, Dh = _option(hf, "d_model"), _option(hf, "num_heads"), _option(hf, "d_kv")
     scale_outputs = hf.get("scale_decoder_outputs", _option(hf, "tie_word_embeddings") is not False)
@@ -615,8 +621,8 @@ def params_from_hf(hf_config, tensors):
     tie, so it maps gradients as it maps weights).
 
     The parameters are float64 when every floating tensor is, else float32. Raises RefformerError for an unknown
-    model_type, an option refformer cannot represent (naming it), a missing or misshapen tensor, or a tensor that
-    transformers would read and refformer does not map.
+    model_type, an option refformer cannot represent (naming it), a missing or misshapen tensor, a tensor that
+    transformers would read and refformer does not map, or weights that are not finite.
     """
     check(isinstance(hf_config, dict), "hf_config must be a config.json dict")
     check(isinstance(tensors, dict), "tensors must be a dict of checkpoint keys to arrays")
@@ -633,4 +639,7 @@ def params_from_hf(hf_config, tensors):
     dtype = np.float64 if floats and all(array.dtype == np.float64 for array in floats) else np.float32
     cfg = Config(**fields)
     flat = {name: np.ascontiguousarray(array, dtype=dtype) for name, array in flatten(params).items()}
+    for name, array in flat.items():
+        check(bool(np.all(np.isfinite(array))), f"the checkpoint's weights for {name} hold NaN or infinite values: "
+                                                "refformer will not import them")
     return cfg, unflatten_checked(cfg, flat, "the checkpoint")

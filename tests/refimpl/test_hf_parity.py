@@ -281,3 +281,30 @@ def test_marian_sinusoids_are_transformers_table(imported):
     model, cfg, _ = imported("marian")
     table = model.model.encoder.embed_positions.weight.detach().numpy()
     np.testing.assert_array_equal(marian_sinusoids(cfg.max_positions, cfg.d_model), table)
+
+
+def test_non_finite_weights_are_refused(imported):
+    model, _, _ = imported("gpt2")
+    tensors = {name: t.detach().numpy().copy() for name, t in model.state_dict().items()}
+    tensors["transformer.h.1.mlp.c_fc.bias"][3] = np.nan
+    with pytest.raises(RefformerError, match="decoder.layers.1.ffn.fc1.bias hold NaN"):
+        params_from_hf(model.config.to_dict(), tensors)
+
+
+def test_t5_reads_its_activation_as_transformers_does(imported):
+    """T5Config derives dense_act_fn / is_gated_act from feed_forward_proj, but saved values win."""
+    model, _, _ = imported("t5-v1.1")
+    tensors = {name: t.detach().numpy() for name, t in model.state_dict().items()}
+    config = model.config.to_dict()
+    assert (config["dense_act_fn"], config["is_gated_act"]) == ("gelu_new", True)
+    cfg, _ = params_from_hf({**config, "dense_act_fn": "relu"}, tensors)
+    assert (cfg.activation, cfg.ffn_gated, cfg.head_scale) == ("relu", True, 1.0)
+    del config["dense_act_fn"], config["is_gated_act"]
+    cfg, _ = params_from_hf(config, tensors)
+    assert (cfg.activation, cfg.ffn_gated) == ("gelu_tanh", True)
+
+
+def test_a_folder_without_weights_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(RefformerError, match="has no model.safetensors"):
+        from_hf(tmp_path)
