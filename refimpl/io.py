@@ -462,15 +462,46 @@ def check_tokenizer(cfg, tokenizer_json, source):
     """The tokenizer in tokenizer_json (text), checked: its vocabulary size and special ids must match the config.
     Its padding and truncation sections are switched off, so that they never change what the model sees.
     Raises RefformerError naming source."""
+    return check_tokenizer_matches(cfg, parse_tokenizer(tokenizer_json, source), source)
+
+
+def without_padding_or_truncation(tokenizer):
+    """Switch off a tokenizers.Tokenizer's padding and truncation (a tokenizer.json may carry them), so that they
+    never change what the model sees; returns tokenizer.
+
+    Raises nothing.
+    """
+    if tokenizer.padding is not None:
+        tokenizer.no_padding()
+    if tokenizer.truncation is not None:
+        tokenizer.no_truncation()
+    return tokenizer
+
+
+def parse_tokenizer(tokenizer_json, source):
+    """The tokenizers.Tokenizer of tokenizer_json (text), padding and truncation off. Raises RefformerError naming
+    source when the text is not a valid tokenizer.json."""
     from tokenizers import Tokenizer
 
     try:
         tokenizer = Tokenizer.from_str(tokenizer_json)
     except Exception as error:  # tokenizers raises its own exception types
         raise RefformerError(f"{source} is not a valid tokenizer.json: {error}") from None
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    return check_tokenizer_matches(cfg, tokenizer, source)
+    return without_padding_or_truncation(tokenizer)
+
+
+def read_tokenizer(path):
+    """The one reader of a tokenizer.json file (an existing file at path): parse_tokenizer of its text, a UTF-8
+    byte-order mark dropped. Both loaders build on it: load_tokenizer (a model folder's, checked against its config)
+    and refimpl.training.tokenizer.load_tokenizer (any file, checked for the special tokens at ids 0-3).
+
+    Raises RefformerError for a file larger than TOKENIZER_MAX_BYTES, not UTF-8 text, or not a valid tokenizer.json.
+    """
+    try:
+        text = read_text(path, TOKENIZER_MAX_BYTES)
+    except UnicodeDecodeError as error:
+        raise RefformerError(f"{path} is not UTF-8 text: {error}") from None
+    return parse_tokenizer(text, str(path))
 
 
 def check_tokenizer_matches(cfg, tokenizer, source, whose="the model's"):
@@ -498,8 +529,4 @@ def load_tokenizer(model_dir):
     path = model_dir / TOKENIZER_FILE
     if not path.is_file():
         raise RefformerError(f"{path} is missing")
-    try:
-        text = read_text(path, TOKENIZER_MAX_BYTES)
-    except UnicodeDecodeError as error:
-        raise RefformerError(f"{path} is not UTF-8 text: {error}") from None
-    return check_tokenizer(cfg, text, str(path))
+    return check_tokenizer_matches(cfg, read_tokenizer(path), str(path))

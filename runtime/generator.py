@@ -16,7 +16,7 @@ from refformer.export import contract
 from refformer.export.session import PROVIDER_OPTIONS, resolve_provider
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import GenerationOptions, generate, search_iter
-from refformer.refimpl.io import check_tokenizer_matches, load_config
+from refformer.refimpl.io import TOKENIZER_FILE, check_tokenizer_matches, load_config
 from refformer.refimpl.model import left_pad
 from refformer.refimpl.training import tokenizer as tok
 from refformer.refimpl.training.batching import pad_rows
@@ -158,8 +158,8 @@ class Generator:
         threads = capped_threads(threads)
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = load_config(self.model_dir)
-        self.tokenizer = tok.load_tokenizer(self.model_dir / "tokenizer.json")
-        check_tokenizer_matches(self.cfg, self.tokenizer, f"{self.model_dir}/tokenizer.json", whose="config.json's")
+        self.tokenizer = tok.load_tokenizer(self.model_dir / TOKENIZER_FILE)
+        check_tokenizer_matches(self.cfg, self.tokenizer, f"{self.model_dir}/{TOKENIZER_FILE}", whose="config.json's")
         self.provider = resolve_provider(provider)
         if variant not in VARIANTS:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")

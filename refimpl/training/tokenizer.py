@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from ..errors import RefformerError
-from ..io import TOKENIZER_MAX_BYTES, atomic_write, read_text, silenced_native_output
+from ..io import atomic_write, read_tokenizer, silenced_native_output, without_padding_or_truncation
 from .data import detect_family, read_lines, read_tsv, split_path
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
@@ -109,18 +109,6 @@ def special_ids(tokenizer):
     return ids
 
 
-def without_padding_or_truncation(tokenizer):
-    """Switch off the tokenizer's padding and truncation (a tokenizer.json may carry them); returns tokenizer.
-
-    Raises nothing.
-    """
-    if tokenizer.padding is not None:
-        tokenizer.no_padding()
-    if tokenizer.truncation is not None:
-        tokenizer.no_truncation()
-    return tokenizer
-
-
 def encode(tokenizer, texts):
     """Token ids of each text, without special tokens, padding or truncation; text that looks like a special token
     stays text. Raises RefformerError for a text that is not a str or not valid Unicode, and for a tokenizer that
@@ -206,15 +194,8 @@ def load_tokenizer(path):
     path = Path(path)
     if not path.is_file():
         raise RefformerError(f"{path} not found: train one with 'refformer tokenizer train'")
-    try:
-        tokenizer = Tokenizer.from_str(read_text(path, TOKENIZER_MAX_BYTES))  # drops a UTF-8 byte-order mark
-    except UnicodeDecodeError as error:
-        raise RefformerError(f"{path} is not UTF-8 text: {error}") from None
-    except RefformerError:
-        raise
-    except Exception as error:  # tokenizers raises its own exception types
-        raise RefformerError(f"{path} is not a valid tokenizer.json: {error}") from None
+    tokenizer = read_tokenizer(path)  # refimpl.io's one reader: padding and truncation off
     ids = special_ids(tokenizer)
     if list(ids.values()) != list(range(len(SPECIAL_TOKENS))):
         raise RefformerError(f"{path}: special tokens must be {', '.join(SPECIAL_TOKENS)} at ids 0-3, got {ids}")
-    return without_padding_or_truncation(tokenizer)
+    return tokenizer
