@@ -141,9 +141,11 @@ def without_tracebacks(function):
 def refuse_model_folder_as_text(texts):
     """`refformer generate m "text"` with m a model folder: a usage error pointing to --model, not a translation of
     m. Raises click.UsageError."""
+    from refformer.refimpl.io import CONFIG_FILE
+
     for text in texts:
         try:
-            is_model = (Path(text) / "config.json").is_file()
+            is_model = (Path(text) / CONFIG_FILE).is_file()
         except (OSError, ValueError):  # a text too long or odd to be a path
             is_model = False
         if is_model:

@@ -16,7 +16,7 @@ from refformer.export import contract
 from refformer.export.session import PROVIDER_OPTIONS, resolve_provider
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import GenerationOptions, generate, search_iter
-from refformer.refimpl.io import TOKENIZER_FILE, check_tokenizer_matches, load_config
+from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, check_tokenizer_matches, load_config
 from refformer.refimpl.model import left_pad
 from refformer.refimpl.training import tokenizer as tok
 from refformer.refimpl.training.batching import pad_rows
@@ -39,7 +39,7 @@ def note(message):
 def default_model_dir():
     """The German->English model shipped inside the package (a Path). Raises RefformerError when it is missing."""
     path = Path(__file__).parent / "models" / "de-en"
-    if not (path / "config.json").is_file():
+    if not (path / CONFIG_FILE).is_file():
         raise RefformerError(f"the bundled model is missing from {path}: reinstall refformer or pass --model DIR")
     return path
 

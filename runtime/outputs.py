@@ -128,6 +128,7 @@ def check_not_in_model(output_path, model_dir):
     """Refuse an --output that is one of the model folder's files (config.json, model.safetensors, tokenizer.json) or
     lies in its export folders (onnx/, the per-user cache), spelled any way (a symbolic link, ./, ../): generate
     reads them. Raises RefformerError."""
+    from refformer.export.folder import EXPORTS_FOLDER
     from refformer.runtime.options import resolve_model
 
     try:
@@ -135,10 +136,10 @@ def check_not_in_model(output_path, model_dir):
     except RefformerError:  # no bundled model: the model folder is named as missing later
         return
     target = Path(os.path.realpath(output_path))
-    if target in {model / name for name in MODEL_FILES} or model / "onnx" in target.parents:
+    if target in {model / name for name in MODEL_FILES} or model / EXPORTS_FOLDER in target.parents:
         raise RefformerError(f"--output {output_path} is a file of the model folder {model_dir or model}; write the "
                              "results to another file")
-    if (model / "config.json").is_file() and (model / "model.safetensors").is_file():
+    if (model / CONFIG_FILE).is_file() and (model / WEIGHTS_FILE).is_file():
         cached = export_folder_holding(output_path, model)  # the model's exports in the cache
         if cached is not None:
             raise RefformerError(f"--output {output_path} is in the model's export folder "
