@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -21,14 +20,13 @@ from pathlib import Path
 import onnx
 
 from refformer.refimpl.errors import RefformerError
-from refformer.refimpl.io import CONFIG_FILE, WEIGHTS_FILE, load_config, process_alive, read_json, sha256
+from refformer.refimpl.io import CONFIG_FILE, HOST, WEIGHTS_FILE, load_config, process_alive, read_json, sha256
 
 from .contract import graph_file, reference_graphs
 
 MANIFEST_FORMAT = 2  # 2: one folder per export set, and every file's sha256 under "files"
 MANIFEST_FILE = "manifest.json"
 EXPORTS_FOLDER = "onnx"  # MODEL_DIR/onnx/<export_name>
-HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40]
 LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>\w*)-")
 
 

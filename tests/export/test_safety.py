@@ -21,7 +21,6 @@ import refformer.export.session as session_module
 import refformer.refimpl.io as io_module
 from refformer.export.export import export_model
 from refformer.export.folder import (
-    HOST,
     default_export_dir,
     export_name,
     find_export,
@@ -32,7 +31,7 @@ from refformer.export.folder import (
 from refformer.export.session import resolve_provider
 from refformer.export.verify import verify
 from refformer.refimpl import RefformerError, init_params, load, save
-from refformer.refimpl.io import SAVE_JOURNAL
+from refformer.refimpl.io import HOST, SAVE_JOURNAL
 from refformer.runtime.cli import main
 from refformer.runtime.generator import default_model_dir, ensure_export
 
