@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.errors import RefformerError, is_integer
 from refformer.refimpl.io import WEIGHTS_FILE, current_umask, load, load_config
 
 from .contract import (
@@ -133,18 +133,17 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
         if not isinstance(value, (bool, np.bool_)) and not (name == "external_data" and value is None):
             raise RefformerError(f"{name} must be True or False{' (or None)' if name == 'external_data' else ''}, "
                                  f"got {value!r}")
-    if isinstance(static_length, np.integer):
+    if is_integer(static_length):
         static_length = int(static_length)
-    if isinstance(opset, np.integer):  # np.int64(17) was refused as "must be between 17 and 28, got 17"
+    if is_integer(opset):  # np.int64(17) was refused as "must be between 17 and 28, got 17"
         opset = int(opset)
     if dtype not in DTYPES:
         raise RefformerError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     newest = onnx.defs.onnx_opset_version()
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+    if not is_integer(opset) or not MIN_OPSET <= opset <= newest:
         raise RefformerError(f"--opset must be between {MIN_OPSET} (LayerNormalization) and {newest} "
                              f"(an integer), got {opset!r}")
-    if static_length is not None and (isinstance(static_length, bool) or not isinstance(static_length, int)
-                                      or static_length < 1):
+    if static_length is not None and (not is_integer(static_length) or static_length < 1):
         raise RefformerError(f"--static-length must be a positive integer, got {static_length}")
     model_dir = Path(model_dir)
     load_config(model_dir)  # a missing or bad model folder is named before anything else

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.errors import RefformerError, is_integer
 from refformer.refimpl.gradcheck import rel_error
 from refformer.refimpl.model import decoder_step, empty_cache, encode, left_pad, left_padded_positions, model_forward
 from refformer.refimpl.tree import tree_cast
@@ -264,7 +264,7 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
     model), weights with NaN or inf, or graphs ONNX Runtime cannot load or run."""
     from refformer.refimpl.io import TOKENIZER_FILE, WEIGHTS_FILE, load, load_tokenizer
 
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_integer(seed) or seed < 0:
         raise RefformerError(f"--seed must be an integer >= 0, got {seed!r}")
     check_path("model_dir", model_dir)
     if onnx_dir is not None:

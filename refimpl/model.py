@@ -40,6 +40,7 @@ from .errors import (
     check_rng,
     check_tree,
     check_upstream,
+    is_integer,
     physical_memory_bytes,
     reading_cache,
 )
@@ -253,8 +254,7 @@ def left_pad(rows, pad_id):
     check_number("pad_id", pad_id, 0, integer=True)
     for b, row in enumerate(rows):
         row = row.tolist() if isinstance(row, np.ndarray) and row.ndim == 1 else row
-        check(isinstance(row, (list, tuple)) and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
-                                                     and t >= 0 for t in row),
+        check(isinstance(row, (list, tuple)) and all(is_integer(t) and t >= 0 for t in row),
               f"rows[{b}] must be a list of token ids (integers >= 0)")
     length = max(len(row) for row in rows)
     ids = np.full((len(rows), length), pad_id, dtype=np.int64)
@@ -581,9 +581,8 @@ def empty_cache(cfg, batch_size, dtype=np.float32):
     Raises RefformerError for a negative batch_size or a dtype other than float32/float64.
     """
     check_config(cfg)
-    check(isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool)
-          and 0 <= batch_size <= np.iinfo(np.intp).max, f"batch_size must be an integer >= 0 (and below 2**63), "
-                                                       f"got {batch_size!r}")
+    check(is_integer(batch_size) and 0 <= batch_size <= np.iinfo(np.intp).max,
+          f"batch_size must be an integer >= 0 (and below 2**63), got {batch_size!r}")
     check(dtype in (np.float32, np.float64, np.dtype(np.float32), np.dtype(np.float64)),
           f"dtype must be float32 or float64, got {dtype!r}")
     shape = (batch_size, cfg.n_heads, 0, cfg.head_dim)

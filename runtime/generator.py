@@ -14,7 +14,7 @@ import numpy as np
 
 from refformer.export import contract
 from refformer.export.session import PROVIDER_OPTIONS, resolve_provider
-from refformer.refimpl.errors import RefformerError
+from refformer.refimpl.errors import RefformerError, is_integer
 from refformer.refimpl.generate import GenerationOptions, generate, search_iter
 from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, check_tokenizer_matches, load_config
 from refformer.refimpl.model import left_pad
@@ -188,9 +188,6 @@ class Generator:
     @staticmethod
     def check_arguments(model_dir, provider, dtype, threads, truncate, variant, static_length, cuda_graph):
         """RefformerError for a constructor argument of the wrong type or range (before anything is loaded)."""
-        def integer(value):
-            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
         if model_dir is not None and not isinstance(model_dir, (str, os.PathLike)):
             raise RefformerError(f"model_dir must be a folder path, got {type(model_dir).__name__}")
         if not isinstance(provider, str) or provider not in PROVIDER_OPTIONS:
@@ -199,11 +196,11 @@ class Generator:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if not isinstance(dtype, str) or dtype not in contract.DTYPES:
             raise RefformerError(f"dtype must be fp32 or fp16, got {dtype!r}")
-        if threads is not None and not (integer(threads) and threads >= 1):
+        if threads is not None and not (is_integer(threads) and threads >= 1):
             raise RefformerError(f"threads must be an integer >= 1, got {threads!r}")
         if not isinstance(truncate, bool):
             raise RefformerError(f"truncate must be True or False, got {truncate!r}")
-        if static_length is not None and not (integer(static_length) and static_length >= 1):
+        if static_length is not None and not (is_integer(static_length) and static_length >= 1):
             raise RefformerError(f"static_length must be an integer >= 1, got {static_length!r}")
         if cuda_graph is not None and not isinstance(cuda_graph, bool):
             raise RefformerError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
@@ -323,7 +320,7 @@ class Generator:
             raise RefformerError("rows must be a non-empty list of token id lists (from encode_rows)")
         for number, row in enumerate(rows):
             if not isinstance(row, (list, tuple)) or not all(
-                    isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < cfg.vocab_size
+                    is_integer(t) and 0 <= t < cfg.vocab_size
                     for t in row):
                 raise RefformerError(f"row {number} must be a list of token ids in [0, {cfg.vocab_size})")
         rows = [list(row) for row in rows]
@@ -346,7 +343,7 @@ class Generator:
         """The text of generated ids (eos and other special tokens skipped); RefformerError for ids that are not token
         ids of the vocabulary."""
         ids = list(ids) if isinstance(ids, (list, tuple, np.ndarray)) else None
-        if ids is None or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+        if ids is None or not all(is_integer(t) for t in ids):
             raise RefformerError("ids must be a list of integer token ids")
         return tok.decode(self.tokenizer, [t for t in ids if t != self.cfg.eos_id])
 
