@@ -10,11 +10,16 @@ import math
 
 import click
 
-from refformer.refimpl.config import ACTIVATIONS, FAMILIES, POSITIONALS
+from refformer.refimpl.config import ACTIVATIONS, FAMILIES
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import NonEmptyPath, model_option, resolve_model
 
 # ---------------------------------------------------------------------------- refformer train
+
+
+# the position encodings a model trained here can also be exported and generate with (config.POSITIONALS holds more:
+# the reference computes them for imported models)
+TRAINABLE_POSITIONALS = ("sinusoidal", "learned")
 
 
 @click.command("train")
@@ -34,7 +39,7 @@ from refformer.runtime.options import NonEmptyPath, model_option, resolve_model
 @click.option("--norm-first/--post-ln", default=False, show_default=True, help="Pre-LN or post-LN layers.")
 @click.option("--activation", type=click.Choice(ACTIVATIONS), default="relu",
               show_default=True)
-@click.option("--positional", type=click.Choice(POSITIONALS), default="sinusoidal", show_default=True)
+@click.option("--positional", type=click.Choice(TRAINABLE_POSITIONALS), default="sinusoidal", show_default=True)
 @click.option("--max-positions", type=int, default=256, show_default=True,
               help="Longest sequence; longer training pairs are skipped, texts are cut into windows this long.")
 @click.option("--steps", type=int, default=1000, show_default=True, help="Optimizer steps in all (resume included).")
