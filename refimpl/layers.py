@@ -77,22 +77,6 @@ def _unsupported_features(cfg):
     """The names of cfg's options the forward does not implement yet (empty when it does them all): each would
     otherwise compute a different function. No checks (cfg is a checked Config)."""
     found = []
-    if cfg.n_kv_heads != cfg.n_heads:
-        found.append("grouped-query attention (n_kv_heads)")
-    if cfg.head_dim * cfg.n_heads != cfg.d_model:
-        found.append("head_dim other than d_model / n_heads")
-    if cfg.raw("attention_scale") is not None:
-        found.append("attention_scale")
-    if not (cfg.attention_qkv_bias and cfg.attention_out_bias):
-        found.append("attention without biases (attention_qkv_bias, attention_out_bias)")
-    if cfg.positional in ("none", "relative", "rotary"):
-        found.append(f'positional "{cfg.positional}"')
-    if cfg.position_offset:
-        found.append("position_offset")
-    if cfg.embed_norm:
-        found.append("embed_norm")
-    if cfg.head_scale != 1.0:
-        found.append("head_scale")
     return found
 
 
@@ -213,16 +197,21 @@ def check_layer_cache(cache, cfg, what):
         raise RefformerError(f"cache must be the cache {what} returned")
 
 
-def encoder_layer_forward(p, x, mask, cfg, rng=None):
+def encoder_layer_forward(p, x, mask, cfg, rng=None, *, rotary=None, position_bias=None):
     """The encoder layer (Vaswani et al. 2017, sec. 3.1): self-attention then feed-forward, each in a residual block.
     x [B, S, D] -> y [B, S, D], cache.
 
     mask broadcasts to [B, H, S, S] (typically the source key-padding mask [B, 1, 1, S]): boolean
-    True = attend, or floating additive. Raises RefformerError for bad p, x, mask, cfg or rng.
+    True = attend, or floating additive. The stack's position inputs of the self-attention (model.py computes them
+    once per stack): rotary = (cos, sin) [B, S, Dh] (attention.rotary_tables of the positions, positional "rotary"),
+    position_bias broadcasting to [B, H, S, S] (attention.relative_position_bias_forward, positional "relative").
+    The attention scale is cfg.attention_scale. Raises RefformerError for bad p, x, mask, rotary, position_bias, cfg
+    or rng.
     """
     check_layer_input(p, x, cfg, rng, cross=False)
     def self_attention(h):
-        return mha_forward(p["self_attn"], h, h, mask, n_heads=cfg.n_heads, dropout=cfg.dropout, rng=rng)
+        return mha_forward(p["self_attn"], h, h, mask, n_heads=cfg.n_heads, scale=cfg.raw("attention_scale"),
+                           position_bias=position_bias, rotary=rotary, dropout=cfg.dropout, rng=rng)
 
     h, attn_block = residual_forward(p["self_attn_norm"], x, self_attention, cfg, rng)
     y, ffn_block = residual_forward(p["ffn_norm"], h, lambda h: feed_forward_forward(p["ffn"], h, cfg, rng), cfg, rng)
@@ -230,7 +219,8 @@ def encoder_layer_forward(p, x, mask, cfg, rng=None):
 
 
 def encoder_layer_backward(p, cache, dy, cfg):
-    """dy [B, S, D] -> dx [B, S, D], dp with p's keys: the forward read bottom-up.
+    """dy [B, S, D] -> dx [B, S, D], dp with p's keys: the forward read bottom-up; when the forward had a
+    position_bias, its gradient (the shape of position_bias) comes third.
 
     Raises RefformerError for a p, cache, dy or cfg that does not match the forward.
     """
@@ -243,20 +233,21 @@ def encoder_layer_backward(p, cache, dy, cfg):
 def _encoder_layer_backward(p, cache, dy, cfg):
     dh, d_ffn_norm, d_ffn = residual_backward(
         p["ffn_norm"], cache["ffn"], dy, lambda c, df: feed_forward_backward(p["ffn"], c, df), cfg)
-    dx, d_attn_norm, d_attn = residual_backward(
+    dx, d_attn_norm, (d_attn, dbias) = residual_backward(
         p["self_attn_norm"], cache["self_attn"], dh, lambda c, df: _self_attention_backward(p["self_attn"], c, df), cfg)
-    return dx, {"self_attn": d_attn, "self_attn_norm": d_attn_norm, "ffn": d_ffn, "ffn_norm": d_ffn_norm}
+    return (dx, {"self_attn": d_attn, "self_attn_norm": d_attn_norm, "ffn": d_ffn, "ffn_norm": d_ffn_norm}, *dbias)
 
 
 def _self_attention_backward(p, cache, df):
-    dxq, dxkv, dp = mha_backward(p, cache, df)
-    return dxq + dxkv, dp  # queries, keys and values all came from the same h
+    dxq, dxkv, dp, *dbias = mha_backward(p, cache, df)  # dbias: [d position_bias] when the forward had one, else []
+    return dxq + dxkv, (dp, dbias)  # queries, keys and values all came from the same h
 
 
 # ---------------------------------------------------------------------------- decoder layer
 
 
-def decoder_layer_forward(p, x, self_mask, memory, memory_mask, cfg, rng=None, *, past=None, cross_kv=None):
+def decoder_layer_forward(p, x, self_mask, memory, memory_mask, cfg, rng=None, *, past=None, cross_kv=None,
+                          rotary=None, position_bias=None):
     """The decoder layer (Vaswani et al. 2017, sec. 3.1): causal self-attention, cross-attention to memory,
     feed-forward, each in a residual block. x [B, T, D] -> y [B, T, D], cache.
 
@@ -264,30 +255,37 @@ def decoder_layer_forward(p, x, self_mask, memory, memory_mask, cfg, rng=None, *
     and memory_mask broadcasts to [B, H, T, S]. A decoder-only layer has no "cross_attn" in p and takes
     memory=None. Masks are boolean (True = attend) or floating additive.
 
+    The self-attention's position inputs, computed once per stack (model.py): rotary = (cos, sin) [B, T, Dh] of the
+    T new positions (attention.rotary_tables, positional "rotary"; it rotates queries and keys, so a cache holds
+    rotated keys), position_bias broadcasting to [B, H, T, P + T] (attention.relative_position_bias_forward,
+    positional "relative"). Cross-attention gets neither (as T5's and every transformers decoder). Every attention
+    uses the scale cfg.attention_scale and the key/value heads Hkv = cfg.n_kv_heads.
+
     Incremental decoding (model.decoder_step) runs the same layer on T new positions: past is this layer's
-    self-attention cache (k, v) [B, H, P, Dh], self_mask then broadcasts to [B, H, T, P + T], and
-    cache["present"] holds (k, v) [B, H, P + T, Dh] (attention.cached_self_attention_forward); cross_kv is the
-    memory's (k, v) [B, H, S, Dh] from attention.project_kv, passed instead of memory. Inference only (rng=None).
-    Raises RefformerError for bad p, x, memory, masks, past, cross_kv, cfg or rng.
+    self-attention cache (k, v) [B, Hkv, P, Dh], self_mask then broadcasts to [B, H, T, P + T], and
+    cache["present"] holds (k, v) [B, Hkv, P + T, Dh] (attention.cached_self_attention_forward); cross_kv is the
+    memory's (k, v) [B, Hkv, S, Dh] from attention.project_kv, passed instead of memory. Inference only (rng=None).
+    Raises RefformerError for bad p, x, memory, masks, past, cross_kv, rotary, position_bias, cfg or rng.
     """
     check_layer_input(p, x, cfg, rng, cross=isinstance(p, dict) and "cross_attn" in p)
     check(past is None or rng is None, "incremental decoding (past) is inference only: pass rng=None")
     for name, pair in (("past", past), ("cross_kv", cross_kv)):
         check(pair is None or (isinstance(pair, (list, tuple)) and len(pair) == 2),
-              f"{name} must be None or this layer's (k, v), each [B, H, L, Dh]")
+              f"{name} must be None or this layer's (k, v), each [B, Hkv, L, Dh]")
     present = {}
+    heads = {"n_heads": cfg.n_heads, "scale": cfg.raw("attention_scale")}
+    positions = {"rotary": rotary, "position_bias": position_bias}
 
     def self_attention(h):
         if past is None:
-            return mha_forward(p["self_attn"], h, h, self_mask, n_heads=cfg.n_heads, dropout=cfg.dropout, rng=rng)
-        y, present["kv"] = cached_self_attention_forward(p["self_attn"], h, *past, self_mask, n_heads=cfg.n_heads)
+            return mha_forward(p["self_attn"], h, h, self_mask, **heads, **positions, dropout=cfg.dropout, rng=rng)
+        y, present["kv"] = cached_self_attention_forward(p["self_attn"], h, *past, self_mask, **heads, **positions)
         return y, None
 
     def cross_attention(h):
         if cross_kv is None:
-            return mha_forward(p["cross_attn"], h, memory, memory_mask, n_heads=cfg.n_heads, dropout=cfg.dropout,
-                               rng=rng)
-        return mha_cached_forward(p["cross_attn"], h, *cross_kv, memory_mask, n_heads=cfg.n_heads), None
+            return mha_forward(p["cross_attn"], h, memory, memory_mask, **heads, dropout=cfg.dropout, rng=rng)
+        return mha_cached_forward(p["cross_attn"], h, *cross_kv, memory_mask, **heads), None
 
     if "cross_attn" not in p and (memory is not None or cross_kv is not None):
         raise RefformerError("this decoder layer has no cross-attention (a decoder-only layer): pass memory=None")
@@ -308,7 +306,8 @@ def decoder_layer_forward(p, x, self_mask, memory, memory_mask, cfg, rng=None, *
 
 
 def decoder_layer_backward(p, cache, dy, cfg):
-    """dy [B, T, D] -> dx [B, T, D], dmemory [B, S, D] (None without cross-attention), dp with p's keys.
+    """dy [B, T, D] -> dx [B, T, D], dmemory [B, S, D] (None without cross-attention), dp with p's keys; when the
+    forward had a position_bias, its gradient (the shape of position_bias) comes fourth.
     Not for a forward run with past (incremental decoding keeps no cache for a backward).
 
     Raises RefformerError for a p, cache, dy or cfg that does not match the forward.
@@ -331,6 +330,6 @@ def _decoder_layer_backward(p, cache, dy, cfg):
 
         dh, dp["cross_attn_norm"], (dmemory, dp["cross_attn"]) = residual_backward(
             p["cross_attn_norm"], cache["cross_attn"], dh, cross_attention_backward, cfg)
-    dx, dp["self_attn_norm"], dp["self_attn"] = residual_backward(
+    dx, dp["self_attn_norm"], (dp["self_attn"], dbias) = residual_backward(
         p["self_attn_norm"], cache["self_attn"], dh, lambda c, df: _self_attention_backward(p["self_attn"], c, df), cfg)
-    return dx, dmemory, dp
+    return (dx, dmemory, dp, *dbias)

@@ -30,7 +30,15 @@ import math
 
 import numpy as np
 
-from .attention import causal_mask, check_keep_mask, padding_mask, project_kv
+from .attention import (
+    causal_mask,
+    check_keep_mask,
+    padding_mask,
+    project_kv,
+    relative_position_bias_backward,
+    relative_position_bias_forward,
+    rotary_tables,
+)
 from .config import check_config, check_fits_memory
 from .errors import (
     RefformerError,
@@ -153,6 +161,21 @@ def source_embedding(cfg, params):
     return params["decoder" if cfg.share_embeddings else "encoder"]["embed_tokens"]
 
 
+def head_forward(cfg, params, hidden):
+    """logits = (hidden * head_scale) @ W + b: hidden [B, T, D] -> logits [B, T, V], cache. head_scale (T5 v1.0's
+    tied head: d_model ** -0.5, transformers' T5ForConditionalGeneration) is skipped when 1.0, as every other model
+    has it. W, b from lm_head_params. No checks of its own (model_forward and decoder_step check first)."""
+    scaled = hidden * cfg.head_scale if cfg.head_scale != 1.0 else hidden
+    return linear_forward(lm_head_params(cfg, params), scaled)
+
+
+def head_backward(cfg, params, cache, dlogits):
+    """dlogits [B, T, V] -> dhidden [B, T, D] and the head's {"weight" [D, V], "bias" [V]} gradients (the weight's
+    is the transposed table's when tied). No checks of its own (reached through model_backward)."""
+    dscaled, dhead = linear_backward(lm_head_params(cfg, params), cache, dlogits)
+    return (dscaled * cfg.head_scale if cfg.head_scale != 1.0 else dscaled), dhead
+
+
 def lm_head_params(cfg, params):
     """{"weight" [D, V], "bias" [V] (lm_head_bias only)} of the output projection logits = h @ W + b; the weight
     is the transposed decoder table when tie_embeddings (Press & Wolf 2017). No checks (see check_model)."""
@@ -166,30 +189,44 @@ def lm_head_params(cfg, params):
 
 
 def embed_forward(cfg, p_tokens, p_stack, ids, positions, rng=None):
-    """x = dropout(E[ids] * sqrt(D) + pos[positions]) (Vaswani et al. 2017, sec. 3.4 and 3.5; the sqrt(D) scale
-    only with cfg.embed_scale, pos the learned table or sinusoidal_table). ids, positions [B, T] int -> x [B, T, D]
-    in the table's dtype, cache. No checks of its own (model_forward, encode and decoder_step check first)."""
+    """x = dropout(norm(E[ids] * sqrt(D) + pos[positions])) (Vaswani et al. 2017, sec. 3.4 and 3.5). ids, positions
+    [B, T] int -> x [B, T, D] in the table's dtype, cache.
+
+    The sqrt(D) scale only with cfg.embed_scale (Marian's too). pos by cfg.positional: sinusoidal_table, the
+    learned table at row position + position_offset (transformers' BartLearnedPositionalEmbedding, offset 2), or
+    nothing for "none" (nn.Transformer's textbook model) and for "relative" / "rotary", whose positions act inside
+    attention. norm (p_stack["embed_norm"], cfg.norm) only with cfg.embed_norm (BART's layernorm_embedding, before
+    the dropout as there). No checks of its own (model_forward, encode and decoder_step check first)."""
     tokens, token_cache = embedding_forward(p_tokens, ids)
     scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
+    x, pos_cache = tokens * scale, None
     if cfg.positional == "learned":
-        pos, pos_cache = embedding_forward(p_stack["embed_positions"], positions)
-    else:
+        pos, pos_cache = embedding_forward(p_stack["embed_positions"], positions + cfg.position_offset)
+        x = x + pos
+    elif cfg.positional == "sinusoidal":
         used = int(positions.max()) + 1 if positions.size else 0  # only the rows used, not all max_positions
-        pos, pos_cache = sinusoidal_table(used, cfg.d_model, tokens.dtype)[positions], None
-    x, dropout_cache = dropout_forward(tokens * scale + pos, cfg.dropout, rng)
-    cache = {"tokens": token_cache, "positions": pos_cache, "scale": scale, "dropout": dropout_cache, "output": x}
+        x = x + sinusoidal_table(used, cfg.d_model, tokens.dtype)[positions]
+    norm_cache = None
+    if cfg.embed_norm:
+        x, norm_cache = norm_forward(p_stack["embed_norm"], x, cfg.norm, cfg.norm_eps)
+    x, dropout_cache = dropout_forward(x, cfg.dropout, rng)
+    cache = {"tokens": token_cache, "positions": pos_cache, "scale": scale, "embed_norm": norm_cache,
+             "dropout": dropout_cache, "output": x}
     return x, cache
 
 
 def embed_backward(cfg, p_tokens, p_stack, cache, dx):
-    """dx [B, T, D] -> the token-table gradient {"weight" [V, D]} and, for learned positions, the position-table
-    gradient {"weight" [N, D]} (else None). No checks of its own (reached through model_backward)."""
+    """dx [B, T, D] -> the token-table gradient {"weight" [V, D]} and the gradients of the stack's own embedding
+    parameters: {"embed_positions": {"weight" [N + O, D]}} for learned positions, {"embed_norm": ...} with
+    embed_norm (an empty dict when it has neither). No checks of its own (reached through model_backward)."""
     dsum = dropout_backward(cache["dropout"], dx)
+    own = {}
+    if cfg.embed_norm:
+        dsum, own["embed_norm"] = norm_backward(p_stack["embed_norm"], cache["embed_norm"], dsum, cfg.norm)
     dtokens = embedding_backward(p_tokens, cache["tokens"], dsum * cache["scale"])
-    dpositions = None
     if cfg.positional == "learned":
-        dpositions = embedding_backward(p_stack["embed_positions"], cache["positions"], dsum)
-    return dtokens, dpositions
+        own["embed_positions"] = embedding_backward(p_stack["embed_positions"], cache["positions"], dsum)
+    return dtokens, own
 
 
 # ---------------------------------------------------------------------------- input checks
@@ -316,6 +353,45 @@ def check_activations_fit(cfg, B, S, T, dtype, past=0):
 # ---------------------------------------------------------------------------- stacks
 
 
+def _self_attention_positions(cfg, p_stack, positions, past_length, dtype, *, bidirectional):
+    """The position inputs every self-attention layer of a stack shares, computed once per stack: ({"rotary": (cos,
+    sin) [B, T, Dh] or None, "position_bias": [1, H, T, P + T] or None}, the bias's cache or None).
+
+    rotary (positional "rotary"): attention.rotary_tables of positions [B, T] with cfg.rope_theta, in dtype
+    (transformers' LlamaRotaryEmbedding takes the position_ids likewise). position_bias (positional "relative"):
+    attention.relative_position_bias_forward of the stack's table, bidirectional in the encoder, causal in the decoder.
+    As transformers' T5Attention.compute_bias, it reads places in the sequence, not the positions argument: query i of
+    the T new tokens sits at P + i (P = past_length cached ones), key j at j. Left padding shifts queries and keys
+    alike, so the distances between real tokens, and the bias, are those of the unpadded row.
+    """
+    T = positions.shape[1]
+    rotary = rotary_tables(positions, cfg.head_dim, cfg.rope_theta, dtype) if cfg.positional == "rotary" else None
+    bias, bias_cache = None, None
+    if cfg.positional == "relative":
+        bias, bias_cache = relative_position_bias_forward(
+            p_stack["relative_attention_bias"]["weight"], past_length + np.arange(T)[None],  # queries [1, T]
+            np.arange(past_length + T)[None], bidirectional=bidirectional,  # keys [1, P + T]
+            max_distance=cfg.relative_max_distance)
+    return {"rotary": rotary, "position_bias": bias}, bias_cache
+
+
+def _relative_bias_grads(p_stack, bias_cache, dbias):
+    """{"relative_attention_bias": {"weight" [num_buckets, H]}} from the sum over the stack's layers of their bias
+    gradients (dbias; None when the stack has no layer), or {} when the stack has no relative bias."""
+    if bias_cache is None:
+        return {}
+    table = p_stack["relative_attention_bias"]["weight"]
+    dtable = np.zeros_like(table) if dbias is None else relative_position_bias_backward(bias_cache, dbias)
+    return {"relative_attention_bias": {"weight": dtable}}
+
+
+def _add(total, gradients):
+    """total + the one gradient in gradients ([] or [g]; a layer's position-bias gradient), None + g = g."""
+    for gradient in gradients:
+        total = gradient if total is None else total + gradient
+    return total
+
+
 def encoder_forward(cfg, params, src_ids, src_keep, src_positions, rng=None):
     """Embed and encode the source: src_ids [B, S] int, src_keep [B, S] bool, src_positions [B, S] int -> memory
     [B, S, D] in the parameters' dtype, cache. Every layer is layers.encoder_layer_forward. No checks of its own
@@ -323,14 +399,16 @@ def encoder_forward(cfg, params, src_ids, src_keep, src_positions, rng=None):
     p = params["encoder"]
     x, embed_cache = embed_forward(cfg, source_embedding(cfg, params), p, src_ids, src_positions, rng)
     mask = padding_mask(src_keep)  # [B, 1, 1, S]
+    positions, bias_cache = _self_attention_positions(cfg, p, src_positions, 0, x.dtype, bidirectional=True)
     layer_caches = []
     for p_layer in p["layers"]:
-        x, layer_cache = encoder_layer_forward(p_layer, x, mask, cfg, rng)
+        x, layer_cache = encoder_layer_forward(p_layer, x, mask, cfg, rng, **positions)
         layer_caches.append(layer_cache)
     norm_cache = None
     if cfg.final_norm:
         x, norm_cache = norm_forward(p["final_norm"], x, cfg.norm, cfg.norm_eps)
-    return x, {"embed": embed_cache, "layers": layer_caches, "final_norm": norm_cache, "output": x}
+    return x, {"embed": embed_cache, "relative_attention_bias": bias_cache, "layers": layer_caches,
+               "final_norm": norm_cache, "output": x}
 
 
 def encoder_backward(cfg, params, cache, dmemory):
@@ -342,13 +420,15 @@ def encoder_backward(cfg, params, cache, dmemory):
     if cfg.final_norm:
         dx, grads["final_norm"] = norm_backward(p["final_norm"], cache["final_norm"], dx, cfg.norm)
     layer_grads = []
+    dbias = None  # the layers share one relative position bias: their gradients add up
     for p_layer, layer_cache in zip(reversed(p["layers"]), reversed(cache["layers"])):
-        dx, dp_layer = encoder_layer_backward(p_layer, layer_cache, dx, cfg)
+        dx, dp_layer, *dbias_layer = encoder_layer_backward(p_layer, layer_cache, dx, cfg)
         layer_grads.append(dp_layer)
+        dbias = _add(dbias, dbias_layer)
     grads["layers"] = layer_grads[::-1]
-    dtokens, dpositions = embed_backward(cfg, source_embedding(cfg, params), p, cache["embed"], dx)
-    if dpositions is not None:
-        grads["embed_positions"] = dpositions
+    grads.update(_relative_bias_grads(p, cache["relative_attention_bias"], dbias))
+    dtokens, own = embed_backward(cfg, source_embedding(cfg, params), p, cache["embed"], dx)
+    grads.update(own)
     return grads, dtokens
 
 
@@ -357,9 +437,10 @@ def decoder_forward(cfg, params, tgt_ids, tgt_keep, tgt_positions, memory, src_k
     """Embed and decode T target tokens causally, attending to the source -> hidden [B, T, D], cache.
 
     Training and scoring: tgt_keep [B, T]; memory [B, S, D] with src_keep [B, S] (encoder-decoder) or None.
-    Incremental decoding (decoder_step): past holds each layer's self-attention (k, v) [B, H, P, Dh], tgt_keep
-    [B, P + T] covers the past and the new positions, cross_kv each layer's (k, v) [B, H, S, Dh] replaces memory,
-    and cache["present"] holds each layer's (k, v) [B, H, P + T, Dh]. Every layer is layers.decoder_layer_forward.
+    Incremental decoding (decoder_step): past holds each layer's self-attention (k, v) [B, Hkv, P, Dh], tgt_keep
+    [B, P + T] covers the past and the new positions, cross_kv each layer's (k, v) [B, Hkv, S, Dh] replaces memory,
+    and cache["present"] holds each layer's (k, v) [B, Hkv, P + T, Dh]. Every layer is layers.decoder_layer_forward,
+    with the stack's rotary tables or relative bias (_self_attention_positions).
     No checks of its own (model_forward and decoder_step check first).
     """
     p = params["decoder"]
@@ -368,16 +449,18 @@ def decoder_forward(cfg, params, tgt_ids, tgt_keep, tgt_positions, memory, src_k
     P = tgt_keep.shape[1] - T  # positions already in the cache (0 without past)
     self_mask = causal_mask(T, P + T, past=P)[None, None] & padding_mask(tgt_keep)  # [B, 1, T, P + T]
     memory_mask = None if src_keep is None else padding_mask(src_keep)  # [B, 1, 1, S]
+    positions, bias_cache = _self_attention_positions(cfg, p, tgt_positions, P, x.dtype, bidirectional=False)
     layer_caches = []
     for i, p_layer in enumerate(p["layers"]):
         x, layer_cache = decoder_layer_forward(p_layer, x, self_mask, memory, memory_mask, cfg, rng,
                                                past=None if past is None else past[i],
-                                               cross_kv=None if cross_kv is None else cross_kv[i])
+                                               cross_kv=None if cross_kv is None else cross_kv[i], **positions)
         layer_caches.append(layer_cache)
     norm_cache = None
     if cfg.final_norm:
         x, norm_cache = norm_forward(p["final_norm"], x, cfg.norm, cfg.norm_eps)
-    cache = {"embed": embed_cache, "layers": layer_caches, "final_norm": norm_cache, "output": x}
+    cache = {"embed": embed_cache, "relative_attention_bias": bias_cache, "layers": layer_caches,
+             "final_norm": norm_cache, "output": x}
     if past is not None:
         cache["present"] = [layer_cache["present"] for layer_cache in layer_caches]
     return x, cache
@@ -393,15 +476,17 @@ def decoder_backward(cfg, params, cache, dhidden):
         dx, grads["final_norm"] = norm_backward(p["final_norm"], cache["final_norm"], dx, cfg.norm)
     layer_grads = []
     dmemory = None
+    dbias = None  # the layers share one relative position bias: their gradients add up
     for p_layer, layer_cache in zip(reversed(p["layers"]), reversed(cache["layers"])):
-        dx, dmem_layer, dp_layer = decoder_layer_backward(p_layer, layer_cache, dx, cfg)
+        dx, dmem_layer, dp_layer, *dbias_layer = decoder_layer_backward(p_layer, layer_cache, dx, cfg)
         layer_grads.append(dp_layer)
         if dmem_layer is not None:
             dmemory = dmem_layer if dmemory is None else dmemory + dmem_layer
+        dbias = _add(dbias, dbias_layer)
     grads["layers"] = layer_grads[::-1]
-    grads["embed_tokens"], dpositions = embed_backward(cfg, p["embed_tokens"], p, cache["embed"], dx)
-    if dpositions is not None:
-        grads["embed_positions"] = dpositions
+    grads.update(_relative_bias_grads(p, cache["relative_attention_bias"], dbias))
+    grads["embed_tokens"], own = embed_backward(cfg, p["embed_tokens"], p, cache["embed"], dx)
+    grads.update(own)
     return grads, dmemory
 
 
@@ -436,7 +521,7 @@ def model_forward(cfg, params, src_ids, tgt_ids, *, src_mask=None, tgt_mask=None
     if cfg.is_encoder_decoder:
         memory, encoder_cache = encoder_forward(cfg, params, src_ids, src_keep, src_positions, rng)
     hidden, decoder_cache = decoder_forward(cfg, params, tgt_ids, tgt_keep, tgt_positions, memory, src_keep, rng)
-    logits, head_cache = linear_forward(lm_head_params(cfg, params), hidden)
+    logits, head_cache = head_forward(cfg, params, hidden)
     assert logits.dtype == dtype
     cache = {"encoder": encoder_cache, "decoder": decoder_cache, "lm_head": head_cache, "logits": logits,
              "cfg": cfg}  # model_backward refuses a cache of another config (its activations would not match)
@@ -464,7 +549,7 @@ def model_backward(cfg, params, cache, dlogits):
 
 
 def _model_backward(cfg, params, cache, dlogits):
-    dhidden, dhead = linear_backward(lm_head_params(cfg, params), cache["lm_head"], dlogits)
+    dhidden, dhead = head_backward(cfg, params, cache["lm_head"], dlogits)
     grads = {}
     grads["decoder"], dmemory = decoder_backward(cfg, params, cache["decoder"], dhidden)
     table = grads["decoder"]["embed_tokens"]
@@ -497,7 +582,7 @@ def _in_order_of(template, tree):
 
 def encode(cfg, params, src_ids, src_mask=None):
     """Run the encoder once: src_ids [B, S] int -> memory [B, S, D] and every decoder layer's cross-attention
-    (k, v) [B, H, S, Dh] (attention.project_kv), in the parameters' dtype.
+    (k, v) [B, Hkv, S, Dh] (attention.project_kv), in the parameters' dtype.
 
     The NumPy twin of encoder.onnx. src_mask is a keep mask as in model_forward (floating masks are refused).
     Raises RefformerError for a decoder-only cfg or bad params, ids or mask.
@@ -517,9 +602,9 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
     """Decode T new tokens given a self-attention cache of P past positions. The NumPy twin of decoder.onnx.
 
     ids, positions [B, T] int; attention_mask [B, P + T] (1 = real token, past and new);
-    past: per layer (k, v) [B, H, P, Dh] (P may be 0); cross_kv: per layer (k, v) [B, H, S, Dh]
+    past: per layer (k, v) [B, Hkv, P, Dh] (P may be 0); cross_kv: per layer (k, v) [B, Hkv, S, Dh]
     from encode, with encoder_attention_mask [B, S]. Returns logits [B, T, V] and the present cache: per layer
-    (k, v) [B, H, P + T, Dh], all in the parameters' dtype. It runs decoder_forward, so the layers are those of
+    (k, v) [B, Hkv, P + T, Dh], all in the parameters' dtype. It runs decoder_forward, so the layers are those of
     model_forward (layers.decoder_layer_forward with past). Masks are keep masks (boolean or 0/1 integers,
     1 = real token); a floating mask is refused. Raises RefformerError for bad input.
     """
@@ -527,7 +612,7 @@ def decoder_step(cfg, params, ids, positions, attention_mask, past, cross_kv=Non
         cfg, params, ids, positions, attention_mask, past, cross_kv, encoder_attention_mask)
     hidden, cache = decoder_forward(cfg, params, ids, attention_mask, positions, None, encoder_attention_mask,
                                     past=past, cross_kv=cross_kv)
-    logits, _ = linear_forward(lm_head_params(cfg, params), hidden)
+    logits, _ = head_forward(cfg, params, hidden)
     return logits, cache["present"]
 
 
@@ -548,8 +633,8 @@ def _check_step_inputs(cfg, params, ids, positions, attention_mask, past, cross_
     check(P >= 0, f"attention_mask must cover the past and the {T} new positions, "
                   f"got shape {list(attention_mask.shape)}")
     for i, (k, v) in enumerate(past):
-        check_array(f"past[{i}] keys", k, shape=(B, cfg.n_heads, P, cfg.head_dim), kind="f", dtype=dtype)
-        check_array(f"past[{i}] values", v, shape=(B, cfg.n_heads, P, cfg.head_dim), kind="f", dtype=dtype)
+        check_array(f"past[{i}] keys", k, shape=(B, cfg.n_kv_heads, P, cfg.head_dim), kind="f", dtype=dtype)
+        check_array(f"past[{i}] values", v, shape=(B, cfg.n_kv_heads, P, cfg.head_dim), kind="f", dtype=dtype)
     check(attention_mask.shape == (B, P + T),
           f"attention_mask must have shape [B, P + T] = {[B, P + T]}, got {list(attention_mask.shape)}")
     if cfg.is_encoder_decoder:
@@ -564,8 +649,9 @@ def _check_step_inputs(cfg, params, ids, positions, attention_mask, past, cross_
         check(encoder_attention_mask.shape == (B, S),
               f"encoder_attention_mask must have shape [B, S] = {[B, S]}, got {list(encoder_attention_mask.shape)}")
         for i, (k, v) in enumerate(cross_kv):
-            check_array(f"cross_kv[{i}] keys", k, shape=(B, cfg.n_heads, S, cfg.head_dim), kind="f", dtype=dtype)
-            check_array(f"cross_kv[{i}] values", v, shape=(B, cfg.n_heads, S, cfg.head_dim), kind="f", dtype=dtype)
+            check_array(f"cross_kv[{i}] keys", k, shape=(B, cfg.n_kv_heads, S, cfg.head_dim), kind="f", dtype=dtype)
+            check_array(f"cross_kv[{i}] values", v, shape=(B, cfg.n_kv_heads, S, cfg.head_dim), kind="f",
+                        dtype=dtype)
     else:
         check(cross_kv is None and encoder_attention_mask is None,
               "a decoder-only model takes cross_kv=None and encoder_attention_mask=None")
@@ -576,7 +662,7 @@ def _check_step_inputs(cfg, params, ids, positions, attention_mask, past, cross_
 
 
 def empty_cache(cfg, batch_size, dtype=np.float32):
-    """A self-attention cache with P = 0: per decoder layer (k, v) [B, H, 0, Dh] of dtype, B = batch_size.
+    """A self-attention cache with P = 0: per decoder layer (k, v) [B, Hkv, 0, Dh] of dtype, B = batch_size.
 
     Raises RefformerError for a negative batch_size or a dtype other than float32/float64.
     """
@@ -585,5 +671,5 @@ def empty_cache(cfg, batch_size, dtype=np.float32):
           f"batch_size must be an integer >= 0 (and below 2**63), got {batch_size!r}")
     check(dtype in (np.float32, np.float64, np.dtype(np.float32), np.dtype(np.float64)),
           f"dtype must be float32 or float64, got {dtype!r}")
-    shape = (batch_size, cfg.n_heads, 0, cfg.head_dim)
+    shape = (batch_size, cfg.n_kv_heads, 0, cfg.head_dim)
     return [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(cfg.n_decoder_layers)]

@@ -248,7 +248,8 @@ def layer_configs(draw, **fixed):
     H = draw(head_counts)
     fields = dict(vocab_size=13, d_model=draw(norm_widths(H)), n_heads=H, d_ff=draw(hidden_widths),
                   n_encoder_layers=1, n_decoder_layers=1, norm_first=draw(st.booleans()), norm=draw(norms),
-                  activation=draw(activations), max_positions=16, dropout=0.0)
+                  activation=draw(activations), max_positions=16, dropout=0.0, ffn_gated=draw(st.booleans()),
+                  ffn_bias=draw(st.booleans()))
     fields.update(fixed)
     return Config(**fields)
 
@@ -262,10 +263,14 @@ def model_configs(draw, family=None, **fixed):
         n_encoder_layers=draw(st.integers(0, 2)), n_decoder_layers=draw(st.integers(0, 2)),
         family=family or draw(st.sampled_from(["encoder-decoder", "decoder-only"])),
         norm_first=draw(st.booleans()), norm=draw(norms), final_norm=draw(st.booleans()),
-        activation=draw(activations), positional=draw(st.sampled_from(["sinusoidal", "learned"])),
+        activation=draw(activations), positional=draw(st.sampled_from(["sinusoidal", "learned", "none"])),
         max_positions=draw(st.integers(6, 10)), embed_scale=draw(st.booleans()),
         share_embeddings=draw(st.booleans()), tie_embeddings=draw(st.booleans()),
-        lm_head_bias=draw(st.booleans()), dropout=draw(st.sampled_from([0.0, 0.0, 0.25])))
+        lm_head_bias=draw(st.booleans()), dropout=draw(st.sampled_from([0.0, 0.0, 0.25])),
+        ffn_gated=draw(st.booleans()), ffn_bias=draw(st.booleans()), embed_norm=draw(st.booleans()),
+        head_scale=draw(st.sampled_from([1.0, 1.0, 0.5])))
+    if fields["positional"] == "learned":
+        fields["position_offset"] = draw(st.sampled_from([0, 2]))
     fields.update(fixed)
     return Config(**fields)
 

@@ -10,6 +10,7 @@ from refformer.refimpl import Config, RefformerError, init_params, load, model_f
 from refformer.refimpl.config import FORMAT_1_FIELDS, FORMAT_VERSION, parameter_count
 from refformer.refimpl.io import flatten_shapes
 from refformer.refimpl.layers import feed_forward_backward, feed_forward_forward
+from refformer.refimpl.model import decoder_step, embed_backward, embed_forward, empty_cache, encode
 from refformer.refimpl.ops import rms_norm_backward, rms_norm_forward
 from refformer.refimpl.tree import flatten
 from refformer.runtime.generator import default_model_dir
@@ -17,10 +18,14 @@ from tests.helpers import (
     RELU_MARGIN,
     assert_param_gradients,
     float64_faithful_rms_norms,
+    left_padded,
     random_params,
+    random_tokens,
     relu_margin,
+    right_padded,
     weighted_sum,
 )
+from tests.refimpl.test_gradients import check_model_gradients, must
 
 PARITY = 1e-10  # against transformers in float64: max|ours - theirs| / max|theirs|, forward and every gradient
 
@@ -155,15 +160,112 @@ def test_parameter_count_and_init_params_follow_param_shapes(changes):
     assert all(np.all(params[name] == 1.0) for name in params if name.endswith("embed_norm.weight"))
 
 
-# ---------------------------------------------------------------------------- not implemented yet
+# ---------------------------------------------------------------------------- embeddings, head, whole models
 
 
-def test_options_the_forward_does_not_implement_yet_are_refused_by_name():
-    cfg = Config(**SMALL, head_scale=0.5)
-    params = init_params(cfg, np.random.default_rng(0), np.float64)
-    ids = np.array([[1, 5, 2]])
-    with pytest.raises(RefformerError, match="head_scale is not supported yet"):
-        model_forward(cfg, params, ids, ids)
+def test_bart_embeddings_match_transformers():
+    """Learned positions at row position + 2 and layernorm_embedding after the sum (embed_forward with
+    position_offset=2, embed_norm): transformers' BartScaledWordEmbedding + BartLearnedPositionalEmbedding +
+    layernorm_embedding, forward and gradients of the three tables, in float64 (positions 0 .. T-1, as BART's)."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers.models.bart.modeling_bart import BartLearnedPositionalEmbedding, BartScaledWordEmbedding
+
+    cfg = Config(**SMALL, positional="learned", position_offset=2, embed_norm=True, embed_scale=True)
+    params = random_params(cfg, 0)
+    p = params["decoder"]
+    ids = np.array([[3, 7, 1, 9, 0], [4, 4, 2, 0, 0]])
+    positions = np.broadcast_to(np.arange(5), ids.shape)
+    upstream = np.random.default_rng(1).standard_normal((2, 5, cfg.d_model))
+    x, cache = embed_forward(cfg, p["embed_tokens"], p, ids, positions)
+    dtokens, own = embed_backward(cfg, p["embed_tokens"], p, cache, upstream)
+
+    # padding_idx=None: with BART's padding_idx torch leaves the pad row's gradient at zero (a frozen row), where
+    # refimpl gives the row's true gradient; the forward is the same either way
+    tokens = BartScaledWordEmbedding(cfg.vocab_size, cfg.d_model, None, cfg.d_model ** 0.5).double()
+    table = BartLearnedPositionalEmbedding(cfg.max_positions, cfg.d_model).double()
+    norm = torch.nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps).double()
+    with torch.no_grad():
+        tokens.weight.copy_(torch.from_numpy(p["embed_tokens"]["weight"]))
+        table.weight.copy_(torch.from_numpy(p["embed_positions"]["weight"]))
+        norm.weight.copy_(torch.from_numpy(p["embed_norm"]["weight"]))
+        norm.bias.copy_(torch.from_numpy(p["embed_norm"]["bias"]))
+    ids_t = torch.from_numpy(ids)
+    theirs = norm(tokens(ids_t) + table(ids_t))
+    theirs.backward(torch.from_numpy(upstream))
+    errors = {"x": relative(x, theirs.detach().numpy()),
+              "embed_tokens": relative(dtokens["weight"], tokens.weight.grad.numpy()),
+              "embed_positions": relative(own["embed_positions"]["weight"], table.weight.grad.numpy()),
+              "embed_norm.weight": relative(own["embed_norm"]["weight"], norm.weight.grad.numpy()),
+              "embed_norm.bias": relative(own["embed_norm"]["bias"], norm.bias.grad.numpy())}
+    assert max(errors.values()) <= PARITY, errors
+    assert table.weight.shape[0] == cfg.max_positions + 2 == p["embed_positions"]["weight"].shape[0]
+
+
+def test_no_positions_add_nothing_and_head_scale_scales_the_logits():
+    cfg = Config(**SMALL, positional="none", embed_scale=False, tie_embeddings=True)
+    params = random_params(cfg, 0)
+    p = params["decoder"]
+    ids = np.array([[3, 7, 1]])
+    x, _ = embed_forward(cfg, p["embed_tokens"], p, ids, np.array([[0, 1, 2]]))
+    assert np.array_equal(x, p["embed_tokens"]["weight"][ids])  # nn.Embedding alone: no position, no scale
+    src = np.array([[5, 6, 7, 8]])
+    plain, _ = model_forward(cfg, params, src, ids)
+    scaled, _ = model_forward(cfg.replace(head_scale=8 ** -0.5), params, src, ids)  # T5 v1.0: tied head * D^-0.5
+    np.testing.assert_allclose(scaled, plain * 8 ** -0.5, rtol=1e-13, atol=0)
+
+
+NEW_OPTIONS = {  # each of F2's options of issue 13 on in some case, with the others as the families combine them
+    "T5-like: rmsnorm pre-LN, no positions, gated gelu_tanh, no ffn bias, head_scale": dict(
+        norm="rmsnorm", norm_first=True, positional="none", ffn_gated=True, ffn_bias=False, activation="gelu_tanh",
+        head_scale=8 ** -0.5, embed_scale=False),
+    "BART-like: learned + 2, embed_norm, gelu, unshared, final_logits_bias": dict(
+        positional="learned", position_offset=2, embed_norm=True, activation="gelu", share_embeddings=False,
+        lm_head_bias=True, embed_scale=False, final_norm=False),
+    "Llama-like decoder-only: rmsnorm, SwiGLU without biases, untied, dropout": dict(
+        family="decoder-only", n_encoder_layers=0, norm="rmsnorm", norm_first=True, positional="none",
+        ffn_gated=True, ffn_bias=False, activation="silu", tie_embeddings=False, dropout=0.2),
+    "decoder-only embed_norm rmsnorm, learned + 2, head_scale": dict(
+        family="decoder-only", n_encoder_layers=0, norm="rmsnorm", embed_norm=True, positional="learned",
+        position_offset=2, head_scale=0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(NEW_OPTIONS))
+def test_model_gradients_with_the_new_options(case):
+    """Every parameter of model_forward / model_backward against centred differences (<= 1e-6, float64), padded
+    rows included, with each new option on (test_gradients.check_model_gradients)."""
+    cfg = Config(**{**SMALL, **NEW_OPTIONS[case]})
+    check_model_gradients(cfg, 1234, B=3, S=5, T=4, explicit_masks=True, empty_source_row=cfg.is_encoder_decoder,
+                          left_pad=not cfg.is_encoder_decoder, require=must)
+
+
+@pytest.mark.parametrize("case", list(NEW_OPTIONS))
+def test_decoder_step_equals_the_full_forward_with_the_new_options(case):
+    """A left-padded prompt pass, then one token at a time: decoder_step's logits = model_forward's (<= 1e-12)."""
+    cfg = Config(**{**SMALL, **NEW_OPTIONS[case], "dropout": 0.0})
+    params = random_params(cfg, 5)
+    rng = np.random.default_rng(6)
+    B, prompt, steps = 3, 3, 3
+    prompt_ids, prompt_keep, prompt_positions = left_padded(rng, B, prompt, cfg)
+    ids = np.concatenate([prompt_ids, random_tokens(rng, cfg, (B, steps))], axis=1)
+    keep = np.concatenate([prompt_keep, np.ones((B, steps), bool)], axis=1).astype(np.int64)
+    positions = np.concatenate([prompt_positions, prompt_positions[:, -1:] + 1 + np.arange(steps)], axis=1)
+    src, src_keep, cross_kv = None, None, None
+    if cfg.is_encoder_decoder:
+        src, src_keep = right_padded(rng, B, 4, cfg)
+        src_keep = src_keep.astype(np.int64)
+        _, cross_kv = encode(cfg, params, src, src_keep)
+    expected, _ = model_forward(cfg, params, src, ids, tgt_mask=keep, tgt_positions=positions)
+    logits, past = decoder_step(cfg, params, prompt_ids, prompt_positions, keep[:, :prompt],
+                                empty_cache(cfg, B, np.float64), cross_kv, src_keep)
+    pieces = [logits]
+    for t in range(prompt, prompt + steps):
+        logits, past = decoder_step(cfg, params, ids[:, t:t + 1], positions[:, t:t + 1], keep[:, :t + 1], past,
+                                    cross_kv, src_keep)
+        pieces.append(logits)
+    got = np.concatenate(pieces, axis=1)
+    assert relative(got, expected) <= 1e-12
 
 
 # ---------------------------------------------------------------------------- feed-forward

@@ -419,7 +419,8 @@ def test_sweep_covers_every_public_function(setup):
                "gelu_tanh_backward", "silu_forward", "silu_backward", "erf",  # reached through activation_*
                "residual_forward", "residual_backward", "tree_map", "source_embedding", "lm_head_params",
                "embed_forward", "embed_backward", "encoder_forward", "encoder_backward", "decoder_forward",
-               "decoder_backward"}  # internal steps of the model, reached through model_forward / model_backward
+               "decoder_backward", "head_forward", "head_backward",
+               }  # internal steps of the model, reached through model_forward / model_backward
     missing = sorted(public - swept - helpers)
     assert not missing, f"public functions without a sweep entry: {missing}"
 
