@@ -332,3 +332,82 @@ def test_cached_self_attention_features(seed, layout, P, T, rotary, relative):
     k_all, v_all = project_kv(p, x, H, tables)
     np.testing.assert_allclose(k, k_all, rtol=0, atol=1e-12)
     np.testing.assert_allclose(v, v_all, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- whole models
+
+
+BASE = dict(vocab_size=11, d_model=8, n_heads=4, d_ff=12, n_encoder_layers=2, n_decoder_layers=2, max_positions=10,
+            dropout=0.0, activation="silu")
+FEATURE_MODELS = {
+    # Llama-like: GQA, rotary, head_dim != D / H, no attention biases, pre-LN rmsnorm
+    "dec-only GQA rotary": dict(family="decoder-only", n_kv_heads=2, head_dim=4, positional="rotary", rope_theta=100.0,
+                                attention_qkv_bias=False, attention_out_bias=False, norm="rmsnorm", norm_first=True,
+                                tie_embeddings=False),
+    # Qwen2-like: MQA with q/k/v biases, no output bias
+    "dec-only MQA rotary qkv bias": dict(family="decoder-only", n_kv_heads=1, positional="rotary",
+                                         attention_out_bias=False, norm="rmsnorm", norm_first=True),
+    # T5-like: relative buckets, no scale, d_kv != D / H, no biases
+    "enc-dec relative": dict(family="encoder-decoder", positional="relative", relative_num_buckets=8,
+                             relative_max_distance=6, attention_scale=1.0, head_dim=3, attention_qkv_bias=False,
+                             attention_out_bias=False, norm="rmsnorm", norm_first=True, embed_scale=False,
+                             share_embeddings=False),
+    "dec-only relative GQA": dict(family="decoder-only", positional="relative", relative_num_buckets=4,
+                                  relative_max_distance=3, n_kv_heads=2, attention_scale=0.7),
+    "enc-dec GQA rotary post-LN": dict(family="encoder-decoder", n_kv_heads=1, head_dim=2, positional="rotary"),
+}
+
+
+def feature_config(name, **changes):
+    from refformer.refimpl import Config
+
+    return Config(**{**BASE, **FEATURE_MODELS[name], **changes})
+
+
+@pytest.mark.parametrize("name", list(FEATURE_MODELS))
+def test_feature_model_gradients(name):
+    """model_forward/model_backward of every feature model against finite differences, every parameter tensor (the
+    shared relative bias tables included), with padding (left-padded rows for decoder-only models)."""
+    from tests.refimpl.test_gradients import check_model_gradients, must
+
+    cfg = feature_config(name)
+    grads = check_model_gradients(cfg, 21, B=2, S=5, T=4, explicit_masks=True, left_pad=not cfg.is_encoder_decoder,
+                                  max_entries=12, require=must)
+    if cfg.positional == "relative":
+        stacks = ("encoder", "decoder") if cfg.is_encoder_decoder else ("decoder",)
+        assert all(np.any(grads[s]["relative_attention_bias"]["weight"] != 0) for s in stacks)
+
+
+@pytest.mark.parametrize("name", list(FEATURE_MODELS))
+def test_feature_model_decoder_step_matches_model_forward(name):
+    """A left-padded prompt (T > 1), then single tokens through decoder_step with its [B, Hkv, P, Dh] caches, give
+    model_forward's logits (rotary keys cached rotated; the relative bias of query P + i)."""
+    from refformer.refimpl import decoder_step, empty_cache, encode, flatten, init_params, model_forward
+    from refformer.refimpl.model import left_pad
+
+    cfg = feature_config(name)
+    rng = np.random.default_rng(3)
+    params = init_params(cfg, rng, np.float64)
+    for value in flatten(params).values():
+        value += 0.2 * rng.standard_normal(value.shape)  # no zero biases or unit norms, nor a zero relative table
+    prompt_ids, prompt_keep, prompt_positions = left_pad([[4, 5, 6], [7, 8]], cfg.pad_id)
+    B, prompt, steps = 2, 3, 3
+    new_ids = rng.integers(4, cfg.vocab_size, (B, steps))
+    ids = np.concatenate([prompt_ids, new_ids], axis=1)
+    keep = np.concatenate([prompt_keep, np.ones((B, steps), np.int64)], axis=1)
+    positions = np.concatenate([prompt_positions, prompt_positions[:, -1:] + 1 + np.arange(steps)], axis=1)
+    src, src_keep, cross_kv = None, None, None
+    if cfg.is_encoder_decoder:
+        src, src_keep = np.array([[4, 5, 6, 7, 8], [9, 10, 4, 0, 0]]), np.array([[1] * 5, [1, 1, 1, 0, 0]])
+        _, cross_kv = encode(cfg, params, src, src_keep)
+        assert cross_kv[0][0].shape == (B, cfg.n_kv_heads, 5, cfg.head_dim)
+    expected, _ = model_forward(cfg, params, src, ids, src_mask=src_keep, tgt_mask=keep, tgt_positions=positions)
+    logits, past = decoder_step(cfg, params, prompt_ids, prompt_positions, keep[:, :prompt],
+                                empty_cache(cfg, B, np.float64), cross_kv, src_keep)
+    pieces = [logits]
+    for t in range(prompt, prompt + steps):
+        logits, past = decoder_step(cfg, params, ids[:, t:t + 1], positions[:, t:t + 1], keep[:, :t + 1], past,
+                                    cross_kv, src_keep)
+        pieces.append(logits)
+        assert all(k.shape == v.shape == (B, cfg.n_kv_heads, t + 1, cfg.head_dim) for k, v in past)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), expected, rtol=0, atol=1e-12)  # padding rows too

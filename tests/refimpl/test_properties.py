@@ -211,7 +211,7 @@ def test_decoder_step_matches_model_forward(cfg, seed, B, S, prompt, steps, ragg
                                     cross_kv, encoder_mask)
         pieces.append(logits)
         for k, v in past:
-            assert k.shape == v.shape == (B, cfg.n_heads, t + 1, cfg.head_dim)
+            assert k.shape == v.shape == (B, cfg.n_kv_heads, t + 1, cfg.head_dim)
     got = np.concatenate(pieces, axis=1)
     assert_close(got, expected, what="decoder_step vs model_forward (padding queries included)")
     assert np.all(np.isfinite(got))
