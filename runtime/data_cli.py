@@ -10,6 +10,7 @@ import click
 
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import NonEmptyPath
+from refformer.runtime.outputs import refuse_package_folder
 
 
 def _echo_counts(out_dir, counts, seconds):
@@ -44,6 +45,7 @@ def de_en_command(out_dir, overwrite):
     from refformer.refimpl.training.data import prepare_de_en
 
     start = time.perf_counter()
+    refuse_package_folder(out_dir, "--out")
     counts = prepare_de_en(out_dir, overwrite=overwrite)
     _echo_counts(out_dir, counts, time.perf_counter() - start)
 
@@ -63,6 +65,7 @@ def pydoc_command(out_dir, overwrite):
     from refformer.refimpl.training.data import prepare_pydoc
 
     start = time.perf_counter()
+    refuse_package_folder(out_dir, "--out")
     counts = prepare_pydoc(out_dir, overwrite=overwrite)
     _echo_counts(out_dir, counts, time.perf_counter() - start)
 

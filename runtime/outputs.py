@@ -11,6 +11,22 @@ from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.io import CONFIG_FILE, MODEL_FILES, TOKENIZER_FILE, WEIGHTS_FILE, leads_nowhere
 
 
+def refuse_package_folder(path, flag):
+    """Refuse an output path inside refformer's own package folders (where the bundled model lives, installed or
+    editable): their files are refformer's, not the user's, so no command writes there, --overwrite or not.
+    Raises RefformerError naming flag; a path that cannot be resolved (a loop of links) is left to the other checks.
+    """
+    from refformer.export.folder import packaged
+
+    try:
+        inside = packaged(Path(os.path.realpath(path)))
+    except (OSError, RuntimeError):
+        return
+    if inside:
+        raise RefformerError(f"{flag} {path} is inside refformer's own package folder (where the bundled model "
+                             "lives); write elsewhere")
+
+
 def check_output_file(path, overwrite, *, flag, inputs=(), same_as_input="is one of the command's inputs; pick "
                       "another file", not_regular_hint="give a file name", model_check=None):
     """Refuse a file path the command cannot or must not write. Raises RefformerError, naming flag ("--output",
@@ -32,6 +48,7 @@ def check_output_file(path, overwrite, *, flag, inputs=(), same_as_input="is one
         raise RefformerError(f"{flag} {path_text}: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise RefformerError(f"{flag} {path_text}: folder {parent} does not exist; create it first")
+    refuse_package_folder(path_text, flag)
     if model_check is not None:
         model_check(path_text)
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -13,6 +13,7 @@ import click
 from refformer.refimpl.config import ACTIVATIONS, FAMILIES
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.options import NonEmptyPath, model_option, resolve_model
+from refformer.runtime.outputs import refuse_package_folder
 
 # ---------------------------------------------------------------------------- refformer train
 
@@ -82,6 +83,7 @@ def train(ctx, data_dir, tokenizer_path, out_dir, **opts):
 
     options = train_options_from_flags(opts)
     given = {name for name in opts if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    refuse_package_folder(out_dir, "--out")
     setup = prepare_training(data_dir, tokenizer_path, out_dir, options,
                              {name: opts[name] for name in (*ARCHITECTURE_OPTIONS, "dropout")},
                              init_dir=opts["init_dir"], given=given, resume=opts["resume"],
