@@ -9,7 +9,7 @@ The layer functions take the model's Config for these choices and rng (a numpy.r
 eval mode) for dropout. Activations are [B, T, D] (S for the source), floating, in the parameters' dtype.
 """
 
-from .attention import cached_self_attention_forward, mha_backward, mha_cached_forward, mha_forward
+from .attention import cached_self_attention_forward, mha_backward, mha_cached_forward, mha_forward, mha_shapes
 from .config import check_config
 from .errors import RefformerError, check, check_array, check_tree, reading_cache
 from .ops import (
@@ -35,11 +35,9 @@ def linear_shapes(d_in, d_out, bias=True):
 def attention_shapes(cfg):
     """The shapes of one attention block of cfg: q_proj [D, H Dh], k_proj and v_proj [D, Hkv Dh], out_proj
     [H Dh, D]; the q/k/v biases only with attention_qkv_bias, out_proj's only with attention_out_bias. No checks
-    (cfg is a checked Config)."""
-    D, H, Hkv, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    qkv, out = cfg.attention_qkv_bias, cfg.attention_out_bias
-    return {"q_proj": linear_shapes(D, H * Dh, qkv), "k_proj": linear_shapes(D, Hkv * Dh, qkv),
-            "v_proj": linear_shapes(D, Hkv * Dh, qkv), "out_proj": linear_shapes(H * Dh, D, out)}
+    (cfg is a checked Config): attention.mha_shapes of cfg's sizes."""
+    return mha_shapes(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, qkv_bias=cfg.attention_qkv_bias,
+                      out_bias=cfg.attention_out_bias)
 
 
 def norm_shapes(cfg):
