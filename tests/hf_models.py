@@ -12,7 +12,8 @@ true gradient of that row is not zero.
 float64_exact(): transformers computes some things in float32 whatever the model's dtype, which caps float64
 parity near 1e-7: T5LayerNorm, LlamaRMSNorm and Qwen2RMSNorm cast to float32 before the variance (meant as an upcast
 for half precision), and the RoPE modules build their inverse frequencies and angles in float32. Inside the context
-these compute the same formulas in the input's dtype (and the inverse frequencies are rebuilt in float64); eager
+these compute the same formulas in the input's dtype (the norms with tests.helpers.rms_norm_in_input_dtype; the
+RoPE inverse frequencies are rebuilt in float64); eager
 attention of Llama/Qwen2 also softmaxes in float32, so those models use the "sdpa" attention (float64 throughout).
 """
 
@@ -31,6 +32,8 @@ from transformers import (
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.t5 import modeling_t5
+
+from tests.helpers import rms_norm_in_input_dtype
 
 V = 96  # vocabulary of every tiny model
 
@@ -114,12 +117,6 @@ def build(family, seed=0):
 # ---------------------------------------------------------------------------- float64 throughout
 
 
-def _rms_norm(module, hidden_states):
-    """T5LayerNorm / LlamaRMSNorm / Qwen2RMSNorm in the input's dtype: weight * x / sqrt(mean(x^2) + eps)."""
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return module.weight * (hidden_states * torch.rsqrt(variance + module.variance_epsilon))
-
-
 def _rotary(module, x, position_ids):
     """LlamaRotaryEmbedding.forward in the input's dtype, with inverse frequencies 1 / theta^(2i/Dh) in float64."""
     config = module.config
@@ -137,7 +134,7 @@ def float64_exact():
     docstring); outside, the library is untouched."""
     with contextlib.ExitStack() as stack:
         for cls in (modeling_t5.T5LayerNorm, modeling_llama.LlamaRMSNorm, modeling_qwen2.Qwen2RMSNorm):
-            stack.enter_context(mock.patch.object(cls, "forward", _rms_norm))
+            stack.enter_context(mock.patch.object(cls, "forward", rms_norm_in_input_dtype))
         for cls in (modeling_llama.LlamaRotaryEmbedding, modeling_qwen2.Qwen2RotaryEmbedding):
             stack.enter_context(mock.patch.object(cls, "forward", _rotary))
         yield
