@@ -13,8 +13,9 @@ float64_exact(): transformers computes some things in float32 whatever the model
 parity near 1e-7: T5LayerNorm, LlamaRMSNorm and Qwen2RMSNorm cast to float32 before the variance (meant as an upcast
 for half precision), and the RoPE modules build their inverse frequencies and angles in float32. Inside the context
 these compute the same formulas in the input's dtype (the norms with tests.helpers.rms_norm_in_input_dtype; the
-RoPE inverse frequencies are rebuilt in float64); eager
-attention of Llama/Qwen2 also softmaxes in float32, so those models use the "sdpa" attention (float64 throughout).
+RoPE inverse frequencies are rebuilt in float64). Eager attention of Llama/Qwen2 also softmaxes in float32, so those
+models use the "sdpa" attention (float64 throughout). Without the context the float64 logits differ from refformer's
+by 7e-8 (T5) to 5e-7 (T5 v1.1): float32 rounding, not a different function.
 """
 
 import contextlib
