@@ -250,8 +250,29 @@ def layer_configs(draw, **fixed):
                   n_encoder_layers=1, n_decoder_layers=1, norm_first=draw(st.booleans()), norm=draw(norms),
                   activation=draw(activations), max_positions=16, dropout=0.0, ffn_gated=draw(st.booleans()),
                   ffn_bias=draw(st.booleans()))
+    fields.update(draw(attention_options(H, fields["d_model"], "sinusoidal")))
     fields.update(fixed)
     return Config(**fields)
+
+
+@st.composite
+def attention_options(draw, H, D, positional):
+    """The attention options of a Config with H heads at width D (issue 13): n_kv_heads (a divisor of H), head_dim
+    (D / H or another width), attention_scale, the q/k/v and output bias flags, and positional's own settings
+    (rope_theta with an even head_dim; relative buckets with a max_distance beyond their exact range)."""
+    options = dict(n_kv_heads=draw(st.sampled_from([h for h in range(1, H + 1) if H % h == 0])),
+                   head_dim=draw(st.sampled_from([None, None, 2, 3])),
+                   attention_scale=draw(st.sampled_from([None, None, 1.0])),
+                   attention_qkv_bias=draw(st.booleans()), attention_out_bias=draw(st.booleans()))
+    if positional == "rotary":
+        if (options["head_dim"] or D // H) % 2:
+            options["head_dim"] = 2
+        options["rope_theta"] = draw(st.sampled_from([10000.0, 50.0]))
+    if positional == "relative":
+        buckets = draw(st.sampled_from([4, 8]))
+        options.update(relative_num_buckets=buckets,
+                       relative_max_distance=draw(st.sampled_from([buckets // 2 + 1, 20])))
+    return options
 
 
 @st.composite
@@ -263,7 +284,8 @@ def model_configs(draw, family=None, **fixed):
         n_encoder_layers=draw(st.integers(0, 2)), n_decoder_layers=draw(st.integers(0, 2)),
         family=family or draw(st.sampled_from(["encoder-decoder", "decoder-only"])),
         norm_first=draw(st.booleans()), norm=draw(norms), final_norm=draw(st.booleans()),
-        activation=draw(activations), positional=draw(st.sampled_from(["sinusoidal", "learned", "none"])),
+        activation=draw(activations),
+        positional=draw(st.sampled_from(["sinusoidal", "learned", "none", "relative", "rotary"])),
         max_positions=draw(st.integers(6, 10)), embed_scale=draw(st.booleans()),
         share_embeddings=draw(st.booleans()), tie_embeddings=draw(st.booleans()),
         lm_head_bias=draw(st.booleans()), dropout=draw(st.sampled_from([0.0, 0.0, 0.25])),
@@ -271,6 +293,7 @@ def model_configs(draw, family=None, **fixed):
         head_scale=draw(st.sampled_from([1.0, 1.0, 0.5])))
     if fields["positional"] == "learned":
         fields["position_offset"] = draw(st.sampled_from([0, 2]))
+    fields.update(draw(attention_options(H, fields["d_model"], fields["positional"])))
     fields.update(fixed)
     return Config(**fields)
 
