@@ -130,6 +130,16 @@ class Config:
             need(self.d_model % self.n_heads == 0, f"n_heads={self.n_heads} must divide d_model={self.d_model} "
                                                    f"(or give head_dim)")
         need(self.n_heads % self.n_kv_heads == 0, f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        # transformers' T5Attention._relative_position_bucket divides by log(max_distance / max_exact), max_exact =
+        # num_buckets // 2 (causal) or // 4 (bidirectional): both must be >= 1 and max_distance above them
+        least = 4 if self.is_encoder_decoder else 2
+        need(self.relative_num_buckets >= least, f"relative_num_buckets={self.relative_num_buckets} must be at least "
+                                                 f"{least} (T5's bucket formula divides by its quarter or half)")
+        need(self.relative_max_distance > self.relative_num_buckets // 2,
+             f"relative_max_distance={self.relative_max_distance} must exceed relative_num_buckets // 2 = "
+             f"{self.relative_num_buckets // 2} (T5's bucket formula takes the log of their ratio)")
+        need(self.positional != "rotary" or self.head_dim % 2 == 0,
+             f'positional "rotary" needs an even head_dim (it rotates pairs of features), got {self.head_dim}')
         need(self.position_offset == 0 or self.positional == "learned",
              f'position_offset={self.position_offset} needs positional "learned" (it shifts the learned table\'s rows)')
         for name in SPECIAL_IDS:
