@@ -58,8 +58,11 @@ def check_output_file(path, overwrite, *, flag, inputs=(), same_as_input="is one
         raise RefformerError(f"{flag} {path_text} {same_as_input}")
     if path.exists() and not path.is_file():  # a device or a pipe: --overwrite would not help
         raise RefformerError(f"{flag} {path_text} is not a regular file (a device or a pipe); {not_regular_hint}")
-    if (path.exists() or path.is_symlink()) and not overwrite:  # (a link whose target is still to be made is
-        raise RefformerError(f"{flag} {path_text} exists; pass --overwrite to replace it")  # written through)
+    if path.is_symlink() and not path.exists() and not overwrite:  # (with --overwrite it is written through)
+        raise RefformerError(f"{flag} {path_text} is a symbolic link to a file still to be made; pass --overwrite to "
+                             "write through it")
+    if path.exists() and not overwrite:
+        raise RefformerError(f"{flag} {path_text} exists; pass --overwrite to replace it")
 
 
 def check_tokenizer_output(out, data_dir, overwrite):

@@ -36,3 +36,16 @@ def test_outputs_inside_the_package_folder_are_refused(args, tmp_path):
     assert "refformer's own package folder" in result.stderr and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert snapshot() == before
+
+
+@pytest.mark.parametrize("command", [["golden"], ["tokenizer", "train", "CORPUS", "--vocab-size", "300"]],
+                         ids=["golden", "tokenizer train"])
+def test_a_link_to_a_file_still_to_be_made_needs_overwrite_and_says_so(command, tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "train.txt").write_text("one line of text\n" * 20)
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "target")
+    args = [str(tmp_path / "corpus") if arg == "CORPUS" else arg for arg in command] + ["--out", str(link)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "a symbolic link to a file still to be made; pass --overwrite" in result.stderr
+    assert not (tmp_path / "target").exists()
