@@ -16,7 +16,6 @@ import pytest
 
 from refformer.refimpl import RefformerError, decoder_step, encode, flatten, model_backward, model_forward
 from refformer.refimpl.convert.hf import from_hf, hf_special_ids, marian_sinusoids, params_from_hf, read_hf_tensors
-from refformer.refimpl.layers import check_supported
 from refformer.refimpl.model import empty_cache, left_padded_positions
 
 torch = pytest.importorskip("torch")
@@ -50,14 +49,6 @@ def imported(tmp_path_factory):
         return cache[family]
 
     return get
-
-
-def needs_reference_features(cfg):
-    """xfail while the forward does not implement an option of cfg yet (layers.check_supported names it)."""
-    try:
-        check_supported(cfg)
-    except RefformerError as missing:
-        pytest.xfail(f"reference feature not landed yet: {missing}")
 
 
 def padded_batch(family, cfg, model, seed=0):
@@ -113,7 +104,6 @@ def theirs(model, family, batch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(family, imported):
     model, cfg, params = imported(family)
-    needs_reference_features(cfg)
     batch, keep = padded_batch(family, cfg, model)
     logits, _ = ours(cfg, params, family, batch)
     with torch.no_grad():
@@ -137,7 +127,6 @@ def torch_gradients(model, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradients_match_torch_autograd(family, imported):
     model, cfg, params = imported(family)
-    needs_reference_features(cfg)
     batch, keep = padded_batch(family, cfg, model, seed=1)
     logits, cache = ours(cfg, params, family, batch)
     upstream = np.random.default_rng(2).standard_normal(logits.shape) * keep[..., None]  # real positions only
@@ -166,7 +155,6 @@ def test_gradients_match_torch_autograd(family, imported):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_incremental_decoding_matches_full_forward(family, imported):
     model, cfg, params = imported(family)
-    needs_reference_features(cfg)
     batch, keep = padded_batch(family, cfg, model, seed=3)
     full, _ = ours(cfg, params, family, batch)
     ids = batch["ids"] if family in DECODER_ONLY else batch["tgt"]
