@@ -53,7 +53,7 @@ from .folder import (
     same_export,
 )
 from .graph import check_weights
-from .model import build_decoder_variant, build_reference_graph
+from .model import build_decoder_variant, build_reference_graph, check_exportable
 from .session import check_native_path, import_onnxruntime
 from .verify import export_checks
 
@@ -121,7 +121,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
     over a cache updated in place).
 
     Raises RefformerError for a bad option (a model_dir or out_dir that is not a path, flags that are not booleans),
-    an out_dir that check_out_dir refuses (its parent must exist, unless it is
+    a model using options the graphs do not compute yet (model.check_exportable: one line naming them, before any
+    work), an out_dir that check_out_dir refuses (its parent must exist, unless it is
     one of export_locations), weights with NaN or inf (or beyond float16's range for fp16), or (measure=True) a measured
     error that is not finite or beyond the dtype's bound (1e-5 fp32, 1e-2 fp16).
     Leftovers of killed exports in the target's parent folder are removed first (recover_leftovers).
@@ -146,7 +147,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
     if static_length is not None and (not is_integer(static_length) or static_length < 1):
         raise RefformerError(f"--static-length must be a positive integer, got {static_length}")
     model_dir = Path(model_dir)
-    load_config(model_dir)  # a missing or bad model folder is named before anything else
+    check_exportable(load_config(model_dir))  # a missing or bad model folder, or options the graphs do not compute
     if out_dir is None:
         out_dir = default_export_dir(model_dir, dtype, static_length, fused_attention)
     out_dir = Path(out_dir)

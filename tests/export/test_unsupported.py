@@ -1,0 +1,111 @@
+"""Export refuses, in one line naming them, the Config options its graphs do not compute yet (issue 13: imported
+models reach the reference first), before any work and through every door: export_model, `refformer export`, and
+`refformer generate`'s export on demand. The options the graphs do compute (biases off, explicit values equal to
+the defaults) still export, verified against refimpl."""
+
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from refformer.export.export import export_model
+from refformer.export.model import unsupported_features
+from refformer.refimpl import Config, RefformerError, init_params, save
+from refformer.refimpl.training import tokenizer as tok
+from refformer.refimpl.tree import flatten, unflatten
+from refformer.runtime.cli import main
+
+BASE = dict(vocab_size=40, d_model=16, n_heads=4, d_ff=24, n_encoder_layers=1, n_decoder_layers=1, max_positions=16,
+            dropout=0.0)
+
+# option(s) -> what the one-line error must name
+UNSUPPORTED = [
+    (dict(n_kv_heads=2), "n_kv_heads=2"),
+    (dict(n_kv_heads=1, family="decoder-only"), "n_kv_heads=1"),
+    (dict(head_dim=8), "head_dim=8"),
+    (dict(attention_scale=1.0), "attention_scale=1.0"),
+    (dict(ffn_gated=True, activation="silu"), "ffn_gated=true"),
+    (dict(positional="none"), 'positional="none"'),
+    (dict(positional="relative"), 'positional="relative"'),
+    (dict(positional="rotary", family="decoder-only"), 'positional="rotary"'),
+    (dict(positional="learned", position_offset=2), "position_offset=2"),
+    (dict(embed_norm=True), "embed_norm=true"),
+    (dict(head_scale=0.25), "head_scale=0.25"),
+    (dict(pad_id=None), "pad_id=null"),
+    (dict(bos_id=None, family="decoder-only"), "bos_id=null"),
+    (dict(eos_id=None), "eos_id=null"),
+]
+
+
+def make(path, seed=0, **overrides):
+    """A tiny model folder with random (non-zero) biases, so that a bias left out would show."""
+    cfg = Config(**{**BASE, **overrides})
+    rng = np.random.default_rng(seed)
+    template = init_params(cfg, rng)
+    flat = {name: (value + 0.3 * rng.standard_normal(value.shape)).astype(value.dtype)
+            for name, value in flatten(template).items()}
+    save(path, cfg, unflatten(flat, template))
+    return cfg
+
+
+@pytest.mark.parametrize("options, named", UNSUPPORTED, ids=[named for _, named in UNSUPPORTED])
+def test_export_refuses_each_option_its_graphs_do_not_compute(tmp_path, options, named):
+    make(tmp_path / "m", **options)
+    with pytest.raises(RefformerError) as error:
+        export_model(tmp_path / "m", tmp_path / "out")
+    message = str(error.value)
+    assert message.startswith(f"export does not support yet: {named} (") and "\n" not in message
+    assert message.endswith("the reference (model_forward, golden) does")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m" / "onnx").exists()  # nothing begun
+    assert [entry.name for entry in tmp_path.iterdir()] == ["m"]  # no temporary folder either
+
+
+def test_every_option_is_named_in_one_line(tmp_path):
+    make(tmp_path / "m", family="decoder-only", positional="rotary", n_kv_heads=2, ffn_gated=True, ffn_bias=False,
+         attention_qkv_bias=False, head_scale=0.5, pad_id=None)
+    result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "m")])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert lines[0].startswith('error: export does not support yet: n_kv_heads=2, ffn_gated=true, '
+                               'positional="rotary", head_scale=0.5, pad_id=null (')
+
+
+def test_generate_on_demand_refuses_in_one_line(tmp_path):
+    tokenizer, trainer = tok.new_tokenizer(270)
+    tokenizer.train_from_iterator(["the weather is fine", "errors should never pass silently"] * 3, trainer)
+    tok.save_tokenizer(tokenizer, tmp_path / "tokenizer.json")
+    cfg = Config(**{**BASE, "vocab_size": tokenizer.get_vocab_size(), "family": "decoder-only",
+                    "positional": "rotary", "n_kv_heads": 2})
+    save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)), tokenizer=tmp_path / "tokenizer.json")
+    result = CliRunner().invoke(main, ["generate", "--model", str(tmp_path / "m"), "--provider", "cpu",
+                                       "the weather"])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output  # after a notice "exporting ..."
+    assert errors[0].startswith('error: export does not support yet: n_kv_heads=2, positional="rotary" (')
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    assert not (tmp_path / "m" / "onnx").exists() or not any((tmp_path / "m" / "onnx").iterdir())
+
+
+def test_options_the_graphs_compute_still_export_and_verify(tmp_path):
+    """Biases off (linear adds a bias only where the tree has one; the fused graphs fold none) and explicit
+    values equal to the defaults build the same function: measured against refimpl, every variant."""
+    options = dict(family="decoder-only", d_model=32, n_kv_heads=4, head_dim=8, attention_scale=1 / math.sqrt(8),
+                   attention_qkv_bias=False, attention_out_bias=False, ffn_bias=False, activation="gelu",
+                   position_offset=0, head_scale=1.0)
+    cfg = make(tmp_path / "m", **options)
+    assert unsupported_features(cfg) == []
+    manifest = export_model(tmp_path / "m", static_length=8, fused_attention=True)
+    assert manifest["error"]["max"] <= 1e-5
+    assert set(manifest["graphs"]) == {"decoder", "decoder_fused", "decoder_static", "decoder_static_mha",
+                                       "decoder_static_fused"}
+    cfg = make(tmp_path / "e", attention_out_bias=False, ffn_bias=False, norm_first=True)
+    assert export_model(tmp_path / "e")["error"]["max"] <= 1e-5
+
+
+def test_today_s_models_have_nothing_unsupported():
+    for options in (dict(), dict(family="decoder-only", positional="learned", norm="rmsnorm", activation="silu"),
+                    dict(tie_embeddings=False, share_embeddings=False, lm_head_bias=True, embed_scale=False)):
+        assert unsupported_features(Config(**{**BASE, **options})) == []
