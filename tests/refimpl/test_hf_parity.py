@@ -310,3 +310,27 @@ def test_default_masks_keep_the_decoder_start_token(family, imported):
         expected = theirs(model, family, {"src": src, "src_keep": np.ones_like(src), "tgt": tgt,
                                           "tgt_keep": np.ones_like(tgt)}).numpy()
     assert error(logits, expected) <= LOGITS_TOL
+
+
+def state(model):
+    """{checkpoint key: array} of a model's state_dict, tied keys repeated (as older checkpoints store them)."""
+    return {name: t.detach().numpy() for name, t in model.state_dict().items()}
+
+
+def test_older_checkpoint_layouts_read_the_same(imported):
+    """What hub checkpoints written by older transformers hold: GPT-2 without the 'transformer.' prefix and with its
+    causal-mask buffers; T5 and Marian with every tied table repeated, T5's unused cross-attention bias table, Marian's
+    sinusoids and final_logits_bias; Llama with RoPE's inv_freq buffers."""
+    for family, edit in [
+        ("gpt2", lambda t: {**{k.removeprefix("transformer."): v for k, v in t.items()},
+                            "h.0.attn.bias": np.tril(np.ones((1, 1, 40, 40))), "h.1.attn.masked_bias": np.array(-1e4)}),
+        ("t5", lambda t: {**t, "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight":
+                          np.zeros((8, 2))}),
+        ("marian", lambda t: t),
+        ("llama", lambda t: {**t, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(6)}),
+    ]:
+        model, cfg, params = imported(family)
+        other_cfg, other = params_from_hf(model.config.to_dict(), edit(state(model)))
+        assert other_cfg == cfg, family
+        for name, array in flatten(params).items():
+            np.testing.assert_array_equal(flatten(other)[name], array, err_msg=f"{family}: {name}")
