@@ -302,6 +302,8 @@ def _check_bart_variant(hf_config, family):
 
 
 def _config_gpt2(hf):
+    """GPT-2: pre-LN layers, learned positions, Conv1D weights, the head tied to wte unless the config unties it;
+    scale_attn_weights=false is attention_scale 1."""
     if _option(hf, "scale_attn_by_inverse_layer_idx"):
         _refuse("scale_attn_by_inverse_layer_idx", True, "refformer scales every layer's attention alike")
     if _option(hf, "add_cross_attention"):
@@ -318,6 +320,9 @@ def _config_gpt2(hf):
 
 
 def _config_bart(hf):
+    """BART and Marian: post-LN layers without final norms, final_logits_bias as the head's bias, the sqrt(D)
+    embedding scale when scale_embedding; BART's learned positions start at row 2 and each stack normalises its
+    embeddings, Marian's positions are its fixed sinusoids (marian_sinusoids), stored as a learned table."""
     family = hf["model_type"]
     _check_bart_variant(hf, family)
     for encoder_key, decoder_key in (("encoder_attention_heads", "decoder_attention_heads"),
@@ -377,6 +382,8 @@ def _config_t5(hf):
 
 
 def _config_llama(hf):
+    """Llama and Qwen2: pre-RMSNorm layers, SwiGLU, RoPE, grouped-query attention; Llama's attention_bias switches
+    all four projection biases and mlp_bias the feed-forward's, Qwen2 has q/k/v biases and no others."""
     qwen = hf["model_type"] == "qwen2"
     if qwen and (_option(hf, "use_sliding_window")
                  or "sliding_attention" in (hf.get("layer_types") or [])):
