@@ -334,3 +334,14 @@ def test_older_checkpoint_layouts_read_the_same(imported):
         assert other_cfg == cfg, family
         for name, array in flatten(params).items():
             np.testing.assert_array_equal(flatten(other)[name], array, err_msg=f"{family}: {name}")
+
+
+def test_safetensors_folders_need_neither_torch_nor_transformers(tmp_path, monkeypatch):
+    folder = saved(tmp_path, "llama")
+    modules = __import__("sys").modules
+    for name in [name for name in modules if name.split(".")[0] in ("torch", "transformers")]:
+        monkeypatch.delitem(modules, name)
+    monkeypatch.setitem(modules, "torch", None)  # any import of them now raises ImportError
+    monkeypatch.setitem(modules, "transformers", None)
+    cfg, params = from_hf(folder)
+    assert cfg.positional == "rotary" and cfg.n_kv_heads == 2
