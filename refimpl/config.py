@@ -166,6 +166,16 @@ class Config:
         return hash(self._key())
 
     @property
+    def fill_id(self):
+        """The id that fills a position holding no token (a finished row of generate, the padding of stacked rows):
+        pad_id, else eos_id (transformers' generate pads finished rows with eos when a model has no pad token), else
+        0 (a model with neither; the masks, not this id, say which positions are real). An int. Raises nothing."""
+        for value in (self.pad_id, self.eos_id):
+            if value is not None:
+                return value
+        return 0
+
+    @property
     def is_encoder_decoder(self):
         """True for family "encoder-decoder", False for "decoder-only".
 

@@ -310,7 +310,8 @@ def process_logits(logits, sequences, n_generated, options, cfg):
     _check_scores("logits", logits)
     _check_options(options)
     check_config(cfg)
-    check(logits.shape[1] > cfg.eos_id, f"logits must have a column for every token id (eos is {cfg.eos_id})")
+    check(cfg.eos_id is None or logits.shape[1] > cfg.eos_id,
+          f"logits must have a column for every token id (eos is {cfg.eos_id})")
     sequences = _check_sequences(sequences, logits.shape[0], logits.shape[1])
     check_number("n_generated", n_generated, 0, integer=True)
     return _process_logits(logits, sequences, n_generated, options, cfg)
@@ -321,7 +322,7 @@ def _process_logits(logits, sequences, n_generated, options, cfg):
     if options.no_repeat_ngram_size:
         for b, sequence in enumerate(sequences):
             scores[b, _banned_ngram_tokens(list(sequence), options.no_repeat_ngram_size)] = -np.inf
-    if n_generated < options.min_new_tokens:
+    if n_generated < options.min_new_tokens and cfg.eos_id is not None:  # no eos: nothing to ban
         scores[:, cfg.eos_id] = -np.inf
     if not np.isfinite(scores).all():
         scores = np.nan_to_num(scores, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
@@ -426,6 +427,8 @@ def prepare_inputs(cfg, src_ids=None, src_mask=None, prompt_ids=None, prompt_mas
         src_keep = token_keep_mask("src_mask", src_mask, src_ids, cfg)
         check(src_ids.shape[1] >= 1 and bool(src_keep.any(axis=1).all()), "every source needs at least one token")
         B = src_ids.shape[0]
+        check(cfg.bos_id is not None, "an encoder-decoder model starts its decoder with bos_id, and this model has "
+                                      "none (bos_id is null): set bos_id in config.json to its decoder start token")
         ids = np.full((B, 1), cfg.bos_id, dtype=np.int64)
         return ids, np.ones((B, 1), np.int64), np.zeros((B, 1), np.int64), src_keep
     check(prompt_ids is not None, "a decoder-only model needs prompt_ids")
@@ -475,7 +478,9 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
                 sequence_numbers=None):
     """Greedy (or, with do_sample, sampled) decoding, yielding the next token of every row, [B] int64, per step.
 
-    Finished rows (after eos, or at their length budget) yield pad_id. Streaming callers print tokens as they
+    Finished rows (after eos, or at their length budget) yield cfg.fill_id (pad_id; eos_id for a model without
+    pad, as transformers' generate; 0 with neither). A model without eos_id stops only at the budget. Streaming
+    callers print tokens as they
     come. sequence_numbers [B]: which sequence of its input each row is (the k of its draws; default all 0).
     Raises RefformerError for bad options or inputs.
     """
@@ -503,7 +508,8 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     for t in range(steps):
         if in_graph_argmax:
             next_ids = stepper.step_argmax(ids, positions, attention_mask)
-            if t < options.min_new_tokens and (next_ids == cfg.eos_id).any():  # eos is banned: look again
+            if t < options.min_new_tokens and cfg.eos_id is not None and (next_ids == cfg.eos_id).any():
+                # eos is banned: look again
                 next_ids = _process_logits(stepper.last_logits()[:, -1], sequences, t, options, cfg).argmax(axis=-1)
         else:
             logits = stepper.step(ids, positions, attention_mask)[:, -1]  # [B, V]
@@ -514,12 +520,14 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
                 next_ids = _sample(scores, rngs)
             else:
                 next_ids = scores.argmax(axis=-1)
-        next_ids = np.where(finished, cfg.pad_id, next_ids).astype(np.int64)  # [B]
+        next_ids = np.where(finished, cfg.fill_id, next_ids).astype(np.int64)  # [B]
         yield next_ids
         if penalties:
             for b in range(B):
                 sequences[b].append(int(next_ids[b]))
-        finished |= (next_ids == cfg.eos_id) | (budgets <= t + 1)
+        if cfg.eos_id is not None:
+            finished |= next_ids == cfg.eos_id
+        finished |= budgets <= t + 1
         if finished.all():
             return
         ids = next_ids[:, None]
@@ -599,7 +607,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
         for b in range(B):
             if done[b]:  # keep the rows in place; their output is ignored
                 next_rows += [b * K] * K
-                next_tokens += [cfg.pad_id] * K
+                next_tokens += [cfg.fill_id] * K
                 next_scores += [-np.inf] * K
                 continue
             order = stepper.top_candidates(candidates[b], 2 * K)
@@ -610,7 +618,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
                     break
                 beam, token = divmod(int(flat), V)
                 row = b * K + beam
-                if token == cfg.eos_id:
+                if token == cfg.eos_id:  # never, for a model without eos (None)
                     if rank < K:
                         tokens = generated[row] + [token]
                         hypotheses[b].append((length_normalised(total, len(tokens)), tokens))
@@ -623,7 +631,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
                     break
             while chosen < K:  # fewer live candidates than beams (tiny vocabularies): pad with dead beams
                 next_rows.append(b * K)
-                next_tokens.append(cfg.pad_id)
+                next_tokens.append(cfg.fill_id)
                 next_scores.append(-np.inf)
                 chosen += 1
             hypotheses[b] = sorted(hypotheses[b], key=lambda h: -h[0])[:K]
@@ -689,7 +697,7 @@ def generate(cfg, params, src_ids=None, prompt_ids=None, options=None, src_mask=
         inputs = {k: None if v is None else np.repeat(np.asarray(v), copies, axis=0) for k, v in inputs.items()}
     B = ids.shape[0] * copies
     numbers = np.tile(np.arange(copies), ids.shape[0])
-    rows = _stack_rows(list(search_iter(stepper, cfg, options, **inputs, sequence_numbers=numbers)), B, cfg.pad_id)
+    rows = _stack_rows(list(search_iter(stepper, cfg, options, **inputs, sequence_numbers=numbers)), B, cfg.fill_id)
     sequences = [_trim_after_eos(row[:budget], cfg) for row, budget in zip(rows.tolist(), budgets.tolist())]
     return [sequences[i:i + copies] for i in range(0, B, copies)]
 
@@ -712,7 +720,7 @@ def greedy(cfg, params, src_ids, src_mask=None, max_new_tokens=None):
     check(cfg.is_encoder_decoder, "greedy needs an encoder-decoder model; use greedy_lm for decoder-only")
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     steps = search_iter(ReferenceStepper(cfg, params), cfg, options, src_ids=src_ids, src_mask=src_mask)
-    return _stack_rows(list(steps), np.shape(src_ids)[0], cfg.pad_id)
+    return _stack_rows(list(steps), np.shape(src_ids)[0], cfg.fill_id)
 
 
 def greedy_lm(cfg, params, prompt_ids, prompt_mask=None, max_new_tokens=None):
@@ -722,7 +730,7 @@ def greedy_lm(cfg, params, prompt_ids, prompt_mask=None, max_new_tokens=None):
     check(not cfg.is_encoder_decoder, "greedy_lm needs a decoder-only model; use greedy for encoder-decoder")
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     steps = search_iter(ReferenceStepper(cfg, params), cfg, options, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
-    return _stack_rows(list(steps), np.shape(prompt_ids)[0], cfg.pad_id)
+    return _stack_rows(list(steps), np.shape(prompt_ids)[0], cfg.fill_id)
 
 
 def strip(ids, cfg):

@@ -505,13 +505,17 @@ def read_tokenizer(path):
 
 
 def check_tokenizer_matches(cfg, tokenizer, source, whose="the model's"):
-    """A loaded tokenizers.Tokenizer's vocabulary size and special ids (<pad>, <s>, </s>, <unk> and their
-    spellings) must be cfg's; returns tokenizer. whose names cfg in messages ("the model's", "config.json's").
+    """A loaded tokenizers.Tokenizer must fit cfg: at most vocab_size tokens (fewer is fine: T5's tokenizer has
+    32,100 tokens for 32,128 embedding rows, the rest never produced), and each special token (<pad>, <s>, </s>,
+    <unk> and their spellings) it has at cfg's id; a special id that is null in cfg checks nothing (GPT-2 has no pad,
+    and its tokenizer no <pad>). Returns tokenizer. whose names cfg in messages ("the model's", "config.json's").
     Raises RefformerError naming source."""
     size = tokenizer.get_vocab_size(with_added_tokens=True)
-    if size != cfg.vocab_size:
+    if size > cfg.vocab_size:
         raise RefformerError(f"{source} has {size} tokens but {whose} vocab_size is {cfg.vocab_size}")
     for field, names in SPECIAL_TOKEN_NAMES.items():
+        if getattr(cfg, field) is None:
+            continue
         for name in names:
             token_id = tokenizer.token_to_id(name)
             if token_id is not None and token_id != getattr(cfg, field):

@@ -241,7 +241,7 @@ def check_ids(name, ids, cfg):
 
 def token_keep_mask(name, mask, ids, cfg):
     """The boolean [B, L] keep mask of ids [B, L] (True = real token): mask (boolean or 0/1 integers, [B, L]) when
-    given, else ids != pad_id.
+    given, else ids != pad_id (every token real when the model has no pad_id: pass the mask of padded rows).
 
     Raises RefformerError for a mask of another shape, with values other than 0/1, or floating
     (attention.check_keep_mask: an additive 0 / -inf mask would read inverted), or for bad ids or cfg.
@@ -249,7 +249,7 @@ def token_keep_mask(name, mask, ids, cfg):
     check_config(cfg)
     check_array("ids", ids, ndim=2, kind="i")
     if mask is None:
-        return ids != cfg.pad_id
+        return ids != cfg.pad_id if cfg.pad_id is not None else np.ones(ids.shape, bool)
     if isinstance(mask, np.ndarray) and mask.shape != ids.shape:
         raise RefformerError(f"{name} must have the shape of its ids {list(ids.shape)}, got {list(mask.shape)}")
     return check_keep_mask(name, mask, shape=ids.shape)
@@ -281,13 +281,16 @@ def left_padded_positions(keep):
 
 def left_pad(rows, pad_id):
     """Token-id lists -> (ids [B, L] int64 padded on the left with pad_id, keep [B, L] int64, positions [B, L] int64
-    from left_padded_positions), L the longest row.
+    from left_padded_positions), L the longest row. pad_id None (a model without a pad token) pads with 0: keep,
+    not the id, marks the padding.
 
     Raises RefformerError for no rows, a row that is not a list of integer token ids >= 0, or a bad pad_id.
     """
     check(isinstance(rows, (list, tuple)), f"rows must be a list of token-id lists, got {type(rows).__name__}")
     if not rows:
         raise RefformerError("left_pad needs at least one row of ids")
+    if pad_id is None:
+        pad_id = 0
     check_number("pad_id", pad_id, 0, integer=True)
     for b, row in enumerate(rows):
         row = row.tolist() if isinstance(row, np.ndarray) and row.ndim == 1 else row
@@ -499,8 +502,8 @@ def model_forward(cfg, params, src_ids, tgt_ids, *, src_mask=None, tgt_mask=None
     [B, T, V] in the parameters' dtype (float32 or float64), and the cache model_backward reads.
 
     Masks are keep masks [B, S] / [B, T], boolean or integer 0/1, with 1 (True) = real token, by default
-    ids != pad_id; a floating mask is refused (for an additive 0 / -inf mask pass mask == 0). Positions
-    default to 0 .. length-1 (pass tgt_positions for left-padded decoder-only prompts).
+    ids != pad_id (all ones when pad_id is null); a floating mask is refused (for an additive 0 / -inf mask pass
+    mask == 0). Positions default to 0 .. length-1 (pass tgt_positions for left-padded decoder-only prompts).
     rng (numpy.random.Generator) turns dropout on; None is eval mode. Raises RefformerError for bad input.
     """
     dtype = check_model(cfg, params, rng)

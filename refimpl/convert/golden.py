@@ -16,7 +16,8 @@ from ..tree import flatten, tree_cast
 
 
 def golden_inputs(cfg, seed, batch_size=2, length=6):
-    """Fixed random inputs: src/tgt ids with the last row padded at the end, and next-token labels.
+    """Fixed random inputs: src/tgt ids with the last row padded at the end, and next-token labels. A null special
+    id is left out: no bos first without bos_id, no padding without pad_id, an ordinary last label without eos_id.
 
     Raises RefformerError for a seed that is not an integer >= 0, or a batch_size or length below 1.
     """
@@ -27,16 +28,19 @@ def golden_inputs(cfg, seed, batch_size=2, length=6):
     check(batch_size * min(length, cfg.max_positions) * 8 * 4 <= physical_memory_bytes(),
           f"golden inputs of {batch_size} x {length} do not fit in this machine's memory")
     length = min(length, cfg.max_positions)
-    specials = {cfg.pad_id, cfg.bos_id, cfg.eos_id, cfg.unk_id}
-    ordinary = np.array([i for i in range(cfg.vocab_size) if i not in specials] or [cfg.unk_id])
+    specials = {cfg.pad_id, cfg.bos_id, cfg.eos_id, cfg.unk_id} - {None}
+    ordinary = np.array([i for i in range(cfg.vocab_size) if i not in specials] or [cfg.fill_id])
     src = rng.choice(ordinary, (batch_size, length))
     tgt = rng.choice(ordinary, (batch_size, length))
-    tgt[:, 0] = cfg.bos_id
-    if length > 2:
+    if cfg.bos_id is not None:  # a model without bos starts from an ordinary token
+        tgt[:, 0] = cfg.bos_id
+    if length > 2 and cfg.pad_id is not None:  # without pad_id every token is real (model.token_keep_mask)
         src[-1, -2:] = cfg.pad_id
         tgt[-1, -1] = cfg.pad_id
-    labels = np.concatenate([tgt[:, 1:], np.full((batch_size, 1), cfg.eos_id)], axis=1)
-    labels[tgt == cfg.pad_id] = cfg.pad_id
+    last = cfg.eos_id if cfg.eos_id is not None else rng.choice(ordinary)
+    labels = np.concatenate([tgt[:, 1:], np.full((batch_size, 1), last)], axis=1)
+    if cfg.pad_id is not None:
+        labels[tgt == cfg.pad_id] = cfg.pad_id
     inputs = {"tgt_ids": tgt, "labels": labels}
     if cfg.is_encoder_decoder:
         inputs["src_ids"] = src

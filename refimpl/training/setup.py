@@ -89,8 +89,13 @@ def load_examples(data_dir, split, family, tokenizer, cfg, max_sentences=None):
 
     examples are (src_ids, tgt_ids, labels) lists of token ids (training/batching.py); the references (NFC texts of
     the targets) are given for encoder-decoder splits. Raises RefformerError for a split file that is missing,
-    empty, malformed (naming file:line) or whose every example is longer than cfg.max_positions.
+    empty, malformed (naming file:line) or whose every example is longer than cfg.max_positions, and for a model
+    without pad_id, bos_id or eos_id (null in config.json: examples start with bos, end with eos, pad with pad).
     """
+    missing = [name for name in ("pad_id", "bos_id", "eos_id") if getattr(cfg, name) is None]
+    if missing:
+        raise RefformerError(f"training and evaluation need {', '.join(missing)}, which this model does not have "
+                             f"(null in its config.json): its examples are bos + tokens + eos, padded with pad")
     path = split_path(data_dir, split, family)
     if family == "encoder-decoder":
         pairs = read_tsv(path)[:max_sentences]

@@ -8,10 +8,21 @@ import pytest
 
 from refformer.refimpl import Config, RefformerError, init_params, load, model_forward
 from refformer.refimpl.config import FORMAT_1_FIELDS, FORMAT_VERSION, parameter_count
+from refformer.refimpl.convert.golden import golden, golden_inputs
+from refformer.refimpl.generate import GenerationOptions, generate, greedy, greedy_lm, strip, trim_after_eos
 from refformer.refimpl.io import flatten_shapes
 from refformer.refimpl.layers import feed_forward_backward, feed_forward_forward
-from refformer.refimpl.model import decoder_step, embed_backward, embed_forward, empty_cache, encode
+from refformer.refimpl.model import (
+    decoder_step,
+    embed_backward,
+    embed_forward,
+    empty_cache,
+    encode,
+    left_pad,
+    token_keep_mask,
+)
 from refformer.refimpl.ops import rms_norm_backward, rms_norm_forward
+from refformer.refimpl.training.setup import load_examples
 from refformer.refimpl.tree import flatten
 from refformer.runtime.generator import default_model_dir
 from tests.helpers import (
@@ -415,3 +426,71 @@ def test_rms_norm_matches_transformers_rms_norms(module_name, monkeypatch):
     float64_faithful_rms_norms(monkeypatch)
     faithful = torch_parity(module_class(D, eps=eps), {"weight": p["weight"]}, x, forward, upstream)
     assert max(faithful.values()) <= PARITY, faithful
+
+
+# ---------------------------------------------------------------------------- null special ids
+
+
+def test_without_pad_id_every_token_is_real():
+    cfg = Config(**SMALL, pad_id=None)
+    params = random_params(cfg, 0)
+    ids = np.array([[0, 5, 0, 6]])  # 0 is an ordinary token here
+    default, _ = model_forward(cfg, params, ids, ids)
+    explicit, _ = model_forward(cfg, params, ids, ids, src_mask=np.ones((1, 4), bool), tgt_mask=np.ones((1, 4), bool))
+    assert np.array_equal(default, explicit)
+    assert np.array_equal(token_keep_mask("mask", None, ids, cfg), np.ones((1, 4), bool))
+    assert left_pad([[5], [6, 7]], None)[0].tolist() == [[0, 5], [6, 7]]  # keep, not the id, marks padding
+
+
+@pytest.mark.parametrize("pad_id, fill", [(0, 0), (None, 2)])
+def test_finished_rows_take_pad_or_else_eos(pad_id, fill):
+    """A finished row yields pad_id, or eos_id when the model has no pad (as transformers' generate does)."""
+    cfg = Config(**{**SMALL, "family": "decoder-only", "n_encoder_layers": 0}, lm_head_bias=True,
+                 tie_embeddings=False, pad_id=pad_id)
+    assert cfg.fill_id == fill
+    params = random_params(cfg, 1)
+    params["lm_head"]["bias"][:] = 0.0
+    params["lm_head"]["weight"][:] = 0.0
+    params["lm_head"]["bias"][cfg.eos_id] = 1.0  # every row says eos at once ...
+    out = greedy_lm(cfg, params, np.array([[4, 5], [6, 7]]), max_new_tokens=3)
+    assert out.tolist() == [[2], [2]]
+    options = GenerationOptions(max_new_tokens=3, min_new_tokens=2)  # ... or after two tokens
+    rows = generate(cfg, params, prompt_ids=np.array([[4, 5]]), options=options)
+    assert rows[0][0][-1] == cfg.eos_id and len(rows[0][0]) == 3
+
+
+def test_without_eos_generation_stops_only_at_the_budget_and_without_bos_an_encoder_decoder_refuses():
+    cfg = Config(**{**SMALL, "family": "decoder-only", "n_encoder_layers": 0}, eos_id=None, pad_id=None)
+    assert cfg.fill_id == 0
+    params = random_params(cfg, 2)
+    out = greedy_lm(cfg, params, np.array([[4, 5], [6, 7]]), max_new_tokens=4)
+    assert out.shape == (2, 4)
+    assert strip(out, cfg) == out.tolist() and trim_after_eos(out[0].tolist(), cfg) == out[0].tolist()
+    beams = generate(cfg, params, prompt_ids=np.array([[4, 5]]), options=GenerationOptions(max_new_tokens=3,
+                                                                                         num_beams=2))
+    assert [len(row) for row in beams[0]] == [3]
+    seq2seq = Config(**SMALL, bos_id=None)
+    with pytest.raises(RefformerError, match="starts its decoder with bos_id, and this model has none"):
+        greedy(seq2seq, random_params(seq2seq, 0), np.array([[4, 5, 2]]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("changes", [{"pad_id": None}, {"bos_id": None, "eos_id": None, "unk_id": None},
+                                     {"pad_id": None, "bos_id": None, "eos_id": None, "unk_id": None}])
+def test_golden_inputs_leave_out_null_special_ids(changes):
+    cfg = Config(**SMALL, **changes)
+    inputs = golden_inputs(cfg, 0, batch_size=2, length=5)
+    specials = {cfg.pad_id, cfg.bos_id, cfg.eos_id, cfg.unk_id} - {None}
+    ordinary = set(range(cfg.vocab_size)) - specials
+    rows = slice(None) if cfg.pad_id is None else slice(None, -1)  # the last row is padded only with a pad_id
+    assert set(inputs["tgt_ids"][rows, 1:].ravel().tolist()) <= ordinary
+    assert set(inputs["src_ids"][rows].ravel().tolist()) <= ordinary
+    if cfg.eos_id is None:  # the last label is an ordinary token, not eos
+        assert set(inputs["labels"][rows, -1].tolist()) <= ordinary
+    out = golden(cfg, random_params(cfg, 0), 0)
+    assert np.isfinite(out["loss"]) and all(np.isfinite(value).all() for value in out.values())
+
+
+def test_training_refuses_a_model_without_pad_bos_or_eos(tmp_path):
+    cfg = Config(**SMALL, pad_id=None)
+    with pytest.raises(RefformerError, match="training and evaluation need pad_id"):
+        load_examples(tmp_path, "train", cfg.family, None, cfg)

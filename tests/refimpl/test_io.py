@@ -126,8 +126,8 @@ def test_tokenizer_round_trip(tmp_path):
     assert load_tokenizer(tmp_path / "b").get_vocab() == tokenizer.get_vocab()
 
 
-@pytest.mark.parametrize("size", [12, 14])
-def test_tokenizer_with_another_vocabulary_is_refused(tmp_path, size):
+@pytest.mark.parametrize("size", [14, 20])
+def test_tokenizer_with_more_tokens_than_the_vocabulary_is_refused(tmp_path, size):
     cfg = CONFIGS["encoder-decoder"]
     with pytest.raises(RefformerError, match=rf"{size} tokens.*vocab_size is {cfg.vocab_size}"):
         save(tmp_path, cfg, random_params32(cfg), tokenizer=word_level_tokenizer(size))
@@ -138,6 +138,22 @@ def test_tokenizer_with_another_vocabulary_is_refused(tmp_path, size):
     (tmp_path / "tokenizer.json").write_text(word_level_tokenizer(size).to_str())
     with pytest.raises(RefformerError, match=rf"tokenizer.json has {size} tokens"):
         load_tokenizer(tmp_path)
+
+
+def test_tokenizer_with_fewer_tokens_than_the_vocabulary_loads(tmp_path):
+    """T5's tokenizer has 32,100 tokens for 32,128 embedding rows: the rows past the tokenizer are never produced."""
+    cfg = CONFIGS["encoder-decoder"]
+    save(tmp_path, cfg, random_params32(cfg), tokenizer=word_level_tokenizer(cfg.vocab_size - 3))
+    assert load_tokenizer(tmp_path).get_vocab_size() == cfg.vocab_size - 3
+    load(tmp_path)
+
+
+def test_special_tokens_of_null_ids_are_not_checked(tmp_path):
+    """A null special id (the model has no such token) checks nothing; a set one must still match the tokenizer."""
+    cfg = CONFIGS["encoder-decoder"].replace(pad_id=None, bos_id=None, unk_id=None)  # <pad> <s> <unk> at 0, 1, 3
+    save(tmp_path, cfg, random_params32(cfg), tokenizer=word_level_tokenizer(cfg.vocab_size))
+    with pytest.raises(RefformerError, match="has </s> at id 2 but the model's eos_id is 5"):
+        save(tmp_path / "b", cfg.replace(eos_id=5), random_params32(cfg), tokenizer=word_level_tokenizer(12))
 
 
 def test_tokenizer_errors(tmp_path):
