@@ -6,6 +6,7 @@ from refformer import __version__
 from refformer.runtime.data_cli import data, tokenizer
 from refformer.runtime.export_cli import convert_torch_command, export_command, golden_command, verify_command
 from refformer.runtime.generate_cli import generate
+from refformer.runtime.import_cli import import_hf_command
 from refformer.runtime.options import Group
 from refformer.runtime.train_cli import evaluate, train
 
@@ -21,5 +22,5 @@ def main():
 
 
 for command in (generate, export_command, verify_command, golden_command, convert_torch_command, data, tokenizer,
-                train, evaluate):
+                train, evaluate, import_hf_command):
     main.add_command(command)
