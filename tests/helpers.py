@@ -186,16 +186,19 @@ def keep_mask(rng, B, L, *, allow_empty_row=False):
 
 
 def random_tokens(rng, cfg, shape):
-    """Random ids that are never pad_id."""
+    """Random ids that are never pad_id (any id when pad_id is null)."""
     ids = rng.integers(0, cfg.vocab_size, size=shape)
+    if cfg.pad_id is None:
+        return ids
     return np.where(ids == cfg.pad_id, (cfg.pad_id + 1) % cfg.vocab_size, ids)
 
 
 def right_padded(rng, B, L, cfg, *, min_length=1):
-    """ids [B, L] with random lengths in [min_length, L] and pad_id after them, and the boolean keep mask."""
+    """ids [B, L] with random lengths in [min_length, L] and pad_id after them (cfg.fill_id when pad_id is null:
+    only the mask marks the padding then), and the boolean keep mask."""
     lengths = rng.integers(min_length, L + 1, size=B)
     keep = np.arange(L)[None, :] < lengths[:, None]
-    return np.where(keep, random_tokens(rng, cfg, (B, L)), cfg.pad_id), keep  # real tokens are never pad
+    return np.where(keep, random_tokens(rng, cfg, (B, L)), cfg.fill_id), keep  # real tokens are never pad
 
 
 def left_padded(rng, B, L, cfg, *, min_length=1):

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from refformer.refimpl import Config, RefformerError, init_params, load, model_forward
+from refformer.refimpl import Config, RefformerError, init_params, load, model_forward, save
 from refformer.refimpl.config import FORMAT_1_FIELDS, FORMAT_VERSION, parameter_count
-from refformer.refimpl.convert.golden import golden, golden_inputs
+from refformer.refimpl.convert.golden import golden, golden_inputs, write_golden
 from refformer.refimpl.generate import GenerationOptions, generate, greedy, greedy_lm, strip, trim_after_eos
 from refformer.refimpl.io import flatten_shapes
 from refformer.refimpl.layers import feed_forward_backward, feed_forward_forward
@@ -494,3 +494,70 @@ def test_training_refuses_a_model_without_pad_bos_or_eos(tmp_path):
     cfg = Config(**SMALL, pad_id=None)
     with pytest.raises(RefformerError, match="training and evaluation need pad_id"):
         load_examples(tmp_path, "train", cfg.family, None, cfg)
+
+
+# ---------------------------------------------------------------------------- the families, end to end
+
+FAMILY_LIKE = {  # tiny stand-ins with each family's options and special ids (not their weights)
+    "T5 v1.0": dict(norm="rmsnorm", norm_first=True, positional="relative", relative_num_buckets=8,
+                    relative_max_distance=16, attention_scale=1.0, attention_qkv_bias=False, attention_out_bias=False,
+                    ffn_bias=False, embed_scale=False, head_scale=8 ** -0.5, pad_id=0, eos_id=1, unk_id=2, bos_id=0),
+    "T5 v1.1": dict(norm="rmsnorm", norm_first=True, positional="relative", relative_num_buckets=8,
+                    relative_max_distance=16, attention_scale=1.0, attention_qkv_bias=False, attention_out_bias=False,
+                    ffn_gated=True, ffn_bias=False, activation="gelu_tanh", tie_embeddings=False, embed_scale=False,
+                    head_dim=3, pad_id=0, eos_id=1, unk_id=None, bos_id=0),
+    "BART": dict(positional="learned", position_offset=2, embed_norm=True, activation="gelu", embed_scale=False,
+                 lm_head_bias=True, final_norm=False, bos_id=0, pad_id=1, eos_id=2, unk_id=3),
+    "Marian": dict(positional="sinusoidal", activation="silu", lm_head_bias=True, final_norm=False, eos_id=0,
+                   unk_id=1, pad_id=23, bos_id=23),
+    "GPT-2": dict(family="decoder-only", n_encoder_layers=0, positional="learned", norm_first=True,
+                  activation="gelu_tanh", embed_scale=False, pad_id=None, bos_id=22, eos_id=22, unk_id=None),
+    "Llama GQA": dict(family="decoder-only", n_encoder_layers=0, n_heads=4, n_kv_heads=2, positional="rotary",
+                      norm="rmsnorm", norm_first=True, ffn_gated=True, ffn_bias=False, activation="silu",
+                      attention_qkv_bias=False, attention_out_bias=False, embed_scale=False, tie_embeddings=False,
+                      pad_id=None, bos_id=1, eos_id=2, unk_id=0),
+    "Qwen2 MQA": dict(family="decoder-only", n_encoder_layers=0, n_heads=4, n_kv_heads=1, positional="rotary",
+                      norm="rmsnorm", norm_first=True, ffn_gated=True, ffn_bias=False, activation="silu",
+                      attention_qkv_bias=True, attention_out_bias=False, embed_scale=False, rope_theta=1e6,
+                      pad_id=None, bos_id=None, eos_id=21, unk_id=None),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_LIKE))
+def test_golden_and_incremental_decoding_work_for_every_family(family, tmp_path):
+    """write_golden on a saved folder of each family's options (null ids included): every array finite, the
+    gradients those of model_backward; and decoder_step one token at a time = model_forward (<= 1e-12)."""
+    cfg = Config(**{**SMALL, **FAMILY_LIKE[family]})
+    params = random_params(cfg, 7)
+    save(tmp_path / "model", cfg, params)
+    arrays = write_golden(tmp_path / "model", tmp_path / "golden.npz")
+    assert all(np.isfinite(value).all() for name, value in arrays.items() if name != "config_json")
+    assert Config.from_dict(json.loads(str(arrays["config_json"]))) == cfg
+    assert {name[len("grads."):] for name in arrays if name.startswith("grads.")} == set(flatten(params))
+
+    rng = np.random.default_rng(8)
+    B, T = 2, 5
+    ids = random_tokens(rng, cfg, (B, T))
+    src, cross_kv, src_keep = None, None, None
+    if cfg.is_encoder_decoder:
+        src, keep = right_padded(rng, B, 4, cfg)
+        src_keep = keep.astype(np.int64)
+        _, cross_kv = encode(cfg, params, src, src_keep)
+    expected, _ = model_forward(cfg, params, src, ids, src_mask=src_keep)
+    past = empty_cache(cfg, B, np.float64)
+    assert all(k.shape == (B, cfg.n_kv_heads, 0, cfg.head_dim) for k, _ in past)
+    pieces = []
+    for t in range(T):
+        logits, past = decoder_step(cfg, params, ids[:, t:t + 1], np.full((B, 1), t), np.ones((B, t + 1), np.int64),
+                                    past, cross_kv, src_keep)
+        pieces.append(logits)
+    assert relative(np.concatenate(pieces, axis=1), expected) <= 1e-12
+
+
+@pytest.mark.parametrize("family", list(FAMILY_LIKE))
+def test_model_gradients_of_family_like_models(family):
+    """Centred differences (<= 1e-6, float64) of every parameter with the family's options combined, padded rows
+    marked by explicit masks (GPT-2 and Qwen2 have no pad_id)."""
+    cfg = Config(**{**SMALL, **FAMILY_LIKE[family]})
+    check_model_gradients(cfg, 1234, B=2, S=4, T=4, explicit_masks=True, left_pad=not cfg.is_encoder_decoder,
+                          require=must)
