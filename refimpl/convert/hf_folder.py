@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from ..errors import RefformerError, check
-from ..io import TOKENIZER_FILE, atomic_write, read_json, save
+from ..io import TOKENIZER_FILE, atomic_write, check_tokenizer, read_json, save
 from ..tree import flatten
 from .hf import family_of, from_hf, read_hf_config
 
@@ -79,6 +79,9 @@ def import_hf(hf_dir, out_dir):
     cfg, params = from_hf(hf_dir)
     source, target, notices = hf_tokenizers(hf_dir, cfg)
     generation = generation_settings(hf_dir, hf_config)
+    target_json = None if target is None else target.to_str()
+    if target_json is not None:  # io.save checks the source side (tokenizer.json) the same way
+        check_tokenizer(cfg, target_json, f"the target tokenizer ({TARGET_TOKENIZER_FILE})")
     dtype = next(iter(flatten(params).values())).dtype  # from_hf's: float64 or float32 throughout
     save(out_dir, cfg, params, tokenizer=source, dtype=dtype)
     out = Path(out_dir)
@@ -87,7 +90,6 @@ def import_hf(hf_dir, out_dir):
     if target is None:
         _remove(out / TARGET_TOKENIZER_FILE)
     else:
-        target_json = target.to_str()
         atomic_write(out / TARGET_TOKENIZER_FILE, lambda tmp: Path(tmp).write_text(target_json, encoding="utf-8"))
     text = json.dumps({"format_version": GENERATION_FORMAT_VERSION, **generation}, indent=2) + "\n"
     atomic_write(out / GENERATION_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -194,7 +196,7 @@ def marian_tokenizer(spm_file, vocab, eos="</s>", unk="<unk>", pad="<pad>"):
     sentencepiece model, or transformers/protobuf is missing.
     """
     try:
-        from tokenizers import AddedToken, processors
+        from tokenizers import AddedToken, decoders, processors
         from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
         proto = import_protobuf().ModelProto()
     except ImportError as error:
@@ -219,6 +221,9 @@ def marian_tokenizer(spm_file, vocab, eos="</s>", unk="<unk>", pad="<pad>"):
             table[i] = (FOREIGN_PREFIX + piece, lowest)
     proto.trainer_spec.unk_id = vocab[unk]
     tokenizer = SpmConverter.build_tokenizer_from_spm_proto(proto, table)  # legacy: each text chunk gets a "▁"
+    # decoding as MarianTokenizer.convert_tokens_to_string, a piece of the other side read as its text (but a
+    # trailing space kept: tokenizers' Strip(right=1) panics on an empty text)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(FOREIGN_PREFIX, ""), tokenizer.decoder])
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
     tokenizer.add_tokens([AddedToken(code, normalized=False) for code in codes])
     tokenizer.post_processor = processors.TemplateProcessing(single=["$A", eos], pair=["$A", "$B", eos],

@@ -88,7 +88,7 @@ def logits_error(model, family, cfg, params):
     return float(np.max(np.abs(ours - theirs)) / max(1.0, float(np.max(np.abs(theirs)))))
 
 
-@pytest.mark.parametrize("family", ["t5", "t5-v1.1", "bart", "marian", "gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("family", list(hf_models.FAMILIES))
 def test_each_family_imports_and_computes_transformers_logits(family, saved, tmp_path):
     model, folder = saved(family)
     result = run("import-hf", folder, "--out", tmp_path / "m")
@@ -184,6 +184,10 @@ def test_marian_tokenizers_give_marian_tokenizers_ids(saved, tmp_path):
         assert source.encode(text).ids == reference(text).input_ids, text
         assert target.encode(text).ids == reference(text_target=text).input_ids, text
     assert source.encode(SOURCE_TEXTS[0]).ids != target.encode(SOURCE_TEXTS[0]).ids  # two different sides
+    rng = np.random.default_rng(0)
+    random_ids = list(rng.choice(sorted(reference.encoder.values()), 12))
+    for ids in [reference(text_target=text).input_ids for text in texts] + [random_ids]:
+        assert target.decode(ids).rstrip(" ") == reference.decode(ids, skip_special_tokens=True), ids
 
 
 def test_a_folder_with_only_spiece_model_converts(saved, tmp_path):
