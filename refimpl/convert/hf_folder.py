@@ -134,8 +134,9 @@ def hf_tokenizers(hf_dir, cfg):
     return tokenizer, None, []
 
 
-def _needs(what, files):
-    return RefformerError(f"converting {files} to tokenizer.json needs {what}: {INSTALL_HINT}")
+def _needs(files):
+    return RefformerError(f"converting {files} to tokenizer.json needs transformers, sentencepiece and protobuf: "
+                          f"{INSTALL_HINT}")
 
 
 def _auto_tokenizer(folder, files):
@@ -143,8 +144,8 @@ def _auto_tokenizer(folder, files):
     names = ", ".join(files)
     try:
         from transformers import AutoTokenizer
-    except ImportError as error:
-        raise _needs(error.name or "transformers", names) from None
+    except ImportError:
+        raise _needs(names) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as error:  # transformers raises many types (ImportError without sentencepiece or protobuf)
@@ -199,8 +200,8 @@ def marian_tokenizer(spm_file, vocab, eos="</s>", unk="<unk>", pad="<pad>"):
         from tokenizers import AddedToken, decoders, processors
         from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
         proto = import_protobuf().ModelProto()
-    except ImportError as error:
-        raise _needs(error.name or "transformers", spm_file.name) from None
+    except ImportError:
+        raise _needs(spm_file.name) from None
     check(unk in vocab and eos in vocab, f"{spm_file.parent / 'vocab.json'} has no {unk} or no {eos}")
     try:
         proto.ParseFromString(Path(spm_file).read_bytes())

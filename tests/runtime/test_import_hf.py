@@ -8,6 +8,7 @@ import io
 import json
 import re
 import shutil
+import sys
 import warnings
 
 import numpy as np
@@ -238,3 +239,20 @@ def test_bad_inputs_are_one_error_line(saved, tmp_path):
     assert "Hugging Face folder itself" in one_error_line(run("import-hf", folder, "--out", folder, "--overwrite"))
     assert run("import-hf", folder, "--out", tmp_path / "full", "--overwrite").exit_code == 0
 
+
+
+@pytest.mark.parametrize("files", ["spiece.model", "marian"])
+def test_sentencepiece_files_without_transformers_are_one_line_naming_what_to_install(files, saved, tmp_path,
+                                                                                       monkeypatch):
+    if files == "marian":
+        hf = marian_folder(saved, tmp_path)
+    else:
+        hf = tmp_path / "hf"
+        shutil.copytree(saved("t5")[1], hf)
+        train_spm(SOURCE_TEXTS, hf / "spiece.model", 40, pad_id=0, eos_id=1, unk_id=2)
+    for name in [name for name in sys.modules if name == "transformers" or name.startswith("transformers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    line = one_error_line(run("import-hf", hf, "--out", tmp_path / "m"))
+    assert "needs transformers, sentencepiece and protobuf: pip install transformers sentencepiece protobuf" in line
+    assert not (tmp_path / "m").exists()  # nothing written
