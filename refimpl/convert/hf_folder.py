@@ -193,8 +193,14 @@ def marian_tokenizer(spm_file, vocab, eos="</s>", unk="<unk>", pad="<pad>"):
     Unigram vocabulary [max id + 1]: a piece of the sentencepiece model keeps its score; eos, unk, pad and the
     >>lang<< codes are special tokens; any other piece of vocab is NUL + piece at the lowest score (never matched,
     and the lowest score keeps the unknown-character penalty, min score - 10, where sentencepiece has it). Ids not in
-    vocab hold NUL + "<unused id>". Raises RefformerError when vocab has no unk or eos token, the file is not a
-    sentencepiece model, or transformers/protobuf is missing.
+    vocab hold NUL + "<unused id>". Decoding reads a NUL-prefixed piece as its text.
+
+    Where the ids differ from MarianTokenizer's (seen, not fixed): a run of characters the side's model does not know
+    is one sentencepiece piece of that text, which MarianTokenizer looks up in vocab (another side's piece may match)
+    and this tokenizer maps to <unk>; a >>lang<< code after the start of a text is kept whole here and split by
+    sentencepiece there; the lacking pieces above. Raises RefformerError when vocab has no unk or eos token, the
+    file is not a sentencepiece model or has user-defined or byte-fallback pieces, or transformers/protobuf is
+    missing.
     """
     try:
         from tokenizers import AddedToken, decoders, processors
@@ -207,6 +213,9 @@ def marian_tokenizer(spm_file, vocab, eos="</s>", unk="<unk>", pad="<pad>"):
         proto.ParseFromString(Path(spm_file).read_bytes())
     except Exception as error:  # protobuf's DecodeError
         raise RefformerError(f"{spm_file} is not a sentencepiece model: {error}") from None
+    kinds = {piece.type for piece in proto.pieces}
+    check(not kinds & {4, 6}, f"{spm_file} has user-defined or byte-fallback pieces, which refformer does not "
+                              "convert for Marian yet")
     scores = {piece.piece: piece.score for piece in proto.pieces if piece.type == 1}  # NORMAL pieces
     check(scores, f"{spm_file} has no pieces")
     lowest = min(scores.values())
