@@ -68,22 +68,6 @@ def layer_shapes(cfg, cross):
     return p
 
 
-# ---------------------------------------------------------------------------- features not implemented yet
-
-
-def _unsupported_features(cfg):
-    """The names of cfg's options the forward does not implement yet (empty when it does them all): each would
-    otherwise compute a different function. No checks (cfg is a checked Config)."""
-    found = []
-    return found
-
-
-def check_supported(cfg):
-    """Raises RefformerError naming the options of cfg that the forward does not implement yet."""
-    found = _unsupported_features(cfg)
-    check(not found, f"{', '.join(found)} {'is' if len(found) == 1 else 'are'} not supported yet")
-
-
 # ---------------------------------------------------------------------------- feed-forward
 
 
@@ -179,10 +163,8 @@ def residual_backward(p_norm, cache, dy, sublayer_backward, cfg):
 
 def check_layer_input(p, x, cfg, rng, cross):
     """Raises RefformerError unless cfg is a Config, rng None or a Generator, p has cfg's layer shapes (with
-    cross-attention when cross) and x is floating [B, T, D] of p's dtype, or (check_supported) cfg uses an option
-    the forward does not implement yet."""
+    cross-attention when cross) and x is floating [B, T, D] of p's dtype."""
     check_config(cfg, rng)
-    check_supported(cfg)
     check_tree("p", p, layer_shapes(cfg, cross))
     weight = p["self_attn"]["q_proj"]["weight"]
     check_array("x", x, ndim=3, shape=(None, None, weight.shape[0]), kind="f", dtype=weight.dtype)

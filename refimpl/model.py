@@ -53,7 +53,6 @@ from .errors import (
     reading_cache,
 )
 from .layers import (
-    check_supported,
     decoder_layer_backward,
     decoder_layer_forward,
     encoder_layer_backward,
@@ -314,10 +313,8 @@ def _check_dtype(params):
 
 def check_model(cfg, params, rng=None):
     """Returns the parameters' dtype (float32 or float64). Raises RefformerError unless cfg is a Config, params is
-    exactly param_shapes(cfg) in one of those dtypes, and rng is None or a numpy.random.Generator, or
-    (layers.check_supported) cfg uses an option the forward does not implement yet."""
+    exactly param_shapes(cfg) in one of those dtypes, and rng is None or a numpy.random.Generator."""
     check_config(cfg, rng)
-    check_supported(cfg)
     check_tree("params", params, param_shapes(cfg))
     dtype = _check_dtype(params)
     other = {value.dtype for value in _leaves(params)} - {dtype}
