@@ -256,3 +256,15 @@ def test_sentencepiece_files_without_transformers_are_one_line_naming_what_to_in
     line = one_error_line(run("import-hf", hf, "--out", tmp_path / "m"))
     assert "needs transformers, sentencepiece and protobuf: pip install transformers sentencepiece protobuf" in line
     assert not (tmp_path / "m").exists()  # nothing written
+
+
+@pytest.mark.parametrize("inside", ["bundled", "new"])
+def test_out_inside_refformer_package_folder_is_refused(inside, saved, tmp_path):
+    from refformer.runtime.generator import default_model_dir
+
+    bundled = default_model_dir()
+    out = bundled if inside == "bundled" else bundled.parent / "imported-here"
+    before = sorted(p.name for p in bundled.iterdir())
+    line = one_error_line(run("import-hf", saved("gpt2")[1], "--out", out, "--overwrite"))
+    assert "refformer's own package folder" in line
+    assert sorted(p.name for p in bundled.iterdir()) == before and not (bundled.parent / "imported-here").exists()
