@@ -27,6 +27,7 @@ BOOLS = ("norm_first", "final_norm", "embed_scale", "share_embeddings", "tie_emb
 POSITIVE_NUMBERS = ("rope_theta", "head_scale")
 NULLABLE_POSITIVE_NUMBERS = ("attention_scale",)
 CHOICES = {"family": FAMILIES, "activation": ACTIVATIONS, "norm": NORMS, "positional": POSITIONALS}
+NORM_EPS_RANGE = (float(np.finfo(np.float32).tiny), 1.0)  # a zero float32 eps divides by zero on a constant row
 # Format 1 (config.json written before issue 13) has only these fields; the others take their defaults, which are
 # the architecture every format-1 model has.
 FORMAT_1_FIELDS = ("vocab_size", "d_model", "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers", "family",
@@ -53,7 +54,6 @@ class _Effective:
 
     def __set__(self, cfg, value):  # frozen: only __init__ and __post_init__ reach this (object.__setattr__)
         cfg.__dict__[self.name] = value
-NORM_EPS_RANGE = (float(np.finfo(np.float32).tiny), 1.0)  # a zero float32 eps divides by zero on a constant row
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
