@@ -499,13 +499,17 @@ def model_forward(cfg, params, src_ids, tgt_ids, *, src_mask=None, tgt_mask=None
     [B, T, V] in the parameters' dtype (float32 or float64), and the cache model_backward reads.
 
     Masks are keep masks [B, S] / [B, T], boolean or integer 0/1, with 1 (True) = real token, by default
-    ids != pad_id (all ones when pad_id is null); a floating mask is refused (for an additive 0 / -inf mask pass
-    mask == 0). Positions default to 0 .. length-1 (pass tgt_positions for left-padded decoder-only prompts).
+    ids != pad_id (all ones when pad_id is null), except that an encoder-decoder's first target token, the decoder
+    start, is always real: T5 and Marian start their decoder with the pad id (transformers' decoder_start_token_id)
+    and attend to it. A floating mask is refused (for an additive 0 / -inf mask pass mask == 0). Positions default
+    to 0 .. length-1 (pass tgt_positions for left-padded decoder-only prompts).
     rng (numpy.random.Generator) turns dropout on; None is eval mode. Raises RefformerError for bad input.
     """
     dtype = check_model(cfg, params, rng)
     check_ids("tgt_ids", tgt_ids, cfg)
     tgt_keep = token_keep_mask("tgt_mask", tgt_mask, tgt_ids, cfg)
+    if tgt_mask is None and cfg.is_encoder_decoder:
+        tgt_keep[:, :1] = True  # the decoder start token, real even where it is the pad id
     tgt_positions = _positions("tgt_positions", tgt_positions, tgt_ids, cfg)
     memory, src_keep, encoder_cache = None, None, None
     if cfg.is_encoder_decoder:

@@ -561,3 +561,14 @@ def test_model_gradients_of_family_like_models(family):
     cfg = Config(**{**SMALL, **FAMILY_LIKE[family]})
     check_model_gradients(cfg, 1234, B=2, S=4, T=4, explicit_masks=True, left_pad=not cfg.is_encoder_decoder,
                           require=must)
+
+
+def test_the_decoder_start_token_is_real_even_when_it_is_the_pad_id():
+    """T5 and Marian start their decoder with the pad id: model_forward's default target mask keeps column 0 of an
+    encoder-decoder's targets (the padding after the tokens is still dropped)."""
+    cfg = Config(**SMALL, pad_id=0, bos_id=0)  # T5: decoder start = pad = 0
+    params = random_params(cfg, 3)
+    src, tgt = np.array([[5, 6, 7, 8]]), np.array([[0, 9, 10, 0]])
+    default, _ = model_forward(cfg, params, src, tgt)
+    explicit, _ = model_forward(cfg, params, src, tgt, tgt_mask=np.array([[1, 1, 1, 0]]))
+    assert np.array_equal(default, explicit)
