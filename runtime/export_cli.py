@@ -63,12 +63,18 @@ def golden_command(model_dir, out_path, seed, overwrite):
 @click.option("--n-heads", required=True, type=int, help="Attention heads (not recorded in a state_dict).")
 @click.option("--norm-first/--post-ln", default=False, show_default=True, help="Pre-LN (norm_first) or post-LN layers.")
 @click.option("--activation", type=click.Choice(["relu", "gelu"]), default="relu", show_default=True)
-@click.option("--positional", type=click.Choice(["sinusoidal", "learned"]), default=None,
-              help="Positional encoding (default: learned if the state_dict has a position table, else sinusoidal).")
+@click.option("--positional", type=click.Choice(["none", "sinusoidal", "learned"]), default=None,
+              help="Positional encoding: required when the state_dict has no position table (the textbook "
+              "Embedding + nn.Transformer + Linear model: none); default: what its table shows (learned, or "
+              "sinusoidal for a sinusoidal table).")
 @click.option("--max-positions", type=int, default=None, help="Longest sequence the model takes.")
-@click.option("--embed-scale/--no-embed-scale", default=True, show_default=True,
-              help="Whether the model multiplies embeddings by sqrt(D).")
-@click.option("--pad-id", type=int, default=0, show_default=True)
+@click.option("--embed-scale/--no-embed-scale", default=None,
+              help="Whether the model multiplies embeddings by sqrt(D): required when the state_dict has no position "
+              "table (the textbook model: --no-embed-scale); default with one: scaled, as PyTorch's translation "
+              "tutorial.")
+@click.option("--pad-id", default="0", show_default=True,
+              help="The padding token's id, or none: no token is masked as padding (a model whose forward passes no "
+              "key_padding_mask, as the textbook Embedding + nn.Transformer + Linear model).")
 @click.option("--bos-id", type=int, default=1, show_default=True)
 @click.option("--eos-id", type=int, default=2, show_default=True)
 @click.option("--unk-id", type=int, default=3, show_default=True)
@@ -88,8 +94,16 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, overwrite, **arch
         raise RefformerError(f"--n-heads must be >= 1, got {arch['n_heads']}")
     if arch["max_positions"] is not None and arch["max_positions"] < 2:
         raise RefformerError(f"--max-positions must be >= 2, got {arch['max_positions']}")
+    if arch["pad_id"].strip().lower() == "none":
+        arch["pad_id"] = None  # null: passed on as such (the other options' None means "not given")
+    else:
+        try:
+            arch["pad_id"] = int(arch["pad_id"])
+        except ValueError:
+            raise RefformerError(f"--pad-id must be a token id >= 0 (below the vocabulary size) or none, "
+                                 f"got {arch['pad_id']!r}") from None
     for name in ("pad_id", "bos_id", "eos_id", "unk_id"):
-        if not 0 <= arch[name] <= MAX_SPECIAL_ID:
+        if arch[name] is not None and not 0 <= arch[name] <= MAX_SPECIAL_ID:
             raise RefformerError(f"--{name.replace('_', '-')} must be a token id >= 0 (below the vocabulary size), "
                                  f"got {arch[name]}")
     check_model_output_folder(out_dir, overwrite)
@@ -99,7 +113,7 @@ def convert_torch_command(state_dict, tokenizer_path, out_dir, overwrite, **arch
         raise RefformerError("convert-torch needs torch: pip install 'refformer[torch]'") from None
     from refformer.refimpl.convert.torch import convert_state_dict_file
 
-    arch = {key: value for key, value in arch.items() if value is not None}
+    arch = {key: value for key, value in arch.items() if value is not None or key == "pad_id"}
     cfg = convert_state_dict_file(state_dict, tokenizer_path, out_dir, **arch)
     click.echo(f"wrote {out_dir}"
                + (f" ({cfg.family}, D={cfg.d_model}, V={cfg.vocab_size})" if cfg is not None else ""))

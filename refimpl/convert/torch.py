@@ -8,6 +8,11 @@
     from_state_dict(state_dict, **arch)         the saved state_dict of such a model
     convert_state_dict_file(path, tokenizer_path, out_dir, **arch)   what `refformer convert-torch` runs
 
+Nothing the weights do not show is assumed: from_torch runs the module on probe ids to read whether it scales
+embeddings by sqrt(D) and which positions it adds (none, sinusoidal, learned), and takes pad_id from the token
+embedding's padding_idx (null without one); from_state_dict needs positional and embed_scale given when the
+state_dict has no position table (issue 13: the textbook Embedding + nn.Transformer + Linear model).
+
 Orientation: torch's nn.Linear stores weight [out, in] (y = x W^T + b); ours is [in, out]
 (y = x @ W + b), so every matrix is transposed. nn.MultiheadAttention packs the three input
 projections as in_proj_weight [3D, D] (rows q, then k, then v) and in_proj_bias [3D].
@@ -25,15 +30,18 @@ elementwise affine become zeros and ones. torch is imported only inside these fu
 refimpl imports without it.
 """
 
+import inspect
+import math
 import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ..config import Config
+from ..config import SPECIAL_IDS, Config
 from ..errors import RefformerError, check
-from ..io import check_params, check_tokenizer, few_names, save
+from ..io import check_params, check_tokenizer_matches, few_names, parse_tokenizer, save
+from ..model import embed_forward
 from ..ops import sinusoidal_table
 from ..tree import tree_cast
 
@@ -47,6 +55,13 @@ ARCH_FIELDS = ("n_heads", "norm_first", "activation", "norm_eps", "dropout", "pa
                "embed_scale", "positional", "max_positions")
 # Config fields a live module cannot tell, accepted as from_torch overrides.
 OVERRIDABLE = ("embed_scale", "positional", "max_positions", "dropout", "pad_id", "bos_id", "eos_id", "unk_id")
+# The position encodings an nn.Transformer model can have in front of its stacks (refimpl.model.embed_forward's):
+# none (the textbook Embedding + nn.Transformer + Linear), sinusoidal (a fixed table) or learned (an nn.Embedding).
+TORCH_POSITIONALS = ("none", "sinusoidal", "learned")
+# from_torch's probe: ids [B, S] and [B, T] with B, S, T all different, so that the shape of what a stack receives
+# tells which ids it holds and in which orientation; its match to a candidate is a max-norm relative error.
+PROBE_SIZES = (2, 5, 3)
+PROBE_TOLERANCE = 1e-4  # candidates differ by O(1): sqrt(D) against 1, a position row against none
 
 
 def _torch():
@@ -400,12 +415,23 @@ def from_torch(module, **overrides):
     nn.Embedding (or nn.Parameter) named like pos/position; an nn.Linear LM head with out_features =
     vocab size (tied when its weight is the target embedding's tensor). D, H, F, layer counts,
     norm_first, activation, norm eps, final norms, head bias, vocabulary size and dropout come from
-    the module. overrides (Config field names) supply what the module cannot tell:
-    embed_scale (default True: x = E[ids] * sqrt(D) + pos), positional (default "sinusoidal", checked
-    against a sinusoidal buffer named like pe/pos when there is one), max_positions (default: the
-    positional table's length, else 512), dropout, pad_id (default: the embedding's padding_idx, else 0),
-    bos_id, eos_id, unk_id (defaults 1, 2, 3). batch_first does not matter: only weights are read.
-    Raises RefformerError for a module or override refimpl cannot reproduce (bad values as Config names them).
+    the module.
+
+    What only the module's forward code shows, whether it scales embeddings by sqrt(D) (embed_scale) and which
+    positions it adds (positional "none", "sinusoidal" or "learned"), is decided by running the module: its forward
+    is called once on probe ids (in eval mode, without gradients; see _probe_stack_inputs) and the input of each
+    transformer stack is compared with refimpl.model.embed_forward under every candidate, (positional, embed_scale)
+    in {none, sinusoidal (or learned, when the module has a learned table)} x {True, False}; the one candidate
+    within PROBE_TOLERANCE is taken. Options given are checked the same way. When the forward cannot be called
+    that way (another signature), a learned table or a sinusoidal buffer (named like pe/pos) fixes positional, and
+    whatever is still unknown must be given: RefformerError names the options to pass.
+
+    overrides (Config field names): embed_scale, positional ("none", "sinusoidal" or "learned"),
+    max_positions (default: the positional table's length, else 512), dropout, pad_id (default: the token
+    embedding's padding_idx, else null: no token is masked as padding that the module attends to), bos_id,
+    eos_id, unk_id (defaults 1, 2, 3). batch_first does not matter.
+    Raises RefformerError for a module or override refimpl cannot reproduce (bad values as Config names them), a
+    probe that matches no candidate (or several), or options the module cannot tell and that were not given.
     """
     nn = _torch().nn
     check(isinstance(module, nn.Module), f"from_torch needs a torch.nn.Module, got {type(module).__name__}")
@@ -434,18 +460,167 @@ def from_torch(module, **overrides):
             "norm": "layernorm", "norm_eps": layer_cfg["norm_eps"], "final_norm": final_norm,
             "activation": layer_cfg["activation"], "share_embeddings": src_embed is tgt_embed,
             "tie_embeddings": _same_tensor(head.weight, tgt_embed.weight), "lm_head_bias": head.bias is not None,
-            "dropout": layer_cfg["dropout"], "positional": "sinusoidal", "embed_scale": True}
-    if tgt_embed.padding_idx is not None:
-        read["pad_id"] = int(tgt_embed.padding_idx)
-    read.update(read_positional)
-    overridable = set(OVERRIDABLE) - ({"positional", "max_positions"} if learned_positions else set())
-    cfg = _make_config(read, overrides, overridable, "module")
-    check(cfg.positional == "sinusoidal" or bool(position_tables),
+            "dropout": layer_cfg["dropout"],
+            "pad_id": None if tgt_embed.padding_idx is None else int(tgt_embed.padding_idx)}
+    if "max_positions" in read_positional:
+        read["max_positions"] = read_positional["max_positions"]
+    given = overrides.get("positional")
+    check(given is None or given in TORCH_POSITIONALS,
+          f"positional={given!r}: an nn.Transformer model has positional "
+          f"{', '.join(repr(p) for p in TORCH_POSITIONALS)} (its attention has no relative or rotary positions)")
+    if learned_positions and given not in (None, "learned"):
+        raise RefformerError(f"positional={given!r} contradicts the module, which has positional='learned'")
+    check(given != "learned" or bool(learned_positions),
           "positional='learned' but the module has no positional nn.Embedding (named like pos/position)")
     embeddings = {"src": _array(src_embed.weight, src_name), "tgt": _array(tgt_embed.weight, tgt_name)}
+    read.update(_decide_embedding(module, family, read, overrides, read_positional.get("positional"),
+                                  embeddings, position_tables))
+    overridable = set(OVERRIDABLE) - {"positional", "embed_scale"} - ({"max_positions"} if learned_positions
+                                                                       else set())
+    cfg = _make_config(read, overrides, overridable, "module")
     head_arrays = {"weight": _array(head.weight, head_name),
                    "bias": None if head.bias is None else _array(head.bias, head_name + ".bias")}
     return cfg, _assemble(cfg, stacks, embeddings, position_tables, head_arrays)
+
+
+def _decide_embedding(module, family, read, overrides, shown, embeddings, position_tables):
+    """{"positional", "embed_scale"} of a live module: the one candidate its probe matches (see from_torch), or,
+    when the probe cannot run, shown (the positional its tables show: "learned", "sinusoidal" or None) and the
+    overrides. Raises RefformerError naming the options to pass when neither decides."""
+    learned = shown == "learned"
+    positionals = [overrides["positional"]] if overrides.get("positional") is not None else (
+        ["learned", "none"] if learned else ["none", "sinusoidal"])
+    scales = [bool(overrides["embed_scale"])] if overrides.get("embed_scale") is not None else [False, True]
+    captured, reason = _probe_stack_inputs(module, family, read["vocab_size"], read["pad_id"])
+    if captured is None:
+        decided = {"positional": positionals[0] if len(positionals) == 1 else shown,
+                   "embed_scale": scales[0] if len(scales) == 1 else None}
+        missing = [name for name, value in decided.items() if value is None]
+        options = {"positional": "positional='none' or 'sinusoidal'", "embed_scale": "embed_scale=True or False"}
+        check(not missing, f"from_torch cannot tell {' or '.join(missing)} from the module's weights and could not "
+                           f"run its forward on probe ids ({reason}): pass {' and '.join(options[m] for m in missing)}")
+        return decided
+    errors = {}
+    for positional in positionals:
+        for scale in scales:
+            fields = {**read, "positional": positional, "embed_scale": scale, "dropout": 0.0}
+            if positional != "learned":
+                fields["max_positions"] = max(read.get("max_positions", 1), max(PROBE_SIZES))
+            candidate = Config(**fields)
+            errors[positional, scale] = _probe_error(candidate, captured, embeddings, position_tables)
+    matches = [key for key, error in errors.items() if error <= PROBE_TOLERANCE]
+    shown_errors = ", ".join(f"positional={p!r}, embed_scale={s}: {e:.1e}" for (p, s), e in errors.items())
+    check(matches, f"the module's forward feeds its transformer embeddings that no candidate reproduces "
+                   f"(max-norm relative errors on probe ids: {shown_errors}): refformer cannot convert it")
+    alike = " and ".join(f"positional={p!r}, embed_scale={s}" for p, s in matches)
+    check(len(matches) == 1, f"probe ids cannot tell {alike} apart (the module's embeddings match both): pass "
+                             f"positional= and embed_scale=")
+    (positional, scale), = matches
+    return {"positional": positional, "embed_scale": scale}
+
+
+def _probe_error(cfg, captured, embeddings, position_tables):
+    """The largest max-norm relative error between each captured stack input x [B', L', D] and
+    refimpl.model.embed_forward of cfg on its ids [B, S] (or their transpose, for a module that reads the probe ids
+    sequence-first); inf when x has neither shape."""
+    worst = 0.0
+    for stack, (ids, x) in captured.items():
+        side = "src" if stack == "encoder" else "tgt"
+        ids = ids if x.shape[:2] == ids.shape else ids.T
+        if x.shape != (*ids.shape, cfg.d_model):
+            return math.inf
+        p_stack = {"embed_positions": {"weight": position_tables[side]}} if cfg.positional == "learned" else {}
+        positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+        if cfg.positional == "learned" and ids.shape[1] > position_tables[side].shape[0]:
+            return math.inf
+        ours, _ = embed_forward(cfg, {"weight": embeddings[side].astype(np.float64)},
+                                {k: {"weight": v["weight"].astype(np.float64)} for k, v in p_stack.items()},
+                                ids, positions)
+        worst = max(worst, float(np.max(np.abs(ours - x)) / max(float(np.max(np.abs(x))), 1e-30)))
+    return worst
+
+
+class _ProbeDone(Exception):
+    """Raised by the probe's hook once every stack's input is captured: the rest of the forward need not run."""
+
+
+def _probe_stack_inputs(module, family, vocab_size, pad_id):
+    """Call module's forward on probe ids and capture what each transformer stack receives.
+
+    Calls module(src, tgt) (encoder-decoder) or module(ids) (decoder-only) with int64 ids [B, S], [B, T]
+    (PROBE_SIZES; ordinary ids, not the padding_idx), then with them transposed [S, B], [T, B] (a sequence-first
+    forward); further required positional arguments get None, then all-False boolean masks shaped like the ids [B, L]
+    (a name with tgt/trg/target/dec: the target's), then those masks transposed. The first call that reaches the
+    stacks wins. A forward pre-hook on each nn.TransformerEncoder / nn.TransformerDecoder
+    records its input and stops the forward once all are recorded. The module runs in eval mode under no_grad;
+    every submodule's training flag is restored.
+    Returns ({stack: (ids [B, L] int64 as passed, x float64 [B', L', D] batch-major: the stack's input, transposed
+    when the stack is sequence-first)}, None), or (None, why the forward could not be run so). Raises nothing of
+    its own.
+    """
+    torch = _torch()
+    nn = torch.nn
+    kinds = {"encoder": nn.TransformerEncoder, "decoder": nn.TransformerDecoder}
+    found = {name: [m for m in module.modules() if isinstance(m, kind)] for name, kind in kinds.items()}
+    stacks = ({"encoder": found["encoder"][0], "decoder": found["decoder"][0]} if family == "encoder-decoder"
+              else {"decoder": found["encoder"][0]})
+    B, S, T = PROBE_SIZES
+    rng = np.random.default_rng(0)
+    ordinary = np.array([i for i in range(vocab_size) if i != pad_id] or [0])
+    ids = {"encoder": rng.choice(ordinary, (B, S)), "decoder": rng.choice(ordinary, (B, T))}
+    order = ["encoder", "decoder"] if family == "encoder-decoder" else ["decoder"]
+    try:
+        names = [p.name for p in inspect.signature(module.forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    except (TypeError, ValueError):
+        names = []
+    extras = names[len(order):]
+
+    def masks(transposed):
+        out = []
+        for name in extras:
+            side = "decoder" if _side(name) == "tgt" or family == "decoder-only" else "encoder"
+            shape = ids[side].shape[::-1] if transposed else ids[side].shape
+            out.append(torch.zeros(shape, dtype=torch.bool))
+        return out
+
+    captured = {}
+
+    def hook(name):
+        def record(stack, args, kwargs):
+            x = args[0] if args else kwargs.get("src", kwargs.get("tgt"))
+            if name not in captured and x is not None:
+                x = x.detach().cpu().double().numpy()
+                captured[name] = (ids[name], x if stack.layers[0].self_attn.batch_first else x.transpose(1, 0, 2))
+            if len(captured) == len(stacks):
+                raise _ProbeDone
+        return record
+
+    training = {m: m.training for m in module.modules()}
+    handles = [stack.register_forward_pre_hook(hook(name), with_kwargs=True) for name, stack in stacks.items()]
+    reason = "it returned without calling the transformer"
+    try:
+        module.eval()
+        fills = [[None] * len(extras), masks(False), masks(True)] if extras else [[]]
+        for sequence_first in (False, True):
+            inputs = [torch.from_numpy(ids[name].T.copy() if sequence_first else ids[name]) for name in order]
+            for extra in fills:
+                captured.clear()
+                try:
+                    with torch.no_grad(), warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        module(*inputs, *extra)
+                except _ProbeDone:
+                    return dict(captured), None
+                except Exception as error:  # the module's own code refusing our arguments
+                    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                    reason = f"{type(error).__name__}: {first}"[:200]
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, flag in training.items():
+            m.training = flag
+    return None, reason
 
 
 def _find_stacks(module):
@@ -561,14 +736,23 @@ def from_state_dict(state_dict, **arch):
     read from the tensors (keys like src_embed.weight, transformer.encoder.layers.0.self_attn.in_proj_weight,
     transformer.decoder.norm.weight, generator.weight); arch supplies what a state_dict cannot record:
     n_heads (required), norm_first (False), activation ("relu"), norm_eps (1e-5), dropout (0.1),
-    pad_id, bos_id, eos_id, unk_id (0, 1, 2, 3), embed_scale (True), positional ("learned" when there is
-    a learned positional table, else "sinusoidal"), max_positions (the table's length, else 512).
-    None means "the default". Keys that cannot be mapped are an error.
-    Raises RefformerError for keys it cannot map, misshapen or non-finite tensors, and bad options.
+    pad_id, bos_id, eos_id, unk_id (0, 1, 2, 3; an id passed as None is null: the model has no such token, and
+    pad_id None masks no token as padding, as a forward without key_padding_mask), positional ("none",
+    "sinusoidal" or "learned") and embed_scale, max_positions (the table's length, else 512). Another option
+    passed as None means "the default". A state_dict with a position table
+    shows positional (a learned table: "learned"; the sinusoidal table of PyTorch's translation tutorial:
+    "sinusoidal", or "learned" when asked) and keeps the tutorial's embed_scale=True by default; one without
+    shows neither, and both must be given (the textbook Embedding + nn.Transformer + Linear model has
+    positional="none", embed_scale=False). Keys that cannot be mapped are an error.
+    Raises RefformerError for keys it cannot map, misshapen or non-finite tensors, bad options, and positional or
+    embed_scale missing where the state_dict does not show them (one line naming both options).
     """
     unknown = sorted(set(arch) - set(ARCH_FIELDS))
     check(not unknown, f"unknown options {unknown}: from_state_dict accepts {', '.join(ARCH_FIELDS)}")
     check(arch.get("n_heads") is not None, "n_heads is required: a state_dict does not record the number of heads")
+    check(arch.get("positional") in (None, *TORCH_POSITIONALS),
+          f"positional={arch.get('positional')!r}: an nn.Transformer model has positional "
+          f"{', '.join(repr(p) for p in TORCH_POSITIONALS)} (its attention has no relative or rotary positions)")
     check(hasattr(state_dict, "items"), f"a state_dict must be a dict of tensors, got {type(state_dict).__name__}")
     raw = dict(state_dict.items())
     bad = [str(key) for key, value in raw.items() if not isinstance(key, str)
@@ -635,7 +819,7 @@ def from_state_dict(state_dict, **arch):
     tied = any(_same_tensor(raw[head_key], raw[key]) for key in embedding_keys
                if _same_tensor(raw[key], raw[tgt_key]))
 
-    read_positional, position_tables = {}, {}
+    read_positional, position_tables, missing = {}, {}, []
     if positions:
         used.update(positions)
         check(len(positions) <= 2,
@@ -653,6 +837,12 @@ def from_state_dict(state_dict, **arch):
             position_tables = {}
     else:
         check(arch.get("positional") != "learned", "positional='learned' but the state_dict has no positional table")
+        missing = [option for name, option in (("positional", "positional='none' or 'sinusoidal' (convert-torch "
+                                                              "--positional none|sinusoidal)"),
+                                               ("embed_scale", "embed_scale=True or False (convert-torch "
+                                                               "--embed-scale/--no-embed-scale)"))
+                   if arch.get(name) is None]
+        read_positional = {"positional": arch.get("positional") or "sinusoidal"}  # checked below, after the options
 
     leftover = [key for key in flat if key not in used]
     check(not leftover, f"the state_dict has keys refformer cannot map: {few_names(leftover)}")
@@ -663,9 +853,13 @@ def from_state_dict(state_dict, **arch):
             "final_norm": has_final.pop(), "share_embeddings": src_key == tgt_key, "tie_embeddings": tied,
             "lm_head_bias": head["bias"] is not None}
     read.update(read_positional)
+    read.update({name: None for name in SPECIAL_IDS if name in arch and arch[name] is None})  # null, as passed
     overridable = set(ARCH_FIELDS) - {"positional"} - ({"max_positions"} if position_tables else set())
     given = {key: value for key, value in arch.items() if key != "positional"}
-    cfg = _make_config(read, given, overridable, "state_dict")
+    cfg = _make_config(read, given, overridable, "state_dict")  # bad option values are named first
+    check(not missing, "the state_dict has no position table, so it does not show the model's positional encoding "
+                       "or whether it scales embeddings by sqrt(D) (the textbook Embedding + nn.Transformer + Linear "
+                       f"model does neither): pass {' and '.join(missing)}")
     embeddings = {"src": flat[src_key], "tgt": flat[tgt_key]}
     return cfg, _assemble(cfg, stacks, embeddings, position_tables, head)
 
@@ -674,13 +868,14 @@ _WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
 
 
 def convert_state_dict_file(path, tokenizer_path, out_dir, *, n_heads=None, norm_first=None, activation=None,
-                            pad_id=None, bos_id=None, eos_id=None, unk_id=None, embed_scale=None, positional=None,
+                            pad_id=0, bos_id=1, eos_id=2, unk_id=3, embed_scale=None, positional=None,
                             max_positions=None, norm_eps=None, dropout=None):
     """Convert a torch.save(model.state_dict()) file into a model directory (what `refformer convert-torch` runs).
 
     The file is read with torch.load(weights_only=True): a pickled module or other objects are refused.
-    A training checkpoint {"model_state_dict": ..., ...} is unwrapped. The options are from_state_dict's;
-    the tokenizer's vocabulary and special ids must match the model's. Returns the Config written.
+    A training checkpoint {"model_state_dict": ..., ...} is unwrapped. The options are from_state_dict's (a
+    special id None: null, no such token); the tokenizer's vocabulary and special ids must match the model's.
+    Returns the Config written.
     Everything (the file, the options, the tokenizer) is checked before anything is written: bad input raises
     RefformerError and leaves out_dir untouched (not even created).
     """
@@ -690,12 +885,13 @@ def convert_state_dict_file(path, tokenizer_path, out_dir, *, n_heads=None, norm
     check(path.is_file(), f"{path} is not a file (a state_dict saved with torch.save)")
     check(tokenizer_path is None or Path(tokenizer_path).exists(), f"tokenizer {tokenizer_path} does not exist")
     check(tokenizer_path is None or Path(tokenizer_path).is_file(), f"tokenizer {tokenizer_path} is not a file")
-    tokenizer_json = None
+    tokenizer = None
     if tokenizer_path is not None:
         try:
             tokenizer_json = Path(tokenizer_path).read_bytes().decode("utf-8-sig")  # a byte-order mark is dropped
         except UnicodeDecodeError:
             raise RefformerError(f"tokenizer {tokenizer_path} is not UTF-8 text (a tokenizer.json)") from None
+        tokenizer = parse_tokenizer(tokenizer_json, f"tokenizer {tokenizer_path}")  # checked against cfg below
     try:
         with warnings.catch_warnings():  # torch's deprecation notes (TypedStorage, quantized) are not the user's
             warnings.simplefilter("ignore")
@@ -719,6 +915,7 @@ def convert_state_dict_file(path, tokenizer_path, out_dir, *, n_heads=None, norm
             "bos_id": bos_id, "eos_id": eos_id, "unk_id": unk_id, "embed_scale": embed_scale,
             "positional": positional, "max_positions": max_positions, "norm_eps": norm_eps, "dropout": dropout}
     cfg, params = from_state_dict(loaded, **arch)
-    tokenizer = None if tokenizer_json is None else check_tokenizer(cfg, tokenizer_json, f"tokenizer {tokenizer_path}")
+    if tokenizer is not None:
+        check_tokenizer_matches(cfg, tokenizer, f"tokenizer {tokenizer_path}")
     save(out_dir, cfg, params, tokenizer=tokenizer)
     return cfg

@@ -159,6 +159,56 @@ class WordLanguageModel(nn.Module):
         return self.decoder(output).transpose(0, 1)
 
 
+class Textbook(nn.Module):
+    """The first model most people write: nn.Embedding + nn.Transformer + nn.Linear, no positional encoding and no
+    embedding scale (issue 13). forward(src, tgt) takes ids in the transformer's layout; pos="sin" adds a
+    sinusoidal table computed on the fly (no buffer to see), scale multiplies by sqrt(D)."""
+
+    def __init__(self, V, D, H, F, *, batch_first=True, pos="none", scale=False, dtype=torch.float32):
+        super().__init__()
+        self.batch_first, self.pos, self.scale = batch_first, pos, scale
+        self.embed = nn.Embedding(V, D, dtype=dtype)
+        self.transformer = nn.Transformer(D, H, 2, 1, F, dropout=0.1, batch_first=batch_first, dtype=dtype)
+        self.out = nn.Linear(D, V, dtype=dtype)
+
+    def embed_ids(self, ids):
+        x = self.embed(ids) * (math.sqrt(self.embed.embedding_dim) if self.scale else 1.0)
+        if self.pos == "sin":
+            L, D = ids.shape[1 if self.batch_first else 0], self.embed.embedding_dim
+            den = torch.exp(-torch.arange(0, D, 2, dtype=x.dtype) * math.log(10000) / D)
+            angles = torch.arange(L, dtype=x.dtype)[:, None] * den
+            table = torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(L, D)
+            x = x + (table[None] if self.batch_first else table[:, None])
+        return x
+
+    def forward(self, src, tgt):
+        T = tgt.shape[1 if self.batch_first else 0]
+        causal = nn.Transformer.generate_square_subsequent_mask(T, dtype=self.out.weight.dtype)
+        return self.out(self.transformer(self.embed_ids(src), self.embed_ids(tgt), tgt_mask=causal))
+
+
+class TextbookLM(nn.Module):
+    """Decoder-only textbook: nn.Embedding + causal nn.TransformerEncoder + nn.Linear, forward(ids [B, T])."""
+
+    def __init__(self, V, D, H, F, dtype=torch.float64):
+        super().__init__()
+        self.embed = nn.Embedding(V, D, dtype=dtype)
+        layer = nn.TransformerEncoderLayer(D, H, F, dropout=0.1, batch_first=True, dtype=dtype)
+        self.stack = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(D, V, dtype=dtype)
+
+    def forward(self, ids):
+        causal = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], dtype=self.head.weight.dtype)
+        return self.head(self.stack(self.embed(ids), mask=causal, is_causal=True))
+
+
+class DictInput(Textbook):
+    """The textbook model with a forward from_torch's probe cannot call: forward(batch) with a dict."""
+
+    def forward(self, batch):
+        return super().forward(batch["src"], batch["tgt"])
+
+
 V, D, H, F = 12, 8, 2, 16
 
 
@@ -238,9 +288,120 @@ def test_word_language_model_naming():
     ours, theirs = lm_logits(cfg, params, model, seed=12)
     assert_same_as_torch(ours, theirs, torch.float64, "word_language_model via from_torch")
     cfg2, params2 = from_state_dict(model.state_dict(), n_heads=H, dropout=0.0)
-    assert cfg2 == cfg
+    assert cfg.pad_id is None  # the module has no padding_idx; a state_dict does not say: pad_id 0 by default
+    assert cfg2 == cfg.replace(pad_id=0)
     ours, theirs = lm_logits(cfg2, params2, model, seed=12)
     assert_same_as_torch(ours, theirs, torch.float64, "word_language_model via from_state_dict")
+
+
+def textbook_logits(cfg, params, model, seed, B=3, S=6, T=5):
+    """Logits of the module (eval mode) and of refimpl's model_forward (default masks) on the same random ids,
+    every id included (0 too: a module without padding_idx attends to every token): both [B, T, V]."""
+    rng = np.random.default_rng(seed)
+    src, tgt = rng.integers(0, V, (B, S)), rng.integers(0, V, (B, T))
+    model.eval()
+    with torch.no_grad():
+        layout = (lambda x: torch.from_numpy(x)) if model.batch_first else (lambda x: torch.from_numpy(x.T.copy()))
+        theirs = model(layout(src), layout(tgt))
+    theirs = theirs if model.batch_first else theirs.transpose(0, 1)
+    ours, _ = model_forward(cfg.replace(dropout=0.0), params, src, tgt)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_the_textbook_model_converts_exactly(dtype, batch_first):
+    """Issue 13: Embedding + nn.Transformer + Linear without positions or scale was converted with sinusoids and
+    sqrt(D) (relative error 0.35-0.65). The probe reads positional="none", embed_scale=False off the module; no
+    padding_idx: pad_id null, so no token the module attends to is masked."""
+    model = randomize_torch(Textbook(V, D, H, F, batch_first=batch_first, dtype=dtype), np.random.default_rng(21))
+    model.train()
+    cfg, params = from_torch(model)
+    assert model.training and all(m.training for m in model.modules())  # the probe restores train mode
+    assert (cfg.positional, cfg.embed_scale, cfg.pad_id, cfg.dropout) == ("none", False, None, 0.1)
+    ours, theirs = textbook_logits(cfg, params, model, seed=22)
+    assert_same_as_torch(ours, theirs, dtype, f"textbook batch_first={batch_first}")
+
+
+@pytest.mark.parametrize("pos, scale", [("none", True), ("sin", False), ("sin", True)])
+def test_the_probe_tells_positions_and_scale_apart(pos, scale):
+    """Sinusoids computed in forward (no buffer shows them) and a sqrt(D) scale in forward code: each of the four
+    combinations is read off the module and reproduced exactly."""
+    model = randomize_torch(Textbook(V, D, H, F, pos=pos, scale=scale, dtype=torch.float64),
+                            np.random.default_rng(23))
+    cfg, params = from_torch(model)
+    assert (cfg.positional, cfg.embed_scale) == ({"none": "none", "sin": "sinusoidal"}[pos], scale)
+    ours, theirs = textbook_logits(cfg, params, model, seed=24)
+    assert_same_as_torch(ours, theirs, torch.float64, f"pos={pos} scale={scale}")
+
+
+def test_the_textbook_decoder_only_model_converts_exactly():
+    model = randomize_torch(TextbookLM(V, D, H, F), np.random.default_rng(25))
+    cfg, params = from_torch(model)
+    assert (cfg.family, cfg.positional, cfg.embed_scale, cfg.pad_id) == ("decoder-only", "none", False, None)
+    ids = np.random.default_rng(26).integers(0, V, (3, 7))
+    ours, _ = model_forward(cfg.replace(dropout=0.0), params, None, ids)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids))
+    assert_same_as_torch(ours, theirs, torch.float64, "textbook decoder-only")
+
+
+def test_options_the_probe_contradicts_are_refused():
+    model = Textbook(V, D, H, F)
+    with pytest.raises(RefformerError, match="no candidate reproduces") as error:
+        from_torch(model, positional="sinusoidal")
+    assert "positional='sinusoidal', embed_scale=False: " in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(RefformerError, match="no candidate reproduces"):
+        from_torch(model, embed_scale=True)
+    with pytest.raises(RefformerError, match="relative or rotary"):
+        from_torch(model, positional="rotary")
+
+
+def test_a_module_the_probe_cannot_run_refuses_then_converts_with_the_options_it_names():
+    model = randomize_torch(DictInput(V, D, H, F, dtype=torch.float64), np.random.default_rng(27))
+    with pytest.raises(RefformerError) as error:
+        from_torch(model)
+    message = str(error.value)
+    assert "\n" not in message and "could not run its forward on probe ids" in message
+    assert message.endswith("pass positional='none' or 'sinusoidal' and embed_scale=True or False")
+    cfg, params = from_torch(model, positional="none", embed_scale=False)
+    rng = np.random.default_rng(28)
+    src, tgt = rng.integers(0, V, (3, 6)), rng.integers(0, V, (3, 5))
+    with torch.no_grad():
+        theirs = model({"src": torch.from_numpy(src), "tgt": torch.from_numpy(tgt)})
+    ours, _ = model_forward(cfg.replace(dropout=0.0), params, src, tgt)
+    assert_same_as_torch(ours, theirs, torch.float64, "dict-input textbook with options")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_textbook_state_dict_needs_both_options_then_converts_exactly(tmp_path, dtype):
+    """convert-torch: a state_dict without a position table shows neither option; the one-line error names both
+    flags, and with them the converted model equals the module."""
+    from click.testing import CliRunner
+
+    from refformer.runtime.cli import main
+
+    model = randomize_torch(Textbook(V, D, H, F, dtype=dtype), np.random.default_rng(29))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    tokenizer = write_word_level_tokenizer(tmp_path / "tokenizer.json", V)
+    args = ["convert-torch", str(tmp_path / "model.pt"), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "m"),
+            "--n-heads", str(H)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the state_dict has no position table"), result.output
+    assert "--positional none|sinusoidal" in lines[0] and "--embed-scale/--no-embed-scale" in lines[0]
+    assert not (tmp_path / "m").exists()
+    result = CliRunner().invoke(main, [*args, "--positional", "none"])
+    assert result.exit_code == 1 and "--positional" not in result.stderr and "--no-embed-scale" in result.stderr
+    result = CliRunner().invoke(main, [*args, "--positional", "none", "--no-embed-scale", "--pad-id", "none"])
+    assert result.exit_code == 0, result.output
+    cfg, params = load(tmp_path / "m")
+    assert (cfg.positional, cfg.embed_scale, cfg.pad_id) == ("none", False, None)  # no id 0 masked by default
+    ours, theirs = textbook_logits(cfg, params, model, seed=30)
+    assert_same_as_torch(ours, theirs, torch.float32, "textbook via convert-torch")  # saved weights: float32
+    with pytest.raises(RefformerError, match="relative or rotary"):
+        from_state_dict(model.state_dict(), n_heads=H, positional="rotary", embed_scale=False)
 
 
 def test_from_torch_reads_dropout_and_takes_overrides():
