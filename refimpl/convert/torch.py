@@ -859,7 +859,8 @@ def from_state_dict(state_dict, **arch):
     cfg = _make_config(read, given, overridable, "state_dict")  # bad option values are named first
     check(not missing, "the state_dict has no position table, so it does not show the model's positional encoding "
                        "or whether it scales embeddings by sqrt(D) (the textbook Embedding + nn.Transformer + Linear "
-                       f"model does neither): pass {' and '.join(missing)}")
+                       f"model does neither): pass {' and '.join(missing)} (and pad_id=None, --pad-id none, when its "
+                       "forward masks no padding)")
     embeddings = {"src": flat[src_key], "tgt": flat[tgt_key]}
     return cfg, _assemble(cfg, stacks, embeddings, position_tables, head)
 

@@ -391,6 +391,7 @@ def test_a_textbook_state_dict_needs_both_options_then_converts_exactly(tmp_path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: the state_dict has no position table"), result.output
     assert "--positional none|sinusoidal" in lines[0] and "--embed-scale/--no-embed-scale" in lines[0]
+    assert "--pad-id none" in lines[0]  # a forward without key_padding_mask attends to id 0 too
     assert not (tmp_path / "m").exists()
     result = CliRunner().invoke(main, [*args, "--positional", "none"])
     assert result.exit_code == 1 and "--positional" not in result.stderr and "--no-embed-scale" in result.stderr
