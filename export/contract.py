@@ -1,8 +1,10 @@
 """The graph contract: every name the exported graphs, verify and the runtime agree on (docs/DESIGN.md, Graph contract).
 
 One place for the graph files, the decoder variants, each graph input and output name, the dimension names of
-their shapes, the dtypes and verify's error bounds. The builders (export/model.py, export/fused.py), verify and
-the runtime read these names; none of them spells a contract name as a string literal.
+their shapes, the dtypes, verify's error bounds, and the Config options the graphs compute (check_exportable,
+which export and verify call first: issue 13's reference-only options are refused by name). The builders
+(export/model.py, export/fused.py), verify and the runtime read these names; none of them spells a contract name
+as a string literal.
 
 Graphs and their inputs/outputs (B batch, S source length, T new tokens, P past length, L static cache length,
 H heads, Dh head size, D model width, V vocabulary; float = the export's dtype, float32 or float16):
@@ -22,6 +24,13 @@ H heads, Dh head size, D model width, V vocabulary; float = the export's dtype, 
   decoder_static_fused.onnx ("static_fused"): decoder_static.onnx without write_index and attention_mask (the
     slot of a row's token is its position_ids)
 """
+
+import json
+import math
+
+import numpy as np
+
+from refformer.refimpl.errors import RefformerError
 
 # ---------------------------------------------------------------------------- graphs and variants
 
@@ -243,3 +252,54 @@ ERROR_BOUNDS = {"fp32": 1e-5, "fp16": 1e-2}  # verify: largest rel_error of a gr
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 PROVIDERS = (CPU_PROVIDER, CUDA_PROVIDER)  # the ONNX Runtime execution providers refformer runs on
+
+
+# ---------------------------------------------------------------------------- what the graphs compute
+
+EXPORTED_POSITIONALS = ("sinusoidal", "learned")  # embed's two position terms
+NEEDED_IDS = ("pad_id", "bos_id", "eos_id")  # verify's inputs and the runtime's prompts, padding and stop token
+
+
+def unsupported_features(cfg):
+    """The Config options of cfg that export/model.py's builders do not compute (empty when they compute cfg's model
+    exactly), each spelled as config.json has it: ['positional="rotary"', 'n_kv_heads=2']. The builders cover:
+    sinusoidal or learned positions without an offset, attention with n_kv_heads = n_heads, n_heads * head_dim =
+    d_model and the 1 / sqrt(head_dim) scale, biases on or off (linear adds one only where the tree has it), an
+    ungated feed-forward, no embedding norm, head_scale 1, and a pad, bos and eos id (export/verify.py's inputs and
+    the runtime's prompts use them). Raises nothing (cfg is a checked Config).
+    """
+    def show(name, value):
+        return f"{name}={json.dumps(value)}"
+
+    found = []
+    if cfg.n_kv_heads != cfg.n_heads:
+        found.append(show("n_kv_heads", cfg.n_kv_heads))
+    if cfg.n_heads * cfg.head_dim != cfg.d_model:
+        found.append(show("head_dim", cfg.head_dim))
+    if np.float32(cfg.attention_scale) != np.float32(1.0 / math.sqrt(cfg.head_dim)):  # the graphs' float32 constant
+        found.append(show("attention_scale", cfg.attention_scale))
+    if cfg.ffn_gated:
+        found.append(show("ffn_gated", True))
+    if cfg.positional not in EXPORTED_POSITIONALS:
+        found.append(show("positional", cfg.positional))
+    if cfg.position_offset != 0:
+        found.append(show("position_offset", cfg.position_offset))
+    if cfg.embed_norm:
+        found.append(show("embed_norm", True))
+    if cfg.head_scale != 1.0:
+        found.append(show("head_scale", cfg.head_scale))
+    found += [show(name, None) for name in NEEDED_IDS if getattr(cfg, name) is None]
+    return found
+
+
+def check_exportable(cfg):
+    """Raises RefformerError, one line naming them, when cfg uses options the builders do not compute yet
+    (unsupported_features): no graph of another function is ever built. export_model and verify call it first.
+    Raises nothing otherwise."""
+    found = unsupported_features(cfg)
+    if found:
+        raise RefformerError(f"export does not support yet: {', '.join(found)} (refformer's ONNX graphs cover "
+                             "sinusoidal or learned positions without offset, multi-head attention with n_heads * "
+                             "head_dim = d_model and the 1/sqrt(head_dim) scale, ungated feed-forward, no embedding "
+                             "norm or head scale, and pad, bos and eos ids); the reference (model_forward, golden) "
+                             "does")

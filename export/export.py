@@ -28,6 +28,7 @@ from .contract import (
     FUSED,
     MIN_OPSET,
     REFERENCE,
+    check_exportable,
     decoder_graph,
     exported_variants,
     graph_file,
@@ -53,7 +54,7 @@ from .folder import (
     same_export,
 )
 from .graph import check_weights
-from .model import build_decoder_variant, build_reference_graph, check_exportable
+from .model import build_decoder_variant, build_reference_graph
 from .session import check_native_path, import_onnxruntime
 from .verify import export_checks
 
@@ -121,7 +122,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
     over a cache updated in place).
 
     Raises RefformerError for a bad option (a model_dir or out_dir that is not a path, flags that are not booleans),
-    a model using options the graphs do not compute yet (model.check_exportable: one line naming them, before any
+    a model using options the graphs do not compute yet (contract.check_exportable: one line naming them, before any
     work), an out_dir that check_out_dir refuses (its parent must exist, unless it is
     one of export_locations), weights with NaN or inf (or beyond float16's range for fp16), or (measure=True) a measured
     error that is not finite or beyond the dtype's bound (1e-5 fp32, 1e-2 fp16).

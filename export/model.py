@@ -16,14 +16,12 @@ The inputs and outputs of every graph, their order, shapes and element types com
 and contract.decoder_signature.
 """
 
-import json
 import math
 from functools import partial
 
 import numpy as np
 from onnx import TensorProto
 
-from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.model import lm_head_params, source_embedding
 from refformer.refimpl.ops import sinusoidal_table
 
@@ -83,55 +81,6 @@ from .layers import decoder_layers, encoder_layer
 from .ops import embedding, linear, norm, scalar
 
 ELEM_TYPES = {contract.INT64: TensorProto.INT64, contract.FLOAT32: TensorProto.FLOAT}  # else: the graph's float
-EXPORTED_POSITIONALS = ("sinusoidal", "learned")  # embed's two position terms
-NEEDED_IDS = ("pad_id", "bos_id", "eos_id")  # verify's inputs and the runtime's prompts, padding and stop token
-
-# ---------------------------------------------------------------------------- what the builders compute
-
-
-def unsupported_features(cfg):
-    """The Config options of cfg the builders below do not compute (empty when they compute cfg's model exactly),
-    each spelled as config.json has it: ['positional="rotary"', 'n_kv_heads=2']. The builders cover: sinusoidal or
-    learned positions without an offset, attention with n_kv_heads = n_heads, n_heads * head_dim = d_model and the
-    1 / sqrt(head_dim) scale, biases on or off (linear adds one only where the tree has it), an ungated feed-forward,
-    no embedding norm, head_scale 1, and a pad, bos and eos id (export/verify.py's inputs and the runtime's prompts
-    use them). Raises nothing (cfg is a checked Config).
-    """
-    def show(name, value):
-        return f"{name}={json.dumps(value)}"
-
-    found = []
-    if cfg.n_kv_heads != cfg.n_heads:
-        found.append(show("n_kv_heads", cfg.n_kv_heads))
-    if cfg.n_heads * cfg.head_dim != cfg.d_model:
-        found.append(show("head_dim", cfg.head_dim))
-    if np.float32(cfg.attention_scale) != np.float32(1.0 / math.sqrt(cfg.head_dim)):  # the graphs' float32 constant
-        found.append(show("attention_scale", cfg.attention_scale))
-    if cfg.ffn_gated:
-        found.append(show("ffn_gated", True))
-    if cfg.positional not in EXPORTED_POSITIONALS:
-        found.append(show("positional", cfg.positional))
-    if cfg.position_offset != 0:
-        found.append(show("position_offset", cfg.position_offset))
-    if cfg.embed_norm:
-        found.append(show("embed_norm", True))
-    if cfg.head_scale != 1.0:
-        found.append(show("head_scale", cfg.head_scale))
-    found += [show(name, None) for name in NEEDED_IDS if getattr(cfg, name) is None]
-    return found
-
-
-def check_exportable(cfg):
-    """Raises RefformerError, one line naming them, when cfg uses options the builders do not compute yet
-    (unsupported_features): no graph of another function is ever built. Raises nothing otherwise."""
-    found = unsupported_features(cfg)
-    if found:
-        raise RefformerError(f"export does not support yet: {', '.join(found)} (refformer's ONNX graphs cover "
-                             "sinusoidal or learned positions without offset, multi-head attention with n_heads * "
-                             "head_dim = d_model and the 1/sqrt(head_dim) scale, ungated feed-forward, no embedding "
-                             "norm or head scale, and pad, bos and eos ids); the reference (model_forward, golden) "
-                             "does")
-
 
 # ---------------------------------------------------------------------------- embeddings and head
 

@@ -38,6 +38,7 @@ from .contract import (
     STATIC,
     STATIC_VARIANTS,
     WRITE_INDEX,
+    check_exportable,
     cross_key,
     cross_value,
     decoder_graph,
@@ -260,9 +261,10 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
 
     onnx_dir defaults to find_export(model_dir) (fp32, or the only export set there is). Raises RefformerError for a
     negative seed, a model_dir or onnx_dir that is not a path, providers that are not a non-empty list of known
-    providers, a missing, stale or damaged export (a file whose sha256 is not the manifest's: graphs of another
+    providers, a model using options the graphs do not compute yet (contract.check_exportable), a missing, stale or
+    damaged export (a file whose sha256 is not the manifest's: graphs of another
     model), weights with NaN or inf, or graphs ONNX Runtime cannot load or run."""
-    from refformer.refimpl.io import TOKENIZER_FILE, WEIGHTS_FILE, load, load_tokenizer
+    from refformer.refimpl.io import TOKENIZER_FILE, WEIGHTS_FILE, load, load_config, load_tokenizer
 
     if not is_integer(seed) or seed < 0:
         raise RefformerError(f"--seed must be an integer >= 0, got {seed!r}")
@@ -276,6 +278,7 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
         # prints its own banner of loader errors for each session
         raise RefformerError(f"{CUDA_MISSING}; use {CPU_PROVIDER}")
     model_dir = Path(model_dir)
+    check_exportable(load_config(model_dir))  # a model no graph computes yet is named, not sent to `refformer export`
     onnx_dir = Path(onnx_dir) if onnx_dir is not None else find_export(model_dir)
     cfg, params = load(model_dir)
     check_weights(params, None, model_dir / WEIGHTS_FILE)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from refformer.export.contract import unsupported_features
 from refformer.export.export import export_model
-from refformer.export.model import unsupported_features
+from refformer.export.verify import verify
 from refformer.refimpl import Config, RefformerError, init_params, save
 from refformer.refimpl.training import tokenizer as tok
 from refformer.refimpl.tree import flatten, unflatten
@@ -70,6 +71,12 @@ def test_every_option_is_named_in_one_line(tmp_path):
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     assert lines[0].startswith('error: export does not support yet: n_kv_heads=2, ffn_gated=true, '
                                'positional="rotary", head_scale=0.5, pad_id=null (')
+
+
+def test_verify_names_the_options_rather_than_asking_for_an_export(tmp_path):
+    make(tmp_path / "m", family="decoder-only", positional="rotary")
+    with pytest.raises(RefformerError, match='^export does not support yet: positional="rotary" \\('):
+        verify(tmp_path / "m", providers=["CPUExecutionProvider"])
 
 
 def test_generate_on_demand_refuses_in_one_line(tmp_path):
