@@ -552,7 +552,8 @@ def _probe_stack_inputs(module, family, vocab_size, pad_id):
     forward); further required positional arguments get None, then all-False boolean masks shaped like the ids [B, L]
     (a name with tgt/trg/target/dec: the target's), then those masks transposed. The first call that reaches the
     stacks wins. A forward pre-hook on each nn.TransformerEncoder / nn.TransformerDecoder
-    records its input and stops the forward once all are recorded. The module runs in eval mode under no_grad;
+    records its input and stops the forward once all are recorded. The ids are put on the module's device; it
+    runs in eval mode under no_grad;
     every submodule's training flag is restored.
     Returns ({stack: (ids [B, L] int64 as passed, x float64 [B', L', D] batch-major: the stack's input, transposed
     when the stack is sequence-first)}, None), or (None, why the forward could not be run so). Raises nothing of
@@ -575,13 +576,14 @@ def _probe_stack_inputs(module, family, vocab_size, pad_id):
     except (TypeError, ValueError):
         names = []
     extras = names[len(order):]
+    device = next(iter(stacks.values())).layers[0].linear1.weight.device  # the probe ids go where the module is
 
     def masks(transposed):
         out = []
         for name in extras:
             side = "decoder" if _side(name) == "tgt" or family == "decoder-only" else "encoder"
             shape = ids[side].shape[::-1] if transposed else ids[side].shape
-            out.append(torch.zeros(shape, dtype=torch.bool))
+            out.append(torch.zeros(shape, dtype=torch.bool, device=device))
         return out
 
     captured = {}
@@ -603,7 +605,8 @@ def _probe_stack_inputs(module, family, vocab_size, pad_id):
         module.eval()
         fills = [[None] * len(extras), masks(False), masks(True)] if extras else [[]]
         for sequence_first in (False, True):
-            inputs = [torch.from_numpy(ids[name].T.copy() if sequence_first else ids[name]) for name in order]
+            inputs = [torch.from_numpy(ids[name].T.copy() if sequence_first else ids[name]).to(device)
+                      for name in order]
             for extra in fills:
                 captured.clear()
                 try:
