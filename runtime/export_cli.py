@@ -195,8 +195,10 @@ def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, p
     empty --onnx-dir or one given with the set options, CUDA asked for but missing, or find_export's and verify's
     errors) as one line `error: ...` and exits 1.
     """
+    from refformer.export.contract import check_exportable
     from refformer.export.folder import find_export
     from refformer.export.verify import verify
+    from refformer.refimpl.io import load_config
 
     check_seed(seed)
     if static_length is not None and static_length < 1:
@@ -205,6 +207,7 @@ def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, p
     if onnx_dir is not None and not onnx_dir.strip():
         raise RefformerError("--onnx-dir is empty; give an export folder (or leave it out)")
     if onnx_dir is None:
+        check_exportable(load_config(model_dir))  # "no export: run refformer export" would send the user in a circle
         onnx_dir = find_export(model_dir, dtype, static_length, fused_attention)
     elif dtype is not None or static_length is not None or fused_attention:
         raise RefformerError("--onnx-dir names the export folder: leave out --dtype, --static-length and "

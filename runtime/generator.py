@@ -158,6 +158,7 @@ class Generator:
         threads = capped_threads(threads)
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = load_config(self.model_dir)
+        contract.check_exportable(self.cfg)  # before any export notice: a model the graphs cannot run is one line
         self.tokenizer = tok.load_tokenizer(self.model_dir / TOKENIZER_FILE)
         check_tokenizer_matches(self.cfg, self.tokenizer, f"{self.model_dir}/{TOKENIZER_FILE}", whose="config.json's")
         self.provider = resolve_provider(provider)

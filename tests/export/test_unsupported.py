@@ -79,6 +79,13 @@ def test_verify_names_the_options_rather_than_asking_for_an_export(tmp_path):
         verify(tmp_path / "m", providers=["CPUExecutionProvider"])
 
 
+def test_verify_command_names_the_options_rather_than_asking_for_an_export(tmp_path):
+    make(tmp_path / "m", family="decoder-only", positional="rotary")
+    result = CliRunner().invoke(main, ["verify", "--model", str(tmp_path / "m")])
+    assert result.exit_code == 1 and result.stderr.startswith('error: export does not support yet: positional="rotary"')
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_generate_on_demand_refuses_in_one_line(tmp_path):
     tokenizer, trainer = tok.new_tokenizer(270)
     tokenizer.train_from_iterator(["the weather is fine", "errors should never pass silently"] * 3, trainer)
@@ -90,7 +97,7 @@ def test_generate_on_demand_refuses_in_one_line(tmp_path):
                                        "the weather"])
     assert result.exit_code == 1, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output  # after a notice "exporting ..."
+    assert result.stderr.strip().splitlines() == errors and "Traceback" not in result.output, result.output
     assert errors[0].startswith('error: export does not support yet: n_kv_heads=2, positional="rotary" (')
     assert result.stderr.strip().splitlines()[-1] == errors[0]
     assert not (tmp_path / "m" / "onnx").exists() or not any((tmp_path / "m" / "onnx").iterdir())
