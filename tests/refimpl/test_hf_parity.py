@@ -298,11 +298,9 @@ def test_a_folder_without_weights_is_refused(tmp_path):
         from_hf(tmp_path)
 
 
-@pytest.mark.xfail(strict=False, reason="model_forward's default target keep mask (ids != pad_id) drops the decoder "
-                                        "start token of T5 and Marian, whose decoder_start_token_id is their pad id "
-                                        "(refimpl/model.py's token_keep_mask; the owner of model.py decides the fix)")
 @pytest.mark.parametrize("family", ["t5", "marian"])
 def test_default_masks_keep_the_decoder_start_token(family, imported):
+    """T5 and Marian start their decoder with their pad id: the default target mask keeps that first token."""
     model, cfg, params = imported(family)
     src, tgt = np.array([[5, 6, 7, 8]]), np.array([[model.config.decoder_start_token_id, 9, 10]])
     logits, _ = model_forward(cfg, params, src, tgt)
