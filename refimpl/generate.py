@@ -173,25 +173,27 @@ class Stepper(abc.ABC):
     reference definitions here; a faster runtime overrides them with the same results (refformer.runtime's
     OrtStepper ranks beams with a blocked search, StaticOrtStepper takes the greedy argmax in its graph).
     The search calls a Stepper with checked inputs; a Stepper raises RefformerError for bad ones, as
-    model.decoder_step does.
+    model.decoder_step does (reorder, given rows out of range, may raise IndexError).
     """
 
     @abc.abstractmethod
     def start(self, src_ids, src_keep, batch_size):
         """Begin a search of batch_size rows: encode the source once (src_ids [B, S] int64 and src_keep [B, S],
         1 = real token, for an encoder-decoder model; both None for decoder-only) and empty the self-attention
-        cache (P = 0)."""
+        cache (P = 0). An implementation raises RefformerError for inputs it cannot take."""
 
     @abc.abstractmethod
     def step(self, ids, positions, attention_mask):
         """Feed T new tokens per row: ids, positions [B, T] int64 and attention_mask [B, P + T] int64 (1 = real
         token; the P cached positions, then the new ones) -> logits [B, T, V] on the host, float32 or float64.
-        The cache grows to P + T positions (model.decoder_step)."""
+        The cache grows to P + T positions (model.decoder_step). An implementation raises RefformerError for inputs
+        it cannot take."""
 
     @abc.abstractmethod
     def reorder(self, rows):
         """Keep or duplicate cache rows: row i of the new cache is row rows[i] of the old (rows [B'] int64;
-        beam search expanding inputs to beams, and reordering beams every step)."""
+        beam search expanding inputs to beams, and reordering beams every step). The search passes rows in range;
+        an implementation may raise IndexError for others."""
 
     argmax_in_graph = False
     """True where step_argmax finds the greedy token without bringing the logits [B, V] to the host (the static
@@ -202,23 +204,26 @@ class Stepper(abc.ABC):
 
     def step_argmax(self, ids, positions, attention_mask):
         """step, returning only the greedy next token of every row: ids [B] int64, the argmax of the last
-        position's logits, ties to the lowest id. Reference: step, then the argmax on the host."""
+        position's logits, ties to the lowest id. Reference: step, then the argmax on the host. Raises what step
+        raises."""
         self.last_step_logits = self.step(ids, positions, attention_mask)[:, -1:]
         return self.last_step_logits[:, -1].argmax(axis=-1)
 
     def last_logits(self):
         """The last position's logits [B, 1, V] of the latest step_argmax (search_iter reads them only when eos
-        must be banned, before min_new_tokens)."""
+        must be banned, before min_new_tokens); None before any step_argmax. Raises nothing."""
         return self.last_step_logits
 
     def top_candidates(self, values, n):
         """Indices of the n largest of values (1-D float64: the K V candidate scores of one input in beam search),
-        largest first, ties to the lower index. Reference: the stable argsort."""
+        largest first, ties to the lower index. Reference: the stable argsort. No checks: the search passes its own
+        scores."""
         return np.argsort(-values, kind="stable")[:n]
 
 
 class ReferenceStepper(Stepper):
-    """model.encode + model.decoder_step as a Stepper (the cache kept in NumPy); the reference capabilities."""
+    """model.encode + model.decoder_step as a Stepper (the cache kept in NumPy); the reference capabilities.
+    Raises RefformerError where model.encode / model.decoder_step do."""
 
     def __init__(self, cfg, params):
         """Raises RefformerError unless cfg is a Config and params its parameter tree (float32 or float64)."""
