@@ -324,3 +324,23 @@ def float64_faithful_rms_norms(monkeypatch):
 
     for module in (T5LayerNorm, LlamaRMSNorm, Qwen2RMSNorm):
         monkeypatch.setattr(module, "forward", rms_norm_in_input_dtype)
+
+
+def decode_incrementally(cfg, params, ids, positions, keep, prompt, cross_kv=None, src_keep=None):
+    """decoder_step over ids [B, T]: the first `prompt` columns in one call (P = 0), then one token per call, with
+    keep [B, T] (1 = real) and positions [B, T]; cross_kv / src_keep for an encoder-decoder. Returns the logits of
+    every column concatenated [B, T, V] and the cache after each call (a list), for comparison with model_forward."""
+    from refformer.refimpl import decoder_step, empty_cache
+
+    mask = np.asarray(keep).astype(np.int64)  # the graph contract: int64, 1 = keep
+    encoder_mask = None if src_keep is None else np.asarray(src_keep).astype(np.int64)
+    dtype = next(iter(flatten(params).values())).dtype
+    logits, past = decoder_step(cfg, params, ids[:, :prompt], positions[:, :prompt], mask[:, :prompt],
+                                empty_cache(cfg, ids.shape[0], dtype), cross_kv, encoder_mask)
+    pieces, caches = [logits], [past]
+    for t in range(prompt, ids.shape[1]):
+        logits, past = decoder_step(cfg, params, ids[:, t:t + 1], positions[:, t:t + 1], mask[:, :t + 1], past,
+                                    cross_kv, encoder_mask)
+        pieces.append(logits)
+        caches.append(past)
+    return np.concatenate(pieces, axis=1), caches

@@ -34,7 +34,7 @@ from refformer.refimpl.attention import (
     rotary_forward,
     rotary_tables,
 )
-from tests.helpers import assert_gradients, assert_param_gradients, keep_mask, seeds, weighted_sum
+from tests.helpers import assert_gradients, assert_param_gradients, decode_incrementally, keep_mask, seeds, weighted_sum
 
 transformers = pytest.importorskip("transformers")
 
@@ -382,7 +382,7 @@ def test_feature_model_gradients(name):
 def test_feature_model_decoder_step_matches_model_forward(name):
     """A left-padded prompt (T > 1), then single tokens through decoder_step with its [B, Hkv, P, Dh] caches, give
     model_forward's logits (rotary keys cached rotated; the relative bias of query P + i)."""
-    from refformer.refimpl import decoder_step, empty_cache, encode, flatten, init_params, model_forward
+    from refformer.refimpl import encode, flatten, init_params, model_forward
     from refformer.refimpl.model import left_pad
 
     cfg = feature_config(name)
@@ -402,12 +402,7 @@ def test_feature_model_decoder_step_matches_model_forward(name):
         _, cross_kv = encode(cfg, params, src, src_keep)
         assert cross_kv[0][0].shape == (B, cfg.n_kv_heads, 5, cfg.head_dim)
     expected, _ = model_forward(cfg, params, src, ids, src_mask=src_keep, tgt_mask=keep, tgt_positions=positions)
-    logits, past = decoder_step(cfg, params, prompt_ids, prompt_positions, keep[:, :prompt],
-                                empty_cache(cfg, B, np.float64), cross_kv, src_keep)
-    pieces = [logits]
-    for t in range(prompt, prompt + steps):
-        logits, past = decoder_step(cfg, params, ids[:, t:t + 1], positions[:, t:t + 1], keep[:, :t + 1], past,
-                                    cross_kv, src_keep)
-        pieces.append(logits)
+    got, caches = decode_incrementally(cfg, params, ids, positions, keep, prompt, cross_kv, src_keep)
+    for t, past in enumerate(caches[1:], start=prompt):
         assert all(k.shape == v.shape == (B, cfg.n_kv_heads, t + 1, cfg.head_dim) for k, v in past)
-    np.testing.assert_allclose(np.concatenate(pieces, axis=1), expected, rtol=0, atol=1e-12)  # padding rows too
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)  # padding rows too

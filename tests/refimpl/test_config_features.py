@@ -28,6 +28,7 @@ from refformer.runtime.generator import default_model_dir
 from tests.helpers import (
     RELU_MARGIN,
     assert_param_gradients,
+    decode_incrementally,
     float64_faithful_rms_norms,
     left_padded,
     random_params,
@@ -273,14 +274,7 @@ def test_decoder_step_equals_the_full_forward_with_the_new_options(case):
         src_keep = src_keep.astype(np.int64)
         _, cross_kv = encode(cfg, params, src, src_keep)
     expected, _ = model_forward(cfg, params, src, ids, tgt_mask=keep, tgt_positions=positions)
-    logits, past = decoder_step(cfg, params, prompt_ids, prompt_positions, keep[:, :prompt],
-                                empty_cache(cfg, B, np.float64), cross_kv, src_keep)
-    pieces = [logits]
-    for t in range(prompt, prompt + steps):
-        logits, past = decoder_step(cfg, params, ids[:, t:t + 1], positions[:, t:t + 1], keep[:, :t + 1], past,
-                                    cross_kv, src_keep)
-        pieces.append(logits)
-    got = np.concatenate(pieces, axis=1)
+    got, _ = decode_incrementally(cfg, params, ids, positions, keep, prompt, cross_kv, src_keep)
     assert relative(got, expected) <= 1e-12
 
 

@@ -41,6 +41,7 @@ from refformer.refimpl.attention import cached_self_attention_forward, project_k
 from refformer.refimpl.model import left_padded_positions
 from tests.helpers import (
     B_sizes,
+    decode_incrementally,
     head_counts,
     head_widths,
     keep_mask,
@@ -201,18 +202,10 @@ def test_decoder_step_matches_model_forward(cfg, seed, B, S, prompt, steps, ragg
         _, cross_kv = encode(cfg, params, src, src_keep.astype(np.int64))
     expected, _ = model_forward(cfg, params, src, ids, tgt_mask=keep, tgt_positions=positions)
 
-    mask = keep.astype(np.int64)  # the graph contract: int64, 1 = keep
-    encoder_mask = None if src_keep is None else src_keep.astype(np.int64)
-    logits, past = decoder_step(cfg, params, prompt_ids, prompt_positions, mask[:, :prompt],
-                                empty_cache(cfg, B, np.float64), cross_kv, encoder_mask)
-    pieces = [logits]
-    for t in range(prompt, total):
-        logits, past = decoder_step(cfg, params, ids[:, t:t + 1], positions[:, t:t + 1], mask[:, :t + 1], past,
-                                    cross_kv, encoder_mask)
-        pieces.append(logits)
+    got, caches = decode_incrementally(cfg, params, ids, positions, keep, prompt, cross_kv, src_keep)
+    for t, past in enumerate(caches[1:], start=prompt):
         for k, v in past:
             assert k.shape == v.shape == (B, cfg.n_kv_heads, t + 1, cfg.head_dim)
-    got = np.concatenate(pieces, axis=1)
     assert_close(got, expected, what="decoder_step vs model_forward (padding queries included)")
     assert np.all(np.isfinite(got))
 
