@@ -368,10 +368,10 @@ def _config_t5(hf):
     activation, gated = _t5_feed_forward(hf)
     D, H, Dh = _option(hf, "d_model"), _option(hf, "num_heads"), _option(hf, "d_kv")
     scale_outputs = hf.get("scale_decoder_outputs", _option(hf, "tie_word_embeddings") is not False)
-    n_layers = _option(hf, "num_layers")
+    n_layers, n_decoder = _option(hf, "num_layers"), _option(hf, "num_decoder_layers")
     return {"family": "encoder-decoder", "vocab_size": _option(hf, "vocab_size"), "d_model": D, "n_heads": H,
             "head_dim": None if H * Dh == D else Dh, "d_ff": _option(hf, "d_ff"), "n_encoder_layers": n_layers,
-            "n_decoder_layers": _option(hf, "num_decoder_layers") or n_layers, "norm_first": True, "norm": "rmsnorm",
+            "n_decoder_layers": n_layers if n_decoder is None else n_decoder, "norm_first": True, "norm": "rmsnorm",
             "norm_eps": _option(hf, "layer_norm_epsilon"), "final_norm": True, "activation": activation,
             "ffn_gated": gated, "ffn_bias": False, "attention_qkv_bias": False, "attention_out_bias": False,
             "attention_scale": 1.0, "positional": "relative",
@@ -385,9 +385,10 @@ def _config_llama(hf):
     """Llama and Qwen2: pre-RMSNorm layers, SwiGLU, RoPE, grouped-query attention; Llama's attention_bias switches
     all four projection biases and mlp_bias the feed-forward's, Qwen2 has q/k/v biases and no others."""
     qwen = hf["model_type"] == "qwen2"
-    if qwen and (_option(hf, "use_sliding_window")
-                 or "sliding_attention" in (hf.get("layer_types") or [])):
-        _refuse("use_sliding_window", True, "sliding-window attention is not supported")
+    if qwen and _option(hf, "use_sliding_window"):
+        _refuse("use_sliding_window", hf["use_sliding_window"], "sliding-window attention is not supported")
+    if qwen and "sliding_attention" in (hf.get("layer_types") or []):
+        _refuse("layer_types", hf["layer_types"], "sliding-window attention is not supported")
     D, H = _option(hf, "hidden_size"), _option(hf, "num_attention_heads")
     Dh = _option(hf, "head_dim") or D // H
     bias = False if qwen else bool(_option(hf, "attention_bias"))

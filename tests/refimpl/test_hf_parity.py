@@ -244,7 +244,9 @@ def saved(tmp_path, family, **changes):
     ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_scaling"),
     ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
-    ("qwen2", {"use_sliding_window": True}, "sliding-window"),
+    ("qwen2", {"use_sliding_window": True}, "use_sliding_window=true .*sliding-window"),
+    ("qwen2", {"layer_types": ["sliding_attention", "full_attention"]}, "layer_types=.*sliding-window"),
+    ("t5", {"num_decoder_layers": 0}, "does not map.*decoder.block.0"),
     ("marian", {"normalize_before": True}, "normalize_before"),
     ("bart", {"add_final_layer_norm": True}, "add_final_layer_norm"),
     ("bart", {"decoder_attention_heads": 2}, "decoder_attention_heads"),
@@ -290,6 +292,15 @@ def test_t5_reads_its_activation_as_transformers_does(imported):
     del config["dense_act_fn"], config["is_gated_act"]
     cfg, _ = params_from_hf(config, tensors)
     assert (cfg.activation, cfg.ffn_gated) == ("gelu_tanh", True)
+
+
+def test_t5_num_decoder_layers_zero_is_zero_as_in_t5config():
+    """T5Config keeps an explicit num_decoder_layers=0 (only null means num_layers): never a silent 2."""
+    from refformer.refimpl.convert.hf import CONFIGS
+
+    fields = CONFIGS["t5"]({"model_type": "t5", "num_layers": 2, "num_decoder_layers": 0})
+    assert (fields["n_encoder_layers"], fields["n_decoder_layers"]) == (2, 0)
+    assert CONFIGS["t5"]({"model_type": "t5", "num_layers": 3, "num_decoder_layers": None})["n_decoder_layers"] == 3
 
 
 def test_a_folder_without_weights_is_refused(tmp_path):
