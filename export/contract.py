@@ -256,50 +256,69 @@ PROVIDERS = (CPU_PROVIDER, CUDA_PROVIDER)  # the ONNX Runtime execution provider
 
 # ---------------------------------------------------------------------------- what the graphs compute
 
-EXPORTED_POSITIONALS = ("sinusoidal", "learned")  # embed's two position terms
+EXPORTED_POSITIONALS = ("sinusoidal", "learned", "none")  # the position schemes the reference graphs compute
 NEEDED_IDS = ("pad_id", "bos_id", "eos_id")  # verify's inputs and the runtime's prompts, padding and stop token
 
 
-def unsupported_features(cfg):
-    """The Config options of cfg that export/model.py's builders do not compute (empty when they compute cfg's model
-    exactly), each spelled as config.json has it: ['positional="rotary"', 'n_kv_heads=2']. The builders cover:
-    sinusoidal or learned positions without an offset, attention with n_kv_heads = n_heads, n_heads * head_dim =
-    d_model and the 1 / sqrt(head_dim) scale, biases on or off (linear adds one only where the tree has it), an
-    ungated feed-forward, no embedding norm, head_scale 1, and a pad, bos and eos id (export/verify.py's inputs and
-    the runtime's prompts use them). Raises nothing (cfg is a checked Config).
-    """
-    def show(name, value):
-        return f"{name}={json.dumps(value)}"
+def show_option(name, value):
+    """An option as config.json spells it: show_option("positional", "rotary") -> 'positional="rotary"'.
 
+    Raises nothing: value is a Config field (JSON-serializable).
+    """
+    return f"{name}={json.dumps(value)}"
+
+
+def unsupported_features(cfg):
+    """The Config options of cfg that the reference graphs (export/model.py's encoder.onnx and decoder.onnx) do not
+    compute (empty when they compute cfg's model exactly), each spelled as config.json has it:
+    ['positional="rotary"', 'n_kv_heads=2']. The reference graphs cover: sinusoidal, learned (with a position_offset)
+    or no positions, attention with n_kv_heads = n_heads, n_heads * head_dim = d_model and the 1 / sqrt(head_dim)
+    scale, biases on or off (linear adds one only where the tree has it), gated or ungated feed-forward, the embedding
+    norm, any head_scale, and a pad, bos and eos id (export/verify.py's inputs and the runtime's prompts use them).
+    Raises nothing (cfg is a checked Config).
+    """
     found = []
     if cfg.n_kv_heads != cfg.n_heads:
-        found.append(show("n_kv_heads", cfg.n_kv_heads))
+        found.append(show_option("n_kv_heads", cfg.n_kv_heads))
     if cfg.n_heads * cfg.head_dim != cfg.d_model:
-        found.append(show("head_dim", cfg.head_dim))
+        found.append(show_option("head_dim", cfg.head_dim))
     if np.float32(cfg.attention_scale) != np.float32(1.0 / math.sqrt(cfg.head_dim)):  # the graphs' float32 constant
-        found.append(show("attention_scale", cfg.attention_scale))
-    if cfg.ffn_gated:
-        found.append(show("ffn_gated", True))
+        found.append(show_option("attention_scale", cfg.attention_scale))
     if cfg.positional not in EXPORTED_POSITIONALS:
-        found.append(show("positional", cfg.positional))
-    if cfg.position_offset != 0:
-        found.append(show("position_offset", cfg.position_offset))
-    if cfg.embed_norm:
-        found.append(show("embed_norm", True))
-    if cfg.head_scale != 1.0:
-        found.append(show("head_scale", cfg.head_scale))
-    found += [show(name, None) for name in NEEDED_IDS if getattr(cfg, name) is None]
+        found.append(show_option("positional", cfg.positional))
+    found += [show_option(name, None) for name in NEEDED_IDS if getattr(cfg, name) is None]
     return found
 
 
 def check_exportable(cfg):
-    """Raises RefformerError, one line naming them, when cfg uses options the builders do not compute yet
+    """Raises RefformerError, one line naming them, when cfg uses options the reference graphs do not compute yet
     (unsupported_features): no graph of another function is ever built. export_model and verify call it first.
     Raises nothing otherwise."""
     found = unsupported_features(cfg)
     if found:
         raise RefformerError(f"export does not support yet: {', '.join(found)} (refformer's ONNX graphs cover "
-                             "sinusoidal or learned positions without offset, multi-head attention with n_heads * "
-                             "head_dim = d_model and the 1/sqrt(head_dim) scale, ungated feed-forward, no embedding "
-                             "norm or head scale, and pad, bos and eos ids); the reference (model_forward, golden) "
+                             "sinusoidal, learned or no positions, multi-head attention with n_heads * head_dim = "
+                             "d_model and the 1/sqrt(head_dim) scale, gated or ungated feed-forward, the embedding "
+                             "norm and head scale, and pad, bos and eos ids); the reference (model_forward, golden) "
                              "does")
+
+
+def reference_only_features(cfg):
+    """The Config options of cfg that the reference graphs compute but the faster decoder variants (static, fused,
+    static_mha, static_fused: export's --static-length and --fused-attention) do not yet, spelled as
+    unsupported_features spells them; empty when every variant computes cfg's model. The variants share the
+    reference's embedding and head builders (positions none or with an offset, the embedding norm, head_scale);
+    their fused feed-forward is ungated. Raises nothing (cfg is a checked Config).
+    """
+    return [show_option("ffn_gated", True)] if cfg.ffn_gated else []
+
+
+def check_variants_exportable(cfg, static_length=None, fused_attention=False):
+    """Raises RefformerError, one line naming them, when an export asks for decoder variants (static_length not
+    None, or fused_attention) of a model whose options only the reference graphs compute (reference_only_features);
+    export_model calls it before any work. Raises nothing otherwise."""
+    found = reference_only_features(cfg)
+    if found and (static_length is not None or fused_attention):
+        raise RefformerError(f"the static and fused decoders do not support yet: {', '.join(found)}; export without "
+                             "--static-length and --fused-attention (the reference graphs, encoder.onnx and "
+                             "decoder.onnx, compute them)")

@@ -29,6 +29,7 @@ from .contract import (
     MIN_OPSET,
     REFERENCE,
     check_exportable,
+    check_variants_exportable,
     decoder_graph,
     exported_variants,
     graph_file,
@@ -123,9 +124,10 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
 
     Raises RefformerError for a bad option (a model_dir or out_dir that is not a path, flags that are not booleans),
     a model using options the graphs do not compute yet (contract.check_exportable: one line naming them, before any
-    work), an out_dir that check_out_dir refuses (its parent must exist, unless it is
-    one of export_locations), weights with NaN or inf (or beyond float16's range for fp16), or (measure=True) a measured
-    error that is not finite or beyond the dtype's bound (1e-5 fp32, 1e-2 fp16).
+    work; contract.check_variants_exportable when static_length or fused_attention asks for variants), an out_dir
+    that check_out_dir refuses (its parent must exist, unless it is one of export_locations), weights with NaN or
+    inf (or beyond float16's range for fp16), or (measure=True) a measured error that is not finite or beyond the
+    dtype's bound (1e-5 fp32, 1e-2 fp16).
     Leftovers of killed exports in the target's parent folder are removed first (recover_leftovers).
     """
     check_path("model_dir", model_dir)
@@ -149,6 +151,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
         raise RefformerError(f"--static-length must be a positive integer, got {static_length}")
     model_dir = Path(model_dir)
     check_exportable(load_config(model_dir))  # a missing or bad model folder, or options the graphs do not compute
+    check_variants_exportable(load_config(model_dir), static_length, fused_attention)  # ... or a variant does not
     if out_dir is None:
         out_dir = default_export_dir(model_dir, dtype, static_length, fused_attention)
     out_dir = Path(out_dir)

@@ -15,12 +15,15 @@ def feed_forward(g, cfg, prefix, p, x):
     """Twin of refimpl.layers.feed_forward_forward (inference): x [B, T, D] -> [B, T, D].
 
     x ─fc1─activation─fc2─▶ y        (p: {"fc1": [D, F] linear, "fc2": [F, D] linear})
+    cfg.ffn_gated (SwiGLU / GEGLU, Shazeer 2020): x ─fc1─activation─Mul(fc_up(x))─fc2─▶ y   (p also has "fc_up")
 
     x, y in g's float type; F = cfg.d_ff. No checks: reached only through export_model, which loads a checked cfg and
     params.
     """
-    h = linear(g, f"{prefix}.fc1", p["fc1"], x)
-    return linear(g, f"{prefix}.fc2", p["fc2"], activation(g, cfg.activation, h, node_path(prefix) + "/act"))
+    h = activation(g, cfg.activation, linear(g, f"{prefix}.fc1", p["fc1"], x), node_path(prefix) + "/act")
+    if cfg.ffn_gated:
+        h = g.op("Mul", [h, linear(g, f"{prefix}.fc_up", p["fc_up"], x)], node_path(prefix) + "/gate")
+    return linear(g, f"{prefix}.fc2", p["fc2"], h)
 
 
 def residual(g, cfg, norm_prefix, p_norm, x, sublayer):

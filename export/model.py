@@ -86,12 +86,14 @@ ELEM_TYPES = {contract.INT64: TensorProto.INT64, contract.FLOAT32: TensorProto.F
 
 
 def embed(g, cfg, prefix, p_tokens_name, p_tokens, p_stack, ids, positions):
-    """Twin of refimpl.model.embed_forward (inference): x = E[ids] * sqrt(D)? + pos[positions].
+    """Twin of refimpl.model.embed_forward (inference): x = norm?(E[ids] * sqrt(D)? + pos[positions]?).
     ids, positions [B, T] int64 -> x [B, T, D]. p_tokens_name: the token table's checkpoint name (the encoder reads
-    the decoder's when share_embeddings); p_stack: the stack's parameters (its learned position table).
+    the decoder's when share_embeddings); p_stack: the stack's parameters (its learned position table, its
+    embed_norm). The position term: the sinusoidal table, the learned table at row position + position_offset, or
+    none (positional "none", and "relative" / "rotary", whose positions act inside attention).
 
     ids ──Gather(E)──Mul(sqrt D)──┐
-    positions ──Gather(pos)──────Add──▶ x
+    positions ─Add(offset)─Gather(pos)─Add──norm(embed_norm)──▶ x
 
     x in g's float type. No checks: reached only through export_model, which loads a checked cfg and params.
     """
@@ -101,14 +103,21 @@ def embed(g, cfg, prefix, p_tokens_name, p_tokens, p_stack, ids, positions):
         x = g.op("Mul", [x, scalar(g, math.sqrt(cfg.d_model), "embed_scale")], at)
     if cfg.positional == "learned":
         name, table = f"{prefix}.embed_positions.weight", p_stack["embed_positions"]["weight"]
-    else:
+        if cfg.position_offset:
+            positions = g.op("Add", [positions, g.const(cfg.position_offset, "position_offset")], at)
+    elif cfg.positional == "sinusoidal":
         name, table = f"{prefix}.sinusoidal_positions", sinusoidal_table(cfg.max_positions, cfg.d_model)
-    return g.op("Add", [x, embedding(g, name, table, positions, at, "GatherPositions")], at)
+    if cfg.positional in ("learned", "sinusoidal"):
+        x = g.op("Add", [x, embedding(g, name, table, positions, at, "GatherPositions")], at)
+    if cfg.embed_norm:
+        x = norm(g, cfg, f"{prefix}.embed_norm", p_stack["embed_norm"], x)
+    return x
 
 
 def lm_head(g, cfg, params, x):
-    """Twin of refimpl.model's head, linear_forward(lm_head_params(cfg, params), hidden): x [B, T, D] -> logits
-    [B, T, V] in float32 even in fp16 graphs (the hidden state is cast up and the head kept in float32).
+    """Twin of refimpl.model.head_forward, linear_forward(lm_head_params(cfg, params), hidden * head_scale): x
+    [B, T, D] -> logits [B, T, V] in float32 even in fp16 graphs (the hidden state is cast up and the head kept in
+    float32; the Mul by head_scale, in float32, only when it is not 1).
 
     A tied head reads the decoder's token table (Transpose of the [V, D] initializer).
 
@@ -116,6 +125,8 @@ def lm_head(g, cfg, params, x):
     """
     head = lm_head_params(cfg, params)
     x32 = g.to_float32(x, "/lm_head", "CastHidden")
+    if cfg.head_scale != 1.0:
+        x32 = g.op("Mul", [x32, g.const(cfg.head_scale, "head_scale", np.float32)], "/lm_head", name="HeadScale")
     if cfg.tie_embeddings:
         table = params["decoder"]["embed_tokens"]["weight"]
         if g.dtype == FP32:
