@@ -21,6 +21,7 @@ dropout takes the family's main rate. safetensors input needs neither torch nor 
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -99,6 +100,16 @@ def from_hf(path):
     return params_from_hf(hf_config, read_hf_tensors(path))
 
 
+def _is_file(file):
+    """True when file is a readable regular file (through links), False when nothing is there; raises
+    RefformerError for a name that is there but is not a file (a dangling or looping link, a folder), so that it is
+    not mistaken for a file the folder lacks."""
+    if Path(file).is_file():
+        return True
+    check(not os.path.lexists(file), f"{file} is not a readable file (a broken or looping link, or a folder)")
+    return False
+
+
 def _folder(path):
     folder = Path(path)
     check(folder.is_dir(), f"{path} is not a folder (expected a Hugging Face model folder with config.json)")
@@ -109,11 +120,13 @@ def read_hf_config(path):
     """The config.json of the Hugging Face folder at path, as a dict. Raises RefformerError if it is missing or not
     a JSON object."""
     file = _folder(path) / "config.json"
-    check(file.is_file(), f"{path} has no config.json: not a Hugging Face model folder")
+    check(_is_file(file), f"{path} has no config.json: not a Hugging Face model folder")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise RefformerError(f"{file} is not readable JSON: {error}") from None
+    except RecursionError:
+        raise RefformerError(f"{file} is not readable JSON: nested too deeply") from None
     check(isinstance(data, dict), f"{file} must hold a JSON object")
     return data
 
@@ -127,13 +140,13 @@ def read_hf_tensors(path):
     an index naming a file outside the folder or missing, or pytorch_model.bin without torch.
     """
     folder = _folder(path)
-    if (folder / "model.safetensors").is_file():
+    if _is_file(folder / "model.safetensors"):
         tensors = _read_safetensors(folder / "model.safetensors")
-    elif (folder / "model.safetensors.index.json").is_file():
+    elif _is_file(folder / "model.safetensors.index.json"):
         tensors = _read_shards(folder, "model.safetensors.index.json", _read_safetensors)
-    elif (folder / "pytorch_model.bin").is_file():
+    elif _is_file(folder / "pytorch_model.bin"):
         tensors = _read_torch_bin(folder / "pytorch_model.bin")
-    elif (folder / "pytorch_model.bin.index.json").is_file():
+    elif _is_file(folder / "pytorch_model.bin.index.json"):
         tensors = _read_shards(folder, "pytorch_model.bin.index.json", _read_torch_bin)
     else:
         raise RefformerError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
@@ -149,6 +162,8 @@ def _read_shards(folder, index_name, read):
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
         raise RefformerError(f"{index} is not an index with a weight_map: {error}") from None
+    except RecursionError:
+        raise RefformerError(f"{index} is not an index with a weight_map: nested too deeply") from None
     check(isinstance(weight_map, dict), f"{index}: weight_map must map tensor names to file names")
     tensors = {}
     for shard in sorted(set(weight_map.values())):
@@ -170,6 +185,8 @@ def _safetensors_header(file):
             header = json.loads(handle.read(length))
         except ValueError as error:
             raise RefformerError(f"{file} has an unreadable safetensors header: {error}") from None
+        except RecursionError:
+            raise RefformerError(f"{file} has an unreadable safetensors header: nested too deeply") from None
     return header, 8 + length
 
 

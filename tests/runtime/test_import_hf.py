@@ -240,6 +240,31 @@ def test_bad_inputs_are_one_error_line(saved, tmp_path):
     assert run("import-hf", folder, "--out", tmp_path / "full", "--overwrite").exit_code == 0
 
 
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_a_looping_link_is_named_not_taken_for_a_missing_file(name, saved, tmp_path):
+    """A file there as a broken or looping link is one error naming it (a looping tokenizer.json imported without
+    a tokenizer, exit 0; a looping config.json read as 'no config.json')."""
+    hf = tmp_path / "hf"
+    shutil.copytree(saved("gpt2")[1], hf)
+    (hf / "tokenizer.json").write_text("{}")
+    (hf / name).unlink()
+    (hf / name).symlink_to(hf / name)
+    line = one_error_line(run("import-hf", hf, "--out", tmp_path / "m"))
+    assert f"{name} is not a readable file" in line and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_json_nested_too_deeply_is_one_error_line(name, saved, tmp_path):
+    """json raises RecursionError (not ValueError) for deep nesting: it was a traceback."""
+    hf = tmp_path / "hf"
+    shutil.copytree(saved("gpt2")[1], hf)
+    if name != "config.json":
+        (hf / "model.safetensors").unlink()
+    (hf / name).write_text("[" * 100000 + "]" * 100000)
+    line = one_error_line(run("import-hf", hf, "--out", tmp_path / "m"))
+    assert f"{name} is not" in line and "nested too deeply" in line and not (tmp_path / "m").exists()
+
+
 
 @pytest.mark.parametrize("files", ["spiece.model", "marian"])
 def test_sentencepiece_files_without_transformers_are_one_line_naming_what_to_install(files, saved, tmp_path,
