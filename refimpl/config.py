@@ -138,6 +138,8 @@ class Config:
         need(self.relative_max_distance > self.relative_num_buckets // 2,
              f"relative_max_distance={self.relative_max_distance} must exceed relative_num_buckets // 2 = "
              f"{self.relative_num_buckets // 2} (T5's bucket formula takes the log of their ratio)")
+        need(self.relative_max_distance < 2**63, f"relative_max_distance={self.relative_max_distance} must be below "
+                                                 f"2**63 (the bucket formula takes its logarithm as a float)")
         need(self.positional != "rotary" or self.head_dim % 2 == 0,
              f'positional "rotary" needs an even head_dim (it rotates pairs of features), got {self.head_dim}')
         need(self.position_offset == 0 or self.positional == "learned",

@@ -112,6 +112,7 @@ def test_null_fields_read_as_their_effective_values_and_stay_null():
     ({"relative_num_buckets": 32, "relative_max_distance": 16}, "relative_max_distance=16 must exceed"),
     ({"positional": "rotary", "head_dim": 3}, 'positional "rotary" needs an even head_dim'),
     ({"relative_max_distance": 1.5}, "relative_max_distance must be a positive integer, got 1.5"),
+    ({"relative_max_distance": 10**400}, r"relative_max_distance=1000.* must be below 2\*\*63"),  # was OverflowError
     ({"rope_theta": -1.0}, "rope_theta must be a finite number > 0, got -1.0"),
     ({"rope_theta": None}, "rope_theta must be a finite number, got null"),
     ({"head_scale": 0}, "head_scale must be a finite number > 0, got 0"),
