@@ -2,13 +2,16 @@
 cached self-attention of incremental decoding (with its two cache layouts: growing, and static slots).
 
 Builders follow export/ops.py's conventions (Graph g, dotted prefix = node path, output names returned).
-Shapes: B batch, T queries, S (or P + T, or L) keys, D model width, H heads, Dh = D / H.
+Shapes: B batch, T queries, S (or P + T, or L) keys, D model width, H query heads, Hkv key/value heads (dividing
+H: grouped-query attention), Dh head size (cfg.head_dim; D / H unless the model says otherwise).
+The position features of issue 13 are computed once per stack and passed to every self-attention: rotary_tables
+(RoPE's cos, sin from the positions) and relative_position_bias (T5's bias from the query and key indices).
 """
-
-import math
 
 import numpy as np
 from onnx import TensorProto
+
+from refformer.refimpl.attention import relative_position_bucket
 
 from .graph import node_path
 from .ops import linear
@@ -35,31 +38,138 @@ def causal_padding_mask(g, ids, keep, at):
     ids [B, T] int64, keep [B, P + T] int64. No checks: reached only through export_model, which loads a checked cfg and
     params.
     """
-    total = g.op("Gather", [g.op("Shape", [keep], at), g.const(1, "one_index")], at, name="TotalLength")  # P + T
-    new = g.op("Gather", [g.op("Shape", [ids], at, name="ShapeIds"), g.const(1, "one_index")], at, name="NewLength")
-    past = g.op("Sub", [total, new], at)
-    query_index = g.op("Range", [past, total, g.const(1, "one")], at, name="QueryIndex")  # [T]
-    key_index = g.op("Range", [g.const(0, "zero"), total, g.const(1, "one")], at, name="KeyIndex")  # [P + T]
+    query_index, key_index = sequence_indices(g, ids, keep, at)
     causal = g.op("GreaterOrEqual", [g.op("Unsqueeze", [query_index, g.const([1], "axes_1")], at),
                                      key_index], at)  # [T, P + T]
     return g.op("And", [padding_mask(g, keep, at), causal], at)
 
 
+def sequence_indices(g, ids, keep, at):
+    """The places in the sequence of the T new queries, P .. P + T - 1, and of all P + T keys, 0 .. P + T - 1
+    (int64 [T] and [P + T]), from ids [B, T] and keep [B, P + T]: what causal_padding_mask and T5's relative bias
+    (refimpl.model's _self_attention_positions: query index P + i, key index j) read.
+
+    Raises nothing: node building only.
+    """
+    total = g.op("Gather", [g.op("Shape", [keep], at), g.const(1, "one_index")], at, name="TotalLength")  # P + T
+    new = g.op("Gather", [g.op("Shape", [ids], at, name="ShapeIds"), g.const(1, "one_index")], at, name="NewLength")
+    past = g.op("Sub", [total, new], at)
+    query_index = g.op("Range", [past, total, g.const(1, "one")], at, name="QueryIndex")  # [T]
+    key_index = g.op("Range", [g.const(0, "zero"), total, g.const(1, "one")], at, name="KeyIndex")  # [P + T]
+    return query_index, key_index
+
+
+# ---------------------------------------------------------------------------- position features
+
+
+def rotary_tables(g, cfg, positions, at):
+    """Twin of refimpl.attention.rotary_tables: RoPE's cos, sin of positions [B, T] int64, as [B, 1, T, Dh] in g's
+    float type (broadcast over the heads). angle[b, t, i] = positions[b, t] * inv_freq[i mod Dh/2], inv_freq =
+    rope_theta ** -(0, 2, .., Dh - 2) / Dh (Su et al. 2021, in transformers' rotate-half layout), computed in float64
+    as refimpl computes it, then cast:
+
+    positions ─Cast(double)─Unsqueeze─Mul(inv_freq ++ inv_freq)─┬─Cos─Cast─Unsqueeze─▶ cos
+                                                                └─Sin─Cast─Unsqueeze─▶ sin
+
+    No checks: reached only through export_model, which loads a checked cfg (an even head_dim) and params.
+    """
+    Dh = cfg.head_dim
+    inv_freq = 1.0 / float(cfg.rope_theta) ** (np.arange(0, Dh, 2, dtype=np.float64) / Dh)
+    frequencies = g.const(np.concatenate([inv_freq, inv_freq]), "rope_inv_freq", np.float64)  # [Dh]
+    as_double = g.cast(positions, TensorProto.DOUBLE, at)
+    angles = g.op("Mul", [g.op("Unsqueeze", [as_double, g.const([2], "axes_2")], at), frequencies], at)  # [B, T, Dh]
+    tables = []
+    for op in ("Cos", "Sin"):
+        table = g.cast(g.op(op, [angles], at), g.float_type, at, name=f"Cast{op}")
+        tables.append(g.op("Unsqueeze", [table, g.const([1], "axes_1")], at, name=f"Unsqueeze{op}"))
+    return tuple(tables)
+
+
+def rotate(g, x, rotary, head_dim, at):
+    """Twin of refimpl.attention.rotary_forward: x [B, h, T, Dh] -> x * cos + rotate_half(x) * sin with rotary =
+    (cos, sin) [B, 1, T, Dh] (rotary_tables); rotate_half(x) = cat(-x[..., Dh/2:], x[..., :Dh/2]) (transformers'
+    rotate_half).
+
+    x and the output in g's float type. No checks: reached only through export_model.
+    """
+    cos, sin = rotary
+    half = head_dim // 2
+    first, second = g.op("Split", [x, g.const([half, half], "rope_halves")], at, n_outputs=2, axis=-1)
+    rotated = g.op("Concat", [g.op("Neg", [second], at), first], at, name="RotateHalf", axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos], at), g.op("Mul", [rotated, sin], at)], at, name="Rotary")
+
+
+def relative_bucket_table(cfg, bidirectional):
+    """T5's bucket of each relative position r = key index - query index in [-M, M] (M = relative_max_distance),
+    an int64 array [2M + 1] indexed by r + M: refimpl.attention.relative_position_bucket itself, evaluated at
+    export. Beyond M every distance falls in the last bucket of its side (the logarithmic buckets stop at M), so
+    the graph clips r to [-M, M] and gathers: no float logarithm in the graph to round differently.
+
+    Raises nothing: cfg is a checked Config.
+    """
+    M = cfg.relative_max_distance
+    return relative_position_bucket(np.arange(-M, M + 1), bidirectional=bidirectional,
+                                    num_buckets=cfg.relative_num_buckets, max_distance=M)
+
+
+def relative_position_bias(g, cfg, name, table, query_index, key_index, *, bidirectional, at):
+    """Twin of refimpl.attention.relative_position_bias_forward with transformers' T5 index semantics: bias[0, h,
+    i, j] = table[bucket(key_index[j] - query_index[i]), h] -> float32 [1, H, T, S]; query_index [T], key_index [S]
+    int64 (sequence_indices: query P + i, key j). table [num_buckets, H] is the stack's
+    relative_attention_bias.weight (initializer name), kept in float32 in fp16 graphs too. bidirectional in the
+    encoder, causal in the decoder.
+
+    key_index ─Sub(query_index)─Min(M)─Max(-M)─Add(M)─Gather(relative_bucket_table)─Gather(table)─Transpose─▶ bias
+
+    No checks: reached only through export_model, which loads a checked cfg and params.
+    """
+    M = cfg.relative_max_distance
+    side = "bidirectional" if bidirectional else "causal"
+    relative = g.op("Sub", [g.op("Unsqueeze", [key_index, g.const([0], "axes_0")], at),
+                            g.op("Unsqueeze", [query_index, g.const([1], "axes_1")], at)], at)  # [T, S]
+    clipped = g.op("Max", [g.op("Min", [relative, g.const(M, "relative_max")], at), g.const(-M, "relative_min")], at)
+    index = g.op("Add", [clipped, g.const(M, "relative_max")], at)
+    buckets = g.op("Gather", [g.const(relative_bucket_table(cfg, bidirectional), f"relative_buckets_{side}"), index],
+                   at, name="GatherBuckets")
+    bias = g.op("Gather", [g.weight(name, table, dtype=np.float32), buckets], at, name="GatherBias")  # [T, S, H]
+    return g.op("Unsqueeze", [g.op("Transpose", [bias], at, perm=[2, 0, 1]), g.const([0], "axes_0")], at)
+
+
 # ---------------------------------------------------------------------------- attention and heads
 
 
-def attention(g, q, k, v, mask, scale, at):
-    """Twin of refimpl.attention.attention_forward (Vaswani et al. 2017, eq. 1): softmax(q k^T * scale, masked) v.
-    q [B, H, T, Dh], k, v [B, H, S, Dh], mask bool broadcasting to [B, H, T, S] (True = attend) -> [B, H, T, Dh].
+def repeat_kv(g, x, n_heads, n_rep, head_dim, at, name):
+    """Twin of refimpl.attention's repeat_kv (transformers' repeat_kv; grouped-query attention, Ainslie et al. 2023):
+    x [B, Hkv, S, Dh] -> [B, Hkv * n_rep = H, S, Dh], each kv head n_rep times in a row (query head h reads kv head
+    h // n_rep). x ─Unsqueeze(2)─Expand(n_rep)─Reshape─▶ [B, H, S, Dh]
+
+    Keeps x's dtype. No checks: reached only through export_model.
+    """
+    x = g.op("Unsqueeze", [x, g.const([2], "axes_2")], at, name=f"Unsqueeze{name}")
+    x = g.op("Expand", [x, g.const([1, 1, n_rep, 1, 1], "repeat_kv")], at, name=f"Repeat{name}")
+    return g.op("Reshape", [x, g.const([0, n_heads, -1, head_dim], "repeat_kv_shape")], at, name=f"Merge{name}")
+
+
+def attention(g, q, k, v, mask, scale, at, *, groups=None, position_bias=None):
+    """Twin of refimpl.attention.attention_forward (Vaswani et al. 2017, eq. 1): softmax(q k^T * scale + position_bias,
+    masked) v. q [B, H, T, Dh], k, v [B, Hkv, S, Dh] (groups = (H, Hkv, Dh) when Hkv < H: repeat_kv), mask bool
+    broadcasting to [B, H, T, S] (True = attend), position_bias float32 broadcasting to [B, H, T, S] or None
+    -> [B, H, T, Dh].
 
     The softmax runs in float32 (fp16 graphs too); rows with every key masked give zeros, as refimpl's:
-    q ─MatMul(k^T)─Cast─Mul(scale)─Where(mask, ·, lowest)─Softmax─Mul(mask)─Cast─MatMul(v)─▶ out
+    q ─MatMul(k^T)─Cast─Mul(scale)─Add(position_bias)?─Where(mask, ·, lowest)─Softmax─Mul(mask)─Cast─MatMul(v)─▶ out
 
     q, k, v and the output in g's float type. No checks: reached only through export_model, which loads a checked cfg
     and params.
     """
+    if groups is not None and groups[1] != groups[0]:
+        n_heads, n_kv_heads, head_dim = groups
+        k = repeat_kv(g, k, n_heads, n_heads // n_kv_heads, head_dim, at, "Keys")
+        v = repeat_kv(g, v, n_heads, n_heads // n_kv_heads, head_dim, at, "Values")
     scores = g.op("MatMul", [q, g.op("Transpose", [k], at, perm=[0, 1, 3, 2])], at, name="MatMulQK")
     scores = g.op("Mul", [g.to_float32(scores, at, "CastScores"), g.const(scale, "attention_scale", np.float32)], at)
+    if position_bias is not None:
+        scores = g.op("Add", [scores, position_bias], at, name="PositionBias")
     lowest = g.const(np.finfo(np.float32).min, "lowest", np.float32)
     scores = g.op("Where", [mask, scores, lowest], at)
     probs = g.op("Softmax", [scores], at, axis=-1)
@@ -67,18 +177,20 @@ def attention(g, q, k, v, mask, scale, at):
     return g.op("MatMul", [g.to_graph_float(probs, at, "CastProbs"), v], at, name="MatMulPV")
 
 
-def split_heads(g, x, n_heads, head_dim, at):
-    """Twin of refimpl.attention.split_heads: [B, T, D] -> [B, H, T, Dh].
+def split_heads(g, x, n_heads, head_dim, at, shape_name="split_heads_shape"):
+    """Twin of refimpl.attention.split_heads: [B, T, h Dh] -> [B, h, T, Dh] (h = n_heads: the query heads H, or the
+    kv heads Hkv with their own shape constant shape_name).
 
     Keeps x's dtype (g's float type). No checks: reached only through export_model, which loads a checked cfg and
     params.
     """
-    x = g.op("Reshape", [x, g.const([0, 0, n_heads, head_dim], "split_heads_shape")], at, name="SplitHeads")
+    x = g.op("Reshape", [x, g.const([0, 0, n_heads, head_dim], shape_name)], at, name="SplitHeads")
     return g.op("Transpose", [x], at, perm=[0, 2, 1, 3], name="TransposeHeads")
 
 
 def merge_heads(g, x, d_model, at):
-    """Twin of refimpl.attention.merge_heads: [B, H, T, Dh] -> [B, T, D].
+    """Twin of refimpl.attention.merge_heads: [B, H, T, Dh] -> [B, T, H Dh] (d_model = H Dh, D unless head_dim says
+    otherwise).
 
     Keeps x's dtype (g's float type). No checks: reached only through export_model, which loads a checked cfg and
     params.
@@ -87,42 +199,55 @@ def merge_heads(g, x, d_model, at):
     return g.op("Reshape", [x, g.const([0, 0, d_model], "merge_heads_shape")], at, name="MergeHeads")
 
 
-def project_kv(g, cfg, prefix, p, x):
-    """Twin of refimpl.attention.project_kv: keys and values k, v [B, H, S, Dh] of x [B, S, D] for every head.
+def project_kv(g, cfg, prefix, p, x, rotary=None):
+    """Twin of refimpl.attention.project_kv: keys and values k, v [B, Hkv, S, Dh] of x [B, S, D] for every kv head
+    (Hkv = cfg.n_kv_heads), the keys rotated by rotary = (cos, sin) [B, 1, S, Dh] (rotary_tables) when given, so a
+    cache holds rotated keys.
 
     Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
     checked cfg and params.
     """
     at = node_path(prefix)
-    k = split_heads(g, linear(g, f"{prefix}.k_proj", p["k_proj"], x), cfg.n_heads, cfg.head_dim, at + "/k")
-    v = split_heads(g, linear(g, f"{prefix}.v_proj", p["v_proj"], x), cfg.n_heads, cfg.head_dim, at + "/v")
+    shape_name = "split_heads_shape" if cfg.n_kv_heads == cfg.n_heads else "split_kv_heads_shape"
+    k = split_heads(g, linear(g, f"{prefix}.k_proj", p["k_proj"], x), cfg.n_kv_heads, cfg.head_dim, at + "/k",
+                    shape_name)
+    v = split_heads(g, linear(g, f"{prefix}.v_proj", p["v_proj"], x), cfg.n_kv_heads, cfg.head_dim, at + "/v",
+                    shape_name)
+    if rotary is not None:
+        k = rotate(g, k, rotary, cfg.head_dim, at + "/k/rotary")
     return k, v
 
 
-def mha_cached(g, cfg, prefix, p, xq, k, v, mask):
-    """Twin of refimpl.attention.mha_cached_forward: xq [B, T, D] attends to projected k, v [B, H, S, Dh] -> [B, T, D].
+def mha_cached(g, cfg, prefix, p, xq, k, v, mask, *, rotary=None, position_bias=None):
+    """Twin of refimpl.attention.mha_cached_forward: xq [B, T, D] attends to projected k, v [B, Hkv, S, Dh] ->
+    [B, T, D], with the scale cfg.attention_scale; rotary = (cos, sin) [B, 1, T, Dh] of the queries' positions
+    rotates q (the keys were rotated when projected); position_bias float32 [1, H, T, S] is added to the scores.
 
-    xq ─q_proj─SplitHeads─attention(k, v, mask)─MergeHeads─out_proj─▶ y
+    xq ─q_proj─SplitHeads─rotate?─attention(k, v, mask, position_bias)─MergeHeads─out_proj─▶ y
 
     Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
     checked cfg and params.
     """
     at = node_path(prefix)
     q = split_heads(g, linear(g, f"{prefix}.q_proj", p["q_proj"], xq), cfg.n_heads, cfg.head_dim, at + "/q")
-    context = attention(g, q, k, v, mask, 1.0 / math.sqrt(cfg.head_dim), at + "/attention")
-    return linear(g, f"{prefix}.out_proj", p["out_proj"], merge_heads(g, context, cfg.d_model, at))
+    if rotary is not None:
+        q = rotate(g, q, rotary, cfg.head_dim, at + "/q/rotary")
+    context = attention(g, q, k, v, mask, cfg.attention_scale, at + "/attention",
+                        groups=(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), position_bias=position_bias)
+    return linear(g, f"{prefix}.out_proj", p["out_proj"], merge_heads(g, context, cfg.n_heads * cfg.head_dim, at))
 
 
-def mha(g, cfg, prefix, p, xq, xkv, mask):
-    """Twin of refimpl.attention.mha_forward (inference): xq [B, T, D] attends to xkv [B, S, D] -> [B, T, D].
+def mha(g, cfg, prefix, p, xq, xkv, mask, *, rotary=None, position_bias=None):
+    """Twin of refimpl.attention.mha_forward (inference): xq [B, T, D] attends to xkv [B, S, D] -> [B, T, D]
+    (rotary: the self-attention's, as mha_cached's; position_bias float32 [1, H, T, S] or None).
 
     xkv ─project_kv─▶ k, v;  xq ─mha_cached(k, v, mask)─▶ y
 
     Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
     checked cfg and params.
     """
-    k, v = project_kv(g, cfg, prefix, p, xkv)
-    return mha_cached(g, cfg, prefix, p, xq, k, v, mask)
+    k, v = project_kv(g, cfg, prefix, p, xkv, rotary)
+    return mha_cached(g, cfg, prefix, p, xq, k, v, mask, rotary=rotary, position_bias=position_bias)
 
 
 # ---------------------------------------------------------------------------- the self-attention cache
@@ -160,9 +285,12 @@ def write_cache(slot_mask):
     return write
 
 
-def cached_self_attention(g, cfg, prefix, p, x, past_k, past_v, *, mask, update_cache=concat_cache):
+def cached_self_attention(g, cfg, prefix, p, x, past_k, past_v, *, mask, update_cache=concat_cache, rotary=None,
+                          position_bias=None):
     """Twin of refimpl.attention.cached_self_attention_forward: self-attention of the T new positions x [B, T, D]
-    over the cache past_k, past_v [B, H, P, Dh] -> (y [B, T, D], present_k, present_v).
+    over the cache past_k, past_v [B, Hkv, P, Dh] -> (y [B, T, D], present_k, present_v). rotary (cos, sin)
+    [B, 1, T, Dh] of the new positions rotates their queries and keys before the cache; position_bias float32
+    [1, H, T, P + T] (T5's relative bias) is added to the scores.
 
     x ─project_kv─▶ k_new, v_new ─update_cache(past, new)─▶ present k, v ─┐
     x ─────────────────────────────────────────────────mha_cached(present, mask)─▶ y
@@ -173,8 +301,9 @@ def cached_self_attention(g, cfg, prefix, p, x, past_k, past_v, *, mask, update_
     Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
     checked cfg and params.
     """
-    k_new, v_new = project_kv(g, cfg, prefix, p, x)  # [B, H, T, Dh]
+    k_new, v_new = project_kv(g, cfg, prefix, p, x, rotary)  # [B, Hkv, T, Dh]
     at = node_path(prefix)
     present_k = update_cache(g, at + "/key_cache", past_k, k_new)
     present_v = update_cache(g, at + "/value_cache", past_v, v_new)
-    return mha_cached(g, cfg, prefix, p, x, present_k, present_v, mask), present_k, present_v
+    y = mha_cached(g, cfg, prefix, p, x, present_k, present_v, mask, rotary=rotary, position_bias=position_bias)
+    return y, present_k, present_v

@@ -7,7 +7,8 @@ which export and verify call first: issue 13's reference-only options are refuse
 as a string literal.
 
 Graphs and their inputs/outputs (B batch, S source length, T new tokens, P past length, L static cache length,
-H heads, Dh head size, D model width, V vocabulary; float = the export's dtype, float32 or float16):
+H heads (the caches' H is the key/value heads Hkv = n_kv_heads: grouped-query attention), Dh head size (head_dim),
+D model width, V vocabulary; float = the export's dtype, float32 or float16):
 
   encoder.onnx (encoder-decoder only)
     in   input_ids [B, S] int64, attention_mask [B, S] int64 (1 = real token)
@@ -199,11 +200,11 @@ INT64 = "int64"
 
 def encoder_signature(cfg):
     """(inputs, outputs) of encoder.onnx, each a list of (name, element type, shape) in the graph's order; shapes
-    hold ints and the axis names above. cfg: the model's Config (n_heads, head_dim, d_model, n_decoder_layers).
+    hold ints and the axis names above. cfg: the model's Config (n_kv_heads, head_dim, d_model, n_decoder_layers).
 
     Raises nothing: cfg is a checked Config.
     """
-    cross_shape = [BATCH, cfg.n_heads, SOURCE_LENGTH, cfg.head_dim]
+    cross_shape = [BATCH, cfg.n_kv_heads, SOURCE_LENGTH, cfg.head_dim]
     inputs = [(INPUT_IDS, INT64, [BATCH, SOURCE_LENGTH]), (ATTENTION_MASK, INT64, [BATCH, SOURCE_LENGTH])]
     outputs = [(ENCODER_HIDDEN_STATES, FLOAT, [BATCH, SOURCE_LENGTH, cfg.d_model])]
     for i in range(cfg.n_decoder_layers):
@@ -226,16 +227,16 @@ def decoder_signature(cfg, variant=REFERENCE, max_length=None):
         inputs.append((ATTENTION_MASK, INT64, [BATCH, TOTAL_LENGTH]))
     elif variant != STATIC_FUSED:
         inputs += [(WRITE_INDEX, INT64, [1]), (ATTENTION_MASK, INT64, [BATCH, max_length])]
-    past_shape = [BATCH, cfg.n_heads, cache, cfg.head_dim]
+    past_shape = [BATCH, cfg.n_kv_heads, cache, cfg.head_dim]
     for i in range(cfg.n_decoder_layers):
         inputs += [(past_key(i), FLOAT, past_shape), (past_value(i), FLOAT, past_shape)]
     if cfg.is_encoder_decoder:
         inputs.append((ENCODER_ATTENTION_MASK, INT64, [BATCH, SOURCE_LENGTH]))
-        cross_shape = [BATCH, cfg.n_heads, SOURCE_LENGTH, cfg.head_dim]
+        cross_shape = [BATCH, cfg.n_kv_heads, SOURCE_LENGTH, cfg.head_dim]
         for i in range(cfg.n_decoder_layers):
             inputs += [(cross_key(i), FLOAT, cross_shape), (cross_value(i), FLOAT, cross_shape)]
     outputs = [(LOGITS, FLOAT32, [BATCH, new, cfg.vocab_size])] + ([(NEXT_IDS, INT64, [BATCH])] if static else [])
-    present_shape = [BATCH, cfg.n_heads, max_length if static else TOTAL_LENGTH, cfg.head_dim]
+    present_shape = [BATCH, cfg.n_kv_heads, max_length if static else TOTAL_LENGTH, cfg.head_dim]
     for i in range(cfg.n_decoder_layers):
         outputs += [(present_key(i), FLOAT, present_shape), (present_value(i), FLOAT, present_shape)]
     return inputs, outputs
@@ -256,7 +257,7 @@ PROVIDERS = (CPU_PROVIDER, CUDA_PROVIDER)  # the ONNX Runtime execution provider
 
 # ---------------------------------------------------------------------------- what the graphs compute
 
-EXPORTED_POSITIONALS = ("sinusoidal", "learned", "none")  # the position schemes the reference graphs compute
+EXPORTED_POSITIONALS = ("sinusoidal", "learned", "none", "relative", "rotary")  # what the reference graphs compute
 NEEDED_IDS = ("pad_id", "bos_id", "eos_id")  # verify's inputs and the runtime's prompts, padding and stop token
 
 
@@ -270,24 +271,14 @@ def show_option(name, value):
 
 def unsupported_features(cfg):
     """The Config options of cfg that the reference graphs (export/model.py's encoder.onnx and decoder.onnx) do not
-    compute (empty when they compute cfg's model exactly), each spelled as config.json has it:
-    ['positional="rotary"', 'n_kv_heads=2']. The reference graphs cover: sinusoidal, learned (with a position_offset)
-    or no positions, attention with n_kv_heads = n_heads, n_heads * head_dim = d_model and the 1 / sqrt(head_dim)
-    scale, biases on or off (linear adds one only where the tree has it), gated or ungated feed-forward, the embedding
-    norm, any head_scale, and a pad, bos and eos id (export/verify.py's inputs and the runtime's prompts use them).
-    Raises nothing (cfg is a checked Config).
+    compute (empty when they compute cfg's model exactly), each spelled as config.json has it: ['pad_id=null'].
+    The reference graphs compute every option of issue 13 (positions sinusoidal, learned with any offset, none,
+    relative or rotary; grouped-query attention, any head_dim and attention_scale; biases on or off; gated or
+    ungated feed-forward; the embedding norm; any head_scale); they need a pad, bos and eos id (export/verify.py's
+    inputs and the runtime's prompts use them). Raises nothing (cfg is a checked Config).
     """
-    found = []
-    if cfg.n_kv_heads != cfg.n_heads:
-        found.append(show_option("n_kv_heads", cfg.n_kv_heads))
-    if cfg.n_heads * cfg.head_dim != cfg.d_model:
-        found.append(show_option("head_dim", cfg.head_dim))
-    if np.float32(cfg.attention_scale) != np.float32(1.0 / math.sqrt(cfg.head_dim)):  # the graphs' float32 constant
-        found.append(show_option("attention_scale", cfg.attention_scale))
-    if cfg.positional not in EXPORTED_POSITIONALS:
-        found.append(show_option("positional", cfg.positional))
-    found += [show_option(name, None) for name in NEEDED_IDS if getattr(cfg, name) is None]
-    return found
+    found = [show_option("positional", cfg.positional)] if cfg.positional not in EXPORTED_POSITIONALS else []
+    return found + [show_option(name, None) for name in NEEDED_IDS if getattr(cfg, name) is None]
 
 
 def check_exportable(cfg):
@@ -296,11 +287,9 @@ def check_exportable(cfg):
     Raises nothing otherwise."""
     found = unsupported_features(cfg)
     if found:
-        raise RefformerError(f"export does not support yet: {', '.join(found)} (refformer's ONNX graphs cover "
-                             "sinusoidal, learned or no positions, multi-head attention with n_heads * head_dim = "
-                             "d_model and the 1/sqrt(head_dim) scale, gated or ungated feed-forward, the embedding "
-                             "norm and head scale, and pad, bos and eos ids); the reference (model_forward, golden) "
-                             "does")
+        raise RefformerError(f"export does not support yet: {', '.join(found)} (refformer's ONNX graphs compute "
+                             "every model option, and need a pad, bos and eos id); the reference (model_forward, "
+                             "golden) does")
 
 
 def reference_only_features(cfg):
@@ -308,9 +297,21 @@ def reference_only_features(cfg):
     static_mha, static_fused: export's --static-length and --fused-attention) do not yet, spelled as
     unsupported_features spells them; empty when every variant computes cfg's model. The variants share the
     reference's embedding and head builders (positions none or with an offset, the embedding norm, head_scale);
-    their fused feed-forward is ungated. Raises nothing (cfg is a checked Config).
+    their attention has n_kv_heads = n_heads, n_heads * head_dim = d_model, the 1 / sqrt(head_dim) scale and no
+    rotary or relative positions, and their fused feed-forward is ungated. Raises nothing (cfg is a checked Config).
     """
-    return [show_option("ffn_gated", True)] if cfg.ffn_gated else []
+    found = []
+    if cfg.n_kv_heads != cfg.n_heads:
+        found.append(show_option("n_kv_heads", cfg.n_kv_heads))
+    if cfg.n_heads * cfg.head_dim != cfg.d_model:
+        found.append(show_option("head_dim", cfg.head_dim))
+    if np.float32(cfg.attention_scale) != np.float32(1.0 / math.sqrt(cfg.head_dim)):  # the graphs' float32 constant
+        found.append(show_option("attention_scale", cfg.attention_scale))
+    if cfg.ffn_gated:
+        found.append(show_option("ffn_gated", True))
+    if cfg.positional in ("relative", "rotary"):
+        found.append(show_option("positional", cfg.positional))
+    return found
 
 
 def check_variants_exportable(cfg, static_length=None, fused_attention=False):

@@ -38,8 +38,10 @@ def residual(g, cfg, norm_prefix, p_norm, x, sublayer):
     return norm(g, cfg, norm_prefix, p_norm, g.op("Add", [x, sublayer(x)], at, name="Residual"))
 
 
-def encoder_layer(g, cfg, prefix, p, x, mask):
-    """Twin of refimpl.layers.encoder_layer_forward (inference): x [B, S, D], mask bool [B, 1, 1, S] -> [B, S, D].
+def encoder_layer(g, cfg, prefix, p, x, mask, *, rotary=None, position_bias=None):
+    """Twin of refimpl.layers.encoder_layer_forward (inference): x [B, S, D], mask bool [B, 1, 1, S] -> [B, S, D];
+    the stack's position inputs of the self-attention: rotary (cos, sin) [B, 1, S, Dh] (attention.rotary_tables),
+    position_bias float32 [1, H, S, S] (attention.relative_position_bias), or None.
 
     x ─residual(self-attention)─residual(feed-forward)─▶ y
 
@@ -47,7 +49,8 @@ def encoder_layer(g, cfg, prefix, p, x, mask):
     checked cfg and params.
     """
     h = residual(g, cfg, f"{prefix}.self_attn_norm", p["self_attn_norm"], x,
-                 lambda h: mha(g, cfg, f"{prefix}.self_attn", p["self_attn"], h, h, mask))
+                 lambda h: mha(g, cfg, f"{prefix}.self_attn", p["self_attn"], h, h, mask, rotary=rotary,
+                               position_bias=position_bias))
     return residual(g, cfg, f"{prefix}.ffn_norm", p["ffn_norm"], h,
                     lambda h: feed_forward(g, cfg, f"{prefix}.ffn", p["ffn"], h))
 

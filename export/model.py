@@ -32,6 +32,9 @@ from .attention import (
     mha_cached,
     padding_mask,
     project_kv,
+    relative_position_bias,
+    rotary_tables,
+    sequence_indices,
     write_cache,
     write_slot_mask,
 )
@@ -143,6 +146,24 @@ def lm_head(g, cfg, params, x):
     return linear(g, "lm_head", fp32_head, x32)
 
 
+def stack_positions(g, cfg, prefix, p_stack, positions, query_index, key_index, *, bidirectional):
+    """Twin of refimpl.model's _self_attention_positions: the position inputs every self-attention layer of a stack
+    shares, computed once: {"rotary": (cos, sin) [B, 1, T, Dh] of positions [B, T] (positional "rotary") or None,
+    "position_bias": float32 [1, H, T, S] from the stack's relative_attention_bias table at the query and key
+    indices [T], [S] (positional "relative"; bidirectional in the encoder, causal in the decoder) or None}.
+
+    No checks: reached only through export_model, which loads a checked cfg and params.
+    """
+    at = node_path(prefix) + "/positions"
+    rotary = rotary_tables(g, cfg, positions, at + "/rotary") if cfg.positional == "rotary" else None
+    bias = None
+    if cfg.positional == "relative":
+        bias = relative_position_bias(g, cfg, f"{prefix}.relative_attention_bias.weight",
+                                      p_stack["relative_attention_bias"]["weight"], query_index, key_index,
+                                      bidirectional=bidirectional, at=at + "/relative")
+    return {"rotary": rotary, "position_bias": bias}
+
+
 # ---------------------------------------------------------------------------- encoder.onnx
 
 
@@ -168,11 +189,13 @@ def build_encoder(cfg, params, dtype=FP32, opset=DEFAULT_OPSET):
     at = "/encoder/positions"
     length = g.op("Gather", [g.op("Shape", [ids], at), g.const(1, "one_index")], at)
     positions = g.op("Range", [g.const(0, "zero"), length, g.const(1, "one")], at)
+    index = positions
     positions = g.op("Expand", [positions, g.op("Shape", [ids], at, name="ShapeIds")], at)
     x = embed(g, cfg, "encoder", table_name, table, p, ids, positions)
     mask = padding_mask(g, keep, "/encoder/mask")  # [B, 1, 1, S]
+    stack = stack_positions(g, cfg, "encoder", p, positions, index, index, bidirectional=True)
     for i, p_layer in enumerate(p["layers"]):
-        x = encoder_layer(g, cfg, f"encoder.layers.{i}", p_layer, x, mask)
+        x = encoder_layer(g, cfg, f"encoder.layers.{i}", p_layer, x, mask, **stack)
     if cfg.final_norm:
         x = norm(g, cfg, "encoder.final_norm", p["final_norm"], x)
     sources = {ENCODER_HIDDEN_STATES: x}
@@ -261,7 +284,9 @@ def build_decoder(cfg, params, dtype=FP32, opset=DEFAULT_OPSET, fused=False):
         cross_attention = partial(mha_cross_attention, keep32=memory_mask)
     else:
         self_mask = causal_padding_mask(g, ids, keep, "/decoder/self_mask")  # [B, 1, T, P + T]
-        self_attention = partial(cached_self_attention, mask=self_mask)
+        indices = sequence_indices(g, ids, keep, "/decoder/indices") if cfg.positional == "relative" else (None, None)
+        stack = stack_positions(g, cfg, "decoder", p, positions, *indices, bidirectional=False)
+        self_attention = partial(cached_self_attention, mask=self_mask, **stack)
         cross_attention = partial(mha_cached, mask=memory_mask)
     x, presents = decoder_layers(g, cfg, p, x, past, cross, self_attention, cross_attention)
     if cfg.final_norm:

@@ -379,7 +379,7 @@ def static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0, n_s
     _, cross = encoder_cross(cfg, sessions, src, src_keep)
     reference, _ = run_decoder(sessions[DECODER], cfg, dtype, ids, positions, keep, empty_cache(cfg, 3, np.float32),
                                cross, src_keep)
-    zeros = np.zeros((3, cfg.n_heads, L, cfg.head_dim), NUMPY_TYPES[dtype])
+    zeros = np.zeros((3, cfg.n_kv_heads, L, cfg.head_dim), NUMPY_TYPES[dtype])
     caches = [(zeros, zeros) for _ in range(cfg.n_decoder_layers)]
     mask = np.zeros((3, L), np.int64)
     logits, argmax_ok = [], True

@@ -7,10 +7,12 @@ in one line, the options only the reference graphs compute."""
 import numpy as np
 import pytest
 
+from refformer.export.attention import relative_bucket_table
 from refformer.export.contract import ERROR_BOUNDS, reference_only_features, unsupported_features
 from refformer.export.export import export_model
 from refformer.export.verify import verify
 from refformer.refimpl import Config, RefformerError, init_params, save
+from refformer.refimpl.attention import relative_position_bucket
 from refformer.refimpl.tree import flatten, unflatten
 
 BASE = dict(vocab_size=40, d_model=16, n_heads=4, d_ff=24, n_encoder_layers=1, n_decoder_layers=2, max_positions=16,
@@ -26,6 +28,16 @@ FEATURES = {
     "embed_norm": dict(embed_norm=True, share_embeddings=False, tie_embeddings=False),
     "embed_norm-rms": dict(embed_norm=True, norm="rmsnorm", family="decoder-only", positional="learned"),
     "head_scale": dict(head_scale=0.25),
+    "gqa": dict(n_kv_heads=2),
+    "mqa": dict(n_kv_heads=1, family="decoder-only"),
+    "head_dim": dict(head_dim=6, attention_qkv_bias=False),
+    "attention_scale": dict(attention_scale=1.0),
+    "rotary": dict(positional="rotary", family="decoder-only", n_kv_heads=2, rope_theta=500.0),
+    "rotary-encdec": dict(positional="rotary", head_dim=6),
+    "relative": dict(positional="relative", relative_num_buckets=8, relative_max_distance=12, head_dim=6,
+                     attention_scale=1.0),
+    "relative-decoder-only": dict(positional="relative", family="decoder-only", relative_num_buckets=6,
+                                  relative_max_distance=5),
 }
 
 
@@ -74,13 +86,40 @@ def test_the_variants_take_the_embedding_and_head_features(tmp_path):
         assert {"decoder_fused.onnx", "decoder_static.onnx", "decoder_static_mha.onnx"} <= graphs
 
 
+REFERENCE_ONLY = [
+    (dict(ffn_gated=True, activation="silu"), "ffn_gated=true"),
+    (dict(n_kv_heads=2), "n_kv_heads=2"),
+    (dict(head_dim=8), "head_dim=8"),
+    (dict(attention_scale=1.0), "attention_scale=1.0"),
+    (dict(positional="rotary"), 'positional="rotary"'),
+    (dict(positional="relative", family="decoder-only"), 'positional="relative"'),
+    (dict(positional="rotary", n_kv_heads=1, ffn_gated=True), 'n_kv_heads=1, ffn_gated=true, positional="rotary"'),
+]
+
+
 @pytest.mark.parametrize("variants", [dict(static_length=8), dict(fused_attention=True)])
-def test_variants_refuse_what_only_the_reference_computes_in_one_line(tmp_path, variants):
-    cfg = make(tmp_path / "m", ffn_gated=True, activation="silu")
-    assert reference_only_features(cfg) == ["ffn_gated=true"]
+@pytest.mark.parametrize("options, named", REFERENCE_ONLY, ids=[named for _, named in REFERENCE_ONLY])
+def test_variants_refuse_what_only_the_reference_computes_in_one_line(tmp_path, options, named, variants):
+    cfg = make(tmp_path / "m", **options)
+    assert ", ".join(reference_only_features(cfg)) == named and unsupported_features(cfg) == []
     with pytest.raises(RefformerError) as error:
         export_model(tmp_path / "m", tmp_path / "out", **variants)
     message = str(error.value)
-    assert message.startswith("the static and fused decoders do not support yet: ffn_gated=true; export without "
+    assert message.startswith(f"the static and fused decoders do not support yet: {named}; export without "
                               "--static-length and --fused-attention") and "\n" not in message
     assert [entry.name for entry in tmp_path.iterdir()] == ["m"]  # nothing begun
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("buckets, distance", [(8, 12), (32, 128), (6, 5)])
+def test_the_clipped_bucket_table_is_t5_s_bucketing_at_every_distance(bidirectional, buckets, distance):
+    """The graphs clip key - query to [-M, M] and gather relative_bucket_table: the same bucket as refimpl's
+    relative_position_bucket (transformers' T5Attention._relative_position_bucket) far beyond M too."""
+    if bidirectional and buckets // 2 // 2 >= distance:
+        pytest.skip("not a valid bucketing")
+    cfg = Config(**{**BASE, "positional": "relative", "relative_num_buckets": buckets,
+                    "relative_max_distance": distance})
+    relative = np.arange(-20 * distance, 20 * distance + 1)
+    want = relative_position_bucket(relative, bidirectional=bidirectional, num_buckets=buckets, max_distance=distance)
+    got = relative_bucket_table(cfg, bidirectional)[np.clip(relative, -distance, distance) + distance]
+    np.testing.assert_array_equal(got, want)
