@@ -473,17 +473,78 @@ def from_torch(module, **overrides):
     check(given != "learned" or bool(learned_positions),
           "positional='learned' but the module has no positional nn.Embedding (named like pos/position)")
     embeddings = {"src": _array(src_embed.weight, src_name), "tgt": _array(tgt_embed.weight, tgt_name)}
+    call = {}
     read.update(_decide_embedding(module, family, read, overrides, read_positional.get("positional"),
-                                  embeddings, position_tables))
+                                  embeddings, position_tables, call))
     overridable = set(OVERRIDABLE) - {"positional", "embed_scale"} - ({"max_positions"} if learned_positions
                                                                        else set())
     cfg = _make_config(read, overrides, overridable, "module")
     head_arrays = {"weight": _array(head.weight, head_name),
                    "bias": None if head.bias is None else _array(head.bias, head_name + ".bias")}
-    return cfg, _assemble(cfg, stacks, embeddings, position_tables, head_arrays)
+    params = _assemble(cfg, stacks, embeddings, position_tables, head_arrays)
+    if call.get("extras") is False:  # forward(src, tgt) / forward(ids): its logits can be checked whole
+        cfg = _check_whole_forward(module, cfg, params, call["sequence_first"], "pad_id" in overrides)
+    return cfg, params
 
 
-def _decide_embedding(module, family, read, overrides, shown, embeddings, position_tables):
+def _check_whole_forward(module, cfg, params, sequence_first, pad_given):
+    """cfg, its pad_id decided by the module's own logits: the module is run whole on probe ids (as the probe
+    called it) and its output compared with refimpl.model_forward (default masks: causal target, pad_id keys
+    masked). When the token embedding's padding_idx gave pad_id (not an override), the probe ids hold it and
+    pad_id stays only if the module masks it (else null: a padding id the forward never masks must not mask what
+    it attends to). An output that is not logits [B, T, V] (or [T, B, V] sequence-first) is not checked.
+    Raises RefformerError when no candidate reproduces the logits: the forward does more than embeddings +
+    transformer + head (no causal mask on the target, other masks, operations after the head)."""
+    from ..model import model_forward
+
+    torch = _torch()
+    B, S, T = PROBE_SIZES
+    rng = np.random.default_rng(1)
+    pad = cfg.pad_id
+    ordinary = np.array([i for i in range(cfg.vocab_size) if i != pad] or [0])
+    src, tgt = rng.choice(ordinary, (B, S)), rng.choice(ordinary, (B, T))
+    candidates = [pad]
+    if pad is not None and not pad_given:
+        src[0, -2:] = pad  # padding at the end of a source row and inside the target (never its first token)
+        tgt[1, -1] = pad
+        candidates = [pad, None]
+    inputs = [src, tgt] if cfg.is_encoder_decoder else [tgt]
+    device = next(module.parameters()).device
+    training = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            output = module(*[torch.from_numpy(a.T.copy() if sequence_first else a).to(device) for a in inputs])
+    except Exception:  # a forward that ran up to the stacks but not through with these ids: left unchecked
+        return cfg
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+    shape = (T, B, cfg.vocab_size) if sequence_first else (B, T, cfg.vocab_size)
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != shape or not output.is_floating_point():
+        return cfg
+    theirs = output.detach().cpu().double().numpy()
+    theirs = theirs.transpose(1, 0, 2) if sequence_first else theirs
+    real = tgt != pad if pad is not None else np.ones(tgt.shape, bool)  # rows at padding positions are not logits
+    params64 = tree_cast(params, np.float64)
+    errors = {}
+    for candidate in candidates:
+        trial = cfg.replace(pad_id=candidate)
+        ours, _ = model_forward(trial, params64, src if cfg.is_encoder_decoder else None, tgt)
+        scale = max(float(np.max(np.abs(theirs[real]))), 1e-30)
+        errors[candidate] = float(np.max(np.abs(ours[real] - theirs[real]))) / scale
+        if errors[candidate] <= PROBE_TOLERANCE:
+            return trial
+    shown = ", ".join(f"pad_id={json_id}: {error:.1e}" for json_id, error in
+                      (("null" if c is None else c, e) for c, e in errors.items()))
+    raise RefformerError(f"the module's forward computes other logits than its embeddings, transformer and head do "
+                         f"in refformer (max-norm relative errors on probe ids: {shown}): refformer applies a causal "
+                         f"mask to the target, masks pad_id keys and nothing after the head; a forward without the "
+                         f"causal mask, with other masks or with operations after its head cannot be converted")
+
+
+def _decide_embedding(module, family, read, overrides, shown, embeddings, position_tables, call=None):
     """{"positional", "embed_scale"} of a live module: the one candidate its probe matches (see from_torch), or,
     when the probe cannot run, shown (the positional its tables show: "learned", "sinusoidal" or None) and the
     overrides. Raises RefformerError naming the options to pass when neither decides."""
@@ -491,7 +552,7 @@ def _decide_embedding(module, family, read, overrides, shown, embeddings, positi
     positionals = [overrides["positional"]] if overrides.get("positional") is not None else (
         ["learned", "none"] if learned else ["none", "sinusoidal"])
     scales = [bool(overrides["embed_scale"])] if overrides.get("embed_scale") is not None else [False, True]
-    captured, reason = _probe_stack_inputs(module, family, read["vocab_size"], read["pad_id"])
+    captured, reason = _probe_stack_inputs(module, family, read["vocab_size"], read["pad_id"], call)
     if captured is None:
         decided = {"positional": positionals[0] if len(positionals) == 1 else shown,
                    "embed_scale": scales[0] if len(scales) == 1 else None}
@@ -544,7 +605,7 @@ class _ProbeDone(Exception):
     """Raised by the probe's hook once every stack's input is captured: the rest of the forward need not run."""
 
 
-def _probe_stack_inputs(module, family, vocab_size, pad_id):
+def _probe_stack_inputs(module, family, vocab_size, pad_id, call=None):
     """Call module's forward on probe ids and capture what each transformer stack receives.
 
     Calls module(src, tgt) (encoder-decoder) or module(ids) (decoder-only) with int64 ids [B, S], [B, T]
@@ -556,8 +617,9 @@ def _probe_stack_inputs(module, family, vocab_size, pad_id):
     runs in eval mode under no_grad;
     every submodule's training flag is restored.
     Returns ({stack: (ids [B, L] int64 as passed, x float64 [B', L', D] batch-major: the stack's input, transposed
-    when the stack is sequence-first)}, None), or (None, why the forward could not be run so). Raises nothing of
-    its own.
+    when the stack is sequence-first)}, None), or (None, why the forward could not be run so); a dict call, when
+    given, receives how the call that worked passed the ids: {"sequence_first": bool, "extras": bool (further
+    arguments were filled in)}. Raises nothing of its own.
     """
     torch = _torch()
     nn = torch.nn
@@ -614,6 +676,8 @@ def _probe_stack_inputs(module, family, vocab_size, pad_id):
                         warnings.simplefilter("ignore")
                         module(*inputs, *extra)
                 except _ProbeDone:
+                    if call is not None:
+                        call.update(sequence_first=sequence_first, extras=bool(extra))
                     return dict(captured), None
                 except Exception as error:  # the module's own code refusing our arguments
                     first = str(error).strip().splitlines()[0] if str(error).strip() else ""

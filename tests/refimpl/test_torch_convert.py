@@ -346,6 +346,53 @@ def test_the_textbook_decoder_only_model_converts_exactly():
     assert_same_as_torch(ours, theirs, torch.float64, "textbook decoder-only")
 
 
+class TextbookVariant(Textbook):
+    """Textbook with padding_idx 0 (its forward masking those keys or not), without the causal mask, or with an
+    operation after its head."""
+
+    def __init__(self, *, padding_idx=None, mask_pad=False, causal=True, post=None):
+        super().__init__(V, D, H, F, dtype=torch.float64)
+        self.embed.padding_idx, self.mask_pad, self.causal, self.post = padding_idx, mask_pad, causal, post
+
+    def forward(self, src, tgt):
+        masks = {}
+        if self.mask_pad:
+            pad = self.embed.padding_idx
+            masks = {"src_key_padding_mask": src == pad, "tgt_key_padding_mask": tgt == pad,
+                     "memory_key_padding_mask": src == pad}
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], dtype=torch.float64)
+        y = self.out(self.transformer(self.embed_ids(src), self.embed_ids(tgt), tgt_mask=causal if self.causal
+                                      else None, **masks))
+        return y.log_softmax(-1) if self.post == "log_softmax" else y
+
+
+@pytest.mark.parametrize("mask_pad", [False, True])
+def test_pad_id_is_padding_idx_only_when_the_forward_masks_it(mask_pad):
+    """padding_idx set but a forward that masks nothing: pad_id was padding_idx, so refformer masked keys the module
+    attends to (8e-2 off on ids holding it, silently). The whole forward is now run on probe ids holding it."""
+    model = randomize_torch(TextbookVariant(padding_idx=0, mask_pad=mask_pad), np.random.default_rng(31))
+    cfg, params = from_torch(model)
+    assert cfg.pad_id == (0 if mask_pad else None)
+    rng = np.random.default_rng(32)
+    src, tgt = rng.integers(1, V, (2, 6)), rng.integers(1, V, (2, 5))
+    src[0, 4:], src[1, 2], tgt[1, 3:] = 0, 0, 0
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(src), torch.from_numpy(tgt)).numpy()
+    ours, _ = model_forward(cfg.replace(dropout=0.0), params, src, tgt)
+    real = tgt != 0 if mask_pad else np.ones(tgt.shape, bool)
+    assert_same_as_torch(ours[real], torch.from_numpy(theirs[real]), torch.float64, f"padding_idx, mask_pad={mask_pad}")
+
+
+@pytest.mark.parametrize("options", [{"causal": False}, {"post": "log_softmax"}])
+def test_a_forward_that_does_more_than_refformer_is_refused(options):
+    """No causal mask on the target, or log_softmax after the head: the probe saw only the stacks' inputs and the
+    conversion was silently 0.27-0.75 off."""
+    model = randomize_torch(TextbookVariant(**options), np.random.default_rng(33))
+    with pytest.raises(RefformerError, match="computes other logits than its embeddings") as error:
+        from_torch(model)
+    assert "\n" not in str(error.value)
+
+
 def test_options_the_probe_contradicts_are_refused():
     model = Textbook(V, D, H, F)
     with pytest.raises(RefformerError, match="no candidate reproduces") as error:
