@@ -9,9 +9,10 @@
     convert_state_dict_file(path, tokenizer_path, out_dir, **arch)   what `refformer convert-torch` runs
 
 Nothing the weights do not show is assumed: from_torch runs the module on probe ids to read whether it scales
-embeddings by sqrt(D) and which positions it adds (none, sinusoidal, learned), and takes pad_id from the token
-embedding's padding_idx (null without one); from_state_dict needs positional and embed_scale given when the
-state_dict has no position table (issue 13: the textbook Embedding + nn.Transformer + Linear model).
+embeddings by sqrt(D) and which positions it adds (none, sinusoidal, learned), takes pad_id from the token
+embedding's padding_idx when its forward masks that id (null otherwise), and checks the whole forward's logits;
+from_state_dict needs positional and embed_scale given when the state_dict has no position table (issue 13: the
+textbook Embedding + nn.Transformer + Linear model).
 
 Orientation: torch's nn.Linear stores weight [out, in] (y = x W^T + b); ours is [in, out]
 (y = x @ W + b), so every matrix is transposed. nn.MultiheadAttention packs the three input
@@ -428,7 +429,9 @@ def from_torch(module, **overrides):
 
     overrides (Config field names): embed_scale, positional ("none", "sinusoidal" or "learned"),
     max_positions (default: the positional table's length, else 512), dropout, pad_id (default: the token
-    embedding's padding_idx, else null: no token is masked as padding that the module attends to), bos_id,
+    embedding's padding_idx when the module's forward masks it, else null: no token is masked as padding that the
+    module attends to; see _check_whole_forward, which also refuses a forward whose logits refformer does not
+    reproduce: no causal mask, other masks, operations after the head), bos_id,
     eos_id, unk_id (defaults 1, 2, 3). batch_first does not matter.
     Raises RefformerError for a module or override refimpl cannot reproduce (bad values as Config names them), a
     probe that matches no candidate (or several), or options the module cannot tell and that were not given.
