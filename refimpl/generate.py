@@ -88,6 +88,10 @@ class GenerationOptions:
     num_return_sequences: int = 1
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    decoder_start_token_id: int | None = None  # encoder-decoder: the decoder's first input (None: cfg.bos_id)
+    forced_bos_token_id: int | None = None  # the first token generated after a one-token decoder input
+    forced_eos_token_id: int | None = None  # the token generated at the last step of a row's budget
+    bad_words_ids: tuple | None = None  # token sequences never generated (a list of lists; eos alone is ignored)
 
     def __post_init__(self):
         if self.max_new_tokens is not None:
@@ -112,8 +116,19 @@ class GenerationOptions:
         check_number("repetition_penalty", self.repetition_penalty, 0, low_open=True)
         check_number("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, integer=True)
         check_number("length_penalty", self.length_penalty)
+        for name in ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), 0, integer=True)
+        if self.bad_words_ids is not None:
+            check(isinstance(self.bad_words_ids, (list, tuple)) and len(self.bad_words_ids) > 0,
+                  "bad_words_ids must be a non-empty list of token id lists")
+            words = tuple(tuple(int(t) for t in _check_token_list(f"bad_words_ids[{i}]", word)) for i, word in
+                          enumerate(self.bad_words_ids))
+            check(all(words), "bad_words_ids must not hold an empty list")
+            object.__setattr__(self, "bad_words_ids", words)
         for name in ("max_new_tokens", "min_new_tokens", "top_k", "seed", "num_beams", "num_return_sequences",
-                     "no_repeat_ngram_size"):  # NumPy integers become Python ints (no overflow in sums)
+                     "no_repeat_ngram_size", "decoder_start_token_id", "forced_bos_token_id",
+                     "forced_eos_token_id"):  # NumPy integers become Python ints (no overflow in sums)
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, int(value))
@@ -304,34 +319,89 @@ def _banned_ngram_tokens(sequence, n):
     return [sequence[i + n - 1] for i in range(len(sequence) - n + 1) if tuple(sequence[i:i + n - 1]) == prefix]
 
 
-def process_logits(logits, sequences, n_generated, options, cfg):
-    """Float64 scores [B, V] of the next token from logits [B, V]: repetition penalty, no-repeat n-grams,
-    min_new_tokens (eos banned).
+def banned_bad_words(sequence, bad_words_ids, eos_id=None):
+    """Tokens that would complete one of bad_words_ids after sequence (Hugging Face's NoBadWordsLogitsProcessor):
+    a one-token word always, a longer word's last token when sequence ends with the rest of it; a word that is eos
+    alone is ignored, as transformers does. Returns a list of ids. Raises RefformerError unless sequence is a list
+    of token ids and bad_words_ids a list of non-empty token lists."""
+    sequence = _check_token_list("sequence", sequence)
+    check(isinstance(bad_words_ids, (list, tuple)), "bad_words_ids must be a list of token id lists")
+    words = [_check_token_list(f"bad_words_ids[{i}]", word) for i, word in enumerate(bad_words_ids)]
+    check(all(words), "bad_words_ids must not hold an empty list")
+    return _banned_bad_words(sequence, words, eos_id)
 
-    A NaN score becomes -inf and +inf the largest float64 (a tiny repetition_penalty can overflow), so the
-    softmaxes downstream never see inf - inf. logits [B, V], sequences B lists of token ids, n_generated >= 0.
-    Raises RefformerError for bad input.
+
+def _banned_bad_words(sequence, bad_words_ids, eos_id):
+    banned = []
+    for word in bad_words_ids:
+        prefix = list(word[:-1])
+        if list(word) != [eos_id] and len(prefix) <= len(sequence) and sequence[len(sequence) - len(prefix):] == prefix:
+            banned.append(word[-1])
+    return banned
+
+
+def process_logits(logits, sequences, n_generated, options, cfg, first_step=False, last_step=None):
+    """Float64 scores [B, V] of the next token from logits [B, V] (raw logits in greedy search and sampling, the
+    log-probabilities in beam search), in the order of transformers' _get_logits_processor: repetition penalty,
+    no-repeat n-grams, bad words, min_new_tokens (eos banned), forced bos, forced eos.
+
+    first_step: the decoder's input is one token (an encoder-decoder's start token, or a one-token prompt) and
+    nothing is generated yet, where ForcedBOSTokenLogitsProcessor forces forced_bos_token_id. last_step [B] bool:
+    the rows at the last step of their budget, where ForcedEOSTokenLogitsProcessor forces forced_eos_token_id. A
+    forced token scores 0 and every other -inf. A NaN score becomes -inf and +inf the largest float64 (a tiny
+    repetition_penalty can overflow), so the softmaxes downstream never see inf - inf. sequences: B lists of token
+    ids (the decoder's input and what was generated), n_generated >= 0. Raises RefformerError for bad input.
     """
     _check_scores("logits", logits)
     _check_options(options)
     check_config(cfg)
     check(cfg.eos_id is None or logits.shape[1] > cfg.eos_id,
           f"logits must have a column for every token id (eos is {cfg.eos_id})")
+    check_vocabulary(options, logits.shape[1])
     sequences = _check_sequences(sequences, logits.shape[0], logits.shape[1])
     check_number("n_generated", n_generated, 0, integer=True)
-    return _process_logits(logits, sequences, n_generated, options, cfg)
+    check(isinstance(first_step, bool), "first_step must be True or False")
+    if last_step is not None:
+        last_step = np.asarray(last_step)
+        check(last_step.shape == (logits.shape[0],) and last_step.dtype == bool, "last_step must be a [B] bool array")
+    return _process_logits(logits, sequences, n_generated, options, cfg, first_step, last_step)
 
 
-def _process_logits(logits, sequences, n_generated, options, cfg):
+def _force_token(scores, rows, token):
+    """ForcedBOS/EOSTokenLogitsProcessor: in the given rows every score -inf, token's 0."""
+    scores[rows] = -np.inf
+    scores[rows, token] = 0.0
+
+
+def _process_logits(logits, sequences, n_generated, options, cfg, first_step=False, last_step=None):
     scores = _apply_repetition_penalty(logits.astype(np.float64), sequences, options.repetition_penalty)
     if options.no_repeat_ngram_size:
         for b, sequence in enumerate(sequences):
             scores[b, _banned_ngram_tokens(list(sequence), options.no_repeat_ngram_size)] = -np.inf
+    if options.bad_words_ids:
+        for b, sequence in enumerate(sequences):
+            scores[b, _banned_bad_words(list(sequence), options.bad_words_ids, cfg.eos_id)] = -np.inf
     if n_generated < options.min_new_tokens and cfg.eos_id is not None:  # no eos: nothing to ban
         scores[:, cfg.eos_id] = -np.inf
+    if first_step and options.forced_bos_token_id is not None:
+        _force_token(scores, slice(None), options.forced_bos_token_id)
+    if options.forced_eos_token_id is not None and last_step is not None and last_step.any():
+        _force_token(scores, last_step, options.forced_eos_token_id)
     if not np.isfinite(scores).all():
         scores = np.nan_to_num(scores, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
     return scores
+
+
+def check_vocabulary(options, vocab_size):
+    """Raises RefformerError unless every token id the options name (decoder start, forced tokens, bad words) is
+    below vocab_size."""
+    _check_options(options)
+    for name in ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id"):
+        value = getattr(options, name)
+        check(value is None or value < vocab_size,
+              f"{name} ({value}) must be a token id below the vocabulary size {vocab_size}")
+    for i, word in enumerate(options.bad_words_ids or ()):
+        check(max(word) < vocab_size, f"bad_words_ids[{i}] must hold token ids below the vocabulary size {vocab_size}")
 
 
 def apply_temperature(scores, temperature):
@@ -418,11 +488,12 @@ def row_generators(seed, sequence_numbers):
 # ---------------------------------------------------------------------------- inputs
 
 
-def prepare_inputs(cfg, src_ids=None, src_mask=None, prompt_ids=None, prompt_mask=None):
-    """Decoder start: bos for encoder-decoder, the left-padded prompt for decoder-only.
+def prepare_inputs(cfg, src_ids=None, src_mask=None, prompt_ids=None, prompt_mask=None, decoder_start_id=None):
+    """Decoder start: decoder_start_id (default cfg.bos_id; transformers' decoder_start_token_id) for
+    encoder-decoder, the left-padded prompt for decoder-only.
 
     Returns (ids [B, P], attention_mask [B, P], positions [B, P], all int64, and src_keep [B, S] bool or None);
-    P = 1 (bos) for encoder-decoder, the prompt length for decoder-only. Raises RefformerError for
+    P = 1 (the start token) for encoder-decoder, the prompt length for decoder-only. Raises RefformerError for
     missing, malformed or out-of-vocabulary inputs.
     """
     check_config(cfg)
@@ -432,9 +503,12 @@ def prepare_inputs(cfg, src_ids=None, src_mask=None, prompt_ids=None, prompt_mas
         src_keep = token_keep_mask("src_mask", src_mask, src_ids, cfg)
         check(src_ids.shape[1] >= 1 and bool(src_keep.any(axis=1).all()), "every source needs at least one token")
         B = src_ids.shape[0]
-        check(cfg.bos_id is not None, "an encoder-decoder model starts its decoder with bos_id, and this model has "
-                                      "none (bos_id is null): set bos_id in config.json to its decoder start token")
-        ids = np.full((B, 1), cfg.bos_id, dtype=np.int64)
+        start = cfg.bos_id if decoder_start_id is None else decoder_start_id
+        check(start is not None, "an encoder-decoder model starts its decoder with bos_id, and this model has "
+                                 "none (bos_id is null): set bos_id in config.json to its decoder start token, or "
+                                 "pass decoder_start_token_id")
+        check_number("decoder_start_id", start, 0, cfg.vocab_size - 1, integer=True)
+        ids = np.full((B, 1), start, dtype=np.int64)
         return ids, np.ones((B, 1), np.int64), np.zeros((B, 1), np.int64), src_keep
     check(prompt_ids is not None, "a decoder-only model needs prompt_ids")
     check_ids("prompt_ids", prompt_ids, cfg)
@@ -491,7 +565,8 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     """
     check_search_arguments(cfg, options, stepper)
     check(options.num_beams == 1, "search_iter is for num_beams = 1; use beam_search")
-    ids, attention_mask, positions, src_keep = prepare_inputs(cfg, src_ids, src_mask, prompt_ids, prompt_mask)
+    ids, attention_mask, positions, src_keep = prepare_inputs(cfg, src_ids, src_mask, prompt_ids, prompt_mask,
+                                                              options.decoder_start_token_id)
     B = ids.shape[0]
     if B == 0:
         return
@@ -502,7 +577,7 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     # the sequences the penalties look at: bos (+ prompt) and what was generated (kept only when a penalty is on:
     # a Python loop over the rows every step is a large share of a fast GPU step at B = 64)
     sequences = [row[keep == 1].tolist() for row, keep in zip(ids, attention_mask)]
-    penalties = options.repetition_penalty != 1.0 or options.no_repeat_ngram_size > 0
+    penalties = options.repetition_penalty != 1.0 or options.no_repeat_ngram_size > 0 or bool(options.bad_words_ids)
     rngs = row_generators(options.seed, sequence_numbers) if options.do_sample else None
     budgets = _step_budget(cfg, options, src_keep, positions)
     steps = int(budgets.max())
@@ -510,15 +585,20 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     # A stepper with an in-graph argmax (the runtime's static graph) spares the logits' trip to the host
     # when nothing but min_new_tokens touches the scores; it is the same argmax, ties to the lowest id.
     in_graph_argmax = stepper.argmax_in_graph and not options.do_sample and not penalties
+    width = ids.shape[1]  # the decoder's input: transformers' ForcedBOSTokenLogitsProcessor acts when it is 1 token
     for t in range(steps):
+        first_step, last_step = t == 0 and width == 1, budgets == t + 1
         if in_graph_argmax:
             next_ids = stepper.step_argmax(ids, positions, attention_mask)
-            if t < options.min_new_tokens and cfg.eos_id is not None and (next_ids == cfg.eos_id).any():
-                # eos is banned: look again
-                next_ids = _process_logits(stepper.last_logits()[:, -1], sequences, t, options, cfg).argmax(axis=-1)
+            banned_eos = t < options.min_new_tokens and cfg.eos_id is not None and (next_ids == cfg.eos_id).any()
+            forced = (first_step and options.forced_bos_token_id is not None
+                      or options.forced_eos_token_id is not None and last_step.any())
+            if banned_eos or forced:  # look again at the scores
+                next_ids = _process_logits(stepper.last_logits()[:, -1], sequences, t, options, cfg, first_step,
+                                           last_step).argmax(axis=-1)
         else:
             logits = stepper.step(ids, positions, attention_mask)[:, -1]  # [B, V]
-            scores = _process_logits(logits, sequences, t, options, cfg)
+            scores = _process_logits(logits, sequences, t, options, cfg, first_step, last_step)
             if options.do_sample:
                 scores = _apply_temperature(scores, options.temperature)
                 scores = _filter_top_k_top_p(scores, options.top_k, options.top_p)
@@ -560,19 +640,28 @@ def _stack_rows(token_steps, batch_size, pad_id):
 
 
 def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=None, prompt_mask=None):
-    """Beam search with num_beams, length_penalty, early_stopping, num_return_sequences (names and meanings as in
-    Hugging Face's generate).
+    """Beam search with num_beams, length_penalty, early_stopping, num_return_sequences, as transformers 5.24's
+    GenerationMixin._beam_search (names and meanings as in Hugging Face's generate).
 
-    Returns (sequences, scores): for each input row, num_return_sequences lists of generated ids
-    (ending with eos when one was produced) and their scores, best first. A hypothesis scores
-    sum(log p) / len ** length_penalty, len counting the generated tokens (eos included).
-    The cache is reordered by beam every step through stepper.reorder. Each input has its own length budget
-    (step_budget); an input with fewer hypotheses than num_return_sequences (a budget of 0, a tiny vocabulary)
-    gets empty sequences, scored -inf, after them. Raises RefformerError for bad options or inputs.
+    Returns (sequences, scores): for each input row, num_return_sequences lists of generated ids (ending with eos
+    when one was produced) and their scores, best first.
+
+    Every step, as transformers does: the log-softmax of the logits, then the logits processors (process_logits:
+    repetition penalty, n-grams, bad words, min_new_tokens, forced tokens) applied to these log-probabilities,
+    which are not renormalized after them; a candidate's score is its beam's score plus that value. The 2 K best
+    candidates of an input are ranked; one of the first K that ends in eos, or any of the first K at the last step
+    of the input's budget (step_budget), becomes a hypothesis scored sum / len ** length_penalty (len counting the
+    generated tokens, eos included); the K best others continue. An input is done when it has K hypotheses and
+    early_stopping is set, or when its best running beam, normalized by its current length, cannot beat the worst
+    kept hypothesis (transformers' _check_early_stop_heuristic with early_stopping False), or at its budget.
+    The cache is reordered by beam every step through stepper.reorder. An input with fewer hypotheses than
+    num_return_sequences (a budget of 0, a tiny vocabulary) gets empty sequences, scored -inf, after them. Raises
+    RefformerError for bad options or inputs.
     """
     check_search_arguments(cfg, options, stepper)
     K = options.num_beams
-    ids, attention_mask, positions, src_keep = prepare_inputs(cfg, src_ids, src_mask, prompt_ids, prompt_mask)
+    ids, attention_mask, positions, src_keep = prepare_inputs(cfg, src_ids, src_mask, prompt_ids, prompt_mask,
+                                                              options.decoder_start_token_id)
     B = ids.shape[0]
     if B == 0:
         return [], []
@@ -581,6 +670,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     steps = int(budgets.max())
     stepper.start(src_ids, src_keep, B)
     prompts = [row[keep == 1].tolist() for row, keep in zip(ids, attention_mask)]  # row r keeps prompts[r // K]
+    width = ids.shape[1]
     expand = np.repeat(np.arange(B), K)  # row b*K + k is beam k of input b
     stepper.reorder(expand)
     ids, attention_mask, positions = ids[expand], attention_mask[expand], positions[expand]
@@ -593,19 +683,12 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             return total / np.float64(length) ** options.length_penalty  # inf or 0 at huge penalties, never an error
 
-    def finish(b):
-        """Input b at its length limit: its live beams are hypotheses too."""
-        for k in range(K):
-            row = b * K + k
-            if np.isfinite(beam_scores[row]) and generated[row]:
-                hypotheses[b].append((length_normalised(beam_scores[row], len(generated[row])), generated[row]))
-        hypotheses[b] = sorted(hypotheses[b], key=lambda h: -h[0])[:K]
-        done[b] = True
-
     for t in range(steps):
         logits = stepper.step(ids, positions, attention_mask)[:, -1]  # [B K, V]
-        scores = _process_logits(logits, [prompts[r // K] + g for r, g in enumerate(generated)], t, options, cfg)
-        logp = log_softmax_forward(scores)[0] if np.isfinite(scores).any() else scores
+        last_step = np.repeat(budgets == t + 1, K)
+        logp = log_softmax_forward(logits.astype(np.float64))[0]
+        logp = _process_logits(logp, [prompts[r // K] + g for r, g in enumerate(generated)], t, options, cfg,
+                               t == 0 and width == 1, last_step)
         candidates = (beam_scores[:, None] + logp).reshape(B, -1)  # [B, K V]
         V = logp.shape[-1]
         next_rows, next_tokens, next_scores = [], [], []
@@ -615,6 +698,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
                 next_tokens += [cfg.fill_id] * K
                 next_scores += [-np.inf] * K
                 continue
+            last = budgets[b] == t + 1  # every candidate stops here (transformers' max_length criterion)
             order = stepper.top_candidates(candidates[b], 2 * K)
             chosen = 0
             for rank, flat in enumerate(order):
@@ -623,7 +707,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
                     break
                 beam, token = divmod(int(flat), V)
                 row = b * K + beam
-                if token == cfg.eos_id:  # never, for a model without eos (None)
+                if token == cfg.eos_id or last:  # eos: never, for a model without eos (None)
                     if rank < K:
                         tokens = generated[row] + [token]
                         hypotheses[b].append((length_normalised(total, len(tokens)), tokens))
@@ -634,21 +718,20 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
                 chosen += 1
                 if chosen == K:
                     break
-            while chosen < K:  # fewer live candidates than beams (tiny vocabularies): pad with dead beams
+            while chosen < K:  # fewer live candidates than beams (tiny vocabularies, the last step): dead beams
                 next_rows.append(b * K)
                 next_tokens.append(cfg.fill_id)
                 next_scores.append(-np.inf)
                 chosen += 1
             hypotheses[b] = sorted(hypotheses[b], key=lambda h: -h[0])[:K]
             best_running = max(next_scores[-K:])
-            if len(hypotheses[b]) == K:
-                if options.early_stopping or not np.isfinite(best_running):
-                    done[b] = True
-                else:  # can a running beam still beat the worst kept hypothesis?
-                    best_possible = length_normalised(best_running, t + 1)
-                    done[b] = best_possible <= hypotheses[b][-1][0]
-            elif not np.isfinite(best_running):
+            if last or not np.isfinite(best_running):
                 done[b] = True
+            elif len(hypotheses[b]) == K:
+                if options.early_stopping:
+                    done[b] = True
+                else:  # can the best running beam still beat the worst kept hypothesis?
+                    done[b] = length_normalised(best_running, t + 1) <= hypotheses[b][-1][0]
         if done.all():
             break
         rows = np.array(next_rows)
@@ -658,10 +741,6 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
         ids = np.array(next_tokens, dtype=np.int64)[:, None]
         positions = _next_positions(positions[rows], cfg)
         attention_mask = np.concatenate([attention_mask[rows], np.ones((B * K, 1), np.int64)], axis=1)
-        for b in np.flatnonzero(~done & (budgets <= t + 1)):
-            finish(b)
-    for b in np.flatnonzero(~done):  # (every input reaches its budget by the last step)
-        finish(b)
     n = options.num_return_sequences
     hypotheses = [hyps[:n] + [(-np.inf, [])] * (n - len(hyps[:n])) for hyps in hypotheses]
     return [[h[1] for h in hyps] for hyps in hypotheses], [[h[0] for h in hyps] for hyps in hypotheses]
@@ -676,6 +755,7 @@ def check_search_arguments(cfg, options, stepper):
     _check_options(options)
     check(isinstance(stepper, Stepper), f"stepper must have start, step and reorder: a subclass of "
                                         f"refformer.refimpl.generate.Stepper, got {type(stepper).__name__}")
+    check_vocabulary(options, cfg.vocab_size)
 
 
 def generate(cfg, params, src_ids=None, prompt_ids=None, options=None, src_mask=None, prompt_mask=None, stepper=None):
@@ -694,7 +774,7 @@ def generate(cfg, params, src_ids=None, prompt_ids=None, options=None, src_mask=
     inputs = dict(src_ids=src_ids, src_mask=src_mask, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
     if options.num_beams > 1:
         return beam_search(stepper, cfg, options, **inputs)[0]
-    ids, _, positions, src_keep = prepare_inputs(cfg, **inputs)
+    ids, _, positions, src_keep = prepare_inputs(cfg, **inputs, decoder_start_id=options.decoder_start_token_id)
     check_search_fits_memory(cfg, options, ids.shape[0])  # before the inputs are repeated
     copies = options.num_return_sequences
     budgets = np.repeat(_step_budget(cfg, options, src_keep, positions), copies)

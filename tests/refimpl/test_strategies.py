@@ -372,7 +372,7 @@ def test_every_public_function_refuses_junk_with_a_refformer_error():
             "seed": 1, "sequence_numbers": [0, 0], "src_keep": np.ones((2, 3)), "positions": np.zeros((2, 1), np.int64),
             "token_steps": [], "batch_size": 2, "pad_id": 0, "values": np.arange(5.0), "row": [1, 2],
             "ids": np.zeros((2, 3), np.int64), "src_ids": np.array([[4, 2]]), "prompt_ids": np.array([[1, 4]]),
-            "temperature": 1.0, "rows": 2}
+            "temperature": 1.0, "rows": 2, "bad_words_ids": [[1], [2, 3]], "vocab_size": 7}
     junk = [None, -1, "x", [], [[1]], np.zeros(2), np.zeros((2, 3)), np.full((1, 2), np.nan), {}, 1.5, float("nan"),
             object(), np.array([["a"]])]
     checked = 0
