@@ -2,8 +2,10 @@
 a Generator in batches, and each batch's records written as it finishes (RecordWriter: JSON lines to --output, plain
 or JSON lines to stdout). runtime/generate_cli.py parses the options, calls write_batches and prints the summary.
 
-A record is {"line": N, ["id": ...,] "input": text, "output": text (or K texts), ["seed": S]} or
-{"line": N, ["id": ...,] "error": message}; N counts input lines (or TEXT arguments) from 1.
+A record is {"line": N, ["id": ...,] "input": text, "output": text (or K texts), "ids": token ids (or K lists, in the
+order of the texts), ["seed": S]} or {"line": N, ["id": ...,] "error": message}; N counts input lines (or TEXT
+arguments) from 1. "ids" are the generated ids, eos kept when generated, without the decoder start token or the
+prompt (Generator.generate_rows_and_ids), as transformers' generate returns them after the input.
 """
 
 import codecs
@@ -355,7 +357,7 @@ def generate_records(generator, generation, lines, writer, input_path, batch_siz
     failed lines.
 
     A line that cannot be encoded (empty, too long) becomes an error record, not an exception. Raises what writer.write
-    raises (RefformerError for a full disk) and what generator.generate_rows raises.
+    raises (RefformerError for a full disk) and what generator.generate_rows_and_ids raises.
     """
     failures = 0
     seed = {"seed": generation.seed} if generation.do_sample else {}
@@ -376,9 +378,9 @@ def generate_records(generator, generation, lines, writer, input_path, batch_siz
                 records[number] = {"line": number, **extra, "error": error}
                 failures += 1
             if good:
-                outputs = generator.generate_rows([row for *_, row in good], generation)
-                for (number, text, extra, _), output in zip(good, outputs):
-                    records[number] = {"line": number, **extra, "input": text, "output": output, **seed}
+                outputs = generator.generate_rows_and_ids([row for *_, row in good], generation)
+                for (number, text, extra, _), (output, ids) in zip(good, outputs):
+                    records[number] = {"line": number, **extra, "input": text, "output": output, "ids": ids, **seed}
             writer.write([records[number] for number in sorted(records)])
             bar.update(len(chunk))
     return failures

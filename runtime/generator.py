@@ -407,9 +407,20 @@ class Generator:
     def generate_rows(self, rows, options):
         """Token rows (from encode_rows, which the CLI runs line by line) -> generated texts, as generate.
         Raises RefformerError for bad rows or options."""
+        return [output for output, _ in self.generate_rows_and_ids(rows, options)]
+
+    def generate_rows_and_ids(self, rows, options):
+        """Token rows -> per row (text, ids): the generated text and its token ids (eos kept when generated; neither
+        the decoder start token nor the prompt), or with num_return_sequences > 1 (texts, ids), one entry per
+        sequence, best first. What generate --json writes as "output" and "ids". Raises RefformerError for bad rows
+        or options."""
         options = self.check_options(options)
-        outputs = [[self.decode(ids) for ids in candidates] for candidates in self.search_rows(rows, options)]
-        return [candidates[0] for candidates in outputs] if options.num_return_sequences == 1 else outputs
+        results = []
+        for candidates in self.search_rows(rows, options):
+            texts = [self.decode(ids) for ids in candidates]
+            ids = [[int(t) for t in sequence] for sequence in candidates]
+            results.append((texts[0], ids[0]) if options.num_return_sequences == 1 else (texts, ids))
+        return results
 
     def stream(self, text, **options):
         """Yield pieces of text as tokens are produced (beam search yields its best result at the end).

@@ -37,6 +37,29 @@ def test_several_texts_as_json(model_dir):
     assert all(isinstance(r["output"], list) and len(r["output"]) == 2 for r in records)
 
 
+def test_json_records_carry_the_generated_ids(model_dir):
+    """"ids": the generated token ids (eos kept; no decoder start token), one list per returned sequence in the order
+    of the texts: what Generator.generate_ids returns (the search's output), decoding to the record's texts."""
+    from refformer.refimpl.generate import GenerationOptions
+    from refformer.runtime.generator import Generator
+
+    texts = ["Ich habe Hunger.", "Wo ist der Bahnhof?"]
+    for extra, options in ((["--num-beams", "3", "--num-return-sequences", "2"],
+                            GenerationOptions(max_new_tokens=4, num_beams=3, num_return_sequences=2)),
+                           ([], GenerationOptions(max_new_tokens=4))):
+        result = invoke("--model", model_dir, "--provider", "cpu", "--json", *texts, "--max-new-tokens", "4", *extra)
+        assert result.exit_code == 0, result.output
+        records = [json.loads(line) for line in result.stdout.splitlines()]
+        generator = Generator(model_dir, provider="cpu")
+        expected = generator.generate_ids(texts, options)
+        if options.num_return_sequences == 1:
+            assert [r["ids"] for r in records] == [candidates[0] for candidates in expected]
+            assert [r["output"] for r in records] == [generator.decode(r["ids"]) for r in records]
+        else:
+            assert [r["ids"] for r in records] == expected
+            assert [r["output"] for r in records] == [[generator.decode(ids) for ids in r["ids"]] for r in records]
+
+
 def test_input_file_with_bad_lines_reports_them_and_goes_on(model_dir, tmp_path):
     source = tmp_path / "in.txt"
     source.write_bytes(b'Hallo Welt.\n\n{"text": "Guten Morgen."}\n{broken\n\xff\xfe\n' + b"lang " * 100
@@ -118,18 +141,18 @@ FIVE = ["Hallo Welt.", "Guten Morgen.", "Ich bin hier.", "Das ist gut.", "Wo ist
 
 
 def interrupt_on_call(monkeypatch, number):
-    """Generator.generate_rows raises KeyboardInterrupt (Ctrl-C) on its number-th call."""
+    """Generator.generate_rows_and_ids raises KeyboardInterrupt (Ctrl-C) on its number-th call."""
     from refformer.runtime.generator import Generator
 
-    original, calls = Generator.generate_rows, []
+    original, calls = Generator.generate_rows_and_ids, []
 
-    def generate_rows(self, rows, options):
+    def generate_rows_and_ids(self, rows, options):
         calls.append(1)
         if len(calls) == number:
             raise KeyboardInterrupt
         return original(self, rows, options)
 
-    monkeypatch.setattr(Generator, "generate_rows", generate_rows)
+    monkeypatch.setattr(Generator, "generate_rows_and_ids", generate_rows_and_ids)
 
 
 @pytest.mark.parametrize("to_file", [True, False])
@@ -152,13 +175,13 @@ def test_records_are_flushed_as_each_batch_finishes(model_dir, tmp_path, monkeyp
     from refformer.runtime.generator import Generator
 
     source, out, seen = lines_file(tmp_path, FIVE), tmp_path / "out.jsonl", []
-    original = Generator.generate_rows
+    original = Generator.generate_rows_and_ids
 
-    def generate_rows(self, rows, options):
+    def generate_rows_and_ids(self, rows, options):
         seen.append(len(out.read_text().splitlines()))
         return original(self, rows, options)
 
-    monkeypatch.setattr(Generator, "generate_rows", generate_rows)
+    monkeypatch.setattr(Generator, "generate_rows_and_ids", generate_rows_and_ids)
     result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(source), "--batch-size", "2",
                     "--max-new-tokens", "2", "--output", str(out))
     assert result.exit_code == 0, result.output
@@ -204,7 +227,7 @@ def test_a_failing_overwrite_run_keeps_the_old_file(model_dir, tmp_path, monkeyp
     def broken(self, rows, options):
         raise RuntimeError("the device fell over")
 
-    monkeypatch.setattr(Generator, "generate_rows", broken)
+    monkeypatch.setattr(Generator, "generate_rows_and_ids", broken)
     result = invoke("--model", model_dir, "--provider", "cpu", "--input", str(source), "--output", str(out),
                     "--overwrite")
     assert result.exit_code != 0
@@ -328,7 +351,7 @@ def test_an_unexpected_failure_is_one_line(model_dir, tmp_path, monkeypatch):
     def broken(self, rows, options):
         raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA out of memory\n more detail")
 
-    monkeypatch.setattr(Generator, "generate_rows", broken)
+    monkeypatch.setattr(Generator, "generate_rows_and_ids", broken)
     result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "Gut.")
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [

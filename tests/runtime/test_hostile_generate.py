@@ -244,7 +244,8 @@ def test_plain_lines_stay_one_per_input_when_an_output_has_line_breaks(model_dir
     from refformer.runtime.generator import Generator
 
     outputs = iter(["a\nb", "c\u2028d\r\ne"])
-    monkeypatch.setattr(Generator, "generate_rows", lambda self, rows, options: [next(outputs) for _ in rows])
+    monkeypatch.setattr(Generator, "generate_rows_and_ids", lambda self, rows, options: [(next(outputs), [])
+                                                                                           for _ in rows])
     result = invoke("--model", model_dir, "--provider", "cpu", "Hallo.", "Welt.", "--batch-size", "1")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == ["a b", "c d e"]
