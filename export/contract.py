@@ -258,7 +258,8 @@ PROVIDERS = (CPU_PROVIDER, CUDA_PROVIDER)  # the ONNX Runtime execution provider
 # ---------------------------------------------------------------------------- what the graphs compute
 
 EXPORTED_POSITIONALS = ("sinusoidal", "learned", "none", "relative", "rotary")  # what the reference graphs compute
-NEEDED_IDS = ("pad_id", "bos_id", "eos_id")  # verify's inputs and the runtime's prompts, padding and stop token
+NEEDED_IDS = ("pad_id", "bos_id", "eos_id")  # the runtime's prompts, padding and stop token (export and verify use
+# cfg.fill_id and leave a null bos or eos out)
 
 
 def show_option(name, value):
@@ -269,27 +270,28 @@ def show_option(name, value):
     return f"{name}={json.dumps(value)}"
 
 
-def unsupported_features(cfg):
-    """The Config options of cfg that the reference graphs (export/model.py's encoder.onnx and decoder.onnx) do not
-    compute (empty when they compute cfg's model exactly), each spelled as config.json has it: ['pad_id=null'].
-    The reference graphs compute every option of issue 13 (positions sinusoidal, learned with any offset, none,
-    relative or rotary; grouped-query attention, any head_dim and attention_scale; biases on or off; gated or
-    ungated feed-forward; the embedding norm; any head_scale); they need a pad, bos and eos id (export/verify.py's
-    inputs and the runtime's prompts use them). Raises nothing (cfg is a checked Config).
+def unsupported_features(cfg, ids=True):
+    """The Config options of cfg that refformer's graphs cannot serve (empty when they can), each spelled as
+    config.json has it: ['pad_id=null']. The reference graphs compute every option of issue 13 (positions
+    sinusoidal, learned with any offset, none, relative or rotary; grouped-query attention, any head_dim and
+    attention_scale; biases on or off; gated or ungated feed-forward; the embedding norm; any head_scale), and export
+    and verify take null special ids; with ids=True (the runtime's generate) a null pad, bos or eos id is listed too,
+    as the runtime's prompts, padding and stop test read them. Raises nothing (cfg is a checked Config).
     """
     found = [show_option("positional", cfg.positional)] if cfg.positional not in EXPORTED_POSITIONALS else []
-    return found + [show_option(name, None) for name in NEEDED_IDS if getattr(cfg, name) is None]
+    return found + [show_option(name, None) for name in NEEDED_IDS if ids and getattr(cfg, name) is None]
 
 
-def check_exportable(cfg):
-    """Raises RefformerError, one line naming them, when cfg uses options the reference graphs do not compute yet
-    (unsupported_features): no graph of another function is ever built. export_model and verify call it first.
-    Raises nothing otherwise."""
-    found = unsupported_features(cfg)
+def check_exportable(cfg, ids=True):
+    """Raises RefformerError, one line naming them, when cfg uses options refformer's graphs do not serve yet
+    (unsupported_features(cfg, ids)): no graph of another function is ever built. export_model and verify call it
+    first with ids=False (they take null special ids); the runtime calls it with ids=True. Raises nothing
+    otherwise."""
+    found = unsupported_features(cfg, ids)
     if found:
         raise RefformerError(f"export does not support yet: {', '.join(found)} (refformer's ONNX graphs compute "
-                             "every model option, and need a pad, bos and eos id); the reference (model_forward, "
-                             "golden) does")
+                             "every model option, and generate needs a pad, bos and eos id); the reference "
+                             "(model_forward, golden) does")
 
 
 def reference_only_features(cfg):

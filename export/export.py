@@ -150,7 +150,8 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
     if static_length is not None and (not is_integer(static_length) or static_length < 1):
         raise RefformerError(f"--static-length must be a positive integer, got {static_length}")
     model_dir = Path(model_dir)
-    check_exportable(load_config(model_dir))  # a missing or bad model folder, or options the graphs do not compute
+    check_exportable(load_config(model_dir), ids=False)  # a missing or bad model folder, or options the graphs
+    # do not compute
     check_variants_exportable(load_config(model_dir), static_length, fused_attention)  # ... or a variant does not
     if out_dir is None:
         out_dir = default_export_dir(model_dir, dtype, static_length, fused_attention)

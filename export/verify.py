@@ -216,11 +216,11 @@ def random_inputs(cfg, rng, B=3, S=6, T=5):
     src_keep = np.ones((B, S), np.int64)
     for b in range(1, B):  # rows of different source lengths, each of one token at least (an empty source
         src_keep[b, max(1, S - b):] = 0  # is no input generate makes; its all-masked cross-attention is a corner case)
-    src = np.where(src_keep == 1, src, cfg.pad_id)
+    src = np.where(src_keep == 1, src, cfg.fill_id)  # pad_id (else eos_id, else 0: the masks mark the padding)
     tgt = random_ids(cfg, rng, (B, T))
     tgt_keep = np.ones((B, T), np.int64)
     tgt_keep[-1, :1] = 0  # one left-padded target row
-    tgt = np.where(tgt_keep == 1, tgt, cfg.pad_id)
+    tgt = np.where(tgt_keep == 1, tgt, cfg.fill_id)
     positions = left_padded_positions(tgt_keep)
     return src, src_keep, tgt, tgt_keep, positions
 
@@ -278,7 +278,8 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
         # prints its own banner of loader errors for each session
         raise RefformerError(f"{CUDA_MISSING}; use {CPU_PROVIDER}")
     model_dir = Path(model_dir)
-    check_exportable(load_config(model_dir))  # a model no graph computes yet is named, not sent to `refformer export`
+    check_exportable(load_config(model_dir), ids=False)  # a model no graph computes yet is named, not sent to
+    # `refformer export`
     onnx_dir = Path(onnx_dir) if onnx_dir is not None else find_export(model_dir)
     cfg, params = load(model_dir)
     check_weights(params, None, model_dir / WEIGHTS_FILE)
@@ -335,15 +336,17 @@ def onnx_runtime_errors(onnx_dir):
 
 
 def real_inputs(cfg, tokenizer):
-    """compare_pass's inputs from REAL_SENTENCES tokenized by the model's tokenizer (German sources and their
-    bos-prefixed targets, or English text): src, src_keep [B, S] (right-padded), tgt, tgt_keep, tgt_positions
-    [B, T] (left-padded), all int64. Raises RefformerError for a tokenizer that fails (refimpl's encode)."""
+    """compare_pass's inputs from REAL_SENTENCES tokenized by the model's tokenizer (German sources, eos-ended, and
+    their bos-prefixed targets, or English text; no eos or bos where the model's id is null): src, src_keep [B, S]
+    (right-padded), tgt, tgt_keep, tgt_positions [B, T] (left-padded), all int64. Raises RefformerError for a
+    tokenizer that fails (refimpl's encode)."""
     texts = REAL_SENTENCES[cfg.family]
     from refformer.refimpl.training.tokenizer import encode  # a tokenizer that panics is one RefformerError, silently
 
     rows = [row[: cfg.max_positions - 2] for row in encode(tokenizer, list(texts))]
-    src_rows = [row + [cfg.eos_id] for row in rows]
-    tgt_rows = [[cfg.bos_id] + row for row in rows]
+    eos, bos = [cfg.eos_id] if cfg.eos_id is not None else [], [cfg.bos_id] if cfg.bos_id is not None else []
+    src_rows = [row + eos for row in rows]  # a model without eos or bos ids (null) gets the rows without them
+    tgt_rows = [bos + row for row in rows]
     src, src_keep, _ = left_pad(src_rows, cfg.pad_id)
     # sources are right-padded like the random ones: move the padding to the end
     src = np.array([np.concatenate([r[k == 1], r[k == 0]]) for r, k in zip(src, src_keep)])

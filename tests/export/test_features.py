@@ -36,6 +36,8 @@ FEATURES = {
     "rotary-encdec": dict(positional="rotary", head_dim=6),
     "relative": dict(positional="relative", relative_num_buckets=8, relative_max_distance=12, head_dim=6,
                      attention_scale=1.0),
+    "null-ids": dict(pad_id=None, bos_id=None, eos_id=None, unk_id=None),
+    "null-ids-decoder-only": dict(pad_id=None, bos_id=None, family="decoder-only"),
     "relative-decoder-only": dict(positional="relative", family="decoder-only", relative_num_buckets=6,
                                   relative_max_distance=5),
 }
@@ -70,7 +72,7 @@ def export_and_verify(model_dir, out_dir, dtype, **variants):
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 def test_each_feature_exports_and_verifies(tmp_path, feature, dtype):
     cfg = make(tmp_path / "m", **FEATURES[feature])
-    assert unsupported_features(cfg) == []
+    assert unsupported_features(cfg, ids=False) == []
     worst = export_and_verify(tmp_path / "m", tmp_path / "out", dtype)
     print(f"{feature} {dtype}: verify max error {worst:.2e}")
 
@@ -123,3 +125,40 @@ def test_the_clipped_bucket_table_is_t5_s_bucketing_at_every_distance(bidirectio
     want = relative_position_bucket(relative, bidirectional=bidirectional, num_buckets=buckets, max_distance=distance)
     got = relative_bucket_table(cfg, bidirectional)[np.clip(relative, -distance, distance) + distance]
     np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------- the imported tiny families
+
+IMPORTED = ["t5", "t5-v1.1", "bart", "bart-untied", "marian", "marian-unshared", "llama", "qwen2", "gpt2"]
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """family -> a refformer model folder imported by from_hf from the tiny transformers model (tests/hf_models.py),
+    built once."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from refformer.refimpl.convert.hf import from_hf
+    from tests import hf_models
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(f"hf-{family}")
+            hf_models.build(family).save_pretrained(folder / "hf")
+            cfg, params = from_hf(folder / "hf")
+            save(folder / "m", cfg, params)
+            cache[family] = cfg, folder / "m"
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("family", IMPORTED)
+def test_imported_families_export_and_verify(imported, tmp_path, family, dtype):
+    cfg, model_dir = imported(family)
+    assert unsupported_features(cfg, ids=False) == []
+    worst = export_and_verify(model_dir, tmp_path / "out", dtype)
+    print(f"{family} {dtype}: verify max error {worst:.2e}")

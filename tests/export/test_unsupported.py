@@ -1,7 +1,10 @@
 """Export refuses, in one line naming them, the Config options its graphs do not compute yet (issue 13: imported
-models reach the reference first), before any work and through every door: export_model, `refformer export`, and
-`refformer generate`'s export on demand. The options the graphs do compute (biases off, explicit values equal to
-the defaults) still export, verified against refimpl."""
+models reached the reference first), before any work and through every door: export_model, `refformer export`, and
+`refformer generate`'s export on demand. Since issue 14 the reference graphs compute every option of issue 13
+(tests/export/test_features.py), so the refusal machinery is exercised here with a position scheme taken out of
+contract.EXPORTED_POSITIONALS; the runtime's generate still refuses null pad, bos and eos ids (its prompts, padding
+and stop test read them), export and verify take them. The options the graphs compute (biases off, explicit values
+equal to the defaults) still export, verified against refimpl."""
 
 import math
 
@@ -9,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from refformer.export import contract
 from refformer.export.contract import unsupported_features
 from refformer.export.export import export_model
 from refformer.export.verify import verify
@@ -20,12 +24,19 @@ from refformer.runtime.cli import main
 BASE = dict(vocab_size=40, d_model=16, n_heads=4, d_ff=24, n_encoder_layers=1, n_decoder_layers=1, max_positions=16,
             dropout=0.0)
 
-# option(s) -> what the one-line error must name
+# option(s) -> what the one-line error must name, with the positional scheme "rotary" taken out of the exported ones
 UNSUPPORTED = [
-    (dict(pad_id=None), "pad_id=null"),
-    (dict(bos_id=None, family="decoder-only"), "bos_id=null"),
-    (dict(eos_id=None), "eos_id=null"),
+    (dict(positional="rotary"), 'positional="rotary"'),
+    (dict(positional="rotary", family="decoder-only", n_kv_heads=2), 'positional="rotary"'),
 ]
+
+
+@pytest.fixture(autouse=True)
+def rotary_unsupported(monkeypatch):
+    """Every test here runs as if the graphs did not compute rotary positions (the guard's machinery needs an option
+    the graphs do not compute, and since issue 14 they compute every option)."""
+    monkeypatch.setattr(contract, "EXPORTED_POSITIONALS", tuple(p for p in contract.EXPORTED_POSITIONALS
+                                                                if p != "rotary"))
 
 
 def make(path, seed=0, **overrides):
@@ -58,20 +69,21 @@ def test_every_option_is_named_in_one_line(tmp_path):
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    assert lines[0].startswith('error: export does not support yet: pad_id=null, eos_id=null (')  # the rest
-    # (n_kv_heads, ffn_gated, positional, head_scale) exports since issue 14
+    assert lines[0].startswith('error: export does not support yet: positional="rotary" (')  # the rest (n_kv_heads,
+    # ffn_gated, head_scale and, for export, null ids) exports since issue 14
 
 
 def test_verify_names_the_options_rather_than_asking_for_an_export(tmp_path):
     make(tmp_path / "m", family="decoder-only", positional="rotary", pad_id=None)
-    with pytest.raises(RefformerError, match='^export does not support yet: pad_id=null \\('):
+    with pytest.raises(RefformerError, match='^export does not support yet: positional="rotary" \\('):
         verify(tmp_path / "m", providers=["CPUExecutionProvider"])
 
 
 def test_verify_command_names_the_options_rather_than_asking_for_an_export(tmp_path):
     make(tmp_path / "m", family="decoder-only", positional="rotary", bos_id=None)
     result = CliRunner().invoke(main, ["verify", "--model", str(tmp_path / "m")])
-    assert result.exit_code == 1 and result.stderr.startswith("error: export does not support yet: bos_id=null")
+    assert result.exit_code == 1  # the CLI asks with the runtime's ids (ids=True)
+    assert result.stderr.startswith('error: export does not support yet: positional="rotary", bos_id=null (')
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
@@ -87,7 +99,7 @@ def test_generate_on_demand_refuses_in_one_line(tmp_path):
     assert result.exit_code == 1, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.stderr.strip().splitlines() == errors and "Traceback" not in result.output, result.output
-    assert errors[0].startswith("error: export does not support yet: eos_id=null (")
+    assert errors[0].startswith('error: export does not support yet: positional="rotary", eos_id=null (')
     assert result.stderr.strip().splitlines()[-1] == errors[0]
     assert not (tmp_path / "m" / "onnx").exists() or not any((tmp_path / "m" / "onnx").iterdir())
 
@@ -112,3 +124,17 @@ def test_today_s_models_have_nothing_unsupported():
     for options in (dict(), dict(family="decoder-only", positional="learned", norm="rmsnorm", activation="silu"),
                     dict(tie_embeddings=False, share_embeddings=False, lm_head_bias=True, embed_scale=False)):
         assert unsupported_features(Config(**{**BASE, **options})) == []
+
+
+def test_generate_still_refuses_null_special_ids_that_export_takes(tmp_path):
+    """The runtime's prompts, padding and stop test read pad, bos and eos: Generator (contract.check_exportable with
+    ids=True) names a null one; export and verify (ids=False) take the model."""
+    tokenizer, trainer = tok.new_tokenizer(270)
+    tokenizer.train_from_iterator(["the weather is fine", "errors should never pass silently"] * 3, trainer)
+    tok.save_tokenizer(tokenizer, tmp_path / "tokenizer.json")
+    cfg = Config(**{**BASE, "vocab_size": tokenizer.get_vocab_size(), "family": "decoder-only", "pad_id": None})
+    save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(0)), tokenizer=tmp_path / "tokenizer.json")
+    assert unsupported_features(cfg) == ["pad_id=null"] and unsupported_features(cfg, ids=False) == []
+    result = CliRunner().invoke(main, ["generate", "--model", str(tmp_path / "m"), "--provider", "cpu", "the"])
+    assert result.exit_code == 1 and result.stderr.startswith("error: export does not support yet: pad_id=null (")
+    assert export_model(tmp_path / "m")["error"]["max"] <= 1e-5
