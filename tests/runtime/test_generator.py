@@ -26,6 +26,8 @@ STRATEGIES = [
     dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, length_penalty=0.7),
     dict(max_new_tokens=6, num_beams=2, early_stopping=True),
     dict(max_new_tokens=8, min_new_tokens=4, repetition_penalty=1.4, no_repeat_ngram_size=2),
+    dict(max_new_tokens=6, forced_bos_token_id=7, forced_eos_token_id=9),  # the in-graph argmax looks again
+    dict(max_new_tokens=6, num_beams=3, repetition_penalty=1.4, bad_words_ids=[[5], [6, 7]], forced_eos_token_id=9),
 ]
 
 
