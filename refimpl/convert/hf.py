@@ -84,6 +84,10 @@ IGNORED = {
 }
 
 
+# safetensors dtypes read (NumPy holds all but BF16, which is decoded from its bytes); F8_* and the like are refused
+SAFETENSORS_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL")
+
+
 # ---------------------------------------------------------------------------- the folder
 
 
@@ -203,6 +207,12 @@ def _read_safetensors(file):
     from safetensors import SafetensorError, safe_open
 
     header, data_start = _safetensors_header(file)
+    if isinstance(header, dict):  # else safe_open names what is wrong
+        odd = sorted({info.get("dtype") for name, info in header.items() if name != "__metadata__"
+                      and isinstance(info, dict) and info.get("dtype") not in SAFETENSORS_DTYPES}, key=str)
+        check(not odd, f"{file} holds tensors of dtype {', '.join(map(str, odd))}, which refformer does not read "
+                       f"(floating point: F64, F32, F16, BF16; a float8 or quantized checkpoint must be "
+                       f"dequantized first)")
     tensors = {}
     try:
         with safe_open(str(file), framework="numpy") as handle:

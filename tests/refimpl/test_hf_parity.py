@@ -303,6 +303,16 @@ def test_t5_num_decoder_layers_zero_is_zero_as_in_t5config():
     assert CONFIGS["t5"]({"model_type": "t5", "num_layers": 3, "num_decoder_layers": None})["n_decoder_layers"] == 3
 
 
+def test_a_float8_checkpoint_is_refused_naming_its_dtype(tmp_path):
+    """NumPy has no float8: safetensors' numpy reader raised AttributeError (a traceback)."""
+    header = json.dumps({"w": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (-len(header) % 8)
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(RefformerError, match="dtype F8_E4M3, which refformer does not read"):
+        from_hf(tmp_path)
+
+
 def test_a_folder_without_weights_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(RefformerError, match="has no model.safetensors"):
