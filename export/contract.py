@@ -295,12 +295,13 @@ def check_exportable(cfg, ids=True):
 
 
 def reference_only_features(cfg):
-    """The Config options of cfg that the reference graphs compute but the faster decoder variants (static, fused,
-    static_mha, static_fused: export's --static-length and --fused-attention) do not yet, spelled as
-    unsupported_features spells them; empty when every variant computes cfg's model. The variants share the
-    reference's embedding and head builders (positions none or with an offset, the embedding norm, head_scale);
+    """The Config options of cfg that the standard-op graphs (decoder.onnx, decoder_static.onnx: the same builders)
+    compute but the contrib-op variants (fused, static_mha, static_fused: export's --fused-attention) do not yet,
+    spelled as unsupported_features spells them; empty when every variant computes cfg's model. Those variants share
+    the reference's embedding and head builders (positions none or with an offset, the embedding norm, head_scale);
     their attention has n_kv_heads = n_heads, n_heads * head_dim = d_model, the 1 / sqrt(head_dim) scale and no
-    rotary or relative positions, and their fused feed-forward is ungated. Raises nothing (cfg is a checked Config).
+    rotary or relative positions, and the static ones' fused feed-forward is ungated. Raises nothing (cfg is a
+    checked Config).
     """
     found = []
     if cfg.n_kv_heads != cfg.n_heads:
@@ -317,11 +318,11 @@ def reference_only_features(cfg):
 
 
 def check_variants_exportable(cfg, static_length=None, fused_attention=False):
-    """Raises RefformerError, one line naming them, when an export asks for decoder variants (static_length not
-    None, or fused_attention) of a model whose options only the reference graphs compute (reference_only_features);
-    export_model calls it before any work. Raises nothing otherwise."""
+    """Raises RefformerError, one line naming them, when an export asks for the contrib-op variants
+    (fused_attention) of a model whose options they do not compute (reference_only_features); export_model calls it
+    before any work. decoder_static.onnx (static_length alone) computes every option. Raises nothing otherwise."""
     found = reference_only_features(cfg)
-    if found and (static_length is not None or fused_attention):
-        raise RefformerError(f"the static and fused decoders do not support yet: {', '.join(found)}; export without "
-                             "--static-length and --fused-attention (the reference graphs, encoder.onnx and "
-                             "decoder.onnx, compute them)")
+    if found and fused_attention:
+        raise RefformerError(f"the fused decoders (--fused-attention) do not support yet: {', '.join(found)}; export "
+                             "without --fused-attention (the reference graphs and --static-length's "
+                             "decoder_static.onnx compute them)")

@@ -124,7 +124,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
 
     Raises RefformerError for a bad option (a model_dir or out_dir that is not a path, flags that are not booleans),
     a model using options the graphs do not compute yet (contract.check_exportable: one line naming them, before any
-    work; contract.check_variants_exportable when static_length or fused_attention asks for variants), an out_dir
+    work; contract.check_variants_exportable when fused_attention asks for the contrib-op variants), an out_dir
     that check_out_dir refuses (its parent must exist, unless it is one of export_locations), weights with NaN or
     inf (or beyond float16's range for fp16), or (measure=True) a measured error that is not finite or beyond the
     dtype's bound (1e-5 fp32, 1e-2 fp16).

@@ -306,6 +306,9 @@ def build_decoder_static(cfg, params, dtype=FP32, opset=DEFAULT_OPSET, max_lengt
 
     write_index ─Equal(0..L-1)─▶ slot_mask;  per layer: Where(slot_mask, new k/v, cache) ─ attention over all L slots
 
+    It computes every option the reference graph does (the same builders): rotary from position_ids, T5's relative
+    bias with the query at index write_index and key j at slot j (as decoder.onnx: query P + i, key j).
+
     Caches in the dtype's float type. Raises as build_decoder; export_model checks 1 <= max_length <= cfg.max_positions
     first.
     """
@@ -318,7 +321,10 @@ def build_decoder_static(cfg, params, dtype=FP32, opset=DEFAULT_OPSET, max_lengt
     self_mask = padding_mask(g, keep, "/decoder/self_mask")  # [B, 1, 1, L]: unwritten slots are 0 in attention_mask
     p = params["decoder"]
     x = embed(g, cfg, "decoder", "decoder.embed_tokens", p["embed_tokens"], p, ids, positions)
-    self_attention = partial(cached_self_attention, mask=self_mask, update_cache=write_cache(slot_mask))
+    # the token's place in the sequence is its slot write_index; key j sits in slot j (T5's relative bias)
+    stack = stack_positions(g, cfg, "decoder", p, positions, WRITE_INDEX, g.const(np.arange(max_length), "slots"),
+                            bidirectional=False)
+    self_attention = partial(cached_self_attention, mask=self_mask, update_cache=write_cache(slot_mask), **stack)
     x, presents = decoder_layers(g, cfg, p, x, past, cross, self_attention, partial(mha_cached, mask=memory_mask))
     if cfg.final_norm:
         x = norm(g, cfg, "decoder.final_norm", p["final_norm"], x)
