@@ -75,7 +75,8 @@ class GenerationOptions:
     next, and options.seed says which seed was used (pass it back to reproduce the draws).
     """
 
-    max_new_tokens: int | None = None  # default: 2 S + 10 for translation, up to max_positions for a LM
+    max_new_tokens: int | None = None  # default: max_length's, else 2 S + 10 for translation, max_positions for a LM
+    max_length: int | None = None  # the decoder's input (start token or prompt) plus new tokens; max_new_tokens wins
     min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
@@ -96,6 +97,8 @@ class GenerationOptions:
     def __post_init__(self):
         if self.max_new_tokens is not None:
             check_number("max_new_tokens", self.max_new_tokens, 0, integer=True)
+        if self.max_length is not None:
+            check_number("max_length", self.max_length, 0, integer=True)
         check_number("min_new_tokens", self.min_new_tokens, 0, integer=True)
         check(self.max_new_tokens is None or self.min_new_tokens <= self.max_new_tokens,
               f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
@@ -126,8 +129,8 @@ class GenerationOptions:
                           enumerate(self.bad_words_ids))
             check(all(words), "bad_words_ids must not hold an empty list")
             object.__setattr__(self, "bad_words_ids", words)
-        for name in ("max_new_tokens", "min_new_tokens", "top_k", "seed", "num_beams", "num_return_sequences",
-                     "no_repeat_ngram_size", "decoder_start_token_id", "forced_bos_token_id",
+        for name in ("max_new_tokens", "max_length", "min_new_tokens", "top_k", "seed", "num_beams",
+                     "num_return_sequences", "no_repeat_ngram_size", "decoder_start_token_id", "forced_bos_token_id",
                      "forced_eos_token_id"):  # NumPy integers become Python ints (no overflow in sums)
             value = getattr(self, name)
             if value is not None:
@@ -520,9 +523,10 @@ def prepare_inputs(cfg, src_ids=None, src_mask=None, prompt_ids=None, prompt_mas
 
 
 def step_budget(cfg, options, src_keep, positions):
-    """How many tokens each row may generate, [B]: max_new_tokens (default 2 S + 10 for a source of S tokens, or
-    what fits for a prompt), within max_positions. Per row, so a row's budget never depends on its batch.
-    src_keep [B, S] (encoder-decoder), positions [B, T] integer. Raises RefformerError for bad input."""
+    """How many tokens each row may generate, [B]: max_new_tokens, else max_length less the row's decoder input (its
+    start token, or its prompt without the padding: transformers counts the padded width), else 2 S + 10 for a
+    source of S tokens, or what fits for a prompt; within max_positions. Per row, so a row's budget never depends on
+    its batch. src_keep [B, S] (encoder-decoder), positions [B, T] integer. Raises RefformerError for bad input."""
     check_config(cfg)
     _check_options(options)
     check_array("positions", positions, ndim=2, kind="i")
@@ -538,6 +542,8 @@ def _step_budget(cfg, options, src_keep, positions):
     room = cfg.max_positions - positions[:, -1].astype(np.int64)  # the token at max_positions - 1 is the last one fed
     if options.max_new_tokens is not None:
         wanted = np.full_like(room, min(options.max_new_tokens, cfg.max_positions))
+    elif options.max_length is not None:  # positions count from 0: the last input token's position + 1 = its length
+        wanted = options.max_length - 1 - positions[:, -1].astype(np.int64)
     elif cfg.is_encoder_decoder:
         wanted = 2 * np.asarray(src_keep).sum(axis=1).astype(np.int64) + 10
     else:

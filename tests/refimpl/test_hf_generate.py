@@ -41,7 +41,10 @@ OPTIONS = [
     dict(num_beams=3, min_new_tokens=6),
     dict(bad_words_ids="greedy"),  # banned: words of greedy search's output (words_of)
     dict(num_beams=2, forced_bos_token_id=4, forced_eos_token_id=3),
+    dict(max_length=None),  # no options at all: transformers' default (20 new tokens) and the checkpoint's settings
+    dict(max_length=11, num_beams=2),  # the decoder's input and the new tokens
 ]
+DEFAULT_NEW_TOKENS = 20  # transformers' generate without max_length or max_new_tokens (_prepare_generated_length)
 CHANGED = {}  # option id -> the families whose ids it changed (test_every_option_changes_some_ids reads it)
 
 CHECKPOINT_SETTINGS = ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id", "bad_words_ids")
@@ -85,10 +88,12 @@ def transformers_generate(model, cfg, ids, options):
     their sequences_scores, else None)."""
     tensor = torch.tensor(ids)
     beams = options.get("num_beams", 1) > 1
+    lengths = {"max_new_tokens": MAX_NEW_TOKENS} if "max_length" not in options else (
+        {} if options["max_length"] is None else {"max_length": options["max_length"]})
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=MAX_NEW_TOKENS,
-                             do_sample=False, return_dict_in_generate=True, output_scores=beams, **options)
+        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), return_dict_in_generate=True,
+                             output_scores=beams, **lengths, **{k: v for k, v in options.items() if k != "max_length"})
     start = 1 if cfg.is_encoder_decoder else ids.shape[1]  # the decoder start token, or the prompt
     rows = [row[:row.index(cfg.eos_id) + 1] if cfg.eos_id in row else row for row in out.sequences[:, start:].tolist()]
     return rows, (out.sequences_scores.tolist() if beams else None)
@@ -96,7 +101,9 @@ def transformers_generate(model, cfg, ids, options):
 
 def refformer_search(model, cfg, params, data, **options):
     """refimpl's search with the checkpoint's settings and options -> (flat list of sequences, beam scores or None)."""
-    options = GenerationOptions(max_new_tokens=MAX_NEW_TOKENS, **{**checkpoint_options(model, cfg), **options})
+    lengths = {"max_new_tokens": MAX_NEW_TOKENS} if "max_length" not in options else (
+        {"max_new_tokens": DEFAULT_NEW_TOKENS} if options["max_length"] is None else {})
+    options = GenerationOptions(**{**checkpoint_options(model, cfg), **options, **lengths})
     if options.num_beams == 1:
         return [sequence for row in generate(cfg, params, **data, options=options) for sequence in row], None
     sequences, scores = beam_search(ReferenceStepper(cfg, params), cfg, options, **data)
