@@ -501,15 +501,19 @@ def _check_whole_forward(module, cfg, params, sequence_first, pad_given):
     from ..model import model_forward
 
     torch = _torch()
-    B, S, T = PROBE_SIZES
+    # a decoder-only [B, T] may be read as [T, B]: B, T >= 3 puts a position 1 (attended to by a later real query,
+    # itself attending to a real position 0: no query sees only padding) in the middle of both readings
+    B, S, T = PROBE_SIZES if cfg.is_encoder_decoder else (3, None, 4)
     rng = np.random.default_rng(1)
     pad = cfg.pad_id
     ordinary = np.array([i for i in range(cfg.vocab_size) if i != pad] or [0])
-    src, tgt = rng.choice(ordinary, (B, S)), rng.choice(ordinary, (B, T))
+    src, tgt = rng.choice(ordinary, (B, S or 1)), rng.choice(ordinary, (B, T))
     candidates = [pad]
     if pad is not None and not pad_given:
-        src[0, -2:] = pad  # padding at the end of a source row and inside the target (never its first token)
-        tgt[1, -1] = pad
+        # padding at the end of a source row and at position 1 of the target, where a later real query attends
+        # to it (the causal mask hides a last one; an encoder-decoder's first target token is its decoder start)
+        src[0, -2:] = pad
+        tgt[1, 1] = pad
         candidates = [pad, None]
     inputs = [src, tgt] if cfg.is_encoder_decoder else [tgt]
     device = next(module.parameters()).device
@@ -529,16 +533,21 @@ def _check_whole_forward(module, cfg, params, sequence_first, pad_given):
         return cfg
     theirs = output.detach().cpu().double().numpy()
     theirs = theirs.transpose(1, 0, 2) if sequence_first else theirs
-    real = tgt != pad if pad is not None else np.ones(tgt.shape, bool)  # rows at padding positions are not logits
+    # the ids as the module read them: a decoder-only module given [B, T] may read it as [T, B] (the probe's
+    # shapes cannot tell, src and tgt do for an encoder-decoder), so both readings are tried there
+    readings = [(tgt, theirs)] + ([] if cfg.is_encoder_decoder else [(tgt.T, theirs.transpose(1, 0, 2))])
     params64 = tree_cast(params, np.float64)
     errors = {}
     for candidate in candidates:
         trial = cfg.replace(pad_id=candidate)
-        ours, _ = model_forward(trial, params64, src if cfg.is_encoder_decoder else None, tgt)
-        scale = max(float(np.max(np.abs(theirs[real]))), 1e-30)
-        errors[candidate] = float(np.max(np.abs(ours[real] - theirs[real]))) / scale
-        if errors[candidate] <= PROBE_TOLERANCE:
-            return trial
+        for ids, expected in readings:
+            real = ids != pad if pad is not None else np.ones(ids.shape, bool)  # padding rows are not logits
+            ours, _ = model_forward(trial, params64, src if cfg.is_encoder_decoder else None, ids)
+            scale = max(float(np.max(np.abs(expected[real]))), 1e-30)
+            error = float(np.max(np.abs(ours[real] - expected[real]))) / scale
+            errors[candidate] = min(errors.get(candidate, math.inf), error)
+            if error <= PROBE_TOLERANCE:
+                return trial
     shown = ", ".join(f"pad_id={json_id}: {error:.1e}" for json_id, error in
                       (("null" if c is None else c, e) for c, e in errors.items()))
     raise RefformerError(f"the module's forward computes other logits than its embeddings, transformer and head do "

@@ -383,6 +383,42 @@ def test_pad_id_is_padding_idx_only_when_the_forward_masks_it(mask_pad):
     assert_same_as_torch(ours[real], torch.from_numpy(theirs[real]), torch.float64, f"padding_idx, mask_pad={mask_pad}")
 
 
+class TextbookLMVariant(nn.Module):
+    """TextbookLM with padding_idx 0 (its forward masking those keys or not), batch- or sequence-first."""
+
+    def __init__(self, *, batch_first, mask_pad):
+        super().__init__()
+        self.batch_first, self.mask_pad = batch_first, mask_pad
+        self.embed = nn.Embedding(V, D, padding_idx=0, dtype=torch.float64)
+        layer = nn.TransformerEncoderLayer(D, H, F, batch_first=batch_first, dtype=torch.float64)
+        self.stack = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(D, V, dtype=torch.float64)
+
+    def forward(self, ids):
+        causal = nn.Transformer.generate_square_subsequent_mask(ids.shape[1 if self.batch_first else 0],
+                                                                dtype=torch.float64)
+        pads = None if not self.mask_pad else (ids == 0) if self.batch_first else (ids == 0).T
+        return self.head(self.stack(self.embed(ids), mask=causal, src_key_padding_mask=pads))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask_pad", [False, True])
+def test_a_causal_lm_keeps_pad_id_only_when_its_forward_masks_it(batch_first, mask_pad):
+    """The decoder-only check: a sequence-first module reads the probe's [B, T] as [T, B] (both readings are
+    tried), and the padding sits where a later query of either reading attends to it."""
+    model = randomize_torch(TextbookLMVariant(batch_first=batch_first, mask_pad=mask_pad), np.random.default_rng(34))
+    cfg, params = from_torch(model)
+    assert cfg.pad_id == (0 if mask_pad else None)
+    ids = np.random.default_rng(35).integers(1, V, (2, 7))
+    ids[1, 3], ids[0, 2] = 0, 0
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids if batch_first else ids.T.copy()))
+    theirs = theirs if batch_first else theirs.transpose(0, 1)
+    ours, _ = model_forward(cfg.replace(dropout=0.0), params, None, ids)
+    real = ids != 0 if mask_pad else np.ones(ids.shape, bool)
+    assert_same_as_torch(ours[real], theirs[torch.from_numpy(real)], torch.float64, "causal LM padding_idx")
+
+
 @pytest.mark.parametrize("options", [{"causal": False}, {"post": "log_softmax"}])
 def test_a_forward_that_does_more_than_refformer_is_refused(options):
     """No causal mask on the target, or log_softmax after the head: the probe saw only the stacks' inputs and the
