@@ -193,7 +193,8 @@ def load_tokenizer(path):
     switched off. Raises RefformerError for a missing or invalid file."""
     path = Path(path)
     if not path.is_file():
-        raise RefformerError(f"{path} not found: train one with 'refformer tokenizer train'")
+        raise RefformerError(f"{path} not found: train one with 'refformer tokenizer train', or, for a model imported "
+                             "from Hugging Face, import its folder again with its tokenizer files")
     tokenizer = read_tokenizer(path)  # refimpl.io's one reader: padding and truncation off
     ids = special_ids(tokenizer)
     if list(ids.values()) != list(range(len(SPECIAL_TOKENS))):
