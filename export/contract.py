@@ -258,6 +258,7 @@ PROVIDERS = (CPU_PROVIDER, CUDA_PROVIDER)  # the ONNX Runtime execution provider
 # ---------------------------------------------------------------------------- what the graphs compute
 
 EXPORTED_POSITIONALS = ("sinusoidal", "learned", "none", "relative", "rotary")  # what the reference graphs compute
+MAX_RELATIVE_DISTANCE = 1 << 16  # the relative bias's bucket table: 2 M + 1 entries (relative_bucket_table)
 NEEDED_IDS = ("pad_id", "bos_id", "eos_id")  # the runtime's prompts, padding and stop token (export and verify use
 # cfg.fill_id and leave a null bos or eos out)
 
@@ -276,9 +277,13 @@ def unsupported_features(cfg, ids=True):
     sinusoidal, learned with any offset, none, relative or rotary; grouped-query attention, any head_dim and
     attention_scale; biases on or off; gated or ungated feed-forward; the embedding norm; any head_scale), and export
     and verify take null special ids; with ids=True (the runtime's generate) a null pad, bos or eos id is listed too,
-    as the runtime's prompts, padding and stop test read them. Raises nothing (cfg is a checked Config).
+    as the runtime's prompts, padding and stop test read them. A relative_max_distance above MAX_RELATIVE_DISTANCE
+    (T5's is 128) is listed: the graphs hold T5's bucket of every distance up to it. Raises nothing (cfg is a checked
+    Config).
     """
     found = [show_option("positional", cfg.positional)] if cfg.positional not in EXPORTED_POSITIONALS else []
+    if cfg.positional == "relative" and cfg.relative_max_distance > MAX_RELATIVE_DISTANCE:
+        found.append(show_option("relative_max_distance", cfg.relative_max_distance))
     return found + [show_option(name, None) for name in NEEDED_IDS if ids and getattr(cfg, name) is None]
 
 

@@ -28,6 +28,7 @@ BASE = dict(vocab_size=40, d_model=16, n_heads=4, d_ff=24, n_encoder_layers=1, n
 UNSUPPORTED = [
     (dict(positional="rotary"), 'positional="rotary"'),
     (dict(positional="rotary", family="decoder-only", n_kv_heads=2), 'positional="rotary"'),
+    (dict(positional="relative", relative_max_distance=10**18), "relative_max_distance=1000000000000000000"),
 ]
 
 
