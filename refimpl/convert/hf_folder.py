@@ -124,7 +124,7 @@ def hf_tokenizers(hf_dir, cfg):
     if _is_file(folder / TOKENIZER_FILE):
         return read_tokenizer(folder / TOKENIZER_FILE), None, []
     if _is_file(folder / "source.spm") or _is_file(folder / "target.spm"):
-        return _marian_tokenizers(folder)
+        return _marian_tokenizers(folder, cfg.vocab_size)
     slow = [name for name in ("spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "vocab.json")
             if _is_file(folder / name)]
     if not slow:
@@ -157,13 +157,18 @@ def _auto_tokenizer(folder, files):
     return backend
 
 
-def _marian_tokenizers(folder):
+def _marian_tokenizers(folder, vocab_size):
     """(source, target, notices) of a Marian folder: source.spm, target.spm and vocab.json (target_vocab.json for
-    the target side when present, as MarianTokenizer's separate_vocabs)."""
+    the target side when present, as MarianTokenizer's separate_vocabs). An id of a vocabulary outside the model's
+    vocab_size is refused before any table is built (one of 10**9 took minutes and gigabytes)."""
     for name in ("source.spm", "target.spm", "vocab.json"):
         check((folder / name).is_file(), f"{folder} has Marian's sentencepiece files but no {name}")
     vocab = _read_vocab(folder / "vocab.json")
     target_vocab = _read_vocab(folder / "target_vocab.json") if (folder / "target_vocab.json").is_file() else vocab
+    for name, ids in (("vocab.json", vocab), ("target_vocab.json", target_vocab)):
+        piece, top = max(ids.items(), key=lambda item: item[1])
+        check(top < vocab_size, f"{folder / name} gives {piece!r} the id {top}, outside the model's vocab_size "
+                                f"{vocab_size}")
     notices = []
     source, lacking = marian_tokenizer(folder / "source.spm", vocab)
     target, target_lacking = marian_tokenizer(folder / "target.spm", target_vocab)

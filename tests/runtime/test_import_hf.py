@@ -169,6 +169,16 @@ def marian_folder(saved, tmp_path):
     return hf
 
 
+def test_a_marian_vocab_id_outside_the_model_is_refused_before_any_table_is_built(saved, tmp_path):
+    """vocab.json's <pad> at 10**9: the Unigram table was built first (minutes, gigabytes), the size check after."""
+    hf = marian_folder(saved, tmp_path)
+    vocab = json.loads((hf / "vocab.json").read_text())
+    (hf / "vocab.json").write_text(json.dumps({**vocab, "<pad>": 10**9}))
+    line = one_error_line(run("import-hf", hf, "--out", tmp_path / "m"))
+    assert "vocab.json gives '<pad>' the id 1000000000, outside the model's vocab_size 96" in line
+    assert not (tmp_path / "m").exists()
+
+
 def test_marian_tokenizers_give_marian_tokenizers_ids(saved, tmp_path):
     from transformers import MarianTokenizer
 
