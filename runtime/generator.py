@@ -6,6 +6,8 @@
     for piece in gen.stream("Ich habe Hunger."): print(piece, end="")
 """
 
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from refformer.export import contract
 from refformer.export.session import PROVIDER_OPTIONS, resolve_provider
 from refformer.refimpl.errors import RefformerError, is_integer
 from refformer.refimpl.generate import GenerationOptions, generate, search_iter
-from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, check_tokenizer_matches, load_config
+from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, check_tokenizer_matches, load_config, read_tokenizer
 from refformer.refimpl.model import left_pad
 from refformer.refimpl.training import tokenizer as tok
 from refformer.refimpl.training.batching import pad_rows
@@ -114,6 +116,58 @@ def capped_threads(threads):
     return None if threads is None else min(int(threads), os.cpu_count() or 1)
 
 
+# generation.json settings (transformers' GenerationConfig names) that are GenerationOptions fields of the same name
+CHECKPOINT_OPTIONS = ("max_new_tokens", "max_length", "min_new_tokens", "num_beams", "num_return_sequences",
+                      "length_penalty", "early_stopping", "repetition_penalty", "no_repeat_ngram_size", "do_sample",
+                      "forced_bos_token_id", "forced_eos_token_id", "bad_words_ids", "decoder_start_token_id")
+SAMPLING_OPTIONS = ("temperature", "top_k", "top_p")  # read only when the checkpoint samples
+TRANSFORMERS_NEW_TOKENS = 20  # transformers' generate without max_length or max_new_tokens
+
+
+def checkpoint_options(model_dir, cfg):
+    """The decoding options of an imported checkpoint (generation.json, written by import-hf) as GenerationOptions
+    fields: the settings CHECKPOINT_OPTIONS names (and SAMPLING_OPTIONS when it samples), and transformers' 20 new
+    tokens when it sets no length, so that generate without options gives transformers' model.generate(input_ids).
+    A setting the search cannot take (early_stopping "never", several forced eos ids) is left out; the import named
+    such settings. {} for a folder without generation.json (refformer's own models keep their defaults).
+    Raises RefformerError for a generation.json that cannot be read."""
+    from refformer.refimpl.convert.hf_folder import GENERATION_FILE
+
+    path = Path(model_dir) / GENERATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as error:
+        raise RefformerError(f"cannot read {shown(path)}: {error}") from None
+    if not isinstance(settings, dict):
+        raise RefformerError(f"{shown(path)}: \"settings\" must be a JSON object")
+    names = CHECKPOINT_OPTIONS + (SAMPLING_OPTIONS if settings.get("do_sample") is True else ())
+    options = {name: settings[name] for name in names if settings.get(name) is not None}
+    if isinstance(options.get("forced_eos_token_id"), list):
+        ids = options.pop("forced_eos_token_id")
+        if len(ids) == 1:
+            options["forced_eos_token_id"] = ids[0]
+    if not isinstance(options.get("early_stopping", False), bool):
+        options.pop("early_stopping")
+    if not cfg.is_encoder_decoder:
+        options.pop("decoder_start_token_id", None)
+    if "max_length" not in options and "max_new_tokens" not in options:
+        options["max_new_tokens"] = TRANSFORMERS_NEW_TOKENS
+    return options
+
+
+def model_tokenizer(model_dir):
+    """The model folder's tokenizer.json (padding and truncation off). Its special tokens are checked against
+    config.json's ids by the caller (an imported model's are where its checkpoint has them: BART's <s> is 0 and
+    <pad> 1). Raises RefformerError for a missing or invalid file."""
+    path = Path(model_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise RefformerError(f"{path} not found: train one with 'refformer tokenizer train', or, for a model imported "
+                             "from Hugging Face, import its folder again with its tokenizer files")
+    return read_tokenizer(path)
+
+
 LIBRARY_BATCH = 64  # generate() and generate_ids() run many texts this many at a time (outputs are per row, so the
 # same): 20,000 texts at once were refused for their caches' 24 GiB, with advice to lower a batch size they lack
 
@@ -159,7 +213,7 @@ class Generator:
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = load_config(self.model_dir)
         contract.check_exportable(self.cfg)  # before any export notice: a model the graphs cannot run is one line
-        self.tokenizer = tok.load_tokenizer(self.model_dir / TOKENIZER_FILE)
+        self.tokenizer = model_tokenizer(self.model_dir)
         check_tokenizer_matches(self.cfg, self.tokenizer, f"{self.model_dir}/{TOKENIZER_FILE}", whose="config.json's")
         self.provider = resolve_provider(provider)
         if variant not in VARIANTS:
@@ -183,6 +237,7 @@ class Generator:
                         raise
                     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                     note(f"notice: the {choice} decoder cannot run here ({reason}); trying {choices[number + 1]}")
+        self.checkpoint_options = checkpoint_options(self.model_dir, self.cfg)
         self.truncate = truncate
         self.collected_warnings = None  # a list: truncation warnings go there instead of stderr (the CLI's one line)
 
@@ -371,14 +426,22 @@ class Generator:
                    for output in self.generate_rows(rows[start:start + LIBRARY_BATCH], options)]
         return outputs[0] if single else outputs
 
-    @staticmethod
-    def check_options(options):
-        """options, or the default GenerationOptions() for None. Raises RefformerError for anything else."""
+    def check_options(self, options):
+        """options (default GenerationOptions()) with the checkpoint's settings (checkpoint_options) in every field
+        options leaves at GenerationOptions' default. Raises RefformerError for anything but a GenerationOptions or
+        None, or settings the options refuse."""
         if options is None:
-            return GenerationOptions()
+            options = GenerationOptions()
         if not isinstance(options, GenerationOptions):
             raise RefformerError(f"options must be a GenerationOptions, got {type(options).__name__}")
-        return options
+        fields = {field.name: field.default for field in dataclasses.fields(GenerationOptions)}
+        unset = {name: value for name, value in self.checkpoint_options.items()
+                 if getattr(options, name) == fields[name]}
+        if "max_length" in unset and options.max_new_tokens is not None:  # a given max_new_tokens wins
+            del unset["max_length"]
+        if "max_new_tokens" in unset and options.max_length is not None:
+            del unset["max_new_tokens"]
+        return dataclasses.replace(options, **unset) if unset else options
 
     def search_rows(self, rows, options):
         """Token rows -> per row, num_return_sequences lists of generated ids. The static decoders hold a fixed
@@ -425,7 +488,7 @@ class Generator:
     def stream(self, text, **options):
         """Yield pieces of text as tokens are produced (beam search yields its best result at the end).
         Raises RefformerError (at the first piece) for a bad text or options."""
-        options = GenerationOptions.from_keywords(**options)
+        options = self.check_options(GenerationOptions.from_keywords(**options))
         if not isinstance(text, str):
             raise RefformerError(f"text must be a str, got {type(text).__name__}")
         if options.num_beams > 1 or options.num_return_sequences > 1:

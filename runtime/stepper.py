@@ -171,11 +171,12 @@ class OrtStepper(Stepper):
         return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
     def empty(self, batch_size):
-        """An empty self-attention cache tensor [B, H, 0, Dh] of the export's float type, on the device.
+        """An empty self-attention cache tensor [B, Hkv, 0, Dh] of the export's float type, on the device (Hkv =
+        n_kv_heads: grouped-query attention caches one head per group).
 
         Raises nothing.
         """
-        shape = (batch_size, self.cfg.n_heads, 0, self.cfg.head_dim)
+        shape = (batch_size, self.cfg.n_kv_heads, 0, self.cfg.head_dim)
         return self.on_device(np.zeros(shape, self.float_type))
 
     def tool(self, build, n):

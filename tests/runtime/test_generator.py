@@ -363,3 +363,64 @@ def test_many_texts_run_in_library_batches_with_the_same_outputs(tmp_path, token
                         lambda self, rows, options: sizes.append(len(rows)) or search(self, rows, options))
     assert generator.generate(texts, do_sample=True, seed=3, max_new_tokens=4) == alone
     assert sizes == [4, 4, 1]  # 20,000 texts at once had been refused for their caches' memory
+
+
+# ---------------------------------------------------------------------------- imported checkpoints (issue 14)
+
+
+def imported_generator(tmp_path, family, **settings):
+    """A tiny transformers model of the family (its eos row of the head scaled by 3, so that eos comes), with
+    settings in its generation config and a word-level tokenizer.json with the specials at the config's ids,
+    through import_hf into a model folder -> (transformers model, Generator on the CPU)."""
+    torch = pytest.importorskip("torch")
+    from tokenizers import models
+
+    from refformer.refimpl.convert.hf_folder import import_hf
+    from tests import hf_models
+
+    model = hf_models.build(family)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[model.config.eos_token_id] *= 3.0
+    for name, value in settings.items():
+        setattr(model.generation_config, name, value)
+    model.save_pretrained(tmp_path / "hf")
+    config = model.config
+    specials = {config.pad_token_id: "<pad>", config.bos_token_id: "<s>", config.eos_token_id: "</s>"}
+    unk = min(set(range(hf_models.V)) - set(specials))
+    vocab = {"<unk>" if i == unk else specials.get(i, f"w{i}"): i for i in range(hf_models.V)}
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(tmp_path / "hf" / "tokenizer.json"))
+    import_hf(tmp_path / "hf", tmp_path / "m")
+    return model, Generator(tmp_path / "m", provider="cpu")
+
+
+def transformers_ids(model, generator, rows, **options):
+    """transformers' generate on the inputs the Generator builds from rows (an encoder-decoder's sources + eos, a
+    decoder-only model's bos + prompt) -> per sequence the generated ids up to and including eos."""
+    import torch
+
+    inputs = generator.pad_inputs(rows)
+    ids = torch.tensor(inputs.get("src_ids", inputs.get("prompt_ids")))
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **options).tolist()
+    eos, start = generator.cfg.eos_id, 1 if generator.cfg.is_encoder_decoder else ids.shape[1]
+    return [row[start:row.index(eos, start) + 1] if eos in row[start:] else row[start:] for row in out]
+
+
+@pytest.mark.parametrize("family, settings", [
+    ("bart", {}),  # decoder_start_token_id 2 (bos is 0), forced_eos_token_id 2, transformers' 20 new tokens
+    ("bart", dict(num_beams=3, no_repeat_ngram_size=2, max_length=12, bad_words_ids=[[24]], length_penalty=0.5)),
+    ("llama", {}),
+    ("llama", dict(num_beams=2, repetition_penalty=1.5, max_new_tokens=6)),
+], ids=["bart-defaults", "bart-settings", "llama-defaults", "llama-settings"])
+def test_an_imported_checkpoint_generates_transformers_ids_with_its_settings(tmp_path, family, settings):
+    """Without options the Generator (ONNX Runtime, fp32) applies the checkpoint's generation settings
+    (generation.json) and gives the ids of transformers' model.generate(input_ids); an option given overrides its
+    setting."""
+    model, generator = imported_generator(tmp_path, family, **settings)
+    rows = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    ours = [sequence for row in generator.search_rows(rows, generator.check_options(None)) for sequence in row]
+    assert ours == transformers_ids(model, generator, rows)
+    given = generator.check_options(GenerationOptions(num_beams=4, max_new_tokens=5))
+    assert (given.num_beams, given.max_new_tokens, given.max_length) == (4, 5, None)
+    ours = [sequence for row in generator.search_rows(rows, given) for sequence in row]
+    assert ours == transformers_ids(model, generator, rows, num_beams=4, max_new_tokens=5)
