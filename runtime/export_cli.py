@@ -207,7 +207,7 @@ def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, p
     if onnx_dir is not None and not onnx_dir.strip():
         raise RefformerError("--onnx-dir is empty; give an export folder (or leave it out)")
     if onnx_dir is None:
-        check_exportable(load_config(model_dir))  # "no export: run refformer export" would send the user in a circle
+        check_exportable(load_config(model_dir), ids=False)  # not "run refformer export", which would refuse
         onnx_dir = find_export(model_dir, dtype, static_length, fused_attention)
     elif dtype is not None or static_length is not None or fused_attention:
         raise RefformerError("--onnx-dir names the export folder: leave out --dtype, --static-length and "

@@ -104,7 +104,7 @@ def from_hf(path):
     return params_from_hf(hf_config, read_hf_tensors(path))
 
 
-def _is_file(file):
+def has_file(file):
     """True when file is a readable regular file (through links), False when nothing is there; raises
     RefformerError for a name that is there but is not a file (a dangling or looping link, a folder), so that it is
     not mistaken for a file the folder lacks."""
@@ -124,7 +124,7 @@ def read_hf_config(path):
     """The config.json of the Hugging Face folder at path, as a dict. Raises RefformerError if it is missing or not
     a JSON object."""
     file = _folder(path) / "config.json"
-    check(_is_file(file), f"{path} has no config.json: not a Hugging Face model folder")
+    check(has_file(file), f"{path} has no config.json: not a Hugging Face model folder")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:
@@ -144,13 +144,13 @@ def read_hf_tensors(path):
     an index naming a file outside the folder or missing, or pytorch_model.bin without torch.
     """
     folder = _folder(path)
-    if _is_file(folder / "model.safetensors"):
+    if has_file(folder / "model.safetensors"):
         tensors = _read_safetensors(folder / "model.safetensors")
-    elif _is_file(folder / "model.safetensors.index.json"):
+    elif has_file(folder / "model.safetensors.index.json"):
         tensors = _read_shards(folder, "model.safetensors.index.json", _read_safetensors)
-    elif _is_file(folder / "pytorch_model.bin"):
+    elif has_file(folder / "pytorch_model.bin"):
         tensors = _read_torch_bin(folder / "pytorch_model.bin")
-    elif _is_file(folder / "pytorch_model.bin.index.json"):
+    elif has_file(folder / "pytorch_model.bin.index.json"):
         tensors = _read_shards(folder, "pytorch_model.bin.index.json", _read_torch_bin)
     else:
         raise RefformerError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..errors import RefformerError, check
 from ..io import TOKENIZER_FILE, atomic_write, check_tokenizer, read_json, save
 from ..tree import flatten
-from .hf import _is_file, family_of, from_hf, read_hf_config
+from .hf import family_of, from_hf, has_file, read_hf_config
 
 TARGET_TOKENIZER_FILE = "tokenizer_target.json"
 GENERATION_FILE = "generation.json"
@@ -121,12 +121,12 @@ def hf_tokenizers(hf_dir, cfg):
     from ..io import read_tokenizer
 
     folder = Path(hf_dir)
-    if _is_file(folder / TOKENIZER_FILE):
+    if has_file(folder / TOKENIZER_FILE):
         return read_tokenizer(folder / TOKENIZER_FILE), None, []
-    if _is_file(folder / "source.spm") or _is_file(folder / "target.spm"):
+    if has_file(folder / "source.spm") or has_file(folder / "target.spm"):
         return _marian_tokenizers(folder, cfg.vocab_size)
     slow = [name for name in ("spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "vocab.json")
-            if _is_file(folder / name)]
+            if has_file(folder / name)]
     if not slow:
         return None, None, [f"{hf_dir} has no tokenizer (tokenizer.json or sentencepiece files): the model folder has "
                             "none (golden and model_forward do not need one; generate does)"]
