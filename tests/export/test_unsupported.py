@@ -83,8 +83,8 @@ def test_verify_names_the_options_rather_than_asking_for_an_export(tmp_path):
 def test_verify_command_names_the_options_rather_than_asking_for_an_export(tmp_path):
     make(tmp_path / "m", family="decoder-only", positional="rotary", bos_id=None)
     result = CliRunner().invoke(main, ["verify", "--model", str(tmp_path / "m")])
-    assert result.exit_code == 1  # the CLI asks with the runtime's ids (ids=True)
-    assert result.stderr.startswith('error: export does not support yet: positional="rotary", bos_id=null (')
+    assert result.exit_code == 1  # as verify() and export: a null bos_id verifies (only generate needs it)
+    assert result.stderr.startswith('error: export does not support yet: positional="rotary" (')
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
