@@ -168,6 +168,18 @@ def model_tokenizer(model_dir):
     return read_tokenizer(path)
 
 
+def tokenizer_affixes(tokenizer):
+    """(prefix, suffix): the special ids the tokenizer's own post-processor puts around a text (BART's <s> and </s>,
+    T5's </s>, Llama's <s>, none for GPT-2), read from one encoded probe text; ([], []) where it adds none or in a
+    way that is not around the text. Raises nothing for a tokenizer that encodes the probe."""
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a", add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    return [], []
+
+
 LIBRARY_BATCH = 64  # generate() and generate_ids() run many texts this many at a time (outputs are per row, so the
 # same): 20,000 texts at once were refused for their caches' 24 GiB, with advice to lower a batch size they lack
 
@@ -238,6 +250,8 @@ class Generator:
                     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                     note(f"notice: the {choice} decoder cannot run here ({reason}); trying {choices[number + 1]}")
         self.checkpoint_options = checkpoint_options(self.model_dir, self.cfg)
+        # an imported checkpoint's inputs get the special tokens its tokenizer adds, as transformers' users pass them
+        self.affixes = tokenizer_affixes(self.tokenizer) if self.checkpoint_options else None
         self.truncate = truncate
         self.collected_warnings = None  # a list: truncation warnings go there instead of stderr (the CLI's one line)
 
@@ -318,7 +332,8 @@ class Generator:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 raise RefformerError(f"{name} is not valid Unicode (it has a lone surrogate)") from None
-        limit = cfg.max_positions - 1  # room for eos (source) or bos (prompt) and at least one new token
+        # room for eos (source) or bos (prompt), or an imported tokenizer's specials, and at least one new token
+        limit = cfg.max_positions - max(1, sum(map(len, self.affixes or ())))
         # A text far longer than limit tokens can cover is refused (or cut) before the tokenizer sees it
         most = tok.most_characters(self.tokenizer, limit + 1, self.longest_token())
         long_texts = {number: len(text) for number, text in enumerate(texts) if len(text) > most}
@@ -370,7 +385,8 @@ class Generator:
 
     def pad_inputs(self, rows):
         """Token rows (from encode_rows) -> the padded arrays the search takes (sources + eos right-padded, or bos +
-        prompt left-padded). Raises RefformerError for rows that are not lists of token ids in the vocabulary."""
+        prompt left-padded; for an imported checkpoint the specials its tokenizer adds, tokenizer_affixes). Raises
+        RefformerError for rows that are not lists of token ids in the vocabulary."""
         cfg = self.cfg
         if not isinstance(rows, (list, tuple)) or not rows:
             raise RefformerError("rows must be a non-empty list of token id lists (from encode_rows)")
@@ -380,6 +396,14 @@ class Generator:
                     for t in row):
                 raise RefformerError(f"row {number} must be a list of token ids in [0, {cfg.vocab_size})")
         rows = [list(row) for row in rows]
+        if self.affixes is not None:  # an imported checkpoint: its tokenizer's specials around the text
+            prefix, suffix = self.affixes
+            rows = [prefix + row + suffix for row in rows]
+            if cfg.is_encoder_decoder:
+                ids, keep = pad_rows(rows, cfg.fill_id)
+                return {"src_ids": ids, "src_mask": keep.astype(np.int64)}
+            ids, keep, _ = left_pad(rows, cfg.fill_id)
+            return {"prompt_ids": ids, "prompt_mask": keep}
         if cfg.is_encoder_decoder:
             ids, keep = pad_rows([row + [cfg.eos_id] for row in rows], cfg.pad_id)
             return {"src_ids": ids, "src_mask": keep.astype(np.int64)}

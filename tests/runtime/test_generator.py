@@ -368,12 +368,13 @@ def test_many_texts_run_in_library_batches_with_the_same_outputs(tmp_path, token
 # ---------------------------------------------------------------------------- imported checkpoints (issue 14)
 
 
-def imported_generator(tmp_path, family, **settings):
+def imported_generator(tmp_path, family, template=None, **settings):
     """A tiny transformers model of the family (its eos row of the head scaled by 3, so that eos comes), with
-    settings in its generation config and a word-level tokenizer.json with the specials at the config's ids,
-    through import_hf into a model folder -> (transformers model, Generator on the CPU)."""
+    settings in its generation config and a word-level tokenizer.json ("w5 w6" -> [5, 6]) with the specials at the
+    config's ids and, given a template ("<s> $A </s>"), a post-processor adding them, through import_hf into a model
+    folder -> (transformers model, Generator on the CPU)."""
     torch = pytest.importorskip("torch")
-    from tokenizers import models
+    from tokenizers import models, pre_tokenizers, processors
 
     from refformer.refimpl.convert.hf_folder import import_hf
     from tests import hf_models
@@ -388,7 +389,12 @@ def imported_generator(tmp_path, family, **settings):
     specials = {config.pad_token_id: "<pad>", config.bos_token_id: "<s>", config.eos_token_id: "</s>"}
     unk = min(set(range(hf_models.V)) - set(specials))
     vocab = {"<unk>" if i == unk else specials.get(i, f"w{i}"): i for i in range(hf_models.V)}
-    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(tmp_path / "hf" / "tokenizer.json"))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if template is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(single=template, special_tokens=[
+            (token, i) for i, token in specials.items() if token in template])
+    tokenizer.save(str(tmp_path / "hf" / "tokenizer.json"))
     import_hf(tmp_path / "hf", tmp_path / "m")
     return model, Generator(tmp_path / "m", provider="cpu")
 
@@ -424,3 +430,23 @@ def test_an_imported_checkpoint_generates_transformers_ids_with_its_settings(tmp
     assert (given.num_beams, given.max_new_tokens, given.max_length) == (4, 5, None)
     ours = [sequence for row in generator.search_rows(rows, given) for sequence in row]
     assert ours == transformers_ids(model, generator, rows, num_beams=4, max_new_tokens=5)
+
+
+@pytest.mark.parametrize("family, template", [("bart", "<s> $A </s>"), ("llama", "<s> $A")])
+def test_an_imported_checkpoint_generates_from_text_as_transformers_from_its_tokenizers_ids(tmp_path, family,
+                                                                                          template):
+    """From text: the Generator adds the special tokens the checkpoint's tokenizer adds (no bos/eos of its own), so
+    the ids equal transformers' generate on tokenizer(text)'s ids, and the text decodes without the specials."""
+    import torch
+
+    model, generator = imported_generator(tmp_path, family, template=template)
+    texts = ["w5 w6 w7 w8", "w9 w10 w11"]
+    ours = generator.generate_ids(texts)
+    for text, sequences in zip(texts, ours):
+        ids = torch.tensor([generator.tokenizer.encode(text).ids])
+        assert ids[0, 0] == generator.cfg.bos_id
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids))[0].tolist()
+        start = 1 if generator.cfg.is_encoder_decoder else ids.shape[1]
+        assert sequences == [out[start:out.index(generator.cfg.eos_id, start) + 1]
+                             if generator.cfg.eos_id in out[start:] else out[start:]]
