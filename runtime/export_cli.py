@@ -69,9 +69,9 @@ def golden_command(model_dir, out_path, seed, overwrite):
               "sinusoidal for a sinusoidal table).")
 @click.option("--max-positions", type=int, default=None, help="Longest sequence the model takes.")
 @click.option("--embed-scale/--no-embed-scale", default=None,
-              help="Whether the model multiplies embeddings by sqrt(D): required when the state_dict has no position "
-              "table (the textbook model: --no-embed-scale); default with one: scaled, as PyTorch's translation "
-              "tutorial.")
+              help="Whether the model multiplies embeddings by sqrt(D) (PyTorch's translation tutorial: --embed-scale; "
+                   "the textbook Embedding + nn.Transformer + Linear model: --no-embed-scale). Required: a "
+                   "state_dict does not show it.")
 @click.option("--pad-id", default="0", show_default=True,
               help="The padding token's id, or none: no token is masked as padding (a model whose forward passes no "
               "key_padding_mask, as the textbook Embedding + nn.Transformer + Linear model).")

@@ -820,11 +820,12 @@ def from_state_dict(state_dict, **arch):
     "sinusoidal" or "learned") and embed_scale, max_positions (the table's length, else 512). Another option
     passed as None means "the default". A state_dict with a position table
     shows positional (a learned table: "learned"; the sinusoidal table of PyTorch's translation tutorial:
-    "sinusoidal", or "learned" when asked) and keeps the tutorial's embed_scale=True by default; one without
-    shows neither, and both must be given (the textbook Embedding + nn.Transformer + Linear model has
-    positional="none", embed_scale=False). Keys that cannot be mapped are an error.
-    Raises RefformerError for keys it cannot map, misshapen or non-finite tensors, bad options, and positional or
-    embed_scale missing where the state_dict does not show them (one line naming both options).
+    "sinusoidal", or "learned" when asked); one without shows no positional encoding, which must be given. No
+    state_dict shows embed_scale (a multiplication in the forward code), so it must always be given (PyTorch's
+    translation tutorial: True; the textbook Embedding + nn.Transformer + Linear model: positional="none",
+    embed_scale=False). Keys that cannot be mapped are an error.
+    Raises RefformerError for keys it cannot map, misshapen or non-finite tensors, bad options, embed_scale not given,
+    and positional missing where the state_dict does not show it (one line naming the options to pass).
     """
     unknown = sorted(set(arch) - set(ARCH_FIELDS))
     check(not unknown, f"unknown options {unknown}: from_state_dict accepts {', '.join(ARCH_FIELDS)}")
@@ -936,6 +937,10 @@ def from_state_dict(state_dict, **arch):
     overridable = set(ARCH_FIELDS) - {"positional"} - ({"max_positions"} if position_tables else set())
     given = {key: value for key, value in arch.items() if key != "positional"}
     cfg = _make_config(read, given, overridable, "state_dict")  # bad option values are named first
+    check(not positions or arch.get("embed_scale") is not None,
+          "a state_dict does not show whether the model scales its embeddings by sqrt(D) (PyTorch's translation "
+          "tutorial does, the textbook Embedding + nn.Transformer + Linear model does not): pass embed_scale=True or "
+          "False (convert-torch --embed-scale/--no-embed-scale)")
     check(not missing, "the state_dict has no position table, so it does not show the model's positional encoding "
                        "or whether it scales embeddings by sqrt(D) (the textbook Embedding + nn.Transformer + Linear "
                        f"model does neither): pass {' and '.join(missing)} (and pad_id=None, --pad-id none, when its "

@@ -175,7 +175,7 @@ def test_torch_converted_model_exports_and_verifies(tmp_path, dtype):
     torch.save(model.state_dict(), tmp_path / "model.pt")
     tokenizer = write_word_level_tokenizer(tmp_path / "tokenizer.json", V)
     result = CliRunner().invoke(main, ["convert-torch", str(tmp_path / "model.pt"), "--tokenizer", str(tokenizer),
-                                       "--out", str(tmp_path / "m"), "--n-heads", "2"]
+                                       "--out", str(tmp_path / "m"), "--n-heads", "2", "--embed-scale"]
                                 + (["--norm-first"] if dtype == "fp16" else []))
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "m"), "--dtype", dtype])

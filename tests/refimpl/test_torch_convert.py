@@ -287,7 +287,10 @@ def test_word_language_model_naming():
     assert (cfg.family, cfg.final_norm, cfg.lm_head_bias, cfg.max_positions) == ("decoder-only", False, True, 64)
     ours, theirs = lm_logits(cfg, params, model, seed=12)
     assert_same_as_torch(ours, theirs, torch.float64, "word_language_model via from_torch")
-    cfg2, params2 = from_state_dict(model.state_dict(), n_heads=H, dropout=0.0)
+    with pytest.raises(RefformerError, match=r"does not show whether the model scales its embeddings .* "
+                                             r"--embed-scale/--no-embed-scale"):
+        from_state_dict(model.state_dict(), n_heads=H, dropout=0.0)  # a table shows positions, never the scale
+    cfg2, params2 = from_state_dict(model.state_dict(), n_heads=H, embed_scale=True, dropout=0.0)
     assert cfg.pad_id is None  # the module has no padding_idx; a state_dict does not say: pad_id 0 by default
     assert cfg2 == cfg.replace(pad_id=0)
     ours, theirs = lm_logits(cfg2, params2, model, seed=12)
@@ -556,7 +559,7 @@ def test_convert_state_dict_file_seq2seq_round_trip(tmp_path, share, tie, norm_f
                             np.random.default_rng(5))
     torch.save(model.state_dict(), tmp_path / "model.pt")
     cfg = convert_state_dict_file(tmp_path / "model.pt", write_word_level_tokenizer(tmp_path / "tokenizer.json", V),
-                                  tmp_path / "out", n_heads=H, norm_first=norm_first)
+                                  tmp_path / "out", n_heads=H, embed_scale=True, norm_first=norm_first)
     loaded_cfg, params = load(tmp_path / "out")
     assert loaded_cfg == cfg
     assert (cfg.share_embeddings, cfg.tie_embeddings, cfg.max_positions) == (share, tie, 32)  # storage sharing survives
@@ -580,7 +583,7 @@ def test_from_state_dict_separate_qkv_weights():
     """q/k/v_proj_weight (MultiheadAttention with kdim/vdim given) convert like the packed in_proj_weight."""
     model = randomize_torch(Seq2SeqTransformer(V, D, H, F, 1, 1, dtype=torch.float64), np.random.default_rng(9))
     state = model.state_dict()
-    cfg, params = from_state_dict(state, n_heads=H, dropout=0.0)
+    cfg, params = from_state_dict(state, n_heads=H, embed_scale=True, dropout=0.0)
     unpacked = {}
     for key, value in state.items():
         if key.endswith("in_proj_weight"):
@@ -588,7 +591,7 @@ def test_from_state_dict_separate_qkv_weights():
                 unpacked[key.replace("in_proj_weight", f"{name}_proj_weight")] = part
         else:
             unpacked[key] = value
-    cfg2, params2 = from_state_dict(unpacked, n_heads=H, dropout=0.0)
+    cfg2, params2 = from_state_dict(unpacked, n_heads=H, embed_scale=True, dropout=0.0)
     assert cfg2 == cfg
     ours, theirs = seq2seq_logits(cfg2, params2, model, seed=10)
     assert_same_as_torch(ours, theirs, torch.float64, "separate q/k/v")
@@ -599,15 +602,15 @@ def test_from_state_dict_errors():
     with pytest.raises(RefformerError, match="n_heads is required"):
         from_state_dict(state)
     with pytest.raises(RefformerError, match="unknown options"):
-        from_state_dict(state, n_heads=H, d_model=D)
+        from_state_dict(state, n_heads=H, embed_scale=True, d_model=D)
     with pytest.raises(RefformerError, match="cannot map: .*mystery.weight"):
-        from_state_dict({**state, "mystery.weight": torch.zeros(3)}, n_heads=H)
+        from_state_dict({**state, "mystery.weight": torch.zeros(3)}, n_heads=H, embed_scale=True)
     with pytest.raises(RefformerError, match="must divide"):
         from_state_dict(state, n_heads=3)
     with pytest.raises(RefformerError, match="not an nn.Transformer model"):
-        from_state_dict({"linear.weight": torch.zeros(V, D)}, n_heads=H)
+        from_state_dict({"linear.weight": torch.zeros(V, D)}, n_heads=H, embed_scale=True)
     with pytest.raises(RefformerError, match="not tensors"):
-        from_state_dict({**state, "step": 3}, n_heads=H)
+        from_state_dict({**state, "step": 3}, n_heads=H, embed_scale=True)
 
 
 def test_convert_refuses_pickled_module_and_missing_files(tmp_path):
@@ -615,20 +618,20 @@ def test_convert_refuses_pickled_module_and_missing_files(tmp_path):
     tokenizer = write_word_level_tokenizer(tmp_path / "tokenizer.json", V)
     torch.save(model, tmp_path / "whole_model.pt")  # a pickled module: weights_only=True refuses it
     with pytest.raises(RefformerError, match="not a state_dict") as error:
-        convert_state_dict_file(tmp_path / "whole_model.pt", tokenizer, tmp_path / "out", n_heads=H)
+        convert_state_dict_file(tmp_path / "whole_model.pt", tokenizer, tmp_path / "out", n_heads=H, embed_scale=True)
     assert "\n" not in str(error.value)
     with pytest.raises(RefformerError, match="does not exist"):
-        convert_state_dict_file(tmp_path / "missing.pt", tokenizer, tmp_path / "out", n_heads=H)
+        convert_state_dict_file(tmp_path / "missing.pt", tokenizer, tmp_path / "out", n_heads=H, embed_scale=True)
     torch.save(model.state_dict(), tmp_path / "model.pt")
     with pytest.raises(RefformerError, match="does not exist"):
-        convert_state_dict_file(tmp_path / "model.pt", tmp_path / "no_tokenizer.json", tmp_path / "out", n_heads=H)
+        convert_state_dict_file(tmp_path / "model.pt", tmp_path / "no_tokenizer.json", tmp_path / "out", n_heads=H,
+                                embed_scale=True)
     torch.save([torch.zeros(2)], tmp_path / "list.pt")
     with pytest.raises(RefformerError, match="not a state_dict"):
-        convert_state_dict_file(tmp_path / "list.pt", tokenizer, tmp_path / "out", n_heads=H)
+        convert_state_dict_file(tmp_path / "list.pt", tokenizer, tmp_path / "out", n_heads=H, embed_scale=True)
     with pytest.raises(RefformerError, match="13 tokens but the model's vocab_size is 12"):
         convert_state_dict_file(tmp_path / "model.pt", write_word_level_tokenizer(tmp_path / "big.json", V + 1),
-                                tmp_path / "out",
-                                n_heads=H)
+                                tmp_path / "out", n_heads=H, embed_scale=True)
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
@@ -696,13 +699,16 @@ def test_convert_checks_the_tokenizer_before_writing(tmp_path):
     torch.save(Seq2SeqTransformer(V, D, H, F, 1, 1).state_dict(), tmp_path / "model.pt")
     tokenizer = write_word_level_tokenizer(tmp_path / "tokenizer.json", V)
     with pytest.raises(RefformerError, match="<pad> at id 0 but the model's pad_id is 5"):
-        convert_state_dict_file(tmp_path / "model.pt", tokenizer, tmp_path / "out", n_heads=H, pad_id=5)
+        convert_state_dict_file(tmp_path / "model.pt", tokenizer, tmp_path / "out", n_heads=H, embed_scale=True,
+                                pad_id=5)
     (tmp_path / "latin1.json").write_bytes(b"\xff\xfe not utf-8")
     with pytest.raises(RefformerError, match="not UTF-8"):
-        convert_state_dict_file(tmp_path / "model.pt", tmp_path / "latin1.json", tmp_path / "out", n_heads=H)
+        convert_state_dict_file(tmp_path / "model.pt", tmp_path / "latin1.json", tmp_path / "out", n_heads=H,
+                                embed_scale=True)
     assert not (tmp_path / "out").exists()
     bom = tmp_path / "bom.json"
     bom.write_bytes(b"\xef\xbb\xbf" + tokenizer.read_bytes())  # a byte-order mark is dropped
-    cfg = convert_state_dict_file(tmp_path / "model.pt", bom, tmp_path / "out", n_heads=H, max_positions=64)
+    cfg = convert_state_dict_file(tmp_path / "model.pt", bom, tmp_path / "out", n_heads=H, embed_scale=True,
+                                  max_positions=64)
     loaded_cfg, _ = load(tmp_path / "out")  # what convert writes, load reads
     assert loaded_cfg == cfg and cfg.max_positions == 64
