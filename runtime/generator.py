@@ -225,6 +225,7 @@ class Generator:
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = load_config(self.model_dir)
         contract.check_exportable(self.cfg)  # before any export notice: a model the graphs cannot run is one line
+        self.checkpoint_options = checkpoint_options(self.model_dir, self.cfg)
         self.tokenizer = model_tokenizer(self.model_dir)
         check_tokenizer_matches(self.cfg, self.tokenizer, f"{self.model_dir}/{TOKENIZER_FILE}", whose="config.json's")
         self.provider = resolve_provider(provider)
@@ -249,7 +250,6 @@ class Generator:
                         raise
                     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                     note(f"notice: the {choice} decoder cannot run here ({reason}); trying {choices[number + 1]}")
-        self.checkpoint_options = checkpoint_options(self.model_dir, self.cfg)
         # an imported checkpoint's inputs get the special tokens its tokenizer adds, as transformers' users pass them
         self.affixes = tokenizer_affixes(self.tokenizer) if self.checkpoint_options else None
         self.truncate = truncate
@@ -283,11 +283,12 @@ class Generator:
         Raises what the stepper's ONNX Runtime calls raise; __init__ catches it and tries the next variant.
         """
         cfg = self.cfg
-        if cfg.is_encoder_decoder:
-            inputs = {"src_ids": np.array([[cfg.eos_id]])}
-        else:
-            inputs = {"prompt_ids": np.array([[cfg.bos_id]])}
-        options = GenerationOptions(max_new_tokens=4, min_new_tokens=4)  # eos banned: every call runs
+        token = next(i for i in (cfg.eos_id, cfg.bos_id, 0) if i is not None)  # any id will do; a model may lack some
+        inputs = {"src_ids" if cfg.is_encoder_decoder else "prompt_ids": np.array([[token]])}
+        start = next(i for i in (self.checkpoint_options.get("decoder_start_token_id"), cfg.bos_id, token)
+                     if i is not None)
+        options = GenerationOptions(max_new_tokens=4, min_new_tokens=4,  # eos banned: every call runs
+                                    decoder_start_token_id=start)
         generate(cfg, None, options=options, stepper=self.stepper, **inputs)
 
     def make_stepper(self, variant, static_length, cuda_graph):
