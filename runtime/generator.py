@@ -224,8 +224,11 @@ class Generator:
         threads = capped_threads(threads)
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = load_config(self.model_dir)
-        contract.check_exportable(self.cfg)  # before any export notice: a model the graphs cannot run is one line
         self.checkpoint_options = checkpoint_options(self.model_dir, self.cfg)
+        # before any export notice: a model the graphs cannot run is one line. An imported checkpoint may lack pad,
+        # bos or eos ids: its tokenizer adds its own specials, its decoder start comes with its settings, and
+        # finished rows are filled with Config.fill_id
+        contract.check_exportable(self.cfg, ids=not self.checkpoint_options)
         self.tokenizer = model_tokenizer(self.model_dir)
         check_tokenizer_matches(self.cfg, self.tokenizer, f"{self.model_dir}/{TOKENIZER_FILE}", whose="config.json's")
         self.provider = resolve_provider(provider)

@@ -414,7 +414,7 @@ class StaticOrtStepper(OrtStepper):
         S = src_ids.shape[1]
         padded = max(S, min(-(-S // SOURCE_BUCKET) * SOURCE_BUCKET, self.cfg.max_positions))
         widths = ((0, 0), (0, padded - S))
-        return np.pad(src_ids, widths, constant_values=self.cfg.pad_id), np.pad(np.asarray(src_keep, np.int64), widths)
+        return np.pad(src_ids, widths, constant_values=self.cfg.fill_id), np.pad(np.asarray(src_keep, np.int64), widths)
 
     def start(self, src_ids, src_keep, batch_size):
         """Stepper.start, with the source padded to a multiple of SOURCE_BUCKET and the fixed buffers of this batch

@@ -386,7 +386,9 @@ def imported_generator(tmp_path, family, template=None, **settings):
         setattr(model.generation_config, name, value)
     model.save_pretrained(tmp_path / "hf")
     config = model.config
-    specials = {config.pad_token_id: "<pad>", config.bos_token_id: "<s>", config.eos_token_id: "</s>"}
+    specials = {getattr(config, "pad_token_id", None): "<pad>", getattr(config, "bos_token_id", None): "<s>",
+                config.eos_token_id: "</s>"}
+    specials.pop(None, None)  # T5 and Marian have no bos, GPT-2 and Qwen2 no pad
     unk = min(set(range(hf_models.V)) - set(specials))
     vocab = {"<unk>" if i == unk else specials.get(i, f"w{i}"): i for i in range(hf_models.V)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -417,11 +419,14 @@ def transformers_ids(model, generator, rows, **options):
     ("bart", dict(num_beams=3, no_repeat_ngram_size=2, max_length=12, bad_words_ids=[[24]], length_penalty=0.5)),
     ("llama", {}),
     ("llama", dict(num_beams=2, repetition_penalty=1.5, max_new_tokens=6)),
-], ids=["bart-defaults", "bart-settings", "llama-defaults", "llama-settings"])
+    ("gpt2", {}), ("qwen2", {}), ("t5", dict(num_beams=3, no_repeat_ngram_size=2, max_new_tokens=7)), ("marian", {}),
+], ids=["bart-defaults", "bart-settings", "llama-defaults", "llama-settings", "gpt2-defaults", "qwen2-defaults",
+        "t5-settings", "marian-defaults"])
 def test_an_imported_checkpoint_generates_transformers_ids_with_its_settings(tmp_path, family, settings):
     """Without options the Generator (ONNX Runtime, fp32) applies the checkpoint's generation settings
-    (generation.json) and gives the ids of transformers' model.generate(input_ids); an option given overrides its
-    setting."""
+    (generation.json) and gives the ids of transformers' model.generate(input_ids), also for models without a pad
+    (GPT-2, Qwen2) or a bos id (T5, Marian: their decoder start comes with the settings); an option given overrides
+    its setting."""
     model, generator = imported_generator(tmp_path, family, **settings)
     generator.probe()  # the probe of auto's fallback chain runs on an imported model (its own decoder start) too
     rows = [[5, 6, 7, 8], [9, 10, 11, 12]]
