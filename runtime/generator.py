@@ -122,12 +122,14 @@ CHECKPOINT_OPTIONS = ("max_new_tokens", "max_length", "min_new_tokens", "num_bea
                       "forced_bos_token_id", "forced_eos_token_id", "bad_words_ids", "decoder_start_token_id")
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p")  # read only when the checkpoint samples
 TRANSFORMERS_NEW_TOKENS = 20  # transformers' generate without max_length or max_new_tokens
+TRANSFORMERS_TOP_K = 50  # GenerationConfig's top_k, which a checkpoint that samples uses unless it sets its own
 
 
 def checkpoint_options(model_dir, cfg):
     """The decoding options of an imported checkpoint (generation.json, written by import-hf) as GenerationOptions
-    fields: the settings CHECKPOINT_OPTIONS names (and SAMPLING_OPTIONS when it samples), and transformers' 20 new
-    tokens when it sets no length, so that generate without options gives transformers' model.generate(input_ids).
+    fields: the settings CHECKPOINT_OPTIONS names (and SAMPLING_OPTIONS when it samples, with transformers' top_k of
+    50 unless it sets one), and transformers' 20 new tokens when it sets no length, so that generate without options
+    gives transformers' model.generate(input_ids).
     A setting the search cannot take (early_stopping "never", several forced eos ids) is left out; the import named
     such settings. {} for a folder without generation.json (refformer's own models keep their defaults).
     Raises RefformerError for a generation.json that cannot be read."""
@@ -154,6 +156,8 @@ def checkpoint_options(model_dir, cfg):
         options.pop("decoder_start_token_id", None)
     if "max_length" not in options and "max_new_tokens" not in options:
         options["max_new_tokens"] = TRANSFORMERS_NEW_TOKENS
+    if options.get("do_sample") is True and "top_k" not in settings:
+        options["top_k"] = TRANSFORMERS_TOP_K
     return options
 
 

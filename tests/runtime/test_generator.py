@@ -456,3 +456,25 @@ def test_an_imported_checkpoint_generates_from_text_as_transformers_from_its_tok
         start = 1 if generator.cfg.is_encoder_decoder else ids.shape[1]
         assert sequences == [out[start:out.index(generator.cfg.eos_id, start) + 1]
                              if generator.cfg.eos_id in out[start:] else out[start:]]
+
+
+def test_checkpoint_options_map_generation_json_as_transformers_reads_it(tmp_path):
+    """generation.json's settings -> GenerationOptions fields: a sampling checkpoint gets transformers' top_k of 50
+    unless it sets one, a length of 20 new tokens when it sets none; settings the search cannot take are left out;
+    a folder without generation.json (refformer's own models) gets nothing."""
+    import json
+
+    cfg = Config(vocab_size=30, d_model=16, n_heads=2, d_ff=32, family="decoder-only")
+    assert gen_module.checkpoint_options(tmp_path, cfg) == {}
+    settings = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "early_stopping": "never",
+                "forced_eos_token_id": [2, 3], "decoder_start_token_id": 1, "num_beam_groups": 2, "pad_token_id": None}
+    (tmp_path / "generation.json").write_text(json.dumps({"format_version": 1, "settings": settings}))
+    assert gen_module.checkpoint_options(tmp_path, cfg) == {"do_sample": True, "temperature": 0.6, "top_p": 0.9,
+                                                            "top_k": 50, "max_new_tokens": 20}
+    settings = {"max_length": 64, "forced_eos_token_id": [2], "decoder_start_token_id": 1, "top_k": 5}
+    (tmp_path / "generation.json").write_text(json.dumps({"format_version": 1, "settings": settings}))
+    assert gen_module.checkpoint_options(tmp_path, Config(vocab_size=30, d_model=16, n_heads=2, d_ff=32)) == {
+        "max_length": 64, "forced_eos_token_id": 2, "decoder_start_token_id": 1}
+    (tmp_path / "generation.json").write_text("[")
+    with pytest.raises(RefformerError, match="cannot read"):
+        gen_module.checkpoint_options(tmp_path, cfg)
