@@ -16,6 +16,7 @@ import numpy as np
 
 from refformer.export import contract
 from refformer.export.session import PROVIDER_OPTIONS, resolve_provider
+from refformer.refimpl.convert.hf_folder import APPLIED_SAMPLING_SETTINGS, APPLIED_SETTINGS
 from refformer.refimpl.errors import RefformerError, is_integer
 from refformer.refimpl.generate import GenerationOptions, generate, search_iter
 from refformer.refimpl.io import CONFIG_FILE, TOKENIZER_FILE, check_tokenizer_matches, load_config, read_tokenizer
@@ -117,10 +118,8 @@ def capped_threads(threads):
 
 
 # generation.json settings (transformers' GenerationConfig names) that are GenerationOptions fields of the same name
-CHECKPOINT_OPTIONS = ("max_new_tokens", "max_length", "min_new_tokens", "num_beams", "num_return_sequences",
-                      "length_penalty", "early_stopping", "repetition_penalty", "no_repeat_ngram_size", "do_sample",
-                      "forced_bos_token_id", "forced_eos_token_id", "bad_words_ids", "decoder_start_token_id")
-SAMPLING_OPTIONS = ("temperature", "top_k", "top_p")  # read only when the checkpoint samples
+CHECKPOINT_OPTIONS = APPLIED_SETTINGS  # the generation.json settings generate applies (import-hf names the others)
+SAMPLING_OPTIONS = APPLIED_SAMPLING_SETTINGS  # read only when the checkpoint samples
 TRANSFORMERS_NEW_TOKENS = 20  # transformers' generate without max_length or max_new_tokens
 TRANSFORMERS_TOP_K = 50  # GenerationConfig's top_k, which a checkpoint that samples uses unless it sets its own
 

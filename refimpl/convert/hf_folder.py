@@ -5,7 +5,7 @@ into a refformer model folder next to what from_hf reads (`refformer import-hf`)
     hf_tokenizers(hf_dir, cfg)             (source tokenizer, target tokenizer or None, notices)
     marian_tokenizer(spm_file, vocab)      one side of a Marian folder as a tokenizers.Tokenizer over vocab.json's ids
     generation_settings(hf_dir, hf_config) {"source": file, "settings": {name: value}} as transformers reads them
-    not_applied(settings, cfg)             the settings the runtime does not apply yet (its own defaults differ)
+    not_applied(settings, cfg)             the settings `refformer generate` does not apply
 
 Files written beside io.save's config.json, model.safetensors and tokenizer.json (each with io.atomic_write):
 - tokenizer_target.json: Marian only, the target side's tokenizer (tokenizer.json is the source side);
@@ -95,7 +95,7 @@ def import_hf(hf_dir, out_dir):
     atomic_write(out / GENERATION_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     missing = not_applied(generation["settings"], cfg)
     if missing:
-        notices.append(f"the runtime does not apply these generation settings of the checkpoint yet (kept in "
+        notices.append(f"refformer generate does not apply these generation settings of the checkpoint (kept in "
                        f"{GENERATION_FILE}): " + ", ".join(f"{key}={json.dumps(value)}" for key, value in missing))
     return cfg, notices
 
@@ -263,21 +263,36 @@ def generation_settings(hf_dir, hf_config):
             "settings": {key: hf_config[key] for key in GENERATION_KEYS if key in hf_config}}
 
 
+# the settings `refformer generate` applies from generation.json (runtime.generator.checkpoint_options reads these
+# lists), under transformers' GenerationConfig names, which are GenerationOptions' field names
+APPLIED_SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "num_beams", "num_return_sequences",
+                    "length_penalty", "early_stopping", "repetition_penalty", "no_repeat_ngram_size", "do_sample",
+                    "forced_bos_token_id", "forced_eos_token_id", "bad_words_ids", "decoder_start_token_id")
+APPLIED_SAMPLING_SETTINGS = ("temperature", "top_k", "top_p")  # applied when the checkpoint samples
+
+
 def not_applied(settings, cfg):
-    """[(name, value)] of settings the runtime does not apply yet: a special id other than config.json's (the
-    decoder starts with bos_id; one eos_id), a setting other than the runtime's default (RUNTIME_DEFAULTS), sampling
-    settings when do_sample is true, and any key refformer does not know. Raises nothing."""
-    expected = {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
-                "decoder_start_token_id": cfg.bos_id if cfg.is_encoder_decoder else settings.get(
-                    "decoder_start_token_id")}
+    """[(name, value)] of settings `refformer generate` does not apply: those outside APPLIED_SETTINGS (and
+    APPLIED_SAMPLING_SETTINGS when do_sample is true) whose value differs from the runtime's default
+    (RUNTIME_DEFAULTS, SAMPLING_SETTINGS), early_stopping "never", several forced eos ids, an eos_token_id list
+    whose other ids config.json's one eos_id does not cover, a pad_token_id other than config.json's, and any key
+    refformer does not know. Raises nothing."""
+    sampling = settings.get("do_sample") is True
     missing = []
     for key, value in settings.items():
-        if key in expected:
-            same = value == expected[key] or value == [expected[key]] or value is None
+        if value is None or key == "bos_token_id":  # the decoder start is decoder_start_token_id (applied)
+            continue
+        if key in APPLIED_SETTINGS or (sampling and key in APPLIED_SAMPLING_SETTINGS):
+            same = not (key == "early_stopping" and not isinstance(value, bool)) and not (
+                key == "forced_eos_token_id" and isinstance(value, list) and len(value) > 1)
+        elif key == "eos_token_id":
+            same = value == cfg.eos_id or value == [cfg.eos_id]
+        elif key == "pad_token_id":
+            same = value == cfg.pad_id
         elif key in RUNTIME_DEFAULTS:
-            same = value == RUNTIME_DEFAULTS[key] or value is None or value == []
+            same = value == RUNTIME_DEFAULTS[key] or value == []
         elif key in SAMPLING_SETTINGS:
-            same = not settings.get("do_sample") or value is None or value == SAMPLING_SETTINGS[key]
+            same = not sampling or value == SAMPLING_SETTINGS[key]
         else:
             same = False
         if not same:
