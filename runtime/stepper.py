@@ -352,7 +352,7 @@ class StaticOrtStepper(OrtStepper):
         """A set of fixed buffers for batch_size rows (cross-attention sets for source_length positions).
 
         Buffers: input_ids, position_ids [B, 1], write_index [1], attention_mask [B, L], next_ids [B] int64; logits
-        [B, 1, V] float32; caches [B, H, L, Dh] and cross caches [B, H, S, Dh] in the export's float type. Raises
+        [B, 1, V] float32; caches [B, Hkv, L, Dh] and cross caches [B, Hkv, S, Dh] in the export's float type. Raises
         nothing but onnxruntime's out-of-memory errors.
         """
         B, L, cfg = batch_size, self.max_length, self.cfg
@@ -364,13 +364,13 @@ class StaticOrtStepper(OrtStepper):
             contract.LOGITS: self.buffer((B, 1, cfg.vocab_size), np.float32),
             contract.NEXT_IDS: self.buffer(B, np.int64),
         }
-        cache_shape = (B, cfg.n_heads, L, cfg.head_dim)
+        cache_shape = (B, cfg.n_kv_heads, L, cfg.head_dim)
         caches = [[(self.buffer(cache_shape, self.float_type), self.buffer(cache_shape, self.float_type))
                    for _ in range(cfg.n_decoder_layers)] for _ in range(2)]
         cross_sets = [[], []]
         if cfg.is_encoder_decoder:
             buffers[contract.ENCODER_ATTENTION_MASK] = self.buffer((B, source_length), np.int64)
-            cross_shape = (B, cfg.n_heads, source_length, cfg.head_dim)
+            cross_shape = (B, cfg.n_kv_heads, source_length, cfg.head_dim)
             cross_sets = [[(self.buffer(cross_shape, self.float_type), self.buffer(cross_shape, self.float_type))
                            for _ in range(cfg.n_decoder_layers)] for _ in range(2)]
         return buffers, caches, cross_sets
