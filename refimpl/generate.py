@@ -543,6 +543,9 @@ def _step_budget(cfg, options, src_keep, positions):
     if options.max_new_tokens is not None:
         wanted = np.full_like(room, min(options.max_new_tokens, cfg.max_positions))
     elif options.max_length is not None:  # positions count from 0: the last input token's position + 1 = its length
+        longest = int(positions[:, -1].max()) + 1
+        check(longest < options.max_length, f"max_length {options.max_length} leaves no room after a decoder input of "
+              f"{longest} tokens (as transformers, which refuses it): give max_new_tokens instead")
         wanted = options.max_length - 1 - positions[:, -1].astype(np.int64)
     elif cfg.is_encoder_decoder:
         wanted = 2 * np.asarray(src_keep).sum(axis=1).astype(np.int64) + 10

@@ -18,3 +18,21 @@ def test_the_static_decoder_of_a_grouped_query_model_gives_transformers_ids(tmp_
     ragged = [[5, 6, 7, 8], [9, 10]]  # prompts of different lengths: as the reference decoder, row for row
     assert generator.search_rows(ragged, generator.check_options(None)) == reference.search_rows(
         ragged, reference.check_options(None))
+
+
+@pytest.mark.parametrize("family, max_length", [("gpt2", 4), ("bart", 1)])
+def test_a_checkpoint_max_length_that_leaves_no_room_is_refused_as_transformers_refuses_it(tmp_path, family,
+                                                                                          max_length):
+    """max_length at or below the decoder's input (the prompt; an encoder-decoder's start token) is refused in one
+    error naming max_new_tokens, as transformers' generate raises; it gave empty outputs silently. A given
+    max_new_tokens overrides the setting."""
+    from refformer.refimpl.errors import RefformerError
+    from refformer.refimpl.generate import GenerationOptions
+
+    model, generator = imported_generator(tmp_path, family, max_length=max_length)
+    rows = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    with pytest.raises(RefformerError, match="max_length .* leaves no room .* give max_new_tokens instead"):
+        generator.search_rows(rows, generator.check_options(None))
+    given = generator.check_options(GenerationOptions(max_new_tokens=3))
+    ours = [sequence for row in generator.search_rows(rows, given) for sequence in row]
+    assert ours == transformers_ids(model, generator, rows, max_new_tokens=3)
