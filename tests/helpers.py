@@ -344,3 +344,18 @@ def decode_incrementally(cfg, params, ids, positions, keep, prompt, cross_kv=Non
         pieces.append(logits)
         caches.append(past)
     return np.concatenate(pieces, axis=1), caches
+
+
+def save_random_model(path, base, seed=0, **overrides):
+    """A tiny model folder of Config(**base, **overrides) with every parameter redrawn (biases non-zero, norm weights
+    near 1), so that a term an implementation leaves out would show. Returns the Config."""
+    from refformer.refimpl import save
+    from refformer.refimpl.tree import unflatten
+
+    cfg = Config(**{**base, **overrides})
+    rng = np.random.default_rng(seed)
+    template = init_params(cfg, rng)
+    flat = {name: (value + 0.3 * rng.standard_normal(value.shape)).astype(value.dtype)
+            for name, value in flatten(template).items()}
+    save(path, cfg, unflatten(flat, template))
+    return cfg

@@ -11,9 +11,9 @@ from refformer.export.attention import relative_bucket_table
 from refformer.export.contract import ERROR_BOUNDS, reference_only_features, unsupported_features
 from refformer.export.export import export_model
 from refformer.export.verify import verify
-from refformer.refimpl import Config, RefformerError, init_params, save
+from refformer.refimpl import Config, RefformerError, save
 from refformer.refimpl.attention import relative_position_bucket
-from refformer.refimpl.tree import flatten, unflatten
+from tests.helpers import save_random_model
 
 BASE = dict(vocab_size=40, d_model=16, n_heads=4, d_ff=24, n_encoder_layers=1, n_decoder_layers=2, max_positions=16,
             dropout=0.0)
@@ -44,15 +44,8 @@ FEATURES = {
 
 
 def make(path, seed=0, **overrides):
-    """A tiny model folder with every parameter redrawn (biases non-zero, norm weights near 1), so that a term left
-    out would show."""
-    cfg = Config(**{**BASE, **overrides})
-    rng = np.random.default_rng(seed)
-    template = init_params(cfg, rng)
-    flat = {name: (value + 0.3 * rng.standard_normal(value.shape)).astype(value.dtype)
-            for name, value in flatten(template).items()}
-    save(path, cfg, unflatten(flat, template))
-    return cfg
+    """A tiny model folder of BASE with overrides, every parameter redrawn (tests.helpers.save_random_model)."""
+    return save_random_model(path, BASE, seed, **overrides)
 
 
 def export_and_verify(model_dir, out_dir, dtype, **variants):

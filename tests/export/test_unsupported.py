@@ -18,8 +18,8 @@ from refformer.export.export import export_model
 from refformer.export.verify import verify
 from refformer.refimpl import Config, RefformerError, init_params, save
 from refformer.refimpl.training import tokenizer as tok
-from refformer.refimpl.tree import flatten, unflatten
 from refformer.runtime.cli import main
+from tests.helpers import save_random_model
 
 BASE = dict(vocab_size=40, d_model=16, n_heads=4, d_ff=24, n_encoder_layers=1, n_decoder_layers=1, max_positions=16,
             dropout=0.0)
@@ -41,14 +41,8 @@ def rotary_unsupported(monkeypatch):
 
 
 def make(path, seed=0, **overrides):
-    """A tiny model folder with random (non-zero) biases, so that a bias left out would show."""
-    cfg = Config(**{**BASE, **overrides})
-    rng = np.random.default_rng(seed)
-    template = init_params(cfg, rng)
-    flat = {name: (value + 0.3 * rng.standard_normal(value.shape)).astype(value.dtype)
-            for name, value in flatten(template).items()}
-    save(path, cfg, unflatten(flat, template))
-    return cfg
+    """A tiny model folder of BASE with overrides, every parameter redrawn (tests.helpers.save_random_model)."""
+    return save_random_model(path, BASE, seed, **overrides)
 
 
 @pytest.mark.parametrize("options, named", UNSUPPORTED, ids=[named for _, named in UNSUPPORTED])
