@@ -523,7 +523,10 @@ class Generator:
         if not isinstance(text, str):
             raise RefformerError(f"text must be a str, got {type(text).__name__}")
         if options.num_beams > 1 or options.num_return_sequences > 1:
-            yield self.generate(text, **{**vars(options), "num_return_sequences": 1})
+            # the options are checked: searched as they are (generate would take a checkpoint's num_return_sequences
+            # back in, and yield a list)
+            best = self.search_rows(self.encode_rows([text]), dataclasses.replace(options, num_return_sequences=1))
+            yield self.decode(best[0][0])
             return
         shown, tokens = "", []
         for next_ids in search_iter(self.stepper, self.cfg, options, **self.encode_inputs([text])):

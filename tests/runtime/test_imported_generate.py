@@ -36,3 +36,10 @@ def test_a_checkpoint_max_length_that_leaves_no_room_is_refused_as_transformers_
     given = generator.check_options(GenerationOptions(max_new_tokens=3))
     ours = [sequence for row in generator.search_rows(rows, given) for sequence in row]
     assert ours == transformers_ids(model, generator, rows, max_new_tokens=3)
+
+
+def test_stream_of_a_checkpoint_with_several_return_sequences_yields_the_best_text(tmp_path):
+    """stream() yields text: with a checkpoint's num_return_sequences of 2 (beam search) it yields the best
+    sequence's text, as generate's first; it yielded a list (generate --model DIR TEXT failed with a TypeError)."""
+    _, generator = imported_generator(tmp_path, "llama", num_beams=3, num_return_sequences=2, max_new_tokens=5)
+    assert list(generator.stream("w5 w6")) == [generator.generate("w5 w6")[0]]
