@@ -472,7 +472,11 @@ class Generator:
             del unset["max_length"]
         if "max_new_tokens" in unset and options.max_length is not None:
             del unset["max_new_tokens"]
-        return dataclasses.replace(options, **unset) if unset else options
+        try:
+            return dataclasses.replace(options, **unset) if unset else options
+        except RefformerError as error:  # a setting the user never typed: name the file it came from
+            raise RefformerError(f"{shown(self.model_dir / 'generation.json')}, the checkpoint's generation "
+                                 f"settings: {error}") from None
 
     def search_rows(self, rows, options):
         """Token rows -> per row, num_return_sequences lists of generated ids. The static decoders hold a fixed

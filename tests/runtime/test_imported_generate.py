@@ -43,3 +43,22 @@ def test_stream_of_a_checkpoint_with_several_return_sequences_yields_the_best_te
     sequence's text, as generate's first; it yielded a list (generate --model DIR TEXT failed with a TypeError)."""
     _, generator = imported_generator(tmp_path, "llama", num_beams=3, num_return_sequences=2, max_new_tokens=5)
     assert list(generator.stream("w5 w6")) == [generator.generate("w5 w6")[0]]
+
+
+def test_a_bad_checkpoint_setting_is_one_error_naming_generation_json(tmp_path):
+    """A generation.json setting the options refuse names the file (the user never typed it); an option given in
+    its place runs."""
+    import json
+
+    from refformer.refimpl.errors import RefformerError
+    from refformer.refimpl.generate import GenerationOptions
+
+    _, generator = imported_generator(tmp_path, "t5")
+    path = tmp_path / "m" / "generation.json"
+    data = json.loads(path.read_text())
+    data["settings"]["num_beams"] = "3"
+    path.write_text(json.dumps(data))
+    generator = Generator(tmp_path / "m", provider="cpu")
+    with pytest.raises(RefformerError, match=r"generation\.json, the checkpoint's generation settings: num_beams"):
+        generator.check_options(None)
+    assert generator.check_options(GenerationOptions(num_beams=2)).num_beams == 2
