@@ -664,7 +664,7 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     early_stopping is set, or when its best running beam, normalized by its current length, cannot beat the worst
     kept hypothesis (transformers' _check_early_stop_heuristic with early_stopping False), or at its budget.
     The cache is reordered by beam every step through stepper.reorder. An input with fewer hypotheses than
-    num_return_sequences (a budget of 0, a tiny vocabulary) gets empty sequences, scored -inf, after them. Raises
+    num_return_sequences (a budget of 0) gets empty sequences, scored -inf, after them. Raises
     RefformerError for bad options or inputs.
     """
     check_search_arguments(cfg, options, stepper)
@@ -684,7 +684,9 @@ def beam_search(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     stepper.reorder(expand)
     ids, attention_mask, positions = ids[expand], attention_mask[expand], positions[expand]
     generated = [[] for _ in range(B * K)]
-    beam_scores = np.tile(np.array([0.0] + [-np.inf] * (K - 1)), B)  # only beam 0 is live at first
+    # only beam 0 is live at first; the others start at transformers' -1e9 (not -inf): where forced tokens leave
+    # beam 0 fewer than K candidates, their copies fill the beams (and the hypotheses) as in transformers
+    beam_scores = np.tile(np.array([0.0] + [-1e9] * (K - 1)), B)
     hypotheses = [[] for _ in range(B)]  # (score, tokens)
     done = budgets <= 0
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from refformer.refimpl.generate import GenerationOptions
 from refformer.runtime.generator import Generator
 from tests.runtime.test_generator import imported_generator, transformers_ids
 
@@ -62,3 +63,16 @@ def test_a_bad_checkpoint_setting_is_one_error_naming_generation_json(tmp_path):
     with pytest.raises(RefformerError, match=r"generation\.json, the checkpoint's generation settings: num_beams"):
         generator.check_options(None)
     assert generator.check_options(GenerationOptions(num_beams=2)).num_beams == 2
+
+
+@pytest.mark.parametrize("family", ["bart", "gpt2"])
+def test_beams_under_forced_tokens_fill_as_transformers_fills_them(tmp_path, family):
+    """A forced bos then the budget (or a forced eos) leave beam 0 one candidate a step: transformers' other beams
+    start at -1e9, not -inf, so their copies fill the beams and the hypotheses (num_return_sequences of 3 gave one
+    sequence and two empty ones)."""
+    model, generator = imported_generator(tmp_path, family)
+    rows = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    options = dict(num_beams=3, num_return_sequences=3, forced_bos_token_id=9, max_new_tokens=2)
+    given = generator.check_options(GenerationOptions(**options))
+    ours = [sequence for row in generator.search_rows(rows, given) for sequence in row]
+    assert ours == transformers_ids(model, generator, rows, **options)
