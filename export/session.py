@@ -71,7 +71,7 @@ def make_session(path, provider=CPU_PROVIDER, threads=None, provider_options=Non
         if not path.is_file():
             raise RefformerError(f"{path} is missing: run `refformer export`")
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failing run is one RefformerError line, not ORT's log line too
     if threads:
         options.intra_op_num_threads = threads
     options_of_provider = {"use_tf32": "0", **(provider_options or {})} if provider == CUDA_PROVIDER else {}
