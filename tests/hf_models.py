@@ -1,6 +1,7 @@
 """Tiny random Hugging Face models, built locally from a config with transformers (no hub), for the parity tests.
 
     build(family, seed=0) -> model      a seeded float64 model in eval mode (FAMILIES lists the families)
+    saved_models(tmp_path_factory)      family -> (model, its save_pretrained folder), each built and saved once
     float64_exact()                     a context in which transformers' float32 shortcuts compute in float64
 
 Every parameter (and Marian's/BART's final_logits_bias buffer) is redrawn from a seeded generator at a scale that
@@ -19,6 +20,7 @@ by 7e-8 (T5) to 5e-7 (T5 v1.1): float32 rounding, not a different function.
 """
 
 import contextlib
+import functools
 from unittest import mock
 
 import torch
@@ -113,6 +115,19 @@ def build(family, seed=0):
         if isinstance(module, torch.nn.Embedding):
             module.padding_idx = None
     return model
+
+
+def saved_models(tmp_path_factory):
+    """A function family -> (build(family), the folder it was saved to with save_pretrained), each built and saved
+    once (for a module-scoped fixture: pass pytest's tmp_path_factory)."""
+    @functools.cache
+    def saved(family):
+        model = build(family)
+        folder = tmp_path_factory.mktemp(family)
+        model.save_pretrained(folder)
+        return model, folder
+
+    return saved
 
 
 # ---------------------------------------------------------------------------- float64 throughout

@@ -4,6 +4,8 @@ random prompt pass, its cached step and the incremental check over left-padded p
 feature and on the imported tiny families (tests/hf_models.py through from_hf). The faster decoder variants refuse,
 in one line, the options only the reference graphs compute."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -156,16 +158,14 @@ def imported(tmp_path_factory):
     from refformer.refimpl.convert.hf import from_hf
     from tests import hf_models
 
-    cache = {}
+    saved = hf_models.saved_models(tmp_path_factory)
 
+    @functools.cache
     def get(family):
-        if family not in cache:
-            folder = tmp_path_factory.mktemp(f"hf-{family}")
-            hf_models.build(family).save_pretrained(folder / "hf")
-            cfg, params = from_hf(folder / "hf")
-            save(folder / "m", cfg, params)
-            cache[family] = cfg, folder / "m"
-        return cache[family]
+        cfg, params = from_hf(saved(family)[1])
+        folder = tmp_path_factory.mktemp(f"m-{family}")
+        save(folder, cfg, params)
+        return cfg, folder
 
     return get
 

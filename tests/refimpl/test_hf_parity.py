@@ -9,6 +9,7 @@ worst error.
 """
 
 
+import functools
 import json
 
 import numpy as np
@@ -37,16 +38,12 @@ def error(ours, theirs):
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     """family -> (transformers model, cfg, params): each built once, saved with save_pretrained, read by from_hf."""
-    cache = {}
+    saved = hf_models.saved_models(tmp_path_factory)
 
+    @functools.cache
     def get(family):
-        if family not in cache:
-            model = hf_models.build(family)
-            folder = tmp_path_factory.mktemp(family)
-            model.save_pretrained(folder)
-            cfg, params = from_hf(folder)
-            cache[family] = model, cfg, params
-        return cache[family]
+        model, folder = saved(family)
+        return (model, *from_hf(folder))
 
     return get
 

@@ -59,17 +59,7 @@ def train_spm(texts, path, size, **ids):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """family -> (transformers model, its save_pretrained folder), built once."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            model = hf_models.build(family)
-            folder = tmp_path_factory.mktemp(family)
-            model.save_pretrained(folder)
-            cache[family] = model, folder
-        return cache[family]
-
-    return get
+    return hf_models.saved_models(tmp_path_factory)
 
 
 def logits_error(model, family, cfg, params):
