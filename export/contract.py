@@ -246,13 +246,30 @@ def decoder_signature(cfg, variant=REFERENCE, max_length=None):
 
 DTYPES = ("fp32", "fp16")  # the float type of a graph's weights, activations and caches (logits stay float32)
 FP32, FP16 = DTYPES
+INT8 = "int8"
+QUANTIZED_DTYPES = {INT8: FP32}  # a quantized export set's dtype -> the float type of its graphs' inputs, outputs and
+# caches: the graphs of that type it is quantized from (export/quantize.py's method of the same name)
+EXPORT_DTYPES = (*DTYPES, *QUANTIZED_DTYPES)  # what export, verify, generate and eval --dtype take
 MIN_OPSET = 17  # LayerNormalization
 DEFAULT_OPSET = 17
-ERROR_BOUNDS = {"fp32": 1e-5, "fp16": 1e-2}  # verify: largest rel_error of a graph output against refimpl in float64
+ERROR_BOUNDS = {"fp32": 1e-5, "fp16": 1e-2,  # verify: largest rel_error of a graph output against refimpl in float64
+                "int8": 1e-1}  # provisional (issue 15): replaced by the measured bound
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 PROVIDERS = (CPU_PROVIDER, CUDA_PROVIDER)  # the ONNX Runtime execution providers refformer runs on
+QUANTIZED_PROVIDERS = (CPU_PROVIDER,)  # where quantized sets run: ONNX Runtime 1.31's CUDA provider has no
+# DynamicQuantizeLinear kernel and a MatMulInteger of int8 x int8 only (its library's kernel names), where quantize's
+# int8 graphs take uint8 activations
+
+
+def graph_dtype(dtype):
+    """The float type ("fp32" or "fp16") of the inputs, outputs and caches of an export set of dtype (one of
+    EXPORT_DTYPES): fp32 and fp16 are their own, a quantized set's is its source graphs' (QUANTIZED_DTYPES).
+
+    Raises nothing: a name not in QUANTIZED_DTYPES is returned as it is.
+    """
+    return QUANTIZED_DTYPES.get(dtype, dtype)
 
 
 # ---------------------------------------------------------------------------- what the graphs compute
