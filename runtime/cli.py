@@ -8,6 +8,7 @@ from refformer.runtime.export_cli import convert_torch_command, export_command, 
 from refformer.runtime.generate_cli import generate
 from refformer.runtime.import_cli import import_hf_command
 from refformer.runtime.options import Group
+from refformer.runtime.serve_cli import serve_command
 from refformer.runtime.train_cli import evaluate, train
 
 
@@ -22,5 +23,5 @@ def main():
 
 
 for command in (generate, export_command, verify_command, golden_command, convert_torch_command, data, tokenizer,
-                train, evaluate, import_hf_command):
+                train, evaluate, import_hf_command, serve_command):
     main.add_command(command)
