@@ -250,6 +250,8 @@ INT8 = "int8"
 QUANTIZED_DTYPES = {INT8: FP32}  # a quantized export set's dtype -> the float type of its graphs' inputs, outputs and
 # caches: the graphs of that type it is quantized from (export/quantize.py's method of the same name)
 EXPORT_DTYPES = (*DTYPES, *QUANTIZED_DTYPES)  # what export, verify, generate and eval --dtype take
+QUANTIZED_VARIANTS = (REFERENCE, STATIC)  # the decoders a quantized set holds: the standard-op graphs (quantize's
+# ONNX Runtime quantizer stops at the contrib ops of --fused-attention's graphs, whose output types it cannot infer)
 MIN_OPSET = 17  # LayerNormalization
 DEFAULT_OPSET = 17
 ERROR_BOUNDS = {"fp32": 1e-5, "fp16": 1e-2,  # verify: largest rel_error of a graph output against refimpl in float64
