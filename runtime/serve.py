@@ -650,17 +650,26 @@ def listening_socket(host, port):
     return sock
 
 
+def uvicorn_server(generator, settings):
+    """The uvicorn.Server of Server(generator, settings): no access log, lifespan on (the batcher), and uvicorn's
+    graceful shutdown with no time limit (running requests finish; each is bounded by --request-timeout).
+
+    Raises nothing.
+    """
+    config = uvicorn.Config(Server(generator, settings).app(), log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=None)
+    return uvicorn.Server(config)
+
+
 def serve(generator, settings, sock, announce=print):
     """Serve generator with settings on the listening socket sock until SIGTERM or Ctrl-C (uvicorn's graceful
-    shutdown: running requests finish first). announce(line) is told the address once the server listens.
+    shutdown: running requests finish first; then uvicorn raises the signal again, so SIGTERM ends the process by
+    that signal and Ctrl-C raises KeyboardInterrupt). announce(line) is told the address (the socket listens).
 
-    Returns when the server has stopped. Raises what uvicorn raises (KeyboardInterrupt after Ctrl-C).
+    Returns when the server has stopped. Raises what uvicorn raises.
     """
-    server = Server(generator, settings)
-    config = uvicorn.Config(server.app(), log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=None)
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
     announce(f"refformer serve: {generator.model_dir} on http://{shown_host}:{port} (POST /v1/generate, GET /health, "
              "GET /metrics)")
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn_server(generator, settings).run(sockets=[sock])
