@@ -32,6 +32,18 @@ def model_option(function):
                         help=MODEL_HELP)(function)
 
 
+def dtype_option(default, help):
+    """--dtype: one of contract.EXPORT_DTYPES (fp32, fp16, int8), the export set a command writes or runs; default
+    None where the option may be left out. help: the command's help text.
+
+    Raises nothing: click checks the choice (a usage error, exit 2).
+    """
+    from refformer.export.contract import EXPORT_DTYPES
+
+    return click.option("--dtype", type=click.Choice(EXPORT_DTYPES), default=default,
+                        show_default=default is not None, help=help)
+
+
 def resolve_model(model_dir):
     """model_dir, or the bundled model's folder when it is None.
 
