@@ -265,15 +265,18 @@ def request_texts(body, max_batch):
 
 
 def request_options(body):
-    """The request's GenerationOptions (its seed drawn now when it samples without one). Raises RequestError 422
-    for an option of the wrong type or value."""
+    """The request's GenerationOptions: its seed drawn now when it samples without one, 0 when it does not sample
+    (so that requests of equal options batch together). Raises RequestError 422 for an option of the wrong type or
+    value."""
     options = {name: body[name] for name in OPTION_NAMES if name in body}
     for name, value in options.items():
         check_option_type(name, value)
     try:
-        return GenerationOptions(**options)
+        generation = GenerationOptions(**options)
     except RefformerError as error:
         raise RequestError(422, str(error)) from None
+    # greedy and beam search draw nothing: the seed GenerationOptions drew must not keep equal requests apart
+    return generation if generation.do_sample else dataclasses.replace(generation, seed=0)
 
 
 def default_budget(generator, row, options):
