@@ -23,15 +23,17 @@ from .contract import (
     CPU_PROVIDER,
     DECODER_FILE,
     DEFAULT_OPSET,
-    DTYPES,
     ERROR_BOUNDS,
+    EXPORT_DTYPES,
     FUSED,
     MIN_OPSET,
+    QUANTIZED_DTYPES,
     REFERENCE,
     check_exportable,
     check_variants_exportable,
     decoder_graph,
     exported_variants,
+    graph_dtype,
     graph_file,
     reference_graphs,
 )
@@ -56,10 +58,12 @@ from .folder import (
 )
 from .graph import check_weights
 from .model import build_decoder_variant, build_reference_graph
+from .quantize import QUANTIZE_METHODS, quantize_graph
 from .session import check_native_path, import_onnxruntime
 from .verify import export_checks
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf cannot hold 2 GB: bigger graphs keep weights beside them
+SOURCE_FOLDER = ".source"  # inside an int8 export's temporary folder: the fp32 graphs it is quantized from
 
 
 # ---------------------------------------------------------------------------- graphs
@@ -77,6 +81,45 @@ def save_graph(model, path, external_data=None):
                         size_threshold=1024)  # small constants stay inline for shape inference
     else:
         onnx.save_model(model, str(path))
+
+
+def write_graph(model, folder, name, dtype, external_data=None):
+    """Write graph name's model (an onnx.ModelProto of graph_dtype(dtype)) into folder as NAME.onnx, checked by onnx's
+    full checker and check_external_data. A quantized dtype (contract.QUANTIZED_DTYPES) writes the model into
+    folder/.source first and quantize.quantize_graph's result (method: the dtype's name) in its place; the caller
+    removes .source. Returns the written graph (onnx.ModelProto; a quantized one read back without external data), for
+    the manifest.
+
+    Raises what onnx.save_model raises (OSError), RefformerError (quantize_graph, check_external_data), and onnx's
+    ValidationError for a graph the checker refuses (a bug of the builders).
+    """
+    path = Path(folder) / graph_file(name)
+    if dtype in QUANTIZED_DTYPES:
+        source = Path(folder) / SOURCE_FOLDER / graph_file(name)
+        source.parent.mkdir(exist_ok=True)
+        save_graph(model, source, external_data)
+        quantize_graph(source, path, method=dtype)
+        written = None
+    else:
+        save_graph(model, path, external_data)
+        written = model
+    onnx.checker.check_model(str(path), full_check=True)
+    check_external_data(path)
+    return written if written is not None else onnx.load(str(path), load_external_data=False)
+
+
+def quantization_record(dtype, graphs):
+    """The manifest's "quantization" entry of a quantized export set: the method (quantize_graph's, named as the
+    dtype), the float type of its inputs and outputs (the source graphs'), and the op types the quantized graphs
+    hold that the source graphs do not (what the method is, read from the graphs: e.g. DynamicQuantizeLinear and
+    MatMulInteger). graphs: {name: (source onnx.ModelProto, quantized onnx.ModelProto)}.
+
+    Raises nothing.
+    """
+    source_ops = {node.op_type for source, _ in graphs.values() for node in source.graph.node}
+    ops = {node.op_type for _, quantized in graphs.values() for node in quantized.graph.node}
+    return {"method": dtype, "from": graph_dtype(dtype), "tool": "refformer.export.quantize.quantize_graph",
+            "ops_added": sorted(ops - source_ops)}
 
 
 def io_spec(model):
@@ -114,20 +157,24 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
                  static_length=None, fused_attention=False):
     """Export model_dir to out_dir (default: default_export_dir) through a temporary folder renamed into place.
 
-    Returns the manifest. measure=True runs refformer verify's random-input check on ONNX Runtime CPU
-    and records the error in the manifest. static_length adds decoder_static.onnx, the fixed-size-cache
+    Returns the manifest. dtype: fp32, fp16, or int8: the fp32 graphs, each quantized by quantize.quantize_graph
+    (weights int8; inputs, outputs and caches stay float32), named as such in the manifest ("dtype": "int8" and
+    "quantization": the method and the ops it adds; the standard-op decoders only, contract.QUANTIZED_VARIANTS).
+    measure=True runs refformer verify's random-input check on ONNX
+    Runtime CPU and records the error in the manifest. static_length adds decoder_static.onnx, the fixed-size-cache
     variant with in-graph argmax (for CUDA-graph replay), with that many cache slots. fused_attention adds
     decoder_fused.onnx: decoder.onnx's inputs and outputs, with ONNX Runtime's MultiHeadAttention contrib op;
     with static_length too, also decoder_static_mha.onnx (decoder_static.onnx's contract with contrib ops and
     fused norms) and, when the head size is a multiple of 8, decoder_static_fused.onnx (GroupQueryAttention
     over a cache updated in place).
 
-    Raises RefformerError for a bad option (a model_dir or out_dir that is not a path, flags that are not booleans),
+    Raises RefformerError for a bad option (a model_dir or out_dir that is not a path, flags that are not booleans,
+    int8 with fused_attention),
     a model using options the graphs do not compute yet (contract.check_exportable: one line naming them, before any
     work; contract.check_variants_exportable when fused_attention asks for the contrib-op variants), an out_dir
     that check_out_dir refuses (its parent must exist, unless it is one of export_locations), weights with NaN or
     inf (or beyond float16's range for fp16), or (measure=True) a measured error that is not finite or beyond the
-    dtype's bound (1e-5 fp32, 1e-2 fp16).
+    dtype's bound (contract.ERROR_BOUNDS).
     Leftovers of killed exports in the target's parent folder are removed first (recover_leftovers).
     """
     check_path("model_dir", model_dir)
@@ -141,8 +188,14 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
         static_length = int(static_length)
     if is_integer(opset):  # np.int64(17) was refused as "must be between 17 and 28, got 17"
         opset = int(opset)
-    if dtype not in DTYPES:
-        raise RefformerError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in EXPORT_DTYPES:
+        raise RefformerError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    if dtype in QUANTIZED_DTYPES and dtype not in QUANTIZE_METHODS:  # contract and quantize.py disagree: a bug
+        raise RefformerError(f"--dtype {dtype}: export/quantize.py has no method of that name "
+                             f"({', '.join(QUANTIZE_METHODS)}); please report it")
+    if dtype in QUANTIZED_DTYPES and fused_attention:
+        raise RefformerError(f"--dtype {dtype} sets hold the standard-op decoders only (decoder.onnx, and "
+                             "decoder_static.onnx with --static-length): leave out --fused-attention")
     newest = onnx.defs.onnx_opset_version()
     if not is_integer(opset) or not MIN_OPSET <= opset <= newest:
         raise RefformerError(f"--opset must be between {MIN_OPSET} (LayerNormalization) and {newest} "
@@ -163,7 +216,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
         raise RefformerError(f"--out {out_dir}: folder {out_dir.parent} does not exist; create it first")
     check_out_dir(model_dir, out_dir, f"the export folder {out_dir}" if own_place else None)
     cfg, params = load(model_dir)
-    check_weights(params, dtype, model_dir / WEIGHTS_FILE)
+    check_weights(params, graph_dtype(dtype), model_dir / WEIGHTS_FILE)
     if static_length is not None and static_length > cfg.max_positions:
         raise RefformerError(f"--static-length must be between 1 and max_positions={cfg.max_positions}, "
                              f"got {static_length}")
@@ -179,12 +232,13 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
         raise RefformerError(f"cannot write an export into {parent} ({error.strerror}): " + (
             CACHE_ADVICE if own_place else "pick a writable --out DIR")) from None
     try:
-        graphs = {name: build_reference_graph(cfg, params, name, dtype, opset)  # graph name -> model
+        float_dtype = graph_dtype(dtype)  # an int8 set is built in fp32, then quantized (write_graph)
+        graphs = {name: build_reference_graph(cfg, params, name, float_dtype, opset)  # graph name -> model
                   for name in reference_graphs(cfg.is_encoder_decoder)}
         variants = {}  # the faster decoders, each verified against decoder.onnx: graph name -> (variant, model)
         for variant in exported_variants(cfg.head_dim, static_length, fused_attention):
-            variants[decoder_graph(variant)] = variant, build_decoder_variant(cfg, params, variant, dtype, opset,
-                                                                              static_length)
+            variants[decoder_graph(variant)] = variant, build_decoder_variant(cfg, params, variant, float_dtype,
+                                                                              opset, static_length)
         graphs.update({name: model for name, (_, model) in variants.items()})
         manifest = {
             "format_version": MANIFEST_FORMAT,
@@ -197,12 +251,14 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),
         }
+        written = {}
         for name, model in graphs.items():
-            path = tmp / graph_file(name)
-            save_graph(model, path, external_data)
-            onnx.checker.check_model(str(path), full_check=True)
-            check_external_data(path)
-            manifest["graphs"][name] = {"file": graph_file(name), **io_spec(model)}
+            written[name] = model, write_graph(model, tmp, name, dtype, external_data)
+            manifest["graphs"][name] = {"file": graph_file(name), **io_spec(written[name][1])}
+        if dtype in QUANTIZED_DTYPES:
+            shutil.rmtree(tmp / SOURCE_FOLDER)
+            manifest["quantization"] = quantization_record(dtype, written)
+        del written
         for name, (variant, _) in variants.items():
             static = {} if variant == FUSED else {"max_length": static_length}
             manifest["graphs"][name].update(variant=variant, **static, verified_against=DECODER_FILE)
@@ -222,7 +278,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
                                      "nothing was written")
             if worst > ERROR_BOUNDS[dtype]:  # graphs that do not compute the model: never written, never used
                 bad = max(rows, key=lambda row: row["error"])
-                advice = ("export with --dtype fp32" if dtype == "fp16"
+                advice = ("export with --dtype fp32" if dtype != "fp32"
                           else "please report it with the model's config.json")
                 raise RefformerError(f"the exported graphs differ from refimpl by {worst:.2e} ({bad['check']}: "
                                      f"{bad['output']}), beyond the {dtype} bound {ERROR_BOUNDS[dtype]:.0e}; nothing "

@@ -35,6 +35,8 @@ from .contract import (
     NEXT_IDS,
     POSITION_IDS,
     PROVIDERS,
+    QUANTIZED_DTYPES,
+    QUANTIZED_PROVIDERS,
     STATIC,
     STATIC_VARIANTS,
     WRITE_INDEX,
@@ -42,6 +44,7 @@ from .contract import (
     cross_key,
     cross_value,
     decoder_graph,
+    graph_dtype,
     graph_file,
     graph_variant,
     past_key,
@@ -98,15 +101,16 @@ def run_decoder(sess, cfg, dtype, ids, positions, keep, past, cross=None, encode
     present in the graph's float type. Raises what sess.run raises (onnxruntime's errors) for feeds the graph refuses;
     the callers build them to the contract.
     """
+    float_type = NUMPY_TYPES[graph_dtype(dtype)]  # an int8 set's graphs take float32
     feeds = {INPUT_IDS: ids, POSITION_IDS: positions, ATTENTION_MASK: keep.astype(np.int64)}
     for i, (k, v) in enumerate(past):
-        feeds[past_key(i)] = k.astype(NUMPY_TYPES[dtype])
-        feeds[past_value(i)] = v.astype(NUMPY_TYPES[dtype])
+        feeds[past_key(i)] = k.astype(float_type)
+        feeds[past_value(i)] = v.astype(float_type)
     if cfg.is_encoder_decoder:
         feeds[ENCODER_ATTENTION_MASK] = encoder_keep.astype(np.int64)
         for i, (k, v) in enumerate(cross):
-            feeds[cross_key(i)] = k.astype(NUMPY_TYPES[dtype])
-            feeds[cross_value(i)] = v.astype(NUMPY_TYPES[dtype])
+            feeds[cross_key(i)] = k.astype(float_type)
+            feeds[cross_value(i)] = v.astype(float_type)
     outputs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     present = [(outputs[present_key(i)], outputs[present_value(i)]) for i in range(len(past))]
     return outputs[LOGITS], present
@@ -292,10 +296,9 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
         check_external_data(onnx_dir / name)
     dtype = manifest.get("dtype")
     if dtype not in ERROR_BOUNDS:
-        raise RefformerError(f"{onnx_dir}/manifest.json: dtype {dtype!r} is not fp32 or fp16: run `refformer "
-                             "export` again")
-    if providers is None:
-        providers = usable_providers()
+        raise RefformerError(f"{onnx_dir}/manifest.json: dtype {dtype!r} is not one of "
+                             f"{', '.join(ERROR_BOUNDS)}: run `refformer export` again")
+    providers = providers_for(dtype, usable_providers() if providers is None else providers)
     params64 = tree_cast(params, np.float64)
     rng = np.random.default_rng(seed)
     rows = []
@@ -314,6 +317,19 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
             rows += variant_checks(cfg, params64, sessions, onnx_dir, dtype, provider, manifest["graphs"], seed)
     bound = ERROR_BOUNDS[dtype]
     return [{**row, "bound": bound, "ok": bool(row["error"] <= bound)} for row in as_dicts(rows)], dtype
+
+
+def providers_for(dtype, providers):
+    """The providers verify runs an export set of dtype (a manifest's) on: providers, less those a quantized set
+    does not run on (contract.QUANTIZED_PROVIDERS: the CPU), as a list. Raises RefformerError when none is left (a
+    quantized set asked to run on CUDA only)."""
+    if dtype not in QUANTIZED_DTYPES:
+        return list(providers)
+    kept = [provider for provider in providers if provider in QUANTIZED_PROVIDERS]
+    if not kept:
+        raise RefformerError(f"{dtype} export sets run on {' and '.join(QUANTIZED_PROVIDERS)} only (ONNX Runtime's "
+                             "CUDA provider lacks their quantized ops): verify them with --provider cpu")
+    return kept
 
 
 @contextlib.contextmanager
@@ -382,7 +398,7 @@ def static_check(cfg, params64, sessions, onnx_dir, dtype, provider, seed=0, n_s
     _, cross = encoder_cross(cfg, sessions, src, src_keep)
     reference, _ = run_decoder(sessions[DECODER], cfg, dtype, ids, positions, keep, empty_cache(cfg, 3, np.float32),
                                cross, src_keep)
-    zeros = np.zeros((3, cfg.n_kv_heads, L, cfg.head_dim), NUMPY_TYPES[dtype])
+    zeros = np.zeros((3, cfg.n_kv_heads, L, cfg.head_dim), NUMPY_TYPES[graph_dtype(dtype)])
     caches = [(zeros, zeros) for _ in range(cfg.n_decoder_layers)]
     mask = np.zeros((3, L), np.int64)
     logits, argmax_ok = [], True
