@@ -202,6 +202,19 @@ def auto_variant(cfg, on_cuda, dtype):
     return (contract.STATIC_MHA, contract.STATIC)
 
 
+def runtime_provider(provider, dtype):
+    """The ONNX Runtime provider a Generator of dtype runs on: resolve_provider(provider)'s (CUDA when it can be
+    loaded, for auto), except for a quantized dtype (int8), whose graphs run on the CPU only
+    (contract.QUANTIZED_PROVIDERS): auto is the CPU then. provider and dtype are checked (Generator.check_arguments).
+    Raises RefformerError for provider "cuda" with a quantized dtype, or resolve_provider's errors."""
+    if dtype not in contract.QUANTIZED_DTYPES:
+        return resolve_provider(provider)
+    if provider == "cuda":
+        raise RefformerError(f"{dtype} graphs run on the CPU only (ONNX Runtime's CUDA provider lacks their "
+                             "quantized ops): use the cpu or auto provider, or fp16 on CUDA")
+    return contract.QUANTIZED_PROVIDERS[0]
+
+
 class Generator:
     """Generation from a model directory (default: the bundled model) on ONNX Runtime.
 
@@ -234,7 +247,7 @@ class Generator:
         contract.check_exportable(self.cfg, ids=not self.checkpoint_options)
         self.tokenizer = model_tokenizer(self.model_dir)
         check_tokenizer_matches(self.cfg, self.tokenizer, f"{self.model_dir}/{TOKENIZER_FILE}", whose="config.json's")
-        self.provider = resolve_provider(provider)
+        self.provider = runtime_provider(provider, dtype)
         if variant not in VARIANTS:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         on_cuda = self.provider == contract.CUDA_PROVIDER
@@ -270,8 +283,9 @@ class Generator:
             raise RefformerError(f"provider must be auto, cuda or cpu, got {provider!r}")
         if not isinstance(variant, str) or variant not in VARIANTS:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        if not isinstance(dtype, str) or dtype not in contract.DTYPES:
-            raise RefformerError(f"dtype must be fp32 or fp16, got {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in contract.EXPORT_DTYPES:
+            raise RefformerError(f"dtype must be {', '.join(contract.EXPORT_DTYPES[:-1])} or "
+                                 f"{contract.EXPORT_DTYPES[-1]}, got {dtype!r}")
         if threads is not None and not (is_integer(threads) and threads >= 1):
             raise RefformerError(f"threads must be an integer >= 1, got {threads!r}")
         if not isinstance(truncate, bool):
@@ -303,6 +317,11 @@ class Generator:
         if not isinstance(variant, str) or variant not in VARIANTS[1:]:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS[1:])}, got {variant!r}")
         dtype, threads = self.dtype, self.threads
+        float_dtype = contract.graph_dtype(dtype)  # the graphs' inputs and caches: an int8 set's are float32
+        if dtype in contract.QUANTIZED_DTYPES and variant not in contract.QUANTIZED_VARIANTS:
+            raise RefformerError(f"the {variant} decoder has no {dtype} graph (an {dtype} export holds the "
+                                 f"{' and '.join(contract.QUANTIZED_VARIANTS)} decoders): use variant auto, "
+                                 f"{' or '.join(contract.QUANTIZED_VARIANTS)}")
         if variant == contract.STATIC_FUSED and not contract.gqa_supported(self.cfg.head_dim):
             raise RefformerError(f"the static_fused variant needs a head size that is a multiple of 8 (ONNX Runtime's "
                                  f"GroupQueryAttention); this model's is {self.cfg.head_dim}: use static_mha")
@@ -310,11 +329,11 @@ class Generator:
             static_length = static_length or self.cfg.max_positions
             fused = variant != contract.STATIC
             self.onnx_dir = ensure_export(self.model_dir, dtype, static_length, fused_attention=fused)
-            return StaticOrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads, cuda_graph=cuda_graph,
+            return StaticOrtStepper(self.cfg, self.onnx_dir, float_dtype, self.provider, threads, cuda_graph=cuda_graph,
                                     decoder_file=contract.graph_file(contract.decoder_graph(variant)))
         fused = variant == contract.FUSED
         self.onnx_dir = ensure_export(self.model_dir, dtype, fused_attention=fused)
-        return OrtStepper(self.cfg, self.onnx_dir, dtype, self.provider, threads,
+        return OrtStepper(self.cfg, self.onnx_dir, float_dtype, self.provider, threads,
                           decoder_file=contract.graph_file(contract.decoder_graph(variant)))
 
     # ------------------------------------------------------------ text <-> ids
@@ -545,3 +564,104 @@ class Generator:
         final = self.decode(tokens)
         if final != shown:
             yield final[len(shown):] if final.startswith(shown) else final
+
+
+# ------------------------------------------------------------ refformer eval --dtype: the exported graphs measured
+
+TRANSLATION_BATCH = 64  # rows per greedy batch, as refimpl.training.evaluate.translate_examples batches them
+
+
+def evaluate_on_runtime(data_dir, model_dir=None, split="valid", *, dtype="fp32", provider="auto", threads=None,
+                        max_sentences=None, max_tokens=4096):
+    """`refformer eval --dtype`: refimpl.training.setup.evaluate_split's measurement, with the export set of dtype
+    (fp32, fp16 or int8) on ONNX Runtime doing the work through a Generator (exported on first use, provider and
+    decoder variant chosen as generate chooses them): the loss is the mean cross-entropy (nats per target token) of the
+    decoder graph fed each whole target (teacher forcing, as refimpl's evaluate feeds model_forward), and BLEU/chrF
+    (sacrebleu, encoder-decoder models) score greedy decoding through the same graphs with refimpl's default
+    GenerationOptions, batched by source length as refimpl's translate_examples batches them (a row's output does not
+    depend on its batch).
+
+    Returns (cfg, result) with evaluate_split's keys (split, examples, skipped_too_long, tokens, loss, perplexity, bleu,
+    chrf, seconds, notes), and "dtype", "provider", "variant" and "hypotheses" (the greedy texts in the split's
+    order; None for decoder-only models). Raises RefformerError for what Generator raises (a bad dtype, int8 asked
+    for on CUDA, a failed export), a missing or unreadable split (load_examples), and running out of memory.
+    """
+    import math
+    import time
+
+    from refformer.refimpl.generate import GenerationOptions
+    from refformer.refimpl.io import load_tokenizer
+    from refformer.refimpl.loss import cross_entropy_forward
+    from refformer.refimpl.model import left_padded_positions
+    from refformer.refimpl.training.batching import make_batches
+    from refformer.refimpl.training.data import SUFFIX, not_a_file, split_path
+    from refformer.refimpl.training.setup import load_examples
+
+    generator = Generator(model_dir, provider=provider, dtype=dtype, threads=threads)
+    cfg, stepper = generator.cfg, generator.stepper
+    path = split_path(data_dir, split, cfg.family)
+    if not_a_file(path):
+        raise RefformerError(f"{path} {not_a_file(path)}: {cfg.family} models are evaluated on "
+                             f"{split}{SUFFIX[cfg.family]}, a regular file")
+    tokenizer = load_tokenizer(generator.model_dir)
+    examples, references, dropped = load_examples(data_dir, split, cfg.family, tokenizer, cfg, max_sentences)
+    start = time.perf_counter()
+    total, n_tokens, notes = 0.0, 0, []
+    try:
+        for batch in make_batches(examples, max_tokens=max_tokens, pad_id=cfg.pad_id, shuffle_ties=False):
+            stepper.start(batch.src_ids, batch.src_mask, batch.n_rows)
+            keep = batch.tgt_mask.astype(np.int64)  # [B, T]: right-padded targets, bos first
+            logits = stepper.step(batch.tgt_ids, left_padded_positions(keep), keep)  # [B, T, V]
+            loss, _ = cross_entropy_forward(logits.astype(np.float64), batch.labels, ignore_id=cfg.pad_id)
+            tokens = int((batch.labels != cfg.pad_id).sum())
+            total += float(loss) * tokens
+            n_tokens += tokens
+        loss = total / max(n_tokens, 1)
+        hypotheses = bleu = chrf = None
+        if cfg.is_encoder_decoder and examples:
+            hypotheses = translate_on_runtime(generator, examples, max_tokens, GenerationOptions(), tokenizer)
+            try:
+                import sacrebleu
+            except ImportError:
+                notes.append("BLEU/chrF skipped: sacrebleu is not installed (pip install 'refformer[train]')")
+            else:
+                bleu = sacrebleu.corpus_bleu(hypotheses, [list(references)]).score
+                chrf = sacrebleu.corpus_chrf(hypotheses, [list(references)]).score
+    except MemoryError:
+        raise RefformerError("out of memory while evaluating: lower --max-tokens") from None
+    if not math.isfinite(loss):
+        notes.append(f"the loss is {loss}: the model's outputs overflow (its weights are too large); retrain it")
+    perplexity = math.exp(min(loss, 700.0)) if not math.isnan(loss) else math.nan
+    return cfg, {"split": split, "examples": len(examples), "skipped_too_long": dropped, "tokens": n_tokens,
+                 "loss": loss, "perplexity": perplexity, "bleu": bleu, "chrf": chrf,
+                 "seconds": round(time.perf_counter() - start, 2), "notes": notes, "dtype": dtype,
+                 "provider": generator.provider, "variant": generator.variant, "hypotheses": hypotheses}
+
+
+def translate_on_runtime(generator, examples, max_tokens, options, tokenizer):
+    """Greedy translations (texts, in the examples' order) of (src_ids, tgt_ids, labels) examples through the
+    generator's stepper: batches of up to TRANSLATION_BATCH sources of similar length (about max_tokens // (3 x the
+    longest source) rows), each output cut at its eos and decoded by tokenizer (a tokenizers.Tokenizer, refimpl's
+    load_tokenizer) with the special tokens skipped.
+
+    Raises RefformerError for what refimpl.generate.generate raises (bad options or inputs).
+    """
+    from refformer.refimpl.generate import generate as search
+    from refformer.refimpl.training.batching import collate
+
+    cfg = generator.cfg
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    hypotheses = [None] * len(examples)
+    start = 0
+    while start < len(order):
+        longest = len(examples[order[min(start + TRANSLATION_BATCH - 1, len(order) - 1)]][0])
+        rows = max(1, min(TRANSLATION_BATCH, max_tokens // (3 * longest)))  # source + about twice as many generated
+        chunk = order[start:start + rows]
+        batch = collate([(examples[i][0], [cfg.bos_id], [cfg.eos_id]) for i in chunk], pad_id=cfg.pad_id)
+        outputs = search(cfg, None, src_ids=batch.src_ids, src_mask=batch.src_mask.astype(np.int64), options=options,
+                         stepper=generator.stepper)
+        for i, candidates in zip(chunk, outputs):
+            ids = candidates[0]
+            hypotheses[i] = tok.decode(tokenizer, ids[:ids.index(cfg.eos_id)] if cfg.eos_id in ids else ids)
+        start += len(chunk)
+    return hypotheses

@@ -257,7 +257,7 @@ def test_bad_library_input_is_a_refformer_error(runtime, call, message):
 
 @pytest.mark.parametrize("arguments, message", [
     (dict(threads=0), "threads must be an integer >= 1"), (dict(threads=-1), "threads"), (dict(threads=1.5), "threads"),
-    (dict(dtype="fp64"), "dtype must be fp32 or fp16"), (dict(truncate="yes"), "truncate"),
+    (dict(dtype="fp64"), "dtype must be fp32, fp16 or int8"), (dict(truncate="yes"), "truncate"),
     (dict(static_length=0), "static_length"), (dict(model_dir=5), "model_dir must be a folder path"),
     (dict(provider="tpu"), "provider must be auto, cuda or cpu"), (dict(variant="fast"), "variant must be one of"),
 ])
