@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from refformer.export.contract import DEFAULT_OPSET, DTYPES
+from refformer.export.contract import DEFAULT_OPSET
 from refformer.export.session import PROVIDER_OPTIONS, resolve_providers
 from refformer.refimpl.errors import RefformerError
 from refformer.runtime.errors import one_line_errors
-from refformer.runtime.options import NonEmptyPath, model_option, resolve_model
+from refformer.runtime.options import NonEmptyPath, dtype_option, model_option, resolve_model
 
 MAX_SPECIAL_ID = 2**31 - 1  # token ids are int64 in the graphs; a vocabulary is far smaller than this anyway
 
@@ -143,7 +143,8 @@ def variant_options(helps):
 
 @click.command("export")
 @model_option
-@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
+@dtype_option("fp32", "Graph precision. int8: the fp32 graphs with int8 weights (ONNX Runtime's quantization; "
+              "float32 inputs and outputs, CPU only), without --fused-attention.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset (>= 17 for LayerNormalization).")
 @click.option("--out", "out_dir", type=NonEmptyPath(file_okay=False), default=None,
@@ -181,7 +182,7 @@ def export_command(model_dir, dtype, opset, out_dir, external_data, static_lengt
 @click.option("--onnx-dir", type=NonEmptyPath(file_okay=False), default=None,
               help="Export folder (default: the export set of --model named by --dtype, --static-length and "
                    "--fused-attention; without them fp32, or the only one there is).")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Which export set (default fp32).")
+@dtype_option(None, "Which export set (default fp32).")
 @variant_options(VERIFY_VARIANT_HELP)
 @click.option("--provider", type=click.Choice(sorted(PROVIDER_OPTIONS)), default="auto", show_default=True,
               help="auto: CPU, plus CUDA when it can be loaded.")
@@ -196,8 +197,8 @@ def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, p
     errors) as one line `error: ...` and exits 1.
     """
     from refformer.export.contract import check_exportable
-    from refformer.export.folder import find_export
-    from refformer.export.verify import verify
+    from refformer.export.folder import find_export, read_manifest
+    from refformer.export.verify import providers_for, verify
     from refformer.refimpl.io import load_config
 
     check_seed(seed)
@@ -212,7 +213,7 @@ def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, p
     elif dtype is not None or static_length is not None or fused_attention:
         raise RefformerError("--onnx-dir names the export folder: leave out --dtype, --static-length and "
                              "--fused-attention")
-    providers = resolve_providers(provider, checking=True)
+    providers = providers_for(read_manifest(onnx_dir).get("dtype"), resolve_providers(provider, checking=True))
     click.echo(f"verifying {onnx_dir} on {', '.join(providers)}")
     rows, dtype = verify(model_dir, onnx_dir, providers, seed)
     width = max(len(row["output"]) for row in rows)

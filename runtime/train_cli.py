@@ -12,7 +12,7 @@ import click
 
 from refformer.refimpl.config import ACTIVATIONS, FAMILIES
 from refformer.runtime.errors import one_line_errors
-from refformer.runtime.options import NonEmptyPath, model_option, resolve_model
+from refformer.runtime.options import NonEmptyPath, dtype_option, model_option, resolve_model
 from refformer.runtime.outputs import refuse_package_folder
 
 # ---------------------------------------------------------------------------- refformer train
@@ -173,27 +173,39 @@ def _summary(result, out_dir, steps=None):
 @click.option("--max-sentences", type=int, default=None, help="Evaluate only the first N examples of the split.")
 @click.option("--max-tokens", type=int, default=4096, show_default=True, help="Padded tokens per batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@dtype_option(None, "Run the model's export set of this dtype on ONNX Runtime (exported on first use; the provider "
+                    "and decoder generate picks) instead of the NumPy reference (the default).")
 @one_line_errors
-def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json):
+def evaluate(data_dir, model_dir, split, max_sentences, max_tokens, as_json, dtype):
     """Loss, perplexity and (translation) greedy BLEU/chrF of --model (default: the bundled model) on a split
-    of DATA_DIR.
+    of DATA_DIR, computed by the NumPy reference, or with --dtype by the exported graphs on ONNX Runtime.
 
     \f
     Raises nothing to its caller: one_line_errors prints the RefformerError of check_evaluation (a bad flag or
-    folder) or evaluate_split (a missing or diverged model, an unreadable split, too little memory) as one line `error:
-    ...` and exits 1.
+    folder), evaluate_split or evaluate_on_runtime (a missing or diverged model, an unreadable split, too little
+    memory, a failed export, int8 on CUDA) as one line `error: ...` and exits 1.
     """
     from refformer.refimpl.training.setup import check_evaluation, evaluate_split
 
     check_evaluation(data_dir, model_dir, split, max_sentences, max_tokens)
-    cfg, result = evaluate_split(data_dir, resolve_model(model_dir), split, max_sentences=max_sentences,
-                                 max_tokens=max_tokens)
+    if dtype is None:
+        cfg, result = evaluate_split(data_dir, resolve_model(model_dir), split, max_sentences=max_sentences,
+                                     max_tokens=max_tokens)
+        result["decoding"] = "NumPy reference"
+    else:
+        from refformer.runtime.generator import evaluate_on_runtime
+
+        cfg, result = evaluate_on_runtime(data_dir, resolve_model(model_dir), split, dtype=dtype,
+                                          max_sentences=max_sentences, max_tokens=max_tokens)
+        del result["hypotheses"]
+        result["decoding"] = (f"ONNX Runtime {result.pop('dtype')} ({result.pop('provider')}, "
+                              f"{result.pop('variant')} decoder)")
     if as_json:  # strict JSON: a NaN or infinite loss (extreme weights) is null, not NaN/Infinity
         click.echo(json.dumps({key: None if isinstance(value, float) and not math.isfinite(value) else value
                                for key, value in result.items()}, indent=2, allow_nan=False))
         return
     dropped = result["skipped_too_long"]
-    rows = [("split", split),
+    rows = [("split", split), ("decoding", result["decoding"]),
             ("examples", f"{result['examples']}" + (f" ({dropped} too long, skipped)" if dropped else "")),
             ("tokens", f"{result['tokens']}"), ("loss", format_number(result["loss"], 4)),
             ("perplexity", format_number(result["perplexity"], 2))]
