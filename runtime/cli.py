@@ -3,6 +3,7 @@
 import click
 
 from refformer import __version__
+from refformer.runtime.batch_cli import batch
 from refformer.runtime.data_cli import data, tokenizer
 from refformer.runtime.export_cli import convert_torch_command, export_command, golden_command, verify_command
 from refformer.runtime.generate_cli import generate
@@ -23,5 +24,5 @@ def main():
 
 
 for command in (generate, export_command, verify_command, golden_command, convert_torch_command, data, tokenizer,
-                train, evaluate, import_hf_command, serve_command):
+                train, evaluate, import_hf_command, serve_command, batch):
     main.add_command(command)
