@@ -182,13 +182,15 @@ def _rows():
         "--batch-size": ["0", "-1", "x"],
         "--threads": ["0", "-1", "two"],
         "--seed": ["-1", "-99999999999", "1.5", "nan"],
-        "--dtype": ["fp8", "float32", ""],
+        "--dtype": ["fp8", "float32", "", "int4"],
         "--provider": ["tpu", ""],
         "--variant": ["fastest", ""],
     }.items():
         for value in values:
             add(GEN, [option, value, "w4 w5"], option.lstrip("-").split("-")[-1])
     add(GEN, ["--min-new-tokens", "5", "--max-new-tokens", "2", "w4"], "new_tokens")
+    add(["generate", "--model", "{ws}/model", "--provider", "cuda", "--dtype", "int8", "w4"], [], "CPU only")
+    add(GEN, ["--dtype", "int8", "--variant", "fused", "w4"], "int8")
     add(GEN, ["--num-beams", "2", "--num-return-sequences", "3", "w4"], "num")
     add(GEN, ["--do-sample", "--num-beams", "2", "w4"], "beam")
     add(GEN, [], "text")
@@ -224,12 +226,14 @@ def _rows():
     # ---- export
     for option, values in {
         "--opset": ["0", "-1", "16", "1000", "x", "nan"],
-        "--dtype": ["fp8", "bf16"],
+        "--dtype": ["fp8", "bf16", "int4"],
         "--static-length": ["0", "-1", "100000000000", "x"],
     }.items():
         for value in values:
             add(EXPORT, [option, value, "--out", "{ws}/new-export"], option.lstrip("-").split("-")[0])
     add(EXPORT, ["--out", "{ws}/user-folder"], "user-folder")
+    add(EXPORT, ["--dtype", "int8", "--fused-attention", "--out", "{ws}/new-export"], "fused-attention")
+    add(["export", "--model", "{ws}/nan-model", "--dtype", "int8", "--out", "{ws}/new-export"], [], "finite")
     add(EXPORT, ["--out", "{ws}/model"], "model")
     add(EXPORT, ["--out", "{ws}"], "model")
     add(EXPORT, ["--out", "{ws}/plain.txt"], "plain.txt")
@@ -254,6 +258,8 @@ def _rows():
     add(VERIFY, ["--onnx-dir", ""], "empty")
     add(VERIFY, ["--seed", "x"], "seed")
     add(VERIFY, ["--provider", "gpu"], "provider")
+    add(VERIFY, ["--dtype", "int4"], "dtype")
+    add(VERIFY, ["--dtype", "int8"], "refformer export")
     add(["verify", "{ws}/model"], [], "--model")
     add(["verify", "--model", "{ws}/missing"], [], "missing")
     for name, change in list(BAD_CONFIGS.items())[:8]:
@@ -392,6 +398,11 @@ def _rows():
     add(EVAL, ["--max-sentences", "-1"], "max-sentences")
     add(EVAL, ["--max-tokens", "0"], "max-tokens")
     add(EVAL, ["--max-tokens", "-5"], "max-tokens")
+    add(EVAL, ["--dtype", "int4"], "dtype")
+    add(EVAL, ["--dtype", ""], "dtype")
+    add(EVAL, ["--dtype", "int8", "--max-tokens", "0"], "max-tokens")
+    add(["eval", "{ws}/data", "--model", "{ws}/nan-model", "--dtype", "int8"], [], "finite")
+    add(["eval", "{ws}/data", "--model", "{ws}/model", "--dtype", "int8", "--split", "train"], [], "split")
     add(["eval", "{ws}/model", "{ws}/data"], [], "--model")
     add(["eval", "{ws}/model"], [], "is a model folder")
     add(["eval", "", "--model", "{ws}/model"], [], "empty")
