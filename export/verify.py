@@ -263,7 +263,9 @@ def export_checks(cfg, params, onnx_dir, dtype, graphs, seed=0):
 def verify(model_dir, onnx_dir=None, providers=None, seed=0):
     """All checks on every usable provider -> (rows, dtype). A row: dict(check, provider, output, error, bound, ok).
 
-    onnx_dir defaults to find_export(model_dir) (fp32, or the only export set there is). Raises RefformerError for a
+    onnx_dir defaults to find_export(model_dir) (fp32, or the only export set there is). The bound is the export
+    set's dtype's (contract.ERROR_BOUNDS: fp32, fp16, int8); an int8 set runs on the CPU only (providers_for, which
+    drops CUDA from providers, and refuses CUDA alone). Raises RefformerError for a
     negative seed, a model_dir or onnx_dir that is not a path, providers that are not a non-empty list of known
     providers, a model using options the graphs do not compute yet (contract.check_exportable), a missing, stale or
     damaged export (a file whose sha256 is not the manifest's: graphs of another

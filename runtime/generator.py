@@ -219,7 +219,7 @@ class Generator:
     """Generation from a model directory (default: the bundled model) on ONNX Runtime.
 
     The model is exported first when its export set (onnx/<dtype>[-static<L>][-fused], or the per-user cache for
-    the bundled and read-only models) is missing or stale. provider: auto, cuda or cpu.
+    the bundled and read-only models) is missing or stale. provider: auto, cuda or cpu. dtype: fp32, fp16 or int8.
 
     Generator(...) raises RefformerError for a bad argument, a missing or broken model folder, or an export that fails
     (see __init__).
@@ -233,9 +233,13 @@ class Generator:
         norms), "static_fused" (decoder_static_fused.onnx: GroupQueryAttention writing the cache in place) or
         "auto" (see auto_variant: static_fused in fp16 and static_mha in fp32 on CUDA, with a probed fallback and a
         notice; the reference graph on the CPU). static_length defaults to max_positions. threads: ONNX Runtime's
-        intra-op threads (an integer >= 1; more than os.cpu_count() is capped to it).
+        intra-op threads (an integer >= 1; more than os.cpu_count() is capped to it). dtype: "fp32" (the default:
+        the path exact against refimpl and transformers), "fp16", or "int8" (the fp32 graphs with int8 weights,
+        export/quantize.py: float32 in and out, ids close to fp32's but not exact; the CPU only, so provider auto is
+        the CPU; the reference and static decoders only).
 
-        Raises RefformerError for a bad argument, a missing or broken model folder, or an export that fails."""
+        Raises RefformerError for a bad argument, a missing or broken model folder, or an export that fails; for
+        dtype int8 with provider cuda or a contrib-op variant (fused, static_mha, static_fused)."""
         self.check_arguments(model_dir, provider, dtype, threads, truncate, variant, static_length, cuda_graph)
         threads = capped_threads(threads)
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
