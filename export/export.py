@@ -28,6 +28,7 @@ from .contract import (
     FUSED,
     MIN_OPSET,
     QUANTIZED_DTYPES,
+    QUANTIZED_VARIANTS,
     REFERENCE,
     check_exportable,
     check_variants_exportable,
@@ -159,7 +160,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
 
     Returns the manifest. dtype: fp32, fp16, or int8: the fp32 graphs, each quantized by quantize.quantize_graph
     (weights int8; inputs, outputs and caches stay float32), named as such in the manifest ("dtype": "int8" and
-    "quantization": the method and the ops it adds; the standard-op decoders only, contract.QUANTIZED_VARIANTS).
+    "quantization": the method and the ops it adds; the decoders of contract.QUANTIZED_VARIANTS only).
     measure=True runs refformer verify's random-input check on ONNX
     Runtime CPU and records the error in the manifest. static_length adds decoder_static.onnx, the fixed-size-cache
     variant with in-graph argmax (for CUDA-graph replay), with that many cache slots. fused_attention adds
@@ -193,9 +194,6 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
     if dtype in QUANTIZED_DTYPES and dtype not in QUANTIZE_METHODS:  # contract and quantize.py disagree: a bug
         raise RefformerError(f"--dtype {dtype}: export/quantize.py has no method of that name "
                              f"({', '.join(QUANTIZE_METHODS)}); please report it")
-    if dtype in QUANTIZED_DTYPES and fused_attention:
-        raise RefformerError(f"--dtype {dtype} sets hold the standard-op decoders only (decoder.onnx, and "
-                             "decoder_static.onnx with --static-length): leave out --fused-attention")
     newest = onnx.defs.onnx_opset_version()
     if not is_integer(opset) or not MIN_OPSET <= opset <= newest:
         raise RefformerError(f"--opset must be between {MIN_OPSET} (LayerNormalization) and {newest} "
@@ -206,6 +204,11 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
     check_exportable(load_config(model_dir), ids=False)  # a missing or bad model folder, or options the graphs
     # do not compute
     check_variants_exportable(load_config(model_dir), static_length, fused_attention)  # ... or a variant does not
+    unquantized = [variant for variant in exported_variants(load_config(model_dir).head_dim, static_length,
+                                                            fused_attention) if variant not in QUANTIZED_VARIANTS]
+    if dtype in QUANTIZED_DTYPES and unquantized:  # (all of them --fused-attention's)
+        raise RefformerError(f"--dtype {dtype} sets hold the {' and '.join(QUANTIZED_VARIANTS)} decoders only, not "
+                             f"{', '.join(unquantized)}: leave out --fused-attention")
     if out_dir is None:
         out_dir = default_export_dir(model_dir, dtype, static_length, fused_attention)
     out_dir = Path(out_dir)

@@ -118,7 +118,7 @@ def test_int8_beyond_its_bound_is_not_written(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dtype", "int8", "--fused-attention"], "--dtype int8 sets hold the standard-op decoders only"),
+    (["--dtype", "int8", "--fused-attention"], "--dtype int8 sets hold the reference and static decoders only"),
     (["--dtype", "int8", "--fused-attention", "--static-length", "8"], "leave out --fused-attention"),
 ])
 def test_int8_refusals_are_one_line(tmp_path, args, message):
