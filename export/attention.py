@@ -63,40 +63,50 @@ def sequence_indices(g, ids, keep, at):
 
 
 def rotary_tables(g, cfg, positions, at):
-    """Twin of refimpl.attention.rotary_tables: RoPE's cos, sin of positions [B, T] int64, as [B, 1, T, Dh] in g's
-    float type (broadcast over the heads). angle[b, t, i] = positions[b, t] * inv_freq[i mod Dh/2], inv_freq =
-    rope_theta ** -(0, 2, .., Dh - 2) / Dh (Su et al. 2021, in transformers' rotate-half layout), computed in float64
-    as refimpl computes it, then cast:
+    """Twin of refimpl.attention.rotary_tables: RoPE's cos and sign-folded sin of positions [B, T] int64, as
+    [B, 1, T, Dh] in g's float type (broadcast over the heads). angle[b, t, i] = positions[b, t] * inv_freq[i mod
+    Dh/2], inv_freq = rope_theta ** -(0, 2, .., Dh - 2) / Dh (Su et al. 2021, in transformers' rotate-half layout),
+    computed in float64 as refimpl computes it, then cast. The sin table comes with rotate_half's sign folded in
+    (-sin on the first half, sin on the second), so that rotate needs no Neg: (-x2) sin = x2 (-sin) exactly.
 
-    positions ─Cast(double)─Unsqueeze─Mul(inv_freq ++ inv_freq)─┬─Cos─Cast─Unsqueeze─▶ cos
-                                                                └─Sin─Cast─Unsqueeze─▶ sin
+    positions ─Cast(double)─Unsqueeze─Mul(inv_freq ++ inv_freq)─┬─Cos──────────────Cast─Unsqueeze─▶ cos
+                                                                └─Sin─Mul(-1 ++ 1)─Cast─Unsqueeze─▶ signed sin
 
-    No checks: reached only through export_model, which loads a checked cfg (an even head_dim) and params.
+    Computed once per stack and step (every layer reads them). No checks: reached only through export_model, which
+    loads a checked cfg (an even head_dim) and params.
     """
     Dh = cfg.head_dim
     inv_freq = 1.0 / float(cfg.rope_theta) ** (np.arange(0, Dh, 2, dtype=np.float64) / Dh)
     frequencies = g.const(np.concatenate([inv_freq, inv_freq]), "rope_inv_freq", np.float64)  # [Dh]
+    signs = g.const(np.repeat([-1.0, 1.0], Dh // 2), "rope_half_signs", np.float64)  # [Dh]
     as_double = g.cast(positions, TensorProto.DOUBLE, at)
     angles = g.op("Mul", [g.op("Unsqueeze", [as_double, g.const([2], "axes_2")], at), frequencies], at)  # [B, T, Dh]
     tables = []
     for op in ("Cos", "Sin"):
-        table = g.cast(g.op(op, [angles], at), g.float_type, at, name=f"Cast{op}")
+        table = g.op(op, [angles], at)
+        if op == "Sin":
+            table = g.op("Mul", [table, signs], at, name="SignedSin")
+        table = g.cast(table, g.float_type, at, name=f"Cast{op}")
         tables.append(g.op("Unsqueeze", [table, g.const([1], "axes_1")], at, name=f"Unsqueeze{op}"))
     return tuple(tables)
 
 
 def rotate(g, x, rotary, head_dim, at):
     """Twin of refimpl.attention.rotary_forward: x [B, h, T, Dh] -> x * cos + rotate_half(x) * sin with rotary =
-    (cos, sin) [B, 1, T, Dh] (rotary_tables); rotate_half(x) = cat(-x[..., Dh/2:], x[..., :Dh/2]) (transformers'
-    rotate_half).
+    (cos, signed sin) [B, 1, T, Dh] (rotary_tables); rotate_half(x) = cat(-x[..., Dh/2:], x[..., :Dh/2])
+    (transformers' rotate_half), computed as cat(x[..., Dh/2:], x[..., :Dh/2]) (one Gather of the swapped halves)
+    times the signed sin: the same products.
+
+    x ─┬─Mul(cos)──────────────────────────┐
+       └─Gather(swap halves)─Mul(signed sin)─Add─▶ rotated x
 
     x and the output in g's float type. No checks: reached only through export_model.
     """
-    cos, sin = rotary
+    cos, signed_sin = rotary
     half = head_dim // 2
-    first, second = g.op("Split", [x, g.const([half, half], "rope_halves")], at, n_outputs=2, axis=-1)
-    rotated = g.op("Concat", [g.op("Neg", [second], at), first], at, name="RotateHalf", axis=-1)
-    return g.op("Add", [g.op("Mul", [x, cos], at), g.op("Mul", [rotated, sin], at)], at, name="Rotary")
+    swap = g.const(np.concatenate([np.arange(half, head_dim), np.arange(half)]), "rope_swap_halves")
+    swapped = g.op("Gather", [x, swap], at, name="SwapHalves", axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos], at), g.op("Mul", [swapped, signed_sin], at)], at, name="Rotary")
 
 
 def relative_bucket_table(cfg, bidirectional):
@@ -152,17 +162,24 @@ def repeat_kv(g, x, n_heads, n_rep, head_dim, at, name):
 
 def attention(g, q, k, v, mask, scale, at, *, groups=None, position_bias=None):
     """Twin of refimpl.attention.attention_forward (Vaswani et al. 2017, eq. 1): softmax(q k^T * scale + position_bias,
-    masked) v. q [B, H, T, Dh], k, v [B, Hkv, S, Dh] (groups = (H, Hkv, Dh) when Hkv < H: repeat_kv), mask bool
-    broadcasting to [B, H, T, S] (True = attend), position_bias float32 broadcasting to [B, H, T, S] or None
-    -> [B, H, T, Dh].
+    masked) v. q [B, H, T, Dh], k, v [B, Hkv, S, Dh] (groups = (H, Hkv, Dh) when Hkv < H), mask bool broadcasting
+    to [B, H, T, S] (True = attend), position_bias float32 broadcasting to [B, H, T, S] or None -> [B, H, T, Dh].
 
     The softmax runs in float32 (fp16 graphs too); rows with every key masked give zeros, as refimpl's:
     q ─MatMul(k^T)─Cast─Mul(scale)─Add(position_bias)?─Where(mask, ·, lowest)─Softmax─Mul(mask)─Cast─MatMul(v)─▶ out
 
+    Grouped-query attention (Hkv < H, Ainslie et al. 2023; query head h reads kv head h // (H / Hkv), as
+    transformers' repeat_kv): without a position bias, q is viewed as [B, Hkv, G, T, Dh] (G = H / Hkv) against k, v
+    as [B, Hkv, 1, S, Dh], so MatMul's broadcasting reads each kv head for its G query heads without copying the
+    cache G times (grouped_scores); with one, k and v are repeated (repeat_kv).
+
     q, k, v and the output in g's float type. No checks: reached only through export_model, which loads a checked cfg
     and params.
     """
-    if groups is not None and groups[1] != groups[0]:
+    grouped = groups is not None and groups[1] != groups[0]
+    if grouped and position_bias is None:
+        return grouped_attention(g, q, k, v, mask, scale, at, groups)
+    if grouped:
         n_heads, n_kv_heads, head_dim = groups
         k = repeat_kv(g, k, n_heads, n_heads // n_kv_heads, head_dim, at, "Keys")
         v = repeat_kv(g, v, n_heads, n_heads // n_kv_heads, head_dim, at, "Values")
@@ -170,11 +187,39 @@ def attention(g, q, k, v, mask, scale, at, *, groups=None, position_bias=None):
     scores = g.op("Mul", [g.to_float32(scores, at, "CastScores"), g.const(scale, "attention_scale", np.float32)], at)
     if position_bias is not None:
         scores = g.op("Add", [scores, position_bias], at, name="PositionBias")
+    return masked_softmax_values(g, scores, mask, v, at)
+
+
+def masked_softmax_values(g, scores, mask, v, at):
+    """attention's second half: Where(mask, scores, lowest)─Softmax─Mul(mask)─Cast─MatMul(v) (scores float32, mask
+    bool broadcasting to them). Raises nothing: node building only."""
     lowest = g.const(np.finfo(np.float32).min, "lowest", np.float32)
     scores = g.op("Where", [mask, scores, lowest], at)
     probs = g.op("Softmax", [scores], at, axis=-1)
     probs = g.op("Mul", [probs, g.cast(mask, TensorProto.FLOAT, at, "CastMask")], at, name="ZeroMaskedRows")
     return g.op("MatMul", [g.to_graph_float(probs, at, "CastProbs"), v], at, name="MatMulPV")
+
+
+def grouped_attention(g, q, k, v, mask, scale, at, groups):
+    """attention for Hkv < H without a position bias, the same values without repeat_kv's copies:
+
+    q [B, H, T, Dh] ─Reshape [B, Hkv, G, T, Dh]─┐
+    k [B, Hkv, S, Dh] ─Unsqueeze(2)─Transpose───MatMul─▶ [B, Hkv, G, T, S] ─(attention's scale, mask, softmax)
+    v [B, Hkv, S, Dh] ─Unsqueeze(2)──────────────────────────────MatMul─Reshape─▶ [B, H, T, Dh]
+
+    mask [B, 1, T, S] (or broadcasting to it) gets an axis for G. Raises nothing: node building only.
+    """
+    n_heads, n_kv_heads, head_dim = groups
+    q = g.op("Reshape", [q, g.const([0, n_kv_heads, n_heads // n_kv_heads, -1, head_dim], "group_heads_shape")],
+             at, name="GroupHeads")
+    k = g.op("Unsqueeze", [k, g.const([2], "axes_2")], at, name="UnsqueezeKeys")
+    v = g.op("Unsqueeze", [v, g.const([2], "axes_2")], at, name="UnsqueezeValues")
+    scores = g.op("MatMul", [q, g.op("Transpose", [k], at, perm=[0, 1, 2, 4, 3])], at, name="MatMulQK")
+    scores = g.op("Mul", [g.to_float32(scores, at, "CastScores"), g.const(scale, "attention_scale", np.float32)], at)
+    mask = g.op("Unsqueeze", [mask, g.const([2], "axes_2")], at, name="UnsqueezeMask")
+    context = masked_softmax_values(g, scores, mask, v, at)
+    return g.op("Reshape", [context, g.const([0, n_heads, -1, head_dim], "merge_groups_shape")], at,
+                name="MergeGroups")
 
 
 def split_heads(g, x, n_heads, head_dim, at, shape_name="split_heads_shape"):
@@ -218,10 +263,11 @@ def project_kv(g, cfg, prefix, p, x, rotary=None):
     return k, v
 
 
-def mha_cached(g, cfg, prefix, p, xq, k, v, mask, *, rotary=None, position_bias=None):
+def mha_cached(g, cfg, prefix, p, xq, k, v, mask, *, rotary=None, position_bias=None, q=None):
     """Twin of refimpl.attention.mha_cached_forward: xq [B, T, D] attends to projected k, v [B, Hkv, S, Dh] ->
     [B, T, D], with the scale cfg.attention_scale; rotary = (cos, sin) [B, 1, T, Dh] of the queries' positions
     rotates q (the keys were rotated when projected); position_bias float32 [1, H, T, S] is added to the scores.
+    q: xq's query projection [B, T, H Dh] when already made (packed_projections), else q_proj runs here.
 
     xq ─q_proj─SplitHeads─rotate?─attention(k, v, mask, position_bias)─MergeHeads─out_proj─▶ y
 
@@ -229,12 +275,39 @@ def mha_cached(g, cfg, prefix, p, xq, k, v, mask, *, rotary=None, position_bias=
     checked cfg and params.
     """
     at = node_path(prefix)
-    q = split_heads(g, linear(g, f"{prefix}.q_proj", p["q_proj"], xq), cfg.n_heads, cfg.head_dim, at + "/q")
+    if q is None:
+        q = linear(g, f"{prefix}.q_proj", p["q_proj"], xq)
+    q = split_heads(g, q, cfg.n_heads, cfg.head_dim, at + "/q")
     if rotary is not None:
         q = rotate(g, q, rotary, cfg.head_dim, at + "/q/rotary")
     context = attention(g, q, k, v, mask, cfg.attention_scale, at + "/attention",
                         groups=(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), position_bias=position_bias)
     return linear(g, f"{prefix}.out_proj", p["out_proj"], merge_heads(g, context, cfg.n_heads * cfg.head_dim, at))
+
+
+def packs_projections(cfg, p):
+    """Whether the self-attention's q, k and v projections run as one MatMul (packed_projections): for rotary models
+    (the imported Llama / Qwen2 families, where it was measured to pay on the CPU) whose three projections all have
+    a bias or none. Raises nothing."""
+    return cfg.positional == "rotary" and len({"bias" in p[name] for name in ("q_proj", "k_proj", "v_proj")}) == 1
+
+
+def packed_projections(g, cfg, prefix, p, x):
+    """ops.linear (refimpl.ops.linear_forward) of q_proj, k_proj and v_proj in one MatMul: x [B, T, D] @ [Wq | Wk |
+    Wv] (+ [bq | bk | bv]) -> Split -> q [B, T, H Dh], k, v [B, T, Hkv Dh] (the initializers PREFIX.qkv_proj.weight,
+    PREFIX.qkv_proj.bias). The same products as three MatMuls; one bigger MatMul uses the threads better and
+    reads x once.
+
+    Activations in g's float type. No checks: reached only through export_model, which loads a checked cfg and params.
+    """
+    at = node_path(prefix) + "/qkv_proj"
+    names = ("q_proj", "k_proj", "v_proj")
+    y = g.op("MatMul", [x, g.weight(f"{prefix}.qkv_proj.weight",
+                                    np.concatenate([p[n]["weight"] for n in names], axis=1))], at)
+    if "bias" in p["q_proj"]:
+        y = g.op("Add", [y, g.weight(f"{prefix}.qkv_proj.bias", np.concatenate([p[n]["bias"] for n in names]))], at)
+    widths = [cfg.n_heads * cfg.head_dim] + [cfg.n_kv_heads * cfg.head_dim] * 2
+    return g.op("Split", [y, g.const(widths, "qkv_widths")], at, n_outputs=3, axis=-1)
 
 
 def mha(g, cfg, prefix, p, xq, xkv, mask, *, rotary=None, position_bias=None):
@@ -295,15 +368,25 @@ def cached_self_attention(g, cfg, prefix, p, x, past_k, past_v, *, mask, update_
     x ─project_kv─▶ k_new, v_new ─update_cache(past, new)─▶ present k, v ─┐
     x ─────────────────────────────────────────────────mha_cached(present, mask)─▶ y
 
+    (q, k and v projected by one MatMul, packed_projections, where packs_projections says.)
+
     update_cache: concat_cache (the growing cache: present [B, H, P + T, Dh], mask [B, 1, T, P + T]) or
     write_cache(slot_mask) (the static cache: T = 1, present [B, H, L, Dh], mask [B, 1, 1, L]).
 
     Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
     checked cfg and params.
     """
-    k_new, v_new = project_kv(g, cfg, prefix, p, x, rotary)  # [B, Hkv, T, Dh]
     at = node_path(prefix)
+    q = None
+    if packs_projections(cfg, p):
+        q, k_new, v_new = packed_projections(g, cfg, prefix, p, x)
+        shape_name = "split_heads_shape" if cfg.n_kv_heads == cfg.n_heads else "split_kv_heads_shape"
+        k_new = split_heads(g, k_new, cfg.n_kv_heads, cfg.head_dim, at + "/k", shape_name)
+        v_new = split_heads(g, v_new, cfg.n_kv_heads, cfg.head_dim, at + "/v", shape_name)
+        k_new = rotate(g, k_new, rotary, cfg.head_dim, at + "/k/rotary")
+    else:
+        k_new, v_new = project_kv(g, cfg, prefix, p, x, rotary)  # [B, Hkv, T, Dh]
     present_k = update_cache(g, at + "/key_cache", past_k, k_new)
     present_v = update_cache(g, at + "/value_cache", past_v, v_new)
-    y = mha_cached(g, cfg, prefix, p, x, present_k, present_v, mask, rotary=rotary, position_bias=position_bias)
+    y = mha_cached(g, cfg, prefix, p, x, present_k, present_v, mask, rotary=rotary, position_bias=position_bias, q=q)
     return y, present_k, present_v

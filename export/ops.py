@@ -45,15 +45,19 @@ def rms_norm(g, prefix, p, x, eps):
     """Twin of refimpl.ops.rms_norm_forward: x / sqrt(mean(x^2) + eps) * weight over the last axis, in float32
     (Zhang & Sennrich 2019). x [..., D] -> y [..., D]; p: {"weight" [D]}.
 
-    x ─Cast─┬─Mul(x)─ReduceMean─Add(eps)─Sqrt─┐
+    x ─Cast─┬─Pow(2)─ReduceMean─Add(eps)─Sqrt─┐
             └──────────────────────────────Div─Cast─Mul(weight)─▶ y
+
+    Pow(x, 2) rather than Mul(x, x) (the same float32 values): it is the pattern ONNX Runtime's graph optimizer fuses
+    into one SimplifiedLayerNormalization node (and, after a residual Add, SkipSimplifiedLayerNormalization), which
+    cut an imported Llama's fp32 CPU step (benchmarks/generate_imported_cpu.py).
 
     x, p and y in g's float type (float32 inside). No checks: reached only through export_model, which loads a checked
     cfg and params.
     """
     at = node_path(prefix)
     x32 = g.to_float32(x, at)
-    mean_square = g.reduce_mean_last(g.op("Mul", [x32, x32], at), at)
+    mean_square = g.reduce_mean_last(g.op("Pow", [x32, g.const(2.0, "two", np.float32)], at), at)
     rms = g.op("Sqrt", [g.op("Add", [mean_square, g.const(eps, "rms_eps", np.float32)], at)], at)
     xhat = g.to_graph_float(g.op("Div", [x32, rms], at), at)
     return g.op("Mul", [xhat, g.weight(f"{prefix}.weight", p["weight"])], at)
