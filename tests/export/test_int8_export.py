@@ -135,3 +135,11 @@ def test_int8_sets_run_on_the_cpu_only():
     with pytest.raises(RefformerError, match="int8 export sets run on CPUExecutionProvider only"):
         providers_for("int8", [CUDA_PROVIDER])
     assert contract.graph_dtype("int8") == "fp32" and contract.graph_dtype("fp16") == "fp16"
+
+
+def test_int8_with_external_data(tmp_path):
+    make_model(tmp_path / "m")
+    manifest = export_model(tmp_path / "m", dtype="int8", external_data=True)
+    assert sorted(manifest["files"]) == ["decoder.onnx", "decoder.onnx.data", "encoder.onnx", "encoder.onnx.data"]
+    rows, _ = verify(tmp_path / "m", providers=CPU)
+    assert all(row["ok"] for row in rows), worst(rows)
