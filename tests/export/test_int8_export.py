@@ -143,3 +143,16 @@ def test_int8_with_external_data(tmp_path):
     assert sorted(manifest["files"]) == ["decoder.onnx", "decoder.onnx.data", "encoder.onnx", "encoder.onnx.data"]
     rows, _ = verify(tmp_path / "m", providers=CPU)
     assert all(row["ok"] for row in rows), worst(rows)
+
+
+def test_a_model_too_far_from_its_int8_graphs_is_refused(tmp_path):
+    """Every weight with +0.3 noise (save_random_model) and a gated SiLU feed-forward: the int8 graphs differ from
+    refimpl by 0.26 (measured), beyond the bound; export says to use fp32 and writes nothing."""
+    from tests.export.test_features import BASE
+    from tests.helpers import save_random_model
+
+    save_random_model(tmp_path / "m", BASE, 0, ffn_gated=True, activation="silu", ffn_bias=False)
+    with pytest.raises(RefformerError, match=r"beyond the int8 bound 1e-01; nothing was written: export with --dtype "
+                                             r"fp32"):
+        export_model(tmp_path / "m", dtype="int8", static_length=8)
+    assert not (tmp_path / "m" / "onnx" / "int8-static8").exists()
