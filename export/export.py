@@ -36,6 +36,7 @@ from .contract import (
     exported_variants,
     graph_dtype,
     graph_file,
+    graph_variant,
     reference_graphs,
 )
 from .folder import (
@@ -84,18 +85,29 @@ def save_graph(model, path, external_data=None):
         onnx.save_model(model, str(path))
 
 
+def quantized_graph(name):
+    """Whether a quantized (int8) export set quantizes the graph name: the decoders do; encoder.onnx stays in its
+    source float type (fp32). The encoder runs once per input, so int8 saves little there, and on the bundled model's
+    test split a float32 encoder kept more greedy outputs equal to fp32's: 424 of 493 against 403 with both graphs
+    quantized (quantize's dynamic int8; benchmarks/RESULTS.md, issue 15).
+
+    Raises nothing: a comparison of names.
+    """
+    return graph_variant(name) is not None
+
+
 def write_graph(model, folder, name, dtype, external_data=None):
     """Write graph name's model (an onnx.ModelProto of graph_dtype(dtype)) into folder as NAME.onnx, checked by onnx's
-    full checker and check_external_data. A quantized dtype (contract.QUANTIZED_DTYPES) writes the model into
-    folder/.source first and quantize.quantize_graph's result (method: the dtype's name) in its place; the caller
-    removes .source. Returns the written graph (onnx.ModelProto; a quantized one read back without external data), for
-    the manifest.
+    full checker and check_external_data. For a quantized dtype (contract.QUANTIZED_DTYPES) a graph quantized_graph
+    names is written into folder/.source first and quantize.quantize_graph's result (method: the dtype's name) goes in
+    its place; the caller removes .source. Returns the written graph (onnx.ModelProto; a quantized one read back
+    without external data), for the manifest.
 
     Raises what onnx.save_model raises (OSError), RefformerError (quantize_graph, check_external_data), and onnx's
     ValidationError for a graph the checker refuses (a bug of the builders).
     """
     path = Path(folder) / graph_file(name)
-    if dtype in QUANTIZED_DTYPES:
+    if dtype in QUANTIZED_DTYPES and quantized_graph(name):
         source = Path(folder) / SOURCE_FOLDER / graph_file(name)
         source.parent.mkdir(exist_ok=True)
         save_graph(model, source, external_data)
@@ -113,14 +125,16 @@ def quantization_record(dtype, graphs):
     """The manifest's "quantization" entry of a quantized export set: the method (quantize_graph's, named as the
     dtype), the float type of its inputs and outputs (the source graphs'), and the op types the quantized graphs
     hold that the source graphs do not (what the method is, read from the graphs: e.g. DynamicQuantizeLinear and
-    MatMulInteger). graphs: {name: (source onnx.ModelProto, quantized onnx.ModelProto)}.
+    MatMulInteger), and which graphs are quantized (quantized_graph). graphs: {name: (source onnx.ModelProto, written
+    onnx.ModelProto)} of every graph of the set.
 
     Raises nothing.
     """
-    source_ops = {node.op_type for source, _ in graphs.values() for node in source.graph.node}
-    ops = {node.op_type for _, quantized in graphs.values() for node in quantized.graph.node}
+    names = [name for name in graphs if quantized_graph(name)]
+    source_ops = {node.op_type for name in names for node in graphs[name][0].graph.node}
+    ops = {node.op_type for name in names for node in graphs[name][1].graph.node}
     return {"method": dtype, "from": graph_dtype(dtype), "tool": "refformer.export.quantize.quantize_graph",
-            "ops_added": sorted(ops - source_ops)}
+            "graphs": names, "ops_added": sorted(ops - source_ops)}
 
 
 def io_spec(model):
@@ -158,8 +172,9 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
                  static_length=None, fused_attention=False):
     """Export model_dir to out_dir (default: default_export_dir) through a temporary folder renamed into place.
 
-    Returns the manifest. dtype: fp32, fp16, or int8: the fp32 graphs, each quantized by quantize.quantize_graph
-    (weights int8; inputs, outputs and caches stay float32), named as such in the manifest ("dtype": "int8" and
+    Returns the manifest. dtype: fp32, fp16, or int8: the fp32 graphs, the decoders quantized by
+    quantize.quantize_graph (weights int8; inputs, outputs and caches stay float32; encoder.onnx stays fp32:
+    quantized_graph), named as such in the manifest ("dtype": "int8" and
     "quantization": the method and the ops it adds; the decoders of contract.QUANTIZED_VARIANTS only).
     measure=True runs refformer verify's random-input check on ONNX
     Runtime CPU and records the error in the manifest. static_length adds decoder_static.onnx, the fixed-size-cache
