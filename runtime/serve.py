@@ -29,9 +29,10 @@ server was slow to answer); 500 a generation that failed. A client that goes awa
 server serving: its stream stops at the next piece, its queued texts are dropped.
 
 Dynamic batching: every text of a request is one item with its own options (GenerationOptions: a request's options,
-the checkpoint's settings filled in as the Generator does, and its budget cut to --max-new-tokens). One batcher task
-takes the oldest waiting item, waits until --batch-window-ms after its arrival (or until --max-batch items with equal
-options wait), and runs every waiting item with those options, oldest first, up to --max-batch, as one
+the checkpoint's settings filled in as the Generator does, its budget cut to --max-new-tokens, and seed 0 when it
+does not sample). One batcher task takes the oldest waiting item, waits until --batch-window-ms after its arrival or
+after the worker finished its last batch, whichever is later (or until --max-batch items with equal options wait),
+and runs every waiting item with those options, oldest first, up to --max-batch, as one
 Generator.generate_rows_and_ids call in the one worker thread that owns the Generator (ONNX Runtime releases the GIL
 while it runs). While a batch runs, new requests queue and form the next batch. A text's result is what it gives
 alone (refimpl.generate's batch independence: per-row budgets and per-row random generators; tested against the
@@ -327,6 +328,7 @@ class Batcher:
         self.arrived = asyncio.Event()
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="refformer-generate")
         self.task = None
+        self.free_since = 0.0  # loop time when the worker finished its last batch
 
     def start(self):
         """Start the batcher task on the running loop. Raises nothing."""
@@ -351,7 +353,8 @@ class Batcher:
 
     async def next_batch(self):
         """The next batch: the oldest waiting item and the others with its options, up to max_batch, once the
-        window after the oldest one's arrival has passed or the batch is full (a stream item goes alone at once)."""
+        window after the oldest one's arrival (or after the worker got free, if later) has passed or the batch is
+        full (a stream item goes alone at once)."""
         loop = asyncio.get_running_loop()
         window = self.settings.batch_window_ms / 1000
         while True:
@@ -366,7 +369,9 @@ class Batcher:
                 return [self.waiting.popleft()]
             same = [item for item in self.waiting
                     if item.stream is None and not item.future.done() and item.options == oldest.options]
-            remaining = oldest.arrival + window - loop.time()
+            # the window opens at the oldest item's arrival, or when the worker got free if that is later: the
+            # clients just answered send their next requests within it, and the batches do not split in two halves
+            remaining = max(oldest.arrival, self.free_since) + window - loop.time()
             if len(same) >= self.settings.max_batch or remaining <= 0:
                 batch = same[:self.settings.max_batch]
                 taken = set(map(id, batch))
@@ -384,24 +389,32 @@ class Batcher:
         while True:
             batch = await self.next_batch()
             started = time.perf_counter()
-            if batch[0].stream is not None:
-                await loop.run_in_executor(self.worker, self.run_stream, batch[0], loop)
-                continue
-            rows = [item.row for item in batch]
-            self.metrics.batch_size.observe(len(batch))
             try:
-                results = await loop.run_in_executor(self.worker, self.generator.generate_rows_and_ids, rows,
-                                                     batch[0].options)
-            except Exception as error:  # noqa: BLE001  (every request of the batch gets the error; the server stays)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
-                continue
+                await self.run_batch(batch, loop, started)
             finally:
-                self.metrics.batch_seconds.observe(time.perf_counter() - started)
-            for item, result in zip(batch, results):
-                if not item.future.done():
-                    item.future.set_result(result)
+                self.free_since = loop.time()
+
+    async def run_batch(self, batch, loop, started):
+        """Run one batch (or one stream) in the worker thread and answer its items' futures: their (output, ids), or
+        the exception the Generator raised. Raises nothing."""
+        if batch[0].stream is not None:
+            await loop.run_in_executor(self.worker, self.run_stream, batch[0], loop)
+            return
+        self.metrics.batch_size.observe(len(batch))
+        try:
+            results = await loop.run_in_executor(self.worker, self.generator.generate_rows_and_ids,
+                                                 [item.row for item in batch], batch[0].options)
+        except Exception as error:  # noqa: BLE001  (every request of the batch gets the error; the server stays)
+            results = [error] * len(batch)
+        finally:
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        for item, result in zip(batch, results):
+            if item.future.done():  # its client timed out or went away
+                continue
+            if isinstance(result, Exception):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
 
     def run_stream(self, item, loop):
         """In the worker thread: Generator.stream's pieces of item's text as ("piece", text) events, then

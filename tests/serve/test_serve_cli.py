@@ -20,11 +20,14 @@ from refformer.runtime.cli import main
 @pytest.mark.parametrize("missing", ["starlette", "uvicorn"])
 def test_without_the_serve_extra_one_line_says_how_to_install_it(monkeypatch, missing):
     import refformer.runtime
+    import refformer.runtime.generator as generator_module
 
-    monkeypatch.setitem(sys.modules, missing, None)  # `import starlette` raises ImportError
+    for name in [name for name in sys.modules if name == missing or name.startswith(missing + ".")] + [missing]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import starlette(.x)` raises ImportError
     monkeypatch.delitem(sys.modules, "refformer.runtime.serve", raising=False)  # imported again, without it
     monkeypatch.delattr(refformer.runtime, "serve", raising=False)
-    result = CliRunner().invoke(main, ["serve"])
+    monkeypatch.setattr(generator_module, "Generator", lambda *a, **k: pytest.fail("the server went on to start"))
+    result = CliRunner().invoke(main, ["serve", "--port", "0"])
     assert result.exit_code == 1
     assert result.output == 'error: refformer serve needs the serve extra (starlette, uvicorn): pip install ' \
                             '"refformer[serve]"\n'
