@@ -36,6 +36,8 @@ B * 128 / total.
     .venv/bin/python benchmarks/generate_imported_cpu.py --quick    # tiny shapes, 16 tokens: a smoke run in seconds
 
 Without --genai-venv (or with a venv lacking onnxruntime_genai) the genai rows are skipped with a notice.
+refformer's entries also give host_ms_per_step: the median time per step outside ONNX Runtime's session runs
+(the Python search loop, input binding, the logits copy), measured around each run_with_iobinding.
 Writes benchmarks/results/generate_imported_cpu.json (not with --quick unless --json is given).
 """
 
@@ -53,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 from generate_cpu import cpu_flags, load_average  # benchmarks/ (scripts run from their folder on sys.path)
-from machine import cpu_model
+from machine import cpu_model, timed_calls
 
 from refformer.refimpl.generate import GenerationOptions, search_iter
 
@@ -149,11 +151,19 @@ class Refformer:
         self.options = first.check_options(GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens))
 
     def __call__(self, ids, threads):
+        """(seconds, [B, N] ids) of one greedy call; self.host_s: its seconds outside ONNX Runtime's runs (the
+        search loop, binding, copies)."""
         generator = self.generators[threads]
         key = "src_ids" if generator.cfg.is_encoder_decoder else "prompt_ids"
-        start = time.perf_counter()
-        steps = list(search_iter(generator.stepper, generator.cfg, self.options, **{key: ids}))
-        return time.perf_counter() - start, np.stack(steps, axis=1)
+        sessions = [s for s in (generator.stepper.decoder, generator.stepper.encoder) if s is not None]
+        with timed_calls(sessions[0]) as decoder_runs:
+            with timed_calls(sessions[-1]) as encoder_runs:
+                start = time.perf_counter()
+                steps = list(search_iter(generator.stepper, generator.cfg, self.options, **{key: ids}))
+                total = time.perf_counter() - start
+        ort_s = sum(decoder_runs) + (sum(encoder_runs) if len(sessions) == 2 else 0.0)
+        self.host_s = total - ort_s
+        return total, np.stack(steps, axis=1)
 
 
 class HuggingFace:
@@ -232,7 +242,7 @@ def agreement(ours, theirs):
 
 def print_table(entries):
     header = (f"{'model':<6} {'thr':>3} {'B':>2} {'impl':<10} {'ms/step':>8} {'(min..max)':>15} {'tok/s':>7} "
-              f"{'vs hf':>6} {'vs genai':>8} {'ids = hf':>9}")
+              f"{'vs hf':>6} {'vs genai':>8} {'ids = hf':>9} {'host ms':>8}")
     print(header)
     print("-" * len(header))
     for e in entries:
@@ -241,7 +251,23 @@ def print_table(entries):
         vs_genai = f"{e['speedup_vs_genai']:.2f}x" if "speedup_vs_genai" in e else ""
         same = "" if e["impl"] == "hf" else f"{e['agreement_with_hf']['identical_tokens']:.3f}"
         print(f"{e['model']:<6} {e['threads']:>3} {e['batch']:>2} {e['impl']:<10} {e['ms_per_step']:>8.2f} "
-              f"{f'({lo:.1f}..{hi:.1f})':>15} {e['tok_per_s']:>7.1f} {vs_hf:>6} {vs_genai:>8} {same:>9}")
+              f"{f'({lo:.1f}..{hi:.1f})':>15} {e['tok_per_s']:>7.1f} {vs_hf:>6} {vs_genai:>8} {same:>9} "
+              f"{e['host_ms_per_step'] if 'host_ms_per_step' in e else '':>8.3}")
+
+
+def markdown_table(entries):
+    """The RESULTS.md table of the entries: one row per model, threads, batch and implementation."""
+    lines = ["| model | threads | B | impl | ms/step (min..max) | tokens/s | vs HF | vs ort-genai | ids = HF's |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        vs_hf = f"{e['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in e else ""
+        vs_genai = f"{e['speedup_vs_genai']:.2f}x" if "speedup_vs_genai" in e else ""
+        same = "" if e["impl"] == "hf" else f"{e['agreement_with_hf']['identical_tokens']:.3f}"
+        impl = f"refformer ({e['variant']})" if e["impl"] == "refformer" else e["impl"]
+        lines.append(f"| {e['model']} | {e['threads']} | {e['batch']} | {impl} | {e['ms_per_step']:.2f} "
+                     f"({e['ms_per_step_min']:.2f}..{e['ms_per_step_max']:.2f}) | {e['tok_per_s']:.1f} | {vs_hf} | "
+                     f"{vs_genai} | {same} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -294,6 +320,7 @@ def main(argv=None):
                                                      if "genai_builder_s" in built else ""), flush=True)
             inputs = {B: generation_inputs(family, options, B, prompt_len, rng) for B in batch_sizes}
             timings = {(n, B, side): [] for n in thread_counts for B in batch_sizes for side in sides}
+            host = {(n, B): [] for n in thread_counts for B in batch_sizes}
             agree = {}
             names = list(sides)
             t0 = time.perf_counter()
@@ -307,6 +334,8 @@ def main(argv=None):
                             outputs[side] = ids
                             if rep >= 0:
                                 timings[n, B, side].append(seconds)
+                                if side == "refformer":
+                                    host[n, B].append(sides[side].host_s)
                         if rep == -args.warmup:  # the tokens, checked before any timed run
                             for side in names:
                                 if side != "hf":
@@ -336,6 +365,7 @@ def main(argv=None):
                                  "tok_per_s": B * new_tokens / medians[side], "total_s": times}
                         if side == "refformer":
                             entry["variant"] = sides["refformer"].variant
+                            entry["host_ms_per_step"] = 1e3 * statistics.median(host[n, B]) / new_tokens
                         if side != "hf":
                             entry["speedup_vs_hf"] = medians["hf"] / medians[side]
                             entry["agreement_with_hf"] = agree[n, B, side]
@@ -359,6 +389,7 @@ def main(argv=None):
                           "ratio": e["speedup_vs_genai"], "met": e["speedup_vs_genai"] >= 1.0})
     print("\ngoals: " + "; ".join(f"{g['model']} thr {g['threads']} B={g['batch']} {g['goal']}: {g['ratio']:.2f}x "
                                   f"{'met' if g['met'] else 'MISSED'}" for g in goals))
+    print("\n" + markdown_table(entries) + "\n")
     load_after = load_average()
     print(f"load average before {load_before}, after {load_after}")
 
