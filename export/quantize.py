@@ -2,12 +2,17 @@
 
     quantize_graph("onnx/fp32/decoder.onnx", "onnx/int8/decoder.onnx", method="int8")
 
-What "int8" means is chosen by measurement (benchmarks/generate_cpu_int8.py, benchmarks/RESULTS.md); the interface
-stays. Today: ONNX Runtime's dynamic quantization (onnxruntime.quantization.quantize_dynamic) of every MatMul whose
-weight is a constant [K, N] matrix, weights int8 per output channel (symmetric), activations quantized per call to
-uint8 (MatMulInteger + DynamicQuantizeLinear). The tied output projection, which the exported graphs compute as
-MatMul(x, Transpose(embed_tokens.weight)), first gets its own constant [D, V] weight so that it is quantized too (the
-[D, V] head is a large share of a decoder step); the embedding Gather keeps the fp32 [V, D] table.
+What "int8" means was chosen by measurement (benchmarks/generate_cpu_int8.py; figures in benchmarks/RESULTS.md):
+ONNX Runtime's MatMulNBits contrib op with 8-bit weights in blocks of 32 along K (symmetric, one float32 scale per
+block and output column), run at accuracy_level 4 (the activations quantized to int8 per block of 32 as well, int8
+dot products). Every MatMul whose weight is a constant [K, N] matrix is quantized; the tied output projection,
+which the exported graphs compute as MatMul(x, Transpose(embed_tokens.weight)), first gets its own constant [D, V]
+weight so that it is quantized too (the [D, V] head is a large share of a decoder step); the embedding Gather keeps
+the fp32 [V, D] table. The attention products (Q K^T, P V) stay fp32.
+
+ALTERNATIVES holds the recipes measured against it (not offered by `export --quantize`): ONNX Runtime's dynamic
+quantization (quantize_dynamic: MatMulInteger with per-output-channel int8 weights and one uint8 activation scale
+per tensor, fused into DynamicQuantizeMatMul by the session), 8-bit blocks of 128, and 4-bit blocks of 32.
 """
 
 import contextlib
@@ -23,7 +28,14 @@ from onnx import numpy_helper
 
 from refformer.refimpl.errors import RefformerError
 
-QUANTIZE_METHODS = ("int8",)  # the values of quantize_graph's method (and of `refformer export --quantize`)
+# method -> recipe; QUANTIZE_METHODS are the values of quantize_graph's method (and of `refformer export --quantize`)
+RECIPES = {"int8": dict(kind="blocks", bits=8, block_size=32, accuracy_level=4)}
+QUANTIZE_METHODS = tuple(RECIPES)
+ALTERNATIVES = {
+    "int8-dynamic": dict(kind="dynamic"),
+    "int8-blocks128": dict(kind="blocks", bits=8, block_size=128, accuracy_level=4),
+    "int4-blocks32": dict(kind="blocks", bits=4, block_size=32, accuracy_level=4),
+}
 
 
 def quantize_graph(src_path, dst_path, *, method="int8"):
@@ -31,17 +43,19 @@ def quantize_graph(src_path, dst_path, *, method="int8"):
 
     Input and output names, shapes and dtypes are untouched: the int8 graph takes and returns the same float32
     tensors (logits [B, T, V], caches [B, H, T, Dh]) and int64 ids as the fp32 one, so the same stepper runs it.
-    Inside, each quantized MatMul's constant weight [K, N] becomes int8 with one float32 scale per output column N.
+    Inside, each constant MatMul weight [K, N] becomes int8 (see the module docstring for the recipe).
 
-    dst_path is written through a temporary file in its own folder and renamed over it at the end: a failure leaves
-    a file already there untouched (deciding whether it may be replaced is the caller's job). A source whose weights
+    dst_path is written through a temporary folder beside it and renamed over it at the end: a failure leaves a
+    file already there untouched (deciding whether it may be replaced is the caller's job). A source whose weights
     are external (PATH.data) gives a destination whose weights are external too, in DST.data beside it.
 
-    Uses onnxruntime.quantization.quantize_dynamic (op_types_to_quantize=["MatMul"], per_channel=True,
-    weight_type=QInt8). Raises RefformerError for a method not in QUANTIZE_METHODS, a src_path that is missing or
-    not an ONNX graph, and dst_path equal to src_path or in a folder that does not exist.
+    Uses onnxruntime.quantization's MatMulNBitsQuantizer (which needs the onnx-ir package); the ALTERNATIVES use
+    quantize_dynamic too. Raises RefformerError for a method not in QUANTIZE_METHODS (or ALTERNATIVES), a
+    src_path that is missing or not an ONNX graph, dst_path equal to src_path or in a folder that does not exist,
+    and onnx-ir missing.
     """
-    if method not in QUANTIZE_METHODS:
+    recipe = RECIPES.get(method) or ALTERNATIVES.get(method)
+    if recipe is None:
         raise RefformerError(f"method {method!r} is not a quantization method refformer knows; use one of "
                              f"{', '.join(QUANTIZE_METHODS)}")
     src_path, dst_path = Path(src_path), Path(dst_path)
@@ -59,31 +73,61 @@ def quantize_graph(src_path, dst_path, *, method="int8"):
                    for t in onnx.load(str(src_path), load_external_data=False).graph.initializer)
     untie_head(model)
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # quantized in a private folder beside dst (same file system), then renamed: data file first, graph last
+    # written in a private folder beside dst (same file system), then renamed: data file first, graph last
     work = Path(tempfile.mkdtemp(prefix=f".{dst_path.name}.", suffix=".tmp", dir=dst_path.parent))
     try:
         out = work / dst_path.name
-        with quiet_root_logger():  # its "consider pre-processing" advice is for calibrated static quantization
-            quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=False,
-                             weight_type=QuantType.QInt8, use_external_data_format=external)
+        with quiet_root_logger():  # their advice ("consider pre-processing", opset notes) is not for our users
+            if recipe["kind"] == "dynamic":
+                quantize_dynamic(model, out, external)
+            else:
+                quantize_blocks(model, out, external, recipe)
         if external:
-            quantized = onnx.load(str(out))
-            out.unlink()
-            for leftover in work.iterdir():
-                leftover.unlink()
-            onnx.save_model(quantized, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=dst_path.name + ".data", size_threshold=1024)
             os.replace(work / (dst_path.name + ".data"), dst_path.parent / (dst_path.name + ".data"))
         os.replace(out, dst_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def quantize_blocks(model, out, external, recipe):
+    """MatMulNBits (com.microsoft) for every constant-weight MatMul of model, written at out (weights in
+    OUT.data when external). recipe: bits (4 or 8), block_size (along K), accuracy_level (4: int8 compute)."""
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ModuleNotFoundError as error:
+        raise RefformerError(f"ONNX Runtime's weight quantizer needs the {error.name} package: pip install "
+                             f"{error.name.replace('_', '-')}") from None
+    quantizer = MatMulNBitsQuantizer(model, bits=recipe["bits"], block_size=recipe["block_size"], is_symmetric=True,
+                                     accuracy_level=recipe["accuracy_level"], op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out), external)
+
+
+def quantize_dynamic(model, out, external):
+    """onnxruntime.quantization.quantize_dynamic of every constant-weight MatMul (int8 weights per output channel),
+    written at out (weights in OUT.data when external)."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as quantize
+
+    if any(node.domain not in ("", "ai.onnx") for node in model.graph.node):
+        # onnx's shape inference, which quantize_dynamic runs, gives no types past com.microsoft ops
+        # (MultiHeadAttention ...): ONNX Runtime's symbolic shape inference knows them
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    quantize(model, out, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=False,
+             weight_type=QuantType.QInt8, use_external_data_format=external)
+    if external:  # quantize_dynamic names the data file after a temporary of its own: one file, OUT.data
+        quantized = onnx.load(str(out))
+        for leftover in out.parent.iterdir():
+            leftover.unlink()
+        onnx.save_model(quantized, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out.name + ".data", size_threshold=1024)
+
+
 def untie_head(model):
-    """Give every MatMul(x, Transpose(W)) of a constant W (the tied output projection) its own constant W^T, in
-    place, so that weight quantization sees a constant [K, N] weight. A Transpose left unused is removed."""
+    """Give every MatMul(x, Transpose(W)) of a constant 2-D W (the tied output projection) its own constant W^T,
+    in place, so that weight quantization sees a constant [K, N] weight. A Transpose left unused is removed."""
     initializers = {t.name: t for t in model.graph.initializer}
     rewired = []
     producers = {out: node for node in model.graph.node for out in node.output}
