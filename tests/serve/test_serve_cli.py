@@ -99,3 +99,20 @@ def test_sigterm_lets_the_running_request_finish_then_the_server_stops():
             process.kill()
             process.wait()
         process.stderr.close()
+
+
+def test_ctrl_c_stops_the_server_with_exit_130_and_one_line():
+    process = subprocess.Popen([sys.executable, "-c", "from refformer.runtime.cli import main; main()", "serve",
+                                "--port", "0", "--threads", "1"], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url = re.search(r"on (http://127\.0\.0\.1:\d+) ", process.stderr.readline())[1]
+        assert httpx.get(url + "/health").status_code == 200  # serving: uvicorn's signal handlers are in place
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 130
+        assert process.stderr.read() == "error: interrupted\n"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
