@@ -51,11 +51,12 @@ def test_int8_export_is_a_set_of_its_own_and_verifies(tmp_path, family):
     expected = {"encoder.onnx", "decoder.onnx"} if family == "encoder-decoder" else {"decoder.onnx"}
     assert set(manifest["files"]) == expected and not (tmp_path / "m" / "onnx" / "int8" / ".source").exists()
     decoder = onnx.load(str(tmp_path / "m" / "onnx" / "int8" / "decoder.onnx"))
-    assert any(t.data_type == onnx.TensorProto.INT8 for t in decoder.graph.initializer)  # the weights are int8
+    eight_bits = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)  # (MatMulNBits packs its int8 weights as uint8)
+    assert any(t.data_type in eight_bits for t in decoder.graph.initializer)  # the weights are 8-bit
     if family == "encoder-decoder":
         encoder = onnx.load(str(tmp_path / "m" / "onnx" / "int8" / "encoder.onnx"))
         assert sha256(tmp_path / "m" / "onnx" / "int8" / "encoder.onnx") == fp32_before["encoder.onnx"]
-        assert not any(t.data_type == onnx.TensorProto.INT8 for t in encoder.graph.initializer)
+        assert not any(t.data_type in eight_bits for t in encoder.graph.initializer)
     assert set(quantization["ops_added"]) <= {node.op_type for node in decoder.graph.node}
     # the same inputs and outputs as the fp32 graphs: float32 caches and logits, int64 ids
     fp32 = read_manifest(tmp_path / "m" / "onnx" / "fp32")
