@@ -25,8 +25,10 @@ a JSON object, or with an unknown field, or a stream request for several texts, 
 --max-body-bytes; 422 a field of the wrong type or value (GenerationOptions' checks), no text, more texts than
 --max-batch, a text over --max-input-tokens (or the model's positions), max_new_tokens over --max-new-tokens;
 504 a request not answered within --request-timeout (504, not 408: 408 means the client was slow to send, here the
-server was slow to answer); 500 a generation that failed. A client that goes away (mid-stream too) leaves the
-server serving: its stream stops at the next piece, its queued texts are dropped.
+server was slow to answer); 500 a generation that failed. A client that goes away leaves the server serving: a
+stream stops at its next piece; a plain request's texts still run (starlette does not tell a handler its client
+left) and the answer is dropped. A request that timed out leaves the queue (or its result is dropped if its batch
+was running). HTTP that uvicorn cannot parse (a bad Content-Length) gets uvicorn's own plain-text 400.
 
 Dynamic batching: every text of a request is one item with its own options (GenerationOptions: a request's options,
 the checkpoint's settings filled in as the Generator does, its budget cut to --max-new-tokens, and seed 0 when it

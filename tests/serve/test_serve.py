@@ -39,7 +39,7 @@ def start_server(settings):
         thread.join(30)
         sock.close()
 
-    return SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}", stop=stop)
+    return SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}", stop=stop, generator=generator)
 
 
 @pytest.fixture(scope="module")
@@ -141,15 +141,27 @@ def test_stream_of_several_texts_beams_or_sequences_is_400(client, body):
     assert response.status_code == 400 and "stream is for one" in response.json()["error"]
 
 
-def test_a_client_leaving_mid_stream_leaves_the_server_serving(server, client, reference):
+def test_a_client_leaving_mid_stream_stops_its_stream_and_leaves_the_server_serving(server, client, reference,
+                                                                                    monkeypatch):
+    pieces, stream = [], server.generator.stream
+
+    def slow_stream(*args, **options):  # 20 ms a piece: the client is gone long before 40 pieces
+        for piece in stream(*args, **options):
+            pieces.append(piece)
+            time.sleep(0.02)
+            yield piece
+
+    monkeypatch.setattr(server.generator, "stream", slow_stream)
     for _ in range(3):
         with httpx.Client(base_url=server.url, timeout=60) as leaving:
-            with leaving.stream("POST", "/v1/generate",
-                                json={"text": TEXTS[7], "stream": True, "min_new_tokens": 40}) as response:
+            with leaving.stream("POST", "/v1/generate", json={"text": TEXTS[7], "stream": True, "min_new_tokens": 40,
+                                                              "max_new_tokens": 40}) as response:
+                assert response.status_code == 200
                 next(response.iter_lines())  # the first event line, then the connection is closed
     assert client.get("/health").json()["status"] == "ok"
     record = client.post("/v1/generate", json={"text": TEXTS[1]}).json()
     assert (record["output"], record["ids"]) == alone(reference, TEXTS[1])
+    assert len(pieces) < 60, "the worker went on streaming to clients that had left"  # 3 x 40 if it had
 
 
 LONG = " ".join(["Das Wetter ist heute schön."] * 8)  # > 30 tokens, within the model's 127
