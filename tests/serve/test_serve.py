@@ -121,16 +121,18 @@ def test_concurrent_clients_are_batched_and_each_gets_what_its_text_gives_alone(
     assert batches() - before < len(jobs), "every request ran in a batch of its own"
 
 
-def test_stream_sends_each_piece_then_the_record(client, reference):
-    with client.stream("POST", "/v1/generate", json={"text": TEXTS[2], "stream": True}) as response:
+@pytest.mark.parametrize("options", [{}, {"do_sample": True, "seed": 3, "repetition_penalty": 1.2}])
+def test_stream_sends_each_piece_then_the_record(client, reference, options):
+    with client.stream("POST", "/v1/generate", json={"text": TEXTS[2], "stream": True, **options}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         found = events(response.read().decode())
     kinds = [kind for kind, _ in found]
     assert kinds[-1] == "record" and set(kinds[:-1]) == {"piece"} and len(kinds) > 2
-    output, ids = alone(reference, TEXTS[2])
+    output, ids = alone(reference, TEXTS[2], **options)
     assert "".join(data["text"] for _, data in found[:-1]) == output
-    assert found[-1][1] == {"line": 1, "input": TEXTS[2], "output": output, "ids": ids}
+    seed = {"seed": 3} if options else {}
+    assert found[-1][1] == {"line": 1, "input": TEXTS[2], "output": output, "ids": ids, **seed}
 
 
 @pytest.mark.parametrize("body", [{"texts": TEXTS[:2], "stream": True},
