@@ -26,7 +26,8 @@ from refformer.runtime.options import NonEmptyPath, model_option
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="A running Ray cluster (host:port, or auto). Default: a local cluster for this run.")
 @click.option("--workers", type=int, default=None,
-              help="Actors, each with one Generator. Default: the cluster's CPUs // --threads.")
+              help="Actors, each with one Generator. Default: local, the CPUs // --threads; on a cluster, (its "
+                   "CPUs - 1) // --threads.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="ONNX Runtime intra-op threads per worker; each worker reserves as many Ray CPUs.")
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
@@ -70,13 +71,16 @@ def check_counts(workers, threads, gpus_per_worker, batch_size):
 
 def check_resources(cluster, workers, threads, gpus_per_worker, local):
     """Refuse (on a local cluster) or announce (on a remote one, which an autoscaler may grow) a pool that needs
-    more CPUs or GPUs than the cluster has now: Ray would wait for them. Raises RefformerError."""
+    more CPUs or GPUs than the cluster has now: Ray would wait for them. The pool needs workers x threads CPUs, and
+    one more for Ray Data's tasks that read, split and write the lines (with none left they wait for ever).
+    Raises RefformerError."""
     have = cluster.ray.cluster_resources()
-    for resource, per_worker, flag in (("CPU", threads, "--threads"), ("GPU", gpus_per_worker, "--gpus-per-worker")):
-        need = workers * per_worker
+    for resource, per_worker, spare, flag in (("CPU", threads, 1, "--threads"),
+                                              ("GPU", gpus_per_worker, 0, "--gpus-per-worker")):
+        need = workers * per_worker + spare if per_worker else 0
         if need and need > have.get(resource, 0) + 1e-9:
-            message = (f"--workers {workers} x {flag} {per_worker:g} needs {need:g} {resource}s; the Ray cluster "
-                       f"has {have.get(resource, 0):g}")
+            message = (f"--workers {workers} x {flag} {per_worker:g}{' + 1 (reading and writing)' if spare else ''} "
+                       f"needs {need:g} {resource}s; the Ray cluster has {have.get(resource, 0):g}")
             if local:
                 raise RefformerError(f"{message}: lower --workers or {flag}")
             click.echo(f"notice: {message} now; the run waits until it has them", err=True)
@@ -105,10 +109,11 @@ def run(inputs, out_dir, model_dir, overwrite, ray_address, workers, threads, gp
     if local and workers is not None and workers * threads > cpus:
         raise RefformerError(f"--workers {workers} x --threads {threads} needs {workers * threads} CPUs; this "
                              f"machine has {cpus}: lower --workers or --threads")
-    cluster = ray_batch.Cluster(ray_address, cpus)
+    # a local cluster: a logical CPU per worker thread, and one for the reading and writing tasks
+    cluster = ray_batch.Cluster(ray_address, (workers or max(1, cpus // threads)) * threads + 1)
     try:
         if workers is None:
-            workers = max(1, cluster.cpus() // threads)
+            workers = max(1, (cluster.cpus() - 1) // threads)
         check_resources(cluster, workers, threads, gpus_per_worker, local and cluster.owned)
         summary = ray_batch.run_batch(files, out_dir, generation=generation, workers=workers, threads=threads,
                                       gpus_per_worker=gpus_per_worker, batch_size=batch_size, model_dir=model_dir,

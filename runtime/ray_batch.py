@@ -32,6 +32,7 @@ from refformer.runtime.errors import shown
 INSTALL_HINT = 'refformer batch needs Ray Data: pip install "refformer[ray]"'
 SHARD_PREFIX = "part-"
 SHARD_SUFFIX = ".jsonl"
+ROWS_PER_SHARD = 10_000  # Ray Data gathers at least this many records (or all that are left) into one shard
 
 
 def import_ray():
@@ -165,8 +166,9 @@ def replace_out_dir(stage, out_dir):
 
 def file_lines(row, names):
     """flat_map: one file's row {"bytes", "path"} (read_binary_files, include_paths) -> one row per line, as
-    batch.read_inputs reads it: {"file": the name given, "line": N (from 1), "text": str or None, "error": str or
-    None, "extra": the JSON of the line's pass-through fields ("id")}. names: {absolute path: name given}.
+    batch.read_inputs reads it: {"file": the name given, "line": N (from 1), "input": the JSON of [text or null,
+    error or null, pass-through fields ("id")]}. One JSON string, not nullable columns: Ray Data turns a column of
+    nulls into NaN. names: {absolute path: name given}.
 
     Raises RefformerError (batch.utf8_bytes) for a byte-order mark that does not match; expand_inputs checked it
     already.
@@ -174,7 +176,7 @@ def file_lines(row, names):
     from refformer.runtime.batch import read_inputs
 
     name = names.get(row["path"], row["path"])
-    return [{"file": name, "line": number, "text": text, "error": error, "extra": json.dumps(extra)}
+    return [{"file": name, "line": number, "input": json.dumps([text, error, extra])}
             for number, text, error, extra in read_inputs(bytes(row["bytes"]))]
 
 
@@ -214,7 +216,7 @@ class BatchWorker:
         self.renderer = RecordWriter(None, as_json=True)
 
     def __call__(self, batch):
-        """batch: {"file", "line", "text", "error", "extra"} (columns of N rows) -> {"file", "line", "record",
+        """batch: {"file", "line", "input"} (columns of N rows, from file_lines) -> {"file", "line", "record",
         "failed", "warning"} (N rows: the record's JSON line; whether the line failed; the truncation warning of
         the line, "" when none, naming the file). Rows keep their order within a file; each file's lines are
         generated together (a row's output does not depend on the other rows: refimpl/generate.py).
@@ -223,10 +225,8 @@ class BatchWorker:
         """
         from refformer.runtime.batch import generate_records
 
-        rows = [(str(file), int(line), None if text is None else str(text), None if error is None else str(error),
-                 json.loads(extra))
-                for file, line, text, error, extra in zip(batch["file"], batch["line"], batch["text"],
-                                                          batch["error"], batch["extra"])]
+        rows = [(str(file), int(line), *json.loads(text_error_extra))
+                for file, line, text_error_extra in zip(batch["file"], batch["line"], batch["input"])]
         out = {"file": [], "line": [], "record": [], "failed": [], "warning": []}
         for name in dict.fromkeys(file for file, *_ in rows):
             lines = [(line, text, error, extra) for file, line, text, error, extra in rows if file == name]
@@ -246,8 +246,9 @@ class BatchWorker:
 
 def records_datasink(path):
     """A Ray Data datasink writing the "record" column of each block as JSON lines to path/part-NNNNNN.jsonl (one
-    file per write task, its rows sorted by file and line); its write returns the counts that on_write_complete
-    adds up in .summary ({"records", "failures", "warnings", "files"}) on the driver.
+    file per write task, of ROWS_PER_SHARD records or the rest, its rows sorted by file and line); its write
+    returns the counts that on_write_complete adds up in .summary ({"records", "failures", "warnings", "files"}) on
+    the driver.
 
     Raises nothing; writing raises OSError for a file that cannot be written.
     """
@@ -263,7 +264,8 @@ def records_datasink(path):
 
     class RecordsDatasink(BlockBasedFileDatasink):
         def __init__(self, path):
-            super().__init__(path, filename_provider=ShardNames(), try_create_dir=False)
+            super().__init__(path, filename_provider=ShardNames(), try_create_dir=False,
+                             min_rows_per_file=ROWS_PER_SHARD)
             self.summary = {"records": 0, "failures": 0, "warnings": [], "files": 0}
 
         def write(self, blocks, ctx):
@@ -383,6 +385,9 @@ def run_batch(inputs, out_dir, *, generation, workers, threads, gpus_per_worker=
         # cluster), and a read task waiting for a CPU an actor holds would wait for ever
         dataset = ray.data.read_binary_files([path for _, path in inputs], include_paths=True, num_cpus=0)
         dataset = dataset.flat_map(file_lines, fn_kwargs={"names": names}, num_cpus=0)
+        # blocks of batch_size lines (streamed, not shuffled): a file is one block after the read, which one actor
+        # would take whole
+        dataset = dataset.repartition(target_num_rows_per_block=batch_size)
         dataset = dataset.map_batches(
             worker_class, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=threads, num_gpus=gpus_per_worker or None,
