@@ -19,10 +19,10 @@ other rows of its batch. Each row has its own length budget (step_budget: max_ne
 
 Random draws (so seeded sampling matches across implementations): row r, the k-th sequence of its input
 (k = 0 .. num_return_sequences - 1), draws from its own numpy.random.default_rng([seed, k]); at every step
-each row draws one uniform u = rng.random() (finished rows too, their draws unused); the token is the first
-id whose cumulative probability (ids in increasing order, float64, after temperature, top-k and top-p)
-exceeds u times the total. GenerationOptions(seed=None), the default, draws a fresh seed (so sampling
-differs from run to run) and keeps it in options.seed.
+each row draws one uniform u = rng.random() (a finished row's later draws, where a stepper keeps it, are
+unused); the token is the first id whose cumulative probability (ids in increasing order, float64, after
+temperature, top-k and top-p) exceeds u times the total. GenerationOptions(seed=None), the default, draws a
+fresh seed (so sampling differs from run to run) and keeps it in options.seed.
 """
 
 import abc
@@ -218,6 +218,11 @@ class Stepper(abc.ABC):
     ONNX graph's ArgMax): search_iter then calls step_argmax instead of step when nothing but min_new_tokens
     touches the scores (greedy, no repetition penalty, no n-gram ban)."""
 
+    drops_finished_rows = False
+    """True where search_iter may drop finished rows from the batch (stepper.reorder with the rows still going):
+    the steps after cost only the rows still generating. Results are the same either way (batch independence).
+    False for the runtime's static graphs, whose buffers are allocated per batch size."""
+
     last_step_logits = None  # the reference step_argmax's logits [B, 1, V], for last_logits
 
     def step_argmax(self, ids, positions, attention_mask):
@@ -242,6 +247,8 @@ class Stepper(abc.ABC):
 class ReferenceStepper(Stepper):
     """model.encode + model.decoder_step as a Stepper (the cache kept in NumPy); the reference capabilities.
     Raises RefformerError where model.encode / model.decoder_step do."""
+
+    drops_finished_rows = True
 
     def __init__(self, cfg, params):
         """Raises RefformerError unless cfg is a Config and params its parameter tree (float32 or float64)."""
@@ -595,38 +602,48 @@ def search_iter(stepper, cfg, options, src_ids=None, src_mask=None, prompt_ids=N
     # when nothing but min_new_tokens touches the scores; it is the same argmax, ties to the lowest id.
     in_graph_argmax = stepper.argmax_in_graph and not options.do_sample and not penalties
     width = ids.shape[1]  # the decoder's input: transformers' ForcedBOSTokenLogitsProcessor acts when it is 1 token
+    # the rows the stepper still computes (all B unless it drops finished rows: Stepper.drops_finished_rows);
+    # ids, positions and attention_mask hold these rows only
+    active = np.arange(B)
     for t in range(steps):
-        first_step, last_step = t == 0 and width == 1, budgets == t + 1
+        first_step, last_step = t == 0 and width == 1, budgets[active] == t + 1
+        rows_sequences = sequences if len(active) == B else [sequences[b] for b in active]
         if in_graph_argmax:
             next_ids = stepper.step_argmax(ids, positions, attention_mask)
             banned_eos = t < options.min_new_tokens and cfg.eos_id is not None and (next_ids == cfg.eos_id).any()
             forced = (first_step and options.forced_bos_token_id is not None
                       or options.forced_eos_token_id is not None and last_step.any())
             if banned_eos or forced:  # look again at the scores
-                next_ids = _process_logits(stepper.last_logits()[:, -1], sequences, t, options, cfg, first_step,
+                next_ids = _process_logits(stepper.last_logits()[:, -1], rows_sequences, t, options, cfg, first_step,
                                            last_step).argmax(axis=-1)
         else:
             logits = stepper.step(ids, positions, attention_mask)[:, -1]  # [B, V]
-            scores = _process_logits(logits, sequences, t, options, cfg, first_step, last_step)
+            scores = _process_logits(logits, rows_sequences, t, options, cfg, first_step, last_step)
             if options.do_sample:
                 scores = _apply_temperature(scores, options.temperature)
                 scores = _filter_top_k_top_p(scores, options.top_k, options.top_p)
-                next_ids = _sample(scores, rngs)
+                next_ids = _sample(scores, rngs if len(active) == B else [rngs[b] for b in active])
             else:
                 next_ids = scores.argmax(axis=-1)
-        next_ids = np.where(finished, cfg.fill_id, next_ids).astype(np.int64)  # [B]
+        all_ids = np.full(B, cfg.fill_id, np.int64)
+        all_ids[active] = next_ids
+        next_ids = np.where(finished, cfg.fill_id, all_ids).astype(np.int64)  # [B]
         yield next_ids
         if penalties:
-            for b in range(B):
+            for b in active:
                 sequences[b].append(int(next_ids[b]))
         if cfg.eos_id is not None:
             finished |= next_ids == cfg.eos_id
         finished |= budgets <= t + 1
         if finished.all():
             return
-        ids = next_ids[:, None]
+        ids = next_ids[active, None]
         positions = _next_positions(positions, cfg)
-        attention_mask = np.concatenate([attention_mask, np.ones((B, 1), np.int64)], axis=1)
+        attention_mask = np.concatenate([attention_mask, np.ones((len(active), 1), np.int64)], axis=1)
+        if stepper.drops_finished_rows and finished[active].any():  # finished rows leave the batch
+            keep = np.flatnonzero(~finished[active])
+            stepper.reorder(keep)
+            active, ids, positions, attention_mask = active[keep], ids[keep], positions[keep], attention_mask[keep]
 
 
 def stack_rows(token_steps, batch_size, pad_id):

@@ -135,6 +135,8 @@ class OrtStepper(Stepper):
     (Generator checks both first).
     """
 
+    drops_finished_rows = True  # reorder gathers the rows still generating: later steps compute only those
+
     def top_candidates(self, values, n):
         """Stepper.top_candidates by the blocked search (top_candidates): the same indices, without a full sort.
 
@@ -323,6 +325,7 @@ class StaticOrtStepper(OrtStepper):
     """
 
     argmax_in_graph = True  # step_argmax reads the graph's next_ids output; the logits stay on the device
+    drops_finished_rows = False  # buffer sets are allocated (and on CUDA captured) per batch size
 
     def __init__(self, cfg, onnx_dir, dtype, provider=contract.CPU_PROVIDER, threads=None, cuda_graph=False,
                  decoder_file=contract.graph_file(contract.decoder_graph(contract.STATIC))):

@@ -244,6 +244,34 @@ def test_a_row_gives_the_same_ids_alone_and_in_a_batch(family, options):
         assert len({len(s[0]) for s in together}) > 1, "the rows should run to different budgets"
 
 
+class KeepingStepper(ReferenceStepper):
+    """The reference stepper computing every row to the end (as the runtime's static graphs do)."""
+    drops_finished_rows = False
+
+
+class CountingStepper(ReferenceStepper):
+    def step(self, ids, positions, attention_mask):
+        self.rows_per_step = getattr(self, "rows_per_step", []) + [len(ids)]
+        return super().step(ids, positions, attention_mask)
+
+
+@pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
+@pytest.mark.parametrize("options", [dict(), dict(do_sample=True, seed=3, top_k=5),
+                                     dict(repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=2)])
+def test_dropping_finished_rows_changes_no_token(family, options):
+    """search_iter drops a finished row from the stepper's batch (Stepper.drops_finished_rows): every step yields the
+    same [B] ids as a stepper that computes all rows to the end, and later steps compute fewer rows."""
+    cfg, params = long_runner(family)
+    rows = [[5, 6], [7, 8, 9, 10, 11, 12, 13, 14, 15], [20], [9, 8, 7]]
+    options = GenerationOptions(**options)
+    counting = CountingStepper(cfg, params)
+    dropping = list(search_iter(counting, cfg, options, **padded_batch(cfg, rows)))
+    keeping = list(search_iter(KeepingStepper(cfg, params), cfg, options, **padded_batch(cfg, rows)))
+    np.testing.assert_array_equal(np.stack(dropping), np.stack(keeping))
+    assert counting.rows_per_step[0] == 4 and counting.rows_per_step[-1] == 1
+    assert counting.rows_per_step == sorted(counting.rows_per_step, reverse=True)
+
+
 def test_default_budgets_are_per_row():
     cfg, _ = long_runner("encoder-decoder")
     keep = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
