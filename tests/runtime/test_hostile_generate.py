@@ -484,6 +484,8 @@ def test_ctrl_c_while_the_program_starts_is_one_line(tmp_path, delay):
     time.sleep(delay)
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=60)
+    if "Remainder of file ignored" in err:  # the signal landed in Python's own site start-up (a .pth file's import)
+        pytest.skip("SIGINT arrived while Python processed site-packages' .pth files, before refformer ran")
     # interrupted (130, whether in the imports or in main), or already finished (the model folder is empty: exit 1)
     # and then, on a loaded machine, ended by the signal while Python shuts down (-SIGINT: a shell's 130)
     finished = err.splitlines()[:1]
