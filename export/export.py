@@ -28,7 +28,6 @@ from .contract import (
     FUSED,
     MIN_OPSET,
     QUANTIZED_DTYPES,
-    QUANTIZED_VARIANTS,
     REFERENCE,
     check_exportable,
     check_variants_exportable,
@@ -175,7 +174,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
     Returns the manifest. dtype: fp32, fp16, or int8: the fp32 graphs, the decoders quantized by
     quantize.quantize_graph (weights int8; inputs, outputs and caches stay float32; encoder.onnx stays fp32:
     quantized_graph), named as such in the manifest ("dtype": "int8" and
-    "quantization": the method and the ops it adds; the decoders of contract.QUANTIZED_VARIANTS only).
+    "quantization": the method, the graphs quantized and the ops it adds); every decoder variant has an int8 twin.
     measure=True runs refformer verify's random-input check on ONNX
     Runtime CPU and records the error in the manifest. static_length adds decoder_static.onnx, the fixed-size-cache
     variant with in-graph argmax (for CUDA-graph replay), with that many cache slots. fused_attention adds
@@ -184,8 +183,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
     fused norms) and, when the head size is a multiple of 8, decoder_static_fused.onnx (GroupQueryAttention
     over a cache updated in place).
 
-    Raises RefformerError for a bad option (a model_dir or out_dir that is not a path, flags that are not booleans,
-    int8 with fused_attention),
+    Raises RefformerError for a bad option (a model_dir or out_dir that is not a path, flags that are not booleans),
     a model using options the graphs do not compute yet (contract.check_exportable: one line naming them, before any
     work; contract.check_variants_exportable when fused_attention asks for the contrib-op variants), an out_dir
     that check_out_dir refuses (its parent must exist, unless it is one of export_locations), weights with NaN or
@@ -219,11 +217,6 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
     check_exportable(load_config(model_dir), ids=False)  # a missing or bad model folder, or options the graphs
     # do not compute
     check_variants_exportable(load_config(model_dir), static_length, fused_attention)  # ... or a variant does not
-    unquantized = [variant for variant in exported_variants(load_config(model_dir).head_dim, static_length,
-                                                            fused_attention) if variant not in QUANTIZED_VARIANTS]
-    if dtype in QUANTIZED_DTYPES and unquantized:  # (all of them --fused-attention's)
-        raise RefformerError(f"--dtype {dtype} sets hold the {' and '.join(QUANTIZED_VARIANTS)} decoders only, not "
-                             f"{', '.join(unquantized)}: leave out --fused-attention")
     if out_dir is None:
         out_dir = default_export_dir(model_dir, dtype, static_length, fused_attention)
     out_dir = Path(out_dir)

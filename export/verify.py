@@ -329,8 +329,8 @@ def providers_for(dtype, providers):
         return list(providers)
     kept = [provider for provider in providers if provider in QUANTIZED_PROVIDERS]
     if not kept:
-        raise RefformerError(f"{dtype} export sets run on {' and '.join(QUANTIZED_PROVIDERS)} only (ONNX Runtime's "
-                             "CUDA provider lacks their quantized ops): verify them with --provider cpu")
+        raise RefformerError(f"{dtype} export sets run on {' and '.join(QUANTIZED_PROVIDERS)} only (they are not "
+                             "checked on CUDA yet): verify them with --provider cpu")
     return kept
 
 

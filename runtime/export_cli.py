@@ -143,8 +143,8 @@ def variant_options(helps):
 
 @click.command("export")
 @model_option
-@dtype_option("fp32", "Graph precision. int8: the fp32 graphs with int8 weights (ONNX Runtime's quantization; "
-              "float32 inputs and outputs, CPU only), without --fused-attention.")
+@dtype_option("fp32", "Graph precision. int8: the fp32 decoders with int8 weights (ONNX Runtime's quantization; "
+              "float32 inputs and outputs, the encoder fp32, CPU only).")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset (>= 17 for LayerNormalization).")
 @click.option("--out", "out_dir", type=NonEmptyPath(file_okay=False), default=None,

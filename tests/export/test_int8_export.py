@@ -123,22 +123,23 @@ def test_int8_beyond_its_bound_is_not_written(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "m" / "onnx").iterdir()] == []
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dtype", "int8", "--fused-attention"], "--dtype int8 sets hold the reference and static decoders only"),
-    (["--dtype", "int8", "--fused-attention", "--static-length", "8"], "leave out --fused-attention"),
-])
-def test_int8_refusals_are_one_line(tmp_path, args, message):
-    make_model(tmp_path / "m")
-    result = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "m"), *args])
-    assert result.exit_code == 1 and message in result.output, result.output
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
-    assert not (tmp_path / "m" / "onnx").exists()
+def test_every_decoder_variant_has_an_int8_twin(tmp_path):
+    """--static-length and --fused-attention with --dtype int8: static, fused, static_mha and static_fused decoders,
+    each quantized and checked by verify against decoder.onnx and refimpl within the int8 bound."""
+    make_model(tmp_path / "m", d_model=32, n_heads=4)  # head size 8: static_fused too
+    manifest = export_model(tmp_path / "m", dtype="int8", static_length=12, fused_attention=True)
+    names = ["decoder", "decoder_static", "decoder_fused", "decoder_static_mha", "decoder_static_fused"]
+    assert manifest["quantization"]["graphs"] == names
+    rows, _ = verify(tmp_path / "m", tmp_path / "m" / "onnx" / "int8-static12-fused", providers=CPU)
+    assert {row["check"] for row in rows} == {"random", "incremental", "static", "fused", "static_mha",
+                                              "static_fused"}
+    assert all(row["ok"] for row in rows), worst(rows)
 
 
 def test_int8_sets_run_on_the_cpu_only():
     assert providers_for("int8", [CPU_PROVIDER, CUDA_PROVIDER]) == [CPU_PROVIDER]
     assert providers_for("fp32", [CPU_PROVIDER, CUDA_PROVIDER]) == [CPU_PROVIDER, CUDA_PROVIDER]
-    with pytest.raises(RefformerError, match="int8 export sets run on CPUExecutionProvider only"):
+    with pytest.raises(RefformerError, match="int8 export sets run on CPUExecutionProvider only .* --provider cpu"):
         providers_for("int8", [CUDA_PROVIDER])
     assert contract.graph_dtype("int8") == "fp32" and contract.graph_dtype("fp16") == "fp16"
 

@@ -190,7 +190,6 @@ def _rows():
             add(GEN, [option, value, "w4 w5"], option.lstrip("-").split("-")[-1])
     add(GEN, ["--min-new-tokens", "5", "--max-new-tokens", "2", "w4"], "new_tokens")
     add(["generate", "--model", "{ws}/model", "--provider", "cuda", "--dtype", "int8", "w4"], [], "CPU only")
-    add(GEN, ["--dtype", "int8", "--variant", "fused", "w4"], "int8")
     add(GEN, ["--num-beams", "2", "--num-return-sequences", "3", "w4"], "num")
     add(GEN, ["--do-sample", "--num-beams", "2", "w4"], "beam")
     add(GEN, [], "text")
@@ -232,7 +231,6 @@ def _rows():
         for value in values:
             add(EXPORT, [option, value, "--out", "{ws}/new-export"], option.lstrip("-").split("-")[0])
     add(EXPORT, ["--out", "{ws}/user-folder"], "user-folder")
-    add(EXPORT, ["--dtype", "int8", "--fused-attention", "--out", "{ws}/new-export"], "fused-attention")
     add(["export", "--model", "{ws}/nan-model", "--dtype", "int8", "--out", "{ws}/new-export"], [], "finite")
     add(EXPORT, ["--out", "{ws}/model"], "model")
     add(EXPORT, ["--out", "{ws}"], "model")
