@@ -210,8 +210,8 @@ def runtime_provider(provider, dtype):
     if dtype not in contract.QUANTIZED_DTYPES:
         return resolve_provider(provider)
     if provider == "cuda":
-        raise RefformerError(f"{dtype} graphs run on the CPU only (ONNX Runtime's CUDA provider lacks their "
-                             "quantized ops): use the cpu or auto provider, or fp16 on CUDA")
+        raise RefformerError(f"{dtype} graphs run on the CPU only (they are not checked on CUDA yet): use the cpu "
+                             "or auto provider, or fp16 on CUDA")
     return contract.QUANTIZED_PROVIDERS[0]
 
 
@@ -236,10 +236,10 @@ class Generator:
         intra-op threads (an integer >= 1; more than os.cpu_count() is capped to it). dtype: "fp32" (the default:
         the path exact against refimpl and transformers), "fp16", or "int8" (the fp32 graphs with int8 weights,
         export/quantize.py: float32 in and out, ids close to fp32's but not exact; the CPU only, so provider auto is
-        the CPU; the reference and static decoders only).
+        the CPU).
 
         Raises RefformerError for a bad argument, a missing or broken model folder, or an export that fails; for
-        dtype int8 with provider cuda or a contrib-op variant (fused, static_mha, static_fused)."""
+        dtype int8 with provider cuda."""
         self.check_arguments(model_dir, provider, dtype, threads, truncate, variant, static_length, cuda_graph)
         threads = capped_threads(threads)
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
@@ -322,10 +322,6 @@ class Generator:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS[1:])}, got {variant!r}")
         dtype, threads = self.dtype, self.threads
         float_dtype = contract.graph_dtype(dtype)  # the graphs' inputs and caches: an int8 set's are float32
-        if dtype in contract.QUANTIZED_DTYPES and variant not in contract.QUANTIZED_VARIANTS:
-            raise RefformerError(f"the {variant} decoder has no {dtype} graph (an {dtype} export holds the "
-                                 f"{' and '.join(contract.QUANTIZED_VARIANTS)} decoders): use variant auto, "
-                                 f"{' or '.join(contract.QUANTIZED_VARIANTS)}")
         if variant == contract.STATIC_FUSED and not contract.gqa_supported(self.cfg.head_dim):
             raise RefformerError(f"the static_fused variant needs a head size that is a multiple of 8 (ONNX Runtime's "
                                  f"GroupQueryAttention); this model's is {self.cfg.head_dim}: use static_mha")
