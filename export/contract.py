@@ -250,22 +250,20 @@ INT8 = "int8"
 QUANTIZED_DTYPES = {INT8: FP32}  # a quantized export set's dtype -> the float type of its graphs' inputs, outputs and
 # caches: the graphs of that type it is quantized from (export/quantize.py's method of the same name)
 EXPORT_DTYPES = (*DTYPES, *QUANTIZED_DTYPES)  # what export, verify, generate and eval --dtype take
-QUANTIZED_VARIANTS = (REFERENCE, STATIC)  # the decoders a quantized set holds: the standard-op graphs (quantize's
-# ONNX Runtime quantizer stops at the contrib ops of --fused-attention's graphs, whose output types it cannot infer)
 MIN_OPSET = 17  # LayerNormalization
 DEFAULT_OPSET = 17
 ERROR_BOUNDS = {"fp32": 1e-5, "fp16": 1e-2,  # verify: largest rel_error of a graph output against refimpl in float64
-                "int8": 1e-1}  # measured (issue 15: quantize's dynamic int8 MatMul in the decoders, the encoder
-# fp32): worst verify row 2.0e-2 on the bundled model, 2.8e-2 on 24 tiny init_params models (test_export's four kinds,
-# D 16 and 32, seeds 0-2) and 2.2e-2 on the Marian-base shape of benchmarks/generate_cpu.py; models whose every weight
-# carries +0.3 noise (test_features' save_random_model) reach 0.20, and their int8 export is refused
+                "int8": 1e-1}  # measured (issue 15: quantize's int8, MatMulNBits 8-bit blocks of 32 at accuracy
+# level 4, in the decoders; the encoder fp32): worst verify row 1.5e-2 on the bundled model, 2.2e-2 on 24 tiny
+# init_params models (test_export's four kinds, D 16 and 32, seeds 0-2) and 1.5e-2 on the Marian-base shape of
+# benchmarks/generate_cpu.py (the dynamic int8 MatMul quantize first used: 2.0e-2, 2.8e-2, 2.2e-2); models whose every
+# weight carries +0.3 noise (test_features' save_random_model) reach 0.16, and their int8 export is refused
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 PROVIDERS = (CPU_PROVIDER, CUDA_PROVIDER)  # the ONNX Runtime execution providers refformer runs on
-QUANTIZED_PROVIDERS = (CPU_PROVIDER,)  # where quantized sets run: ONNX Runtime 1.31's CUDA provider has no
-# DynamicQuantizeLinear kernel and a MatMulInteger of int8 x int8 only (its library's kernel names), where quantize's
-# int8 graphs take uint8 activations
+QUANTIZED_PROVIDERS = (CPU_PROVIDER,)  # where quantized sets run: the CPU, the only provider they were checked on
+# (quantize's MatMulNBits has CUDA kernels in ONNX Runtime 1.31, 8 bits among them, but no int8 set ran on a GPU yet)
 
 
 def graph_dtype(dtype):
