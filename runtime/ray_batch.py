@@ -298,6 +298,22 @@ def records_datasink(path):
 # ---------------------------------------------------------------------------- the cluster
 
 
+def check_reachable(address, timeout=10.0):
+    """A host:port address must accept a TCP connection within timeout seconds: ray.init retries an unreachable
+    one for minutes. Other forms ("auto", "ray://host:port") are left to Ray. Raises RefformerError."""
+    import socket
+
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or "//" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise RefformerError(f"cannot connect to the Ray cluster at --ray-address {address}: "
+                             f"{error.strerror or error}; start it with `ray start --head` there, or leave "
+                             "--ray-address out for a local cluster") from None
+
+
 class Cluster:
     """The Ray connection of one run: an existing one (ray.is_initialized(): a test's, a notebook's) used as it is;
     --ray-address ADDR connected to; else a local cluster of num_cpus logical CPUs with its session files in a new
@@ -312,6 +328,8 @@ class Cluster:
 
         ray = import_ray()
         self.ray, self.owned, self.temp_dir = ray, False, None
+        if address is not None:
+            check_reachable(address)
         if ray.is_initialized():
             return
         self.owned = True  # from here on close() disconnects, also after a failed start

@@ -131,6 +131,7 @@ def test_a_worker_killed_mid_run_is_retried_without_losing_or_duplicating_record
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--top-p", "nan"], "--top-p"),
     (["--workers", "1000"], "--workers 1000 x --threads 1 needs 1000 CPUs; this machine has"),
+    (["--ray-address", "127.0.0.1:1"], "cannot connect to the Ray cluster at --ray-address 127.0.0.1:1"),
 ])
 def test_bad_options_are_one_line_before_ray_starts(tmp_path, args, message):
     (tmp_path / "a.jsonl").write_text("Hallo\n")
