@@ -3,16 +3,18 @@
     quantize_graph("onnx/fp32/decoder.onnx", "onnx/int8/decoder.onnx", method="int8")
 
 What "int8" means was chosen by measurement (benchmarks/generate_cpu_int8.py; figures in benchmarks/RESULTS.md):
-ONNX Runtime's MatMulNBits contrib op with 8-bit weights in blocks of 32 along K (symmetric, one float32 scale per
-block and output column), run at accuracy_level 4 (the activations quantized to int8 per block of 32 as well, int8
-dot products). Every MatMul whose weight is a constant [K, N] matrix is quantized; the tied output projection,
-which the exported graphs compute as MatMul(x, Transpose(embed_tokens.weight)), first gets its own constant [D, V]
-weight so that it is quantized too (the [D, V] head is a large share of a decoder step); the embedding Gather keeps
-the fp32 [V, D] table. The attention products (Q K^T, P V) stay fp32.
+ONNX Runtime's dynamic quantization (onnxruntime.quantization.quantize_dynamic) of every MatMul whose weight is a
+constant [K, N] matrix: int8 weights with one float32 scale per output column N (symmetric, per channel), the
+activations quantized to uint8 at run time with one scale and zero point per tensor (DynamicQuantizeLinear +
+MatMulInteger, which the ONNX Runtime CPU session fuses into DynamicQuantizeMatMul). Because that activation scale
+is per tensor, a row's int8 result depends a little on the other rows of its batch (fp32 results do not). The tied
+output projection, which the exported graphs compute as MatMul(x, Transpose(embed_tokens.weight)), first gets its
+own constant [D, V] weight so that it is quantized too (the [D, V] head is a large share of a decoder step); the
+embedding Gather keeps the fp32 [V, D] table. The attention products (Q K^T, P V) stay fp32.
 
-ALTERNATIVES holds the recipes measured against it (not offered by `export --quantize`): ONNX Runtime's dynamic
-quantization (quantize_dynamic: MatMulInteger with per-output-channel int8 weights and one uint8 activation scale
-per tensor, fused into DynamicQuantizeMatMul by the session), 8-bit blocks of 128, and 4-bit blocks of 32.
+ALTERNATIVES holds the recipes measured against it (not offered by `export --quantize`): ONNX Runtime's MatMulNBits
+contrib op with 8-bit weights in blocks of 32 or 128 along K (accuracy_level 4: activations quantized to int8 per
+row and block, so rows are independent), the same at accuracy_level 1 (fp32 compute), and 4-bit blocks of 32.
 """
 
 import contextlib
@@ -29,10 +31,11 @@ from onnx import numpy_helper
 from refformer.refimpl.errors import RefformerError
 
 # method -> recipe; QUANTIZE_METHODS are the values of quantize_graph's method (and of `refformer export --quantize`)
-RECIPES = {"int8": dict(kind="blocks", bits=8, block_size=32, accuracy_level=4)}
+RECIPES = {"int8": dict(kind="dynamic")}
 QUANTIZE_METHODS = tuple(RECIPES)
 ALTERNATIVES = {
-    "int8-dynamic": dict(kind="dynamic"),
+    "int8-blocks32": dict(kind="blocks", bits=8, block_size=32, accuracy_level=4),
+    "int8-blocks32-fp32": dict(kind="blocks", bits=8, block_size=32, accuracy_level=1),  # fp32 compute
     "int8-blocks128": dict(kind="blocks", bits=8, block_size=128, accuracy_level=4),
     "int4-blocks32": dict(kind="blocks", bits=4, block_size=32, accuracy_level=4),
 }
@@ -49,10 +52,10 @@ def quantize_graph(src_path, dst_path, *, method="int8"):
     file already there untouched (deciding whether it may be replaced is the caller's job). A source whose weights
     are external (PATH.data) gives a destination whose weights are external too, in DST.data beside it.
 
-    Uses onnxruntime.quantization's MatMulNBitsQuantizer (which needs the onnx-ir package); the ALTERNATIVES use
-    quantize_dynamic too. Raises RefformerError for a method not in QUANTIZE_METHODS (or ALTERNATIVES), a
-    src_path that is missing or not an ONNX graph, dst_path equal to src_path or in a folder that does not exist,
-    and onnx-ir missing.
+    Uses onnxruntime.quantization.quantize_dynamic (after onnxruntime.tools.symbolic_shape_infer for graphs with
+    com.microsoft ops); the ALTERNATIVES use its MatMulNBitsQuantizer (which needs the onnx-ir package). Raises
+    RefformerError for a method not in QUANTIZE_METHODS (or ALTERNATIVES), a src_path that is missing or not an
+    ONNX graph, dst_path equal to src_path or in a folder that does not exist, and (ALTERNATIVES) onnx-ir missing.
     """
     recipe = RECIPES.get(method) or ALTERNATIVES.get(method)
     if recipe is None:
@@ -114,6 +117,12 @@ def quantize_dynamic(model, out, external):
         # (MultiHeadAttention ...): ONNX Runtime's symbolic shape inference knows them
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+        for node in model.graph.node:  # it fails on an optional output left unnamed (SkipLayerNormalization's)
+            while node.output and not node.output[-1]:
+                node.output.pop()
+            for i, name in enumerate(node.output):
+                if not name:
+                    node.output[i] = f"{node.name}/unused_output_{i}"
         model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     quantize(model, out, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=False,
              weight_type=QuantType.QInt8, use_external_data_format=external)
@@ -155,12 +164,17 @@ def untie_head(model):
 
 @contextlib.contextmanager
 def quiet_root_logger():
-    """ONNX Runtime's quantization tools log advice through the root logger (a `WARNING:root:` line on stderr):
-    drop those records while they run."""
+    """ONNX Runtime's quantization tools log advice through the root logger (a `WARNING:root:` line on stderr), and
+    matmul_nbits_quantizer's import calls logging.basicConfig(level=INFO) (a line per node): while they run the
+    root logger drops everything below ERROR, and its handlers and level are restored afterwards."""
     root = logging.getLogger()
-    previous = root.level
+    level, handlers = root.level, list(root.handlers)
     root.setLevel(logging.ERROR)
     try:
+        with contextlib.suppress(ModuleNotFoundError):  # quantize_blocks says what is missing
+            import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (its basicConfig, here)
+        root.setLevel(logging.ERROR)
         yield
     finally:
-        root.setLevel(previous)
+        root.handlers[:] = handlers
+        root.setLevel(level)
