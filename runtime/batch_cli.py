@@ -86,6 +86,11 @@ def check_resources(cluster, workers, threads, gpus_per_worker, local):
             click.echo(f"notice: {message} now; the run waits until it has them", err=True)
 
 
+def plural(count, noun):
+    """"1 file", "2 files". Raises nothing."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def run(inputs, out_dir, model_dir, overwrite, ray_address, workers, threads, gpus_per_worker, provider, dtype,
         variant, batch_size, truncate, options):
     """The batch command's work: Ray's presence, every option, the inputs and OUT_DIR are checked before any cluster
@@ -123,8 +128,8 @@ def run(inputs, out_dir, model_dir, overwrite, ray_address, workers, threads, gp
         cluster.close()
     if summary["warnings"]:
         click.echo(truncation_warning(summary["warnings"]), err=True)
-    click.echo(f"wrote {summary['records']} records from {len(files)} files to {shown(out_dir)} "
-               f"({summary['files']} shards, {workers} workers)", err=True)
+    click.echo(f"wrote {summary['records']} records from {plural(len(files), 'file')} to {shown(out_dir)} "
+               f"({plural(summary['files'], 'shard')}, {plural(workers, 'worker')})", err=True)
     if summary["failures"]:
         click.echo(f"error: {summary['failures']} of {summary['records']} inputs failed (reported in "
                    f"{shown(out_dir)})", err=True)

@@ -169,3 +169,38 @@ def test_without_ray_one_line_says_how_to_install_it(monkeypatch, tmp_path):
     result = invoke("batch", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out"))
     assert result.exit_code == 1
     assert result.stderr == 'error: refformer batch needs Ray Data: pip install "refformer[ray]"\n'
+
+
+@needs_ray
+def test_the_command_starts_and_cleans_up_its_own_local_cluster(tmp_path):
+    """`refformer batch` without --ray-address, in a process of its own: a local cluster whose session folder lies
+    under the system temp folder (TMPDIR here: a short one, as Ray's socket paths need) and is removed at the end,
+    with no Ray process left behind."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    (tmp_path / "in.jsonl").write_text('{"text": "Guten Morgen.", "id": 1}\n')
+    temp = tempfile.mkdtemp(prefix="rf-t-")
+    try:
+        command = Path(sys.executable).parent / "refformer"
+        done = subprocess.run([str(command), "batch", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"),
+                               "--workers", "1", *DECODING], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "TMPDIR": temp, "RAY_AUTH_MODE": "disabled"})
+        assert done.returncode == 0, done.stderr
+        assert "wrote 1 records from 1 file to" in done.stderr and "(1 shard, 1 worker)" in done.stderr
+        assert "Traceback" not in done.stderr
+        [record] = read_out(tmp_path / "out")
+        assert record["id"] == 1 and record["input"] == "Guten Morgen." and record["output"]
+        assert os.listdir(temp) == []  # the cluster's session folder is gone
+        left = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and temp.encode() in (entry / "cmdline").read_bytes():
+                    left.append(int(entry.name))
+            except OSError:
+                pass
+        assert not left, f"Ray processes left: {left}"
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
