@@ -94,18 +94,18 @@ def rotary_tables(g, cfg, positions, at):
 def rotate(g, x, rotary, head_dim, at):
     """Twin of refimpl.attention.rotary_forward: x [B, h, T, Dh] -> x * cos + rotate_half(x) * sin with rotary =
     (cos, signed sin) [B, 1, T, Dh] (rotary_tables); rotate_half(x) = cat(-x[..., Dh/2:], x[..., :Dh/2])
-    (transformers' rotate_half), computed as cat(x[..., Dh/2:], x[..., :Dh/2]) (one Gather of the swapped halves)
-    times the signed sin: the same products.
+    (transformers' rotate_half), computed as cat(x[..., Dh/2:], x[..., :Dh/2]) times the signed sin: the same
+    products, without a Neg node (a Gather of the swapped halves was slower on the CPU than Split and Concat).
 
-    x ─┬─Mul(cos)──────────────────────────┐
-       └─Gather(swap halves)─Mul(signed sin)─Add─▶ rotated x
+    x ─┬─Mul(cos)─────────────────────────────────────┐
+       └─Split(halves)─Concat(second, first)─Mul(signed sin)─Add─▶ rotated x
 
     x and the output in g's float type. No checks: reached only through export_model.
     """
     cos, signed_sin = rotary
     half = head_dim // 2
-    swap = g.const(np.concatenate([np.arange(half, head_dim), np.arange(half)]), "rope_swap_halves")
-    swapped = g.op("Gather", [x, swap], at, name="SwapHalves", axis=-1)
+    first, second = g.op("Split", [x, g.const([half, half], "rope_halves")], at, n_outputs=2, axis=-1)
+    swapped = g.op("Concat", [second, first], at, name="SwapHalves", axis=-1)
     return g.op("Add", [g.op("Mul", [x, cos], at), g.op("Mul", [swapped, signed_sin], at)], at, name="Rotary")
 
 
@@ -263,11 +263,10 @@ def project_kv(g, cfg, prefix, p, x, rotary=None):
     return k, v
 
 
-def mha_cached(g, cfg, prefix, p, xq, k, v, mask, *, rotary=None, position_bias=None, q=None):
+def mha_cached(g, cfg, prefix, p, xq, k, v, mask, *, rotary=None, position_bias=None):
     """Twin of refimpl.attention.mha_cached_forward: xq [B, T, D] attends to projected k, v [B, Hkv, S, Dh] ->
     [B, T, D], with the scale cfg.attention_scale; rotary = (cos, sin) [B, 1, T, Dh] of the queries' positions
     rotates q (the keys were rotated when projected); position_bias float32 [1, H, T, S] is added to the scores.
-    q: xq's query projection [B, T, H Dh] when already made (packed_projections), else q_proj runs here.
 
     xq ─q_proj─SplitHeads─rotate?─attention(k, v, mask, position_bias)─MergeHeads─out_proj─▶ y
 
@@ -275,39 +274,12 @@ def mha_cached(g, cfg, prefix, p, xq, k, v, mask, *, rotary=None, position_bias=
     checked cfg and params.
     """
     at = node_path(prefix)
-    if q is None:
-        q = linear(g, f"{prefix}.q_proj", p["q_proj"], xq)
-    q = split_heads(g, q, cfg.n_heads, cfg.head_dim, at + "/q")
+    q = split_heads(g, linear(g, f"{prefix}.q_proj", p["q_proj"], xq), cfg.n_heads, cfg.head_dim, at + "/q")
     if rotary is not None:
         q = rotate(g, q, rotary, cfg.head_dim, at + "/q/rotary")
     context = attention(g, q, k, v, mask, cfg.attention_scale, at + "/attention",
                         groups=(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), position_bias=position_bias)
     return linear(g, f"{prefix}.out_proj", p["out_proj"], merge_heads(g, context, cfg.n_heads * cfg.head_dim, at))
-
-
-def packs_projections(cfg, p):
-    """Whether the self-attention's q, k and v projections run as one MatMul (packed_projections): for rotary models
-    (the imported Llama / Qwen2 families, where it was measured to pay on the CPU) whose three projections all have
-    a bias or none. Raises nothing."""
-    return cfg.positional == "rotary" and len({"bias" in p[name] for name in ("q_proj", "k_proj", "v_proj")}) == 1
-
-
-def packed_projections(g, cfg, prefix, p, x):
-    """ops.linear (refimpl.ops.linear_forward) of q_proj, k_proj and v_proj in one MatMul: x [B, T, D] @ [Wq | Wk |
-    Wv] (+ [bq | bk | bv]) -> Split -> q [B, T, H Dh], k, v [B, T, Hkv Dh] (the initializers PREFIX.qkv_proj.weight,
-    PREFIX.qkv_proj.bias). The same products as three MatMuls; one bigger MatMul uses the threads better and
-    reads x once.
-
-    Activations in g's float type. No checks: reached only through export_model, which loads a checked cfg and params.
-    """
-    at = node_path(prefix) + "/qkv_proj"
-    names = ("q_proj", "k_proj", "v_proj")
-    y = g.op("MatMul", [x, g.weight(f"{prefix}.qkv_proj.weight",
-                                    np.concatenate([p[n]["weight"] for n in names], axis=1))], at)
-    if "bias" in p["q_proj"]:
-        y = g.op("Add", [y, g.weight(f"{prefix}.qkv_proj.bias", np.concatenate([p[n]["bias"] for n in names]))], at)
-    widths = [cfg.n_heads * cfg.head_dim] + [cfg.n_kv_heads * cfg.head_dim] * 2
-    return g.op("Split", [y, g.const(widths, "qkv_widths")], at, n_outputs=3, axis=-1)
 
 
 def mha(g, cfg, prefix, p, xq, xkv, mask, *, rotary=None, position_bias=None):
@@ -368,25 +340,15 @@ def cached_self_attention(g, cfg, prefix, p, x, past_k, past_v, *, mask, update_
     x ─project_kv─▶ k_new, v_new ─update_cache(past, new)─▶ present k, v ─┐
     x ─────────────────────────────────────────────────mha_cached(present, mask)─▶ y
 
-    (q, k and v projected by one MatMul, packed_projections, where packs_projections says.)
-
     update_cache: concat_cache (the growing cache: present [B, H, P + T, Dh], mask [B, 1, T, P + T]) or
     write_cache(slot_mask) (the static cache: T = 1, present [B, H, L, Dh], mask [B, 1, 1, L]).
 
     Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
     checked cfg and params.
     """
+    k_new, v_new = project_kv(g, cfg, prefix, p, x, rotary)  # [B, Hkv, T, Dh]
     at = node_path(prefix)
-    q = None
-    if packs_projections(cfg, p):
-        q, k_new, v_new = packed_projections(g, cfg, prefix, p, x)
-        shape_name = "split_heads_shape" if cfg.n_kv_heads == cfg.n_heads else "split_kv_heads_shape"
-        k_new = split_heads(g, k_new, cfg.n_kv_heads, cfg.head_dim, at + "/k", shape_name)
-        v_new = split_heads(g, v_new, cfg.n_kv_heads, cfg.head_dim, at + "/v", shape_name)
-        k_new = rotate(g, k_new, rotary, cfg.head_dim, at + "/k/rotary")
-    else:
-        k_new, v_new = project_kv(g, cfg, prefix, p, x, rotary)  # [B, Hkv, T, Dh]
     present_k = update_cache(g, at + "/key_cache", past_k, k_new)
     present_v = update_cache(g, at + "/value_cache", past_v, v_new)
-    y = mha_cached(g, cfg, prefix, p, x, present_k, present_v, mask, rotary=rotary, position_bias=position_bias, q=q)
+    y = mha_cached(g, cfg, prefix, p, x, present_k, present_v, mask, rotary=rotary, position_bias=position_bias)
     return y, present_k, present_v

@@ -6,8 +6,6 @@ static fused graph, the residual and feed-forward builders that fold biases and 
 (export/fused.py). Builders follow export/ops.py's conventions; x is [B, T, D] in the graph's float type.
 """
 
-import numpy as np
-
 from .attention import mha
 from .graph import node_path
 from .ops import activation, linear, norm
@@ -17,25 +15,11 @@ def feed_forward(g, cfg, prefix, p, x):
     """Twin of refimpl.layers.feed_forward_forward (inference): x [B, T, D] -> [B, T, D].
 
     x ─fc1─activation─fc2─▶ y        (p: {"fc1": [D, F] linear, "fc2": [F, D] linear})
-    cfg.ffn_gated (SwiGLU / GEGLU, Shazeer 2020): x ─fc1─activation─Mul(fc_up(x))─fc2─▶ y   (p also has "fc_up"),
-    fc1 and fc_up run as one MatMul (initializer PREFIX.fc1_up.weight [D, 2F]) and a Split when both have a bias or
-    neither
+    cfg.ffn_gated (SwiGLU / GEGLU, Shazeer 2020): x ─fc1─activation─Mul(fc_up(x))─fc2─▶ y   (p also has "fc_up")
 
     x, y in g's float type; F = cfg.d_ff. No checks: reached only through export_model, which loads a checked cfg and
     params.
     """
-    if cfg.ffn_gated and ("bias" in p["fc1"]) == ("bias" in p["fc_up"]):
-        # fc1 and fc_up as one MatMul [D, 2F] and a Split: the same products, one bigger MatMul (measured to pay on
-        # an imported Llama's fp32 CPU step, benchmarks/generate_imported_cpu.py)
-        at = node_path(prefix) + "/fc1_up"
-        packed = {"weight": np.concatenate([p["fc1"]["weight"], p["fc_up"]["weight"]], axis=1)}
-        if "bias" in p["fc1"]:
-            packed["bias"] = np.concatenate([p["fc1"]["bias"], p["fc_up"]["bias"]])
-        gate, up = g.op("Split", [linear(g, f"{prefix}.fc1_up", packed, x), g.const([cfg.d_ff] * 2, "ffn_halves")],
-                        at, n_outputs=2, axis=-1)
-        h = g.op("Mul", [activation(g, cfg.activation, gate, node_path(prefix) + "/act"), up],
-                 node_path(prefix) + "/gate")
-        return linear(g, f"{prefix}.fc2", p["fc2"], h)
     h = activation(g, cfg.activation, linear(g, f"{prefix}.fc1", p["fc1"], x), node_path(prefix) + "/act")
     if cfg.ffn_gated:
         h = g.op("Mul", [h, linear(g, f"{prefix}.fc_up", p["fc_up"], x)], node_path(prefix) + "/gate")
