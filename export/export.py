@@ -87,8 +87,8 @@ def save_graph(model, path, external_data=None):
 def quantized_graph(name):
     """Whether a quantized (int8) export set quantizes the graph name: the decoders do; encoder.onnx stays in its
     source float type (fp32). The encoder runs once per input (the decoder once per token), and on the bundled
-    model's test split a float32 encoder kept more greedy outputs equal to fp32's: 445 of 493 against 439 with both
-    graphs quantized by quantize's MatMulNBits 8-bit, 424 against 403 by its first, dynamic int8 recipe
+    model's test split a float32 encoder kept more greedy outputs equal to fp32's: 424 of 493 against 403 with both
+    graphs quantized by quantize's dynamic int8 (as of 50ca1bc), 445 against 439 by its MatMulNBits 8-bit recipe
     (benchmarks/RESULTS.md, issue 15).
 
     Raises nothing: a comparison of names.
