@@ -57,6 +57,7 @@ import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
@@ -67,6 +68,8 @@ from refformer.runtime.batch import finite_float, not_json
 from refformer.runtime.generate_cli import OPTION_NAMES
 
 REQUEST_FIELDS = ("text", "texts", "stream")  # the other fields of a request are OPTION_NAMES
+ENDPOINTS = ("/v1/generate", "/health", "/metrics")  # /metrics counts other paths' requests as endpoint="other"
+CLIENT_LEFT = 499  # the status /metrics counts for a request whose client left before its answer (nginx's code)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,11 +225,23 @@ def check_option_type(name, value):
         raise RequestError(422, f"{name} must be {words}, got {json_kind(value)}")
 
 
+def unique_keys(pairs):
+    """json.loads's object_pairs_hook: an object whose key appears twice is refused (json.loads would keep the last
+    silently: {"text": "a", "text": "b"} asked for one thing and got another). Raises ValueError naming the key."""
+    body = {}
+    for key, value in pairs:
+        if key in body:
+            raise ValueError(f"the key {key!r} appears twice in an object")
+        body[key] = value
+    return body
+
+
 def parse_body(raw):
     """A request body's bytes -> the JSON object. Raises RequestError 400 for bytes that are not a JSON object
-    (not UTF-8, malformed, NaN or Infinity, 1e999, an integer of over 4300 digits, nested too deeply)."""
+    (not UTF-8, malformed, NaN or Infinity, 1e999, an integer of over 4300 digits, nested too deeply, a key twice in
+    one object)."""
     try:
-        body = json.loads(raw, parse_constant=not_json, parse_float=finite_float)
+        body = json.loads(raw, parse_constant=not_json, parse_float=finite_float, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as error:
         raise RequestError(400, f"the body is not valid JSON: {error.msg} (line {error.lineno} column "
                                 f"{error.colno})") from None
@@ -479,6 +494,8 @@ class Server:
                 await self.batcher.stop()
 
         async def http_error(request, error):
+            path = request.url.path
+            self.metrics.request_done(path if path in ENDPOINTS else "other", error.status_code, 0.0)
             return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
 
         routes = [Route("/v1/generate", self.generate, methods=["POST"]),
@@ -499,8 +516,13 @@ class Server:
 
     async def read_body(self, request):
         """The request body, refused (RequestError 413) past max_body_bytes, by its Content-Length or as it
-        arrives."""
+        arrives, and (RequestError 415) when it is compressed (a Content-Encoding other than identity: the server
+        reads plain JSON). Raises starlette's ClientDisconnect when the client leaves before the body ends."""
         limit = self.settings.max_body_bytes
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise RequestError(415, f"the body has Content-Encoding {encoding}; this server reads uncompressed JSON "
+                                    "only: send it without Content-Encoding")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, f"the body has {int(declared)} bytes, more than this server's --max-body-bytes "
@@ -569,17 +591,28 @@ class Server:
             items, stream = self.items(body, loop)
         except RequestError as error:
             return JSONResponse({"error": error.message}, status_code=error.status)
+        except ClientDisconnect:  # it left while sending its body: nobody to answer
+            return JSONResponse({"error": "the client left"}, status_code=CLIENT_LEFT)
         self.metrics.input_tokens += sum(len(item.row) for item in items)
         seconds = self.settings.request_timeout
         if stream:
             return await self.start_stream(items[0], started, seconds)
         self.batcher.submit(items)
+        results = asyncio.gather(*(item.future for item in items))
+        left = loop.create_task(client_left(request))
         try:
-            results = await asyncio.wait_for(asyncio.gather(*(item.future for item in items)), seconds)
-        except TimeoutError:
+            await asyncio.wait((results, left), timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+        if not results.done():  # timed out, or the client left: its texts leave the queue (or their results,
+            results.cancel()    # when their batch is running, are dropped); the cancellation is retrieved
+            results.add_done_callback(lambda gathered: gathered.cancelled() or gathered.exception())
+            if left.done() and not left.cancelled():
+                return JSONResponse({"error": "the client left"}, status_code=CLIENT_LEFT)
             return JSONResponse({"error": self.timeout_message()}, status_code=504)
-        except Exception as error:  # noqa: BLE001  (a failed generation: its message, the server stays)
-            return JSONResponse({"error": failure_message(error)}, status_code=500)
+        if results.exception() is not None:  # a failed generation: its message, the server stays
+            return JSONResponse({"error": failure_message(results.exception())}, status_code=500)
+        results = results.result()
         records = [self.record(number, item, result) for number, (item, result) in enumerate(zip(items, results), 1)]
         return JSONResponse(records[0] if "text" in body else {"records": records})
 
@@ -631,6 +664,9 @@ class Server:
                         status = 504
                         yield sse("error", {"error": self.timeout_message()})
                         return
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+                status = CLIENT_LEFT
+                raise
             finally:  # the end, a timeout, or the client went away (the task is cancelled): the worker stops
                 stream.stop.set()
                 item.future.cancel()
@@ -638,6 +674,13 @@ class Server:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def client_left(request):
+    """Returns when request's client has disconnected (after its body was read, the ASGI server's next message is
+    http.disconnect, sent when the connection closes or once the response is complete). Raises nothing."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def sse(event, data):
@@ -651,6 +694,8 @@ def listening_socket(host, port):
     cannot be bound (the port is taken, the host is not this machine's)."""
     import socket
 
+    if not host.strip():
+        raise RefformerError("--host is empty; give an address such as 127.0.0.1, or 0.0.0.0 for every one")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:

@@ -3,12 +3,17 @@ and uvicorn; without it, one line says how to install it)."""
 
 import click
 
-from refformer.export.contract import DTYPES, VARIANT_OPTIONS
+from refformer.export.contract import VARIANT_OPTIONS
 from refformer.export.session import PROVIDER_OPTIONS
 from refformer.refimpl.errors import RefformerError
 from refformer.runtime.errors import one_line_errors
-from refformer.runtime.options import model_option
+from refformer.runtime.options import dtype_option, model_option
 
+# export/quantize.py's int8 is ONNX Runtime's dynamic quantization: one activation scale per tensor, so a row's
+# output depends on the rows batched with it (checked on the bundled model: 1 of 16 sentences changed between its
+# batch of 16 and alone); the server promises each text what it gives alone
+INT8_BATCHING = ("--dtype int8 needs --max-batch 1: its dynamic quantization scales activations per batch, so a text's "
+                 "output would depend on the texts batched with it; pass --max-batch 1, or use --dtype fp32")
 INSTALL_HINT = 'refformer serve needs the serve extra (starlette, uvicorn): pip install "refformer[serve]"'
 
 
@@ -31,8 +36,7 @@ INSTALL_HINT = 'refformer serve needs the serve extra (starlette, uvicorn): pip 
 @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True,
               help="The largest request body (bytes); a larger one is answered 413.")
 @click.option("--provider", type=click.Choice(list(PROVIDER_OPTIONS)), default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
-              help="Graph precision (exported on first use).")
+@dtype_option("fp32", "Graph precision (exported on first use). int8: int8 weights, on the CPU, with --max-batch 1.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (capped to the CPU count).")
 @click.option("--variant", type=click.Choice(list(VARIANT_OPTIONS)), default="auto", show_default=True,
               help="Decoder graph, as for generate.")
@@ -67,6 +71,8 @@ def run(model_dir, host, port, batch_window_ms, max_batch, max_input_tokens, max
     settings = serve.ServeSettings(batch_window_ms=batch_window_ms, max_batch=max_batch,
                                    max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens,
                                    request_timeout=request_timeout, max_body_bytes=max_body_bytes)
+    if dtype == "int8" and max_batch > 1:
+        raise RefformerError(INT8_BATCHING)
     threads = check_threads(threads)
     sock = serve.listening_socket(host, port)
     try:

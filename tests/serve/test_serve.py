@@ -3,8 +3,10 @@ with httpx: records equal to the Generator's alone, batching across concurrent c
 4xx JSON error, a client leaving mid-stream, /health and /metrics. The bundled model on the CPU, 1 thread."""
 
 import concurrent.futures
+import gzip
 import json
 import re
+import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -176,6 +178,8 @@ LONG = " ".join(["Das Wetter ist heute schön."] * 8)  # > 30 tokens, within the
     (b"\xff\xfe", 400, "not valid JSON"),
     (b'["Hallo"]', 400, "must be a JSON object"),
     (b'{"text": "Hallo", "beams": 2}', 400, "unknown field 'beams'"),
+    (b'{"text": "Hallo", "text": "Welt"}', 400, "the key 'text' appears twice"),
+    (b'{"text": "Hallo", "num_beams": 2, "num_beams": 1}', 400, "the key 'num_beams' appears twice"),
     (b'{"text": "Hallo", "num_beams": "2"}', 422, "num_beams must be an integer, got a string"),
     (b'{"text": "Hallo", "num_beams": true}', 422, "num_beams must be an integer, got a boolean"),
     (b'{"text": "Hallo", "do_sample": 1}', 422, "do_sample must be true or false, got an integer"),
@@ -212,6 +216,60 @@ def test_a_body_over_the_limit_without_a_length_is_413(client):
     assert response.status_code == 413 and "--max-body-bytes 4096" in response.json()["error"]
 
 
+def test_a_compressed_body_is_415(client):
+    response = client.post("/v1/generate", content=gzip.compress(b'{"text": "Hallo"}'),
+                           headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert response.status_code == 415 and "Content-Encoding gzip" in response.json()["error"]
+
+
+def metric(client, name):
+    """One sample of GET /metrics (0 when absent)."""
+    samples = dict(line.rsplit(" ", 1) for line in client.get("/metrics").text.splitlines() if line[:1] != "#")
+    return float(samples.get(name, 0))
+
+
+def raw_request(url, data):
+    """Send raw HTTP bytes to the server at url and close the connection at once (a client that leaves)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(data)
+
+
+LEFT = 'refformer_requests_total{endpoint="/v1/generate",status="499"}'
+
+
+def test_a_client_leaving_while_sending_its_body_is_counted_and_the_server_goes_on(server, client):
+    before = metric(client, LEFT)
+    raw_request(server.url, b'POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"text": ')
+    deadline = time.monotonic() + 10
+    while metric(client, LEFT) == before:  # starlette's ClientDisconnect was a traceback and no answer
+        assert time.monotonic() < deadline, "the request of the client that left was not counted as 499"
+        time.sleep(0.05)
+    assert client.post("/v1/generate", json={"text": "Hallo", "max_new_tokens": 3}).status_code == 200
+
+
+def test_a_client_leaving_before_its_answer_takes_its_texts_out_of_the_queue(server, client, monkeypatch):
+    batches, generate = [], server.generator.generate_rows_and_ids
+
+    def slow(rows, options):  # the first request holds the worker for 0.5 s
+        batches.append([list(row) for row in rows])
+        time.sleep(0.5)
+        return generate(rows, options)
+
+    monkeypatch.setattr(server.generator, "generate_rows_and_ids", slow)
+    before = metric(client, LEFT)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/v1/generate", json={"text": TEXTS[0]})
+        time.sleep(0.2)
+        body = json.dumps({"text": TEXTS[1], "max_new_tokens": 7}).encode()
+        raw_request(server.url, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(body), body))
+        assert first.result().status_code == 200
+    time.sleep(0.3)
+    assert len(batches) == 1, "the text of the client that left was generated for nobody"
+    assert metric(client, LEFT) == before + 1
+
+
 def test_a_request_without_max_new_tokens_gets_the_default_budget_cut_to_the_limit(client, reference):
     text = TEXTS[7]  # 2 S + 10 new tokens by default (S counting eos), over the server's 40
     record = client.post("/v1/generate", json={"text": text, "min_new_tokens": 40}).json()
@@ -222,6 +280,8 @@ def test_a_request_without_max_new_tokens_gets_the_default_budget_cut_to_the_lim
 def test_unknown_paths_and_methods_are_json_errors(client):
     assert client.get("/nowhere").status_code == 404 and client.get("/nowhere").json() == {"error": "Not Found"}
     assert client.get("/v1/generate").status_code == 405 and "error" in client.get("/v1/generate").json()
+    assert metric(client, 'refformer_requests_total{endpoint="other",status="404"}') >= 2
+    assert metric(client, 'refformer_requests_total{endpoint="/v1/generate",status="405"}') >= 2
 
 
 def test_health_and_metrics(client):

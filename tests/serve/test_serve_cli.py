@@ -44,6 +44,9 @@ def test_without_the_serve_extra_one_line_says_how_to_install_it(monkeypatch, mi
     (["--max-body-bytes", "0"], "--max-body-bytes must be an integer >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--host", "no.such.host.invalid"], "--host no.such.host.invalid"),
+    (["--host", ""], "--host is empty; give an address such as 127.0.0.1"),
+    (["--dtype", "int8"], "--dtype int8 needs --max-batch 1"),
+    (["--dtype", "int8", "--max-batch", "2"], "--dtype int8 needs --max-batch 1"),
 ])
 def test_bad_options_are_one_line_before_the_model_loads(monkeypatch, flags, message):
     import refformer.runtime.generator as generator_module
