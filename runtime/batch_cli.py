@@ -119,6 +119,8 @@ def run(inputs, out_dir, model_dir, overwrite, ray_address, workers, threads, gp
     try:
         if workers is None:
             workers = max(1, (cluster.cpus() - 1) // threads)
+        # no more actors (each loads a Generator) than there are blocks of --batch-size lines to give them
+        workers = max(1, ray_batch.input_blocks(files, batch_size, workers))
         check_resources(cluster, workers, threads, gpus_per_worker, local and cluster.owned)
         summary = ray_batch.run_batch(files, out_dir, generation=generation, workers=workers, threads=threads,
                                       gpus_per_worker=gpus_per_worker, batch_size=batch_size, model_dir=model_dir,
@@ -128,7 +130,7 @@ def run(inputs, out_dir, model_dir, overwrite, ray_address, workers, threads, gp
         cluster.close()
     if summary["warnings"]:
         click.echo(truncation_warning(summary["warnings"]), err=True)
-    click.echo(f"wrote {summary['records']} records from {plural(len(files), 'file')} to {shown(out_dir)} "
+    click.echo(f"wrote {plural(summary['records'], 'record')} from {plural(len(files), 'file')} to {shown(out_dir)} "
                f"({plural(summary['files'], 'shard')}, {plural(workers, 'worker')})", err=True)
     if summary["failures"]:
         click.echo(f"error: {summary['failures']} of {summary['records']} inputs failed (reported in "

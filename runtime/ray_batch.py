@@ -24,6 +24,7 @@ import re
 import shutil
 import stat
 import tempfile
+import warnings
 from pathlib import Path
 
 from refformer.refimpl.errors import RefformerError
@@ -88,6 +89,28 @@ def expand_inputs(patterns):
                 seen.add(real)
                 found.append((name, os.path.abspath(path)))
     return found
+
+
+def input_blocks(inputs, batch_size, enough):
+    """How many blocks of batch_size lines the inputs (expand_inputs' pairs) make, counted no further than enough
+    (each file's lines are blocked on their own; a file is read in 1 MiB chunks only until enough blocks are found,
+    so a large corpus is not read twice). Lines are counted at \n, \r\n and \r, as batch.read_inputs splits
+    them. Raises RefformerError for a file that cannot be read."""
+    blocks = 0
+    for name, path in inputs:
+        lines, last = 0, b""
+        try:
+            with open(path, "rb") as file:
+                while blocks + -(-lines // batch_size) < enough and (chunk := file.read(1 << 20)):
+                    lines += chunk.count(b"\n") + chunk.count(b"\r") - chunk.count(b"\r\n")
+                    last = chunk[-1:]
+        except OSError as error:
+            raise RefformerError(f"cannot read input {shown(name)}: {error.strerror or error}") from None
+        lines += last not in (b"", b"\n", b"\r")  # a last line without a line break
+        blocks += -(-lines // batch_size)
+        if blocks >= enough:
+            return enough
+    return blocks
 
 
 def check_out_dir(out_dir, overwrite, inputs, model_dir):
@@ -414,7 +437,10 @@ def run_batch(inputs, out_dir, *, generation, workers, threads, gpus_per_worker=
                                        variant=variant, generation=generation))
         sink = records_datasink(str(stage))
         try:
-            dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+            with warnings.catch_warnings():  # Ray Data's notice that a pool has more actors than blocks to give them
+                warnings.filterwarnings("ignore", message="The minimum number of concurrent actors",
+                                        category=UserWarning)
+                dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0})
         except KeyboardInterrupt:
             raise
         except Exception as error:  # noqa: BLE001  (one line, not Ray's traceback)

@@ -186,11 +186,13 @@ def test_the_command_starts_and_cleans_up_its_own_local_cluster(tmp_path):
     try:
         command = Path(sys.executable).parent / "refformer"
         done = subprocess.run([str(command), "batch", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"),
-                               "--workers", "1", *DECODING], capture_output=True, text=True, timeout=120,
+                               *DECODING], capture_output=True, text=True, timeout=120,
                               env={**os.environ, "TMPDIR": temp, "RAY_AUTH_MODE": "disabled"})
         assert done.returncode == 0, done.stderr
-        assert "wrote 1 records from 1 file to" in done.stderr and "(1 shard, 1 worker)" in done.stderr
-        assert "Traceback" not in done.stderr
+        # one line: one worker, not the cluster's two (each would load a Generator); Ray Data's warning that the
+        # pool has more actors than blocks is not shown either
+        assert "wrote 1 record from 1 file to" in done.stderr and "(1 shard, 1 worker)" in done.stderr
+        assert "Traceback" not in done.stderr and "Warning" not in done.stderr
         [record] = read_out(tmp_path / "out")
         assert record["id"] == 1 and record["input"] == "Guten Morgen." and record["output"]
         assert os.listdir(temp) == []  # the cluster's session folder is gone
@@ -204,3 +206,16 @@ def test_the_command_starts_and_cleans_up_its_own_local_cluster(tmp_path):
         assert not left, f"Ray processes left: {left}"
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_input_blocks_counts_blocks_of_lines_per_file_up_to_enough(tmp_path):
+    from refformer.runtime.ray_batch import input_blocks
+
+    files = {"empty": b"", "one": b"no line break", "crlf": b"a\r\nb\r\nc\r\n", "cr": b"a\rb\rc",
+             "five": b"1\n2\n\n4\n5\n"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    pairs = [(name, str(tmp_path / name)) for name in files]
+    assert [input_blocks([pair], 1, 100) for pair in pairs] == [0, 1, 3, 3, 5]
+    assert [input_blocks([pair], 2, 100) for pair in pairs] == [0, 1, 2, 2, 3]
+    assert input_blocks(pairs, 2, 100) == 8 and input_blocks(pairs, 2, 3) == 3  # each file blocked on its own
