@@ -352,6 +352,19 @@ def input_lines(texts, input_path):
     return [(number, text, None, {}) for number, text in enumerate(texts, start=1)]
 
 
+def generated_record(number, text, result, generation, extra=None):
+    """The record generate --json writes for an input that generated (serve answers with the same): {"line": number,
+    **extra (pass-through fields such as "id"), "input": text, "output": output, "ids": ids, "seed": generation.seed
+    when it samples}. result: one (output, ids) of Generator.generate_rows_and_ids (a string and a list of ints, or
+    lists of them for num_return_sequences > 1); generation: its GenerationOptions.
+
+    Raises nothing.
+    """
+    seed = {"seed": generation.seed} if generation.do_sample else {}
+    output, ids = result
+    return {"line": number, **(extra or {}), "input": text, "output": output, "ids": ids, **seed}
+
+
 def generate_records(generator, generation, lines, writer, input_path, batch_size):
     """Run the lines in batches, writing each batch's records (in line order) as it finishes; returns the number of
     failed lines.
@@ -360,7 +373,6 @@ def generate_records(generator, generation, lines, writer, input_path, batch_siz
     raises (RefformerError for a full disk) and what generator.generate_rows_and_ids raises.
     """
     failures = 0
-    seed = {"seed": generation.seed} if generation.do_sample else {}
     show_bar = (sys.stderr is not None and sys.stderr.isatty()
                 and (writer.file is not None or sys.stdout is None or not sys.stdout.isatty()))
     with click.progressbar(length=len(lines), label="generating", file=sys.stderr, hidden=not show_bar) as bar:
@@ -379,8 +391,8 @@ def generate_records(generator, generation, lines, writer, input_path, batch_siz
                 failures += 1
             if good:
                 outputs = generator.generate_rows_and_ids([row for *_, row in good], generation)
-                for (number, text, extra, _), (output, ids) in zip(good, outputs):
-                    records[number] = {"line": number, **extra, "input": text, "output": output, "ids": ids, **seed}
+                for (number, text, extra, _), result in zip(good, outputs):
+                    records[number] = generated_record(number, text, result, generation, extra)
             writer.write([records[number] for number in sorted(records)])
             bar.update(len(chunk))
     return failures
