@@ -64,7 +64,7 @@ from starlette.routing import Route
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import GenerationOptions, check_search_fits_memory, step_budget
 from refformer.refimpl.model import left_padded_positions
-from refformer.runtime.batch import finite_float, not_json
+from refformer.runtime.batch import finite_float, generated_record, not_json
 from refformer.runtime.generate_cli import OPTION_NAMES
 
 REQUEST_FIELDS = ("text", "texts", "stream")  # the other fields of a request are OPTION_NAMES
@@ -76,10 +76,10 @@ CLIENT_LEFT = 499  # the status /metrics counts for a request whose client left 
 class ServeSettings:
     """The server's limits and batching, as `refformer serve` takes them (the option names in the errors).
 
-    batch_window_ms: how long the oldest waiting text waits for others (ms, >= 0, finite); max_batch: texts per batch
-    and per request (>= 1); max_input_tokens / max_new_tokens: None for the model's positions; request_timeout:
-    seconds (> 0, finite); max_body_bytes: request body size (>= 1). Invalid values raise RefformerError naming the
-    option.
+    batch_window_ms: how long the oldest waiting text waits for others (ms, >= 0, finite, shorter than
+    request_timeout); max_batch: texts per batch and per request (>= 1); max_input_tokens / max_new_tokens: None for
+    the model's positions; request_timeout: seconds (> 0, finite); max_body_bytes: request body size (>= 1). Invalid
+    values raise RefformerError naming the option.
     """
 
     batch_window_ms: float = 5.0
@@ -99,6 +99,9 @@ class ServeSettings:
         if not (isinstance(self.request_timeout, (int, float)) and math.isfinite(self.request_timeout)
                 and 0 < self.request_timeout <= 86_400):
             refuse("request-timeout", "a number of seconds above 0, at most 86400", self.request_timeout)
+        if self.batch_window_ms / 1000 >= self.request_timeout:  # every request of a quiet server would time out
+            refuse("batch-window-ms", f"shorter than --request-timeout ({self.request_timeout:g} s)",
+                   self.batch_window_ms)
         for option, value, optional in (("max-batch", self.max_batch, False),
                                         ("max-input-tokens", self.max_input_tokens, True),
                                         ("max-new-tokens", self.max_new_tokens, True),
@@ -623,13 +626,12 @@ class Server:
                 "with fewer texts or tokens")
 
     def record(self, number, item, result):
-        """The record generate --json writes for one text (runtime/batch.py): line, input, output, ids, and the
-        seed when it samples; counts its generated tokens. Raises nothing."""
-        output, ids = result
+        """The record generate --json writes for one text (runtime/batch.py's generated_record: line, input, output,
+        ids, and the seed when it samples); counts its generated tokens. Raises nothing."""
+        ids = result[1]
         sequences = ids if item.options.num_return_sequences > 1 else [ids]
         self.metrics.generated_tokens += sum(map(len, sequences))
-        seed = {"seed": item.options.seed} if item.options.do_sample else {}
-        return {"line": number, "input": item.text, "output": output, "ids": ids, **seed}
+        return generated_record(number, item.text, result, item.options)
 
     async def start_stream(self, item, started, seconds):
         """The streaming answer: waits (within the timeout) for the first event, so that a queue timeout or a failed
