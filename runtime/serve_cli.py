@@ -73,6 +73,7 @@ def run(model_dir, host, port, batch_window_ms, max_batch, max_input_tokens, max
                                    request_timeout=request_timeout, max_body_bytes=max_body_bytes)
     if dtype == "int8" and max_batch > 1:
         raise RefformerError(INT8_BATCHING)
+    check_max_batch(model_dir, max_batch)
     threads = check_threads(threads)
     sock = serve.listening_socket(host, port)
     try:
@@ -80,3 +81,17 @@ def run(model_dir, host, port, batch_window_ms, max_batch, max_input_tokens, max
         serve.serve(generator, settings, sock, announce=lambda line: click.echo(line, err=True))
     finally:
         sock.close()
+
+
+def check_max_batch(model_dir, max_batch):
+    """Refuse a --max-batch whose batch would not fit in memory even for greedy search (a server that refuses every
+    request), from the model's config.json before the model loads. Raises RefformerError."""
+    from refformer.refimpl.generate import GenerationOptions, check_search_fits_memory
+    from refformer.refimpl.io import load_config
+    from refformer.runtime.options import resolve_model
+
+    try:
+        check_search_fits_memory(load_config(resolve_model(model_dir)), GenerationOptions(), max_batch)
+    except RefformerError as error:
+        reason = str(error).rsplit(": lower", 1)[0]
+        raise RefformerError(f"--max-batch {max_batch} is too large: {reason}; lower --max-batch") from None

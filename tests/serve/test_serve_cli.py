@@ -45,6 +45,7 @@ def test_without_the_serve_extra_one_line_says_how_to_install_it(monkeypatch, mi
     (["--threads", "0"], "--threads must be >= 1"),
     (["--host", "no.such.host.invalid"], "--host no.such.host.invalid"),
     (["--host", ""], "--host is empty; give an address such as 127.0.0.1"),
+    (["--max-batch", "100000"], "--max-batch 100000 is too large: 100000 inputs x 1 sequences"),
     (["--batch-window-ms", "2000", "--request-timeout", "2"], "--batch-window-ms must be shorter than "
                                                               "--request-timeout (2 s), got 2000"),
     (["--dtype", "int8"], "--dtype int8 needs --max-batch 1"),
