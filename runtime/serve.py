@@ -599,7 +599,7 @@ class Server:
         self.metrics.input_tokens += sum(len(item.row) for item in items)
         seconds = self.settings.request_timeout
         if stream:
-            return await self.start_stream(items[0], started, seconds)
+            return await self.start_stream(request, items[0], started, seconds)
         self.batcher.submit(items)
         results = asyncio.gather(*(item.future for item in items))
         left = loop.create_task(client_left(request))
@@ -633,18 +633,27 @@ class Server:
         self.metrics.generated_tokens += sum(map(len, sequences))
         return generated_record(number, item.text, result, item.options)
 
-    async def start_stream(self, item, started, seconds):
-        """The streaming answer: waits (within the timeout) for the first event, so that a queue timeout or a failed
-        start is still a JSON error; then server-sent events until the record. Raises nothing."""
+    async def start_stream(self, request, item, started, seconds):
+        """The streaming answer: waits (within the timeout, and while its client stays) for the first event, so that
+        a queue timeout or a failed start is still a JSON error; then server-sent events until the record. Raises
+        nothing."""
         stream = item.stream
         self.batcher.submit([item])
         deadline = started + seconds
+        loop = asyncio.get_running_loop()
+        first, left = loop.create_task(stream.events.get()), loop.create_task(client_left(request))
         try:
-            first = await asyncio.wait_for(stream.events.get(), seconds)
-        except TimeoutError:
+            await asyncio.wait((first, left), timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+        if not first.done():  # timed out, or the client left: the stream leaves the queue (or stops at its next piece)
+            first.cancel()
             stream.stop.set()
-            item.future.cancel()  # dropped from the queue if it is still there
+            item.future.cancel()
+            if left.done() and not left.cancelled():
+                return JSONResponse({"error": "the client left"}, status_code=CLIENT_LEFT)
             return JSONResponse({"error": self.timeout_message()}, status_code=504)
+        first = first.result()
         if first[0] == "error":
             return JSONResponse({"error": first[1]}, status_code=500)
 

@@ -270,6 +270,28 @@ def test_a_client_leaving_before_its_answer_takes_its_texts_out_of_the_queue(ser
     assert metric(client, LEFT) == before + 1
 
 
+def test_a_stream_whose_client_left_while_it_waited_never_runs(server, client, monkeypatch):
+    streamed, generate = [], server.generator.generate_rows_and_ids
+
+    def slow(rows, options):  # the first request holds the worker for 0.5 s
+        time.sleep(0.5)
+        return generate(rows, options)
+
+    monkeypatch.setattr(server.generator, "generate_rows_and_ids", slow)
+    monkeypatch.setattr(server.generator, "stream", lambda *args, **options: streamed.append(args) or iter(()))
+    before = metric(client, LEFT)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/v1/generate", json={"text": TEXTS[0]})
+        time.sleep(0.2)
+        body = json.dumps({"text": TEXTS[1], "stream": True}).encode()
+        raw_request(server.url, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(body), body))
+        assert first.result().status_code == 200
+    time.sleep(0.3)
+    assert streamed == [], "the stream of the client that left was generated for nobody"
+    assert metric(client, LEFT) == before + 1
+
+
 def test_a_request_without_max_new_tokens_gets_the_default_budget_cut_to_the_limit(client, reference):
     text = TEXTS[7]  # 2 S + 10 new tokens by default (S counting eos), over the server's 40
     record = client.post("/v1/generate", json={"text": text, "min_new_tokens": 40}).json()
@@ -298,6 +320,9 @@ def test_health_and_metrics(client):
         assert counts == sorted(counts) and counts[-1] == int(samples[histogram + "_count"]) > 0
     for name in ("refformer_requests_total", "refformer_queue_depth", "refformer_batch_size"):
         assert f"# TYPE {name} " in text
+    answered = sum(int(value) for key, value in samples.items()
+                   if key.startswith('refformer_requests_total{endpoint="/v1/generate"'))
+    assert answered == int(samples["refformer_request_seconds_count"])  # every answer counted once, timed once
 
 
 def test_a_request_over_the_timeout_is_504_and_the_server_goes_on():
