@@ -20,15 +20,17 @@ Endpoints:
     GET /metrics       Prometheus text: requests by endpoint and status, input and generated tokens, queue depth,
                        batch sizes (texts), request latency and batch time histograms (seconds).
 
-Errors are {"error": message} with: 400 body that is not JSON (NaN, 1e999 and 5000-digit integers included), not
-a JSON object, or with an unknown field, or a stream request for several texts, beams or sequences; 413 body over
---max-body-bytes; 422 a field of the wrong type or value (GenerationOptions' checks), no text, more texts than
---max-batch, a text over --max-input-tokens (or the model's positions), max_new_tokens over --max-new-tokens;
-504 a request not answered within --request-timeout (504, not 408: 408 means the client was slow to send, here the
-server was slow to answer); 500 a generation that failed. A client that goes away leaves the server serving: a
-stream stops at its next piece; a plain request's texts still run (starlette does not tell a handler its client
-left) and the answer is dropped. A request that timed out leaves the queue (or its result is dropped if its batch
-was running). HTTP that uvicorn cannot parse (a bad Content-Length) gets uvicorn's own plain-text 400.
+Errors are {"error": message} with: 400 body that is not JSON (NaN, 1e999 and 5000-digit integers included, a key
+twice in one object), not a JSON object, or with an unknown field, or a stream request for several texts, beams or
+sequences; 413 body over --max-body-bytes; 415 a compressed body (Content-Encoding); 422 a field of the wrong type
+or value (GenerationOptions' checks), no text, more texts than --max-batch, a text over --max-input-tokens (or the
+model's positions), max_new_tokens over --max-new-tokens; 504 a request not answered within --request-timeout (504,
+not 408: 408 means the client was slow to send, here the server was slow to answer); 500 a generation that failed.
+The Content-Type is not checked (curl -d sends form-urlencoded). A client that goes away leaves the server serving,
+and /metrics counts its request as status 499: while it sends its body, nothing runs; while its texts wait, they
+leave the queue; while its batch runs, the batch finishes (a batch is not stopped midway) and its answer is dropped;
+a stream stops at its next piece. A request that timed out leaves the queue likewise (or its result is dropped if
+its batch was running). HTTP that uvicorn cannot parse (a bad Content-Length) gets uvicorn's own plain-text 400.
 
 Dynamic batching: every text of a request is one item with its own options (GenerationOptions: a request's options,
 the checkpoint's settings filled in as the Generator does, its budget cut to --max-new-tokens, and seed 0 when it
