@@ -5,19 +5,22 @@ A script of its own rather than an extension of generate_cpu.py (issue 5's two-s
 reports cite, stay as they are); it reuses that script's model, HF twin and timed calls.
 
     .venv/bin/python benchmarks/generate_cpu_int8.py [--threads 2 1] [--reps 3] [--alternatives [NAME ...]]
-                                                     [--only IMPL ...]
+                                                     [--int8-encoder] [--only IMPL ...]
     .venv/bin/python benchmarks/generate_cpu_int8.py --quick          # tiny smoke configuration
 
 Model: the Marian-base shape of generate_cpu.py (D 512, H 8, 6 + 6 post-LN layers, F 2048, V 32000, tied head),
-random weights, exported once with --fused-attention and a static cache of new_tokens + 1 slots; every graph is
-quantized with refformer.export.quantize.quantize_graph (method "int8"; --alternatives adds ALTERNATIVES, named
-or all, as refformer-NAME and refformer-NAME-static_fused); --only restricts the timed impls.
+random weights, exported once with --fused-attention and a static cache of new_tokens + 1 slots; the decoder graphs
+are quantized (the encoder kept in fp32, as in `refformer export`'s int8 set; --int8-encoder adds a set with the
+encoder quantized too) with refformer.export.quantize.quantize_graph (method "int8"; --alternatives adds
+ALTERNATIVES, named or all, as refformer-NAME and refformer-NAME-static_fused); --only restricts the timed impls.
 Contenders (impl in the JSON):
   refformer-fp32                 decoder.onnx, OrtStepper (the default path, exact against HF);
   refformer-fp32-static_fused    decoder_static_fused.onnx (GroupQueryAttention over a static cache written in
                                  place, MultiHeadAttention cross-attention), StaticOrtStepper;
-  refformer-int8                 decoder.onnx quantized, OrtStepper;
-  refformer-int8-static_fused    decoder_static_fused.onnx quantized, StaticOrtStepper;
+  refformer-int8                 decoder.onnx quantized, OrtStepper (`generate --dtype int8`);
+  refformer-int8-static_fused    decoder_static_fused.onnx quantized, StaticOrtStepper (`generate --dtype int8
+                                 --variant static_fused`, from `export --dtype int8 --static-length N
+                                 --fused-attention`);
   ct2-fp32, ct2-int8             CTranslate2 converted in memory from the same HF twin with its Transformers
                                  converter (a Marian loader that keeps all V rows and starts the decoder from bos,
                                  as refformer and HF do); int8 resolves to int8_float32 on this CPU; beam_size=1,
@@ -62,23 +65,31 @@ STATIC_FUSED = "decoder_static_fused.onnx"
 # ---------------------------------------------------------------------------- refformer variants
 
 
-def export_variants(cfg, params, folder, new_tokens, alternatives):
-    """params exported (fp32, fused attention, a static cache of new_tokens + 1 slots) and every graph quantized:
-    {method: onnx folder} for "fp32", "int8" and each name in alternatives (quantize.ALTERNATIVES)."""
+def export_variants(cfg, params, folder, new_tokens, alternatives, int8_encoder):
+    """params exported (fp32, fused attention, a static cache of new_tokens + 1 slots) and its decoder graphs
+    quantized, the encoder kept in fp32 as in `refformer export`'s int8 set: {name: onnx folder} for "fp32", "int8",
+    each method in alternatives (quantize.ALTERNATIVES) and, with int8_encoder, "int8-encoder_int8" (the encoder
+    quantized too)."""
     model_dir = Path(folder) / "model"
     save(model_dir, cfg, params)
     length = min(new_tokens + 1, cfg.max_positions)
     export_model(model_dir, dtype="fp32", measure=False, fused_attention=True, static_length=length)
     fp32 = Path(default_export_dir(model_dir, "fp32", length, True))
     folders = {"fp32": fp32}
-    for method in ["int8", *alternatives]:
-        out = Path(folder) / method
+    sets = [(method, method, False) for method in ["int8", *alternatives]]
+    if int8_encoder:
+        sets.append(("int8-encoder_int8", "int8", True))
+    for name, method, encoder in sets:
+        out = Path(folder) / name
         out.mkdir()
         for graph in ("encoder.onnx", "decoder.onnx", STATIC_FUSED):
             t = time.perf_counter()
+            if graph == "encoder.onnx" and not encoder:  # as export's int8 set (export.quantized_graph)
+                shutil.copy(fp32 / graph, out / graph)
+                continue
             quantize_graph(fp32 / graph, out / graph, method=method)
             print(f"  quantized {graph} ({method}) in {time.perf_counter() - t:.1f} s", flush=True)
-        folders[method] = out
+        folders[name] = out
     return folders
 
 
@@ -191,6 +202,8 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", type=int, nargs="+")
     parser.add_argument("--alternatives", nargs="*", choices=list(ALTERNATIVES), default=[],
                         help="also export and time these quantize.ALTERNATIVES (all of them with no name)")
+    parser.add_argument("--int8-encoder", action="store_true",
+                        help="also refformer-int8-encoder_int8[-static_fused]: the encoder quantized too")
     parser.add_argument("--only", nargs="+", help="time only these impls (the checks and quality still run)")
     parser.add_argument("--json", help="default: benchmarks/results/generate_cpu_int8.json (not with --quick)")
     args = parser.parse_args(argv)
@@ -216,7 +229,7 @@ def main(argv=None):
     folder = tempfile.mkdtemp(prefix="refformer-bench-int8-")
     try:
         t = time.perf_counter()
-        folders = export_variants(cfg, params, folder, new_tokens, args.alternatives)
+        folders = export_variants(cfg, params, folder, new_tokens, args.alternatives, args.int8_encoder)
         model = make_marian(cfg, params)
         ct2_dirs = {q: convert_ct2(cfg, model, Path(folder) / f"ct2-{q}", q) for q in ("float32", "int8")}
         steppers = {n: refformer_steppers(cfg, folders, n) for n in thread_counts}
