@@ -114,6 +114,8 @@ def run(inputs, out_dir, model_dir, overwrite, ray_address, workers, threads, gp
     if local and workers is not None and workers * threads > cpus:
         raise RefformerError(f"--workers {workers} x --threads {threads} needs {workers * threads} CPUs; this "
                              f"machine has {cpus}: lower --workers or --threads")
+    if local:  # a model that cannot load is one line before Ray starts (on a cluster, workers may differ)
+        ray_batch.check_model_loads(model_dir, provider, dtype, threads, truncate, variant)
     # a local cluster: a logical CPU per worker thread, and one for the reading and writing tasks
     cluster = ray_batch.Cluster(ray_address, (workers or max(1, cpus // threads)) * threads + 1)
     try:

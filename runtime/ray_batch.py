@@ -113,6 +113,16 @@ def input_blocks(inputs, batch_size, enough):
     return blocks
 
 
+def check_model_loads(model_dir, provider, dtype, threads, truncate, variant):
+    """Build the Generator each worker builds, once, on the driver before a local cluster starts: a model folder
+    that cannot load or export is one line here, not a worker's traceback (repeated by Ray for each retry), and a
+    missing export set is written once, not by every worker at the same time. Raises RefformerError as Generator
+    does."""
+    from refformer.runtime.generator import Generator
+
+    Generator(model_dir, provider=provider, dtype=dtype, threads=threads, truncate=truncate, variant=variant)
+
+
 def check_out_dir(out_dir, overwrite, inputs, model_dir):
     """Refuse --out before Ray starts: a file, a folder whose parent is missing or not writable, a folder inside
     refformer's package folder or the model folder (or holding it), one that holds an input file (--overwrite would
@@ -396,6 +406,10 @@ def ray_failure(error):
         seen.add(id(current))
         if isinstance(current, RefformerError):
             return RefformerError(str(current))
+        # an actor whose __init__ raised (ActorDiedError) keeps its cause as text only: the traceback's last line
+        raised = re.findall(r"^refformer\.refimpl\.errors\.RefformerError: (.+)$", str(current), re.MULTILINE)
+        if raised:
+            return RefformerError(raised[-1])
         current = getattr(current, "cause", None) or current.__cause__ or current.__context__
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return RefformerError(f"the Ray job failed: {type(error).__name__}{': ' + reason if reason else ''}")

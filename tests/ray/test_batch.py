@@ -219,3 +219,33 @@ def test_input_blocks_counts_blocks_of_lines_per_file_up_to_enough(tmp_path):
     assert [input_blocks([pair], 1, 100) for pair in pairs] == [0, 1, 3, 3, 5]
     assert [input_blocks([pair], 2, 100) for pair in pairs] == [0, 1, 2, 2, 3]
     assert input_blocks(pairs, 2, 100) == 8 and input_blocks(pairs, 2, 3) == 3  # each file blocked on its own
+
+
+@needs_ray
+def test_a_model_that_cannot_load_is_one_line_before_ray_starts(tmp_path, monkeypatch):
+    import shutil
+
+    from refformer.runtime import ray_batch
+    from refformer.runtime.options import resolve_model
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(resolve_model(None) / name, model / name)
+    (model / "model.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "in.jsonl").write_text("Hallo\n")
+    monkeypatch.setattr(ray_batch, "Cluster", lambda *a, **k: pytest.fail("Ray started"))
+    result = invoke("batch", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"), "--model", str(model))
+    assert result.exit_code == 1 and "Traceback" not in result.stderr, result.output
+    *notices, last = result.stderr.splitlines()  # "notice: exporting ...", then the one error line
+    assert all(line.startswith("notice: exporting") for line in notices)
+    assert last.startswith("error: ") and "model.safetensors is not a readable safetensors file" in last
+
+
+def test_ray_failure_finds_the_refformer_error_of_an_actor_that_died_in_init():
+    from refformer.runtime.ray_batch import ray_failure
+
+    died = RuntimeError("The actor died because of an error raised in its creation task, ray::MapWorker.__init__()\n"
+                        "Traceback (most recent call last):\n  File x\n"
+                        "refformer.refimpl.errors.RefformerError: model.safetensors is not readable")
+    assert str(ray_failure(died)) == "model.safetensors is not readable"
