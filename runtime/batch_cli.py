@@ -93,8 +93,9 @@ def plural(count, noun):
 
 def run(inputs, out_dir, model_dir, overwrite, ray_address, workers, threads, gpus_per_worker, provider, dtype,
         variant, batch_size, truncate, options):
-    """The batch command's work: Ray's presence, every option, the inputs and OUT_DIR are checked before any cluster
-    starts; then runtime/ray_batch.run_batch, and the summary on stderr. Exits 1 when an input failed. Raises
+    """The batch command's work: Ray's presence, every option, the inputs and OUT_DIR (and, for a local cluster, the
+    model, loaded once) are checked before any cluster starts; then runtime/ray_batch.run_batch with no more workers
+    than blocks of --batch-size lines, and the summary on stderr. Exits 1 when an input failed. Raises
     RefformerError (printed as one line by the caller)."""
     from refformer.runtime import ray_batch
     from refformer.runtime.batch import truncation_warning
