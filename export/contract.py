@@ -27,9 +27,6 @@ D model width, V vocabulary; float = the export's dtype, float32 or float16):
 """
 
 import json
-import math
-
-import numpy as np
 
 from refformer.refimpl.errors import RefformerError
 
@@ -96,16 +93,20 @@ def gqa_supported(head_dim):
     return head_dim % 8 == 0
 
 
-def exported_variants(head_dim, static_length=None, fused_attention=False):
-    """The variants beyond "reference" that an export with these options writes, in the order export builds them:
-    static with static_length; fused with fused_attention; static_mha with both, and static_fused with both when
-    the head size head_dim is one GroupQueryAttention takes (gqa_supported).
+def exported_variants(cfg, static_length=None, fused_attention=False):
+    """The variants beyond "reference" that an export of the checked Config cfg with these options writes, in the
+    order export builds them: static with static_length; with fused_attention, each contrib-op variant asked for
+    that computes cfg's model (variant_unsupported_features(cfg, variant) empty): fused; static_mha and
+    static_fused with static_length too, static_fused when the head size is one GroupQueryAttention takes
+    (gqa_supported).
 
-    Raises nothing: export_model checked the options first.
+    Raises nothing: export_model checked the options first (check_variants_exportable).
     """
     static, both = static_length is not None, static_length is not None and fused_attention
-    return [variant for variant, wanted in ((STATIC, static), (FUSED, fused_attention), (STATIC_MHA, both),
-                                            (STATIC_FUSED, both and gqa_supported(head_dim))) if wanted]
+    wanted = ((STATIC, static), (FUSED, fused_attention), (STATIC_MHA, both),
+              (STATIC_FUSED, both and gqa_supported(cfg.head_dim)))
+    return [variant for variant, asked in wanted
+            if asked and (variant == STATIC or not variant_unsupported_features(cfg, variant))]
 
 
 def runs_on(graph, dtype, provider):
@@ -322,33 +323,58 @@ def check_exportable(cfg, ids=True):
 
 def reference_only_features(cfg):
     """The Config options of cfg that the standard-op graphs (decoder.onnx, decoder_static.onnx: the same builders)
-    compute but the contrib-op variants (fused, static_mha, static_fused: export's --fused-attention) do not yet,
-    spelled as unsupported_features spells them; empty when every variant computes cfg's model. Those variants share
-    the reference's embedding and head builders (positions none or with an offset, the embedding norm, head_scale);
-    their attention has n_kv_heads = n_heads, n_heads * head_dim = d_model, the 1 / sqrt(head_dim) scale and no
-    rotary or relative positions, and the static ones' fused feed-forward is ungated. Raises nothing (cfg is a
-    checked Config).
+    compute but the MultiHeadAttention variants (fused, static_mha: export's --fused-attention) do not yet, spelled as
+    unsupported_features spells them; empty when they compute cfg's model. Those variants share the reference's
+    embedding and head builders (positions none or with an offset, the embedding norm, head_scale); their attention
+    (MultiHeadAttention: as many key/value heads as query heads, positions outside attention) has n_kv_heads =
+    n_heads and no rotary or relative positions. Raises nothing (cfg is a checked Config).
     """
     found = []
     if cfg.n_kv_heads != cfg.n_heads:
         found.append(show_option("n_kv_heads", cfg.n_kv_heads))
-    if cfg.n_heads * cfg.head_dim != cfg.d_model:
-        found.append(show_option("head_dim", cfg.head_dim))
-    if np.float32(cfg.attention_scale) != np.float32(1.0 / math.sqrt(cfg.head_dim)):  # the graphs' float32 constant
-        found.append(show_option("attention_scale", cfg.attention_scale))
-    if cfg.ffn_gated:
-        found.append(show_option("ffn_gated", True))
     if cfg.positional in ("relative", "rotary"):
         found.append(show_option("positional", cfg.positional))
     return found
 
 
+def variant_unsupported_features(cfg, variant):
+    """The Config options of cfg that the contrib-op variant (FUSED, STATIC_MHA or STATIC_FUSED) does not compute
+    yet, spelled as unsupported_features spells them; empty when it computes cfg's model (the standard-op variants,
+    reference and static, compute every option: empty).
+
+    fused, static_mha: reference_only_features (MultiHeadAttention). static_fused: GroupQueryAttention takes
+    kv_num_heads < num_heads, rotary (do_rotary over cos/sin caches, rotate-half layout), any head_dim and the
+    scale; it cannot add T5's relative bias (positional="relative"), and an encoder-decoder's cross-attention
+    (MultiHeadAttention) needs n_kv_heads = n_heads. Its head size must be a multiple of 8 (gqa_supported, checked
+    apart), and of 16 with rotary (ONNX Runtime 1.31's CPU kernel refuses others: "head_size shall be a multiple of
+    16"). Raises nothing (cfg is a checked Config).
+    """
+    if variant in (REFERENCE, STATIC):
+        return []
+    if variant != STATIC_FUSED:
+        return reference_only_features(cfg)
+    found = []
+    if cfg.is_encoder_decoder and cfg.n_kv_heads != cfg.n_heads:
+        found.append(show_option("n_kv_heads", cfg.n_kv_heads))
+    if cfg.positional == "relative":
+        found.append(show_option("positional", cfg.positional))
+    if cfg.positional == "rotary" and cfg.head_dim % 16:
+        found.append(show_option("head_dim", cfg.head_dim))
+    return found
+
+
 def check_variants_exportable(cfg, static_length=None, fused_attention=False):
     """Raises RefformerError, one line naming them, when an export asks for the contrib-op variants
-    (fused_attention) of a model whose options they do not compute (reference_only_features); export_model calls it
-    before any work. decoder_static.onnx (static_length alone) computes every option. Raises nothing otherwise."""
+    (fused_attention) of a model that none of the asked ones computes (exported_variants writes those that do;
+    variant_unsupported_features); export_model calls it before any work. decoder_static.onnx (static_length alone)
+    computes every option. Raises nothing otherwise."""
+    if not fused_attention or set(exported_variants(cfg, static_length, True)) - {STATIC}:
+        return
     found = reference_only_features(cfg)
-    if found and fused_attention:
-        raise RefformerError(f"the fused decoders (--fused-attention) do not support yet: {', '.join(found)}; export "
-                             "without --fused-attention (the reference graphs and --static-length's "
-                             "decoder_static.onnx compute them)")
+    gqa = "" if static_length is None else (
+        f" (decoder_static_fused.onnx does not either: "
+        f"{', '.join(variant_unsupported_features(cfg, STATIC_FUSED)) or 'head_dim=' + str(cfg.head_dim)}"
+        f"{'' if gqa_supported(cfg.head_dim) else ', GroupQueryAttention needs a head size that is a multiple of 8'})")
+    raise RefformerError(f"the fused decoders (--fused-attention) do not support yet: {', '.join(found)}; export "
+                         "without --fused-attention (the reference graphs and --static-length's "
+                         f"decoder_static.onnx compute them){gqa}")

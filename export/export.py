@@ -248,7 +248,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
         graphs = {name: build_reference_graph(cfg, params, name, float_dtype, opset)  # graph name -> model
                   for name in reference_graphs(cfg.is_encoder_decoder)}
         variants = {}  # the faster decoders, each verified against decoder.onnx: graph name -> (variant, model)
-        for variant in exported_variants(cfg.head_dim, static_length, fused_attention):
+        for variant in exported_variants(cfg, static_length, fused_attention):
             variants[decoder_graph(variant)] = variant, build_decoder_variant(cfg, params, variant, float_dtype,
                                                                               opset, static_length)
         graphs.update({name: model for name, (_, model) in variants.items()})

@@ -26,6 +26,17 @@ from .ops import linear, norm
 # ---------------------------------------------------------------------------- MultiHeadAttention
 
 
+def scale_attribute(cfg):
+    """{"scale": cfg.attention_scale} for the contrib attention ops when it differs, in float32, from their default
+    1 / sqrt(head size) (T5's unscaled attention, a checkpoint's query_pre_attn_scalar); else {} (the node as before).
+
+    Raises nothing: cfg is a checked Config.
+    """
+    default = np.float32(1.0 / np.sqrt(cfg.head_dim))
+    return {} if np.float32(cfg.attention_scale) == default else {"scale": float(cfg.attention_scale)}
+
+
+
 def multi_head_attention(g, cfg, prefix, p, h, key, value, keep32, past=None, causal=False):
     """refimpl.attention.mha_cached_forward (or, with past, cached_self_attention_forward) as ONNX Runtime's
     MultiHeadAttention contrib op in place of split/attention/merge:
@@ -44,7 +55,7 @@ def multi_head_attention(g, cfg, prefix, p, h, key, value, keep32, past=None, ca
     q = linear(g, f"{prefix}.q_proj", p["q_proj"], h)
     inputs = [q, key, value, "", keep32] + (["", past[0], past[1]] if past else [])
     outputs = g.op("MultiHeadAttention", inputs, at, n_outputs=3 if past else 1, domain=MICROSOFT,
-                   num_heads=cfg.n_heads, unidirectional=int(causal))
+                   num_heads=cfg.n_heads, unidirectional=int(causal), **scale_attribute(cfg))
     context, present = (outputs[0], outputs[1:]) if past else (outputs, None)
     return linear(g, f"{prefix}.out_proj", p["out_proj"], context), present
 
@@ -118,13 +129,16 @@ def activation_with_bias(g, kind, h, bias, at):
 
 def feed_forward_unbiased(g, cfg, prefix, p, x):
     """layers.feed_forward (refimpl.layers.feed_forward_forward) with fc1's bias inside the activation node and fc2's
-    left to the next norm: x [B, T, D] -> (y [B, T, D] without fc2's bias, fc2's bias name or None).
+    left to the next norm: x [B, T, D] -> (y [B, T, D] without fc2's bias, fc2's bias name or None). With cfg.ffn_gated
+    (SwiGLU / GEGLU, Shazeer 2020) the activation is multiplied by fc_up(x), in standard ops, before fc2.
 
     Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
     checked cfg and params.
     """
     h, bias = linear_unbiased(g, f"{prefix}.fc1", p["fc1"], x)
     h = activation_with_bias(g, cfg.activation, h, bias, node_path(prefix) + "/act")
+    if cfg.ffn_gated:
+        h = g.op("Mul", [h, linear(g, f"{prefix}.fc_up", p["fc_up"], x)], node_path(prefix) + "/gate")
     return linear_unbiased(g, f"{prefix}.fc2", p["fc2"], h)
 
 
@@ -221,7 +235,8 @@ def stream_residual(g, cfg, norm_prefix, p_norm, stream, sublayer):
 
 def packed_qkv(g, prefix, p, h):
     """[q | k | v] = h @ [Wq | Wk | Wv] + [bq | bk | bv]: one MatMul for the three refimpl.ops.linear_forward
-    projections (q_proj, and refimpl.attention.project_kv's k_proj and v_proj). h [B, T, D] -> [B, T, 3D].
+    projections (q_proj, and refimpl.attention.project_kv's k_proj and v_proj). h [B, T, D] -> [B, T, (H + 2 Hkv) Dh]
+    (3D for a model with Hkv = H and H Dh = D).
 
     Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
     checked cfg and params.
@@ -235,23 +250,45 @@ def packed_qkv(g, prefix, p, h):
     return y
 
 
-def gqa_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, seqlens32, total32):
+def gqa_rotary_caches(g, cfg, max_length):
+    """GroupQueryAttention's cos_cache and sin_cache [L, Dh / 2] (L = max_length rows, one per cache slot = position)
+    for do_rotary: cos and sin of position * inv_freq, inv_freq = rope_theta ** -(0, 2, .., Dh - 2) / Dh, computed in
+    float64 as refimpl.attention.rotary_tables computes them, then cast to g's float type. GroupQueryAttention's
+    rotate-half layout (rotary_interleaved = 0) reads column i for both halves, as refimpl's cat(freqs, freqs).
+
+    Returns the two initializer names. Raises nothing: cfg is a checked Config (an even head_dim).
+    """
+    Dh = cfg.head_dim
+    inv_freq = 1.0 / float(cfg.rope_theta) ** (np.arange(0, Dh, 2, dtype=np.float64) / Dh)
+    angles = np.arange(max_length, dtype=np.float64)[:, None] * inv_freq  # [L, Dh / 2]
+    return g.weight("rope_cos_cache", np.cos(angles)), g.weight("rope_sin_cache", np.sin(angles))
+
+
+def gqa_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, seqlens32, total32, rotary_caches=None):
     """attention.cached_self_attention (refimpl.attention.cached_self_attention_forward) for decoder_static_fused.onnx:
     causal self-attention of one new token per row h [B, 1, D], its k/v written into the cache past_k, past_v
-    [B, H, L, Dh] at slot seqlens32[b] ([B] int32; total32 the int32 constant L) -> ((y [B, 1, D], out_proj's bias),
-    present_k, present_v [B, H, L, Dh]):
+    [B, Hkv, L, Dh] at slot seqlens32[b] ([B] int32; total32 the int32 constant L) -> ((y [B, 1, D], out_proj's
+    bias), present_k, present_v [B, Hkv, L, Dh]):
 
-    h ─qkv_proj─GroupQueryAttention(past_k, past_v, seqlens, total)─out_proj (bias left to the next norm)─▶ y
+    h ─qkv_proj─GroupQueryAttention(past_k, past_v, seqlens, total, cos, sin)─out_proj (bias left to the next norm)─▶ y
                            └─▶ present_k, present_v  (the same buffers as past_k, past_v when bound so)
+
+    Grouped-query attention (Hkv < H: kv_num_heads; query head h reads kv head h // (H / Hkv), as transformers'
+    repeat_kv), any head_dim, the scale attribute when cfg.attention_scale is not 1 / sqrt(Dh), and with
+    rotary_caches (gqa_rotary_caches: cos, sin [L, Dh / 2]) RoPE inside the node (do_rotary, rotate-half): the new
+    query and key are rotated at their position seqlens32[b] (ONNX Runtime's token-generation position), so the
+    cache holds rotated keys as refimpl's does.
 
     Activations in g's float type (float32 or float16). No checks: reached only through export_model, which loads a
     checked cfg and params.
     """
     at = node_path(prefix)
     qkv = packed_qkv(g, prefix, p, h)
-    context, present_k, present_v = g.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens32, total32], at,
-                                         n_outputs=3, domain=MICROSOFT, num_heads=cfg.n_heads,
-                                         kv_num_heads=cfg.n_heads)
+    inputs = [qkv, "", "", past_k, past_v, seqlens32, total32] + (list(rotary_caches) if rotary_caches else [])
+    rotary = {"do_rotary": 1, "rotary_interleaved": 0} if rotary_caches else {}
+    context, present_k, present_v = g.op("GroupQueryAttention", inputs, at, n_outputs=3, domain=MICROSOFT,
+                                         num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, **rotary,
+                                         **scale_attribute(cfg))
     return linear_unbiased(g, f"{prefix}.out_proj", p["out_proj"], context), present_k, present_v
 
 
@@ -268,13 +305,13 @@ def mha_static_self_attention(g, cfg, prefix, p, h, past_k, past_v, *, slot_mask
     checked cfg and params.
     """
     at = node_path(prefix)
-    D = cfg.d_model
+    D = cfg.n_heads * cfg.head_dim  # d_model unless head_dim says otherwise; Hkv = H (reference_only_features)
     q, k, v = g.op("Split", [packed_qkv(g, prefix, p, h), g.const([D, D, D], "qkv_split")], at, n_outputs=3, axis=-1)
     heads = g.const([0, cfg.n_heads, 1, cfg.head_dim], "one_token_heads")  # [B, 1, D] -> [B, H, 1, Dh]: T = 1
     present_k = write_cache(slot_mask)(g, at + "/key_cache", past_k, g.op("Reshape", [k, heads], at + "/k"))
     present_v = write_cache(slot_mask)(g, at + "/value_cache", past_v, g.op("Reshape", [v, heads], at + "/v"))
     context = g.op("MultiHeadAttention", [q, present_k, present_v, "", keep32], at, domain=MICROSOFT,
-                   num_heads=cfg.n_heads)
+                   num_heads=cfg.n_heads, **scale_attribute(cfg))
     return linear_unbiased(g, f"{prefix}.out_proj", p["out_proj"], context), present_k, present_v
 
 
@@ -288,5 +325,5 @@ def mha_cross_attention_unbiased(g, cfg, prefix, p, h, cross_k, cross_v, *, keep
     """
     q = linear(g, f"{prefix}.q_proj", p["q_proj"], h)
     context = g.op("MultiHeadAttention", [q, cross_k, cross_v, "", keep32], node_path(prefix), domain=MICROSOFT,
-                   num_heads=cfg.n_heads)
+                   num_heads=cfg.n_heads, **scale_attribute(cfg))
     return linear_unbiased(g, f"{prefix}.out_proj", p["out_proj"], context)

@@ -72,6 +72,7 @@ from .contract import (
 from .fused import (
     ResidualStream,
     feed_forward_unbiased,
+    gqa_rotary_caches,
     gqa_self_attention,
     mha_cross_attention,
     mha_cross_attention_unbiased,
@@ -364,7 +365,8 @@ def build_decoder_static_fused(cfg, params, dtype=FP16, opset=DEFAULT_OPSET, max
         at = "/decoder/slots"
         seqlens32 = g.cast(g.op("Squeeze", [positions, g.const([1], "axes_1")], at), TensorProto.INT32, at)  # slot
         total32 = g.const(max_length, "cache_length", np.int32)  # a constant: GroupQueryAttention reads it on the host
-        self_attention = partial(gqa_self_attention, seqlens32=seqlens32, total32=total32)
+        rotary_caches = gqa_rotary_caches(g, cfg, max_length) if cfg.positional == "rotary" else None
+        self_attention = partial(gqa_self_attention, seqlens32=seqlens32, total32=total32, rotary_caches=rotary_caches)
     else:
         slot_mask = write_slot_mask(g, WRITE_INDEX, max_length)
         keep32 = g.cast(ATTENTION_MASK, TensorProto.INT32, "/decoder/self_mask")

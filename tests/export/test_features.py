@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from refformer.export.attention import relative_bucket_table
-from refformer.export.contract import ERROR_BOUNDS, reference_only_features, unsupported_features
+from refformer.export.contract import (
+    ERROR_BOUNDS,
+    reference_only_features,
+    unsupported_features,
+    variant_unsupported_features,
+)
 from refformer.export.export import export_model
 from refformer.export.verify import verify
 from refformer.refimpl import Config, RefformerError, save
@@ -83,14 +88,12 @@ def test_the_variants_take_the_embedding_and_head_features(tmp_path):
         assert {"decoder_fused.onnx", "decoder_static.onnx", "decoder_static_mha.onnx"} <= graphs
 
 
+# the MultiHeadAttention variants (fused, static_mha); BASE's head size 4 is no GroupQueryAttention's
 REFERENCE_ONLY = [
-    (dict(ffn_gated=True, activation="silu"), "ffn_gated=true"),
     (dict(n_kv_heads=2), "n_kv_heads=2"),
-    (dict(head_dim=8), "head_dim=8"),
-    (dict(attention_scale=1.0), "attention_scale=1.0"),
     (dict(positional="rotary"), 'positional="rotary"'),
     (dict(positional="relative", family="decoder-only"), 'positional="relative"'),
-    (dict(positional="rotary", n_kv_heads=1, ffn_gated=True), 'n_kv_heads=1, ffn_gated=true, positional="rotary"'),
+    (dict(positional="rotary", n_kv_heads=1, ffn_gated=True), 'n_kv_heads=1, positional="rotary"'),
 ]
 
 
@@ -104,7 +107,51 @@ def test_fused_variants_refuse_what_they_do_not_compute_in_one_line(tmp_path, op
     message = str(error.value)
     assert message.startswith(f"the fused decoders (--fused-attention) do not support yet: {named}; export without "
                               "--fused-attention") and "\n" not in message
+    assert ("decoder_static_fused.onnx does not either" in message) == ("static_length" in variants)
     assert [entry.name for entry in tmp_path.iterdir()] == ["m"]  # nothing begun
+
+
+# models every contrib variant asked for computes: (options, the graphs the export writes besides the reference's)
+CONTRIB = {
+    # SmolLM / Llama's options: only GroupQueryAttention takes Hkv < H and rotary (head size a multiple of 16)
+    "llama-like": (dict(family="decoder-only", positional="rotary", n_kv_heads=2, head_dim=16, ffn_gated=True,
+                        activation="silu", norm="rmsnorm", norm_first=True, attention_qkv_bias=False,
+                        rope_theta=500.0), {"decoder_static.onnx", "decoder_static_fused.onnx"}),
+    "mqa-scaled": (dict(family="decoder-only", positional="rotary", n_kv_heads=1, head_dim=16, ffn_gated=True,
+                        activation="silu", norm="rmsnorm", norm_first=True, attention_scale=0.3),
+                   {"decoder_static.onnx", "decoder_static_fused.onnx"}),
+    # an encoder-decoder with H Dh != D, its own scale and a gated feed-forward: every variant
+    "encdec-gated": (dict(d_model=32, ffn_gated=True, activation="gelu_tanh", head_dim=16, attention_scale=0.2),
+                     {"decoder_static.onnx", "decoder_fused.onnx", "decoder_static_mha.onnx",
+                      "decoder_static_fused.onnx"}),
+    "encdec-rotary": (dict(d_model=32, positional="rotary", head_dim=16),
+                      {"decoder_static.onnx", "decoder_static_fused.onnx"}),
+}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("model", sorted(CONTRIB))
+def test_the_contrib_variants_verify_every_feature_they_take(tmp_path, model, dtype):
+    """GroupQueryAttention (decoder_static_fused) with kv_num_heads, rotary inside the node (do_rotary over cos/sin
+    caches), the scale attribute and any head_dim; the gated feed-forward and RMSNorm's fused skip norms; the
+    MultiHeadAttention variants with the scale and head_dim: each verified one token per call (left-padded prompts)
+    against decoder.onnx and refimpl; the variants that cannot take the model are left out, not refused."""
+    options, written = CONTRIB[model]
+    make(tmp_path / "m", **options)
+    export_and_verify(tmp_path / "m", tmp_path / "out", dtype, static_length=12, fused_attention=True)
+    graphs = {entry.name for entry in (tmp_path / "out").glob("decoder*.onnx")}
+    assert graphs == written | {"decoder.onnx"}
+    rows, _ = verify(tmp_path / "m", tmp_path / "out", providers=CPU)
+    assert {row["check"] for row in rows} >= {"static_fused"}
+
+
+def test_rotary_with_a_head_size_group_query_attention_refuses_is_refused_in_one_line(tmp_path):
+    """ONNX Runtime's CPU GroupQueryAttention rotates only head sizes that are multiples of 16: head_dim 8 with
+    rotary is named, static_fused is not built, and with no other contrib variant able the export is refused."""
+    cfg = make(tmp_path / "m", family="decoder-only", positional="rotary", n_kv_heads=2, head_dim=8)
+    assert variant_unsupported_features(cfg, "static_fused") == ["head_dim=8"]
+    with pytest.raises(RefformerError, match=r"decoder_static_fused.onnx does not either: head_dim=8\)$"):
+        export_model(tmp_path / "m", tmp_path / "out", static_length=8, fused_attention=True)
 
 
 STATIC = {
