@@ -195,7 +195,8 @@ def test_the_command_starts_and_cleans_up_its_own_local_cluster(tmp_path):
         assert "Traceback" not in done.stderr and "Warning" not in done.stderr
         [record] = read_out(tmp_path / "out")
         assert record["id"] == 1 and record["input"] == "Guten Morgen." and record["output"]
-        assert os.listdir(temp) == []  # the cluster's session folder is gone
+        # the cluster's session folder is gone (ONNX Runtime 1.31 leaves its own `.ses` id file in TMPDIR)
+        assert [name for name in os.listdir(temp) if name != ".ses"] == []
         left = []
         for entry in Path("/proc").iterdir():
             try:
