@@ -191,11 +191,20 @@ def auto_variant(cfg, on_cuda, dtype):
 
     CUDA: decoder_static_fused in fp16 (GroupQueryAttention has fp16 CUDA kernels only, and needs a head size
     that is a multiple of 8), then decoder_static_mha (contrib ops, fp32 too), then decoder_static (standard
-    ops only). CPU: the reference graph.
+    ops only). CPU: decoder_static_fused first for a decoder-only rotary model in fp32 that it computes (contract.
+    variant_unsupported_features; Llama / Qwen2 / SmolLM imports with a head size that is a multiple of 16: one
+    GroupQueryAttention node with rotary per layer in place of the reference graph's standard-op rotary and
+    attention, measured faster on the SmolLM-135M shape, benchmarks/RESULTS.md generate_imported_cpu), then the
+    reference graph; the reference graph alone for every other model (not measured: refformer's own models stay
+    on it).
 
     Returns a tuple of contract variant names. Raises nothing: cfg is a checked Config.
     """
     if not on_cuda:
+        if (dtype == "fp32" and not cfg.is_encoder_decoder and cfg.positional == "rotary"
+                and contract.gqa_supported(cfg.head_dim)
+                and not contract.variant_unsupported_features(cfg, contract.STATIC_FUSED)):
+            return (contract.STATIC_FUSED, contract.REFERENCE)
         return (contract.REFERENCE,)
     if dtype == "fp16" and contract.gqa_supported(cfg.head_dim):
         return (contract.STATIC_FUSED, contract.STATIC_MHA, contract.STATIC)
@@ -232,11 +241,12 @@ class Generator:
         CUDA-graph replay on CUDA), "static_mha" (decoder_static_mha.onnx: static with contrib attention and fused
         norms), "static_fused" (decoder_static_fused.onnx: GroupQueryAttention writing the cache in place) or
         "auto" (see auto_variant: static_fused in fp16 and static_mha in fp32 on CUDA, with a probed fallback and a
-        notice; the reference graph on the CPU). static_length defaults to max_positions. threads: ONNX Runtime's
-        intra-op threads (an integer >= 1; more than os.cpu_count() is capped to it). dtype: "fp32" (the default:
-        the path exact against refimpl and transformers), "fp16", or "int8" (the fp32 graphs with int8 weights,
-        export/quantize.py: float32 in and out, ids close to fp32's but not exact; the CPU only, so provider auto is
-        the CPU).
+        notice; on the CPU static_fused for a decoder-only rotary fp32 model it computes, else the reference graph).
+        static_length defaults to max_positions (on the CPU the in-place cache's unread slots are never touched).
+        threads: ONNX Runtime's intra-op threads (an integer >= 1; more than os.cpu_count() is capped to it).
+        dtype: "fp32" (the default: the path exact against refimpl and transformers), "fp16", or "int8" (the fp32
+        graphs with int8 weights, export/quantize.py: float32 in and out, ids close to fp32's but not exact; the CPU
+        only, so provider auto is the CPU).
 
         Raises RefformerError for a bad argument, a missing or broken model folder, or an export that fails; for
         dtype int8 with provider cuda."""
@@ -325,6 +335,10 @@ class Generator:
         if variant == contract.STATIC_FUSED and not contract.gqa_supported(self.cfg.head_dim):
             raise RefformerError(f"the static_fused variant needs a head size that is a multiple of 8 (ONNX Runtime's "
                                  f"GroupQueryAttention); this model's is {self.cfg.head_dim}: use static_mha")
+        missing = contract.variant_unsupported_features(self.cfg, variant)
+        if missing:
+            raise RefformerError(f"the {variant} decoder does not support yet: {', '.join(missing)}; use the "
+                                 "reference or static variant (they compute every option)")
         if variant in contract.STATIC_VARIANTS:
             static_length = static_length or self.cfg.max_positions
             fused = variant != contract.STATIC

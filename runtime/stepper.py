@@ -519,14 +519,13 @@ class StaticOrtStepper(OrtStepper):
         return logits
 
     def prefill(self, ids, positions, attention_mask):
-        """The prompt pass through decoder.onnx (T tokens in one call), its present cache then gathered into the
-        idle static set: column j to slot j for the masked graphs; for the in-place graph each row's real tokens
-        to slots 0 .. n - 1 (its positions), dropping its left padding.
+        """The prompt pass through decoder.onnx (T tokens in one call), its present cache then moved into the static
+        slots: write_prompt_on_host for the in-place graph on the CPU, else write_prompt.
 
         ids, positions, attention_mask [B, T] int64 -> logits [B, T, V] float32. Raises RefformerError (make_session,
         run_bound) when decoder.onnx cannot be loaded or run; onnxruntime's errors from the prompt writer.
         """
-        cfg, (B, T), L = self.cfg, ids.shape, self.max_length
+        cfg, (B, T) = self.cfg, ids.shape
         if self.prompt_decoder is None:
             self.prompt_decoder = make_session(f"{self.onnx_dir}/{contract.DECODER_FILE}", self.provider, self.threads)
         names = [o.name for o in self.prompt_decoder.get_outputs()]
@@ -534,6 +533,45 @@ class StaticOrtStepper(OrtStepper):
         cross = self.cross_sets[self.cross_parity]  # not self.cross: a reorder gathers the rows into cross_sets only
         values = self.run_decoder(self.prompt_decoder, names, ids, positions, attention_mask, empty, cross,
                                   self.src_keep)
+        if self.in_place and self.provider == contract.CPU_PROVIDER:
+            self.write_prompt_on_host(values, attention_mask)
+        else:
+            self.write_prompt(values, attention_mask)
+        self.mask[:, :T] = attention_mask
+        self.length = T
+        self.prompt_logits = values[contract.LOGITS].numpy()
+        return self.prompt_logits
+
+    def write_prompt_on_host(self, values, attention_mask):
+        """The in-place graph's prompt cache on the CPU, where each cache OrtValue is a view of host memory: each
+        row's n real tokens (the last n of decoder.onnx's present [B, Hkv, T, Dh]) copied into slots 0 .. n - 1 of
+        the caches the graph reads, and nothing else. GroupQueryAttention reads a row's slots only up to its
+        position, so slots beyond are never read (what an earlier call left there stays); unlike write_prompt, the
+        cost does not grow with the L slots (at L = 2048, B = 8 on the SmolLM shape write_prompt moved 0.75 GB per
+        prompt).
+
+        values: run_decoder's outputs; attention_mask [B, T] int64 (left padding). Raises nothing.
+        """
+        T = attention_mask.shape[1]
+        lengths = attention_mask.sum(axis=1)
+        same = bool((lengths == T).all())
+        for i, pair in enumerate(self.caches[self.parity]):
+            for cache, name in zip(pair, (contract.present_key, contract.present_value)):
+                present, target = values[name(i)].numpy(), cache.numpy()  # views of the OrtValues' host memory
+                if same:
+                    target[:, :, :T] = present
+                else:
+                    for b, n in enumerate(lengths):
+                        target[b, :, :n] = present[b, :, T - n:]
+
+    def write_prompt(self, values, attention_mask):
+        """The prompt's present caches (run_decoder's outputs) gathered into the idle static set on the device
+        (run_prompt_writer), which then becomes the current one: column j to slot j for the masked graphs; for the
+        in-place graph each row's real tokens to slots 0 .. n - 1 (its positions), dropping its left padding.
+
+        attention_mask [B, T] int64. Raises onnxruntime's errors from the prompt writer.
+        """
+        cfg, (B, T), L = self.cfg, attention_mask.shape, self.max_length
         shift = T - attention_mask.sum(axis=1) if self.in_place else np.zeros(B, np.int64)  # left padding per row
         slot = np.arange(L)[None, :] + shift[:, None]
         index = np.where(slot < T, slot, T + np.arange(L)[None, :])  # [B, L] into Concat(present, cache) on axis 2
@@ -542,10 +580,6 @@ class StaticOrtStepper(OrtStepper):
         read, write = self.caches[self.parity], self.caches[1 - self.parity]
         self.run_prompt_writer(presents, [t for pair in read for t in pair], index, [t for pair in write for t in pair])
         self.parity = 1 - self.parity
-        self.mask[:, :T] = attention_mask
-        self.length = T
-        self.prompt_logits = values[contract.LOGITS].numpy()
-        return self.prompt_logits
 
     def run_prompt_writer(self, presents, caches, index, outs):
         """outs_i = GatherElements(Concat(presents_i, caches_i), index broadcast to [B, H, L, Dh]) on the device.
@@ -582,7 +616,9 @@ class StaticOrtStepper(OrtStepper):
         return self.buffers[contract.LOGITS].numpy().copy()
 
     def reorder(self, rows):
-        """Stepper.reorder into the idle buffer set (then flipped), or into a new batch size's set.
+        """Stepper.reorder into the idle buffer set (then flipped), or into a new batch size's set. The in-place
+        graph's caches on the CPU are copied on the host, only their written slots (GroupQueryAttention reads no
+        other): a beam step then costs what the reference graph's growing cache costs, not the L slots.
 
         rows: int64 [n]. Raises onnxruntime's own errors (gather_rows calls run_with_iobinding directly, not through
         run_bound).
@@ -601,5 +637,11 @@ class StaticOrtStepper(OrtStepper):
                 self.buffers[contract.ENCODER_ATTENTION_MASK].update_inplace(np.ascontiguousarray(self.src_keep))
         pairs_in = old_cache + (old_cross if cross_moves else [])
         pairs_out = self.caches[self.parity] + (self.cross_sets[self.cross_parity] if cross_moves else [])
-        self.gather_rows([t for pair in pairs_in for t in pair], rows, [t for pair in pairs_out for t in pair])
+        if self.in_place and self.provider == contract.CPU_PROVIDER:  # only the written slots: as the growing cache
+            for pair_in, pair_out in zip(old_cache, self.caches[self.parity]):
+                for cache_in, cache_out in zip(pair_in, pair_out):  # views of the OrtValues' host memory
+                    cache_out.numpy()[:, :, :self.length] = cache_in.numpy()[rows, :, :self.length]
+            pairs_in, pairs_out = pairs_in[len(old_cache):], pairs_out[len(old_cache):]
+        if pairs_in:
+            self.gather_rows([t for pair in pairs_in for t in pair], rows, [t for pair in pairs_out for t in pair])
         self.mask = self.mask[rows]
