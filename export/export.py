@@ -182,7 +182,9 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
     decoder_fused.onnx: decoder.onnx's inputs and outputs, with ONNX Runtime's MultiHeadAttention contrib op;
     with static_length too, also decoder_static_mha.onnx (decoder_static.onnx's contract with contrib ops and
     fused norms) and, when the head size is a multiple of 8, decoder_static_fused.onnx (GroupQueryAttention
-    over a cache updated in place).
+    over a cache updated in place, with kv_num_heads and rotary inside the node: the one that takes Llama / Qwen2
+    imports). A contrib-op variant that does not compute the model (contract.variant_unsupported_features) is
+    left out of the set; the export is refused when none of the asked ones does.
 
     Raises RefformerError for a bad option (a model_dir or out_dir that is not a path, flags that are not booleans),
     a model using options the graphs do not compute yet (contract.check_exportable: one line naming them, before any
