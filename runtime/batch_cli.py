@@ -8,12 +8,19 @@ import os
 
 import click
 
-from refformer.export.contract import DTYPES, VARIANT_OPTIONS
+from refformer.export.contract import VARIANT_OPTIONS
 from refformer.export.session import PROVIDER_OPTIONS
 from refformer.refimpl.errors import RefformerError
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.generate_cli import option_flags, without_tracebacks
-from refformer.runtime.options import NonEmptyPath, model_option
+from refformer.runtime.options import NonEmptyPath, dtype_option, model_option
+
+# export/quantize.py's int8 scales activations per tensor, so a line's output depends on the lines of its worker call;
+# which lines share a call is Ray Data's choice (its blocks), so only one line per call gives each line what it gives
+# alone (serve_cli's --max-batch 1 rule, for the same reason)
+INT8_BATCHING = ("--dtype int8 needs --batch-size 1: its dynamic quantization scales activations per batch, and Ray "
+                 "Data decides which lines share a batch, so a line's output would depend on the lines batched with "
+                 "it; pass --batch-size 1, or use --dtype fp32")
 
 
 @click.command("batch")
@@ -33,8 +40,7 @@ from refformer.runtime.options import NonEmptyPath, model_option
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
               help="Ray GPUs per worker (num_gpus; 1 = one GPU each); with --provider auto the worker runs on CUDA.")
 @click.option("--provider", type=click.Choice(list(PROVIDER_OPTIONS)), default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
-              help="Graph precision (exported on first use).")
+@dtype_option("fp32", "Graph precision (exported on first use). int8: int8 weights, on the CPU, with --batch-size 1.")
 @click.option("--variant", type=click.Choice(list(VARIANT_OPTIONS)), default="auto", show_default=True,
               help="Decoder graph, as for generate.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Lines per worker call.")
@@ -102,6 +108,8 @@ def run(inputs, out_dir, model_dir, overwrite, ray_address, workers, threads, gp
     from refformer.runtime.errors import shown
     from refformer.runtime.generate_cli import check_fits_memory, check_threads, generation_options
 
+    if dtype == "int8" and batch_size > 1:  # an option refused with or without the ray extra
+        raise RefformerError(INT8_BATCHING)
     ray_batch.import_ray()
     generation = generation_options(options)  # its seed, when sampling without --seed, drawn once for every worker
     check_counts(workers, threads, gpus_per_worker, batch_size)

@@ -59,6 +59,8 @@ def run(model_dir, host, port, batch_window_ms, max_batch, max_input_tokens, max
     """The serve command's work: checks the extra and every option, binds the port, loads the Generator, serves.
     Raises RefformerError for a missing extra, a bad option, a port that cannot be bound or a model that cannot
     load."""
+    if dtype == "int8" and max_batch > 1:  # an option refused with or without the serve extra
+        raise RefformerError(INT8_BATCHING)
     try:
         from refformer.runtime import serve
     except ImportError as error:
@@ -71,8 +73,6 @@ def run(model_dir, host, port, batch_window_ms, max_batch, max_input_tokens, max
     settings = serve.ServeSettings(batch_window_ms=batch_window_ms, max_batch=max_batch,
                                    max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens,
                                    request_timeout=request_timeout, max_body_bytes=max_body_bytes)
-    if dtype == "int8" and max_batch > 1:
-        raise RefformerError(INT8_BATCHING)
     check_max_batch(model_dir, max_batch)
     threads = check_threads(threads)
     sock = serve.listening_socket(host, port)

@@ -189,6 +189,13 @@ def _rows():
         for value in values:
             add(GEN, [option, value, "w4 w5"], option.lstrip("-").split("-")[-1])
     add(GEN, ["--min-new-tokens", "5", "--max-new-tokens", "2", "w4"], "new_tokens")
+    # ---- int8 where a line's output would depend on its batch: refused before any extra is imported or work done
+    add(["serve", "--model", "{ws}/model", "--dtype", "int8"], [], "max-batch 1")
+    add(["serve", "--model", "{ws}/model", "--dtype", "int8", "--max-batch", "2"], [], "max-batch 1")
+    add(["batch", "{ws}/inputs.txt", "--out", "{ws}/batch-out", "--model", "{ws}/model", "--dtype", "int8"], [],
+        "batch-size 1")
+    add(["batch", "{ws}/inputs.txt", "--out", "{ws}/batch-out", "--dtype", "int8", "--batch-size", "4"], [],
+        "batch-size 1")
     add(["generate", "--model", "{ws}/model", "--provider", "cuda", "--dtype", "int8", "w4"], [], "CPU only")
     add(GEN, ["--num-beams", "2", "--num-return-sequences", "3", "w4"], "num")
     add(GEN, ["--do-sample", "--num-beams", "2", "w4"], "beam")

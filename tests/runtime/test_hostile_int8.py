@@ -1,0 +1,89 @@
+"""Issue 15's int8 path used as a hostile user would: int8 with the commands that batch lines they do not choose
+(`refformer batch`, `refformer serve`) is refused in one line unless each line runs alone, with or without the
+command's extra installed, before anything is written; and `batch --dtype int8 --batch-size 1` gives each line the
+record `generate --dtype int8 --batch-size 1 --json` gives it."""
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from refformer.refimpl import Config, init_params, save
+from refformer.runtime.cli import main
+
+from ..helpers import write_word_level_tokenizer
+
+V = 40
+TEXTS = [f"w{i} w{i + 3} w{i + 7}" for i in range(4, 10)]
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def model(tmp_path):
+    cfg = Config(vocab_size=V, d_model=16, n_heads=4, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
+                 max_positions=32, dropout=0.0)
+    save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(1)),
+         tokenizer=write_word_level_tokenizer(tmp_path / "tokenizer.json", V))
+    return tmp_path / "m"
+
+
+def one_error(result):
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [[], ["--batch-size", "16"], ["--batch-size", "2"]])
+def test_batch_int8_needs_batch_size_1(model, tmp_path, args):
+    """Ray Data's blocks decide which lines share a worker call, and int8 scales activations per batch: refused."""
+    (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n")
+    result = CliRunner().invoke(main, ["batch", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out"), "--model",
+                                       str(model), "--dtype", "int8", *args])
+    assert "--dtype int8 needs --batch-size 1" in one_error(result)
+    assert not (tmp_path / "out").exists() and not (model / "onnx").exists()
+
+
+@pytest.mark.parametrize("blocked, command", [("ray", "batch"), ("starlette", "serve")])
+def test_int8_batching_is_refused_without_the_extra_too(model, tmp_path, monkeypatch, blocked, command):
+    """The int8 refusal is an option check: it comes before the missing extra's install hint."""
+    monkeypatch.setitem(sys.modules, blocked, None)  # import raises ImportError, as when the extra is missing
+    monkeypatch.delitem(sys.modules, "refformer.runtime.serve", raising=False)
+    monkeypatch.delitem(sys.modules, "refformer.runtime.ray_batch", raising=False)
+    (tmp_path / "in.txt").write_text("w4 w5\n")
+    args = (["batch", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out")] if command == "batch"
+            else ["serve", "--port", "0"])
+    result = CliRunner().invoke(main, [*args, "--model", str(model), "--dtype", "int8"])
+    assert "--dtype int8 needs --" in one_error(result)
+    plain = CliRunner().invoke(main, [*args, "--model", str(model), "--dtype", "fp32"])
+    assert "pip install" in one_error(plain)
+
+
+def test_batch_help_offers_int8():
+    result = CliRunner().invoke(main, ["batch", "--help"])
+    assert result.exit_code == 0 and "fp32|fp16|int8" in result.output, result.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the ray extra")
+def test_batch_int8_batch_size_1_records_equal_generate(model, tmp_path):
+    """A local cluster of one worker (the command's own, removed at the end): each record is generate's."""
+    (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n")
+    result = CliRunner().invoke(main, ["batch", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out"), "--model",
+                                       str(model), "--dtype", "int8", "--batch-size", "1", "--workers", "1",
+                                       "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    records = sorted((json.loads(line) for part in sorted((tmp_path / "out").glob("part-*.jsonl"))
+                      for line in part.read_text().splitlines()), key=lambda record: record["line"])
+    alone = CliRunner().invoke(main, ["generate", "--input", str(tmp_path / "in.txt"), "--model", str(model),
+                                      "--dtype", "int8", "--batch-size", "1", "--json", "--max-new-tokens", "6"])
+    assert alone.exit_code == 0, alone.output
+    expected = [json.loads(line) for line in alone.stdout.splitlines()]
+    assert [{k: v for k, v in r.items() if k != "file"} for r in records] == expected
+    assert (model / "onnx" / "int8" / "manifest.json").exists() and not (model / "onnx" / "fp32").exists()
