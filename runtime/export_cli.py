@@ -177,6 +177,33 @@ def export_command(model_dir, dtype, opset, out_dir, external_data, static_lengt
                f"max error vs refimpl on ONNX Runtime CPU: {error.get('max', float('nan')):.2e}")
 
 
+def manifest_set_name(manifest):
+    """The export set name (export/folder.py export_name: `<dtype>[-static<L>][-fused]`) that a manifest's graphs
+    make: its dtype, decoder_static's max_length L, and -fused when it holds a com.microsoft decoder (decoder_fused,
+    decoder_static_mha or decoder_static_fused). Raises nothing (read_manifest has checked the graphs' shape)."""
+    from refformer.export.contract import FUSED, STATIC, STATIC_FUSED, STATIC_MHA, decoder_graph
+    from refformer.export.folder import export_name
+
+    graphs = manifest.get("graphs") or {}
+    static = graphs.get(decoder_graph(STATIC))
+    fused = any(decoder_graph(variant) in graphs for variant in (FUSED, STATIC_MHA, STATIC_FUSED))
+    return export_name(str(manifest.get("dtype")), static.get("max_length") if isinstance(static, dict) else None,
+                       fused)
+
+
+def check_set_named(onnx_dir, manifest, asked):
+    """verify --dtype/--static-length/--fused-attention find the set by its folder's name (find_export); `export
+    --out MODEL/onnx/int8-static128` (no --static-length) can put another set's graphs there, and verify then checked
+    no static graph while the table said all was well. Refuse a folder named asked whose manifest makes another set.
+    A folder with another name (the only set there is, found with no options) is what it is. Raises
+    RefformerError."""
+    made = manifest_set_name(manifest)
+    if Path(onnx_dir).name == asked and made != asked:
+        raise RefformerError(f"{onnx_dir} holds the {made} export set, not the {asked} set its name says (written "
+                             f"there with `export --out`?): run `refformer export` with the options that name {asked} "
+                             f"again, or check what it holds with --onnx-dir {onnx_dir}")
+
+
 @click.command("verify")
 @model_option
 @click.option("--onnx-dir", type=NonEmptyPath(file_okay=False), default=None,
@@ -197,7 +224,7 @@ def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, p
     errors) as one line `error: ...` and exits 1.
     """
     from refformer.export.contract import check_exportable
-    from refformer.export.folder import find_export, read_manifest
+    from refformer.export.folder import export_name, find_export, read_manifest
     from refformer.export.verify import providers_for, verify
     from refformer.refimpl.io import load_config
 
@@ -210,6 +237,8 @@ def verify_command(model_dir, onnx_dir, dtype, static_length, fused_attention, p
     if onnx_dir is None:
         check_exportable(load_config(model_dir), ids=False)  # not "run refformer export", which would refuse
         onnx_dir = find_export(model_dir, dtype, static_length, fused_attention)
+        check_set_named(onnx_dir, read_manifest(onnx_dir), export_name(dtype or "fp32", static_length,
+                                                                       fused_attention))
     elif dtype is not None or static_length is not None or fused_attention:
         raise RefformerError("--onnx-dir names the export folder: leave out --dtype, --static-length and "
                              "--fused-attention")

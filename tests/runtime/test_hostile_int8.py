@@ -87,3 +87,27 @@ def test_batch_int8_batch_size_1_records_equal_generate(model, tmp_path):
     expected = [json.loads(line) for line in alone.stdout.splitlines()]
     assert [{k: v for k, v in r.items() if k != "file"} for r in records] == expected
     assert (model / "onnx" / "int8" / "manifest.json").exists() and not (model / "onnx" / "fp32").exists()
+
+
+def test_verify_refuses_a_set_folder_holding_another_set(model, tmp_path):
+    """`export --out MODEL/onnx/int8-static4` without --static-length writes a plain int8 set under a static set's
+    name; `verify --static-length 4` found it by name and checked no static graph, yet printed "all ... within". Now
+    one line says what the folder holds; --onnx-dir still checks it as it is, and a matching folder passes."""
+    onnx = model / "onnx"
+    onnx.mkdir()
+    runner = CliRunner()
+    wrong = runner.invoke(main, ["export", "--model", str(model), "--dtype", "int8", "--out",
+                                 str(onnx / "int8-static4")])
+    assert wrong.exit_code == 0, wrong.output
+    result = runner.invoke(main, ["verify", "--model", str(model), "--dtype", "int8", "--static-length", "4",
+                                  "--provider", "cpu"])
+    assert "holds the int8 export set, not the int8-static4 set" in one_error(result)
+    as_it_is = runner.invoke(main, ["verify", "--model", str(model), "--onnx-dir", str(onnx / "int8-static4"),
+                                    "--provider", "cpu"])
+    assert as_it_is.exit_code == 0 and "within the int8 bound" in as_it_is.output, as_it_is.output
+    right = runner.invoke(main, ["export", "--model", str(model), "--dtype", "int8", "--static-length", "4",
+                                 "--out", str(onnx / "int8-static4")])
+    assert right.exit_code == 0, right.output
+    result = runner.invoke(main, ["verify", "--model", str(model), "--dtype", "int8", "--static-length", "4",
+                                  "--provider", "cpu"])
+    assert result.exit_code == 0 and "static" in result.output, result.output
