@@ -1,10 +1,12 @@
 """The runtime raises the same exception type as refimpl; its commands print it as one line."""
 
+import _thread
 import errno
 import functools
 import os
 import re
 import sys
+import threading
 
 import click
 
@@ -18,8 +20,12 @@ def one_line_errors(command):
     'error: interrupted' and exit 130; a closed pipe on stdout ends the command quietly with exit 1."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        hook, sys.unraisablehook = sys.unraisablehook, reraise_interrupts
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
+            if REPLAYED_INTERRUPTS:  # the command ended before the replayed Ctrl-C reached it
+                raise KeyboardInterrupt
+            return result
         except RefformerError as error:
             click.echo(f"error: {shorten(str(error))}", err=True)
             sys.exit(1)
@@ -37,7 +43,32 @@ def one_line_errors(command):
                 raise
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        finally:
+            sys.unraisablehook = hook
+            while REPLAYED_INTERRUPTS:
+                REPLAYED_INTERRUPTS.pop().cancel()
     return wrapper
+
+
+REPLAYED_INTERRUPTS = []  # reraise_interrupts' timers, cancelled when the command ends
+
+
+def reraise_interrupts(unraisable):
+    """sys.unraisablehook while a command runs: a Ctrl-C that lands in code Python cannot raise from (a weakref or
+    __del__ callback, where it only prints 'Exception ignored in ...' and a traceback, and the command went on to
+    exit 0) is raised again in the main thread, so the command still ends 'error: interrupted' (exit 130). Other
+    unraisable exceptions go to Python's default hook.
+
+    Raises nothing itself.
+    """
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        # from another thread, once the hook has returned: raised in the hook it would be reported once more
+        timer = threading.Timer(0.01, _thread.interrupt_main)
+        timer.daemon = True
+        REPLAYED_INTERRUPTS.append(timer)
+        timer.start()
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 LONG_WORD = re.compile(r"\S{161,}")

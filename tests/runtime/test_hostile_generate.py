@@ -537,3 +537,37 @@ def test_a_device_as_output_is_refused_once_without_asking_for_overwrite(model_d
     for extra in ([], ["--overwrite"]):
         result = invoke("--model", model_dir, "Hallo.", "--output", "/dev/full", *extra)
         assert result.exit_code == 1 and result.stderr.startswith("error: --output /dev/full is not a regular file")
+
+
+def test_a_ctrl_c_python_could_only_report_still_ends_the_command_with_130():
+    """A KeyboardInterrupt raised where Python cannot raise it (a weakref callback: 'Exception ignored in ...') was
+    printed with a traceback and the command went on to exit 0; one_line_errors raises it again in the main thread."""
+    import weakref
+
+    import click
+
+    from refformer.runtime.errors import one_line_errors
+
+    class Thing:
+        pass
+
+    def interrupt(_):
+        raise KeyboardInterrupt
+
+    @click.command()
+    @one_line_errors
+    def command():
+        thing = Thing()
+        _ = weakref.ref(thing, interrupt)
+        del thing  # the callback's KeyboardInterrupt goes to sys.unraisablehook
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the replayed interrupt lands here
+            pass
+        click.echo("finished")
+
+    hook = sys.unraisablehook
+    started = time.monotonic()
+    result = CliRunner().invoke(command, [])
+    assert time.monotonic() - started < 5
+    assert result.exit_code == 130 and "error: interrupted" in result.output and "finished" not in result.output
+    assert "Traceback" not in result.output and sys.unraisablehook is hook
