@@ -76,16 +76,20 @@ def ensure_export(model_dir, dtype="fp32", static_length=None, fused_attention=F
         recover_leftovers(parent)
     remove_legacy_leftovers(model_dir)
 
+    # the contrib-op graphs an export with these options writes for this model (a Llama's set has no
+    # decoder_fused or decoder_static_mha: asking for them re-exported it at every Generator)
+    wanted = [contract.decoder_graph(variant) for variant in
+              contract.exported_variants(load_config(model_dir), static_length, fused_attention)
+              if variant != contract.STATIC]
+
     def fresh(onnx_dir):
         try:
             manifest = read_manifest(onnx_dir)
             graphs = manifest["graphs"]
             static = graphs.get(contract.decoder_graph(contract.STATIC), {})
-            static_mha = static_length is not None and fused_attention  # (decoder_static_fused too, when it can run)
             ok = (manifest.get("dtype") == dtype and not is_stale(model_dir, manifest)
                   and (static_length is None or static.get("max_length") == static_length)
-                  and (not fused_attention or contract.decoder_graph(contract.FUSED) in graphs)
-                  and (not static_mha or contract.decoder_graph(contract.STATIC_MHA) in graphs))
+                  and all(graph in graphs for graph in wanted))
             if ok:
                 check_files(onnx_dir, manifest)
             return ok

@@ -60,3 +60,15 @@ def test_auto_variant_on_the_cpu_picks_static_fused_only_where_it_computes_the_m
     for other in (dict(head_dim=12), dict(positional="relative"), dict(family="encoder-decoder", n_kv_heads=4),
                   dict(positional="learned"), dict(positional="sinusoidal", n_kv_heads=4)):
         assert auto_variant(Config(**{**llama, **other}), on_cuda=False, dtype="fp32") == ("reference",)
+
+
+def test_a_second_generator_reuses_the_gqa_export_set(tmp_path, families, capsys):
+    """The set of a Llama holds decoder_static_fused but no decoder_fused or decoder_static_mha (they cannot take
+    it): it is fresh for the next Generator, which exported it again before."""
+    from refformer.runtime.generator import Generator
+
+    _, generator = imported_generator(tmp_path, "llama-16")
+    assert "notice: exporting" in capsys.readouterr().err
+    again = Generator(tmp_path / "m", provider="cpu")
+    assert again.variant == "static_fused" and again.onnx_dir == generator.onnx_dir
+    assert "exporting" not in capsys.readouterr().err
