@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def save_graph(model, path, external_data=None):
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data",
                         size_threshold=1024)  # small constants stay inline for shape inference
+        data = path.with_name(path.name + ".data")
+        if data.exists():  # onnx writes it 0600: readable by whoever may read the graph beside it
+            os.chmod(data, stat.S_IMODE(path.stat().st_mode))
     else:
         onnx.save_model(model, str(path))
 

@@ -66,6 +66,9 @@ def test_external_data_path(tmp_path):
     export_model(tmp_path / "m", external_data=True)
     files = sorted(os.listdir(tmp_path / "m" / "onnx" / "fp32"))
     assert "decoder.onnx.data" in files and "encoder.onnx.data" in files
+    folder = tmp_path / "m" / "onnx" / "fp32"
+    for name in ("decoder.onnx", "encoder.onnx"):  # the weights as readable as their graph (onnx wrote them 0600)
+        assert (folder / (name + ".data")).stat().st_mode & 0o777 == (folder / name).stat().st_mode & 0o777
     onnx.checker.check_model(str(tmp_path / "m" / "onnx" / "fp32" / "decoder.onnx"), full_check=True)
     rows, _ = verify(tmp_path / "m", providers=["CPUExecutionProvider"])
     assert all(row["ok"] for row in rows), worst(rows)
