@@ -1,4 +1,4 @@
-"""Weight quantization of an exported fp32 graph (issue 15): the int8 variant `refformer export --quantize` writes.
+"""Weight quantization of an exported fp32 graph (issue 15): the int8 sets `refformer export --dtype int8` writes.
 
     quantize_graph("onnx/fp32/decoder.onnx", "onnx/int8/decoder.onnx", method="int8")
 
@@ -12,7 +12,7 @@ output projection, which the exported graphs compute as MatMul(x, Transpose(embe
 own constant [D, V] weight so that it is quantized too (the [D, V] head is a large share of a decoder step); the
 embedding Gather keeps the fp32 [V, D] table. The attention products (Q K^T, P V) stay fp32.
 
-ALTERNATIVES holds the recipes measured against it (not offered by `export --quantize`): ONNX Runtime's MatMulNBits
+ALTERNATIVES holds the recipes measured against it (not offered by `export --dtype`): ONNX Runtime's MatMulNBits
 contrib op with 8-bit weights in blocks of 32 or 128 along K (accuracy_level 4: activations quantized to int8 per
 row and block, so rows are independent), the same at accuracy_level 1 (fp32 compute), and 4-bit blocks of 32.
 """
@@ -30,7 +30,7 @@ from onnx import numpy_helper
 
 from refformer.refimpl.errors import RefformerError
 
-# method -> recipe; QUANTIZE_METHODS are the values of quantize_graph's method (and of `refformer export --quantize`)
+# method -> recipe; QUANTIZE_METHODS are the values of quantize_graph's method (and of `refformer export --dtype`)
 RECIPES = {"int8": dict(kind="dynamic")}
 QUANTIZE_METHODS = tuple(RECIPES)
 ALTERNATIVES = {
