@@ -359,3 +359,15 @@ def save_random_model(path, base, seed=0, **overrides):
             for name, value in flatten(template).items()}
     save(path, cfg, unflatten(flat, template))
     return cfg
+
+
+def save_word_level_model(folder, tmp_path, vocab_size=40, seed=1):
+    """A tiny encoder-decoder (D 16, 4 heads, 1 + 1 layers, 32 positions) with a word-level tokenizer of vocab_size
+    ids (w0 .. wN), saved at folder; the int8 tests' model. Returns folder."""
+    from refformer.refimpl import Config, init_params, save
+
+    cfg = Config(vocab_size=vocab_size, d_model=16, n_heads=4, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
+                 max_positions=32, dropout=0.0)
+    save(folder, cfg, init_params(cfg, np.random.default_rng(seed)),
+         tokenizer=write_word_level_tokenizer(tmp_path / "tokenizer.json", vocab_size))
+    return folder

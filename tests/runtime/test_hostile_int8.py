@@ -7,14 +7,12 @@ import importlib.util
 import json
 import sys
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from refformer.refimpl import Config, init_params, save
 from refformer.runtime.cli import main
 
-from ..helpers import write_word_level_tokenizer
+from ..helpers import save_word_level_model
 
 V = 40
 TEXTS = [f"w{i} w{i + 3} w{i + 7}" for i in range(4, 10)]
@@ -27,11 +25,7 @@ def user_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def model(tmp_path):
-    cfg = Config(vocab_size=V, d_model=16, n_heads=4, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
-                 max_positions=32, dropout=0.0)
-    save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(1)),
-         tokenizer=write_word_level_tokenizer(tmp_path / "tokenizer.json", V))
-    return tmp_path / "m"
+    return save_word_level_model(tmp_path / "m", tmp_path, V)
 
 
 def one_error(result):

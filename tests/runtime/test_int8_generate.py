@@ -4,16 +4,15 @@ not exact, so these tests state agreement rates with fp32, measured here, with r
 
 import json
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from refformer.export.contract import CPU_PROVIDER
-from refformer.refimpl import Config, RefformerError, init_params, save
+from refformer.refimpl import RefformerError
 from refformer.runtime import Generator
 from refformer.runtime.cli import main
 
-from ..helpers import write_word_level_tokenizer
+from ..helpers import save_word_level_model
 
 V = 40
 TEXTS = [f"w{i} w{i + 3} w{i + 7}" for i in range(4, 30)]  # 26 inputs of the word-level vocabulary
@@ -26,11 +25,7 @@ def user_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def model(tmp_path):
-    cfg = Config(vocab_size=V, d_model=16, n_heads=4, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
-                 max_positions=32, dropout=0.0)
-    save(tmp_path / "m", cfg, init_params(cfg, np.random.default_rng(1)),
-         tokenizer=write_word_level_tokenizer(tmp_path / "tokenizer.json", V))
-    return tmp_path / "m"
+    return save_word_level_model(tmp_path / "m", tmp_path, V)
 
 
 def agreement(a, b):
