@@ -48,9 +48,15 @@ def test_batch_int8_needs_batch_size_1(model, tmp_path, args):
 @pytest.mark.parametrize("blocked, command", [("ray", "batch"), ("starlette", "serve")])
 def test_int8_batching_is_refused_without_the_extra_too(model, tmp_path, monkeypatch, blocked, command):
     """The int8 refusal is an option check: it comes before the missing extra's install hint."""
-    monkeypatch.setitem(sys.modules, blocked, None)  # import raises ImportError, as when the extra is missing
-    monkeypatch.delitem(sys.modules, "refformer.runtime.serve", raising=False)
-    monkeypatch.delitem(sys.modules, "refformer.runtime.ray_batch", raising=False)
+    import refformer.runtime
+    import refformer.runtime.generator as generator_module
+
+    for name in [name for name in sys.modules if name.startswith(blocked + ".")] + [blocked]:
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError, as when the extra is missing
+    for module in ("serve", "ray_batch"):  # imported again, without the extra (`from refformer.runtime import serve`
+        monkeypatch.delitem(sys.modules, f"refformer.runtime.{module}", raising=False)  # reads the attribute first)
+        monkeypatch.delattr(refformer.runtime, module, raising=False)
+    monkeypatch.setattr(generator_module, "Generator", lambda *a, **k: pytest.fail("the command went on to start"))
     (tmp_path / "in.txt").write_text("w4 w5\n")
     args = (["batch", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out")] if command == "batch"
             else ["serve", "--port", "0"])
