@@ -36,7 +36,6 @@ Also measured: the memory bandwidth (large NumPy reads and copies) and the bytes
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -46,7 +45,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import cpu_model, timed_calls  # benchmarks/machine.py (scripts run from their folder on sys.path)
+from machine import (  # benchmarks/machine.py (scripts run from their folder on sys.path)
+    cpu_model,
+    timed_calls,
+    write_report,
+)
 
 from refformer.refimpl import Config, init_params, save, sinusoidal_table
 from refformer.refimpl.generate import GenerationOptions, Stepper, search_iter
@@ -462,11 +465,7 @@ def main(argv=None):
         "results": keyed(results[thread_counts[0]]),
         "other_threads": {str(n): keyed(results[n]) for n in thread_counts[1:]},
     }
-    path = args.json or (None if args.quick else "benchmarks/results/generate_cpu.json")
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {path}")
+    write_report(report, args.json or (None if args.quick else "benchmarks/results/generate_cpu.json"))
     return report
 
 

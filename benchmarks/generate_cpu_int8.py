@@ -39,7 +39,6 @@ CTranslate2 int8 (and fp32) against HF (CTranslate2's score_batch, HF's forward 
 import argparse
 import copy
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -51,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 from generate_cpu import FULL, QUICK, cpu_flags, load_average, make_marian, memory_bandwidth, run_marian, run_refformer
-from machine import cpu_model
+from machine import cpu_model, write_report
 
 from refformer.export.export import export_model
 from refformer.export.folder import default_export_dir
@@ -351,11 +350,7 @@ def main(argv=None):
         "ratio_ct2_int8_over_fastest_refformer": ratios,
         "entries": entries,
     }
-    path = args.json or (None if args.quick else "benchmarks/results/generate_cpu_int8.json")
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {path}")
+    write_report(report, args.json or (None if args.quick else "benchmarks/results/generate_cpu_int8.json"))
     return report
 
 

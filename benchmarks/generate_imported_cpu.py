@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 from generate_cpu import cpu_flags, load_average  # benchmarks/ (scripts run from their folder on sys.path)
-from machine import cpu_model, timed_calls
+from machine import cpu_model, timed_calls, write_report
 
 from refformer.refimpl.generate import GenerationOptions, search_iter
 
@@ -412,11 +412,7 @@ def main(argv=None):
         "entries": entries,
         "goals": goals,
     }
-    path = args.json or (None if args.quick else "benchmarks/results/generate_imported_cpu.json")
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {path}")
+    write_report(report, args.json or (None if args.quick else "benchmarks/results/generate_imported_cpu.json"))
     return report
 
 

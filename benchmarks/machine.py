@@ -1,8 +1,10 @@
 """What the benchmarks record about the machine they ran on, and how they time a session's calls."""
 
 import contextlib
+import json
 import platform
 import time
+from pathlib import Path
 
 
 def cpu_model():
@@ -31,3 +33,11 @@ def timed_calls(session):
         yield times
     finally:
         session.run_with_iobinding = run
+
+
+def write_report(report, path):
+    """Write a benchmark's report (a JSON-able dict) at path, creating its folder; prints where. Nothing with None."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}")
