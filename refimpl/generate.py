@@ -831,13 +831,15 @@ def _trim_after_eos(row, cfg):
     return row[: row.index(cfg.eos_id) + 1] if cfg.eos_id in row else row
 
 
-def greedy(cfg, params, src_ids, src_mask=None, max_new_tokens=None):
+def greedy(cfg, params, src_ids, src_mask=None, max_new_tokens=None, stepper=None):
     """Encoder-decoder greedy decoding. src_ids [B, S] (src + [eos], padded) -> ids [B, L] int64 (eos, then pad).
-    Raises RefformerError for a decoder-only cfg or bad params, ids, mask or max_new_tokens."""
+    stepper: the model behind the search (default: the reference model on params; the runtime passes its ONNX
+    Runtime stepper). Raises RefformerError for a decoder-only cfg or bad params, ids, mask or max_new_tokens."""
     check_config(cfg)
     check(cfg.is_encoder_decoder, "greedy needs an encoder-decoder model; use greedy_lm for decoder-only")
     options = GenerationOptions(max_new_tokens=max_new_tokens)
-    steps = search_iter(ReferenceStepper(cfg, params), cfg, options, src_ids=src_ids, src_mask=src_mask)
+    stepper = ReferenceStepper(cfg, params) if stepper is None else stepper
+    steps = search_iter(stepper, cfg, options, src_ids=src_ids, src_mask=src_mask)
     return _stack_rows(list(steps), np.shape(src_ids)[0], cfg.fill_id)
 
 

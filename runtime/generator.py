@@ -586,18 +586,15 @@ class Generator:
 
 # ------------------------------------------------------------ refformer eval --dtype: the exported graphs measured
 
-TRANSLATION_BATCH = 64  # rows per greedy batch, as refimpl.training.evaluate.translate_examples batches them
-
-
 def evaluate_on_runtime(data_dir, model_dir=None, split="valid", *, dtype="fp32", provider="auto", threads=None,
                         max_sentences=None, max_tokens=4096):
     """`refformer eval --dtype`: refimpl.training.setup.evaluate_split's measurement, with the export set of dtype
     (fp32, fp16 or int8) on ONNX Runtime doing the work through a Generator (exported on first use, provider and
     decoder variant chosen as generate chooses them): the loss is the mean cross-entropy (nats per target token) of the
     decoder graph fed each whole target (teacher forcing, as refimpl's evaluate feeds model_forward), and BLEU/chrF
-    (sacrebleu, encoder-decoder models) score greedy decoding through the same graphs with refimpl's default
-    GenerationOptions, batched by source length as refimpl's translate_examples batches them (a row's output does not
-    depend on its batch).
+    (sacrebleu, encoder-decoder models) score greedy decoding through the same graphs: refimpl's translate_examples
+    (batches by source length) with the Generator's stepper behind the search (an int8 row's output can depend on
+    its batch; fp32's and fp16's do not).
 
     Returns (cfg, result) with evaluate_split's keys (split, examples, skipped_too_long, tokens, loss, perplexity, bleu,
     chrf, seconds, notes), and "dtype", "provider", "variant" and "hypotheses" (the greedy texts in the split's
@@ -607,13 +604,13 @@ def evaluate_on_runtime(data_dir, model_dir=None, split="valid", *, dtype="fp32"
     import math
     import time
 
-    from refformer.refimpl.generate import GenerationOptions
     from refformer.refimpl.io import load_tokenizer
     from refformer.refimpl.loss import cross_entropy_forward
     from refformer.refimpl.model import left_padded_positions
     from refformer.refimpl.training.batching import make_batches
     from refformer.refimpl.training.data import SUFFIX, not_a_file, split_path
-    from refformer.refimpl.training.setup import load_examples
+    from refformer.refimpl.training.evaluate import translate_examples
+    from refformer.refimpl.training.setup import load_examples, text_decoder
 
     generator = Generator(model_dir, provider=provider, dtype=dtype, threads=threads)
     cfg, stepper = generator.cfg, generator.stepper
@@ -637,7 +634,7 @@ def evaluate_on_runtime(data_dir, model_dir=None, split="valid", *, dtype="fp32"
         loss = total / max(n_tokens, 1)
         hypotheses = bleu = chrf = None
         if cfg.is_encoder_decoder and examples:
-            hypotheses = translate_on_runtime(generator, examples, max_tokens, GenerationOptions(), tokenizer)
+            hypotheses = translate_examples(cfg, None, examples, text_decoder(tokenizer), max_tokens, stepper=stepper)
             try:
                 import sacrebleu
             except ImportError:
@@ -654,32 +651,3 @@ def evaluate_on_runtime(data_dir, model_dir=None, split="valid", *, dtype="fp32"
                  "loss": loss, "perplexity": perplexity, "bleu": bleu, "chrf": chrf,
                  "seconds": round(time.perf_counter() - start, 2), "notes": notes, "dtype": dtype,
                  "provider": generator.provider, "variant": generator.variant, "hypotheses": hypotheses}
-
-
-def translate_on_runtime(generator, examples, max_tokens, options, tokenizer):
-    """Greedy translations (texts, in the examples' order) of (src_ids, tgt_ids, labels) examples through the
-    generator's stepper: batches of up to TRANSLATION_BATCH sources of similar length (about max_tokens // (3 x the
-    longest source) rows), each output cut at its eos and decoded by tokenizer (a tokenizers.Tokenizer, refimpl's
-    load_tokenizer) with the special tokens skipped.
-
-    Raises RefformerError for what refimpl.generate.generate raises (bad options or inputs).
-    """
-    from refformer.refimpl.generate import generate as search
-    from refformer.refimpl.training.batching import collate
-
-    cfg = generator.cfg
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-    hypotheses = [None] * len(examples)
-    start = 0
-    while start < len(order):
-        longest = len(examples[order[min(start + TRANSLATION_BATCH - 1, len(order) - 1)]][0])
-        rows = max(1, min(TRANSLATION_BATCH, max_tokens // (3 * longest)))  # source + about twice as many generated
-        chunk = order[start:start + rows]
-        batch = collate([(examples[i][0], [cfg.bos_id], [cfg.eos_id]) for i in chunk], pad_id=cfg.pad_id)
-        outputs = search(cfg, None, src_ids=batch.src_ids, src_mask=batch.src_mask.astype(np.int64), options=options,
-                         stepper=generator.stepper)
-        for i, candidates in zip(chunk, outputs):
-            ids = candidates[0]
-            hypotheses[i] = tok.decode(tokenizer, ids[:ids.index(cfg.eos_id)] if cfg.eos_id in ids else ids)
-        start += len(chunk)
-    return hypotheses

@@ -90,8 +90,9 @@ def translation_scores(cfg, params, examples, decode, references, max_tokens):
     return {"bleu": bleu, "chrf": chrf}, None
 
 
-def translate_examples(cfg, params, examples, decode, max_tokens=4096):
-    """Greedy translations (texts) of the examples' sources, in the examples' order, batched by length.
+def translate_examples(cfg, params, examples, decode, max_tokens=4096, stepper=None):
+    """Greedy translations (texts) of the examples' sources, in the examples' order, batched by length. stepper:
+    the model behind the search (greedy's; `refformer eval --dtype` passes the runtime's ONNX Runtime stepper).
 
     Raises RefformerError for a decode that is not callable and for decoder-only examples."""
     check(callable(decode), f"decode must be a function ids -> text, got {type(decode).__name__}")
@@ -105,7 +106,7 @@ def translate_examples(cfg, params, examples, decode, max_tokens=4096):
         rows = max(1, min(64, max_tokens // (3 * longest)))  # source + roughly twice as many generated
         chunk = order[start:start + rows]
         batch = collate([(examples[i][0], [cfg.bos_id], [cfg.eos_id]) for i in chunk], pad_id=cfg.pad_id)
-        for i, ids in zip(chunk, strip(greedy(cfg, params, batch.src_ids, batch.src_mask), cfg)):
+        for i, ids in zip(chunk, strip(greedy(cfg, params, batch.src_ids, batch.src_mask, stepper=stepper), cfg)):
             hypotheses[i] = decode(ids)
         start += len(chunk)
     return hypotheses
