@@ -39,6 +39,17 @@ ALTERNATIVES = {
     "int8-blocks128": dict(kind="blocks", bits=8, block_size=128, accuracy_level=4),
     "int4-blocks32": dict(kind="blocks", bits=4, block_size=32, accuracy_level=4),
 }
+# recipe kind -> the op types a graph it quantized holds, any one of these sets (read by verify): quantize_dynamic
+# writes DynamicQuantizeLinear + MatMulInteger, which ONNX Runtime's optimizer fuses into DynamicQuantizeMatMul (a
+# graph saved after it ran); MatMulNBitsQuantizer writes MatMulNBits
+SIGNATURE_OPS = {"dynamic": ({"DynamicQuantizeLinear", "MatMulInteger"}, {"DynamicQuantizeMatMul"}),
+                 "blocks": ({"MatMulNBits"},)}
+# the op types of ONNX and ONNX Runtime's com.microsoft domain that compute on quantized tensors: a float (fp32,
+# fp16) graph of refformer's holds none of them
+QUANTIZED_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+                           "MatMulNBits", "QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QGemm",
+                           "QAttention", "QOrderedMatMul", "GatherBlockQuantized", "MatMulBnb4", "MatMulFpQ4",
+                           "ConvInteger", "QLinearConv"})
 
 
 def quantize_graph(src_path, dst_path, *, method="int8"):
@@ -90,6 +101,28 @@ def quantize_graph(src_path, dst_path, *, method="int8"):
         os.replace(out, dst_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def signature_ops(method):
+    """The op-type sets that show a graph quantized by method (a QUANTIZE_METHODS or ALTERNATIVES name), any one of
+    which such a graph holds: SIGNATURE_OPS of its recipe's kind, as a tuple of frozensets; () for an unknown method.
+
+    Raises nothing.
+    """
+    recipe = RECIPES.get(method) or ALTERNATIVES.get(method)
+    return tuple(frozenset(ops) for ops in SIGNATURE_OPS[recipe["kind"]]) if recipe else ()
+
+
+def graph_op_types(path):
+    """The set of op types of the nodes of the ONNX graph at path (its weights, internal or external, not read).
+
+    Raises RefformerError for a file that is missing or not an ONNX graph.
+    """
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError, OSError ...
+        raise RefformerError(f"cannot load {path}: not a valid ONNX graph ({error})") from None
+    return {node.op_type for node in model.graph.node}
 
 
 def quantize_blocks(model, out, external, recipe):

@@ -56,6 +56,7 @@ from .contract import (
 )
 from .folder import check_external_data, check_files, check_path, find_export, graph_files, is_stale, read_manifest
 from .graph import NUMPY_TYPES, check_weights
+from .quantize import QUANTIZED_OPS, graph_op_types, signature_ops
 from .session import CUDA_MISSING, cuda_usable, make_session, usable_providers
 
 REAL_SENTENCES = {
@@ -300,6 +301,7 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
     if dtype not in ERROR_BOUNDS:
         raise RefformerError(f"{onnx_dir}/manifest.json: dtype {dtype!r} is not one of "
                              f"{', '.join(ERROR_BOUNDS)}: run `refformer export` again")
+    check_quantization(onnx_dir, manifest)
     providers = providers_for(dtype, usable_providers() if providers is None else providers)
     params64 = tree_cast(params, np.float64)
     rng = np.random.default_rng(seed)
@@ -319,6 +321,61 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
             rows += variant_checks(cfg, params64, sessions, onnx_dir, dtype, provider, manifest["graphs"], seed)
     bound = ERROR_BOUNDS[dtype]
     return [{**row, "bound": bound, "ok": bool(row["error"] <= bound)} for row in as_dicts(rows)], dtype
+
+
+def check_quantization(onnx_dir, manifest):
+    """The graphs of the export set in onnx_dir are quantized as its manifest says: for a quantized dtype
+    (contract.QUANTIZED_DTYPES) a "quantization" entry whose method is the dtype and whose "graphs" are graphs of the
+    set, each holding the method's quantized ops (quantize.signature_ops) and together the "ops_added" it records,
+    and the other graphs none (quantize.QUANTIZED_OPS); for fp32 and fp16 no such entry and no graph holding a
+    quantized op. Catches an fp32 set relabelled int8, whose graphs pass the int8 bound, and the converse.
+    manifest: read_manifest's, with a dtype in contract.ERROR_BOUNDS and files check_files has checked.
+
+    Raises RefformerError (one line naming the file and what it holds) for a mismatch, and for a graph onnx cannot
+    load.
+    """
+    dtype, quantization = manifest["dtype"], manifest.get("quantization")
+    again = f"export the set again (`refformer export --dtype {dtype}`)"
+    files = {name: Path(onnx_dir) / graph["file"] for name, graph in manifest["graphs"].items()}
+    if dtype not in QUANTIZED_DTYPES:
+        if quantization is not None:
+            raise RefformerError(f"{onnx_dir}/manifest.json says dtype {dtype} but has a \"quantization\" entry: "
+                                 f"{again}")
+        quantized = {}
+    else:
+        listed = quantization.get("graphs") if isinstance(quantization, dict) else None
+        if (not isinstance(listed, list) or not listed or not all(isinstance(name, str) for name in listed)
+                or not isinstance(quantization.get("ops_added", []), list)
+                or not all(isinstance(op, str) for op in quantization.get("ops_added", []))):
+            raise RefformerError(f"{onnx_dir}/manifest.json says dtype {dtype} but has no \"quantization\" entry "
+                                 f"naming its quantized graphs: {again}")
+        if quantization.get("method") != dtype or not signature_ops(dtype):
+            raise RefformerError(f"{onnx_dir}/manifest.json says dtype {dtype} but its quantization method is "
+                                 f"{quantization.get('method')!r}: {again}")
+        unknown = [name for name in listed if name not in files]
+        if unknown:
+            raise RefformerError(f"{onnx_dir}/manifest.json lists {', '.join(unknown)} as quantized, a graph the set "
+                                 f"does not hold: {again}")
+        quantized = dict.fromkeys(listed)
+    ops_seen = set()
+    for name, path in files.items():
+        ops = graph_op_types(path)
+        found = sorted(ops & QUANTIZED_OPS)
+        if name not in quantized:
+            if found:
+                said = f"dtype {dtype}" if dtype not in QUANTIZED_DTYPES else f"{name} is not quantized"
+                raise RefformerError(f"{path} holds quantized ops ({', '.join(found)}) but {onnx_dir}/manifest.json "
+                                     f"says {said}: {again}")
+            continue
+        if not any(signature <= ops for signature in signature_ops(dtype)):
+            wanted = " or ".join(" + ".join(sorted(signature)) for signature in signature_ops(dtype))
+            raise RefformerError(f"{path} holds no {dtype} ops ({wanted}) but {onnx_dir}/manifest.json says it is "
+                                 f"quantized ({dtype}): these are not {dtype} graphs; {again}")
+        ops_seen |= ops
+    missing = sorted(set(quantization.get("ops_added", [])) - ops_seen) if quantized else []
+    if missing:
+        raise RefformerError(f"the quantized graphs in {onnx_dir} hold none of {', '.join(missing)}, which "
+                             f"manifest.json records as added by the {dtype} method: {again}")
 
 
 def providers_for(dtype, providers):
