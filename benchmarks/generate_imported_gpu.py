@@ -46,7 +46,14 @@ import numpy as np
 from generate_imported_cpu import FULL, QUICK, agreement, build_folder, generation_inputs
 from machine import timed_calls, write_report
 
-from refformer.export.contract import CUDA_PROVIDER, decoder_graph, gqa_supported, runs_on, variant_unsupported_features
+from refformer.export.contract import (
+    CUDA_PROVIDER,
+    STATIC_FUSED,
+    decoder_graph,
+    gqa_supported,
+    runs_on,
+    variant_unsupported_features,
+)
 from refformer.refimpl.generate import GenerationOptions, search_iter
 
 MODEL = "llama"  # generate_imported_cpu's SmolLM-135M shape
@@ -64,7 +71,7 @@ def cuda_variant(cfg, dtype):
     passed = {}
     for variant in auto_variant(cfg, True, dtype):
         missing = list(variant_unsupported_features(cfg, variant))
-        if variant == "static_fused" and not gqa_supported(cfg.head_dim):
+        if variant == STATIC_FUSED and not gqa_supported(cfg.head_dim):
             missing.append(f"head_dim={cfg.head_dim} (GroupQueryAttention needs a multiple of 8)")
         if not runs_on(decoder_graph(variant), dtype, CUDA_PROVIDER):
             missing.append(f"no {dtype} CUDA kernel")
