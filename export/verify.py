@@ -274,7 +274,7 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
     from refformer.refimpl.io import TOKENIZER_FILE, WEIGHTS_FILE, load, load_config, load_tokenizer
 
     if not is_integer(seed) or seed < 0:
-        raise RefformerError(f"--seed must be an integer >= 0, got {seed!r}")
+        raise RefformerError(f"seed must be an integer >= 0, got {seed!r}")  # (`refformer verify` checks --seed)
     check_path("model_dir", model_dir)
     if onnx_dir is not None:
         check_path("onnx_dir", onnx_dir)
