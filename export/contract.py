@@ -118,6 +118,22 @@ def runs_on(graph, dtype, provider):
     return not (graph == decoder_graph(STATIC_FUSED) and provider == CUDA_PROVIDER and dtype == "fp32")
 
 
+def variant_runs(cfg, variant, dtype, provider):
+    """Whether the decoder variant (one of VARIANTS) computes the checked Config cfg's model and has ONNX Runtime
+    kernels for dtype ("fp32", "fp16"; a quantized dtype is its graph_dtype) on provider (CPU_PROVIDER or
+    CUDA_PROVIDER): variant_unsupported_features empty, for static_fused a head size GroupQueryAttention takes
+    (gqa_supported), and runs_on. What Generator(variant="auto") may try (runtime/generator.py auto_variant): a
+    variant that fails this never loads.
+
+    Raises nothing: comparisons.
+    """
+    if variant_unsupported_features(cfg, variant):
+        return False
+    if variant == STATIC_FUSED and not gqa_supported(cfg.head_dim):
+        return False
+    return runs_on(decoder_graph(variant), graph_dtype(dtype), provider)
+
+
 # ---------------------------------------------------------------------------- inputs and outputs
 
 INPUT_IDS = "input_ids"  # int64 token ids

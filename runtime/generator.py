@@ -191,28 +191,29 @@ LIBRARY_BATCH = 64  # generate() and generate_ids() run many texts this many at 
 # same): 20,000 texts at once were refused for their caches' 24 GiB, with advice to lower a batch size they lack
 
 def auto_variant(cfg, on_cuda, dtype):
-    """The decoders variant="auto" tries, fastest first, for the provider and dtype.
+    """The decoders variant="auto" tries, fastest first, for the provider and dtype: only variants that compute cfg's
+    model with kernels for dtype there (contract.variant_runs), so the probe's fallback and its notice are for a
+    graph that fails to run, never for one that cannot compute the model.
 
     CUDA: decoder_static_fused in fp16 (GroupQueryAttention has fp16 CUDA kernels only, and needs a head size
-    that is a multiple of 8), then decoder_static_mha (contrib ops, fp32 too), then decoder_static (standard
-    ops only). CPU: decoder_static_fused first for a decoder-only rotary model in fp32 that it computes (contract.
-    variant_unsupported_features; Llama / Qwen2 / SmolLM imports with a head size that is a multiple of 16: one
-    GroupQueryAttention node with rotary per layer in place of the reference graph's standard-op rotary and
-    attention, measured faster on the SmolLM-135M shape, benchmarks/RESULTS.md generate_imported_cpu), then the
-    reference graph; the reference graph alone for every other model (not measured: refformer's own models stay
-    on it).
+    that is a multiple of 8, of 16 with rotary), then decoder_static_mha (contrib ops, fp32 too; no grouped-query,
+    rotary or relative attention), then decoder_static (standard ops only: every model). An imported Llama / Qwen2
+    gets (static_fused, static) in fp16 and (static,) in fp32, T5 (relative bias) (static,), BART / Marian
+    static_mha first in fp32. CPU: decoder_static_fused first for a decoder-only rotary model in fp32 that it
+    computes (Llama / Qwen2 / SmolLM imports with a head size that is a multiple of 16: one GroupQueryAttention node
+    with rotary per layer in place of the reference graph's standard-op rotary and attention, measured faster on the
+    SmolLM-135M shape, benchmarks/RESULTS.md generate_imported_cpu), then the reference graph; the reference graph
+    alone for every other model (not measured: refformer's own models stay on it).
 
-    Returns a tuple of contract variant names. Raises nothing: cfg is a checked Config.
+    Returns a tuple of contract variant names, never empty. Raises nothing: cfg is a checked Config.
     """
     if not on_cuda:
         if (dtype == "fp32" and not cfg.is_encoder_decoder and cfg.positional == "rotary"
-                and contract.gqa_supported(cfg.head_dim)
-                and not contract.variant_unsupported_features(cfg, contract.STATIC_FUSED)):
+                and contract.variant_runs(cfg, contract.STATIC_FUSED, dtype, contract.CPU_PROVIDER)):
             return (contract.STATIC_FUSED, contract.REFERENCE)
         return (contract.REFERENCE,)
-    if dtype == "fp16" and contract.gqa_supported(cfg.head_dim):
-        return (contract.STATIC_FUSED, contract.STATIC_MHA, contract.STATIC)
-    return (contract.STATIC_MHA, contract.STATIC)
+    return tuple(variant for variant in (contract.STATIC_FUSED, contract.STATIC_MHA, contract.STATIC)
+                 if contract.variant_runs(cfg, variant, dtype, contract.CUDA_PROVIDER))
 
 
 def runtime_provider(provider, dtype):
