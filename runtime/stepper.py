@@ -148,9 +148,18 @@ class OrtStepper(Stepper):
     def __init__(self, cfg, onnx_dir, dtype, provider=contract.CPU_PROVIDER, threads=None,
                  decoder_file=contract.DECODER_FILE,
                  provider_options=None):
-        """decoder_file: decoder.onnx (the reference graph) or decoder_fused.onnx (same inputs and outputs)."""
+        """decoder_file: decoder.onnx (the reference graph) or decoder_fused.onnx (same inputs and outputs).
+
+        Raises RefformerError, before any session, for a decoder graph without ONNX Runtime kernels in dtype on the
+        provider (contract.runs_on: decoder_static_fused.onnx in fp32 on CUDA, where ONNX Runtime would run its
+        GroupQueryAttention nodes on the CPU, copying every step, and refuse CUDA-graph capture).
+        """
         from refformer.export.session import import_onnxruntime
 
+        graph = decoder_file[:-len(contract.GRAPH_SUFFIX)] if decoder_file.endswith(contract.GRAPH_SUFFIX) else None
+        if graph is not None and not contract.runs_on(graph, dtype, provider):
+            raise RefformerError(f"{decoder_file} has no {dtype} kernels on {provider} (GroupQueryAttention runs in "
+                                 "fp16 only on CUDA): use fp16, or the static_mha or static variant")
         ort = import_onnxruntime()
 
         self.ort = ort
@@ -336,6 +345,10 @@ class StaticOrtStepper(OrtStepper):
         self.max_length = next(i.shape[2] for i in self.decoder.get_inputs() if i.name == contract.past_key(0))
         # decoder_static_fused: slot = position, no masks
         self.in_place = contract.WRITE_INDEX not in self.decoder_inputs
+        # the in-place caches as host memory (the CPU): a prompt and a beam reorder copy only the written slots, on
+        # the host (write_prompt_on_host); elsewhere (CUDA) they go through the device graphs (write_prompt,
+        # gather_rows). Tests set it False to drive the device path on the CPU
+        self.host_cache = self.in_place and provider == contract.CPU_PROVIDER
         self.cuda_graph = cuda_graph
         self.bindings = {}  # (batch size, source length, parity, cross parity) -> (IOBinding, RunOptions)
         self.sets = {}  # (batch size, source length) -> (buffers, caches, cross_sets), least recently used first
@@ -533,7 +546,7 @@ class StaticOrtStepper(OrtStepper):
         cross = self.cross_sets[self.cross_parity]  # not self.cross: a reorder gathers the rows into cross_sets only
         values = self.run_decoder(self.prompt_decoder, names, ids, positions, attention_mask, empty, cross,
                                   self.src_keep)
-        if self.in_place and self.provider == contract.CPU_PROVIDER:
+        if self.host_cache:
             self.write_prompt_on_host(values, attention_mask)
         else:
             self.write_prompt(values, attention_mask)
@@ -637,7 +650,7 @@ class StaticOrtStepper(OrtStepper):
                 self.buffers[contract.ENCODER_ATTENTION_MASK].update_inplace(np.ascontiguousarray(self.src_keep))
         pairs_in = old_cache + (old_cross if cross_moves else [])
         pairs_out = self.caches[self.parity] + (self.cross_sets[self.cross_parity] if cross_moves else [])
-        if self.in_place and self.provider == contract.CPU_PROVIDER:  # only the written slots: as the growing cache
+        if self.host_cache:  # only the written slots: as the growing cache
             for pair_in, pair_out in zip(old_cache, self.caches[self.parity]):
                 for cache_in, cache_out in zip(pair_in, pair_out):  # views of the OrtValues' host memory
                     cache_out.numpy()[:, :, :self.length] = cache_in.numpy()[rows, :, :self.length]
