@@ -270,7 +270,8 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
     negative seed, a model_dir or onnx_dir that is not a path, providers that are not a non-empty list of known
     providers, a model using options the graphs do not compute yet (contract.check_exportable), a missing, stale or
     damaged export (a file whose sha256 is not the manifest's: graphs of another
-    model), weights with NaN or inf, or graphs ONNX Runtime cannot load or run."""
+    model), graphs not quantized as the manifest says (check_quantization: an fp32 set relabelled int8, or the
+    converse), weights with NaN or inf, or graphs ONNX Runtime cannot load or run."""
     from refformer.refimpl.io import TOKENIZER_FILE, WEIGHTS_FILE, load, load_config, load_tokenizer
 
     if not is_integer(seed) or seed < 0:
