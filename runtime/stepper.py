@@ -159,7 +159,7 @@ class OrtStepper(Stepper):
         graph = decoder_file[:-len(contract.GRAPH_SUFFIX)] if decoder_file.endswith(contract.GRAPH_SUFFIX) else None
         if graph is not None and not contract.runs_on(graph, dtype, provider):
             raise RefformerError(f"{decoder_file} has no {dtype} kernels on {provider} (GroupQueryAttention runs in "
-                                 "fp16 only on CUDA): use fp16, or the static_mha or static variant")
+                                 "fp16 only on CUDA): use fp16, or the static variant (it computes every model)")
         ort = import_onnxruntime()
 
         self.ort = ort

@@ -90,7 +90,7 @@ def test_static_fused_in_fp32_on_cuda_is_refused_before_any_session(tmp_path):
     cfg = Config(**LLAMA)
     file = contract.graph_file(contract.decoder_graph(contract.STATIC_FUSED))
     with pytest.raises(RefformerError, match=r"decoder_static_fused.onnx has no fp32 kernels on "
-                                             r"CUDAExecutionProvider .*use fp16, or the static_mha or static variant"):
+                                             r"CUDAExecutionProvider .*use fp16, or the static variant"):
         StaticOrtStepper(cfg, tmp_path, "fp32", contract.CUDA_PROVIDER, decoder_file=file)
 
 
