@@ -6,9 +6,10 @@ weights, seeded, save_pretrained: no hub), then taken by each side:
 
   refformer  refformer.refimpl.convert.hf_folder.import_hf of the folder, then
              refformer.runtime.generator.Generator(model, provider, dtype, variant="auto"), which exports on first
-             use (static length = max_positions); timed through its stepper under refimpl's search_iter (the loop
-             Generator runs), the checkpoint's settings applied by Generator.check_options. On --device cpu (the
-             smoke test) the variant is the one auto picks on CUDA (cuda_variant), named explicitly.
+             use (static length = max_positions, or --static-length); timed through its stepper under refimpl's
+             search_iter (the loop Generator runs), the checkpoint's settings applied by Generator.check_options.
+             On --device cpu (the smoke test) the variant is the one auto picks on CUDA (cuda_variant), named
+             explicitly.
   hf         transformers' LlamaForCausalLM.generate on the same device, model.half() for fp16 (default attention
              implementation), synchronised before the clock stops.
 
@@ -81,18 +82,20 @@ def cuda_variant(cfg, dtype):
     return None, passed
 
 
-def make_generator(model_dir, device, dtype):
+def make_generator(model_dir, device, dtype, static_length=None):
     """A Generator of model_dir on device in dtype: variant auto on CUDA; on the CPU the variant auto picks on CUDA.
+    static_length: the static cache's slots (None: the Generator's default, max_positions).
     Returns (generator, seconds to build it: export on first use + session loading)."""
     from refformer.refimpl.io import load_config
     from refformer.runtime.generator import Generator
 
     start = time.perf_counter()
     if device == "cuda":
-        generator = Generator(model_dir, provider="cuda", dtype=dtype, variant="auto")
+        generator = Generator(model_dir, provider="cuda", dtype=dtype, variant="auto", static_length=static_length)
     else:
         variant, _ = cuda_variant(load_config(model_dir), dtype)
-        generator = Generator(model_dir, provider="cpu", dtype=dtype, variant=variant or "auto")
+        generator = Generator(model_dir, provider="cpu", dtype=dtype, variant=variant or "auto",
+                              static_length=static_length)
     return generator, time.perf_counter() - start
 
 
@@ -190,12 +193,15 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3, help="timed calls per cell after the warm-up (median)")
     parser.add_argument("--new-tokens", type=int, help="forced new tokens (default 128; 16 with --quick)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCH_SIZES))
+    parser.add_argument("--static-length", type=int,
+                        help="refformer's static cache slots (default: max_positions, 2,048 here, as generate uses)")
     parser.add_argument("--out", default=os.environ.get("OUT"),
                         help="folder of generate_imported_gpu.json (default $OUT, else benchmarks/results; with "
                              "--quick nothing is written unless given)")
     args = parser.parse_args(argv)
-    if args.reps < 1 or min(args.batch_sizes) < 1 or (args.new_tokens is not None and args.new_tokens < 1):
-        parser.error("--reps, --new-tokens and every --batch-sizes must be >= 1")
+    if (args.reps < 1 or min(args.batch_sizes) < 1 or (args.new_tokens is not None and args.new_tokens < 1)
+            or (args.static_length is not None and args.static_length < 1)):
+        parser.error("--reps, --new-tokens, --static-length and every --batch-sizes must be >= 1")
     out = args.out or (None if args.quick else "benchmarks/results")
 
     import onnxruntime as ort
@@ -239,7 +245,7 @@ def main(argv=None):
         generators = {}
         for dtype in ("fp16", "fp32"):
             try:
-                generators[dtype], seconds = make_generator(model_dir, args.device, dtype)
+                generators[dtype], seconds = make_generator(model_dir, args.device, dtype, args.static_length)
                 info[f"generator_{dtype}_s"] = seconds
                 print(f"refformer {dtype}: Generator (export + load) in {seconds:.1f} s, variant "
                       f"{generators[dtype].variant}", flush=True)
