@@ -49,7 +49,9 @@ from machine import timed_calls, write_report
 
 from refformer.export.contract import (
     CUDA_PROVIDER,
+    STATIC,
     STATIC_FUSED,
+    STATIC_MHA,
     decoder_graph,
     gqa_supported,
     runs_on,
@@ -64,22 +66,23 @@ MARGIN = 1e-3  # HF's top-2 logit margin above which a token counts as decided
 
 def cuda_variant(cfg, dtype):
     """The decoder variant Generator(variant="auto") ends on under CUDA for cfg in dtype, without a GPU: the first of
-    auto_variant(cfg, True, dtype) that computes cfg (variant_unsupported_features empty, a head size
-    GroupQueryAttention takes, a CUDA kernel in dtype); the probe's runtime failures are not foreseen here.
-    Returns (variant, {tried variant: why it was passed over})."""
+    auto_variant(cfg, True, dtype) that computes cfg with a CUDA kernel in dtype (as contract.variant_runs:
+    variant_unsupported_features empty, a head size GroupQueryAttention takes, runs_on); the probe's runtime
+    failures are not foreseen here.
+    Returns (variant or None, {each CUDA static variant that cannot run cfg in dtype: why})."""
     from refformer.runtime.generator import auto_variant
 
-    passed = {}
-    for variant in auto_variant(cfg, True, dtype):
+    why_not = {}
+    for variant in (STATIC_FUSED, STATIC_MHA, STATIC):
         missing = list(variant_unsupported_features(cfg, variant))
         if variant == STATIC_FUSED and not gqa_supported(cfg.head_dim):
             missing.append(f"head_dim={cfg.head_dim} (GroupQueryAttention needs a multiple of 8)")
         if not runs_on(decoder_graph(variant), dtype, CUDA_PROVIDER):
             missing.append(f"no {dtype} CUDA kernel")
-        if not missing:
-            return variant, passed
-        passed[variant] = ", ".join(missing)
-    return None, passed
+        if missing:
+            why_not[variant] = ", ".join(missing)
+    picks = next((variant for variant in auto_variant(cfg, True, dtype) if variant not in why_not), None)
+    return picks, why_not
 
 
 def make_generator(model_dir, device, dtype, static_length=None):
@@ -233,12 +236,12 @@ def main(argv=None):
         cfg = load_config(model_dir)
         info["build_and_import_s"] = time.perf_counter() - t
         # what auto tries on CUDA and whether each variant computes this model (the CPU smoke test says it too)
-        info["cuda_auto"] = {dtype: {"tries": list(auto_variant(cfg, True, dtype)),
-                                     "picks": cuda_variant(cfg, dtype)[0], "passed_over": cuda_variant(cfg, dtype)[1]}
-                             for dtype in ("fp16", "fp32")}
+        info["cuda_auto"] = {dtype: dict(zip(("picks", "cannot_run"), cuda_variant(cfg, dtype)),
+                                         tries=list(auto_variant(cfg, True, dtype))) for dtype in ("fp16", "fp32")}
         print(f"llama: built and imported in {info['build_and_import_s']:.1f} s; on CUDA auto tries "
-              + "; ".join(f"{d} {v['tries']} -> {v['picks']} (passed over: {v['passed_over'] or 'none'})"
-                          for d, v in info["cuda_auto"].items()), flush=True)
+              + "; ".join(f"{d} {v['tries']} -> {v['picks']}" for d, v in info["cuda_auto"].items())
+              + "; cannot run: " + "; ".join(f"{d} {v['cannot_run']}" for d, v in info["cuda_auto"].items()),
+              flush=True)
         inputs = {B: generation_inputs(MODEL, options, B, prompt_len, rng) for B in args.batch_sizes}
         eos_id = options["eos_token_id"]
 
