@@ -139,7 +139,7 @@ def hf_call(model, ids, new_tokens, device):
 
 
 def timed_cell(call, reps):
-    """A warm-up call, then reps calls: (ids of the warm-up, the figures of the median call)."""
+    """A warm-up call, then reps calls of call() -> (seconds, ids): (the warm-up's ids, the reps' results)."""
     ids = call()[1]
     runs = [call() for _ in range(reps)]
     return ids, runs
@@ -179,13 +179,15 @@ def against_hf(generator, hf_fp32, prompt, new_tokens, eos_id, device):
 
 def print_table(rows):
     print(f"\n{'impl':<10} {'variant':<14} {'dtype':<5} {'B':>3} {'ms/step':>8} {'decoder ms':>10} {'tok/s':>10} "
-          f"{'TTFT ms':>8} {'ids = hf':>9}")
+          f"{'TTFT ms':>8} {'vs hf':>6} {'ids = hf':>9}")
     for row in rows:
         cells = {key: "" if row.get(key) is None else f"{row[key]:.{digits}f}"
                  for key, digits in (("ms_per_step", 3), ("decoder_ms", 3), ("tok_per_s", 0), ("ttft_ms", 2))}
         same = row["checks"].get("ids_vs_hf", {}).get("identical_tokens")
+        vs_hf = f"{row['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in row else ""
         print(f"{row['impl']:<10} {row['variant']:<14} {row['dtype']:<5} {row['batch']:>3} {cells['ms_per_step']:>8} "
               f"{cells['decoder_ms']:>10} {cells['tok_per_s']:>10} {cells['ttft_ms']:>8} "
+              f"{vs_hf:>6} "
               f"{'' if same is None else f'{same:.3f}':>9}")
 
 
@@ -266,11 +268,12 @@ def main(argv=None):
             hf_ids = None
             if hf_fp16 is not None:
                 try:
-                    hf_ids, runs = timed_cell(lambda: hf_call(hf_fp16, ids, new_tokens, args.device), args.reps)
-                    total = statistics.median(r[0] for r in runs)
+                    warm_ids, runs = timed_cell(lambda: hf_call(hf_fp16, ids, new_tokens, args.device), args.reps)
+                    hf_total = statistics.median(r[0] for r in runs)
+                    hf_ids = warm_ids
                     rows.append({"impl": "hf", "model": MODEL, "variant": "hf generate", "dtype": "fp16", "batch": B,
-                                 "strategy": "greedy", "ms_per_step": 1e3 * total / new_tokens,
-                                 "tok_per_s": B * new_tokens / total, "decoder_ms": None, "ttft_ms": None,
+                                 "strategy": "greedy", "ms_per_step": 1e3 * hf_total / new_tokens,
+                                 "tok_per_s": B * new_tokens / hf_total, "decoder_ms": None, "ttft_ms": None,
                                  "total_s": [r[0] for r in runs], "checks": {}})
                     print(json.dumps(rows[-1]), flush=True)
                 except Exception as error:
@@ -289,7 +292,8 @@ def main(argv=None):
                        "ttft_ms": 1e3 * statistics.median(r[1] for r in runs), "total_s": [r[0] for r in runs],
                        "static_length": generator.stepper.max_length, "checks": {}}
                 if hf_ids is not None:
-                    row["checks"]["ids_vs_hf"] = agreement(ours, hf_ids)
+                    row["checks"]["ids_vs_hf"] = agreement(ours, hf_ids)  # both fp16
+                    row["speedup_vs_hf"] = hf_total / total
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             except Exception as error:
