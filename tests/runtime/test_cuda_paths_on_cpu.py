@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from refformer.export import contract
+from refformer.export.session import cuda_usable
 from refformer.refimpl import Config, RefformerError
 from refformer.refimpl.generate import GenerationOptions
 from refformer.runtime import generator as generator_module
@@ -162,3 +163,27 @@ def test_every_variant_auto_tries_on_cuda_computes_the_imported_model(imported, 
     for dtype in contract.DTYPES:
         assert Generator(folder, provider="cpu", dtype=dtype).variant == chains[dtype][0]
     assert "cannot run here" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not cuda_usable(), reason="ONNX Runtime's CUDA provider cannot be loaded here")
+@pytest.mark.parametrize("family", ["llama-16", "qwen2-16", "t5", "marian"])
+def test_on_cuda_auto_and_each_variant_give_transformers_ids(imported, family, capsys):
+    """The same paths on a GPU (the H200 session: `python -m pytest -q tests/runtime/test_cuda_paths_on_cpu.py`):
+    auto in fp16 and fp32 (probe, CUDA graphs, fallback notices printed for the log), then every variant of the chain,
+    greedy and beams on ragged prompts, against transformers' fp32 ids (fp16 too: these tiny models' margins are
+    wide; on the CPU fp16 gives the same ids)."""
+    model, folder = imported(family)
+    for dtype in contract.DTYPES:
+        chosen = Generator(folder, provider="cuda", dtype=dtype)
+        err = capsys.readouterr().err
+        print(f"{family} {dtype}: auto -> {chosen.variant}; {err.strip() or 'no notice'}")
+        cfg = chosen.cfg
+        for variant in auto_variant(cfg, True, dtype):
+            generator = chosen if variant == chosen.variant else Generator(folder, provider="cuda", dtype=dtype,
+                                                                            variant=variant)
+            assert generator.stepper.provider == contract.CUDA_PROVIDER and not getattr(generator.stepper,
+                                                                                      "host_cache", False)
+            for name in SEARCHES:
+                for rows in ROWS:
+                    assert search(generator, rows, name) == expected(model, generator, rows, name), (dtype, variant,
+                                                                                                     name, rows)
