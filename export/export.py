@@ -296,7 +296,7 @@ def export_model(model_dir, out_dir=None, dtype="fp32", opset=DEFAULT_OPSET, ext
                                      "nothing was written")
             if worst > ERROR_BOUNDS[dtype]:  # graphs that do not compute the model: never written, never used
                 bad = max(rows, key=lambda row: row["error"])
-                advice = ("export with --dtype fp32" if dtype != "fp32"
+                advice = ("use --dtype fp32" if dtype != "fp32"  # (generate and eval too: the fp32 set may exist)
                           else "please report it with the model's config.json")
                 raise RefformerError(f"the exported graphs differ from refimpl by {worst:.2e} ({bad['check']}: "
                                      f"{bad['output']}), beyond the {dtype} bound {ERROR_BOUNDS[dtype]:.0e}; nothing "

@@ -31,7 +31,7 @@ def check_weights(params, dtype, source):
                                  "inf); fix or retrain the model before exporting it")
         if dtype == FP16 and value.size and np.abs(value).max() > FP16_MAX:
             raise RefformerError(f"{source}: {name} has values up to {np.abs(value).max():.3g}, beyond float16's "
-                                 f"range ({FP16_MAX:g}): export with --dtype fp32")
+                                 f"range ({FP16_MAX:g}): use --dtype fp32")
 
 
 def node_path(prefix):

@@ -23,7 +23,7 @@ import click
 
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.training.interrupts import interrupts_deferred
-from refformer.runtime.errors import shown
+from refformer.runtime.errors import InputTooLong, shown
 
 
 def read_inputs(raw):
@@ -142,6 +142,7 @@ def stale_temporaries(path):
             and not entry.is_symlink() and int(match[1]) != os.getpid() and not process_alive(int(match[1]))]
 
 
+TRUNCATE_ADVICE = "shorten it or pass --truncate"  # InputTooLong's remedy in generate's and batch's terms
 CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 control characters but tab and newline
 
 
@@ -385,6 +386,8 @@ def generate_records(generator, generation, lines, writer, input_path, batch_siz
                         name = f"line {number}" if input_path else f"input {number}"
                         good.append((number, text, extra, generator.encode_rows([text], [name])[0]))
                         continue
+                    except InputTooLong as problem:  # in the terms of the commands that run this: --truncate
+                        error = str(problem.with_advice(TRUNCATE_ADVICE))
                     except RefformerError as problem:
                         error = str(problem)
                 records[number] = {"line": number, **extra, "error": error}

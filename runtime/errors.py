@@ -12,7 +12,26 @@ import click
 
 from refformer.refimpl.errors import RefformerError
 
-__all__ = ["RefformerError", "one_line_errors"]
+__all__ = ["InputTooLong", "RefformerError", "one_line_errors"]
+
+
+class InputTooLong(RefformerError):
+    """A text longer than the model's positions, refused by Generator.encode_rows (truncate off).
+
+    str(): the problem and the library's remedy, "shorten it or create the Generator with truncate=True"; a front
+    end words the remedy in its own terms with with_advice ("shorten it or pass --truncate" for generate and batch,
+    "shorten it" for serve, which does not cut texts). problem: the text's name and length against the model's.
+    """
+
+    ADVICE = "shorten it or create the Generator with truncate=True"
+
+    def __init__(self, problem, advice=ADVICE):
+        super().__init__(f"{problem}; {advice}")
+        self.problem = problem
+
+    def with_advice(self, advice):
+        """The same refusal with another remedy (an InputTooLong). Raises nothing."""
+        return InputTooLong(self.problem, advice)
 
 
 def one_line_errors(command):

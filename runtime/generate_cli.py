@@ -174,13 +174,14 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
     Exits 1 when an input failed, 130 on Ctrl-C. Raises RefformerError (printed as one line by the caller) for a bad
     option value, input or output, and click.UsageError for a model folder given as TEXT."""
     from refformer.runtime.batch import (
+        TRUNCATE_ADVICE,
         BatchesInterrupted,
         input_lines,
         printable,
         truncation_warning,
         write_batches,
     )
-    from refformer.runtime.errors import shown
+    from refformer.runtime.errors import InputTooLong, shown
     from refformer.runtime.generator import Generator
     from refformer.runtime.outputs import check_generate_output
 
@@ -208,9 +209,12 @@ def run(texts, model_dir, input_path, output_path, as_json, provider, dtype, thr
                               variant=variant)
 
     if len(texts) == 1 and output_path is None and not as_json and generation.num_return_sequences == 1:
-        for piece in generator.stream(texts[0], **vars(generation)):
-            click.echo(printable(piece), nl=False)
-            sys.stdout.flush()
+        try:
+            for piece in generator.stream(texts[0], **vars(generation)):
+                click.echo(printable(piece), nl=False)
+                sys.stdout.flush()
+        except InputTooLong as error:
+            raise error.with_advice(TRUNCATE_ADVICE) from None
         click.echo()
         return
     try:

@@ -24,7 +24,7 @@ from refformer.refimpl.model import left_pad
 from refformer.refimpl.training import tokenizer as tok
 from refformer.refimpl.training.batching import pad_rows
 
-from .errors import shown
+from .errors import InputTooLong, shown
 from .stepper import OrtStepper, StaticOrtStepper
 
 VARIANTS = contract.VARIANT_OPTIONS  # the Generator's and generate --variant's choices
@@ -384,8 +384,8 @@ class Generator:
         long_texts = {number: len(text) for number, text in enumerate(texts) if len(text) > most}
         for number in long_texts:
             if not self.truncate:
-                raise RefformerError(f"{names[number]} has {len(texts[number])} characters, far more than the model's "
-                                     f"{limit} tokens hold; shorten it or pass --truncate")
+                raise InputTooLong(f"{names[number]} has {len(texts[number])} characters, far more than the model's "
+                                   f"{limit} tokens hold")
         if long_texts:
             texts = [text[:most] if number in long_texts else text for number, text in enumerate(texts)]
         try:
@@ -399,8 +399,7 @@ class Generator:
                 raise RefformerError(f"{name} gives no tokens: the tokenizer's normalizer removes all of it")
             if len(row) > limit:
                 if not self.truncate:
-                    raise RefformerError(f"{name} has {len(row)} tokens, more than the model's {limit}; "
-                                         "shorten it or pass --truncate")
+                    raise InputTooLong(f"{name} has {len(row)} tokens, more than the model's {limit}")
                 size = f"{len(row)}" if number not in long_texts else f"its {long_texts[number]} characters"
                 warning = f"warning: {name} truncated from {size} to {limit} tokens"
                 if self.collected_warnings is None:

@@ -49,7 +49,6 @@ import concurrent.futures
 import dataclasses
 import json
 import math
-import re
 import threading
 import time
 import typing
@@ -67,6 +66,7 @@ from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.generate import GenerationOptions, check_search_fits_memory, step_budget
 from refformer.refimpl.model import left_padded_positions
 from refformer.runtime.batch import finite_float, generated_record, not_json
+from refformer.runtime.errors import InputTooLong
 from refformer.runtime.generate_cli import OPTION_NAMES
 
 REQUEST_FIELDS = ("text", "texts", "stream")  # the other fields of a request are OPTION_NAMES
@@ -310,12 +310,6 @@ def default_budget(generator, row, options):
     if "src_mask" in inputs:
         return int(step_budget(generator.cfg, options, inputs["src_mask"], np.zeros((1, 1), np.int64))[0])
     return int(step_budget(generator.cfg, options, None, left_padded_positions(inputs["prompt_mask"]))[0])
-
-
-def without_truncate_hint(message):
-    """encode_rows' message for a text over the model's positions, without the --truncate it suggests (generate's
-    flag; the server does not cut texts). Raises nothing."""
-    return re.sub(r"(;)? shorten it or pass --truncate$", r"\1 shorten it", message)
 
 
 @dataclasses.dataclass(eq=False)
@@ -562,8 +556,10 @@ class Server:
                                     "this request without stream")
         try:
             rows = generator.encode_rows(texts, names)
+        except InputTooLong as error:  # the server does not cut texts: no truncate to offer
+            raise RequestError(422, str(error.with_advice("shorten it"))) from None
         except RefformerError as error:
-            raise RequestError(422, without_truncate_hint(str(error))) from None
+            raise RequestError(422, str(error)) from None
         items, now = [], loop.time()
         for name, text, row in zip(names, texts, rows):
             if len(row) > self.input_limit:

@@ -116,7 +116,7 @@ def test_verify_fails_int8_graphs_of_another_model(tmp_path):
 def test_int8_beyond_its_bound_is_not_written(tmp_path, monkeypatch):
     make_model(tmp_path / "m")
     monkeypatch.setitem(ERROR_BOUNDS, "int8", 1e-6)
-    with pytest.raises(RefformerError, match=r"beyond the int8 bound 1e-06; nothing was written: export with --dtype "
+    with pytest.raises(RefformerError, match=r"beyond the int8 bound 1e-06; nothing was written: use --dtype "
                                              r"fp32"):
         export_model(tmp_path / "m", dtype="int8")
     assert not (tmp_path / "m" / "onnx" / "int8").exists()
@@ -159,7 +159,7 @@ def test_a_model_too_far_from_its_int8_graphs_is_refused(tmp_path):
     from tests.helpers import save_random_model
 
     save_random_model(tmp_path / "m", BASE, 0, ffn_gated=True, activation="silu", ffn_bias=False)
-    with pytest.raises(RefformerError, match=r"beyond the int8 bound 1e-01; nothing was written: export with --dtype "
+    with pytest.raises(RefformerError, match=r"beyond the int8 bound 1e-01; nothing was written: use --dtype "
                                              r"fp32"):
         export_model(tmp_path / "m", dtype="int8", static_length=8)
     assert not (tmp_path / "m" / "onnx" / "int8-static8").exists()
