@@ -118,6 +118,16 @@ def runs_on(graph, dtype, provider):
     return not (graph == decoder_graph(STATIC_FUSED) and provider == CUDA_PROVIDER and dtype == "fp32")
 
 
+def check_runs_on(graph, dtype, provider):
+    """Raises RefformerError, one line, when runs_on(graph, dtype, provider) is false (decoder_static_fused in fp32
+    on CUDA, where ONNX Runtime would run its GroupQueryAttention nodes on the CPU, copying every step, and refuse
+    CUDA-graph capture): checked before any export or session (Generator.make_stepper, OrtStepper).
+    """
+    if not runs_on(graph, dtype, provider):
+        raise RefformerError(f"{graph_file(graph)} has no {dtype} kernels on {provider} (GroupQueryAttention runs in "
+                             "fp16 only on CUDA): use fp16, or the static variant (it computes every model)")
+
+
 def variant_runs(cfg, variant, dtype, provider):
     """Whether the decoder variant (one of VARIANTS) computes the checked Config cfg's model and has ONNX Runtime
     kernels for dtype ("fp32", "fp16"; a quantized dtype is its graph_dtype) on provider (CPU_PROVIDER or

@@ -99,8 +99,9 @@ def check_fits_memory(model_dir, generation, batch_size):
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (capped to the CPU count).")
 @click.option("--variant", type=click.Choice(list(VARIANT_OPTIONS)),
               default="auto", show_default=True,
-              help="Decoder graph. auto: on CUDA static_fused (fp16), then static_mha, then static, each replayed as "
-                   "CUDA graphs, moving on with a notice when one fails a probe; the reference graph on the CPU.")
+              help="Decoder graph. auto: on CUDA static_fused (fp16), then static_mha, then static, those that compute "
+                   "the model, each replayed as CUDA graphs, moving on with a notice when one fails a probe; on the "
+                   "CPU the reference graph (static_fused first for imported rotary decoder-only models in fp32).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Inputs per batch with --input.")
 @click.option("--truncate", is_flag=True, help="Cut inputs longer than the model's positions (with a warning).")
 @option_flags

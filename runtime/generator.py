@@ -245,8 +245,9 @@ class Generator:
         Runtime's MultiHeadAttention op), "static" (decoder_static.onnx: fixed buffers, in-graph argmax,
         CUDA-graph replay on CUDA), "static_mha" (decoder_static_mha.onnx: static with contrib attention and fused
         norms), "static_fused" (decoder_static_fused.onnx: GroupQueryAttention writing the cache in place) or
-        "auto" (see auto_variant: static_fused in fp16 and static_mha in fp32 on CUDA, with a probed fallback and a
-        notice; on the CPU static_fused for a decoder-only rotary fp32 model it computes, else the reference graph).
+        "auto" (see auto_variant: on CUDA static_fused in fp16, then static_mha, then static, each only where it
+        computes the model, with a probed fallback and a notice; on the CPU static_fused for a decoder-only rotary
+        fp32 model it computes, else the reference graph).
         static_length defaults to max_positions (on the CPU the in-place cache's unread slots are never touched).
         threads: ONNX Runtime's intra-op threads (an integer >= 1; more than os.cpu_count() is capped to it).
         dtype: "fp32" (the default: the path exact against refimpl and transformers), "fp16", or "int8" (the fp32
@@ -315,9 +316,10 @@ class Generator:
             raise RefformerError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
 
     def probe(self):
-        """Four decoder calls on a one-token input: a graph that loads but cannot run (a kernel this GPU lacks, a
-        failed CUDA-graph capture, which ONNX Runtime makes on a graph id's second run) fails here rather than in
-        the user's first call.
+        """Six decoder calls on a one-token input: a graph that loads but cannot run (a kernel this GPU lacks, a
+        failed CUDA-graph capture, which ONNX Runtime makes on a graph id's second run, or its replay) fails here
+        rather than in the user's first call. The masked static graphs alternate between two graph ids (ping-pong
+        buffers) and the in-place one keeps one, so six calls run every id plainly, capture it and replay it.
 
         Raises what the stepper's ONNX Runtime calls raise; __init__ catches it and tries the next variant.
         """
@@ -326,7 +328,7 @@ class Generator:
         inputs = {"src_ids" if cfg.is_encoder_decoder else "prompt_ids": np.array([[token]])}
         start = next(i for i in (self.checkpoint_options.get("decoder_start_token_id"), cfg.bos_id, token)
                      if i is not None)
-        options = GenerationOptions(max_new_tokens=4, min_new_tokens=4,  # eos banned: every call runs
+        options = GenerationOptions(max_new_tokens=6, min_new_tokens=6,  # eos banned: every call runs
                                     decoder_start_token_id=start)
         generate(cfg, None, options=options, stepper=self.stepper, **inputs)
 
@@ -344,6 +346,7 @@ class Generator:
         if missing:
             raise RefformerError(f"the {variant} decoder does not support yet: {', '.join(missing)}; use the "
                                  "reference or static variant (they compute every option)")
+        contract.check_runs_on(contract.decoder_graph(variant), float_dtype, self.provider)  # before any export
         if variant in contract.STATIC_VARIANTS:
             static_length = static_length or self.cfg.max_positions
             fused = variant != contract.STATIC

@@ -157,9 +157,8 @@ class OrtStepper(Stepper):
         from refformer.export.session import import_onnxruntime
 
         graph = decoder_file[:-len(contract.GRAPH_SUFFIX)] if decoder_file.endswith(contract.GRAPH_SUFFIX) else None
-        if graph is not None and not contract.runs_on(graph, dtype, provider):
-            raise RefformerError(f"{decoder_file} has no {dtype} kernels on {provider} (GroupQueryAttention runs in "
-                                 "fp16 only on CUDA): use fp16, or the static variant (it computes every model)")
+        if graph is not None:
+            contract.check_runs_on(graph, dtype, provider)
         ort = import_onnxruntime()
 
         self.ort = ort

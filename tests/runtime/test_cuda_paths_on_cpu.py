@@ -95,6 +95,18 @@ def test_static_fused_in_fp32_on_cuda_is_refused_before_any_session(tmp_path):
         StaticOrtStepper(cfg, tmp_path, "fp32", contract.CUDA_PROVIDER, decoder_file=file)
 
 
+def test_generator_refuses_static_fused_in_fp32_on_cuda_before_exporting(imported, monkeypatch):
+    """Before: make_stepper exported the whole static set (minutes for a large model) and only then the stepper
+    refused it."""
+    _, folder = imported("llama-16")
+    monkeypatch.setattr(generator_module, "runtime_provider", lambda provider, dtype: contract.CUDA_PROVIDER)
+    exports = []
+    monkeypatch.setattr(generator_module, "ensure_export", lambda *args, **kwargs: exports.append(args))
+    with pytest.raises(RefformerError, match=r"decoder_static_fused.onnx has no fp32 kernels on CUDAExecutionProvider"):
+        Generator(folder, provider="cuda", dtype="fp32", variant="static_fused")
+    assert exports == []
+
+
 @pytest.mark.parametrize("family", ["llama-16", "qwen2-16"])
 def test_the_in_place_cache_on_the_device_path_gives_transformers_ids(imported, family, monkeypatch):
     """decoder_static_fused.onnx with the prompt writer and gather_rows reorder CUDA uses (host_cache False): the
