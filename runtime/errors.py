@@ -27,7 +27,12 @@ class InputTooLong(RefformerError):
 
     def __init__(self, problem, advice=ADVICE):
         super().__init__(f"{problem}; {advice}")
-        self.problem = problem
+        self.problem, self.advice = problem, advice
+
+    def __reduce__(self):
+        """pickle and copy rebuild it from (problem, advice): from args alone (the whole message taken as the
+        problem) the remedy was said twice once it crossed a process (a ProcessPoolExecutor, a Ray task)."""
+        return type(self), (self.problem, self.advice)
 
     def with_advice(self, advice):
         """The same refusal with another remedy (an InputTooLong). Raises nothing."""
