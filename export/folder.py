@@ -22,7 +22,7 @@ import onnx
 from refformer.refimpl.errors import RefformerError
 from refformer.refimpl.io import CONFIG_FILE, HOST, WEIGHTS_FILE, load_config, process_alive, read_json, sha256
 
-from .contract import graph_file, reference_graphs
+from .contract import EXPORT_DTYPES, graph_file, reference_graphs
 
 MANIFEST_FORMAT = 2  # 2: one folder per export set, and every file's sha256 under "files"
 MANIFEST_FILE = "manifest.json"
@@ -462,7 +462,7 @@ def remove_legacy_leftovers(model_dir):
 
 def read_manifest(onnx_dir):
     """manifest.json of an export folder, as a dict. Raises RefformerError saying what is wrong (missing, not JSON,
-    an older format, files not listed as refformer writes them)."""
+    an older format, files not listed as refformer writes them, a dtype that is not one of contract.EXPORT_DTYPES)."""
     path = Path(onnx_dir) / MANIFEST_FILE
     manifest = read_json(path, "run `refformer export` first")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("graphs"), dict):
@@ -474,9 +474,14 @@ def read_manifest(onnx_dir):
     if not (isinstance(files, dict) and files and all(
             isinstance(name, str) and isinstance(digest, str) and name == Path(name).name and not name.startswith(".")
             for name, digest in files.items())
-            and all(isinstance(graph, dict) and graph.get("file") in files for graph in manifest["graphs"].values())):
+            and all(isinstance(graph, dict) and isinstance(graph.get("file"), str) and graph["file"] in files
+                    for graph in manifest["graphs"].values())):  # (a list as "file" was a TypeError: unhashable)
         raise RefformerError(f"{path} does not list the export's files as refformer writes them: run `refformer "
                              "export` again")
+    if not isinstance(manifest.get("dtype"), str) or manifest["dtype"] not in EXPORT_DTYPES:  # a list as dtype was
+        # a traceback (unhashable) in verify
+        raise RefformerError(f"{path}: dtype {manifest.get('dtype')!r} is not one of {', '.join(EXPORT_DTYPES)}: run "
+                             "`refformer export` again")
     return manifest
 
 

@@ -30,6 +30,8 @@ from onnx import numpy_helper
 
 from refformer.refimpl.errors import RefformerError
 
+from .contract import LOGITS
+
 # method -> recipe; QUANTIZE_METHODS are the values of quantize_graph's method (and of `refformer export --dtype`)
 RECIPES = {"int8": dict(kind="dynamic")}
 QUANTIZE_METHODS = tuple(RECIPES)
@@ -118,11 +120,29 @@ def graph_op_types(path):
 
     Raises RefformerError for a file that is missing or not an ONNX graph.
     """
+    return graph_types(path)[0]
+
+
+FLOAT_TYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                    onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def graph_types(path):
+    """(op types, float types) of the ONNX graph at path, read in one load (its weights, internal or external, not
+    read): the set of its nodes' op types, and the set of the element types ("float32", "float16", "float64",
+    "bfloat16") of its float inputs and outputs other than logits (float32 in every set, contract.LOGITS): the
+    export's float type, {"float32"} in fp32 and int8 sets, {"float16"} in fp16 ones (verify's check_quantization).
+
+    Raises RefformerError for a file that is missing or not an ONNX graph.
+    """
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # protobuf's DecodeError, OSError ...
         raise RefformerError(f"cannot load {path}: not a valid ONNX graph ({error})") from None
-    return {node.op_type for node in model.graph.node}
+    floats = {FLOAT_TYPE_NAMES[value.type.tensor_type.elem_type]
+              for value in [*model.graph.input, *model.graph.output]
+              if value.name != LOGITS and value.type.tensor_type.elem_type in FLOAT_TYPE_NAMES}
+    return {node.op_type for node in model.graph.node}, floats
 
 
 def quantize_blocks(model, out, external, recipe):

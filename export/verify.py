@@ -56,7 +56,7 @@ from .contract import (
 )
 from .folder import check_external_data, check_files, check_path, find_export, graph_files, is_stale, read_manifest
 from .graph import NUMPY_TYPES, check_weights
-from .quantize import QUANTIZED_OPS, graph_op_types, signature_ops
+from .quantize import QUANTIZED_OPS, graph_types, signature_ops
 from .session import CUDA_MISSING, cuda_usable, make_session, usable_providers
 
 REAL_SENTENCES = {
@@ -329,7 +329,10 @@ def check_quantization(onnx_dir, manifest):
     (contract.QUANTIZED_DTYPES) a "quantization" entry whose method is the dtype and whose "graphs" are graphs of the
     set, each holding the method's quantized ops (quantize.signature_ops) and together the "ops_added" it records,
     and the other graphs none (quantize.QUANTIZED_OPS); for fp32 and fp16 no such entry and no graph holding a
-    quantized op. Catches an fp32 set relabelled int8, whose graphs pass the int8 bound, and the converse.
+    quantized op. Catches an fp32 set relabelled int8, whose graphs pass the int8 bound, and the converse. And every
+    graph's float inputs and outputs (but logits, float32 in every set) are of the set's float type
+    (contract.graph_dtype: float16 for fp16, float32 for fp32 and int8; quantize.graph_types): an fp32 set relabelled
+    fp16, or the converse, was named only by ONNX Runtime's "Unexpected input data type" on the first run.
     manifest: read_manifest's, with a dtype in contract.ERROR_BOUNDS and files check_files has checked.
 
     Raises RefformerError (one line naming the file and what it holds) for a mismatch, and for a graph onnx cannot
@@ -358,9 +361,9 @@ def check_quantization(onnx_dir, manifest):
             raise RefformerError(f"{onnx_dir}/manifest.json lists {', '.join(unknown)} as quantized, a graph the set "
                                  f"does not hold: {again}")
         quantized = dict.fromkeys(listed)
-    ops_seen = set()
+    ops_seen, float_types = set(), {}
     for name, path in files.items():
-        ops = graph_op_types(path)
+        ops, float_types[path] = graph_types(path)
         found = sorted(ops & QUANTIZED_OPS)
         if name not in quantized:
             if found:
@@ -377,6 +380,11 @@ def check_quantization(onnx_dir, manifest):
     if missing:
         raise RefformerError(f"the quantized graphs in {onnx_dir} hold none of {', '.join(missing)}, which "
                              f"manifest.json records as added by the {dtype} method: {again}")
+    float_type = np.dtype(NUMPY_TYPES[graph_dtype(dtype)]).name  # after the ops: they name an int8 set better
+    for path, floats in float_types.items():
+        if floats - {float_type}:
+            raise RefformerError(f"{path} takes or gives {' and '.join(sorted(floats))} tensors but {onnx_dir}/"
+                                 f"manifest.json says dtype {dtype} ({float_type}): {again}")
 
 
 def providers_for(dtype, providers):

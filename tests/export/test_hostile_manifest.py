@@ -1,0 +1,90 @@
+"""Hand-edited manifest.json files against `refformer verify`, as a hostile user writes them: JSON of the wrong type
+where the code reads a value (a list or an object as "dtype" or as a graph's "file": a TypeError traceback before),
+and a set whose manifest lies about its float type (fp32 graphs labelled fp16 and the converse: only ONNX Runtime's
+"Unexpected input data type" named them before). Each is one `error:` line and exit 1 (export/folder.py
+read_manifest, export/verify.py check_quantization with quantize.graph_types)."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from refformer.export.export import export_model
+from refformer.export.folder import read_manifest
+from refformer.export.quantize import graph_types
+from refformer.refimpl import RefformerError
+from refformer.runtime.cli import main
+
+from .test_int8_export import make_model
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """A model folder with its fp32, fp16 and int8 export sets: {"model": folder, dtype: set folder}."""
+    model = tmp_path_factory.mktemp("hostile-manifest") / "m"
+    make_model(model)
+    for dtype in ("fp32", "fp16", "int8"):
+        export_model(model, dtype=dtype)
+    return {"model": model, **{dtype: model / "onnx" / dtype for dtype in ("fp32", "fp16", "int8")}}
+
+
+def edited(sets, tmp_path, source, edit):
+    """A copy of the export set source in a model folder of its own, its manifest.json changed by edit(manifest)
+    (the graphs and their sha256 untouched) -> (model folder, set folder)."""
+    model = tmp_path / "m"
+    shutil.copytree(sets["model"], model, ignore=shutil.ignore_patterns("onnx"))
+    folder = model / "onnx" / "set"
+    shutil.copytree(sets[source], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return model, folder
+
+
+def one_line_refusal(model, folder):
+    result = CliRunner().invoke(main, ["verify", "--model", str(model), "--onnx-dir", str(folder), "--provider",
+                                       "cpu"])
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 1 and not isinstance(result.exception, TypeError), repr(result.exception)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def set_graph_file(value):
+    return lambda manifest: manifest["graphs"]["decoder"].update(file=value)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda manifest: manifest.update(dtype=["int8"]), "manifest.json: dtype ['int8'] is not one of fp32, fp16, "
+                                                       "int8: run `refformer export` again"),
+    (lambda manifest: manifest.update(dtype={"int8": 1}), "manifest.json: dtype {'int8': 1} is not one of"),
+    (set_graph_file(["decoder.onnx"]), "manifest.json does not list the export's files as refformer writes them"),
+    (set_graph_file({"decoder.onnx": 1}), "manifest.json does not list the export's files as refformer writes them"),
+], ids=["dtype-list", "dtype-object", "file-list", "file-object"])
+def test_json_of_the_wrong_type_is_one_line_not_a_traceback(sets, tmp_path, edit, expected):
+    model, folder = edited(sets, tmp_path, "int8", edit)
+    assert expected in one_line_refusal(model, folder)
+    with pytest.raises(RefformerError, match="manifest.json"):
+        read_manifest(folder)
+
+
+@pytest.mark.parametrize("source, label, held, said", [
+    ("fp32", "fp16", "float32", "float16"),
+    ("fp16", "fp32", "float16", "float32"),
+])
+def test_a_float_type_the_manifest_lies_about_is_named(sets, tmp_path, source, label, held, said):
+    model, folder = edited(sets, tmp_path, source, lambda manifest: manifest.update(dtype=label))
+    assert one_line_refusal(model, folder) == (
+        f"error: {folder / 'encoder.onnx'} takes or gives {held} tensors but {folder}/manifest.json says dtype "
+        f"{label} ({said}): export the set again (`refformer export --dtype {label}`)")
+
+
+def test_graph_types_reads_the_float_type_without_logits(sets):
+    """fp16 decoders give float32 logits (contract.LOGITS): not counted, so the true sets pass."""
+    assert graph_types(sets["fp16"] / "decoder.onnx")[1] == {"float16"}
+    assert graph_types(sets["int8"] / "decoder.onnx")[1] == {"float32"}
+    for dtype in ("fp32", "fp16", "int8"):
+        result = CliRunner().invoke(main, ["verify", "--model", str(sets["model"]), "--dtype", dtype, "--provider",
+                                           "cpu"])
+        assert result.exit_code == 0, result.output
