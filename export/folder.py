@@ -9,7 +9,6 @@ which records the model's hashes, each graph's inputs and outputs, and every fil
 """
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -255,7 +254,8 @@ def is_export(folder):
     try:
         if not (folder / MANIFEST_FILE).is_file():  # (a pipe named manifest.json would block the read forever)
             return False
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        manifest = read_json(folder / MANIFEST_FILE, "")  # refused unread above JSON_MAX_BYTES: a 300 MB one took
+        # 660 MB of memory, then its folder was replaced as an export (a manifest alone is one)
         if not isinstance(manifest, dict) or manifest.get("format_version") not in (1, MANIFEST_FORMAT):
             return False
         files = set(manifest.get("files") or [])
@@ -287,7 +287,7 @@ def same_export(folder, manifest):
         files = [Path(folder) / name for name in [MANIFEST_FILE, *manifest["files"]]]
         if not all(path.is_file() for path in files):  # missing, or a pipe whose read would block forever
             return False
-        existing = json.loads((Path(folder) / MANIFEST_FILE).read_text())
+        existing = read_json(Path(folder) / MANIFEST_FILE, "")
         return all(existing.get(key) == manifest[key] for key in SAME_EXPORT_KEYS) and all(
             sha256(Path(folder) / name) == digest for name, digest in manifest["files"].items())
     except (OSError, ValueError, AttributeError):

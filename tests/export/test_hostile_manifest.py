@@ -88,3 +88,17 @@ def test_graph_types_reads_the_float_type_without_logits(sets):
         result = CliRunner().invoke(main, ["verify", "--model", str(sets["model"]), "--dtype", dtype, "--provider",
                                            "cpu"])
         assert result.exit_code == 0, result.output
+
+
+def test_a_huge_manifest_is_not_read_to_decide_a_folder_is_an_export(tmp_path):
+    """is_export (export --out's check) read a manifest.json of any size whole: 300 MB took 660 MB of memory, and a
+    folder holding only it was then replaced as an export. Now refused unread above read_json's JSON_MAX_BYTES."""
+    from refformer.export.folder import is_export
+    from refformer.refimpl.io import JSON_MAX_BYTES
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"format_version": 2, "pad": "' + "x" * (JSON_MAX_BYTES + 1) + '"}')
+    assert not is_export(folder)
+    (folder / "manifest.json").write_text('{"format_version": 2}')
+    assert is_export(folder)  # a small one is read as before
