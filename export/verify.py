@@ -30,6 +30,7 @@ from .contract import (
     ENCODER_HIDDEN_STATES,
     ERROR_BOUNDS,
     FUSED,
+    GRAPH_SUFFIX,
     INPUT_IDS,
     LOGITS,
     NEXT_IDS,
@@ -327,12 +328,14 @@ def verify(model_dir, onnx_dir=None, providers=None, seed=0):
 def check_quantization(onnx_dir, manifest):
     """The graphs of the export set in onnx_dir are quantized as its manifest says: for a quantized dtype
     (contract.QUANTIZED_DTYPES) a "quantization" entry whose method is the dtype and whose "graphs" are graphs of the
-    set, each holding the method's quantized ops (quantize.signature_ops) and together the "ops_added" it records,
-    and the other graphs none (quantize.QUANTIZED_OPS); for fp32 and fp16 no such entry and no graph holding a
-    quantized op. Catches an fp32 set relabelled int8, whose graphs pass the int8 bound, and the converse. And every
-    graph's float inputs and outputs (but logits, float32 in every set) are of the set's float type
-    (contract.graph_dtype: float16 for fp16, float32 for fp32 and int8; quantize.graph_types): an fp32 set relabelled
-    fp16, or the converse, was named only by ONNX Runtime's "Unexpected input data type" on the first run.
+    set, every decoder among them (export.quantized_graph), each holding the method's quantized ops
+    (quantize.signature_ops) and together the "ops_added" it records, and the other graphs none
+    (quantize.QUANTIZED_OPS); for fp32 and fp16 no such entry and no graph holding a quantized op. The graphs are
+    those the manifest's "graphs" names and every other .onnx file its "files" lists. Catches an fp32 set relabelled
+    int8, whose graphs pass the int8 bound, and the converse. And every graph's float inputs and outputs (but
+    logits, float32 in every set) are of the set's float type (contract.graph_dtype: float16 for fp16, float32 for
+    fp32 and int8; quantize.graph_types): an fp32 set relabelled fp16, or the converse, was named only by ONNX
+    Runtime's "Unexpected input data type" on the first run.
     manifest: read_manifest's, with a dtype in contract.ERROR_BOUNDS and files check_files has checked.
 
     Raises RefformerError (one line naming the file and what it holds) for a mismatch, and for a graph onnx cannot
@@ -341,6 +344,9 @@ def check_quantization(onnx_dir, manifest):
     dtype, quantization = manifest["dtype"], manifest.get("quantization")
     again = f"export the set again (`refformer export --dtype {dtype}`)"
     files = {name: Path(onnx_dir) / graph["file"] for name, graph in manifest["graphs"].items()}
+    for name in manifest["files"]:  # a graph the "graphs" entry leaves out is checked too (as not quantized)
+        if name.endswith(GRAPH_SUFFIX) and Path(onnx_dir) / name not in files.values():
+            files.setdefault(name[:-len(GRAPH_SUFFIX)], Path(onnx_dir) / name)
     if dtype not in QUANTIZED_DTYPES:
         if quantization is not None:
             raise RefformerError(f"{onnx_dir}/manifest.json says dtype {dtype} but has a \"quantization\" entry: "
@@ -376,6 +382,10 @@ def check_quantization(onnx_dir, manifest):
             raise RefformerError(f"{path} holds no {dtype} ops ({wanted}) but {onnx_dir}/manifest.json says it is "
                                  f"quantized ({dtype}): these are not {dtype} graphs; {again}")
         ops_seen |= ops
+    unlisted = [name for name in files if quantized and graph_variant(name) is not None and name not in quantized]
+    if unlisted:  # export quantizes every decoder (export.quantized_graph): one left out was swapped or edited
+        raise RefformerError(f"{files[unlisted[0]]} holds no {dtype} ops and {onnx_dir}/manifest.json does not list "
+                             f"{unlisted[0]} as quantized, but {dtype} sets quantize every decoder graph: {again}")
     missing = sorted(set(quantization.get("ops_added", [])) - ops_seen) if quantized else []
     if missing:
         raise RefformerError(f"the quantized graphs in {onnx_dir} hold none of {', '.join(missing)}, which "

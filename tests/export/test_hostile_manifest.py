@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from refformer.export.export import export_model
-from refformer.export.folder import read_manifest
+from refformer.export.folder import file_sha256, read_manifest
 from refformer.export.quantize import graph_types
 from refformer.refimpl import RefformerError
 from refformer.runtime.cli import main
@@ -26,16 +26,23 @@ def sets(tmp_path_factory):
     make_model(model)
     for dtype in ("fp32", "fp16", "int8"):
         export_model(model, dtype=dtype)
-    return {"model": model, **{dtype: model / "onnx" / dtype for dtype in ("fp32", "fp16", "int8")}}
+    export_model(model, dtype="int8", static_length=8)
+    return {"model": model, **{dtype: model / "onnx" / dtype for dtype in ("fp32", "fp16", "int8")},
+            "int8-static": model / "onnx" / "int8-static8"}
 
 
-def edited(sets, tmp_path, source, edit):
+def edited(sets, tmp_path, source, edit, swap=None):
     """A copy of the export set source in a model folder of its own, its manifest.json changed by edit(manifest)
-    (the graphs and their sha256 untouched) -> (model folder, set folder)."""
+    (the graphs and their sha256 untouched, but the graph file swap, copied from the fp32 set with its sha256
+    recorded) -> (model folder, set folder)."""
     model = tmp_path / "m"
     shutil.copytree(sets["model"], model, ignore=shutil.ignore_patterns("onnx"))
     folder = model / "onnx" / "set"
     shutil.copytree(sets[source], folder)
+    if swap:
+        shutil.copy(sets["fp32"] / swap, folder / swap)
+        edit = (lambda edit: lambda manifest: (manifest["files"].update({swap: file_sha256(folder / swap)}),
+                                               edit(manifest)))(edit)
     manifest = json.loads((folder / "manifest.json").read_text())
     edit(manifest)
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -102,3 +109,28 @@ def test_a_huge_manifest_is_not_read_to_decide_a_folder_is_an_export(tmp_path):
     assert not is_export(folder)
     (folder / "manifest.json").write_text('{"format_version": 2}')
     assert is_export(folder)  # a small one is read as before
+
+
+def test_a_decoder_swapped_for_fp32_and_left_out_of_the_quantization_entry_is_refused(sets, tmp_path):
+    """int8 sets quantize every decoder (export.quantized_graph): an fp32 decoder.onnx swapped into an int8 set with
+    two decoders and struck from the entry's "graphs" (and from the manifest's) passed before."""
+    def hide(manifest):
+        manifest["quantization"]["graphs"].remove("decoder")
+        manifest["graphs"].pop("decoder")
+
+    model, folder = edited(sets, tmp_path, "int8-static", hide, swap="decoder.onnx")
+    assert one_line_refusal(model, folder) == (
+        f"error: {folder / 'decoder.onnx'} holds no int8 ops and {folder}/manifest.json does not list decoder as "
+        "quantized, but int8 sets quantize every decoder graph: export the set again (`refformer export --dtype "
+        "int8`)")
+
+
+def test_a_quantized_graph_left_out_of_graphs_is_still_read(sets, tmp_path):
+    """An int8 set labelled fp32 whose "graphs" entry leaves out decoder: its decoder.onnx (in "files") is read."""
+    def relabel(manifest):
+        manifest.update(dtype="fp32")
+        del manifest["quantization"], manifest["graphs"]["decoder"]
+
+    model, folder = edited(sets, tmp_path, "int8", relabel)
+    assert f"{folder / 'decoder.onnx'} holds quantized ops (DynamicQuantizeLinear, MatMulInteger) but " in \
+        one_line_refusal(model, folder)
