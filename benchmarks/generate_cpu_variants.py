@@ -121,7 +121,7 @@ def bundled_part(args, contenders, root):
     model = default_model_dir()
     sources = read_sources(args.data)
     timed_sources = sources[:4 if args.quick else args.sentences]
-    batch_sizes = (1, min(16, len(timed_sources)))
+    batch_sizes = tuple(args.batch_sizes or (1, min(16, len(timed_sources))))
 
     def cache_for(dtype, variant):
         return tempfile.mkdtemp(prefix=f"cache-{dtype}-{variant}-", dir=root)
@@ -180,8 +180,9 @@ def marian_part(args, contenders, root):
     generators, first_call = make_generators(model_for, args.threads, lambda d, v: str(Path(root) / "unused-cache"),
                                              contenders)
     rng = np.random.default_rng(1)
+    batch_sizes = tuple(args.batch_sizes or setup["batch_sizes"])
     rows = {B: [[int(t) for t in rng.integers(4, cfg.vocab_size, size=src_len - 1)] for _ in range(B)]
-            for B in setup["batch_sizes"]}  # pad_inputs appends eos
+            for B in batch_sizes}  # pad_inputs appends eos
     options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
     def call(generator, B):
@@ -191,9 +192,9 @@ def marian_part(args, contenders, root):
         assert all(len(row[0]) == new_tokens for row in out)
         return seconds, new_tokens
 
-    totals = time_cells(generators, call, contenders, args.threads, setup["batch_sizes"], args.reps, args.warmup)
+    totals = time_cells(generators, call, contenders, args.threads, batch_sizes, args.reps, args.warmup)
     entries = entries_of("marian", totals, first_call)
-    print_table(f"Marian-base shape, {new_tokens} forced tokens", entries, args.threads, setup["batch_sizes"])
+    print_table(f"Marian-base shape, {new_tokens} forced tokens", entries, args.threads, batch_sizes)
     return entries, cfg.to_dict(), new_tokens
 
 
@@ -207,6 +208,7 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", help="dtype-variant pairs, e.g. int8-static_fused (default: all)")
     parser.add_argument("--data", default="/tmp/ncw/data/de-en", help="a folder with test.tsv")
     parser.add_argument("--sentences", type=int, default=16, help="bundled: test sentences timed (B 16: in 16s)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="batch sizes (default 1 16)")
     parser.add_argument("--json", help="default: benchmarks/results/generate_cpu_variants.json (not with --quick)")
     args = parser.parse_args(argv)
     args.threads = list(dict.fromkeys(args.threads))
