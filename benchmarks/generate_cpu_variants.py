@@ -19,6 +19,8 @@ Reps interleaved (every rep runs every contender, the order rotating), one warm-
 First-call cost: each (dtype, variant)'s first Generator is created against an empty export cache (bundled: a fresh
 XDG_CACHE_HOME; marian: a fresh model folder per variant, exports land in MODEL/onnx), timed once: the export (and
 quantization) it runs plus the session loads. The second thread count's Generator reuses that export.
+split (--only split): the whole bundled test split through Generator.generate in chunks of 16 and 64 (--batch-sizes),
+           seconds per pass: rows that finish early leave the reference stepper's batch, not the static cache's.
 Agreement: the bundled test split's 493 sentences, int8 static_fused and static against int8 reference, and
 every variant against fp32 reference (greedy ids, B 16 through generate_ids: int8 rows depend on their batch).
 """
@@ -160,6 +162,41 @@ def bundled_part(args, contenders, root):
     return entries, agreement, len(timed_sources)
 
 
+def split_part(args, contenders, root):
+    """The bundled model's whole test split through Generator.generate in chunks of each batch size (default 16,
+    generate --input's --batch-size, and 64, Generator.generate's LIBRARY_BATCH): seconds per pass, where rows that
+    finish early leave the reference stepper's batch but stay in the static cache's."""
+    from refformer.runtime.generator import default_model_dir
+
+    sources = read_sources(args.data, 64 if args.quick else None)
+    batch_sizes = tuple(args.batch_sizes or (16, 64))
+
+    def cache_for(dtype, variant):
+        return tempfile.mkdtemp(prefix=f"cache-{dtype}-{variant}-", dir=root)
+
+    generators, first_call = make_generators(lambda d, v: default_model_dir(), args.threads, cache_for, contenders)
+
+    def call(generator, B):
+        t = time.perf_counter()
+        for start in range(0, len(sources), B):
+            generator.generate(sources[start:start + B])
+        return time.perf_counter() - t, 1
+
+    totals = time_cells(generators, call, contenders, args.threads, batch_sizes, args.reps, args.warmup)
+    entries = []
+    for (dtype, variant, n, B), values in totals.items():
+        seconds = [s for s, _ in values]
+        entries.append({"part": "split", "dtype": dtype, "variant": variant, "threads": n, "batch": B,
+                        "seconds": statistics.median(seconds), "seconds_min": min(seconds),
+                        "seconds_max": max(seconds), "sentences": len(sources),
+                        "first_generator_s": first_call[dtype, variant]})
+    print(f"\nbundled model, whole test split ({len(sources)} sentences): seconds per pass, median (min..max)")
+    for e in entries:
+        print(f"  {e['dtype']} {e['variant']:<13} t{e['threads']} chunks of {e['batch']:<3} {e['seconds']:.2f} "
+              f"({e['seconds_min']:.2f}..{e['seconds_max']:.2f})")
+    return entries
+
+
 def marian_part(args, contenders, root):
     """Timings on the Marian-base shape, 128 forced tokens (the quick shape with --quick)."""
     from refformer.refimpl import init_params, save
@@ -204,7 +241,8 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
-    parser.add_argument("--only", nargs="+", choices=["bundled", "marian"], default=["bundled", "marian"])
+    parser.add_argument("--only", nargs="+", choices=["bundled", "marian", "split"], default=["bundled", "marian"],
+                        help="split: the bundled test split's seconds per pass (not in the default)")
     parser.add_argument("--variants", nargs="+", help="dtype-variant pairs, e.g. int8-static_fused (default: all)")
     parser.add_argument("--data", default="/tmp/ncw/data/de-en", help="a folder with test.tsv")
     parser.add_argument("--sentences", type=int, default=16, help="bundled: test sentences timed (B 16: in 16s)")
@@ -231,6 +269,8 @@ def main(argv=None):
             entries += bundled
             report["bundled"] = {"sentences_timed": count, "data": args.data,
                                  "agreement_test_split_batch16": agreement}
+        if "split" in args.only:
+            entries += split_part(args, contenders, root)
         if "marian" in args.only:
             marian, config, new_tokens = marian_part(args, contenders, root)
             entries += marian
