@@ -207,8 +207,8 @@ def auto_variant(cfg, on_cuda, dtype):
     generate_cpu_variants: the bundled model on real sentences, the Marian-base shape with forced lengths): in
     fp32 static_fused lost the bundled model's 1-thread B 16 cell; in int8 it is faster per step at B 1 and with
     forced lengths, but its static cache keeps finished rows in the batch (the reference stepper drops them), and
-    over the bundled test split at batch sizes 16 and 64 it was slower (1 thread: 1.45 against 1.16 s and 2.29
-    against 1.15 s). Both stay on the reference graph.
+    over the bundled test split at batch sizes 16 and 64 it was slower (1 thread: 1.49 against 1.23 s and 2.20
+    against 1.15 s; faster only at 2 threads in chunks of 16). Both stay on the reference graph.
 
     Returns a tuple of contract variant names, never empty. Raises nothing: cfg is a checked Config.
     """
