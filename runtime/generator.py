@@ -346,7 +346,8 @@ class Generator:
         float_dtype = contract.graph_dtype(dtype)  # the graphs' inputs and caches: an int8 set's are float32
         if variant == contract.STATIC_FUSED and not contract.gqa_supported(self.cfg.head_dim):
             raise RefformerError(f"the static_fused variant needs a head size that is a multiple of 8 (ONNX Runtime's "
-                                 f"GroupQueryAttention); this model's is {self.cfg.head_dim}: use static_mha")
+                                 f"GroupQueryAttention); this model's is {self.cfg.head_dim}: use the static variant "
+                                 "(it computes every model)")
         missing = contract.variant_unsupported_features(self.cfg, variant)
         if missing:
             raise RefformerError(f"the {variant} decoder does not support yet: {', '.join(missing)}; use the "
@@ -354,6 +355,9 @@ class Generator:
         contract.check_runs_on(contract.decoder_graph(variant), float_dtype, self.provider)  # before any export
         if variant in contract.STATIC_VARIANTS:
             static_length = static_length or self.cfg.max_positions
+            if static_length > self.cfg.max_positions:  # before the export notice, in the API's own terms
+                raise RefformerError(f"static_length must be at most the model's max_positions "
+                                     f"({self.cfg.max_positions}), got {static_length}")
             fused = variant != contract.STATIC
             self.onnx_dir = ensure_export(self.model_dir, dtype, static_length, fused_attention=fused)
             return StaticOrtStepper(self.cfg, self.onnx_dir, float_dtype, self.provider, threads, cuda_graph=cuda_graph,

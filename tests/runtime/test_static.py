@@ -173,8 +173,18 @@ def test_static_fused_needs_a_head_size_multiple_of_8(tmp_path, tokenizer_file):
     make_model(tmp_path / "m", tokenizer_file, "encoder-decoder", n_heads=4)
     manifest = export_model(tmp_path / "m", static_length=16, fused_attention=True)
     assert "decoder_static_mha" in manifest["graphs"] and "decoder_static_fused" not in manifest["graphs"]
-    with pytest.raises(RefformerError, match="multiple of 8.*use static_mha"):
+    with pytest.raises(RefformerError, match="multiple of 8.*use the static variant"):
         Generator(tmp_path / "m", provider="cpu", variant="static_fused")
+
+
+def test_a_static_length_beyond_max_positions_is_refused_before_exporting(tmp_path, tokenizer_file, capsys):  # noqa: F811
+    """Before: Generator printed an export notice for onnx/fp32-static<L>, then export refused the CLI's
+    --static-length."""
+    make_model(tmp_path / "m", tokenizer_file, "encoder-decoder")
+    with pytest.raises(RefformerError, match=r"static_length must be at most the model's max_positions \(\d+\), "
+                                             r"got 1000000"):
+        Generator(tmp_path / "m", provider="cpu", variant="static", static_length=10**6)
+    assert "exporting" not in capsys.readouterr().err and not (tmp_path / "m" / "onnx").exists()
 
 
 def test_auto_variant_per_provider_and_dtype():
