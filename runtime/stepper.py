@@ -333,7 +333,17 @@ class StaticOrtStepper(OrtStepper):
     """
 
     argmax_in_graph = True  # step_argmax reads the graph's next_ids output; the logits stay on the device
-    drops_finished_rows = False  # buffer sets are allocated (and on CUDA captured) per batch size
+
+    @property
+    def drops_finished_rows(self):
+        """Stepper.drops_finished_rows: true for the in-place graph with its caches in host memory (the CPU), where
+        reorder to fewer rows switches to that batch size's buffer set and copies only the written slots on the
+        host, so later steps compute only the rows still generating; false elsewhere (the masked graphs, CUDA: a
+        buffer set and a captured graph per batch size, so the batch keeps its size).
+
+        Raises nothing.
+        """
+        return self.in_place and self.host_cache
 
     def __init__(self, cfg, onnx_dir, dtype, provider=contract.CPU_PROVIDER, threads=None, cuda_graph=False,
                  decoder_file=contract.graph_file(contract.decoder_graph(contract.STATIC))):
@@ -354,6 +364,7 @@ class StaticOrtStepper(OrtStepper):
         self.graph_count = 0  # gpu_graph_ids handed out; an id is never reused
         self.onnx_dir, self.threads = onnx_dir, threads
         self.prompt_logits = None  # the prompt pass's logits, while they are the last ones
+        self.view_base = None  # the buffer set keep_rows' views are rows of
 
     def buffer(self, shape, dtype):
         """A zero-filled buffer of its own (on the CPU an OrtValue shares its NumPy array's memory, so each
@@ -412,7 +423,9 @@ class StaticOrtStepper(OrtStepper):
                             pass
             self.sets[key] = self.allocate(batch_size, source_length)
         self.sets[key] = self.sets.pop(key)  # most recently used last
-        self.shape_key = key
+        self.shape_key, self.view_base = key, None  # whole sets again: keep_rows' views and their bindings go
+        for binding_key in [k for k in self.bindings if len(k) == 5]:
+            del self.bindings[binding_key]
         self.buffers, self.caches, self.cross_sets = self.sets[key]
         self.parity = self.cross_parity = 0
         if self.cfg.is_encoder_decoder:
@@ -630,12 +643,15 @@ class StaticOrtStepper(OrtStepper):
     def reorder(self, rows):
         """Stepper.reorder into the idle buffer set (then flipped), or into a new batch size's set. The in-place
         graph's caches on the CPU are copied on the host, only their written slots (GroupQueryAttention reads no
-        other): a beam step then costs what the reference graph's growing cache costs, not the L slots.
+        other): a beam step then costs what the reference graph's growing cache costs, not the L slots. Fewer rows
+        there (finished rows leaving, drops_finished_rows) go to keep_rows: no new set.
 
         rows: int64 [n]. Raises onnxruntime's own errors (gather_rows calls run_with_iobinding directly, not through
         run_bound).
         """
         rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if self.drops_finished_rows and len(rows) < self.mask.shape[0]:  # finished rows leave (search_iter)
+            return self.keep_rows(rows)
         cross_moves = self.cfg.is_encoder_decoder and self.sources_change(rows)
         old_cache, old_cross = self.caches[self.parity], self.cross_sets[self.cross_parity]
         if cross_moves:
@@ -656,4 +672,42 @@ class StaticOrtStepper(OrtStepper):
             pairs_in, pairs_out = pairs_in[len(old_cache):], pairs_out[len(old_cache):]
         if pairs_in:
             self.gather_rows([t for pair in pairs_in for t in pair], rows, [t for pair in pairs_out for t in pair])
+        self.mask = self.mask[rows]
+
+    def keep_rows(self, rows):
+        """reorder to fewer rows where the caches are host memory (drops_finished_rows): rows[i]'s written slots
+        (and its cross-attention keys/values and source mask) copied, on the host, into row i of the buffers in use,
+        whose first len(rows) rows then serve as the buffers ([n, ...] views of the same memory, bound afresh). No
+        buffer set is allocated: as rows finish one by one, a batch of 64 would otherwise allocate (and evict) a set
+        per batch size, which cost more than the rows it spared (the bundled model, int8, test split in chunks of
+        64). The next start (use_buffers) goes back to whole sets.
+
+        rows: int64 [n], n < the current rows. Raises nothing: NumPy copies on the host.
+        """
+        n, length = len(rows), self.length
+        if self.cfg.is_encoder_decoder and self.sources_change(rows):
+            self.src_keep = self.src_keep[rows]
+            for pair in self.cross_sets[self.cross_parity]:
+                for value in pair:  # views of the OrtValues' host memory; rows[...] copies before the write
+                    array = value.numpy()
+                    array[:n] = array[rows]
+        for pair in self.caches[self.parity]:
+            for value in pair:
+                array = value.numpy()
+                array[:n, :, :length] = array[rows, :, :length]
+
+        def view(value):
+            return self.on_device(value.numpy()[:n])  # the leading rows: contiguous, the same memory
+
+        if len(self.shape_key) == 2:  # the whole set's memory, kept alive while views of it are bound
+            self.view_base = self.sets[self.shape_key]
+        for key in [key for key in self.bindings if len(key) == 5]:  # the bindings of the last views
+            del self.bindings[key]
+        self.buffers = {name: value if name == contract.WRITE_INDEX else view(value)
+                        for name, value in self.buffers.items()}
+        self.caches = [[tuple(view(v) for v in pair) for pair in caches] for caches in self.caches]
+        self.cross_sets = [[tuple(view(v) for v in pair) for pair in cross] for cross in self.cross_sets]
+        self.shape_key = (n, self.shape_key[1], "rows")
+        if self.cfg.is_encoder_decoder:
+            self.buffers[contract.ENCODER_ATTENTION_MASK].update_inplace(np.ascontiguousarray(self.src_keep))
         self.mask = self.mask[rows]

@@ -1,0 +1,152 @@
+"""decoder_static_fused.onnx on the CPU drops finished rows, as the reference stepper does
+(StaticOrtStepper.drops_finished_rows, keep_rows): the ids are those of the same search keeping every row, and
+later decoder calls compute only the rows still generating."""
+
+import pytest
+
+from refformer.refimpl import load
+from refformer.refimpl.generate import GenerationOptions, generate
+from refformer.runtime.generator import Generator
+from refformer.runtime.stepper import StaticOrtStepper
+
+from .test_generator import TEXTS, imported_generator, tokenizer_file, transformers_ids  # noqa: F401  (fixture)
+from .test_imported_static_fused import families  # noqa: F401  (fixture)
+from .test_static import FAMILIES, STATIC_LENGTH, exported_models  # noqa: F401  (fixture)
+
+SEARCHES = {
+    "greedy": dict(max_new_tokens=12),
+    "penalties": dict(max_new_tokens=10, repetition_penalty=1.3, no_repeat_ngram_size=2),  # the logits path
+    "sampling": dict(max_new_tokens=10, do_sample=True, top_k=20, temperature=1.3, seed=5, num_return_sequences=2),
+    "beams": dict(max_new_tokens=8, num_beams=3, num_return_sequences=2),
+}
+
+
+def decoder_rows(monkeypatch):
+    """The rows of every one-token decoder call (StaticOrtStepper.run_one), appended as they run."""
+    rows, original = [], StaticOrtStepper.run_one
+
+    def counting(self, ids, positions):
+        rows.append(ids.shape[0])
+        return original(self, ids, positions)
+
+    monkeypatch.setattr(StaticOrtStepper, "run_one", counting)
+    return rows
+
+
+def with_and_without_drops(call, monkeypatch):
+    """call() with finished rows dropped (the default) and with every row kept -> (ids, ids, rows per decoder call
+    of each)."""
+    rows = decoder_rows(monkeypatch)
+    dropped = call()
+    dropped_rows = rows[:]
+    rows.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(StaticOrtStepper, "drops_finished_rows", False)
+        kept = call()
+    return dropped, kept, dropped_rows, rows[:]
+
+
+def expected_rows(sequences, first_step):
+    """The rows still generating at each one-token call: a row of n generated ids (eos included) is computed at
+    steps 0 .. n - 1; first_step 1 where the prompt pass is step 0 (a decoder-only prompt of more than one token)."""
+    lengths = [len(sequence) for sequence in sequences]
+    return [sum(n > t for n in lengths) for t in range(first_step, max(lengths))]
+
+
+def static_fused(folder, **options):
+    generator = Generator(folder, provider="cpu", variant="static_fused", static_length=STATIC_LENGTH, **options)
+    assert generator.variant == "static_fused" and generator.stepper.drops_finished_rows
+    return generator
+
+
+@pytest.mark.parametrize("name", sorted(SEARCHES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ids_are_the_same_with_and_without_dropping_finished_rows(exported_models, family, name,  # noqa: F811
+                                                                  monkeypatch):
+    """Every strategy gives refimpl's ids with finished rows dropped; greedy and sampling compute fewer rows (beam
+    search keeps its beams: it never drops)."""
+    generator = static_fused(exported_models[family])
+    cfg, params = load(generator.model_dir)
+    options = GenerationOptions(**SEARCHES[name])
+    texts = TEXTS[family] * 2
+    dropped, kept, dropped_rows, kept_rows = with_and_without_drops(lambda: generator.generate_ids(texts, options),
+                                                                    monkeypatch)
+    assert dropped == kept == generate(cfg, params, options=options, **generator.encode_inputs(texts))
+    if name == "beams":
+        assert dropped_rows == kept_rows
+    else:
+        assert sum(dropped_rows) < sum(kept_rows) and dropped_rows == sorted(dropped_rows, reverse=True)
+    if name == "greedy":
+        first_step = 0 if family == "encoder-decoder" else 1
+        assert dropped_rows == expected_rows([row[0] for row in dropped], first_step)
+        assert set(kept_rows) == {len(texts)}
+
+
+def test_drops_allocate_no_buffer_set_and_the_next_call_uses_whole_sets(exported_models, monkeypatch):  # noqa: F811
+    """keep_rows packs the rows still generating into the leading rows of the buffers in use: the sets stay one per
+    batch size and source bucket, and the next call (of any size) starts from a whole set with its ids unchanged."""
+    generator = static_fused(exported_models["encoder-decoder"])
+    texts = TEXTS["encoder-decoder"] * 2
+    first = generator.generate(texts, max_new_tokens=12)
+    sets = dict(generator.stepper.sets)
+    rows = decoder_rows(monkeypatch)
+    assert generator.generate(texts, max_new_tokens=12) == first
+    assert min(rows) < len(texts) and len(generator.stepper.shape_key) == 3  # it ended on views of the set
+    assert generator.stepper.sets.keys() == sets.keys()
+    assert all(generator.stepper.sets[key] is value for key, value in sets.items())
+    fresh = static_fused(exported_models["encoder-decoder"])
+    for n, beams in ((2, 1), (len(texts), 2), (1, 3)):  # then whole sets again, of any size, beams too
+        assert (generator.generate(texts[:n], max_new_tokens=12, num_beams=beams)
+                == fresh.generate(texts[:n], max_new_tokens=12, num_beams=beams))
+
+
+def test_the_device_path_keeps_every_row(exported_models, monkeypatch):  # noqa: F811
+    """With the caches on the device (CUDA; host_cache False drives that path on the CPU) and with the masked
+    static graphs, the batch keeps its size: a buffer set and captured graph per batch size."""
+    generator = static_fused(exported_models["encoder-decoder"])
+    generator.stepper.host_cache = False
+    assert not generator.stepper.drops_finished_rows
+    static = Generator(exported_models["encoder-decoder"], provider="cpu", variant="static",
+                       static_length=STATIC_LENGTH)
+    assert not static.stepper.drops_finished_rows
+    texts = TEXTS["encoder-decoder"] * 2
+    rows = decoder_rows(monkeypatch)
+    for one in (generator, static):
+        one.generate(texts, max_new_tokens=12)
+        assert set(rows) == {len(texts)}
+        rows.clear()
+
+
+def test_int8_ids_are_the_same_with_and_without_dropping(exported_models, monkeypatch, tmp_path):  # noqa: F811
+    """int8 (dynamically quantized activations, so a row's ids may depend on the rows beside it): on the test
+    model the dropped and kept searches agree, greedy and sampling."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for family in FAMILIES:
+        generator = static_fused(exported_models[family], dtype="int8")
+        texts = TEXTS[family] * 2
+        for name in ("greedy", "sampling"):
+            options = GenerationOptions(**SEARCHES[name])
+            dropped, kept, dropped_rows, kept_rows = with_and_without_drops(
+                lambda: generator.generate_ids(texts, options), monkeypatch)
+            assert dropped == kept, (family, name)
+            assert sum(dropped_rows) < sum(kept_rows)
+
+
+@pytest.mark.parametrize("settings", [{}, dict(num_beams=2, max_new_tokens=6)], ids=["greedy", "beams"])
+def test_an_imported_llama_gives_transformers_ids_while_rows_leave(tmp_path, families, settings,  # noqa: F811
+                                                                   monkeypatch):
+    """An imported Llama (GroupQueryAttention with rotary) on ragged prompts: rows leave after the prompt pass,
+    each row's cache slots are its positions, and the ids are transformers' generate, row by row."""
+    model, generator = imported_generator(tmp_path, "llama-16", **settings)
+    assert generator.variant == "static_fused" and generator.stepper.drops_finished_rows
+    options = generator.check_options(None)
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15], [7], [9, 10, 11, 12, 13]]
+
+    def call():
+        return [sequence for row in generator.search_rows(rows, options) for sequence in row]
+
+    dropped, kept, dropped_rows, kept_rows = with_and_without_drops(call, monkeypatch)
+    theirs = [transformers_ids(model, generator, [row], **settings)[0] for row in rows]
+    assert dropped == kept == theirs
+    if not settings:
+        assert dropped_rows == expected_rows(dropped, 1) and sum(dropped_rows) < sum(kept_rows)
