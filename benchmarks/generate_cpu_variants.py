@@ -20,7 +20,8 @@ First-call cost: each (dtype, variant)'s first Generator is created against an e
 XDG_CACHE_HOME; marian: a fresh model folder per variant, exports land in MODEL/onnx), timed once: the export (and
 quantization) it runs plus the session loads. The second thread count's Generator reuses that export.
 split (--only split): the whole bundled test split through Generator.generate in chunks of 16 and 64 (--batch-sizes),
-           seconds per pass: rows that finish early leave the reference stepper's batch, not the static cache's.
+           seconds per pass: rows that finish early leave the reference stepper's batch, and (since keep_rows)
+           static_fused's on the CPU; static keeps them (its buffer sets are per batch size).
 Agreement: the bundled test split's 493 sentences, int8 static_fused and static against int8 reference, and
 every variant against fp32 reference (greedy ids, B 16 through generate_ids: int8 rows depend on their batch).
 """
@@ -165,7 +166,7 @@ def bundled_part(args, contenders, root):
 def split_part(args, contenders, root):
     """The bundled model's whole test split through Generator.generate in chunks of each batch size (default 16,
     generate --input's --batch-size, and 64, Generator.generate's LIBRARY_BATCH): seconds per pass, where rows that
-    finish early leave the reference stepper's batch but stay in the static cache's."""
+    finish early leave the reference stepper's batch and static_fused's (StaticOrtStepper.keep_rows)."""
     from refformer.runtime.generator import default_model_dir
 
     sources = read_sources(args.data, 64 if args.quick else None)
