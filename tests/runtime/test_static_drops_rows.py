@@ -150,3 +150,20 @@ def test_an_imported_llama_gives_transformers_ids_while_rows_leave(tmp_path, fam
     assert dropped == kept == theirs
     if not settings:
         assert dropped_rows == expected_rows(dropped, 1) and sum(dropped_rows) < sum(kept_rows)
+
+
+def test_the_encoder_runs_on_the_unpadded_source(exported_models):  # noqa: F811
+    """On the CPU encoder.onnx sees the source as given (the reference stepper's encoder input: with int8 the same
+    quantized activations), its keys/values copied into the first S positions of the bucket-padded cross buffers;
+    what an earlier call left in the padded positions is masked out."""
+    generator = static_fused(exported_models["encoder-decoder"])
+    stepper = generator.stepper
+    texts = TEXTS["encoder-decoder"][1:2] * 2
+    first = generator.generate(texts, max_new_tokens=12)
+    S = generator.encode_inputs(texts)["src_ids"].shape[1]
+    assert stepper.cross[0][0].shape()[2] == S < stepper.src_keep.shape[1] == stepper.cross_sets[0][0][0].shape()[2]
+    assert stepper.src_keep.shape[1] % 16 == 0
+    for pair in stepper.cross_sets[0]:  # poison every position, the padded ones included
+        for value in pair:
+            value.numpy()[:] = 1e4
+    assert generator.generate(texts, max_new_tokens=12) == first
