@@ -229,8 +229,8 @@ def runtime_provider(provider, dtype):
     if dtype not in contract.QUANTIZED_DTYPES:
         return resolve_provider(provider)
     if provider == "cuda":
-        raise RefformerError(f"{dtype} graphs run on the CPU only (they are not checked on CUDA yet): use the cpu "
-                             "or auto provider, or fp16 on CUDA")
+        raise RefformerError(f"{dtype} graphs run on the CPU only (ONNX Runtime's CUDA provider has no "
+                             "DynamicQuantizeLinear kernel): use the cpu or auto provider, or fp16 on CUDA")
     return contract.QUANTIZED_PROVIDERS[0]
 
 
