@@ -1,20 +1,26 @@
 #!/bin/bash
 # Issue 16's device check in one call on the lent H200 (read ../shared/gpu/NOTES.md first).
 #
-# Here, before any device time (about 5 minutes on 2 cores; rerun the first line after any commit):
-#   rm -f .gpu/refformer-*.whl && pip wheel -q --no-deps -w .gpu/ . && cp ../shared/gpu/baselines/*.py .gpu/
+# Here, before any device time, in the session's own checkout (the device tool sends only that one; ../shared lies
+# beside it), the project's venv active (. .venv/bin/activate); about 5 minutes on 2 cores. Rerun the first line
+# after any commit: the device runs the wheel, not the tree, and env.txt names the commit the wheel was built from.
+#   rm -f .gpu/refformer-*.whl && pip wheel -q --no-deps -w .gpu/ . && git describe --always --dirty > .gpu/commit \
+#     && cp -f ../shared/gpu/baselines/*.py .gpu/
 #   ../shared/gpu/prepare          # prints N, the number of onnxruntime-gpu chunks (5 on 2026-11-30)
 #   DEVICE=cpu QUICK=1 bash benchmarks/device_run.sh    # the smoke test: every part runs on the CPU, tiny shapes
 # On the device, in ONE batch of tool calls (the machine stays warm between them), one `run` per chunk K = 0..N-2:
 #   carry [".gpu/pK", ".gpu/assemble.sh", ".gpu/meta"]   command: bash .gpu/assemble.sh   timeout_s 120
 # and the last chunk's call runs this script:
 #   carry [".gpu/pN-1", ".gpu/assemble.sh", ".gpu/meta", ".gpu/refformer-0.1.0-py3-none-any.whl",
-#          ".gpu/hf_generate.py", ".gpu/torch_graph_step.py"]
+#          ".gpu/hf_generate.py", ".gpu/torch_graph_step.py", ".gpu/commit"]
 #   command: bash .gpu/assemble.sh && bash benchmarks/device_run.sh     timeout_s 600
-# then give_back unless a second run (with one change: see issue 16's levers) follows at once.
+# then give_back unless a second run (with one change: see issue 16's levers) follows at once. Device time is 15
+# minutes in all (the start, the chunk calls and this run counted): a second run fits only with a smaller BUDGET_S
+# (e.g. `BUDGET_S=240 bash benchmarks/device_run.sh` runs the parts that fit, most important first).
 #
-# Parts, most important first, each bounded so that the whole script ends within BUDGET_S seconds (default 570 on
-# CUDA: one call's 600 s limit) and what is done comes back under $OUT even when a later part is cut:
+# Parts, most important first, each bounded so that the whole script ends within BUDGET_S seconds (default 540 on
+# CUDA: one call's 600 s limit less assemble.sh's unpacking) and what is done comes back under $OUT even when a later
+# part is cut. Eight files, the most one call brings back: a new part must write into one of them.
 #   env.txt                     GPU, driver, onnxruntime and its providers, versions
 #   generate_gpu.json / .txt    the Marian-base benchmark table (issue 16's targets), the CUDA agreement checks
 #                               (fp32 TF32 off vs the CPU graph, fp16 agreement and logits error) and the baselines
@@ -32,12 +38,13 @@ OUT=${OUT:-/tmp/refformer-out}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:+--quick}
 # on the CPU (the smoke test) each part may take 3x its CUDA limit: the HF baselines are slow there
-if [ "$DEVICE" = cuda ]; then BUDGET_S=${BUDGET_S:-570} SCALE=1; else BUDGET_S=${BUDGET_S:-1800} SCALE=3; fi
+if [ "$DEVICE" = cuda ]; then BUDGET_S=${BUDGET_S:-540} SCALE=1; else BUDGET_S=${BUDGET_S:-1800} SCALE=3; fi
 END=$(( $(date +%s) + BUDGET_S ))
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/site .gpu/refformer-*.whl
+python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/site .gpu/refformer-*.whl \
+  || { echo "error: could not install .gpu/refformer-*.whl (build it first: see this script's header)"; exit 1; }
 REFFORMER=(python3 -c "from refformer.runtime.cli import main; main()")
 
 # bounded LIMIT COMMAND...: COMMAND under timeout, at most LIMIT (x SCALE) seconds and never past the budget's end
@@ -50,6 +57,7 @@ bounded() {
 }
 
 {
+  echo "refformer wheel built from $(cat .gpu/commit 2>/dev/null || echo 'an unknown commit (.gpu/commit missing)')"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import onnxruntime as o, numpy, onnx; print('onnxruntime', o.__version__, o.get_available_providers()); print('numpy', numpy.__version__, 'onnx', onnx.__version__)"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
