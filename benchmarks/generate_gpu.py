@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import timed_calls
+from machine import gpu_name, timed_calls
 
 from refformer.export.contract import FUSED, STATIC_FUSED, STATIC_MHA, decoder_graph, gqa_supported, graph_file, runs_on
 from refformer.export.export import export_model
@@ -249,11 +249,7 @@ def main():
     info = {"date": datetime.date.today().isoformat(), "device": args.device, "onnxruntime": ort.__version__,
             "quick": args.quick, "new_tokens": new_tokens, "source_tokens": 32}
     if args.device == "cuda":
-        try:
-            info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                         capture_output=True, text=True).stdout.strip()
-        except OSError:
-            pass
+        info["gpu"] = gpu_name()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "generate_gpu.json").write_text(json.dumps({"info": info, "rows": rows, "checks": checks},
                                                                  indent=1))

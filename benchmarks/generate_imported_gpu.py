@@ -38,14 +38,13 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from generate_imported_cpu import FULL, QUICK, agreement, build_folder, generation_inputs
-from machine import timed_calls, write_report
+from machine import gpu_name, timed_calls, write_report
 
 from refformer.export.contract import (
     CUDA_PROVIDER,
@@ -325,11 +324,7 @@ def main(argv=None):
                  "onnxruntime": ort.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                  "seconds": time.perf_counter() - started})
     if args.device == "cuda":
-        try:
-            info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                         capture_output=True, text=True).stdout.strip()
-        except OSError:
-            pass
+        info["gpu"] = gpu_name()
     print(f"whole run {info['seconds']:.1f} s")
     write_report({"info": info, "rows": rows, "checks": checks},
                  out and str(Path(out) / "generate_imported_gpu.json"))

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,6 +17,15 @@ def cpu_model():
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def gpu_name():
+    """nvidia-smi's "name, driver_version" of the GPUs, or None where nvidia-smi is missing."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from refformer.refimpl import RefformerError
 from refformer.runtime.cli import main
 
 from .test_int8_export import make_model
+from .test_verify_int8_manifest import one_line_refusal, relabelled
 
 
 @pytest.fixture(scope="module")
@@ -32,30 +33,15 @@ def sets(tmp_path_factory):
 
 
 def edited(sets, tmp_path, source, edit, swap=None):
-    """A copy of the export set source in a model folder of its own, its manifest.json changed by edit(manifest)
-    (the graphs and their sha256 untouched, but the graph file swap, copied from the fp32 set with its sha256
-    recorded) -> (model folder, set folder)."""
-    model = tmp_path / "m"
-    shutil.copytree(sets["model"], model, ignore=shutil.ignore_patterns("onnx"))
-    folder = model / "onnx" / "set"
-    shutil.copytree(sets[source], folder)
+    """test_verify_int8_manifest.relabelled's copy of the export set source, edit(manifest) applied, and then the graph
+    file swap replaced by the fp32 set's copy with its sha256 recorded -> (model folder, set folder)."""
+    model, folder = relabelled(sets, tmp_path, source, edit)
     if swap:
         shutil.copy(sets["fp32"] / swap, folder / swap)
-        edit = (lambda edit: lambda manifest: (manifest["files"].update({swap: file_sha256(folder / swap)}),
-                                               edit(manifest)))(edit)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    edit(manifest)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"][swap] = file_sha256(folder / swap)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
     return model, folder
-
-
-def one_line_refusal(model, folder):
-    result = CliRunner().invoke(main, ["verify", "--model", str(model), "--onnx-dir", str(folder), "--provider",
-                                       "cpu"])
-    lines = result.stderr.splitlines()
-    assert result.exit_code == 1 and not isinstance(result.exception, TypeError), repr(result.exception)
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 def set_graph_file(value):

@@ -46,8 +46,9 @@ def relabelled(sets, tmp_path, source, edit):
 def one_line_refusal(model, folder):
     result = CliRunner().invoke(main, ["verify", "--model", str(model), "--onnx-dir", str(folder), "--provider",
                                        "cpu"])
-    assert result.exit_code == 1, result.output
     lines = result.stderr.splitlines()
+    assert result.exit_code == 1 and not isinstance(result.exception, TypeError), (repr(result.exception),
+                                                                                  result.output)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     return lines[0]
 
