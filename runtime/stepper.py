@@ -699,16 +699,18 @@ class StaticOrtStepper(OrtStepper):
         rows: int64 [n], n < the current rows. Raises nothing: NumPy copies on the host.
         """
         n, length = len(rows), self.length
+        moved = np.flatnonzero(rows != np.arange(n))
+        first = int(moved[0]) if len(moved) else n  # rows before the first finished one stay where they are
         if self.cfg.is_encoder_decoder and self.sources_change(rows):
             self.src_keep = self.src_keep[rows]
             for pair in self.cross_sets[self.cross_parity]:
                 for value in pair:  # views of the OrtValues' host memory; rows[...] copies before the write
                     array = value.numpy()
-                    array[:n] = array[rows]
+                    array[first:n] = array[rows[first:]]
         for pair in self.caches[self.parity]:
             for value in pair:
                 array = value.numpy()
-                array[:n, :, :length] = array[rows, :, :length]
+                array[first:n, :, :length] = array[rows[first:], :, :length]
 
         def view(value):
             return self.on_device(value.numpy()[:n])  # the leading rows: contiguous, the same memory
