@@ -202,18 +202,25 @@ def auto_variant(cfg, on_cuda, dtype):
     static_mha first in fp32. CPU: decoder_static_fused first for a decoder-only rotary model in fp32 that it
     computes (Llama / Qwen2 / SmolLM imports with a head size that is a multiple of 16: one GroupQueryAttention node
     with rotary per layer in place of the reference graph's standard-op rotary and attention, measured faster on the
-    SmolLM-135M shape, benchmarks/RESULTS.md generate_imported_cpu), then the reference graph; the reference graph
-    alone for every other model. Measured for refformer's own encoder-decoders (benchmarks/RESULTS.md
-    generate_cpu_variants: the bundled model on real sentences, the Marian-base shape with forced lengths): in
-    fp32 static_fused lost the bundled model's 1-thread B 16 cell; in int8 it is faster per step at B 1 and with
-    forced lengths, but its static cache keeps finished rows in the batch (the reference stepper drops them), and
-    over the bundled test split at batch sizes 16 and 64 it was slower (1 thread: 1.49 against 1.23 s and 2.20
-    against 1.15 s; faster only at 2 threads in chunks of 16). Both stay on the reference graph.
+    SmolLM-135M shape, benchmarks/RESULTS.md generate_imported_cpu), then the reference graph; in int8,
+    decoder_static_fused first for an encoder-decoder that it computes (head size a multiple of 8, no relative
+    attention), then the reference graph: since its stepper drops finished rows on the CPU
+    (StaticOrtStepper.keep_rows) and runs the encoder on the unpadded source, it was faster than the int8 reference
+    graph over the bundled model's whole test split in all four cells (chunks of 16 and 64, 1 and 2 threads: 1.09
+    against 1.15 s and 1.14 against 1.16 s at 1 thread, 1.47 against 2.22 s and 1.18 against 1.48 s at 2;
+    benchmarks/RESULTS.md generate_cpu_variants, static_fused drops finished rows), as it already was per step at
+    B 1 and on the Marian-base shape. Its export set, int8-static<max_positions>-fused, takes longer to make on
+    first use (about 5 against 1.3 s on the bundled model). The reference graph alone for every other model and
+    dtype: fp32 static_fused won three of those four cells and tied the fourth (1.53 against 1.52 s, 1 thread,
+    chunks of 64), so refformer's own fp32 models stay on it; int8 decoder-only models were not measured.
 
     Returns a tuple of contract variant names, never empty. Raises nothing: cfg is a checked Config.
     """
     if not on_cuda:
         if (dtype == "fp32" and not cfg.is_encoder_decoder and cfg.positional == "rotary"
+                and contract.variant_runs(cfg, contract.STATIC_FUSED, dtype, contract.CPU_PROVIDER)):
+            return (contract.STATIC_FUSED, contract.REFERENCE)
+        if (dtype == "int8" and cfg.is_encoder_decoder
                 and contract.variant_runs(cfg, contract.STATIC_FUSED, dtype, contract.CPU_PROVIDER)):
             return (contract.STATIC_FUSED, contract.REFERENCE)
         return (contract.REFERENCE,)
