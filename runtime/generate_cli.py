@@ -101,7 +101,8 @@ def check_fits_memory(model_dir, generation, batch_size):
               default="auto", show_default=True,
               help="Decoder graph. auto: on CUDA static_fused (fp16), then static_mha, then static, those that compute "
                    "the model, each replayed as CUDA graphs, moving on with a notice when one fails a probe; on the "
-                   "CPU the reference graph (static_fused first for imported rotary decoder-only models in fp32).")
+                   "CPU the reference graph (static_fused first for int8 encoder-decoders and imported rotary "
+                   "decoder-only models in fp32).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Inputs per batch with --input.")
 @click.option("--truncate", is_flag=True, help="Cut inputs longer than the model's positions (with a warning).")
 @option_flags

@@ -259,7 +259,7 @@ class Generator:
         norms), "static_fused" (decoder_static_fused.onnx: GroupQueryAttention writing the cache in place) or
         "auto" (see auto_variant: on CUDA static_fused in fp16, then static_mha, then static, each only where it
         computes the model, with a probed fallback and a notice; on the CPU static_fused for a decoder-only rotary
-        fp32 model it computes, else the reference graph).
+        fp32 model or an int8 encoder-decoder it computes, else the reference graph).
         static_length defaults to max_positions (on the CPU the in-place cache's unread slots are never touched).
         threads: ONNX Runtime's intra-op threads (an integer >= 1; more than os.cpu_count() is capped to it).
         dtype: "fp32" (the default: the path exact against refimpl and transformers), "fp16", or "int8" (the fp32
