@@ -167,3 +167,74 @@ def test_the_encoder_runs_on_the_unpadded_source(exported_models):  # noqa: F811
         for value in pair:
             value.numpy()[:] = 1e4
     assert generator.generate(texts, max_new_tokens=12) == first
+
+
+WORDS = " ".join(text for texts in TEXTS.values() for text in texts).split()
+HOSTILE = [  # every option that touches which rows finish when: a row (or all) at the first step, penalties, sampling
+    dict(max_new_tokens=1),
+    dict(max_new_tokens=12, min_new_tokens=5),
+    dict(max_new_tokens=9, repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[5], [6, 7]],
+         forced_eos_token_id=9),
+    dict(max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, temperature=1.3, seed=5, num_return_sequences=3),
+    dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, early_stopping=True),
+    dict(max_new_tokens=12),
+]
+
+
+def ragged_texts(rng, n, family):
+    """n texts of 1 .. 20 words (decoder-only: 1 .. 4, its prompts share the 40 static slots): sources of several
+    bucket widths in one batch, the longest cut at max_positions (truncate)."""
+    most = 20 if family == "encoder-decoder" else 4
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, most + 1)))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_generator_through_many_ragged_batches_gives_the_reference_graphs_ids(exported_models, family,  # noqa: F811
+                                                                                   monkeypatch):
+    """One Generator reused for batches of 1 .. 200 rows of very different lengths (more (batch, bucket) shapes than
+    the MAX_BUFFER_SETS kept, so sets are evicted between calls that ended on keep_rows' views), every option of
+    HOSTILE: the ids are the reference graph's (fp32) and those of the same search keeping every row; a search
+    abandoned after rows left (a stream stopped early) leaves nothing behind for the next call."""
+    import numpy as np
+
+    from refformer.refimpl.generate import search_iter
+    from refformer.runtime.stepper import MAX_BUFFER_SETS
+
+    generator = Generator(exported_models[family], provider="cpu", variant="static_fused",
+                          static_length=STATIC_LENGTH, truncate=True)
+    reference = Generator(exported_models[family], provider="cpu", variant="reference", truncate=True)
+    rng, shapes, views, calls = np.random.default_rng(0), set(), 0, [0, 0]
+    for n in (1, 2, 17, 64, 200, 3, 5, 7, 9, 33, 2):
+        for number, settings in enumerate(HOSTILE):
+            if n > 9 and number in (3, 4):  # sampling and beams at the small sizes only (time)
+                continue
+            texts, options = ragged_texts(rng, n, family), GenerationOptions(**settings)
+            dropped, kept, dropped_rows, kept_rows = with_and_without_drops(
+                lambda: generator.generate_ids(texts, options), monkeypatch)
+            assert dropped == kept == reference.generate_ids(texts, options), (n, settings)
+            shapes.add(generator.stepper.shape_key[:2])
+            calls = [calls[0] + sum(dropped_rows), calls[1] + sum(kept_rows)]
+        abandoned = search_iter(generator.stepper, generator.cfg, GenerationOptions(max_new_tokens=12),
+                                **generator.encode_inputs(ragged_texts(rng, 9, family)))
+        for _ in zip(range(4), abandoned):  # rows leave on the way; the search is never finished
+            pass
+        views += len(generator.stepper.shape_key) == 3  # left on keep_rows' views
+    assert len(shapes) > MAX_BUFFER_SETS and views > 0 and calls[0] < calls[1]
+
+
+def test_int8_drops_rows_as_the_reference_stepper_does(exported_models, monkeypatch, tmp_path):  # noqa: F811
+    """int8 scales activations per tensor, so a row's ids may depend on the rows computed beside it, and dropping
+    finished rows can change them (as it does for the reference stepper, which drops them too): static_fused's int8
+    ids with drops are the reference graph's int8 ids with drops (the same rows each step, the encoder on the same
+    unpadded source), on 17 ragged rows of the test model."""
+    import numpy as np
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    for family in FAMILIES:
+        generator = static_fused(exported_models[family], dtype="int8", truncate=True)
+        reference = Generator(exported_models[family], provider="cpu", variant="reference", dtype="int8",
+                              truncate=True)
+        for settings in (HOSTILE[1], HOSTILE[2]):
+            texts, options = ragged_texts(rng, 17, family), GenerationOptions(**settings)
+            assert generator.generate_ids(texts, options) == reference.generate_ids(texts, options), family
