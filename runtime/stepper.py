@@ -337,9 +337,9 @@ class StaticOrtStepper(OrtStepper):
     @property
     def drops_finished_rows(self):
         """Stepper.drops_finished_rows: true for the in-place graph with its caches in host memory (the CPU), where
-        reorder to fewer rows switches to that batch size's buffer set and copies only the written slots on the
-        host, so later steps compute only the rows still generating; false elsewhere (the masked graphs, CUDA: a
-        buffer set and a captured graph per batch size, so the batch keeps its size).
+        reorder to fewer rows (keep_rows) packs the rows still generating into the leading rows of the buffers in
+        use, copying only their written slots on the host, so later steps compute only those rows; false elsewhere
+        (the masked graphs, CUDA: a buffer set and a captured graph per batch size, so the batch keeps its size).
 
         Raises nothing.
         """
