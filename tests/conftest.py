@@ -6,6 +6,7 @@ SIGINT but not a handler."""
 import os
 import signal
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True,
@@ -16,3 +17,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    """A per-user cache of the test's own (XDG_CACHE_HOME under tmp_path): nothing is read from or written to
+    ~/.cache/refformer. Modules take it for every test with pytestmark = pytest.mark.usefixtures("user_cache")."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"

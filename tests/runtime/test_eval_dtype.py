@@ -18,9 +18,7 @@ from ..helpers import write_word_level_tokenizer
 V = 40
 
 
-@pytest.fixture(autouse=True)
-def user_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("user_cache")  # tests/conftest.py: a per-user cache of its own
 
 
 @pytest.fixture

@@ -23,9 +23,7 @@ from ..helpers import save_word_level_model
 LONG = " ".join(["w5"] * 40)  # 40 tokens for the 31 the model's 32 positions hold
 
 
-@pytest.fixture(autouse=True)
-def user_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("user_cache")  # tests/conftest.py: a per-user cache of its own
 
 
 @pytest.fixture(scope="module")

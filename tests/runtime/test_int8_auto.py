@@ -10,10 +10,7 @@ import pytest
 from refformer.refimpl import Config
 from refformer.runtime.generator import Generator, auto_variant
 
-
-@pytest.fixture(autouse=True)
-def user_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("user_cache")  # tests/conftest.py: a per-user cache of its own
 
 
 def test_auto_variant_for_int8_on_the_cpu_is_static_fused_where_it_computes_the_model():

@@ -18,9 +18,7 @@ V = 40
 TEXTS = [f"w{i} w{i + 3} w{i + 7}" for i in range(4, 30)]  # 26 inputs of the word-level vocabulary
 
 
-@pytest.fixture(autouse=True)
-def user_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("user_cache")  # tests/conftest.py: a per-user cache of its own
 
 
 @pytest.fixture
