@@ -51,10 +51,7 @@ from refformer.export.contract import (
     STATIC,
     STATIC_FUSED,
     STATIC_MHA,
-    decoder_graph,
-    gqa_supported,
-    runs_on,
-    variant_unsupported_features,
+    variant_refusal,
 )
 from refformer.refimpl.generate import GenerationOptions, search_iter
 
@@ -65,23 +62,14 @@ MARGIN = 1e-3  # HF's top-2 logit margin above which a token counts as decided
 
 def cuda_variant(cfg, dtype):
     """The decoder variant Generator(variant="auto") ends on under CUDA for cfg in dtype, without a GPU: the first of
-    auto_variant(cfg, True, dtype) that computes cfg with a CUDA kernel in dtype (as contract.variant_runs:
-    variant_unsupported_features empty, a head size GroupQueryAttention takes, runs_on); the probe's runtime
-    failures are not foreseen here.
-    Returns (variant or None, {each CUDA static variant that cannot run cfg in dtype: why})."""
+    auto_variant(cfg, True, dtype) (only variants that compute cfg with a CUDA kernel in dtype,
+    contract.variant_runs); the probe's runtime failures are not foreseen here.
+    Returns (variant or None, {each CUDA static variant that cannot run cfg in dtype: contract.variant_refusal})."""
     from refformer.runtime.generator import auto_variant
 
-    why_not = {}
-    for variant in (STATIC_FUSED, STATIC_MHA, STATIC):
-        missing = list(variant_unsupported_features(cfg, variant))
-        if variant == STATIC_FUSED and not gqa_supported(cfg.head_dim):
-            missing.append(f"head_dim={cfg.head_dim} (GroupQueryAttention needs a multiple of 8)")
-        if not runs_on(decoder_graph(variant), dtype, CUDA_PROVIDER):
-            missing.append(f"no {dtype} CUDA kernel")
-        if missing:
-            why_not[variant] = ", ".join(missing)
-    picks = next((variant for variant in auto_variant(cfg, True, dtype) if variant not in why_not), None)
-    return picks, why_not
+    why_not = {variant: refusal for variant in (STATIC_FUSED, STATIC_MHA, STATIC)
+               if (refusal := variant_refusal(cfg, variant, dtype, CUDA_PROVIDER))}
+    return next(iter(auto_variant(cfg, True, dtype)), None), why_not
 
 
 def make_generator(model_dir, device, dtype, static_length=None):

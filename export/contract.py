@@ -124,24 +124,44 @@ def check_runs_on(graph, dtype, provider):
     CUDA-graph capture): checked before any export or session (Generator.make_stepper, OrtStepper).
     """
     if not runs_on(graph, dtype, provider):
-        raise RefformerError(f"{graph_file(graph)} has no {dtype} kernels on {provider} (GroupQueryAttention runs in "
-                             "fp16 only on CUDA): use fp16, or the static variant (it computes every model)")
+        raise RefformerError(no_kernels_message(graph, dtype, provider))
 
 
-def variant_runs(cfg, variant, dtype, provider):
-    """Whether the decoder variant (one of VARIANTS) computes the checked Config cfg's model and has ONNX Runtime
-    kernels for dtype ("fp32", "fp16"; a quantized dtype is its graph_dtype) on provider (CPU_PROVIDER or
-    CUDA_PROVIDER): variant_unsupported_features empty, for static_fused a head size GroupQueryAttention takes
-    (gqa_supported), and runs_on. What Generator(variant="auto") may try (runtime/generator.py auto_variant): a
-    variant that fails this never loads.
+def no_kernels_message(graph, dtype, provider):
+    """check_runs_on's and variant_refusal's one line for a graph runs_on refuses. Raises nothing."""
+    return (f"{graph_file(graph)} has no {dtype} kernels on {provider} (GroupQueryAttention runs in fp16 only on "
+            "CUDA): use fp16, or the static variant (it computes every model)")
+
+
+def variant_refusal(cfg, variant, dtype, provider):
+    """Why the decoder variant (one of VARIANTS) cannot run the checked Config cfg's model in dtype ("fp32", "fp16";
+    a quantized dtype is its graph_dtype) on provider (CPU_PROVIDER or CUDA_PROVIDER), as one line naming what to use
+    instead, or None when it can: static_fused needs a head size GroupQueryAttention takes (gqa_supported), the
+    variant must compute every feature of the model (variant_unsupported_features) and have kernels there (runs_on).
+    Generator.make_stepper raises it before any export.
 
     Raises nothing: comparisons.
     """
-    if variant_unsupported_features(cfg, variant):
-        return False
     if variant == STATIC_FUSED and not gqa_supported(cfg.head_dim):
-        return False
-    return runs_on(decoder_graph(variant), graph_dtype(dtype), provider)
+        return (f"the static_fused variant needs a head size that is a multiple of 8 (ONNX Runtime's "
+                f"GroupQueryAttention); this model's is {cfg.head_dim}: use the static variant (it computes every "
+                "model)")
+    missing = variant_unsupported_features(cfg, variant)
+    if missing:
+        return (f"the {variant} decoder does not support yet: {', '.join(missing)}; use the reference or static "
+                "variant (they compute every option)")
+    if not runs_on(decoder_graph(variant), graph_dtype(dtype), provider):
+        return no_kernels_message(decoder_graph(variant), graph_dtype(dtype), provider)
+    return None
+
+
+def variant_runs(cfg, variant, dtype, provider):
+    """Whether the decoder variant computes cfg's model with kernels for dtype on provider (variant_refusal is None):
+    what Generator(variant="auto") may try (runtime/generator.py auto_variant); a variant that fails this never loads.
+
+    Raises nothing: comparisons.
+    """
+    return variant_refusal(cfg, variant, dtype, provider) is None
 
 
 # ---------------------------------------------------------------------------- inputs and outputs

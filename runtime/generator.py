@@ -351,15 +351,9 @@ class Generator:
             raise RefformerError(f"variant must be one of {', '.join(VARIANTS[1:])}, got {variant!r}")
         dtype, threads = self.dtype, self.threads
         float_dtype = contract.graph_dtype(dtype)  # the graphs' inputs and caches: an int8 set's are float32
-        if variant == contract.STATIC_FUSED and not contract.gqa_supported(self.cfg.head_dim):
-            raise RefformerError(f"the static_fused variant needs a head size that is a multiple of 8 (ONNX Runtime's "
-                                 f"GroupQueryAttention); this model's is {self.cfg.head_dim}: use the static variant "
-                                 "(it computes every model)")
-        missing = contract.variant_unsupported_features(self.cfg, variant)
-        if missing:
-            raise RefformerError(f"the {variant} decoder does not support yet: {', '.join(missing)}; use the "
-                                 "reference or static variant (they compute every option)")
-        contract.check_runs_on(contract.decoder_graph(variant), float_dtype, self.provider)  # before any export
+        refusal = contract.variant_refusal(self.cfg, variant, dtype, self.provider)
+        if refusal:  # before any export
+            raise RefformerError(refusal)
         if variant in contract.STATIC_VARIANTS:
             static_length = static_length or self.cfg.max_positions
             if static_length > self.cfg.max_positions:  # before the export notice, in the API's own terms
