@@ -20,6 +20,7 @@ from refformer.refimpl.generate import Stepper
 
 SOURCE_BUCKET = 16  # the static stepper pads sources to a multiple of this many positions
 MAX_BUFFER_SETS = 8  # buffer sets (one per batch size and source bucket) a static stepper keeps
+VIEWS = "rows"  # the third item of shape_key (and binding keys) while keep_rows' [n, ...] views are the buffers
 
 
 def run_bound(session, binding, run_options=None, graph="a graph"):
@@ -424,8 +425,7 @@ class StaticOrtStepper(OrtStepper):
             self.sets[key] = self.allocate(batch_size, source_length)
         self.sets[key] = self.sets.pop(key)  # most recently used last
         self.shape_key, self.view_base = key, None  # whole sets again: keep_rows' views and their bindings go
-        for binding_key in [k for k in self.bindings if len(k) == 5]:
-            del self.bindings[binding_key]
+        self.forget_view_bindings()
         self.buffers, self.caches, self.cross_sets = self.sets[key]
         self.parity = self.cross_parity = 0
         if self.cfg.is_encoder_decoder:
@@ -688,6 +688,12 @@ class StaticOrtStepper(OrtStepper):
             self.gather_rows([t for pair in pairs_in for t in pair], rows, [t for pair in pairs_out for t in pair])
         self.mask = self.mask[rows]
 
+    def forget_view_bindings(self):
+        """Drop the bindings of keep_rows' views (their keys: (rows, source length, VIEWS, parity, cross parity)).
+        Raises nothing."""
+        for key in [key for key in self.bindings if key[2] == VIEWS]:
+            del self.bindings[key]
+
     def keep_rows(self, rows):
         """reorder to fewer rows where the caches are host memory (drops_finished_rows): rows[i]'s written slots
         (and its cross-attention keys/values and source mask) copied, on the host, into row i of the buffers in use,
@@ -717,13 +723,12 @@ class StaticOrtStepper(OrtStepper):
 
         if len(self.shape_key) == 2:  # the whole set's memory, kept alive while views of it are bound
             self.view_base = self.sets[self.shape_key]
-        for key in [key for key in self.bindings if len(key) == 5]:  # the bindings of the last views
-            del self.bindings[key]
+        self.forget_view_bindings()  # the bindings of the last views
         self.buffers = {name: value if name == contract.WRITE_INDEX else view(value)
                         for name, value in self.buffers.items()}
         self.caches = [[tuple(view(v) for v in pair) for pair in caches] for caches in self.caches]
         self.cross_sets = [[tuple(view(v) for v in pair) for pair in cross] for cross in self.cross_sets]
-        self.shape_key = (n, self.shape_key[1], "rows")
+        self.shape_key = (n, self.shape_key[1], VIEWS)
         if self.cfg.is_encoder_decoder:
             self.buffers[contract.ENCODER_ATTENTION_MASK].update_inplace(np.ascontiguousarray(self.src_keep))
         self.mask = self.mask[rows]
