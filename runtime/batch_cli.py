@@ -9,11 +9,10 @@ import os
 import click
 
 from refformer.export.contract import VARIANT_OPTIONS
-from refformer.export.session import PROVIDER_OPTIONS
 from refformer.refimpl.errors import RefformerError
 from refformer.runtime.errors import one_line_errors
 from refformer.runtime.generate_cli import option_flags, without_tracebacks
-from refformer.runtime.options import NonEmptyPath, dtype_option, model_option
+from refformer.runtime.options import NonEmptyPath, dtype_option, model_option, provider_option
 
 # export/quantize.py's int8 scales activations per tensor, so a line's output depends on the lines of its worker call;
 # which lines share a call is Ray Data's choice (its blocks), so only one line per call gives each line what it gives
@@ -39,7 +38,7 @@ INT8_BATCHING = ("--dtype int8 needs --batch-size 1: its dynamic quantization sc
               help="ONNX Runtime intra-op threads per worker; each worker reserves as many Ray CPUs.")
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
               help="Ray GPUs per worker (num_gpus; 1 = one GPU each); with --provider auto the worker runs on CUDA.")
-@click.option("--provider", type=click.Choice(list(PROVIDER_OPTIONS)), default="auto", show_default=True)
+@provider_option
 @dtype_option("fp32", "Graph precision (exported on first use). int8: int8 weights, on the CPU, with --batch-size 1.")
 @click.option("--variant", type=click.Choice(list(VARIANT_OPTIONS)), default="auto", show_default=True,
               help="Decoder graph, as for generate.")

@@ -15,10 +15,9 @@ from pathlib import Path
 import click
 
 from refformer.export.contract import VARIANT_OPTIONS
-from refformer.export.session import PROVIDER_OPTIONS
 from refformer.refimpl.errors import RefformerError
 from refformer.runtime.errors import one_line_errors
-from refformer.runtime.options import NonEmptyPath, dtype_option, model_option
+from refformer.runtime.options import NonEmptyPath, dtype_option, model_option, provider_option
 
 OPTION_NAMES = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "num_beams",
                 "length_penalty", "early_stopping", "num_return_sequences", "repetition_penalty",
@@ -94,7 +93,7 @@ def check_fits_memory(model_dir, generation, batch_size):
               help="Write JSON lines here (as each batch finishes); - for stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file (at the end of the run).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of plain text.")
-@click.option("--provider", type=click.Choice(list(PROVIDER_OPTIONS)), default="auto", show_default=True)
+@provider_option
 @dtype_option("fp32", "Graph precision (exported on first use). int8: int8 weights, on the CPU (auto picks it).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (capped to the CPU count).")
 @click.option("--variant", type=click.Choice(list(VARIANT_OPTIONS)),

@@ -44,6 +44,15 @@ def dtype_option(default, help):
                         show_default=default is not None, help=help)
 
 
+def provider_option(function):
+    """--provider auto|cpu|cuda (export.session.PROVIDER_OPTIONS, default auto) for the commands that generate
+    (generate, serve, batch). Raises nothing: click checks the choice (a usage error, exit 2)."""
+    from refformer.export.session import PROVIDER_OPTIONS
+
+    return click.option("--provider", type=click.Choice(list(PROVIDER_OPTIONS)), default="auto",
+                        show_default=True)(function)
+
+
 def resolve_model(model_dir):
     """model_dir, or the bundled model's folder when it is None.
 

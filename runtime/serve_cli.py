@@ -4,10 +4,9 @@ and uvicorn; without it, one line says how to install it)."""
 import click
 
 from refformer.export.contract import VARIANT_OPTIONS
-from refformer.export.session import PROVIDER_OPTIONS
 from refformer.refimpl.errors import RefformerError
 from refformer.runtime.errors import one_line_errors
-from refformer.runtime.options import dtype_option, model_option
+from refformer.runtime.options import dtype_option, model_option, provider_option
 
 # export/quantize.py's int8 is ONNX Runtime's dynamic quantization: one activation scale per tensor, so a row's
 # output depends on the rows batched with it (checked on the bundled model: 1 of 16 sentences changed between its
@@ -35,7 +34,7 @@ INSTALL_HINT = 'refformer serve needs the serve extra (starlette, uvicorn): pip 
               help="Seconds a request may wait and run before it is answered 504.")
 @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True,
               help="The largest request body (bytes); a larger one is answered 413.")
-@click.option("--provider", type=click.Choice(list(PROVIDER_OPTIONS)), default="auto", show_default=True)
+@provider_option
 @dtype_option("fp32", "Graph precision (exported on first use). int8: int8 weights, on the CPU, with --max-batch 1.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (capped to the CPU count).")
 @click.option("--variant", type=click.Choice(list(VARIANT_OPTIONS)), default="auto", show_default=True,
